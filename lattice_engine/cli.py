@@ -1,0 +1,218 @@
+"""`lattice` command line: generate | chat | ppl | plugins | pull | models.
+
+Every user error is one line on stderr and exit code 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import LatticeError
+
+
+def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="HF folder, .gguf file or catalog name (default: from the config)")
+    else:
+        p.add_argument("--model", "-m", default=None,
+                       help="HF folder, .gguf file or catalog name (default: smollm2-135m)")
+    p.add_argument("--config", default=None, help="TOML config file (default: ./lattice.toml)")
+    p.add_argument("--quant", default=None, help="quant method, e.g. f32, f16, q8_0")
+    p.add_argument("--backend", default=None, choices=("auto", "native", "numpy"))
+    p.add_argument("--threads", type=int, default=None)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lattice", description="CPU LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion for a prompt")
+    gen.add_argument("prompt", help="the prompt text ('-' reads stdin)")
+    gen.add_argument("--raw", action="store_true",
+                     help="feed the prompt as is, without the model's chat template")
+    gen.add_argument("--system", default=None, help="system message for the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    add_model_options(gen)
+    add_sampling_options(gen)
+
+    chat = sub.add_parser("chat", help="interactive chat that streams its answers")
+    chat.add_argument("--system", default=None)
+    add_model_options(chat)
+    add_sampling_options(chat)
+
+    ppl = sub.add_parser("ppl", help="perplexity of a text file (sliding windows)")
+    add_model_options(ppl, positional=True)
+    ppl.add_argument("--file", required=True, help="UTF-8 text file, e.g. WikiText-2 test")
+    ppl.add_argument("--window", type=int, default=512)
+    ppl.add_argument("--stride", type=int, default=256)
+    ppl.add_argument("--max-tokens", type=int, default=None,
+                     help="score only the first N tokens of the file")
+
+    plugins = sub.add_parser("plugins", help="list installed plugins as JSON")
+    plugins.add_argument("--all", action="store_true", help="include the built-in plugin")
+
+    pull = sub.add_parser("pull", help="download a catalog model into the cache")
+    pull.add_argument("name")
+
+    sub.add_parser("models", help="list catalog models and what is cached")
+    return parser
+
+
+def load_settings(args):
+    from .config import load_config
+    config = load_config(args.config)
+    config = config.override("model", path=args.model, backend=args.backend,
+                             threads=args.threads)
+    config = config.override("quant", method=args.quant)
+    if hasattr(args, "temperature"):
+        config = config.override(
+            "sampling", max_tokens=args.max_tokens, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty, seed=args.seed,
+            stop=tuple(args.stop) if args.stop else None)
+    return config
+
+
+def make_engine(args):
+    from .engine import Engine
+    return Engine.from_config(load_settings(args))
+
+
+def cmd_generate(args) -> int:
+    engine = make_engine(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    has_template = bool(engine.tokenizer.config.get("chat_template"))
+    if args.raw or not has_template:
+        stream = engine.stream(prompt)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        stream = engine.stream(messages=messages + [{"role": "user", "content": prompt}])
+    start = time.perf_counter()
+    text, tokens, finish = [], 0, None
+    for chunk in stream:
+        text.append(chunk.text)
+        tokens += len(chunk.tokens)
+        finish = chunk.finish_reason or finish
+        if not args.json:
+            print(chunk.text, end="", flush=True)
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"text": "".join(text), "tokens": tokens, "finish_reason": finish,
+                          "seconds": round(seconds, 3)}))
+    else:
+        print()
+        print(f"[{tokens} tokens, {tokens / seconds:.1f} tok/s, finish: {finish}]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    engine = make_engine(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("lattice chat: an empty line or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for chunk in engine.stream(messages=messages):
+            print(chunk.text, end="", flush=True)
+            reply.append(chunk.text)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from .eval.perplexity import perplexity
+    from .errors import ConfigError
+    engine = make_engine(args)
+    path = Path(args.file)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--file {args.file}: cannot read it as UTF-8 text ({exc})") from None
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    if args.max_tokens is not None:
+        if args.max_tokens < 2:
+            raise ConfigError(f"--max-tokens {args.max_tokens} is too small: it must be >= 2")
+        ids = ids[: args.max_tokens]
+    print(f"model {engine.loaded.name}, quant {engine.loaded.quant}, {len(ids)} tokens, "
+          f"window {args.window}, stride {args.stride}")
+
+    def progress(done, total):
+        print(f"\rwindow {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    result = perplexity(engine.model, ids, window=args.window, stride=args.stride,
+                        progress=progress)
+    print(file=sys.stderr)
+    result.update(model=engine.loaded.name, quant=engine.loaded.quant, file=str(path))
+    print(f"perplexity {result['ppl']:.4f} over {result['scored']} scored tokens "
+          f"({result['seconds']} s)")
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import get_plugin_manager
+    print(json.dumps(get_plugin_manager().describe(include_builtins=args.all), indent=2))
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .io.catalog import pull
+    path = pull(args.name)
+    print(path)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .io.catalog import CATALOG, cached_models
+    cached = {m["name"]: m for m in cached_models()}
+    for name in CATALOG:
+        entry = cached.get(name)
+        where = f"cached at {entry['path']} ({entry['size'] / 1e6:.0f} MB)" if entry else \
+            "not cached (lattice pull " + name + ")"
+        print(f"{name:24s} {where}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "ppl": cmd_ppl,
+            "plugins": cmd_plugins, "pull": cmd_pull, "models": cmd_models}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except LatticeError as exc:
+        print(f"lattice: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The config file (TOML) as frozen dataclasses, with errors that name key, value and choices.
+
+    [model]    path = "smollm2-135m", backend = "auto" | "native" | "numpy", threads = 2
+    [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }
+    [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop
+    [plugins]  load = ["name", ...]   (omit to load every installed plugin)
+    [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency
+
+`lattice.toml` in the working directory is read when present; `--config PATH` picks
+another file; command-line flags override both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from .errors import ConfigError, LatticeError
+from .sampling import SamplingParams
+
+DEFAULT_CONFIG_FILE = "lattice.toml"
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = DEFAULT_MODEL
+    backend: str = "auto"
+    threads: int = 0  # 0: all cores
+
+    def __post_init__(self):
+        _choice("model.backend", self.backend, ("auto", "native", "numpy"))
+        _at_least("model.threads", self.threads, 0)
+
+
+@dataclass(frozen=True)
+class QuantSection:
+    method: str = "f32"
+    overrides: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PluginsSection:
+    load: Optional[tuple[str, ...]] = None
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    max_body_bytes: int = 1 << 20
+    max_concurrency: int = 64
+
+    def __post_init__(self):
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"server.port = {self.port} is out of range: use 1..65535")
+        _at_least("server.max_body_bytes", self.max_body_bytes, 1024)
+        _at_least("server.max_concurrency", self.max_concurrency, 1)
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    quant: QuantSection = field(default_factory=QuantSection)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    plugins: PluginsSection = field(default_factory=PluginsSection)
+    server: ServerSection = field(default_factory=ServerSection)
+
+    def override(self, section: str, **values: Any) -> "Config":
+        """A copy with non-None values replaced in one section (CLI flags)."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        current = getattr(self, section)
+        merged = {f.name: getattr(current, f.name) for f in fields(current)} | values
+        return dataclasses.replace(self, **{section: _build(section, type(current), merged)})
+
+    def validate(self, registry) -> None:
+        """Check names that only the plugin registry knows (quant methods, formats)."""
+        methods = registry.names("quant_methods")
+        if self.quant.method not in methods:
+            raise ConfigError(f"quant.method = {self.quant.method!r} is not a registered quant "
+                              f"method; choices: {', '.join(sorted(methods))} (plugins such as "
+                              f"lattice-quant-q4 add more)")
+        formats = registry.names("weight_formats")
+        for pattern, fmt in self.quant.overrides.items():
+            if fmt not in formats:
+                raise ConfigError(f"quant.overrides[{pattern!r}] = {fmt!r} is not a registered "
+                                  f"weight format; choices: {', '.join(sorted(formats))}")
+        if self.sampling.sampler and self.sampling.sampler not in registry.names("samplers"):
+            raise ConfigError(f"sampling.sampler = {self.sampling.sampler!r} is not registered; "
+                              f"choices: {', '.join(registry.names('samplers'))}")
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def load_config(path: Optional[str | Path] = None) -> Config:
+    """Read `path`, or ./lattice.toml when it exists, or return the defaults."""
+    if path is None:
+        default = Path(DEFAULT_CONFIG_FILE)
+        if not default.exists():
+            return Config()
+        path = default
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    return config_from_dict(raw, str(path))
+
+
+def config_from_dict(raw: Mapping[str, Any], where: str = "config") -> Config:
+    hints = get_type_hints(Config)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section [{unknown[0]}]; valid sections: "
+                          f"{', '.join(hints)}")
+    sections = {}
+    for name, cls in hints.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {name} must be a table ([{name}]), got {values!r}")
+        sections[name] = _build(name, cls, values, where)
+    return Config(**sections)
+
+
+def _build(section: str, cls: type, values: Mapping[str, Any], where: str = "config"):
+    hints = get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key {section}.{key}; valid keys in "
+                              f"[{section}]: {', '.join(valid)}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except LatticeError as exc:  # e.g. SamplingParams range checks
+        raise ConfigError(f"{where}: [{section}] {exc}") from None
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return None if value is None else _coerce(key, value, inner[0])
+    if origin in (tuple, list):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ConfigError(f"{key} = {value!r} must be a list")
+        return tuple(_coerce(key, v, args[0] if args else str) for v in items)
+    if origin in (dict, Mapping) or hint is Mapping:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} must be a table")
+        return {str(k): _coerce(f"{key}.{k}", v, args[1] if args else str)
+                for k, v in value.items()}
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (
+            hint is not bool and isinstance(value, bool))):
+        raise ConfigError(f"{key} = {value!r} must be of type {hint.__name__}")
+    return value
+
+
+def _choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not valid; choices: {', '.join(choices)}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key} = {value!r} is out of range: it must be an integer >= {low}")

@@ -1,0 +1,1 @@
+"""Quality measurement: perplexity and logit comparison."""

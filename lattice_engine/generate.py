@@ -1,0 +1,156 @@
+"""Token generation for one sequence: a step generator and a text streamer on top of it.
+
+`generate_step` yields token ids (prefill once, then one decode step per token);
+`stream_generate` detokenizes incrementally, applies stop strings and stop tokens, and
+yields `GenerationChunk`s whose `text` pieces concatenate to the final output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from .errors import RequestError
+from .sampling import Sampler, SamplingParams, log_softmax, make_sampler
+
+PREFILL_CHUNK = 512  # bounds the activation memory of very long prompts
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed piece. `finish_reason` is set on the last chunk: "stop" or "length"."""
+
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = len(self.tokens) - 1  # the first token comes from the prefill
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+
+def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
+                  max_tokens: int, cache=None) -> Iterator[tuple[int, float]]:
+    """Yield (token, logprob) for up to max_tokens new tokens after prompt_ids.
+
+    The caller stops early by closing the generator. The cache (a fresh one by default)
+    holds prompt and generated tokens when the generator ends.
+    """
+    if len(prompt_ids) == 0:
+        raise RequestError("the prompt is empty; give at least one token")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and len(prompt_ids) >= limit:
+        raise RequestError(f"the prompt has {len(prompt_ids)} tokens but the model's context "
+                           f"is {limit}; shorten the prompt")
+    cache = cache if cache is not None else model.make_cache(batch=1)
+    history = list(prompt_ids)
+    ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
+    for start in range(0, ids.shape[1], PREFILL_CHUNK):
+        logits = model.forward(ids[:, start:start + PREFILL_CHUNK], cache, last_only=True)
+    for _ in range(max_tokens):
+        row = logits[0, -1]
+        token = sampler(history, row)
+        yield token, float(log_softmax(row)[token])
+        history.append(token)
+        if limit and len(history) >= limit:
+            return
+        logits = model.forward(np.array([[token]], dtype=np.int64), cache, last_only=True)
+
+
+class StopMatcher:
+    """Holds back text that might be the start of a stop string until it is decided."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def split(self, text: str, final: bool) -> tuple[str, Optional[str], bool]:
+        """(text safe to emit, text still held, whether a stop string was found)."""
+        hits = [text.find(s) for s in self.stops]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            return text[: min(hits)], None, True
+        if final or self.hold == 0:
+            return text, "", False
+        cut = max(len(text) - self.hold, 0)
+        return text[:cut], text[cut:], False
+
+
+def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+                    registry=None) -> Iterator[GenerationChunk]:
+    """Stream text for prompt_ids, honouring stop strings, stop tokens and max_tokens."""
+    sampler = make_sampler(params, registry)
+    stop_ids = set(params.stop_token_ids) | set(tokenizer.eos_token_ids)
+    matcher = StopMatcher(params.stop)
+    generated: list[int] = []
+    new_tokens: list[int] = []    # sampled since the last chunk
+    new_logprobs: list[float] = []
+    emitted = ""                   # text already yielded
+    finish = "length"
+    steps = generate_step(model, prompt_ids, sampler, max_tokens=params.max_tokens)
+    try:
+        for token, logprob in steps:
+            if token in stop_ids:
+                finish = "stop"
+                break
+            generated.append(token)
+            new_tokens.append(token)
+            new_logprobs.append(logprob)
+            full = tokenizer.decode(generated)
+            if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+                continue
+            out, _, stopped = matcher.split(full[len(emitted):], final=False)
+            if stopped:
+                finish = "stop"
+                emitted += out
+                yield GenerationChunk(out, new_tokens, new_logprobs)
+                new_tokens, new_logprobs = [], []
+                break
+            if out:
+                emitted += out
+                yield GenerationChunk(out, new_tokens, new_logprobs)
+                new_tokens, new_logprobs = [], []
+    finally:
+        steps.close()
+    rest = ""
+    if finish == "length":
+        rest, _, stopped = matcher.split(tokenizer.decode(generated)[len(emitted):], final=True)
+        finish = "stop" if stopped else finish
+    yield GenerationChunk(rest, new_tokens, new_logprobs, finish)
+
+
+def generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
+             registry=None) -> GenerationResult:
+    """Run `stream_generate` to the end and collect text, tokens and timings."""
+    start = time.perf_counter()
+    first = None
+    text, tokens, logprobs = [], [], []
+    finish = "length"
+    for chunk in stream_generate(model, tokenizer, prompt_ids, params, registry):
+        if first is None:
+            first = time.perf_counter()
+        text.append(chunk.text)
+        tokens.extend(chunk.tokens)
+        logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason:
+            finish = chunk.finish_reason
+    end = time.perf_counter()
+    first = first or end
+    return GenerationResult("".join(text), tokens, finish, len(prompt_ids), first - start,
+                            end - first, logprobs)

@@ -1,0 +1,1 @@
+"""Checkpoint readers: HF folders of safetensors, GGUF files, and the model catalog."""

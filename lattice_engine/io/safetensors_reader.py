@@ -1,0 +1,86 @@
+"""Memory-mapped safetensors reading, with checks that turn bad files into clear errors.
+
+The header is parsed here rather than through `safetensors.safe_open` because numpy has no
+bfloat16: bf16 tensors are widened to float32 from the raw bytes, and everything else is a
+zero-copy view of the mapped file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is {size} bytes, too short to be a safetensors "
+                                  f"file (needs an 8-byte header length); re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(f"{path}: header length {n} does not fit in the file "
+                                  f"({size} bytes); the file is truncated or not safetensors")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc}); "
+                                  f"the file is corrupt") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def open_safetensors(path: Path) -> tuple[dict[str, Callable], dict[str, tuple[int, ...]]]:
+    """Lazy loaders and shapes of every tensor in one safetensors file."""
+    path = Path(path)
+    header, data_start = read_header(path)
+    header.pop("__metadata__", None)
+    size = os.path.getsize(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r") if size > data_start else None
+    loaders, shapes = {}, {}
+    for name, info in header.items():
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
+                                  f"{info!r}") from exc
+        if dtype_name not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}; supported: "
+                                  f"{', '.join(DTYPES)}")
+        dtype = np.dtype(DTYPES[dtype_name])
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != expected:
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} {dtype_name} "
+                                  f"needs {expected} bytes but its offsets span {end - begin}")
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the "
+                f"file has {size} bytes; re-download or re-save the checkpoint")
+        shapes[name] = shape
+
+        def load(begin=begin, end=end, dtype=dtype, shape=shape, bf16=dtype_name == "BF16"):
+            raw = mapped[data_start + begin: data_start + end].view(dtype).reshape(shape)
+            return bf16_to_f32(raw) if bf16 else raw
+
+        loaders[name] = load
+    return loaders, shapes

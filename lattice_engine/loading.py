@@ -1,0 +1,122 @@
+"""From a path or catalog name to a ready model: read the checkpoint, pick the formats,
+build the architecture, attach the tokenizer."""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from . import ops as numpy_ops
+from .errors import CheckpointError, ConfigError
+from .io.checkpoint import Checkpoint
+from .models import model_class_for
+from .models.base import WeightLoader
+from .quant.methods import QuantSpec
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+OP_NAMES = ("matmul", "embed", "rms_norm", "rope_tables", "rope", "silu_mul", "softmax",
+            "attention")
+BACKENDS = ("auto", "native", "numpy")
+
+
+def get_ops(backend: str = "auto"):
+    """The op set a model computes with: C kernels ("native") or numpy ("numpy")."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "numpy":
+        return numpy_ops
+    try:
+        from . import kernels
+        native_ok = kernels.available()
+    except ImportError:
+        native_ok = False
+    if not native_ok:
+        if backend == "native":
+            raise ConfigError("backend 'native' was asked for but the C kernels are not built; "
+                              "reinstall with `pip install .` (needs a C compiler) or use "
+                              "backend = 'numpy'")
+        return numpy_ops
+    return types.SimpleNamespace(
+        name="native", **{n: getattr(kernels, n, getattr(numpy_ops, n)) for n in OP_NAMES})
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Optional[TextTokenizer]
+    checkpoint: Checkpoint
+    name: str
+    quant: str
+
+
+def open_checkpoint(path: Path, formats: dict) -> Checkpoint:
+    """Read an HF folder or a GGUF file; refuse anything else with the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model path {str(path)!r} does not exist; give an HF folder, a "
+                              f".gguf file, or a catalog name (see `lattice models`)")
+    if path.is_dir():
+        from .io.hf_folder import load_hf_folder
+        return load_hf_folder(path)
+    if path.suffix == ".gguf":
+        from .io.gguf_reader import load_gguf
+        packed = {f.gguf_type: f.name for f in formats.values() if f.gguf_type is not None}
+        return load_gguf(path, packed_formats=packed)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise CheckpointError(f"{path} is a pickle checkpoint; lattice never loads pickle (it "
+                              f"can run arbitrary code). Convert it to safetensors first")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(f"{path} is a bare safetensors file; give the folder that holds "
+                              f"it with its config.json and tokenizer.json")
+    raise CheckpointError(f"{path} is neither a model folder nor a .gguf file")
+
+
+def resolve_source(source: str | Path) -> Path:
+    path = Path(source).expanduser()
+    if path.exists() or any(sep in str(source) for sep in ("/", "\\")) or path.suffix:
+        return path
+    from .io.catalog import resolve
+    return resolve(str(source))
+
+
+def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "auto",
+         plugin_manager=None) -> LoadedModel:
+    """Load a model by path or catalog name, quantized as `quant` asks.
+
+    Raises:
+        CheckpointError: the files are missing, malformed, or of an unsupported architecture.
+        PluginError: the quant method or a weight format is not registered.
+    """
+    from .plugins import get_plugin_manager
+    registry = (plugin_manager or get_plugin_manager()).registry
+    formats = registry.items.get("weight_formats", {})
+    method = registry.get("quant_methods", quant.method)
+    path = resolve_source(source)
+    checkpoint = open_checkpoint(path, formats)
+    cls = model_class_for(checkpoint.config, registry.items.get("architectures", {}))
+    loader = WeightLoader(checkpoint, method, formats, dict(quant.overrides))
+    model = cls.from_checkpoint(checkpoint, loader, get_ops(backend))
+    unused = loader.unused()
+    if unused:
+        log.info("%d checkpoint tensors not used by %s: %s", len(unused), cls.__module__,
+                 ", ".join(unused[:8]))
+    tokenizer = None
+    if checkpoint.tokenizer is not None:
+        tokenizer = TextTokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config,
+                                  checkpoint.generation_config, checkpoint.config)
+    return LoadedModel(model, tokenizer, checkpoint, str(source), quant.method)
+
+
+def set_threads(n: int) -> None:
+    """Threads for the native kernels (no-op when they are not built)."""
+    try:
+        from . import kernels
+    except ImportError:
+        return
+    if kernels.available():
+        kernels.set_threads(n)

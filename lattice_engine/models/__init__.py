@@ -1,0 +1,21 @@
+"""Architectures by HF `model_type`, one module each; found through the plugin registry."""
+
+from __future__ import annotations
+
+from ..errors import CheckpointError
+
+BUILTIN_ARCHITECTURES = {
+    "llama": "lattice_engine.models.llama",
+    "qwen2": "lattice_engine.models.qwen2",
+    "qwen3": "lattice_engine.models.qwen3",
+}
+
+
+def model_class_for(config: dict, architectures: dict[str, type]) -> type:
+    """The registered class for config["model_type"], or an error listing the known ones."""
+    model_type = config.get("model_type")
+    if model_type not in architectures:
+        known = ", ".join(sorted(architectures))
+        raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {known} "
+                              f"(an installed plugin can add more: see `lattice plugins`)")
+    return architectures[model_type]

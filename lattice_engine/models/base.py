@@ -1,0 +1,167 @@
+"""Pieces every architecture shares: weight loading with shape checks, Linear, the KV cache.
+
+A model never reads a checkpoint directly: it asks a `WeightLoader` for vectors and
+matrices by HF name, with the shape it expects and the role of the matrix, and gets float32
+vectors and `PackedMatrix` weights in the format the quant method picked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..io.checkpoint import Checkpoint, PackedTensor
+from ..quant.formats import PackedMatrix, WeightFormat, pack
+from ..quant.methods import QuantMethod
+
+
+def config_from_dict(cls, params: dict[str, Any]):
+    """Build a config dataclass from an HF config dict, ignoring keys it does not know."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in params.items() if k in names})
+
+
+class WeightLoader:
+    """Hands tensors of a checkpoint to a model, converted to the formats it should use."""
+
+    def __init__(self, checkpoint: Checkpoint, method: QuantMethod,
+                 formats: dict[str, WeightFormat], overrides: Optional[dict[str, str]] = None):
+        self.checkpoint = checkpoint
+        self.method = method
+        self.formats = formats
+        self.overrides = overrides or {}
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.checkpoint.tensors
+
+    def _raw(self, name: str, shape: tuple[int, ...]):
+        if name not in self.checkpoint.tensors:
+            raise CheckpointError(
+                f"checkpoint {self.checkpoint.source} has no tensor {name!r} (expected shape "
+                f"{shape}); the file is incomplete or was written for another architecture")
+        got = tuple(self.checkpoint.shapes[name])
+        if got != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} in {self.checkpoint.source} has shape {got}, but the config "
+                f"implies {tuple(shape)}; the checkpoint and its config.json disagree")
+        self.used.add(name)
+        try:
+            return self.checkpoint.tensors[name]()
+        except CheckpointError:
+            raise
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(f"cannot read tensor {name!r} from {self.checkpoint.source}: "
+                                  f"{exc}") from exc
+
+    def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        raw = self._raw(name, shape)
+        if isinstance(raw, PackedTensor):
+            fmt = self._format(raw.format)
+            raw = fmt.to_float(raw.data.reshape(1, -1), int(np.prod(shape)))
+        return np.ascontiguousarray(raw, dtype=np.float32).reshape(shape)
+
+    def matrix(self, name: str, shape: tuple[int, int], role: str) -> PackedMatrix:
+        fmt_name = self.method.format_for(role, name, shape[1],
+                                          lambda f: self._format(f).block_size, self.overrides)
+        fmt = self._format(fmt_name)
+        raw = self._raw(name, shape)
+        if isinstance(raw, PackedTensor):
+            if raw.format == fmt.name:  # already stored the way we want: no float round trip
+                return PackedMatrix(fmt, shape[0], shape[1], raw.data)
+            raw = self._format(raw.format).to_float(raw.data, shape[1])
+        return pack(fmt, name, np.asarray(raw, dtype=np.float32))
+
+    def _format(self, name: str) -> WeightFormat:
+        if name not in self.formats:
+            raise CheckpointError(f"weight format {name!r} is not registered; registered "
+                                  f"formats: {', '.join(sorted(self.formats))}")
+        return self.formats[name]
+
+    def unused(self) -> list[str]:
+        return sorted(set(self.checkpoint.tensors) - self.used)
+
+
+class Linear:
+    """y = x @ W.T (+ b), W stored in any weight format."""
+
+    def __init__(self, weight: PackedMatrix, bias: Optional[np.ndarray] = None):
+        self.weight = weight
+        self.bias = bias
+
+    def __call__(self, x: np.ndarray, ops) -> np.ndarray:
+        y = ops.matmul(x, self.weight)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class KVCache:
+    """Keys and values of every attention layer for a batch of sequences at one offset.
+
+    Storage is [B, capacity, H_kv, D] per layer and grows by doubling; `offset` is how
+    many positions are filled. `truncate(n)` rolls back (speculative decoding, retries).
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
+                 capacity: int = 256):
+        self.batch, self.heads, self.head_dim = batch, num_kv_heads, head_dim
+        self.capacity = capacity
+        self.keys = [np.zeros((batch, capacity, num_kv_heads, head_dim), np.float32)
+                     for _ in range(num_layers)]
+        self.values = [np.zeros_like(k) for k in self.keys]
+        self.offset = 0
+
+    def _grow(self, needed: int) -> None:
+        new_cap = max(needed, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = np.zeros((self.batch, new_cap, self.heads, self.head_dim), np.float32)
+                grown[:, : self.capacity] = old
+                store[i] = grown
+        self.capacity = new_cap
+
+    def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write k, v [B, T, H, D] at the current offset; return all keys/values so far."""
+        t = k.shape[1]
+        end = self.offset + t
+        if end > self.capacity:
+            self._grow(end)
+        self.keys[layer][:, self.offset:end] = k
+        self.values[layer][:, self.offset:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+    def advance(self, t: int) -> None:
+        self.offset += t
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.offset:
+            raise ValueError(f"cannot truncate a cache of {self.offset} positions to {length}")
+        self.offset = length
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: Optional[dict]) -> np.ndarray:
+    """Inverse frequencies for RoPE, with the HF rope_scaling variants we support."""
+    # float32 exponent like transformers, so the tables match the reference
+    exponent = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
+    inv = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * np.pi / inv
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    raise CheckpointError(f"rope_scaling type {kind!r} is not supported; supported: default, "
+                          f"linear, llama3")

@@ -1,0 +1,203 @@
+"""The standard pre-norm decoder (Llama family): RMSNorm -> GQA attention with RoPE ->
+RMSNorm -> SwiGLU MLP, residual around each.
+
+llama, qwen2 and qwen3 differ only in switches (QKV bias, per-head q/k RMSNorm), so they
+share this file and keep only their config and checkpoint fix-ups in their own modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .base import KVCache, Linear, WeightLoader, config_from_dict, rope_inv_freq
+
+
+@dataclass
+class DecoderConfig:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-6
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    rope_parameters: Optional[dict] = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_parameters:  # transformers >= 5 keeps theta and scaling together
+            params = dict(self.rope_parameters)
+            self.rope_theta = params.get("rope_theta", self.rope_theta)
+            if params.get("rope_type", "default") != "default":
+                self.rope_scaling = params
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}; the config is invalid")
+        if self.hidden_act != "silu":
+            raise CheckpointError(f"hidden_act={self.hidden_act!r} is not supported; "
+                                  f"supported: silu")
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "DecoderConfig":
+        return config_from_dict(cls, params)
+
+
+class Attention:
+    def __init__(self, cfg: DecoderConfig, w: WeightLoader, prefix: str, qkv_bias: bool,
+                 qk_norm: bool):
+        h, d = cfg.hidden_size, cfg.head_dim
+        nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.nq, self.nkv, self.d = nq, nkv, d
+        self.eps = cfg.rms_norm_eps
+        bias = (lambda name, n: w.vector(f"{prefix}.{name}.bias", (n,))) if qkv_bias else (
+            lambda name, n: None)
+        self.q_proj = Linear(w.matrix(f"{prefix}.q_proj.weight", (nq * d, h), "linear"),
+                             bias("q_proj", nq * d))
+        self.k_proj = Linear(w.matrix(f"{prefix}.k_proj.weight", (nkv * d, h), "linear"),
+                             bias("k_proj", nkv * d))
+        self.v_proj = Linear(w.matrix(f"{prefix}.v_proj.weight", (nkv * d, h), "linear"),
+                             bias("v_proj", nkv * d))
+        o_bias = (w.vector(f"{prefix}.o_proj.bias", (h,))
+                  if cfg.attention_bias and w.has(f"{prefix}.o_proj.bias") else None)
+        self.o_proj = Linear(w.matrix(f"{prefix}.o_proj.weight", (h, nq * d), "linear"), o_bias)
+        self.q_norm = w.vector(f"{prefix}.q_norm.weight", (d,)) if qk_norm else None
+        self.k_norm = w.vector(f"{prefix}.k_norm.weight", (d,)) if qk_norm else None
+
+    def __call__(self, x, layer, cache: KVCache, cos, sin, ops):
+        b, t, _ = x.shape
+        q = self.q_proj(x, ops).reshape(b, t, self.nq, self.d)
+        k = self.k_proj(x, ops).reshape(b, t, self.nkv, self.d)
+        v = self.v_proj(x, ops).reshape(b, t, self.nkv, self.d)
+        if self.q_norm is not None:
+            q = ops.rms_norm(q, self.q_norm, self.eps)
+            k = ops.rms_norm(k, self.k_norm, self.eps)
+        q = ops.rope(q, cos, sin)
+        k = ops.rope(k, cos, sin)
+        start = cache.offset
+        keys, values = cache.update(layer, k, v)
+        out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d))
+        return self.o_proj(out.reshape(b, t, self.nq * self.d), ops)
+
+
+class MLP:
+    def __init__(self, cfg: DecoderConfig, w: WeightLoader, prefix: str):
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        bias = (lambda n, size: w.vector(f"{prefix}.{n}.bias", (size,))) if cfg.mlp_bias else (
+            lambda n, size: None)
+        self.gate_proj = Linear(w.matrix(f"{prefix}.gate_proj.weight", (f, h), "linear"),
+                                bias("gate_proj", f))
+        self.up_proj = Linear(w.matrix(f"{prefix}.up_proj.weight", (f, h), "linear"),
+                              bias("up_proj", f))
+        self.down_proj = Linear(w.matrix(f"{prefix}.down_proj.weight", (h, f), "linear"),
+                                bias("down_proj", h))
+
+    def __call__(self, x, ops):
+        return self.down_proj(ops.silu_mul(self.gate_proj(x, ops), self.up_proj(x, ops)), ops)
+
+
+class Block:
+    def __init__(self, cfg: DecoderConfig, w: WeightLoader, index: int, qkv_bias: bool,
+                 qk_norm: bool):
+        prefix = f"model.layers.{index}"
+        h = cfg.hidden_size
+        self.index = index
+        self.eps = cfg.rms_norm_eps
+        self.input_layernorm = w.vector(f"{prefix}.input_layernorm.weight", (h,))
+        self.self_attn = Attention(cfg, w, f"{prefix}.self_attn", qkv_bias, qk_norm)
+        self.post_attention_layernorm = w.vector(f"{prefix}.post_attention_layernorm.weight", (h,))
+        self.mlp = MLP(cfg, w, f"{prefix}.mlp")
+
+    def __call__(self, x, cache, cos, sin, ops):
+        h = x + self.self_attn(ops.rms_norm(x, self.input_layernorm, self.eps), self.index,
+                               cache, cos, sin, ops)
+        return h + self.mlp(ops.rms_norm(h, self.post_attention_layernorm, self.eps), ops)
+
+
+class DecoderModel:
+    """A causal LM over a `KVCache`. Subclasses set the config class and the switches."""
+
+    config_class = DecoderConfig
+    qkv_bias = False
+    qk_norm = False
+
+    def __init__(self, cfg: DecoderConfig, w: WeightLoader, ops):
+        self.config = cfg
+        self.ops = ops
+        h, v = cfg.hidden_size, cfg.vocab_size
+        self.embed_tokens = w.matrix("model.embed_tokens.weight", (v, h), "embedding")
+        self.layers = [Block(cfg, w, i, self.use_qkv_bias(cfg), self.qk_norm)
+                       for i in range(cfg.num_hidden_layers)]
+        self.norm = w.vector("model.norm.weight", (h,))
+        if cfg.tie_word_embeddings or not w.has("lm_head.weight"):
+            # Tied: the lm_head reads the embedding table in its own (f16 by default) format.
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = w.matrix("lm_head.weight", (v, h), "lm_head")
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    @classmethod
+    def use_qkv_bias(cls, cfg: DecoderConfig) -> bool:
+        return cls.qkv_bias or cfg.attention_bias
+
+    @classmethod
+    def sanitize(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Checkpoint config fix-ups before the config dataclass is built."""
+        return config
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "DecoderModel":
+        cfg = cls.config_class.from_dict(cls.sanitize(dict(checkpoint.config)))
+        return cls(cfg, loader, ops)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def make_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity)
+
+    def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Logits for tokens [B, T] appended after the cache's contents.
+
+        Returns float32 [B, T, V], or [B, 1, V] for the last position when last_only.
+        """
+        hidden = self.hidden_states(tokens, cache)
+        return self.logits(hidden[:, -1:] if last_only else hidden)
+
+    def hidden_states(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
+        ops = self.ops
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        t = tokens.shape[1]
+        positions = np.arange(cache.offset, cache.offset + t)
+        cos, sin = ops.rope_tables(positions, self.inv_freq)
+        x = ops.embed(self.embed_tokens, tokens)
+        for layer in self.layers:
+            x = layer(x, cache, cos, sin, ops)
+        cache.advance(t)
+        return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return self.ops.matmul(hidden, self.lm_head)

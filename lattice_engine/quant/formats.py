@@ -1,0 +1,85 @@
+"""The weight-format table: how a matrix is stored and how to multiply by it.
+
+One `WeightFormat` per block format, in the spirit of ggml's type traits table. Every
+format stores a [rows, cols] float matrix as a uint8 array [rows, row_bytes] of blocks
+along each row, so the kernels, the loaders and the tests treat every format alike.
+Core formats (f32, f16, q8_0) are registered by the built-in plugin
+`lattice_engine.quant.core_formats`; plugins add more through `register_weight_formats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+MatmulFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """One block format.
+
+    Attributes:
+        name: registry key, e.g. "q8_0".
+        block_size: float elements per block along a row.
+        bytes_per_block: storage bytes per block.
+        quantize: float32 [rows, cols] -> uint8 [rows, row_bytes]. cols must be a multiple
+            of block_size (see `check_shape`).
+        to_float: (uint8 [rows, row_bytes], cols) -> float32 [rows, cols].
+        matmul: optional fast kernel (x float32 [M, cols], packed [rows, row_bytes]) ->
+            float32 [M, rows], i.e. x @ W.T. None means dequantize-then-numpy.
+        embed: optional fast kernel (packed, int64 ids [n]) -> float32 [n, cols].
+        gguf_type: GGML type id whose bytes are identical, so GGUF tensors of that type
+            load without a float round trip; None if there is none.
+    """
+
+    name: str
+    block_size: int
+    bytes_per_block: int
+    quantize: Callable[[np.ndarray], np.ndarray]
+    to_float: Callable[[np.ndarray, int], np.ndarray]
+    matmul: Optional[MatmulFn] = None
+    embed: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
+    gguf_type: Optional[int] = None
+
+    def row_bytes(self, cols: int) -> int:
+        return cols // self.block_size * self.bytes_per_block
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        if len(shape) != 2 or shape[1] % self.block_size:
+            raise CheckpointError(
+                f"tensor {name!r} of shape {shape} cannot be stored as {self.name}: its rows "
+                f"need a length that is a multiple of {self.block_size}; keep it in f32/f16 "
+                f"or pick another quant method")
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """A [rows, cols] matrix stored in a weight format; what `Linear` layers hold."""
+
+    format: WeightFormat
+    rows: int
+    cols: int
+    data: np.ndarray  # uint8 [rows, row_bytes]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def to_float(self) -> np.ndarray:
+        return self.format.to_float(self.data, self.cols)
+
+
+def pack(fmt: WeightFormat, name: str, weight: np.ndarray) -> PackedMatrix:
+    """Quantize a float matrix into `fmt`, with a clear error if its shape does not fit."""
+    fmt.check_shape(name, tuple(weight.shape))
+    data = fmt.quantize(np.ascontiguousarray(weight, dtype=np.float32))
+    return PackedMatrix(fmt, weight.shape[0], weight.shape[1], data)

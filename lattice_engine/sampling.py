@@ -1,0 +1,197 @@
+"""Sampling parameters, logits processors and samplers.
+
+Processors are functions (token_ids, logits) -> logits, built from a parameter value by a
+registered factory; samplers are functions logits -> token id built from a seeded RNG.
+Both kinds are registered through the plugin hooks; the built-ins below use them too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import RequestError
+
+Processor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    temperature 0 means greedy. top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are
+    off. `seed` makes sampling reproducible. `processors` carries values for logits
+    processors that plugins registered, by name.
+    """
+
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    sampler: Optional[str] = None
+    processors: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature >= 0, ">= 0 (0 is greedy)"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 is off)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 is off)"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1) (0 is off)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 is off)"),
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             "an integer >= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise RequestError(f"{name}={getattr(self, name)!r} is out of range: it must be {rule}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    def with_overrides(self, **kwargs) -> "SamplingParams":
+        """A copy with the given non-None fields replaced; unknown names are an error."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise RequestError(f"unknown sampling option(s) {', '.join(unknown)}; valid: "
+                               f"{', '.join(sorted(names))}")
+        return replace(self, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+# --- built-in logits processors, in the order they run ------------------------------------
+
+def repetition_penalty(value: float) -> Optional[Processor]:
+    """CTRL-style: divide positive logits of seen tokens by value, multiply negative ones."""
+    if value == 1.0:
+        return None
+
+    def apply(token_ids, logits):
+        seen = np.unique(np.asarray(token_ids, dtype=np.int64))
+        if seen.size:
+            picked = logits[seen]
+            logits[seen] = np.where(picked > 0, picked / value, picked * value)
+        return logits
+    return apply
+
+
+def temperature(value: float) -> Optional[Processor]:
+    if value in (0.0, 1.0):  # 0 is greedy, handled by the sampler choice
+        return None
+    return lambda token_ids, logits: logits / np.float32(value)
+
+
+def top_k(value: int) -> Optional[Processor]:
+    if value <= 0:
+        return None
+
+    def apply(token_ids, logits):
+        if value >= logits.size:
+            return logits
+        kth = np.partition(logits, -value)[-value]
+        return np.where(logits < kth, -np.inf, logits).astype(np.float32)
+    return apply
+
+
+def top_p(value: float) -> Optional[Processor]:
+    if value >= 1.0:
+        return None
+
+    def apply(token_ids, logits):
+        order = np.argsort(-logits, kind="stable")
+        probs = _softmax(logits[order])
+        # keep the smallest prefix whose mass reaches value, and always the top token
+        cut = int(np.searchsorted(np.cumsum(probs), value)) + 1
+        out = np.full_like(logits, -np.inf)
+        keep = order[:cut]
+        out[keep] = logits[keep]
+        return out
+    return apply
+
+
+def min_p(value: float) -> Optional[Processor]:
+    if value <= 0.0:
+        return None
+
+    def apply(token_ids, logits):
+        probs = _softmax(logits)
+        return np.where(probs < value * probs.max(), -np.inf, logits).astype(np.float32)
+    return apply
+
+
+BUILTIN_PROCESSORS: dict[str, Callable[[Any], Optional[Processor]]] = {
+    "repetition_penalty": repetition_penalty,
+    "temperature": temperature,
+    "top_k": top_k,
+    "top_p": top_p,
+    "min_p": min_p,
+}
+
+
+# --- built-in samplers --------------------------------------------------------------------
+
+def greedy(rng: np.random.Generator) -> Callable[[np.ndarray], int]:
+    return lambda logits: int(np.argmax(logits))
+
+
+def categorical(rng: np.random.Generator) -> Callable[[np.ndarray], int]:
+    def sample(logits):
+        probs = _softmax(logits.astype(np.float64))
+        return int(rng.choice(probs.size, p=probs))
+    return sample
+
+
+BUILTIN_SAMPLERS = {"greedy": greedy, "categorical": categorical}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.exp(x - np.max(x))
+    return z / z.sum()
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = np.max(x, axis=-1, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+class Sampler:
+    """Turns one row of logits into the next token for one sequence."""
+
+    def __init__(self, params: SamplingParams, processors: Mapping[str, Callable],
+                 samplers: Mapping[str, Callable]):
+        values = {f.name: getattr(params, f.name) for f in fields(params)}
+        unknown = sorted(set(params.processors) - set(processors))
+        if unknown:
+            raise RequestError(f"unknown logits processor(s) {', '.join(unknown)}; registered: "
+                               f"{', '.join(processors)}")
+        values.update(params.processors)
+        self.processors = [p for p in (factory(values[name]) for name, factory in
+                                       processors.items() if name in values) if p is not None]
+        name = params.sampler or ("greedy" if params.temperature == 0 else "categorical")
+        if name not in samplers:
+            raise RequestError(f"unknown sampler {name!r}; registered: {', '.join(samplers)}")
+        self.rng = np.random.default_rng(params.seed)
+        self.pick = samplers[name](self.rng)
+
+    def __call__(self, token_ids: Sequence[int], logits: np.ndarray) -> int:
+        logits = np.array(logits, dtype=np.float32, copy=True)
+        for process in self.processors:
+            logits = process(token_ids, logits)
+        return self.pick(logits)
+
+
+def make_sampler(params: SamplingParams, registry=None) -> Sampler:
+    """A `Sampler` for params, using processors and samplers from the plugin registry."""
+    if registry is None:
+        from .plugins import get_plugin_manager
+        registry = get_plugin_manager().registry
+    return Sampler(params, registry.items.get("logits_processors", {}),
+                   registry.items.get("samplers", {}))
