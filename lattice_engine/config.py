@@ -162,7 +162,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return None if value is None else _coerce(key, value, inner[0])
     if origin in (tuple, list):
         items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list):
+        if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key} = {value!r} must be a list")
         return tuple(_coerce(key, v, args[0] if args else str) for v in items)
     if origin in (dict, Mapping) or hint is Mapping:

@@ -1,0 +1,80 @@
+"""Logits processors and samplers, against hand-computed expectations."""
+
+import numpy as np
+import pytest
+
+from lattice_engine.errors import RequestError
+from lattice_engine.plugins import PluginManager
+from lattice_engine.sampling import (SamplingParams, make_sampler, min_p, repetition_penalty,
+                                     top_k, top_p)
+
+REGISTRY = PluginManager(allowlist=[]).registry
+LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.1], np.float32))
+
+
+def kept(processor, logits=LOGITS):
+    return np.flatnonzero(np.isfinite(processor([], logits.copy()))).tolist()
+
+
+def test_top_k_keeps_k_largest():
+    assert kept(top_k(2)) == [0, 1]
+    assert top_k(0) is None
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    assert kept(top_p(0.5)) == [0]
+    assert kept(top_p(0.7)) == [0, 1]
+    assert kept(top_p(0.76)) == [0, 1, 2]
+    assert top_p(1.0) is None
+
+
+def test_min_p_drops_tokens_below_fraction_of_top():
+    assert kept(min_p(0.3)) == [0, 1]  # 0.15 < 0.3 * 0.5
+    assert kept(min_p(0.2)) == [0, 1, 2]
+
+
+def test_repetition_penalty_is_ctrl_style():
+    out = repetition_penalty(2.0)([1, 3, 3], np.array([1.0, 4.0, -1.0, -2.0], np.float32))
+    np.testing.assert_allclose(out, [1.0, 2.0, -1.0, -4.0])
+
+
+def test_greedy_at_temperature_zero():
+    sampler = make_sampler(SamplingParams(temperature=0), REGISTRY)
+    assert sampler([], np.array([0.1, 3.0, 2.0], np.float32)) == 1
+
+
+def test_seed_makes_sampling_reproducible():
+    logits = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+
+    def draw(seed):
+        sampler = make_sampler(SamplingParams(temperature=1.0, seed=seed), REGISTRY)
+        return [sampler([], logits) for _ in range(20)]
+
+    assert draw(3) == draw(3)
+    assert draw(3) != draw(4)
+
+
+def test_sampling_follows_the_distribution():
+    sampler = make_sampler(SamplingParams(temperature=1.0, seed=0), REGISTRY)
+    counts = np.bincount([sampler([], LOGITS) for _ in range(4000)], minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.5, 0.25, 0.15, 0.1], atol=0.03)
+
+
+def test_truncation_then_sampling_never_picks_a_removed_token():
+    sampler = make_sampler(SamplingParams(temperature=1.0, top_k=2, seed=1), REGISTRY)
+    assert {sampler([], LOGITS) for _ in range(200)} == {0, 1}
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_k", -2), ("top_p", 0.0),
+                                         ("min_p", 1.0), ("repetition_penalty", 0.0),
+                                         ("max_tokens", 0)])
+def test_out_of_range_params_are_rejected(field, value):
+    with pytest.raises(RequestError, match=f"{field}="):
+        SamplingParams(**{field: value})
+
+
+def test_unknown_processor_and_sampler_names_list_choices():
+    with pytest.raises(RequestError, match="unknown logits processor"):
+        make_sampler(SamplingParams(processors={"nope": 1}), REGISTRY)
+    with pytest.raises(RequestError, match="unknown sampler 'nope'; registered: greedy"):
+        make_sampler(SamplingParams(sampler="nope"), REGISTRY)
