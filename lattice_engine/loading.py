@@ -77,11 +77,14 @@ def open_checkpoint(path: Path, formats: dict) -> Checkpoint:
 
 
 def resolve_source(source: str | Path) -> Path:
-    path = Path(source).expanduser()
-    if path.exists() or any(sep in str(source) for sep in ("/", "\\")) or path.suffix:
-        return path
-    from .io.catalog import resolve
-    return resolve(str(source))
+    """A path that exists, or a catalog name (pulled on first use)."""
+    from .io.catalog import CATALOG, resolve
+    text = str(source)
+    if text not in CATALOG and not Path(text).expanduser().exists() and (
+            "/" in text or "\\" in text or text.endswith(".gguf")):
+        raise CheckpointError(f"model path {text!r} does not exist; give an HF folder, a "
+                              f".gguf file, or a catalog name ({', '.join(CATALOG)})")
+    return resolve(source)
 
 
 def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "auto",

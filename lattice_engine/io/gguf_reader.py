@@ -1,0 +1,247 @@
+"""Importing a GGUF file as a `Checkpoint` in HF layout.
+
+This module owns: opening a GGUF with the `gguf` package's memory-mapped `GGUFReader`,
+turning its metadata into an HF `config.json` dict, renaming tensors to HF names, undoing
+llama.cpp's q/k row permutation for llama, and handing each tensor out lazily, either
+dequantized to float32 or, for the ggml types the caller can use as they are, as a
+`PackedTensor` of the file's own bytes. The tokenizer is rebuilt by `gguf_tokenizer`.
+
+Supported architectures: `SUPPORTED_ARCHITECTURES`. A truncated or corrupt file raises
+`CheckpointError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .checkpoint import Checkpoint, PackedTensor
+from .gguf_tokenizer import build_tokenizer, tokenizer_configs
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "qwen3": "Qwen3ForCausalLM"}
+
+_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
+              "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_GGUF_MAGIC = b"GGUF"
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor, or None if this module does not know it."""
+    if gguf_name in _TOP_NAMES:
+        return _TOP_NAMES[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_rows(n_rows: int, n_heads: int) -> np.ndarray:
+    """Row order that turns llama.cpp's interleaved-rope q/k rows back into HF's.
+
+    llama.cpp's converter stores, per head, row (i, half) where HF has row (half, i)
+    (i < head_dim/2). `hf = gguf[idx]` with the returned `idx`.
+    """
+    if n_rows % (2 * n_heads):
+        raise CheckpointError(
+            f"a q/k projection with {n_rows} rows cannot be split into {n_heads} heads of "
+            f"even size; the head counts in the GGUF metadata do not match its tensors")
+    half = n_rows // n_heads // 2
+    return np.arange(n_rows).reshape(n_heads, half, 2).swapaxes(1, 2).reshape(-1)
+
+
+def _f32_value(v: Any) -> Any:
+    """A float32 metadata value as the shortest decimal that round-trips (1e-05, not 9.99e-06)."""
+    return float(str(np.float32(v))) if isinstance(v, float) else v
+
+
+def _metadata(reader: Any) -> dict[str, Any]:
+    from gguf import GGUFValueType
+    meta = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if field.types and field.types[0] == GGUFValueType.FLOAT32:
+            value = _f32_value(value)
+        meta[key] = value
+    return meta
+
+
+def _open(path: Path) -> Any:
+    """A GGUFReader over `path`, with every parse failure turned into a CheckpointError."""
+    from gguf import GGUFReader
+    if not path.is_file():
+        raise CheckpointError(f"GGUF file {path} does not exist; check the path or run "
+                              f"`lattice pull` for a catalog model")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != _GGUF_MAGIC:
+        raise CheckpointError(f"{path} is not a GGUF file: it starts with {head!r}, a GGUF "
+                              f"starts with {_GGUF_MAGIC!r}; pass a .gguf file or an HF folder")
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError/IndexError/KeyError/... on junk
+        raise CheckpointError(
+            f"GGUF file {path} ({size} bytes) is truncated or corrupt: its header cannot be "
+            f"parsed ({type(exc).__name__}: {exc}); download or convert it again") from exc
+    for t in reader.tensors:  # the reader checks this today; kept in case it stops doing so
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != t.n_bytes:
+            raise CheckpointError(
+                f"GGUF file {path} is truncated: tensor {t.name!r} needs bytes up to offset "
+                f"{end} but the file has {size}; download or convert it again")
+    return reader
+
+
+def _arch_value(meta: dict[str, Any], arch: str, key: str, path: Path, default: Any = None) -> Any:
+    value = meta.get(f"{arch}.{key}", default)
+    if value is None:
+        raise CheckpointError(f"GGUF file {path} lacks metadata key {arch}.{key}, which a "
+                              f"{arch} model needs; re-convert it with llama.cpp's converter")
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise CheckpointError(f"GGUF file {path}: {arch}.{key} varies per layer ({value}); "
+                                  f"lattice needs one value for every layer")
+        value = value[0]
+    return value
+
+
+def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
+                 path: Path) -> dict[str, Any]:
+    """The HF config.json dict of a GGUF model (shapes are HF shapes by GGUF name)."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"GGUF file {path} has architecture {arch!r}; supported architectures are "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}; use the model's HF folder instead")
+    hidden = int(_arch_value(meta, arch, "embedding_length", path))
+    heads = int(_arch_value(meta, arch, "attention.head_count", path))
+    kv_heads = int(_arch_value(meta, arch, "attention.head_count_kv", path, heads))
+    head_dim = int(_arch_value(meta, arch, "attention.key_length", path, hidden // heads))
+    embed = tensor_shapes.get("token_embd.weight")
+    if embed is None:
+        raise CheckpointError(f"GGUF file {path} has no token_embd.weight tensor; it is not "
+                              f"a complete {arch} model")
+    config: dict[str, Any] = {
+        "architectures": [_HF_CLASS[arch]],
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": int(_arch_value(meta, arch, "feed_forward_length", path)),
+        "num_hidden_layers": int(_arch_value(meta, arch, "block_count", path)),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(_arch_value(meta, arch, "attention.layer_norm_rms_epsilon", path)),
+        "rope_theta": float(_arch_value(meta, arch, "rope.freq_base", path, 10000.0)),
+        "max_position_embeddings": int(_arch_value(meta, arch, "context_length", path)),
+        "vocab_size": int(embed[0]),
+        "tie_word_embeddings": "output.weight" not in tensor_shapes,
+        "attention_bias": arch == "qwen2" or "blk.0.attn_q.bias" in tensor_shapes,
+        "mlp_bias": False,
+    }
+    for key, meta_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
+                          ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+        if meta.get(meta_key) is not None:
+            config[key] = int(meta[meta_key])
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):
+        scaling: dict[str, Any] = {"rope_type": kind}
+        for key, hf_key in (("factor", "factor"),
+                            ("original_context_length", "original_max_position_embeddings"),
+                            ("attn_factor", "attention_factor"),
+                            ("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if f"{arch}.rope.scaling.{key}" in meta:
+                scaling[hf_key] = meta[f"{arch}.rope.scaling.{key}"]
+        config["rope_scaling"] = scaling
+    return config
+
+
+def _loader(t: Any, packed_formats: dict[int, str], rows_order: np.ndarray | None,
+            hf_shape: tuple[int, ...]) -> Callable[[], Any]:
+    from gguf import dequantize
+    ggml_type = int(t.tensor_type)
+
+    def load() -> Any:
+        if len(hf_shape) == 2 and ggml_type in packed_formats:
+            data = t.data.view(np.ndarray)
+            data = data.view(np.uint8).reshape(hf_shape[0], -1)   # zero-copy for every type
+            if rows_order is not None:
+                data = data[rows_order]
+            return PackedTensor(format=packed_formats[ggml_type], shape=hf_shape, data=data)
+        try:
+            w = np.asarray(dequantize(t.data.view(np.ndarray), t.tensor_type), dtype=np.float32)
+        except NotImplementedError as exc:
+            raise CheckpointError(
+                f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
+                f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf) "
+                f"or re-quantize the model to a common type (Q8_0, Q4_K, ...)") from exc
+        w = w.reshape(hf_shape)
+        return w[rows_order] if rows_order is not None else w
+    return load
+
+
+def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) -> Checkpoint:
+    """Open a GGUF file as a Checkpoint with HF config, HF tensor names and a tokenizer.
+
+    Args:
+        path: the .gguf file.
+        packed_formats: ggml type id -> lattice weight-format name. 2-D tensors of those
+            types are handed out as `PackedTensor`s of the file's bytes ([rows, row_bytes],
+            a view of the memory map unless llama's q/k rows had to be reordered); every
+            other tensor is dequantized to float32. 1-D tensors are always float32.
+    """
+    path = Path(path)
+    packed_formats = dict(packed_formats or {})
+    reader = _open(path)
+    try:
+        meta = _metadata(reader)
+    except (UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"GGUF file {path} has unreadable metadata ({exc}); the file is "
+                              f"corrupt, download or convert it again") from exc
+    gguf_shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    config = build_config(meta, gguf_shapes, path)
+
+    unknown = sorted(n for n in gguf_shapes if hf_tensor_name(n) is None)
+    if unknown:
+        raise CheckpointError(
+            f"GGUF file {path} holds tensors lattice cannot place in a {config['model_type']} "
+            f"model: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; this "
+            f"variant is not supported, use the model's HF folder instead")
+    permute = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    tensors: dict[str, Callable[[], Any]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in reader.tensors:
+        name, shape = hf_tensor_name(t.name), gguf_shapes[t.name]
+        rows_order = None
+        m = _LAYER_RE.match(t.name)
+        if m and m.group(2) in permute and shape[0] != permute[m.group(2)] * config["head_dim"]:
+            raise CheckpointError(
+                f"GGUF file {path}: tensor {t.name!r} has {shape[0]} rows, but the metadata "
+                f"says {permute[m.group(2)]} heads of {config['head_dim']}; the file is "
+                f"inconsistent, re-convert it")
+        if config["model_type"] == "llama" and m and m.group(2) in permute:
+            rows_order = unpermute_rows(shape[0], permute[m.group(2)])
+        tensors[name] = _loader(t, packed_formats, rows_order, shape)
+        shapes[name] = shape
+
+    source = str(path)
+    tokenizer = build_tokenizer(meta, source) if "tokenizer.ggml.tokens" in meta else None
+    tokenizer_config, generation_config = tokenizer_configs(meta, source)
+    return Checkpoint(config=config, tensors=tensors, shapes=shapes, tokenizer=tokenizer,
+                      tokenizer_config=tokenizer_config, generation_config=generation_config,
+                      source=source)
