@@ -1,7 +1,6 @@
 """Importing a GGUF file as a `Checkpoint` in HF layout.
 
-This module owns: opening a GGUF with the `gguf` package's memory-mapped `GGUFReader`,
-turning its metadata into an HF `config.json` dict, renaming tensors to HF names, undoing
+This module owns: opening a GGUF (parsed by `gguf_file`, memory-mapped), turning its metadata into an HF `config.json` dict, renaming tensors to HF names, undoing
 llama.cpp's q/k row permutation for llama, and handing each tensor out lazily, either
 dequantized to float32 or, for the ggml types the caller can use as they are, as a
 `PackedTensor` of the file's own bytes. The tokenizer is rebuilt by `gguf_tokenizer`.
@@ -67,44 +66,18 @@ def _f32_value(v: Any) -> Any:
     return float(str(np.float32(v))) if isinstance(v, float) else v
 
 
-def _metadata(reader: Any) -> dict[str, Any]:
-    from gguf import GGUFValueType
-    meta = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        value = field.contents()
-        if field.types and field.types[0] == GGUFValueType.FLOAT32:
-            value = _f32_value(value)
-        meta[key] = value
-    return meta
-
-
-def _open(path: Path) -> Any:
-    """A GGUFReader over `path`, with every parse failure turned into a CheckpointError."""
-    from gguf import GGUFReader
+def _open(path: Path) -> tuple[dict[str, Any], list[Any]]:
+    """Metadata and tensor directory of `path`; every parse failure is a CheckpointError."""
+    from .gguf_file import read_gguf
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist; check the path or run "
                               f"`lattice pull` for a catalog model")
-    size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(4)
     if head != _GGUF_MAGIC:
         raise CheckpointError(f"{path} is not a GGUF file: it starts with {head!r}, a GGUF "
                               f"starts with {_GGUF_MAGIC!r}; pass a .gguf file or an HF folder")
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # the reader raises ValueError/IndexError/KeyError/... on junk
-        raise CheckpointError(
-            f"GGUF file {path} ({size} bytes) is truncated or corrupt: its header cannot be "
-            f"parsed ({type(exc).__name__}: {exc}); download or convert it again") from exc
-    for t in reader.tensors:  # the reader checks this today; kept in case it stops doing so
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise CheckpointError(
-                f"GGUF file {path} is truncated: tensor {t.name!r} needs bytes up to offset "
-                f"{end} but the file has {size}; download or convert it again")
-    return reader
+    return read_gguf(path)
 
 
 def _arch_value(meta: dict[str, Any], arch: str, key: str, path: Path, default: Any = None) -> Any:
@@ -207,13 +180,8 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     """
     path = Path(path)
     packed_formats = dict(packed_formats or {})
-    reader = _open(path)
-    try:
-        meta = _metadata(reader)
-    except (UnicodeDecodeError, ValueError, IndexError) as exc:
-        raise CheckpointError(f"GGUF file {path} has unreadable metadata ({exc}); the file is "
-                              f"corrupt, download or convert it again") from exc
-    gguf_shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors}
+    meta, gguf_tensors = _open(path)
+    gguf_shapes = {t.name: t.shape for t in gguf_tensors}
     config = build_config(meta, gguf_shapes, path)
 
     unknown = sorted(n for n in gguf_shapes if hf_tensor_name(n) is None)
@@ -225,7 +193,7 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     permute = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors: dict[str, Callable[[], Any]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    for t in reader.tensors:
+    for t in gguf_tensors:
         name, shape = hf_tensor_name(t.name), gguf_shapes[t.name]
         rows_order = None
         m = _LAYER_RE.match(t.name)
