@@ -90,12 +90,13 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
-    qh = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4)  # B Hkv G T D
-    kh = k.transpose(0, 2, 1, 3)[:, :, None]                       # B Hkv 1 S D
-    vh = v.transpose(0, 2, 1, 3)[:, :, None]
-    scores = (qh @ kh.swapaxes(-1, -2)) * scale                     # B Hkv G T S
-    q_pos = start_pos + np.arange(t)[:, None]
-    mask = np.arange(s)[None, :] > q_pos
-    scores = np.where(mask, -np.inf, scores)
-    out = softmax(scores, axis=-1) @ vh                             # B Hkv G T D
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(np.float32, copy=False)
+    # Fold the query heads of a KV group and the time axis into one matrix dimension, so
+    # each (batch, kv head) is a single plain 2-D matmul for BLAS.
+    qh = q.reshape(b, t, hkv, group, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, group * t, d)
+    kh = np.ascontiguousarray(k.transpose(0, 2, 3, 1))              # B Hkv D S
+    vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))              # B Hkv S D
+    scores = np.matmul(qh, kh) * np.float32(scale)                   # B Hkv G*T S
+    q_pos = start_pos + np.tile(np.arange(t), group)[:, None]
+    scores[..., np.arange(s)[None, :] > q_pos] = -np.inf
+    out = np.matmul(softmax(scores, axis=-1), vh)                    # B Hkv G*T D
+    return out.reshape(b, hkv, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
