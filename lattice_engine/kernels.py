@@ -1,0 +1,462 @@
+"""Native kernels: the one module that touches the cffi library `lattice_engine._native`.
+
+Functions here have the names and semantics of `lattice_engine.ops` (the numpy reference
+they are tested against), plus an optional `out=` buffer so a model can reuse its
+activations instead of allocating per call. Inputs that are already C-contiguous float32
+go to C without a copy; anything else is converted first. Decode calls these hundreds of
+times per token on small rows, so the wrappers keep to a few attribute checks (about a
+microsecond) before the C call.
+
+The module imports without the compiled library; `available()` says whether it is there,
+and the kernels then raise RuntimeError naming the fix.
+
+Threads: 2 by default, `LATTICE_THREADS` overrides it at start-up, `set_threads(n)` later.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .quant.formats import PackedMatrix
+
+try:  # compiled at install time from native/ (see native/build_native.py)
+    from ._native import ffi as _ffi, lib as _lib
+    LOAD_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - only on installs without a C compiler
+    _ffi = _lib = None
+    # "No module named" means it was never built; anything else (an undefined symbol, a
+    # CPU it was not built for) is a broken build, which tests report instead of skipping
+    LOAD_ERROR = str(exc)
+
+__all__ = [
+    "available", "isa", "set_isa", "set_threads", "threads", "supports",
+    "matmul", "embed", "quantize_q8_0", "format_matmul", "format_embed",
+    "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "attention", "add",
+    "bench_read", "measure_read_bandwidth",
+]
+
+_F32 = np.dtype(np.float32)
+_I64 = np.dtype(np.int64)
+_ISA_NAMES = {"generic": 0, "avx2": 1}
+
+rope_tables = ops.rope_tables  # computed once per step for all layers; numpy is fine here
+
+
+def _not_built(*args, **kwargs):
+    raise RuntimeError(
+        f"lattice_engine._native is not available ({LOAD_ERROR}); reinstall with "
+        "`pip install -e . --no-build-isolation` (needs a C compiler and cffi), or use "
+        "lattice_engine.ops")
+
+
+class _Missing:
+    """Stands in for the cffi lib when the module is not built: any kernel call raises."""
+
+    def __getattr__(self, name):
+        _not_built()
+
+
+if _lib is not None:
+    _fb = _ffi.from_buffer
+    _FLOATS = _ffi.typeof("float[]")
+    _INT64S = _ffi.typeof("int64_t[]")
+    _L = _lib
+else:  # pragma: no cover
+    _fb = _not_built
+    _FLOATS = _INT64S = None
+    _L = _Missing()
+
+
+def available() -> bool:
+    """True when the compiled module is importable (else see `LOAD_ERROR`)."""
+    return _lib is not None
+
+
+def isa() -> str:
+    """The kernel variant in use: "avx2" or "generic"."""
+    name = _L.lk_isa_name()
+    return _ffi.string(name).decode()
+
+
+def set_isa(name: str) -> str:
+    """Force a kernel variant ("generic" or "avx2"; tests compare them). A variant this CPU
+    cannot run is refused silently; returns the variant now in use."""
+    if name not in _ISA_NAMES:
+        raise ValueError(f"unknown ISA {name!r}; choose one of {sorted(_ISA_NAMES)}")
+    _L.lk_set_isa(_ISA_NAMES[name])
+    return isa()
+
+
+def set_threads(n: int) -> None:
+    """Threads used by the parallel kernels, counting the calling thread (>= 1)."""
+    if int(n) < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    _L.lk_set_threads(int(n))
+
+
+def threads() -> int:
+    return int(_L.lk_get_threads())
+
+
+# ---- buffers ---------------------------------------------------------------------------
+
+def _in(a: np.ndarray):
+    """cdata over float32 input `a` and the array it views (a copy if `a` was not
+    C-contiguous float32); keep the array alive while C runs."""
+    if a.dtype is not _F32:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    try:
+        return _fb(_FLOATS, a), a
+    except ValueError:  # not C-contiguous
+        a = np.ascontiguousarray(a)
+        return _fb(_FLOATS, a), a
+
+
+def _new_or_check(out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, _F32)
+    if out.dtype is not _F32 or out.shape != shape or not out.flags.c_contiguous:
+        raise ValueError(
+            f"out must be a C-contiguous float32 array of shape {shape}, got {out.dtype} "
+            f"{out.shape} (C-contiguous: {out.flags.c_contiguous})")
+    return out
+
+
+def _packed(data: np.ndarray):
+    """cdata over packed weights uint8 [rows, row_bytes], and the row stride in bytes."""
+    try:
+        return _fb(data), data.strides[0]
+    except ValueError:
+        data = np.ascontiguousarray(data)
+        return _fb(data), data.strides[0]
+
+
+# ---- matmul / embed --------------------------------------------------------------------
+
+# format name -> (C matmul, C embed, values per block, bytes per block)
+if _lib is not None:
+    _NATIVE = {
+        "f32": (_lib.lk_matmul_f32, _lib.lk_embed_f32, 1, 4),
+        "f16": (_lib.lk_matmul_f16, _lib.lk_embed_f16, 1, 2),
+        "q8_0": (_lib.lk_matmul_q8_0, _lib.lk_embed_q8_0, 32, 34),
+    }
+else:  # pragma: no cover
+    _NATIVE = {}
+
+
+def _entry(fmt):
+    e = _NATIVE.get(fmt.name)
+    if e is None or e[3] != fmt.bytes_per_block or e[2] != fmt.block_size:
+        return None
+    return e
+
+
+def supports(fmt) -> bool:
+    """Whether `fmt` (a WeightFormat) has native matmul/embed kernels here."""
+    return _entry(fmt) is not None
+
+
+def matmul(x: np.ndarray, w: PackedMatrix, out: np.ndarray | None = None) -> np.ndarray:
+    """x [..., K] @ W.T -> [..., N] for W [N, K] in f32, f16 or q8_0.
+
+    q8_0 rounds x to int8 blocks of 32 (float32 scale per block) and uses integer dot
+    products, so it differs from `ops.matmul` by that rounding. Formats without a native
+    kernel use their own `matmul` when they have one, else `ops.matmul`.
+    """
+    fmt = w.format
+    e = _NATIVE.get(fmt.name)
+    if e is None or e[3] != fmt.bytes_per_block:
+        return _matmul_other(x, w, out)
+    K = w.cols
+    shape = x.shape
+    if shape[-1] != K:
+        raise ValueError(f"matmul: x has {shape[-1]} features but W is {w.rows} x {K}")
+    # the common case inline: contiguous float32 x, packed rows contiguous (decode calls
+    # this a few hundred times per token)
+    if x.dtype is not _F32:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+    try:
+        xp = _fb(_FLOATS, x)
+    except ValueError:
+        x = np.ascontiguousarray(x)
+        xp = _fb(_FLOATS, x)
+    if out is None:
+        out = np.empty(shape[:-1] + (w.rows,), _F32)
+    elif out.dtype is not _F32 or out.shape != shape[:-1] + (w.rows,):
+        _new_or_check(out, shape[:-1] + (w.rows,))  # raises with the details
+    data = w.data
+    try:
+        dp = _fb(data)
+    except ValueError:
+        data = np.ascontiguousarray(data)
+        dp = _fb(data)
+    try:
+        op = _fb(_FLOATS, out, True)
+    except ValueError:
+        _new_or_check(out, shape[:-1] + (w.rows,))
+        raise
+    e[0](xp, x.size // K if K else 0, K, dp, data.strides[0], w.rows, op)
+    return out
+
+
+def _matmul_other(x, w, out):
+    if w.format.matmul is not None:
+        lead = x.shape[:-1]
+        y = w.format.matmul(np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1]), w.data)
+        y = y.reshape(*lead, w.rows)
+    else:
+        y = ops.matmul(x, w)
+    if out is not None:
+        out[...] = y
+        return out
+    return y
+
+
+def embed(w: PackedMatrix, ids: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows `ids` (any int shape) of W [vocab, D] as float32 [..., D]."""
+    e = _entry(w.format)
+    if e is None:
+        y = (w.format.embed(w.data, np.asarray(ids).reshape(-1)) if w.format.embed is not None
+             else ops.embed(w, ids))
+        y = y.reshape(*np.shape(ids), w.cols)
+        if out is not None:
+            out[...] = y
+            return out
+        return y
+    ids = np.asarray(ids)
+    flat = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+    out = _new_or_check(out, ids.shape + (w.cols,))
+    dp, ldw = _packed(w.data)
+    if e[1](dp, ldw, w.rows, w.cols, _fb(_INT64S, flat), flat.size, _fb(_FLOATS, out, True)):
+        bad = flat[(flat < 0) | (flat >= w.rows)]
+        raise IndexError(f"embed: token id {int(bad[0])} is outside the vocabulary [0, {w.rows})")
+    return out
+
+
+def quantize_q8_0(w: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> GGUF Q8_0 bytes [rows, cols / 32 * 34], bit-identical to
+    `core_formats.quantize_q8_0` (round half away from zero, half-precision scale)."""
+    wp, w = _in(w)
+    rows, cols = w.shape
+    if cols % 32:
+        raise ValueError(f"q8_0 needs a row length that is a multiple of 32, got {cols}")
+    out = np.empty((rows, cols // 32 * 34), dtype=np.uint8)
+    if out.size:
+        _L.lk_quantize_q8_0(wp, rows, cols, _fb(out, require_writable=True))
+    return out
+
+
+def format_matmul(name: str):
+    """A `WeightFormat.matmul` for format `name`: (x [M, cols], packed [rows, row_bytes])
+    -> [M, rows]; None if there is no native kernel for it."""
+    e = _NATIVE.get(name)
+    if e is None:
+        return None
+    fn, _, block, nbytes = e
+
+    def matmul_packed(x: np.ndarray, data: np.ndarray) -> np.ndarray:
+        K = x.shape[-1]
+        if K % block or data.shape[1] != K // block * nbytes:
+            raise ValueError(f"{name} matmul: x has {K} features but rows are {data.shape[1]} bytes")
+        xp, x = _in(x)
+        out = np.empty(x.shape[:-1] + (data.shape[0],), _F32)
+        dp, ldw = _packed(data)
+        fn(xp, x.size // K if K else 0, K, dp, ldw, data.shape[0], _fb(_FLOATS, out, True))
+        return out
+
+    matmul_packed.__name__ = f"matmul_{name}_native"
+    return matmul_packed
+
+
+def format_embed(name: str):
+    """A `WeightFormat.embed` for format `name`: (packed, int ids [n]) -> [n, cols]."""
+    e = _NATIVE.get(name)
+    if e is None:
+        return None
+    fn, block, nbytes = e[1], e[2], e[3]
+
+    def embed_packed(data: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        cols = data.shape[1] // nbytes * block
+        flat = np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)
+        out = np.empty((flat.size, cols), _F32)
+        dp, ldw = _packed(data)
+        if fn(dp, ldw, data.shape[0], cols, _fb(_INT64S, flat), flat.size, _fb(_FLOATS, out, True)):
+            raise IndexError(f"embed: a token id is outside the vocabulary [0, {data.shape[0]})")
+        return out
+
+    embed_packed.__name__ = f"embed_{name}_native"
+    return embed_packed
+
+
+# ---- elementwise -----------------------------------------------------------------------
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, offset: float = 0.0,
+             out: np.ndarray | None = None) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * (offset + weight) over the last axis."""
+    D = x.shape[-1]
+    if weight.shape != (D,):
+        raise ValueError(f"rms_norm: weight has shape {weight.shape}, expected ({D},)")
+    xp, x = _in(x)
+    wp, weight = _in(weight)
+    out = _new_or_check(out, x.shape)
+    _L.lk_rms_norm(xp, x.size // D if D else 0, D, wp, eps, offset, _fb(_FLOATS, out, True))
+    return out
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool = False,
+         out: np.ndarray | None = None) -> np.ndarray:
+    """Rotary embedding of x [B, T, H, Dh] (see `ops.rope`). x may be a strided view (e.g.
+    the q part of a fused QKV output) as long as each head is contiguous; `out` may be x
+    itself when x is contiguous."""
+    if x.ndim != 4:
+        raise ValueError(f"rope: x must be [B, T, H, Dh], got shape {x.shape}")
+    B, T, H, Dh = x.shape
+    half = cos.shape[-1]
+    if cos.shape != (T, half) or sin.shape != (T, half) or 2 * half > Dh:
+        raise ValueError(f"rope: cos/sin must be [T={T}, half <= {Dh // 2}], got {cos.shape} and {sin.shape}")
+    cp, cos = _in(cos)
+    sp, sin = _in(sin)
+    xp, x, strides = _strided(x)
+    if out is x and not x.flags.c_contiguous:
+        raise ValueError("rope: in-place rotation needs a contiguous x")
+    out = _new_or_check(out, x.shape)
+    _L.lk_rope(xp, B, T, H, Dh, strides[0], strides[1], strides[2], cp, sp, half,
+               1 if interleaved else 0, _fb(_FLOATS, out, True))
+    return out
+
+
+def _strided(a: np.ndarray):
+    """(cdata, array, element strides of all but the last axis) for float32 `a` whose last
+    axis is contiguous, without copying views; copies anything else."""
+    if a.dtype is _F32:
+        try:
+            return _fb(_FLOATS, a), a, [s >> 2 for s in a.strides[:-1]]
+        except ValueError:
+            pass
+        st = a.strides
+        if st[-1] == 4 and all(s >= 0 and s % 4 == 0 for s in st) and a.size:
+            # cover a[0, ..., 0] .. a[-1, ..., -1] with one 1-D view; C uses the strides
+            n = 1 + sum((d - 1) * (s >> 2) for d, s in zip(a.shape, st))
+            span = np.lib.stride_tricks.as_strided(a, shape=(n,), strides=(4,))
+            return _fb(_FLOATS, span), a, [s >> 2 for s in st[:-1]]
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return _fb(_FLOATS, a), a, [s >> 2 for s in a.strides[:-1]]
+
+
+def silu(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    xp, x = _in(x)
+    out = _new_or_check(out, x.shape)
+    _L.lk_silu(xp, x.size, _fb(_FLOATS, out, True))
+    return out
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """silu(gate) * up. gate and up may be views of the two halves of a fused gate_up
+    output (evenly spaced contiguous rows): they are not copied."""
+    shape = gate.shape
+    if up.shape != shape:
+        raise ValueError(f"silu_mul: gate {shape} and up {up.shape} differ")
+    n = shape[-1] if shape else 1
+    rows = gate.size // n if n else 0
+    out = _new_or_check(out, shape)
+    gp, gate, ldg = _rows(gate, n)
+    up_, up, ldu = _rows(up, n)
+    _L.lk_silu_mul(gp, ldg, up_, ldu, rows, n, _fb(_FLOATS, out, True))
+    return out
+
+
+def _rows(a: np.ndarray, n: int):
+    """(cdata, array, row stride in elements) for `a` as evenly spaced rows of n floats."""
+    if a.dtype is _F32:
+        try:
+            return _fb(_FLOATS, a), a, n
+        except ValueError:
+            pass
+        if a.ndim >= 2:
+            p, a2, st = _strided(a)
+            sh = a2.shape
+            if all(st[i] == sh[i + 1] * st[i + 1] for i in range(len(st) - 1)) and st[-1] >= n:
+                return p, a2, st[-1]
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return _fb(_FLOATS, a), a, n
+
+
+def softmax(x: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax along `axis` (native for the last axis of float32 input)."""
+    if x.dtype is not _F32 or axis not in (-1, x.ndim - 1):
+        y = ops.softmax(x, axis=axis)
+        if out is not None:
+            out[...] = y
+            return out
+        return y
+    n = x.shape[-1]
+    xp, x = _in(x)
+    out = _new_or_check(out, x.shape)
+    _L.lk_softmax(xp, x.size // n if n else 0, n, _fb(_FLOATS, out, True))
+    return out
+
+
+_SMALL_ADD = 1 << 16
+
+
+def add(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a + b for float32 arrays of one shape (the residual add); out may be a or b.
+    Shapes that need broadcasting go to numpy."""
+    if a.shape != b.shape or a.size < _SMALL_ADD:
+        # numpy's own add beats the call overhead on one decode row
+        return np.add(a, b, out=out, dtype=np.float32)
+    ap, a = _in(a)
+    bp, b = _in(b)
+    out = _new_or_check(out, a.shape)
+    _L.lk_add(ap, bp, a.size, _fb(_FLOATS, out, True))
+    return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int, scale: float,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Causal grouped-query attention (see `ops.attention`).
+
+    q [B, T, Hq, D] at positions start_pos .. start_pos + T - 1; k, v [B, S, Hkv, D] for
+    positions 0 .. S - 1. q, k and v may be strided views (a slice of a longer cache,
+    cache[:, :S], or a head-major cache transposed) as long as each head vector is
+    contiguous: they are not copied. Returns [B, T, Hq, D].
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} must be 4-D, k and v alike")
+    B, T, Hq, D = q.shape
+    _, S, Hkv, Dk = k.shape
+    if k.shape[0] != B or Dk != D or Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"attention: q {q.shape} does not fit k {k.shape} (GQA needs Hq % Hkv == 0)")
+    if start_pos < 0:
+        raise ValueError(f"attention: start_pos must be >= 0, got {start_pos}")
+    out = _new_or_check(out, (B, T, Hq, D))
+    qp, q, qs = _strided(q)
+    kp, k, ks = _strided(k)
+    vp, v, vs = _strided(v)
+    _L.lk_attention(qp, B, T, Hq, D, qs[0], qs[1], qs[2], kp, ks[0], ks[1], ks[2],
+                    vp, vs[0], vs[1], vs[2], S, Hkv, start_pos, scale, _fb(_FLOATS, out, True))
+    return out
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5,
+                           prefetch: bool = False) -> float:
+    """Read bandwidth in GB/s (1e9 bytes/s): the median of `repeats` streaming sums of a
+    `nbytes` buffer with the current threads (the roofline's numerator)."""
+    import time
+
+    buf = np.ones(max(nbytes, 32) // 4, dtype=np.float32)
+    bench_read(buf, prefetch)  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        bench_read(buf, prefetch)
+        times.append(time.perf_counter() - t0)
+    return buf.nbytes / float(np.median(times)) / 1e9
+
+
+def bench_read(buf: np.ndarray, prefetch: bool = False) -> float:
+    """Stream `buf` once with all threads (a read-bandwidth probe), optionally with software
+    prefetch; returns its float sum."""
+    b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    return float(_L.lk_bench_read(_fb(b), b.size, 1 if prefetch else 0))

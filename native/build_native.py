@@ -1,0 +1,109 @@
+"""cffi builder for `lattice_engine._native` (API mode), the C kernels in native/src.
+
+setuptools runs this through `cffi_modules` in setup.py when the package is installed
+(editable or not). To build in place by hand: `python native/build_native.py`.
+
+Flags: -O3 for everything, no -march: the AVX2/FMA/F16C kernels carry their own
+`target` attributes and are picked at run time, so the module loads on any x86-64 CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c"]
+
+CDEF = """
+int lk_init(void);
+int lk_isa(void);
+const char *lk_isa_name(void);
+int lk_set_isa(int isa);
+void lk_set_threads(int n);
+int lk_get_threads(void);
+
+void lk_matmul_f32(const float *x, int64_t M, int64_t K,
+                   const void *w, int64_t ldw, int64_t N, float *y);
+void lk_matmul_f16(const float *x, int64_t M, int64_t K,
+                   const void *w, int64_t ldw, int64_t N, float *y);
+void lk_matmul_q8_0(const float *x, int64_t M, int64_t K,
+                    const void *w, int64_t ldw, int64_t N, float *y);
+
+int lk_embed_f32(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                 const int64_t *ids, int64_t n, float *out);
+int lk_embed_f16(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                 const int64_t *ids, int64_t n, float *out);
+int lk_embed_q8_0(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                  const int64_t *ids, int64_t n, float *out);
+
+void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst);
+void lk_quantize_row_q8_act(const float *x, int64_t K, void *dst);
+
+void lk_rms_norm(const float *x, int64_t rows, int64_t D, const float *w,
+                 float eps, float offset, float *out);
+void lk_rope(const float *x, int64_t B, int64_t T, int64_t H, int64_t Dh,
+             int64_t sb, int64_t st, int64_t sh,
+             const float *cos_t, const float *sin_t, int64_t half, int interleaved,
+             float *out);
+void lk_silu(const float *x, int64_t n, float *out);
+void lk_silu_mul(const float *gate, int64_t ldg, const float *up, int64_t ldu,
+                 int64_t rows, int64_t n, float *out);
+void lk_softmax(const float *x, int64_t rows, int64_t n, float *out);
+void lk_add(const float *a, const float *b, int64_t n, float *out);
+
+int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
+                 int64_t qsb, int64_t qst, int64_t qsh,
+                 const float *k, int64_t ksb, int64_t kst, int64_t ksh,
+                 const float *v, int64_t vsb, int64_t vst, int64_t vsh,
+                 int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
+
+double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
+"""
+
+
+def make_builder(relative: bool) -> FFI:
+    """The FFI builder; `relative` gives project-root-relative paths, as setuptools wants
+    when it builds from the project root."""
+
+    def path(*parts: str) -> str:
+        p = os.path.join(HERE, *parts)
+        return os.path.relpath(p, ROOT) if relative else p
+
+    builder = FFI()
+    builder.cdef(CDEF)
+    builder.set_source(
+        "lattice_engine._native",
+        '#include "lattice_kernels.h"\n',
+        sources=[path("src", name) for name in SOURCES],
+        include_dirs=[path("include")],
+        extra_compile_args=["-O3", "-std=gnu11", "-Wall",
+                            "-Wno-unused-function"],
+        libraries=["m", "pthread"] if sys.platform != "win32" else [],
+    )
+    return builder
+
+
+ffibuilder = make_builder(relative=os.path.abspath(os.getcwd()) == ROOT)
+
+if __name__ == "__main__":
+    # Build in place: lattice_engine/_native*.so next to the package sources.
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="lattice_native_")
+    try:
+        so = make_builder(relative=False).compile(tmpdir=tmp, verbose=True)
+        pkg = os.path.join(ROOT, "lattice_engine")
+        dest = os.path.join(pkg, os.path.basename(so))
+        # an older build under another suffix (e.g. .abi3.so from pip) could shadow this one
+        for name in os.listdir(pkg):
+            if name.startswith("_native.") and name.endswith(".so") and name != os.path.basename(so):
+                os.remove(os.path.join(pkg, name))
+        shutil.copy2(so, dest)
+        print("built", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,234 @@
+/*
+ * lattice_kernels.h: the C kernels behind lattice_engine.kernels.
+ *
+ * Every kernel has a generic scalar version and, on x86-64, an AVX2/FMA/F16C version.
+ * The variant is picked once at run time (lk_init) from what the CPU reports, so the
+ * library is built without -mavx2 and still runs on older CPUs.
+ *
+ * Conventions
+ *   - Activations are float32, row-major, contiguous unless a stride argument says
+ *     otherwise (strides are counted in elements, not bytes).
+ *   - A weight matrix W [N, K] is N rows of `ldw` bytes each; a row is K/block_size
+ *     blocks of its format (f32: 4 bytes per value, f16: 2, q8_0: 34 bytes per 32).
+ *   - matmul computes y[M, N] = x[M, K] @ W^T. Up to 8 rows of x (decode, small batches)
+ *     stream the weights four rows at a time with software prefetch, memory bound; more
+ *     rows (prefill) are tiled so each weight block is read once per tile of x rows.
+ *   - Kernels that use threads split output rows across a persistent pool (the caller
+ *     is thread 0); they serialize on one internal lock, so calls from several host
+ *     threads are safe but do not overlap.
+ *   - Scratch memory is persistent and grows on demand; hot paths do not allocate once
+ *     warm.
+ *
+ * Environment (read once, at first use)
+ *   LATTICE_THREADS  threads including the caller (default 2); lk_set_threads overrides
+ *   LATTICE_SPIN_US  how long idle workers spin before sleeping (default 2000)
+ *   LATTICE_ISA      "generic" forces the scalar kernels
+ *   LATTICE_PF       matvec software-prefetch distance (tuning; see matmul.c)
+ *
+ * Public functions (declared below, bound by native/build_native.py)
+ *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_set_threads, lk_get_threads
+ *   matmul     lk_matmul_f32, lk_matmul_f16, lk_matmul_q8_0          (lk_matmul_fn)
+ *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0             (lk_embed_fn)
+ *   quantize   lk_quantize_q8_0, lk_quantize_row_q8_act
+ *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_add
+ *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
+ *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
+ */
+#ifndef LATTICE_KERNELS_H
+#define LATTICE_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- block formats ------------------------------------------------------------- */
+
+#define LK_QK8_0 32
+
+/* GGUF Q8_0 weight block: x[i] = d * qs[i], d stored as IEEE half. */
+typedef struct {
+    uint16_t d;
+    int8_t qs[LK_QK8_0];
+} lk_block_q8_0;
+_Static_assert(sizeof(lk_block_q8_0) == 34, "lk_block_q8_0 must match GGUF Q8_0 (34 bytes)");
+
+/* Activations quantized for the q8_0 integer dot product; the scale stays float32. */
+typedef struct {
+    float d;
+    int8_t qs[LK_QK8_0];
+} lk_block_q8_act;
+_Static_assert(sizeof(lk_block_q8_act) == 36, "lk_block_q8_act must be 36 bytes");
+
+/* ---- runtime ------------------------------------------------------------------- */
+
+enum { LK_ISA_GENERIC = 0, LK_ISA_AVX2 = 1 };
+
+/* Detect the CPU and pick kernel variants; idempotent. Returns the active LK_ISA_*. */
+int lk_init(void);
+int lk_isa(void);
+const char *lk_isa_name(void);
+/* Force a variant (tests compare them); a variant the CPU lacks is refused.
+   Returns the active LK_ISA_* afterwards. */
+int lk_set_isa(int isa);
+/* Threads used by parallel kernels, including the caller; n < 1 means 1. */
+void lk_set_threads(int n);
+int lk_get_threads(void);
+
+/* ---- matmul: y[M, N] = x[M, K] @ W[N, K]^T ------------------------------------ */
+
+typedef void (*lk_matmul_fn)(const float *x, int64_t M, int64_t K,
+                             const void *w, int64_t ldw, int64_t N, float *y);
+void lk_matmul_f32(const float *x, int64_t M, int64_t K,
+                   const void *w, int64_t ldw, int64_t N, float *y);
+void lk_matmul_f16(const float *x, int64_t M, int64_t K,
+                   const void *w, int64_t ldw, int64_t N, float *y);
+/* K must be a multiple of LK_QK8_0; x is quantized to lk_block_q8_act internally. */
+void lk_matmul_q8_0(const float *x, int64_t M, int64_t K,
+                    const void *w, int64_t ldw, int64_t N, float *y);
+
+/* ---- embed: out[i, :] = float(W[ids[i], :]) ----------------------------------- */
+
+/* Returns 0, or -1 (writing nothing) if some id is outside [0, rows). */
+typedef int (*lk_embed_fn)(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                           const int64_t *ids, int64_t n, float *out);
+int lk_embed_f32(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                 const int64_t *ids, int64_t n, float *out);
+int lk_embed_f16(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                 const int64_t *ids, int64_t n, float *out);
+int lk_embed_q8_0(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                  const int64_t *ids, int64_t n, float *out);
+
+/* ---- quantize ------------------------------------------------------------------ */
+
+/* Weights: x [rows, K] -> GGUF Q8_0 rows (K/32 blocks each), rounding half away from
+   zero like ggml's reference quantizer; scale = amax / 127 stored as half. */
+void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst);
+/* One activation row x [K] -> K/32 lk_block_q8_act (round half to even). */
+void lk_quantize_row_q8_act(const float *x, int64_t K, void *dst);
+
+/* ---- elementwise (float32) ------------------------------------------------------ */
+
+/* out = x / sqrt(mean(x^2) + eps) * (offset + w), per row of length D. */
+void lk_rms_norm(const float *x, int64_t rows, int64_t D, const float *w,
+                 float eps, float offset, float *out);
+/* Rotary embedding of x [B, T, H, Dh] (strides sb, st, sh; unit stride inside a head)
+   into contiguous out [B, T, H, Dh] (out may equal x when x is contiguous).
+   cos/sin are [T, half]; the first 2*half features rotate, the rest are copied.
+   interleaved = 0: pairs (i, half+i) (HF rotate_half); 1: pairs (2i, 2i+1) (GPT-J). */
+void lk_rope(const float *x, int64_t B, int64_t T, int64_t H, int64_t Dh,
+             int64_t sb, int64_t st, int64_t sh,
+             const float *cos_t, const float *sin_t, int64_t half, int interleaved,
+             float *out);
+void lk_silu(const float *x, int64_t n, float *out);
+/* out[r, i] = silu(gate[r, i]) * up[r, i]; gate/up rows are ldg/ldu elements apart,
+   out is contiguous [rows, n]. */
+void lk_silu_mul(const float *gate, int64_t ldg, const float *up, int64_t ldu,
+                 int64_t rows, int64_t n, float *out);
+/* Softmax over each contiguous row of length n. */
+void lk_softmax(const float *x, int64_t rows, int64_t n, float *out);
+void lk_add(const float *a, const float *b, int64_t n, float *out);
+
+/* ---- attention ------------------------------------------------------------------ */
+
+/* Causal grouped-query attention.
+   q [B, T, Hq, D] with strides (qsb, qst, qsh), for absolute positions
+   start_pos .. start_pos + T - 1; k, v [B, S, Hkv, D] with their own strides, positions
+   0 .. S - 1 (a KV cache may be longer than used: pass S = valid length). Query t
+   attends keys s <= start_pos + t. Hq % Hkv == 0. out is contiguous [B, T, Hq, D].
+   Returns 0, or -1 if the shapes are inconsistent. */
+int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
+                 int64_t qsb, int64_t qst, int64_t qsh,
+                 const float *k, int64_t ksb, int64_t kst, int64_t ksh,
+                 const float *v, int64_t vsb, int64_t vst, int64_t vsh,
+                 int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
+
+/* ---- bench ---------------------------------------------------------------------- */
+
+/* Sum of the buffer read as float32 with all threads (AVX2 loads when available), each
+   thread streaming contiguous 4 MiB pieces; prefetch != 0 adds a software prefetch 4 KiB
+   ahead. nbytes is rounded down to a multiple of 32. */
+double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
+
+/* ---- internal: shared between the native sources, not part of the binding ------------ */
+#ifdef LK_INTERNAL
+
+#define LK_MAX_THREADS 64
+#define LK_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+
+/* fn(ctx, task, ith) for every task in [0, ntasks): tasks are claimed one at a time by
+   the caller (ith = 0) and by the workers that join (ith = 1 ..); ith names the thread
+   for lk_scratch. Must be called with lk_lock held. */
+typedef void (*lk_task_fn)(void *ctx, int64_t task, int ith);
+void lk_parallel(lk_task_fn fn, void *ctx, int64_t ntasks);
+void lk_lock(void);
+void lk_unlock(void);
+/* Thread count (including the caller); call with lk_lock held. */
+int lk_threads_locked(void);
+/* Per-thread scratch of at least `bytes` (64-byte aligned), kept between calls. Only
+   thread `ith` may use slot `ith`; callers must hold lk_lock. NULL on out-of-memory. */
+void *lk_scratch(int ith, size_t bytes);
+/* Shared scratch for data produced before lk_parallel and read by all tasks. */
+void *lk_shared_scratch(size_t bytes);
+extern int lk_active_isa;
+
+/* fn(ctx, i0, i1, ith) over [0, n) in contiguous ranges, one per thread; runs inline
+   (no lock, no pool) when n < 2 * grain. Takes lk_lock itself otherwise: do not call
+   it with the lock held. */
+typedef void (*lk_range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
+void lk_parallel_for(lk_range_fn fn, void *ctx, int64_t n, int64_t grain);
+
+float lk_f16_to_f32(uint16_t h);
+uint16_t lk_f32_to_f16(float f);
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+/* e^x for 8 floats: Cody-Waite range reduction to r in [-ln2/2, ln2/2], a degree-7
+   polynomial for e^r, then the exponent added back; about 2 ulp. Saturates to +inf above
+   88.38, flushes to 0 below -87.33 (where results would be subnormal), keeps NaN. */
+LK_AVX2_TARGET static inline __m256 lk_exp8_avx2(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+    const __m256 lo = _mm256_set1_ps(-87.3365447505531f);
+    __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(hi, _mm256_max_ps(lo, x)); /* operand order keeps NaN */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    p = _mm256_blendv_ps(p, _mm256_set1_ps(__builtin_inff()), over);
+    return _mm256_andnot_ps(under, p);
+}
+
+LK_AVX2_TARGET static inline float lk_hsum8_avx2(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+LK_AVX2_TARGET static inline float lk_hmax8_avx2(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+#endif /* LK_INTERNAL */
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LATTICE_KERNELS_H */

@@ -1,0 +1,269 @@
+/* Causal grouped-query attention over strided q / k / v (prefill, and decode over a
+ * KV cache).
+ *
+ * A work unit is (batch, kv head, block of query rows) and covers the query heads of
+ * that kv head's group (all of them, or a part when there would be too few units for the
+ * threads), so each key and value row is fetched from memory once per unit rather than
+ * once per query head (a 7:1 group reads up to 7x less at long contexts). Keys are
+ * walked in blocks that stay in L2 while each head of the group passes over them, with
+ * an online softmax (running max and sum) across blocks. Units are claimed from the pool
+ * longest-first, since causal rows further down attend more keys.
+ */
+#define LK_INTERNAL
+#include "lattice_kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define LK_X86 1
+#else
+#define LK_X86 0
+#endif
+
+#define QROWS 8    /* query rows per work unit */
+#define KBLOCK 256 /* keys per block: 64 KiB of K and of V at D = 64 */
+
+typedef struct {
+    const float *q;
+    int64_t B, T, Hq, D, qsb, qst, qsh;
+    const float *k;
+    int64_t ksb, kst, ksh;
+    const float *v;
+    int64_t vsb, vst, vsh;
+    int64_t S, Hkv, start_pos;
+    float scale;
+    float *out;
+    int64_t tblocks, gsplit, units;
+} attn_job;
+
+/* ---- generic: one query row, two passes -------------------------------------------- */
+
+static void attend_row_generic(const float *q, const float *k, int64_t kst, const float *v,
+                               int64_t vst, int64_t n, int64_t D, float scale, float *sc,
+                               float *o) {
+    float m = -INFINITY;
+    for (int64_t s = 0; s < n; s++) {
+        const float *kr = k + s * kst;
+        float acc = 0;
+        for (int64_t d = 0; d < D; d++) acc += q[d] * kr[d];
+        sc[s] = acc * scale;
+        m = sc[s] > m ? sc[s] : m;
+    }
+    float sum = 0;
+    for (int64_t s = 0; s < n; s++) {
+        sc[s] = expf(sc[s] - m);
+        sum += sc[s];
+    }
+    for (int64_t d = 0; d < D; d++) o[d] = 0;
+    for (int64_t s = 0; s < n; s++) {
+        const float *vr = v + s * vst;
+        for (int64_t d = 0; d < D; d++) o[d] += sc[s] * vr[d];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < D; d++) o[d] *= inv;
+}
+
+static void unit_generic(const attn_job *j, int64_t b, int64_t kvh, int64_t g0, int64_t g1,
+                         int64_t t0, int64_t t1, float *sc) {
+    const int64_t group = j->Hq / j->Hkv;
+    const float *kb = j->k + b * j->ksb + kvh * j->ksh;
+    const float *vb = j->v + b * j->vsb + kvh * j->vsh;
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t n = j->start_pos + t + 1;
+        if (n > j->S) n = j->S;
+        for (int64_t g = g0; g < g1; g++) {
+            const int64_t h = kvh * group + g;
+            const float *q = j->q + b * j->qsb + t * j->qst + h * j->qsh;
+            float *o = j->out + ((b * j->T + t) * j->Hq + h) * j->D;
+            if (n <= 0) memset(o, 0, (size_t)j->D * sizeof(float));
+            else attend_row_generic(q, kb, j->kst, vb, j->vst, n, j->D, j->scale, sc, o);
+        }
+    }
+}
+
+/* ---- AVX2: blocked keys, online softmax, the whole group per block --------------------- */
+#if LK_X86
+
+LK_AVX2_TARGET static inline __m256 dot8_acc(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d + 8 <= D; d += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    return acc;
+}
+
+LK_AVX2_TARGET static inline float dot_tail(const float *a, const float *b, int64_t D) {
+    float s = 0;
+    for (int64_t d = D & ~(int64_t)7; d < D; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* sc[s] = scale * dot(q, k_s) for s < n; returns max(sc) */
+LK_AVX2_TARGET static float scores_avx2(const float *q, const float *k, int64_t kst, int64_t n,
+                                        int64_t D, float scale, float *sc) {
+    int64_t s = 0;
+    for (; s + 4 <= n; s += 4) {
+        const float *k0 = k + s * kst;
+        __m256 a0 = dot8_acc(q, k0, D), a1 = dot8_acc(q, k0 + kst, D);
+        __m256 a2 = dot8_acc(q, k0 + 2 * kst, D), a3 = dot8_acc(q, k0 + 3 * kst, D);
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+        __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        if (D & 7)
+            r = _mm_add_ps(r, _mm_setr_ps(dot_tail(q, k0, D), dot_tail(q, k0 + kst, D),
+                                          dot_tail(q, k0 + 2 * kst, D), dot_tail(q, k0 + 3 * kst, D)));
+        _mm_storeu_ps(sc + s, _mm_mul_ps(r, _mm_set1_ps(scale)));
+    }
+    for (; s < n; s++) {
+        const float *kr = k + s * kst;
+        sc[s] = (lk_hsum8_avx2(dot8_acc(q, kr, D)) + dot_tail(q, kr, D)) * scale;
+    }
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (s = 0; s + 8 <= n; s += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(sc + s));
+    float m = lk_hmax8_avx2(vm);
+    for (; s < n; s++) m = sc[s] > m ? sc[s] : m;
+    return m;
+}
+
+/* sc[s] = exp(sc[s] - m) for s < n; returns their sum */
+LK_AVX2_TARGET static float exp_sum_avx2(float *sc, int64_t n, float m) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) {
+        __m256 e = lk_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + s), vm));
+        vs = _mm256_add_ps(vs, e);
+        _mm256_storeu_ps(sc + s, e);
+    }
+    float sum = lk_hsum8_avx2(vs);
+    for (; s < n; s++) {
+        sc[s] = expf(sc[s] - m);
+        sum += sc[s];
+    }
+    return sum;
+}
+
+/* o = o * corr + sum_s p[s] v_s over s < n */
+LK_AVX2_TARGET static void pv_avx2(float *o, float corr, const float *p, const float *v,
+                                   int64_t vst, int64_t n, int64_t D) {
+    const __m256 c = _mm256_set1_ps(corr);
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), c);
+        __m256 c1 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 8), c);
+        __m256 c2 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 16), c);
+        __m256 c3 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 24), c);
+        for (int64_t s = 0; s < n; s++) {
+            const float *vr = v + s * vst + d0;
+            const __m256 ps = _mm256_broadcast_ss(p + s);
+            c0 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr), c0);
+            c1 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 8), c1);
+            c2 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 16), c2);
+            c3 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 24), c3);
+        }
+        _mm256_storeu_ps(o + d0, c0);
+        _mm256_storeu_ps(o + d0 + 8, c1);
+        _mm256_storeu_ps(o + d0 + 16, c2);
+        _mm256_storeu_ps(o + d0 + 24, c3);
+    }
+    for (; d0 + 8 <= D; d0 += 8) {
+        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), c);
+        for (int64_t s = 0; s < n; s++)
+            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + s), _mm256_loadu_ps(v + s * vst + d0), c0);
+        _mm256_storeu_ps(o + d0, c0);
+    }
+    for (; d0 < D; d0++) {
+        float a = o[d0] * corr;
+        for (int64_t s = 0; s < n; s++) a += p[s] * v[s * vst + d0];
+        o[d0] = a;
+    }
+}
+
+/* scratch: KBLOCK scores, then per head of the group its running max, sum and output */
+LK_AVX2_TARGET static void unit_avx2(const attn_job *j, int64_t b, int64_t kvh, int64_t g0,
+                                     int64_t g1, int64_t t0, int64_t t1, float *scratch) {
+    const int64_t group = j->Hq / j->Hkv, D = j->D;
+    const float *kb = j->k + b * j->ksb + kvh * j->ksh;
+    const float *vb = j->v + b * j->vsb + kvh * j->vsh;
+    float *sc = scratch;
+    float *mx = sc + KBLOCK, *sum = mx + group, *acc = sum + group;
+    for (int64_t t = t0; t < t1; t++) {
+        int64_t n = j->start_pos + t + 1;
+        if (n > j->S) n = j->S;
+        const float *qt = j->q + b * j->qsb + t * j->qst + kvh * group * j->qsh;
+        for (int64_t g = g0; g < g1; g++) {
+            mx[g] = -INFINITY;
+            sum[g] = 0;
+            memset(acc + g * D, 0, (size_t)D * sizeof(float));
+        }
+        for (int64_t s0 = 0; s0 < n; s0 += KBLOCK) {
+            const int64_t sn = n - s0 < KBLOCK ? n - s0 : KBLOCK;
+            const float *kblk = kb + s0 * j->kst, *vblk = vb + s0 * j->vst;
+            for (int64_t g = g0; g < g1; g++) {
+                const float bm = scores_avx2(qt + g * j->qsh, kblk, j->kst, sn, D, j->scale, sc);
+                const float m = bm > mx[g] ? bm : mx[g];
+                if (m == -INFINITY) continue; /* every score so far is -inf */
+                const float corr = mx[g] == -INFINITY ? 0.0f : expf(mx[g] - m);
+                const float bs = exp_sum_avx2(sc, sn, m);
+                sum[g] = sum[g] * corr + bs;
+                mx[g] = m;
+                pv_avx2(acc + g * D, corr, sc, vblk, j->vst, sn, D);
+            }
+        }
+        for (int64_t g = g0; g < g1; g++) {
+            float *o = j->out + ((b * j->T + t) * j->Hq + kvh * group + g) * D;
+            const float inv = sum[g] > 0 ? 1.0f / sum[g] : 0.0f;
+            const float *a = acc + g * D;
+            int64_t d = 0;
+            for (; d + 8 <= D; d += 8)
+                _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(a + d), _mm256_set1_ps(inv)));
+            for (; d < D; d++) o[d] = a[d] * inv;
+        }
+    }
+}
+#endif
+
+static void attn_task(void *vctx, int64_t c, int ith) {
+    const attn_job *j = (const attn_job *)vctx;
+    const int64_t u = j->units - 1 - c; /* last query blocks attend most keys: start there */
+    const int64_t tb = u % j->tblocks;
+    const int64_t gp = (u / j->tblocks) % j->gsplit;
+    const int64_t kvh = (u / (j->tblocks * j->gsplit)) % j->Hkv;
+    const int64_t b = u / (j->tblocks * j->gsplit * j->Hkv);
+    const int64_t group = j->Hq / j->Hkv;
+    const int64_t g0 = gp * group / j->gsplit, g1 = (gp + 1) * group / j->gsplit;
+    const int64_t t0 = tb * QROWS, t1 = t0 + QROWS < j->T ? t0 + QROWS : j->T;
+#if LK_X86
+    if (lk_active_isa == LK_ISA_AVX2) {
+        float *scratch = (float *)lk_scratch(ith, (size_t)(KBLOCK + group * (2 + j->D)) * sizeof(float));
+        unit_avx2(j, b, kvh, g0, g1, t0, t1, scratch);
+        return;
+    }
+#endif
+    float *sc = (float *)lk_scratch(ith, (size_t)(j->S > 0 ? j->S : 1) * sizeof(float));
+    unit_generic(j, b, kvh, g0, g1, t0, t1, sc);
+}
+
+int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D, int64_t qsb,
+                 int64_t qst, int64_t qsh, const float *k, int64_t ksb, int64_t kst, int64_t ksh,
+                 const float *v, int64_t vsb, int64_t vst, int64_t vsh, int64_t S, int64_t Hkv,
+                 int64_t start_pos, float scale, float *out) {
+    if (B < 0 || T < 0 || Hq <= 0 || Hkv <= 0 || D <= 0 || S < 0 || start_pos < 0 || Hq % Hkv)
+        return -1;
+    if (B == 0 || T == 0) return 0;
+    attn_job j;
+    j.q = q; j.B = B; j.T = T; j.Hq = Hq; j.D = D; j.qsb = qsb; j.qst = qst; j.qsh = qsh;
+    j.k = k; j.ksb = ksb; j.kst = kst; j.ksh = ksh;
+    j.v = v; j.vsb = vsb; j.vst = vst; j.vsh = vsh;
+    j.S = S; j.Hkv = Hkv; j.start_pos = start_pos; j.scale = scale; j.out = out;
+    j.tblocks = (T + QROWS - 1) / QROWS;
+    lk_lock();
+    /* split each group's heads when there are too few units to keep every thread busy
+       (decode: one query row, a couple of kv heads); each part rereads the keys */
+    const int64_t group = Hq / Hkv, want = 2 * (int64_t)lk_threads_locked();
+    j.gsplit = 1;
+    while (j.gsplit < group && B * Hkv * j.tblocks * j.gsplit < want) j.gsplit++;
+    j.units = B * Hkv * j.tblocks * j.gsplit;
+    lk_parallel(attn_task, &j, j.units);
+    lk_unlock();
+    return 0;
+}
