@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import RequestError
-from .sampling import Sampler, SamplingParams, log_softmax, make_sampler
+from .sampling import Sampler, SamplingParams, make_sampler
 
 PREFILL_CHUNK = 512  # bounds the activation memory of very long prompts
 
@@ -45,6 +45,12 @@ class GenerationResult:
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
 
+def token_logprob(logits: np.ndarray, token: int) -> float:
+    """log softmax(logits)[token] without materialising the whole distribution."""
+    peak = float(logits.max())
+    return float(logits[token]) - peak - float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+
+
 def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
                   max_tokens: int, cache=None) -> Iterator[tuple[int, float]]:
     """Yield (token, logprob) for up to max_tokens new tokens after prompt_ids.
@@ -66,7 +72,7 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
     for _ in range(max_tokens):
         row = logits[0, -1]
         token = sampler(history, row)
-        yield token, float(log_softmax(row)[token])
+        yield token, token_logprob(row, token)
         history.append(token)
         if limit and len(history) >= limit:
             return
