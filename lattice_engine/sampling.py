@@ -21,12 +21,12 @@ Processor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    temperature 0 means greedy. top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are
+    temperature 0 (the default, as in mlx-lm) means greedy. top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are
     off. `seed` makes sampling reproducible. `processors` carries values for logits
     processors that plugins registered, by name.
     """
 
-    temperature: float = 0.7
+    temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
