@@ -14,8 +14,12 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..io.checkpoint import Checkpoint, PackedTensor
-from ..quant.formats import PackedMatrix, WeightFormat, pack
+from ..quant.formats import PackedMatrix, WeightFormat
 from ..quant.methods import QuantMethod
+
+
+CONVERT_CHUNK_ELEMENTS = 1 << 22  # floats converted per slice when re-quantizing a matrix
+STORED_AS = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16)}
 
 
 def config_from_dict(cls, params: dict[str, Any]):
@@ -72,8 +76,22 @@ class WeightLoader:
         if isinstance(raw, PackedTensor):
             if raw.format == fmt.name:  # already stored the way we want: no float round trip
                 return PackedMatrix(fmt, shape[0], shape[1], raw.data)
-            raw = self._format(raw.format).to_float(raw.data, shape[1])
-        return pack(fmt, name, np.asarray(raw, dtype=np.float32))
+            source = self._format(raw.format)
+            rows = lambda a, b: source.to_float(raw.data[a:b], shape[1])
+        elif STORED_AS.get(fmt.name) == raw.dtype and raw.flags.c_contiguous:
+            # f32 / f16 weights kept as they are: a zero-copy view of the mapped file
+            return PackedMatrix(fmt, shape[0], shape[1], raw.reshape(shape[0], -1).view(np.uint8))
+        else:
+            rows = lambda a, b: np.asarray(raw[a:b], dtype=np.float32)
+        fmt.check_shape(name, shape)
+        # Convert in slices so a large table (a 152k-row embedding) never exists as a
+        # whole float32 copy: peak memory stays near the size of the result.
+        data = np.empty((shape[0], fmt.row_bytes(shape[1])), dtype=np.uint8)
+        step = max(1, CONVERT_CHUNK_ELEMENTS // shape[1])
+        for start in range(0, shape[0], step):
+            end = min(start + step, shape[0])
+            data[start:end] = fmt.quantize(np.ascontiguousarray(rows(start, end)))
+        return PackedMatrix(fmt, shape[0], shape[1], data)
 
     def _format(self, name: str) -> WeightFormat:
         if name not in self.formats:

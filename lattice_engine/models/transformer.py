@@ -141,15 +141,15 @@ class DecoderModel:
         self.config = cfg
         self.ops = ops
         h, v = cfg.hidden_size, cfg.vocab_size
-        self.embed_tokens = w.matrix("model.embed_tokens.weight", (v, h), "embedding")
+        tied = cfg.tie_word_embeddings or not w.has("lm_head.weight")
+        self.embed_tokens = w.matrix("model.embed_tokens.weight", (v, h),
+                                     "tied_embedding" if tied else "embedding")
         self.layers = [Block(cfg, w, i, self.use_qkv_bias(cfg), self.qk_norm)
                        for i in range(cfg.num_hidden_layers)]
         self.norm = w.vector("model.norm.weight", (h,))
-        if cfg.tie_word_embeddings or not w.has("lm_head.weight"):
-            # Tied: the lm_head reads the embedding table in its own (f16 by default) format.
-            self.lm_head = self.embed_tokens
-        else:
-            self.lm_head = w.matrix("lm_head.weight", (v, h), "lm_head")
+        # Tied: the lm_head reads the embedding table itself (f16 under q8_0, see methods).
+        self.lm_head = (self.embed_tokens if tied else
+                        w.matrix("lm_head.weight", (v, h), "lm_head"))
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     @classmethod

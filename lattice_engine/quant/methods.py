@@ -13,7 +13,7 @@ from typing import Mapping
 
 from ..errors import ConfigError
 
-ROLES = ("embedding", "linear", "lm_head")
+ROLES = ("embedding", "linear", "lm_head", "tied_embedding")
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,10 @@ class QuantMethod:
     Attributes:
         name: registry key, `[quant] method = NAME`.
         linear: format for linear-layer weights.
-        embedding: format for the token embedding table.
-        lm_head: format for the output projection. With tied embeddings the lm_head is a
-            copy of the embedding in this format (Lattice v0.2.3 keeps it f16: a q8 lm_head
-            sharpens the logits measurably).
+        embedding: format for the token embedding table when it is only looked up.
+        lm_head: format for an untied output projection.
+        tied_embedding: format for an embedding table that is also the lm_head. Lattice
+            v0.2.3 keeps it f16: a per-row q8 lm_head sharpens the logits measurably.
         fallback: format used when a matrix's row length does not fit `linear`'s blocks.
         description: one line for `lattice plugins` and error messages.
     """
@@ -35,6 +35,7 @@ class QuantMethod:
     linear: str
     embedding: str = "f16"
     lm_head: str = "f16"
+    tied_embedding: str = "f16"
     fallback: str = "f16"
     description: str = ""
 
@@ -43,7 +44,8 @@ class QuantMethod:
         for pattern, fmt in overrides.items():
             if fnmatch.fnmatchcase(tensor_name, pattern):
                 return fmt
-        fmt = {"embedding": self.embedding, "linear": self.linear, "lm_head": self.lm_head}[role]
+        fmt = {"embedding": self.embedding, "linear": self.linear, "lm_head": self.lm_head,
+               "tied_embedding": self.tied_embedding}[role]
         if cols % block_size_of(fmt):
             return self.fallback
         return fmt
@@ -57,13 +59,15 @@ class QuantSpec:
     overrides: Mapping[str, str] = field(default_factory=dict)
 
 
-F32_METHOD = QuantMethod("f32", linear="f32", embedding="f32", lm_head="f32", fallback="f32",
+F32_METHOD = QuantMethod("f32", linear="f32", embedding="f32", lm_head="f32",
+                         tied_embedding="f32", fallback="f32",
                          description="float32 everywhere (the reference)")
 F16_METHOD = QuantMethod("f16", linear="f16", embedding="f16", lm_head="f16",
                          description="float16 weights, float32 compute")
-Q8_0_METHOD = QuantMethod("q8_0", linear="q8_0", embedding="f16", lm_head="q8_0",
-                          description="GGUF-compatible Q8_0 linears; f16 embedding, and an "
-                                      "f16 lm_head when it is tied to the embedding")
+Q8_0_METHOD = QuantMethod("q8_0", linear="q8_0", embedding="q8_0", lm_head="q8_0",
+                          tied_embedding="f16",
+                          description="GGUF-compatible Q8_0 weights; a tied embedding / "
+                                      "lm_head stays f16")
 
 CORE_METHODS = (F32_METHOD, F16_METHOD, Q8_0_METHOD)
 
