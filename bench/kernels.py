@@ -112,12 +112,12 @@ def time_prefill(w: PackedMatrix, x: np.ndarray, out: np.ndarray, min_time: floa
     return float(np.median(times))
 
 
-def prefill_table(m: int, min_time: float, rng) -> list[dict]:
+def prefill_table(m: int, min_time: float, rng, formats) -> list[dict]:
     head = f"{'format':<6} {'shape [N x K]':<15} {'M':>5} {'ms/call':>9} {'GFLOP/s':>8}"
     print(head)
     print("-" * len(head))
     results = []
-    for fmt in FORMATS:
+    for fmt in formats:
         for n, k in SHAPES:
             w = make_copies(fmt, n, k, 0, rng)[0]
             x = rng.standard_normal((m, k)).astype(np.float32)
@@ -140,8 +140,11 @@ def main() -> int:
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
     ap.add_argument("--prefill-m", type=int, default=512, help="x rows for the prefill table (0: skip)")
     ap.add_argument("--no-matvec", action="store_true", help="skip the matvec (bandwidth) table")
+    ap.add_argument("--formats", default=",".join(f.name for f in FORMATS),
+                    help="comma-separated weight formats to measure")
     args = ap.parse_args()
 
+    formats = [f for f in FORMATS if f.name in args.formats.split(",")]
     if not kernels.available():
         print("native kernels are not built; run `pip install -e . --no-build-isolation`")
         return 1
@@ -149,7 +152,11 @@ def main() -> int:
     rng = np.random.default_rng(0)
     load0 = load_average()
     bw, bw_pf = read_bandwidth(args.bw_bytes, args.repeats)
-    print(f"isa={kernels.isa()} threads={kernels.threads()} load_avg_1m={load0:.2f}")
+    try:  # which q8_0 kernel runs at the AVX2 level (avx2 / avxvnni / avx512vnni)
+        q8 = kernels.q8_variant() if kernels.isa() == "avx2" else "-"
+    except AttributeError:  # a build from before the variants
+        q8 = "?"
+    print(f"isa={kernels.isa()} q8_0 kernel={q8} threads={kernels.threads()} load_avg_1m={load0:.2f}")
     print(f"read bandwidth, streaming sum of {args.bw_bytes / 2**30:.2f} GiB:  {bw:6.2f} GB/s  (bw)")
     print(f"  the same with software prefetch:           {bw_pf:6.2f} GB/s  (bw+pf)")
     print()
@@ -158,7 +165,7 @@ def main() -> int:
     print(head)
     print("-" * len(head))
     results = []
-    for fmt in FORMATS if not args.no_matvec else ():
+    for fmt in formats if not args.no_matvec else ():
         for n, k in SHAPES:
             mats = make_copies(fmt, n, k, args.working_set, rng)
             x = rng.standard_normal((1, k)).astype(np.float32)
@@ -175,9 +182,9 @@ def main() -> int:
                             "hot_gbs": round(hot, 3)})
             del mats
     print()
-    prefill = prefill_table(args.prefill_m, args.min_time, rng) if args.prefill_m > 0 else []
+    prefill = prefill_table(args.prefill_m, args.min_time, rng, formats) if args.prefill_m > 0 else []
     print()
-    print(json.dumps({"isa": kernels.isa(), "threads": kernels.threads(),
+    print(json.dumps({"isa": kernels.isa(), "q8_variant": q8, "threads": kernels.threads(),
                       "read_bw_gbs": round(bw, 3), "read_bw_prefetch_gbs": round(bw_pf, 3),
                       "load_avg_1m": round(load0, 2),
                       "load_avg_1m_end": round(load_average(), 2), "matvec": results,

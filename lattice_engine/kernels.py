@@ -30,7 +30,8 @@ except ImportError as exc:  # pragma: no cover - only on installs without a C co
     LOAD_ERROR = str(exc)
 
 __all__ = [
-    "available", "isa", "set_isa", "set_threads", "threads", "supports",
+    "available", "isa", "set_isa", "set_threads", "threads", "supports", "q8_variant",
+    "q8_variants",
     "matmul", "embed", "quantize_q8_0", "format_matmul", "format_embed",
     "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "attention", "add",
     "bench_read", "measure_read_bandwidth",
@@ -86,6 +87,36 @@ def set_isa(name: str) -> str:
         raise ValueError(f"unknown ISA {name!r}; choose one of {sorted(_ISA_NAMES)}")
     _L.lk_set_isa(_ISA_NAMES[name])
     return isa()
+
+
+def q8_variants() -> list[str]:
+    """The q8_0 kernels this CPU can run at the AVX2 level ("avx2", "avxvnni",
+    "avx512vnni"); empty when the native module is missing."""
+    if _lib is None:
+        return []
+    found, start = [], q8_variant()
+    i = 0
+    while (name := _L.lk_q8_variant_name(i)) != _ffi.NULL:
+        if _L.lk_q8_variant(i) == i:
+            found.append(_ffi.string(name).decode())
+        i += 1
+    q8_variant(start)
+    return found
+
+
+def q8_variant(name: str | None = None) -> str:
+    """The q8_0 kernel in use while `isa()` is "avx2"; with `name`, switch to it first
+    (refused silently when the CPU lacks it; tests compare the variants)."""
+    idx = -1
+    if name is not None:
+        i = 0
+        while (n := _L.lk_q8_variant_name(i)) != _ffi.NULL:
+            if _ffi.string(n).decode() == name:
+                idx = i
+            i += 1
+        if idx < 0:
+            raise ValueError(f"unknown q8_0 variant {name!r}")
+    return _ffi.string(_L.lk_q8_variant_name(_L.lk_q8_variant(idx))).decode()
 
 
 def set_threads(n: int) -> None:

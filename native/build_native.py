@@ -3,8 +3,9 @@
 setuptools runs this through `cffi_modules` in setup.py when the package is installed
 (editable or not). To build in place by hand: `python native/build_native.py`.
 
-Flags: -O3 for everything, no -march: the AVX2/FMA/F16C kernels carry their own
-`target` attributes and are picked at run time, so the module loads on any x86-64 CPU.
+Flags: -O3 for everything, no -march: the AVX2/FMA/F16C kernels (and the AVX-VNNI /
+AVX512-VNNI q8_0 kernels) carry their own `target` attributes and are picked at run
+time, so the module loads on any x86-64 CPU.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ void lk_matmul_f16(const float *x, int64_t M, int64_t K,
                    const void *w, int64_t ldw, int64_t N, float *y);
 void lk_matmul_q8_0(const float *x, int64_t M, int64_t K,
                     const void *w, int64_t ldw, int64_t N, float *y);
+int lk_q8_variant(int v);
+const char *lk_q8_variant_name(int v);
 
 int lk_embed_f32(const void *w, int64_t ldw, int64_t rows, int64_t K,
                  const int64_t *ids, int64_t n, float *out);
@@ -41,7 +44,7 @@ int lk_embed_q8_0(const void *w, int64_t ldw, int64_t rows, int64_t K,
                   const int64_t *ids, int64_t n, float *out);
 
 void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst);
-void lk_quantize_row_q8_act(const float *x, int64_t K, void *dst);
+void lk_quantize_row_q16_act(const float *x, int64_t K, int16_t *q, float *d);
 
 void lk_rms_norm(const float *x, int64_t rows, int64_t D, const float *w,
                  float eps, float offset, float *out);

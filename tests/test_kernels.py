@@ -40,6 +40,8 @@ def _variants() -> list[str]:
 
 
 VARIANTS = _variants()
+# the q8_0 kernels at the AVX2 level (madd, AVX-VNNI, AVX512-VNNI) that this CPU runs
+Q8_VARIANTS = kernels.q8_variants() if "avx2" in VARIANTS else []
 
 
 @pytest.fixture(params=VARIANTS)
@@ -50,16 +52,34 @@ def isa(request):
     kernels.set_isa(before)
 
 
+# every kernel variant: "generic", then "avx2/<q8 variant>" for each q8_0 kernel
+KERNEL_VARIANTS = (["generic"] if "generic" in VARIANTS else []) + [f"avx2/{v}" for v in Q8_VARIANTS]
+
+
+@pytest.fixture(params=KERNEL_VARIANTS)
+def variant(request):
+    before, before_q8 = kernels.isa(), (kernels.q8_variant() if Q8_VARIANTS else None)
+    isa_name, _, q8 = request.param.partition("/")
+    kernels.set_isa(isa_name)
+    if q8:
+        assert kernels.q8_variant(q8) == q8
+    yield request.param
+    kernels.set_isa(before)
+    if before_q8:
+        kernels.q8_variant(before_q8)
+
+
 # Per-format thresholds, in the spirit of ggml's test-quantize-fns:
 #   roundtrip: relative RMS error of to_float(quantize(w)) on Gaussian weights;
 #   matmul:    error of the native matmul vs ops.matmul (dequantized W, float x; q8_0
-#              additionally rounds x to int8 blocks), relative to |x| @ |W|^T so that
-#              outputs that cancel to near zero do not inflate it;
+#              additionally rounds x to int16 blocks, ~1e-5 relative per value),
+#              relative to |x| @ |W|^T so that outputs that cancel to near zero do not
+#              inflate it;
 #   exact:     the same error vs a float64 emulation of exactly what the kernel computes.
 THRESHOLDS = {
     "f32": {"roundtrip": 0.0, "matmul": 1e-6, "exact": 1e-6},
     "f16": {"roundtrip": 5e-4, "matmul": 1e-6, "exact": 1e-6},
-    "q8_0": {"roundtrip": 8e-3, "matmul": 4e-3, "exact": 1e-6},
+    "q8_0": {"roundtrip": 8e-3, "matmul": 1e-5, "exact": 1e-7},
 }
 
 
@@ -81,14 +101,15 @@ def matmul_error(got: np.ndarray, ref: np.ndarray, x: np.ndarray, w: PackedMatri
     return float(np.linalg.norm(got.astype(np.float64) - ref)) / max(float(np.linalg.norm(scale)), 1e-30)
 
 
-def q8_act_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """What the kernel does to activations: per 32 values d = amax / 127 (float32),
-    q = round-half-even(x / d) in int8."""
+def q16_act_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the kernel does to activations: per 32 values d = amax / 32767 in float32
+    (0 when amax < 1e-30), q = round-half-even(x * (1 / d)) clamped to +-32767, int16."""
     m, k = x.shape
     blocks = x.reshape(m, k // 32, 32).astype(np.float32)
-    d = (np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    d = np.where(amax < np.float32(1e-30), np.float32(0), amax / np.float32(32767)).astype(np.float32)
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0).astype(np.float32)
-    q = np.clip(np.rint(blocks * inv), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(blocks * inv), -32767, 32767).astype(np.int16)
     return q, d[..., 0]
 
 
@@ -100,7 +121,7 @@ def exact_reference(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
     blocks = w.data.reshape(n, k // 32, 34)
     wd = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0].astype(np.float64)
     wq = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).astype(np.int64)
-    xq, xd = q8_act_reference(x)
+    xq, xd = q16_act_reference(x)
     dots = np.einsum("mbi,nbi->mnb", xq.astype(np.int64), wq)  # exact integers
     return np.einsum("mnb,mb,nb->mn", dots.astype(np.float64), xd.astype(np.float64), wd)
 
@@ -149,7 +170,8 @@ MATMUL_CASES = [(fmt, k, n, m) for fmt in CORE_FORMATS for k in _k_values(fmt)
 
 @pytest.mark.parametrize("fmt,k,n,m", MATMUL_CASES,
                          ids=[f"{f.name}-K{k}-N{n}-M{m}" for f, k, n, m in MATMUL_CASES])
-def test_matmul_matches_reference(isa, fmt, k, n, m):
+def test_matmul_matches_reference(variant, fmt, k, n, m):
+    isa = variant
     rng = np.random.default_rng(k * 1000 + n * 10 + m)
     w = make_weight(fmt, n, k, rng)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -163,11 +185,11 @@ def test_matmul_matches_reference(isa, fmt, k, n, m):
 
 
 @pytest.mark.parametrize("fmt", CORE_FORMATS, ids=lambda f: f.name)
-def test_matmul_many_chunks_and_threads(isa, fmt):
+def test_matmul_many_chunks_and_threads(variant, fmt):
     # enough rows for several parallel chunks (decode and prefill), odd N, odd M
     rng = np.random.default_rng(3)
     w = make_weight(fmt, 1029, 128, rng)
-    for m in (1, 5, 8, 9):  # decode, the few-rows streaming path and its edge, prefill
+    for m in (1, 5, 8, 9, 14):  # decode, the few-rows path and its edge, prefill (odd, MR tails)
         x = rng.standard_normal((m, 128)).astype(np.float32)
         ref = exact_reference(x, w)
         outs = []
@@ -436,3 +458,22 @@ def test_pool_survives_fork():
     got = parent.recv()
     p.join(10)
     np.testing.assert_array_equal(got, ref)
+
+
+def test_q8_0_activation_blocks_edge_cases(variant):
+    """int16 activation blocks: an all-zero block, one flushed to zero (amax < 1e-30),
+    exact ties, and blocks of very different magnitude, through decode and prefill."""
+    rng = np.random.default_rng(13)
+    w = make_weight(core_formats.Q8_0, 45, 256, rng)
+    for m in (1, 3, 12):
+        x = rng.standard_normal((m, 256)).astype(np.float32)
+        x[0, :32] = 0.0
+        x[0, 32:64] = 1e-31
+        x[-1, 64:96] = np.arange(-16, 16, dtype=np.float32) * 0.5
+        x[-1, 96:128] *= 1e4
+        x[-1, 128:160] *= 1e-4
+        got = kernels.matmul(x, w)
+        assert np.isfinite(got).all()
+        ref = exact_reference(x, w)
+        assert matmul_error(got, ref, x, w) <= THRESHOLDS["q8_0"]["exact"]
+        assert rel(got, ops.matmul(x, w)) <= 1e-4

@@ -23,13 +23,15 @@
  *   LATTICE_THREADS  threads including the caller (default 2); lk_set_threads overrides
  *   LATTICE_SPIN_US  how long idle workers spin before sleeping (default 2000)
  *   LATTICE_ISA      "generic" forces the scalar kernels
+ *   LATTICE_Q8       q8_0 kernel at the AVX2 level: avx2, avxvnni or avx512vnni
  *   LATTICE_PF       matvec software-prefetch distance (tuning; see matmul.c)
  *
  * Public functions (declared below, bound by native/build_native.py)
  *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_set_threads, lk_get_threads
  *   matmul     lk_matmul_f32, lk_matmul_f16, lk_matmul_q8_0          (lk_matmul_fn)
+ *              lk_q8_variant, lk_q8_variant_name
  *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0             (lk_embed_fn)
- *   quantize   lk_quantize_q8_0, lk_quantize_row_q8_act
+ *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act
  *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_add
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
@@ -55,12 +57,8 @@ typedef struct {
 } lk_block_q8_0;
 _Static_assert(sizeof(lk_block_q8_0) == 34, "lk_block_q8_0 must match GGUF Q8_0 (34 bytes)");
 
-/* Activations quantized for the q8_0 integer dot product; the scale stays float32. */
-typedef struct {
-    float d;
-    int8_t qs[LK_QK8_0];
-} lk_block_q8_act;
-_Static_assert(sizeof(lk_block_q8_act) == 36, "lk_block_q8_act must be 36 bytes");
+/* The q8_0 matmul quantizes activations per block of LK_QK8_0 to int16 with a float32
+   scale (amax / 32767), kept as two arrays: q int16 [K] and d float [K / LK_QK8_0]. */
 
 /* ---- runtime ------------------------------------------------------------------- */
 
@@ -85,9 +83,17 @@ void lk_matmul_f32(const float *x, int64_t M, int64_t K,
                    const void *w, int64_t ldw, int64_t N, float *y);
 void lk_matmul_f16(const float *x, int64_t M, int64_t K,
                    const void *w, int64_t ldw, int64_t N, float *y);
-/* K must be a multiple of LK_QK8_0; x is quantized to lk_block_q8_act internally. */
+/* K must be a multiple of LK_QK8_0. x is quantized internally, per block of 32, to int16
+   with a float32 scale (lk_quantize_row_q16_act); each block's dot with the int8 weights
+   is exact in int32, then scaled by d_w * d_x in float32. */
 void lk_matmul_q8_0(const float *x, int64_t M, int64_t K,
                     const void *w, int64_t ldw, int64_t N, float *y);
+/* Which q8_0 kernel the AVX2 level uses: 0 avx2 (madd), 1 avxvnni (256-bit vpdpwssd),
+   2 avx512vnni (256-bit decode, 512-bit prefill). By default the best the CPU has
+   (LATTICE_Q8=<name> overrides). v >= 0 selects v if the CPU has it (tests compare
+   them); returns the variant now in use. lk_q8_variant_name(v) is NULL past the last. */
+int lk_q8_variant(int v);
+const char *lk_q8_variant_name(int v);
 
 /* ---- embed: out[i, :] = float(W[ids[i], :]) ----------------------------------- */
 
@@ -106,8 +112,10 @@ int lk_embed_q8_0(const void *w, int64_t ldw, int64_t rows, int64_t K,
 /* Weights: x [rows, K] -> GGUF Q8_0 rows (K/32 blocks each), rounding half away from
    zero like ggml's reference quantizer; scale = amax / 127 stored as half. */
 void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst);
-/* One activation row x [K] -> K/32 lk_block_q8_act (round half to even). */
-void lk_quantize_row_q8_act(const float *x, int64_t K, void *dst);
+/* One activation row x [K] -> q int16 [K] and d float [K/32] as the q8_0 matmul uses it:
+   per block d = amax / 32767 (0 when amax < 1e-30), q = round-half-even(x * (1 / d))
+   clamped to +-32767. */
+void lk_quantize_row_q16_act(const float *x, int64_t K, int16_t *q, float *d);
 
 /* ---- elementwise (float32) ------------------------------------------------------ */
 
