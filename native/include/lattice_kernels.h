@@ -163,6 +163,13 @@ double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 /* ---- internal: shared between the native sources, not part of the binding ------------ */
 #ifdef LK_INTERNAL
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LK_X86 1
+#else
+#define LK_X86 0
+#endif
+
 #define LK_MAX_THREADS 64
 #define LK_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 

@@ -15,11 +15,6 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define LK_X86 1
-#else
-#define LK_X86 0
-#endif
 
 #define QROWS 8    /* query rows per work unit */
 #define KBLOCK 256 /* keys per block: 64 KiB of K and of V at D = 64 */

@@ -10,11 +10,6 @@
 #include <math.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#define LK_X86 1
-#else
-#define LK_X86 0
-#endif
 
 #define GRAIN_ELEMS 32768 /* below ~2x this many floats a kernel runs on the caller alone */
 

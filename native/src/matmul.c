@@ -21,12 +21,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define LK_X86 1
-#else
-#define LK_X86 0
-#endif
 
 enum { FMT_F32, FMT_F16, FMT_Q8_0 };
 

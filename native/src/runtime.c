@@ -10,12 +10,9 @@
 #include <string.h>
 #include <time.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define LK_X86 1
+#if LK_X86
 static inline void cpu_relax(void) { __builtin_ia32_pause(); }
 #else
-#define LK_X86 0
 static inline void cpu_relax(void) { __asm__ __volatile__("" ::: "memory"); }
 #endif
 
