@@ -190,11 +190,14 @@ def test_q8_0_passthrough_equals_quantize_then_read(tmp_path):
         assert np.max(np.abs(deq - ref)) < 0.05 * np.max(np.abs(ref))
 
 
-def test_packed_tensor_is_a_view_of_the_file_when_not_permuted(tmp_path):
+def test_packed_tensor_holds_the_file_bytes_when_not_permuted(tmp_path):
+    from lattice_engine.io.gguf_file import read_gguf
     path = tmp_path / "v.gguf"
     write_gguf(path, "qwen2", quant=True)
     p = load_gguf(path, packed_formats={int(Q8): "q8_0"}).tensors["model.layers.0.mlp.up_proj.weight"]()
-    assert not p.data.flags.owndata and not p.data.flags.writeable  # read-only memmap view
+    entry = next(t for t in read_gguf(path)[1] if t.name == "blk.0.ffn_up.weight")
+    raw = path.read_bytes()[entry.offset:entry.offset + entry.n_bytes]
+    assert p.data.tobytes() == raw  # read as is, no float round trip
 
 
 def test_f32_in_packed_formats_gives_bytes(tmp_path):

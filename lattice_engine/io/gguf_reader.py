@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CheckpointError
+from . import hugepages
 from .checkpoint import Checkpoint, PackedTensor
 from .gguf_tokenizer import build_tokenizer, tokenizer_configs
 
@@ -144,15 +145,16 @@ def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]
     return config
 
 
-def _loader(t: Any, packed_formats: dict[int, str], rows_order: np.ndarray | None,
+def _loader(path: Path, t: Any, packed_formats: dict[int, str], rows_order: np.ndarray | None,
             hf_shape: tuple[int, ...]) -> Callable[[], Any]:
     from gguf import dequantize
     ggml_type = int(t.tensor_type)
 
     def load() -> Any:
         if len(hf_shape) == 2 and ggml_type in packed_formats:
-            data = t.data.view(np.ndarray)
-            data = data.view(np.uint8).reshape(hf_shape[0], -1)   # zero-copy for every type
+            # read (not map) into huge-page memory: see io/hugepages.py
+            data = hugepages.read_into(path, t.offset,
+                                       hugepages.empty((hf_shape[0], t.n_bytes // hf_shape[0])))
             if rows_order is not None:
                 data = data[rows_order]
             return PackedTensor(format=packed_formats[ggml_type], shape=hf_shape, data=data)
@@ -204,7 +206,7 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
                 f"inconsistent, re-convert it")
         if config["model_type"] == "llama" and m and m.group(2) in permute:
             rows_order = unpermute_rows(shape[0], permute[m.group(2)])
-        tensors[name] = _loader(t, packed_formats, rows_order, shape)
+        tensors[name] = _loader(path, t, packed_formats, rows_order, shape)
         shapes[name] = shape
 
     source = str(path)

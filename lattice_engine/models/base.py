@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import CheckpointError
+from ..io import hugepages
 from ..io.checkpoint import Checkpoint, PackedTensor
 from ..quant.formats import PackedMatrix, WeightFormat
 from ..quant.methods import QuantMethod
@@ -86,7 +87,7 @@ class WeightLoader:
         fmt.check_shape(name, shape)
         # Convert in slices so a large table (a 152k-row embedding) never exists as a
         # whole float32 copy: peak memory stays near the size of the result.
-        data = np.empty((shape[0], fmt.row_bytes(shape[1])), dtype=np.uint8)
+        data = hugepages.empty((shape[0], fmt.row_bytes(shape[1])))
         step = max(1, CONVERT_CHUNK_ELEMENTS // shape[1])
         for start in range(0, shape[0], step):
             end = min(start + step, shape[0])
