@@ -26,8 +26,9 @@ else:  # pragma: no cover
 from .errors import ConfigError, LatticeError
 from .sampling import SamplingParams
 
+from .io.catalog import DEFAULT_MODEL
+
 DEFAULT_CONFIG_FILE = "lattice.toml"
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,10 @@ import numpy as np
 from ..errors import CheckpointError
 from ..io import hugepages
 from ..io.checkpoint import Checkpoint, PackedTensor
-from ..quant.formats import PackedMatrix, WeightFormat
+from ..quant.formats import DequantizedRows, PackedMatrix, WeightFormat, pack
 from ..quant.methods import QuantMethod
 
 
-CONVERT_CHUNK_ELEMENTS = 1 << 22  # floats converted per slice when re-quantizing a matrix
 STORED_AS = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16)}
 
 
@@ -77,22 +76,11 @@ class WeightLoader:
         if isinstance(raw, PackedTensor):
             if raw.format == fmt.name:  # already stored the way we want: no float round trip
                 return PackedMatrix(fmt, shape[0], shape[1], raw.data)
-            source = self._format(raw.format)
-            rows = lambda a, b: source.to_float(raw.data[a:b], shape[1])
+            raw = DequantizedRows(self._format(raw.format), raw.data, shape[1])
         elif STORED_AS.get(fmt.name) == raw.dtype and raw.flags.c_contiguous:
             # f32 / f16 weights kept as they are: a zero-copy view of the mapped file
             return PackedMatrix(fmt, shape[0], shape[1], raw.reshape(shape[0], -1).view(np.uint8))
-        else:
-            rows = lambda a, b: np.asarray(raw[a:b], dtype=np.float32)
-        fmt.check_shape(name, shape)
-        # Convert in slices so a large table (a 152k-row embedding) never exists as a
-        # whole float32 copy: peak memory stays near the size of the result.
-        data = hugepages.empty((shape[0], fmt.row_bytes(shape[1])))
-        step = max(1, CONVERT_CHUNK_ELEMENTS // shape[1])
-        for start in range(0, shape[0], step):
-            end = min(start + step, shape[0])
-            data[start:end] = fmt.quantize(np.ascontiguousarray(rows(start, end)))
-        return PackedMatrix(fmt, shape[0], shape[1], data)
+        return pack(fmt, name, raw, allocate=hugepages.empty)
 
     def _format(self, name: str) -> WeightFormat:
         if name not in self.formats:

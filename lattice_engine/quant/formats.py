@@ -78,8 +78,32 @@ class PackedMatrix:
         return self.format.to_float(self.data, self.cols)
 
 
-def pack(fmt: WeightFormat, name: str, weight: np.ndarray) -> PackedMatrix:
-    """Quantize a float matrix into `fmt`, with a clear error if its shape does not fit."""
-    fmt.check_shape(name, tuple(weight.shape))
-    data = fmt.quantize(np.ascontiguousarray(weight, dtype=np.float32))
-    return PackedMatrix(fmt, weight.shape[0], weight.shape[1], data)
+CONVERT_CHUNK_ELEMENTS = 1 << 22  # floats converted per slice when re-quantizing a matrix
+
+
+class DequantizedRows:
+    """Row slices of a packed matrix as float32, so it can be re-packed slice by slice."""
+
+    def __init__(self, fmt: WeightFormat, data: np.ndarray, cols: int):
+        self.format, self.data, self.shape = fmt, data, (data.shape[0], cols)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.format.to_float(self.data[rows], self.shape[1])
+
+
+def pack(fmt: WeightFormat, name: str, weight, allocate=np.empty) -> PackedMatrix:
+    """Quantize a float matrix into `fmt`, with a clear error if its shape does not fit.
+
+    `weight` is anything with a 2-D `shape` whose row slices give floats: an ndarray, a
+    memory map, `DequantizedRows`. It is converted a slice of rows at a time, so a large
+    table (a 152k-row embedding) never exists as a whole float32 copy. `allocate(shape, dtype)`
+    makes the uint8 result (e.g. on huge pages).
+    """
+    rows, cols = (int(d) for d in weight.shape)
+    fmt.check_shape(name, (rows, cols))
+    data = allocate((rows, fmt.row_bytes(cols)), np.uint8)
+    step = max(1, CONVERT_CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        data[start:end] = fmt.quantize(np.ascontiguousarray(weight[start:end], dtype=np.float32))
+    return PackedMatrix(fmt, rows, cols, data)
