@@ -170,6 +170,8 @@ double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 #define LK_X86 0
 #endif
 
+#include <math.h>
+
 #define LK_MAX_THREADS 64
 #define LK_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 
@@ -231,6 +233,26 @@ LK_AVX2_TARGET static inline float lk_hsum8_avx2(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+
+/* o[i] = exp(x[i] - m) for i < n (o may be x); returns their sum. The shared core of
+   softmax and of attention's online softmax. */
+LK_AVX2_TARGET static inline float lk_exp_sum_avx2(const float *x, int64_t n, float m,
+                                                   float *o) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = lk_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
+        vs = _mm256_add_ps(vs, e);
+        _mm256_storeu_ps(o + i, e);
+    }
+    float sum = lk_hsum8_avx2(vs);
+    for (; i < n; i++) {
+        o[i] = expf(x[i] - m);
+        sum += o[i];
+    }
+    return sum;
 }
 
 LK_AVX2_TARGET static inline float lk_hmax8_avx2(__m256 v) {

@@ -119,24 +119,6 @@ LK_AVX2_TARGET static float scores_avx2(const float *q, const float *k, int64_t 
     return m;
 }
 
-/* sc[s] = exp(sc[s] - m) for s < n; returns their sum */
-LK_AVX2_TARGET static float exp_sum_avx2(float *sc, int64_t n, float m) {
-    const __m256 vm = _mm256_set1_ps(m);
-    __m256 vs = _mm256_setzero_ps();
-    int64_t s = 0;
-    for (; s + 8 <= n; s += 8) {
-        __m256 e = lk_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + s), vm));
-        vs = _mm256_add_ps(vs, e);
-        _mm256_storeu_ps(sc + s, e);
-    }
-    float sum = lk_hsum8_avx2(vs);
-    for (; s < n; s++) {
-        sc[s] = expf(sc[s] - m);
-        sum += sc[s];
-    }
-    return sum;
-}
-
 /* o = o * corr + sum_s p[s] v_s over s < n */
 LK_AVX2_TARGET static void pv_avx2(float *o, float corr, const float *p, const float *v,
                                    int64_t vst, int64_t n, int64_t D) {
@@ -198,7 +180,7 @@ LK_AVX2_TARGET static void unit_avx2(const attn_job *j, int64_t b, int64_t kvh, 
                 const float m = bm > mx[g] ? bm : mx[g];
                 if (m == -INFINITY) continue; /* every score so far is -inf */
                 const float corr = mx[g] == -INFINITY ? 0.0f : expf(mx[g] - m);
-                const float bs = exp_sum_avx2(sc, sn, m);
+                const float bs = lk_exp_sum_avx2(sc, sn, m, sc);
                 sum[g] = sum[g] * corr + bs;
                 mx[g] = m;
                 pv_avx2(acc + g * D, corr, sc, vblk, j->vst, sn, D);

@@ -297,19 +297,7 @@ LK_AVX2_TARGET static void softmax_row_avx2(const float *x, int64_t n, float *o)
     for (; i + 8 <= n; i += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + i));
     float m = lk_hmax8_avx2(vm);
     for (; i < n; i++) m = x[i] > m ? x[i] : m;
-    vm = _mm256_set1_ps(m);
-    __m256 vs = _mm256_setzero_ps();
-    for (i = 0; i + 8 <= n; i += 8) {
-        __m256 e = lk_exp8_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), vm));
-        vs = _mm256_add_ps(vs, e);
-        _mm256_storeu_ps(o + i, e);
-    }
-    float sum = lk_hsum8_avx2(vs);
-    for (; i < n; i++) {
-        o[i] = expf(x[i] - m);
-        sum += o[i];
-    }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / lk_exp_sum_avx2(x, n, m, o);
     const __m256 vi = _mm256_set1_ps(inv);
     for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(o + i), vi));
     for (; i < n; i++) o[i] *= inv;
