@@ -34,7 +34,7 @@ __all__ = [
     "q8_variants",
     "matmul", "embed", "quantize_q8_0", "format_matmul", "format_embed",
     "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "attention", "add",
-    "bench_read", "measure_read_bandwidth",
+    "bench_read", "measure_read_bandwidth", "DecoderStep",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -491,3 +491,123 @@ def bench_read(buf: np.ndarray, prefetch: bool = False) -> float:
     prefetch; returns its float sum."""
     b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
     return float(_L.lk_bench_read(_fb(b), b.size, 1 if prefetch else 0))
+
+
+# ---- whole decode step -----------------------------------------------------------------
+
+_FMT_IDS = {"f32": 0, "f16": 1, "q8_0": 2}
+
+
+class DecoderStep:
+    """One decode step of a llama-family decoder in a single C call (`lk_decoder_step`).
+
+    Built once per model from its weights (`PackedMatrix` in f32 / f16 / q8_0 and float32
+    vectors); `bind_cache` points it at a cache's per-layer key/value arrays
+    [B, capacity, H_kv, D]; calling it embeds B tokens at position `pos`, runs every layer
+    (writing their keys and values at `pos`) and returns the final-norm hidden states
+    [B, hidden]. The arithmetic is the per-kernel path's, kernel for kernel.
+
+    layers: one dict per layer with matrices q, k, v, o, gate, up, down (PackedMatrix),
+    optional biases q_bias / k_bias / v_bias / o_bias / gate_bias / up_bias / down_bias,
+    vectors attn_norm, mlp_norm and optional q_norm / k_norm.
+    """
+
+    MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
+
+    @staticmethod
+    def supports(*matrices: PackedMatrix) -> bool:
+        """Whether every matrix is in a format the C step runs."""
+        return _lib is not None and all(
+            _entry(w.format) is not None and w.format.name in _FMT_IDS for w in matrices)
+
+    def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 intermediate: int, eps: float, rope_half: int, interleaved: bool = False,
+                 norm_offset: float = 0.0, embed: PackedMatrix, final_norm: np.ndarray,
+                 layers: list[dict]):
+        if not self.supports(embed, *(L[n] for L in layers for n in self.MATRICES)):
+            raise ValueError("DecoderStep: every matrix must be f32, f16 or q8_0 with the "
+                             "native module built")
+        self._keep: list = []  # arrays the C structs point into
+        m = _ffi.new("lk_decoder *")
+        m.n_layers, m.hidden, m.n_heads, m.n_kv_heads = len(layers), hidden, n_heads, n_kv_heads
+        m.head_dim, m.intermediate, m.rope_half = head_dim, intermediate, rope_half
+        m.rope_interleaved, m.eps, m.norm_offset = int(interleaved), eps, norm_offset
+        self._linear(m.embed, embed, None)
+        m.final_norm = self._vec(final_norm)
+        self._layers = _ffi.new("lk_decoder_layer[]", max(len(layers), 1))
+        for i, spec in enumerate(layers):
+            L = self._layers[i]
+            L.attn_norm = self._vec(spec["attn_norm"])
+            L.mlp_norm = self._vec(spec["mlp_norm"])
+            L.q_norm = self._vec(spec.get("q_norm"))
+            L.k_norm = self._vec(spec.get("k_norm"))
+            for name in self.MATRICES:
+                self._linear(getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+        m.layers = self._layers
+        m.cache_cap = 0
+        self._m = m
+        self._hidden = hidden
+        self._cache_arrays: tuple = ()
+        self._work = np.empty(0, _F32)
+
+    def _vec(self, v):
+        if v is None:
+            return _ffi.NULL
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        self._keep.append(v)
+        return _fb(_FLOATS, v)
+
+    def _linear(self, dst, w: PackedMatrix, bias) -> None:
+        data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
+        self._keep.append(data)
+        dst.fmt = _FMT_IDS[w.format.name]
+        dst.w = _fb(data)
+        dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
+        dst.bias = self._vec(bias)
+
+    def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
+        """Point the layers at these key/value arrays (re-bind after the cache grows)."""
+        if len(keys) != self._m.n_layers or len(values) != self._m.n_layers:
+            raise ValueError(f"bind_cache: {len(keys)} key arrays for {self._m.n_layers} layers")
+        cap = keys[0].shape[1] if keys else 0
+        for i, (k, v) in enumerate(zip(keys, values)):
+            for a in (k, v):
+                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape[1] != cap or \
+                        a.shape[2:] != (self._m.n_kv_heads, self._m.head_dim):
+                    raise ValueError(f"bind_cache: layer {i} cache array {a.shape} {a.dtype} "
+                                     f"is not C-contiguous float32 [B, {cap}, "
+                                     f"{self._m.n_kv_heads}, {self._m.head_dim}]")
+            self._layers[i].k_cache = _fb(_FLOATS, k, True)
+            self._layers[i].v_cache = _fb(_FLOATS, v, True)
+        self._m.cache_cap = cap
+        self._cache_arrays = (tuple(keys), tuple(values))
+
+    def is_bound_to(self, keys: list[np.ndarray], values: list[np.ndarray]) -> bool:
+        bound = self._cache_arrays
+        return bool(bound) and all(a is b for a, b in zip(bound[0], keys)) and all(
+            a is b for a, b in zip(bound[1], values)) and len(bound[0]) == len(keys)
+
+    def __call__(self, tokens: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        B = tokens.size
+        need = _L.lk_decoder_work_size(self._m, B)
+        if self._work.size < need:
+            self._work = np.empty(need, _F32)
+        out = _new_or_check(out, (B, self._hidden))
+        cp, cos = _in(cos)
+        sp, sin = _in(sin)
+        rc = _L.lk_decoder_step(self._m, _fb(_INT64S, tokens), B, pos, cp, sp,
+                                _fb(_FLOATS, self._work, True), self._work.size,
+                                _fb(_FLOATS, out, True))
+        if rc == -1:
+            bad = tokens[(tokens < 0) | (tokens >= self._m.embed.rows)]
+            raise IndexError(f"decode step: token id {int(bad[0])} is outside the "
+                             f"vocabulary [0, {self._m.embed.rows})")
+        if rc == -2:
+            raise ValueError(f"decode step: position {pos} is outside the bound cache "
+                             f"(capacity {self._m.cache_cap}); bind a larger cache")
+        if rc:
+            raise RuntimeError(f"lk_decoder_step failed with code {rc} (weights or workspace "
+                               f"inconsistent with the model description)")
+        return out

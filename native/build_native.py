@@ -17,7 +17,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c"]
+SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c"]
 
 CDEF = """
 int lk_init(void);
@@ -35,6 +35,9 @@ void lk_matmul_q8_0(const float *x, int64_t M, int64_t K,
                     const void *w, int64_t ldw, int64_t N, float *y);
 int lk_q8_variant(int v);
 const char *lk_q8_variant_name(int v);
+int lk_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
+                    const void *const *w, const int64_t *ldw, const int64_t *N,
+                    float *const *y);
 
 int lk_embed_f32(const void *w, int64_t ldw, int64_t rows, int64_t K,
                  const int64_t *ids, int64_t n, float *out);
@@ -63,6 +66,34 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
                  const float *k, int64_t ksb, int64_t kst, int64_t ksh,
                  const float *v, int64_t vsb, int64_t vst, int64_t vsh,
                  int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
+
+typedef struct {
+    int32_t fmt;
+    const void *w;
+    int64_t ldw, rows, cols;
+    const float *bias;
+} lk_linear;
+typedef struct {
+    const float *attn_norm, *mlp_norm;
+    const float *q_norm, *k_norm;
+    lk_linear q, k, v, o, gate, up, down;
+    float *k_cache, *v_cache;
+} lk_decoder_layer;
+typedef struct {
+    int64_t n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate;
+    int64_t rope_half;
+    int32_t rope_interleaved;
+    float eps;
+    float norm_offset;
+    lk_linear embed;
+    const float *final_norm;
+    lk_decoder_layer *layers;
+    int64_t cache_cap;
+} lk_decoder;
+int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch);
+int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
+                    const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                    float *hidden_out);
 
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 """

@@ -122,6 +122,11 @@ class KVCache:
         self.values = [np.zeros_like(k) for k in self.keys]
         self.offset = 0
 
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` positions (reallocating the arrays if it grows)."""
+        if needed > self.capacity:
+            self._grow(needed)
+
     def _grow(self, needed: int) -> None:
         new_cap = max(needed, 2 * self.capacity)
         for store in (self.keys, self.values):

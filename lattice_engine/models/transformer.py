@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import kernels
 from ..errors import CheckpointError
 from .base import KVCache, Linear, WeightLoader, config_from_dict, rope_inv_freq
 
@@ -136,6 +137,9 @@ class DecoderModel:
     config_class = DecoderConfig
     qkv_bias = False
     qk_norm = False
+    # Decode one token per sequence with the whole step in one C call when the native
+    # kernels run the model (kernels.DecoderStep); False keeps the per-kernel path.
+    fused_decode = True
 
     def __init__(self, cfg: DecoderConfig, w: WeightLoader, ops):
         self.config = cfg
@@ -151,6 +155,8 @@ class DecoderModel:
         self.lm_head = (self.embed_tokens if tied else
                         w.matrix("lm_head.weight", (v, h), "lm_head"))
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self._step: Optional[kernels.DecoderStep] = None
+        self._step_built = False
 
     @classmethod
     def use_qkv_bias(cls, cfg: DecoderConfig) -> bool:
@@ -193,11 +199,48 @@ class DecoderModel:
         t = tokens.shape[1]
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
+        step = self._decode_step() if t == 1 and type(cache) is KVCache else None
+        if step is not None:
+            cache.reserve(cache.offset + 1)
+            if not step.is_bound_to(cache.keys, cache.values):
+                step.bind_cache(cache.keys, cache.values)
+            hidden = step(tokens[:, 0], cache.offset, cos, sin)
+            cache.advance(1)
+            return hidden[:, None, :]
         x = ops.embed(self.embed_tokens, tokens)
         for layer in self.layers:
             x = layer(x, cache, cos, sin, ops)
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
+
+    def _decode_step(self) -> Optional[kernels.DecoderStep]:
+        """The fused native decode step, built on first use; None when the model does not
+        run on the native kernels or a weight format has no C kernel."""
+        if not self._step_built:
+            self._step_built = True
+            self._step = self._build_decode_step() if (
+                self.fused_decode and getattr(self.ops, "name", "") == "native") else None
+        return self._step
+
+    def _build_decode_step(self) -> Optional[kernels.DecoderStep]:
+        layers = []
+        for block in self.layers:
+            a, m = block.self_attn, block.mlp
+            spec = {"attn_norm": block.input_layernorm, "mlp_norm": block.post_attention_layernorm,
+                    "q_norm": a.q_norm, "k_norm": a.k_norm}
+            for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
+                              ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
+                spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
+            layers.append(spec)
+        if not kernels.DecoderStep.supports(
+                self.embed_tokens, *(L[n] for L in layers for n in kernels.DecoderStep.MATRICES)):
+            return None
+        c = self.config
+        return kernels.DecoderStep(
+            hidden=c.hidden_size, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim, intermediate=c.intermediate_size, eps=c.rms_norm_eps,
+            rope_half=len(self.inv_freq), embed=self.embed_tokens, final_norm=self.norm,
+            layers=layers)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return self.ops.matmul(hidden, self.lm_head)

@@ -29,11 +29,14 @@
  * Public functions (declared below, bound by native/build_native.py)
  *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_set_threads, lk_get_threads
  *   matmul     lk_matmul_f32, lk_matmul_f16, lk_matmul_q8_0          (lk_matmul_fn)
+ *              lk_matmul_multi (several matrices sharing x, one parallel job)
  *              lk_q8_variant, lk_q8_variant_name
  *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0             (lk_embed_fn)
  *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act
  *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_add
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
+ *   decoder    lk_decoder_work_size, lk_decoder_step (a whole decode step of the
+ *              llama-family decoder in one call)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -77,6 +80,10 @@ int lk_get_threads(void);
 
 /* ---- matmul: y[M, N] = x[M, K] @ W[N, K]^T ------------------------------------ */
 
+/* Weight formats with native kernels (the `fmt` argument of the multi-matrix calls). */
+enum { LK_FMT_F32 = 0, LK_FMT_F16 = 1, LK_FMT_Q8_0 = 2 };
+#define LK_MATMUL_MULTI_MAX 8
+
 typedef void (*lk_matmul_fn)(const float *x, int64_t M, int64_t K,
                              const void *w, int64_t ldw, int64_t N, float *y);
 void lk_matmul_f32(const float *x, int64_t M, int64_t K,
@@ -94,6 +101,12 @@ void lk_matmul_q8_0(const float *x, int64_t M, int64_t K,
    them); returns the variant now in use. lk_q8_variant_name(v) is NULL past the last. */
 int lk_q8_variant(int v);
 const char *lk_q8_variant_name(int v);
+/* y_i[M, N_i] = x[M, K] @ W_i^T for n <= LK_MATMUL_MULTI_MAX matrices of format fmt that
+   read the same x (q/k/v, gate/up): x is converted once and all rows of all n matrices
+   are split across the threads as one job. Returns 0, or -1 for a bad fmt / n / K. */
+int lk_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
+                    const void *const *w, const int64_t *ldw, const int64_t *N,
+                    float *const *y);
 
 /* ---- embed: out[i, :] = float(W[ids[i], :]) ----------------------------------- */
 
@@ -152,6 +165,49 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
                  const float *k, int64_t ksb, int64_t kst, int64_t ksh,
                  const float *v, int64_t vsb, int64_t vst, int64_t vsh,
                  int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
+
+/* ---- decoder: one decode step of a llama-family model ------------------------------ */
+
+/* A weight matrix [rows, cols] in format fmt (LK_FMT_*), rows ldw bytes apart, with an
+   optional float32 bias [rows]. */
+typedef struct {
+    int32_t fmt;
+    const void *w;
+    int64_t ldw, rows, cols;
+    const float *bias;
+} lk_linear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm; /* [hidden] */
+    const float *q_norm, *k_norm;      /* [head_dim] per-head RMSNorm (qwen3), or NULL */
+    lk_linear q, k, v, o, gate, up, down;
+    float *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, head_dim] */
+} lk_decoder_layer;
+
+/* Pre-norm decoder: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate) * up). */
+typedef struct {
+    int64_t n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate;
+    int64_t rope_half;        /* rotated pairs per head (head_dim / 2 for full rotary) */
+    int32_t rope_interleaved; /* 0: pairs (i, half + i) as HF; 1: (2i, 2i + 1) */
+    float eps;                /* RMSNorm epsilon */
+    float norm_offset;        /* norms scale by (norm_offset + w) */
+    lk_linear embed;          /* [vocab, hidden] */
+    const float *final_norm;  /* [hidden] */
+    lk_decoder_layer *layers; /* [n_layers] */
+    int64_t cache_cap;        /* positions each sequence's cache rows hold */
+} lk_decoder;
+
+/* Floats of workspace lk_decoder_step needs for `batch` sequences. */
+int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch);
+/* One decode step for `batch` sequences that all have `pos` tokens cached: embeds
+   tokens[batch], runs every layer (writing k, v at position pos of each layer's cache),
+   and writes the final-norm hidden states to hidden_out [batch, hidden]. cos/sin are the
+   rotary tables for pos ([rope_half] each). Returns 0; -1 if a token is outside the
+   embedding, -2 if pos >= cache_cap, -3 if work_len is too small, -4 for a weight
+   format or shape the step cannot run (nothing is written then). */
+int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
+                    const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                    float *hidden_out);
 
 /* ---- bench ---------------------------------------------------------------------- */
 

@@ -22,7 +22,7 @@
 #include <string.h>
 
 
-enum { FMT_F32, FMT_F16, FMT_Q8_0 };
+enum { FMT_F32 = LK_FMT_F32, FMT_F16 = LK_FMT_F16, FMT_Q8_0 = LK_FMT_Q8_0 };
 
 /* Prefill tiling: weight rows per chunk, and the K slice (values) kept in L1. */
 #define PF_ROWS 16
@@ -575,45 +575,8 @@ static void quant_task(void *vctx, int64_t m, int ith) {
     quantize_act(q->x + m * q->K, q->K, q->xq + m * q->K, q->xd + m * nb);
 }
 
-static void run_matmul(int fmt, const float *x, int64_t M, int64_t K, const void *w,
-                       int64_t ldw, int64_t N, float *y) {
-    if (M <= 0 || N <= 0) return;
-    lk_lock();
-    matmul_job j;
-    j.x = x;
-    j.M = M;
-    j.K = K;
-    j.w = (const uint8_t *)w;
-    j.ldw = ldw;
-    j.N = N;
-    j.y = y;
-    j.xq = NULL;
-    j.xd = NULL;
-    const int avx2 = LK_X86 && lk_active_isa == LK_ISA_AVX2;
-    if (fmt == FMT_Q8_0) {
-        q8_detect();
-        /* x as int16 [M, K] (64 bytes per block, so the scales after it stay aligned)
-           and its scales float [M, K/32] */
-        const int64_t nb = K / LK_QK8_0;
-        uint8_t *buf = (uint8_t *)lk_shared_scratch((size_t)(M * K) * 2 + (size_t)(M * nb) * 4);
-        quant_job q = {x, M, K, (int16_t *)buf, (float *)(buf + (size_t)(M * K) * 2)};
-        if (M == 1) quant_task(&q, 0, 0);
-        else lk_parallel(quant_task, &q, M);
-        j.xq = q.xq;
-        j.xd = q.xd;
-    }
-#if LK_X86
-    if (avx2) {
-        if (fmt == FMT_F32) j.rows = rows_f32_avx2;
-        else if (fmt == FMT_F16) j.rows = rows_f16_avx2;
-        else if (q8_active == Q8_V_AVX512VNNI) j.rows = rows_q8_0_avx512vnni;
-        else if (q8_active == Q8_V_AVXVNNI) j.rows = rows_q8_0_avxvnni;
-        else j.rows = rows_q8_0_avx2;
-    } else
-#endif
-        j.rows = fmt == FMT_F32 ? rows_f32_generic : fmt == FMT_F16 ? rows_f16_generic : rows_q8_0_generic;
-    (void)avx2;
-    const int nth = lk_threads_locked();
+/* Output rows per task for a matrix of N rows of ldw bytes. */
+static int64_t chunk_rows(int fmt, int64_t M, int64_t N, int64_t ldw, int nth) {
     int64_t chunk;
     if (M <= FEW_ROWS) {
         /* a few chunks per thread for balance, but at least ~64 KiB of weights each; more,
@@ -626,11 +589,95 @@ static void run_matmul(int fmt, const float *x, int64_t M, int64_t K, const void
     } else {
         chunk = fmt == FMT_Q8_0 ? PF_Q8_ROWS : PF_ROWS;
     }
-    if (chunk < 4) chunk = 4;
-    j.chunk = chunk;
-    j.nchunks = (N + chunk - 1) / chunk;
-    lk_parallel(matmul_task, &j, j.nchunks);
+    return chunk < 4 ? 4 : chunk;
+}
+
+typedef struct {
+    matmul_job *jobs;
+    int n;
+    int64_t first[LK_MATMUL_MULTI_MAX + 1]; /* first task of each job; first[n] = total */
+} multi_job;
+
+static void multi_task(void *vctx, int64_t c, int ith) {
+    multi_job *mj = (multi_job *)vctx;
+    int i = 0;
+    while (c >= mj->first[i + 1]) i++;
+    matmul_task(&mj->jobs[i], c - mj->first[i], ith);
+}
+
+/* y_i = x @ W_i^T for n matrices of one format and one K, as one parallel job: x is
+   quantized once and the threads take row chunks of all n in turn, so decode pays one
+   wake-up and one activation quantization for q/k/v (or gate/up) instead of three. */
+static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
+                             const void *const *w, const int64_t *ldw, const int64_t *N,
+                             float *const *y) {
+    if (M <= 0 || n <= 0) return;
+    lk_lock();
+    const int avx2 = LK_X86 && lk_active_isa == LK_ISA_AVX2;
+    const int16_t *xq = NULL;
+    const float *xd = NULL;
+    if (fmt == FMT_Q8_0) {
+        q8_detect();
+        /* x as int16 [M, K] (64 bytes per block, so the scales after it stay aligned)
+           and its scales float [M, K/32] */
+        const int64_t nb = K / LK_QK8_0;
+        uint8_t *buf = (uint8_t *)lk_shared_scratch((size_t)(M * K) * 2 + (size_t)(M * nb) * 4);
+        quant_job q = {x, M, K, (int16_t *)buf, (float *)(buf + (size_t)(M * K) * 2)};
+        if (M == 1) quant_task(&q, 0, 0);
+        else lk_parallel(quant_task, &q, M);
+        xq = q.xq;
+        xd = q.xd;
+    }
+    void (*rows)(const matmul_job *, int64_t, int64_t, int);
+#if LK_X86
+    if (avx2) {
+        if (fmt == FMT_F32) rows = rows_f32_avx2;
+        else if (fmt == FMT_F16) rows = rows_f16_avx2;
+        else if (q8_active == Q8_V_AVX512VNNI) rows = rows_q8_0_avx512vnni;
+        else if (q8_active == Q8_V_AVXVNNI) rows = rows_q8_0_avxvnni;
+        else rows = rows_q8_0_avx2;
+    } else
+#endif
+        rows = fmt == FMT_F32 ? rows_f32_generic : fmt == FMT_F16 ? rows_f16_generic : rows_q8_0_generic;
+    (void)avx2;
+    const int nth = lk_threads_locked();
+    matmul_job jobs[LK_MATMUL_MULTI_MAX];
+    multi_job mj = {jobs, 0, {0}};
+    for (int i = 0; i < n; i++) {
+        if (N[i] <= 0) continue;
+        matmul_job *j = &jobs[mj.n];
+        j->x = x;
+        j->M = M;
+        j->K = K;
+        j->w = (const uint8_t *)w[i];
+        j->ldw = ldw[i];
+        j->N = N[i];
+        j->y = y[i];
+        j->xq = xq;
+        j->xd = xd;
+        j->rows = rows;
+        j->chunk = chunk_rows(fmt, M, N[i], ldw[i], nth);
+        j->nchunks = (N[i] + j->chunk - 1) / j->chunk;
+        mj.first[mj.n + 1] = mj.first[mj.n] + j->nchunks;
+        mj.n++;
+    }
+    if (mj.n == 1) lk_parallel(matmul_task, &jobs[0], jobs[0].nchunks);
+    else if (mj.n > 1) lk_parallel(multi_task, &mj, mj.first[mj.n]);
     lk_unlock();
+}
+
+static void run_matmul(int fmt, const float *x, int64_t M, int64_t K, const void *w,
+                       int64_t ldw, int64_t N, float *y) {
+    run_matmul_multi(fmt, x, M, K, 1, &w, &ldw, &N, &y);
+}
+
+int lk_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
+                    const void *const *w, const int64_t *ldw, const int64_t *N,
+                    float *const *y) {
+    if (fmt < LK_FMT_F32 || fmt > LK_FMT_Q8_0 || n < 0 || n > LK_MATMUL_MULTI_MAX) return -1;
+    if (fmt == LK_FMT_Q8_0 && K % LK_QK8_0) return -1;
+    run_matmul_multi(fmt, x, M, K, n, w, ldw, N, y);
+    return 0;
 }
 
 void lk_matmul_f32(const float *x, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N,

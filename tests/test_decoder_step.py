@@ -1,0 +1,90 @@
+"""The fused native decode step (kernels.DecoderStep, native/src/decoder.c) against the
+per-kernel path it replaces: the same kernels in the same order, so the logits must be
+bit-identical, for every architecture fixture and core weight format, batch > 1, across a
+cache that grows and across kernel variants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import ARCHITECTURES, FIXTURES
+from lattice_engine import kernels
+from lattice_engine.loading import load
+from lattice_engine.quant.methods import QuantSpec
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+
+
+def decode_logits(model, prompt: np.ndarray, steps: int, fused: bool) -> np.ndarray:
+    model.fused_decode, model._step_built = fused, False
+    cache = model.make_cache(batch=prompt.shape[0], capacity=3)  # grows while decoding
+    logits = [model.forward(prompt, cache, last_only=True)]
+    for _ in range(steps):
+        logits.append(model.forward(logits[-1].argmax(-1), cache))
+    assert (model._step is not None) == fused
+    return np.concatenate(logits, axis=1)
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_fused_step_equals_per_kernel_decode(name, quant):
+    model = load(FIXTURES / name, quant=QuantSpec(quant), backend="native").model
+    prompt = load_file(str(FIXTURES / name / "golden.safetensors"))["prompt_ids"]
+    per_kernel = decode_logits(model, prompt, 6, fused=False)
+    fused = decode_logits(model, prompt, 6, fused=True)
+    np.testing.assert_array_equal(fused, per_kernel)
+
+
+@pytest.mark.parametrize("variant", ["generic", "avx2"])
+def test_fused_step_on_each_isa(variant):
+    if kernels.set_isa(variant) != variant:
+        kernels.set_isa("avx2")
+        pytest.skip(f"this CPU cannot run the {variant} kernels")
+    try:
+        model = load(FIXTURES / "qwen2", quant=QuantSpec("q8_0"), backend="native").model
+        prompt = load_file(str(FIXTURES / "qwen2" / "golden.safetensors"))["prompt_ids"]
+        np.testing.assert_array_equal(decode_logits(model, prompt, 4, fused=True),
+                                      decode_logits(model, prompt, 4, fused=False))
+    finally:
+        kernels.set_isa("avx2")
+
+
+def test_fused_step_rejects_bad_token_and_keeps_cache():
+    model = load(FIXTURES / "llama", backend="native").model
+    cache = model.make_cache(batch=1)
+    model.forward(np.array([[1, 2, 3]]), cache)
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward(np.array([[model.vocab_size + 5]]), cache)
+    assert cache.offset == 3
+    step = model._decode_step()  # the C step checks ids itself too
+    step.bind_cache(cache.keys, cache.values)
+    cos, sin = model.ops.rope_tables(np.array([3]), model.inv_freq)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        step(np.array([model.vocab_size]), 3, cos, sin)
+    with pytest.raises(ValueError, match="outside the bound cache"):
+        step(np.array([1]), cache.capacity, cos, sin)
+
+
+def test_matmul_multi_equals_separate_matmuls():
+    from lattice_engine.quant.core_formats import CORE_FORMATS
+    from lattice_engine.quant.formats import pack
+
+    rng = np.random.default_rng(0)
+    for fmt in CORE_FORMATS:
+        ws = [pack(fmt, "w", rng.standard_normal((n, 96)).astype(np.float32))
+              for n in (200, 33, 7)]
+        for m in (1, 3, 12):
+            x = rng.standard_normal((m, 96)).astype(np.float32)
+            ys = [np.empty((m, w.rows), np.float32) for w in ws]
+            ffi, fb = kernels._ffi, kernels._fb
+            rc = kernels._lib.lk_matmul_multi(
+                kernels._FMT_IDS[fmt.name], fb(kernels._FLOATS, x), m, 96, len(ws),
+                ffi.new("const void *[]", [fb(w.data) for w in ws]),
+                ffi.new("int64_t[]", [w.data.strides[0] for w in ws]),
+                ffi.new("int64_t[]", [w.rows for w in ws]),
+                ffi.new("float *[]", [fb(kernels._FLOATS, y, True) for y in ys]))
+            assert rc == 0
+            for w, y in zip(ws, ys):
+                np.testing.assert_array_equal(y, kernels.matmul(x, w))
