@@ -32,12 +32,14 @@ except ImportError as exc:  # pragma: no cover - only on installs without a C co
 __all__ = [
     "available", "isa", "set_isa", "set_threads", "threads", "supports", "q8_variant",
     "q8_variants",
-    "matmul", "embed", "quantize_q8_0", "format_matmul", "format_embed",
+    "matmul", "matmul_multi", "embed", "quantize_q8_0", "format_matmul", "format_embed",
     "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "attention", "add",
     "bench_read", "measure_read_bandwidth", "DecoderStep",
 ]
 
 _F32 = np.dtype(np.float32)
+_FMT_IDS = {"f32": 0, "f16": 1, "q8_0": 2}  # LK_FMT_* in lattice_kernels.h
+_MULTI_MAX = 8  # LK_MATMUL_MULTI_MAX
 _I64 = np.dtype(np.int64)
 _ISA_NAMES = {"generic": 0, "avx2": 1}
 
@@ -229,6 +231,40 @@ def matmul(x: np.ndarray, w: PackedMatrix, out: np.ndarray | None = None) -> np.
         raise
     e[0](xp, x.size // K if K else 0, K, dp, data.strides[0], w.rows, op)
     return out
+
+
+def matmul_multi(x: np.ndarray, weights: list[PackedMatrix],
+                 outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """[x @ W.T for W in weights] as one parallel job (x converted once): the fused decode
+    step's q/k/v and gate/up. The weights must share a native format and their column
+    count; returns the outputs ([..., rows_i] each)."""
+    if not weights:
+        return []
+    fmt, K = weights[0].format, weights[0].cols
+    if any(w.format.name != fmt.name or w.cols != K for w in weights) or \
+            fmt.name not in _FMT_IDS or _entry(fmt) is None:
+        raise ValueError("matmul_multi: weights must share one native format and one column "
+                         f"count, got {[(w.format.name, w.rows, w.cols) for w in weights]}")
+    if x.shape[-1] != K:
+        raise ValueError(f"matmul_multi: x has {x.shape[-1]} features, weights have {K}")
+    if len(weights) > _MULTI_MAX:
+        raise ValueError(f"matmul_multi: at most {_MULTI_MAX} matrices, got {len(weights)}")
+    xp, x = _in(x)
+    lead = x.shape[:-1]
+    if outs is None:
+        outs = [np.empty(lead + (w.rows,), _F32) for w in weights]
+    datas = [w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
+             for w in weights]
+    rc = _L.lk_matmul_multi(
+        _FMT_IDS[fmt.name], xp, x.size // K if K else 0, K, len(weights),
+        _ffi.new("const void *[]", [_fb(d) for d in datas]),
+        _ffi.new("int64_t[]", [d.strides[0] for d in datas]),
+        _ffi.new("int64_t[]", [w.rows for w in weights]),
+        _ffi.new("float *[]", [_fb(_FLOATS, _new_or_check(o, lead + (w.rows,)), True)
+                               for o, w in zip(outs, weights)]))
+    if rc:
+        raise ValueError(f"lk_matmul_multi refused {fmt.name} with K={K}")
+    return outs
 
 
 def _matmul_other(x, w, out):
@@ -495,7 +531,6 @@ def bench_read(buf: np.ndarray, prefetch: bool = False) -> float:
 
 # ---- whole decode step -----------------------------------------------------------------
 
-_FMT_IDS = {"f32": 0, "f16": 1, "q8_0": 2}
 
 
 class DecoderStep:

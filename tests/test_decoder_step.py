@@ -18,12 +18,12 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels 
 
 
 def decode_logits(model, prompt: np.ndarray, steps: int, fused: bool) -> np.ndarray:
-    model.fused_decode, model._step_built = fused, False
+    model.fused_decode = fused
     cache = model.make_cache(batch=prompt.shape[0], capacity=3)  # grows while decoding
     logits = [model.forward(prompt, cache, last_only=True)]
     for _ in range(steps):
         logits.append(model.forward(logits[-1].argmax(-1), cache))
-    assert (model._step is not None) == fused
+    assert (model._decode_step() is not None) == fused
     return np.concatenate(logits, axis=1)
 
 
@@ -77,14 +77,16 @@ def test_matmul_multi_equals_separate_matmuls():
               for n in (200, 33, 7)]
         for m in (1, 3, 12):
             x = rng.standard_normal((m, 96)).astype(np.float32)
-            ys = [np.empty((m, w.rows), np.float32) for w in ws]
-            ffi, fb = kernels._ffi, kernels._fb
-            rc = kernels._lib.lk_matmul_multi(
-                kernels._FMT_IDS[fmt.name], fb(kernels._FLOATS, x), m, 96, len(ws),
-                ffi.new("const void *[]", [fb(w.data) for w in ws]),
-                ffi.new("int64_t[]", [w.data.strides[0] for w in ws]),
-                ffi.new("int64_t[]", [w.rows for w in ws]),
-                ffi.new("float *[]", [fb(kernels._FLOATS, y, True) for y in ys]))
-            assert rc == 0
-            for w, y in zip(ws, ys):
+            for w, y in zip(ws, kernels.matmul_multi(x, ws)):
                 np.testing.assert_array_equal(y, kernels.matmul(x, w))
+
+
+def test_matmul_multi_refuses_mixed_weights():
+    from lattice_engine.quant.core_formats import CORE_FORMATS
+    from lattice_engine.quant.formats import pack
+
+    f32, f16 = CORE_FORMATS[0], CORE_FORMATS[1]
+    a = pack(f32, "a", np.ones((4, 32), np.float32))
+    b = pack(f16, "b", np.ones((4, 32), np.float32))
+    with pytest.raises(ValueError, match="share one native format"):
+        kernels.matmul_multi(np.ones((1, 32), np.float32), [a, b])

@@ -216,10 +216,12 @@ class DecoderModel:
     def _decode_step(self) -> Optional[kernels.DecoderStep]:
         """The fused native decode step, built on first use; None when the model does not
         run on the native kernels or a weight format has no C kernel."""
+        if not self.fused_decode:
+            return None
         if not self._step_built:
             self._step_built = True
-            self._step = self._build_decode_step() if (
-                self.fused_decode and getattr(self.ops, "name", "") == "native") else None
+            if getattr(self.ops, "name", "") == "native":
+                self._step = self._build_decode_step()
         return self._step
 
     def _build_decode_step(self) -> Optional[kernels.DecoderStep]:
