@@ -105,21 +105,26 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
 # ---- Gated DeltaNet (Qwen3.5 linear attention) ----------------------------------------
 
 def causal_conv1d(x: np.ndarray, weight_t: np.ndarray, state: np.ndarray,
-                  silu_out: bool = True) -> np.ndarray:
+                  silu_out: bool = True, out: np.ndarray | None = None) -> np.ndarray:
     """Depthwise causal convolution over time with a rolling state, then SiLU.
 
     x [B, T, C] (may be a view); weight_t [K, C] (the checkpoint's [C, 1, K] transposed, tap
     K-1 multiplies the newest input); state [B, K-1, C], the last K-1 inputs before x, is
-    updated in place to the last K-1 inputs including x. Returns float32 [B, T, C].
+    updated in place to the last K-1 inputs including x. Returns float32 [B, T, C] (`out`
+    if given; it may be x itself).
     """
     k = weight_t.shape[0]
     b, t, c = x.shape
     ext = np.concatenate([state, x.astype(np.float32, copy=False)], axis=1)  # B, K-1+T, C
-    out = np.zeros((b, t, c), np.float32)
+    acc = np.zeros((b, t, c), np.float32)
     for j in range(k):
-        out += ext[:, j:j + t] * weight_t[j]
+        acc += ext[:, j:j + t] * weight_t[j]
     state[...] = ext[:, t:]
-    return silu(out) if silu_out else out
+    acc = silu(acc) if silu_out else acc
+    if out is not None:
+        out[...] = acc
+        return out
+    return acc
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:

@@ -17,7 +17,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c"]
+SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "gated_deltanet.c"]
 
 CDEF = """
 int lk_init(void);
@@ -63,6 +63,15 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
                  const float *k, int64_t ksb, int64_t kst, int64_t ksh,
                  const float *v, int64_t vsb, int64_t vst, int64_t vsh,
                  int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
+
+int lk_causal_conv1d(float *x, int64_t B, int64_t T, int64_t C, int64_t sbx, int64_t stx,
+                     const float *w, int64_t K, float *state, int silu);
+int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t B, int64_t T,
+                        int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t sb, int64_t st,
+                        const float *g, const float *beta, float *state, int64_t chunk,
+                        float *out);
+void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
+                       const float *w, float eps, float *out);
 
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 """

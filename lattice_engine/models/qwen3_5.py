@@ -162,7 +162,8 @@ class GatedDeltaNet:
     def __call__(self, x, slot: int, cache: HybridCache, ops):
         b, t, _ = x.shape
         conv_state, delta_state = cache.conv[slot], cache.delta[slot]
-        mixed = ops.causal_conv1d(self.in_proj_qkv(x, ops), self.conv_weight_t, conv_state)
+        mixed = self.in_proj_qkv(x, ops)
+        mixed = ops.causal_conv1d(mixed, self.conv_weight_t, conv_state, out=mixed)
         q = mixed[..., :self.key_dim].reshape(b, t, self.nk, self.dk)
         k = mixed[..., self.key_dim:2 * self.key_dim].reshape(b, t, self.nk, self.dk)
         v = mixed[..., 2 * self.key_dim:].reshape(b, t, self.nv, self.dv)
