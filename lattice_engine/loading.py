@@ -20,7 +20,8 @@ from .tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 OP_NAMES = ("matmul", "embed", "rms_norm", "rope_tables", "rope", "silu_mul", "softmax",
-            "attention")
+            "attention", "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule",
+            "gated_rms_norm")
 BACKENDS = ("auto", "native", "numpy")
 
 

@@ -100,3 +100,119 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     scores[..., np.arange(s)[None, :] > q_pos] = -np.inf
     out = np.matmul(softmax(scores, axis=-1), vh)                    # B Hkv G*T D
     return out.reshape(b, hkv, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+
+
+# ---- Gated DeltaNet (Qwen3.5 linear attention) ----------------------------------------
+
+def causal_conv1d(x: np.ndarray, weight_t: np.ndarray, state: np.ndarray,
+                  silu_out: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+    """Depthwise causal convolution over time with a rolling state, then SiLU.
+
+    x [B, T, C] (may be a view); weight_t [K, C] (the checkpoint's [C, 1, K] transposed, tap
+    K-1 multiplies the newest input); state [B, K-1, C], the last K-1 inputs before x, is
+    updated in place to the last K-1 inputs including x. Returns float32 [B, T, C] (`out`
+    if given; it may be x itself).
+    """
+    k = weight_t.shape[0]
+    b, t, c = x.shape
+    ext = np.concatenate([state, x.astype(np.float32, copy=False)], axis=1)  # B, K-1+T, C
+    acc = np.zeros((b, t, c), np.float32)
+    for j in range(k):
+        acc += ext[:, j:j + t] * weight_t[j]
+    state[...] = ext[:, t:]
+    acc = silu(acc) if silu_out else acc
+    if out is not None:
+        out[...] = acc
+        return out
+    return acc
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """x / sqrt(sum(x^2) + eps) over the last axis (FLA's and transformers' l2norm)."""
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + np.float32(eps))
+
+
+def _delta_rule_inputs(q, k, v, nv):
+    """L2-normalised, 1/sqrt(dk)-scaled queries and keys repeated up to the value heads."""
+    dk = q.shape[-1]
+    q = l2_normalize(q.astype(np.float32)) * np.float32(dk ** -0.5)
+    k = l2_normalize(k.astype(np.float32))
+    rep = nv // q.shape[2]
+    if rep > 1:  # value head h reads query/key head h // rep
+        q, k = np.repeat(q, rep, axis=2), np.repeat(k, rep, axis=2)
+    return q, k, v.astype(np.float32)
+
+
+def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray,
+                     beta: np.ndarray, state: np.ndarray, chunk: int = 0) -> np.ndarray:
+    """The gated delta rule over a sequence, updating `state` in place.
+
+    q, k [B, T, Hk, Dk] (raw: L2-normalised and q scaled by 1/sqrt(Dk) here); v [B, T, Hv, Dv]
+    with Hv a multiple of Hk; g (log decay, <= 0) and beta [B, T, Hv]; state float32
+    [B, Hv, Dk, Dv]. Per token and value head:
+        S = exp(g) S;  S += k (beta (v - S^T k))^T;  o = S^T q.
+    chunk = 0 runs that recurrence token by token; chunk = C > 0 the equivalent chunked
+    (UT-transform) form, C tokens at a time. Returns float32 [B, T, Hv, Dv].
+    """
+    if chunk:
+        return _gated_delta_rule_chunked(q, k, v, g, beta, state, chunk)
+    b, t, nv, dv = v.shape
+    q, k, v = _delta_rule_inputs(q, k, v, nv)
+    out = np.empty((b, t, nv, dv), np.float32)
+    decay = np.exp(g.astype(np.float32))
+    for i in range(t):
+        state *= decay[:, i, :, None, None]
+        kv_mem = np.einsum("bhkv,bhk->bhv", state, k[:, i])
+        delta = (v[:, i] - kv_mem) * beta[:, i, :, None]
+        state += k[:, i, :, :, None] * delta[:, :, None, :]
+        out[:, i] = np.einsum("bhkv,bhk->bhv", state, q[:, i])
+    return out
+
+
+def _gated_delta_rule_chunked(q, k, v, g, beta, state, chunk):
+    b, t, nv, dv = v.shape
+    q, k, v = _delta_rule_inputs(q, k, v, nv)
+    # heads first: [B, H, T, D]
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    g = g.astype(np.float32).transpose(0, 2, 1)
+    beta = beta.astype(np.float32).transpose(0, 2, 1)
+    out = np.empty((b, nv, t, dv), np.float32)
+    for s in range(0, t, chunk):
+        e = min(s + chunk, t)
+        n = e - s
+        qc, kc, vc, bc = q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], beta[:, :, s:e]
+        gc = np.cumsum(g[:, :, s:e], axis=-1)                      # B H n
+        # decay between positions j <= i of the chunk: exp(gc_i - gc_j)
+        diff = gc[..., :, None] - gc[..., None, :]
+        lower = np.tril(np.ones((n, n), bool))
+        pair = np.exp(np.where(lower, diff, -np.inf))              # B H n n
+        kk = kc @ kc.transpose(0, 1, 3, 2)                         # B H n n
+        a = np.where(np.tril(np.ones((n, n), bool), -1), bc[..., :, None] * kk * pair, 0)
+        # (I + A) U = beta v and (I + A) W = beta k exp(gc): forward substitution
+        u = bc[..., None] * vc
+        w = bc[..., None] * kc * np.exp(gc)[..., None]
+        for i in range(1, n):
+            u[:, :, i] -= np.einsum("bhj,bhjd->bhd", a[:, :, i, :i], u[:, :, :i])
+            w[:, :, i] -= np.einsum("bhj,bhjd->bhd", a[:, :, i, :i], w[:, :, :i])
+        v_new = u - w @ state                                      # B H n Dv
+        attn = (qc @ kc.transpose(0, 1, 3, 2)) * pair              # B H n n (lower incl.)
+        out[:, :, s:e] = (qc * np.exp(gc)[..., None]) @ state + attn @ v_new
+        tail = np.exp(gc[..., -1:] - gc)[..., None]                # B H n 1
+        state *= np.exp(gc[..., -1])[..., None, None]
+        state += (kc * tail).transpose(0, 1, 3, 2) @ v_new
+    return out.transpose(0, 2, 1, 3)
+
+
+def gated_rms_norm(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """rms_norm(x) * weight * silu(gate) over the last axis (Qwen3.5's per-head output norm)."""
+    return rms_norm(x, weight, eps) * silu(gate.astype(np.float32))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32, copy=False)
+
+
+def softplus(x: np.ndarray) -> np.ndarray:
+    """log(1 + e^x), and x itself above 20 like torch's softplus threshold."""
+    x = x.astype(np.float32, copy=False)
+    return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20)))).astype(np.float32)

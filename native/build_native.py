@@ -17,7 +17,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c"]
+SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c",
+           "gated_deltanet.c"]
 
 CDEF = """
 int lk_init(void);
@@ -94,6 +95,14 @@ int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch);
 int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
                     const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                     float *hidden_out);
+int lk_causal_conv1d(float *x, int64_t B, int64_t T, int64_t C, int64_t sbx, int64_t stx,
+                     const float *w, int64_t K, float *state, int silu);
+int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t B, int64_t T,
+                        int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t sb, int64_t st,
+                        const float *g, const float *beta, float *state, int64_t chunk,
+                        float *out);
+void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
+                       const float *w, float eps, float *out);
 
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 """

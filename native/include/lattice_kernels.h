@@ -37,6 +37,8 @@
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
  *   decoder    lk_decoder_work_size, lk_decoder_step (a whole decode step of the
  *              llama-family decoder in one call)
+ *   deltanet   lk_causal_conv1d, lk_gated_delta_rule, lk_gated_rms_norm (Qwen3.5's
+ *              Gated DeltaNet layers)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -208,6 +210,32 @@ int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch);
 int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
                     const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                     float *hidden_out);
+
+/* ---- Gated DeltaNet (gated_deltanet.c) ------------------------------------------- */
+
+/* Depthwise causal conv over time, in place: x [B, T, C] (strides sbx, stx; channels
+   contiguous) becomes silu?(sum_tap w[tap, c] * x_ext[t + tap, c]) where x_ext is the
+   K-1 rows of state [B, K-1, C] followed by x; state becomes the last K-1 rows of x_ext.
+   w is [K, C] (tap K-1 multiplies the newest input). Returns 0, or -1 if K > 8 or a
+   size is negative. */
+int lk_causal_conv1d(float *x, int64_t B, int64_t T, int64_t C, int64_t sbx, int64_t stx,
+                     const float *w, int64_t K, float *state, int silu);
+/* The gated delta rule over T tokens of B sequences, updating state [B, Hv, Dk, Dv]
+   (float32) in place. q, k [B, T, Hk, Dk] and v [B, T, Hv, Dv] share the batch / token
+   strides sb, st (views into one fused qkv row); heads are contiguous. q and k are
+   L2-normalised here (eps 1e-6) and q scaled by 1/sqrt(Dk); value head h reads key head
+   h / (Hv / Hk). g (log decay) and beta are contiguous [B, T, Hv]. Per token:
+   S = exp(g) S; S += k (beta (v - S^T k))^T; o = S^T q. chunk = 0 runs that recurrence;
+   chunk = C > 0 the equivalent chunked form, C tokens at a time. out is contiguous
+   [B, T, Hv, Dv]. Returns 0, or -1 if the shapes are inconsistent. */
+int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t B, int64_t T,
+                        int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t sb, int64_t st,
+                        const float *g, const float *beta, float *state, int64_t chunk,
+                        float *out);
+/* out = x / sqrt(mean(x^2) + eps) * w * silu(z) per row of length D (x, z, out
+   contiguous [rows, D]). */
+void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
+                       const float *w, float eps, float *out);
 
 /* ---- bench ---------------------------------------------------------------------- */
 

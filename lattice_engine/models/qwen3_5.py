@@ -1,0 +1,317 @@
+"""Qwen3.5: a hybrid of Gated-DeltaNet (linear attention) layers and gated full-attention
+layers (`layer_types`), with (1 + w) RMSNorms, partial rotary and tied embeddings.
+
+Loads both checkpoint layouts transformers writes: `Qwen3_5ForCausalLM` (model_type
+"qwen3_5_text", text weights under `model.*`) and `Qwen3_5ForConditionalGeneration`
+(model_type "qwen3_5", config under `text_config`, text weights under
+`model.language_model.*`, the vision tower under `model.visual.*`). The vision tower and the
+multi-token-prediction head (`mtp.*`) are not run here; they stay addressable through
+`Model.vision_weights` and `Model.mtp_weights` for the vision and speculative-decoding
+plugins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .base import Linear, WeightLoader, config_from_dict, rope_inv_freq
+from .hybrid_cache import HybridCache
+from .transformer import MLP
+
+LINEAR, FULL = "linear_attention", "full_attention"
+
+
+@dataclass
+class ModelArgs:
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int
+    head_dim: int = 256
+    rms_norm_eps: float = 1e-6
+    rope_parameters: Optional[dict] = None
+    partial_rotary_factor: float = 0.25
+    layer_types: Optional[list] = None
+    full_attention_interval: int = 4
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attn_output_gate: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    mlp_bias: bool = False  # MLP from transformer.py reads it; Qwen3.5 has none
+    rope_theta: float = field(init=False, default=10000.0)
+
+    def __post_init__(self) -> None:
+        params = dict(self.rope_parameters or {})
+        self.rope_theta = float(params.get("rope_theta", 10000.0))
+        self.partial_rotary_factor = float(params.get("partial_rotary_factor",
+                                                      self.partial_rotary_factor))
+        if params.get("rope_type", "default") != "default":
+            raise CheckpointError(f"rope_type {params['rope_type']!r} is not supported for "
+                                  f"qwen3_5; supported: default")
+        if self.layer_types is None:
+            self.layer_types = [FULL if (i + 1) % self.full_attention_interval == 0 else LINEAR
+                                for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {LINEAR, FULL}:
+            raise CheckpointError(
+                f"layer_types must list {self.num_hidden_layers} entries of {LINEAR!r} or "
+                f"{FULL!r}; got {self.layer_types}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}; the config is invalid")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise CheckpointError(
+                f"linear_num_value_heads={self.linear_num_value_heads} is not a multiple of "
+                f"linear_num_key_heads={self.linear_num_key_heads}; the config is invalid")
+        if self.hidden_act != "silu":
+            raise CheckpointError(f"hidden_act={self.hidden_act!r} is not supported; "
+                                  f"supported: silu")
+        if not self.attn_output_gate:
+            raise CheckpointError("attn_output_gate=false is not supported for qwen3_5 (every "
+                                  "released checkpoint gates its attention output)")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> "ModelArgs":
+        return config_from_dict(cls, params)
+
+
+class GatedAttention:
+    """Full attention whose q_proj also yields a per-head output gate (sigmoid)."""
+
+    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str):
+        h, d = cfg.hidden_size, cfg.head_dim
+        nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.nq, self.nkv, self.d = nq, nkv, d
+        self.eps = cfg.rms_norm_eps
+        bias = (lambda n, size: w.vector(f"{prefix}.{n}.bias", (size,))) if cfg.attention_bias \
+            else (lambda n, size: None)
+        # rows of q_proj: per head, d query features then d gate features
+        self.q_proj = Linear(w.matrix(f"{prefix}.q_proj.weight", (2 * nq * d, h), "linear"),
+                             bias("q_proj", 2 * nq * d))
+        self.k_proj = Linear(w.matrix(f"{prefix}.k_proj.weight", (nkv * d, h), "linear"),
+                             bias("k_proj", nkv * d))
+        self.v_proj = Linear(w.matrix(f"{prefix}.v_proj.weight", (nkv * d, h), "linear"),
+                             bias("v_proj", nkv * d))
+        self.o_proj = Linear(w.matrix(f"{prefix}.o_proj.weight", (h, nq * d), "linear"),
+                             bias("o_proj", h))
+        self.q_norm = w.vector(f"{prefix}.q_norm.weight", (d,))
+        self.k_norm = w.vector(f"{prefix}.k_norm.weight", (d,))
+
+    def __call__(self, x, slot: int, cache: HybridCache, cos, sin, ops):
+        b, t, _ = x.shape
+        qg = self.q_proj(x, ops).reshape(b, t, self.nq, 2 * self.d)
+        q = ops.rms_norm(qg[..., :self.d], self.q_norm, self.eps, 1.0)
+        k = ops.rms_norm(self.k_proj(x, ops).reshape(b, t, self.nkv, self.d), self.k_norm,
+                         self.eps, 1.0)
+        v = self.v_proj(x, ops).reshape(b, t, self.nkv, self.d)
+        q = ops.rope(q, cos, sin)
+        k = ops.rope(k, cos, sin)
+        start = cache.offset
+        keys, values = cache.kv.update(slot, k, v)
+        out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d))
+        out = out * ops.sigmoid(qg[..., self.d:])
+        return self.o_proj(out.reshape(b, t, self.nq * self.d), ops)
+
+
+class GatedDeltaNet:
+    """Linear attention: fused qkv -> causal conv (rolling state) -> SiLU -> gated delta
+    rule (fp32 state per value head) -> per-head gated RMSNorm with SiLU(z) -> out_proj."""
+
+    chunk = 64  # prefill chunk of the delta rule (transformers' and FLA's default)
+
+    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str):
+        h = cfg.hidden_size
+        self.nk, self.nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.key_dim, self.value_dim = self.nk * self.dk, self.nv * self.dv
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.kernel = cfg.linear_conv_kernel_dim
+        self.eps = cfg.rms_norm_eps
+        self.in_proj_qkv = Linear(w.matrix(f"{prefix}.in_proj_qkv.weight", (self.conv_dim, h),
+                                           "linear"))
+        self.in_proj_z = Linear(w.matrix(f"{prefix}.in_proj_z.weight", (self.value_dim, h),
+                                         "linear"))
+        self.in_proj_b = Linear(w.matrix(f"{prefix}.in_proj_b.weight", (self.nv, h), "linear"))
+        self.in_proj_a = Linear(w.matrix(f"{prefix}.in_proj_a.weight", (self.nv, h), "linear"))
+        conv = w.vector(f"{prefix}.conv1d.weight", (self.conv_dim, 1, self.kernel))
+        self.conv_weight_t = np.ascontiguousarray(conv.reshape(self.conv_dim, self.kernel).T)
+        # decay rate per value head: g = -exp(A_log) * softplus(a + dt_bias)
+        self.neg_a = -np.exp(w.vector(f"{prefix}.A_log", (self.nv,)))
+        self.dt_bias = w.vector(f"{prefix}.dt_bias", (self.nv,))
+        self.norm = w.vector(f"{prefix}.norm.weight", (self.dv,))
+        self.out_proj = Linear(w.matrix(f"{prefix}.out_proj.weight", (h, self.value_dim),
+                                        "linear"))
+
+    def __call__(self, x, slot: int, cache: HybridCache, ops):
+        b, t, _ = x.shape
+        conv_state, delta_state = cache.conv[slot], cache.delta[slot]
+        mixed = self.in_proj_qkv(x, ops)
+        mixed = ops.causal_conv1d(mixed, self.conv_weight_t, conv_state, out=mixed)
+        q = mixed[..., :self.key_dim].reshape(b, t, self.nk, self.dk)
+        k = mixed[..., self.key_dim:2 * self.key_dim].reshape(b, t, self.nk, self.dk)
+        v = mixed[..., 2 * self.key_dim:].reshape(b, t, self.nv, self.dv)
+        beta = ops.sigmoid(self.in_proj_b(x, ops))
+        g = self.neg_a * ops.softplus(self.in_proj_a(x, ops) + self.dt_bias)
+        core = ops.gated_delta_rule(q, k, v, g, beta, delta_state,
+                                    chunk=self.chunk if t > 1 else 0)
+        z = self.in_proj_z(x, ops).reshape(b, t, self.nv, self.dv)
+        core = ops.gated_rms_norm(core, z, self.norm, self.eps)
+        return self.out_proj(core.reshape(b, t, self.value_dim), ops)
+
+
+class Block:
+    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str, index: int, slot: int):
+        h = cfg.hidden_size
+        self.kind = cfg.layer_types[index]
+        self.slot = slot  # index among layers of its kind: its KV or recurrent-state slot
+        self.eps = cfg.rms_norm_eps
+        p = f"{prefix}.layers.{index}"
+        self.input_layernorm = w.vector(f"{p}.input_layernorm.weight", (h,))
+        if self.kind == LINEAR:
+            self.linear_attn = GatedDeltaNet(cfg, w, f"{p}.linear_attn")
+        else:
+            self.self_attn = GatedAttention(cfg, w, f"{p}.self_attn")
+        self.post_attention_layernorm = w.vector(f"{p}.post_attention_layernorm.weight", (h,))
+        self.mlp = MLP(cfg, w, f"{p}.mlp")
+
+    def __call__(self, x, cache, cos, sin, ops):
+        normed = ops.rms_norm(x, self.input_layernorm, self.eps, 1.0)
+        if self.kind == LINEAR:
+            h = x + self.linear_attn(normed, self.slot, cache, ops)
+        else:
+            h = x + self.self_attn(normed, self.slot, cache, cos, sin, ops)
+        return h + self.mlp(ops.rms_norm(h, self.post_attention_layernorm, self.eps, 1.0), ops)
+
+
+class CheckpointTensors:
+    """A lazy, read-only view of the checkpoint tensors under some name prefixes (the
+    vision tower, the MTP head): names and shapes without loading, arrays on demand."""
+
+    def __init__(self, checkpoint, prefixes: tuple[str, ...]):
+        self._checkpoint = checkpoint
+        self.prefixes = prefixes
+        self.names = sorted(n for n in checkpoint.tensors if n.startswith(prefixes))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._checkpoint.shapes[self._known(name)])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._checkpoint.tensors[self._known(name)]()
+
+    def _known(self, name: str) -> str:
+        if name not in self.names:
+            raise CheckpointError(f"checkpoint {self._checkpoint.source} has no tensor {name!r} "
+                                  f"under {', '.join(self.prefixes)} ({len(self.names)} there)")
+        return name
+
+
+class Model:
+    """The Qwen3.5 text model over a `HybridCache` (KV for full-attention layers, conv and
+    delta-rule states for linear ones)."""
+
+    config_class = ModelArgs
+
+    def __init__(self, cfg: ModelArgs, w: WeightLoader, ops, prefix: str = "model",
+                 tied: Optional[bool] = None):
+        self.config = cfg
+        self.ops = ops
+        h, v = cfg.hidden_size, cfg.vocab_size
+        tied = cfg.tie_word_embeddings if tied is None else tied
+        self.embed_tokens = w.matrix(f"{prefix}.embed_tokens.weight", (v, h),
+                                     "tied_embedding" if tied else "embedding")
+        counts = {LINEAR: 0, FULL: 0}
+        self.layers = []
+        for i, kind in enumerate(cfg.layer_types):
+            self.layers.append(Block(cfg, w, prefix, i, counts[kind]))
+            counts[kind] += 1
+        self.num_linear, self.num_full = counts[LINEAR], counts[FULL]
+        self.norm = w.vector(f"{prefix}.norm.weight", (h,))
+        # Tied: the lm_head reads the embedding table itself (f16 under q8_0: see methods)
+        self.lm_head = self.embed_tokens if tied else w.matrix("lm_head.weight", (v, h),
+                                                               "lm_head")
+        self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
+        self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
+        self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":
+        config = dict(checkpoint.config)
+        if "text_config" in config:  # Qwen3_5ForConditionalGeneration
+            text = dict(config["text_config"] or {})
+            # the composite model ties by its own top-level flag (transformers' default: no)
+            tied = bool(config.get("tie_word_embeddings", False))
+            return cls(cls.config_class.from_dict(text), loader, ops,
+                       prefix="model.language_model", tied=tied)
+        return cls(cls.config_class.from_dict(config), loader, ops)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def make_cache(self, batch: int = 1, capacity: int = 256) -> HybridCache:
+        c = self.config
+        conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + \
+            c.linear_num_value_heads * c.linear_value_head_dim
+        return HybridCache(
+            batch, num_full=self.num_full, num_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim, num_linear=self.num_linear, conv_dim=conv_dim,
+            conv_kernel=c.linear_conv_kernel_dim, value_heads=c.linear_num_value_heads,
+            key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
+            capacity=capacity)
+
+    def forward(self, tokens: np.ndarray, cache: HybridCache, last_only: bool = False) -> np.ndarray:
+        """Logits for tokens [B, T] appended after the cache's contents.
+
+        Returns float32 [B, T, V], or [B, 1, V] for the last position when last_only.
+        """
+        hidden = self.hidden_states(tokens, cache)
+        return self.logits(hidden[:, -1:] if last_only else hidden)
+
+    def hidden_states(self, tokens: np.ndarray, cache: HybridCache) -> np.ndarray:
+        """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
+        ops = self.ops
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        if tokens.shape[0] != cache.batch:
+            raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache holds "
+                             f"{cache.batch} sequences")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        t = tokens.shape[1]
+        positions = np.arange(cache.offset, cache.offset + t)
+        cos, sin = ops.rope_tables(positions, self.inv_freq)
+        x = ops.embed(self.embed_tokens, tokens)
+        for layer in self.layers:
+            x = layer(x, cache, cos, sin, ops)
+        cache.advance(t)
+        return ops.rms_norm(x, self.norm, self.config.rms_norm_eps, 1.0)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return self.ops.matmul(hidden, self.lm_head)

@@ -1,0 +1,351 @@
+/* Gated DeltaNet (Qwen3.5's linear attention): the causal depthwise conv with its rolling
+ * state, the gated delta rule (token-by-token recurrence for decode, the chunked UT-transform
+ * form for prefill) and the per-head gated RMSNorm.
+ *
+ * The delta-rule state of one value head is Dk x Dv floats (64 KiB at 128 x 128), so a
+ * work unit is one (sequence, value head): its state stays in L2 while the unit runs, and
+ * heads spread over the pool. The loop bodies are written once as plain C (`*_body`,
+ * always inlined) and instantiated twice: a generic version and one compiled for
+ * AVX2/FMA, where GCC vectorizes them; the variant is picked at run time like the rest.
+ * Reductions use eight partial sums so they vectorize without reassociation.
+ */
+#define LK_INTERNAL
+#include "lattice_kernels.h"
+
+#include <math.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+static inline int use_avx2(void) { return LK_X86 && lk_active_isa == LK_ISA_AVX2; }
+
+/* ---- vector helpers (inlined into both instantiations) --------------------------------- */
+
+INLINE float dot_body(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y += a * x */
+INLINE void axpy_body(float *restrict y, float a, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* x * scale / sqrt(sum(x^2) + eps) into o */
+INLINE void l2norm_body(const float *x, int64_t n, float scale, float *o) {
+    const float inv = scale / sqrtf(dot_body(x, x, n) + 1e-6f);
+    for (int64_t i = 0; i < n; i++) o[i] = x[i] * inv;
+}
+
+/* ---- causal conv1d ---------------------------------------------------------------------- */
+
+typedef struct {
+    float *x;
+    int64_t B, T, C, sbx, stx;
+    const float *w; /* [K, C] */
+    int64_t K;
+    float *state; /* [B, K-1, C] */
+    int silu;
+} conv_job;
+
+#define CONV_BLOCK 256 /* channels per work unit */
+#define CONV_MAXK 8
+
+/* Channels [c0, c1) of every sequence, in place: time runs backwards so each output
+   overwrites an input no later step needs. */
+INLINE void conv_body(const conv_job *j, int64_t c0, int64_t c1) {
+    const int64_t K = j->K, T = j->T, C = j->C, n = c1 - c0;
+    float hist[CONV_MAXK - 1][CONV_BLOCK]; /* the state before this call */
+    for (int64_t b = 0; b < j->B; b++) {
+        float *st = j->state + b * (K - 1) * C;
+        float *xb = j->x + b * j->sbx;
+        for (int64_t r = 0; r < K - 1; r++) memcpy(hist[r], st + r * C + c0, (size_t)n * 4);
+        /* new state: the last K-1 inputs of [old state, x] */
+        for (int64_t r = 0; r < K - 1; r++) {
+            const int64_t src = T + r; /* index in the extended sequence */
+            const float *from = src < K - 1 ? hist[src] : xb + (src - (K - 1)) * j->stx + c0;
+            memcpy(st + r * C + c0, from, (size_t)n * 4);
+        }
+        for (int64_t t = T - 1; t >= 0; t--) {
+            float *o = xb + t * j->stx + c0;
+            float acc[CONV_BLOCK];
+            for (int64_t c = 0; c < n; c++) acc[c] = 0;
+            for (int64_t tap = 0; tap < K; tap++) {
+                const int64_t src = t + tap; /* extended index: t + tap - (K-1) in x */
+                const float *in = src < K - 1 ? hist[src] : xb + (src - (K - 1)) * j->stx + c0;
+                const float *w = j->w + tap * C + c0;
+                for (int64_t c = 0; c < n; c++) acc[c] += w[c] * in[c];
+            }
+            if (j->silu)
+                for (int64_t c = 0; c < n; c++) o[c] = acc[c] / (1.0f + expf(-acc[c]));
+            else
+                memcpy(o, acc, (size_t)n * 4);
+        }
+    }
+}
+
+static void conv_generic(const conv_job *j, int64_t c0, int64_t c1) { conv_body(j, c0, c1); }
+#if LK_X86
+LK_AVX2_TARGET static void conv_avx2(const conv_job *j, int64_t c0, int64_t c1) {
+    conv_body(j, c0, c1);
+}
+#endif
+
+static void conv_range(void *ctx, int64_t u0, int64_t u1, int ith) {
+    (void)ith;
+    const conv_job *j = (const conv_job *)ctx;
+    for (int64_t u = u0; u < u1; u++) {
+        int64_t c0 = u * CONV_BLOCK, c1 = c0 + CONV_BLOCK > j->C ? j->C : c0 + CONV_BLOCK;
+#if LK_X86
+        if (use_avx2()) { conv_avx2(j, c0, c1); continue; }
+#endif
+        conv_generic(j, c0, c1);
+    }
+}
+
+int lk_causal_conv1d(float *x, int64_t B, int64_t T, int64_t C, int64_t sbx, int64_t stx,
+                     const float *w, int64_t K, float *state, int silu) {
+    if (K < 1 || K > CONV_MAXK || B < 0 || T < 0 || C < 0) return -1;
+    lk_init();
+    conv_job j = {x, B, T, C, sbx, stx, w, K, state, silu};
+    const int64_t units = (C + CONV_BLOCK - 1) / CONV_BLOCK;
+    /* decode (one token) is a few microseconds of work: no thread hand-off */
+    const int64_t grain = B * T * CONV_BLOCK * K < 65536 ? units : 1;
+    lk_parallel_for(conv_range, &j, units, grain);
+    return 0;
+}
+
+/* ---- gated delta rule -------------------------------------------------------------------- */
+
+typedef struct {
+    const float *q, *k, *v;
+    int64_t B, T, Hk, Hv, Dk, Dv, sb, st;
+    const float *g, *beta;
+    float *state, *out;
+    int64_t chunk;
+} gdr_job;
+
+/* Scratch per unit: q, k (normalized) and kv memory / output rows for the recurrence;
+   for the chunked form Q, K [C, Dk], U [C, Dv], W [C, Dk], A [C, C], gc [C]. */
+static size_t scratch_floats(const gdr_job *j) {
+    const int64_t C = j->chunk > 0 ? j->chunk : 1;
+    return (size_t)(2 * j->Dk + 2 * j->Dv + C * (2 * j->Dk + j->Dv + j->Dk + C + 2) + 64);
+}
+
+/* One (sequence, value head), token by token:
+     S = exp(g) S;  kv = S^T k;  S += k (beta (v - kv))^T;  o = S^T q            */
+INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
+    const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk);
+    float *S = j->state + (b * Hv + h) * Dk * Dv;
+    float *qn = scr, *kn = qn + Dk, *kv = kn + Dk, *delta = kv + Dv;
+    const float qscale = 1.0f / sqrtf((float)Dk);
+    for (int64_t t = 0; t < j->T; t++) {
+        const int64_t row = b * j->sb + t * j->st;
+        l2norm_body(j->q + row + hk * Dk, Dk, qscale, qn);
+        l2norm_body(j->k + row + hk * Dk, Dk, 1.0f, kn);
+        const float *v = j->v + row + h * Dv;
+        const float decay = expf(j->g[(b * j->T + t) * Hv + h]);
+        const float beta = j->beta[(b * j->T + t) * Hv + h];
+        for (int64_t c = 0; c < Dv; c++) kv[c] = 0;
+        for (int64_t i = 0; i < Dk; i++) {
+            float *Si = S + i * Dv;
+            const float ki = kn[i];
+            for (int64_t c = 0; c < Dv; c++) {
+                Si[c] *= decay;
+                kv[c] += ki * Si[c];
+            }
+        }
+        for (int64_t c = 0; c < Dv; c++) delta[c] = (v[c] - kv[c]) * beta;
+        float *o = j->out + ((b * j->T + t) * Hv + h) * Dv;
+        for (int64_t c = 0; c < Dv; c++) o[c] = 0;
+        for (int64_t i = 0; i < Dk; i++) {
+            float *Si = S + i * Dv;
+            const float ki = kn[i], qi = qn[i];
+            for (int64_t c = 0; c < Dv; c++) {
+                Si[c] += ki * delta[c];
+                o[c] += qi * Si[c];
+            }
+        }
+    }
+}
+
+/* One (sequence, value head), `chunk` tokens at a time. Within a chunk, with gc the
+   cumulative log decay and A[i][j] = beta_i (k_i . k_j) exp(gc_i - gc_j) for j < i:
+     (I + A) U = beta v,  (I + A) W = beta exp(gc) k      (forward substitution)
+     vn = U - W S,  o_i = exp(gc_i) q_i S + sum_{j<=i} (q_i . k_j) exp(gc_i - gc_j) vn_j,
+     S = exp(gc_n) S + sum_j exp(gc_n - gc_j) k_j vn_j^T
+   which equals the recurrence step by step (tests check it). */
+INLINE void chunked_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
+    const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk), C = j->chunk;
+    float *S = j->state + (b * Hv + h) * Dk * Dv;
+    float *Q = scr, *Kc = Q + C * Dk, *U = Kc + C * Dk, *W = U + C * Dv, *A = W + C * Dk;
+    float *gc = A + C * C, *bt = gc + C;
+    const float qscale = 1.0f / sqrtf((float)Dk);
+    for (int64_t t0 = 0; t0 < j->T; t0 += C) {
+        const int64_t n = j->T - t0 < C ? j->T - t0 : C;
+        float cum = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t t = t0 + i, row = b * j->sb + t * j->st;
+            l2norm_body(j->q + row + hk * Dk, Dk, qscale, Q + i * Dk);
+            l2norm_body(j->k + row + hk * Dk, Dk, 1.0f, Kc + i * Dk);
+            cum += j->g[(b * j->T + t) * Hv + h];
+            gc[i] = cum;
+            bt[i] = j->beta[(b * j->T + t) * Hv + h];
+        }
+        /* forward substitution for U and W, row by row */
+        for (int64_t i = 0; i < n; i++) {
+            const float *v = j->v + b * j->sb + (t0 + i) * j->st + h * Dv;
+            float *Ui = U + i * Dv, *Wi = W + i * Dk;
+            const float eg = expf(gc[i]);
+            for (int64_t c = 0; c < Dv; c++) Ui[c] = bt[i] * v[c];
+            for (int64_t c = 0; c < Dk; c++) Wi[c] = bt[i] * eg * Kc[i * Dk + c];
+            for (int64_t m = 0; m < i; m++) {
+                const float a = bt[i] * dot_body(Kc + i * Dk, Kc + m * Dk, Dk) * expf(gc[i] - gc[m]);
+                axpy_body(Ui, -a, U + m * Dv, Dv);
+                axpy_body(Wi, -a, W + m * Dk, Dk);
+            }
+        }
+        /* vn = U - W S (into U) and the inter-chunk part of the output: exp(gc) q S */
+        for (int64_t i = 0; i < n; i++) {
+            float *Ui = U + i * Dv;
+            float *o = j->out + ((b * j->T + t0 + i) * Hv + h) * Dv;
+            const float eg = expf(gc[i]);
+            for (int64_t c = 0; c < Dv; c++) o[c] = 0;
+            for (int64_t r = 0; r < Dk; r++) {
+                const float *Sr = S + r * Dv;
+                const float w = W[i * Dk + r], qv = eg * Q[i * Dk + r];
+                for (int64_t c = 0; c < Dv; c++) {
+                    Ui[c] -= w * Sr[c];
+                    o[c] += qv * Sr[c];
+                }
+            }
+        }
+        /* intra-chunk part: causal (q_i . k_m) exp(gc_i - gc_m) vn_m */
+        for (int64_t i = 0; i < n; i++) {
+            float *o = j->out + ((b * j->T + t0 + i) * Hv + h) * Dv;
+            for (int64_t m = 0; m <= i; m++) {
+                const float a = dot_body(Q + i * Dk, Kc + m * Dk, Dk) * expf(gc[i] - gc[m]);
+                axpy_body(o, a, U + m * Dv, Dv);
+            }
+        }
+        /* state: S = exp(gc_n) S + sum_m exp(gc_n - gc_m) k_m vn_m^T */
+        const float last = gc[n - 1], en = expf(last);
+        for (int64_t m = 0; m < n; m++) A[m] = expf(last - gc[m]);
+        for (int64_t r = 0; r < Dk; r++) {
+            float *Sr = S + r * Dv;
+            for (int64_t c = 0; c < Dv; c++) Sr[c] *= en;
+            for (int64_t m = 0; m < n; m++) axpy_body(Sr, A[m] * Kc[m * Dk + r], U + m * Dv, Dv);
+        }
+    }
+}
+
+static void recurrent_generic(const gdr_job *j, int64_t b, int64_t h, float *s) {
+    recurrent_body(j, b, h, s);
+}
+static void chunked_generic(const gdr_job *j, int64_t b, int64_t h, float *s) {
+    chunked_body(j, b, h, s);
+}
+#if LK_X86
+LK_AVX2_TARGET static void recurrent_avx2(const gdr_job *j, int64_t b, int64_t h, float *s) {
+    recurrent_body(j, b, h, s);
+}
+LK_AVX2_TARGET static void chunked_avx2(const gdr_job *j, int64_t b, int64_t h, float *s) {
+    chunked_body(j, b, h, s);
+}
+#endif
+
+static void gdr_task(void *ctx, int64_t unit, int ith) {
+    const gdr_job *j = (const gdr_job *)ctx;
+    float *scr = (float *)lk_scratch(ith, scratch_floats(j) * sizeof(float));
+    if (!scr) return; /* out of memory: the caller sees the state untouched for this head */
+    const int64_t b = unit / j->Hv, h = unit % j->Hv;
+#if LK_X86
+    if (use_avx2()) {
+        if (j->chunk > 0) chunked_avx2(j, b, h, scr);
+        else recurrent_avx2(j, b, h, scr);
+        return;
+    }
+#endif
+    if (j->chunk > 0) chunked_generic(j, b, h, scr);
+    else recurrent_generic(j, b, h, scr);
+}
+
+int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t B, int64_t T,
+                        int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t sb, int64_t st,
+                        const float *g, const float *beta, float *state, int64_t chunk,
+                        float *out) {
+    if (B < 0 || T < 0 || Hk < 1 || Hv < 1 || Hv % Hk || Dk < 1 || Dv < 1 || chunk < 0)
+        return -1;
+    if (B == 0 || T == 0) return 0;
+    gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, state, out, chunk};
+    lk_lock();
+    lk_parallel(gdr_task, &j, B * Hv);
+    lk_unlock();
+    return 0;
+}
+
+/* ---- gated RMSNorm: out = x / sqrt(mean(x^2) + eps) * w * silu(z) -------------------- */
+
+typedef struct {
+    const float *x, *z, *w;
+    int64_t D;
+    float eps;
+    float *out;
+} gnorm_job;
+
+static void gnorm_rows_generic(const gnorm_job *j, int64_t r0, int64_t r1) {
+    const int64_t D = j->D;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = j->x + r * D, *z = j->z + r * D;
+        float *o = j->out + r * D;
+        const float inv = 1.0f / sqrtf(dot_body(x, x, D) / (float)D + j->eps);
+        for (int64_t i = 0; i < D; i++) o[i] = (x[i] * inv) * j->w[i] * (z[i] / (1.0f + expf(-z[i])));
+    }
+}
+
+#if LK_X86
+LK_AVX2_TARGET static void gnorm_rows_avx2(const gnorm_job *j, int64_t r0, int64_t r1) {
+    const int64_t D = j->D;
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = j->x + r * D, *z = j->z + r * D;
+        float *o = j->out + r * D;
+        const float inv = 1.0f / sqrtf(dot_body(x, x, D) / (float)D + j->eps);
+        const __m256 vi = _mm256_set1_ps(inv);
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8) {
+            __m256 zv = _mm256_loadu_ps(z + i);
+            __m256 e = lk_exp8_avx2(_mm256_xor_ps(zv, sign));
+            __m256 s = _mm256_div_ps(zv, _mm256_add_ps(one, e));
+            __m256 n = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vi),
+                                     _mm256_loadu_ps(j->w + i));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(n, s));
+        }
+        for (; i < D; i++) o[i] = (x[i] * inv) * j->w[i] * (z[i] / (1.0f + expf(-z[i])));
+    }
+}
+#endif
+
+static void gnorm_range(void *ctx, int64_t r0, int64_t r1, int ith) {
+    (void)ith;
+#if LK_X86
+    if (use_avx2()) {
+        gnorm_rows_avx2((const gnorm_job *)ctx, r0, r1);
+        return;
+    }
+#endif
+    gnorm_rows_generic((const gnorm_job *)ctx, r0, r1);
+}
+
+void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
+                       const float *w, float eps, float *out) {
+    lk_init();
+    gnorm_job j = {x, z, w, D, eps, out};
+    int64_t grain = 32768 / (D > 0 ? D : 1);
+    lk_parallel_for(gnorm_range, &j, rows, grain < 1 ? 1 : grain);
+}

@@ -1,0 +1,237 @@
+"""Qwen3.5 (hybrid Gated DeltaNet + gated attention) against transformers' float32 run of the
+same tiny random checkpoints (tests/fixtures/qwen3_5_*, made by
+scripts/make_qwen3_5_fixtures.py), plus the recurrent-state cache and its kernels."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import FIXTURES
+from lattice_engine import ops
+from lattice_engine.errors import CheckpointError
+from lattice_engine.loading import load
+from lattice_engine.quant.methods import QuantSpec
+
+QWEN35 = ["qwen3_5_text", "qwen3_5_vl"]
+TOLERANCE = 1e-4
+STATE_TOLERANCE = 1e-5
+
+
+def backends():
+    out = ["numpy"]
+    try:
+        from lattice_engine import kernels
+        if kernels.available():
+            out.append("native")
+    except ImportError:
+        pass
+    return out
+
+
+def golden(name):
+    return load_file(str(FIXTURES / name / "golden.safetensors"))
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", QWEN35)
+def test_prefill_and_decode_match_transformers(name, backend):
+    model = load(FIXTURES / name, backend=backend).model
+    ref = golden(name)
+    cache = model.make_cache(batch=2, capacity=4)  # small on purpose: exercises growth
+    prefill = model.forward(ref["prompt_ids"], cache)
+    assert np.abs(prefill - ref["prefill_logits"]).max() <= TOLERANCE
+    # the delta-rule states after the (chunked) prefill equal transformers' cache
+    for i in range(model.num_linear):
+        assert np.abs(cache.delta[i] - ref[f"delta_state_{i}"]).max() <= STATE_TOLERANCE
+    steps = ref["decode_ids"]
+    assert steps.shape[1] == 32
+    decode = np.concatenate([model.forward(steps[:, i:i + 1], cache)
+                             for i in range(steps.shape[1])], axis=1)
+    assert np.abs(decode - ref["decode_logits"]).max() <= TOLERANCE
+    assert (decode.argmax(-1) == ref["decode_logits"].argmax(-1)).all()
+    ours = np.concatenate([prefill[:, -1:], decode[:, :-1]], axis=1).argmax(-1)
+    assert (ours == steps).all()
+
+
+def test_fixtures_cover_the_issue():
+    text = json.loads((FIXTURES / "qwen3_5_text" / "config.json").read_text())
+    vl = json.loads((FIXTURES / "qwen3_5_vl" / "config.json").read_text())
+    for cfg in (text, vl["text_config"]):
+        assert cfg["layer_types"].count("linear_attention") >= 2
+        assert cfg["layer_types"].count("full_attention") >= 1
+        assert cfg["rope_parameters"]["partial_rotary_factor"] < 1
+        assert cfg["num_key_value_heads"] < cfg["num_attention_heads"]
+    assert text["tie_word_embeddings"] and not vl["tie_word_embeddings"]
+    # one prompt spans more than one 64-token chunk of the delta rule
+    assert golden("qwen3_5_text")["prompt_ids"].shape[1] > 64
+
+
+@pytest.mark.parametrize("name", QWEN35)
+def test_batch_rows_and_split_prefill_equal_single_sequences(name):
+    model = load(FIXTURES / name, backend="numpy").model
+    ids = golden(name)["prompt_ids"]
+    both = model.forward(ids, model.make_cache(batch=2))
+    for row in range(2):
+        alone = model.forward(ids[row:row + 1], model.make_cache(batch=1))
+        np.testing.assert_allclose(alone[0], both[row], atol=1e-5)
+    # the prompt in two calls (conv and delta states carried across) equals one call
+    cache = model.make_cache(batch=2)
+    cut = ids.shape[1] // 2 + 1
+    parts = np.concatenate([model.forward(ids[:, :cut], cache), model.forward(ids[:, cut:], cache)], 1)
+    np.testing.assert_allclose(parts, both, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_snapshot_restore_replays_exactly(backend):
+    model = load(FIXTURES / "qwen3_5_text", backend=backend).model
+    ref = golden("qwen3_5_text")
+    cache = model.make_cache(batch=2)
+    model.forward(ref["prompt_ids"], cache)
+    snap = cache.snapshot()
+    steps = ref["decode_ids"][:, :4]
+    first = [model.forward(steps[:, i:i + 1], cache) for i in range(4)]
+    cache.restore(snap)
+    assert cache.offset == ref["prompt_ids"].shape[1]
+    again = [model.forward(steps[:, i:i + 1], cache) for i in range(4)]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="snapshot"):
+        cache.truncate(cache.offset - 1)
+
+
+def random_delta_inputs(seed, b=2, t=150, hk=2, hv=4, dk=16, dv=24):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
+    k = rng.standard_normal((b, t, hk, dk)).astype(np.float32)
+    v = rng.standard_normal((b, t, hv, dv)).astype(np.float32)
+    g = -rng.uniform(0.01, 0.5, (b, t, hv)).astype(np.float32)
+    beta = rng.uniform(0, 1, (b, t, hv)).astype(np.float32)
+    state = (0.3 * rng.standard_normal((b, hv, dk, dv))).astype(np.float32)
+    return q, k, v, g, beta, state
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_chunked_delta_rule_equals_recurrence(backend):
+    from lattice_engine.loading import get_ops
+    impl = get_ops(backend)
+    q, k, v, g, beta, state = random_delta_inputs(0)
+    s_rec, s_chunk = state.copy(), state.copy()
+    rec = ops.gated_delta_rule(q, k, v, g, beta, s_rec, chunk=0)  # numpy recurrence: the definition
+    out = impl.gated_delta_rule(q, k, v, g, beta, s_chunk, chunk=64)
+    assert np.abs(s_chunk - s_rec).max() <= STATE_TOLERANCE
+    assert np.abs(out - rec).max() <= STATE_TOLERANCE
+    s_step = state.copy()
+    out_step = impl.gated_delta_rule(q, k, v, g, beta, s_step, chunk=0)
+    assert np.abs(s_step - s_rec).max() <= STATE_TOLERANCE
+    assert np.abs(out_step - rec).max() <= STATE_TOLERANCE
+
+
+def native_or_skip():
+    from lattice_engine import kernels
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    return kernels
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_native_deltanet_kernels_match_numpy(isa):
+    kernels = native_or_skip()
+    before = kernels.isa()
+    if kernels.set_isa(isa) != isa:
+        kernels.set_isa(before)
+        pytest.skip(f"{isa} not available here")
+    try:
+        rng = np.random.default_rng(1)
+        # conv: prefill longer and shorter than the kernel, then one decode step
+        w = rng.standard_normal((4, 300)).astype(np.float32)
+        st_np = rng.standard_normal((2, 3, 300)).astype(np.float32)
+        st_c = st_np.copy()
+        for t in (7, 2, 1):
+            x = rng.standard_normal((2, t, 300)).astype(np.float32)
+            want = ops.causal_conv1d(x, w, st_np)
+            got = kernels.causal_conv1d(x.copy(), w, st_c)
+            np.testing.assert_allclose(got, want, atol=1e-5)
+            np.testing.assert_array_equal(st_c, st_np)
+        x = rng.standard_normal((3, 5, 40)).astype(np.float32)
+        z = rng.standard_normal((3, 5, 40)).astype(np.float32)
+        nw = rng.standard_normal(40).astype(np.float32)
+        np.testing.assert_allclose(kernels.gated_rms_norm(x, z, nw, 1e-6),
+                                   ops.gated_rms_norm(x, z, nw, 1e-6), atol=1e-5)
+        # delta rule on views of one fused qkv row, as the model passes them
+        q, k, v, g, beta, state = random_delta_inputs(2, t=70)
+        fused = np.concatenate([q.reshape(2, 70, -1), k.reshape(2, 70, -1),
+                                v.reshape(2, 70, -1)], axis=-1)
+        n = q[0, 0].size
+        views = (fused[..., :n].reshape(q.shape), fused[..., n:2 * n].reshape(k.shape),
+                 fused[..., 2 * n:].reshape(v.shape))
+        for chunk in (0, 16):
+            s_np, s_c = state.copy(), state.copy()
+            want = ops.gated_delta_rule(q, k, v, g, beta, s_np, chunk=chunk)
+            got = kernels.gated_delta_rule(*views, g, beta, s_c, chunk=chunk)
+            assert np.abs(got - want).max() <= STATE_TOLERANCE
+            assert np.abs(s_c - s_np).max() <= STATE_TOLERANCE
+    finally:
+        kernels.set_isa(before)
+
+
+def test_mtp_and_vision_weights_stay_addressable():
+    model = load(FIXTURES / "qwen3_5_vl", backend="numpy").model
+    assert "mtp.fc.weight" in model.mtp_weights
+    assert model.mtp_weights.shape("mtp.fc.weight") == (64, 128)
+    assert model.mtp_weights["mtp.fc.weight"].shape == (64, 128)
+    assert len(model.vision_weights) > 0
+    assert all(n.startswith("model.visual.") for n in model.vision_weights)
+    name = next(iter(model.vision_weights))
+    assert model.vision_weights[name].shape == model.vision_weights.shape(name)
+    with pytest.raises(CheckpointError, match="mtp.nothing"):
+        model.mtp_weights["mtp.nothing"]
+    # the text-only checkpoint has neither
+    text = load(FIXTURES / "qwen3_5_text", backend="numpy").model
+    assert len(text.mtp_weights) == 0 and len(text.vision_weights) == 0
+
+
+def test_q8_0_keeps_the_tied_lm_head_in_f16():
+    model = load(FIXTURES / "qwen3_5_text", quant=QuantSpec("q8_0"), backend="numpy").model
+    assert model.lm_head is model.embed_tokens
+    assert model.lm_head.format.name == "f16"
+    assert model.layers[0].linear_attn.in_proj_qkv.weight.format.name == "q8_0"
+    untied = load(FIXTURES / "qwen3_5_vl", quant=QuantSpec("q8_0"), backend="numpy").model
+    assert untied.lm_head is not untied.embed_tokens
+    f16 = load(FIXTURES / "qwen3_5_text", quant=QuantSpec("f16"), backend="numpy").model
+    np.testing.assert_array_equal(model.lm_head.data, f16.lm_head.data)
+
+
+def edited_copy(tmp_path, name, edit):
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    edit(weights)
+    save_file(weights, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("tensor", [
+    "model.language_model.layers.0.linear_attn.A_log",
+    "model.language_model.layers.2.self_attn.q_proj.weight",
+    "lm_head.weight",
+])
+def test_missing_tensor_is_named(tmp_path, tensor):
+    folder = edited_copy(tmp_path, "qwen3_5_vl", lambda w: w.pop(tensor))
+    with pytest.raises(CheckpointError, match=tensor.replace(".", r"\.")):
+        load(folder, backend="numpy")
+
+
+@pytest.mark.parametrize("tensor", [
+    "model.layers.1.linear_attn.conv1d.weight",
+    "model.layers.0.linear_attn.in_proj_qkv.weight",
+    "model.layers.2.self_attn.q_proj.weight",
+])
+def test_wrong_shape_is_named(tmp_path, tensor):
+    def shrink(w):
+        w[tensor] = np.ascontiguousarray(w[tensor][:-1])
+    folder = edited_copy(tmp_path, "qwen3_5_text", shrink)
+    with pytest.raises(CheckpointError, match=tensor.replace(".", r"\.") + ".*shape"):
+        load(folder, backend="numpy")
