@@ -20,7 +20,7 @@ from .tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 OP_NAMES = ("matmul", "embed", "rms_norm", "rope_tables", "rope", "silu_mul", "softmax",
-            "attention")
+            "attention", "paged_attention")
 BACKENDS = ("auto", "native", "numpy")
 
 

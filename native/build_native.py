@@ -17,7 +17,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c"]
+SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "paged_attention.c"]
 
 CDEF = """
 int lk_init(void);
@@ -63,6 +63,12 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
                  const float *k, int64_t ksb, int64_t kst, int64_t ksh,
                  const float *v, int64_t vsb, int64_t vst, int64_t vsh,
                  int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
+
+int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_pool,
+                       const float *v_pool, int64_t block_size, int64_t Hkv, int64_t nseq,
+                       const int64_t *q_start, const int64_t *pos_start,
+                       const int32_t *block_tables, int64_t max_blocks, float scale,
+                       float *out);
 
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 """

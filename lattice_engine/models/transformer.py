@@ -199,5 +199,18 @@ class DecoderModel:
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
 
+    def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = ""):
+        """A `PagedKVCache` for serving many sequences (see `forward_paged`)."""
+        from ..cache.paged import PagedKVCache
+        c = self.config
+        return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                            num_blocks, block_size, variant)
+
+    def forward_paged(self, batch, cache) -> np.ndarray:
+        """Logits [len(batch.logit_rows), V] for a flat batch of sequences in a paged cache
+        (`paged_forward.PagedBatch`); writes their new K/V into the cache."""
+        from .paged_forward import forward_paged
+        return forward_paged(self, batch, cache)
+
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return self.ops.matmul(hidden, self.lm_head)

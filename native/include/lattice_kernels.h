@@ -34,6 +34,7 @@
  *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act
  *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_add
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
+ *              lk_paged_attention (the same over a paged block pool, a flat batch of sequences)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -152,6 +153,17 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
                  const float *k, int64_t ksb, int64_t kst, int64_t ksh,
                  const float *v, int64_t vsb, int64_t vst, int64_t vsh,
                  int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
+
+/* Causal GQA for a flat batch of sequences over a paged KV pool (paged_attention.c).
+   q and out: contiguous [N, Hq, D], sequence i owning rows q_start[i] .. q_start[i+1]-1
+   (q_start has nseq + 1 entries) at positions pos_start[i] + t; k_pool, v_pool:
+   contiguous [num_blocks, block_size, Hkv, D]; block_tables: int32 [nseq, max_blocks].
+   Returns 0, -1 on inconsistent shapes, -2 out of memory. */
+int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_pool,
+                       const float *v_pool, int64_t block_size, int64_t Hkv, int64_t nseq,
+                       const int64_t *q_start, const int64_t *pos_start,
+                       const int32_t *block_tables, int64_t max_blocks, float scale,
+                       float *out);
 
 /* ---- bench ---------------------------------------------------------------------- */
 
