@@ -1,0 +1,253 @@
+"""`BatchRunner`: continuous batching over a paged KV cache for one model.
+
+`add_request` queues a sequence, `step` runs one scheduler step (one batched forward) and
+returns what each affected request produced, `abort` drops a request and frees its blocks.
+Text is detokenized incrementally per request with the same stop handling as
+`generate.stream_generate` (stop tokens, stop strings held back until decided, max_tokens).
+
+Each request samples with its own `Sampler` (its own seeded RNG) from its own logits row,
+so its tokens do not depend on which other requests share the step, up to the float
+rounding of batched matmuls (see tests/test_batching.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence as Seq
+
+import numpy as np
+
+from .errors import RequestError
+from .generate import StopMatcher, token_logprob
+from .models.paged_forward import PagedBatch
+from .sampling import SamplingParams, make_sampler
+from .scheduler import LogitsMask, Scheduler, Sequence, Status, WorkItem
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """KV pool size and per-step budgets (the [server] config section sets them)."""
+
+    kv_cache_tokens: int = 16384  # pool size in tokens (rounded up to whole blocks)
+    block_size: int = 16
+    max_running: int = 16         # sequences decoding at once
+    step_tokens: int = 512        # tokens per forward when nothing decodes
+    interleave_tokens: int = 64   # prefill tokens per forward while others decode
+
+    def __post_init__(self):
+        for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",
+                     "interleave_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise RequestError(f"{name}={value!r} is out of range: it must be an integer >= 1")
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced in one step: the new text (pieces concatenate to the
+    final output) and tokens; finish_reason on the last one ("stop", "length", "abort")."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Optional[str]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Histogram:
+    """Cumulative Prometheus-style histogram (seconds)."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        while i < len(self.BUCKETS) and value > self.BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+
+@dataclass
+class BatchStats:
+    requests_added: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0          # prompt tokens of admitted requests
+    tokens_computed: int = 0        # tokens run through the model (prefill + decode)
+    generated_tokens: int = 0
+    steps: int = 0
+    ttft: Histogram = field(default_factory=Histogram)
+    itl: Histogram = field(default_factory=Histogram)
+
+
+@dataclass
+class _Output:
+    """Per-request incremental detokenization state."""
+
+    stop_ids: frozenset
+    matcher: StopMatcher
+    generated: list[int] = field(default_factory=list)
+    emitted: str = ""
+    new_tokens: list[int] = field(default_factory=list)
+    new_logprobs: list[float] = field(default_factory=list)
+
+
+class BatchRunner:
+    def __init__(self, model, tokenizer, registry=None,
+                 options: BatchingOptions = BatchingOptions(), variant: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.options = options
+        blocks = -(-options.kv_cache_tokens // options.block_size)
+        self.cache = model.make_paged_cache(blocks, options.block_size, variant)
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.scheduler = Scheduler(self.cache, max_running=options.max_running,
+                                   step_tokens=options.step_tokens,
+                                   interleave_tokens=options.interleave_tokens,
+                                   max_model_len=self.max_model_len)
+        self.stats = BatchStats()
+        self._ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, *,
+                    request_id: Optional[str] = None,
+                    logits_mask: Optional[LogitsMask] = None) -> str:
+        """Queue a request; returns its id. Raises RequestError for an empty or too long
+        prompt or bad sampling options, before anything is queued."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise RequestError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens but the model's "
+                               f"context is {self.max_model_len}; shorten the prompt")
+        vocab = self.model.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise RequestError(f"a prompt token id is outside the vocabulary [0, {vocab})")
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(request_id, prompt_ids, params, make_sampler(params, self.registry),
+                       logits_mask)
+        seq.detail["out"] = _Output(frozenset(params.stop_token_ids) |
+                                    frozenset(self.tokenizer.eos_token_ids),
+                                    StopMatcher(params.stop))
+        self.scheduler.add(seq)
+        self.stats.requests_added += 1
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks now; False if it is unknown or done."""
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self._count_finish("abort")
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward over the scheduled work; return the requests' new output."""
+        plan = self.scheduler.schedule()
+        outputs = [self._finish(seq, "length") for seq in plan.out_of_memory]
+        if not plan.items:
+            return outputs
+        self.stats.steps += 1
+        batch = PagedBatch.build(self.cache, [
+            (it.sequence.blocks, it.sequence.token_ids[it.start:it.start + it.count],
+             it.start, it.sample) for it in plan.items])
+        logits = self.model.forward_paged(batch, self.cache)
+        self.scheduler.complete(plan.items)
+        now = time.perf_counter()
+        row = 0
+        for it in plan.items:
+            seq = it.sequence
+            self.stats.tokens_computed += it.count
+            if not it.sample:
+                continue
+            out = self._sample(seq, logits[row], now)
+            row += 1
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:
+        if seq.logits_mask is not None:
+            masked = seq.logits_mask.apply(row)
+            row = row if masked is None else masked
+        token = seq.sampler(seq.token_ids, row)
+        logprob = token_logprob(row, token)
+        if seq.logits_mask is not None:
+            seq.logits_mask.accept(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.ttft.observe(now - seq.arrival_time)
+            self.stats.prompt_tokens += len(seq.prompt_ids)
+        elif seq.last_token_time is not None:
+            self.stats.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        self.stats.generated_tokens += 1
+        st: _Output = seq.detail["out"]
+        if token in st.stop_ids:
+            return self._finish(seq, "stop")
+        seq.token_ids.append(token)
+        st.generated.append(token)
+        st.new_tokens.append(token)
+        st.new_logprobs.append(logprob)
+        if seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return self._finish(seq, "length")
+        full = self.tokenizer.decode(st.generated)
+        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            return None
+        text, _, stopped = st.matcher.split(full[len(st.emitted):], final=False)
+        if stopped:
+            st.emitted += text
+            return self._finish(seq, "stop", text, flush=False)
+        if not text:
+            return None
+        st.emitted += text
+        return self._emit(seq, text, None)
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "",
+                flush: bool = True) -> RequestOutput:
+        """End seq: free its blocks, release held-back text (unless a stop string ended
+        it: what follows the stop string is dropped)."""
+        st: _Output = seq.detail["out"]
+        if flush:  # the held-back tail is released, up to a stop string in it
+            rest, _, stopped = st.matcher.split(
+                self.tokenizer.decode(st.generated)[len(st.emitted):], final=True)
+            text += rest
+            reason = "stop" if stopped else reason
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, reason)
+        self._count_finish(reason)
+        return self._emit(seq, text, reason)
+
+    def _emit(self, seq: Sequence, text: str, reason: Optional[str]) -> RequestOutput:
+        st: _Output = seq.detail["out"]
+        out = RequestOutput(seq.request_id, text, st.new_tokens, st.new_logprobs, reason,
+                            len(seq.prompt_ids), len(st.generated), seq.cached_tokens)
+        st.new_tokens, st.new_logprobs = [], []
+        return out
+
+    def _count_finish(self, reason: str) -> None:
+        self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1
