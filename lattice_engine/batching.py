@@ -129,6 +129,16 @@ class BatchRunner:
                     logits_mask: Optional[LogitsMask] = None) -> str:
         """Queue a request; returns its id. Raises RequestError for an empty or too long
         prompt or bad sampling options, before anything is queued."""
+        seq = self.make_sequence(prompt_ids, params, request_id=request_id,
+                                 logits_mask=logits_mask)
+        self.enqueue(seq)
+        return seq.request_id
+
+    def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
+                      request_id: Optional[str] = None,
+                      logits_mask: Optional[LogitsMask] = None) -> Sequence:
+        """Validate a request and build its `Sequence` without touching the queues (safe
+        from another thread than the one that steps)."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -138,15 +148,22 @@ class BatchRunner:
         vocab = self.model.config.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise RequestError(f"a prompt token id is outside the vocabulary [0, {vocab})")
+        need = self.cache.blocks_for(len(prompt_ids) + 1)
+        if need > self.cache.num_blocks:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens, more than the KV "
+                               f"cache holds ({self.cache.num_blocks} blocks of "
+                               f"{self.cache.block_size}); shorten it or enlarge the cache")
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, prompt_ids, params, make_sampler(params, self.registry),
                        logits_mask)
         seq.detail["out"] = _Output(frozenset(params.stop_token_ids) |
                                     frozenset(self.tokenizer.eos_token_ids),
                                     StopMatcher(params.stop))
+        return seq
+
+    def enqueue(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
         self.stats.requests_added += 1
-        return request_id
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks now; False if it is unknown or done."""
