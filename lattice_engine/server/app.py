@@ -129,8 +129,8 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
 class _CountStatus:
     """ASGI wrapper that counts responses by status for /metrics."""
 
-    def __init__(self, app, state: _State):
-        self.app, self.state = app, state
+    def __init__(self, app, lattice: _State):
+        self.app, self.lattice = app, lattice
 
     def __getattr__(self, name):
         return getattr(self.app, name)
@@ -142,7 +142,7 @@ class _CountStatus:
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 status = message["status"]
-                self.state.http[status] = self.state.http.get(status, 0) + 1
+                self.lattice.http[status] = self.lattice.http.get(status, 0) + 1
             await send(message)
         await self.app(scope, receive, counting_send)
 
