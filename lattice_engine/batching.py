@@ -136,9 +136,11 @@ class BatchRunner:
 
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
-                      logits_mask: Optional[LogitsMask] = None) -> Sequence:
+                      logits_mask: Optional[LogitsMask] = None,
+                      ignore_eos: bool = False) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
-        from another thread than the one that steps)."""
+        from another thread than the one that steps). ignore_eos keeps generating past the
+        model's end-of-sequence tokens (benchmarks want fixed lengths)."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -156,8 +158,8 @@ class BatchRunner:
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, prompt_ids, params, make_sampler(params, self.registry),
                        logits_mask)
-        seq.detail["out"] = _Output(frozenset(params.stop_token_ids) |
-                                    frozenset(self.tokenizer.eos_token_ids),
+        eos = () if ignore_eos else self.tokenizer.eos_token_ids
+        seq.detail["out"] = _Output(frozenset(params.stop_token_ids) | frozenset(eos),
                                     StopMatcher(params.stop))
         return seq
 

@@ -30,8 +30,8 @@ from ..config import ServerSection
 from ..errors import LatticeError
 from . import metrics
 from .async_engine import AsyncEngine
-from .protocol import (APIError, bad, chat_messages, completion_prompt, sampling_from,
-                       stream_flags)
+from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
+                       sampling_from, stream_flags)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         ids = completion_prompt(body, engine.tokenizer)
         params = sampling_from(body, engine.sampling, "max_tokens")
         stream, usage = stream_flags(body)
-        return await _generate(request, state, ids, params, stream, chat=False)
+        return await _generate(request, state, ids, params, stream, chat=False,
+                               ignore_eos=ignore_eos(body))
 
     async def chat(request: Request) -> Response:
         _authorize(request, state)
@@ -88,7 +89,8 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
             ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except LatticeError as exc:
             raise bad(f"the chat template cannot render these messages: {exc}", "messages")
-        return await _generate(request, state, ids, params, stream, chat=True)
+        return await _generate(request, state, ids, params, stream, chat=True,
+                               ignore_eos=ignore_eos(body))
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -197,14 +199,15 @@ def _usage(out: RequestOutput) -> dict[str, Any]:
 
 
 async def _generate(request: Request, state: _State, ids: list[int], params, stream: bool,
-                    chat: bool) -> Response:
+                    chat: bool, ignore_eos: bool = False) -> Response:
     if state.in_flight >= state.settings.max_concurrency:
         raise APIError(429, f"{state.in_flight} requests are in flight, the limit "
                             f"(server.max_concurrency) is {state.settings.max_concurrency}; "
                             f"retry later", type="rate_limit_error", code="too_many_requests")
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     try:
-        outputs = await state.async_engine.generate(ids, params, request_id=rid)
+        outputs = await state.async_engine.generate(ids, params, request_id=rid,
+                                                    ignore_eos=ignore_eos)
     except LatticeError as exc:
         msg = str(exc)
         code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) else None

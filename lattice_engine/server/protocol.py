@@ -104,6 +104,11 @@ def sampling_from(body: dict, defaults: SamplingParams, max_tokens_field: str) -
         raise bad(str(exc)) from None
 
 
+def ignore_eos(body: dict) -> bool:
+    """vLLM's extension: keep generating past end-of-sequence (fixed-length benchmarks)."""
+    return _get(body, "ignore_eos", bool, False)
+
+
 def stream_flags(body: dict) -> tuple[bool, bool]:
     stream = _get(body, "stream", bool, False)
     options = _get(body, "stream_options", dict, {})
