@@ -101,6 +101,9 @@ class _Output:
     stop_ids: frozenset
     matcher: StopMatcher
     generated: list[int] = field(default_factory=list)
+    decoded: str = ""       # text of generated[:read_offset]
+    prefix_offset: int = 0  # decoding restarts here (a few tokens back, for context)
+    read_offset: int = 0    # tokens already turned into `decoded`
     emitted: str = ""
     new_tokens: list[int] = field(default_factory=list)
     new_logprobs: list[float] = field(default_factory=list)
@@ -234,8 +237,8 @@ class BatchRunner:
         st.new_logprobs.append(logprob)
         if seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return self._finish(seq, "length")
-        full = self.tokenizer.decode(st.generated)
-        if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+        full = self._detokenize(st)
+        if full is None:  # an incomplete UTF-8 sequence: wait for more bytes
             return None
         text, _, stopped = st.matcher.split(full[len(st.emitted):], final=False)
         if stopped:
@@ -246,6 +249,24 @@ class BatchRunner:
         st.emitted += text
         return self._emit(seq, text, None)
 
+    def _detokenize(self, st: _Output) -> Optional[str]:
+        """All text of st.generated, decoding only a short window per new token (the text
+        of generated[prefix_offset:] minus that of generated[prefix_offset:read_offset], so
+        tokenizers that drop a leading space at the start of a decode stay exact); None
+        while the newest bytes are an incomplete UTF-8 sequence."""
+        window = self.tokenizer.decode(st.generated[st.prefix_offset:])
+        if window.endswith("\ufffd"):
+            return None
+        before = self.tokenizer.decode(st.generated[st.prefix_offset:st.read_offset]) \
+            if st.read_offset > st.prefix_offset else ""
+        if not window.startswith(before):  # a merge changed earlier text: decode it all
+            st.decoded = self.tokenizer.decode(st.generated)
+        else:
+            st.decoded += window[len(before):]
+        st.prefix_offset = max(st.read_offset - 4, 0) if len(st.generated) > 8 else 0
+        st.read_offset = len(st.generated)
+        return st.decoded
+
     def _finish(self, seq: Sequence, reason: str, text: str = "",
                 flush: bool = True) -> RequestOutput:
         """End seq: free its blocks, release held-back text (unless a stop string ended
@@ -253,7 +274,9 @@ class BatchRunner:
         st: _Output = seq.detail["out"]
         if flush:  # the held-back tail is released, up to a stop string in it
             rest, _, stopped = st.matcher.split(
-                self.tokenizer.decode(st.generated)[len(st.emitted):], final=True)
+                self.tokenizer.decode(st.generated)[len(st.emitted):]
+                if st.read_offset < len(st.generated) else st.decoded[len(st.emitted):],
+                final=True)
             text += rest
             reason = "stop" if stopped else reason
         if seq.status is not Status.FINISHED:
