@@ -34,7 +34,10 @@ class BatchingOptions:
     block_size: int = 16
     max_running: int = 16         # sequences decoding at once
     step_tokens: int = 512        # tokens per forward when nothing decodes
-    interleave_tokens: int = 64   # prefill tokens per forward while others decode
+    interleave_tokens: int = 64   # at most this many prefill tokens per forward while
+                                  # others decode ...
+    max_itl_rise: float = 2.0     # ... and fewer if a step would take longer than this
+                                  # many decode-only steps (measured); 0 turns that off
 
     def __post_init__(self):
         for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",
@@ -42,6 +45,40 @@ class BatchingOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise RequestError(f"{name}={value!r} is out of range: it must be an integer >= 1")
+        if not (self.max_itl_rise == 0 or self.max_itl_rise > 1):
+            raise RequestError(f"max_itl_rise={self.max_itl_rise!r} is out of range: it must "
+                               f"be 0 (off) or > 1")
+
+
+class PrefillPacer:
+    """Sizes the prefill slice of mixed steps so the decoders' inter-token latency rises by
+    at most `max_rise`: from measured steps it keeps a running estimate of a decode-only
+    step (t_decode) and of the extra cost of one prefill token in a mixed step, and allows
+    (max_rise - 1) * t_decode / cost tokens. Timing noise only changes chunk sizes, never
+    results."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self, max_rise: float, cap: int):
+        self.max_rise, self.cap = max_rise, cap
+        self.t_decode: Optional[float] = None
+        self.per_token: Optional[float] = None
+
+    def _ema(self, old: Optional[float], new: float) -> float:
+        return new if old is None else old + self.SMOOTHING * (new - old)
+
+    def record(self, decode_rows: int, prefill_rows: int, seconds: float) -> None:
+        if decode_rows and not prefill_rows:
+            self.t_decode = self._ema(self.t_decode, seconds)
+        elif decode_rows and prefill_rows and self.t_decode is not None:
+            extra = max(seconds - self.t_decode, 0.0) / prefill_rows
+            self.per_token = self._ema(self.per_token, extra)
+
+    def budget(self) -> int:
+        if not self.max_rise or self.t_decode is None or not self.per_token:
+            return self.cap
+        allowed = (self.max_rise - 1.0) * self.t_decode / self.per_token
+        return max(1, min(self.cap, int(allowed)))
 
 
 @dataclass
@@ -124,6 +161,7 @@ class BatchRunner:
                                    interleave_tokens=options.interleave_tokens,
                                    max_model_len=self.max_model_len)
         self.stats = BatchStats()
+        self.pacer = PrefillPacer(options.max_itl_rise, options.interleave_tokens)
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------
@@ -189,6 +227,8 @@ class BatchRunner:
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled work; return the requests' new output."""
+        self.scheduler.interleave_tokens = self.pacer.budget()
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         outputs = [self._finish(seq, "length") for seq in plan.out_of_memory]
         if not plan.items:
@@ -200,6 +240,8 @@ class BatchRunner:
         logits = self.model.forward_paged(batch, self.cache)
         self.scheduler.complete(plan.items)
         now = time.perf_counter()
+        decode_rows = sum(1 for it in plan.items if it.count == 1 and it.sample)
+        self.pacer.record(decode_rows, len(batch.tokens) - decode_rows, now - started)
         row = 0
         for it in plan.items:
             seq = it.sequence

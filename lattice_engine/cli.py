@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per forward when nothing decodes (default 512)")
     serve.add_argument("--interleave-tokens", type=int, default=None,
                        help="prefill tokens per forward while others decode (default 64)")
+    serve.add_argument("--max-itl-rise", type=float, default=None,
+                       help="keep decode steps within this factor of a decode-only step "
+                            "while prefilling (default 2; 0 turns it off)")
     serve.add_argument("--max-concurrency", type=int, default=None)
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
@@ -204,6 +207,7 @@ def cmd_serve(args) -> int:
                              model_name=args.model_name, kv_cache_tokens=args.kv_cache_tokens,
                              max_running=args.max_running, step_tokens=args.step_tokens,
                              interleave_tokens=args.interleave_tokens,
+                             max_itl_rise=args.max_itl_rise,
                              max_concurrency=args.max_concurrency)
     engine = Engine.from_config(config)
     name = config.server.model_name or config.model.path

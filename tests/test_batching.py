@@ -156,3 +156,19 @@ def test_bad_requests_are_refused_before_queueing(engine):
     with pytest.raises(RequestError, match="max_tokens"):
         engine.add_request("x", max_tokens=0)
     assert not engine.has_unfinished()
+
+
+def test_prefill_pacer_keeps_mixed_steps_within_the_rise():
+    from lattice_engine.batching import PrefillPacer
+    pacer = PrefillPacer(max_rise=2.0, cap=64)
+    assert pacer.budget() == 64                     # nothing measured yet
+    pacer.record(decode_rows=4, prefill_rows=0, seconds=0.040)
+    assert pacer.budget() == 64                     # no mixed step measured yet
+    pacer.record(decode_rows=4, prefill_rows=64, seconds=0.200)   # 2.5 ms per prefill token
+    assert pacer.budget() == 16                     # 16 tokens cost one more decode step
+    for _ in range(30):                             # a cheaper machine: the cap again
+        pacer.record(decode_rows=4, prefill_rows=16, seconds=0.045)
+    assert pacer.budget() == 64
+    assert PrefillPacer(max_rise=0, cap=8).budget() == 8
+    with pytest.raises(RequestError, match="max_itl_rise"):
+        BatchingOptions(max_itl_rise=0.5)
