@@ -154,7 +154,8 @@ class BatchRunner:
         self.registry = registry
         self.options = options
         blocks = -(-options.kv_cache_tokens // options.block_size)
-        self.cache = model.make_paged_cache(blocks, options.block_size, variant)
+        self.cache = model.make_paged_cache(blocks, options.block_size, variant,
+                                            max_sequences=options.max_running)
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.scheduler = Scheduler(self.cache, max_running=options.max_running,
                                    step_tokens=options.step_tokens,

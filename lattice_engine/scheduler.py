@@ -10,6 +10,11 @@ While anything decodes, prefill only gets `interleave_tokens` per step, so a lon
 is spread over many steps and the decoders' inter-token latency stays flat; with nothing
 decoding, prefill gets the whole `step_tokens`.
 
+Models with recurrent (linear-attention) layers give the cache a `RecurrentStateSlots`:
+each admitted sequence then holds a state slot (restored from the snapshot at the end of
+its cached prefix), prefill chunks end on block boundaries, and the state is snapshotted
+whenever a sequence's computed tokens end exactly at a newly full block.
+
 When a running sequence needs a block and none is left, the newest running sequence is
 preempted by recompute: its blocks are freed and it goes back to the front of the waiting
 queue with its generated tokens kept, to be prefilled again later (no request is lost, no
@@ -169,7 +174,7 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            n = self._chunk(seq, min(len(seq.token_ids) - seq.num_computed, budget))
             if not self._reserve(seq, n, preempted):
                 continue
             items.append(WorkItem(seq, seq.num_computed, n,
@@ -178,12 +183,19 @@ class Scheduler:
         while budget > 0 and self.waiting and len(self.running) < self.max_running \
                 and not preempted:
             seq = self.waiting[0]
+            recurrent = self.cache.recurrent
+            if recurrent is not None and recurrent.num_free() == 0:
+                break  # every recurrent-state slot is taken
             if not seq.blocks.table:
                 hit = self.cache.match_prefix(seq.token_ids, seq.blocks)
                 seq.num_computed = hit
                 if not seq.admitted:
                     seq.cached_tokens = hit
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if recurrent is not None and seq.blocks.state_slot is None:
+                seq.blocks.state_slot = recurrent.acquire()
+                if seq.blocks.block_hashes:  # resume after the cached prefix
+                    recurrent.restore(seq.blocks.state_slot, seq.blocks.block_hashes[-1])
+            n = self._chunk(seq, min(len(seq.token_ids) - seq.num_computed, budget))
             if not self.cache.reserve(seq.blocks, seq.num_computed + n):
                 self.cache.free(seq.blocks)  # keep nothing while it waits
                 seq.num_computed = 0
@@ -205,6 +217,16 @@ class Scheduler:
             self.finish(seq, "length")
             stuck.append(seq)
         return SchedulerOutput(items, preempted, stuck)
+
+    def _chunk(self, seq: Sequence, n: int) -> int:
+        """With recurrent layers, a prefill chunk that stops short of the prompt's end is
+        cut back to a block boundary, so the state after it can be snapshotted for prefix
+        reuse (attention-only models take n as is)."""
+        if self.cache.recurrent is None or seq.num_computed + n >= len(seq.token_ids):
+            return n
+        bs = self.cache.block_size
+        aligned = (seq.num_computed + n) // bs * bs - seq.num_computed
+        return aligned if aligned > 0 else n
 
     def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
         """Blocks for seq's next n tokens, preempting the newest other running sequences
@@ -234,4 +256,9 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue
             seq.num_computed = it.start + it.count
-            self.cache.commit(seq.blocks, seq.token_ids, seq.num_computed)
+            new = self.cache.commit(seq.blocks, seq.token_ids, seq.num_computed)
+            recurrent = self.cache.recurrent
+            if new and recurrent is not None and seq.blocks.state_slot is not None and \
+                    seq.num_computed == len(seq.blocks.block_hashes) * self.cache.block_size:
+                # the state is exactly the state after the newest full block: keep it
+                recurrent.snapshot(seq.blocks.state_slot, new[-1])

@@ -29,6 +29,7 @@ class PagedBatch:
     block_tables: np.ndarray  # int32 [S, max_blocks]
     slots: np.ndarray         # int64 [N], flat KV slot of each row
     logit_rows: np.ndarray    # int64 [L]
+    state_slots: np.ndarray   # int64 [S], recurrent-state slot per sequence (-1: none)
 
     @classmethod
     def build(cls, cache: PagedKVCache,
@@ -51,7 +52,10 @@ class PagedBatch:
             if items else np.zeros(0, np.int64)
         logit_rows = np.array([q_start[i + 1] - 1 for i, it in enumerate(items) if it[3]],
                               np.int64)
-        return cls(tokens, positions, q_start, pos_start, tables, slots, logit_rows)
+        state_slots = np.array([-1 if s.state_slot is None else s.state_slot
+                                for s, _, _, _ in items], np.int64)
+        return cls(tokens, positions, q_start, pos_start, tables, slots, logit_rows,
+                   state_slots)
 
 
 def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:

@@ -199,8 +199,11 @@ class DecoderModel:
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
 
-    def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = ""):
-        """A `PagedKVCache` for serving many sequences (see `forward_paged`)."""
+    def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = "",
+                         max_sequences: int = 0):
+        """A `PagedKVCache` for serving many sequences (see `forward_paged`). A model with
+        recurrent layers also gives it `RecurrentStateSlots` for max_sequences sequences;
+        this one has none, so max_sequences is unused."""
         from ..cache.paged import PagedKVCache
         c = self.config
         return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
