@@ -246,4 +246,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os._exit(main())  # the ITL decoder threads are still reading their dead streams
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # the ITL decoder threads may still be reading their dead streams

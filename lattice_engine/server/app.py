@@ -43,7 +43,6 @@ class _State:
         self.async_engine = async_engine
         self.model_name = model_name
         self.settings = settings
-        self.in_flight = 0
         self.http: dict[int, int] = {}
         self.created = int(time.time())
 
@@ -200,8 +199,9 @@ def _usage(out: RequestOutput) -> dict[str, Any]:
 
 async def _generate(request: Request, state: _State, ids: list[int], params, stream: bool,
                     chat: bool, ignore_eos: bool = False) -> Response:
-    if state.in_flight >= state.settings.max_concurrency:
-        raise APIError(429, f"{state.in_flight} requests are in flight, the limit "
+    in_flight = state.async_engine.num_streams()
+    if in_flight >= state.settings.max_concurrency:
+        raise APIError(429, f"{in_flight} requests are in flight, the limit "
                             f"(server.max_concurrency) is {state.settings.max_concurrency}; "
                             f"retry later", type="rate_limit_error", code="too_many_requests")
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -212,7 +212,6 @@ async def _generate(request: Request, state: _State, ids: list[int], params, str
         msg = str(exc)
         code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) else None
         raise bad(msg, "messages" if chat else "prompt", code) from None
-    state.in_flight += 1
     created = int(time.time())
     head = {"id": rid, "created": created, "model": state.model_name}
     if stream:
@@ -250,7 +249,6 @@ async def _sse(state: _State, outputs: AsyncIterator[RequestOutput], head, chat:
                 yield _event(_chunk(head, chat, out.text, None))
         yield "data: [DONE]\n\n"
     finally:
-        state.in_flight -= 1
         if not finished:  # the client went away (or the engine failed): free its blocks now
             state.async_engine.abort(rid)
 
@@ -280,7 +278,6 @@ async def _collect(request: Request, state: _State, outputs, head, chat: bool,
                 return Response(status_code=499)
         task.result()
     finally:
-        state.in_flight -= 1
         if not task.done():
             task.cancel()
     text = "".join(parts)

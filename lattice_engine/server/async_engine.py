@@ -63,6 +63,10 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", seq.request_id))
 
+    def num_streams(self) -> int:
+        """Requests queued or running on behalf of a listener (the concurrency count)."""
+        return len(self._streams)
+
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
