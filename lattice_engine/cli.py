@@ -1,4 +1,4 @@
-"""`lattice` command line: generate | chat | ppl | plugins | pull | models.
+"""`lattice` command line: generate | chat | serve | ppl | plugins | pull | models.
 
 Every user error is one line on stderr and exit code 2; no tracebacks.
 """
@@ -56,6 +56,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None)
     add_model_options(chat)
     add_sampling_options(chat)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    add_model_options(serve, positional=True)
+    serve.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="default 8000")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (or set LATTICE_API_KEY)")
+    serve.add_argument("--model-name", default=None,
+                       help="name clients use as 'model' (default: the model argument)")
+    serve.add_argument("--kv-cache-tokens", type=int, default=None,
+                       help="paged KV pool size in tokens (default 16384)")
+    serve.add_argument("--max-running", type=int, default=None,
+                       help="sequences batched at once (default 16)")
+    serve.add_argument("--step-tokens", type=int, default=None,
+                       help="tokens per forward when nothing decodes (default 512)")
+    serve.add_argument("--interleave-tokens", type=int, default=None,
+                       help="prefill tokens per forward while others decode (default 64)")
+    serve.add_argument("--max-itl-rise", type=float, default=None,
+                       help="keep decode steps within this factor of a decode-only step "
+                            "while prefilling (default 2; 0 turns it off)")
+    serve.add_argument("--max-concurrency", type=int, default=None)
+    serve.add_argument("--log-level", default="info",
+                       choices=("critical", "error", "warning", "info", "debug"))
 
     ppl = sub.add_parser("ppl", help="perplexity of a text file (sliding windows)")
     add_model_options(ppl, positional=True)
@@ -174,6 +197,27 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+    from .engine import Engine
+    from .server import serve
+    config = load_settings(args)
+    config = config.override("server", host=args.host, port=args.port,
+                             api_key=args.api_key or os.environ.get("LATTICE_API_KEY"),
+                             model_name=args.model_name, kv_cache_tokens=args.kv_cache_tokens,
+                             max_running=args.max_running, step_tokens=args.step_tokens,
+                             interleave_tokens=args.interleave_tokens,
+                             max_itl_rise=args.max_itl_rise,
+                             max_concurrency=args.max_concurrency)
+    engine = Engine.from_config(config)
+    name = config.server.model_name or config.model.path
+    print(f"lattice serve: {name} on http://{config.server.host}:{config.server.port}/v1 "
+          f"(KV pool {config.server.kv_cache_tokens} tokens)", file=sys.stderr)
+    serve(engine, model_name=name, settings=config.server,
+          options=config.server.batching_options(), log_level=args.log_level)
+    return 0
+
+
 def cmd_plugins(args) -> int:
     from .plugins import get_plugin_manager
     print(json.dumps(get_plugin_manager().describe(include_builtins=args.all), indent=2))
@@ -198,7 +242,7 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "ppl": cmd_ppl,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "ppl": cmd_ppl,
             "plugins": cmd_plugins, "pull": cmd_pull, "models": cmd_models}
 
 

@@ -4,7 +4,9 @@
     [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }
     [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop
     [plugins]  load = ["name", ...]   (omit to load every installed plugin)
-    [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency
+    [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
+               model_name, kv_cache_tokens, block_size, max_running, step_tokens,
+               interleave_tokens, max_itl_rise
 
 `lattice.toml` in the working directory is read when present; `--config PATH` picks
 another file; command-line flags override both.
@@ -60,12 +62,34 @@ class ServerSection:
     api_key: Optional[str] = None
     max_body_bytes: int = 1 << 20
     max_concurrency: int = 64
+    # continuous batching (lattice_engine.batching.BatchingOptions)
+    model_name: Optional[str] = None  # the name clients send as "model" (default: model.path)
+    kv_cache_tokens: int = 16384      # paged KV pool size, in tokens
+    block_size: int = 16              # tokens per KV block (the prefix-sharing unit)
+    max_running: int = 16             # sequences batched at once
+    step_tokens: int = 512            # tokens per forward when nothing decodes
+    interleave_tokens: int = 64       # prefill tokens per forward while others decode (max)
+    max_itl_rise: float = 2.0         # shrink that slice to keep decode steps within this
+                                      # factor of a decode-only step (0: off)
 
     def __post_init__(self):
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"server.port = {self.port} is out of range: use 1..65535")
         _at_least("server.max_body_bytes", self.max_body_bytes, 1024)
         _at_least("server.max_concurrency", self.max_concurrency, 1)
+        for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",
+                     "interleave_tokens"):
+            _at_least(f"server.{name}", getattr(self, name), 1)
+        if not (self.max_itl_rise == 0 or self.max_itl_rise > 1):
+            raise ConfigError(f"server.max_itl_rise = {self.max_itl_rise!r} is out of range: "
+                              f"use 0 (off) or a factor > 1")
+
+    def batching_options(self):
+        from .batching import BatchingOptions
+        return BatchingOptions(kv_cache_tokens=self.kv_cache_tokens, block_size=self.block_size,
+                               max_running=self.max_running, step_tokens=self.step_tokens,
+                               interleave_tokens=self.interleave_tokens,
+                               max_itl_rise=self.max_itl_rise)
 
 
 @dataclass(frozen=True)

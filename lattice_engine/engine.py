@@ -82,3 +82,46 @@ class Engine:
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> GenerationResult:
         return self.generate(messages=messages, **sampling)
+
+    # ---- continuous batching (many requests, one batched forward per step) ----------------
+    def start_batching(self, options=None):
+        """Create (or replace, if idle) the `BatchRunner` behind add_request / step / abort,
+        with its paged KV pool sized by `options` (a `batching.BatchingOptions`)."""
+        from .batching import BatchingOptions, BatchRunner
+        current = getattr(self, "_runner", None)
+        if current is not None and current.has_unfinished():
+            raise RequestError("cannot resize the KV pool while requests are running")
+        self._runner = BatchRunner(self.model, self.tokenizer, self.plugin_manager.registry,
+                                   options or BatchingOptions(), variant=self.model_variant)
+        return self._runner
+
+    @property
+    def runner(self):
+        return getattr(self, "_runner", None) or self.start_batching()
+
+    @property
+    def model_variant(self) -> str:
+        """Prefix-cache key of the weights in use: sequences of different variants never
+        share KV blocks (a LoRA adapter plugin extends it with the adapter's identity)."""
+        return f"{type(self.model).__name__}:{id(self.model)}"
+
+    def add_request(self, prompt: Optional[Prompt] = None, *,
+                    messages: Optional[list[dict[str, Any]]] = None,
+                    request_id: Optional[str] = None, logits_mask=None,
+                    **sampling: Any) -> str:
+        """Queue a request for `step`; returns its id. `logits_mask` (a
+        `scheduler.LogitsMask`) constrains each next token, e.g. to a grammar."""
+        params = self.sampling.with_overrides(**sampling)
+        return self.runner.add_request(self.prompt_ids(prompt, messages), params,
+                                       request_id=request_id, logits_mask=logits_mask)
+
+    def step(self):
+        """Run one batched forward; returns a list of `batching.RequestOutput`."""
+        return self.runner.step()
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request and free its KV blocks at once; False if unknown or done."""
+        return self.runner.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.runner.has_unfinished()

@@ -36,6 +36,7 @@ __all__ = [
     "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "attention", "add",
     "bench_read", "measure_read_bandwidth", "DecoderStep",
     "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule", "gated_rms_norm",
+    "paged_attention",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -589,6 +590,50 @@ def gated_rms_norm(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, eps: flo
     wp, weight = _in(weight)
     out = _new_or_check(out, x.shape)
     _L.lk_gated_rms_norm(xp, zp, x.size // D if D else 0, D, wp, eps, _fb(_FLOATS, out, True))
+    return out
+
+
+# ---- paged attention -------------------------------------------------------------------
+
+_I32 = np.dtype(np.int32)
+
+
+def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
+                    q_start: np.ndarray, pos_start: np.ndarray, block_tables: np.ndarray,
+                    scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Causal GQA for a flat batch of sequences over a paged KV pool (see
+    `ops.paged_attention`). q [N, Hq, D]; pools [num_blocks, block_size, Hkv, D], used in
+    place (they must be C-contiguous float32); block_tables int32 [S, max_blocks]."""
+    if q.ndim != 3 or k_pool.ndim != 4 or v_pool.shape != k_pool.shape:
+        raise ValueError(f"paged_attention: q {q.shape} must be [N, Hq, D] and the pools "
+                         f"[blocks, block_size, Hkv, D], alike (got {k_pool.shape}, {v_pool.shape})")
+    N, Hq, D = q.shape
+    nb, bs, Hkv, Dk = k_pool.shape
+    if Dk != D or Hq % Hkv:
+        raise ValueError(f"paged_attention: q {q.shape} does not fit the pool {k_pool.shape}")
+    for pool in (k_pool, v_pool):
+        if pool.dtype is not _F32 or not pool.flags.c_contiguous:
+            raise ValueError("paged_attention: the KV pools must be C-contiguous float32")
+    qs = np.ascontiguousarray(q_start, dtype=np.int64)
+    ps = np.ascontiguousarray(pos_start, dtype=np.int64)
+    bt = np.ascontiguousarray(block_tables, dtype=np.int32)
+    S = ps.shape[0]
+    if qs.shape != (S + 1,) or bt.ndim != 2 or bt.shape[0] != S or qs[-1] != N:
+        raise ValueError(f"paged_attention: q_start {qs.shape} must have S+1={S + 1} entries "
+                         f"ending at N={N}; block_tables {bt.shape} must be [S, max_blocks]")
+    if bt.size and (bt.min() < 0 or bt.max() >= nb):
+        raise ValueError(f"paged_attention: a block id is outside the pool [0, {nb})")
+    qp, q = _in(q)
+    out = _new_or_check(out, (N, Hq, D))
+    rc = _L.lk_paged_attention(qp, Hq, D, _fb(_FLOATS, k_pool), _fb(_FLOATS, v_pool), bs, Hkv,
+                               S, _fb(_INT64S, qs), _fb(_INT64S, ps),
+                               _ffi.cast("int32_t *", _fb(bt)), bt.shape[1], scale,
+                               _fb(_FLOATS, out, True))
+    if rc == -1:
+        raise ValueError("paged_attention: a sequence's rows or positions do not fit its "
+                         f"block table of {bt.shape[1]} blocks")
+    if rc:
+        raise MemoryError("paged_attention: out of scratch memory")
     return out
 
 

@@ -216,3 +216,30 @@ def softplus(x: np.ndarray) -> np.ndarray:
     """log(1 + e^x), and x itself above 20 like torch's softplus threshold."""
     x = x.astype(np.float32, copy=False)
     return np.where(x > 20, x, np.log1p(np.exp(np.minimum(x, 20)))).astype(np.float32)
+
+
+def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
+                    q_start: np.ndarray, pos_start: np.ndarray, block_tables: np.ndarray,
+                    scale: float) -> np.ndarray:
+    """Causal GQA for a flat batch of sequences whose keys and values live in a block pool.
+
+    q: [N, Hq, D], the query rows of all sequences back to back; sequence i owns rows
+    q_start[i] .. q_start[i+1]-1 (q_start has S+1 entries), at absolute positions
+    pos_start[i] + 0, 1, ...; k_pool, v_pool: [num_blocks, block_size, Hkv, D] with the
+    sequence's keys for positions 0 .. pos_start[i] + rows - 1 already written;
+    block_tables: int32 [S, max_blocks], row i the blocks of sequence i in order.
+    Returns [N, Hq, D].
+    """
+    n, hq, d = q.shape
+    bs = k_pool.shape[1]
+    out = np.empty((n, hq, d), np.float32)
+    for i in range(len(q_start) - 1):
+        r0, r1 = int(q_start[i]), int(q_start[i + 1])
+        if r1 == r0:
+            continue
+        length = int(pos_start[i]) + r1 - r0
+        blocks = np.asarray(block_tables[i][: -(-length // bs)], dtype=np.int64)
+        k = k_pool[blocks].reshape(-1, *k_pool.shape[2:])[:length]
+        v = v_pool[blocks].reshape(-1, *v_pool.shape[2:])[:length]
+        out[r0:r1] = attention(q[None, r0:r1], k[None], v[None], int(pos_start[i]), scale)[0]
+    return out

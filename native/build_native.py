@@ -18,7 +18,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c",
-           "gated_deltanet.c"]
+           "gated_deltanet.c", "paged_attention.c"]
 
 CDEF = """
 int lk_init(void);
@@ -103,6 +103,11 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
                         float *out);
 void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
                        const float *w, float eps, float *out);
+int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_pool,
+                       const float *v_pool, int64_t block_size, int64_t Hkv, int64_t nseq,
+                       const int64_t *q_start, const int64_t *pos_start,
+                       const int32_t *block_tables, int64_t max_blocks, float scale,
+                       float *out);
 
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 """

@@ -244,5 +244,21 @@ class DecoderModel:
             rope_half=len(self.inv_freq), embed=self.embed_tokens, final_norm=self.norm,
             layers=layers)
 
+    def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = "",
+                         max_sequences: int = 0):
+        """A `PagedKVCache` for serving many sequences (see `forward_paged`). A model with
+        recurrent layers also gives it `RecurrentStateSlots` for max_sequences sequences;
+        this one has none, so max_sequences is unused."""
+        from ..cache.paged import PagedKVCache
+        c = self.config
+        return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                            num_blocks, block_size, variant)
+
+    def forward_paged(self, batch, cache) -> np.ndarray:
+        """Logits [len(batch.logit_rows), V] for a flat batch of sequences in a paged cache
+        (`paged_forward.PagedBatch`); writes their new K/V into the cache."""
+        from .paged_forward import forward_paged
+        return forward_paged(self, batch, cache)
+
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return self.ops.matmul(hidden, self.lm_head)

@@ -35,6 +35,7 @@
  *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act
  *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_add
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
+ *              lk_paged_attention (the same over a paged block pool, a flat batch of sequences)
  *   decoder    lk_decoder_work_size, lk_decoder_step (a whole decode step of the
  *              llama-family decoder in one call)
  *   deltanet   lk_causal_conv1d, lk_gated_delta_rule, lk_gated_rms_norm (Qwen3.5's
@@ -236,6 +237,16 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
    contiguous [rows, D]). */
 void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
                        const float *w, float eps, float *out);
+/* Causal GQA for a flat batch of sequences over a paged KV pool (paged_attention.c).
+   q and out: contiguous [N, Hq, D], sequence i owning rows q_start[i] .. q_start[i+1]-1
+   (q_start has nseq + 1 entries) at positions pos_start[i] + t; k_pool, v_pool:
+   contiguous [num_blocks, block_size, Hkv, D]; block_tables: int32 [nseq, max_blocks].
+   Returns 0, -1 on inconsistent shapes, -2 out of memory. */
+int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_pool,
+                       const float *v_pool, int64_t block_size, int64_t Hkv, int64_t nseq,
+                       const int64_t *q_start, const int64_t *pos_start,
+                       const int32_t *block_tables, int64_t max_blocks, float scale,
+                       float *out);
 
 /* ---- bench ---------------------------------------------------------------------- */
 

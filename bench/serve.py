@@ -1,0 +1,251 @@
+"""Serving benchmark: `lattice serve` in a subprocess, driven by the openai client.
+
+    python bench/serve.py --model qwen2.5-coder-0.5b --quant q8_0 [--streams 1,8]
+
+Measures, on one server:
+- decode throughput at each stream count: N concurrent streaming completions of
+  --gen-tokens tokens each (ignore_eos), aggregate tok/s over the window in which all N
+  are decoding (after the last first token, before the first last token);
+- time to first token of a request whose --prefix-tokens-token prefix is cold, then of a
+  second request sharing that prefix (prefix-cache hit), median of --repeats salted pairs;
+- inter-token latency of --itl-streams running streams before and while a
+  --long-prompt-token prompt is prefilled in chunks.
+Prints one line per figure, then (as its very last line) one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WIKITEXT = HERE.parent / "data" / "wikitext-2" / "wiki.test.raw"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_tokenizer(model: str):
+    """The model's tokenizer (catalog name, .gguf file or HF folder) without its weights,
+    so prompts are sent as token ids of exact lengths."""
+    from tokenizers import Tokenizer
+    path = Path(model)
+    if not path.exists():
+        from lattice_engine.io.catalog import pull
+        path = Path(pull(model, quiet=True))
+    if path.is_dir():
+        return Tokenizer.from_file(str(path / "tokenizer.json"))
+    from lattice_engine.io.gguf_file import read_gguf
+    from lattice_engine.io.gguf_tokenizer import build_tokenizer
+    return build_tokenizer(read_gguf(path)[0], str(path))
+
+
+class Server:
+    def __init__(self, args):
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "lattice_engine.cli", "serve", args.model,
+               "--quant", args.quant, "--port", str(self.port), "--threads", str(args.threads),
+               "--kv-cache-tokens", str(args.kv_cache_tokens),
+               "--max-running", str(max(args.streams + [args.itl_streams]) + 2),
+               "--step-tokens", str(args.step_tokens),
+               "--interleave-tokens", str(args.interleave_tokens), "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd)
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 600
+        while True:
+            try:
+                urllib.request.urlopen(self.base + "/health", timeout=2)
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+                time.sleep(0.5)
+        import openai
+        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none",
+                                    max_retries=0, timeout=1200)
+        self.model = args.model
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
+        return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
+                                         if line and not line.startswith("#"))}
+
+    def stream(self, prompt_ids, max_tokens: int, stamps: list, start: threading.Event = None):
+        """One streaming completion; appends the arrival time of each token chunk."""
+        if start is not None:
+            start.wait()
+        for chunk in self.client.completions.create(
+                model=self.model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0,
+                stream=True, extra_body={"ignore_eos": True}):
+            if chunk.choices and chunk.choices[0].text:
+                stamps.append(time.perf_counter())
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def corpus_ids(tok, n_tokens: int, offset: int = 0) -> list[int]:
+    text = WIKITEXT.read_text(encoding="utf-8")
+    start = offset * 997 % (len(text) // 2)
+    ids = tok.encode(text[start:start + n_tokens * 8]).ids
+    if len(ids) < n_tokens:
+        raise SystemExit(f"WikiText-2 slice too short for {n_tokens} tokens")
+    return ids[:n_tokens]
+
+
+def throughput(server: Server, tok, streams: int, gen_tokens: int) -> dict:
+    prompts = [corpus_ids(tok, 32, offset=100 + i) for i in range(streams)]
+    stamps = [[] for _ in range(streams)]
+    go = threading.Event()
+    threads = [threading.Thread(target=server.stream, args=(p, gen_tokens, s, go))
+               for p, s in zip(prompts, stamps)]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join()
+    t0 = max(s[0] for s in stamps)            # every stream is decoding from here ...
+    t1 = min(s[-1] for s in stamps)           # ... until the first one ends
+    count = sum(sum(1 for x in s if t0 < x <= t1) for s in stamps)
+    agg = count / (t1 - t0) if t1 > t0 else float("nan")
+    per = statistics.median((len(s) - 1) / (s[-1] - s[0]) for s in stamps)
+    return {"streams": streams, "aggregate_tok_s": round(agg, 2),
+            "per_stream_tok_s": round(per, 2)}
+
+
+def ttft(server: Server, tok, prefix_tokens: int, repeats: int) -> dict:
+    cold, hit = [], []
+    before = server.metrics()["lattice_prefix_cache_hit_tokens_total"]
+    for r in range(repeats):
+        # a salt token first: the prefix is cold for the first request of every pair
+        prefix = [random.Random(r).randrange(1000, 20000)] + corpus_ids(tok, prefix_tokens - 1,
+                                                                         offset=7 + r)
+        for target, suffix_offset in ((cold, 1), (hit, 2)):
+            prompt = prefix + corpus_ids(tok, 16, offset=5000 + 10 * r + suffix_offset)
+            stamps: list[float] = []
+            t = time.perf_counter()
+            server.stream(prompt, 1, stamps)
+            target.append(stamps[0] - t)
+    hits = server.metrics()["lattice_prefix_cache_hit_tokens_total"] - before
+    c, h = statistics.median(cold), statistics.median(hit)
+    return {"prefix_tokens": prefix_tokens, "ttft_cold_s": round(c, 4),
+            "ttft_hit_s": round(h, 4), "hit_over_cold": round(h / c, 4),
+            "metrics_prefix_hit_tokens": int(hits)}
+
+
+def itl_under_prefill(server: Server, tok, streams: int, long_tokens: int,
+                      baseline_s: float) -> dict:
+    stamps = [[] for _ in range(streams)]
+    prompts = [corpus_ids(tok, 32, offset=300 + i) for i in range(streams)]
+    def decoder(prompt, s):
+        try:
+            server.stream(prompt, 4096, s)
+        except Exception:  # the server stops at the end of the bench, mid-stream
+            pass
+    threads = [threading.Thread(target=decoder, args=(p, s), daemon=True)
+               for p, s in zip(prompts, stamps)]
+    for t in threads:
+        t.start()
+    while min(len(s) for s in stamps) < 3:
+        time.sleep(0.01)
+    base_start = time.perf_counter()
+    time.sleep(baseline_s)
+    long_start = time.perf_counter()
+    long_stamps: list[float] = []
+    server.stream(corpus_ids(tok, long_tokens, offset=900), 1, long_stamps)
+    long_end = long_stamps[0]
+    time.sleep(0.5)
+    gaps_base, gaps_during = [], []
+    for s in stamps:
+        for a, b in zip(s, s[1:]):
+            if base_start <= a and b <= long_start:
+                gaps_base.append(b - a)
+            elif long_start <= a and b <= long_end:
+                gaps_during.append(b - a)
+    result = {"streams": streams, "long_prompt_tokens": long_tokens,
+              "prefill_s": round(long_end - long_start, 3),
+              "itl_before_ms": round(1e3 * statistics.mean(gaps_base), 2),
+              "itl_during_ms": round(1e3 * statistics.mean(gaps_during), 2),
+              "itl_during_p90_ms": round(1e3 * sorted(gaps_during)[int(0.9 * len(gaps_during))], 2)}
+    result["itl_rise"] = round(result["itl_during_ms"] / result["itl_before_ms"], 3)
+    return result, threads
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
+    p.add_argument("--quant", default="q8_0")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--streams", default="1,8", help="comma-separated stream counts")
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--prefix-tokens", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--itl-streams", type=int, default=4)
+    p.add_argument("--long-prompt-tokens", type=int, default=2000)
+    p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--step-tokens", type=int, default=512)
+    p.add_argument("--interleave-tokens", type=int, default=64)
+    p.add_argument("--skip", default="", help="comma-separated: throughput,ttft,itl")
+    args = p.parse_args(argv)
+    args.streams = [int(s) for s in args.streams.split(",") if s]
+    skip = set(args.skip.split(","))
+    tok = load_tokenizer(args.model)
+    server = Server(args)
+    result = {"model": args.model, "quant": args.quant, "threads": args.threads,
+              "interleave_tokens": args.interleave_tokens,
+              "load_avg_start": os.getloadavg()[0]}
+    try:
+        server.stream(corpus_ids(tok, 16), 4, [])  # warm-up
+        if "throughput" not in skip:
+            rows = [throughput(server, tok, n, args.gen_tokens) for n in args.streams]
+            for r in rows:
+                print(f"decode {r['streams']} streams: {r['aggregate_tok_s']} tok/s aggregate, "
+                      f"{r['per_stream_tok_s']} tok/s per stream  (load {os.getloadavg()[0]:.2f})")
+            result["throughput"] = rows
+            if len(rows) > 1:
+                result["throughput_ratio"] = round(rows[-1]["aggregate_tok_s"] /
+                                                   rows[0]["aggregate_tok_s"], 3)
+                print(f"aggregate ratio {rows[-1]['streams']} / {rows[0]['streams']} streams: "
+                      f"{result['throughput_ratio']}x")
+        if "ttft" not in skip:
+            t = ttft(server, tok, args.prefix_tokens, args.repeats)
+            print(f"TTFT with a {t['prefix_tokens']}-token prefix: cold {t['ttft_cold_s']} s, "
+                  f"prefix hit {t['ttft_hit_s']} s ({t['hit_over_cold']:.1%} of cold; "
+                  f"{t['metrics_prefix_hit_tokens']} hit tokens in /metrics)  "
+                  f"(load {os.getloadavg()[0]:.2f})")
+            result["ttft"] = t
+        if "itl" not in skip:
+            r, _ = itl_under_prefill(server, tok, args.itl_streams, args.long_prompt_tokens, 3.0)
+            print(f"ITL of {r['streams']} streams: {r['itl_before_ms']} ms before, "
+                  f"{r['itl_during_ms']} ms (p90 {r['itl_during_p90_ms']}) while a "
+                  f"{r['long_prompt_tokens']}-token prompt prefilled in {r['prefill_s']} s: "
+                  f"{r['itl_rise']}x  (load {os.getloadavg()[0]:.2f})")
+            result["itl"] = r
+    finally:
+        server.stop()  # also ends the ITL decoders' streams
+    result["load_avg_end"] = os.getloadavg()[0]
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # the ITL decoder threads may still be reading their dead streams

@@ -1,0 +1,338 @@
+"""`BatchRunner`: continuous batching over a paged KV cache for one model.
+
+`add_request` queues a sequence, `step` runs one scheduler step (one batched forward) and
+returns what each affected request produced, `abort` drops a request and frees its blocks.
+Text is detokenized incrementally per request with the same stop handling as
+`generate.stream_generate` (stop tokens, stop strings held back until decided, max_tokens).
+
+Each request samples with its own `Sampler` (its own seeded RNG) from its own logits row,
+so its tokens do not depend on which other requests share the step, up to the float
+rounding of batched matmuls (see tests/test_batching.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence as Seq
+
+import numpy as np
+
+from .errors import RequestError
+from .generate import StopMatcher, token_logprob
+from .models.paged_forward import PagedBatch
+from .sampling import SamplingParams, make_sampler
+from .scheduler import LogitsMask, Scheduler, Sequence, Status, WorkItem
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """KV pool size and per-step budgets (the [server] config section sets them)."""
+
+    kv_cache_tokens: int = 16384  # pool size in tokens (rounded up to whole blocks)
+    block_size: int = 16
+    max_running: int = 16         # sequences decoding at once
+    step_tokens: int = 512        # tokens per forward when nothing decodes
+    interleave_tokens: int = 64   # at most this many prefill tokens per forward while
+                                  # others decode ...
+    max_itl_rise: float = 2.0     # ... and fewer if a step would take longer than this
+                                  # many decode-only steps (measured); 0 turns that off
+
+    def __post_init__(self):
+        for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",
+                     "interleave_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise RequestError(f"{name}={value!r} is out of range: it must be an integer >= 1")
+        if not (self.max_itl_rise == 0 or self.max_itl_rise > 1):
+            raise RequestError(f"max_itl_rise={self.max_itl_rise!r} is out of range: it must "
+                               f"be 0 (off) or > 1")
+
+
+class PrefillPacer:
+    """Sizes the prefill slice of mixed steps so the decoders' inter-token latency rises by
+    at most `max_rise`: from measured steps it keeps a running estimate of a decode-only
+    step (t_decode) and of the extra cost of one prefill token in a mixed step, and allows
+    (max_rise - 1) * t_decode / cost tokens. Timing noise only changes chunk sizes, never
+    results."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self, max_rise: float, cap: int):
+        self.max_rise, self.cap = max_rise, cap
+        self.t_decode: Optional[float] = None
+        self.per_token: Optional[float] = None
+
+    def _ema(self, old: Optional[float], new: float) -> float:
+        return new if old is None else old + self.SMOOTHING * (new - old)
+
+    def record(self, decode_rows: int, prefill_rows: int, seconds: float) -> None:
+        if decode_rows and not prefill_rows:
+            self.t_decode = self._ema(self.t_decode, seconds)
+        elif decode_rows and prefill_rows and self.t_decode is not None:
+            extra = max(seconds - self.t_decode, 0.0) / prefill_rows
+            self.per_token = self._ema(self.per_token, extra)
+
+    def budget(self) -> int:
+        if not self.max_rise or self.t_decode is None or not self.per_token:
+            return self.cap
+        allowed = (self.max_rise - 1.0) * self.t_decode / self.per_token
+        return max(1, min(self.cap, int(allowed)))
+
+
+@dataclass
+class RequestOutput:
+    """What one request produced in one step: the new text (pieces concatenate to the
+    final output) and tokens; finish_reason on the last one ("stop", "length", "abort")."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: Optional[str]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Histogram:
+    """Cumulative Prometheus-style histogram (seconds)."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def __init__(self):
+        self.counts = [0] * (len(self.BUCKETS) + 1)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, value: float) -> None:
+        i = 0
+        while i < len(self.BUCKETS) and value > self.BUCKETS[i]:
+            i += 1
+        self.counts[i] += 1
+        self.total += value
+        self.n += 1
+
+
+@dataclass
+class BatchStats:
+    requests_added: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0          # prompt tokens of admitted requests
+    tokens_computed: int = 0        # tokens run through the model (prefill + decode)
+    generated_tokens: int = 0
+    steps: int = 0
+    ttft: Histogram = field(default_factory=Histogram)
+    itl: Histogram = field(default_factory=Histogram)
+
+
+@dataclass
+class _Output:
+    """Per-request incremental detokenization state."""
+
+    stop_ids: frozenset
+    matcher: StopMatcher
+    generated: list[int] = field(default_factory=list)
+    decoded: str = ""       # text of generated[:read_offset]
+    prefix_offset: int = 0  # decoding restarts here (a few tokens back, for context)
+    read_offset: int = 0    # tokens already turned into `decoded`
+    emitted: str = ""
+    new_tokens: list[int] = field(default_factory=list)
+    new_logprobs: list[float] = field(default_factory=list)
+
+
+class BatchRunner:
+    def __init__(self, model, tokenizer, registry=None,
+                 options: BatchingOptions = BatchingOptions(), variant: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.options = options
+        blocks = -(-options.kv_cache_tokens // options.block_size)
+        self.cache = model.make_paged_cache(blocks, options.block_size, variant,
+                                            max_sequences=options.max_running)
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.scheduler = Scheduler(self.cache, max_running=options.max_running,
+                                   step_tokens=options.step_tokens,
+                                   interleave_tokens=options.interleave_tokens,
+                                   max_model_len=self.max_model_len)
+        self.stats = BatchStats()
+        self.pacer = PrefillPacer(options.max_itl_rise, options.interleave_tokens)
+        self._ids = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt_ids: Seq[int], params: SamplingParams, *,
+                    request_id: Optional[str] = None,
+                    logits_mask: Optional[LogitsMask] = None) -> str:
+        """Queue a request; returns its id. Raises RequestError for an empty or too long
+        prompt or bad sampling options, before anything is queued."""
+        seq = self.make_sequence(prompt_ids, params, request_id=request_id,
+                                 logits_mask=logits_mask)
+        self.enqueue(seq)
+        return seq.request_id
+
+    def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
+                      request_id: Optional[str] = None,
+                      logits_mask: Optional[LogitsMask] = None,
+                      ignore_eos: bool = False) -> Sequence:
+        """Validate a request and build its `Sequence` without touching the queues (safe
+        from another thread than the one that steps). ignore_eos keeps generating past the
+        model's end-of-sequence tokens (benchmarks want fixed lengths)."""
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise RequestError("the prompt is empty; give at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens but the model's "
+                               f"context is {self.max_model_len}; shorten the prompt")
+        vocab = self.model.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise RequestError(f"a prompt token id is outside the vocabulary [0, {vocab})")
+        need = self.cache.blocks_for(len(prompt_ids) + 1)
+        if need > self.cache.num_blocks:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens, more than the KV "
+                               f"cache holds ({self.cache.num_blocks} blocks of "
+                               f"{self.cache.block_size}); shorten it or enlarge the cache")
+        request_id = request_id or f"req-{next(self._ids)}"
+        seq = Sequence(request_id, prompt_ids, params, make_sampler(params, self.registry),
+                       logits_mask)
+        eos = () if ignore_eos else self.tokenizer.eos_token_ids
+        seq.detail["out"] = _Output(frozenset(params.stop_token_ids) | frozenset(eos),
+                                    StopMatcher(params.stop))
+        return seq
+
+    def enqueue(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+        self.stats.requests_added += 1
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks now; False if it is unknown or done."""
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            self._count_finish("abort")
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward over the scheduled work; return the requests' new output."""
+        self.scheduler.interleave_tokens = self.pacer.budget()
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        outputs = [self._finish(seq, "length") for seq in plan.out_of_memory]
+        if not plan.items:
+            return outputs
+        self.stats.steps += 1
+        batch = PagedBatch.build(self.cache, [
+            (it.sequence.blocks, it.sequence.token_ids[it.start:it.start + it.count],
+             it.start, it.sample) for it in plan.items])
+        logits = self.model.forward_paged(batch, self.cache)
+        self.scheduler.complete(plan.items)
+        now = time.perf_counter()
+        decode_rows = sum(1 for it in plan.items if it.count == 1 and it.sample)
+        self.pacer.record(decode_rows, len(batch.tokens) - decode_rows, now - started)
+        row = 0
+        for it in plan.items:
+            seq = it.sequence
+            self.stats.tokens_computed += it.count
+            if not it.sample:
+                continue
+            out = self._sample(seq, logits[row], now)
+            row += 1
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:
+        if seq.logits_mask is not None:
+            masked = seq.logits_mask.apply(row)
+            row = row if masked is None else masked
+        token = seq.sampler(seq.token_ids, row)
+        logprob = token_logprob(row, token)
+        if seq.logits_mask is not None:
+            seq.logits_mask.accept(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.stats.ttft.observe(now - seq.arrival_time)
+            self.stats.prompt_tokens += len(seq.prompt_ids)
+        elif seq.last_token_time is not None:
+            self.stats.itl.observe(now - seq.last_token_time)
+        seq.last_token_time = now
+        self.stats.generated_tokens += 1
+        st: _Output = seq.detail["out"]
+        if token in st.stop_ids:
+            return self._finish(seq, "stop")
+        seq.token_ids.append(token)
+        st.generated.append(token)
+        st.new_tokens.append(token)
+        st.new_logprobs.append(logprob)
+        if seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return self._finish(seq, "length")
+        full = self._detokenize(st)
+        if full is None:  # an incomplete UTF-8 sequence: wait for more bytes
+            return None
+        text, _, stopped = st.matcher.split(full[len(st.emitted):], final=False)
+        if stopped:
+            st.emitted += text
+            return self._finish(seq, "stop", text, flush=False)
+        if not text:
+            return None
+        st.emitted += text
+        return self._emit(seq, text, None)
+
+    def _detokenize(self, st: _Output) -> Optional[str]:
+        """All text of st.generated, decoding only a short window per new token (the text
+        of generated[prefix_offset:] minus that of generated[prefix_offset:read_offset], so
+        tokenizers that drop a leading space at the start of a decode stay exact); None
+        while the newest bytes are an incomplete UTF-8 sequence."""
+        window = self.tokenizer.decode(st.generated[st.prefix_offset:])
+        if window.endswith("\ufffd"):
+            return None
+        before = self.tokenizer.decode(st.generated[st.prefix_offset:st.read_offset]) \
+            if st.read_offset > st.prefix_offset else ""
+        if not window.startswith(before):  # a merge changed earlier text: decode it all
+            st.decoded = self.tokenizer.decode(st.generated)
+        else:
+            st.decoded += window[len(before):]
+        st.prefix_offset = max(st.read_offset - 4, 0) if len(st.generated) > 8 else 0
+        st.read_offset = len(st.generated)
+        return st.decoded
+
+    def _finish(self, seq: Sequence, reason: str, text: str = "",
+                flush: bool = True) -> RequestOutput:
+        """End seq: free its blocks, release held-back text (unless a stop string ended
+        it: what follows the stop string is dropped)."""
+        st: _Output = seq.detail["out"]
+        if flush:  # the held-back tail is released, up to a stop string in it
+            rest, _, stopped = st.matcher.split(
+                self.tokenizer.decode(st.generated)[len(st.emitted):]
+                if st.read_offset < len(st.generated) else st.decoded[len(st.emitted):],
+                final=True)
+            text += rest
+            reason = "stop" if stopped else reason
+        if seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, reason)
+        self._count_finish(reason)
+        return self._emit(seq, text, reason)
+
+    def _emit(self, seq: Sequence, text: str, reason: Optional[str]) -> RequestOutput:
+        st: _Output = seq.detail["out"]
+        out = RequestOutput(seq.request_id, text, st.new_tokens, st.new_logprobs, reason,
+                            len(seq.prompt_ids), len(st.generated), seq.cached_tokens)
+        st.new_tokens, st.new_logprobs = [], []
+        return out
+
+    def _count_finish(self, reason: str) -> None:
+        self.stats.requests_finished[reason] = self.stats.requests_finished.get(reason, 0) + 1

@@ -1,0 +1,84 @@
+"""Recurrent-state slots for linear-attention layers (Gated DeltaNet and kin).
+
+A linear-attention layer carries a fixed-size state per sequence (e.g. a conv window and
+a [H, Dk, Dv] memory) instead of a growing K/V history. Serving needs:
+- one slot per running sequence, preallocated, acquired on admission and released when the
+  sequence finishes, is aborted or preempted;
+- prefix reuse: a prefix can only be skipped if the state *after* it is known, so when a
+  block of a sequence becomes full the model's state at that boundary is snapshotted under
+  the block's chained hash; a later sequence that matches the prefix restores it. Snapshots
+  are dropped when their block leaves the prefix cache (`PagedKVCache` wires that up).
+
+The model owns the meaning of the arrays: `state(slot)` returns writable views it updates
+in place, one array per entry of `shapes`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+
+
+class RecurrentStateSlots:
+    def __init__(self, shapes: Sequence[tuple[int, ...]], num_slots: int,
+                 max_snapshots: int = 256, dtype=np.float32):
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.shapes = [tuple(s) for s in shapes]
+        self.dtype = np.dtype(dtype)
+        self.arrays = [np.zeros((num_slots,) + s, self.dtype) for s in self.shapes]
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.max_snapshots = max_snapshots
+        self.snapshots: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
+
+    @property
+    def num_slots(self) -> int:
+        return self.arrays[0].shape[0] if self.arrays else 0
+
+    def num_free(self) -> int:
+        return len(self.free_slots)
+
+    def acquire(self) -> int:
+        """A zeroed slot (the state before any token). Raises MemoryError when all are
+        taken: the scheduler checks `num_free` before admitting a sequence."""
+        if not self.free_slots:
+            raise MemoryError(f"all {self.num_slots} recurrent-state slots are in use")
+        slot = self.free_slots.pop()
+        for a in self.arrays:
+            a[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self.free_slots or not 0 <= slot < self.num_slots:
+            raise ValueError(f"recurrent slot {slot} is not in use")
+        self.free_slots.append(slot)
+
+    def state(self, slot: int) -> list[np.ndarray]:
+        """Writable views of slot's arrays, one per shape."""
+        return [a[slot] for a in self.arrays]
+
+    # ---- snapshots at block boundaries -----------------------------------------------
+    def snapshot(self, slot: int, block_hash: bytes) -> None:
+        """Copy slot's state as the state after the block behind block_hash; the oldest
+        snapshot goes when there are more than max_snapshots."""
+        if block_hash in self.snapshots:
+            self.snapshots.move_to_end(block_hash)
+            return
+        self.snapshots[block_hash] = [a[slot].copy() for a in self.arrays]
+        while len(self.snapshots) > self.max_snapshots:
+            self.snapshots.popitem(last=False)
+
+    def has_snapshot(self, block_hash: bytes) -> bool:
+        return block_hash in self.snapshots
+
+    def restore(self, slot: int, block_hash: bytes) -> None:
+        """Set slot's state to the snapshot taken after block_hash."""
+        saved = self.snapshots[block_hash]
+        self.snapshots.move_to_end(block_hash)
+        for a, s in zip(self.arrays, saved):
+            a[slot] = s
+
+    def drop_snapshot(self, block_hash: bytes) -> None:
+        self.snapshots.pop(block_hash, None)

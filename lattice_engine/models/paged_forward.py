@@ -1,0 +1,90 @@
+"""Forward pass of a decoder over a flat batch of sequences in a `PagedKVCache`.
+
+Continuous batching runs many sequences per step, each at its own position: one decodes
+its next token, another prefills a chunk of its prompt. Instead of padding them to a
+[B, T] rectangle, their tokens are laid end to end as N rows, so every projection and MLP
+is one matmul with M = N, rope takes one position per row, and attention reads each
+sequence's keys through its block table (`ops.paged_attention`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..cache.paged import PagedKVCache, SequenceBlocks
+
+
+@dataclass
+class PagedBatch:
+    """What one forward computes. Sequence i contributes tokens[q_start[i]:q_start[i+1]] at
+    positions pos_start[i] + 0, 1, ...; logits are returned for rows `logit_rows`."""
+
+    tokens: np.ndarray        # int64 [N]
+    positions: np.ndarray     # int64 [N]
+    q_start: np.ndarray       # int64 [S + 1]
+    pos_start: np.ndarray     # int64 [S]
+    block_tables: np.ndarray  # int32 [S, max_blocks]
+    slots: np.ndarray         # int64 [N], flat KV slot of each row
+    logit_rows: np.ndarray    # int64 [L]
+    state_slots: np.ndarray   # int64 [S], recurrent-state slot per sequence (-1: none)
+
+    @classmethod
+    def build(cls, cache: PagedKVCache,
+              items: Sequence[tuple[SequenceBlocks, Sequence[int], int, bool]]) -> "PagedBatch":
+        """items: (sequence blocks, new token ids, position of the first, wants logits of
+        the last). The sequences' tables must already hold blocks for the new tokens."""
+        counts = [len(toks) for _, toks, _, _ in items]
+        q_start = np.zeros(len(items) + 1, np.int64)
+        q_start[1:] = np.cumsum(counts)
+        pos_start = np.array([p for _, _, p, _ in items], np.int64)
+        width = max((len(s.table) for s, _, _, _ in items), default=1) or 1
+        tables = np.zeros((len(items), width), np.int32)
+        for i, (seq, _, _, _) in enumerate(items):
+            tables[i, :len(seq.table)] = seq.table
+        tokens = np.concatenate([np.asarray(t, np.int64) for _, t, _, _ in items]) if items \
+            else np.zeros(0, np.int64)
+        positions = np.concatenate([np.arange(p, p + n) for p, n in zip(pos_start, counts)]) \
+            if items else np.zeros(0, np.int64)
+        slots = np.concatenate([cache.slots(s, p, n) for (s, _, p, _), n in zip(items, counts)]) \
+            if items else np.zeros(0, np.int64)
+        logit_rows = np.array([q_start[i + 1] - 1 for i, it in enumerate(items) if it[3]],
+                              np.int64)
+        state_slots = np.array([-1 if s.state_slot is None else s.state_slot
+                                for s, _, _, _ in items], np.int64)
+        return cls(tokens, positions, q_start, pos_start, tables, slots, logit_rows,
+                   state_slots)
+
+
+def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
+    """Logits float32 [len(batch.logit_rows), V] for a `DecoderModel`-shaped model (its
+    `layers` of Block with self_attn / mlp, `embed_tokens`, `norm`, `lm_head`)."""
+    ops, cfg = model.ops, model.config
+    tokens = batch.tokens
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
+    n = tokens.shape[0]
+    cos, sin = ops.rope_tables(batch.positions, model.inv_freq)
+    x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
+    for block in model.layers:
+        attn = block.self_attn
+        h = ops.rms_norm(x, block.input_layernorm, block.eps)
+        q = attn.q_proj(h, ops).reshape(1, n, attn.nq, attn.d)
+        k = attn.k_proj(h, ops).reshape(1, n, attn.nkv, attn.d)
+        v = attn.v_proj(h, ops).reshape(1, n, attn.nkv, attn.d)
+        if attn.q_norm is not None:
+            q = ops.rms_norm(q, attn.q_norm, attn.eps)
+            k = ops.rms_norm(k, attn.k_norm, attn.eps)
+        q = ops.rope(q, cos, sin)
+        k = ops.rope(k, cos, sin)
+        cache.write(block.index, batch.slots, k[0], v[0])
+        out = ops.paged_attention(q[0], cache.keys[block.index], cache.values[block.index],
+                                  batch.q_start, batch.pos_start, batch.block_tables,
+                                  1.0 / np.sqrt(attn.d))
+        x = x + attn.o_proj(out.reshape(1, n, attn.nq * attn.d), ops)
+        h = ops.rms_norm(x, block.post_attention_layernorm, block.eps)
+        x = x + block.mlp(h, ops)
+    last = x[0, batch.logit_rows]                                # only rows that sample
+    return model.logits(ops.rms_norm(last, model.norm, cfg.rms_norm_eps))

@@ -1,0 +1,264 @@
+"""Continuous batching: which sequences compute which tokens in the next forward.
+
+Every step the scheduler fills a token budget:
+1. every running sequence that is decoding gets its one token (all of them share one
+   forward, so each weight matrix is read once for the whole batch: matmul with M = batch);
+2. sequences still prefilling get the next chunk of their prompt from what is left;
+3. waiting sequences are admitted while budget, sequence slots and KV blocks last; their
+   cached prefix (full blocks seen before) is skipped.
+While anything decodes, prefill only gets `interleave_tokens` per step, so a long prompt
+is spread over many steps and the decoders' inter-token latency stays flat; with nothing
+decoding, prefill gets the whole `step_tokens`.
+
+Models with recurrent (linear-attention) layers give the cache a `RecurrentStateSlots`:
+each admitted sequence then holds a state slot (restored from the snapshot at the end of
+its cached prefix), prefill chunks end on block boundaries, and the state is snapshotted
+whenever a sequence's computed tokens end exactly at a newly full block.
+
+When a running sequence needs a block and none is left, the newest running sequence is
+preempted by recompute: its blocks are freed and it goes back to the front of the waiting
+queue with its generated tokens kept, to be prefilled again later (no request is lost, no
+crash). Abort frees a sequence's blocks at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional, Protocol
+
+from .cache.paged import PagedKVCache, SequenceBlocks
+from .errors import RequestError
+from .sampling import Sampler, SamplingParams
+
+
+class LogitsMask(Protocol):
+    """A per-request constraint on the next token (e.g. a grammar): `apply` edits the
+    sequence's logits row (float32 [V], in place or returning a new row; masked tokens set
+    to -inf) before sampling; `accept` is told each token the sequence accepted."""
+
+    def apply(self, logits):
+        ...
+
+    def accept(self, token: int) -> None:
+        ...
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens and its place in the cache. token_ids holds the prompt and then
+    every accepted token; the first num_computed of them have K/V in the cache."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    logits_mask: Optional[LogitsMask] = None
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
+    status: Status = Status.WAITING
+    finish_reason: Optional[str] = None
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
+    preemptions: int = 0
+    cached_tokens: int = 0     # prompt tokens served from the prefix cache (first admission)
+    admitted: bool = False
+    detail: dict[str, Any] = field(default_factory=dict)  # the runner's per-request state
+
+    def __post_init__(self):
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        """True while more than the last token is left to compute."""
+        return len(self.token_ids) - self.num_computed > 1
+
+
+@dataclass
+class WorkItem:
+    sequence: Sequence
+    start: int       # position of the first token computed
+    count: int       # tokens computed this step
+    sample: bool     # whether the last token's logits give the next token
+
+
+@dataclass
+class SchedulerOutput:
+    items: list[WorkItem]
+    preempted: list[Sequence]
+    # sequences that can never continue: alone in the cache and still out of blocks
+    out_of_memory: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, cache: PagedKVCache, *, max_running: int = 16, step_tokens: int = 512,
+                 interleave_tokens: int = 64, max_model_len: int = 4096):
+        if step_tokens < 1 or interleave_tokens < 1 or max_running < 1:
+            raise ValueError("step_tokens, interleave_tokens and max_running must be >= 1")
+        self.cache = cache
+        self.max_running = max_running
+        self.step_tokens = step_tokens
+        self.interleave_tokens = interleave_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.by_id: dict[str, Sequence] = {}
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.by_id:
+            raise RequestError(f"request id {seq.request_id!r} is already in use")
+        need = self.cache.blocks_for(len(seq.prompt_ids) + 1)
+        if need > self.cache.num_blocks:
+            raise RequestError(f"the prompt has {len(seq.prompt_ids)} tokens, more than the "
+                               f"KV cache holds ({self.cache.num_blocks} blocks of "
+                               f"{self.cache.block_size}); shorten it or enlarge the cache")
+        self.by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Optional[Sequence]:
+        """Remove the request and free its blocks now; None if it is unknown or done."""
+        seq = self.by_id.pop(request_id, None)
+        if seq is None:
+            return None
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.cache.free(seq.blocks)
+        seq.status = Status.FINISHED
+        seq.finish_reason = seq.finish_reason or "abort"
+        return seq
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self.abort(seq.request_id)
+        seq.finish_reason = reason
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        items: list[WorkItem] = []
+        preempted: list[Sequence] = []
+        decoding = [s for s in self.running if not s.prefilling]
+        prefilling = [s for s in self.running if s.prefilling]
+        budget = self.step_tokens
+        for seq in decoding:
+            if seq.status is not Status.RUNNING:  # preempted for an earlier sequence
+                continue
+            if not self._reserve(seq, 1, preempted):
+                continue
+            items.append(WorkItem(seq, seq.num_computed, 1, True))
+            budget -= 1
+        if items:  # decoders run this step: prefill only a slice, to keep their latency flat
+            budget = min(budget, self.interleave_tokens)
+        for seq in prefilling:
+            if budget <= 0:
+                break
+            if seq.status is not Status.RUNNING:
+                continue
+            n = self._chunk(seq, min(len(seq.token_ids) - seq.num_computed, budget))
+            if not self._reserve(seq, n, preempted):
+                continue
+            items.append(WorkItem(seq, seq.num_computed, n,
+                                  seq.num_computed + n == len(seq.token_ids)))
+            budget -= n
+        while budget > 0 and self.waiting and len(self.running) < self.max_running \
+                and not preempted:
+            seq = self.waiting[0]
+            recurrent = self.cache.recurrent
+            if recurrent is not None and recurrent.num_free() == 0:
+                break  # every recurrent-state slot is taken
+            if not seq.blocks.table:
+                hit = self.cache.match_prefix(seq.token_ids, seq.blocks)
+                seq.num_computed = hit
+                if not seq.admitted:
+                    seq.cached_tokens = hit
+            if recurrent is not None and seq.blocks.state_slot is None:
+                seq.blocks.state_slot = recurrent.acquire()
+                if seq.blocks.block_hashes:  # resume after the cached prefix
+                    recurrent.restore(seq.blocks.state_slot, seq.blocks.block_hashes[-1])
+            n = self._chunk(seq, min(len(seq.token_ids) - seq.num_computed, budget))
+            if not self.cache.reserve(seq.blocks, seq.num_computed + n):
+                self.cache.free(seq.blocks)  # keep nothing while it waits
+                seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            seq.admitted = True
+            self.running.append(seq)
+            items.append(WorkItem(seq, seq.num_computed, n,
+                                  seq.num_computed + n == len(seq.token_ids)))
+            budget -= n
+        # a sequence preempted after it was scheduled this step must not run
+        items = [it for it in items if it.sequence.status is Status.RUNNING]
+        stuck = []
+        if not items and not self.running and self.waiting:
+            # nothing runs, yet the head of the queue does not fit the whole pool: it has
+            # grown past what the cache can hold, so it ends here instead of waiting forever
+            seq = self.waiting[0]
+            self.finish(seq, "length")
+            stuck.append(seq)
+        return SchedulerOutput(items, preempted, stuck)
+
+    def _chunk(self, seq: Sequence, n: int) -> int:
+        """With recurrent layers, a prefill chunk that stops short of the prompt's end is
+        cut back to a block boundary, so the state after it can be snapshotted for prefix
+        reuse (attention-only models take n as is)."""
+        if self.cache.recurrent is None or seq.num_computed + n >= len(seq.token_ids):
+            return n
+        bs = self.cache.block_size
+        aligned = (seq.num_computed + n) // bs * bs - seq.num_computed
+        return aligned if aligned > 0 else n
+
+    def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:
+        """Blocks for seq's next n tokens, preempting the newest other running sequences
+        as needed; False if seq itself had to be preempted."""
+        while not self.cache.reserve(seq.blocks, seq.num_computed + n):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.cache.free(seq.blocks)
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def complete(self, items: list[WorkItem]) -> None:
+        """Mark the scheduled tokens computed and offer newly full blocks to the prefix
+        cache."""
+        for it in items:
+            seq = it.sequence
+            if seq.status is not Status.RUNNING:
+                continue
+            seq.num_computed = it.start + it.count
+            new = self.cache.commit(seq.blocks, seq.token_ids, seq.num_computed)
+            recurrent = self.cache.recurrent
+            if new and recurrent is not None and seq.blocks.state_slot is not None and \
+                    seq.num_computed == len(seq.blocks.block_hashes) * self.cache.block_size:
+                # the state is exactly the state after the newest full block: keep it
+                recurrent.snapshot(seq.blocks.state_slot, new[-1])

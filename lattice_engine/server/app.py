@@ -1,0 +1,291 @@
+"""The OpenAI-compatible HTTP API on Starlette (ASGI; served by uvicorn).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
+server-sent events whose last chunk carries usage), GET /v1/models, GET /health,
+GET /metrics (Prometheus). Errors are OpenAI error objects with a 4xx status for anything
+the client got wrong. `/v1/*` needs `Authorization: Bearer <api_key>` when a key is set.
+Request bodies over `max_body_bytes` get 413; generation requests beyond
+`max_concurrency` in flight get 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..batching import BatchingOptions, RequestOutput
+from ..config import ServerSection
+from ..errors import LatticeError
+from . import metrics
+from .async_engine import AsyncEngine
+from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
+                       sampling_from, stream_flags)
+
+log = logging.getLogger(__name__)
+
+
+class _State:
+    def __init__(self, engine, async_engine: AsyncEngine, model_name: str,
+                 settings: ServerSection):
+        self.engine = engine
+        self.async_engine = async_engine
+        self.model_name = model_name
+        self.settings = settings
+        self.http: dict[int, int] = {}
+        self.created = int(time.time())
+
+
+def create_app(engine, *, model_name: str, settings: ServerSection = ServerSection(),
+               options: Optional[BatchingOptions] = None) -> Starlette:
+    """An ASGI app serving `engine` (an `Engine`) under the name `model_name`."""
+    runner = engine.start_batching(options)
+    state = _State(engine, AsyncEngine(runner), model_name, settings)
+
+    async def health(request: Request) -> Response:
+        ok = state.async_engine.error is None
+        return JSONResponse({"status": "ok" if ok else "degraded", "model": model_name})
+
+    async def metrics_route(request: Request) -> Response:
+        return PlainTextResponse(metrics.render(runner, state.http),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def models(request: Request) -> Response:
+        _authorize(request, state)
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": state.created,
+             "owned_by": "lattice-engine"}]})
+
+    async def completions(request: Request) -> Response:
+        _authorize(request, state)
+        body = await _read_json(request, state)
+        _check_model(body, state)
+        ids = completion_prompt(body, engine.tokenizer)
+        params = sampling_from(body, engine.sampling, "max_tokens")
+        stream, usage = stream_flags(body)
+        return await _generate(request, state, ids, params, stream, chat=False,
+                               ignore_eos=ignore_eos(body))
+
+    async def chat(request: Request) -> Response:
+        _authorize(request, state)
+        body = await _read_json(request, state)
+        _check_model(body, state)
+        messages = chat_messages(body)
+        params = sampling_from(body, engine.sampling, "max_completion_tokens")
+        stream, usage = stream_flags(body)
+        try:
+            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except LatticeError as exc:
+            raise bad(f"the chat template cannot render these messages: {exc}", "messages")
+        return await _generate(request, state, ids, params, stream, chat=True,
+                               ignore_eos=ignore_eos(body))
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+    ]
+
+    async def api_error(request: Request, exc: APIError) -> Response:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = {404: f"no route {request.method} {request.url.path}; routes: " +
+                   ", ".join(r.path for r in routes),
+                   405: f"method {request.method} is not allowed on {request.url.path}"}
+        return JSONResponse(APIError(exc.status_code, message.get(exc.status_code, exc.detail),
+                                     type=kind).body(), status_code=exc.status_code)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+                                     type="server_error").body(), status_code=500)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.async_engine.shutdown()
+
+    app = Starlette(routes=routes, exception_handlers={
+        APIError: api_error, HTTPException: http_error, Exception: internal_error},
+        lifespan=lifespan)
+    app.state.lattice = state
+    return _CountStatus(app, state)
+
+
+class _CountStatus:
+    """ASGI wrapper that counts responses by status for /metrics."""
+
+    def __init__(self, app, lattice: _State):
+        self.app, self.lattice = app, lattice
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                self.lattice.http[status] = self.lattice.http.get(status, 0) + 1
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
+def _authorize(request: Request, state: _State) -> None:
+    key = state.settings.api_key
+    if not key:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                       type="authentication_error", code="invalid_api_key")
+
+
+async def _read_json(request: Request, state: _State) -> dict[str, Any]:
+    limit = state.settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {limit} "
+                            f"(server.max_body_bytes)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body exceeds {limit} bytes (server.max_body_bytes)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    return body
+
+
+def _check_model(body: dict, state: _State) -> None:
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise bad("'model' is required and must be a string", "model")
+    if model != state.model_name:
+        raise APIError(404, f"model {model!r} does not exist here; this server serves "
+                            f"{state.model_name!r} (see GET /v1/models)",
+                       param="model", code="model_not_found")
+
+
+def _usage(out: RequestOutput) -> dict[str, Any]:
+    return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
+
+
+async def _generate(request: Request, state: _State, ids: list[int], params, stream: bool,
+                    chat: bool, ignore_eos: bool = False) -> Response:
+    in_flight = state.async_engine.num_streams()
+    if in_flight >= state.settings.max_concurrency:
+        raise APIError(429, f"{in_flight} requests are in flight, the limit "
+                            f"(server.max_concurrency) is {state.settings.max_concurrency}; "
+                            f"retry later", type="rate_limit_error", code="too_many_requests")
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    try:
+        outputs = await state.async_engine.generate(ids, params, request_id=rid,
+                                                    ignore_eos=ignore_eos)
+    except LatticeError as exc:
+        msg = str(exc)
+        code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) else None
+        raise bad(msg, "messages" if chat else "prompt", code) from None
+    created = int(time.time())
+    head = {"id": rid, "created": created, "model": state.model_name}
+    if stream:
+        return StreamingResponse(_sse(state, outputs, head, chat, rid),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await _collect(request, state, outputs, head, chat, rid)
+
+
+def _chunk(head, chat: bool, text: str, finish: Optional[str], first: bool = False) -> dict:
+    if chat:
+        delta = {"role": "assistant", "content": text} if first else (
+            {"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {**head, "object": "chat.completion.chunk", "choices": [choice]}
+    return {**head, "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+async def _sse(state: _State, outputs: AsyncIterator[RequestOutput], head, chat: bool,
+               rid: str):
+    finished = False
+    try:
+        if chat:
+            yield _event(_chunk(head, chat, "", None, first=True))
+        async for out in outputs:
+            if out.finished:
+                finished = True
+                if out.text:
+                    yield _event(_chunk(head, chat, out.text, None))
+                last = _chunk(head, chat, "", out.finish_reason)
+                last["usage"] = _usage(out)
+                yield _event(last)
+            elif out.text:
+                yield _event(_chunk(head, chat, out.text, None))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:  # the client went away (or the engine failed): free its blocks now
+            state.async_engine.abort(rid)
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _collect(request: Request, state: _State, outputs, head, chat: bool,
+                   rid: str) -> Response:
+    parts: list[str] = []
+    last: Optional[RequestOutput] = None
+
+    async def run():
+        nonlocal last
+        async for out in outputs:
+            parts.append(out.text)
+            last = out
+
+    task = asyncio.ensure_future(run())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                state.async_engine.abort(rid)
+                return Response(status_code=499)
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+    text = "".join(parts)
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": None, "finish_reason": last.finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+        obj = "text_completion"
+    return JSONResponse({**head, "object": obj, "choices": [choice], "usage": _usage(last)})

@@ -1,0 +1,127 @@
+"""`AsyncEngine`: a `BatchRunner` stepped by one background thread, with asyncio streams.
+
+The model runs in its own thread so the event loop stays free for HTTP while a forward
+is under way (the C kernels release the GIL). Requests and aborts from the event loop go
+through a queue that the thread drains between steps, so the runner is only ever touched
+by one thread; outputs come back to each request's asyncio.Queue with
+`call_soon_threadsafe`. An abort (a client that went away) frees the request's KV blocks
+right after the step in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from typing import AsyncIterator, Optional, Sequence
+
+from ..batching import BatchRunner, RequestOutput
+from ..sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, runner: BatchRunner):
+        self.runner = runner
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="lattice-engine", daemon=True)
+        self._thread.start()
+        self.error: Optional[BaseException] = None
+
+    # ---- event-loop side ---------------------------------------------------------------
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                       request_id: Optional[str] = None, logits_mask=None,
+                       ignore_eos: bool = False) -> AsyncIterator[RequestOutput]:
+        """Validate and queue a request, then yield its outputs as steps produce them.
+        Raises RequestError before yielding anything if the request is invalid. Closing
+        the iterator early (a client that disconnected) aborts the request."""
+        seq = self.runner.make_sequence(prompt_ids, params, request_id=request_id,
+                                        logits_mask=logits_mask, ignore_eos=ignore_eos)
+        return self._stream(seq)
+
+    async def _stream(self, seq) -> AsyncIterator[RequestOutput]:
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[seq.request_id] = (asyncio.get_running_loop(), q)
+        self._send(("add", seq))
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(seq.request_id, None)
+            if not finished:
+                self._send(("abort", seq.request_id))
+
+    def num_streams(self) -> int:
+        """Requests queued or running on behalf of a listener (the concurrency count)."""
+        return len(self._streams)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _send(self, command) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # ---- engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            self._drain()
+            if not self.runner.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.runner.step()
+            except Exception as exc:  # a bug: fail the running requests, keep serving
+                log.exception("engine step failed")
+                self.error = exc
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.runner.enqueue(arg)
+                except Exception as exc:
+                    self._deliver(arg.request_id, exc)
+            else:
+                self.runner.abort(arg)
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, q = target
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
+            self.runner.abort(seq.request_id)
+            self._deliver(seq.request_id, RuntimeError(f"the engine failed: {exc}"))

@@ -1,0 +1,245 @@
+"""The paged KV cache: block pool bookkeeping, prefix sharing, recurrent-state snapshots,
+paged attention (numpy reference and native kernels) and the paged model forward against
+transformers' golden logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import ARCHITECTURES, FIXTURES
+from lattice_engine import kernels, ops
+from lattice_engine.cache import (BlockPool, PagedKVCache, RecurrentStateSlots,
+                                  SequenceBlocks, chain_block_hashes)
+from lattice_engine.loading import load
+from lattice_engine.models.paged_forward import PagedBatch
+
+
+# ---- block pool ---------------------------------------------------------------------------
+
+def test_pool_refcounts_and_lru_eviction_order():
+    pool = BlockPool(3)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    assert pool.num_free() == 0
+    with pytest.raises(MemoryError):
+        pool.allocate()
+    pool.register(a, b"ha")
+    pool.register(b, b"hb")
+    pool.release([a, b])                 # released in reverse: b then a, so b is older
+    assert pool.num_cached() == 2 and pool.num_free() == 2
+    assert pool.lookup(b"ha") == a       # a hit takes a back out of the LRU
+    assert pool.refcount[a] == 1 and pool.num_cached() == 1
+    assert pool.allocate() == b          # evicts the only cached block, b
+    assert not pool.contains(b"hb") and pool.evictions == 1
+    assert pool.lookup(b"hb") is None
+    pool.release([c])                    # never hashed: free, not cached
+    assert len(pool.free) == 1 and pool.num_cached() == 0
+    with pytest.raises(ValueError):
+        pool.release([c])
+
+
+def test_pool_register_keeps_the_first_copy_of_equal_content():
+    pool = BlockPool(2)
+    a, b = pool.allocate(), pool.allocate()
+    pool.register(a, b"same")
+    pool.register(b, b"same")            # b duplicates a: stays unhashed
+    pool.release([a, b])
+    assert pool.num_cached() == 1 and len(pool.free) == 1
+
+
+def test_chained_hashes_depend_on_prefix_and_variant():
+    toks = list(range(8))
+    h = chain_block_hashes(toks, 4)
+    assert len(h) == 2 and chain_block_hashes(toks + [9], 4) == h   # partial block ignored
+    other_prefix = chain_block_hashes([7, 7, 7, 7] + toks[4:], 4)
+    assert other_prefix[1] != h[1]       # same tokens after a different prefix differ
+    assert chain_block_hashes(toks, 4, variant="lora-a") != h
+    # continuing a chain equals hashing from scratch
+    assert chain_block_hashes(toks, 4, start=1, parent=h[0]) == h[1:]
+
+
+# ---- paged cache --------------------------------------------------------------------------
+
+def _cache(num_blocks=8, block_size=4, **kw):
+    return PagedKVCache(num_layers=1, num_kv_heads=1, head_dim=2, num_blocks=num_blocks,
+                        block_size=block_size, **kw)
+
+
+def test_prefix_sharing_reserve_commit_and_free():
+    cache = _cache()
+    prompt = list(range(10))
+    first = SequenceBlocks()
+    assert cache.match_prefix(prompt, first) == 0
+    assert cache.reserve(first, len(prompt))
+    assert len(first.table) == 3
+    assert len(cache.commit(first, prompt, 10)) == 2       # two full blocks computed
+    second = SequenceBlocks()
+    assert cache.match_prefix(prompt, second) == 8
+    assert second.table == first.table[:2]
+    assert cache.pool.refcount[first.table[0]] == 2
+    # the whole prompt cached still leaves the last token to compute
+    exact = SequenceBlocks()
+    assert cache.match_prefix(prompt[:8], exact) == 4
+    for seq in (first, second, exact):
+        cache.free(seq)
+    assert cache.pool.num_used() == 0 and cache.pool.num_cached() == 2
+    assert cache.stats()["prefix_hit_tokens"] == 12
+
+
+def test_reserve_is_all_or_nothing():
+    cache = _cache(num_blocks=3)
+    seq = SequenceBlocks()
+    assert not cache.reserve(seq, 13)            # needs 4 blocks of 4
+    assert seq.table == [] and cache.pool.num_free() == 3
+    assert cache.reserve(seq, 12)
+
+
+def test_slots_and_write_follow_the_block_table():
+    cache = _cache()
+    seq = SequenceBlocks(table=[5, 2])
+    np.testing.assert_array_equal(cache.slots(seq, 2, 4), [22, 23, 8, 9])
+    k = np.arange(8, dtype=np.float32).reshape(4, 1, 2)
+    cache.write(0, cache.slots(seq, 2, 4), k, -k)
+    np.testing.assert_array_equal(cache.keys[0][2, 0], k[2])
+    np.testing.assert_array_equal(cache.values[0][5, 3], -k[1])
+
+
+# ---- recurrent-state slots ---------------------------------------------------------------
+
+def _toy_recurrent_step(state, token):
+    """A decaying running sum: depends on every earlier token, like a linear-attention
+    state, so resuming from a wrong snapshot gives a different result."""
+    state[0][:] = 0.5 * state[0] + token
+
+
+def test_recurrent_snapshots_resume_a_shared_prefix_exactly():
+    slots = RecurrentStateSlots([(3,)], num_slots=2)
+    cache = _cache(recurrent=slots)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+    first = SequenceBlocks(state_slot=slots.acquire())
+    cache.match_prefix(prompt, first)
+    cache.reserve(first, len(prompt))
+    for i, tok in enumerate(prompt):
+        _toy_recurrent_step(slots.state(first.state_slot), tok)
+        for h in cache.commit(first, prompt, i + 1):
+            slots.snapshot(first.state_slot, h)
+    expected = slots.state(first.state_slot)[0].copy()
+    second = SequenceBlocks(state_slot=slots.acquire())
+    skip = cache.match_prefix(prompt, second)
+    assert skip == 8
+    slots.restore(second.state_slot, second.block_hashes[-1])
+    for tok in prompt[skip:]:
+        _toy_recurrent_step(slots.state(second.state_slot), tok)
+    np.testing.assert_array_equal(slots.state(second.state_slot)[0], expected)
+    cache.free(first)
+    cache.free(second)
+    assert slots.num_free() == 2
+
+
+def test_prefix_without_a_snapshot_is_not_reused():
+    slots = RecurrentStateSlots([(1,)], num_slots=1)
+    cache = _cache(recurrent=slots)
+    prompt = list(range(9))
+    seq = SequenceBlocks(state_slot=slots.acquire())
+    cache.reserve(seq, 9)
+    hashes = cache.commit(seq, prompt, 9)
+    slots.snapshot(seq.state_slot, hashes[0])      # only the first boundary is saved
+    cache.free(seq)
+    again = SequenceBlocks()
+    assert cache.match_prefix(prompt, again) == 4
+    cache.free(again)
+    cache.pool.reset_prefix_cache()                # evicting a block drops its snapshot
+    assert not slots.has_snapshot(hashes[0])
+    with pytest.raises(MemoryError):
+        slots.acquire(), slots.acquire()
+
+
+# ---- paged attention ----------------------------------------------------------------------
+
+def _random_paged_problem(rng, hq=4, hkv=2, d=16, bs=4, num_blocks=24):
+    k_pool = rng.standard_normal((num_blocks, bs, hkv, d)).astype(np.float32)
+    v_pool = rng.standard_normal((num_blocks, bs, hkv, d)).astype(np.float32)
+    # three sequences: a decode row at position 9, a prefill chunk of 6 at 3, a fresh 5
+    rows, pos = [1, 6, 5], [9, 3, 0]
+    perm = rng.permutation(num_blocks)
+    tables = np.zeros((3, 4), np.int32)
+    tables[0, :3], tables[1, :3], tables[2, :2] = perm[:3], perm[3:6], perm[6:8]
+    q_start = np.concatenate([[0], np.cumsum(rows)])
+    q = rng.standard_normal((q_start[-1], hq, d)).astype(np.float32)
+    return q, k_pool, v_pool, q_start, np.array(pos), tables
+
+
+def test_paged_attention_reference_equals_contiguous_attention():
+    rng = np.random.default_rng(0)
+    q, kp, vp, qs, ps, bt = _random_paged_problem(rng)
+    out = ops.paged_attention(q, kp, vp, qs, ps, bt, 0.25)
+    for i in range(3):
+        n = ps[i] + qs[i + 1] - qs[i]
+        k = kp[bt[i]].reshape(-1, 2, 16)[:n]
+        v = vp[bt[i]].reshape(-1, 2, 16)[:n]
+        want = ops.attention(q[None, qs[i]:qs[i + 1]], k[None], v[None], ps[i], 0.25)[0]
+        np.testing.assert_allclose(out[qs[i]:qs[i + 1]], want, atol=1e-6)
+
+
+@pytest.fixture(params=["generic", "avx2"])
+def isa(request):
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    before = kernels.isa()
+    if kernels.set_isa(request.param) != request.param:
+        pytest.skip(f"{request.param} not supported here")
+    yield request.param
+    kernels.set_isa(before)
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 3, 20), (14, 2, 64)])
+def test_native_paged_attention_matches_reference(isa, hq, hkv, d):
+    rng = np.random.default_rng(1)
+    q, kp, vp, qs, ps, bt = _random_paged_problem(rng, hq, hkv, d)
+    want = ops.paged_attention(q, kp, vp, qs, ps, bt, 0.3)
+    got = kernels.paged_attention(q, kp, vp, qs, ps, bt, 0.3)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    # a row's result does not depend on the other sequences in the call
+    alone = kernels.paged_attention(q[qs[1]:qs[2]], kp, vp, np.array([0, 6]), ps[1:2], bt[1:2], 0.3)
+    np.testing.assert_array_equal(alone, got[qs[1]:qs[2]])
+
+
+def test_native_paged_attention_rejects_bad_tables():
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    rng = np.random.default_rng(2)
+    q, kp, vp, qs, ps, bt = _random_paged_problem(rng)
+    with pytest.raises(ValueError, match="outside the pool"):
+        kernels.paged_attention(q, kp, vp, qs, ps, bt + 100, 0.3)
+    with pytest.raises(ValueError, match="block table"):
+        kernels.paged_attention(q, kp, vp, qs, ps + 20, bt, 0.3)
+
+
+# ---- paged forward against the golden logits ---------------------------------------------
+
+@pytest.mark.parametrize("backend", ["numpy", "native"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_paged_forward_matches_transformers(name, backend):
+    """Row 0 prefills in two chunks while row 1 prefills whole, then both decode in one
+    batch: every logit equals transformers' (the golden fixture) to 1e-4."""
+    if backend == "native" and not kernels.available():
+        pytest.skip("native kernels not built")
+    model = load(FIXTURES / name, backend=backend).model
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
+    prompt, steps = golden["prompt_ids"], golden["decode_ids"]
+    t = prompt.shape[1]
+    cache = model.make_paged_cache(num_blocks=16, block_size=4)
+    seqs = [SequenceBlocks(), SequenceBlocks()]
+    for s in seqs:
+        assert cache.reserve(s, t + steps.shape[1])
+    cut = t // 2
+    first = model.forward_paged(PagedBatch.build(cache, [(seqs[0], prompt[0, :cut], 0, True)]), cache)
+    np.testing.assert_allclose(first[0], golden["prefill_logits"][0, cut - 1], atol=1e-4)
+    both = model.forward_paged(PagedBatch.build(cache, [(seqs[0], prompt[0, cut:], cut, True),
+                                                        (seqs[1], prompt[1], 0, True)]), cache)
+    np.testing.assert_allclose(both, golden["prefill_logits"][:, -1], atol=1e-4)
+    for i in range(steps.shape[1]):
+        items = [(seqs[r], steps[r, i:i + 1], t + i, True) for r in range(2)]
+        logits = model.forward_paged(PagedBatch.build(cache, items), cache)
+        np.testing.assert_allclose(logits, golden["decode_logits"][:, i], atol=1e-4)

@@ -1,0 +1,254 @@
+"""The OpenAI-compatible server driven by the official `openai` client on loopback,
+against SmolLM2-135M (skipped under LATTICE_OFFLINE, like tests/test_smollm2.py).
+
+Covers: 32 concurrent streaming chats equal to the same requests run alone with no KV
+block leaked; a client that disconnects mid-stream frees its blocks at once while others
+go on; preemption under a pool too small for every request; 4xx OpenAI errors for bad
+requests with the server staying up; the prefix-cache hit showing in /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+
+from lattice_engine.batching import BatchingOptions  # noqa: E402
+from lattice_engine.config import ServerSection  # noqa: E402
+from lattice_engine.engine import Engine  # noqa: E402
+from lattice_engine.server import create_app  # noqa: E402
+
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    if os.environ.get("LATTICE_OFFLINE"):
+        pytest.skip("LATTICE_OFFLINE is set: not pulling SmolLM2")
+    from lattice_engine.io.catalog import pull
+    from lattice_engine.loading import load
+    return load(pull(MODEL, quiet=True))
+
+
+class RunningServer:
+    def __init__(self, loaded, options: BatchingOptions, **settings):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.app = create_app(Engine(loaded), model_name=MODEL,
+                              settings=ServerSection(port=self.port, **settings),
+                              options=options)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.base + "/v1",
+                                    api_key=settings.get("api_key") or "none", max_retries=0,
+                                    timeout=120)
+
+    @property
+    def runner(self):
+        return self.app.lattice.engine.runner
+
+    def metrics(self) -> dict[str, float]:
+        text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    def raw(self, method: str, path: str, body: bytes | None = None,
+            headers: dict | None = None) -> tuple[int, dict]:
+        req = urllib.request.Request(self.base + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    s = RunningServer(loaded, BatchingOptions(kv_cache_tokens=8192, max_running=32,
+                                              step_tokens=256, interleave_tokens=32))
+    yield s
+    s.stop()
+
+
+QUESTIONS = ["What is the capital of France?", "Name a primary colour.",
+             "Write one short sentence about the sea.", "What is 2 + 2?",
+             "Say hello in Spanish.", "Who wrote Hamlet?", "List three fruits.",
+             "What colour is the sky?"]
+
+
+def chat_request(i: int) -> dict:
+    """Mixed lengths: prompts from one to four questions, 3 to 17 new tokens."""
+    q = " ".join(QUESTIONS[(i + j) % len(QUESTIONS)] for j in range(1 + i % 4))
+    return dict(model=MODEL, messages=[{"role": "user", "content": q}], temperature=0,
+                max_tokens=3 + (i * 5) % 15)
+
+
+def stream_chat(client, request: dict) -> tuple[str, str, object]:
+    text, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(stream=True, **request):
+        if chunk.choices:
+            text.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    return "".join(text), finish, usage
+
+
+def test_32_concurrent_streams_equal_each_request_alone_and_leak_nothing(server):
+    requests = [chat_request(i) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda r: stream_chat(server.client, r), requests))
+    for (text, finish, usage), request in zip(together, requests):
+        assert finish in ("stop", "length")
+        assert usage is not None and usage.completion_tokens <= request["max_tokens"]
+        alone = server.client.chat.completions.create(**request)
+        assert text == alone.choices[0].message.content, request
+        assert finish == alone.choices[0].finish_reason
+    kv = server.runner.cache.stats()
+    assert kv["blocks_used"] == 0                          # every block free or cached
+    assert kv["blocks_free"] + kv["blocks_cached"] == kv["blocks_total"]
+    m = server.metrics()
+    assert m["lattice_requests_running"] == 0 and m["lattice_requests_waiting"] == 0
+    assert m["lattice_kv_blocks_used"] == 0
+    assert m["lattice_time_to_first_token_seconds_count"] >= 64
+
+
+def test_a_client_that_disconnects_frees_its_blocks_and_others_go_on(server):
+    survivor = chat_request(3) | {"max_tokens": 24}
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(stream_chat, server.client, survivor)
+        aborted_before = server.metrics()['lattice_requests_finished_total{reason="abort"}']
+        stream = server.client.completions.create(model=MODEL, prompt="Once upon a time",
+                                                  max_tokens=500, temperature=0, stream=True)
+        got = 0
+        for chunk in stream:
+            got += 1
+            if got == 3:
+                break
+        used_while_streaming = server.runner.cache.pool.num_used()
+        stream.close()                                     # the client goes away mid-stream
+        deadline = time.time() + 10
+        while server.metrics()['lattice_requests_finished_total{reason="abort"}'] \
+                == aborted_before:
+            assert time.time() < deadline, "the disconnected request was not aborted"
+            time.sleep(0.05)
+        text, finish, _ = other.result(timeout=120)
+    assert used_while_streaming > 0
+    assert finish in ("stop", "length") and text
+    assert text == server.client.chat.completions.create(**survivor).choices[0].message.content
+    assert server.runner.cache.pool.num_used() == 0
+
+
+def test_prefix_cache_hit_shows_in_metrics(server):
+    system = "You are a terse assistant. " * 12
+    req = lambda q: dict(model=MODEL, temperature=0, max_tokens=4, messages=[  # noqa: E731
+        {"role": "system", "content": system}, {"role": "user", "content": q}])
+    before = server.metrics()["lattice_prefix_cache_hit_tokens_total"]
+    server.client.chat.completions.create(**req("Hi"))
+    second = server.client.chat.completions.create(**req("Hello there"))
+    assert second.usage.prompt_tokens_details.cached_tokens >= 64
+    m = server.metrics()
+    assert m["lattice_prefix_cache_hit_tokens_total"] - before >= 64
+    assert m["lattice_prefix_cache_hit_rate"] > 0
+
+
+def test_preemption_under_memory_pressure_completes_every_request(loaded):
+    # 12 requests of ~40-70 tokens each need ~50 blocks of 16; the pool has 16
+    small = RunningServer(loaded, BatchingOptions(kv_cache_tokens=256, max_running=12,
+                                                  step_tokens=128, interleave_tokens=32))
+    try:
+        requests = [chat_request(i) | {"max_tokens": 6 + i % 7} for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            together = list(pool.map(lambda r: stream_chat(small.client, r), requests))
+        assert small.metrics()["lattice_preemptions_total"] > 0, "the pool was meant to run out"
+        for (text, finish, _), request in zip(together, requests):
+            alone = small.client.chat.completions.create(**request)
+            assert (text, finish) == (alone.choices[0].message.content,
+                                      alone.choices[0].finish_reason)
+        assert small.runner.cache.pool.num_used() == 0
+    finally:
+        small.stop()
+
+
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
+    c = server.client
+    cases = [
+        (openai.NotFoundError, "does not exist",
+         lambda: c.completions.create(model="gpt-9", prompt="x", max_tokens=3)),
+        (openai.BadRequestError, "max_tokens",
+         lambda: c.completions.create(model=MODEL, prompt="x", max_tokens=-1)),
+        (openai.BadRequestError, "context",
+         lambda: c.completions.create(model=MODEL, prompt=[1] * 9000, max_tokens=3)),
+        (openai.BadRequestError, "temperature",
+         lambda: c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                           temperature="hot")),
+        (openai.BadRequestError, "messages",
+         lambda: c.chat.completions.create(model=MODEL, messages="hello")),
+        (openai.BadRequestError, "'n'",
+         lambda: c.completions.create(model=MODEL, prompt="x", n=3)),
+    ]
+    for error, words, call in cases:
+        with pytest.raises(error) as info:
+            call()
+        assert info.value.status_code in (400, 404)
+        assert words in info.value.body["message"] if isinstance(info.value.body, dict) \
+            else words in str(info.value)
+    status, body = server.raw("POST", "/v1/chat/completions", b'{"model": "smollm2-135m", ')
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    assert body["error"]["type"] == "invalid_request_error"
+    status, body = server.raw("POST", "/v1/completions", b"x" * (2 << 20))
+    assert status == 413
+    status, body = server.raw("GET", "/v1/completions")
+    assert status == 405 and "error" in body
+    status, body = server.raw("GET", "/v2/nothing")
+    assert status == 404 and "error" in body
+    status, body = server.raw("GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+    ok = c.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0)
+    assert ok.choices[0].text and ok.usage.completion_tokens == 3
+
+
+def test_api_key_and_concurrency_limit(loaded):
+    guarded = RunningServer(loaded, BatchingOptions(kv_cache_tokens=1024), api_key="s3cret",
+                            max_concurrency=1)
+    try:
+        wrong = openai.OpenAI(base_url=guarded.base + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        assert [m.id for m in guarded.client.models.list()] == [MODEL]
+        first = guarded.client.completions.create(model=MODEL, prompt="Count:", max_tokens=40,
+                                                  temperature=0, stream=True)
+        next(iter(first))
+        with pytest.raises(openai.RateLimitError):
+            guarded.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+        first.close()
+    finally:
+        guarded.stop()
