@@ -17,7 +17,7 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c"]
+SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c", "rotate.c"]
 
 CDEF = """
 int lk_init(void);
@@ -77,6 +77,8 @@ typedef struct {
     const float *attn_norm, *mlp_norm;
     const float *q_norm, *k_norm;
     lk_linear q, k, v, o, gate, up, down;
+    const float *down_mix;
+    int64_t down_mix_m, down_block;
     float *k_cache, *v_cache;
 } lk_decoder_layer;
 typedef struct {
@@ -94,6 +96,9 @@ int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch);
 int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
                     const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                     float *hidden_out);
+
+int lk_block_rotate(const float *x, int64_t rows, int64_t m, int64_t block, const float *mix,
+                    float *out);
 
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 """

@@ -37,6 +37,7 @@
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
  *   decoder    lk_decoder_work_size, lk_decoder_step (a whole decode step of the
  *              llama-family decoder in one call)
+ *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -181,6 +182,10 @@ typedef struct {
     const float *attn_norm, *mlp_norm; /* [hidden] */
     const float *q_norm, *k_norm;      /* [head_dim] per-head RMSNorm (qwen3), or NULL */
     lk_linear q, k, v, o, gate, up, down;
+    /* down_block > 0: rotate the MLP activations by lk_block_rotate(down_mix [m, m],
+       down_block) before down (QuaRot's online Hadamard); 0: no rotation */
+    const float *down_mix;
+    int64_t down_mix_m, down_block;
     float *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, head_dim] */
 } lk_decoder_layer;
 
@@ -208,6 +213,15 @@ int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch);
 int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
                     const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                     float *hidden_out);
+
+/* ---- rotate --------------------------------------------------------------------- */
+
+/* out[r] = x[r] @ (mix kron H_block) / sqrt(block) for rows r of m * block floats, with
+   mix [m, m] row-major (mix[i * m + j] weights group i into output group j) and block a
+   power of two (H_block the Sylvester Hadamard matrix). out may equal x only when m == 1.
+   Returns 0, or -1 for a bad shape. */
+int lk_block_rotate(const float *x, int64_t rows, int64_t m, int64_t block, const float *mix,
+                    float *out);
 
 /* ---- bench ---------------------------------------------------------------------- */
 
