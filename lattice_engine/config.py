@@ -7,6 +7,8 @@
     [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
                model_name, kv_cache_tokens, block_size, max_running, step_tokens,
                interleave_tokens, max_itl_rise
+    [<name>]   a plugin's own section, e.g. [quarot] enabled = true (weight transforms):
+               checked against the installed plugins by `Config.validate`
 
 `lattice.toml` in the working directory is read when present; `--config PATH` picks
 another file; command-line flags override both.
@@ -15,6 +17,7 @@ another file; command-line flags override both.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -99,6 +102,9 @@ class Config:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     plugins: PluginsSection = field(default_factory=PluginsSection)
     server: ServerSection = field(default_factory=ServerSection)
+    # sections the core does not define, kept as tables until `validate` finds the plugin
+    # (a weight transform of that name) that owns them
+    plugin_sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def override(self, section: str, **values: Any) -> "Config":
         """A copy with non-None values replaced in one section (CLI flags)."""
@@ -121,12 +127,32 @@ class Config:
             if fmt not in formats:
                 raise ConfigError(f"quant.overrides[{pattern!r}] = {fmt!r} is not a registered "
                                   f"weight format; choices: {', '.join(sorted(formats))}")
+        self.transform_settings(registry)
         if self.sampling.sampler and self.sampling.sampler not in registry.names("samplers"):
             raise ConfigError(f"sampling.sampler = {self.sampling.sampler!r} is not registered; "
                               f"choices: {', '.join(registry.names('samplers'))}")
 
 
-SECTIONS = {f.name: f.type for f in fields(Config)}
+    def transform_settings(self, registry) -> dict[str, Any]:
+        """name -> settings of every weight transform the config enables, in file order;
+        a section no installed plugin owns is an error naming the choices."""
+        transforms = registry.items.get("weight_transforms", {})
+        enabled = {}
+        for name, values in self.plugin_sections.items():
+            if name not in transforms:
+                core = ", ".join(CORE_SECTIONS)
+                owned = ", ".join(sorted(transforms)) or "(none installed)"
+                raise ConfigError(f"unknown section [{name}]; core sections: {core}; plugin "
+                                  f"sections: {owned}. If [{name}] belongs to a plugin, install "
+                                  f"it (e.g. pip install lattice-{name})")
+            settings = _build(name, transforms[name].settings, values)
+            if settings.enabled:
+                enabled[name] = settings
+        return enabled
+
+
+CORE_SECTIONS = tuple(f.name for f in fields(Config) if f.name != "plugin_sections")
+SECTIONS = {name: f.type for f in fields(Config) for name in (f.name,) if name in CORE_SECTIONS}
 
 
 def load_config(path: Optional[str | Path] = None) -> Config:
@@ -149,12 +175,18 @@ def load_config(path: Optional[str | Path] = None) -> Config:
 
 
 def config_from_dict(raw: Mapping[str, Any], where: str = "config") -> Config:
-    hints = get_type_hints(Config)
-    unknown = sorted(set(raw) - set(hints))
-    if unknown:
-        raise ConfigError(f"{where}: unknown section [{unknown[0]}]; valid sections: "
-                          f"{', '.join(hints)}")
-    sections = {}
+    hints = {k: v for k, v in get_type_hints(Config).items() if k in CORE_SECTIONS}
+    plugin_sections = {}
+    for name in raw:
+        if name in hints:
+            continue
+        close = difflib.get_close_matches(name, hints, n=1, cutoff=0.75)
+        if close or not isinstance(raw[name], dict):  # a typo, or a stray key: not a plugin's
+            raise ConfigError(f"{where}: unknown section [{name}]; valid sections: "
+                              f"{', '.join(hints)}" + (f" (did you mean [{close[0]}]?)"
+                                                       if close else ""))
+        plugin_sections[name] = dict(raw[name])  # checked against plugins by validate()
+    sections: dict[str, Any] = {"plugin_sections": plugin_sections}
     for name, cls in hints.items():
         values = raw.get(name, {})
         if not isinstance(values, dict):

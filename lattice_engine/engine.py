@@ -49,7 +49,8 @@ class Engine:
             set_threads(config.model.threads)
         loaded = load(config.model.path, quant=QuantSpec(config.quant.method,
                                                           dict(config.quant.overrides)),
-                      backend=config.model.backend, plugin_manager=pm)
+                      backend=config.model.backend, plugin_manager=pm,
+                      transforms=config.transform_settings(pm.registry))
         return cls(loaded, sampling=config.sampling, plugin_manager=pm)
 
     def prompt_ids(self, prompt: Optional[Prompt] = None,

@@ -56,6 +56,18 @@ def register_quant_methods(register: Callable[[object], None]) -> None:
     """
 
 
+@hookspec
+def register_weight_transforms(register: Callable[[object], None]) -> None:
+    """Contribute load-time checkpoint rewrites (e.g. QuaRot's rotation folding).
+
+    Args:
+        register: call `register(weight_transform)` with a
+            `lattice_engine.transforms.WeightTransform`. Its name is also its config section
+            (`[name] enabled = true, ...`); enabled transforms run, in config order, on the
+            checkpoint's float weights before the quant method packs them.
+    """
+
+
 # --- Sampling -------------------------------------------------------------------------
 
 @hookspec

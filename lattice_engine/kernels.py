@@ -36,7 +36,7 @@ __all__ = [
     "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "attention", "add",
     "bench_read", "measure_read_bandwidth", "DecoderStep",
     "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule", "gated_rms_norm",
-    "paged_attention",
+    "paged_attention", "block_rotate",
 ]
 
 _F32 = np.dtype(np.float32)
@@ -637,6 +637,23 @@ def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
     return out
 
 
+def block_rotate(x: np.ndarray, mix: np.ndarray, block: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """x @ (mix kron H_block / sqrt(block)) along the last axis (see `ops.block_rotate`)."""
+    m = mix.shape[0]
+    n = x.shape[-1]
+    if mix.shape != (m, m) or n != m * block or block < 1 or block & (block - 1):
+        raise ValueError(f"block_rotate: x has {n} features, mix is {mix.shape}, block "
+                         f"{block}: need features == rows(mix) * block, block a power of two")
+    xp, x = _in(x)
+    mp, mix = _in(mix)
+    out = _new_or_check(out, x.shape)
+    if m > 1 and np.shares_memory(out, x):
+        raise ValueError("block_rotate: out may alias x only when mix is 1 x 1")
+    _L.lk_block_rotate(xp, x.size // n if n else 0, m, block, mp, _fb(_FLOATS, out, True))
+    return out
+
+
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5,
                            prefetch: bool = False) -> float:
     """Read bandwidth in GB/s (1e9 bytes/s): the median of `repeats` streaming sums of a
@@ -675,7 +692,8 @@ class DecoderStep:
 
     layers: one dict per layer with matrices q, k, v, o, gate, up, down (PackedMatrix),
     optional biases q_bias / k_bias / v_bias / o_bias / gate_bias / up_bias / down_bias,
-    vectors attn_norm, mlp_norm and optional q_norm / k_norm.
+    vectors attn_norm, mlp_norm and optional q_norm / k_norm, and optionally
+    down_rotation = (mix [m, m], block): `block_rotate` of the MLP activations before down.
     """
 
     MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -709,6 +727,10 @@ class DecoderStep:
             L.k_norm = self._vec(spec.get("k_norm"))
             for name in self.MATRICES:
                 self._linear(getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+            rotation = spec.get("down_rotation")
+            if rotation is not None:
+                mix, block = rotation
+                L.down_mix, L.down_mix_m, L.down_block = self._vec(mix), mix.shape[0], block
         m.layers = self._layers
         m.cache_cap = 0
         self._m = m

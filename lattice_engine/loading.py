@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 OP_NAMES = ("matmul", "embed", "rms_norm", "rope_tables", "rope", "silu_mul", "softmax",
             "attention", "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule",
-            "gated_rms_norm", "paged_attention")
+            "gated_rms_norm", "paged_attention", "block_rotate")
 BACKENDS = ("auto", "native", "numpy")
 
 
@@ -89,8 +89,11 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "auto",
-         plugin_manager=None) -> LoadedModel:
+         plugin_manager=None, transforms: Optional[dict[str, Any]] = None) -> LoadedModel:
     """Load a model by path or catalog name, quantized as `quant` asks.
+
+    `transforms` (name -> settings, see `lattice_engine.transforms`) rewrite the
+    checkpoint's weights before they are quantized, in order.
 
     Raises:
         CheckpointError: the files are missing, malformed, or of an unsupported architecture.
@@ -102,6 +105,9 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
     method = registry.get("quant_methods", quant.method)
     path = resolve_source(source)
     checkpoint = open_checkpoint(path, formats)
+    if transforms:
+        from .transforms import apply_transforms
+        checkpoint = apply_transforms(checkpoint, transforms, registry)
     cls = model_class_for(checkpoint.config, registry.items.get("architectures", {}))
     loader = WeightLoader(checkpoint, method, formats, dict(quant.overrides))
     model = cls.from_checkpoint(checkpoint, loader, get_ops(backend))

@@ -243,3 +243,34 @@ def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
         v = v_pool[blocks].reshape(-1, *v_pool.shape[2:])[:length]
         out[r0:r1] = attention(q[None, r0:r1], k[None], v[None], int(pos_start[i]), scale)[0]
     return out
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Unnormalised fast Walsh-Hadamard transform along the last axis (a power of two):
+    x @ H with H the Sylvester Hadamard matrix (H[i, j] = (-1)^popcount(i & j))."""
+    shape, n = x.shape, x.shape[-1]
+    if n & (n - 1):
+        raise ValueError(f"fwht: length {n} is not a power of two")
+    y = x.reshape(-1, n)
+    h = 1
+    while h < n:
+        y = y.reshape(-1, n // (2 * h), 2, h)
+        y = np.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], axis=2)
+        h *= 2
+    return y.reshape(shape)
+
+
+def block_rotate(x: np.ndarray, mix: np.ndarray, block: int) -> np.ndarray:
+    """x @ (mix kron H_block / sqrt(block)) along the last axis, of length m * block with
+    mix [m, m]: the features are m groups of `block`; groups are mixed by `mix` (an
+    orthogonal matrix), then each group is Hadamard-transformed. Orthogonal when mix is;
+    the online rotation before a down projection (QuaRot) is this op."""
+    m = mix.shape[0]
+    if mix.shape != (m, m) or x.shape[-1] != m * block:
+        raise ValueError(f"block_rotate: x has {x.shape[-1]} features, mix is {mix.shape}, "
+                         f"block {block}: need features == rows(mix) * block")
+    groups = x.reshape(*x.shape[:-1], m, block).astype(np.float32)
+    if m > 1:  # x'[j, :] = sum_i mix[i, j] x[i, :]
+        groups = np.einsum("...ir,ij->...jr", groups, mix.astype(np.float32))
+    out = fwht(groups) * np.float32(1.0 / np.sqrt(block))
+    return out.reshape(x.shape).astype(np.float32)

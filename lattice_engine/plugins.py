@@ -30,6 +30,7 @@ REGISTRY_HOOKS = {
     "architectures": "register_architectures",
     "weight_formats": "register_weight_formats",
     "quant_methods": "register_quant_methods",
+    "weight_transforms": "register_weight_transforms",
     "samplers": "register_samplers",
     "logits_processors": "register_logits_processors",
 }

@@ -18,7 +18,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c",
-           "gated_deltanet.c", "paged_attention.c"]
+           "gated_deltanet.c", "paged_attention.c", "rotate.c"]
 
 CDEF = """
 int lk_init(void);
@@ -78,6 +78,8 @@ typedef struct {
     const float *attn_norm, *mlp_norm;
     const float *q_norm, *k_norm;
     lk_linear q, k, v, o, gate, up, down;
+    const float *down_mix;
+    int64_t down_mix_m, down_block;
     float *k_cache, *v_cache;
 } lk_decoder_layer;
 typedef struct {
@@ -108,6 +110,9 @@ int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_poo
                        const int64_t *q_start, const int64_t *pos_start,
                        const int32_t *block_tables, int64_t max_blocks, float scale,
                        float *out);
+
+int lk_block_rotate(const float *x, int64_t rows, int64_t m, int64_t block, const float *mix,
+                    float *out);
 
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 """

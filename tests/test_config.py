@@ -60,7 +60,8 @@ def test_cli_style_override_replaces_only_given_values():
 @pytest.mark.parametrize("text,message", [
     ("[model\npath = 1", "is not valid TOML"),
     ("[modle]\npath = 'x'", r"unknown section \[modle\]; valid sections: model, quant, "
-                            r"sampling, plugins, server"),
+                            r"sampling, plugins, server \(did you mean \[model\]\?\)"),
+    ("stray = 1", r"unknown section \[stray\]"),
     ("[model]\npaht = 'x'", r"unknown key model.paht; valid keys in \[model\]: path, backend, "
                             r"threads"),
     ("[model]\nbackend = 'gpu'", r"model.backend = 'gpu' is not valid; choices: auto, native, "
@@ -73,6 +74,34 @@ def test_cli_style_override_replaces_only_given_values():
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, text))
+
+
+def test_plugin_sections_are_checked_against_installed_transforms(tmp_path):
+    from dataclasses import dataclass
+
+    from lattice_engine.plugins import Registry
+    from lattice_engine.transforms import WeightTransform
+
+    @dataclass(frozen=True)
+    class Knobs:
+        enabled: bool = False
+        seed: int = 0
+
+    cfg = load_config(write(tmp_path, "[rotate]\nenabled = true\nseed = 3\n"))
+    empty = Registry()
+    with pytest.raises(ConfigError, match=r"unknown section \[rotate\].*plugin sections: "
+                                          r"\(none installed\)"):
+        cfg.transform_settings(empty)
+    registry = Registry()
+    registry.add("weight_transforms", "rotate",
+                 WeightTransform("rotate", Knobs, lambda c, s, f: c), "test")
+    assert cfg.transform_settings(registry) == {"rotate": Knobs(enabled=True, seed=3)}
+    off = load_config(write(tmp_path, "[rotate]\nseed = 3\n"))
+    assert off.transform_settings(registry) == {}
+    bad = load_config(write(tmp_path, "[rotate]\nsed = 3\n"))
+    with pytest.raises(ConfigError, match=r"unknown key rotate.sed; valid keys in \[rotate\]: "
+                                          r"enabled, seed"):
+        bad.transform_settings(registry)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

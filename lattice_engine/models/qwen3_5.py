@@ -51,6 +51,7 @@ class ModelArgs:
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768
     mlp_bias: bool = False  # MLP from transformer.py reads it; Qwen3.5 has none
+    lattice_online_rotation: Optional[dict] = None  # MLP reads it too (QuaRot's online rotation)
     rope_theta: float = field(init=False, default=10000.0)
 
     def __post_init__(self) -> None:

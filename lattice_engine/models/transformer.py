@@ -36,6 +36,9 @@ class DecoderConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
+    # {"down_proj": {"block": p, "mix": [[...]]}}: rotate the MLP activations online before
+    # down_proj (written by weight transforms such as QuaRot; see `online_rotation`)
+    lattice_online_rotation: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -58,6 +61,27 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "DecoderConfig":
         return config_from_dict(cls, params)
+
+
+def online_rotation(spec: Optional[dict], where: str, width: int):
+    """(mix [m, m] float32, block) for `ops.block_rotate` from a checkpoint config's
+    `lattice_online_rotation[where]`, or None when the checkpoint asks for none."""
+    entry = (spec or {}).get(where)
+    if entry is None:
+        return None
+    try:
+        block = int(entry["block"])
+        mix = np.asarray(entry["mix"], dtype=np.float32)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"lattice_online_rotation.{where} must be {{'block': int, "
+                              f"'mix': [[...]]}}, got {entry!r}") from exc
+    m = mix.shape[0] if mix.ndim == 2 else 0
+    if block < 1 or block & (block - 1) or mix.shape != (m, m) or m * block != width or \
+            not np.allclose(mix @ mix.T, np.eye(m), atol=1e-4):
+        raise CheckpointError(
+            f"lattice_online_rotation.{where}: block {block} (a power of two) times an "
+            f"orthogonal mix {mix.shape} must cover the {width} activations")
+    return mix, block
 
 
 class Attention:
@@ -108,9 +132,13 @@ class MLP:
                               bias("up_proj", f))
         self.down_proj = Linear(w.matrix(f"{prefix}.down_proj.weight", (h, f), "linear"),
                                 bias("down_proj", h))
+        self.down_rotation = online_rotation(cfg.lattice_online_rotation, "down_proj", f)
 
     def __call__(self, x, ops):
-        return self.down_proj(ops.silu_mul(self.gate_proj(x, ops), self.up_proj(x, ops)), ops)
+        act = ops.silu_mul(self.gate_proj(x, ops), self.up_proj(x, ops))
+        if self.down_rotation is not None:
+            act = ops.block_rotate(act, *self.down_rotation)
+        return self.down_proj(act, ops)
 
 
 class Block:
@@ -233,6 +261,7 @@ class DecoderModel:
             for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
                               ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
                 spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
+            spec["down_rotation"] = m.down_rotation
             layers.append(spec)
         if not kernels.DecoderStep.supports(
                 self.embed_tokens, *(L[n] for L in layers for n in kernels.DecoderStep.MATRICES)):

@@ -40,6 +40,7 @@
  *              llama-family decoder in one call)
  *   deltanet   lk_causal_conv1d, lk_gated_delta_rule, lk_gated_rms_norm (Qwen3.5's
  *              Gated DeltaNet layers)
+ *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -184,6 +185,10 @@ typedef struct {
     const float *attn_norm, *mlp_norm; /* [hidden] */
     const float *q_norm, *k_norm;      /* [head_dim] per-head RMSNorm (qwen3), or NULL */
     lk_linear q, k, v, o, gate, up, down;
+    /* down_block > 0: rotate the MLP activations by lk_block_rotate(down_mix [m, m],
+       down_block) before down (QuaRot's online Hadamard); 0: no rotation */
+    const float *down_mix;
+    int64_t down_mix_m, down_block;
     float *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, head_dim] */
 } lk_decoder_layer;
 
@@ -247,6 +252,14 @@ int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_poo
                        const int64_t *q_start, const int64_t *pos_start,
                        const int32_t *block_tables, int64_t max_blocks, float scale,
                        float *out);
+/* ---- rotate --------------------------------------------------------------------- */
+
+/* out[r] = x[r] @ (mix kron H_block) / sqrt(block) for rows r of m * block floats, with
+   mix [m, m] row-major (mix[i * m + j] weights group i into output group j) and block a
+   power of two (H_block the Sylvester Hadamard matrix). out may equal x only when m == 1.
+   Returns 0, or -1 for a bad shape. */
+int lk_block_rotate(const float *x, int64_t rows, int64_t m, int64_t block, const float *mix,
+                    float *out);
 
 /* ---- bench ---------------------------------------------------------------------- */
 

@@ -76,6 +76,10 @@ static int shapes_ok(const lk_decoder *m) {
             !linear_ok(&L->down, h, f) || !L->k_cache || !L->v_cache || !L->attn_norm ||
             !L->mlp_norm || (!L->q_norm) != (!L->k_norm))
             return 0;
+        if (L->down_block && (L->down_block < 0 || (L->down_block & (L->down_block - 1)) ||
+                              L->down_mix_m < 1 || L->down_mix_m * L->down_block != f ||
+                              (L->down_mix_m > 1 && !L->down_mix)))
+            return 0;
     }
     return 1;
 }
@@ -123,9 +127,14 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
         float *gu_out[2] = {gate, up};
         linears(gu, gu_out, 2, xn, B);
         lk_silu_mul(gate, f, up, f, B, f, act);
+        float *down_in = act;
+        if (L->down_block) { /* gate is free again: the rotated activations go there */
+            lk_block_rotate(act, B, L->down_mix_m, L->down_block, L->down_mix, gate);
+            down_in = gate;
+        }
         const lk_linear *down[1] = {&L->down};
         float *down_out[1] = {tmp};
-        linears(down, down_out, 1, act, B);
+        linears(down, down_out, 1, down_in, B);
         lk_add(x, tmp, B * h, x);
     }
     lk_rms_norm(x, B, h, m->final_norm, m->eps, m->norm_offset, hidden_out);

@@ -1,0 +1,132 @@
+"""QuaRot folding keeps the function: rotated float32 logits equal the original's, for
+every llama-family variant, tied and untied, with and without the online rotation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from lattice_engine.errors import CheckpointError
+from lattice_engine.loading import load
+from lattice_engine.plugins import PluginManager
+from lattice_quarot import QuarotSettings, random_rotation
+from lattice_quarot import plugin as quarot_plugin
+
+VOCAB, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 64, 48, 80, 3, 1, 16, 2
+
+
+def make_checkpoint(folder, model_type: str, tied: bool, seed: int = 0):
+    """A tiny random checkpoint whose norms and biases are far from their defaults, so
+    folding them is actually exercised. Widths are not powers of two (48 = 3 x 16,
+    80 = 5 x 16)."""
+    rng = np.random.default_rng(seed)
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    def norm(n):
+        return (1 + 0.5 * rng.standard_normal(n)).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": mat(VOCAB, HIDDEN), "model.norm.weight": norm(HIDDEN)}
+    if not tied:
+        t["lm_head.weight"] = mat(VOCAB, HIDDEN)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = norm(HIDDEN)
+        t[f"{p}.post_attention_layernorm.weight"] = norm(HIDDEN)
+        t[f"{p}.self_attn.q_proj.weight"] = mat(HEADS * HEAD_DIM, HIDDEN)
+        t[f"{p}.self_attn.k_proj.weight"] = mat(KV_HEADS * HEAD_DIM, HIDDEN)
+        t[f"{p}.self_attn.v_proj.weight"] = mat(KV_HEADS * HEAD_DIM, HIDDEN)
+        t[f"{p}.self_attn.o_proj.weight"] = mat(HIDDEN, HEADS * HEAD_DIM)
+        t[f"{p}.mlp.gate_proj.weight"] = mat(INTER, HIDDEN)
+        t[f"{p}.mlp.up_proj.weight"] = mat(INTER, HIDDEN)
+        t[f"{p}.mlp.down_proj.weight"] = mat(HIDDEN, INTER)
+        if model_type == "qwen2":
+            for proj, n in (("q_proj", HEADS), ("k_proj", KV_HEADS), ("v_proj", KV_HEADS)):
+                t[f"{p}.self_attn.{proj}.bias"] = rng.standard_normal(n * HEAD_DIM).astype(np.float32)
+        if model_type == "qwen3":
+            t[f"{p}.self_attn.q_norm.weight"] = norm(HEAD_DIM)
+            t[f"{p}.self_attn.k_norm.weight"] = norm(HEAD_DIM)
+    config = {"model_type": model_type, "hidden_size": HIDDEN, "intermediate_size": INTER,
+              "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+              "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "vocab_size": VOCAB,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tied}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    pm = PluginManager(load_entry_points=False)
+    pm.register(quarot_plugin, "quarot")
+    return pm
+
+
+def logits(folder, pm, backend="numpy", **settings):
+    transforms = {"quarot": QuarotSettings(enabled=True, **settings)} if settings else None
+    model = load(folder, backend=backend, plugin_manager=pm, transforms=transforms).model
+    ids = np.array([[1, 5, 9, 2, 33, 60, 7, 12], [3, 3, 40, 41, 0, 63, 8, 8]])
+    cache = model.make_cache(batch=2)
+    prefill = model.forward(ids[:, :6], cache)
+    steps = [model.forward(ids[:, i:i + 1], cache) for i in (6, 7)]
+    return np.concatenate([prefill] + steps, axis=1)
+
+
+def test_rotation_is_orthogonal_for_any_width():
+    for n in (1, 48, 80, 896, 4864):
+        r = random_rotation(n, np.random.default_rng(n))
+        if n <= 896:
+            m = r.matrix()
+            np.testing.assert_allclose(m @ m.T, np.eye(n), atol=1e-12)
+        x = np.random.default_rng(0).standard_normal((2, n))
+        np.testing.assert_allclose(r.apply_transposed(r.apply(x)), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_rotated_model_computes_the_same_function(tmp_path, plugins, model_type, tied, online):
+    folder = make_checkpoint(tmp_path / model_type, model_type, tied)
+    plain = logits(folder, plugins)
+    rotated = logits(folder, plugins, seed=7, online_down_proj=online)
+    assert np.abs(rotated - plain).max() <= 1e-3
+    assert (rotated.argmax(-1) == plain.argmax(-1)).all()
+
+
+def test_native_backend_and_fused_decode_agree(tmp_path, plugins):
+    from lattice_engine import kernels
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    folder = make_checkpoint(tmp_path / "m", "qwen2", tied=True)
+    plain = logits(folder, plugins)
+    rotated = logits(folder, plugins, backend="native", seed=1, online_down_proj=True)
+    assert np.abs(rotated - plain).max() <= 1e-3
+
+
+def test_weights_really_change(tmp_path, plugins):
+    folder = make_checkpoint(tmp_path / "m", "llama", tied=True)
+    pm = plugins
+    a = load(folder, backend="numpy", plugin_manager=pm).model
+    b = load(folder, backend="numpy", plugin_manager=pm,
+             transforms={"quarot": QuarotSettings(enabled=True)}).model
+    wa = a.layers[0].self_attn.q_proj.weight.to_float()
+    wb = b.layers[0].self_attn.q_proj.weight.to_float()
+    assert np.abs(wa - wb).max() > 0.1
+    np.testing.assert_array_equal(b.layers[0].input_layernorm, np.ones(HIDDEN, np.float32))
+    assert b.lm_head is not b.embed_tokens  # the tied head got its own rotated copy
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path, plugins):
+    folder = make_checkpoint(tmp_path / "m", "llama", tied=True)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(config))
+    from lattice_quarot.fold import quarot
+    from lattice_engine.io.hf_folder import load_hf_folder
+    with pytest.raises(CheckpointError, match="QuaRot supports model types llama, qwen2, qwen3"):
+        quarot(load_hf_folder(folder), QuarotSettings(enabled=True), {})
