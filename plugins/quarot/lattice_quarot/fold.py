@@ -1,4 +1,6 @@
-"""QuaRot as a checkpoint rewrite for the llama-family decoders (llama, qwen2, qwen3).
+"""QuaRot as a checkpoint rewrite for the llama-family decoders (llama, qwen2, qwen3) and
+Qwen3.5's hybrid model (Gated DeltaNet in_proj_* read the stream, out_proj writes it; its
+norms scale by (1 + w), so a folded norm becomes w = 0).
 
 With x' = x R for the residual stream (R orthogonal, see `rotation`), every RMSNorm output
 is rotated too (the norm is invariant under R once its weight g is folded into the
@@ -29,7 +31,7 @@ from lattice_engine.io.checkpoint import Checkpoint, PackedTensor
 
 from .rotation import Rotation, random_rotation
 
-SUPPORTED = ("llama", "qwen2", "qwen3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_5", "qwen3_5_text")
 _ROWS_PER_PIECE = 8192  # embedding-sized matrices are rotated in pieces to bound memory
 
 
@@ -80,21 +82,70 @@ def _cols(rotation: Rotation, w: np.ndarray) -> np.ndarray:
     return _rows(rotation, np.ascontiguousarray(w.T)).T.copy()
 
 
+@dataclass
+class _Plan:
+    """Where a model type keeps what QuaRot rotates."""
+
+    prefix: str                    # "model" or "model.language_model"
+    text_config: dict              # the dict holding hidden_size etc. (rewritten in place)
+    norm_offset: float             # norms scale by (offset + w): 0 llama family, 1 Qwen3.5
+    norm_readers: list             # (norm tensor, [linears reading its output])
+    writers: list                  # linears adding into the residual stream
+    mlps: list                     # (gate, up, down) per layer
+    tie_key: dict                  # the config dict whose tie_word_embeddings governs the head
+
+
+def _plan(cfg: dict, source: str) -> _Plan:
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED:
+        raise CheckpointError(f"QuaRot supports model types {', '.join(SUPPORTED)}; "
+                              f"{source} is {model_type!r}. Disable [quarot] for it")
+    qwen35 = model_type.startswith("qwen3_5")
+    text = cfg
+    if model_type == "qwen3_5":  # Qwen3_5ForConditionalGeneration: text model nested
+        text = dict(cfg.get("text_config") or {})
+        cfg["text_config"] = text
+    try:
+        layers = int(text["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"QuaRot: config of {source} lacks {exc}") from exc
+    prefix = "model.language_model" if model_type == "qwen3_5" else "model"
+    kinds = text.get("layer_types") or [
+        "full_attention" if qwen35 and (i + 1) % int(text.get("full_attention_interval", 4)) == 0
+        else ("linear_attention" if qwen35 else "full_attention") for i in range(layers)]
+    plan = _Plan(prefix, text, 1.0 if qwen35 else 0.0, [], [], [], cfg)
+    for i in range(layers):
+        p = f"{prefix}.layers.{i}"
+        if kinds[i] == "linear_attention":
+            a = f"{p}.linear_attn"
+            readers = [f"{a}.{n}.weight" for n in ("in_proj_qkv", "in_proj_z", "in_proj_b",
+                                                  "in_proj_a")]
+            plan.writers.append(f"{a}.out_proj.weight")
+        else:
+            a = f"{p}.self_attn"
+            readers = [f"{a}.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")]
+            plan.writers.append(f"{a}.o_proj.weight")
+        plan.norm_readers.append((f"{p}.input_layernorm.weight", readers))
+        m = f"{p}.mlp"
+        plan.norm_readers.append((f"{p}.post_attention_layernorm.weight",
+                                  [f"{m}.gate_proj.weight", f"{m}.up_proj.weight"]))
+        plan.mlps.append((f"{m}.gate_proj.weight", f"{m}.up_proj.weight",
+                          f"{m}.down_proj.weight"))
+    return plan
+
+
 def quarot(checkpoint: Checkpoint, settings: QuarotSettings,
            formats: Mapping[str, Any]) -> Checkpoint:
     """The rotated checkpoint (same tokenizer; config untied and, with the online rotation,
     carrying `lattice_online_rotation`)."""
     cfg = dict(checkpoint.config)
-    model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED:
-        raise CheckpointError(f"QuaRot supports model types {', '.join(SUPPORTED)}; "
-                              f"{checkpoint.source} is {model_type!r}. Disable [quarot] for it")
-    if cfg.get("lattice_online_rotation"):
-        raise CheckpointError(f"{checkpoint.source} is already rotated (its config has "
-                              f"lattice_online_rotation); disable [quarot] for it")
+    plan = _plan(cfg, checkpoint.source)
+    text = plan.text_config
+    if text.get("lattice_online_rotation") or cfg.get("quarot"):
+        raise CheckpointError(f"{checkpoint.source} is already rotated (its config has a "
+                              f"quarot entry); disable [quarot] for it")
     try:
-        hidden, inter = int(cfg["hidden_size"]), int(cfg["intermediate_size"])
-        layers = int(cfg["num_hidden_layers"])
+        hidden, inter = int(text["hidden_size"]), int(text["intermediate_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"QuaRot: config of {checkpoint.source} lacks {exc}") from exc
     rng = np.random.default_rng(settings.seed)
@@ -103,19 +154,22 @@ def quarot(checkpoint: Checkpoint, settings: QuarotSettings,
     read = _Reader(checkpoint, formats)
     tensors: dict[str, Callable[[], Any]] = dict(checkpoint.tensors)
     shapes = dict(checkpoint.shapes)
+    offset = plan.norm_offset
 
     def put(name: str, make: Callable[[], np.ndarray], shape=None) -> None:
         tensors[name] = make
         if shape is not None:
             shapes[name] = tuple(shape)
 
-    def ones(name: str) -> None:
-        put(name, lambda: np.ones(shapes[name], np.float32))
+    def scale(norm: str) -> np.ndarray:
+        return offset + read(norm)
+
+    def identity_norm(name: str) -> None:  # (offset + w) == 1
+        put(name, lambda: np.full(shapes[name], 1.0 - offset, np.float32))
 
     def reader(name: str, norm: str, signs=None) -> None:
         def make():
-            w = read(name) * read(norm)[None, :]
-            out = _rows(R, w)
+            out = _rows(R, read(name) * scale(norm)[None, :])
             return out if signs is None else out * signs[:, None].astype(np.float32)
         put(name, make)
 
@@ -130,33 +184,37 @@ def quarot(checkpoint: Checkpoint, settings: QuarotSettings,
         if read.has(bias):
             put(bias, lambda: R.apply(read(bias)).astype(np.float32))
 
-    put("model.embed_tokens.weight", lambda: _rows(R, read("model.embed_tokens.weight")))
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        attn_norm, mlp_norm = f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            reader(f"{p}.self_attn.{proj}.weight", attn_norm)
-        writer(f"{p}.self_attn.o_proj.weight")
-        reader(f"{p}.mlp.gate_proj.weight", mlp_norm)
-        reader(f"{p}.mlp.up_proj.weight", mlp_norm, None if F is None else F.signs)
-        up_bias = f"{p}.mlp.up_proj.bias"
+    embed = f"{plan.prefix}.embed_tokens.weight"
+    put(embed, lambda: _rows(R, read(embed)))
+    ups = {up for _, up, _ in plan.mlps}
+    for norm, readers in plan.norm_readers:
+        for name in readers:
+            reader(name, norm, F.signs if F is not None and name in ups else None)
+        identity_norm(norm)
+    for name in plan.writers:
+        writer(name)
+    for _, up, down in plan.mlps:
+        up_bias = up[: -len("weight")] + "bias"
         if F is not None and read.has(up_bias):
             put(up_bias, lambda b=up_bias: (read(b) * F.signs).astype(np.float32))
-        writer(f"{p}.mlp.down_proj.weight", F)
-        ones(attn_norm)
-        ones(mlp_norm)
-    head = "lm_head.weight" if read.has("lm_head.weight") and not cfg.get(
-        "tie_word_embeddings", False) else "model.embed_tokens.weight"
+        writer(down, F)
+    final = f"{plan.prefix}.norm.weight"
+    tied = bool(plan.tie_key.get("tie_word_embeddings", False)) or not read.has("lm_head.weight")
+    head = embed if tied else "lm_head.weight"
     vocab = checkpoint.shapes[head][0]
-    put("lm_head.weight",
-        lambda: _rows(R, read(head) * read("model.norm.weight")[None, :]), (vocab, hidden))
-    ones("model.norm.weight")
+    put("lm_head.weight", lambda: _rows(R, read(head) * scale(final)[None, :]), (vocab, hidden))
+    identity_norm(final)
 
-    cfg["tie_word_embeddings"] = False
+    plan.tie_key["tie_word_embeddings"] = False
+    if plan.tie_key is not text:
+        text["tie_word_embeddings"] = False
+    # Provenance; also what a vision encoder or MTP head must apply to stay in this basis
+    # (R can be rebuilt from the seed).
     cfg["quarot"] = {"seed": settings.seed, "online_down_proj": settings.online_down_proj}
     if F is not None:
-        cfg["lattice_online_rotation"] = {"down_proj": F.online_spec()}
+        text["lattice_online_rotation"] = {"down_proj": F.online_spec()}
     return Checkpoint(config=cfg, tensors=tensors, shapes=shapes, tokenizer=checkpoint.tokenizer,
                       tokenizer_config=checkpoint.tokenizer_config,
                       generation_config=checkpoint.generation_config,
                       source=f"{checkpoint.source} (QuaRot seed {settings.seed})")
+

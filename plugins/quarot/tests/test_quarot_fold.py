@@ -130,3 +130,30 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path, plugins):
     from lattice_engine.io.hf_folder import load_hf_folder
     with pytest.raises(CheckpointError, match="QuaRot supports model types llama, qwen2, qwen3"):
         quarot(load_hf_folder(folder), QuarotSettings(enabled=True), {})
+
+
+CORE_FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[3] / "tests" / "fixtures"
+
+
+@pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("name", ["qwen3_5_text", "qwen3_5_vl"])
+def test_qwen3_5_rotated_model_computes_the_same_function(tmp_path, plugins, name, online):
+    # the core's Qwen3.5 fixtures (tied text model; untied composite with vision and MTP
+    # weights), with their (1 + w) norms moved away from w = 0 so folding is exercised
+    import shutil
+    from safetensors.numpy import load_file
+    if not (CORE_FIXTURES / name).exists():
+        pytest.skip("the core repository's test fixtures are not next to this plugin")
+    folder = tmp_path / name
+    shutil.copytree(CORE_FIXTURES / name, folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    for key in weights:
+        if key.endswith("layernorm.weight") or key.endswith("language_model.norm.weight") or \
+                key == "model.norm.weight":
+            weights[key] = (0.5 * rng.standard_normal(weights[key].shape)).astype(np.float32)
+    save_file(weights, str(folder / "model.safetensors"))
+    plain = logits(folder, plugins)
+    rotated = logits(folder, plugins, seed=3, online_down_proj=online)
+    assert np.abs(rotated - plain).max() <= 1e-3
+    assert (rotated.argmax(-1) == plain.argmax(-1)).all()
