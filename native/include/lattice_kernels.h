@@ -25,6 +25,7 @@
  *   LATTICE_ISA      "generic" forces the scalar kernels
  *   LATTICE_Q8       q8_0 kernel at the AVX2 level: avx2, avxvnni or avx512vnni
  *   LATTICE_PF       matvec software-prefetch distance (tuning; see matmul.c)
+ *   LATTICE_CHUNKS   decode row chunks per thread and matrix (tuning; default 4)
  *
  * Public functions (declared below, bound by native/build_native.py)
  *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_set_threads, lk_get_threads

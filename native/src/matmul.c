@@ -575,13 +575,16 @@ static void quant_task(void *vctx, int64_t m, int ith) {
     quantize_act(q->x + m * q->K, q->K, q->xq + m * q->K, q->xd + m * nb);
 }
 
+/* Decode chunks per thread and matrix (LATTICE_CHUNKS overrides it; tuning only). */
+int lk_chunks_per_thread = 4;
+
 /* Output rows per task for a matrix of N rows of ldw bytes. */
 static int64_t chunk_rows(int fmt, int64_t M, int64_t N, int64_t ldw, int nth) {
     int64_t chunk;
     if (M <= FEW_ROWS) {
         /* a few chunks per thread for balance, but at least ~64 KiB of weights each; more,
            smaller chunks measured slower (each restarts the prefetch streams) */
-        int64_t target = (int64_t)nth * 4;
+        int64_t target = (int64_t)nth * lk_chunks_per_thread;
         int64_t by_bytes = (N * ldw) / (64 * 1024);
         if (by_bytes < target) target = by_bytes > nth ? by_bytes : nth;
         chunk = (N + target - 1) / target;
