@@ -290,6 +290,7 @@ class GrammarCompiler:
                 return c.compile_json_schema('{"type": "object"}', any_whitespace=False,
                                              strict_mode=False)
             if spec.kind == "json_schema":
+                _check_enforceable(spec.source)
                 return c.compile_json_schema(spec.source, any_whitespace=False)
             if spec.kind == "regex":
                 return c.compile_regex(spec.source)
@@ -302,6 +303,60 @@ class GrammarCompiler:
     def matcher(self, spec: GrammarSpec) -> "GrammarMatcher":
         """A fresh matcher for one request constrained by spec."""
         return GrammarMatcher(self, self.compile(spec))
+
+
+# keywords xgrammar accepts but does not enforce (checked against xgrammar 0.2.8): an
+# output could then fail validation, so a schema using them is refused with this advice
+UNENFORCED_KEYWORDS = {
+    "uniqueItems": "drop it, or validate uniqueness after generation",
+    "not": "express the schema without 'not'",
+    "if": "use anyOf with one branch per case instead of if/then/else",
+    "dependentRequired": "list the dependent properties in 'required'",
+    "dependentSchemas": "use anyOf with one branch per case",
+}
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_VALUES = ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties",
+                  "unevaluatedProperties", "unevaluatedItems", "additionalItems", "contains",
+                  "propertyNames", "not", "if", "then", "else")
+
+
+def _check_enforceable(source: str) -> None:
+    """Refuse schema parts xgrammar would accept but silently not enforce, so an output could
+    fail validation: the keywords in UNENFORCED_KEYWORDS, and a string `pattern` together
+    with min/maxLength (xgrammar drops the lengths). Text that is not JSON is left for
+    xgrammar to report."""
+    try:
+        schema = json.loads(source)
+    except ValueError:
+        return
+
+    def check(node: Any, path: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                check(item, f"{path}/{i}")
+            return
+        if not isinstance(node, dict):
+            return
+        where = path or "/"
+        for key, advice in UNENFORCED_KEYWORDS.items():
+            if key in node and not (key == "uniqueItems" and node[key] is False):
+                raise RequestError(f"invalid JSON schema: at {where}, '{key}' cannot be "
+                                   f"enforced during generation; {advice}")
+        lengths = [k for k in ("minLength", "maxLength") if isinstance(node.get(k), int)]
+        if isinstance(node.get("pattern"), str) and lengths:
+            raise RequestError(
+                f"invalid JSON schema: at {where}, 'pattern' together with "
+                f"{' and '.join(repr(k) for k in lengths)} cannot be enforced (xgrammar "
+                f"ignores the lengths); put the length into the pattern instead, e.g. "
+                f"'^[0-9]{{1,5}}$'")
+        for key in _SCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                for name, sub in node[key].items():
+                    check(sub, f"{path}/{key}/{name}")
+        for key in _SCHEMA_VALUES:
+            if key in node:
+                check(node[key], f"{path}/{key}")
+    check(schema, "")
 
 
 _PREFIX = re.compile(r"^\[[0-9:.]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")

@@ -192,6 +192,13 @@ def test_mixed_batch_masks_each_row_by_its_own_grammar():
                        "not closed"),
     ({"grammar": "root ::= foo"}, 'invalid EBNF grammar: .*Rule "foo" is not defined'),
     ({"grammar": 'start ::= "a"'}, 'The root rule with name "root" is not found'),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]+$",
+                                                 "maxLength": 5}}}}}},
+     "at /properties/zip, 'pattern' together with 'maxLength' cannot be enforced"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {"not": {"type": "array", "uniqueItems": True}}}}}},
+     "at /properties/not, 'uniqueItems' cannot be enforced"),
 ])
 def test_invalid_schema_or_grammar_carries_xgrammars_message(body, words):
     compiler = GrammarCompiler(text_tokenizer(byte_level_tokenizer(), eos=[0]), 256)
