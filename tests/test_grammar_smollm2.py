@@ -99,8 +99,8 @@ def engine():
 
 
 def chat(engine, prompt, **kw):
-    return engine.chat([{"role": "user", "content": prompt + " Answer in JSON."}],
-                       max_tokens=MAX_TOKENS, **kw)
+    kw.setdefault("max_tokens", MAX_TOKENS)
+    return engine.chat([{"role": "user", "content": prompt + " Answer in JSON."}], **kw)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -118,12 +118,15 @@ def test_twenty_json_schemas_validate(engine, temperature):
 
 
 def test_json_object_mode_gives_an_object(engine):
-    result = chat(engine, "Describe a cat.", temperature=1.0, seed=0,
-                  response_format={"type": "json_object"}, max_tokens=MAX_TOKENS)
-    if result.finish_reason == "stop":
-        assert isinstance(json.loads(result.text), dict)
-    else:  # free-form objects may run long; what was produced is still an object prefix
+    finished = 0
+    for seed in (0, 1):
+        result = chat(engine, "Describe a cat.", temperature=1.0, seed=seed,
+                      response_format={"type": "json_object"})
         assert result.text.startswith("{")
+        if result.finish_reason == "stop":  # free-form objects may also run past max_tokens
+            assert isinstance(json.loads(result.text), dict)
+            finished += 1
+    assert finished >= 1
 
 
 def test_regex_and_ebnf_outputs_match(engine):
