@@ -188,3 +188,25 @@ def test_mixed_batch_constrained_and_free_rows(engine):
     single = engine.generate(prompt, temperature=0, max_tokens=steps)
     n = min(len(single.tokens), steps)
     assert out[1][:n] == single.tokens[:n]
+
+
+def test_xgrammar_reads_the_vocabulary_as_the_tokenizer_decodes_it(engine):
+    """Every token xgrammar may emit spells exactly the bytes our tokenizer decodes it to;
+    control tokens are never text; the stop tokens are the tokenizer's EOS ids."""
+    compiler = engine.grammar_compiler
+    tok = engine.tokenizer
+    decoded = compiler.info.decoded_vocab
+    special = {i for i, t in tok.tokenizer.get_added_tokens_decoder().items() if t.special}
+    checked = 0
+    for i in range(engine.model.vocab_size):
+        if i in special:
+            assert decoded[i] == b""
+            continue
+        text = tok.decode([i])
+        if "\ufffd" in text:  # a partial UTF-8 sequence: no text to compare with
+            continue
+        assert decoded[i] == text.encode("utf-8"), (i, decoded[i], text)
+        checked += 1
+    assert checked > 40000
+    assert sorted(compiler.info.stop_token_ids) == sorted(tok.eos_token_ids)
+    assert compiler.vocab_type == "BYTE_LEVEL"
