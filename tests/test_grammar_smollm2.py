@@ -22,7 +22,8 @@ import jsonschema  # noqa: E402
 
 from lattice_engine.engine import Engine  # noqa: E402
 from lattice_engine.errors import RequestError  # noqa: E402
-from lattice_engine.grammar import GrammarSpec, apply_batch_bitmask, accept_batch  # noqa: E402
+from lattice_engine.grammar import (GrammarSpec, accept_batch,  # noqa: E402
+                                    apply_batch_bitmask)
 
 MAX_TOKENS = 160
 
