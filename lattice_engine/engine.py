@@ -72,6 +72,21 @@ class Engine:
             raise RequestError("this model has no tokenizer, which structured output needs")
         return grammar_compiler(self.tokenizer, self.model.vocab_size)
 
+    def request_grammar(self, body: dict[str, Any]):
+        """The output constraint of an OpenAI-style request body (`response_format`, `regex`,
+        `grammar`), compiled and cached now so a bad one fails before streaming starts;
+        None when the body asks for none (xgrammar is then not needed).
+
+        Raises:
+            RequestError: malformed fields, or a schema / grammar xgrammar rejects (HTTP 400).
+            ConfigError: a constraint was asked for but the grammar extra is not installed.
+        """
+        from .grammar import grammar_from_request
+        spec = grammar_from_request(body)
+        if spec is not None:
+            self.grammar_compiler.compile(spec)
+        return spec
+
     def grammar_matcher(self, *, response_format: Optional[dict[str, Any]] = None,
                         regex: Optional[str] = None, grammar: Any = None):
         """A fresh matcher for the output constraint, or None when there is none.

@@ -87,7 +87,9 @@ def grammar_from_request(body: Mapping[str, Any], compiler: Optional["GrammarCom
     "json_schema", "json_schema": {"name": ..., "schema": {...}}}), `regex` (a string) and
     `grammar` (an EBNF string whose root rule is `root`); at most one of the three may
     constrain the output. With `compiler`, the grammar is compiled (and cached) here, so an
-    invalid schema or grammar is reported before any token is generated.
+    invalid schema or grammar is reported before any token is generated (a server calls
+    `Engine.request_grammar(body)`, which does this and needs xgrammar only when the body
+    asks for a constraint).
 
     Raises:
         RequestError: a field has the wrong shape, two constraints are given, or xgrammar

@@ -234,6 +234,17 @@ def test_engine_outputs_follow_regex_ebnf_and_schema(engine, temperature):
     assert chunks[-1].finish_reason == "stop"
 
 
+def test_engine_request_grammar_is_the_server_seam(engine):
+    assert engine.request_grammar({"model": "x", "prompt": "hi"}) is None
+    spec = engine.request_grammar({"response_format": {"type": "json_object"}})
+    assert spec == GrammarSpec.json_object()
+    result = engine.generate("abc", grammar=spec, max_tokens=48, temperature=1.0, seed=0)
+    assert result.text.startswith("{")
+    with pytest.raises(RequestError, match="invalid JSON schema: Unsupported type"):
+        engine.request_grammar({"response_format": {
+            "type": "json_schema", "json_schema": {"schema": {"type": "banana"}}}})
+
+
 def test_engine_rejects_an_invalid_grammar_and_keeps_working(engine):
     with pytest.raises(RequestError, match="invalid regex"):
         engine.stream("abc", regex="(((")   # raised before any token is generated
