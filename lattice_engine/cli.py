@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feed the prompt as is, without the model's chat template")
     gen.add_argument("--system", default=None, help="system message for the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    constraint = gen.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", default=None,
+                            help="constrain the output to this JSON schema (needs the "
+                                 "grammar extra)")
+    constraint.add_argument("--regex", metavar="R", default=None,
+                            help="constrain the output to match this regex")
+    constraint.add_argument("--grammar", metavar="FILE", default=None,
+                            help="constrain the output to this EBNF grammar (root rule: root)")
     add_model_options(gen)
     add_sampling_options(gen)
 
@@ -118,15 +126,43 @@ def make_engine(args):
     return Engine.from_config(load_settings(args))
 
 
+def read_text_file(option: str, path: str) -> str:
+    from .errors import ConfigError
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option} {path}: cannot read it as UTF-8 text ({exc})") from None
+
+
+def output_constraint(args) -> dict:
+    """The Engine keyword arguments for --json-schema / --regex / --grammar."""
+    from .errors import ConfigError
+    if args.json_schema:
+        try:
+            schema = json.loads(read_text_file("--json-schema", args.json_schema))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--json-schema {args.json_schema}: not valid JSON ({exc})") \
+                from None
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": "cli", "schema": schema}}}
+    if args.regex:
+        return {"regex": args.regex}
+    if args.grammar:
+        return {"grammar": read_text_file("--grammar", args.grammar)}
+    return {}
+
+
 def cmd_generate(args) -> int:
+    constraint = output_constraint(args)
     engine = make_engine(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     has_template = bool(engine.tokenizer.config.get("chat_template"))
     if args.raw or not has_template:
-        stream = engine.stream(prompt)
+        stream = engine.stream(prompt, **constraint)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        stream = engine.stream(messages=messages + [{"role": "user", "content": prompt}])
+        stream = engine.stream(messages=messages + [{"role": "user", "content": prompt}],
+                               **constraint)
     start = time.perf_counter()
     text, tokens, finish = [], 0, None
     for chunk in stream:

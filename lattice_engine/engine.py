@@ -64,22 +64,76 @@ class Engine:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
+    @property
+    def grammar_compiler(self):
+        """The model's `lattice_engine.grammar.GrammarCompiler` (needs the grammar extra);
+        a server passes it to `grammar_from_request` to validate a request up front."""
+        from .grammar import grammar_compiler
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer, which structured output needs")
+        return grammar_compiler(self.tokenizer, self.model.vocab_size)
+
+    def request_grammar(self, body: dict[str, Any]):
+        """The output constraint of an OpenAI-style request body (`response_format`, `regex`,
+        `grammar`), compiled and cached now so a bad one fails before streaming starts;
+        None when the body asks for none (xgrammar is then not needed).
+
+        Raises:
+            RequestError: malformed fields, or a schema / grammar xgrammar rejects (HTTP 400).
+            ConfigError: a constraint was asked for but the grammar extra is not installed.
+        """
+        from .grammar import grammar_from_request
+        spec = grammar_from_request(body)
+        if spec is not None:
+            self.grammar_compiler.compile(spec)
+        return spec
+
+    def grammar_matcher(self, *, response_format: Optional[dict[str, Any]] = None,
+                        regex: Optional[str] = None, grammar: Any = None):
+        """A fresh matcher for the output constraint, or None when there is none.
+
+        `response_format`, `regex` and `grammar` (EBNF text, or a `GrammarSpec`) mean what
+        the request fields of the same names mean (see `grammar_from_request`).
+        """
+        if response_format is None and regex is None and grammar is None:
+            return None
+        from .grammar import GrammarSpec, grammar_from_request
+        if isinstance(grammar, GrammarSpec):
+            if response_format is not None or regex is not None:
+                raise RequestError("give at most one output constraint; got a GrammarSpec "
+                                   "and response_format/regex")
+            spec = grammar
+        else:
+            spec = grammar_from_request({"response_format": response_format, "regex": regex,
+                                         "grammar": grammar})
+        return None if spec is None else self.grammar_compiler.matcher(spec)
+
     def stream(self, prompt: Optional[Prompt] = None, *,
                messages: Optional[list[dict[str, Any]]] = None,
-               **sampling: Any) -> Iterator[GenerationChunk]:
-        """Yield text chunks as they are generated; sampling options override the defaults."""
+               response_format: Optional[dict[str, Any]] = None, regex: Optional[str] = None,
+               grammar: Any = None, **sampling: Any) -> Iterator[GenerationChunk]:
+        """Yield text chunks as they are generated; sampling options override the defaults.
+        response_format / regex / grammar constrain the output (see `grammar_matcher`)."""
         params = self.sampling.with_overrides(**sampling)
-        return stream_generate(self.model, self.tokenizer, self.prompt_ids(prompt, messages),
-                               params, self.plugin_manager.registry)
+        ids = self.prompt_ids(prompt, messages)
+        matcher = self.grammar_matcher(response_format=response_format, regex=regex,
+                                       grammar=grammar)
+        return stream_generate(self.model, self.tokenizer, ids, params,
+                               self.plugin_manager.registry, grammar=matcher)
 
     def generate(self, prompt: Optional[Prompt] = None, *,
                  messages: Optional[list[dict[str, Any]]] = None,
-                 **sampling: Any) -> GenerationResult:
+                 response_format: Optional[dict[str, Any]] = None, regex: Optional[str] = None,
+                 grammar: Any = None, **sampling: Any) -> GenerationResult:
         """Generate to the end; sampling options (temperature, max_tokens, stop, seed, ...)
-        override the engine's defaults for this call only."""
+        override the engine's defaults for this call only. response_format / regex /
+        grammar constrain the output (see `grammar_matcher`)."""
         params = self.sampling.with_overrides(**sampling)
-        return generate(self.model, self.tokenizer, self.prompt_ids(prompt, messages), params,
-                        self.plugin_manager.registry)
+        ids = self.prompt_ids(prompt, messages)
+        matcher = self.grammar_matcher(response_format=response_format, regex=regex,
+                                       grammar=grammar)
+        return generate(self.model, self.tokenizer, ids, params,
+                        self.plugin_manager.registry, grammar=matcher)
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> GenerationResult:
         return self.generate(messages=messages, **sampling)

@@ -52,11 +52,13 @@ def token_logprob(logits: np.ndarray, token: int) -> float:
 
 
 def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
-                  max_tokens: int, cache=None) -> Iterator[tuple[int, float]]:
+                  max_tokens: int, cache=None, grammar=None) -> Iterator[tuple[int, float]]:
     """Yield (token, logprob) for up to max_tokens new tokens after prompt_ids.
 
     The caller stops early by closing the generator. The cache (a fresh one by default)
-    holds prompt and generated tokens when the generator ends.
+    holds prompt and generated tokens when the generator ends. `grammar` (a
+    `lattice_engine.grammar.GrammarMatcher`) masks each step's logits before sampling and
+    accepts the sampled token; logprobs stay those of the unmasked model distribution.
     """
     if len(prompt_ids) == 0:
         raise RequestError("the prompt is empty; give at least one token")
@@ -71,7 +73,13 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
         logits = model.forward(ids[:, start:start + PREFILL_CHUNK], cache, last_only=True)
     for _ in range(max_tokens):
         row = logits[0, -1]
-        token = sampler(history, row)
+        if grammar is None:
+            token = sampler(history, row)
+        else:
+            allowed = row.copy()
+            grammar.apply(allowed)
+            token = sampler(history, allowed)
+            grammar.accept(token)
         yield token, token_logprob(row, token)
         history.append(token)
         if limit and len(history) >= limit:
@@ -99,17 +107,25 @@ class StopMatcher:
 
 
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                    registry=None) -> Iterator[GenerationChunk]:
-    """Stream text for prompt_ids, honouring stop strings, stop tokens and max_tokens."""
+                    registry=None, *, grammar=None) -> Iterator[GenerationChunk]:
+    """Stream text for prompt_ids, honouring stop strings, stop tokens and max_tokens.
+
+    With `grammar` (a fresh `GrammarMatcher`), every token follows it and generation stops
+    ("stop") when the matcher terminates.
+    """
     sampler = make_sampler(params, registry)
     stop_ids = set(params.stop_token_ids) | set(tokenizer.eos_token_ids)
+    if grammar is not None:
+        stop_ids |= set(grammar.stop_token_ids)
+    grammar_done = False
     matcher = StopMatcher(params.stop)
     generated: list[int] = []
     new_tokens: list[int] = []    # sampled since the last chunk
     new_logprobs: list[float] = []
     emitted = ""                   # text already yielded
     finish = "length"
-    steps = generate_step(model, prompt_ids, sampler, max_tokens=params.max_tokens)
+    steps = generate_step(model, prompt_ids, sampler, max_tokens=params.max_tokens,
+                          grammar=grammar)
     try:
         for token, logprob in steps:
             if token in stop_ids:
@@ -118,6 +134,11 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
             generated.append(token)
             new_tokens.append(token)
             new_logprobs.append(logprob)
+            # a matcher without stop tokens ends on the token that completes the grammar
+            grammar_done = grammar is not None and grammar.is_terminated()
+            if grammar_done:
+                finish = "stop"
+                break
             full = tokenizer.decode(generated)
             if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
                 continue
@@ -135,20 +156,21 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
     finally:
         steps.close()
     rest = ""
-    if finish == "length":
+    if finish == "length" or grammar_done:
         rest, _, stopped = matcher.split(tokenizer.decode(generated)[len(emitted):], final=True)
         finish = "stop" if stopped else finish
     yield GenerationChunk(rest, new_tokens, new_logprobs, finish)
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-             registry=None) -> GenerationResult:
+             registry=None, *, grammar=None) -> GenerationResult:
     """Run `stream_generate` to the end and collect text, tokens and timings."""
     start = time.perf_counter()
     first = None
     text, tokens, logprobs = [], [], []
     finish = "length"
-    for chunk in stream_generate(model, tokenizer, prompt_ids, params, registry):
+    for chunk in stream_generate(model, tokenizer, prompt_ids, params, registry,
+                                 grammar=grammar):
         if first is None:
             first = time.perf_counter()
         text.append(chunk.text)
