@@ -332,64 +332,84 @@ static void dot4_generic(const uint8_t *wu, const float *dw, const float *mw, in
 }
 
 #if Q4_X86
-#define Q4_DOT4_BODY(DOT32)                                                             \
+/* Two unpacked weight rows (wu, wu + K) against four activation rows: eight dot products
+   share each load. nr < 4 or a single weight row fall back to the generic loop. */
+#define Q4_DOT24_BODY(DOT32)                                                            \
     int64_t nb = K / QK;                                                                \
-    if (nr < 4) { dot4_generic(wu, dw, mw, K, xq, dx, xs, nr, y, ldy); return; }        \
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                         \
-    const int8_t *x0 = xq, *x1 = xq + K, *x2 = xq + 2 * K, *x3 = xq + 3 * K;            \
-    const float *d0 = dx, *d1 = dx + nb, *d2 = dx + 2 * nb, *d3 = dx + 3 * nb;          \
-    for (int64_t blk = 0; blk < nb; blk++) {                                            \
-        __m256i wq = _mm256_loadu_si256((const __m256i *)(wu + blk * QK));              \
-        float d = dw[blk];                                                              \
-        a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT32(wq, _mm256_loadu_si256(           \
-            (const __m256i *)(x0 + blk * QK)))), _mm256_set1_ps(d * d0[blk]), a0);      \
-        a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT32(wq, _mm256_loadu_si256(           \
-            (const __m256i *)(x1 + blk * QK)))), _mm256_set1_ps(d * d1[blk]), a1);      \
-        a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT32(wq, _mm256_loadu_si256(           \
-            (const __m256i *)(x2 + blk * QK)))), _mm256_set1_ps(d * d2[blk]), a2);      \
-        a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT32(wq, _mm256_loadu_si256(           \
-            (const __m256i *)(x3 + blk * QK)))), _mm256_set1_ps(d * d3[blk]), a3);      \
+    if (nr < 4) {                                                                       \
+        for (int i = 0; i < nw; i++)                                                    \
+            dot4_generic(wu + i * K, dw + i * nb, mw + i * nb, K, xq, dx, xs, nr, y + i, ldy); \
+        return;                                                                         \
     }                                                                                   \
-    __m256 acc[4] = {a0, a1, a2, a3};                                                   \
-    for (int r = 0; r < 4; r++) {                                                       \
-        const float *s = xs + r * nb;                                                   \
-        __m256 c = _mm256_setzero_ps();                                                 \
-        int64_t blk = 0;                                                                \
-        for (; blk + 8 <= nb; blk += 8)                                                 \
-            c = _mm256_fmadd_ps(_mm256_loadu_ps(mw + blk), _mm256_loadu_ps(s + blk), c); \
-        float tail = 0.0f;                                                              \
-        for (; blk < nb; blk++) tail += mw[blk] * s[blk];                               \
-        __m256 v = _mm256_add_ps(acc[r], c);                                            \
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));  \
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                         \
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));                                          \
-        y[r * ldy] = _mm_cvtss_f32(h) + tail;                                           \
+    /* a lone row runs as a pair with itself, so results do not depend on how the rows \
+       were split between threads */                                                    \
+    const int64_t second = nw < 2 ? 0 : 1;                                              \
+    __m256 acc[2][4];                                                                   \
+    for (int i = 0; i < 2; i++)                                                         \
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();                    \
+    for (int64_t blk = 0; blk < nb; blk++) {                                            \
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(wu + blk * QK));              \
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(wu + second * K + blk * QK)); \
+        float e0 = dw[blk], e1 = dw[second * nb + blk];                                 \
+        for (int r = 0; r < 4; r++) {                                                   \
+            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + blk * QK));    \
+            float sx = dx[r * nb + blk];                                                \
+            acc[0][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT32(w0, a)),               \
+                                        _mm256_set1_ps(e0 * sx), acc[0][r]);            \
+            acc[1][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT32(w1, a)),               \
+                                        _mm256_set1_ps(e1 * sx), acc[1][r]);            \
+        }                                                                               \
+    }                                                                                   \
+    for (int i = 0; i < nw; i++) {                                                      \
+        const float *mi = mw + i * nb;                                                  \
+        for (int r = 0; r < 4; r++) {                                                   \
+            const float *sr = xs + r * nb;                                              \
+            __m256 v = acc[i][r];                                                       \
+            int64_t blk = 0;                                                            \
+            for (; blk + 8 <= nb; blk += 8)                                             \
+                v = _mm256_fmadd_ps(_mm256_loadu_ps(mi + blk), _mm256_loadu_ps(sr + blk), v); \
+            float tail = 0.0f;                                                          \
+            for (; blk < nb; blk++) tail += mi[blk] * sr[blk];                          \
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); \
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                     \
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));                                      \
+            y[r * ldy + i] = _mm_cvtss_f32(h) + tail;                                   \
+        }                                                                               \
     }
 
-Q4_AVX2_T static void dot4_avx2(const uint8_t *wu, const float *dw, const float *mw, int64_t K,
-                      const int8_t *xq, const float *dx, const float *xs, int nr,
-                      float *y, int64_t ldy) {
-    Q4_DOT4_BODY(dot32_avx2)
+Q4_AVX2_T static void dot24_avx2(const uint8_t *wu, const float *dw, const float *mw,
+                                 int64_t K, const int8_t *xq, const float *dx,
+                                 const float *xs, int nw, int nr, float *y, int64_t ldy) {
+    Q4_DOT24_BODY(dot32_avx2)
 }
 
-Q4_VNNI_T static void dot4_vnni(const uint8_t *wu, const float *dw, const float *mw, int64_t K,
-                      const int8_t *xq, const float *dx, const float *xs, int nr,
-                      float *y, int64_t ldy) {
-    Q4_DOT4_BODY(dot32_vnni)
+Q4_VNNI_T static void dot24_vnni(const uint8_t *wu, const float *dw, const float *mw,
+                                 int64_t K, const int8_t *xq, const float *dx,
+                                 const float *xs, int nw, int nr, float *y, int64_t ldy) {
+    Q4_DOT24_BODY(dot32_vnni)
 }
 #endif
 
-typedef void (*dot4_fn)(const uint8_t *, const float *, const float *, int64_t,
-                        const int8_t *, const float *, const float *, int, float *, int64_t);
+static void dot24_generic(const uint8_t *wu, const float *dw, const float *mw, int64_t K,
+                          const int8_t *xq, const float *dx, const float *xs, int nw, int nr,
+                          float *y, int64_t ldy) {
+    int64_t nb = K / QK;
+    for (int i = 0; i < nw; i++)
+        dot4_generic(wu + i * K, dw + i * nb, mw + i * nb, K, xq, dx, xs, nr, y + i, ldy);
+}
 
-static dot4_fn pick_dot4(void) {
+typedef void (*dot24_fn)(const uint8_t *, const float *, const float *, int64_t,
+                         const int8_t *, const float *, const float *, int, int, float *,
+                         int64_t);
+
+static dot24_fn pick_dot24(void) {
 #if Q4_X86
     switch (q4_isa()) {
-    case Q4_AVXVNNI: return dot4_vnni;
-    case Q4_AVX2: return dot4_avx2;
+    case Q4_AVXVNNI: return dot24_vnni;
+    case Q4_AVX2: return dot24_avx2;
     }
 #endif
-    return dot4_generic;
+    return dot24_generic;
 }
 
 /* ---- matmul ---------------------------------------------------------------------- */
@@ -398,7 +418,7 @@ typedef struct {
     const q4_layout *L;
     dot_row_fn dot;     /* generic decode dot */
     void *spec;         /* specialised decode dot (dot_spec_fn), or NULL */
-    dot4_fn dot4;
+    dot24_fn dot24;
     const uint8_t *w;
     int64_t ldw, N, K, M;
     const int8_t *xq;
@@ -407,7 +427,7 @@ typedef struct {
     float *y;
 } mm_ctx;
 
-#define M_TILE 64 /* activation rows per pass over a slice of weight rows (prefill) */
+#define M_TILE 16 /* activation rows per pass over a slice of weight rows (prefill) */
 #define N_TILE 16 /* weight rows unpacked together (prefill) */
 
 static void mm_range(void *vctx, int64_t n0, int64_t n1, int ith) {
@@ -443,13 +463,15 @@ static void mm_range(void *vctx, int64_t n0, int64_t n1, int ith) {
                        mw + (n - t0) * nb);
         for (int64_t m0 = 0; m0 < c->M; m0 += M_TILE) {
             int64_t m1 = m0 + M_TILE < c->M ? m0 + M_TILE : c->M;
-            for (int64_t n = t0; n < t1; n++)
+            for (int64_t n = t0; n < t1; n += 2) {
+                int nw = t1 - n < 2 ? 1 : 2;
                 for (int64_t m = m0; m < m1; m += 4) {
                     int nr = m1 - m < 4 ? (int)(m1 - m) : 4;
-                    c->dot4(wu + (n - t0) * K, dw + (n - t0) * nb, mw + (n - t0) * nb, K,
-                            c->xq + m * K, c->dx + m * nb, c->xs + m * nb, nr,
-                            c->y + m * c->N + n, c->N);
+                    c->dot24(wu + (n - t0) * K, dw + (n - t0) * nb, mw + (n - t0) * nb, K,
+                             c->xq + m * K, c->dx + m * nb, c->xs + m * nb, nw, nr,
+                             c->y + m * c->N + n, c->N);
                 }
+            }
         }
     }
     free(wu);
@@ -474,7 +496,7 @@ int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
     if (q4_isa() >= Q4_AVX2)
         spec = (void *)dot_spec[q4_isa() - 1][asym ? 1 : 0][group == 32 ? 0 : group == 64 ? 1 : 2];
 #endif
-    mm_ctx c = {&L, dot_row_generic, spec, pick_dot4(), (const uint8_t *)w, ldw, N, K, M, xq, dx, xs, isum, y};
+    mm_ctx c = {&L, dot_row_generic, spec, pick_dot24(), (const uint8_t *)w, ldw, N, K, M, xq, dx, xs, isum, y};
     /* grain: enough row-dots per task that the pool's hand-off is amortised */
     int64_t work = (K / 256 + 1) * M;
     int64_t grain = work >= 64 ? 1 : 64 / work;
