@@ -41,6 +41,10 @@ typedef void (*q4_parallel_for_fn)(q4_range_fn fn, void *ctx, int64_t n, int64_t
 
 static q4_parallel_for_fn parallel_for = NULL;
 
+/* Decode streams the weights once per token: prefetch this many bytes ahead of the block
+   being read (Q4_PF overrides; rows are contiguous, so this runs on into the next rows). */
+static int64_t prefetch_bytes = 2048;
+
 void q4_set_parallel_for(void *fn) { parallel_for = (q4_parallel_for_fn)fn; }
 
 static void run_range(q4_range_fn fn, void *ctx, int64_t n, int64_t grain) {
@@ -90,6 +94,8 @@ static void detect(void) {
         if (__builtin_cpu_supports("avxvnni")) best_isa = Q4_AVXVNNI;
     }
 #endif
+    const char *pf = getenv("Q4_PF");
+    if (pf && *pf) prefetch_bytes = atol(pf);
     const char *env = getenv("LATTICE_ISA");
     active_isa = (env && strcmp(env, "generic") == 0) ? Q4_GENERIC : best_isa;
 }
@@ -222,6 +228,7 @@ static float dot_row_generic(const q4_layout *L, const uint8_t *w, int64_t K,
         (void)isum; (void)mrow;                                                         \
         for (int64_t b = 0; b < nblk; b++) {                                            \
             const uint8_t *wb = w + b * BPB;                                            \
+            _mm_prefetch((const char *)(wb + prefetch_bytes), _MM_HINT_T0);             \
             float d = _cvtsh_ss(rd16(wb));                                              \
             if (ASYM) {                                                                 \
                 float m = _cvtsh_ss(rd16(wb + 2));                                      \
