@@ -72,7 +72,7 @@ def cmd_recon(args) -> int:
     rows = {}
     for model in args.models:
         ckpt = load_gguf(variant(model, "f32"))
-        sums = {n: [0.0, 0.0] for n in names}
+        sums = {n: [0.0, 0.0, 0, 0] for n in names}  # err, ref, weights covered, total
         for name, load in ckpt.tensors.items():
             shape = ckpt.shapes[name]
             # the matrices q4 applies to: the linear layers
@@ -80,10 +80,18 @@ def cmd_recon(args) -> int:
                 continue
             w = load()
             for n in names:
+                sums[n][3] += w.size
+                if shape[1] % formats[n].block_size:
+                    continue  # the method keeps such rows in q8_0; not counted here
                 e, r = relative_rms(formats[n], w)
                 sums[n][0] += e
                 sums[n][1] += r
-        rows[model] = {n: math.sqrt(e / r) for n, (e, r) in sums.items()}
+                sums[n][2] += w.size
+        rows[model] = {n: math.sqrt(e / r) for n, (e, r, _, _) in sums.items()}
+        partial = {n: c / t for n, (_, _, c, t) in sums.items() if c < t}
+        if partial:
+            print(f"{model}: only part of the linear weights fit the group: "
+                  + ", ".join(f"{n} {f:.0%}" for n, f in partial.items()))
     rng = np.random.default_rng(0)
     t3 = rng.standard_t(3, size=(2048, 2048)).astype(np.float32)
     rows["student-t(3) 2048x2048"] = {n: math.sqrt(np.divide(*relative_rms(formats[n], t3)))
@@ -120,7 +128,12 @@ def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads
 
     set_threads(threads)
     loaded = load(variant(model, "f32"), quant=QuantSpec(quant, {}, group_size))
-    return perplexity(loaded.model, ids, window=window, stride=stride)
+    return perplexity(loaded.model, ids, window=window, stride=stride, progress=report_progress)
+
+
+def report_progress(done: int, total: int) -> None:
+    if done % 16 == 0 or done == total:
+        print(f"{time.strftime('%H:%M:%S')} window {done}/{total}", file=sys.stderr, flush=True)
 
 
 def ppl_llama_cpp(model: str, quant: str, ids, window, stride, threads) -> dict:
@@ -134,7 +147,7 @@ def ppl_llama_cpp(model: str, quant: str, ids, window, stride, threads) -> dict:
                           logits_all=True, verbose=False)
     nll, scored, spans = 0.0, 0, list(windows(ids.size, window, stride))
     start = time.perf_counter()
-    for w in spans:
+    for i, w in enumerate(spans):
         llm.reset()
         llm.eval([int(t) for t in ids[w.begin:w.end]])
         first = w.score_from - w.begin - 1
@@ -142,6 +155,7 @@ def ppl_llama_cpp(model: str, quant: str, ids, window, stride, threads) -> dict:
         targets = ids[w.score_from:w.end]
         nll -= float(log_softmax(logits)[np.arange(targets.size), targets].sum())
         scored += targets.size
+        report_progress(i + 1, len(spans))
     return {"ppl": math.exp(nll / scored), "nll": nll / scored, "tokens": int(ids.size),
             "scored": scored, "windows": len(spans), "window": window, "stride": stride,
             "seconds": round(time.perf_counter() - start, 3)}
