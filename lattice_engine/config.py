@@ -93,10 +93,10 @@ class Config:
         from .quant.methods import missing_method_hint
         methods = registry.names("quant_methods")
         if self.quant.method is not None and self.quant.method not in methods:
+            hint = missing_method_hint(self.quant.method) or (
+                " (plugins such as lattice-quant-q4 add more)")
             raise ConfigError(f"quant.method = {self.quant.method!r} is not a registered quant "
-                              f"method; choices: {', '.join(sorted(methods))} (plugins such as "
-                              f"lattice-quant-q4 add more)"
-                              f"{missing_method_hint(self.quant.method)}")
+                              f"method; choices: {', '.join(sorted(methods))}{hint}")
         formats = registry.names("weight_formats")
         for pattern, fmt in self.quant.overrides.items():
             if fmt not in formats:
