@@ -120,15 +120,36 @@ def token_ids(model: str, max_tokens: int) -> np.ndarray:
     return np.asarray(ids[:max_tokens], dtype=np.int64)
 
 
-def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads) -> dict:
-    from gguf_variants import variant
-    from lattice_engine.eval.perplexity import perplexity
-    from lattice_engine.loading import load, set_threads
-    from lattice_engine.quant.methods import QuantSpec
+CHECKPOINTS = (4096, 8192, 16384)  # partial results: the same windows as a shorter run
 
-    set_threads(threads)
-    loaded = load(variant(model, "f32"), quant=QuantSpec(quant, {}, group_size))
-    return perplexity(loaded.model, ids, window=window, stride=stride, progress=report_progress)
+
+class Scorer:
+    """Sliding-window NLL sums with partial perplexities at CHECKPOINTS: the windows up to
+    a checkpoint are exactly those of a run over that many tokens."""
+
+    def __init__(self, ids: np.ndarray, window: int, stride: int):
+        from lattice_engine.eval.perplexity import windows
+        self.ids, self.spans = ids, list(windows(ids.size, window, stride))
+        self.nll, self.scored, self.partial = 0.0, 0, {}
+        self.start = time.perf_counter()
+
+    def add(self, i: int, w, logits: np.ndarray) -> None:
+        from lattice_engine.sampling import log_softmax
+        targets = self.ids[w.score_from:w.end]
+        self.nll -= float(log_softmax(logits)[np.arange(targets.size), targets].sum())
+        self.scored += targets.size
+        if w.end in CHECKPOINTS:
+            self.partial[w.end] = math.exp(self.nll / self.scored)
+            print(f"partial ppl over the first {w.end} tokens: {self.partial[w.end]:.4f}",
+                  file=sys.stderr, flush=True)
+        report_progress(i + 1, len(self.spans))
+
+    def result(self) -> dict:
+        return {"ppl": math.exp(self.nll / self.scored), "nll": self.nll / self.scored,
+                "tokens": int(self.ids.size), "scored": self.scored,
+                "windows": len(self.spans), "window": self.spans[0].end - self.spans[0].begin,
+                "partial_ppl": self.partial,
+                "seconds": round(time.perf_counter() - self.start, 3)}
 
 
 def report_progress(done: int, total: int) -> None:
@@ -136,29 +157,36 @@ def report_progress(done: int, total: int) -> None:
         print(f"{time.strftime('%H:%M:%S')} window {done}/{total}", file=sys.stderr, flush=True)
 
 
+def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads) -> dict:
+    """lattice_engine.eval.perplexity's recipe, with partial results."""
+    from gguf_variants import variant
+    from lattice_engine.loading import load, set_threads
+    from lattice_engine.quant.methods import QuantSpec
+
+    set_threads(threads)
+    m = load(variant(model, "f32"), quant=QuantSpec(quant, {}, group_size)).model
+    scorer = Scorer(ids, window, stride)
+    for i, w in enumerate(scorer.spans):
+        hidden = m.hidden_states(ids[None, w.begin:w.end], m.make_cache(capacity=w.end - w.begin))
+        first = w.score_from - w.begin - 1
+        scorer.add(i, w, m.logits(hidden[:, first:w.end - w.begin - 1])[0])
+    return scorer.result()
+
+
 def ppl_llama_cpp(model: str, quant: str, ids, window, stride, threads) -> dict:
     import llama_cpp
     from gguf_variants import variant
-    from lattice_engine.eval.perplexity import windows
-    from lattice_engine.sampling import log_softmax
 
     llm = llama_cpp.Llama(model_path=str(variant(model, quant)), n_ctx=window, n_batch=window,
                           n_ubatch=window, n_threads=threads, n_threads_batch=threads,
                           logits_all=True, verbose=False)
-    nll, scored, spans = 0.0, 0, list(windows(ids.size, window, stride))
-    start = time.perf_counter()
-    for i, w in enumerate(spans):
+    scorer = Scorer(ids, window, stride)
+    for i, w in enumerate(scorer.spans):
         llm.reset()
         llm.eval([int(t) for t in ids[w.begin:w.end]])
         first = w.score_from - w.begin - 1
-        logits = np.asarray(llm.scores[first:w.end - w.begin - 1], dtype=np.float32)
-        targets = ids[w.score_from:w.end]
-        nll -= float(log_softmax(logits)[np.arange(targets.size), targets].sum())
-        scored += targets.size
-        report_progress(i + 1, len(spans))
-    return {"ppl": math.exp(nll / scored), "nll": nll / scored, "tokens": int(ids.size),
-            "scored": scored, "windows": len(spans), "window": window, "stride": stride,
-            "seconds": round(time.perf_counter() - start, 3)}
+        scorer.add(i, w, np.asarray(llm.scores[first:w.end - w.begin - 1], dtype=np.float32))
+    return scorer.result()
 
 
 def cmd_ppl(args) -> int:
