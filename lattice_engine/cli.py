@@ -1,4 +1,5 @@
-"""`lattice` command line: generate | chat | serve | ppl | plugins | pull | models.
+"""`lattice` command line: generate | chat | serve | ppl | plugins | pull | models |
+quantize.
 
 Every user error is one line on stderr and exit code 2; no tracebacks.
 """
@@ -23,7 +24,10 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
         p.add_argument("--model", "-m", default=None,
                        help="HF folder, .gguf file or catalog name (default: smollm2-135m)")
     p.add_argument("--config", default=None, help="TOML config file (default: ./lattice.toml)")
-    p.add_argument("--quant", default=None, help="quant method, e.g. f32, f16, q8_0")
+    p.add_argument("--quant", default=None, help="quant method, e.g. f32, f16, q8_0 (plugins "
+                   "add more, e.g. q4_asym from lattice-quant-q4)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="group size of a grouped quant method (q4_sym / q4_asym: 32, 64, 128)")
     p.add_argument("--backend", default=None, choices=("auto", "native", "numpy"))
     p.add_argument("--threads", type=int, default=None)
 
@@ -103,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("name")
 
     sub.add_parser("models", help="list catalog models and what is cached")
+
+    quantize = sub.add_parser("quantize", help="write a quantized checkpoint (safetensors + "
+                                               "config with a quantization section)")
+    quantize.add_argument("model", help="HF folder, .gguf file or catalog name")
+    quantize.add_argument("--method", required=True, help="quant method, e.g. q8_0, q4_asym")
+    quantize.add_argument("--group-size", type=int, default=None)
+    quantize.add_argument("--override", action="append", default=[], metavar="GLOB=FORMAT",
+                          help="per-tensor format (repeatable), e.g. 'lm_head.weight=f16'")
+    quantize.add_argument("--out", required=True, help="output folder")
     return parser
 
 
@@ -111,7 +124,7 @@ def load_settings(args):
     config = load_config(args.config)
     config = config.override("model", path=args.model, backend=args.backend,
                              threads=args.threads)
-    config = config.override("quant", method=args.quant)
+    config = config.override("quant", method=args.quant, group_size=args.group_size)
     if hasattr(args, "temperature"):
         config = config.override(
             "sampling", max_tokens=args.max_tokens, temperature=args.temperature,
@@ -278,8 +291,35 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .config import config_from_dict
+    from .errors import ConfigError
+    from .plugins import get_plugin_manager
+    from .quant.methods import QuantSpec
+    from .quantize import quantize_checkpoint
+    overrides = {}
+    for item in args.override:
+        pattern, sep, fmt = item.partition("=")
+        if not sep or not pattern or not fmt:
+            raise ConfigError(f"--override {item!r} must look like GLOB=FORMAT, e.g. "
+                              f"'lm_head.weight=f16'")
+        overrides[pattern] = fmt
+    config = config_from_dict({"quant": {"method": args.method, "overrides": overrides,
+                                         **({"group_size": args.group_size}
+                                            if args.group_size is not None else {})}})
+    pm = get_plugin_manager()
+    config.validate(pm.registry)
+    start = time.perf_counter()
+    summary = quantize_checkpoint(args.model, args.out, QuantSpec(args.method, overrides,
+                                                                  args.group_size), pm)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    print(json.dumps(summary))
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "ppl": cmd_ppl,
-            "plugins": cmd_plugins, "pull": cmd_pull, "models": cmd_models}
+            "plugins": cmd_plugins, "pull": cmd_pull, "models": cmd_models,
+            "quantize": cmd_quantize}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

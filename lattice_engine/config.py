@@ -1,7 +1,9 @@
 """The config file (TOML) as frozen dataclasses, with errors that name key, value and choices.
 
     [model]    path = "smollm2-135m", backend = "auto" | "native" | "numpy", threads = 2
-    [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }
+    [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }, group_size = 64
+               (method omitted: as the checkpoint is stored, f32 unless `lattice quantize`
+               wrote it; group_size only for grouped methods such as q4_asym)
     [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop
     [plugins]  load = ["name", ...]   (omit to load every installed plugin)
     [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
@@ -49,8 +51,9 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class QuantSection:
-    method: str = "f32"
+    method: Optional[str] = None  # None: as the checkpoint is stored (f32 if not quantized)
     overrides: Mapping[str, str] = field(default_factory=dict)
+    group_size: Optional[int] = None  # grouped methods only (q4_sym, q4_asym)
 
 
 @dataclass(frozen=True)
@@ -117,11 +120,13 @@ class Config:
 
     def validate(self, registry) -> None:
         """Check names that only the plugin registry knows (quant methods, formats)."""
+        from .quant.methods import missing_method_hint
         methods = registry.names("quant_methods")
-        if self.quant.method not in methods:
+        if self.quant.method is not None and self.quant.method not in methods:
+            hint = missing_method_hint(self.quant.method) or (
+                " (plugins such as lattice-quant-q4 add more)")
             raise ConfigError(f"quant.method = {self.quant.method!r} is not a registered quant "
-                              f"method; choices: {', '.join(sorted(methods))} (plugins such as "
-                              f"lattice-quant-q4 add more)")
+                              f"method; choices: {', '.join(sorted(methods))}{hint}")
         formats = registry.names("weight_formats")
         for pattern, fmt in self.quant.overrides.items():
             if fmt not in formats:

@@ -48,7 +48,8 @@ class Engine:
             from .loading import set_threads
             set_threads(config.model.threads)
         loaded = load(config.model.path, quant=QuantSpec(config.quant.method,
-                                                          dict(config.quant.overrides)),
+                                                          dict(config.quant.overrides),
+                                                          config.quant.group_size),
                       backend=config.model.backend, plugin_manager=pm,
                       transforms=config.transform_settings(pm.registry))
         return cls(loaded, sampling=config.sampling, plugin_manager=pm)

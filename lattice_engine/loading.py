@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import ops as numpy_ops
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, PluginError
 from .io.checkpoint import Checkpoint
 from .models import model_class_for
 from .models.base import WeightLoader
@@ -53,6 +53,7 @@ class LoadedModel:
     checkpoint: Checkpoint
     name: str
     quant: str
+    loader: Any = None  # the WeightLoader that built the model (quantize reads it)
 
 
 def open_checkpoint(path: Path, formats: dict) -> Checkpoint:
@@ -89,7 +90,8 @@ def resolve_source(source: str | Path) -> Path:
 
 
 def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "auto",
-         plugin_manager=None, transforms: Optional[dict[str, Any]] = None) -> LoadedModel:
+         plugin_manager=None, transforms: Optional[dict[str, Any]] = None,
+         loader_class=WeightLoader) -> LoadedModel:
     """Load a model by path or catalog name, quantized as `quant` asks.
 
     `transforms` (name -> settings, see `lattice_engine.transforms`) rewrite the
@@ -100,16 +102,34 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
         PluginError: the quant method or a weight format is not registered.
     """
     from .plugins import get_plugin_manager
+    from .quant.methods import missing_method_hint
     registry = (plugin_manager or get_plugin_manager()).registry
     formats = registry.items.get("weight_formats", {})
-    method = registry.get("quant_methods", quant.method)
+    if quant.method is not None and quant.method not in registry.names("quant_methods"):
+        raise PluginError(f"unknown quant method {quant.method!r}; registered: "
+                          f"{', '.join(sorted(registry.names('quant_methods')))}"
+                          f"{missing_method_hint(quant.method)}")
     path = resolve_source(source)
     checkpoint = open_checkpoint(path, formats)
     if transforms:
         from .transforms import apply_transforms
         checkpoint = apply_transforms(checkpoint, transforms, registry)
+    # a checkpoint written by `lattice quantize` loads as stored unless told otherwise
+    stored = checkpoint.config.get("quantization") or {}
+    method_name = quant.method or stored.get("method") or "f32"
+    if method_name not in registry.names("quant_methods"):
+        raise PluginError(f"{path} was quantized with method {method_name!r}, which is not "
+                          f"registered{missing_method_hint(method_name)}")
+    group_size = quant.group_size
+    overrides = dict(quant.overrides)
+    if method_name == stored.get("method") and group_size in (None, stored.get("group_size")):
+        group_size = stored.get("group_size")
+        # every stored tensor keeps its stored format: no re-quantization
+        for name, fmt in stored.get("formats", {}).items():
+            overrides.setdefault(name, fmt)  # the user's overrides come first and win
+    method = registry.get("quant_methods", method_name).with_group_size(group_size)
     cls = model_class_for(checkpoint.config, registry.items.get("architectures", {}))
-    loader = WeightLoader(checkpoint, method, formats, dict(quant.overrides))
+    loader = loader_class(checkpoint, method, formats, overrides)
     model = cls.from_checkpoint(checkpoint, loader, get_ops(backend))
     unused = loader.unused()
     if unused:
@@ -119,7 +139,7 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
     if checkpoint.tokenizer is not None:
         tokenizer = TextTokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config,
                                   checkpoint.generation_config, checkpoint.config)
-    return LoadedModel(model, tokenizer, checkpoint, str(source), quant.method)
+    return LoadedModel(model, tokenizer, checkpoint, str(source), method_name, loader)
 
 
 def set_threads(n: int) -> None:

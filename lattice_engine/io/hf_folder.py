@@ -62,6 +62,9 @@ def load_hf_folder(folder: Path) -> Checkpoint:
         loaders, file_shapes = open_safetensors(file)
         tensors.update(loaders)
         shapes.update(file_shapes)
+    if "quantization" in config:  # written by `lattice quantize`
+        from .quantized import wrap_packed
+        wrap_packed(config["quantization"], tensors, shapes, folder)
     tokenizer = None
     tokenizer_file = folder / "tokenizer.json"
     if tokenizer_file.exists():

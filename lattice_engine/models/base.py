@@ -75,6 +75,12 @@ class WeightLoader:
         raw = self._raw(name, shape)
         if isinstance(raw, PackedTensor):
             if raw.format == fmt.name:  # already stored the way we want: no float round trip
+                if tuple(raw.data.shape) != (shape[0], fmt.row_bytes(shape[1])):
+                    raise CheckpointError(
+                        f"tensor {name!r} in {self.checkpoint.source} is stored as {fmt.name} "
+                        f"with {tuple(raw.data.shape)} bytes, but a {shape} matrix in that "
+                        f"format needs {(shape[0], fmt.row_bytes(shape[1]))}; the file is "
+                        f"corrupt or was written by another version")
                 return PackedMatrix(fmt, shape[0], shape[1], raw.data)
             raw = DequantizedRows(self._format(raw.format), raw.data, shape[1])
         elif STORED_AS.get(fmt.name) == raw.dtype and raw.flags.c_contiguous:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Optional
 
 from ..errors import ConfigError
 
@@ -50,13 +50,23 @@ class QuantMethod:
             return self.fallback
         return fmt
 
+    def with_group_size(self, group_size: Optional[int]) -> "QuantMethod":
+        """This method at `[quant] group_size`; methods without groups refuse one.
+        Plugins with grouped formats (lattice-quant-q4) override this."""
+        if group_size is None:
+            return self
+        raise ConfigError(f"quant.group_size = {group_size!r} does not apply to quant method "
+                          f"{self.name!r}, which has no group size; remove it or pick a "
+                          f"grouped method (q4_sym, q4_asym from lattice-quant-q4)")
+
 
 @dataclass(frozen=True)
 class QuantSpec:
     """What the config asked for: a method name and per-tensor overrides."""
 
-    method: str = "f32"
+    method: Optional[str] = None  # None: as the checkpoint is stored (f32 if it is not quantized)
     overrides: Mapping[str, str] = field(default_factory=dict)
+    group_size: Optional[int] = None
 
 
 F32_METHOD = QuantMethod("f32", linear="f32", embedding="f32", lm_head="f32",
@@ -70,6 +80,21 @@ Q8_0_METHOD = QuantMethod("q8_0", linear="q8_0", embedding="q8_0", lm_head="q8_0
                                       "lm_head stays f16")
 
 CORE_METHODS = (F32_METHOD, F16_METHOD, Q8_0_METHOD)
+
+# Methods that installable plugins provide: named in the error when one is asked for but
+# its plugin is missing.
+PLUGIN_METHODS = {"q4_sym": "lattice-quant-q4", "q4_asym": "lattice-quant-q4"}
+PLUGIN_INSTALL = {"lattice-quant-q4": "pip install ./plugins/quant_q4"}
+
+
+def missing_method_hint(name: str) -> str:
+    """' ...; it is provided by X (install: ...)' for a known plugin method, else ''."""
+    dist = PLUGIN_METHODS.get(name)
+    if dist is None:
+        return ""
+    return (f"; {name!r} is provided by the plugin package {dist}, which is not installed "
+            f"or not loaded (install it with `{PLUGIN_INSTALL[dist]}` from the lattice-engine "
+            f"source tree, and check LATTICE_PLUGINS / [plugins] load)")
 
 
 def check_role(role: str) -> None:

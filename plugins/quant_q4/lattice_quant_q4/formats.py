@@ -1,0 +1,117 @@
+"""The 4-bit block formats, as numpy reference implementations.
+
+Per group of G values (G = 32, 64, 128) along a row, with the scale (and offset) in f16:
+
+    q4_sym : scale = absmax / 7,          q = round(w / scale) + 8 (clamped to 0..15),
+             w ~ scale * (q - 8);          block = [scale f16][G/2 bytes]
+    q4_asym: scale = (max - min) / 15,    offset = min, q = round((w - min) / scale),
+             w ~ scale * q + offset;       block = [scale f16][offset f16][G/2 bytes]
+
+Nibbles are stored in sub-blocks of 32 values (16 bytes): byte i holds value i in its low
+nibble and value 16 + i in its high nibble. At G = 32 the blocks are byte for byte GGUF's
+Q4_0 and Q4_1 (same dequantization, x = d * (q - 8) and x = d * q + m), so such GGUF
+tensors load without a float round trip (`gguf_type`). The quantizers follow ggml's
+reference arithmetic (float32 scale, multiply by its inverse, round half away from zero),
+so q4_asym_g32 reproduces llama.cpp's Q4_1 bytes from the same float32 weights; q4_sym
+differs from ggml's Q4_0 by design (absmax / 7 instead of signed max / -8).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lattice_engine.quant.formats import WeightFormat
+
+GROUP_SIZES = (32, 64, 128)
+SUB = 32  # values per nibble sub-block
+GGML_TYPE_Q4_0 = 2
+GGML_TYPE_Q4_1 = 3
+FAMILIES = ("q4_sym", "q4_asym")
+
+
+def format_name(family: str, group: int) -> str:
+    return f"{family}_g{group}"
+
+
+def header_bytes(family: str) -> int:
+    return 4 if family == "q4_asym" else 2
+
+
+def bytes_per_block(family: str, group: int) -> int:
+    return header_bytes(family) + group // 2
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf (ggml's reference quantizers), not numpy's half-to-even."""
+    return np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 codes [rows, nblocks, G] (0..15) -> nibble bytes [rows, nblocks, G/2]."""
+    rows, nb, g = q.shape
+    sub = q.reshape(rows, nb, g // SUB, 2, SUB // 2)
+    return (sub[:, :, :, 0, :] | (sub[:, :, :, 1, :] << 4)).reshape(rows, nb, g // 2)
+
+
+def unpack_nibbles(b: np.ndarray) -> np.ndarray:
+    """nibble bytes [rows, nblocks, G/2] -> uint8 codes [rows, nblocks, G]."""
+    rows, nb, half = b.shape
+    sub = b.reshape(rows, nb, half // (SUB // 2), 1, SUB // 2)
+    return np.concatenate([sub & 0x0F, sub >> 4], axis=3).reshape(rows, nb, half * 2)
+
+
+def quantize(family: str, group: int, w: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols] -> packed uint8 [rows, cols / group * bytes_per_block]."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    nb = cols // group
+    blocks = w.reshape(rows, nb, group)
+    hdr = header_bytes(family)
+    out = np.empty((rows, nb, bytes_per_block(family, group)), dtype=np.uint8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if family == "q4_sym":
+            amax = np.abs(blocks).max(axis=-1, keepdims=True)
+            d = amax / np.float32(7)
+            inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+            q = np.clip(round_half_away(blocks * inv) + 8, 0, 15).astype(np.uint8)
+            out[..., :2] = d.astype(np.float16).view(np.uint8)
+        else:
+            lo = blocks.min(axis=-1, keepdims=True)
+            hi = blocks.max(axis=-1, keepdims=True)
+            d = (hi - lo) / np.float32(15)
+            inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+            # ggml: min(15, (int8)((x - min) * id + 0.5)); the argument is >= 0, so the
+            # truncation is round half up, i.e. round half away from zero
+            q = np.minimum(np.floor((blocks - lo) * inv + np.float32(0.5)), 15).astype(np.uint8)
+            out[..., :2] = d.astype(np.float16).view(np.uint8)
+            out[..., 2:4] = lo.astype(np.float16).view(np.uint8)
+    out[..., hdr:] = pack_nibbles(q)
+    return out.reshape(rows, -1)
+
+
+def to_float(family: str, group: int, data: np.ndarray, cols: int) -> np.ndarray:
+    """packed uint8 [rows, row_bytes] -> float32 [rows, cols]."""
+    rows = data.shape[0]
+    nb = cols // group
+    blocks = np.ascontiguousarray(data).reshape(rows, nb, bytes_per_block(family, group))
+    hdr = header_bytes(family)
+    d = np.ascontiguousarray(blocks[..., :2]).view(np.float16).astype(np.float32)
+    q = unpack_nibbles(blocks[..., hdr:]).astype(np.float32)
+    if family == "q4_sym":
+        return (d * (q - np.float32(8))).reshape(rows, cols)
+    m = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16).astype(np.float32)
+    return (d * q + m).reshape(rows, cols)
+
+
+def make_format(family: str, group: int) -> WeightFormat:
+    gguf = None
+    if group == 32:
+        gguf = GGML_TYPE_Q4_0 if family == "q4_sym" else GGML_TYPE_Q4_1
+    return WeightFormat(
+        format_name(family, group), group, bytes_per_block(family, group),
+        quantize=lambda w, f=family, g=group: quantize(f, g, w),
+        to_float=lambda data, cols, f=family, g=group: to_float(f, g, data, cols),
+        gguf_type=gguf)
+
+
+Q4_FORMATS = tuple(make_format(f, g) for f in FAMILIES for g in GROUP_SIZES)

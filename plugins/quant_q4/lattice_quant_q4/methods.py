@@ -1,0 +1,63 @@
+"""The q4_sym and q4_asym quant methods, with a configurable group size.
+
+Linear layers get the 4-bit format of the chosen group size; the token embedding and an
+untied lm_head stay q8_0, and a tied embedding / lm_head stays f16 (Lattice v0.2.3's fix:
+a per-row quantized lm_head sharpens the logits). `[quant.overrides]` can change any of
+them per tensor. Rows whose length is not a multiple of the group fall back to q8_0 when
+they fit its blocks of 32, else f16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass
+
+from lattice_engine.errors import ConfigError
+from lattice_engine.quant.methods import QuantMethod
+
+from .formats import GROUP_SIZES, format_name
+
+DEFAULT_GROUP = 32  # chosen by measurement: see bench/quant_quality.py and the README
+
+
+@dataclass(frozen=True)
+class GroupedQuantMethod(QuantMethod):
+    """A QuantMethod whose linear format depends on a group size."""
+
+    family: str = ""
+    group_size: int = DEFAULT_GROUP
+
+    def with_group_size(self, group_size):
+        if group_size is None or group_size == self.group_size:
+            return self
+        if group_size not in GROUP_SIZES:
+            raise ConfigError(f"quant.group_size = {group_size!r} is not supported by "
+                              f"{self.name}; choices: {', '.join(map(str, GROUP_SIZES))}")
+        return dataclasses.replace(self, group_size=group_size,
+                                   linear=format_name(self.family, group_size))
+
+    def format_for(self, role, tensor_name, cols, block_size_of, overrides={}):
+        for pattern, fmt in overrides.items():
+            if fnmatch.fnmatchcase(tensor_name, pattern):
+                return fmt
+        fmt = {"embedding": self.embedding, "linear": self.linear, "lm_head": self.lm_head,
+               "tied_embedding": self.tied_embedding}[role]
+        if cols % block_size_of(fmt) == 0:
+            return fmt
+        return "q8_0" if cols % block_size_of("q8_0") == 0 else "f16"
+
+
+def make_method(family: str, description: str) -> GroupedQuantMethod:
+    return GroupedQuantMethod(
+        family, linear=format_name(family, DEFAULT_GROUP), embedding="q8_0", lm_head="q8_0",
+        tied_embedding="f16", fallback="f16", description=description, family=family,
+        group_size=DEFAULT_GROUP)
+
+
+Q4_METHODS = (
+    make_method("q4_sym", "4-bit symmetric blocks (scale = absmax / 7), f16 scales; group "
+                          "32 is GGUF Q4_0's layout"),
+    make_method("q4_asym", "4-bit asymmetric blocks (scale = (max - min) / 15, offset = min), "
+                           "f16 scale and offset; group 32 is GGUF Q4_1's layout"),
+)

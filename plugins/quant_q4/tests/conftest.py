@@ -1,0 +1,105 @@
+"""Fixtures for the plugin's tests: a tiny random-weight model folder and GGUF file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, VOCAB, HEAD_DIM = 64, 4, 2, 96, 2, 256, 16
+
+
+def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    f = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
+    w = {"model.embed_tokens.weight": f(VOCAB, HIDDEN),
+         "model.norm.weight": 1 + f(HIDDEN), "lm_head.weight": f(VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        w.update({p + "self_attn.q_proj.weight": f(HEADS * HEAD_DIM, HIDDEN),
+                  p + "self_attn.k_proj.weight": f(KV_HEADS * HEAD_DIM, HIDDEN),
+                  p + "self_attn.v_proj.weight": f(KV_HEADS * HEAD_DIM, HIDDEN),
+                  p + "self_attn.o_proj.weight": f(HIDDEN, HEADS * HEAD_DIM),
+                  p + "mlp.gate_proj.weight": f(FFN, HIDDEN),
+                  p + "mlp.up_proj.weight": f(FFN, HIDDEN),
+                  p + "mlp.down_proj.weight": f(HIDDEN, FFN),
+                  p + "input_layernorm.weight": 1 + f(HIDDEN),
+                  p + "post_attention_layernorm.weight": 1 + f(HIDDEN)})
+    return w
+
+
+CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+          "intermediate_size": FFN, "num_hidden_layers": LAYERS,
+          "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": VOCAB,
+          "tie_word_embeddings": False, "max_position_embeddings": 256, "hidden_act": "silu"}
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    from safetensors.numpy import save_file
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    save_file(tiny_weights(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    return folder
+
+
+GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
+              "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+          "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+          "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf: str) -> str:
+    if hf in GGUF_NAMES:
+        return GGUF_NAMES[hf]
+    parts = hf.split(".")
+    return f"blk.{parts[2]}.{_LAYER['.'.join(parts[3:-1])]}.weight"
+
+
+def gguf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter row order for q/k (HF -> GGUF)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, w.shape[1]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, qtype) -> dict[str, np.ndarray]:
+    """A tiny llama GGUF whose matrices are stored as `qtype` (gguf-py's quantizer);
+    returns the HF-layout float weights it was made from."""
+    import gguf
+    w = tiny_weights()
+    wr = gguf.GGUFWriter(str(path), "llama")
+    wr.add_block_count(LAYERS)
+    wr.add_context_length(256)
+    wr.add_embedding_length(HIDDEN)
+    wr.add_feed_forward_length(FFN)
+    wr.add_head_count(HEADS)
+    wr.add_head_count_kv(KV_HEADS)
+    wr.add_layer_norm_rms_eps(1e-5)
+    wr.add_rope_freq_base(10000.0)
+    for name, t in w.items():
+        if ".q_proj." in name or ".k_proj." in name:
+            t = gguf_permute(t, HEADS if ".q_proj." in name else KV_HEADS)
+        if t.ndim == 2:
+            wr.add_tensor(gguf_name(name), gguf.quants.quantize(t, qtype), raw_dtype=qtype)
+        else:
+            wr.add_tensor(gguf_name(name), t)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return w
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugin_manager(monkeypatch):
+    from lattice_engine import plugins
+    monkeypatch.delenv(plugins.ALLOWLIST_ENV, raising=False)
+    plugins.reset_plugin_manager()
+    yield
+    plugins.reset_plugin_manager()

@@ -1,0 +1,102 @@
+"""The numpy reference formats: the definitions of q4_sym / q4_asym, GGUF equivalence at
+group 32, and reconstruction bounds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lattice_quant_q4 import formats as F
+
+rng = np.random.default_rng(0)
+
+
+def codes_and_scales(family, group, data, cols):
+    rows = data.shape[0]
+    blocks = data.reshape(rows, cols // group, F.bytes_per_block(family, group))
+    d = blocks[..., :2].copy().view(np.float16).astype(np.float32)[..., 0]
+    q = F.unpack_nibbles(blocks[..., F.header_bytes(family):])
+    return q, d, blocks
+
+
+@pytest.mark.parametrize("group", F.GROUP_SIZES)
+def test_sym_follows_its_definition(group):
+    w = rng.standard_normal((8, 256)).astype(np.float32)
+    data = F.quantize("q4_sym", group, w)
+    assert data.shape == (8, 256 // group * (2 + group // 2))
+    q, d, _ = codes_and_scales("q4_sym", group, data, 256)
+    blocks = w.reshape(8, -1, group)
+    amax = np.abs(blocks).max(-1)
+    np.testing.assert_array_equal(d, (amax / 7).astype(np.float16).astype(np.float32))
+    want = np.clip(np.round(blocks / (amax / 7)[..., None]) + 8, 0, 15)
+    # round-half cases may differ from numpy's half-to-even; there are none in random data
+    np.testing.assert_array_equal(q, want)
+    assert q.min() >= 1 and q.max() <= 15
+
+
+@pytest.mark.parametrize("group", F.GROUP_SIZES)
+def test_asym_follows_its_definition(group):
+    w = rng.standard_normal((8, 256)).astype(np.float32) + 0.5
+    data = F.quantize("q4_asym", group, w)
+    q, d, blocks = codes_and_scales("q4_asym", group, data, 256)
+    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+    wb = w.reshape(8, -1, group)
+    lo, hi = wb.min(-1), wb.max(-1)
+    np.testing.assert_array_equal(m, lo.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(d, ((hi - lo) / 15).astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(q, np.round((wb - lo[..., None]) / ((hi - lo) / 15)[..., None]))
+
+
+@pytest.mark.parametrize("group", F.GROUP_SIZES)
+@pytest.mark.parametrize("family", F.FAMILIES)
+def test_round_trip_error_is_bounded(family, group):
+    w = rng.standard_normal((16, 512)).astype(np.float32)
+    back = F.to_float(family, group, F.quantize(family, group, w), 512)
+    blocks, err = w.reshape(16, -1, group), np.abs(back - w).reshape(16, -1, group)
+    span = (np.abs(blocks).max(-1) / 7 if family == "q4_sym"
+            else (blocks.max(-1) - blocks.min(-1)) / 15)
+    # half a step, plus the f16 rounding of scale and offset
+    assert np.all(err.max(-1) <= 0.5 * span * 1.01 + 1e-3 * np.abs(blocks).max(-1))
+
+
+def test_constant_and_zero_blocks():
+    w = np.zeros((2, 64), np.float32)
+    w[1] = 3.0
+    for family in F.FAMILIES:
+        back = F.to_float(family, 32, F.quantize(family, 32, w), 64)
+        np.testing.assert_array_equal(back[0], 0)
+        np.testing.assert_allclose(back[1], 3.0, rtol=1e-3)
+
+
+def test_q4_asym_g32_is_byte_identical_to_ggml_q4_1():
+    gguf = pytest.importorskip("gguf")
+    w = rng.standard_normal((32, 256)).astype(np.float32) * 0.05
+    ours = F.quantize("q4_asym", 32, w)
+    theirs = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family,qtype", [("q4_sym", "Q4_0"), ("q4_asym", "Q4_1")])
+def test_g32_reads_ggml_blocks_like_ggml(family, qtype):
+    """GGUF Q4_0 / Q4_1 bytes dequantize identically through our format: the layouts are
+    the same, so such tensors load without a float round trip."""
+    gguf = pytest.importorskip("gguf")
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(w, t)
+    np.testing.assert_array_equal(F.to_float(family, 32, raw, 128),
+                                  gguf.quants.dequantize(raw, t).reshape(16, 128))
+    fmt = {f.name: f for f in F.Q4_FORMATS}[f"{family}_g32"]
+    assert fmt.gguf_type == int(t)
+
+
+def test_heavy_tails_asym_beats_sym_at_every_group():
+    w = rng.standard_t(3, size=(64, 512)).astype(np.float32)
+    err = {}
+    for family in F.FAMILIES:
+        for g in F.GROUP_SIZES:
+            back = F.to_float(family, g, F.quantize(family, g, w), 512)
+            err[family, g] = np.sqrt(np.mean((back - w) ** 2) / np.mean(w ** 2))
+    for g in F.GROUP_SIZES:
+        assert err["q4_asym", g] < err["q4_sym", g]
+    assert err["q4_asym", 32] < err["q4_asym", 64] < err["q4_asym", 128]

@@ -1,0 +1,92 @@
+"""The C kernels against the numpy reference: every format, decode and prefill shapes,
+every ISA variant this CPU has, the embedding lookup, bad ids, threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lattice_quant_q4 import formats as F
+from lattice_quant_q4 import kernels as K
+
+pytestmark = pytest.mark.skipif(not K.available(), reason=f"not built: {K.LOAD_ERROR}")
+rng = np.random.default_rng(1)
+FORMATS = {f"{fam}_g{g}": (fam, g) for fam in F.FAMILIES for g in F.GROUP_SIZES}
+
+
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """x as the kernel sees it: int8 per 32 values, scale amax / 127, round half even."""
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    d = amax / np.float32(127)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    return (np.rint(b * inv) * d).reshape(x.shape)
+
+
+@pytest.fixture(params=["generic", "avx2", "avxvnni"])
+def isa(request):
+    if request.param not in K.isas():
+        pytest.skip(f"this CPU cannot run {request.param}")
+    before = K.isa()
+    K.set_isa(request.param)
+    yield request.param
+    K.set_isa(before)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("M", [1, 2, 4, 7, 33])
+def test_matmul_matches_reference(isa, name, M):
+    family, group = FORMATS[name]
+    N, Kd = 37, 384
+    w = rng.standard_normal((N, Kd)).astype(np.float32)
+    data = F.quantize(family, group, w)
+    x = rng.standard_normal((M, Kd)).astype(np.float32)
+    y = K.make_matmul(family, group, F.bytes_per_block(family, group))(x, data)
+    wf = F.to_float(family, group, data, Kd)
+    exact = quantize_activations(x).astype(np.float64) @ wf.T.astype(np.float64)
+    np.testing.assert_allclose(y, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    # and close to the float product: only activation rounding separates them
+    ref = x @ wf.T
+    assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_embed_equals_to_float_rows(isa, name):
+    family, group = FORMATS[name]
+    w = rng.standard_normal((50, 256)).astype(np.float32)
+    data = F.quantize(family, group, w)
+    ids = np.array([0, 49, 7, 7])
+    out = K.make_embed(family, group, F.bytes_per_block(family, group))(data, ids)
+    np.testing.assert_array_equal(out, F.to_float(family, group, data, 256)[ids])
+
+
+def test_embed_rejects_ids_outside_the_vocabulary():
+    data = F.quantize("q4_asym", 32, np.ones((4, 32), np.float32))
+    embed = K.make_embed("q4_asym", 32, 20)
+    with pytest.raises(IndexError, match=r"token id 4 is outside the vocabulary \[0, 4\)"):
+        embed(data, np.array([1, 4]))
+
+
+def test_matmul_rejects_a_mismatched_row_length():
+    data = F.quantize("q4_sym", 32, np.ones((4, 64), np.float32))
+    with pytest.raises(ValueError, match="x has 96 features"):
+        K.make_matmul("q4_sym", 32, 18)(np.ones((1, 96), np.float32), data)
+
+
+def test_threads_of_the_core_pool_give_the_same_result():
+    from lattice_engine import kernels as core
+    if not core.available():
+        pytest.skip("core kernels not built")
+    assert K.attach_core_pool()
+    w = rng.standard_normal((301, 512)).astype(np.float32)
+    data = F.quantize("q4_asym", 32, w)
+    x = rng.standard_normal((9, 512)).astype(np.float32)
+    mm = K.make_matmul("q4_asym", 32, 20)
+    before = core.threads()
+    try:
+        core.set_threads(1)
+        one = mm(x, data)
+        core.set_threads(2)
+        np.testing.assert_array_equal(mm(x, data), one)
+    finally:
+        core.set_threads(before)
