@@ -27,7 +27,7 @@ from starlette.routing import Route
 
 from ..batching import BatchingOptions, RequestOutput
 from ..config import ServerSection
-from ..errors import LatticeError
+from ..errors import ConfigError, LatticeError
 from . import metrics
 from .async_engine import AsyncEngine
 from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
@@ -74,8 +74,9 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         ids = completion_prompt(body, engine.tokenizer)
         params = sampling_from(body, engine.sampling, "max_tokens")
         stream, usage = stream_flags(body)
+        mask = await _output_constraint(engine, body)
         return await _generate(request, state, ids, params, stream, chat=False,
-                               ignore_eos=ignore_eos(body))
+                               ignore_eos=ignore_eos(body), logits_mask=mask)
 
     async def chat(request: Request) -> Response:
         _authorize(request, state)
@@ -88,8 +89,9 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
             ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except LatticeError as exc:
             raise bad(f"the chat template cannot render these messages: {exc}", "messages")
+        mask = await _output_constraint(engine, body)
         return await _generate(request, state, ids, params, stream, chat=True,
-                               ignore_eos=ignore_eos(body))
+                               ignore_eos=ignore_eos(body), logits_mask=mask)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -197,8 +199,25 @@ def _usage(out: RequestOutput) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": out.cached_tokens}}
 
 
+async def _output_constraint(engine, body: dict[str, Any]):
+    """A grammar matcher for the body's `response_format` / `regex` / `grammar`, or None.
+    Compiling can take a while for a large schema, so it runs off the event loop; a bad
+    schema or grammar (xgrammar's message), or a server without the grammar extra, is a
+    400 naming the field."""
+    if not any(body.get(k) is not None for k in ("response_format", "regex", "grammar")):
+        return None
+    param = next(k for k in ("response_format", "regex", "grammar") if body.get(k) is not None)
+    try:
+        spec = await asyncio.to_thread(engine.request_grammar, body)
+        return None if spec is None else engine.grammar_compiler.matcher(spec)
+    except ConfigError as exc:  # the grammar extra is not installed on this server
+        raise bad(f"structured output is not available on this server: {exc}", param) from None
+    except LatticeError as exc:
+        raise bad(str(exc), param) from None
+
+
 async def _generate(request: Request, state: _State, ids: list[int], params, stream: bool,
-                    chat: bool, ignore_eos: bool = False) -> Response:
+                    chat: bool, ignore_eos: bool = False, logits_mask=None) -> Response:
     in_flight = state.async_engine.num_streams()
     if in_flight >= state.settings.max_concurrency:
         raise APIError(429, f"{in_flight} requests are in flight, the limit "
@@ -207,7 +226,8 @@ async def _generate(request: Request, state: _State, ids: list[int], params, str
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     try:
         outputs = await state.async_engine.generate(ids, params, request_id=rid,
-                                                    ignore_eos=ignore_eos)
+                                                    ignore_eos=ignore_eos,
+                                                    logits_mask=logits_mask)
     except LatticeError as exc:
         msg = str(exc)
         code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) else None

@@ -59,7 +59,7 @@ def _type_name(types) -> str:
 # options with no effect here: accepted only at their default value
 _UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None,
                 "suffix": None, "logit_bias": None, "tools": None, "tool_choice": None,
-                "response_format": None, "presence_penalty": 0, "frequency_penalty": 0}
+                "presence_penalty": 0, "frequency_penalty": 0}
 
 
 @dataclass
