@@ -107,8 +107,9 @@ def test_unknown_config_key(capsys, tmp_path):
 
 
 def test_unknown_quant_method_on_cli(capsys, tiny_model_dir):
+    # a name no plugin provides (q4_asym would be valid wherever lattice-quant-q4 is installed)
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir), "--quant",
-                                   "q4_asym"], "'q4_asym'", "f16, f32, q8_0")
+                                   "q3_frob"], "'q3_frob'", "f16, f32")
 
 
 def test_out_of_range_sampling_on_cli(capsys, tiny_model_dir):

@@ -129,4 +129,6 @@ def test_cli_plugins_lists_entry_point_plugins(site, capsys):
     make_distribution(site, "lattice-throwaway", "throwaway", "throwaway_plugin", PLUGIN_BODY)
     assert main(["plugins"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [p["name"] for p in listed] == ["throwaway"]
+    names = [p["name"] for p in listed]
+    assert "throwaway" in names  # beside any plugin installed for real (CI installs ours)
+    assert "lattice_engine.builtins" not in names
