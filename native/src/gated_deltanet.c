@@ -138,7 +138,11 @@ static size_t scratch_floats(const gdr_job *j) {
 }
 
 /* One (sequence, value head), token by token:
-     S = exp(g) S;  kv = S^T k;  S += k (beta (v - kv))^T;  o = S^T q            */
+     S = exp(g) S;  kv = S^T k;  S += k (beta (v - kv))^T;  o = S^T q
+   rearranged so the state is read twice and written once per token (decode is bound by
+   that traffic): with d = exp(g) and S the old state,
+     kv = d S^T k,  qs = d S^T q,  delta = beta (v - kv),  o = qs + (k . q) delta,
+     S = d S + k delta^T                                                              */
 INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
     const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk);
     float *S = j->state + (b * Hv + h) * Dk * Dv;
@@ -151,25 +155,25 @@ INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
         const float *v = j->v + row + h * Dv;
         const float decay = expf(j->g[(b * j->T + t) * Hv + h]);
         const float beta = j->beta[(b * j->T + t) * Hv + h];
-        for (int64_t c = 0; c < Dv; c++) kv[c] = 0;
+        float *o = j->out + ((b * j->T + t) * Hv + h) * Dv;
+        for (int64_t c = 0; c < Dv; c++) kv[c] = o[c] = 0;
+        for (int64_t i = 0; i < Dk; i++) {
+            const float *Si = S + i * Dv;
+            const float ki = kn[i], qi = qn[i];
+            for (int64_t c = 0; c < Dv; c++) {
+                kv[c] += ki * Si[c];
+                o[c] += qi * Si[c];
+            }
+        }
+        const float kq = dot_body(kn, qn, Dk);
+        for (int64_t c = 0; c < Dv; c++) {
+            delta[c] = (v[c] - decay * kv[c]) * beta;
+            o[c] = decay * o[c] + kq * delta[c];
+        }
         for (int64_t i = 0; i < Dk; i++) {
             float *Si = S + i * Dv;
             const float ki = kn[i];
-            for (int64_t c = 0; c < Dv; c++) {
-                Si[c] *= decay;
-                kv[c] += ki * Si[c];
-            }
-        }
-        for (int64_t c = 0; c < Dv; c++) delta[c] = (v[c] - kv[c]) * beta;
-        float *o = j->out + ((b * j->T + t) * Hv + h) * Dv;
-        for (int64_t c = 0; c < Dv; c++) o[c] = 0;
-        for (int64_t i = 0; i < Dk; i++) {
-            float *Si = S + i * Dv;
-            const float ki = kn[i], qi = qn[i];
-            for (int64_t c = 0; c < Dv; c++) {
-                Si[c] += ki * delta[c];
-                o[c] += qi * Si[c];
-            }
+            for (int64_t c = 0; c < Dv; c++) Si[c] = decay * Si[c] + ki * delta[c];
         }
     }
 }
