@@ -251,6 +251,64 @@ INLINE void chunked_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
 static void recurrent_generic(const gdr_job *j, int64_t b, int64_t h, float *s) {
     recurrent_body(j, b, h, s);
 }
+
+#if LK_X86
+/* The AVX2 recurrence (Dv a multiple of 32): the read pass keeps kv and S^T q for 32
+   columns in eight registers while it walks all Dk rows, instead of reloading and storing
+   two accumulator rows per state row. */
+LK_AVX2_TARGET static void recurrent_step_avx2(const gdr_job *j, int64_t b, int64_t h,
+                                               float *scr) {
+    const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk);
+    float *S = j->state + (b * Hv + h) * Dk * Dv;
+    float *qn = scr, *kn = qn + Dk, *delta = kn + Dk;
+    const float qscale = 1.0f / sqrtf((float)Dk);
+    for (int64_t t = 0; t < j->T; t++) {
+        const int64_t row = b * j->sb + t * j->st;
+        l2norm_body(j->q + row + hk * Dk, Dk, qscale, qn);
+        l2norm_body(j->k + row + hk * Dk, Dk, 1.0f, kn);
+        const float *v = j->v + row + h * Dv;
+        const float decay = expf(j->g[(b * j->T + t) * Hv + h]);
+        const float beta = j->beta[(b * j->T + t) * Hv + h];
+        const float kq = dot_body(kn, qn, Dk);
+        float *o = j->out + ((b * j->T + t) * Hv + h) * Dv;
+        const __m256 vd = _mm256_set1_ps(decay), vb = _mm256_set1_ps(beta),
+                     vkq = _mm256_set1_ps(kq);
+        for (int64_t c = 0; c < Dv; c += 32) {
+            __m256 k0 = _mm256_setzero_ps(), k1 = k0, k2 = k0, k3 = k0;
+            __m256 q0 = k0, q1 = k0, q2 = k0, q3 = k0;
+            const float *Sc = S + c;
+            for (int64_t i = 0; i < Dk; i++, Sc += Dv) {
+                const __m256 ki = _mm256_broadcast_ss(kn + i), qi = _mm256_broadcast_ss(qn + i);
+                const __m256 s0 = _mm256_loadu_ps(Sc), s1 = _mm256_loadu_ps(Sc + 8);
+                const __m256 s2 = _mm256_loadu_ps(Sc + 16), s3 = _mm256_loadu_ps(Sc + 24);
+                k0 = _mm256_fmadd_ps(ki, s0, k0); q0 = _mm256_fmadd_ps(qi, s0, q0);
+                k1 = _mm256_fmadd_ps(ki, s1, k1); q1 = _mm256_fmadd_ps(qi, s1, q1);
+                k2 = _mm256_fmadd_ps(ki, s2, k2); q2 = _mm256_fmadd_ps(qi, s2, q2);
+                k3 = _mm256_fmadd_ps(ki, s3, k3); q3 = _mm256_fmadd_ps(qi, s3, q3);
+            }
+            /* delta = beta (v - d kv);  o = d qs + (k . q) delta */
+#define LK_DELTA_OUT(kk, qq, off)                                                        \
+            {                                                                           \
+                __m256 dl = _mm256_mul_ps(vb, _mm256_fnmadd_ps(vd, kk,                  \
+                                                  _mm256_loadu_ps(v + c + off)));       \
+                _mm256_storeu_ps(delta + c + off, dl);                                  \
+                _mm256_storeu_ps(o + c + off, _mm256_fmadd_ps(vkq, dl, _mm256_mul_ps(vd, qq))); \
+            }
+            LK_DELTA_OUT(k0, q0, 0) LK_DELTA_OUT(k1, q1, 8)
+            LK_DELTA_OUT(k2, q2, 16) LK_DELTA_OUT(k3, q3, 24)
+#undef LK_DELTA_OUT
+        }
+        /* S = d S + k delta^T */
+        for (int64_t i = 0; i < Dk; i++) {
+            float *Si = S + i * Dv;
+            const __m256 ki = _mm256_broadcast_ss(kn + i);
+            for (int64_t c = 0; c < Dv; c += 8)
+                _mm256_storeu_ps(Si + c, _mm256_fmadd_ps(ki, _mm256_loadu_ps(delta + c),
+                                                         _mm256_mul_ps(vd, _mm256_loadu_ps(Si + c))));
+        }
+    }
+}
+#endif
 static void chunked_generic(const gdr_job *j, int64_t b, int64_t h, float *s) {
     chunked_body(j, b, h, s);
 }
@@ -271,6 +329,7 @@ static void gdr_task(void *ctx, int64_t unit, int ith) {
 #if LK_X86
     if (use_avx2()) {
         if (j->chunk > 0) chunked_avx2(j, b, h, scr);
+        else if (j->Dv % 32 == 0) recurrent_step_avx2(j, b, h, scr);
         else recurrent_avx2(j, b, h, scr);
         return;
     }
