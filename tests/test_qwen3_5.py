@@ -204,6 +204,10 @@ def test_q8_0_keeps_the_tied_lm_head_in_f16():
     assert untied.lm_head is not untied.embed_tokens
     f16 = load(FIXTURES / "qwen3_5_text", quant=QuantSpec("f16"), backend="numpy").model
     np.testing.assert_array_equal(model.lm_head.data, f16.lm_head.data)
+    # unless the config asks otherwise
+    asked = load(FIXTURES / "qwen3_5_text", backend="numpy",
+                 quant=QuantSpec("q8_0", {"*embed_tokens*": "q8_0"})).model
+    assert asked.lm_head.format.name == "q8_0"
 
 
 def edited_copy(tmp_path, name, edit):
