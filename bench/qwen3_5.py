@@ -163,8 +163,12 @@ def run_worker(argv: list[str]) -> dict:
     cmd = [sys.executable, __file__] + argv
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+        result = {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    else:
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    # each engine as it finishes: a long run that is cut short still says something
+    print(f"# {argv[-1]}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
 
 
 def main() -> int:
