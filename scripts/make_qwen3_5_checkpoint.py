@@ -71,29 +71,17 @@ def mtp_tensors(text: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
     return {k: 0.02 * torch.randn(s, generator=gen) for k, s in shapes.items()}
 
 
-def main() -> int:
+def write_checkpoint(raw: dict, out: Path, dtype_name: str) -> None:
     import transformers
     from safetensors.torch import save_file
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=default_out())
-    parser.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(args.threads)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-
-    raw = json.loads(CONFIG.read_text())
     config = transformers.Qwen3_5Config(**{k: v for k, v in raw.items()
                                            if k not in ("architectures", "transformers_version")})
     t0 = time.time()
     model = transformers.Qwen3_5ForConditionalGeneration(config).float().eval()
     randomize(model, 0)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    # round the weights to the stored dtype first, so the reference runs on exactly them
-    model = model.to(dtype).float()
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    # parameters only: buffers such as the rotary inv_freq must stay float32
     state = {k: v.to(dtype).contiguous() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -102,16 +90,38 @@ def main() -> int:
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
-    cfg = dict(raw)
-    (out / "config.json.tmp").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "config.json.tmp").write_text(json.dumps(raw, indent=2) + "\n")
     os.replace(out / "config.json.tmp", out / "config.json")
     print(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.0f}M params, "
-          f"{args.dtype}) in {time.time() - t0:.0f} s", flush=True)
+          f"{dtype_name}) in {time.time() - t0:.0f} s", flush=True)
 
+
+def main() -> int:
+    import transformers
+    from safetensors.torch import save_file
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=default_out())
+    parser.add_argument("--dtype", choices=("bf16", "f32"), default="bf16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reference-only", action="store_true",
+                        help="keep the checkpoint in --out, recompute the reference logits")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    raw = json.loads(CONFIG.read_text())
+    if not args.reference_only:
+        write_checkpoint(raw, out, args.dtype)
+    # the reference reads the checkpoint back, exactly as a user's transformers would
+    t0 = time.time()
+    model = transformers.Qwen3_5ForConditionalGeneration.from_pretrained(
+        out, dtype=torch.float32).eval()
     # transformers float32 reference: one 64-token prefill, then 32 greedy decode steps
     vocab = raw["text_config"]["vocab_size"]
     prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(2))
-    t0 = time.time()
     first = model(prompt, use_cache=True)
     cache = first.past_key_values
     nxt = first.logits[:, -1].argmax(-1, keepdim=True)

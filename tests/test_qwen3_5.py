@@ -160,19 +160,21 @@ def test_native_deltanet_kernels_match_numpy(isa):
         nw = rng.standard_normal(40).astype(np.float32)
         np.testing.assert_allclose(kernels.gated_rms_norm(x, z, nw, 1e-6),
                                    ops.gated_rms_norm(x, z, nw, 1e-6), atol=1e-5)
-        # delta rule on views of one fused qkv row, as the model passes them
-        q, k, v, g, beta, state = random_delta_inputs(2, t=70)
-        fused = np.concatenate([q.reshape(2, 70, -1), k.reshape(2, 70, -1),
-                                v.reshape(2, 70, -1)], axis=-1)
-        n = q[0, 0].size
-        views = (fused[..., :n].reshape(q.shape), fused[..., n:2 * n].reshape(k.shape),
-                 fused[..., 2 * n:].reshape(v.shape))
-        for chunk in (0, 16):
-            s_np, s_c = state.copy(), state.copy()
-            want = ops.gated_delta_rule(q, k, v, g, beta, s_np, chunk=chunk)
-            got = kernels.gated_delta_rule(*views, g, beta, s_c, chunk=chunk)
-            assert np.abs(got - want).max() <= STATE_TOLERANCE
-            assert np.abs(s_c - s_np).max() <= STATE_TOLERANCE
+        # delta rule on views of one fused qkv row, as the model passes them; Dv = 32 takes
+        # the register-blocked AVX2 step, Dv = 24 the generic-shaped one
+        for dv in (24, 32):
+            q, k, v, g, beta, state = random_delta_inputs(2, t=70, dv=dv)
+            fused = np.concatenate([q.reshape(2, 70, -1), k.reshape(2, 70, -1),
+                                    v.reshape(2, 70, -1)], axis=-1)
+            n = q[0, 0].size
+            views = (fused[..., :n].reshape(q.shape), fused[..., n:2 * n].reshape(k.shape),
+                     fused[..., 2 * n:].reshape(v.shape))
+            for chunk in (0, 1, 16, 64):
+                s_np, s_c = state.copy(), state.copy()
+                want = ops.gated_delta_rule(q, k, v, g, beta, s_np, chunk=chunk)
+                got = kernels.gated_delta_rule(*views, g, beta, s_c, chunk=chunk)
+                assert np.abs(got - want).max() <= STATE_TOLERANCE, (dv, chunk)
+                assert np.abs(s_c - s_np).max() <= STATE_TOLERANCE, (dv, chunk)
     finally:
         kernels.set_isa(before)
 
@@ -202,6 +204,10 @@ def test_q8_0_keeps_the_tied_lm_head_in_f16():
     assert untied.lm_head is not untied.embed_tokens
     f16 = load(FIXTURES / "qwen3_5_text", quant=QuantSpec("f16"), backend="numpy").model
     np.testing.assert_array_equal(model.lm_head.data, f16.lm_head.data)
+    # unless the config asks otherwise
+    asked = load(FIXTURES / "qwen3_5_text", backend="numpy",
+                 quant=QuantSpec("q8_0", {"*embed_tokens*": "q8_0"})).model
+    assert asked.lm_head.format.name == "q8_0"
 
 
 def edited_copy(tmp_path, name, edit):

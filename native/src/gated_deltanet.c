@@ -130,15 +130,21 @@ typedef struct {
     int64_t chunk;
 } gdr_job;
 
-/* Scratch per unit: q, k (normalized) and kv memory / output rows for the recurrence;
-   for the chunked form Q, K [C, Dk], U [C, Dv], W [C, Dk], A [C, C], gc [C]. */
+/* Scratch per unit: q, k (normalized) and kv / delta rows for the recurrence; for the
+   chunked form Q, K, beta exp(gc) K, W [C, Dk], beta V, U [C, Dv], T, P [C, C],
+   K'^T [Dk, C], gc and beta [C]. */
 static size_t scratch_floats(const gdr_job *j) {
     const int64_t C = j->chunk > 0 ? j->chunk : 1;
-    return (size_t)(2 * j->Dk + 2 * j->Dv + C * (2 * j->Dk + j->Dv + j->Dk + C + 2) + 64);
+    return (size_t)(2 * j->Dk + 2 * j->Dv +
+                    C * (4 * j->Dk + 2 * j->Dv + 2 * C + j->Dk + 3) + 64);
 }
 
 /* One (sequence, value head), token by token:
-     S = exp(g) S;  kv = S^T k;  S += k (beta (v - kv))^T;  o = S^T q            */
+     S = exp(g) S;  kv = S^T k;  S += k (beta (v - kv))^T;  o = S^T q
+   rearranged so the state is read twice and written once per token (decode is bound by
+   that traffic): with d = exp(g) and S the old state,
+     kv = d S^T k,  qs = d S^T q,  delta = beta (v - kv),  o = qs + (k . q) delta,
+     S = d S + k delta^T                                                              */
 INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
     const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk);
     float *S = j->state + (b * Hv + h) * Dk * Dv;
@@ -151,40 +157,192 @@ INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
         const float *v = j->v + row + h * Dv;
         const float decay = expf(j->g[(b * j->T + t) * Hv + h]);
         const float beta = j->beta[(b * j->T + t) * Hv + h];
-        for (int64_t c = 0; c < Dv; c++) kv[c] = 0;
+        float *o = j->out + ((b * j->T + t) * Hv + h) * Dv;
+        for (int64_t c = 0; c < Dv; c++) kv[c] = o[c] = 0;
+        for (int64_t i = 0; i < Dk; i++) {
+            const float *Si = S + i * Dv;
+            const float ki = kn[i], qi = qn[i];
+            for (int64_t c = 0; c < Dv; c++) {
+                kv[c] += ki * Si[c];
+                o[c] += qi * Si[c];
+            }
+        }
+        const float kq = dot_body(kn, qn, Dk);
+        for (int64_t c = 0; c < Dv; c++) {
+            delta[c] = (v[c] - decay * kv[c]) * beta;
+            o[c] = decay * o[c] + kq * delta[c];
+        }
         for (int64_t i = 0; i < Dk; i++) {
             float *Si = S + i * Dv;
             const float ki = kn[i];
-            for (int64_t c = 0; c < Dv; c++) {
-                Si[c] *= decay;
-                kv[c] += ki * Si[c];
-            }
-        }
-        for (int64_t c = 0; c < Dv; c++) delta[c] = (v[c] - kv[c]) * beta;
-        float *o = j->out + ((b * j->T + t) * Hv + h) * Dv;
-        for (int64_t c = 0; c < Dv; c++) o[c] = 0;
-        for (int64_t i = 0; i < Dk; i++) {
-            float *Si = S + i * Dv;
-            const float ki = kn[i], qi = qn[i];
-            for (int64_t c = 0; c < Dv; c++) {
-                Si[c] += ki * delta[c];
-                o[c] += qi * Si[c];
-            }
+            for (int64_t c = 0; c < Dv; c++) Si[c] = decay * Si[c] + ki * delta[c];
         }
     }
 }
 
-/* One (sequence, value head), `chunk` tokens at a time. Within a chunk, with gc the
-   cumulative log decay and A[i][j] = beta_i (k_i . k_j) exp(gc_i - gc_j) for j < i:
-     (I + A) U = beta v,  (I + A) W = beta exp(gc) k      (forward substitution)
-     vn = U - W S,  o_i = exp(gc_i) q_i S + sum_{j<=i} (q_i . k_j) exp(gc_i - gc_j) vn_j,
-     S = exp(gc_n) S + sum_j exp(gc_n - gc_j) k_j vn_j^T
-   which equals the recurrence step by step (tests check it). */
-INLINE void chunked_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
+/* ---- small GEMM for the chunked form: C[M, N] += alpha * A[M, K] @ B[K, N] ------------ */
+
+typedef void (*gemm_fn)(int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                        int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc);
+
+static void gemm_generic(int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                         int64_t lda, const float *B, int64_t ldb, float *C, int64_t ldc) {
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t k = 0; k < K; k++) {
+            const float a = alpha * A[i * lda + k];
+            if (a != 0.0f) axpy_body(C + i * ldc, a, B + k * ldb, N);
+        }
+}
+
+#if LK_X86
+/* MR rows x 16 columns in 2 * MR named registers (an array would be spilled), B streamed
+   once per row block. */
+LK_AVX2_TARGET static void gemm_tile1(int64_t K, float alpha, const float *A, int64_t lda,
+                                        const float *B, int64_t ldb, float *C, int64_t ldc) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
+        __m256 a;
+        a = _mm256_broadcast_ss(A + 0 * lda + k); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+    }
+    const __m256 al = _mm256_set1_ps(alpha);
+    _mm256_storeu_ps(C + 0 * ldc, _mm256_fmadd_ps(al, c00, _mm256_loadu_ps(C + 0 * ldc)));
+    _mm256_storeu_ps(C + 0 * ldc + 8, _mm256_fmadd_ps(al, c01, _mm256_loadu_ps(C + 0 * ldc + 8)));
+}
+LK_AVX2_TARGET static void gemm_tile2(int64_t K, float alpha, const float *A, int64_t lda,
+                                        const float *B, int64_t ldb, float *C, int64_t ldc) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00; __m256 c10 = _mm256_setzero_ps(), c11 = c10;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
+        __m256 a;
+        a = _mm256_broadcast_ss(A + 0 * lda + k); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(A + 1 * lda + k); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+    }
+    const __m256 al = _mm256_set1_ps(alpha);
+    _mm256_storeu_ps(C + 0 * ldc, _mm256_fmadd_ps(al, c00, _mm256_loadu_ps(C + 0 * ldc)));
+    _mm256_storeu_ps(C + 0 * ldc + 8, _mm256_fmadd_ps(al, c01, _mm256_loadu_ps(C + 0 * ldc + 8)));
+    _mm256_storeu_ps(C + 1 * ldc, _mm256_fmadd_ps(al, c10, _mm256_loadu_ps(C + 1 * ldc)));
+    _mm256_storeu_ps(C + 1 * ldc + 8, _mm256_fmadd_ps(al, c11, _mm256_loadu_ps(C + 1 * ldc + 8)));
+}
+LK_AVX2_TARGET static void gemm_tile3(int64_t K, float alpha, const float *A, int64_t lda,
+                                        const float *B, int64_t ldb, float *C, int64_t ldc) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00; __m256 c10 = _mm256_setzero_ps(), c11 = c10; __m256 c20 = _mm256_setzero_ps(), c21 = c20;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
+        __m256 a;
+        a = _mm256_broadcast_ss(A + 0 * lda + k); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(A + 1 * lda + k); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+        a = _mm256_broadcast_ss(A + 2 * lda + k); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+    }
+    const __m256 al = _mm256_set1_ps(alpha);
+    _mm256_storeu_ps(C + 0 * ldc, _mm256_fmadd_ps(al, c00, _mm256_loadu_ps(C + 0 * ldc)));
+    _mm256_storeu_ps(C + 0 * ldc + 8, _mm256_fmadd_ps(al, c01, _mm256_loadu_ps(C + 0 * ldc + 8)));
+    _mm256_storeu_ps(C + 1 * ldc, _mm256_fmadd_ps(al, c10, _mm256_loadu_ps(C + 1 * ldc)));
+    _mm256_storeu_ps(C + 1 * ldc + 8, _mm256_fmadd_ps(al, c11, _mm256_loadu_ps(C + 1 * ldc + 8)));
+    _mm256_storeu_ps(C + 2 * ldc, _mm256_fmadd_ps(al, c20, _mm256_loadu_ps(C + 2 * ldc)));
+    _mm256_storeu_ps(C + 2 * ldc + 8, _mm256_fmadd_ps(al, c21, _mm256_loadu_ps(C + 2 * ldc + 8)));
+}
+LK_AVX2_TARGET static void gemm_tile4(int64_t K, float alpha, const float *A, int64_t lda,
+                                        const float *B, int64_t ldb, float *C, int64_t ldc) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00; __m256 c10 = _mm256_setzero_ps(), c11 = c10; __m256 c20 = _mm256_setzero_ps(), c21 = c20; __m256 c30 = _mm256_setzero_ps(), c31 = c30;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
+        __m256 a;
+        a = _mm256_broadcast_ss(A + 0 * lda + k); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(A + 1 * lda + k); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+        a = _mm256_broadcast_ss(A + 2 * lda + k); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+        a = _mm256_broadcast_ss(A + 3 * lda + k); c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
+    }
+    const __m256 al = _mm256_set1_ps(alpha);
+    _mm256_storeu_ps(C + 0 * ldc, _mm256_fmadd_ps(al, c00, _mm256_loadu_ps(C + 0 * ldc)));
+    _mm256_storeu_ps(C + 0 * ldc + 8, _mm256_fmadd_ps(al, c01, _mm256_loadu_ps(C + 0 * ldc + 8)));
+    _mm256_storeu_ps(C + 1 * ldc, _mm256_fmadd_ps(al, c10, _mm256_loadu_ps(C + 1 * ldc)));
+    _mm256_storeu_ps(C + 1 * ldc + 8, _mm256_fmadd_ps(al, c11, _mm256_loadu_ps(C + 1 * ldc + 8)));
+    _mm256_storeu_ps(C + 2 * ldc, _mm256_fmadd_ps(al, c20, _mm256_loadu_ps(C + 2 * ldc)));
+    _mm256_storeu_ps(C + 2 * ldc + 8, _mm256_fmadd_ps(al, c21, _mm256_loadu_ps(C + 2 * ldc + 8)));
+    _mm256_storeu_ps(C + 3 * ldc, _mm256_fmadd_ps(al, c30, _mm256_loadu_ps(C + 3 * ldc)));
+    _mm256_storeu_ps(C + 3 * ldc + 8, _mm256_fmadd_ps(al, c31, _mm256_loadu_ps(C + 3 * ldc + 8)));
+}
+LK_AVX2_TARGET static void gemm_tile6(int64_t K, float alpha, const float *A, int64_t lda,
+                                        const float *B, int64_t ldb, float *C, int64_t ldc) {
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00; __m256 c10 = _mm256_setzero_ps(), c11 = c10; __m256 c20 = _mm256_setzero_ps(), c21 = c20; __m256 c30 = _mm256_setzero_ps(), c31 = c30; __m256 c40 = _mm256_setzero_ps(), c41 = c40; __m256 c50 = _mm256_setzero_ps(), c51 = c50;
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb), b1 = _mm256_loadu_ps(B + k * ldb + 8);
+        __m256 a;
+        a = _mm256_broadcast_ss(A + 0 * lda + k); c00 = _mm256_fmadd_ps(a, b0, c00); c01 = _mm256_fmadd_ps(a, b1, c01);
+        a = _mm256_broadcast_ss(A + 1 * lda + k); c10 = _mm256_fmadd_ps(a, b0, c10); c11 = _mm256_fmadd_ps(a, b1, c11);
+        a = _mm256_broadcast_ss(A + 2 * lda + k); c20 = _mm256_fmadd_ps(a, b0, c20); c21 = _mm256_fmadd_ps(a, b1, c21);
+        a = _mm256_broadcast_ss(A + 3 * lda + k); c30 = _mm256_fmadd_ps(a, b0, c30); c31 = _mm256_fmadd_ps(a, b1, c31);
+        a = _mm256_broadcast_ss(A + 4 * lda + k); c40 = _mm256_fmadd_ps(a, b0, c40); c41 = _mm256_fmadd_ps(a, b1, c41);
+        a = _mm256_broadcast_ss(A + 5 * lda + k); c50 = _mm256_fmadd_ps(a, b0, c50); c51 = _mm256_fmadd_ps(a, b1, c51);
+    }
+    const __m256 al = _mm256_set1_ps(alpha);
+    _mm256_storeu_ps(C + 0 * ldc, _mm256_fmadd_ps(al, c00, _mm256_loadu_ps(C + 0 * ldc)));
+    _mm256_storeu_ps(C + 0 * ldc + 8, _mm256_fmadd_ps(al, c01, _mm256_loadu_ps(C + 0 * ldc + 8)));
+    _mm256_storeu_ps(C + 1 * ldc, _mm256_fmadd_ps(al, c10, _mm256_loadu_ps(C + 1 * ldc)));
+    _mm256_storeu_ps(C + 1 * ldc + 8, _mm256_fmadd_ps(al, c11, _mm256_loadu_ps(C + 1 * ldc + 8)));
+    _mm256_storeu_ps(C + 2 * ldc, _mm256_fmadd_ps(al, c20, _mm256_loadu_ps(C + 2 * ldc)));
+    _mm256_storeu_ps(C + 2 * ldc + 8, _mm256_fmadd_ps(al, c21, _mm256_loadu_ps(C + 2 * ldc + 8)));
+    _mm256_storeu_ps(C + 3 * ldc, _mm256_fmadd_ps(al, c30, _mm256_loadu_ps(C + 3 * ldc)));
+    _mm256_storeu_ps(C + 3 * ldc + 8, _mm256_fmadd_ps(al, c31, _mm256_loadu_ps(C + 3 * ldc + 8)));
+    _mm256_storeu_ps(C + 4 * ldc, _mm256_fmadd_ps(al, c40, _mm256_loadu_ps(C + 4 * ldc)));
+    _mm256_storeu_ps(C + 4 * ldc + 8, _mm256_fmadd_ps(al, c41, _mm256_loadu_ps(C + 4 * ldc + 8)));
+    _mm256_storeu_ps(C + 5 * ldc, _mm256_fmadd_ps(al, c50, _mm256_loadu_ps(C + 5 * ldc)));
+    _mm256_storeu_ps(C + 5 * ldc + 8, _mm256_fmadd_ps(al, c51, _mm256_loadu_ps(C + 5 * ldc + 8)));
+}
+
+LK_AVX2_TARGET static void gemm_avx2(int64_t M, int64_t N, int64_t K, float alpha,
+                                     const float *A, int64_t lda, const float *B, int64_t ldb,
+                                     float *C, int64_t ldc) {
+    const int64_t N16 = N / 16 * 16;
+    for (int64_t j = 0; j < N16; j += 16) {
+        int64_t i = 0;
+        for (; i + 6 <= M; i += 6) gemm_tile6(K, alpha, A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc);
+        const float *Ai = A + i * lda;
+        float *Ci = C + i * ldc + j;
+        switch (M - i) {
+        case 5: gemm_tile4(K, alpha, Ai, lda, B + j, ldb, Ci, ldc);
+                gemm_tile1(K, alpha, Ai + 4 * lda, lda, B + j, ldb, Ci + 4 * ldc, ldc); break;
+        case 4: gemm_tile4(K, alpha, Ai, lda, B + j, ldb, Ci, ldc); break;
+        case 3: gemm_tile3(K, alpha, Ai, lda, B + j, ldb, Ci, ldc); break;
+        case 2: gemm_tile2(K, alpha, Ai, lda, B + j, ldb, Ci, ldc); break;
+        case 1: gemm_tile1(K, alpha, Ai, lda, B + j, ldb, Ci, ldc); break;
+        default: break;
+        }
+    }
+    if (N16 < N) gemm_generic(M, N - N16, K, alpha, A, lda, B + N16, ldb, C + N16, ldc);
+}
+#endif
+
+/* One (sequence, value head), `chunk` tokens at a time (the UT transform of FLA and
+   transformers). Within a chunk of n tokens, with gc the cumulative log decay,
+   A[i][m] = beta_i (k_i . k_m) exp(gc_i - gc_m) for m < i and T = (I + A)^-1:
+     U = T (beta v),  W = T (beta exp(gc) k),  vn = U - W S,
+     o = (exp(gc) q) S + P vn   with P[i][m] = (q_i . k_m) exp(gc_i - gc_m) for m <= i,
+     S = exp(gc_n) S + K'^T vn  with K'[m] = exp(gc_n - gc_m) k_m
+   which equals the recurrence step by step (tests check it); the products are small
+   GEMMs, so prefill runs at arithmetic speed instead of the state's memory speed. */
+#define LK_GDR_MAXCHUNK 256
+
+static void exp_row_generic(float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) x[i] = expf(x[i]);
+}
+#if LK_X86
+LK_AVX2_TARGET static void exp_row_avx2(float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, lk_exp8_avx2(_mm256_loadu_ps(x + i)));
+    for (; i < n; i++) x[i] = expf(x[i]);
+}
+#endif
+
+INLINE void chunked_body(const gdr_job *j, int64_t b, int64_t h, float *scr, gemm_fn gemm,
+                         void (*exp_row)(float *, int64_t)) {
     const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk), C = j->chunk;
+    const int64_t ldo = Hv * Dv;
     float *S = j->state + (b * Hv + h) * Dk * Dv;
-    float *Q = scr, *Kc = Q + C * Dk, *U = Kc + C * Dk, *W = U + C * Dv, *A = W + C * Dk;
-    float *gc = A + C * C, *bt = gc + C;
+    float *Q = scr, *Kc = Q + C * Dk, *Kb = Kc + C * Dk, *W = Kb + C * Dk, *Vb = W + C * Dk;
+    float *U = Vb + C * Dv, *Tm = U + C * Dv, *P = Tm + C * C, *Kt = P + C * C;
+    float *gc = Kt + Dk * C, *bt = gc + C;
     const float qscale = 1.0f / sqrtf((float)Dk);
     for (int64_t t0 = 0; t0 < j->T; t0 += C) {
         const int64_t n = j->T - t0 < C ? j->T - t0 : C;
@@ -196,66 +354,124 @@ INLINE void chunked_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
             cum += j->g[(b * j->T + t) * Hv + h];
             gc[i] = cum;
             bt[i] = j->beta[(b * j->T + t) * Hv + h];
+            const float *v = j->v + row + h * Dv;
+            const float eb = bt[i] * expf(cum);
+            for (int64_t c = 0; c < Dv; c++) Vb[i * Dv + c] = bt[i] * v[c];
+            for (int64_t c = 0; c < Dk; c++) Kb[i * Dk + c] = eb * Kc[i * Dk + c];
         }
-        /* forward substitution for U and W, row by row */
+        /* the q.k and k.k scores as GEMMs against K^T (Kt holds it for now) */
+        for (int64_t m = 0; m < n; m++)
+            for (int64_t r = 0; r < Dk; r++) Kt[r * n + m] = Kc[m * Dk + r];
+        for (int64_t x = 0; x < n * n; x++) P[x] = Tm[x] = 0;
+        gemm(n, n, Dk, 1.0f, Q, Dk, Kt, n, P, n);       /* P = Q K^T */
+        gemm(n, n, Dk, 1.0f, Kc, Dk, Kt, n, Tm, n);     /* A = K K^T (in T for now) */
+        /* decay: P[i][m] *= exp(gc_i - gc_m) for m <= i, 0 above; A likewise times beta_i
+           strictly below the diagonal, then T = (I + A)^-1 row by row in place:
+           T_i = e_i - sum_{m<i} A[i][m] T_m (T_m only has columns <= m) */
         for (int64_t i = 0; i < n; i++) {
-            const float *v = j->v + b * j->sb + (t0 + i) * j->st + h * Dv;
-            float *Ui = U + i * Dv, *Wi = W + i * Dk;
+            float *Pi = P + i * n, *Ti = Tm + i * n, *dec = gc + 2 * C;
+            for (int64_t m = 0; m <= i; m++) dec[m] = gc[i] - gc[m];
+            exp_row(dec, i + 1);
+            for (int64_t m = 0; m <= i; m++) Pi[m] *= dec[m];
+            for (int64_t m = i + 1; m < n; m++) Pi[m] = 0;
+            float arow[LK_GDR_MAXCHUNK];
+            for (int64_t m = 0; m < i; m++) arow[m] = bt[i] * Ti[m] * dec[m];
+            for (int64_t m = 0; m < n; m++) Ti[m] = m == i ? 1.0f : 0.0f;
+            for (int64_t m = 0; m < i; m++) axpy_body(Ti, -arow[m], Tm + m * n, m + 1);
+        }
+        for (int64_t x = 0; x < n * Dv; x++) U[x] = 0;
+        for (int64_t x = 0; x < n * Dk; x++) W[x] = 0;
+        gemm(n, Dv, n, 1.0f, Tm, n, Vb, Dv, U, Dv);     /* U = T (beta v) */
+        gemm(n, Dk, n, 1.0f, Tm, n, Kb, Dk, W, Dk);     /* W = T (beta exp(gc) k) */
+        gemm(n, Dv, Dk, -1.0f, W, Dk, S, Dv, U, Dv);    /* vn = U - W S (into U) */
+        float *O = j->out + (b * j->T + t0) * ldo + h * Dv;
+        for (int64_t i = 0; i < n; i++) {
             const float eg = expf(gc[i]);
-            for (int64_t c = 0; c < Dv; c++) Ui[c] = bt[i] * v[c];
-            for (int64_t c = 0; c < Dk; c++) Wi[c] = bt[i] * eg * Kc[i * Dk + c];
-            for (int64_t m = 0; m < i; m++) {
-                const float a = bt[i] * dot_body(Kc + i * Dk, Kc + m * Dk, Dk) * expf(gc[i] - gc[m]);
-                axpy_body(Ui, -a, U + m * Dv, Dv);
-                axpy_body(Wi, -a, W + m * Dk, Dk);
-            }
+            for (int64_t c = 0; c < Dk; c++) Q[i * Dk + c] *= eg;
+            for (int64_t c = 0; c < Dv; c++) O[i * ldo + c] = 0;
         }
-        /* vn = U - W S (into U) and the inter-chunk part of the output: exp(gc) q S */
-        for (int64_t i = 0; i < n; i++) {
-            float *Ui = U + i * Dv;
-            float *o = j->out + ((b * j->T + t0 + i) * Hv + h) * Dv;
-            const float eg = expf(gc[i]);
-            for (int64_t c = 0; c < Dv; c++) o[c] = 0;
-            for (int64_t r = 0; r < Dk; r++) {
-                const float *Sr = S + r * Dv;
-                const float w = W[i * Dk + r], qv = eg * Q[i * Dk + r];
-                for (int64_t c = 0; c < Dv; c++) {
-                    Ui[c] -= w * Sr[c];
-                    o[c] += qv * Sr[c];
-                }
-            }
-        }
-        /* intra-chunk part: causal (q_i . k_m) exp(gc_i - gc_m) vn_m */
-        for (int64_t i = 0; i < n; i++) {
-            float *o = j->out + ((b * j->T + t0 + i) * Hv + h) * Dv;
-            for (int64_t m = 0; m <= i; m++) {
-                const float a = dot_body(Q + i * Dk, Kc + m * Dk, Dk) * expf(gc[i] - gc[m]);
-                axpy_body(o, a, U + m * Dv, Dv);
-            }
-        }
-        /* state: S = exp(gc_n) S + sum_m exp(gc_n - gc_m) k_m vn_m^T */
+        gemm(n, Dv, Dk, 1.0f, Q, Dk, S, Dv, O, ldo);    /* o = (exp(gc) q) S */
+        gemm(n, Dv, n, 1.0f, P, n, U, Dv, O, ldo);      /*   + P vn */
         const float last = gc[n - 1], en = expf(last);
-        for (int64_t m = 0; m < n; m++) A[m] = expf(last - gc[m]);
-        for (int64_t r = 0; r < Dk; r++) {
-            float *Sr = S + r * Dv;
-            for (int64_t c = 0; c < Dv; c++) Sr[c] *= en;
-            for (int64_t m = 0; m < n; m++) axpy_body(Sr, A[m] * Kc[m * Dk + r], U + m * Dv, Dv);
+        for (int64_t m = 0; m < n; m++) {
+            const float e = expf(last - gc[m]);
+            for (int64_t r = 0; r < Dk; r++) Kt[r * n + m] = e * Kc[m * Dk + r];
         }
+        for (int64_t x = 0; x < Dk * Dv; x++) S[x] *= en;
+        gemm(Dk, Dv, n, 1.0f, Kt, n, U, Dv, S, Dv);     /* S = exp(gc_n) S + K'^T vn */
     }
 }
 
 static void recurrent_generic(const gdr_job *j, int64_t b, int64_t h, float *s) {
     recurrent_body(j, b, h, s);
 }
+
+#if LK_X86
+/* The AVX2 recurrence (Dv a multiple of 32): the read pass keeps kv and S^T q for 32
+   columns in eight registers while it walks all Dk rows, instead of reloading and storing
+   two accumulator rows per state row. */
+LK_AVX2_TARGET static void recurrent_step_avx2(const gdr_job *j, int64_t b, int64_t h,
+                                               float *scr) {
+    const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk);
+    float *S = j->state + (b * Hv + h) * Dk * Dv;
+    float *qn = scr, *kn = qn + Dk, *delta = kn + Dk;
+    const float qscale = 1.0f / sqrtf((float)Dk);
+    for (int64_t t = 0; t < j->T; t++) {
+        const int64_t row = b * j->sb + t * j->st;
+        l2norm_body(j->q + row + hk * Dk, Dk, qscale, qn);
+        l2norm_body(j->k + row + hk * Dk, Dk, 1.0f, kn);
+        const float *v = j->v + row + h * Dv;
+        const float decay = expf(j->g[(b * j->T + t) * Hv + h]);
+        const float beta = j->beta[(b * j->T + t) * Hv + h];
+        const float kq = dot_body(kn, qn, Dk);
+        float *o = j->out + ((b * j->T + t) * Hv + h) * Dv;
+        const __m256 vd = _mm256_set1_ps(decay), vb = _mm256_set1_ps(beta),
+                     vkq = _mm256_set1_ps(kq);
+        for (int64_t c = 0; c < Dv; c += 32) {
+            __m256 k0 = _mm256_setzero_ps(), k1 = k0, k2 = k0, k3 = k0;
+            __m256 q0 = k0, q1 = k0, q2 = k0, q3 = k0;
+            const float *Sc = S + c;
+            for (int64_t i = 0; i < Dk; i++, Sc += Dv) {
+                const __m256 ki = _mm256_broadcast_ss(kn + i), qi = _mm256_broadcast_ss(qn + i);
+                const __m256 s0 = _mm256_loadu_ps(Sc), s1 = _mm256_loadu_ps(Sc + 8);
+                const __m256 s2 = _mm256_loadu_ps(Sc + 16), s3 = _mm256_loadu_ps(Sc + 24);
+                k0 = _mm256_fmadd_ps(ki, s0, k0); q0 = _mm256_fmadd_ps(qi, s0, q0);
+                k1 = _mm256_fmadd_ps(ki, s1, k1); q1 = _mm256_fmadd_ps(qi, s1, q1);
+                k2 = _mm256_fmadd_ps(ki, s2, k2); q2 = _mm256_fmadd_ps(qi, s2, q2);
+                k3 = _mm256_fmadd_ps(ki, s3, k3); q3 = _mm256_fmadd_ps(qi, s3, q3);
+            }
+            /* delta = beta (v - d kv);  o = d qs + (k . q) delta */
+#define LK_DELTA_OUT(kk, qq, off)                                                        \
+            {                                                                           \
+                __m256 dl = _mm256_mul_ps(vb, _mm256_fnmadd_ps(vd, kk,                  \
+                                                  _mm256_loadu_ps(v + c + off)));       \
+                _mm256_storeu_ps(delta + c + off, dl);                                  \
+                _mm256_storeu_ps(o + c + off, _mm256_fmadd_ps(vkq, dl, _mm256_mul_ps(vd, qq))); \
+            }
+            LK_DELTA_OUT(k0, q0, 0) LK_DELTA_OUT(k1, q1, 8)
+            LK_DELTA_OUT(k2, q2, 16) LK_DELTA_OUT(k3, q3, 24)
+#undef LK_DELTA_OUT
+        }
+        /* S = d S + k delta^T */
+        for (int64_t i = 0; i < Dk; i++) {
+            float *Si = S + i * Dv;
+            const __m256 ki = _mm256_broadcast_ss(kn + i);
+            for (int64_t c = 0; c < Dv; c += 8)
+                _mm256_storeu_ps(Si + c, _mm256_fmadd_ps(ki, _mm256_loadu_ps(delta + c),
+                                                         _mm256_mul_ps(vd, _mm256_loadu_ps(Si + c))));
+        }
+    }
+}
+#endif
 static void chunked_generic(const gdr_job *j, int64_t b, int64_t h, float *s) {
-    chunked_body(j, b, h, s);
+    chunked_body(j, b, h, s, gemm_generic, exp_row_generic);
 }
 #if LK_X86
 LK_AVX2_TARGET static void recurrent_avx2(const gdr_job *j, int64_t b, int64_t h, float *s) {
     recurrent_body(j, b, h, s);
 }
 LK_AVX2_TARGET static void chunked_avx2(const gdr_job *j, int64_t b, int64_t h, float *s) {
-    chunked_body(j, b, h, s);
+    chunked_body(j, b, h, s, gemm_avx2, exp_row_avx2);
 }
 #endif
 
@@ -267,6 +483,7 @@ static void gdr_task(void *ctx, int64_t unit, int ith) {
 #if LK_X86
     if (use_avx2()) {
         if (j->chunk > 0) chunked_avx2(j, b, h, scr);
+        else if (j->Dv % 32 == 0) recurrent_step_avx2(j, b, h, scr);
         else recurrent_avx2(j, b, h, scr);
         return;
     }
@@ -279,7 +496,8 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
                         int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t sb, int64_t st,
                         const float *g, const float *beta, float *state, int64_t chunk,
                         float *out) {
-    if (B < 0 || T < 0 || Hk < 1 || Hv < 1 || Hv % Hk || Dk < 1 || Dv < 1 || chunk < 0)
+    if (B < 0 || T < 0 || Hk < 1 || Hv < 1 || Hv % Hk || Dk < 1 || Dv < 1 || chunk < 0 ||
+        chunk > LK_GDR_MAXCHUNK)
         return -1;
     if (B == 0 || T == 0) return 0;
     gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, state, out, chunk};
