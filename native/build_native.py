@@ -156,7 +156,9 @@ if __name__ == "__main__":
         for name in os.listdir(pkg):
             if name.startswith("_native.") and name.endswith(".so") and name != os.path.basename(so):
                 os.remove(os.path.join(pkg, name))
-        shutil.copy2(so, dest)
+        # a temp file then a rename: a process that has the old module mapped keeps it
+        shutil.copy2(so, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
         print("built", dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
