@@ -9,6 +9,7 @@ requests with the server staying up; the prefix-cache hit showing in /metrics.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -181,9 +182,11 @@ def test_prefix_cache_hit_shows_in_metrics(server):
 
 
 def test_preemption_under_memory_pressure_completes_every_request(loaded):
-    # 8 requests of ~40-70 tokens each need ~30 blocks of 16; the pool has 16
-    small = RunningServer(loaded, BatchingOptions(kv_cache_tokens=256, max_running=8,
-                                                  step_tokens=128, interleave_tokens=32))
+    # blocks of 4 tokens and a pool of 32 blocks: the waiting requests are admitted until
+    # the pool is full, so the first decode that needs a new block must preempt
+    small = RunningServer(loaded, BatchingOptions(kv_cache_tokens=128, block_size=4,
+                                                  max_running=8, step_tokens=512,
+                                                  max_itl_rise=0))
     try:
         requests = [chat_request(i) | {"max_tokens": 4 + i % 6} for i in range(8)]
         with ThreadPoolExecutor(8) as pool:
@@ -224,8 +227,15 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
     status, body = server.raw("POST", "/v1/chat/completions", b'{"model": "smollm2-135m", ')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert body["error"]["type"] == "invalid_request_error"
-    status, body = server.raw("POST", "/v1/completions", b"x" * (2 << 20))
-    assert status == 413
+    # a body declared larger than max_body_bytes is refused before it is read
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "max_body_bytes" in json.loads(resp.read())["error"]["message"]
+    conn.close()
     status, body = server.raw("GET", "/v1/completions")
     assert status == 405 and "error" in body
     status, body = server.raw("GET", "/v2/nothing")
