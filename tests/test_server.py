@@ -181,21 +181,33 @@ def test_prefix_cache_hit_shows_in_metrics(server):
     assert m["lattice_prefix_cache_hit_rate"] > 0
 
 
+def stream_completion(client, request: dict) -> tuple[str, str]:
+    text, finish = [], None
+    for chunk in client.completions.create(stream=True, **request):
+        if chunk.choices:
+            text.append(chunk.choices[0].text or "")
+            finish = chunk.choices[0].finish_reason or finish
+    return "".join(text), finish
+
+
 def test_preemption_under_memory_pressure_completes_every_request(loaded):
-    # blocks of 4 tokens and a pool of 32 blocks: the waiting requests are admitted until
-    # the pool is full, so the first decode that needs a new block must preempt
+    # 8 requests of 16 prompt + 10 new tokens need 7 blocks of 4 each, 56 in all; the pool
+    # has 32. Admission fills it with prompts, so decoding must preempt to grow.
     small = RunningServer(loaded, BatchingOptions(kv_cache_tokens=128, block_size=4,
                                                   max_running=8, step_tokens=512,
                                                   max_itl_rise=0))
     try:
-        requests = [chat_request(i) | {"max_tokens": 4 + i % 6} for i in range(8)]
+        rng = __import__("random").Random(5)
+        requests = [dict(model=MODEL, prompt=[rng.randrange(1000, 20000) for _ in range(16)],
+                         max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+                    for _ in range(8)]
         with ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda r: stream_chat(small.client, r), requests))
+            together = list(pool.map(lambda r: stream_completion(small.client, r), requests))
         assert small.metrics()["lattice_preemptions_total"] > 0, "the pool was meant to run out"
-        for (text, finish, _), request in zip(together, requests):
-            alone = small.client.chat.completions.create(**request)
-            assert (text, finish) == (alone.choices[0].message.content,
-                                      alone.choices[0].finish_reason)
+        for (text, finish), request in zip(together, requests):
+            alone = small.client.completions.create(**request)
+            assert (text, finish) == (alone.choices[0].text, alone.choices[0].finish_reason)
+            assert alone.usage.completion_tokens == 10
         assert small.runner.cache.pool.num_used() == 0
     finally:
         small.stop()
