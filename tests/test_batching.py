@@ -252,3 +252,23 @@ def test_recurrent_state_slots_serve_prefix_hits_and_preemption():
             generated.append(nxt)
             state = 0.5 * state + model.embedding[nxt]
         assert text == LetterTokenizer().decode(generated)
+
+
+def test_server_config_keys_build_batching_options():
+    from lattice_engine.cli import build_parser
+    from lattice_engine.config import config_from_dict
+    from lattice_engine.errors import ConfigError
+    cfg = config_from_dict({"server": {"kv_cache_tokens": 512, "block_size": 8,
+                                       "max_running": 3, "step_tokens": 100,
+                                       "interleave_tokens": 10, "max_itl_rise": 1.5}})
+    assert cfg.server.batching_options() == BatchingOptions(
+        kv_cache_tokens=512, block_size=8, max_running=3, step_tokens=100,
+        interleave_tokens=10, max_itl_rise=1.5)
+    with pytest.raises(ConfigError, match="server.kv_cache_tokens"):
+        config_from_dict({"server": {"kv_cache_tokens": 0}})
+    with pytest.raises(ConfigError, match="max_itl_rise"):
+        config_from_dict({"server": {"max_itl_rise": 0.5}})
+    args = build_parser().parse_args(["serve", "smollm2-135m", "--port", "8123",
+                                      "--kv-cache-tokens", "4096", "--max-itl-rise", "0"])
+    assert (args.command, args.port, args.kv_cache_tokens, args.max_itl_rise) == \
+        ("serve", 8123, 4096, 0.0)

@@ -9,6 +9,7 @@ requests with the server staying up; the prefix-cache hit showing in /metrics.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
@@ -106,10 +107,10 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.",
 
 
 def chat_request(i: int) -> dict:
-    """Mixed lengths: prompts from one to four questions, 3 to 17 new tokens."""
+    """Mixed lengths: prompts from one to four questions, 2 to 12 new tokens."""
     q = " ".join(QUESTIONS[(i + j) % len(QUESTIONS)] for j in range(1 + i % 4))
     return dict(model=MODEL, messages=[{"role": "user", "content": q}], temperature=0,
-                max_tokens=3 + (i * 5) % 15)
+                max_tokens=2 + (i * 5) % 11)
 
 
 def stream_chat(client, request: dict) -> tuple[str, str, object]:
@@ -180,19 +181,33 @@ def test_prefix_cache_hit_shows_in_metrics(server):
     assert m["lattice_prefix_cache_hit_rate"] > 0
 
 
+def stream_completion(client, request: dict) -> tuple[str, str]:
+    text, finish = [], None
+    for chunk in client.completions.create(stream=True, **request):
+        if chunk.choices:
+            text.append(chunk.choices[0].text or "")
+            finish = chunk.choices[0].finish_reason or finish
+    return "".join(text), finish
+
+
 def test_preemption_under_memory_pressure_completes_every_request(loaded):
-    # 12 requests of ~40-70 tokens each need ~50 blocks of 16; the pool has 16
-    small = RunningServer(loaded, BatchingOptions(kv_cache_tokens=256, max_running=12,
-                                                  step_tokens=128, interleave_tokens=32))
+    # 8 requests of 16 prompt + 10 new tokens need 7 blocks of 4 each, 56 in all; the pool
+    # has 32. Admission fills it with prompts, so decoding must preempt to grow.
+    small = RunningServer(loaded, BatchingOptions(kv_cache_tokens=128, block_size=4,
+                                                  max_running=8, step_tokens=512,
+                                                  max_itl_rise=0))
     try:
-        requests = [chat_request(i) | {"max_tokens": 6 + i % 7} for i in range(12)]
-        with ThreadPoolExecutor(12) as pool:
-            together = list(pool.map(lambda r: stream_chat(small.client, r), requests))
+        rng = __import__("random").Random(5)
+        requests = [dict(model=MODEL, prompt=[rng.randrange(1000, 20000) for _ in range(16)],
+                         max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+                    for _ in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda r: stream_completion(small.client, r), requests))
         assert small.metrics()["lattice_preemptions_total"] > 0, "the pool was meant to run out"
-        for (text, finish, _), request in zip(together, requests):
-            alone = small.client.chat.completions.create(**request)
-            assert (text, finish) == (alone.choices[0].message.content,
-                                      alone.choices[0].finish_reason)
+        for (text, finish), request in zip(together, requests):
+            alone = small.client.completions.create(**request)
+            assert (text, finish) == (alone.choices[0].text, alone.choices[0].finish_reason)
+            assert alone.usage.completion_tokens == 10
         assert small.runner.cache.pool.num_used() == 0
     finally:
         small.stop()
@@ -224,8 +239,15 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
     status, body = server.raw("POST", "/v1/chat/completions", b'{"model": "smollm2-135m", ')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert body["error"]["type"] == "invalid_request_error"
-    status, body = server.raw("POST", "/v1/completions", b"x" * (2 << 20))
-    assert status == 413
+    # a body declared larger than max_body_bytes is refused before it is read
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "max_body_bytes" in json.loads(resp.read())["error"]["message"]
+    conn.close()
     status, body = server.raw("GET", "/v1/completions")
     assert status == 405 and "error" in body
     status, body = server.raw("GET", "/v2/nothing")
