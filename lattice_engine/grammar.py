@@ -435,15 +435,33 @@ class GrammarMatcher:
         return bool(self._matcher.fill_next_token_bitmask(target, row))
 
     def apply(self, logits: np.ndarray) -> None:
-        """Mask one logits row [vocab] in place so only grammar tokens remain."""
+        """Mask one logits row [vocab] in place so only grammar tokens remain.
+
+        Once the matcher has terminated (a stop token was accepted), only stop tokens stay
+        allowed, so a caller that keeps decoding (e.g. ignoring EOS) emits stop tokens.
+        """
         if logits.shape[-1] != self.vocab_size:
             raise ValueError(f"logits have {logits.shape[-1]} entries but the grammar was "
                              f"compiled for a vocab of {self.vocab_size}")
-        if self.fill_bitmask():
+        if self.is_terminated():
+            self.mask_to_stop_tokens(logits)
+        elif self.fill_bitmask():
             apply_bitmask(logits, self.bitmask[0])
 
+    def mask_to_stop_tokens(self, logits: np.ndarray) -> None:
+        """Leave only the stop tokens in a logits row (the grammar is complete)."""
+        if not self.stop_token_ids:
+            raise RequestError("the grammar is complete and this tokenizer has no end token: "
+                               "the sequence must end here (is_terminated() is true)")
+        keep = logits[list(self.stop_token_ids)].copy()
+        logits.fill(-np.inf)
+        logits[list(self.stop_token_ids)] = keep
+
     def accept(self, token: int) -> None:
-        """Advance past token; a token the mask forbade is a RequestError."""
+        """Advance past token; a token the mask forbade is a RequestError. After the
+        matcher terminated, further stop tokens are accepted as no-ops."""
+        if self.is_terminated() and int(token) in self.stop_token_ids:
+            return
         if not self._matcher.accept_token(int(token)):
             raise RequestError(
                 f"token {token} does not continue the grammar; either a sampler ignored the "
@@ -493,8 +511,9 @@ def fill_batch_bitmask(matchers: Sequence[Optional[GrammarMatcher]], bitmask: np
 
 def apply_batch_bitmask(matchers: Sequence[Optional[GrammarMatcher]], logits: np.ndarray,
                         bitmask: Optional[np.ndarray] = None) -> list[int]:
-    """Mask logits [batch, vocab] in place: each constrained row by its own grammar,
-    unconstrained rows (None) untouched. Returns the rows that were masked.
+    """Mask logits [batch, vocab] in place: each constrained row by its own grammar (a
+    terminated matcher's row to its stop tokens), unconstrained rows (None) untouched.
+    Returns the rows that were masked.
 
     bitmask is an optional reusable int32 buffer [>= batch, ceil(vocab / 32)].
     """
@@ -508,7 +527,10 @@ def apply_batch_bitmask(matchers: Sequence[Optional[GrammarMatcher]], logits: np
     else:
         for i in rows:  # fancy indexing would copy; a row view masks in place
             apply_bitmask(logits[i], bitmask[i])
-    return rows
+    ended = [i for i, m in enumerate(matchers) if m is not None and m.is_terminated()]
+    for i in ended:
+        matchers[i].mask_to_stop_tokens(logits[i])
+    return sorted(rows + ended)
 
 
 def accept_batch(matchers: Sequence[Optional[GrammarMatcher]], tokens: Sequence[int]) -> None:
@@ -516,5 +538,5 @@ def accept_batch(matchers: Sequence[Optional[GrammarMatcher]], tokens: Sequence[
     if len(tokens) != len(matchers):
         raise ValueError(f"{len(tokens)} tokens for {len(matchers)} sequences")
     for matcher, token in zip(matchers, tokens):
-        if matcher is not None and not matcher.is_terminated():
+        if matcher is not None:
             matcher.accept(token)

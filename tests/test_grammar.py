@@ -146,6 +146,31 @@ def test_rollback_restores_the_mask():
         matcher.accept(ord("z"))
 
 
+def test_a_terminated_matcher_allows_only_stop_tokens():
+    compiler = GrammarCompiler(text_tokenizer(byte_level_tokenizer(), eos=[0]), 256)
+    matcher = compiler.matcher(GrammarSpec.regex("ab"))
+    for token in (ord("a"), ord("b"), 0):
+        assert token in allowed(matcher, 256)
+        matcher.accept(token)
+    assert matcher.is_terminated()
+    assert allowed(matcher, 256) == {0}     # a caller ignoring EOS can only repeat it
+    matcher.accept(0)                        # and that is accepted as a no-op
+    with pytest.raises(RequestError, match="does not continue the grammar"):
+        matcher.accept(ord("a"))
+    free = compiler.matcher(GrammarSpec.regex("a+"))
+    logits = np.zeros((2, 256), dtype=np.float32)
+    assert apply_batch_bitmask([matcher, free], logits) == [0, 1]
+    assert set(np.flatnonzero(np.isfinite(logits[0]))) == {0}
+    assert set(np.flatnonzero(np.isfinite(logits[1]))) == {ord("a")}
+    # a tokenizer without an end token: the sequence must stop when the grammar completes
+    bare = GrammarCompiler(text_tokenizer(byte_level_tokenizer()), 256).matcher(
+        GrammarSpec.regex("a"))
+    bare.accept(ord("a"))
+    assert bare.is_terminated()
+    with pytest.raises(RequestError, match="must end here"):
+        bare.apply(np.zeros(256, dtype=np.float32))
+
+
 def test_mixed_batch_masks_each_row_by_its_own_grammar():
     """Rows 0 and 2 constrained (regex, JSON schema), rows 1 and 3 free: every step masks
     in one call, the free rows' logits are untouched, each row ends as its grammar says."""
