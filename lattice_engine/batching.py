@@ -13,17 +13,20 @@ rounding of batched matmuls (see tests/test_batching.py).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence as Seq
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import LatticeError, RequestError
 from .generate import StopMatcher, token_logprob
 from .models.paged_forward import PagedBatch
 from .sampling import SamplingParams, make_sampler
 from .scheduler import LogitsMask, Scheduler, Sequence, Status, WorkItem
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -256,13 +259,28 @@ class BatchRunner:
         return outputs
 
     def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:
+        model_row = row
         if seq.logits_mask is not None:
+            row = row.copy()  # the logprob reported is the model's, not the masked one's
             masked = seq.logits_mask.apply(row)
             row = row if masked is None else masked
         token = seq.sampler(seq.token_ids, row)
-        logprob = token_logprob(row, token)
+        logprob = token_logprob(model_row, token)
         if seq.logits_mask is not None:
-            seq.logits_mask.accept(token)
+            try:
+                seq.logits_mask.accept(token)
+            except LatticeError as exc:  # this request's constraint failed: end it alone
+                log.warning("request %s: %s", seq.request_id, exc)
+                return self._finish(seq, "error")
+            if seq.logits_mask.is_terminated() and token not in seq.detail["out"].stop_ids:
+                # the constraint is complete and allows nothing more (a tokenizer without
+                # an end token): keep this token and stop
+                seq.token_ids.append(token)
+                st = seq.detail["out"]
+                st.generated.append(token)
+                st.new_tokens.append(token)
+                st.new_logprobs.append(logprob)
+                return self._finish(seq, "stop")
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.stats.ttft.observe(now - seq.arrival_time)

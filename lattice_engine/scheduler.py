@@ -37,12 +37,16 @@ from .sampling import Sampler, SamplingParams
 class LogitsMask(Protocol):
     """A per-request constraint on the next token (e.g. a grammar): `apply` edits the
     sequence's logits row (float32 [V], in place or returning a new row; masked tokens set
-    to -inf) before sampling; `accept` is told each token the sequence accepted."""
+    to -inf) before sampling; `accept` is told each token the sequence accepted (raising
+    RequestError ends that request alone); once `is_terminated()` the request finishes."""
 
     def apply(self, logits):
         ...
 
     def accept(self, token: int) -> None:
+        ...
+
+    def is_terminated(self) -> bool:
         ...
 
 

@@ -133,6 +133,9 @@ class OnlyDigits:
     def accept(self, token):
         self.accepted.append(token)
 
+    def is_terminated(self):
+        return False
+
 
 def test_logits_mask_hook_constrains_and_sees_each_token(engine):
     engine.start_batching(BatchingOptions(kv_cache_tokens=256, block_size=4))
@@ -145,6 +148,42 @@ def test_logits_mask_hook_constrains_and_sees_each_token(engine):
             text[out.request_id] += out.text
     assert text[rid].isdigit() and len(text[rid]) == 8
     assert [chr(t) for t in mask.accepted] == list(text[rid])
+
+
+class Scripted:
+    """A mask that allows everything, fails on its `fail_at`-th token or terminates after
+    `done_at` tokens."""
+
+    def __init__(self, fail_at=None, done_at=None):
+        self.fail_at, self.done_at, self.seen = fail_at, done_at, 0
+
+    def apply(self, logits):
+        return None
+
+    def accept(self, token):
+        self.seen += 1
+        if self.seen == self.fail_at:
+            raise RequestError("the constraint cannot continue")
+
+    def is_terminated(self):
+        return self.seen == self.done_at
+
+
+def test_a_failing_or_finished_mask_ends_only_its_request(engine):
+    engine.start_batching(BatchingOptions(kv_cache_tokens=256, block_size=4))
+    failing = engine.add_request("a:", max_tokens=8,
+                                 logits_mask=Scripted(fail_at=2))
+    done = engine.add_request("b:", max_tokens=8,
+                              logits_mask=Scripted(done_at=3))
+    free = engine.add_request("c:", max_tokens=8)
+    finish, tokens = {}, {failing: 0, done: 0, free: 0}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += len(out.token_ids)
+            if out.finished:
+                finish[out.request_id] = out.finish_reason
+    assert finish == {failing: "error", done: "stop", free: "length"}
+    assert tokens[done] == 3 and tokens[free] == 8
 
 
 def test_bad_requests_are_refused_before_queueing(engine):
