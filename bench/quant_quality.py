@@ -157,14 +157,15 @@ def report_progress(done: int, total: int) -> None:
         print(f"{time.strftime('%H:%M:%S')} window {done}/{total}", file=sys.stderr, flush=True)
 
 
-def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads) -> dict:
+def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads,
+                overrides=None) -> dict:
     """lattice_engine.eval.perplexity's recipe, with partial results."""
     from gguf_variants import variant
     from lattice_engine.loading import load, set_threads
     from lattice_engine.quant.methods import QuantSpec
 
     set_threads(threads)
-    m = load(variant(model, "f32"), quant=QuantSpec(quant, {}, group_size)).model
+    m = load(variant(model, "f32"), quant=QuantSpec(quant, overrides or {}, group_size)).model
     scorer = Scorer(ids, window, stride)
     for i, w in enumerate(scorer.spans):
         hidden = m.hidden_states(ids[None, w.begin:w.end], m.make_cache(capacity=w.end - w.begin))
@@ -192,13 +193,14 @@ def ppl_llama_cpp(model: str, quant: str, ids, window, stride, threads) -> dict:
 def cmd_ppl(args) -> int:
     ids = token_ids(args.model, args.max_tokens)
     if args.engine == "lattice":
+        overrides = dict(o.split("=", 1) for o in args.override)
         result = ppl_lattice(args.model, args.quant, args.group_size, ids, args.window,
-                             args.stride, args.threads)
+                             args.stride, args.threads, overrides)
     else:
         result = ppl_llama_cpp(args.model, args.quant, ids, args.window, args.stride,
                                args.threads)
     row = {"kind": "ppl", "model": args.model, "engine": args.engine, "quant": args.quant,
-           "group_size": args.group_size, **result}
+           "group_size": args.group_size, "overrides": args.override, **result}
     append_result(Path(args.results), row)
     print(json.dumps(row))
     return 0
@@ -284,6 +286,9 @@ def main() -> int:
     ppl.add_argument("--quant", required=True,
                      help="lattice: a quant method; llama.cpp: f32, q8_0, q4_0, q4_1")
     ppl.add_argument("--group-size", type=int, default=None)
+    ppl.add_argument("--override", action="append", default=[], metavar="GLOB=FORMAT",
+                     help="lattice: per-tensor format, e.g. to store the embedding like "
+                          "llama.cpp's file: model.embed_tokens.weight=q4_asym_g32")
     ppl.add_argument("--max-tokens", type=int, default=32768)
     ppl.add_argument("--window", type=int, default=512)
     ppl.add_argument("--stride", type=int, default=256)
