@@ -11,6 +11,19 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 ARCHITECTURES = ["llama", "llama_rope_scaled", "qwen2", "qwen3"]
 
+
+def backends() -> list[str]:
+    """The op sets to test: numpy always, native when the C kernels are built."""
+    out = ["numpy"]
+    try:
+        from lattice_engine import kernels
+        if kernels.available():
+            out.append("native")
+    except ImportError:
+        pass
+    return out
+
+
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
           "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -5,21 +5,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ARCHITECTURES, FIXTURES
+from conftest import ARCHITECTURES, FIXTURES, backends
 from lattice_engine.loading import get_ops, load
 
 TOLERANCE = 1e-4
-
-
-def backends():
-    out = ["numpy"]
-    try:
-        from lattice_engine import kernels
-        if kernels.available():
-            out.append("native")
-    except ImportError:
-        pass
-    return out
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES
+from conftest import FIXTURES, backends
 from lattice_engine import ops
 from lattice_engine.errors import CheckpointError
 from lattice_engine.loading import load
@@ -18,17 +18,6 @@ from lattice_engine.quant.methods import QuantSpec
 QWEN35 = ["qwen3_5_text", "qwen3_5_vl"]
 TOLERANCE = 1e-4
 STATE_TOLERANCE = 1e-5
-
-
-def backends():
-    out = ["numpy"]
-    try:
-        from lattice_engine import kernels
-        if kernels.available():
-            out.append("native")
-    except ImportError:
-        pass
-    return out
 
 
 def golden(name):

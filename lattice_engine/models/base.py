@@ -98,6 +98,20 @@ class WeightLoader:
         return sorted(set(self.checkpoint.tensors) - self.used)
 
 
+def check_tokens(tokens, vocab_size: int, batch: Optional[int] = None) -> np.ndarray:
+    """tokens as int64 [B, T], refusing other ranks, ids outside the vocabulary and (when
+    given) a batch the cache does not hold."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+    if batch is not None and tokens.shape[0] != batch:
+        raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache holds {batch} "
+                         f"sequences")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token id out of range 0..{vocab_size - 1}")
+    return tokens
+
+
 class Linear:
     """y = x @ W.T (+ b), W stored in any weight format."""
 

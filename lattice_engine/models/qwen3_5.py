@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import CheckpointError
-from .base import Linear, WeightLoader, config_from_dict, rope_inv_freq
+from .base import Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
 from .hybrid_cache import HybridCache
 from .transformer import MLP
 
@@ -297,14 +297,7 @@ class Model:
     def hidden_states(self, tokens: np.ndarray, cache: HybridCache) -> np.ndarray:
         """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
         ops = self.ops
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
-        if tokens.shape[0] != cache.batch:
-            raise ValueError(f"tokens have batch {tokens.shape[0]} but the cache holds "
-                             f"{cache.batch} sequences")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        tokens = check_tokens(tokens, self.config.vocab_size, cache.batch)
         t = tokens.shape[1]
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)

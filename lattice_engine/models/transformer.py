@@ -14,7 +14,8 @@ import numpy as np
 
 from .. import kernels
 from ..errors import CheckpointError
-from .base import KVCache, Linear, WeightLoader, config_from_dict, rope_inv_freq
+from .base import (KVCache, Linear, WeightLoader, check_tokens, config_from_dict,
+                   rope_inv_freq)
 
 
 @dataclass
@@ -219,11 +220,7 @@ class DecoderModel:
     def hidden_states(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
         ops = self.ops
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise ValueError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        tokens = check_tokens(tokens, self.config.vocab_size)
         t = tokens.shape[1]
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
