@@ -124,6 +124,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
     new_logprobs: list[float] = []
     emitted = ""                   # text already yielded
     finish = "length"
+    string_stop = False            # a stop string ended it: what follows it is dropped
     steps = generate_step(model, prompt_ids, sampler, max_tokens=params.max_tokens,
                           grammar=grammar)
     try:
@@ -144,7 +145,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
                 continue
             out, _, stopped = matcher.split(full[len(emitted):], final=False)
             if stopped:
-                finish = "stop"
+                finish, string_stop = "stop", True
                 emitted += out
                 yield GenerationChunk(out, new_tokens, new_logprobs)
                 new_tokens, new_logprobs = [], []
@@ -156,7 +157,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
     finally:
         steps.close()
     rest = ""
-    if finish == "length" or grammar_done:
+    if not string_stop:  # release text held back as a possible stop-string prefix
         rest, _, stopped = matcher.split(tokenizer.decode(generated)[len(emitted):], final=True)
         finish = "stop" if stopped else finish
     yield GenerationChunk(rest, new_tokens, new_logprobs, finish)

@@ -58,6 +58,21 @@ def test_stop_string_cuts_text_before_it(engine):
     assert stop not in "".join(c.text for c in engine.stream("abc", stop=[stop]))
 
 
+def test_stop_token_releases_text_held_back_for_a_stop_string(engine):
+    # seeded sampling: the same tokens again, so the run can stop at a chosen token
+    sample = dict(temperature=1.0, seed=5)
+    tokens = engine.generate("abc", **sample).tokens
+    k = next(i for i in range(3, len(tokens)) if tokens[i] not in tokens[:i]
+             and not engine.tokenizer.decode(tokens[:i]).endswith("\ufffd"))
+    before = engine.tokenizer.decode(tokens[:k])
+    never = before[-1] + "\u2603 never generated"  # its first character is held back
+    stops = dict(stop_token_ids=[tokens[k]], stop=[never], **sample)
+    result = engine.generate("abc", **stops)
+    assert result.finish_reason == "stop"
+    assert result.text == before
+    assert "".join(c.text for c in engine.stream("abc", **stops)) == before
+
+
 def test_seeded_sampling_is_reproducible(engine):
     a = engine.generate("abc", temperature=1.0, seed=11).tokens
     b = engine.generate("abc", temperature=1.0, seed=11).tokens
