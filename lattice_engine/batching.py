@@ -272,15 +272,9 @@ class BatchRunner:
             except LatticeError as exc:  # this request's constraint failed: end it alone
                 log.warning("request %s: %s", seq.request_id, exc)
                 return self._finish(seq, "error")
-            if seq.logits_mask.is_terminated() and token not in seq.detail["out"].stop_ids:
-                # the constraint is complete and allows nothing more (a tokenizer without
-                # an end token): keep this token and stop
-                seq.token_ids.append(token)
-                st = seq.detail["out"]
-                st.generated.append(token)
-                st.new_tokens.append(token)
-                st.new_logprobs.append(logprob)
-                return self._finish(seq, "stop")
+        # a complete constraint allows nothing more (a tokenizer without an end token):
+        # this token is kept and the request stops
+        constraint_done = seq.logits_mask is not None and seq.logits_mask.is_terminated()
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.stats.ttft.observe(now - seq.arrival_time)
@@ -296,6 +290,8 @@ class BatchRunner:
         st.generated.append(token)
         st.new_tokens.append(token)
         st.new_logprobs.append(logprob)
+        if constraint_done:
+            return self._finish(seq, "stop")
         if seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return self._finish(seq, "length")
         full = self._detokenize(st)
