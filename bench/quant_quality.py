@@ -5,6 +5,9 @@ Q4_0 / Q4_1, all made from the same float32 weights (bench/gguf_variants.py's f3
     python bench/quant_quality.py ppl    --model qwen2.5-coder-0.5b --engine lattice \
         --quant q4_asym --group-size 32                  (one row, appended to --results)
     python bench/quant_quality.py ppl    --model qwen2.5-coder-0.5b --engine llama.cpp --quant q4_1
+    python bench/quant_quality.py ppl    --quant q4_sym --quarot online     (lattice-quarot)
+    python bench/quant_quality.py ppl    --quant q4_sym --source .../q4_0.gguf \
+        --override model.embed_tokens.weight=q4_sym_g32   (lattice on llama.cpp's own blocks)
     python bench/quant_quality.py speed  --model qwen2.5-coder-0.5b [--threads 2 --runs 3]
     python bench/quant_quality.py table  [--results FILE]
 
@@ -157,15 +160,28 @@ def report_progress(done: int, total: int) -> None:
         print(f"{time.strftime('%H:%M:%S')} window {done}/{total}", file=sys.stderr, flush=True)
 
 
+QUAROT_MODES = ("off", "residual", "online")
+
+
+def quarot_transforms(mode: str) -> dict | None:
+    """`--quarot residual|online` -> the load() transforms of the lattice-quarot plugin."""
+    if mode == "off":
+        return None
+    from lattice_quarot import QuarotSettings
+    return {"quarot": QuarotSettings(enabled=True, seed=0, online_down_proj=mode == "online")}
+
+
 def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads,
-                overrides=None) -> dict:
-    """lattice_engine.eval.perplexity's recipe, with partial results."""
+                overrides=None, source=None, quarot="off") -> dict:
+    """lattice_engine.eval.perplexity's recipe, with partial results. `source` replaces the
+    float32 GGUF (e.g. llama.cpp's own Q4_0 file, whose blocks load as they are)."""
     from gguf_variants import variant
     from lattice_engine.loading import load, set_threads
     from lattice_engine.quant.methods import QuantSpec
 
     set_threads(threads)
-    m = load(variant(model, "f32"), quant=QuantSpec(quant, overrides or {}, group_size)).model
+    m = load(source or variant(model, "f32"), quant=QuantSpec(quant, overrides or {}, group_size),
+             transforms=quarot_transforms(quarot)).model
     scorer = Scorer(ids, window, stride)
     for i, w in enumerate(scorer.spans):
         hidden = m.hidden_states(ids[None, w.begin:w.end], m.make_cache(capacity=w.end - w.begin))
@@ -195,12 +211,13 @@ def cmd_ppl(args) -> int:
     if args.engine == "lattice":
         overrides = dict(o.split("=", 1) for o in args.override)
         result = ppl_lattice(args.model, args.quant, args.group_size, ids, args.window,
-                             args.stride, args.threads, overrides)
+                             args.stride, args.threads, overrides, args.source, args.quarot)
     else:
         result = ppl_llama_cpp(args.model, args.quant, ids, args.window, args.stride,
                                args.threads)
     row = {"kind": "ppl", "model": args.model, "engine": args.engine, "quant": args.quant,
-           "group_size": args.group_size, "overrides": args.override, **result}
+           "group_size": args.group_size, "overrides": args.override,
+           "source": args.source, "quarot": args.quarot, **result}
     append_result(Path(args.results), row)
     print(json.dumps(row))
     return 0
@@ -266,12 +283,16 @@ def cmd_speed(args) -> int:
 def cmd_table(args) -> int:
     path = Path(args.results)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    print("| model | engine | quant | group | ppl | tokens scored | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | engine | quant | group | quarot | overrides / source | ppl | tokens scored "
+          "| seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("kind") == "ppl":
+            extra = " ".join(r.get("overrides") or []) + (f" {r['source']}" if r.get("source")
+                                                            else "")
             print(f"| {r['model']} | {r['engine']} | {r['quant']} | {r.get('group_size') or ''} "
-                  f"| {r['ppl']:.4f} | {r['scored']} | {r['seconds']:.0f} |")
+                  f"| {r.get('quarot', 'off')} | {extra.strip()} | {r['ppl']:.4f} | "
+                  f"{r['scored']} | {r['seconds']:.0f} |")
     return 0
 
 
@@ -289,6 +310,12 @@ def main() -> int:
     ppl.add_argument("--override", action="append", default=[], metavar="GLOB=FORMAT",
                      help="lattice: per-tensor format, e.g. to store the embedding like "
                           "llama.cpp's file: model.embed_tokens.weight=q4_asym_g32")
+    ppl.add_argument("--source", default=None,
+                     help="lattice: load this checkpoint instead of the float32 GGUF, e.g. "
+                          "llama.cpp's Q4_0 file, to check the kernels on identical blocks")
+    ppl.add_argument("--quarot", choices=QUAROT_MODES, default="off",
+                     help="lattice: rotate with the lattice-quarot plugin before quantizing "
+                          "(residual only, or also online before down_proj)")
     ppl.add_argument("--max-tokens", type=int, default=32768)
     ppl.add_argument("--window", type=int, default=512)
     ppl.add_argument("--stride", type=int, default=256)

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import CheckpointError
 from .base import Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
 from .hybrid_cache import HybridCache
-from .transformer import MLP
+from .transformer import MLP, head_role
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -52,6 +52,7 @@ class ModelArgs:
     max_position_embeddings: int = 32768
     mlp_bias: bool = False  # MLP from transformer.py reads it; Qwen3.5 has none
     lattice_online_rotation: Optional[dict] = None  # MLP reads it too (QuaRot's online rotation)
+    lattice_lm_head_role: str = "lm_head"  # see transformer.DecoderConfig
     rope_theta: float = field(init=False, default=10000.0)
 
     def __post_init__(self) -> None:
@@ -254,8 +255,8 @@ class Model:
         self.num_linear, self.num_full = counts[LINEAR], counts[FULL]
         self.norm = w.vector(f"{prefix}.norm.weight", (h,))
         # Tied: the lm_head reads the embedding table itself (f16 under q8_0: see methods)
-        self.lm_head = self.embed_tokens if tied else w.matrix("lm_head.weight", (v, h),
-                                                               "lm_head")
+        self.lm_head = self.embed_tokens if tied else w.matrix(
+            "lm_head.weight", (v, h), head_role(cfg.lattice_lm_head_role))
         self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
         self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))

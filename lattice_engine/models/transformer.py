@@ -40,8 +40,12 @@ class DecoderConfig:
     # {"down_proj": {"block": p, "mix": [[...]]}}: rotate the MLP activations online before
     # down_proj (written by weight transforms such as QuaRot; see `online_rotation`)
     lattice_online_rotation: Optional[dict] = None
+    # the quant role of an untied lm_head: "tied_embedding" when a weight transform untied
+    # a tied one (QuaRot), so it keeps a tied head's precision (see `head_role`)
+    lattice_lm_head_role: str = "lm_head"
 
     def __post_init__(self) -> None:
+        head_role(self.lattice_lm_head_role)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -62,6 +66,17 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "DecoderConfig":
         return config_from_dict(cls, params)
+
+
+HEAD_ROLES = ("lm_head", "tied_embedding")
+
+
+def head_role(role: str) -> str:
+    """The checked `lattice_lm_head_role` of a config."""
+    if role not in HEAD_ROLES:
+        raise CheckpointError(f"lattice_lm_head_role = {role!r} is not one of "
+                              f"{', '.join(HEAD_ROLES)}; fix or remove it in config.json")
+    return role
 
 
 def online_rotation(spec: Optional[dict], where: str, width: int):
@@ -182,7 +197,7 @@ class DecoderModel:
         self.norm = w.vector("model.norm.weight", (h,))
         # Tied: the lm_head reads the embedding table itself (f16 under q8_0, see methods).
         self.lm_head = (self.embed_tokens if tied else
-                        w.matrix("lm_head.weight", (v, h), "lm_head"))
+                        w.matrix("lm_head.weight", (v, h), cfg.lattice_lm_head_role))
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         self._step: Optional[kernels.DecoderStep] = None
         self._step_built = False

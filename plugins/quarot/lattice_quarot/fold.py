@@ -208,6 +208,8 @@ def quarot(checkpoint: Checkpoint, settings: QuarotSettings,
     plan.tie_key["tie_word_embeddings"] = False
     if plan.tie_key is not text:
         text["tie_word_embeddings"] = False
+    if tied:  # the head's own copy keeps a tied head's precision (f16 under q4 / q8_0)
+        text["lattice_lm_head_role"] = "tied_embedding"
     # Provenance; also what a vision encoder or MTP head must apply to stay in this basis
     # (R can be rebuilt from the seed).
     cfg["quarot"] = {"seed": settings.seed, "online_down_proj": settings.online_down_proj}

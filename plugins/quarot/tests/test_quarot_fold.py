@@ -18,7 +18,8 @@ from lattice_quarot import plugin as quarot_plugin
 VOCAB, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 64, 48, 80, 3, 1, 16, 2
 
 
-def make_checkpoint(folder, model_type: str, tied: bool, seed: int = 0):
+def make_checkpoint(folder, model_type: str, tied: bool, seed: int = 0,
+                    hidden: int = HIDDEN):
     """A tiny random checkpoint whose norms and biases are far from their defaults, so
     folding them is actually exercised. Widths are not powers of two (48 = 3 x 16,
     80 = 5 x 16)."""
@@ -30,27 +31,27 @@ def make_checkpoint(folder, model_type: str, tied: bool, seed: int = 0):
     def norm(n):
         return (1 + 0.5 * rng.standard_normal(n)).astype(np.float32)
 
-    t = {"model.embed_tokens.weight": mat(VOCAB, HIDDEN), "model.norm.weight": norm(HIDDEN)}
+    t = {"model.embed_tokens.weight": mat(VOCAB, hidden), "model.norm.weight": norm(hidden)}
     if not tied:
-        t["lm_head.weight"] = mat(VOCAB, HIDDEN)
+        t["lm_head.weight"] = mat(VOCAB, hidden)
     for i in range(LAYERS):
         p = f"model.layers.{i}"
-        t[f"{p}.input_layernorm.weight"] = norm(HIDDEN)
-        t[f"{p}.post_attention_layernorm.weight"] = norm(HIDDEN)
-        t[f"{p}.self_attn.q_proj.weight"] = mat(HEADS * HEAD_DIM, HIDDEN)
-        t[f"{p}.self_attn.k_proj.weight"] = mat(KV_HEADS * HEAD_DIM, HIDDEN)
-        t[f"{p}.self_attn.v_proj.weight"] = mat(KV_HEADS * HEAD_DIM, HIDDEN)
-        t[f"{p}.self_attn.o_proj.weight"] = mat(HIDDEN, HEADS * HEAD_DIM)
-        t[f"{p}.mlp.gate_proj.weight"] = mat(INTER, HIDDEN)
-        t[f"{p}.mlp.up_proj.weight"] = mat(INTER, HIDDEN)
-        t[f"{p}.mlp.down_proj.weight"] = mat(HIDDEN, INTER)
+        t[f"{p}.input_layernorm.weight"] = norm(hidden)
+        t[f"{p}.post_attention_layernorm.weight"] = norm(hidden)
+        t[f"{p}.self_attn.q_proj.weight"] = mat(HEADS * HEAD_DIM, hidden)
+        t[f"{p}.self_attn.k_proj.weight"] = mat(KV_HEADS * HEAD_DIM, hidden)
+        t[f"{p}.self_attn.v_proj.weight"] = mat(KV_HEADS * HEAD_DIM, hidden)
+        t[f"{p}.self_attn.o_proj.weight"] = mat(hidden, HEADS * HEAD_DIM)
+        t[f"{p}.mlp.gate_proj.weight"] = mat(INTER, hidden)
+        t[f"{p}.mlp.up_proj.weight"] = mat(INTER, hidden)
+        t[f"{p}.mlp.down_proj.weight"] = mat(hidden, INTER)
         if model_type == "qwen2":
             for proj, n in (("q_proj", HEADS), ("k_proj", KV_HEADS), ("v_proj", KV_HEADS)):
                 t[f"{p}.self_attn.{proj}.bias"] = rng.standard_normal(n * HEAD_DIM).astype(np.float32)
         if model_type == "qwen3":
             t[f"{p}.self_attn.q_norm.weight"] = norm(HEAD_DIM)
             t[f"{p}.self_attn.k_norm.weight"] = norm(HEAD_DIM)
-    config = {"model_type": model_type, "hidden_size": HIDDEN, "intermediate_size": INTER,
+    config = {"model_type": model_type, "hidden_size": hidden, "intermediate_size": INTER,
               "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
               "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "vocab_size": VOCAB,
               "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tied}
@@ -119,6 +120,20 @@ def test_weights_really_change(tmp_path, plugins):
     assert np.abs(wa - wb).max() > 0.1
     np.testing.assert_array_equal(b.layers[0].input_layernorm, np.ones(HIDDEN, np.float32))
     assert b.lm_head is not b.embed_tokens  # the tied head got its own rotated copy
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_untied_head_keeps_the_precision_of_a_tied_one(tmp_path, plugins, tied):
+    from lattice_engine.quant.methods import QuantSpec
+    # hidden 64: rows of whole q8_0 blocks, so an untied head really is q8_0
+    folder = make_checkpoint(tmp_path / "m", "llama", tied=tied, hidden=64)
+    plain = load(folder, backend="numpy", plugin_manager=plugins, quant=QuantSpec("q8_0"))
+    rotated = load(folder, backend="numpy", plugin_manager=plugins, quant=QuantSpec("q8_0"),
+                   transforms={"quarot": QuarotSettings(enabled=True)})
+    # tied: the method stores a tied embedding / head in f16, and so the rotated head's own
+    # copy (not the untied head's format); untied: the head keeps its own format
+    assert plain.model.lm_head.format.name == ("f16" if tied else "q8_0")
+    assert rotated.model.lm_head.format.name == plain.model.lm_head.format.name
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path, plugins):
