@@ -49,14 +49,15 @@ def peak_rss_mb() -> float:
 
 # --- workers: each runs in its own process and prints one JSON line ----------------------
 
-def worker_lattice(path: str, quant: str, threads: int, runs: int) -> dict:
+def worker_lattice(path: str, quant: str, threads: int, runs: int,
+                   transforms: dict | None = None) -> dict:
     from lattice_engine.generate import generate_step
     from lattice_engine.loading import load, set_threads
     from lattice_engine.quant.methods import QuantSpec
     from lattice_engine.sampling import SamplingParams, make_sampler
 
     set_threads(threads)
-    loaded = load(path, quant=QuantSpec(quant))
+    loaded = load(path, quant=QuantSpec(quant), transforms=transforms)
     model = loaded.model
     ids = prompt_ids(lambda t: loaded.tokenizer.encode(t, add_special_tokens=False))
     greedy = SamplingParams(temperature=0)

@@ -9,6 +9,7 @@ Q4_0 / Q4_1, all made from the same float32 weights (bench/gguf_variants.py's f3
     python bench/quant_quality.py ppl    --quant q4_sym --source .../q4_0.gguf \
         --override model.embed_tokens.weight=q4_sym_g32   (lattice on llama.cpp's own blocks)
     python bench/quant_quality.py speed  --model qwen2.5-coder-0.5b [--threads 2 --runs 3]
+    python bench/quant_quality.py rotation-speed [--threads 2 --runs 3]  (QuaRot's online cost)
     python bench/quant_quality.py table  [--results FILE]
 
 recon: relative RMS error ||W_q - W|| / ||W|| of every method and group size over all
@@ -225,11 +226,13 @@ def cmd_ppl(args) -> int:
 
 # ---- speed ------------------------------------------------------------------------------
 
-def run_worker(engine: str, path: str, quant: str, threads: int, runs: int) -> dict:
+def run_worker(engine: str, path: str, quant: str, threads: int, runs: int,
+               quarot: str = "off") -> dict:
     """bench/decode.py's worker for `engine` in its own process (peak RSS is its own)."""
     import os
     import subprocess
-    cmd = [sys.executable, __file__, "worker", engine, path, quant, str(threads), str(runs)]
+    cmd = [sys.executable, __file__, "worker", engine, path, quant, str(threads), str(runs),
+           "--quarot", quarot]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -239,7 +242,8 @@ def run_worker(engine: str, path: str, quant: str, threads: int, runs: int) -> d
 def cmd_worker(args) -> int:
     import decode
     if args.engine == "lattice":  # q4 methods at their default group size (32)
-        result = decode.worker_lattice(args.path, args.quant, args.threads, args.runs)
+        result = decode.worker_lattice(args.path, args.quant, args.threads, args.runs,
+                                       quarot_transforms(args.quarot))
     else:
         result = decode.worker_llama_cpp(args.path, args.threads, args.runs)
     print(json.dumps(result))
@@ -276,6 +280,33 @@ def cmd_speed(args) -> int:
         print(f"| {r['lattice']} | {r['peer']} | {o['decode_tok_s']:.1f} / "
               f"{t['decode_tok_s']:.1f} | {r['decode_ratio']:.2f} | {o['prefill_tok_s']:.0f} / "
               f"{t['prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f} |")
+    print(json.dumps(rows))
+    return 0
+
+
+def cmd_rotation_speed(args) -> int:
+    """What QuaRot's online rotation before down_proj costs: lattice q4 g32 decode with the
+    rotation against the same format without it, every run in its own process, one run."""
+    from gguf_variants import variant
+
+    f32 = str(variant(args.model, "f32"))
+    rows = []
+    for method in METHODS:
+        plain = run_worker("lattice", f32, method, args.threads, args.runs)
+        rotated = run_worker("lattice", f32, method, args.threads, args.runs, "online")
+        row = {"kind": "rotation_speed", "model": args.model, "threads": args.threads,
+               "method": f"{method} g32", "plain": plain, "quarot_online": rotated}
+        if "error" not in plain and "error" not in rotated:
+            row["decode_cost"] = 1 - rotated["decode_tok_s"] / plain["decode_tok_s"]
+            row["prefill_cost"] = 1 - rotated["prefill_tok_s"] / plain["prefill_tok_s"]
+            print(f"{method} g32: decode {plain['decode_tok_s']:.2f} -> "
+                  f"{rotated['decode_tok_s']:.2f} tok/s ({row['decode_cost']:+.1%} cost), "
+                  f"prefill {plain['prefill_tok_s']:.0f} -> {rotated['prefill_tok_s']:.0f} "
+                  f"({row['prefill_cost']:+.1%})")
+        else:
+            print(f"{method}: error {plain.get('error') or rotated.get('error')}")
+        rows.append(row)
+        append_result(Path(args.results), row)
     print(json.dumps(rows))
     return 0
 
@@ -324,17 +355,22 @@ def main() -> int:
     speed.add_argument("--model", default="qwen2.5-coder-0.5b")
     speed.add_argument("--threads", type=int, default=2)
     speed.add_argument("--runs", type=int, default=3)
+    rot = sub.add_parser("rotation-speed")
+    rot.add_argument("--model", default="qwen2.5-coder-0.5b")
+    rot.add_argument("--threads", type=int, default=2)
+    rot.add_argument("--runs", type=int, default=3)
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("engine")
     worker.add_argument("path")
     worker.add_argument("quant")
     worker.add_argument("threads", type=int)
     worker.add_argument("runs", type=int)
-    for p in (ppl, speed, sub.add_parser("table")):
+    worker.add_argument("--quarot", choices=QUAROT_MODES, default="off")
+    for p in (ppl, speed, rot, sub.add_parser("table")):
         p.add_argument("--results", default=str(DEFAULT_RESULTS))
     args = parser.parse_args()
     return {"recon": cmd_recon, "ppl": cmd_ppl, "speed": cmd_speed, "table": cmd_table,
-            "worker": cmd_worker}[
+            "rotation-speed": cmd_rotation_speed, "worker": cmd_worker}[
         args.command](args)
 
 
