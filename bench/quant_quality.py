@@ -161,15 +161,19 @@ def report_progress(done: int, total: int) -> None:
         print(f"{time.strftime('%H:%M:%S')} window {done}/{total}", file=sys.stderr, flush=True)
 
 
-QUAROT_MODES = ("off", "residual", "online")
+QUAROT_MODES = ("off", "residual", "online", "inputs", "inputs-no-down")
 
 
 def quarot_transforms(mode: str) -> dict | None:
-    """`--quarot residual|online` -> the load() transforms of the lattice-quarot plugin."""
+    """`--quarot MODE` -> the load() transforms of the lattice-quarot plugin: residual basis
+    without / with the online down_proj rotation, or the inputs basis with / without it."""
     if mode == "off":
         return None
     from lattice_quarot import QuarotSettings
-    return {"quarot": QuarotSettings(enabled=True, seed=0, online_down_proj=mode == "online")}
+    basis = "inputs" if mode.startswith("inputs") else "residual"
+    online = mode in ("online", "inputs")
+    return {"quarot": QuarotSettings(enabled=True, seed=0, online_down_proj=online,
+                                     basis=basis)}
 
 
 def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads,
@@ -346,7 +350,8 @@ def main() -> int:
                           "llama.cpp's Q4_0 file, to check the kernels on identical blocks")
     ppl.add_argument("--quarot", choices=QUAROT_MODES, default="off",
                      help="lattice: rotate with the lattice-quarot plugin before quantizing "
-                          "(residual only, or also online before down_proj)")
+                          "(residual basis alone or with the online down_proj rotation; "
+                          "inputs basis with or without it)")
     ppl.add_argument("--max-tokens", type=int, default=32768)
     ppl.add_argument("--window", type=int, default=512)
     ppl.add_argument("--stride", type=int, default=256)

@@ -70,7 +70,7 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
     x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
     for block in model.layers:
         attn = block.self_attn
-        h = ops.rms_norm(x, block.input_layernorm, block.eps)
+        h = block.attn_input(x, ops)
         q = attn.q_proj(h, ops).reshape(1, n, attn.nq, attn.d)
         k = attn.k_proj(h, ops).reshape(1, n, attn.nkv, attn.d)
         v = attn.v_proj(h, ops).reshape(1, n, attn.nkv, attn.d)
@@ -83,8 +83,7 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
         out = ops.paged_attention(q[0], cache.keys[block.index], cache.values[block.index],
                                   batch.q_start, batch.pos_start, batch.block_tables,
                                   1.0 / np.sqrt(attn.d))
-        x = x + attn.o_proj(out.reshape(1, n, attn.nq * attn.d), ops)
-        h = ops.rms_norm(x, block.post_attention_layernorm, block.eps)
-        x = x + block.mlp(h, ops)
+        x = x + attn.project_out(out.reshape(1, n, attn.nq * attn.d), ops)
+        x = x + block.mlp(block.mlp_input(x, ops), ops)
     last = x[0, batch.logit_rows]                                # only rows that sample
     return model.logits(ops.rms_norm(last, model.norm, cfg.rms_norm_eps))

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import CheckpointError
 from .base import Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
 from .hybrid_cache import HybridCache
-from .transformer import MLP, head_role
+from .transformer import MLP, check_rotation_sites, head_role
 
 LINEAR, FULL = "linear_attention", "full_attention"
 
@@ -56,6 +56,7 @@ class ModelArgs:
     rope_theta: float = field(init=False, default=10000.0)
 
     def __post_init__(self) -> None:
+        check_rotation_sites(self.lattice_online_rotation, ("down_proj",))
         params = dict(self.rope_parameters or {})
         self.rope_theta = float(params.get("rope_theta", 10000.0))
         self.partial_rotary_factor = float(params.get("partial_rotary_factor",

@@ -37,8 +37,10 @@ class DecoderConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     max_position_embeddings: int = 4096
-    # {"down_proj": {"block": p, "mix": [[...]]}}: rotate the MLP activations online before
-    # down_proj (written by weight transforms such as QuaRot; see `online_rotation`)
+    # {"down_proj": {"block": p, "mix": [[...]]}, ...}: rotate a linear's input online
+    # ("down_proj": the MLP activations; "attn_in" / "mlp_in": the normed stream read by
+    # q/k/v / gate/up; "o_proj": the attention output), written by weight transforms such
+    # as QuaRot (see `online_rotation`)
     lattice_online_rotation: Optional[dict] = None
     # the quant role of an untied lm_head: "tied_embedding" when a weight transform untied
     # a tied one (QuaRot), so it keeps a tied head's precision (see `head_role`)
@@ -46,6 +48,7 @@ class DecoderConfig:
 
     def __post_init__(self) -> None:
         head_role(self.lattice_lm_head_role)
+        check_rotation_sites(self.lattice_online_rotation)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -77,6 +80,18 @@ def head_role(role: str) -> str:
         raise CheckpointError(f"lattice_lm_head_role = {role!r} is not one of "
                               f"{', '.join(HEAD_ROLES)}; fix or remove it in config.json")
     return role
+
+
+ROTATION_SITES = ("down_proj", "attn_in", "mlp_in", "o_proj")
+
+
+def check_rotation_sites(spec: Optional[dict], supported: tuple = ROTATION_SITES) -> None:
+    """A config must not ask for an online rotation the model would silently skip."""
+    unknown = sorted(set(spec or {}) - set(supported))
+    if unknown:
+        raise CheckpointError(f"lattice_online_rotation asks for {', '.join(unknown)}, which "
+                              f"this model does not apply (supported: {', '.join(supported)});"
+                              f" rebuild the checkpoint with a transform this model supports")
 
 
 def online_rotation(spec: Optional[dict], where: str, width: int):
@@ -120,6 +135,13 @@ class Attention:
         self.o_proj = Linear(w.matrix(f"{prefix}.o_proj.weight", (h, nq * d), "linear"), o_bias)
         self.q_norm = w.vector(f"{prefix}.q_norm.weight", (d,)) if qk_norm else None
         self.k_norm = w.vector(f"{prefix}.k_norm.weight", (d,)) if qk_norm else None
+        self.o_rotation = online_rotation(cfg.lattice_online_rotation, "o_proj", nq * d)
+
+    def project_out(self, out, ops):
+        """o_proj of the attention output [..., nq * d] (rotated online first if asked)."""
+        if self.o_rotation is not None:
+            out = ops.block_rotate(out, *self.o_rotation)
+        return self.o_proj(out, ops)
 
     def __call__(self, x, layer, cache: KVCache, cos, sin, ops):
         b, t, _ = x.shape
@@ -134,7 +156,7 @@ class Attention:
         start = cache.offset
         keys, values = cache.update(layer, k, v)
         out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d))
-        return self.o_proj(out.reshape(b, t, self.nq * self.d), ops)
+        return self.project_out(out.reshape(b, t, self.nq * self.d), ops)
 
 
 class MLP:
@@ -168,11 +190,28 @@ class Block:
         self.self_attn = Attention(cfg, w, f"{prefix}.self_attn", qkv_bias, qk_norm)
         self.post_attention_layernorm = w.vector(f"{prefix}.post_attention_layernorm.weight", (h,))
         self.mlp = MLP(cfg, w, f"{prefix}.mlp")
+        spec = cfg.lattice_online_rotation
+        self.attn_in_rotation = online_rotation(spec, "attn_in", h)
+        self.mlp_in_rotation = online_rotation(spec, "mlp_in", h)
+
+    def attn_input(self, x, ops):
+        """The attention's input: the normed stream, rotated online if asked."""
+        h = ops.rms_norm(x, self.input_layernorm, self.eps)
+        return h if self.attn_in_rotation is None else ops.block_rotate(h, *self.attn_in_rotation)
+
+    def mlp_input(self, x, ops):
+        h = ops.rms_norm(x, self.post_attention_layernorm, self.eps)
+        return h if self.mlp_in_rotation is None else ops.block_rotate(h, *self.mlp_in_rotation)
+
+    @property
+    def input_rotations(self) -> bool:
+        """Online rotations of the linears' inputs (not of down_proj's) are present."""
+        return (self.attn_in_rotation is not None or self.mlp_in_rotation is not None
+                or self.self_attn.o_rotation is not None)
 
     def __call__(self, x, cache, cos, sin, ops):
-        h = x + self.self_attn(ops.rms_norm(x, self.input_layernorm, self.eps), self.index,
-                               cache, cos, sin, ops)
-        return h + self.mlp(ops.rms_norm(h, self.post_attention_layernorm, self.eps), ops)
+        h = x + self.self_attn(self.attn_input(x, ops), self.index, cache, cos, sin, ops)
+        return h + self.mlp(self.mlp_input(h, ops), ops)
 
 
 class DecoderModel:
@@ -265,6 +304,8 @@ class DecoderModel:
         return self._step
 
     def _build_decode_step(self) -> Optional[kernels.DecoderStep]:
+        if any(block.input_rotations for block in self.layers):
+            return None  # the C step rotates only down_proj's input; the per-kernel path runs
         layers = []
         for block in self.layers:
             a, m = block.self_attn, block.mlp

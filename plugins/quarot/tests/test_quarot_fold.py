@@ -88,25 +88,69 @@ def test_rotation_is_orthogonal_for_any_width():
         np.testing.assert_allclose(r.apply_transposed(r.apply(x)), x, atol=1e-12)
 
 
+@pytest.mark.parametrize("basis", ["residual", "inputs"])
 @pytest.mark.parametrize("online", [False, True])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
-def test_rotated_model_computes_the_same_function(tmp_path, plugins, model_type, tied, online):
+def test_rotated_model_computes_the_same_function(tmp_path, plugins, model_type, tied, online,
+                                                  basis):
     folder = make_checkpoint(tmp_path / model_type, model_type, tied)
     plain = logits(folder, plugins)
-    rotated = logits(folder, plugins, seed=7, online_down_proj=online)
+    rotated = logits(folder, plugins, seed=7, online_down_proj=online, basis=basis)
     assert np.abs(rotated - plain).max() <= 1e-3
     assert (rotated.argmax(-1) == plain.argmax(-1)).all()
 
 
-def test_native_backend_and_fused_decode_agree(tmp_path, plugins):
+@pytest.mark.parametrize("basis", ["residual", "inputs"])
+def test_native_backend_and_fused_decode_agree(tmp_path, plugins, basis):
     from lattice_engine import kernels
     if not kernels.available():
         pytest.skip("native kernels not built")
     folder = make_checkpoint(tmp_path / "m", "qwen2", tied=True)
     plain = logits(folder, plugins)
-    rotated = logits(folder, plugins, backend="native", seed=1, online_down_proj=True)
+    rotated = logits(folder, plugins, backend="native", seed=1, online_down_proj=True,
+                     basis=basis)
     assert np.abs(rotated - plain).max() <= 1e-3
+
+
+def test_inputs_basis_in_the_paged_batch_forward(tmp_path, plugins):
+    """The serving path (flat batch over a paged cache) applies the input rotations too."""
+    from lattice_engine.cache.paged import SequenceBlocks
+    from lattice_engine.models.paged_forward import PagedBatch
+    folder = make_checkpoint(tmp_path / "m", "qwen3", tied=False)
+    ids = [1, 5, 9, 2, 33, 60, 7, 12]
+    out = {}
+    for basis in (None, "inputs"):
+        transforms = {"quarot": QuarotSettings(enabled=True, seed=3, basis=basis)} if basis \
+            else None
+        model = load(folder, backend="numpy", plugin_manager=plugins,
+                     transforms=transforms).model
+        cache = model.make_paged_cache(num_blocks=4, block_size=4)
+        seq = SequenceBlocks()
+        assert cache.reserve(seq, len(ids))
+        batch = PagedBatch.build(cache, [(seq, ids, 0, True)])
+        out[basis] = model.forward_paged(batch, cache)
+    assert np.abs(out["inputs"] - out[None]).max() <= 1e-3
+    assert np.abs(out[None]).max() > 0.1
+
+
+def test_inputs_basis_keeps_norms_and_embeddings(tmp_path, plugins):
+    folder = make_checkpoint(tmp_path / "m", "llama", tied=True)
+    a = load(folder, backend="numpy", plugin_manager=plugins).model
+    b = load(folder, backend="numpy", plugin_manager=plugins,
+             transforms={"quarot": QuarotSettings(enabled=True, basis="inputs")}).model
+    np.testing.assert_array_equal(a.embed_tokens.to_float(), b.embed_tokens.to_float())
+    assert b.lm_head is b.embed_tokens  # still tied: the stream is not rotated
+    np.testing.assert_array_equal(np.abs(b.layers[0].input_layernorm),
+                                  np.abs(a.layers[0].input_layernorm))  # only signs folded
+    assert b.layers[0].attn_in_rotation is not None and b.layers[0].mlp_in_rotation is not None
+
+
+def test_unknown_basis_and_unsupported_model_are_clear_errors(tmp_path, plugins):
+    folder = make_checkpoint(tmp_path / "m", "llama", tied=True)
+    with pytest.raises(CheckpointError, match="quarot.basis = 'diagonal'"):
+        load(folder, backend="numpy", plugin_manager=plugins,
+             transforms={"quarot": QuarotSettings(enabled=True, basis="diagonal")})
 
 
 def test_weights_really_change(tmp_path, plugins):
@@ -172,3 +216,5 @@ def test_qwen3_5_rotated_model_computes_the_same_function(tmp_path, plugins, nam
     rotated = logits(folder, plugins, seed=3, online_down_proj=online)
     assert np.abs(rotated - plain).max() <= 1e-3
     assert (rotated.argmax(-1) == plain.argmax(-1)).all()
+    with pytest.raises(CheckpointError, match="basis = 'residual' for it"):
+        logits(folder, plugins, basis="inputs")
