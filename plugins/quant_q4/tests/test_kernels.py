@@ -23,7 +23,7 @@ def quantize_activations(x: np.ndarray) -> np.ndarray:
     return (np.rint(b * inv) * d).reshape(x.shape)
 
 
-@pytest.fixture(params=["generic", "avx2", "avxvnni"])
+@pytest.fixture(params=["generic", "avx2", "avxvnni", "avx512vnni"])
 def isa(request):
     if request.param not in K.isas():
         pytest.skip(f"this CPU cannot run {request.param}")
