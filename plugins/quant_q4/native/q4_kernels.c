@@ -63,8 +63,8 @@ static int64_t prefetch_bytes = 0;
 static int64_t slice_subs = 32;
 
 /* Up to this many x rows use the few-rows kernels (weights streamed, each block unpacked
-   once for all x rows); more use the tiled prefill kernel. */
-#define FEW_ROWS 15
+   once for all x rows); more use the tiled prefill kernel (Q4_FEW_ROWS overrides, tuning). */
+static int64_t few_rows = 8;
 /* x rows per pass of the few-rows kernel over a group of four weight rows */
 #define FEW_MR 8
 
@@ -130,6 +130,8 @@ static void detect(void) {
     if (pf && *pf) prefetch_bytes = atol(pf);
     const char *sl = getenv("Q4_SLICE");
     if (sl && atol(sl) >= 4 && atol(sl) % 4 == 0) slice_subs = atol(sl);
+    const char *fr = getenv("Q4_FEW_ROWS");
+    if (fr && *fr) few_rows = atol(fr);
     int best = Q4_GENERIC;
     for (int i = 0; i < Q4_NISA; i++)
         if (mask & (1 << i)) best = i;
@@ -388,7 +390,7 @@ int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
     else quantize_rows(&c, 0, M, 0);
 
     mm_task t = {&c, active_isa, 0};
-    if (M <= FEW_ROWS || active_isa == Q4_GENERIC) {
+    if (M <= few_rows || active_isa == Q4_GENERIC) {
         /* grain: enough row-dots per task that the pool's hand-off is amortised */
         int64_t work = (K / 256 + 1) * M;
         int64_t grain = work >= 64 ? 4 : (64 / work + 3) & ~(int64_t)3;
@@ -444,106 +446,208 @@ int q4_embed(int asym, int64_t group, const void *w, int64_t ldw, int64_t rows, 
  */
 #define Q4_INLINE Q4_TARGET __attribute__((always_inline)) static inline
 
-/* 8 int32 partial sums of 32 unsigned weight bytes times 32 signed x bytes */
-Q4_INLINE __m256i Q4_NAME(dot32)(__m256i w, __m256i x) {
-#if Q4_LEVEL == 2
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
-#elif Q4_LEVEL == 1
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), w, x);
+/* Sub-block bytes at offset o of eight rows p[0..7] -> v[0..7], lane q of v[i] holding
+   the codes of values 4i .. 4i + 3 of row q: raw dword i of each row is gathered by a
+   4 x 4 dword transpose per 128-bit lane (lanes hold rows q and q + 4), then its low
+   nibbles are values 4i .. 4i + 3 and its high nibbles values 16 + 4i .. 16 + 4i + 3. */
+Q4_INLINE void Q4_NAME(tr8)(const uint8_t *const *p, int64_t o, __m256i *v) {
+#define Q4_LD2(a, b) _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p[b] + o)), \
+                                      _mm_loadu_si128((const __m128i *)(p[a] + o)))
+    const __m256i a0 = Q4_LD2(0, 4), a1 = Q4_LD2(1, 5), a2 = Q4_LD2(2, 6), a3 = Q4_LD2(3, 7);
+#undef Q4_LD2
+    const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpacklo_epi32(a2, a3);
+    const __m256i t2 = _mm256_unpackhi_epi32(a0, a1), t3 = _mm256_unpackhi_epi32(a2, a3);
+    const __m256i d0 = _mm256_unpacklo_epi64(t0, t1), d1 = _mm256_unpackhi_epi64(t0, t1);
+    const __m256i d2 = _mm256_unpacklo_epi64(t2, t3), d3 = _mm256_unpackhi_epi64(t2, t3);
+    const __m256i lo = _mm256_set1_epi8(0x0F);
+    v[0] = _mm256_and_si256(d0, lo);
+    v[1] = _mm256_and_si256(d1, lo);
+    v[2] = _mm256_and_si256(d2, lo);
+    v[3] = _mm256_and_si256(d3, lo);
+    v[4] = _mm256_and_si256(_mm256_srli_epi32(d0, 4), lo);
+    v[5] = _mm256_and_si256(_mm256_srli_epi32(d1, 4), lo);
+    v[6] = _mm256_and_si256(_mm256_srli_epi32(d2, 4), lo);
+    v[7] = _mm256_and_si256(_mm256_srli_epi32(d3, 4), lo);
+}
+
+/* The f16 at offset o of eight rows p[0..7] as floats (the halves meet in two general
+   registers: one move to the vector unit instead of seven inserts) */
+Q4_INLINE __m256 Q4_NAME(half8)(const uint8_t *const *p, int64_t o) {
+    const uint64_t a = rd16(p[0] + o) | (uint64_t)rd16(p[1] + o) << 16 |
+                       (uint64_t)rd16(p[2] + o) << 32 | (uint64_t)rd16(p[3] + o) << 48;
+    const uint64_t b = rd16(p[4] + o) | (uint64_t)rd16(p[5] + o) << 16 |
+                       (uint64_t)rd16(p[6] + o) << 32 | (uint64_t)rd16(p[7] + o) << 48;
+    return _mm256_cvtph_ps(_mm_set_epi64x((long long)b, (long long)a));
+}
+
+/* Integer dots of one x sub-block xb (its -8 sum in o, sym) with eight rows' codes v:
+   lane q = row q. Two chains (even / odd dwords) halve the vpdpbusd latency chain;
+   AVX2 sums the eight maddubs in int16 (each |pair| <= 2 * 15 * 127, eight <= 30480)
+   and widens once. Exact either way. */
+Q4_INLINE __m256i Q4_NAME(dot8)(const __m256i *v, const int8_t *xb, __m256i o) {
+#if Q4_LEVEL == 0
+    __m256i h = _mm256_maddubs_epi16(v[0], _mm256_set1_epi32(ld32(xb)));
+#pragma GCC unroll 7
+    for (int i = 1; i < 8; i++)
+        h = _mm256_add_epi16(h, _mm256_maddubs_epi16(v[i], _mm256_set1_epi32(ld32(xb + 4 * i))));
+    return _mm256_add_epi32(o, _mm256_madd_epi16(h, _mm256_set1_epi16(1)));
 #else
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+    __m256i a = o, b = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int i = 0; i < 8; i += 2) {
+#if Q4_LEVEL == 2
+        a = _mm256_dpbusd_epi32(a, v[i], _mm256_set1_epi32(ld32(xb + 4 * i)));
+        b = _mm256_dpbusd_epi32(b, v[i + 1], _mm256_set1_epi32(ld32(xb + 4 * i + 4)));
+#else
+        a = _mm256_dpbusd_avx_epi32(a, v[i], _mm256_set1_epi32(ld32(xb + 4 * i)));
+        b = _mm256_dpbusd_avx_epi32(b, v[i + 1], _mm256_set1_epi32(ld32(xb + 4 * i + 4)));
+#endif
+    }
+    return _mm256_add_epi32(a, b);
 #endif
 }
 
-/* 16 nibble bytes -> 32 codes 0..15 in value order (low nibbles, then high) */
-Q4_INLINE __m256i Q4_NAME(unpack32)(const uint8_t *p) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw),
-                            _mm256_set1_epi8(0x0F));
-}
+/* ---- few rows: eight weight rows, each block unpacked once for MR x rows ---------- */
 
-/* Four f16 at p, p + ld, p + 2 ld, p + 3 ld as floats. The halves meet in a general
-   register: one move to the vector unit instead of three inserts. */
-Q4_INLINE __m128 Q4_NAME(half4)(const uint8_t *p, int64_t ld) {
-    const uint64_t v = rd16(p) | (uint64_t)rd16(p + ld) << 16 | (uint64_t)rd16(p + 2 * ld) << 32 |
-                       (uint64_t)rd16(p + 3 * ld) << 48;
-    return _mm_cvtph_ps(_mm_cvtsi64_si128((long long)v));
-}
-
-/* ---- few rows: four weight rows, each block unpacked once for MR x rows ----------- */
-
-/* y[m0 + i, r .. r + 3] for i < MR (MR a compile-time constant after inlining). The rows
-   past n1 repeat the last row (read, not stored). Per block the four rows' integer dots
-   are folded into one vector [r0 r1 r2 r3] by horizontal adds, so the conversion, the
-   scale and the FMA run once per block for four rows, in the order of the chain in the
-   header comment. */
-Q4_INLINE void Q4_NAME(few4)(const q4_mm *c, int64_t r, int64_t n1, int64_t m0, const int MR) {
-    const int64_t ldw = c->ldw, nv = n1 - r < 4 ? n1 - r : 4;
-    const uint8_t *w0 = c->w + r * ldw;
-    const int64_t l1 = nv > 1 ? ldw : 0, l2 = nv > 2 ? 2 * ldw : l1, l3 = nv > 3 ? 3 * ldw : l2;
-    /* half4 reads at a fixed stride: with fewer than four rows left, read the last one
-       three times through a stride of 0 (nv == 1), else through the offsets above */
-    const int64_t hs = nv == 4 ? ldw : 0;
-    const int64_t pf = prefetch_bytes < 0 ? -1 : prefetch_bytes == 0 ? 4 * ldw : prefetch_bytes;
+/* y[m0 + i, r .. r + 7] for i < MR (MR a compile-time constant after inlining). Per
+   block the eight rows' codes are transposed into lanes (tr8, as the prefill tile), so
+   each x row costs eight dot instructions and one conversion, scale and FMA for eight
+   rows, in the order of the chain in the header comment. Rows past n1 repeat the last
+   row (read, not stored). */
+Q4_INLINE void Q4_NAME(few8)(const q4_mm *c, int64_t r, int64_t n1, int64_t m0, const int MR) {
+    const int64_t ldw = c->ldw, nv = n1 - r < 8 ? n1 - r : 8;
+    const uint8_t *p[8];
+    for (int q = 0; q < 8; q++) p[q] = c->w + (r + (q < nv ? q : nv - 1)) * ldw;
+    const int64_t pf = prefetch_bytes < 0 ? -1 : prefetch_bytes == 0 ? 8 * ldw : prefetch_bytes;
     const int64_t K = c->K, nb = c->nb, ng = c->ng, subs = c->subs, bpb = c->bpb, hdr = c->hdr;
-    __m128 acc[FEW_MR];
-    for (int i = 0; i < MR; i++) acc[i] = _mm_setzero_ps();
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc[FEW_MR];
+    for (int i = 0; i < MR; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        const uint8_t *b0 = w0 + g * bpb;
-        if (pf >= 0) {
-            _mm_prefetch((const char *)b0 + pf, _MM_HINT_T0);
-            _mm_prefetch((const char *)b0 + l1 + pf, _MM_HINT_T0);
-            _mm_prefetch((const char *)b0 + l2 + pf, _MM_HINT_T0);
-            _mm_prefetch((const char *)b0 + l3 + pf, _MM_HINT_T0);
-        }
-        __m128 d4;
-        if (nv == 4) d4 = Q4_NAME(half4)(b0, hs);
-        else d4 = _mm_setr_ps(_cvtsh_ss(rd16(b0)), _cvtsh_ss(rd16(b0 + l1)),
-                              _cvtsh_ss(rd16(b0 + l2)), _cvtsh_ss(rd16(b0 + l3)));
+        const int64_t off = g * bpb;
+        if (pf >= 0)
+            for (int q = 0; q < 8; q++) _mm_prefetch((const char *)p[q] + off + pf, _MM_HINT_T0);
+        const __m256 d8 = Q4_NAME(half8)(p, off);
         for (int64_t j = 0; j < subs; j++) {
             const int64_t b = g * subs + j;
-            const uint8_t *q = b0 + hdr + 16 * j;
-            const __m256i q0 = Q4_NAME(unpack32)(q), q1 = Q4_NAME(unpack32)(q + l1);
-            const __m256i q2 = Q4_NAME(unpack32)(q + l2), q3 = Q4_NAME(unpack32)(q + l3);
+            __m256i v[8];
+            Q4_NAME(tr8)(p, off + hdr + 16 * j, v);
             for (int i = 0; i < MR; i++) {
                 const int64_t m = m0 + i;
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(c->xq + m * K + b * QK));
-                const __m256i p0 = Q4_NAME(dot32)(q0, xv), p1 = Q4_NAME(dot32)(q1, xv);
-                const __m256i p2 = Q4_NAME(dot32)(q2, xv), p3 = Q4_NAME(dot32)(q3, xv);
-                const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(p0, p1),
-                                                    _mm256_hadd_epi32(p2, p3));
-                __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-                if (!c->asym) s4 = _mm_add_epi32(s4, _mm_set1_epi32(c->xo[m * nb + b]));
-                acc[i] = _mm_fmadd_ps(_mm_cvtepi32_ps(s4),
-                                      _mm_mul_ps(d4, _mm_set1_ps(c->dx[m * nb + b])), acc[i]);
+                const __m256i o = c->asym ? zero : _mm256_set1_epi32(c->xo[m * nb + b]);
+                const __m256i a = Q4_NAME(dot8)(v, c->xq + m * K + b * QK, o);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
+                                         _mm256_mul_ps(d8, _mm256_set1_ps(c->dx[m * nb + b])), acc[i]);
             }
         }
         if (c->asym) {
-            __m128 m4;
-            if (nv == 4) m4 = Q4_NAME(half4)(b0 + 2, hs);
-            else m4 = _mm_setr_ps(_cvtsh_ss(rd16(b0 + 2)), _cvtsh_ss(rd16(b0 + l1 + 2)),
-                                  _cvtsh_ss(rd16(b0 + l2 + 2)), _cvtsh_ss(rd16(b0 + l3 + 2)));
+            const __m256 m8 = Q4_NAME(half8)(p, off + 2);
             for (int i = 0; i < MR; i++)
-                acc[i] = _mm_fmadd_ps(m4, _mm_set1_ps(c->sg[(m0 + i) * ng + g]), acc[i]);
+                acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(c->sg[(m0 + i) * ng + g]), acc[i]);
         }
     }
     for (int i = 0; i < MR; i++) {
         float *yr = c->y + (m0 + i) * c->N + r;
-        if (nv == 4) {
-            _mm_storeu_ps(yr, acc[i]);
+        if (nv == 8) {
+            _mm256_storeu_ps(yr, acc[i]);
         } else {
-            float o[4];
-            _mm_storeu_ps(o, acc[i]);
+            float o[8];
+            _mm256_storeu_ps(o, acc[i]);
             for (int64_t v = 0; v < nv; v++) yr[v] = o[v];
         }
     }
 }
 
+#if Q4_LEVEL == 2
+/* tr8 for sixteen rows: 128-bit lane k of the loads holds row q + 4k */
+Q4_INLINE void Q4_NAME(tr16)(const uint8_t *const *p, int64_t o, __m512i *v) {
+#define Q4_LD4(q) _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(             \
+        _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[q] + o))),          \
+        _mm_loadu_si128((const __m128i *)(p[q + 4] + o)), 1),                          \
+        _mm_loadu_si128((const __m128i *)(p[q + 8] + o)), 2),                          \
+        _mm_loadu_si128((const __m128i *)(p[q + 12] + o)), 3)
+    const __m512i a0 = Q4_LD4(0), a1 = Q4_LD4(1), a2 = Q4_LD4(2), a3 = Q4_LD4(3);
+#undef Q4_LD4
+    const __m512i t0 = _mm512_unpacklo_epi32(a0, a1), t1 = _mm512_unpacklo_epi32(a2, a3);
+    const __m512i t2 = _mm512_unpackhi_epi32(a0, a1), t3 = _mm512_unpackhi_epi32(a2, a3);
+    const __m512i d0 = _mm512_unpacklo_epi64(t0, t1), d1 = _mm512_unpackhi_epi64(t0, t1);
+    const __m512i d2 = _mm512_unpacklo_epi64(t2, t3), d3 = _mm512_unpackhi_epi64(t2, t3);
+    const __m512i lo = _mm512_set1_epi8(0x0F);
+    v[0] = _mm512_and_si512(d0, lo);
+    v[1] = _mm512_and_si512(d1, lo);
+    v[2] = _mm512_and_si512(d2, lo);
+    v[3] = _mm512_and_si512(d3, lo);
+    v[4] = _mm512_and_si512(_mm512_srli_epi32(d0, 4), lo);
+    v[5] = _mm512_and_si512(_mm512_srli_epi32(d1, 4), lo);
+    v[6] = _mm512_and_si512(_mm512_srli_epi32(d2, 4), lo);
+    v[7] = _mm512_and_si512(_mm512_srli_epi32(d3, 4), lo);
+}
+
+Q4_INLINE __m512 Q4_NAME(half16)(const uint8_t *const *p, int64_t o) {
+    uint64_t h[4];
+    for (int k = 0; k < 4; k++)
+        h[k] = rd16(p[4 * k] + o) | (uint64_t)rd16(p[4 * k + 1] + o) << 16 |
+               (uint64_t)rd16(p[4 * k + 2] + o) << 32 | (uint64_t)rd16(p[4 * k + 3] + o) << 48;
+    return _mm512_cvtph_ps(_mm256_set_epi64x((long long)h[3], (long long)h[2], (long long)h[1],
+                                             (long long)h[0]));
+}
+
+/* few8 with sixteen weight rows in the lanes of 512-bit vectors */
+Q4_INLINE void Q4_NAME(few16)(const q4_mm *c, int64_t r, int64_t n1, int64_t m0, const int MR) {
+    const int64_t ldw = c->ldw, nv = n1 - r < 16 ? n1 - r : 16;
+    const uint8_t *p[16];
+    for (int q = 0; q < 16; q++) p[q] = c->w + (r + (q < nv ? q : nv - 1)) * ldw;
+    const int64_t pf = prefetch_bytes < 0 ? -1 : prefetch_bytes == 0 ? 16 * ldw : prefetch_bytes;
+    const int64_t K = c->K, nb = c->nb, ng = c->ng, subs = c->subs, bpb = c->bpb, hdr = c->hdr;
+    __m512 acc[FEW_MR];
+    for (int i = 0; i < MR; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t off = g * bpb;
+        if (pf >= 0)
+            for (int q = 0; q < 16; q++) _mm_prefetch((const char *)p[q] + off + pf, _MM_HINT_T0);
+        const __m512 d16 = Q4_NAME(half16)(p, off);
+        for (int64_t j = 0; j < subs; j++) {
+            const int64_t b = g * subs + j;
+            __m512i v[8];
+            Q4_NAME(tr16)(p, off + hdr + 16 * j, v);
+            for (int i = 0; i < MR; i++) {
+                const int64_t m = m0 + i;
+                const int8_t *xb = c->xq + m * K + b * QK;
+                __m512i a = c->asym ? _mm512_setzero_si512() : _mm512_set1_epi32(c->xo[m * nb + b]);
+                __m512i a2 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int k = 0; k < 8; k += 2) {
+                    a = _mm512_dpbusd_epi32(a, v[k], _mm512_set1_epi32(ld32(xb + 4 * k)));
+                    a2 = _mm512_dpbusd_epi32(a2, v[k + 1], _mm512_set1_epi32(ld32(xb + 4 * k + 4)));
+                }
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, a2)),
+                                         _mm512_mul_ps(d16, _mm512_set1_ps(c->dx[m * nb + b])), acc[i]);
+            }
+        }
+        if (c->asym) {
+            const __m512 m16 = Q4_NAME(half16)(p, off + 2);
+            for (int i = 0; i < MR; i++)
+                acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(c->sg[(m0 + i) * ng + g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        float *yr = c->y + (m0 + i) * c->N + r;
+        if (nv == 16) _mm512_storeu_ps(yr, acc[i]);
+        else _mm512_mask_storeu_ps(yr, (__mmask16)((1u << nv) - 1), acc[i]);
+    }
+}
+#define Q4_FEW_W 16
+#define Q4_FEW Q4_NAME(few16)
+#else
+#define Q4_FEW_W 8
+#define Q4_FEW Q4_NAME(few8)
+#endif
+
 /* one instantiation per MR, so the x-row loop unrolls and acc stays in registers */
 #define Q4_FEW_MR(MR)                                                                   \
-    Q4_TARGET __attribute__((noinline)) static void Q4_NAME(few4_##MR)(                 \
+    Q4_TARGET __attribute__((noinline)) static void Q4_NAME(few_##MR)(                  \
         const q4_mm *c, int64_t r, int64_t n1, int64_t m0) {                            \
-        Q4_NAME(few4)(c, r, n1, m0, MR);                                                \
+        Q4_FEW(c, r, n1, m0, MR);                                                       \
     }
 Q4_FEW_MR(1)
 Q4_FEW_MR(2)
@@ -557,14 +661,16 @@ Q4_FEW_MR(8)
 
 static void Q4_NAME(rows_few)(const q4_mm *c, int64_t n0, int64_t n1) {
     static void (*const by_mr[FEW_MR + 1])(const q4_mm *, int64_t, int64_t, int64_t) = {
-        NULL, Q4_NAME(few4_1), Q4_NAME(few4_2), Q4_NAME(few4_3), Q4_NAME(few4_4),
-        Q4_NAME(few4_5), Q4_NAME(few4_6), Q4_NAME(few4_7), Q4_NAME(few4_8)};
-    for (int64_t r = n0; r < n1; r += 4)
+        NULL, Q4_NAME(few_1), Q4_NAME(few_2), Q4_NAME(few_3), Q4_NAME(few_4),
+        Q4_NAME(few_5), Q4_NAME(few_6), Q4_NAME(few_7), Q4_NAME(few_8)};
+    for (int64_t r = n0; r < n1; r += Q4_FEW_W)
         for (int64_t m = 0; m < c->M; m += FEW_MR) {
             const int64_t mr = c->M - m < FEW_MR ? c->M - m : FEW_MR;
             by_mr[mr](c, r, n1, m);
         }
 }
+#undef Q4_FEW_W
+#undef Q4_FEW
 
 /* ---- prefill: tiles unpacked once, many x rows ------------------------------------- */
 
@@ -578,7 +684,6 @@ Q4_TARGET static void Q4_NAME(pack)(const q4_mm *c, int64_t r0, int64_t nr, int6
                                     int64_t sn, int nv, int64_t ngv, uint32_t *tile,
                                     float *sc, float *mn) {
     const int64_t subs = c->subs, ngs = sn / subs, g0 = s0 / subs;
-    const __m256i lo = _mm256_set1_epi8(0x0F);
     for (int64_t gv = 0; gv < ngv; gv++)
         for (int half = 0; half < nv; half += 8) {
             const uint8_t *p[8];
@@ -588,35 +693,16 @@ Q4_TARGET static void Q4_NAME(pack)(const q4_mm *c, int64_t r0, int64_t nr, int6
             }
             for (int64_t gs = 0; gs < ngs; gs++) {
                 const int64_t off = (g0 + gs) * c->bpb;
-                uint16_t h[8];
-                for (int q = 0; q < 8; q++) h[q] = rd16(p[q] + off);
-                const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+                const __m256 d8 = Q4_NAME(half8)(p, off);
                 for (int64_t j = 0; j < subs; j++)
                     _mm256_storeu_ps(sc + (gv * sn + gs * subs + j) * nv + half, d8);
-                if (c->asym) {
-                    for (int q = 0; q < 8; q++) h[q] = rd16(p[q] + off + 2);
-                    _mm256_storeu_ps(mn + (gv * ngs + gs) * nv + half,
-                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
-                }
+                if (c->asym)
+                    _mm256_storeu_ps(mn + (gv * ngs + gs) * nv + half, Q4_NAME(half8)(p, off + 2));
                 for (int64_t j = 0; j < subs; j++) {
-                    const int64_t o = off + c->hdr + 16 * j;
-#define Q4_LD2(a, b) _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p[b] + o)), \
-                                      _mm_loadu_si128((const __m128i *)(p[a] + o)))
-                    /* lanes: rows (0 | 4), (1 | 5), ...: a 4 x 4 dword transpose per lane
-                       gives D_i = raw dword i of rows 0..7 */
-                    const __m256i a0 = Q4_LD2(0, 4), a1 = Q4_LD2(1, 5);
-                    const __m256i a2 = Q4_LD2(2, 6), a3 = Q4_LD2(3, 7);
-#undef Q4_LD2
-                    const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpacklo_epi32(a2, a3);
-                    const __m256i t2 = _mm256_unpackhi_epi32(a0, a1), t3 = _mm256_unpackhi_epi32(a2, a3);
-                    __m256i d[4] = {_mm256_unpacklo_epi64(t0, t1), _mm256_unpackhi_epi64(t0, t1),
-                                    _mm256_unpacklo_epi64(t2, t3), _mm256_unpackhi_epi64(t2, t3)};
+                    __m256i v[8];
+                    Q4_NAME(tr8)(p, off + c->hdr + 16 * j, v);
                     uint32_t *dst = tile + (gv * sn + gs * subs + j) * 8 * nv + half;
-                    for (int i = 0; i < 4; i++) {
-                        _mm256_store_si256((__m256i *)(dst + i * nv), _mm256_and_si256(d[i], lo));
-                        _mm256_store_si256((__m256i *)(dst + (i + 4) * nv),
-                                           _mm256_and_si256(_mm256_srli_epi32(d[i], 4), lo));
-                    }
+                    for (int i = 0; i < 8; i++) _mm256_store_si256((__m256i *)(dst + i * nv), v[i]);
                 }
             }
         }
