@@ -53,19 +53,21 @@ typedef void (*q4_parallel_for_fn)(q4_range_fn fn, void *ctx, int64_t n, int64_t
 static q4_parallel_for_fn parallel_for = NULL;
 
 /* Decode streams the weights once per token: prefetch the same block this many bytes
-   further on in each of the four rows being read (default: the next four rows; Q4_PF
-   overrides, < 0 = off). */
+   further on in each of the rows being read (default 0: the next group of eight or
+   sixteen rows; Q4_PF overrides, < 0 = off). */
 static int64_t prefetch_bytes = 0;
 
 /* Prefill: weight rows per chunk, and the K slice (32-value sub-blocks) unpacked to
-   bytes and kept in L1 while every x row passes over it (Q4_SLICE overrides, tuning). */
+   bytes and kept in L1 (32 x 1024 bytes) while every x row passes over it (Q4_SLICE
+   overrides, tuning; 16 and 64 measured the same). */
 #define PF_ROWS 32
 static int64_t slice_subs = 32;
 
 /* Up to this many x rows use the few-rows kernels (weights streamed, each block unpacked
-   once for all x rows); more use the tiled prefill kernel (Q4_FEW_ROWS overrides, tuning). */
+   once for all x rows); more use the tiled prefill kernel, which measured as fast at
+   M = 8 and faster from M = 10 (Q4_FEW_ROWS overrides, tuning). */
 static int64_t few_rows = 8;
-/* x rows per pass of the few-rows kernel over a group of four weight rows */
+/* x rows per pass of the few-rows kernel over a group of weight rows */
 #define FEW_MR 8
 
 void q4_set_parallel_for(void *fn) { parallel_for = (q4_parallel_for_fn)fn; }
@@ -327,10 +329,13 @@ typedef struct {
     int fail;       /* set when a task could not get its scratch */
 } mm_task;
 
-/* few rows: output rows [n0, n1) */
-static void few_range(void *vctx, int64_t n0, int64_t n1, int ith) {
+/* Few rows: the threads take units of FEW_UNIT output rows, so a range never splits the
+   row group of a kernel (8 or 16 rows). */
+#define FEW_UNIT 16
+static void few_range(void *vctx, int64_t u0, int64_t u1, int ith) {
     (void)ith;
     const mm_task *t = (const mm_task *)vctx;
+    const int64_t n0 = u0 * FEW_UNIT, n1 = u1 * FEW_UNIT < t->c->N ? u1 * FEW_UNIT : t->c->N;
     switch (t->isa) {
 #if Q4_X86
     case Q4_AVX512VNNI: rows_few_avx512vnni(t->c, n0, n1); return;
@@ -391,10 +396,10 @@ int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
 
     mm_task t = {&c, active_isa, 0};
     if (M <= few_rows || active_isa == Q4_GENERIC) {
-        /* grain: enough row-dots per task that the pool's hand-off is amortised */
-        int64_t work = (K / 256 + 1) * M;
-        int64_t grain = work >= 64 ? 4 : (64 / work + 3) & ~(int64_t)3;
-        run_range(few_range, &t, N, grain);
+        /* grain: enough row-dots per task (>= 64 dots of 256 values) that the pool's
+           hand-off is amortised */
+        const int64_t work = (K / 256 + 1) * M * FEW_UNIT;
+        run_range(few_range, &t, (N + FEW_UNIT - 1) / FEW_UNIT, work >= 64 ? 1 : 64 / work);
     } else {
         run_range(prefill_range, &t, (N + PF_ROWS - 1) / PF_ROWS, 1);
     }

@@ -128,13 +128,14 @@ def test_threads_of_the_core_pool_give_the_same_result():
     assert K.attach_core_pool()
     w = rng.standard_normal((301, 512)).astype(np.float32)
     data = F.quantize("q4_asym", 32, w)
-    x = rng.standard_normal((9, 512)).astype(np.float32)
     mm = K.make_matmul("q4_asym", 32, 20)
     before = core.threads()
     try:
-        core.set_threads(1)
-        one = mm(x, data)
-        core.set_threads(2)
-        np.testing.assert_array_equal(mm(x, data), one)
+        for M in (1, 5, 9):  # the few-rows kernel, then the prefill tiles
+            x = rng.standard_normal((M, 512)).astype(np.float32)
+            core.set_threads(1)
+            one = mm(x, data)
+            core.set_threads(2)
+            np.testing.assert_array_equal(mm(x, data), one, err_msg=f"M = {M}")
     finally:
         core.set_threads(before)
