@@ -11,6 +11,8 @@ Prefill is a matmul of M (default 512) activation rows against each weight matri
 bound by arithmetic: reported in GFLOP/s (2 M N K per call), the weights hot in cache.
 
     python bench/kernels.py [--threads 2] [--repeats 5] [--prefill-m 512] [--no-matvec]
+    python bench/kernels.py --no-matvec --prefill-m 1,8,16,512 --shapes 896x4864,4864x896,896x896 \
+        --formats q8_0,q4_sym_g32,q4_asym_g32     # plugin formats: any registered name
 
 Prints a table, then one JSON line.
 """
@@ -100,33 +102,52 @@ def time_matvec(mats: list[PackedMatrix], x: np.ndarray, out: np.ndarray, min_ti
     return float(np.median(times))
 
 
+# Clock of the prefill table: wall time, or with --cpu-time (one thread only) the calling
+# thread's CPU time, which other jobs on a shared machine do not inflate: a call longer
+# than a scheduler slice is preempted by them, and its wall time with it.
+CLOCK = time.perf_counter
+
+
 def time_prefill(w: PackedMatrix, x: np.ndarray, out: np.ndarray, min_time: float) -> float:
     """Median seconds per prefill call (one matrix, so its weights are cache-warm)."""
     kernels.matmul(x, w, out=out)
     times = []
     t_end = time.perf_counter() + min_time
     while time.perf_counter() < t_end or len(times) < 3:
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         kernels.matmul(x, w, out=out)
-        times.append(time.perf_counter() - t0)
+        times.append(CLOCK() - t0)
     return float(np.median(times))
 
 
-def prefill_table(m: int, min_time: float, rng, formats) -> list[dict]:
+def registered_formats(names: list[str]) -> list:
+    """The formats called `names`: the core's, or any a plugin registers (e.g. the
+    lattice-quant-q4 plugin's q4_sym_g32); an unknown name is an error naming the known."""
+    from lattice_engine.plugins import get_plugin_manager
+    registry = get_plugin_manager().registry
+    known = registry.names("weight_formats")
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise SystemExit(f"unknown weight format(s) {missing}; registered: {sorted(known)}")
+    return [registry.get("weight_formats", n) for n in names]
+
+
+def prefill_table(ms: list[int], min_time: float, rng, formats, shapes) -> list[dict]:
     head = f"{'format':<6} {'shape [N x K]':<15} {'M':>5} {'ms/call':>9} {'GFLOP/s':>8}"
     print(head)
     print("-" * len(head))
     results = []
     for fmt in formats:
-        for n, k in SHAPES:
+        for n, k in shapes:
             w = make_copies(fmt, n, k, 0, rng)[0]
-            x = rng.standard_normal((m, k)).astype(np.float32)
-            out = np.empty((m, n), dtype=np.float32)
-            t = time_prefill(w, x, out, min_time)
-            gflops = 2.0 * m * n * k / t / 1e9
-            print(f"{fmt.name:<6} {f'{n} x {k}':<15} {m:5d} {t * 1e3:9.2f} {gflops:8.1f}")
-            results.append({"format": fmt.name, "shape": [n, k], "m": m,
-                            "ms_per_call": round(t * 1e3, 3), "gflops": round(gflops, 2)})
+            for m in ms:
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                out = np.empty((m, n), dtype=np.float32)
+                t = time_prefill(w, x, out, min_time)
+                gflops = 2.0 * m * n * k / t / 1e9
+                print(f"{fmt.name:<6} {f'{n} x {k}':<15} {m:5d} {t * 1e3:9.3f} {gflops:8.1f}")
+                results.append({"format": fmt.name, "shape": [n, k], "m": m,
+                                "ms_per_call": round(t * 1e3, 4), "gflops": round(gflops, 2)})
     return results
 
 
@@ -138,20 +159,33 @@ def main() -> int:
     ap.add_argument("--working-set", type=int, default=1 << 30,
                     help="bytes of weight copies cycled per shape (defeats the cache)")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
-    ap.add_argument("--prefill-m", type=int, default=512, help="x rows for the prefill table (0: skip)")
+    ap.add_argument("--prefill-m", default="512",
+                    help="x rows for the prefill table, comma-separated (0: skip)")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES),
+                    help="comma-separated N x K weight shapes, e.g. 896x4864,4864x896")
     ap.add_argument("--no-matvec", action="store_true", help="skip the matvec (bandwidth) table")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="prefill table in the calling thread's CPU time (needs --threads 1)")
     ap.add_argument("--formats", default=",".join(f.name for f in FORMATS),
-                    help="comma-separated weight formats to measure")
+                    help="comma-separated weight formats to measure (any registered name)")
     args = ap.parse_args()
 
-    formats = [f for f in FORMATS if f.name in args.formats.split(",")]
+    if args.cpu_time:
+        if args.threads != 1:
+            raise SystemExit("--cpu-time measures the calling thread only: use --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
+    formats = registered_formats(args.formats.split(","))
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    ms = [int(v) for v in args.prefill_m.split(",") if int(v) > 0]
     if not kernels.available():
         print("native kernels are not built; run `pip install -e . --no-build-isolation`")
         return 1
     kernels.set_threads(args.threads)
     rng = np.random.default_rng(0)
     load0 = load_average()
-    bw, bw_pf = read_bandwidth(args.bw_bytes, args.repeats)
+    # the bandwidth probe only matters for the matvec table
+    bw, bw_pf = read_bandwidth(args.bw_bytes, args.repeats) if not args.no_matvec else (0.0, 0.0)
     try:  # which q8_0 kernel runs at the AVX2 level (avx2 / avxvnni / avx512vnni)
         q8 = kernels.q8_variant() if kernels.isa() == "avx2" else "-"
     except AttributeError:  # a build from before the variants
@@ -166,7 +200,7 @@ def main() -> int:
     print("-" * len(head))
     results = []
     for fmt in formats if not args.no_matvec else ():
-        for n, k in SHAPES:
+        for n, k in shapes:
             mats = make_copies(fmt, n, k, args.working_set, rng)
             x = rng.standard_normal((1, k)).astype(np.float32)
             out = np.empty((1, n), dtype=np.float32)
@@ -182,9 +216,10 @@ def main() -> int:
                             "hot_gbs": round(hot, 3)})
             del mats
     print()
-    prefill = prefill_table(args.prefill_m, args.min_time, rng, formats) if args.prefill_m > 0 else []
+    prefill = prefill_table(ms, args.min_time, rng, formats, shapes) if ms else []
     print()
     print(json.dumps({"isa": kernels.isa(), "q8_variant": q8, "threads": kernels.threads(),
+                      "clock": "thread cpu" if args.cpu_time else "wall",
                       "read_bw_gbs": round(bw, 3), "read_bw_prefetch_gbs": round(bw_pf, 3),
                       "load_avg_1m": round(load0, 2),
                       "load_avg_1m_end": round(load_average(), 2), "matvec": results,

@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - installs without a C compiler
     LOAD_ERROR = str(exc)
 
 _F32 = np.dtype(np.float32)
-_ISA = {"generic": 0, "avx2": 1, "avxvnni": 2}
+_ISA = {"generic": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}
 _pool_attached = False
 
 
@@ -58,8 +58,8 @@ def isa() -> str:
 
 
 def set_isa(name: str) -> str:
-    """Force "generic", "avx2" or "avxvnni" (tests compare them); a variant this CPU cannot
-    run is refused silently. Returns the variant now in use."""
+    """Force "generic", "avx2", "avxvnni" or "avx512vnni" (tests compare them); a variant
+    this CPU cannot run is refused silently. Returns the variant now in use."""
     if name not in _ISA:
         raise ValueError(f"unknown ISA {name!r}; choose one of {sorted(_ISA)}")
     _lib.q4_set_isa(_ISA[name])

@@ -11,17 +11,28 @@
  * blocks are byte for byte GGUF's Q4_0 (sym) and Q4_1 (asym).
  *
  * matmul y[M, N] = x[M, K] @ W[N, K]^T quantizes each row of x per 32 values to int8 with
- * a float scale dx = amax / 127 (like ggml's Q8_0/Q8_1 activations) and its block sum
- * s = dx * sum(q). Per 32 values the integer dot sum(w_q * x_q) is exact in int32 (the
- * nibbles are the unsigned operand of maddubs / dpbusd); then
- *   sym : d * dx * dot - 8 * d * s
- *   asym: d * dx * dot + m * s.
+ * a float scale dx = amax / 127 (like ggml's Q8_0/Q8_1 activations). Per 32 values the
+ * integer dot sum(q_w * q_x) is exact in int32 (the nibbles are the unsigned operand of
+ * maddubs / dpbusd); the sym offset is folded in exactly as -8 * sum(q_x). Every kernel
+ * then runs, for each (x row, weight row), the same float chain over the row's blocks:
+ *   acc = fma(float(idot_b), d_g * dx_b, acc)        for each 32 values b of group g,
+ *   acc = fma(m_g, sg_g, acc)                        after group g (asym only),
+ * where sg_g = sum over the group's b of dx_b * sum(q_x) (computed once per x row). So
+ * the decode kernel (few rows, weights streamed), the prefill kernel (tiles unpacked
+ * once, many rows) and every x86 variant give bit-identical results for a given row:
+ * a row's output does not depend on how many rows came with it.
  *
  * Threads: the core's pool. q4_set_parallel_for() receives the address of the core's
  * lk_parallel_for (see lattice_quant_q4/kernels.py); without it every call runs on the
  * calling thread. Two pools on a 2-core machine would spin against each other between
  * the core's kernels and ours, so we do not start our own.
+ *
+ * The x86 kernels are written once, in the second part of this file (below
+ * Q4_TEMPLATE), and compiled once per variant: AVX2 (maddubs + madd), AVX-VNNI (256-bit
+ * vpdpbusd) and AVX512-VNNI (512-bit prefill). No -march: each carries a target
+ * attribute and the best one the CPU runs is picked at run time.
  */
+#ifndef Q4_TEMPLATE
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,9 +52,23 @@ typedef void (*q4_parallel_for_fn)(q4_range_fn fn, void *ctx, int64_t n, int64_t
 
 static q4_parallel_for_fn parallel_for = NULL;
 
-/* Decode streams the weights once per token: prefetch this many bytes ahead of the block
-   being read (Q4_PF overrides; rows are contiguous, so this runs on into the next rows). */
-static int64_t prefetch_bytes = 2048;
+/* Decode streams the weights once per token: prefetch the same block this many bytes
+   further on in each of the rows being read (default 0: the next group of eight or
+   sixteen rows; Q4_PF overrides, < 0 = off). */
+static int64_t prefetch_bytes = 0;
+
+/* Prefill: weight rows per chunk, and the K slice (32-value sub-blocks) unpacked to
+   bytes and kept in L1 (32 x 1024 bytes) while every x row passes over it (Q4_SLICE
+   overrides, tuning; 16 and 64 measured the same). */
+#define PF_ROWS 32
+static int64_t slice_subs = 32;
+
+/* Up to this many x rows use the few-rows kernels (weights streamed, each block unpacked
+   once for all x rows); more use the tiled prefill kernel, which measured as fast at
+   M = 8 and faster from M = 10 (Q4_FEW_ROWS overrides, tuning). */
+static int64_t few_rows = 8;
+/* x rows per pass of the few-rows kernel over a group of weight rows */
+#define FEW_MR 8
 
 void q4_set_parallel_for(void *fn) { parallel_for = (q4_parallel_for_fn)fn; }
 
@@ -78,44 +103,93 @@ static float f16_to_f32(uint16_t h) {
 
 static inline uint16_t rd16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
+static inline int32_t ld32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* ---- ISA selection --------------------------------------------------------------- */
 
-enum { Q4_GENERIC = 0, Q4_AVX2 = 1, Q4_AVXVNNI = 2 };
-static int best_isa = -1, active_isa = -1;
+enum { Q4_GENERIC = 0, Q4_AVX2 = 1, Q4_AVXVNNI = 2, Q4_AVX512VNNI = 3, Q4_NISA };
+static int best_isa = -1, active_isa = -1, isa_mask = 0; /* bit i: the CPU runs ISA i */
 
 static void detect(void) {
     if (best_isa >= 0) return;
-    best_isa = Q4_GENERIC;
+    int mask = 1 << Q4_GENERIC;
 #if Q4_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
         __builtin_cpu_supports("f16c")) {
-        best_isa = Q4_AVX2;
-        if (__builtin_cpu_supports("avxvnni")) best_isa = Q4_AVXVNNI;
+        mask |= 1 << Q4_AVX2;
+        if (__builtin_cpu_supports("avxvnni")) mask |= 1 << Q4_AVXVNNI;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+            mask |= 1 << Q4_AVX512VNNI;
     }
 #endif
     const char *pf = getenv("Q4_PF");
     if (pf && *pf) prefetch_bytes = atol(pf);
+    const char *sl = getenv("Q4_SLICE");
+    if (sl && atol(sl) >= 4 && atol(sl) % 4 == 0) slice_subs = atol(sl);
+    const char *fr = getenv("Q4_FEW_ROWS");
+    if (fr && *fr) few_rows = atol(fr);
+    int best = Q4_GENERIC;
+    for (int i = 0; i < Q4_NISA; i++)
+        if (mask & (1 << i)) best = i;
+    isa_mask = mask;
+    best_isa = best;
     const char *env = getenv("LATTICE_ISA");
     active_isa = (env && strcmp(env, "generic") == 0) ? Q4_GENERIC : best_isa;
 }
 
 int q4_isa(void) { detect(); return active_isa; }
 const char *q4_isa_name(void) {
-    static const char *names[] = {"generic", "avx2", "avxvnni"};
+    static const char *names[] = {"generic", "avx2", "avxvnni", "avx512vnni"};
     return names[q4_isa()];
 }
 /* Force a variant (tests compare them); one the CPU lacks is refused. */
 int q4_set_isa(int isa) {
     detect();
-    if (isa >= Q4_GENERIC && isa <= best_isa) active_isa = isa;
+    if (isa >= 0 && isa < Q4_NISA && (isa_mask & (1 << isa))) active_isa = isa;
     return active_isa;
 }
 
+/* ---- the job ---------------------------------------------------------------------- */
+
+typedef struct {
+    int asym;                 /* 0: q4_sym, 1: q4_asym */
+    int64_t subs, hdr, bpb;   /* 32-value sub-blocks per group, header / block bytes */
+    const uint8_t *w;
+    int64_t ldw, N, K, M;
+    int64_t nb, ng;           /* 32-value blocks and groups per row */
+    /* x quantized, row m at xq + m K, dx / xo + m nb, sg + m ng */
+    int8_t *xq;               /* int8 values */
+    float *dx;                /* per 32 values: scale */
+    int32_t *xo;              /* per 32 values: -8 * sum of the int8 values (sym) */
+    float *sg;                /* per group: sum of dx * (sum of the int8 values) (asym) */
+    const float *x;
+    float *y;
+} q4_mm;
+
 /* ---- activation quantization ----------------------------------------------------- */
 
-/* One row x[K] -> q int8 [K], dx float [K/32], s float [K/32] (s = dx * sum(q)). */
-static void quantize_act_generic(const float *x, int64_t K, int8_t *q, float *dx, float *s,
+/* sg and xo of one row from its scales dx and its per-block integer sums, which arrive
+   in xo (replaced in place by -8 times themselves) */
+static void act_sums(const q4_mm *c, const float *dx, int32_t *xo, float *sg) {
+    for (int64_t g = 0; g < c->ng; g++) {
+        float s = 0.0f;
+        for (int64_t j = 0; j < c->subs; j++) {
+            const int64_t b = g * c->subs + j;
+            s += dx[b] * (float)xo[b];
+        }
+        sg[g] = s;
+    }
+    for (int64_t b = 0; b < c->nb; b++) xo[b] *= -8;
+}
+
+/* One row x[K] -> q int8 [K], dx [K/32], isum [K/32]. */
+static void quantize_act_generic(const float *x, int64_t K, int8_t *q, float *dx,
                                  int32_t *isum) {
     for (int64_t b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
@@ -129,14 +203,13 @@ static void quantize_act_generic(const float *x, int64_t K, int8_t *q, float *dx
             sum += v;
         }
         dx[b] = d;
-        s[b] = d * (float)sum;
         isum[b] = sum;
     }
 }
 
 #if Q4_X86
 __attribute__((target("avx2,fma,f16c")))
-static void quantize_act_avx2(const float *x, int64_t K, int8_t *q, float *dx, float *s,
+static void quantize_act_avx2(const float *x, int64_t K, int8_t *q, float *dx,
                               int32_t *isum) {
     const __m256 signbit = _mm256_set1_ps(-0.0f);
     for (int64_t b = 0; b < K / QK; b++) {
@@ -169,347 +242,169 @@ static void quantize_act_avx2(const float *x, int64_t K, int8_t *q, float *dx, f
         _mm256_storeu_si256((__m256i *)(q + b * QK), p);
         dx[b] = d;
         isum[b] = _mm_cvtsi128_si32(s4);
-        s[b] = d * (float)isum[b];
     }
 }
 #endif
 
-static void quantize_act(const float *x, int64_t K, int8_t *q, float *dx, float *s,
-                         int32_t *isum) {
+/* x rows [m0, m1) -> xq, dx, xo, sg */
+static void quantize_rows(void *vctx, int64_t m0, int64_t m1, int ith) {
+    (void)ith;
+    const q4_mm *c = (const q4_mm *)vctx;
+    for (int64_t m = m0; m < m1; m++) {
+        float *dx = c->dx + m * c->nb;
+        int32_t *xo = c->xo + m * c->nb;
 #if Q4_X86
-    if (q4_isa() >= Q4_AVX2) { quantize_act_avx2(x, K, q, dx, s, isum); return; }
+        if (active_isa >= Q4_AVX2)
+            quantize_act_avx2(c->x + m * c->K, c->K, c->xq + m * c->K, dx, xo);
+        else
 #endif
-    quantize_act_generic(x, K, q, dx, s, isum);
+            quantize_act_generic(c->x + m * c->K, c->K, c->xq + m * c->K, dx, xo);
+        act_sums(c, dx, xo, c->sg + m * c->ng);
+    }
 }
 
-/* ---- one row dot: weight row (packed) . activation row (quantized) ----------------- */
+/* ---- generic C: one weight row against one x row ------------------------------------ */
 
-typedef struct {
-    int asym;       /* 0: q4_sym, 1: q4_asym */
-    int64_t group;  /* values per block */
-    int64_t hdr;    /* header bytes per block (2 or 4) */
-    int64_t bpb;    /* bytes per block */
-} q4_layout;
-
-static float dot_row_generic(const q4_layout *L, const uint8_t *w, int64_t K,
-                             const int8_t *xq, const float *dx, const float *xs) {
+static float dot_generic(const q4_mm *c, const uint8_t *w, int64_t m) {
+    const int8_t *xq = c->xq + m * c->K;
+    const float *dx = c->dx + m * c->nb, *sg = c->sg + m * c->ng;
+    const int32_t *xo = c->xo + m * c->nb;
     float acc = 0.0f;
-    int64_t sub = L->group / QK;
-    for (int64_t b = 0; b < K / L->group; b++, w += L->bpb) {
-        float d = f16_to_f32(rd16(w));
-        float m = L->asym ? f16_to_f32(rd16(w + 2)) : -8.0f * d;
-        const uint8_t *qs = w + L->hdr;
-        for (int64_t j = 0; j < sub; j++) {
-            int64_t blk = b * sub + j;
-            const int8_t *y = xq + blk * QK;
-            int dot = 0;
+    for (int64_t g = 0; g < c->ng; g++, w += c->bpb) {
+        const float d = f16_to_f32(rd16(w));
+        const uint8_t *qs = w + c->hdr;
+        for (int64_t j = 0; j < c->subs; j++) {
+            const int64_t b = g * c->subs + j;
+            const int8_t *y = xq + b * QK;
+            int32_t dot = c->asym ? 0 : xo[b];
             for (int i = 0; i < 16; i++) {
                 dot += (qs[16 * j + i] & 0x0F) * y[i];
                 dot += (qs[16 * j + i] >> 4) * y[16 + i];
             }
-            acc += d * dx[blk] * (float)dot + m * xs[blk];
+            acc += (float)dot * (d * dx[b]);
         }
+        if (c->asym) acc += f16_to_f32(rd16(w + 2)) * sg[g];
     }
     return acc;
 }
 
+static void rows_generic(const q4_mm *c, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < c->M; m++)
+            c->y[m * c->N + n] = dot_generic(c, c->w + n * c->ldw, m);
+}
+
+/* ---- the x86 variants --------------------------------------------------------------- */
 #if Q4_X86
-/* One packed row against one quantized activation row, specialised per family (ASYM),
-   group size (G) and integer dot (DOT32) so the block loop has constant strides and
-   unrolls; two accumulators per part keep the FMA chains short. */
-#define Q4_DEF_DOT(NAME, TARGET, DOT32, ASYM, G)                                       \
-    TARGET static float NAME(const uint8_t *w, int64_t K, const int8_t *xq,            \
-                             const float *dx, const float *xs, const int32_t *isum) {   \
-        enum { HDR = (ASYM) ? 4 : 2, BPB = HDR + (G) / 2, SUBS = (G) / QK };            \
-        const __m256i lowmask = _mm256_set1_epi8(0x0F);                                 \
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();                  \
-        const int64_t nblk = K / (G);                                                   \
-        float mrow[(ASYM) ? K / QK + 8 : 1]; /* offsets per 32 values (asym) */         \
-        (void)isum; (void)mrow;                                                         \
-        for (int64_t b = 0; b < nblk; b++) {                                            \
-            const uint8_t *wb = w + b * BPB;                                            \
-            _mm_prefetch((const char *)(wb + prefetch_bytes), _MM_HINT_T0);             \
-            float d = _cvtsh_ss(rd16(wb));                                              \
-            if (ASYM) {                                                                 \
-                float m = _cvtsh_ss(rd16(wb + 2));                                      \
-                for (int j = 0; j < SUBS; j++) mrow[b * SUBS + j] = m;                  \
-            }                                                                           \
-            for (int j = 0; j < SUBS; j++) {                                            \
-                int64_t blk = b * SUBS + j;                                             \
-                __m128i raw = _mm_loadu_si128((const __m128i *)(wb + HDR + 16 * j));     \
-                __m256i wq = _mm256_and_si256(                                          \
-                    _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), lowmask);            \
-                __m256i p = DOT32(wq, _mm256_loadu_si256((const __m256i *)(xq + blk * QK))); \
-                /* sym: q - 8 folded in exactly, as -8 * sum(x_q) in lane 0 */           \
-                if (!(ASYM)) p = _mm256_sub_epi32(p, _mm256_castsi128_si256(             \
-                                     _mm_cvtsi32_si128(8 * isum[blk])));                \
-                __m256 f = _mm256_cvtepi32_ps(p);                                       \
-                if (blk & 1) acc1 = _mm256_fmadd_ps(f, _mm256_set1_ps(d * dx[blk]), acc1); \
-                else acc0 = _mm256_fmadd_ps(f, _mm256_set1_ps(d * dx[blk]), acc0);       \
-            }                                                                           \
-        }                                                                               \
-        __m256 acc = _mm256_add_ps(acc0, acc1);                                         \
-        float tail = 0.0f;                                                              \
-        if (ASYM) { /* + sum over blocks of m * s */                                    \
-            const int64_t nb = K / QK;                                                  \
-            int64_t i = 0;                                                              \
-            for (; i + 8 <= nb; i += 8)                                                 \
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(mrow + i), _mm256_loadu_ps(xs + i), acc); \
-            for (; i < nb; i++) tail += mrow[i] * xs[i];                                \
-        }                                                                               \
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1)); \
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                         \
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));                                          \
-        return _mm_cvtss_f32(h) + tail;                                                 \
-    }
-
-#define Q4_AVX2_T __attribute__((target("avx2,fma,f16c")))
-#define Q4_VNNI_T __attribute__((target("avx2,fma,f16c,avxvnni")))
-
-Q4_AVX2_T static inline __m256i dot32_avx2(__m256i wq, __m256i y) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(wq, y), _mm256_set1_epi16(1));
-}
-Q4_VNNI_T static inline __m256i dot32_vnni(__m256i wq, __m256i y) {
-    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), wq, y);
-}
-
-#define Q4_DEF_ALL(ISA, T, DOT32)                                                      \
-    Q4_DEF_DOT(dot_sym32_##ISA, T, DOT32, 0, 32)                                        \
-    Q4_DEF_DOT(dot_sym64_##ISA, T, DOT32, 0, 64)                                        \
-    Q4_DEF_DOT(dot_sym128_##ISA, T, DOT32, 0, 128)                                      \
-    Q4_DEF_DOT(dot_asym32_##ISA, T, DOT32, 1, 32)                                       \
-    Q4_DEF_DOT(dot_asym64_##ISA, T, DOT32, 1, 64)                                       \
-    Q4_DEF_DOT(dot_asym128_##ISA, T, DOT32, 1, 128)
-
-Q4_DEF_ALL(avx2, Q4_AVX2_T, dot32_avx2)
-Q4_DEF_ALL(vnni, Q4_VNNI_T, dot32_vnni)
-
-typedef float (*dot_spec_fn)(const uint8_t *, int64_t, const int8_t *, const float *,
-                             const float *, const int32_t *);
-/* [isa - 1][asym][log2(group / 32)] */
-static const dot_spec_fn dot_spec[2][2][3] = {
-    {{dot_sym32_avx2, dot_sym64_avx2, dot_sym128_avx2},
-     {dot_asym32_avx2, dot_asym64_avx2, dot_asym128_avx2}},
-    {{dot_sym32_vnni, dot_sym64_vnni, dot_sym128_vnni},
-     {dot_asym32_vnni, dot_asym64_vnni, dot_asym128_vnni}},
-};
+#define Q4_TEMPLATE 1
+#define Q4_TARGET __attribute__((target("avx2,fma,f16c")))
+#define Q4_LEVEL 0
+#define Q4_NAME(n) n##_avx2
+#include "q4_kernels.c"
+#undef Q4_TARGET
+#undef Q4_LEVEL
+#undef Q4_NAME
+#define Q4_TARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define Q4_LEVEL 1
+#define Q4_NAME(n) n##_avxvnni
+#include "q4_kernels.c"
+#undef Q4_TARGET
+#undef Q4_LEVEL
+#undef Q4_NAME
+#define Q4_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define Q4_LEVEL 2
+#define Q4_NAME(n) n##_avx512vnni
+#include "q4_kernels.c"
+#undef Q4_TARGET
+#undef Q4_LEVEL
+#undef Q4_NAME
+#undef Q4_TEMPLATE
 #endif
-
-typedef float (*dot_row_fn)(const q4_layout *, const uint8_t *, int64_t, const int8_t *,
-                            const float *, const float *);
-/* ---- prefill: one weight row, unpacked once, against 4 activation rows -------------- */
-
-/* w row -> nibble codes wu [K] (0..15), and per 32 values the scale dw and the offset mw
-   (sym: -8 d, so that x = d * q + m for both families) */
-static void unpack_row(const q4_layout *L, const uint8_t *w, int64_t K, uint8_t *wu,
-                       float *dw, float *mw) {
-    int64_t sub = L->group / QK;
-    for (int64_t b = 0; b < K / L->group; b++, w += L->bpb) {
-        float d = f16_to_f32(rd16(w));
-        float m = L->asym ? f16_to_f32(rd16(w + 2)) : -8.0f * d;
-        const uint8_t *qs = w + L->hdr;
-        for (int64_t j = 0; j < sub; j++) {
-            int64_t blk = b * sub + j;
-            dw[blk] = d;
-            mw[blk] = m;
-            for (int i = 0; i < 16; i++) {
-                wu[blk * QK + i] = qs[16 * j + i] & 0x0F;
-                wu[blk * QK + 16 + i] = qs[16 * j + i] >> 4;
-            }
-        }
-    }
-}
-
-/* y[r] = sum over blocks of dw * dx_r * (wu . xq_r) + mw * xs_r, for r < nr (<= 4);
-   activation row r is at xq + r * K, dx / xs + r * nb */
-static void dot4_generic(const uint8_t *wu, const float *dw, const float *mw, int64_t K,
-                         const int8_t *xq, const float *dx, const float *xs, int nr,
-                         float *y, int64_t ldy) {
-    int64_t nb = K / QK;
-    for (int r = 0; r < nr; r++) {
-        float acc = 0.0f;
-        for (int64_t blk = 0; blk < nb; blk++) {
-            const int8_t *a = xq + r * K + blk * QK;
-            int dot = 0;
-            for (int i = 0; i < QK; i++) dot += wu[blk * QK + i] * a[i];
-            acc += dw[blk] * dx[r * nb + blk] * (float)dot + mw[blk] * xs[r * nb + blk];
-        }
-        y[r * ldy] = acc;
-    }
-}
-
-#if Q4_X86
-/* Two unpacked weight rows (wu, wu + K) against four activation rows: eight dot products
-   share each load. nr < 4 or a single weight row fall back to the generic loop. */
-#define Q4_DOT24_BODY(DOT32)                                                            \
-    int64_t nb = K / QK;                                                                \
-    if (nr < 4) {                                                                       \
-        for (int i = 0; i < nw; i++)                                                    \
-            dot4_generic(wu + i * K, dw + i * nb, mw + i * nb, K, xq, dx, xs, nr, y + i, ldy); \
-        return;                                                                         \
-    }                                                                                   \
-    /* a lone row runs as a pair with itself, so results do not depend on how the rows \
-       were split between threads */                                                    \
-    const int64_t second = nw < 2 ? 0 : 1;                                              \
-    __m256 acc[2][4];                                                                   \
-    for (int i = 0; i < 2; i++)                                                         \
-        for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();                    \
-    for (int64_t blk = 0; blk < nb; blk++) {                                            \
-        __m256i w0 = _mm256_loadu_si256((const __m256i *)(wu + blk * QK));              \
-        __m256i w1 = _mm256_loadu_si256((const __m256i *)(wu + second * K + blk * QK)); \
-        float e0 = dw[blk], e1 = dw[second * nb + blk];                                 \
-        for (int r = 0; r < 4; r++) {                                                   \
-            __m256i a = _mm256_loadu_si256((const __m256i *)(xq + r * K + blk * QK));    \
-            float sx = dx[r * nb + blk];                                                \
-            acc[0][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT32(w0, a)),               \
-                                        _mm256_set1_ps(e0 * sx), acc[0][r]);            \
-            acc[1][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT32(w1, a)),               \
-                                        _mm256_set1_ps(e1 * sx), acc[1][r]);            \
-        }                                                                               \
-    }                                                                                   \
-    for (int i = 0; i < nw; i++) {                                                      \
-        const float *mi = mw + i * nb;                                                  \
-        for (int r = 0; r < 4; r++) {                                                   \
-            const float *sr = xs + r * nb;                                              \
-            __m256 v = acc[i][r];                                                       \
-            int64_t blk = 0;                                                            \
-            for (; blk + 8 <= nb; blk += 8)                                             \
-                v = _mm256_fmadd_ps(_mm256_loadu_ps(mi + blk), _mm256_loadu_ps(sr + blk), v); \
-            float tail = 0.0f;                                                          \
-            for (; blk < nb; blk++) tail += mi[blk] * sr[blk];                          \
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)); \
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                     \
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));                                      \
-            y[r * ldy + i] = _mm_cvtss_f32(h) + tail;                                   \
-        }                                                                               \
-    }
-
-Q4_AVX2_T static void dot24_avx2(const uint8_t *wu, const float *dw, const float *mw,
-                                 int64_t K, const int8_t *xq, const float *dx,
-                                 const float *xs, int nw, int nr, float *y, int64_t ldy) {
-    Q4_DOT24_BODY(dot32_avx2)
-}
-
-Q4_VNNI_T static void dot24_vnni(const uint8_t *wu, const float *dw, const float *mw,
-                                 int64_t K, const int8_t *xq, const float *dx,
-                                 const float *xs, int nw, int nr, float *y, int64_t ldy) {
-    Q4_DOT24_BODY(dot32_vnni)
-}
-#endif
-
-static void dot24_generic(const uint8_t *wu, const float *dw, const float *mw, int64_t K,
-                          const int8_t *xq, const float *dx, const float *xs, int nw, int nr,
-                          float *y, int64_t ldy) {
-    int64_t nb = K / QK;
-    for (int i = 0; i < nw; i++)
-        dot4_generic(wu + i * K, dw + i * nb, mw + i * nb, K, xq, dx, xs, nr, y + i, ldy);
-}
-
-typedef void (*dot24_fn)(const uint8_t *, const float *, const float *, int64_t,
-                         const int8_t *, const float *, const float *, int, int, float *,
-                         int64_t);
-
-static dot24_fn pick_dot24(void) {
-#if Q4_X86
-    switch (q4_isa()) {
-    case Q4_AVXVNNI: return dot24_vnni;
-    case Q4_AVX2: return dot24_avx2;
-    }
-#endif
-    return dot24_generic;
-}
 
 /* ---- matmul ---------------------------------------------------------------------- */
 
 typedef struct {
-    const q4_layout *L;
-    dot_row_fn dot;     /* generic decode dot */
-    void *spec;         /* specialised decode dot (dot_spec_fn), or NULL */
-    dot24_fn dot24;
-    const uint8_t *w;
-    int64_t ldw, N, K, M;
-    const int8_t *xq;
-    const float *dx, *xs;
-    const int32_t *isum;
-    float *y;
-} mm_ctx;
+    const q4_mm *c;
+    int isa;
+    int fail;       /* set when a task could not get its scratch */
+} mm_task;
 
-#define M_TILE 16 /* activation rows per pass over a slice of weight rows (prefill) */
-#define N_TILE 16 /* weight rows unpacked together (prefill) */
-
-static void mm_range(void *vctx, int64_t n0, int64_t n1, int ith) {
+/* Few rows: the threads take units of FEW_UNIT output rows, so a range never splits the
+   row group of a kernel (8 or 16 rows). */
+#define FEW_UNIT 16
+static void few_range(void *vctx, int64_t u0, int64_t u1, int ith) {
     (void)ith;
-    const mm_ctx *c = (const mm_ctx *)vctx;
-    int64_t K = c->K, nb = K / QK;
-    if (c->M < 4) { /* decode: stream the packed rows once */
+    const mm_task *t = (const mm_task *)vctx;
+    const int64_t n0 = u0 * FEW_UNIT, n1 = u1 * FEW_UNIT < t->c->N ? u1 * FEW_UNIT : t->c->N;
+    switch (t->isa) {
 #if Q4_X86
-        if (c->spec) {
-            dot_spec_fn f = (dot_spec_fn)c->spec;
-            for (int64_t n = n0; n < n1; n++)
-                for (int64_t m = 0; m < c->M; m++)
-                    c->y[m * c->N + n] = f(c->w + n * c->ldw, K, c->xq + m * K,
-                                           c->dx + m * nb, c->xs + m * nb, c->isum + m * nb);
-            return;
-        }
+    case Q4_AVX512VNNI: rows_few_avx512vnni(t->c, n0, n1); return;
+    case Q4_AVXVNNI: rows_few_avxvnni(t->c, n0, n1); return;
+    case Q4_AVX2: rows_few_avx2(t->c, n0, n1); return;
 #endif
-        for (int64_t n = n0; n < n1; n++)
-            for (int64_t m = 0; m < c->M; m++)
-                c->y[m * c->N + n] = c->dot(c->L, c->w + n * c->ldw, K, c->xq + m * K,
-                                            c->dx + m * nb, c->xs + m * nb);
-        return;
+    default: rows_generic(t->c, n0, n1);
     }
-    /* prefill: unpack N_TILE rows once, then run them against M_TILE activation rows at a
-       time, four activation rows per pass over a weight row */
-    uint8_t *wu = (uint8_t *)malloc((size_t)(N_TILE * K) + (size_t)(2 * N_TILE * nb) * sizeof(float));
-    if (!wu) return; /* cannot happen for sane K; the output is left as it was */
-    float *dw = (float *)(wu + N_TILE * K), *mw = dw + N_TILE * nb;
-    for (int64_t t0 = n0; t0 < n1; t0 += N_TILE) {
-        int64_t t1 = t0 + N_TILE < n1 ? t0 + N_TILE : n1;
-        for (int64_t n = t0; n < t1; n++)
-            unpack_row(c->L, c->w + n * c->ldw, K, wu + (n - t0) * K, dw + (n - t0) * nb,
-                       mw + (n - t0) * nb);
-        for (int64_t m0 = 0; m0 < c->M; m0 += M_TILE) {
-            int64_t m1 = m0 + M_TILE < c->M ? m0 + M_TILE : c->M;
-            for (int64_t n = t0; n < t1; n += 2) {
-                int nw = t1 - n < 2 ? 1 : 2;
-                for (int64_t m = m0; m < m1; m += 4) {
-                    int nr = m1 - m < 4 ? (int)(m1 - m) : 4;
-                    c->dot24(wu + (n - t0) * K, dw + (n - t0) * nb, mw + (n - t0) * nb, K,
-                             c->xq + m * K, c->dx + m * nb, c->xs + m * nb, nw, nr,
-                             c->y + m * c->N + n, c->N);
-                }
-            }
-        }
-    }
-    free(wu);
 }
 
-/* Returns 0, or -1 on a bad layout / out of memory (nothing written). */
+/* prefill: chunks [k0, k1) of PF_ROWS output rows */
+static void prefill_range(void *vctx, int64_t k0, int64_t k1, int ith) {
+    (void)ith;
+    mm_task *t = (mm_task *)vctx;
+    const q4_mm *c = t->c;
+    const int64_t n0 = k0 * PF_ROWS, n1 = k1 * PF_ROWS < c->N ? k1 * PF_ROWS : c->N;
+#if Q4_X86
+    if (t->isa >= Q4_AVX2) {
+        /* one tile: the slice of PF_ROWS rows as bytes, plus their scales and offsets */
+        const size_t bytes = (size_t)(PF_ROWS * slice_subs) * (QK + 2 * sizeof(float));
+        void *scratch = NULL;
+        if (posix_memalign(&scratch, 64, bytes) != 0) {
+            t->fail = 1;
+            return;
+        }
+        for (int64_t n = n0; n < n1; n += PF_ROWS) {
+            const int64_t e = n + PF_ROWS < n1 ? n + PF_ROWS : n1;
+            if (t->isa == Q4_AVX512VNNI) prefill_avx512vnni(c, n, e, scratch);
+            else if (t->isa == Q4_AVXVNNI) prefill_avxvnni(c, n, e, scratch);
+            else prefill_avx2(c, n, e, scratch);
+        }
+        free(scratch);
+        return;
+    }
+#endif
+    rows_generic(c, n0, n1);
+}
+
+/* Returns 0, or -1 on a bad layout / out of memory. */
 int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
               const void *w, int64_t ldw, int64_t N, float *y) {
     if ((group != 32 && group != 64 && group != 128) || K % group) return -1;
-    q4_layout L = {asym, group, asym ? 4 : 2, (asym ? 4 : 2) + group / 2};
     if (M <= 0 || N <= 0) return 0;
-    int64_t nb = K / QK;
-    int8_t *xq = (int8_t *)malloc((size_t)(M * K) + (size_t)(3 * M * nb) * sizeof(float) + 64);
-    if (!xq) return -1;
-    float *dx = (float *)(((uintptr_t)(xq + M * K) + 63) & ~(uintptr_t)63);
-    float *xs = dx + M * nb;
-    int32_t *isum = (int32_t *)(xs + M * nb);
-    for (int64_t m = 0; m < M; m++)
-        quantize_act(x + m * K, K, xq + m * K, dx + m * nb, xs + m * nb, isum + m * nb);
-    void *spec = NULL;
-#if Q4_X86
-    if (q4_isa() >= Q4_AVX2)
-        spec = (void *)dot_spec[q4_isa() - 1][asym ? 1 : 0][group == 32 ? 0 : group == 64 ? 1 : 2];
-#endif
-    mm_ctx c = {&L, dot_row_generic, spec, pick_dot24(), (const uint8_t *)w, ldw, N, K, M, xq, dx, xs, isum, y};
-    /* grain: enough row-dots per task that the pool's hand-off is amortised */
-    int64_t work = (K / 256 + 1) * M;
-    int64_t grain = work >= 64 ? 1 : 64 / work;
-    run_range(mm_range, &c, N, grain);
-    free(xq);
-    return 0;
+    detect();
+    const int64_t nb = K / QK, ng = K / group;
+    /* x as int8 [M, K], then per row its block scales, offsets and group sums */
+    const size_t qbytes = ((size_t)(M * K) + 63) & ~(size_t)63;
+    uint8_t *buf = (uint8_t *)malloc(qbytes + (size_t)(M * (2 * nb + ng)) * 4);
+    if (!buf) return -1;
+    q4_mm c = {asym, group / QK, asym ? 4 : 2, (asym ? 4 : 2) + group / 2,
+               (const uint8_t *)w, ldw, N, K, M, nb, ng,
+               (int8_t *)buf, NULL, NULL, NULL, x, y};
+    c.dx = (float *)(buf + qbytes);
+    c.xo = (int32_t *)(c.dx + M * nb);
+    c.sg = (float *)(c.xo + M * nb);
+    if (M * K >= (1 << 16)) run_range(quantize_rows, &c, M, 1);
+    else quantize_rows(&c, 0, M, 0);
+
+    mm_task t = {&c, active_isa, 0};
+    if (M <= few_rows || active_isa == Q4_GENERIC) {
+        /* grain: enough row-dots per task (>= 64 dots of 256 values) that the pool's
+           hand-off is amortised */
+        const int64_t work = (K / 256 + 1) * M * FEW_UNIT;
+        run_range(few_range, &t, (N + FEW_UNIT - 1) / FEW_UNIT, work >= 64 ? 1 : 64 / work);
+    } else {
+        run_range(prefill_range, &t, (N + PF_ROWS - 1) / PF_ROWS, 1);
+    }
+    free(buf);
+    return t.fail ? -1 : 0;
 }
 
 /* ---- embed ----------------------------------------------------------------------- */
@@ -547,3 +442,480 @@ int q4_embed(int asym, int64_t group, const void *w, int64_t ldw, int64_t rows, 
     }
     return 0;
 }
+
+#else /* Q4_TEMPLATE */
+/* ---- the kernels for one x86 variant ------------------------------------------------
+ * Included by the main part above once per variant, with Q4_NAME (a suffix), Q4_TARGET
+ * (its target attribute) and Q4_LEVEL (0: AVX2 maddubs + madd, 1: AVX-VNNI, 2:
+ * AVX512-VNNI).
+ */
+#define Q4_INLINE Q4_TARGET __attribute__((always_inline)) static inline
+
+/* Sub-block bytes at offset o of eight rows p[0..7] -> v[0..7], lane q of v[i] holding
+   the codes of values 4i .. 4i + 3 of row q: raw dword i of each row is gathered by a
+   4 x 4 dword transpose per 128-bit lane (lanes hold rows q and q + 4), then its low
+   nibbles are values 4i .. 4i + 3 and its high nibbles values 16 + 4i .. 16 + 4i + 3. */
+Q4_INLINE void Q4_NAME(tr8)(const uint8_t *const *p, int64_t o, __m256i *v) {
+#define Q4_LD2(a, b) _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p[b] + o)), \
+                                      _mm_loadu_si128((const __m128i *)(p[a] + o)))
+    const __m256i a0 = Q4_LD2(0, 4), a1 = Q4_LD2(1, 5), a2 = Q4_LD2(2, 6), a3 = Q4_LD2(3, 7);
+#undef Q4_LD2
+    const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpacklo_epi32(a2, a3);
+    const __m256i t2 = _mm256_unpackhi_epi32(a0, a1), t3 = _mm256_unpackhi_epi32(a2, a3);
+    const __m256i d0 = _mm256_unpacklo_epi64(t0, t1), d1 = _mm256_unpackhi_epi64(t0, t1);
+    const __m256i d2 = _mm256_unpacklo_epi64(t2, t3), d3 = _mm256_unpackhi_epi64(t2, t3);
+    const __m256i lo = _mm256_set1_epi8(0x0F);
+    v[0] = _mm256_and_si256(d0, lo);
+    v[1] = _mm256_and_si256(d1, lo);
+    v[2] = _mm256_and_si256(d2, lo);
+    v[3] = _mm256_and_si256(d3, lo);
+    v[4] = _mm256_and_si256(_mm256_srli_epi32(d0, 4), lo);
+    v[5] = _mm256_and_si256(_mm256_srli_epi32(d1, 4), lo);
+    v[6] = _mm256_and_si256(_mm256_srli_epi32(d2, 4), lo);
+    v[7] = _mm256_and_si256(_mm256_srli_epi32(d3, 4), lo);
+}
+
+/* The f16 at offset o of eight rows p[0..7] as floats (the halves meet in two general
+   registers: one move to the vector unit instead of seven inserts) */
+Q4_INLINE __m256 Q4_NAME(half8)(const uint8_t *const *p, int64_t o) {
+    const uint64_t a = rd16(p[0] + o) | (uint64_t)rd16(p[1] + o) << 16 |
+                       (uint64_t)rd16(p[2] + o) << 32 | (uint64_t)rd16(p[3] + o) << 48;
+    const uint64_t b = rd16(p[4] + o) | (uint64_t)rd16(p[5] + o) << 16 |
+                       (uint64_t)rd16(p[6] + o) << 32 | (uint64_t)rd16(p[7] + o) << 48;
+    return _mm256_cvtph_ps(_mm_set_epi64x((long long)b, (long long)a));
+}
+
+/* Integer dots of one x sub-block xb (its -8 sum in o, sym) with eight rows' codes v:
+   lane q = row q. Two chains (even / odd dwords) halve the vpdpbusd latency chain;
+   AVX2 sums the eight maddubs in int16 (each |pair| <= 2 * 15 * 127, eight <= 30480)
+   and widens once. Exact either way. */
+Q4_INLINE __m256i Q4_NAME(dot8)(const __m256i *v, const int8_t *xb, __m256i o) {
+#if Q4_LEVEL == 0
+    __m256i h = _mm256_maddubs_epi16(v[0], _mm256_set1_epi32(ld32(xb)));
+#pragma GCC unroll 7
+    for (int i = 1; i < 8; i++)
+        h = _mm256_add_epi16(h, _mm256_maddubs_epi16(v[i], _mm256_set1_epi32(ld32(xb + 4 * i))));
+    return _mm256_add_epi32(o, _mm256_madd_epi16(h, _mm256_set1_epi16(1)));
+#else
+    __m256i a = o, b = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int i = 0; i < 8; i += 2) {
+#if Q4_LEVEL == 2
+        a = _mm256_dpbusd_epi32(a, v[i], _mm256_set1_epi32(ld32(xb + 4 * i)));
+        b = _mm256_dpbusd_epi32(b, v[i + 1], _mm256_set1_epi32(ld32(xb + 4 * i + 4)));
+#else
+        a = _mm256_dpbusd_avx_epi32(a, v[i], _mm256_set1_epi32(ld32(xb + 4 * i)));
+        b = _mm256_dpbusd_avx_epi32(b, v[i + 1], _mm256_set1_epi32(ld32(xb + 4 * i + 4)));
+#endif
+    }
+    return _mm256_add_epi32(a, b);
+#endif
+}
+
+/* ---- few rows: eight weight rows, each block unpacked once for MR x rows ---------- */
+
+/* y[m0 + i, r .. r + 7] for i < MR (MR a compile-time constant after inlining). Per
+   block the eight rows' codes are transposed into lanes (tr8, as the prefill tile), so
+   each x row costs eight dot instructions and one conversion, scale and FMA for eight
+   rows, in the order of the chain in the header comment. Rows past n1 repeat the last
+   row (read, not stored). */
+Q4_INLINE void Q4_NAME(few8)(const q4_mm *c, int64_t r, int64_t n1, int64_t m0, const int MR) {
+    const int64_t ldw = c->ldw, nv = n1 - r < 8 ? n1 - r : 8;
+    const uint8_t *p[8];
+    for (int q = 0; q < 8; q++) p[q] = c->w + (r + (q < nv ? q : nv - 1)) * ldw;
+    const int64_t pf = prefetch_bytes < 0 ? -1 : prefetch_bytes == 0 ? 8 * ldw : prefetch_bytes;
+    const int64_t K = c->K, nb = c->nb, ng = c->ng, subs = c->subs, bpb = c->bpb, hdr = c->hdr;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc[FEW_MR];
+    for (int i = 0; i < MR; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t off = g * bpb;
+        if (pf >= 0)
+            for (int q = 0; q < 8; q++) _mm_prefetch((const char *)p[q] + off + pf, _MM_HINT_T0);
+        const __m256 d8 = Q4_NAME(half8)(p, off);
+        for (int64_t j = 0; j < subs; j++) {
+            const int64_t b = g * subs + j;
+            __m256i v[8];
+            Q4_NAME(tr8)(p, off + hdr + 16 * j, v);
+            for (int i = 0; i < MR; i++) {
+                const int64_t m = m0 + i;
+                const __m256i o = c->asym ? zero : _mm256_set1_epi32(c->xo[m * nb + b]);
+                const __m256i a = Q4_NAME(dot8)(v, c->xq + m * K + b * QK, o);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
+                                         _mm256_mul_ps(d8, _mm256_set1_ps(c->dx[m * nb + b])), acc[i]);
+            }
+        }
+        if (c->asym) {
+            const __m256 m8 = Q4_NAME(half8)(p, off + 2);
+            for (int i = 0; i < MR; i++)
+                acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(c->sg[(m0 + i) * ng + g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        float *yr = c->y + (m0 + i) * c->N + r;
+        if (nv == 8) {
+            _mm256_storeu_ps(yr, acc[i]);
+        } else {
+            float o[8];
+            _mm256_storeu_ps(o, acc[i]);
+            for (int64_t v = 0; v < nv; v++) yr[v] = o[v];
+        }
+    }
+}
+
+#if Q4_LEVEL == 2
+/* tr8 for sixteen rows: 128-bit lane k of the loads holds row q + 4k */
+Q4_INLINE void Q4_NAME(tr16)(const uint8_t *const *p, int64_t o, __m512i *v) {
+#define Q4_LD4(q) _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(             \
+        _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(p[q] + o))),          \
+        _mm_loadu_si128((const __m128i *)(p[q + 4] + o)), 1),                          \
+        _mm_loadu_si128((const __m128i *)(p[q + 8] + o)), 2),                          \
+        _mm_loadu_si128((const __m128i *)(p[q + 12] + o)), 3)
+    const __m512i a0 = Q4_LD4(0), a1 = Q4_LD4(1), a2 = Q4_LD4(2), a3 = Q4_LD4(3);
+#undef Q4_LD4
+    const __m512i t0 = _mm512_unpacklo_epi32(a0, a1), t1 = _mm512_unpacklo_epi32(a2, a3);
+    const __m512i t2 = _mm512_unpackhi_epi32(a0, a1), t3 = _mm512_unpackhi_epi32(a2, a3);
+    const __m512i d0 = _mm512_unpacklo_epi64(t0, t1), d1 = _mm512_unpackhi_epi64(t0, t1);
+    const __m512i d2 = _mm512_unpacklo_epi64(t2, t3), d3 = _mm512_unpackhi_epi64(t2, t3);
+    const __m512i lo = _mm512_set1_epi8(0x0F);
+    v[0] = _mm512_and_si512(d0, lo);
+    v[1] = _mm512_and_si512(d1, lo);
+    v[2] = _mm512_and_si512(d2, lo);
+    v[3] = _mm512_and_si512(d3, lo);
+    v[4] = _mm512_and_si512(_mm512_srli_epi32(d0, 4), lo);
+    v[5] = _mm512_and_si512(_mm512_srli_epi32(d1, 4), lo);
+    v[6] = _mm512_and_si512(_mm512_srli_epi32(d2, 4), lo);
+    v[7] = _mm512_and_si512(_mm512_srli_epi32(d3, 4), lo);
+}
+
+Q4_INLINE __m512 Q4_NAME(half16)(const uint8_t *const *p, int64_t o) {
+    uint64_t h[4];
+    for (int k = 0; k < 4; k++)
+        h[k] = rd16(p[4 * k] + o) | (uint64_t)rd16(p[4 * k + 1] + o) << 16 |
+               (uint64_t)rd16(p[4 * k + 2] + o) << 32 | (uint64_t)rd16(p[4 * k + 3] + o) << 48;
+    return _mm512_cvtph_ps(_mm256_set_epi64x((long long)h[3], (long long)h[2], (long long)h[1],
+                                             (long long)h[0]));
+}
+
+/* few8 with sixteen weight rows in the lanes of 512-bit vectors */
+Q4_INLINE void Q4_NAME(few16)(const q4_mm *c, int64_t r, int64_t n1, int64_t m0, const int MR) {
+    const int64_t ldw = c->ldw, nv = n1 - r < 16 ? n1 - r : 16;
+    const uint8_t *p[16];
+    for (int q = 0; q < 16; q++) p[q] = c->w + (r + (q < nv ? q : nv - 1)) * ldw;
+    const int64_t pf = prefetch_bytes < 0 ? -1 : prefetch_bytes == 0 ? 16 * ldw : prefetch_bytes;
+    const int64_t K = c->K, nb = c->nb, ng = c->ng, subs = c->subs, bpb = c->bpb, hdr = c->hdr;
+    __m512 acc[FEW_MR];
+    for (int i = 0; i < MR; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t off = g * bpb;
+        if (pf >= 0)
+            for (int q = 0; q < 16; q++) _mm_prefetch((const char *)p[q] + off + pf, _MM_HINT_T0);
+        const __m512 d16 = Q4_NAME(half16)(p, off);
+        for (int64_t j = 0; j < subs; j++) {
+            const int64_t b = g * subs + j;
+            __m512i v[8];
+            Q4_NAME(tr16)(p, off + hdr + 16 * j, v);
+            for (int i = 0; i < MR; i++) {
+                const int64_t m = m0 + i;
+                const int8_t *xb = c->xq + m * K + b * QK;
+                __m512i a = c->asym ? _mm512_setzero_si512() : _mm512_set1_epi32(c->xo[m * nb + b]);
+                __m512i a2 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int k = 0; k < 8; k += 2) {
+                    a = _mm512_dpbusd_epi32(a, v[k], _mm512_set1_epi32(ld32(xb + 4 * k)));
+                    a2 = _mm512_dpbusd_epi32(a2, v[k + 1], _mm512_set1_epi32(ld32(xb + 4 * k + 4)));
+                }
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, a2)),
+                                         _mm512_mul_ps(d16, _mm512_set1_ps(c->dx[m * nb + b])), acc[i]);
+            }
+        }
+        if (c->asym) {
+            const __m512 m16 = Q4_NAME(half16)(p, off + 2);
+            for (int i = 0; i < MR; i++)
+                acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(c->sg[(m0 + i) * ng + g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        float *yr = c->y + (m0 + i) * c->N + r;
+        if (nv == 16) _mm512_storeu_ps(yr, acc[i]);
+        else _mm512_mask_storeu_ps(yr, (__mmask16)((1u << nv) - 1), acc[i]);
+    }
+}
+#define Q4_FEW_W 16
+#define Q4_FEW Q4_NAME(few16)
+#else
+#define Q4_FEW_W 8
+#define Q4_FEW Q4_NAME(few8)
+#endif
+
+/* one instantiation per MR, so the x-row loop unrolls and acc stays in registers */
+#define Q4_FEW_MR(MR)                                                                   \
+    Q4_TARGET __attribute__((noinline)) static void Q4_NAME(few_##MR)(                  \
+        const q4_mm *c, int64_t r, int64_t n1, int64_t m0) {                            \
+        Q4_FEW(c, r, n1, m0, MR);                                                       \
+    }
+Q4_FEW_MR(1)
+Q4_FEW_MR(2)
+Q4_FEW_MR(3)
+Q4_FEW_MR(4)
+Q4_FEW_MR(5)
+Q4_FEW_MR(6)
+Q4_FEW_MR(7)
+Q4_FEW_MR(8)
+#undef Q4_FEW_MR
+
+static void Q4_NAME(rows_few)(const q4_mm *c, int64_t n0, int64_t n1) {
+    static void (*const by_mr[FEW_MR + 1])(const q4_mm *, int64_t, int64_t, int64_t) = {
+        NULL, Q4_NAME(few_1), Q4_NAME(few_2), Q4_NAME(few_3), Q4_NAME(few_4),
+        Q4_NAME(few_5), Q4_NAME(few_6), Q4_NAME(few_7), Q4_NAME(few_8)};
+    for (int64_t r = n0; r < n1; r += Q4_FEW_W)
+        for (int64_t m = 0; m < c->M; m += FEW_MR) {
+            const int64_t mr = c->M - m < FEW_MR ? c->M - m : FEW_MR;
+            by_mr[mr](c, r, n1, m);
+        }
+}
+#undef Q4_FEW_W
+#undef Q4_FEW
+
+/* ---- prefill: tiles unpacked once, many x rows ------------------------------------- */
+
+/* The tile of rows [r0, r0 + nr) over sub-blocks [s0, s0 + sn) of K, for every x row to
+   reuse: groups of NV rows; per group and sub-block 8 vectors of NV uint32 lanes, lane jj
+   of vector i holding the codes of values 4i .. 4i + 3 of row jj (raw dword i & 15 for
+   i < 4, its high nibbles for i >= 4), so one broadcast x dword times one vector gives NV
+   rows' partial dots with no horizontal sums. Per group and sub-block NV scales, per
+   group and weight group NV offsets (asym). Rows past nr repeat the last row. */
+Q4_TARGET static void Q4_NAME(pack)(const q4_mm *c, int64_t r0, int64_t nr, int64_t s0,
+                                    int64_t sn, int nv, int64_t ngv, uint32_t *tile,
+                                    float *sc, float *mn) {
+    const int64_t subs = c->subs, ngs = sn / subs, g0 = s0 / subs;
+    for (int64_t gv = 0; gv < ngv; gv++)
+        for (int half = 0; half < nv; half += 8) {
+            const uint8_t *p[8];
+            for (int q = 0; q < 8; q++) {
+                int64_t row = gv * nv + half + q;
+                p[q] = c->w + (r0 + (row < nr ? row : nr - 1)) * c->ldw;
+            }
+            for (int64_t gs = 0; gs < ngs; gs++) {
+                const int64_t off = (g0 + gs) * c->bpb;
+                const __m256 d8 = Q4_NAME(half8)(p, off);
+                for (int64_t j = 0; j < subs; j++)
+                    _mm256_storeu_ps(sc + (gv * sn + gs * subs + j) * nv + half, d8);
+                if (c->asym)
+                    _mm256_storeu_ps(mn + (gv * ngs + gs) * nv + half, Q4_NAME(half8)(p, off + 2));
+                for (int64_t j = 0; j < subs; j++) {
+                    __m256i v[8];
+                    Q4_NAME(tr8)(p, off + c->hdr + 16 * j, v);
+                    uint32_t *dst = tile + (gv * sn + gs * subs + j) * 8 * nv + half;
+                    for (int i = 0; i < 8; i++) _mm256_store_si256((__m256i *)(dst + i * nv), v[i]);
+                }
+            }
+        }
+}
+
+#if Q4_LEVEL == 2
+/* Prefill micro-kernel, 512-bit: MR x rows (xr at the slice start, their scales xd,
+   offsets xo and group sums xg) against NRV packed rows (two groups of 16) over sn
+   sub-blocks; io [MR][NRV] holds the chains' values before and after. */
+#define Q4_MR 4
+#define Q4_NV 16
+#define Q4_NRV 32
+Q4_INLINE void Q4_NAME(mk)(const q4_mm *c, const int8_t *const *xr, const float *const *xd,
+                           const int32_t *const *xo, const float *const *xg,
+                           const uint32_t *t, const float *sc, const float *mn, int64_t sn,
+                           float *io) {
+    const int64_t subs = c->subs;
+    const uint32_t *t1 = t + sn * 8 * 16;
+    const float *sc1 = sc + sn * 16, *mn1 = mn + sn / subs * 16;
+    __m512 f[Q4_MR][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < Q4_MR; m++) {
+        f[m][0] = _mm512_load_ps(io + m * Q4_NRV);
+        f[m][1] = _mm512_load_ps(io + m * Q4_NRV + 16);
+    }
+    for (int64_t b = 0, j = 0, g = 0; b < sn; b++) {
+        const __m512i *wa = (const __m512i *)(t + b * 128), *wb = (const __m512i *)(t1 + b * 128);
+        __m512i a[Q4_MR][2];
+#pragma GCC unroll 4
+        for (int m = 0; m < Q4_MR; m++)
+            a[m][0] = a[m][1] = c->asym ? _mm512_setzero_si512() : _mm512_set1_epi32(xo[m][b]);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            const __m512i v0 = _mm512_load_si512(wa + i), v1 = _mm512_load_si512(wb + i);
+#pragma GCC unroll 4
+            for (int m = 0; m < Q4_MR; m++) {
+                const __m512i xv = _mm512_set1_epi32(ld32(xr[m] + 32 * b + 4 * i));
+                a[m][0] = _mm512_dpbusd_epi32(a[m][0], v0, xv);
+                a[m][1] = _mm512_dpbusd_epi32(a[m][1], v1, xv);
+            }
+        }
+        const __m512 s0 = _mm512_load_ps(sc + 16 * b), s1 = _mm512_load_ps(sc1 + 16 * b);
+#pragma GCC unroll 4
+        for (int m = 0; m < Q4_MR; m++) {
+            const __m512 e = _mm512_set1_ps(xd[m][b]);
+            f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), _mm512_mul_ps(s0, e), f[m][0]);
+            f[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), _mm512_mul_ps(s1, e), f[m][1]);
+        }
+        if (++j == subs) { /* end of a weight group: its offset term (asym) */
+            if (c->asym) {
+                const __m512 o0 = _mm512_load_ps(mn + 16 * g), o1 = _mm512_load_ps(mn1 + 16 * g);
+#pragma GCC unroll 4
+                for (int m = 0; m < Q4_MR; m++) {
+                    const __m512 e = _mm512_set1_ps(xg[m][g]);
+                    f[m][0] = _mm512_fmadd_ps(o0, e, f[m][0]);
+                    f[m][1] = _mm512_fmadd_ps(o1, e, f[m][1]);
+                }
+            }
+            j = 0;
+            g++;
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < Q4_MR; m++) {
+        _mm512_store_ps(io + m * Q4_NRV, f[m][0]);
+        _mm512_store_ps(io + m * Q4_NRV + 16, f[m][1]);
+    }
+}
+#else
+/* Prefill micro-kernel, 256-bit: two x rows against 16 packed rows (two groups of 8).
+   AVX2 sums the eight maddubs of a sub-block in int16 (each <= 2 * 15 * 127, eight <=
+   30480: no saturation) and widens once; AVX-VNNI keeps two accumulator sets (even /
+   odd dwords) to hide the vpdpbusd latency. */
+#define Q4_MR 2
+#define Q4_NV 8
+#define Q4_NRV 16
+Q4_INLINE void Q4_NAME(mk)(const q4_mm *c, const int8_t *const *xr, const float *const *xd,
+                           const int32_t *const *xo, const float *const *xg,
+                           const uint32_t *t, const float *sc, const float *mn, int64_t sn,
+                           float *io) {
+    const int64_t subs = c->subs;
+    const uint32_t *t1 = t + sn * 8 * 8;
+    const float *sc1 = sc + sn * 8, *mn1 = mn + sn / subs * 8;
+    const int8_t *pa = xr[0], *pb = xr[1];
+    __m256 f00 = _mm256_load_ps(io), f01 = _mm256_load_ps(io + 8);
+    __m256 f10 = _mm256_load_ps(io + 16), f11 = _mm256_load_ps(io + 24);
+    for (int64_t b = 0, j = 0, g = 0; b < sn; b++) {
+        const __m256i *wa = (const __m256i *)(t + b * 64), *wb = (const __m256i *)(t1 + b * 64);
+        const int8_t *ya = pa + 32 * b, *yb = pb + 32 * b;
+#if Q4_LEVEL == 0
+        __m256i h00 = _mm256_setzero_si256(), h01 = h00, h10 = h00, h11 = h00;
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            const __m256i v0 = _mm256_load_si256(wa + i), v1 = _mm256_load_si256(wb + i);
+            const __m256i xa = _mm256_set1_epi32(ld32(ya + 4 * i)), xb = _mm256_set1_epi32(ld32(yb + 4 * i));
+            h00 = _mm256_add_epi16(h00, _mm256_maddubs_epi16(v0, xa));
+            h01 = _mm256_add_epi16(h01, _mm256_maddubs_epi16(v1, xa));
+            h10 = _mm256_add_epi16(h10, _mm256_maddubs_epi16(v0, xb));
+            h11 = _mm256_add_epi16(h11, _mm256_maddubs_epi16(v1, xb));
+        }
+        const __m256i one = _mm256_set1_epi16(1);
+        __m256i a00 = _mm256_madd_epi16(h00, one), a01 = _mm256_madd_epi16(h01, one);
+        __m256i a10 = _mm256_madd_epi16(h10, one), a11 = _mm256_madd_epi16(h11, one);
+#else
+        __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00;
+        __m256i c00 = a00, c01 = a00, c10 = a00, c11 = a00;
+#pragma GCC unroll 4
+        for (int i = 0; i < 8; i += 2) {
+            __m256i v0 = _mm256_load_si256(wa + i), v1 = _mm256_load_si256(wb + i);
+            __m256i xa = _mm256_set1_epi32(ld32(ya + 4 * i)), xb = _mm256_set1_epi32(ld32(yb + 4 * i));
+            a00 = _mm256_dpbusd_avx_epi32(a00, v0, xa);
+            a01 = _mm256_dpbusd_avx_epi32(a01, v1, xa);
+            a10 = _mm256_dpbusd_avx_epi32(a10, v0, xb);
+            a11 = _mm256_dpbusd_avx_epi32(a11, v1, xb);
+            v0 = _mm256_load_si256(wa + i + 1);
+            v1 = _mm256_load_si256(wb + i + 1);
+            xa = _mm256_set1_epi32(ld32(ya + 4 * i + 4));
+            xb = _mm256_set1_epi32(ld32(yb + 4 * i + 4));
+            c00 = _mm256_dpbusd_avx_epi32(c00, v0, xa);
+            c01 = _mm256_dpbusd_avx_epi32(c01, v1, xa);
+            c10 = _mm256_dpbusd_avx_epi32(c10, v0, xb);
+            c11 = _mm256_dpbusd_avx_epi32(c11, v1, xb);
+        }
+        a00 = _mm256_add_epi32(a00, c00);
+        a01 = _mm256_add_epi32(a01, c01);
+        a10 = _mm256_add_epi32(a10, c10);
+        a11 = _mm256_add_epi32(a11, c11);
+#endif
+        if (!c->asym) {
+            const __m256i oa = _mm256_set1_epi32(xo[0][b]), ob = _mm256_set1_epi32(xo[1][b]);
+            a00 = _mm256_add_epi32(a00, oa);
+            a01 = _mm256_add_epi32(a01, oa);
+            a10 = _mm256_add_epi32(a10, ob);
+            a11 = _mm256_add_epi32(a11, ob);
+        }
+        const __m256 s0 = _mm256_load_ps(sc + 8 * b), s1 = _mm256_load_ps(sc1 + 8 * b);
+        const __m256 ea = _mm256_set1_ps(xd[0][b]), eb = _mm256_set1_ps(xd[1][b]);
+        f00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a00), _mm256_mul_ps(s0, ea), f00);
+        f01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a01), _mm256_mul_ps(s1, ea), f01);
+        f10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a10), _mm256_mul_ps(s0, eb), f10);
+        f11 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a11), _mm256_mul_ps(s1, eb), f11);
+        if (++j == subs) { /* end of a weight group: its offset term (asym) */
+            if (c->asym) {
+                const __m256 o0 = _mm256_load_ps(mn + 8 * g), o1 = _mm256_load_ps(mn1 + 8 * g);
+                const __m256 ga = _mm256_set1_ps(xg[0][g]), gb = _mm256_set1_ps(xg[1][g]);
+                f00 = _mm256_fmadd_ps(o0, ga, f00);
+                f01 = _mm256_fmadd_ps(o1, ga, f01);
+                f10 = _mm256_fmadd_ps(o0, gb, f10);
+                f11 = _mm256_fmadd_ps(o1, gb, f11);
+            }
+            j = 0;
+            g++;
+        }
+    }
+    _mm256_store_ps(io, f00);
+    _mm256_store_ps(io + 8, f01);
+    _mm256_store_ps(io + 16, f10);
+    _mm256_store_ps(io + 24, f11);
+}
+#endif
+
+/* Prefill: rows [r0, r1) (at most PF_ROWS) of W against all M rows of x, one K slice at
+   a time; the slice of the rows is unpacked to bytes once (pack) and stays in L1 while
+   every x row passes over it. Each (x row, weight row) chain carries on from one slice
+   to the next through y, so the result is the decode kernel's to the bit. */
+Q4_TARGET static void Q4_NAME(prefill)(const q4_mm *c, int64_t r0, int64_t r1, void *scratch) {
+    const int64_t M = c->M, K = c->K, N = c->N, nb = c->nb, ng = c->ng, nr = r1 - r0;
+    const int64_t ngv = (nr + Q4_NRV - 1) / Q4_NRV * (Q4_NRV / Q4_NV);
+    /* a slice is whole weight groups: slice_subs is a multiple of 4 */
+    uint32_t *tile = (uint32_t *)scratch;
+    float *sc = (float *)(tile + (size_t)(PF_ROWS * slice_subs * 8));
+    float *mn = sc + PF_ROWS * slice_subs;
+    float io[Q4_MR * Q4_NRV] __attribute__((aligned(64)));
+    for (int64_t s0 = 0; s0 < nb; s0 += slice_subs) {
+        const int64_t sn = nb - s0 < slice_subs ? nb - s0 : slice_subs;
+        const int first = s0 == 0;
+        Q4_NAME(pack)(c, r0, nr, s0, sn, Q4_NV, ngv, tile, sc, mn);
+        for (int64_t m = 0; m < M; m += Q4_MR) {
+            const int8_t *xr[Q4_MR];
+            const float *xd[Q4_MR], *xg[Q4_MR];
+            const int32_t *xo[Q4_MR];
+            for (int i = 0; i < Q4_MR; i++) {
+                const int64_t mi = m + i < M ? m + i : M - 1;
+                xr[i] = c->xq + mi * K + s0 * QK;
+                xd[i] = c->dx + mi * nb + s0;
+                xo[i] = c->xo + mi * nb + s0;
+                xg[i] = c->sg + mi * ng + s0 / c->subs;
+            }
+            for (int64_t gv = 0; gv < ngv; gv += Q4_NRV / Q4_NV) {
+                const int64_t c0 = gv * Q4_NV, nc = nr - c0 < Q4_NRV ? nr - c0 : Q4_NRV;
+                for (int i = 0; i < Q4_MR; i++) {
+                    const float *y = c->y + (m + i < M ? m + i : M - 1) * N + r0 + c0;
+                    for (int64_t v = 0; v < Q4_NRV; v++)
+                        io[i * Q4_NRV + v] = first || v >= nc ? 0.0f : y[v];
+                }
+                Q4_NAME(mk)(c, xr, xd, xo, xg, tile + gv * sn * 8 * Q4_NV, sc + gv * sn * Q4_NV,
+                            mn + gv * (sn / c->subs) * Q4_NV, sn, io);
+                for (int i = 0; i < Q4_MR && m + i < M; i++) {
+                    float *y = c->y + (m + i) * N + r0 + c0;
+                    memcpy(y, io + i * Q4_NRV, (size_t)nc * sizeof(float));
+                }
+            }
+        }
+    }
+}
+
+#undef Q4_INLINE
+#undef Q4_MR
+#undef Q4_NV
+#undef Q4_NRV
+#endif /* Q4_TEMPLATE */

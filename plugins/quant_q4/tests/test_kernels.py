@@ -23,7 +23,7 @@ def quantize_activations(x: np.ndarray) -> np.ndarray:
     return (np.rint(b * inv) * d).reshape(x.shape)
 
 
-@pytest.fixture(params=["generic", "avx2", "avxvnni"])
+@pytest.fixture(params=["generic", "avx2", "avxvnni", "avx512vnni"])
 def isa(request):
     if request.param not in K.isas():
         pytest.skip(f"this CPU cannot run {request.param}")
@@ -48,6 +48,54 @@ def test_matmul_matches_reference(isa, name, M):
     # and close to the float product: only activation rounding separates them
     ref = x @ wf.T
     assert np.abs(y - ref).max() < 0.02 * np.abs(ref).max()
+
+
+def exact_product(family, group, data, x, Kd):
+    """float64 product of x as the kernel rounds it and the dequantized weights."""
+    wf = F.to_float(family, group, data, Kd).astype(np.float64)
+    return quantize_activations(x).astype(np.float64) @ wf.T
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_a_row_does_not_depend_on_how_many_rows_came_with_it(isa, name):
+    """Row i of an M-row product is bit for bit the 1-row product of x row i, for the
+    few-rows kernel (M <= 8) and the tiled prefill kernel alike. K = 1536 is two K slices
+    of the prefill tile (the second partial); N = 45 leaves partial row groups."""
+    family, group = FORMATS[name]
+    N, Kd = 45, 1536
+    data = F.quantize(family, group, rng.standard_normal((N, Kd)).astype(np.float32))
+    mm = K.make_matmul(family, group, F.bytes_per_block(family, group))
+    x = rng.standard_normal((33, Kd)).astype(np.float32)
+    one = np.concatenate([mm(x[i:i + 1], data) for i in range(33)])
+    exact = exact_product(family, group, data, x, Kd)
+    np.testing.assert_allclose(one, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    for M in [*range(2, 10), 16, 33]:
+        np.testing.assert_array_equal(mm(x[:M], data), one[:M], err_msg=f"M = {M}")
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_the_x86_variants_agree_to_the_bit(name):
+    """AVX2 (maddubs), AVX-VNNI and AVX512-VNNI compute the same integer dots and the same
+    float chain, so they give the same bits, decode and prefill."""
+    simd = [v for v in K.isas() if v != "generic"]
+    if len(simd) < 2:
+        pytest.skip("fewer than two x86 variants on this CPU")
+    family, group = FORMATS[name]
+    N, Kd = 29, 1152
+    data = F.quantize(family, group, rng.standard_normal((N, Kd)).astype(np.float32))
+    mm = K.make_matmul(family, group, F.bytes_per_block(family, group))
+    x = rng.standard_normal((21, Kd)).astype(np.float32)
+    before = K.isa()
+    try:
+        for M in (1, 5, 21):
+            results = {}
+            for v in simd:
+                K.set_isa(v)
+                results[v] = mm(x[:M], data)
+            for v in simd[1:]:
+                np.testing.assert_array_equal(results[v], results[simd[0]], err_msg=f"{v}, M = {M}")
+    finally:
+        K.set_isa(before)
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -80,13 +128,14 @@ def test_threads_of_the_core_pool_give_the_same_result():
     assert K.attach_core_pool()
     w = rng.standard_normal((301, 512)).astype(np.float32)
     data = F.quantize("q4_asym", 32, w)
-    x = rng.standard_normal((9, 512)).astype(np.float32)
     mm = K.make_matmul("q4_asym", 32, 20)
     before = core.threads()
     try:
-        core.set_threads(1)
-        one = mm(x, data)
-        core.set_threads(2)
-        np.testing.assert_array_equal(mm(x, data), one)
+        for M in (1, 5, 9):  # the few-rows kernel, then the prefill tiles
+            x = rng.standard_normal((M, 512)).astype(np.float32)
+            core.set_threads(1)
+            one = mm(x, data)
+            core.set_threads(2)
+            np.testing.assert_array_equal(mm(x, data), one, err_msg=f"M = {M}")
     finally:
         core.set_threads(before)
