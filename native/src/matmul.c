@@ -128,41 +128,6 @@ static void quantize_act_generic(const float *x, int64_t K, int16_t *q, float *d
     }
 }
 
-/* Prefill packs the weights of a chunk of rows once per K slice, for every x row to
-   reuse: groups of nv rows; per group and block 16 vectors of nv int32 lanes, lane jj of
-   vector i holding the sign-extended int16 pair of w[row jj] that meets x's int16
-   dword i (q16_pos order: values 4i, 4i + 2 for i < 8, else 4(i - 8) + 1, + 3), so
-   one broadcast x pair times one vector gives nv rows' partial dots with no horizontal
-   sums; per group and block nv float scales. Rows past nr are zero. */
-static void pack_q8_tile(const uint8_t *w, int64_t ldw, int64_t nr, int64_t b0, int64_t bn,
-                         int nv, int64_t ngroups, int32_t *tile, float *sc) {
-    for (int64_t g = 0; g < ngroups; g++) {
-        int32_t *t = tile + g * bn * 16 * nv;
-        float *s = sc + g * bn * nv;
-        for (int jj = 0; jj < nv; jj++) {
-            const int64_t r = g * nv + jj;
-            if (r >= nr) {
-                for (int64_t b = 0; b < bn; b++) {
-                    s[b * nv + jj] = 0.0f;
-                    for (int i = 0; i < 16; i++) t[(b * 16 + i) * nv + jj] = 0;
-                }
-                continue;
-            }
-            const lk_block_q8_0 *blk = (const lk_block_q8_0 *)(w + r * ldw) + b0;
-            for (int64_t b = 0; b < bn; b++) {
-                s[b * nv + jj] = lk_f16_to_f32(rd16(&blk[b].d));
-                for (int i = 0; i < 16; i++) {
-                    /* x dword i holds stored positions 2i, 2i + 1: values k and k + 2 */
-                    const int k = i < 8 ? 4 * i : 4 * (i - 8) + 1;
-                    const uint32_t lo = (uint16_t)(int16_t)blk[b].qs[k];
-                    const uint32_t hi = (uint16_t)(int16_t)blk[b].qs[k + 2];
-                    t[(b * 16 + i) * nv + jj] = (int32_t)(lo | hi << 16);
-                }
-            }
-        }
-    }
-}
-
 static inline int32_t ld32(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -209,6 +174,9 @@ AVX2_INLINE void pf_(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0)
 /* Up to this many x rows use the streaming (matvec-like) kernels: the weights are read
    once either way, and the streaming order keeps the prefetchers fed. */
 #define FEW_ROWS 8
+/* q8_0 from this many x rows packs each weight block once for all of them (few); below,
+   each x row runs mv4 (packing cost more than it saved at M = 2) */
+#define Q8_FEW_MIN 3
 
 /* y[0..3] = dot(x, rows w, w + ldw, w + 2 ldw, w + 3 ldw) */
 AVX2_INLINE void mv4_float(const float *x, int64_t K, const uint8_t *w, int64_t ldw,
@@ -852,16 +820,77 @@ Q8_INLINE void Q8_NAME(mv4)(const int16_t *xq, const float *xd, int64_t nb, cons
 }
 
 
+/* One row, for a chunk's last rows: the same arithmetic as mv4 (each block's exact int32
+   dot, then acc = fma(dot, d_w * d_x, acc)), so a row gets the same bits whichever kernel
+   computes it. */
 Q8_INLINE float Q8_NAME(mv1)(const int16_t *xq, const float *xd, int64_t nb, const uint8_t *w) {
     const lk_block_q8_0 *w0 = (const lk_block_q8_0 *)w;
-    __m256 a = _mm256_setzero_ps();
+    __m128 acc = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
         const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b + 16));
-        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q8_NAME(blk)(w0[b].qs, x0, x1)),
-                            _mm256_set1_ps(f16s(&w0[b]) * xd[b]), a);
+        const __m256i p = Q8_NAME(blk)(w0[b].qs, x0, x1);
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        const __m128 d = _mm_mul_ss(_mm_set_ss(f16s(&w0[b])), _mm_set_ss(xd[b]));
+        acc = _mm_fmadd_ss(_mm_cvtepi32_ps(s), d, acc);
     }
-    return hsum8(a);
+    return _mm_cvtss_f32(acc);
+}
+
+/* Packs 8 q8_0 rows (row jj at rows[jj] + b0 blocks; rows past the matrix point at zero
+   blocks) for blocks [b0, b0 + bn) into the layout the micro-kernels mk read, at lanes
+   lane0 .. lane0 + 7 of groups of nv lanes (t, sc point at lane0). Per group and block:
+   16 vectors of nv int32 lanes, lane jj of vector i holding the int16 pair of row jj that
+   meets x's int16 dword i (q16_pos order: values 4i, 4i + 2 for i < 8, else
+   4(i - 8) + 1, + 3), so one broadcast x pair times one vector gives nv rows' partial
+   dots with no horizontal sums; then nv float scales. per block, the even and odd values of each row are
+   sign-extended to int16 as in blk (their dwords are exactly the pairs x's dwords meet),
+   then an 8 x 8 dword transpose puts the rows in lanes. pf: bytes ahead to prefetch
+   (the next group of rows), or < 0. */
+Q8_INLINE void Q8_NAME(pack8)(const uint8_t *const *rows, int64_t b0, int64_t bn, int nv,
+                              int32_t *t, float *sc, int64_t pf) {
+    for (int64_t b = 0; b < bn; b++) {
+        __m256i e[8], o[8];
+        uint64_t dlo = 0, dhi = 0; /* the half scales meet in general registers (no
+                                      store-forwarding stall of 2-byte stores into a load) */
+#pragma GCC unroll 8
+        for (int jj = 0; jj < 8; jj++) {
+            const lk_block_q8_0 *blk = (const lk_block_q8_0 *)rows[jj] + b0 + b;
+            if (pf >= 0 && (b & 1) == 0) pf_((const char *)blk + pf);
+            __m256i wa = _mm256_loadu_si256((const __m256i *)(blk->qs - 1));
+            __m256i wb = _mm256_loadu_si256((const __m256i *)blk->qs);
+            __asm__("" : "+x"(wa), "+x"(wb));
+            e[jj] = _mm256_srai_epi16(wa, 8);
+            o[jj] = _mm256_srai_epi16(wb, 8);
+            if (jj < 4) dlo |= (uint64_t)rd16(&blk->d) << (16 * jj);
+            else dhi |= (uint64_t)rd16(&blk->d) << (16 * (jj - 4));
+        }
+        int32_t *tb = t + b * 16 * nv;
+        for (int h = 0; h < 2; h++) {
+            const __m256i *r = h ? o : e;
+            const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+            const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+            const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+            const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+            const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+            const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+            __m256i *v = (__m256i *)(tb + 8 * h * nv);
+            const int s = nv / 8; /* vectors per packed dword position */
+            _mm256_store_si256(v + 0 * s, _mm256_permute2x128_si256(u0, u4, 0x20));
+            _mm256_store_si256(v + 1 * s, _mm256_permute2x128_si256(u1, u5, 0x20));
+            _mm256_store_si256(v + 2 * s, _mm256_permute2x128_si256(u2, u6, 0x20));
+            _mm256_store_si256(v + 3 * s, _mm256_permute2x128_si256(u3, u7, 0x20));
+            _mm256_store_si256(v + 4 * s, _mm256_permute2x128_si256(u0, u4, 0x31));
+            _mm256_store_si256(v + 5 * s, _mm256_permute2x128_si256(u1, u5, 0x31));
+            _mm256_store_si256(v + 6 * s, _mm256_permute2x128_si256(u2, u6, 0x31));
+            _mm256_store_si256(v + 7 * s, _mm256_permute2x128_si256(u3, u7, 0x31));
+        }
+        _mm256_store_ps(sc + b * nv, _mm256_cvtph_ps(_mm_set_epi64x((long long)dhi, (long long)dlo)));
+    }
 }
 
 #if Q8_VNNI == 2
@@ -871,12 +900,15 @@ Q8_INLINE float Q8_NAME(mv1)(const int16_t *xq, const float *xd, int64_t nb, con
 #define Q8_NV 16
 #define Q8_NRV 32
 Q8_INLINE void Q8_NAME(mk)(const int16_t *const *xr, const float *const *xs, const int32_t *t,
-                           const float *sc, int64_t bn, float *out) {
+                           const float *sc, int64_t bn, float *out, int acc) {
     const int32_t *t1 = t + bn * 16 * 16;
     const float *sc1 = sc + bn * 16;
     __m512 f[Q8_MR][2];
 #pragma GCC unroll 4
-    for (int m = 0; m < Q8_MR; m++) f[m][0] = f[m][1] = _mm512_setzero_ps();
+    for (int m = 0; m < Q8_MR; m++) {
+        f[m][0] = acc ? _mm512_load_ps(out + m * Q8_NRV) : _mm512_setzero_ps();
+        f[m][1] = acc ? _mm512_load_ps(out + m * Q8_NRV + 16) : _mm512_setzero_ps();
+    }
     for (int64_t b = 0; b < bn; b++) {
         const __m512i *wa = (const __m512i *)(t + b * 256), *wb = (const __m512i *)(t1 + b * 256);
         __m512i a[Q8_MR][2];
@@ -913,11 +945,17 @@ Q8_INLINE void Q8_NAME(mk)(const int16_t *const *xr, const float *const *xs, con
 #define Q8_NV 8
 #define Q8_NRV 16
 Q8_INLINE void Q8_NAME(mk)(const int16_t *const *xr, const float *const *xs, const int32_t *t,
-                           const float *sc, int64_t bn, float *out) {
+                           const float *sc, int64_t bn, float *out, int acc) {
     const int32_t *t1 = t + bn * 16 * 8;
     const float *sc1 = sc + bn * 8;
     const float *da = xs[0], *db = xs[1];
     __m256 f00 = _mm256_setzero_ps(), f01 = f00, f10 = f00, f11 = f00;
+    if (acc) {
+        f00 = _mm256_load_ps(out);
+        f01 = _mm256_load_ps(out + 8);
+        f10 = _mm256_load_ps(out + 16);
+        f11 = _mm256_load_ps(out + 24);
+    }
     for (int64_t b = 0; b < bn; b++) {
         const __m256i *wa = (const __m256i *)(t + b * 128), *wb = (const __m256i *)(t1 + b * 128);
         const int16_t *pa = xr[0] + 32 * b, *pb = xr[1] + 32 * b;
@@ -961,9 +999,29 @@ Q8_INLINE void Q8_NAME(mk)(const int16_t *const *xr, const float *const *xs, con
 }
 #endif
 
+/* Packs the rows [r, r + nr) of W (nr <= Q8_NRV) for blocks [b0, b0 + bn) as the
+   micro-kernel mk reads them: Q8_NRV / Q8_NV groups of Q8_NV lanes; missing rows are
+   zero. */
+Q8_INLINE void Q8_NAME(pack)(const uint8_t *w, int64_t ldw, int64_t nr, int64_t b0, int64_t bn,
+                             int32_t *t, float *sc, int64_t pf) {
+    static const lk_block_q8_0 zero[PF_Q16_BLOCKS];
+#pragma GCC unroll 4
+    for (int p = 0; p < Q8_NRV / 8; p++) {
+        const uint8_t *rows[8];
+        for (int jj = 0; jj < 8; jj++) {
+            const int64_t r = 8 * p + jj;
+            rows[jj] = r < nr ? w + r * ldw : (const uint8_t *)(zero - b0);
+        }
+        const int g = 8 * p / Q8_NV, lane0 = 8 * p % Q8_NV;
+        Q8_NAME(pack8)(rows, b0, bn, Q8_NV, t + g * bn * 16 * Q8_NV + lane0, sc + g * bn * Q8_NV + lane0,
+                       8 * p < nr ? pf : -1);
+    }
+}
+
 /* Prefill: rows [r0, r1) of W against all M rows of x, one K slice at a time; the slice
-   of the chunk's rows is packed to int16 once (pack_q8_tile) and stays in L1 while
-   every x row passes over it. */
+   of the chunk's rows is packed to int16 once (pack) and stays in L1 while every x row
+   passes over it. Each output continues its float accumulator across the slices (from y),
+   so every row gets the bits mv4 gives it: the same fma per block, in block order. */
 Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
     const int64_t M = j->M, K = j->K, N = j->N, nb = K / LK_QK8_0, nr = r1 - r0;
     const int64_t ng = (nr + Q8_NRV - 1) / Q8_NRV * (Q8_NRV / Q8_NV);
@@ -976,7 +1034,9 @@ Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t 
     for (int64_t b0 = 0; b0 < nb; b0 += PF_Q16_BLOCKS) {
         const int64_t bn = nb - b0 < PF_Q16_BLOCKS ? nb - b0 : PF_Q16_BLOCKS;
         const int first = b0 == 0;
-        pack_q8_tile(j->w + r0 * j->ldw, j->ldw, nr, b0, bn, Q8_NV, ng, tile, sc);
+        for (int64_t g = 0; g < ng; g += Q8_NRV / Q8_NV)
+            Q8_NAME(pack)(j->w + (r0 + g * Q8_NV) * j->ldw, j->ldw, nr - g * Q8_NV, b0, bn,
+                          tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV, -1);
         for (int64_t m = 0; m < M; m += Q8_MR) {
             const int16_t *xr[Q8_MR];
             const float *xs[Q8_MR];
@@ -986,23 +1046,55 @@ Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t 
                 xs[i] = j->xd + mi * nb + b0;
             }
             for (int64_t g = 0; g < ng; g += Q8_NRV / Q8_NV) {
-                Q8_NAME(mk)(xr, xs, tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV, bn, out);
                 const int64_t c0 = g * Q8_NV, nc = nr - c0 < Q8_NRV ? nr - c0 : Q8_NRV;
-                for (int i = 0; i < Q8_MR && m + i < M; i++) {
-                    float *y = j->y + (m + i) * N + r0 + c0;
-                    const float *o = out + i * Q8_NRV;
-                    if (nc == Q8_NRV) {
-                        for (int v = 0; v < Q8_NRV; v += 8) {
-                            __m256 s = _mm256_load_ps(o + v);
-                            if (!first) s = _mm256_add_ps(s, _mm256_loadu_ps(y + v));
-                            _mm256_storeu_ps(y + v, s);
-                        }
-                    } else {
-                        for (int64_t c = 0; c < nc; c++) y[c] = first ? o[c] : y[c] + o[c];
+                if (!first) {
+                    for (int i = 0; i < Q8_MR; i++) {
+                        const float *y = j->y + (m + i) * N + r0 + c0;
+                        for (int64_t c = 0; c < Q8_NRV; c++)
+                            out[i * Q8_NRV + c] = m + i < M && c < nc ? y[c] : 0.0f;
                     }
                 }
+                Q8_NAME(mk)(xr, xs, tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV, bn, out, !first);
+                for (int i = 0; i < Q8_MR && m + i < M; i++)
+                    memcpy(j->y + (m + i) * N + r0 + c0, out + i * Q8_NRV, (size_t)nc * sizeof(float));
             }
         }
+    }
+}
+
+/* A few x rows (2 .. FEW_ROWS: batched decode): still bound by streaming the weights, so
+   walk them in groups of Q8_NRV rows, prefetching the next group as this one is packed
+   (pack, as in prefill: each weight block is widened once, not once per x row), and run
+   every x row over the packed slice with the prefill micro-kernel; the accumulators stay
+   in `acc` across the K slices, so each output gets the bits mv4 gives it. */
+Q8_TARGET static void Q8_NAME(few)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    const int64_t M = j->M, K = j->K, N = j->N, nb = K / LK_QK8_0, ldw = j->ldw;
+    const int64_t sb = nb < PF_Q16_BLOCKS ? nb : PF_Q16_BLOCKS;
+    const size_t tbytes = (size_t)(Q8_NRV * sb * 16) * sizeof(int32_t);
+    uint8_t *scr = (uint8_t *)lk_scratch(ith, tbytes + (size_t)(Q8_NRV * sb) * sizeof(float));
+    int32_t *tile = (int32_t *)scr;
+    float *sc = (float *)(scr + tbytes);
+    float acc[(FEW_ROWS + Q8_MR) * Q8_NRV] __attribute__((aligned(64)));
+    const int64_t pf = lk_pf_dist < 0 ? -1 : Q8_NRV * ldw;
+    prefetch_rows(j->w + r0 * ldw, (r1 - r0 < Q8_NRV ? r1 - r0 : Q8_NRV) * ldw);
+    for (int64_t r = r0; r < r1; r += Q8_NRV) {
+        const int64_t nr = r1 - r < Q8_NRV ? r1 - r : Q8_NRV;
+        for (int64_t b0 = 0; b0 < nb; b0 += PF_Q16_BLOCKS) {
+            const int64_t bn = nb - b0 < PF_Q16_BLOCKS ? nb - b0 : PF_Q16_BLOCKS;
+            Q8_NAME(pack)(j->w + r * ldw, ldw, nr, b0, bn, tile, sc, r + Q8_NRV < r1 ? pf : -1);
+            for (int64_t m = 0; m < M; m += Q8_MR) {
+                const int16_t *xr[Q8_MR];
+                const float *xs[Q8_MR];
+                for (int i = 0; i < Q8_MR; i++) {
+                    const int64_t mi = m + i < M ? m + i : M - 1;
+                    xr[i] = j->xq + mi * K + b0 * LK_QK8_0;
+                    xs[i] = j->xd + mi * nb + b0;
+                }
+                Q8_NAME(mk)(xr, xs, tile, sc, bn, acc + m * Q8_NRV, b0 > 0);
+            }
+        }
+        for (int64_t m = 0; m < M; m++)
+            memcpy(j->y + m * N + r, acc + m * Q8_NRV, (size_t)nr * sizeof(float));
     }
 }
 
@@ -1011,8 +1103,12 @@ Q8_TARGET static void Q8_NAME(rows_q8_0)(const matmul_job *j, int64_t r0, int64_
         Q8_NAME(prefill)(j, r0, r1, ith);
         return;
     }
-    /* decode, or a few x rows: stream the weights four rows at a time (the first x row's
-       pass prefetches the next four), the other x rows reuse them from L1 */
+    if (j->M >= Q8_FEW_MIN) {
+        Q8_NAME(few)(j, r0, r1, ith);
+        return;
+    }
+    /* decode (and M = 2): stream the weights four rows at a time, prefetching the next
+       four; a second x row reuses them from L1 */
     const int64_t K = j->K, N = j->N, nb = K / LK_QK8_0, ldw = j->ldw;
     int64_t r = r0;
     prefetch_rows(j->w + r0 * ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * ldw);
