@@ -178,67 +178,68 @@ AVX2_INLINE void pf_(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0)
    each x row runs mv4 (packing cost more than it saved at M = 2) */
 #define Q8_FEW_MIN 3
 
-/* y[0..3] = dot(x, rows w, w + ldw, w + 2 ldw, w + 3 ldw) */
+/* f32 / f16: every path (matvec, few rows, prefill tiles) computes a dot in the same
+   order, so an output row has the same bits whatever M is (batched decode gives a request
+   what it gets alone): per K slice of PF_KSLICE values, one 8-lane FMA accumulator over
+   the slice's whole groups of 8, summed by the hsum8x4 tree, then the slice's last values
+   (only the last slice has any) by scalar FMAs; slice sums are added to y in order. */
+
+AVX2_INLINE float fma1(float a, float b, float c) {
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
+/* hsum8x4's sum of one vector (the same tree) */
+AVX2_INLINE float hsum8t(__m256 v) { return _mm_cvtss_f32(hsum8x4(v, v, v, v)); }
+
+/* y[0..3] = dot(x, rows w, w + ldw, w + 2 ldw, w + 3 ldw), prefetching the next four rows */
 AVX2_INLINE void mv4_float(const float *x, int64_t K, const uint8_t *w, int64_t ldw,
                            float *y, int fmt) {
     const uint8_t *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    int64_t k = 0;
     const int es = fmt == FMT_F16 ? 2 : 4;
     const int64_t pf = lk_pf_dist < 0 ? -1 : lk_pf_dist == 0 ? 4 * ldw : lk_pf_dist <= 64 ? lk_pf_dist * ldw : lk_pf_dist;
-    for (; k + 16 <= K; k += 16) {
-        if (pf >= 0) {
-            pf_((const char *)w0 + pf + k * es);
-            pf_((const char *)w1 + pf + k * es);
-            pf_((const char *)w2 + pf + k * es);
-            pf_((const char *)w3 + pf + k * es);
+    float out[4] = {0, 0, 0, 0};
+    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+        const int64_t k1 = K - k0 < PF_KSLICE ? K : k0 + PF_KSLICE;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = k0;
+        for (; k + 8 <= k1; k += 8) {
+            if (pf >= 0 && ((k * es) & 63) == 0) {
+                pf_((const char *)w0 + pf + k * es);
+                pf_((const char *)w1 + pf + k * es);
+                pf_((const char *)w2 + pf + k * es);
+                pf_((const char *)w3 + pf + k * es);
+            }
+            const __m256 xv = _mm256_loadu_ps(x + k);
+            a0 = _mm256_fmadd_ps(load_w8(w0, k, fmt), xv, a0);
+            a1 = _mm256_fmadd_ps(load_w8(w1, k, fmt), xv, a1);
+            a2 = _mm256_fmadd_ps(load_w8(w2, k, fmt), xv, a2);
+            a3 = _mm256_fmadd_ps(load_w8(w3, k, fmt), xv, a3);
         }
-        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-        a0 = _mm256_fmadd_ps(load_w8(w0, k, fmt), x0, a0);
-        b0 = _mm256_fmadd_ps(load_w8(w0, k + 8, fmt), x1, b0);
-        a1 = _mm256_fmadd_ps(load_w8(w1, k, fmt), x0, a1);
-        b1 = _mm256_fmadd_ps(load_w8(w1, k + 8, fmt), x1, b1);
-        a2 = _mm256_fmadd_ps(load_w8(w2, k, fmt), x0, a2);
-        b2 = _mm256_fmadd_ps(load_w8(w2, k + 8, fmt), x1, b2);
-        a3 = _mm256_fmadd_ps(load_w8(w3, k, fmt), x0, a3);
-        b3 = _mm256_fmadd_ps(load_w8(w3, k + 8, fmt), x1, b3);
-    }
-    if (k + 8 <= K) {
-        __m256 x0 = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(load_w8(w0, k, fmt), x0, a0);
-        a1 = _mm256_fmadd_ps(load_w8(w1, k, fmt), x0, a1);
-        a2 = _mm256_fmadd_ps(load_w8(w2, k, fmt), x0, a2);
-        a3 = _mm256_fmadd_ps(load_w8(w3, k, fmt), x0, a3);
-        k += 8;
-    }
-    __m128 s = hsum8x4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1),
-                       _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3));
-    float out[4];
-    _mm_storeu_ps(out, s);
-    for (; k < K; k++) {
-        out[0] += load_w1(w0, k, fmt) * x[k];
-        out[1] += load_w1(w1, k, fmt) * x[k];
-        out[2] += load_w1(w2, k, fmt) * x[k];
-        out[3] += load_w1(w3, k, fmt) * x[k];
+        float sl[4];
+        _mm_storeu_ps(sl, hsum8x4(a0, a1, a2, a3));
+        for (; k < k1; k++) {
+            sl[0] = fma1(x[k], load_w1(w0, k, fmt), sl[0]);
+            sl[1] = fma1(x[k], load_w1(w1, k, fmt), sl[1]);
+            sl[2] = fma1(x[k], load_w1(w2, k, fmt), sl[2]);
+            sl[3] = fma1(x[k], load_w1(w3, k, fmt), sl[3]);
+        }
+        for (int i = 0; i < 4; i++) out[i] = k0 ? out[i] + sl[i] : sl[i];
     }
     memcpy(y, out, sizeof out);
 }
 
 AVX2_INLINE float mv1_float(const float *x, int64_t K, const uint8_t *w, int fmt) {
-    __m256 a = _mm256_setzero_ps(), b = a;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        a = _mm256_fmadd_ps(load_w8(w, k, fmt), _mm256_loadu_ps(x + k), a);
-        b = _mm256_fmadd_ps(load_w8(w, k + 8, fmt), _mm256_loadu_ps(x + k + 8), b);
+    float out = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+        const int64_t k1 = K - k0 < PF_KSLICE ? K : k0 + PF_KSLICE;
+        __m256 a = _mm256_setzero_ps();
+        int64_t k = k0;
+        for (; k + 8 <= k1; k += 8) a = _mm256_fmadd_ps(load_w8(w, k, fmt), _mm256_loadu_ps(x + k), a);
+        float sl = hsum8t(a);
+        for (; k < k1; k++) sl = fma1(x[k], load_w1(w, k, fmt), sl);
+        out = k0 ? out + sl : sl;
     }
-    if (k + 8 <= K) {
-        a = _mm256_fmadd_ps(load_w8(w, k, fmt), _mm256_loadu_ps(x + k), a);
-        k += 8;
-    }
-    float s = hsum8(_mm256_add_ps(a, b));
-    for (; k < K; k++) s += load_w1(w, k, fmt) * x[k];
-    return s;
+    return out;
 }
 
 /* The software prefetch inside the row loops covers the next group of rows; the first
@@ -255,8 +256,8 @@ AVX2_INLINE void matvec_float(const matmul_job *j, int64_t r0, int64_t r1, int f
     for (; r < r1; r++) j->y[r] = mv1_float(j->x, j->K, j->w + r * j->ldw, fmt);
 }
 
-/* Prefill micro-kernel: two x rows (x0, x1, may be equal) against four f32 weight rows
-   (row stride ldwf floats) over n values; out{0,1}[0..3] += or = the dots. */
+/* Two x rows (x0, x1, may be equal) against four f32 weight rows (row stride ldwf floats)
+   over one K slice of n values; y{0,1}[0..3] = (accumulate ? y + : ) the slice's dots. */
 AVX2_INLINE void mm2x4_f32(const float *x0, const float *x1, const float *w, int64_t ldwf,
                            int64_t n, float *y0, float *y1, int accumulate) {
     const float *w0 = w, *w1 = w + ldwf, *w2 = w + 2 * ldwf, *w3 = w + 3 * ldwf;
@@ -283,8 +284,8 @@ AVX2_INLINE void mm2x4_f32(const float *x0, const float *x1, const float *w, int
     _mm_storeu_ps(s1, hsum8x4(c10, c11, c12, c13));
     for (; k < n; k++) {
         for (int i = 0; i < 4; i++) {
-            s0[i] += x0[k] * w[i * ldwf + k];
-            s1[i] += x1[k] * w[i * ldwf + k];
+            s0[i] = fma1(x0[k], w[i * ldwf + k], s0[i]);
+            s1[i] = fma1(x1[k], w[i * ldwf + k], s1[i]);
         }
     }
     for (int i = 0; i < 4; i++) {
@@ -293,93 +294,96 @@ AVX2_INLINE void mm2x4_f32(const float *x0, const float *x1, const float *w, int
     }
 }
 
+/* one slice's dot, in the order above */
 AVX2_INLINE float dot_f32(const float *x, const float *w, int64_t n) {
     __m256 a = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a);
-    float s = hsum8(a);
-    for (; k < n; k++) s += x[k] * w[k];
+    float s = hsum8t(a);
+    for (; k < n; k++) s = fma1(x[k], w[k], s);
     return s;
 }
 
-/* Prefill for float formats: rows [r0, r1) of W against all M rows of x. */
-AVX2_INLINE void matmul_float_tiled(const matmul_job *j, int64_t r0, int64_t r1, int ith,
-                                    int fmt) {
-    const int64_t M = j->M, K = j->K, N = j->N;
-    const int64_t nr = r1 - r0;
-    float *tile = NULL;
-    if (fmt == FMT_F16) tile = (float *)lk_scratch(ith, (size_t)nr * PF_KSLICE * sizeof(float));
-    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
-        const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
-        const float *wt;
-        int64_t ldwf;
-        if (fmt == FMT_F16) {
-            /* convert this slice of the chunk's rows once; every x row reuses it */
-            for (int64_t r = 0; r < nr; r++) {
-                const uint8_t *src = j->w + (r0 + r) * j->ldw;
-                float *dst = tile + r * PF_KSLICE;
-                int64_t k = 0;
-                for (; k + 8 <= kn; k += 8) _mm256_storeu_ps(dst + k, load_w8(src, k0 + k, FMT_F16));
-                for (; k < kn; k++) dst[k] = load_w1(src, k0 + k, FMT_F16);
-            }
-            wt = tile;
-            ldwf = PF_KSLICE;
-        } else {
-            wt = (const float *)(j->w + r0 * j->ldw) + k0;
-            ldwf = j->ldw / (int64_t)sizeof(float);
-        }
-        const int acc = k0 > 0;
-        for (int64_t m = 0; m < M; m += 2) {
-            const float *x0 = j->x + m * K + k0;
-            const float *x1 = m + 1 < M ? x0 + K : x0;
-            float *y0 = j->y + m * N + r0;
-            float *y1 = m + 1 < M ? y0 + N : y0;
-            int64_t r = 0;
-            for (; r + 4 <= nr; r += 4)
-                mm2x4_f32(x0, x1, wt + r * ldwf, ldwf, kn, y0 + r, y1 + r, acc);
-            for (; r < nr; r++) {
-                float d0 = dot_f32(x0, wt + r * ldwf, kn);
-                y0[r] = acc ? y0[r] + d0 : d0;
-                if (y1 != y0) {
-                    float d1 = dot_f32(x1, wt + r * ldwf, kn);
-                    y1[r] = acc ? y1[r] + d1 : d1;
-                }
+/* Rows [r0, r0 + nr) of W against x rows [m0, m1), one K slice of kn values at k0 (wt:
+   the slice's weights as f32, row stride ldwf); y += or = the slice's dots. */
+AVX2_INLINE void slice_rows(const matmul_job *j, int64_t m0, int64_t m1, int64_t r0, int64_t nr,
+                            int64_t k0, int64_t kn, const float *wt, int64_t ldwf) {
+    const int64_t K = j->K, N = j->N;
+    const int acc = k0 > 0;
+    for (int64_t m = m0; m < m1; m += 2) {
+        const float *x0 = j->x + m * K + k0;
+        const float *x1 = m + 1 < m1 ? x0 + K : x0;
+        float *y0 = j->y + m * N + r0;
+        float *y1 = m + 1 < m1 ? y0 + N : y0;
+        int64_t r = 0;
+        for (; r + 4 <= nr; r += 4)
+            mm2x4_f32(x0, x1, wt + r * ldwf, ldwf, kn, y0 + r, y1 + r, acc);
+        for (; r < nr; r++) {
+            float d0 = dot_f32(x0, wt + r * ldwf, kn);
+            y0[r] = acc ? y0[r] + d0 : d0;
+            if (y1 != y0) {
+                float d1 = dot_f32(x1, wt + r * ldwf, kn);
+                y1[r] = acc ? y1[r] + d1 : d1;
             }
         }
     }
 }
 
-/* A few x rows (batched decode, speculative verification): still bound by streaming
-   the weights, so walk them like the matvec, four rows at a time with the next four
-   prefetched, load each group once into an f32 tile, and run every x row over it. */
+/* f16 rows [r0, r0 + nr) of W, values [k0, k0 + kn), to f32 at dst (row stride PF_KSLICE),
+   prefetching `pf` bytes ahead (< 0: off) */
+AVX2_INLINE void f16_slice(const matmul_job *j, int64_t r0, int64_t nr, int64_t k0, int64_t kn,
+                           float *dst, int64_t pf) {
+    for (int64_t r = 0; r < nr; r++) {
+        const uint8_t *src = j->w + (r0 + r) * j->ldw;
+        float *d = dst + r * PF_KSLICE;
+        int64_t k = 0;
+        for (; k + 8 <= kn; k += 8) {
+            if (pf >= 0 && (k & 31) == 0) pf_(src + pf + 2 * (k0 + k));
+            _mm256_storeu_ps(d + k, load_w8(src, k0 + k, FMT_F16));
+        }
+        for (; k < kn; k++) d[k] = load_w1(src, k0 + k, FMT_F16);
+    }
+}
+
+/* Prefill for float formats: rows [r0, r1) of W against all M rows of x. */
+AVX2_INLINE void matmul_float_tiled(const matmul_job *j, int64_t r0, int64_t r1, int ith,
+                                    int fmt) {
+    const int64_t K = j->K, nr = r1 - r0;
+    float *tile = NULL;
+    if (fmt == FMT_F16) tile = (float *)lk_scratch(ith, (size_t)nr * PF_KSLICE * sizeof(float));
+    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+        const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+        if (fmt == FMT_F16) {
+            /* convert this slice of the chunk's rows once; every x row reuses it */
+            f16_slice(j, r0, nr, k0, kn, tile, -1);
+            slice_rows(j, 0, j->M, r0, nr, k0, kn, tile, PF_KSLICE);
+        } else {
+            slice_rows(j, 0, j->M, r0, nr, k0, kn, (const float *)(j->w + r0 * j->ldw) + k0,
+                       j->ldw / (int64_t)sizeof(float));
+        }
+    }
+}
+
+/* A few x rows (batched decode, speculative verification): still bound by streaming the
+   weights, so walk them like the matvec, four rows at a time with the next four
+   prefetched, one K slice at a time (f16: converted to an f32 tile in L1 once), and run
+   every x row over the slice. */
 AVX2_INLINE void matmul_float_few(const matmul_job *j, int64_t r0, int64_t r1, int ith, int fmt) {
-    const int64_t M = j->M, K = j->K, N = j->N, ldw = j->ldw;
-    float *tile = (float *)lk_scratch(ith, (size_t)4 * K * sizeof(float));
+    const int64_t K = j->K, ldw = j->ldw;
+    float *tile = (float *)lk_scratch(ith, (size_t)4 * PF_KSLICE * sizeof(float));
+    prefetch_rows(j->w + r0 * ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * ldw);
     for (int64_t r = r0; r < r1; r += 4) {
         const int64_t nr = r1 - r < 4 ? r1 - r : 4;
-        for (int64_t i = 0; i < nr; i++) {
-            const uint8_t *src = j->w + (r + i) * ldw;
-            float *dst = tile + i * K;
-            int64_t k = 0;
-            for (; k + 16 <= K; k += 16) {
-                pf_(src + 4 * ldw + k * (fmt == FMT_F16 ? 2 : 4));
-                _mm256_storeu_ps(dst + k, load_w8(src, k, fmt));
-                _mm256_storeu_ps(dst + k + 8, load_w8(src, k + 8, fmt));
-            }
-            for (; k < K; k++) dst[k] = load_w1(src, k, fmt);
-        }
-        for (int64_t m = 0; m < M; m += 2) {
-            const float *x0 = j->x + m * K;
-            const float *x1 = m + 1 < M ? x0 + K : x0;
-            float *y0 = j->y + m * N + r;
-            float *y1 = m + 1 < M ? y0 + N : y0;
-            if (nr == 4) {
-                mm2x4_f32(x0, x1, tile, K, K, y0, y1, 0);
+        for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+            const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+            if (fmt == FMT_F16) {
+                f16_slice(j, r, nr, k0, kn, tile, 4 * ldw);
+                slice_rows(j, 0, j->M, r, nr, k0, kn, tile, PF_KSLICE);
             } else {
-                for (int64_t i = 0; i < nr; i++) {
-                    y0[i] = dot_f32(x0, tile + i * K, K);
-                    if (y1 != y0) y1[i] = dot_f32(x1, tile + i * K, K);
-                }
+                const float *wt = (const float *)(j->w + r * ldw) + k0;
+                for (int64_t i = 0; i < nr; i++)
+                    for (int64_t k = 0; k < kn; k += 16) pf_((const char *)(wt + k) + 4 * ldw + i * ldw);
+                slice_rows(j, 0, j->M, r, nr, k0, kn, wt, ldw / (int64_t)sizeof(float));
             }
         }
     }
