@@ -31,6 +31,9 @@ enum { FMT_F32 = LK_FMT_F32, FMT_F16 = LK_FMT_F16, FMT_Q8_0 = LK_FMT_Q8_0 };
    (32 x 16 blocks = 32 KiB; 8 blocks measured ~15% slower) */
 #define PF_Q8_ROWS 32
 #define PF_Q16_BLOCKS 16
+/* few rows: K slice (blocks) packed at a time; short, so the loads of the next slice
+   overlap the micro-kernel's arithmetic on this one (LATTICE_FEW_BLOCKS: tuning only) */
+int lk_few_blocks = 4;
 
 typedef struct matmul_job {
     const float *x;
@@ -1073,7 +1076,8 @@ Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t 
    in `acc` across the K slices, so each output gets the bits mv4 gives it. */
 Q8_TARGET static void Q8_NAME(few)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
     const int64_t M = j->M, K = j->K, N = j->N, nb = K / LK_QK8_0, ldw = j->ldw;
-    const int64_t sb = nb < PF_Q16_BLOCKS ? nb : PF_Q16_BLOCKS;
+    const int64_t fb = lk_few_blocks >= 1 && lk_few_blocks <= PF_Q16_BLOCKS ? lk_few_blocks : 4;
+    const int64_t sb = nb < fb ? nb : fb;
     const size_t tbytes = (size_t)(Q8_NRV * sb * 16) * sizeof(int32_t);
     uint8_t *scr = (uint8_t *)lk_scratch(ith, tbytes + (size_t)(Q8_NRV * sb) * sizeof(float));
     int32_t *tile = (int32_t *)scr;
@@ -1083,8 +1087,8 @@ Q8_TARGET static void Q8_NAME(few)(const matmul_job *j, int64_t r0, int64_t r1, 
     prefetch_rows(j->w + r0 * ldw, (r1 - r0 < Q8_NRV ? r1 - r0 : Q8_NRV) * ldw);
     for (int64_t r = r0; r < r1; r += Q8_NRV) {
         const int64_t nr = r1 - r < Q8_NRV ? r1 - r : Q8_NRV;
-        for (int64_t b0 = 0; b0 < nb; b0 += PF_Q16_BLOCKS) {
-            const int64_t bn = nb - b0 < PF_Q16_BLOCKS ? nb - b0 : PF_Q16_BLOCKS;
+        for (int64_t b0 = 0; b0 < nb; b0 += fb) {
+            const int64_t bn = nb - b0 < fb ? nb - b0 : fb;
             Q8_NAME(pack)(j->w + r * ldw, ldw, nr, b0, bn, tile, sc, r + Q8_NRV < r1 ? pf : -1);
             for (int64_t m = 0; m < M; m += Q8_MR) {
                 const int16_t *xr[Q8_MR];
