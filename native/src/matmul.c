@@ -404,6 +404,100 @@ LK_AVX2_TARGET static void rows_f16_avx2(const matmul_job *j, int64_t r0, int64_
     else matmul_float_tiled(j, r0, r1, ith, FMT_F16);
 }
 
+/* f32 / f16, a few x rows, with 512-bit FMAs (run when the AVX-512 variant is active):
+   the same dot order as above, each zmm accumulator holding two weight rows' 8-lane
+   accumulators side by side (x broadcast to both halves), so a row gets the bits the
+   AVX2 kernels give it while one FMA does the work of two. Four weight rows at a time,
+   converted per K slice into an f32 tile interleaved by 8 values ([k / 8][row][8]: rows
+   0-1 and 2-3 are one zmm load each), against all MR (= M) x rows held in registers. */
+#define AVX512F_TARGET __attribute__((target("avx2,fma,f16c,avx512f")))
+#define AVX512F_INLINE AVX512F_TARGET __attribute__((always_inline)) static inline
+
+AVX512F_INLINE __m256 hi256(__m512 v) {
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+/* rows r .. r + 3, slice [k0, k0 + kn): y += or = the slice's dots for x rows 0 .. MR-1 */
+AVX512F_INLINE void few512_slice(const matmul_job *j, int64_t r, int64_t k0, int64_t kn,
+                                 const float *tile, int fmt, const int MR) {
+    const int64_t K = j->K, N = j->N, kn8 = kn & ~(int64_t)7;
+    __m512 acc[FEW_ROWS][2];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kn8; k += 8) {
+        const __m512 w01 = _mm512_load_ps(tile + 4 * k), w23 = _mm512_load_ps(tile + 4 * k + 16);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; m++) {
+            const __m512 xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(
+                _mm256_castps_pd(_mm256_loadu_ps(j->x + m * K + k0 + k))));
+            acc[m][0] = _mm512_fmadd_ps(xv, w01, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(xv, w23, acc[m][1]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) {
+        float sl[4];
+        _mm_storeu_ps(sl, hsum8x4(_mm512_castps512_ps256(acc[m][0]), hi256(acc[m][0]),
+                                  _mm512_castps512_ps256(acc[m][1]), hi256(acc[m][1])));
+        const float *x = j->x + m * K + k0;
+        for (int64_t k = kn8; k < kn; k++)
+            for (int i = 0; i < 4; i++)
+                sl[i] = fma1(x[k], load_w1(j->w + (r + i) * j->ldw, k0 + k, fmt), sl[i]);
+        float *y = j->y + m * N + r;
+        for (int i = 0; i < 4; i++) y[i] = k0 ? y[i] + sl[i] : sl[i];
+    }
+}
+
+AVX512F_INLINE void few512(const matmul_job *j, int64_t r0, int64_t r1, int ith, int fmt) {
+    const int64_t K = j->K, ldw = j->ldw;
+    float *tile = (float *)lk_scratch(ith, (size_t)4 * PF_KSLICE * sizeof(float));
+    prefetch_rows(j->w + r0 * ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * ldw);
+    const int es = fmt == FMT_F16 ? 2 : 4;
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+            const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE, kn8 = kn & ~(int64_t)7;
+            for (int i = 0; i < 4; i++) {
+                const uint8_t *src = j->w + (r + i) * ldw;
+                for (int64_t k = 0; k < kn8; k += 8) {
+                    if (((k0 + k) * es & 63) == 0) pf_(src + 4 * ldw + (k0 + k) * es);
+                    _mm256_store_ps(tile + 4 * k + 8 * i, load_w8(src, k0 + k, fmt));
+                }
+            }
+            switch (j->M) {
+            case 2: few512_slice(j, r, k0, kn, tile, fmt, 2); break;
+            case 3: few512_slice(j, r, k0, kn, tile, fmt, 3); break;
+            case 4: few512_slice(j, r, k0, kn, tile, fmt, 4); break;
+            case 5: few512_slice(j, r, k0, kn, tile, fmt, 5); break;
+            case 6: few512_slice(j, r, k0, kn, tile, fmt, 6); break;
+            case 7: few512_slice(j, r, k0, kn, tile, fmt, 7); break;
+            default: few512_slice(j, r, k0, kn, tile, fmt, 8); break;
+            }
+        }
+    }
+    if (r < r1) { /* the chunk's last 1-3 rows: the AVX2 path (same bits) */
+        float *rt = tile;
+        for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+            const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+            if (fmt == FMT_F16) {
+                f16_slice(j, r, r1 - r, k0, kn, rt, -1);
+                slice_rows(j, 0, j->M, r, r1 - r, k0, kn, rt, PF_KSLICE);
+            } else {
+                slice_rows(j, 0, j->M, r, r1 - r, k0, kn, (const float *)(j->w + r * ldw) + k0,
+                           ldw / (int64_t)sizeof(float));
+            }
+        }
+    }
+}
+
+AVX512F_TARGET static void rows_f32_few512(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    few512(j, r0, r1, ith, FMT_F32);
+}
+
+AVX512F_TARGET static void rows_f16_few512(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    few512(j, r0, r1, ith, FMT_F16);
+}
+
 /* ---- q8_0 ---- */
 
 AVX2_INLINE float f16s(const lk_block_q8_0 *b) { return _cvtsh_ss(rd16(&b->d)); }
@@ -594,8 +688,8 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
     const int avx2 = LK_X86 && lk_active_isa == LK_ISA_AVX2;
     const int16_t *xq = NULL;
     const float *xd = NULL;
+    q8_detect();
     if (fmt == FMT_Q8_0) {
-        q8_detect();
         /* x as int16 [M, K] (64 bytes per block, so the scales after it stay aligned)
            and its scales float [M, K/32] */
         const int64_t nb = K / LK_QK8_0;
@@ -609,8 +703,9 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
     void (*rows)(const matmul_job *, int64_t, int64_t, int);
 #if LK_X86
     if (avx2) {
-        if (fmt == FMT_F32) rows = rows_f32_avx2;
-        else if (fmt == FMT_F16) rows = rows_f16_avx2;
+        const int few512 = M >= 2 && M <= FEW_ROWS && q8_active == Q8_V_AVX512VNNI;
+        if (fmt == FMT_F32) rows = few512 ? rows_f32_few512 : rows_f32_avx2;
+        else if (fmt == FMT_F16) rows = few512 ? rows_f16_few512 : rows_f16_avx2;
         else if (q8_active == Q8_V_AVX512VNNI) rows = rows_q8_0_avx512vnni;
         else if (q8_active == Q8_V_AVXVNNI) rows = rows_q8_0_avxvnni;
         else rows = rows_q8_0_avx2;
