@@ -369,25 +369,34 @@ AVX2_INLINE void matmul_float_tiled(const matmul_job *j, int64_t r0, int64_t r1,
 
 /* A few x rows (batched decode, speculative verification): still bound by streaming the
    weights, so walk them like the matvec, four rows at a time with the next four
-   prefetched, one K slice at a time (f16: converted to an f32 tile in L1 once), and run
-   every x row over the slice. */
+   prefetched, converted to an f32 tile once (all of K when four rows of it fit ~32 KiB,
+   else one K slice at a time: measured faster both ways), and run every x row over it. */
+#define FEW_SPAN(K) ((K) <= 2048 ? (K) : PF_KSLICE)
 AVX2_INLINE void matmul_float_few(const matmul_job *j, int64_t r0, int64_t r1, int ith, int fmt) {
-    const int64_t K = j->K, ldw = j->ldw;
-    float *tile = (float *)lk_scratch(ith, (size_t)4 * PF_KSLICE * sizeof(float));
+    const int64_t K = j->K, ldw = j->ldw, span = FEW_SPAN(K);
+    float *tile = (float *)lk_scratch(ith, (size_t)4 * span * sizeof(float));
+    const int es = fmt == FMT_F16 ? 2 : 4;
     prefetch_rows(j->w + r0 * ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * ldw);
     for (int64_t r = r0; r < r1; r += 4) {
         const int64_t nr = r1 - r < 4 ? r1 - r : 4;
         for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
             const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
-            if (fmt == FMT_F16) {
-                f16_slice(j, r, nr, k0, kn, tile, 4 * ldw);
-                slice_rows(j, 0, j->M, r, nr, k0, kn, tile, PF_KSLICE);
-            } else {
-                const float *wt = (const float *)(j->w + r * ldw) + k0;
-                for (int64_t i = 0; i < nr; i++)
-                    for (int64_t k = 0; k < kn; k += 16) pf_((const char *)(wt + k) + 4 * ldw + i * ldw);
-                slice_rows(j, 0, j->M, r, nr, k0, kn, wt, ldw / (int64_t)sizeof(float));
+            if (k0 % span == 0) {
+                /* the group's next span of values as f32 (f16 converted once; f32
+                   copied), prefetching the next group as it streams; row stride span */
+                const int64_t sn = K - k0 < span ? K - k0 : span;
+                for (int64_t i = 0; i < nr; i++) {
+                    const uint8_t *src = j->w + (r + i) * ldw;
+                    float *dst = tile + i * span;
+                    int64_t k = 0;
+                    for (; k + 8 <= sn; k += 8) {
+                        if (((k0 + k) * es & 63) == 0) pf_(src + 4 * ldw + (k0 + k) * es);
+                        _mm256_storeu_ps(dst + k, load_w8(src, k0 + k, fmt));
+                    }
+                    for (; k < sn; k++) dst[k] = load_w1(src, k0 + k, fmt);
+                }
             }
+            slice_rows(j, 0, j->M, r, nr, k0, kn, tile + k0 % span, span);
         }
     }
 }
@@ -408,7 +417,7 @@ LK_AVX2_TARGET static void rows_f16_avx2(const matmul_job *j, int64_t r0, int64_
    the same dot order as above, each zmm accumulator holding two weight rows' 8-lane
    accumulators side by side (x broadcast to both halves), so a row gets the bits the
    AVX2 kernels give it while one FMA does the work of two. Four weight rows at a time,
-   converted per K slice into an f32 tile interleaved by 8 values ([k / 8][row][8]: rows
+   converted (as in matmul_float_few) into an f32 tile interleaved by 8 ([k / 8][row][8]: rows
    0-1 and 2-3 are one zmm load each), against all MR (= M) x rows held in registers. */
 #define AVX512F_TARGET __attribute__((target("avx2,fma,f16c,avx512f")))
 #define AVX512F_INLINE AVX512F_TARGET __attribute__((always_inline)) static inline
@@ -450,28 +459,33 @@ AVX512F_INLINE void few512_slice(const matmul_job *j, int64_t r, int64_t k0, int
 
 AVX512F_INLINE void few512(const matmul_job *j, int64_t r0, int64_t r1, int ith, int fmt) {
     const int64_t K = j->K, ldw = j->ldw;
-    float *tile = (float *)lk_scratch(ith, (size_t)4 * PF_KSLICE * sizeof(float));
+    const int64_t span = FEW_SPAN(K);
+    float *tile = (float *)lk_scratch(ith, (size_t)4 * (span > PF_KSLICE ? span : PF_KSLICE) * sizeof(float));
     prefetch_rows(j->w + r0 * ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * ldw);
     const int es = fmt == FMT_F16 ? 2 : 4;
     int64_t r = r0;
     for (; r + 4 <= r1; r += 4) {
         for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
-            const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE, kn8 = kn & ~(int64_t)7;
-            for (int i = 0; i < 4; i++) {
-                const uint8_t *src = j->w + (r + i) * ldw;
-                for (int64_t k = 0; k < kn8; k += 8) {
-                    if (((k0 + k) * es & 63) == 0) pf_(src + 4 * ldw + (k0 + k) * es);
-                    _mm256_store_ps(tile + 4 * k + 8 * i, load_w8(src, k0 + k, fmt));
+            const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+            if (k0 % span == 0) {
+                const int64_t s8 = (K - k0 < span ? K - k0 : span) & ~(int64_t)7;
+                for (int i = 0; i < 4; i++) {
+                    const uint8_t *src = j->w + (r + i) * ldw;
+                    for (int64_t k = 0; k < s8; k += 8) {
+                        if (((k0 + k) * es & 63) == 0) pf_(src + 4 * ldw + (k0 + k) * es);
+                        _mm256_store_ps(tile + 4 * k + 8 * i, load_w8(src, k0 + k, fmt));
+                    }
                 }
             }
+            const float *t = tile + 4 * (k0 % span);
             switch (j->M) {
-            case 2: few512_slice(j, r, k0, kn, tile, fmt, 2); break;
-            case 3: few512_slice(j, r, k0, kn, tile, fmt, 3); break;
-            case 4: few512_slice(j, r, k0, kn, tile, fmt, 4); break;
-            case 5: few512_slice(j, r, k0, kn, tile, fmt, 5); break;
-            case 6: few512_slice(j, r, k0, kn, tile, fmt, 6); break;
-            case 7: few512_slice(j, r, k0, kn, tile, fmt, 7); break;
-            default: few512_slice(j, r, k0, kn, tile, fmt, 8); break;
+            case 2: few512_slice(j, r, k0, kn, t, fmt, 2); break;
+            case 3: few512_slice(j, r, k0, kn, t, fmt, 3); break;
+            case 4: few512_slice(j, r, k0, kn, t, fmt, 4); break;
+            case 5: few512_slice(j, r, k0, kn, t, fmt, 5); break;
+            case 6: few512_slice(j, r, k0, kn, t, fmt, 6); break;
+            case 7: few512_slice(j, r, k0, kn, t, fmt, 7); break;
+            default: few512_slice(j, r, k0, kn, t, fmt, 8); break;
             }
         }
     }
