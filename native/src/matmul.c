@@ -12,6 +12,17 @@
  * is exact in int32 (vpmaddwd, or vpdpwssd with AVX-VNNI / AVX512-VNNI) and one FMA per
  * block applies d_w * d_x. Prefill with int16 tiles measured at least as fast as
  * dequantizing the tiles to f32 for FMA on plain AVX2, and 1.5-3x faster with VNNI.
+ *
+ * A few x rows (batched decode, M = 2 .. FEW_ROWS) still stream the weights like the
+ * matvec, but each weight block is widened / converted once for all x rows (q8_0: packed
+ * to int16 with rows in lanes, as for prefill; f16: to an f32 tile) instead of once per
+ * x row.
+ *
+ * Batch invariance: every path computes an output row in one order, whatever M is, so
+ * a request gets the same bits batched as alone (tests/test_kernels.py checks M = 1..9,
+ * 16 for every format and variant). q8_0: each block's int32 dot is exact in any order,
+ * and every kernel then does acc = fma(dot, d_w * d_x, acc) block by block. f32 / f16:
+ * see the comment above mv4_float.
  */
 #ifndef LK_Q8_TEMPLATE
 #define LK_INTERNAL
@@ -955,7 +966,7 @@ Q8_INLINE float Q8_NAME(mv1)(const int16_t *xq, const float *xd, int64_t nb, con
     return _mm_cvtss_f32(acc);
 }
 
-/* Packs 8 q8_0 rows (row jj at rows[jj] + b0 blocks; rows past the matrix point at zero
+/* Packs 8 q8_0 rows (row jj's block b0 at rows[jj]; rows past the matrix point at zero
    blocks) for blocks [b0, b0 + bn) into the layout the micro-kernels mk read, at lanes
    lane0 .. lane0 + 7 of groups of nv lanes (t, sc point at lane0). Per group and block:
    16 vectors of nv int32 lanes, lane jj of vector i holding the int16 pair of row jj that
@@ -965,7 +976,7 @@ Q8_INLINE float Q8_NAME(mv1)(const int16_t *xq, const float *xd, int64_t nb, con
    sign-extended to int16 as in blk (their dwords are exactly the pairs x's dwords meet),
    then an 8 x 8 dword transpose puts the rows in lanes. pf: bytes ahead to prefetch
    (the next group of rows), or < 0. */
-Q8_INLINE void Q8_NAME(pack8)(const uint8_t *const *rows, int64_t b0, int64_t bn, int nv,
+Q8_INLINE void Q8_NAME(pack8)(const uint8_t *const *rows, int64_t bn, int nv,
                               int32_t *t, float *sc, int64_t pf) {
     for (int64_t b = 0; b < bn; b++) {
         __m256i e[8], o[8];
@@ -973,7 +984,7 @@ Q8_INLINE void Q8_NAME(pack8)(const uint8_t *const *rows, int64_t b0, int64_t bn
                                       store-forwarding stall of 2-byte stores into a load) */
 #pragma GCC unroll 8
         for (int jj = 0; jj < 8; jj++) {
-            const lk_block_q8_0 *blk = (const lk_block_q8_0 *)rows[jj] + b0 + b;
+            const lk_block_q8_0 *blk = (const lk_block_q8_0 *)rows[jj] + b;
             if (pf >= 0 && (b & 1) == 0) pf_((const char *)blk + pf);
             __m256i wa = _mm256_loadu_si256((const __m256i *)(blk->qs - 1));
             __m256i wb = _mm256_loadu_si256((const __m256i *)blk->qs);
@@ -1126,10 +1137,11 @@ Q8_INLINE void Q8_NAME(pack)(const uint8_t *w, int64_t ldw, int64_t nr, int64_t 
         const uint8_t *rows[8];
         for (int jj = 0; jj < 8; jj++) {
             const int64_t r = 8 * p + jj;
-            rows[jj] = r < nr ? w + r * ldw : (const uint8_t *)(zero - b0);
+            rows[jj] = r < nr ? w + r * ldw + b0 * (int64_t)sizeof(lk_block_q8_0)
+                              : (const uint8_t *)zero;
         }
         const int g = 8 * p / Q8_NV, lane0 = 8 * p % Q8_NV;
-        Q8_NAME(pack8)(rows, b0, bn, Q8_NV, t + g * bn * 16 * Q8_NV + lane0, sc + g * bn * Q8_NV + lane0,
+        Q8_NAME(pack8)(rows, bn, Q8_NV, t + g * bn * 16 * Q8_NV + lane0, sc + g * bn * Q8_NV + lane0,
                        8 * p < nr ? pf : -1);
     }
 }
