@@ -6,8 +6,9 @@ Text is detokenized incrementally per request with the same stop handling as
 `generate.stream_generate` (stop tokens, stop strings held back until decided, max_tokens).
 
 Each request samples with its own `Sampler` (its own seeded RNG) from its own logits row,
-so its tokens do not depend on which other requests share the step, up to the float
-rounding of batched matmuls (see tests/test_batching.py).
+so its tokens do not depend on which other requests share the step; with the native
+kernels its logits have the same bits too (every matmul path sums a row in one order, and
+attention reads only the row's own sequence; see tests/test_batching.py).
 """
 
 from __future__ import annotations

@@ -64,6 +64,43 @@ def test_batched_outputs_equal_each_request_alone(engine):
     assert [f for _, _, f in batched][:6] == ["length"] * 6
 
 
+def logits_rows(engine, options, requests):
+    """Every logits row each request sampled from, in order (a spy on the runner)."""
+    runner = engine.start_batching(options)
+    rows: dict[str, list[np.ndarray]] = {}
+    sample = runner._sample
+
+    def spy(seq, row, now):
+        rows.setdefault(seq.request_id, []).append(row.copy())
+        return sample(seq, row, now)
+
+    runner._sample = spy
+    ids = [engine.add_request(prompt, **kw) for prompt, kw in requests]
+    while engine.has_unfinished():
+        engine.step()
+    return [rows[i] for i in ids]
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_batched_logits_are_bit_identical_to_alone(tmp_path_factory, quant):
+    """Not just the same tokens: a request's logits have the same bits whatever else is in
+    the step (decode rows of 1..8 sequences, and decode rows beside prefill chunks, which
+    run the many-rows matmul path)."""
+    folder = fixture_with_tokenizer("llama", tmp_path_factory.mktemp(f"bits-{quant}"),
+                                    eos_token_id=-1)
+    eng = Engine.load(str(folder), quant=quant)
+    opts = BatchingOptions(kv_cache_tokens=1024, block_size=4, step_tokens=24,
+                           interleave_tokens=8)
+    batched = logits_rows(eng, opts, REQUESTS)
+    single = [logits_rows(eng, opts, [r])[0] for r in REQUESTS]
+    for (prompt, _), b, a in zip(REQUESTS, batched, single):
+        assert len(b) == len(a)
+        for t, (x, y) in enumerate(zip(b, a)):
+            assert np.array_equal(x, y), \
+                f"{quant} {prompt!r} token {t}: batched logits differ from alone " \
+                f"(max |diff| {np.abs(x - y).max():.3g})"
+
+
 def test_preemption_under_a_small_pool_still_completes_every_request(engine):
     opts = BatchingOptions(kv_cache_tokens=96, block_size=4, step_tokens=32,
                            interleave_tokens=8)

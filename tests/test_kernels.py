@@ -204,6 +204,36 @@ def test_matmul_many_chunks_and_threads(variant, fmt):
         np.testing.assert_array_equal(outs[0], outs[2])
 
 
+# batch invariance: the same x row gives the same bits whatever else is in the batch
+BATCH_MS = list(range(1, 10)) + [16]
+
+
+def _invariance_shapes(fmt) -> list[tuple[int, int]]:
+    # [N, K]: odd N (row-group tails) and N over several chunks; K crossing the prefill K
+    # slices (q8_0: 16 blocks; f32/f16: 256 values) and, for f32/f16, scalar tails
+    if fmt.block_size == 32:
+        return [(37, 96), (301, 1056)]
+    return [(37, 37), (301, 520), (45, 1100)]
+
+
+@pytest.mark.parametrize("fmt", CORE_FORMATS, ids=lambda f: f.name)
+def test_matmul_rows_are_batch_invariant(variant, fmt):
+    """Row i of an M-row matmul equals, bit for bit, the 1-row matmul of x row i, for every
+    M (decode, the few-rows path, prefill): batched decoding gives a request the bits it
+    gets alone."""
+    rng = np.random.default_rng(8)
+    for n, k in _invariance_shapes(fmt):
+        w = make_weight(fmt, n, k, rng)
+        x = rng.standard_normal((max(BATCH_MS), k)).astype(np.float32)
+        alone = np.stack([kernels.matmul(x[i:i + 1], w)[0] for i in range(len(x))])
+        for m in BATCH_MS:
+            got = kernels.matmul(x[:m], w)
+            for i in range(m):
+                assert np.array_equal(got[i], alone[i]), \
+                    f"{variant} {fmt.name} N={n} K={k}: row {i} of M={m} differs from M=1 " \
+                    f"(max |diff| {np.abs(got[i] - alone[i]).max():.3g})"
+
+
 @pytest.mark.parametrize("fmt", CORE_FORMATS, ids=lambda f: f.name)
 def test_matmul_leading_dims_out_and_noncontiguous(fmt):
     rng = np.random.default_rng(4)

@@ -8,7 +8,7 @@ vectors and `PackedMatrix` weights in the format the quant method picked.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -124,6 +124,24 @@ class Linear:
         if self.bias is not None:
             y += self.bias
         return y
+
+
+def project(x: np.ndarray, linears: Sequence[Linear], ops) -> list[np.ndarray]:
+    """[lin(x, ops) for lin in linears], run as one native job when the weights can share
+    one (native backend, one format and width): x is converted once and the threads wake
+    once for q/k/v or gate/up. The same kernels run either way, so the bits are the same."""
+    if len(linears) > 1 and getattr(ops, "name", "") == "native":
+        from .. import kernels
+        ws = [lin.weight for lin in linears]
+        fmt, cols = ws[0].format, ws[0].cols
+        if kernels.supports(fmt) and all(w.format.name == fmt.name and w.cols == cols
+                                         for w in ws):  # (q/k/v at most: within its limit)
+            outs = kernels.matmul_multi(x, ws)
+            for y, lin in zip(outs, linears):
+                if lin.bias is not None:
+                    y += lin.bias
+            return outs
+    return [lin(x, ops) for lin in linears]
 
 
 class KVCache:

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..cache.paged import PagedKVCache, SequenceBlocks
+from .base import project
 
 
 @dataclass
@@ -71,9 +72,10 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
     for block in model.layers:
         attn = block.self_attn
         h = block.attn_input(x, ops)
-        q = attn.q_proj(h, ops).reshape(1, n, attn.nq, attn.d)
-        k = attn.k_proj(h, ops).reshape(1, n, attn.nkv, attn.d)
-        v = attn.v_proj(h, ops).reshape(1, n, attn.nkv, attn.d)
+        q, k, v = project(h, (attn.q_proj, attn.k_proj, attn.v_proj), ops)
+        q = q.reshape(1, n, attn.nq, attn.d)
+        k = k.reshape(1, n, attn.nkv, attn.d)
+        v = v.reshape(1, n, attn.nkv, attn.d)
         if attn.q_norm is not None:
             q = ops.rms_norm(q, attn.q_norm, attn.eps)
             k = ops.rms_norm(k, attn.k_norm, attn.eps)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import CheckpointError
-from .base import (KVCache, Linear, WeightLoader, check_tokens, config_from_dict,
+from .base import (KVCache, Linear, WeightLoader, check_tokens, config_from_dict, project,
                    rope_inv_freq)
 
 
@@ -173,7 +173,7 @@ class MLP:
         self.down_rotation = online_rotation(cfg.lattice_online_rotation, "down_proj", f)
 
     def __call__(self, x, ops):
-        act = ops.silu_mul(self.gate_proj(x, ops), self.up_proj(x, ops))
+        act = ops.silu_mul(*project(x, (self.gate_proj, self.up_proj), ops))
         if self.down_rotation is not None:
             act = ops.block_rotate(act, *self.down_rotation)
         return self.down_proj(act, ops)

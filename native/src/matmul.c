@@ -12,6 +12,17 @@
  * is exact in int32 (vpmaddwd, or vpdpwssd with AVX-VNNI / AVX512-VNNI) and one FMA per
  * block applies d_w * d_x. Prefill with int16 tiles measured at least as fast as
  * dequantizing the tiles to f32 for FMA on plain AVX2, and 1.5-3x faster with VNNI.
+ *
+ * A few x rows (batched decode, M = 2 .. FEW_ROWS) still stream the weights like the
+ * matvec, but each weight block is widened / converted once for all x rows (q8_0: packed
+ * to int16 with rows in lanes, as for prefill; f16: to an f32 tile) instead of once per
+ * x row.
+ *
+ * Batch invariance: every path computes an output row in one order, whatever M is, so
+ * a request gets the same bits batched as alone (tests/test_kernels.py checks M = 1..9,
+ * 16 for every format and variant). q8_0: each block's int32 dot is exact in any order,
+ * and every kernel then does acc = fma(dot, d_w * d_x, acc) block by block. f32 / f16:
+ * see the comment above mv4_float.
  */
 #ifndef LK_Q8_TEMPLATE
 #define LK_INTERNAL
@@ -31,6 +42,9 @@ enum { FMT_F32 = LK_FMT_F32, FMT_F16 = LK_FMT_F16, FMT_Q8_0 = LK_FMT_Q8_0 };
    (32 x 16 blocks = 32 KiB; 8 blocks measured ~15% slower) */
 #define PF_Q8_ROWS 32
 #define PF_Q16_BLOCKS 16
+/* few rows: K slice (blocks) packed at a time; short, so the loads of the next slice
+   overlap the micro-kernel's arithmetic on this one (LATTICE_FEW_BLOCKS: tuning only) */
+int lk_few_blocks = 4;
 
 typedef struct matmul_job {
     const float *x;
@@ -128,41 +142,6 @@ static void quantize_act_generic(const float *x, int64_t K, int16_t *q, float *d
     }
 }
 
-/* Prefill packs the weights of a chunk of rows once per K slice, for every x row to
-   reuse: groups of nv rows; per group and block 16 vectors of nv int32 lanes, lane jj of
-   vector i holding the sign-extended int16 pair of w[row jj] that meets x's int16
-   dword i (q16_pos order: values 4i, 4i + 2 for i < 8, else 4(i - 8) + 1, + 3), so
-   one broadcast x pair times one vector gives nv rows' partial dots with no horizontal
-   sums; per group and block nv float scales. Rows past nr are zero. */
-static void pack_q8_tile(const uint8_t *w, int64_t ldw, int64_t nr, int64_t b0, int64_t bn,
-                         int nv, int64_t ngroups, int32_t *tile, float *sc) {
-    for (int64_t g = 0; g < ngroups; g++) {
-        int32_t *t = tile + g * bn * 16 * nv;
-        float *s = sc + g * bn * nv;
-        for (int jj = 0; jj < nv; jj++) {
-            const int64_t r = g * nv + jj;
-            if (r >= nr) {
-                for (int64_t b = 0; b < bn; b++) {
-                    s[b * nv + jj] = 0.0f;
-                    for (int i = 0; i < 16; i++) t[(b * 16 + i) * nv + jj] = 0;
-                }
-                continue;
-            }
-            const lk_block_q8_0 *blk = (const lk_block_q8_0 *)(w + r * ldw) + b0;
-            for (int64_t b = 0; b < bn; b++) {
-                s[b * nv + jj] = lk_f16_to_f32(rd16(&blk[b].d));
-                for (int i = 0; i < 16; i++) {
-                    /* x dword i holds stored positions 2i, 2i + 1: values k and k + 2 */
-                    const int k = i < 8 ? 4 * i : 4 * (i - 8) + 1;
-                    const uint32_t lo = (uint16_t)(int16_t)blk[b].qs[k];
-                    const uint32_t hi = (uint16_t)(int16_t)blk[b].qs[k + 2];
-                    t[(b * 16 + i) * nv + jj] = (int32_t)(lo | hi << 16);
-                }
-            }
-        }
-    }
-}
-
 static inline int32_t ld32(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
@@ -209,68 +188,72 @@ AVX2_INLINE void pf_(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0)
 /* Up to this many x rows use the streaming (matvec-like) kernels: the weights are read
    once either way, and the streaming order keeps the prefetchers fed. */
 #define FEW_ROWS 8
+/* q8_0 from this many x rows packs each weight block once for all of them (few); below,
+   each x row runs mv4 (packing cost more than it saved at M = 2) */
+#define Q8_FEW_MIN 3
 
-/* y[0..3] = dot(x, rows w, w + ldw, w + 2 ldw, w + 3 ldw) */
+/* f32 / f16: every path (matvec, few rows, prefill tiles) computes a dot in the same
+   order, so an output row has the same bits whatever M is (batched decode gives a request
+   what it gets alone): per K slice of PF_KSLICE values, one 8-lane FMA accumulator over
+   the slice's whole groups of 8, summed by the hsum8x4 tree, then the slice's last values
+   (only the last slice has any) by scalar FMAs; slice sums are added to y in order. */
+
+AVX2_INLINE float fma1(float a, float b, float c) {
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
+/* hsum8x4's sum of one vector (the same tree) */
+AVX2_INLINE float hsum8t(__m256 v) { return _mm_cvtss_f32(hsum8x4(v, v, v, v)); }
+
+/* y[0..3] = dot(x, rows w, w + ldw, w + 2 ldw, w + 3 ldw), prefetching the next four rows */
 AVX2_INLINE void mv4_float(const float *x, int64_t K, const uint8_t *w, int64_t ldw,
                            float *y, int fmt) {
     const uint8_t *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    int64_t k = 0;
     const int es = fmt == FMT_F16 ? 2 : 4;
     const int64_t pf = lk_pf_dist < 0 ? -1 : lk_pf_dist == 0 ? 4 * ldw : lk_pf_dist <= 64 ? lk_pf_dist * ldw : lk_pf_dist;
-    for (; k + 16 <= K; k += 16) {
-        if (pf >= 0) {
-            pf_((const char *)w0 + pf + k * es);
-            pf_((const char *)w1 + pf + k * es);
-            pf_((const char *)w2 + pf + k * es);
-            pf_((const char *)w3 + pf + k * es);
+    float out[4] = {0, 0, 0, 0};
+    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+        const int64_t k1 = K - k0 < PF_KSLICE ? K : k0 + PF_KSLICE;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = k0;
+        for (; k + 8 <= k1; k += 8) {
+            if (pf >= 0 && ((k * es) & 63) == 0) {
+                pf_((const char *)w0 + pf + k * es);
+                pf_((const char *)w1 + pf + k * es);
+                pf_((const char *)w2 + pf + k * es);
+                pf_((const char *)w3 + pf + k * es);
+            }
+            const __m256 xv = _mm256_loadu_ps(x + k);
+            a0 = _mm256_fmadd_ps(load_w8(w0, k, fmt), xv, a0);
+            a1 = _mm256_fmadd_ps(load_w8(w1, k, fmt), xv, a1);
+            a2 = _mm256_fmadd_ps(load_w8(w2, k, fmt), xv, a2);
+            a3 = _mm256_fmadd_ps(load_w8(w3, k, fmt), xv, a3);
         }
-        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-        a0 = _mm256_fmadd_ps(load_w8(w0, k, fmt), x0, a0);
-        b0 = _mm256_fmadd_ps(load_w8(w0, k + 8, fmt), x1, b0);
-        a1 = _mm256_fmadd_ps(load_w8(w1, k, fmt), x0, a1);
-        b1 = _mm256_fmadd_ps(load_w8(w1, k + 8, fmt), x1, b1);
-        a2 = _mm256_fmadd_ps(load_w8(w2, k, fmt), x0, a2);
-        b2 = _mm256_fmadd_ps(load_w8(w2, k + 8, fmt), x1, b2);
-        a3 = _mm256_fmadd_ps(load_w8(w3, k, fmt), x0, a3);
-        b3 = _mm256_fmadd_ps(load_w8(w3, k + 8, fmt), x1, b3);
-    }
-    if (k + 8 <= K) {
-        __m256 x0 = _mm256_loadu_ps(x + k);
-        a0 = _mm256_fmadd_ps(load_w8(w0, k, fmt), x0, a0);
-        a1 = _mm256_fmadd_ps(load_w8(w1, k, fmt), x0, a1);
-        a2 = _mm256_fmadd_ps(load_w8(w2, k, fmt), x0, a2);
-        a3 = _mm256_fmadd_ps(load_w8(w3, k, fmt), x0, a3);
-        k += 8;
-    }
-    __m128 s = hsum8x4(_mm256_add_ps(a0, b0), _mm256_add_ps(a1, b1),
-                       _mm256_add_ps(a2, b2), _mm256_add_ps(a3, b3));
-    float out[4];
-    _mm_storeu_ps(out, s);
-    for (; k < K; k++) {
-        out[0] += load_w1(w0, k, fmt) * x[k];
-        out[1] += load_w1(w1, k, fmt) * x[k];
-        out[2] += load_w1(w2, k, fmt) * x[k];
-        out[3] += load_w1(w3, k, fmt) * x[k];
+        float sl[4];
+        _mm_storeu_ps(sl, hsum8x4(a0, a1, a2, a3));
+        for (; k < k1; k++) {
+            sl[0] = fma1(x[k], load_w1(w0, k, fmt), sl[0]);
+            sl[1] = fma1(x[k], load_w1(w1, k, fmt), sl[1]);
+            sl[2] = fma1(x[k], load_w1(w2, k, fmt), sl[2]);
+            sl[3] = fma1(x[k], load_w1(w3, k, fmt), sl[3]);
+        }
+        for (int i = 0; i < 4; i++) out[i] = k0 ? out[i] + sl[i] : sl[i];
     }
     memcpy(y, out, sizeof out);
 }
 
 AVX2_INLINE float mv1_float(const float *x, int64_t K, const uint8_t *w, int fmt) {
-    __m256 a = _mm256_setzero_ps(), b = a;
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        a = _mm256_fmadd_ps(load_w8(w, k, fmt), _mm256_loadu_ps(x + k), a);
-        b = _mm256_fmadd_ps(load_w8(w, k + 8, fmt), _mm256_loadu_ps(x + k + 8), b);
+    float out = 0;
+    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+        const int64_t k1 = K - k0 < PF_KSLICE ? K : k0 + PF_KSLICE;
+        __m256 a = _mm256_setzero_ps();
+        int64_t k = k0;
+        for (; k + 8 <= k1; k += 8) a = _mm256_fmadd_ps(load_w8(w, k, fmt), _mm256_loadu_ps(x + k), a);
+        float sl = hsum8t(a);
+        for (; k < k1; k++) sl = fma1(x[k], load_w1(w, k, fmt), sl);
+        out = k0 ? out + sl : sl;
     }
-    if (k + 8 <= K) {
-        a = _mm256_fmadd_ps(load_w8(w, k, fmt), _mm256_loadu_ps(x + k), a);
-        k += 8;
-    }
-    float s = hsum8(_mm256_add_ps(a, b));
-    for (; k < K; k++) s += load_w1(w, k, fmt) * x[k];
-    return s;
+    return out;
 }
 
 /* The software prefetch inside the row loops covers the next group of rows; the first
@@ -287,8 +270,8 @@ AVX2_INLINE void matvec_float(const matmul_job *j, int64_t r0, int64_t r1, int f
     for (; r < r1; r++) j->y[r] = mv1_float(j->x, j->K, j->w + r * j->ldw, fmt);
 }
 
-/* Prefill micro-kernel: two x rows (x0, x1, may be equal) against four f32 weight rows
-   (row stride ldwf floats) over n values; out{0,1}[0..3] += or = the dots. */
+/* Two x rows (x0, x1, may be equal) against four f32 weight rows (row stride ldwf floats)
+   over one K slice of n values; y{0,1}[0..3] = (accumulate ? y + : ) the slice's dots. */
 AVX2_INLINE void mm2x4_f32(const float *x0, const float *x1, const float *w, int64_t ldwf,
                            int64_t n, float *y0, float *y1, int accumulate) {
     const float *w0 = w, *w1 = w + ldwf, *w2 = w + 2 * ldwf, *w3 = w + 3 * ldwf;
@@ -315,8 +298,8 @@ AVX2_INLINE void mm2x4_f32(const float *x0, const float *x1, const float *w, int
     _mm_storeu_ps(s1, hsum8x4(c10, c11, c12, c13));
     for (; k < n; k++) {
         for (int i = 0; i < 4; i++) {
-            s0[i] += x0[k] * w[i * ldwf + k];
-            s1[i] += x1[k] * w[i * ldwf + k];
+            s0[i] = fma1(x0[k], w[i * ldwf + k], s0[i]);
+            s1[i] = fma1(x1[k], w[i * ldwf + k], s1[i]);
         }
     }
     for (int i = 0; i < 4; i++) {
@@ -325,94 +308,106 @@ AVX2_INLINE void mm2x4_f32(const float *x0, const float *x1, const float *w, int
     }
 }
 
+/* one slice's dot, in the order above */
 AVX2_INLINE float dot_f32(const float *x, const float *w, int64_t n) {
     __m256 a = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a);
-    float s = hsum8(a);
-    for (; k < n; k++) s += x[k] * w[k];
+    float s = hsum8t(a);
+    for (; k < n; k++) s = fma1(x[k], w[k], s);
     return s;
 }
 
-/* Prefill for float formats: rows [r0, r1) of W against all M rows of x. */
-AVX2_INLINE void matmul_float_tiled(const matmul_job *j, int64_t r0, int64_t r1, int ith,
-                                    int fmt) {
-    const int64_t M = j->M, K = j->K, N = j->N;
-    const int64_t nr = r1 - r0;
-    float *tile = NULL;
-    if (fmt == FMT_F16) tile = (float *)lk_scratch(ith, (size_t)nr * PF_KSLICE * sizeof(float));
-    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
-        const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
-        const float *wt;
-        int64_t ldwf;
-        if (fmt == FMT_F16) {
-            /* convert this slice of the chunk's rows once; every x row reuses it */
-            for (int64_t r = 0; r < nr; r++) {
-                const uint8_t *src = j->w + (r0 + r) * j->ldw;
-                float *dst = tile + r * PF_KSLICE;
-                int64_t k = 0;
-                for (; k + 8 <= kn; k += 8) _mm256_storeu_ps(dst + k, load_w8(src, k0 + k, FMT_F16));
-                for (; k < kn; k++) dst[k] = load_w1(src, k0 + k, FMT_F16);
-            }
-            wt = tile;
-            ldwf = PF_KSLICE;
-        } else {
-            wt = (const float *)(j->w + r0 * j->ldw) + k0;
-            ldwf = j->ldw / (int64_t)sizeof(float);
-        }
-        const int acc = k0 > 0;
-        for (int64_t m = 0; m < M; m += 2) {
-            const float *x0 = j->x + m * K + k0;
-            const float *x1 = m + 1 < M ? x0 + K : x0;
-            float *y0 = j->y + m * N + r0;
-            float *y1 = m + 1 < M ? y0 + N : y0;
-            int64_t r = 0;
-            for (; r + 4 <= nr; r += 4)
-                mm2x4_f32(x0, x1, wt + r * ldwf, ldwf, kn, y0 + r, y1 + r, acc);
-            for (; r < nr; r++) {
-                float d0 = dot_f32(x0, wt + r * ldwf, kn);
-                y0[r] = acc ? y0[r] + d0 : d0;
-                if (y1 != y0) {
-                    float d1 = dot_f32(x1, wt + r * ldwf, kn);
-                    y1[r] = acc ? y1[r] + d1 : d1;
-                }
+/* Rows [r0, r0 + nr) of W against x rows [m0, m1), one K slice of kn values at k0 (wt:
+   the slice's weights as f32, row stride ldwf); y += or = the slice's dots. */
+AVX2_INLINE void slice_rows(const matmul_job *j, int64_t m0, int64_t m1, int64_t r0, int64_t nr,
+                            int64_t k0, int64_t kn, const float *wt, int64_t ldwf) {
+    const int64_t K = j->K, N = j->N;
+    const int acc = k0 > 0;
+    for (int64_t m = m0; m < m1; m += 2) {
+        const float *x0 = j->x + m * K + k0;
+        const float *x1 = m + 1 < m1 ? x0 + K : x0;
+        float *y0 = j->y + m * N + r0;
+        float *y1 = m + 1 < m1 ? y0 + N : y0;
+        int64_t r = 0;
+        for (; r + 4 <= nr; r += 4)
+            mm2x4_f32(x0, x1, wt + r * ldwf, ldwf, kn, y0 + r, y1 + r, acc);
+        for (; r < nr; r++) {
+            float d0 = dot_f32(x0, wt + r * ldwf, kn);
+            y0[r] = acc ? y0[r] + d0 : d0;
+            if (y1 != y0) {
+                float d1 = dot_f32(x1, wt + r * ldwf, kn);
+                y1[r] = acc ? y1[r] + d1 : d1;
             }
         }
     }
 }
 
-/* A few x rows (batched decode, speculative verification): still bound by streaming
-   the weights, so walk them like the matvec, four rows at a time with the next four
-   prefetched, load each group once into an f32 tile, and run every x row over it. */
+/* f16 rows [r0, r0 + nr) of W, values [k0, k0 + kn), to f32 at dst (row stride PF_KSLICE),
+   prefetching `pf` bytes ahead (< 0: off) */
+AVX2_INLINE void f16_slice(const matmul_job *j, int64_t r0, int64_t nr, int64_t k0, int64_t kn,
+                           float *dst, int64_t pf) {
+    for (int64_t r = 0; r < nr; r++) {
+        const uint8_t *src = j->w + (r0 + r) * j->ldw;
+        float *d = dst + r * PF_KSLICE;
+        int64_t k = 0;
+        for (; k + 8 <= kn; k += 8) {
+            if (pf >= 0 && (k & 31) == 0) pf_(src + pf + 2 * (k0 + k));
+            _mm256_storeu_ps(d + k, load_w8(src, k0 + k, FMT_F16));
+        }
+        for (; k < kn; k++) d[k] = load_w1(src, k0 + k, FMT_F16);
+    }
+}
+
+/* Prefill for float formats: rows [r0, r1) of W against all M rows of x. */
+AVX2_INLINE void matmul_float_tiled(const matmul_job *j, int64_t r0, int64_t r1, int ith,
+                                    int fmt) {
+    const int64_t K = j->K, nr = r1 - r0;
+    float *tile = NULL;
+    if (fmt == FMT_F16) tile = (float *)lk_scratch(ith, (size_t)nr * PF_KSLICE * sizeof(float));
+    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+        const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+        if (fmt == FMT_F16) {
+            /* convert this slice of the chunk's rows once; every x row reuses it */
+            f16_slice(j, r0, nr, k0, kn, tile, -1);
+            slice_rows(j, 0, j->M, r0, nr, k0, kn, tile, PF_KSLICE);
+        } else {
+            slice_rows(j, 0, j->M, r0, nr, k0, kn, (const float *)(j->w + r0 * j->ldw) + k0,
+                       j->ldw / (int64_t)sizeof(float));
+        }
+    }
+}
+
+/* A few x rows (batched decode, speculative verification): still bound by streaming the
+   weights, so walk them like the matvec, four rows at a time with the next four
+   prefetched, converted to an f32 tile once (all of K when four rows of it fit ~32 KiB,
+   else one K slice at a time: measured faster both ways), and run every x row over it. */
+#define FEW_SPAN(K) ((K) <= 2048 ? (K) : PF_KSLICE)
 AVX2_INLINE void matmul_float_few(const matmul_job *j, int64_t r0, int64_t r1, int ith, int fmt) {
-    const int64_t M = j->M, K = j->K, N = j->N, ldw = j->ldw;
-    float *tile = (float *)lk_scratch(ith, (size_t)4 * K * sizeof(float));
+    const int64_t K = j->K, ldw = j->ldw, span = FEW_SPAN(K);
+    float *tile = (float *)lk_scratch(ith, (size_t)4 * span * sizeof(float));
+    const int es = fmt == FMT_F16 ? 2 : 4;
+    prefetch_rows(j->w + r0 * ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * ldw);
     for (int64_t r = r0; r < r1; r += 4) {
         const int64_t nr = r1 - r < 4 ? r1 - r : 4;
-        for (int64_t i = 0; i < nr; i++) {
-            const uint8_t *src = j->w + (r + i) * ldw;
-            float *dst = tile + i * K;
-            int64_t k = 0;
-            for (; k + 16 <= K; k += 16) {
-                pf_(src + 4 * ldw + k * (fmt == FMT_F16 ? 2 : 4));
-                _mm256_storeu_ps(dst + k, load_w8(src, k, fmt));
-                _mm256_storeu_ps(dst + k + 8, load_w8(src, k + 8, fmt));
-            }
-            for (; k < K; k++) dst[k] = load_w1(src, k, fmt);
-        }
-        for (int64_t m = 0; m < M; m += 2) {
-            const float *x0 = j->x + m * K;
-            const float *x1 = m + 1 < M ? x0 + K : x0;
-            float *y0 = j->y + m * N + r;
-            float *y1 = m + 1 < M ? y0 + N : y0;
-            if (nr == 4) {
-                mm2x4_f32(x0, x1, tile, K, K, y0, y1, 0);
-            } else {
+        for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+            const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+            if (k0 % span == 0) {
+                /* the group's next span of values as f32 (f16 converted once; f32
+                   copied), prefetching the next group as it streams; row stride span */
+                const int64_t sn = K - k0 < span ? K - k0 : span;
                 for (int64_t i = 0; i < nr; i++) {
-                    y0[i] = dot_f32(x0, tile + i * K, K);
-                    if (y1 != y0) y1[i] = dot_f32(x1, tile + i * K, K);
+                    const uint8_t *src = j->w + (r + i) * ldw;
+                    float *dst = tile + i * span;
+                    int64_t k = 0;
+                    for (; k + 8 <= sn; k += 8) {
+                        if (((k0 + k) * es & 63) == 0) pf_(src + 4 * ldw + (k0 + k) * es);
+                        _mm256_storeu_ps(dst + k, load_w8(src, k0 + k, fmt));
+                    }
+                    for (; k < sn; k++) dst[k] = load_w1(src, k0 + k, fmt);
                 }
             }
+            slice_rows(j, 0, j->M, r, nr, k0, kn, tile + k0 % span, span);
         }
     }
 }
@@ -427,6 +422,105 @@ LK_AVX2_TARGET static void rows_f16_avx2(const matmul_job *j, int64_t r0, int64_
     if (j->M == 1) matvec_float(j, r0, r1, FMT_F16);
     else if (j->M <= FEW_ROWS) matmul_float_few(j, r0, r1, ith, FMT_F16);
     else matmul_float_tiled(j, r0, r1, ith, FMT_F16);
+}
+
+/* f32 / f16, a few x rows, with 512-bit FMAs (run when the AVX-512 variant is active):
+   the same dot order as above, each zmm accumulator holding two weight rows' 8-lane
+   accumulators side by side (x broadcast to both halves), so a row gets the bits the
+   AVX2 kernels give it while one FMA does the work of two. Four weight rows at a time,
+   converted (as in matmul_float_few) into an f32 tile interleaved by 8 ([k / 8][row][8]: rows
+   0-1 and 2-3 are one zmm load each), against all MR (= M) x rows held in registers. */
+#define AVX512F_TARGET __attribute__((target("avx2,fma,f16c,avx512f")))
+#define AVX512F_INLINE AVX512F_TARGET __attribute__((always_inline)) static inline
+
+AVX512F_INLINE __m256 hi256(__m512 v) {
+    return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+}
+
+/* rows r .. r + 3, slice [k0, k0 + kn): y += or = the slice's dots for x rows 0 .. MR-1 */
+AVX512F_INLINE void few512_slice(const matmul_job *j, int64_t r, int64_t k0, int64_t kn,
+                                 const float *tile, int fmt, const int MR) {
+    const int64_t K = j->K, N = j->N, kn8 = kn & ~(int64_t)7;
+    __m512 acc[FEW_ROWS][2];
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kn8; k += 8) {
+        const __m512 w01 = _mm512_load_ps(tile + 4 * k), w23 = _mm512_load_ps(tile + 4 * k + 16);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; m++) {
+            const __m512 xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(
+                _mm256_castps_pd(_mm256_loadu_ps(j->x + m * K + k0 + k))));
+            acc[m][0] = _mm512_fmadd_ps(xv, w01, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(xv, w23, acc[m][1]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; m++) {
+        float sl[4];
+        _mm_storeu_ps(sl, hsum8x4(_mm512_castps512_ps256(acc[m][0]), hi256(acc[m][0]),
+                                  _mm512_castps512_ps256(acc[m][1]), hi256(acc[m][1])));
+        const float *x = j->x + m * K + k0;
+        for (int64_t k = kn8; k < kn; k++)
+            for (int i = 0; i < 4; i++)
+                sl[i] = fma1(x[k], load_w1(j->w + (r + i) * j->ldw, k0 + k, fmt), sl[i]);
+        float *y = j->y + m * N + r;
+        for (int i = 0; i < 4; i++) y[i] = k0 ? y[i] + sl[i] : sl[i];
+    }
+}
+
+AVX512F_INLINE void few512(const matmul_job *j, int64_t r0, int64_t r1, int ith, int fmt) {
+    const int64_t K = j->K, ldw = j->ldw;
+    const int64_t span = FEW_SPAN(K);
+    float *tile = (float *)lk_scratch(ith, (size_t)4 * (span > PF_KSLICE ? span : PF_KSLICE) * sizeof(float));
+    prefetch_rows(j->w + r0 * ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * ldw);
+    const int es = fmt == FMT_F16 ? 2 : 4;
+    int64_t r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+            const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+            if (k0 % span == 0) {
+                const int64_t s8 = (K - k0 < span ? K - k0 : span) & ~(int64_t)7;
+                for (int i = 0; i < 4; i++) {
+                    const uint8_t *src = j->w + (r + i) * ldw;
+                    for (int64_t k = 0; k < s8; k += 8) {
+                        if (((k0 + k) * es & 63) == 0) pf_(src + 4 * ldw + (k0 + k) * es);
+                        _mm256_store_ps(tile + 4 * k + 8 * i, load_w8(src, k0 + k, fmt));
+                    }
+                }
+            }
+            const float *t = tile + 4 * (k0 % span);
+            switch (j->M) {
+            case 2: few512_slice(j, r, k0, kn, t, fmt, 2); break;
+            case 3: few512_slice(j, r, k0, kn, t, fmt, 3); break;
+            case 4: few512_slice(j, r, k0, kn, t, fmt, 4); break;
+            case 5: few512_slice(j, r, k0, kn, t, fmt, 5); break;
+            case 6: few512_slice(j, r, k0, kn, t, fmt, 6); break;
+            case 7: few512_slice(j, r, k0, kn, t, fmt, 7); break;
+            default: few512_slice(j, r, k0, kn, t, fmt, 8); break;
+            }
+        }
+    }
+    if (r < r1) { /* the chunk's last 1-3 rows: the AVX2 path (same bits) */
+        float *rt = tile;
+        for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+            const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+            if (fmt == FMT_F16) {
+                f16_slice(j, r, r1 - r, k0, kn, rt, -1);
+                slice_rows(j, 0, j->M, r, r1 - r, k0, kn, rt, PF_KSLICE);
+            } else {
+                slice_rows(j, 0, j->M, r, r1 - r, k0, kn, (const float *)(j->w + r * ldw) + k0,
+                           ldw / (int64_t)sizeof(float));
+            }
+        }
+    }
+}
+
+AVX512F_TARGET static void rows_f32_few512(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    few512(j, r0, r1, ith, FMT_F32);
+}
+
+AVX512F_TARGET static void rows_f16_few512(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    few512(j, r0, r1, ith, FMT_F16);
 }
 
 /* ---- q8_0 ---- */
@@ -619,8 +713,8 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
     const int avx2 = LK_X86 && lk_active_isa == LK_ISA_AVX2;
     const int16_t *xq = NULL;
     const float *xd = NULL;
+    q8_detect();
     if (fmt == FMT_Q8_0) {
-        q8_detect();
         /* x as int16 [M, K] (64 bytes per block, so the scales after it stay aligned)
            and its scales float [M, K/32] */
         const int64_t nb = K / LK_QK8_0;
@@ -634,8 +728,9 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
     void (*rows)(const matmul_job *, int64_t, int64_t, int);
 #if LK_X86
     if (avx2) {
-        if (fmt == FMT_F32) rows = rows_f32_avx2;
-        else if (fmt == FMT_F16) rows = rows_f16_avx2;
+        const int few512 = M >= 2 && M <= FEW_ROWS && q8_active == Q8_V_AVX512VNNI;
+        if (fmt == FMT_F32) rows = few512 ? rows_f32_few512 : rows_f32_avx2;
+        else if (fmt == FMT_F16) rows = few512 ? rows_f16_few512 : rows_f16_avx2;
         else if (q8_active == Q8_V_AVX512VNNI) rows = rows_q8_0_avx512vnni;
         else if (q8_active == Q8_V_AVXVNNI) rows = rows_q8_0_avxvnni;
         else rows = rows_q8_0_avx2;
@@ -852,16 +947,77 @@ Q8_INLINE void Q8_NAME(mv4)(const int16_t *xq, const float *xd, int64_t nb, cons
 }
 
 
+/* One row, for a chunk's last rows: the same arithmetic as mv4 (each block's exact int32
+   dot, then acc = fma(dot, d_w * d_x, acc)), so a row gets the same bits whichever kernel
+   computes it. */
 Q8_INLINE float Q8_NAME(mv1)(const int16_t *xq, const float *xd, int64_t nb, const uint8_t *w) {
     const lk_block_q8_0 *w0 = (const lk_block_q8_0 *)w;
-    __m256 a = _mm256_setzero_ps();
+    __m128 acc = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
         const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 32 * b + 16));
-        a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Q8_NAME(blk)(w0[b].qs, x0, x1)),
-                            _mm256_set1_ps(f16s(&w0[b]) * xd[b]), a);
+        const __m256i p = Q8_NAME(blk)(w0[b].qs, x0, x1);
+        __m128i s = _mm_add_epi32(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+        s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+        const __m128 d = _mm_mul_ss(_mm_set_ss(f16s(&w0[b])), _mm_set_ss(xd[b]));
+        acc = _mm_fmadd_ss(_mm_cvtepi32_ps(s), d, acc);
     }
-    return hsum8(a);
+    return _mm_cvtss_f32(acc);
+}
+
+/* Packs 8 q8_0 rows (row jj's block b0 at rows[jj]; rows past the matrix point at zero
+   blocks) for blocks [b0, b0 + bn) into the layout the micro-kernels mk read, at lanes
+   lane0 .. lane0 + 7 of groups of nv lanes (t, sc point at lane0). Per group and block:
+   16 vectors of nv int32 lanes, lane jj of vector i holding the int16 pair of row jj that
+   meets x's int16 dword i (q16_pos order: values 4i, 4i + 2 for i < 8, else
+   4(i - 8) + 1, + 3), so one broadcast x pair times one vector gives nv rows' partial
+   dots with no horizontal sums; then nv float scales. per block, the even and odd values of each row are
+   sign-extended to int16 as in blk (their dwords are exactly the pairs x's dwords meet),
+   then an 8 x 8 dword transpose puts the rows in lanes. pf: bytes ahead to prefetch
+   (the next group of rows), or < 0. */
+Q8_INLINE void Q8_NAME(pack8)(const uint8_t *const *rows, int64_t bn, int nv,
+                              int32_t *t, float *sc, int64_t pf) {
+    for (int64_t b = 0; b < bn; b++) {
+        __m256i e[8], o[8];
+        uint64_t dlo = 0, dhi = 0; /* the half scales meet in general registers (no
+                                      store-forwarding stall of 2-byte stores into a load) */
+#pragma GCC unroll 8
+        for (int jj = 0; jj < 8; jj++) {
+            const lk_block_q8_0 *blk = (const lk_block_q8_0 *)rows[jj] + b;
+            if (pf >= 0 && (b & 1) == 0) pf_((const char *)blk + pf);
+            __m256i wa = _mm256_loadu_si256((const __m256i *)(blk->qs - 1));
+            __m256i wb = _mm256_loadu_si256((const __m256i *)blk->qs);
+            __asm__("" : "+x"(wa), "+x"(wb));
+            e[jj] = _mm256_srai_epi16(wa, 8);
+            o[jj] = _mm256_srai_epi16(wb, 8);
+            if (jj < 4) dlo |= (uint64_t)rd16(&blk->d) << (16 * jj);
+            else dhi |= (uint64_t)rd16(&blk->d) << (16 * (jj - 4));
+        }
+        int32_t *tb = t + b * 16 * nv;
+        for (int h = 0; h < 2; h++) {
+            const __m256i *r = h ? o : e;
+            const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+            const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+            const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+            const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+            const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+            const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+            const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+            const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+            __m256i *v = (__m256i *)(tb + 8 * h * nv);
+            const int s = nv / 8; /* vectors per packed dword position */
+            _mm256_store_si256(v + 0 * s, _mm256_permute2x128_si256(u0, u4, 0x20));
+            _mm256_store_si256(v + 1 * s, _mm256_permute2x128_si256(u1, u5, 0x20));
+            _mm256_store_si256(v + 2 * s, _mm256_permute2x128_si256(u2, u6, 0x20));
+            _mm256_store_si256(v + 3 * s, _mm256_permute2x128_si256(u3, u7, 0x20));
+            _mm256_store_si256(v + 4 * s, _mm256_permute2x128_si256(u0, u4, 0x31));
+            _mm256_store_si256(v + 5 * s, _mm256_permute2x128_si256(u1, u5, 0x31));
+            _mm256_store_si256(v + 6 * s, _mm256_permute2x128_si256(u2, u6, 0x31));
+            _mm256_store_si256(v + 7 * s, _mm256_permute2x128_si256(u3, u7, 0x31));
+        }
+        _mm256_store_ps(sc + b * nv, _mm256_cvtph_ps(_mm_set_epi64x((long long)dhi, (long long)dlo)));
+    }
 }
 
 #if Q8_VNNI == 2
@@ -871,12 +1027,15 @@ Q8_INLINE float Q8_NAME(mv1)(const int16_t *xq, const float *xd, int64_t nb, con
 #define Q8_NV 16
 #define Q8_NRV 32
 Q8_INLINE void Q8_NAME(mk)(const int16_t *const *xr, const float *const *xs, const int32_t *t,
-                           const float *sc, int64_t bn, float *out) {
+                           const float *sc, int64_t bn, float *out, int acc) {
     const int32_t *t1 = t + bn * 16 * 16;
     const float *sc1 = sc + bn * 16;
     __m512 f[Q8_MR][2];
 #pragma GCC unroll 4
-    for (int m = 0; m < Q8_MR; m++) f[m][0] = f[m][1] = _mm512_setzero_ps();
+    for (int m = 0; m < Q8_MR; m++) {
+        f[m][0] = acc ? _mm512_load_ps(out + m * Q8_NRV) : _mm512_setzero_ps();
+        f[m][1] = acc ? _mm512_load_ps(out + m * Q8_NRV + 16) : _mm512_setzero_ps();
+    }
     for (int64_t b = 0; b < bn; b++) {
         const __m512i *wa = (const __m512i *)(t + b * 256), *wb = (const __m512i *)(t1 + b * 256);
         __m512i a[Q8_MR][2];
@@ -913,11 +1072,17 @@ Q8_INLINE void Q8_NAME(mk)(const int16_t *const *xr, const float *const *xs, con
 #define Q8_NV 8
 #define Q8_NRV 16
 Q8_INLINE void Q8_NAME(mk)(const int16_t *const *xr, const float *const *xs, const int32_t *t,
-                           const float *sc, int64_t bn, float *out) {
+                           const float *sc, int64_t bn, float *out, int acc) {
     const int32_t *t1 = t + bn * 16 * 8;
     const float *sc1 = sc + bn * 8;
     const float *da = xs[0], *db = xs[1];
     __m256 f00 = _mm256_setzero_ps(), f01 = f00, f10 = f00, f11 = f00;
+    if (acc) {
+        f00 = _mm256_load_ps(out);
+        f01 = _mm256_load_ps(out + 8);
+        f10 = _mm256_load_ps(out + 16);
+        f11 = _mm256_load_ps(out + 24);
+    }
     for (int64_t b = 0; b < bn; b++) {
         const __m256i *wa = (const __m256i *)(t + b * 128), *wb = (const __m256i *)(t1 + b * 128);
         const int16_t *pa = xr[0] + 32 * b, *pb = xr[1] + 32 * b;
@@ -961,9 +1126,30 @@ Q8_INLINE void Q8_NAME(mk)(const int16_t *const *xr, const float *const *xs, con
 }
 #endif
 
+/* Packs the rows [r, r + nr) of W (nr <= Q8_NRV) for blocks [b0, b0 + bn) as the
+   micro-kernel mk reads them: Q8_NRV / Q8_NV groups of Q8_NV lanes; missing rows are
+   zero. */
+Q8_INLINE void Q8_NAME(pack)(const uint8_t *w, int64_t ldw, int64_t nr, int64_t b0, int64_t bn,
+                             int32_t *t, float *sc, int64_t pf) {
+    static const lk_block_q8_0 zero[PF_Q16_BLOCKS];
+#pragma GCC unroll 4
+    for (int p = 0; p < Q8_NRV / 8; p++) {
+        const uint8_t *rows[8];
+        for (int jj = 0; jj < 8; jj++) {
+            const int64_t r = 8 * p + jj;
+            rows[jj] = r < nr ? w + r * ldw + b0 * (int64_t)sizeof(lk_block_q8_0)
+                              : (const uint8_t *)zero;
+        }
+        const int g = 8 * p / Q8_NV, lane0 = 8 * p % Q8_NV;
+        Q8_NAME(pack8)(rows, bn, Q8_NV, t + g * bn * 16 * Q8_NV + lane0, sc + g * bn * Q8_NV + lane0,
+                       8 * p < nr ? pf : -1);
+    }
+}
+
 /* Prefill: rows [r0, r1) of W against all M rows of x, one K slice at a time; the slice
-   of the chunk's rows is packed to int16 once (pack_q8_tile) and stays in L1 while
-   every x row passes over it. */
+   of the chunk's rows is packed to int16 once (pack) and stays in L1 while every x row
+   passes over it. Each output continues its float accumulator across the slices (from y),
+   so every row gets the bits mv4 gives it: the same fma per block, in block order. */
 Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
     const int64_t M = j->M, K = j->K, N = j->N, nb = K / LK_QK8_0, nr = r1 - r0;
     const int64_t ng = (nr + Q8_NRV - 1) / Q8_NRV * (Q8_NRV / Q8_NV);
@@ -976,7 +1162,9 @@ Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t 
     for (int64_t b0 = 0; b0 < nb; b0 += PF_Q16_BLOCKS) {
         const int64_t bn = nb - b0 < PF_Q16_BLOCKS ? nb - b0 : PF_Q16_BLOCKS;
         const int first = b0 == 0;
-        pack_q8_tile(j->w + r0 * j->ldw, j->ldw, nr, b0, bn, Q8_NV, ng, tile, sc);
+        for (int64_t g = 0; g < ng; g += Q8_NRV / Q8_NV)
+            Q8_NAME(pack)(j->w + (r0 + g * Q8_NV) * j->ldw, j->ldw, nr - g * Q8_NV, b0, bn,
+                          tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV, -1);
         for (int64_t m = 0; m < M; m += Q8_MR) {
             const int16_t *xr[Q8_MR];
             const float *xs[Q8_MR];
@@ -986,23 +1174,56 @@ Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t 
                 xs[i] = j->xd + mi * nb + b0;
             }
             for (int64_t g = 0; g < ng; g += Q8_NRV / Q8_NV) {
-                Q8_NAME(mk)(xr, xs, tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV, bn, out);
                 const int64_t c0 = g * Q8_NV, nc = nr - c0 < Q8_NRV ? nr - c0 : Q8_NRV;
-                for (int i = 0; i < Q8_MR && m + i < M; i++) {
-                    float *y = j->y + (m + i) * N + r0 + c0;
-                    const float *o = out + i * Q8_NRV;
-                    if (nc == Q8_NRV) {
-                        for (int v = 0; v < Q8_NRV; v += 8) {
-                            __m256 s = _mm256_load_ps(o + v);
-                            if (!first) s = _mm256_add_ps(s, _mm256_loadu_ps(y + v));
-                            _mm256_storeu_ps(y + v, s);
-                        }
-                    } else {
-                        for (int64_t c = 0; c < nc; c++) y[c] = first ? o[c] : y[c] + o[c];
+                if (!first) {
+                    for (int i = 0; i < Q8_MR; i++) {
+                        const float *y = j->y + (m + i) * N + r0 + c0;
+                        for (int64_t c = 0; c < Q8_NRV; c++)
+                            out[i * Q8_NRV + c] = m + i < M && c < nc ? y[c] : 0.0f;
                     }
                 }
+                Q8_NAME(mk)(xr, xs, tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV, bn, out, !first);
+                for (int i = 0; i < Q8_MR && m + i < M; i++)
+                    memcpy(j->y + (m + i) * N + r0 + c0, out + i * Q8_NRV, (size_t)nc * sizeof(float));
             }
         }
+    }
+}
+
+/* A few x rows (2 .. FEW_ROWS: batched decode): still bound by streaming the weights, so
+   walk them in groups of Q8_NRV rows, prefetching the next group as this one is packed
+   (pack, as in prefill: each weight block is widened once, not once per x row), and run
+   every x row over the packed slice with the prefill micro-kernel; the accumulators stay
+   in `acc` across the K slices, so each output gets the bits mv4 gives it. */
+Q8_TARGET static void Q8_NAME(few)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    const int64_t M = j->M, K = j->K, N = j->N, nb = K / LK_QK8_0, ldw = j->ldw;
+    const int64_t fb = lk_few_blocks >= 1 && lk_few_blocks <= PF_Q16_BLOCKS ? lk_few_blocks : 4;
+    const int64_t sb = nb < fb ? nb : fb;
+    const size_t tbytes = (size_t)(Q8_NRV * sb * 16) * sizeof(int32_t);
+    uint8_t *scr = (uint8_t *)lk_scratch(ith, tbytes + (size_t)(Q8_NRV * sb) * sizeof(float));
+    int32_t *tile = (int32_t *)scr;
+    float *sc = (float *)(scr + tbytes);
+    float acc[(FEW_ROWS + Q8_MR) * Q8_NRV] __attribute__((aligned(64)));
+    const int64_t pf = lk_pf_dist < 0 ? -1 : Q8_NRV * ldw;
+    prefetch_rows(j->w + r0 * ldw, (r1 - r0 < Q8_NRV ? r1 - r0 : Q8_NRV) * ldw);
+    for (int64_t r = r0; r < r1; r += Q8_NRV) {
+        const int64_t nr = r1 - r < Q8_NRV ? r1 - r : Q8_NRV;
+        for (int64_t b0 = 0; b0 < nb; b0 += fb) {
+            const int64_t bn = nb - b0 < fb ? nb - b0 : fb;
+            Q8_NAME(pack)(j->w + r * ldw, ldw, nr, b0, bn, tile, sc, r + Q8_NRV < r1 ? pf : -1);
+            for (int64_t m = 0; m < M; m += Q8_MR) {
+                const int16_t *xr[Q8_MR];
+                const float *xs[Q8_MR];
+                for (int i = 0; i < Q8_MR; i++) {
+                    const int64_t mi = m + i < M ? m + i : M - 1;
+                    xr[i] = j->xq + mi * K + b0 * LK_QK8_0;
+                    xs[i] = j->xd + mi * nb + b0;
+                }
+                Q8_NAME(mk)(xr, xs, tile, sc, bn, acc + m * Q8_NRV, b0 > 0);
+            }
+        }
+        for (int64_t m = 0; m < M; m++)
+            memcpy(j->y + m * N + r, acc + m * Q8_NRV, (size_t)nr * sizeof(float));
     }
 }
 
@@ -1011,8 +1232,12 @@ Q8_TARGET static void Q8_NAME(rows_q8_0)(const matmul_job *j, int64_t r0, int64_
         Q8_NAME(prefill)(j, r0, r1, ith);
         return;
     }
-    /* decode, or a few x rows: stream the weights four rows at a time (the first x row's
-       pass prefetches the next four), the other x rows reuse them from L1 */
+    if (j->M >= Q8_FEW_MIN) {
+        Q8_NAME(few)(j, r0, r1, ith);
+        return;
+    }
+    /* decode (and M = 2): stream the weights four rows at a time, prefetching the next
+       four; a second x row reuses them from L1 */
     const int64_t K = j->K, N = j->N, nb = K / LK_QK8_0, ldw = j->ldw;
     int64_t r = r0;
     prefetch_rows(j->w + r0 * ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * ldw);

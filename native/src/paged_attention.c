@@ -36,12 +36,20 @@ static inline const float *kv_row(const float *pool, const int32_t *table, int64
     return pool + (((int64_t)table[s / bs] * bs + s % bs) * Hkv + kvh) * D;
 }
 
+/* The rows of positions 0 .. n-1 of kv head kvh, in order, without a division per
+   position (it cost more than the dot itself): FOR_KV_ROWS(pool, table, n, ptr, s) { ... }
+   runs the body with ptr at position s's row. */
+#define FOR_KV_ROWS(pool, j, table, n, kvh, ptr, s)                                          \
+    for (int64_t blk_ = 0, s = 0; s < (n); blk_++)                                           \
+        for (const float *ptr = (pool) + ((int64_t)(table)[blk_] * (j)->bs * (j)->Hkv + (kvh)) * (j)->D, \
+                         *end_ = ptr + ((n) - s < (j)->bs ? (n) - s : (j)->bs) * (j)->Hkv * (j)->D; \
+             ptr < end_; ptr += (j)->Hkv * (j)->D, s++)
+
 static void row_generic(const paged_job *j, const float *q, const int32_t *table, int64_t n,
                         int64_t kvh, float *sc, float *o) {
     const int64_t D = j->D;
     float m = -INFINITY;
-    for (int64_t s = 0; s < n; s++) {
-        const float *kr = kv_row(j->kp, table, s, j->bs, j->Hkv, kvh, D);
+    FOR_KV_ROWS(j->kp, j, table, n, kvh, kr, s) {
         float acc = 0;
         for (int64_t d = 0; d < D; d++) acc += q[d] * kr[d];
         sc[s] = acc * j->scale;
@@ -53,8 +61,7 @@ static void row_generic(const paged_job *j, const float *q, const int32_t *table
         sum += sc[s];
     }
     for (int64_t d = 0; d < D; d++) o[d] = 0;
-    for (int64_t s = 0; s < n; s++) {
-        const float *vr = kv_row(j->vp, table, s, j->bs, j->Hkv, kvh, D);
+    FOR_KV_ROWS(j->vp, j, table, n, kvh, vr, s) {
         for (int64_t d = 0; d < D; d++) o[d] += sc[s] * vr[d];
     }
     const float inv = 1.0f / sum;
@@ -66,8 +73,7 @@ LK_AVX2_TARGET static void row_avx2(const paged_job *j, const float *q, const in
                                     int64_t n, int64_t kvh, float *sc, float *o) {
     const int64_t D = j->D, D8 = D & ~(int64_t)7;
     float m = -INFINITY;
-    for (int64_t s = 0; s < n; s++) {
-        const float *kr = kv_row(j->kp, table, s, j->bs, j->Hkv, kvh, D);
+    FOR_KV_ROWS(j->kp, j, table, n, kvh, kr, s) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t d = 0; d < D8; d += 8)
             acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), acc);
@@ -80,8 +86,8 @@ LK_AVX2_TARGET static void row_avx2(const paged_job *j, const float *q, const in
     int64_t d0 = 0;
     for (; d0 + 32 <= D; d0 += 32) {
         __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-        for (int64_t s = 0; s < n; s++) {
-            const float *vr = kv_row(j->vp, table, s, j->bs, j->Hkv, kvh, D) + d0;
+        FOR_KV_ROWS(j->vp, j, table, n, kvh, vrow, s) {
+            const float *vr = vrow + d0;
             const __m256 p = _mm256_broadcast_ss(sc + s);
             c0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), c0);
             c1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), c1);
@@ -96,10 +102,8 @@ LK_AVX2_TARGET static void row_avx2(const paged_job *j, const float *q, const in
     }
     for (; d0 + 8 <= D; d0 += 8) {
         __m256 c0 = _mm256_setzero_ps();
-        for (int64_t s = 0; s < n; s++) {
-            const float *vr = kv_row(j->vp, table, s, j->bs, j->Hkv, kvh, D) + d0;
-            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + s), _mm256_loadu_ps(vr), c0);
-        }
+        FOR_KV_ROWS(j->vp, j, table, n, kvh, vr, s)
+            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + s), _mm256_loadu_ps(vr + d0), c0);
         _mm256_storeu_ps(o + d0, _mm256_mul_ps(c0, _mm256_set1_ps(inv)));
     }
     for (; d0 < D; d0++) {

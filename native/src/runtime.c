@@ -79,11 +79,13 @@ static void detect(void) {
         __builtin_cpu_supports("f16c"))
         detected_isa = LK_ISA_AVX2;
 #endif
-    extern int lk_pf_dist, lk_chunks_per_thread;
+    extern int lk_pf_dist, lk_chunks_per_thread, lk_few_blocks;
     const char *pfe = getenv("LATTICE_PF");
     if (pfe && *pfe) lk_pf_dist = atoi(pfe);
     const char *cpt = getenv("LATTICE_CHUNKS");
     if (cpt && atoi(cpt) >= 1) lk_chunks_per_thread = atoi(cpt);
+    const char *fbe = getenv("LATTICE_FEW_BLOCKS");
+    if (fbe && atoi(fbe) >= 1) lk_few_blocks = atoi(fbe);
     const char *force = getenv("LATTICE_ISA");
     if (force && strcmp(force, "generic") == 0) detected_isa = LK_ISA_GENERIC;
     lk_active_isa = detected_isa;
