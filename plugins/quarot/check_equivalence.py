@@ -2,8 +2,8 @@
 
     python plugins/quarot/check_equivalence.py qwen2.5-coder-0.5b [--tokens 256] [--seed 0]
 
-Prints max |logit diff| and argmax agreement with and without the online down_proj
-rotation; the last line is one JSON object.
+Prints max |logit diff| and argmax agreement for the residual and inputs bases, with and
+without the online down_proj rotation; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -43,13 +43,15 @@ def main() -> int:
 
     reference = run(None)
     result = {"model": args.model, "tokens": args.tokens, "seed": args.seed}
-    for online in (False, True):
-        got = run(QuarotSettings(enabled=True, seed=args.seed, online_down_proj=online))
-        diff = float(np.abs(got - reference).max())
-        agree = float((got.argmax(-1) == reference.argmax(-1)).mean())
-        key = "online" if online else "residual_only"
-        result[key] = {"max_abs_diff": diff, "argmax_agreement": agree}
-        print(f"{key:14} max |logit diff| {diff:.2e}, argmax agreement {agree:.2%}")
+    for basis in ("residual", "inputs"):
+        for online in (False, True):
+            got = run(QuarotSettings(enabled=True, seed=args.seed, online_down_proj=online,
+                                     basis=basis))
+            diff = float(np.abs(got - reference).max())
+            agree = float((got.argmax(-1) == reference.argmax(-1)).mean())
+            key = f"{basis}{'+online_down_proj' if online else ''}"
+            result[key] = {"max_abs_diff": diff, "argmax_agreement": agree}
+            print(f"{key:26} max |logit diff| {diff:.2e}, argmax agreement {agree:.2%}")
     print(json.dumps(result))
     return 0
 
