@@ -9,7 +9,7 @@ Q4_0 / Q4_1, all made from the same float32 weights (bench/gguf_variants.py's f3
     python bench/quant_quality.py ppl    --quant q4_sym --source .../q4_0.gguf \
         --override model.embed_tokens.weight=q4_sym_g32   (lattice on llama.cpp's own blocks)
     python bench/quant_quality.py speed  --model qwen2.5-coder-0.5b [--threads 2 --runs 3]
-    python bench/quant_quality.py rotation-speed [--threads 2 --runs 3]  (QuaRot's online cost)
+    python bench/quant_quality.py rotation-speed [--modes online inputs]  (QuaRot's online cost)
     python bench/quant_quality.py table  [--results FILE]
 
 recon: relative RMS error ||W_q - W|| / ||W|| of every method and group size over all
@@ -289,28 +289,30 @@ def cmd_speed(args) -> int:
 
 
 def cmd_rotation_speed(args) -> int:
-    """What QuaRot's online rotation before down_proj costs: lattice q4 g32 decode with the
-    rotation against the same format without it, every run in its own process, one run."""
+    """What QuaRot's online rotations cost: lattice q4 g32 decode with them against the same
+    format without, every run in its own process, in one run."""
     from gguf_variants import variant
 
     f32 = str(variant(args.model, "f32"))
     rows = []
-    for method in METHODS:
+    for method in args.methods:
         plain = run_worker("lattice", f32, method, args.threads, args.runs)
-        rotated = run_worker("lattice", f32, method, args.threads, args.runs, "online")
-        row = {"kind": "rotation_speed", "model": args.model, "threads": args.threads,
-               "method": f"{method} g32", "plain": plain, "quarot_online": rotated}
-        if "error" not in plain and "error" not in rotated:
-            row["decode_cost"] = 1 - rotated["decode_tok_s"] / plain["decode_tok_s"]
-            row["prefill_cost"] = 1 - rotated["prefill_tok_s"] / plain["prefill_tok_s"]
-            print(f"{method} g32: decode {plain['decode_tok_s']:.2f} -> "
-                  f"{rotated['decode_tok_s']:.2f} tok/s ({row['decode_cost']:+.1%} cost), "
-                  f"prefill {plain['prefill_tok_s']:.0f} -> {rotated['prefill_tok_s']:.0f} "
-                  f"({row['prefill_cost']:+.1%})")
-        else:
-            print(f"{method}: error {plain.get('error') or rotated.get('error')}")
-        rows.append(row)
-        append_result(Path(args.results), row)
+        for mode in args.modes:
+            rotated = run_worker("lattice", f32, method, args.threads, args.runs, mode)
+            row = {"kind": "rotation_speed", "model": args.model, "threads": args.threads,
+                   "method": f"{method} g32", "quarot": mode, "plain": plain,
+                   "rotated": rotated}
+            if "error" not in plain and "error" not in rotated:
+                row["decode_cost"] = 1 - rotated["decode_tok_s"] / plain["decode_tok_s"]
+                row["prefill_cost"] = 1 - rotated["prefill_tok_s"] / plain["prefill_tok_s"]
+                print(f"{method} g32, quarot {mode}: decode {plain['decode_tok_s']:.2f} -> "
+                      f"{rotated['decode_tok_s']:.2f} tok/s ({row['decode_cost']:+.1%} cost), "
+                      f"prefill {plain['prefill_tok_s']:.0f} -> "
+                      f"{rotated['prefill_tok_s']:.0f} ({row['prefill_cost']:+.1%})")
+            else:
+                print(f"{method} {mode}: error {plain.get('error') or rotated.get('error')}")
+            rows.append(row)
+            append_result(Path(args.results), row)
     print(json.dumps(rows))
     return 0
 
@@ -364,6 +366,9 @@ def main() -> int:
     rot.add_argument("--model", default="qwen2.5-coder-0.5b")
     rot.add_argument("--threads", type=int, default=2)
     rot.add_argument("--runs", type=int, default=3)
+    rot.add_argument("--methods", nargs="+", default=list(METHODS))
+    rot.add_argument("--modes", nargs="+", choices=QUAROT_MODES[1:],
+                     default=["online", "inputs"])
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("engine")
     worker.add_argument("path")
