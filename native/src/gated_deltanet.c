@@ -567,3 +567,19 @@ void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
     int64_t grain = 32768 / (D > 0 ? D : 1);
     lk_parallel_for(gnorm_range, &j, rows, grain < 1 ? 1 : grain);
 }
+
+/* ---- gates: sigmoid and softplus ------------------------------------------------------ */
+
+/* A few dozen values per layer (beta, the decay, the attention gate): scalar, and the
+   same code on every ISA, so the fused decode step and the per-kernel path agree. */
+void lk_sigmoid(const float *x, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) out[i] = 1.0f / (1.0f + expf(-x[i]));
+}
+
+void lk_softplus(const float *x, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i];
+        /* torch's threshold: x itself above 20 (NaN stays NaN) */
+        out[i] = v > 20.0f ? v : log1pf(expf(v));
+    }
+}
