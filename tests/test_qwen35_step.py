@@ -118,3 +118,16 @@ def test_native_gates_match_numpy():
     with np.errstate(over="ignore", invalid="ignore"):
         np.testing.assert_allclose(kernels.sigmoid(x), ops.sigmoid(x), rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(kernels.softplus(x), ops.softplus(x), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_step_with_mixed_formats_in_a_layer():
+    """Per-tensor overrides put matrices that read one input in different formats: the step
+    runs one job per format and still equals the per-kernel path."""
+    spec = QuantSpec("q8_0", {"*in_proj_b*": "f32", "*in_proj_z*": "f16", "*k_proj*": "f16",
+                              "*up_proj*": "f32"})
+    model = load(FIXTURES / "qwen3_5_text", quant=spec, backend="native").model
+    a = model.layers[0].linear_attn
+    assert {a.in_proj_qkv.weight.format.name, a.in_proj_b.weight.format.name,
+            a.in_proj_z.weight.format.name} == {"q8_0", "f32", "f16"}
+    prompt = load_file(str(FIXTURES / "qwen3_5_text" / "golden.safetensors"))["prompt_ids"]
+    assert_same(decode(model, prompt, 6, fused=True), decode(model, prompt, 6, fused=False))
