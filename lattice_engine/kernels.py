@@ -34,7 +34,7 @@ __all__ = [
     "q8_variants",
     "matmul", "matmul_multi", "embed", "quantize_q8_0", "format_matmul", "format_embed",
     "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "attention", "add",
-    "bench_read", "measure_read_bandwidth", "DecoderStep",
+    "bench_read", "measure_read_bandwidth", "DecoderStep", "Qwen35Step",
     "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule", "gated_rms_norm",
     "paged_attention", "block_rotate",
 ]
@@ -46,8 +46,6 @@ _I64 = np.dtype(np.int64)
 _ISA_NAMES = {"generic": 0, "avx2": 1}
 
 rope_tables = ops.rope_tables  # computed once per step for all layers; numpy is fine here
-sigmoid = ops.sigmoid    # a few dozen values per layer (beta, the attention gate): numpy
-softplus = ops.softplus
 
 
 def _not_built(*args, **kwargs):
@@ -578,6 +576,24 @@ def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray,
     return out
 
 
+def sigmoid(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """1 / (1 + e^-x) as float32 (see `ops.sigmoid`); native so the fused Qwen3.5 step
+    (which computes its gates in C) and this per-kernel path agree bit for bit."""
+    xp, x = _in(x)
+    out = _new_or_check(out, x.shape)
+    _L.lk_sigmoid(xp, x.size, _fb(_FLOATS, out, True))
+    return out
+
+
+def softplus(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """log(1 + e^x), x itself above 20 (see `ops.softplus`), as float32; native for the
+    same reason as `sigmoid`."""
+    xp, x = _in(x)
+    out = _new_or_check(out, x.shape)
+    _L.lk_softplus(xp, x.size, _fb(_FLOATS, out, True))
+    return out
+
+
 def gated_rms_norm(x: np.ndarray, gate: np.ndarray, weight: np.ndarray, eps: float,
                    out: np.ndarray | None = None) -> np.ndarray:
     """rms_norm(x) * weight * silu(gate) over the last axis (see `ops.gated_rms_norm`)."""
@@ -797,5 +813,181 @@ class DecoderStep:
                              f"(capacity {self._m.cache_cap}); bind a larger cache")
         if rc:
             raise RuntimeError(f"lk_decoder_step failed with code {rc} (weights or workspace "
+                               f"inconsistent with the model description)")
+        return out
+
+
+def _keep_vec(keep: list, v):
+    """cdata over float32 vector v (NULL for None), kept alive in `keep`."""
+    if v is None:
+        return _ffi.NULL
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    keep.append(v)
+    return _fb(_FLOATS, v)
+
+
+def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None) -> None:
+    data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
+    keep.append(data)
+    dst.fmt = _FMT_IDS[w.format.name]
+    dst.w = _fb(data)
+    dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
+    dst.bias = _keep_vec(keep, bias)
+
+
+class Qwen35Step:
+    """One Qwen3.5 decode step in a single C call (`lk_qwen35_step`): embed, every Gated
+    DeltaNet and gated-attention layer, final norm, for a batch of rows at T = 1.
+
+    Built once per model from its weights (`PackedMatrix` in f32 / f16 / q8_0, float32
+    vectors); `bind_cache` points it at a hybrid cache's arrays; calling it embeds B tokens
+    at position `pos`, updates the conv / delta states and writes keys and values at `pos`,
+    and returns the final-norm hidden states [B, hidden]. The arithmetic is the per-kernel
+    path's, kernel for kernel.
+
+    layers: one dict per layer, with "kind" ("linear_attention" or "full_attention"),
+    vectors attn_norm, mlp_norm, matrices gate, up, down (optional down_rotation =
+    (mix, block)), and
+    - linear: matrices in_qkv, in_z, in_b, in_a, out; conv_w [K, conv_dim], neg_a and
+      dt_bias [v_heads], head_norm [v_dim];
+    - full: matrices q (query and gate rows per head), k, v, o with optional biases
+      q_bias ... o_bias; vectors q_norm, k_norm.
+    """
+
+    LINEAR, FULL = "linear_attention", "full_attention"
+    # batch-1 matmul jobs end on tasks of 1/TAIL_SPLIT of a matrix (0: off); the outputs
+    # are the same either way (see lk_qwen35.tail_split)
+    TAIL_SPLIT = 0
+    MATRICES = {LINEAR: ("in_qkv", "in_z", "in_b", "in_a", "out", "gate", "up", "down"),
+                FULL: ("q", "k", "v", "o", "gate", "up", "down")}
+
+    @classmethod
+    def supports(cls, *matrices: PackedMatrix) -> bool:
+        """Whether every matrix is in a format the C step runs."""
+        return DecoderStep.supports(*matrices)
+
+    @classmethod
+    def matrices_of(cls, layers: list[dict]) -> list[PackedMatrix]:
+        return [L[n] for L in layers for n in cls.MATRICES[L["kind"]]]
+
+    def __init__(self, *, hidden: int, intermediate: int, n_heads: int, n_kv_heads: int,
+                 head_dim: int, rope_half: int, lin_k_heads: int, lin_v_heads: int,
+                 lin_k_dim: int, lin_v_dim: int, conv_kernel: int, eps: float,
+                 embed: PackedMatrix, final_norm: np.ndarray, layers: list[dict]):
+        if not self.supports(embed, *self.matrices_of(layers)):
+            raise ValueError("Qwen35Step: every matrix must be f32, f16 or q8_0 with the "
+                             "native module built")
+        keep = self._keep = []
+        m = _ffi.new("lk_qwen35 *")
+        m.n_layers, m.hidden, m.intermediate = len(layers), hidden, intermediate
+        m.n_heads, m.n_kv_heads, m.head_dim, m.rope_half = n_heads, n_kv_heads, head_dim, rope_half
+        m.lin_k_heads, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim = (lin_k_heads, lin_v_heads,
+                                                                 lin_k_dim, lin_v_dim)
+        m.conv_kernel, m.eps = conv_kernel, eps
+        _fill_linear(keep, m.embed, embed)
+        m.final_norm = _keep_vec(keep, final_norm)
+        self._layers = _ffi.new("lk_qwen35_layer[]", max(len(layers), 1))
+        self._kinds = [spec["kind"] for spec in layers]
+        for i, spec in enumerate(layers):
+            L = self._layers[i]
+            L.kind = 0 if spec["kind"] == self.LINEAR else 1
+            L.attn_norm = _keep_vec(keep, spec["attn_norm"])
+            L.mlp_norm = _keep_vec(keep, spec["mlp_norm"])
+            for name in self.MATRICES[spec["kind"]]:
+                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+            if spec["kind"] == self.LINEAR:
+                for name in ("conv_w", "neg_a", "dt_bias", "head_norm"):
+                    setattr(L, name, _keep_vec(keep, spec[name]))
+            else:
+                L.q_norm = _keep_vec(keep, spec["q_norm"])
+                L.k_norm = _keep_vec(keep, spec["k_norm"])
+            rotation = spec.get("down_rotation")
+            if rotation is not None:
+                mix, block = rotation
+                L.down_mix, L.down_mix_m, L.down_block = _keep_vec(keep, mix), mix.shape[0], block
+        m.layers = self._layers
+        m.cache_cap = 0
+        m.tail_split = self.TAIL_SPLIT
+        self._m = m
+        self._hidden = hidden
+        self._bound: tuple = ()
+        self._work = np.empty(0, _F32)
+
+    @property
+    def tail_split(self) -> int:
+        return int(self._m.tail_split)
+
+    @tail_split.setter
+    def tail_split(self, s: int) -> None:
+        self._m.tail_split = int(s)
+
+    def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray],
+                   conv: list[np.ndarray], delta: list[np.ndarray]) -> None:
+        """Point the layers at a hybrid cache's arrays: keys / values [B, capacity, H_kv, D]
+        of the attention layers and conv [B, K-1, conv_dim] / delta [B, Hv, Dk, Dv] states
+        of the DeltaNet layers, each list in layer order (re-bind after the KV grows)."""
+        m = self._m
+        n_full = self._kinds.count(self.FULL)
+        if len(keys) != n_full or len(values) != n_full or \
+                len(conv) != len(delta) or len(conv) != len(self._kinds) - n_full:
+            raise ValueError(f"bind_cache: {len(keys)} key / {len(conv)} state arrays for "
+                             f"{n_full} attention and {len(self._kinds) - n_full} DeltaNet layers")
+        cap = keys[0].shape[1] if keys else 1 << 62
+        batch = (keys or conv)[0].shape[0] if (keys or conv) else 0
+        conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
+        want = {"kv": (batch, cap, m.n_kv_heads, m.head_dim),
+                "conv": (batch, m.conv_kernel - 1, conv_dim),
+                "delta": (batch, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim)}
+        for kind, arrays in (("kv", keys), ("kv", values), ("conv", conv), ("delta", delta)):
+            for a in arrays:
+                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != want[kind]:
+                    raise ValueError(f"bind_cache: a {kind} array {a.dtype} {a.shape} is not "
+                                     f"C-contiguous float32 {want[kind]}")
+        full = linear = 0
+        for i, kind in enumerate(self._kinds):
+            L = self._layers[i]
+            if kind == self.FULL:
+                L.k_cache = _fb(_FLOATS, keys[full], True)
+                L.v_cache = _fb(_FLOATS, values[full], True)
+                full += 1
+            else:
+                L.conv_state = _fb(_FLOATS, conv[linear], True)
+                L.delta_state = _fb(_FLOATS, delta[linear], True)
+                linear += 1
+        m.cache_cap = cap
+        self._bound = (batch, tuple(keys), tuple(values), tuple(conv), tuple(delta))
+
+    def is_bound_to(self, keys, values, conv, delta) -> bool:
+        if not self._bound:
+            return False
+        arrays = self._bound[1:]
+        return all(len(a) == len(b) and all(x is y for x, y in zip(a, b))
+                   for a, b in zip(arrays, (keys, values, conv, delta)))
+
+    def __call__(self, tokens: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        B = tokens.size
+        if not self._bound or B != self._bound[0]:
+            raise ValueError(f"decode step: {B} tokens for a cache bound with "
+                             f"{self._bound[0] if self._bound else 'no'} rows; bind_cache first")
+        need = _L.lk_qwen35_work_size(self._m, B)
+        if self._work.size < need:
+            self._work = np.empty(need, _F32)
+        out = _new_or_check(out, (B, self._hidden))
+        cp, cos = _in(cos)
+        sp, sin = _in(sin)
+        rc = _L.lk_qwen35_step(self._m, _fb(_INT64S, tokens), B, pos, cp, sp,
+                               _fb(_FLOATS, self._work, True), self._work.size,
+                               _fb(_FLOATS, out, True))
+        if rc == -1:
+            bad = tokens[(tokens < 0) | (tokens >= self._m.embed.rows)]
+            raise IndexError(f"decode step: token id {int(bad[0])} is outside the "
+                             f"vocabulary [0, {self._m.embed.rows})")
+        if rc == -2:
+            raise ValueError(f"decode step: position {pos} is outside the bound cache "
+                             f"(capacity {self._m.cache_cap}); bind a larger cache")
+        if rc:
+            raise RuntimeError(f"lk_qwen35_step failed with code {rc} (weights or workspace "
                                f"inconsistent with the model description)")
         return out

@@ -18,7 +18,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c",
-           "gated_deltanet.c", "paged_attention.c", "rotate.c"]
+           "gated_deltanet.c", "paged_attention.c", "rotate.c", "qwen35_decoder.c"]
 
 CDEF = """
 int lk_init(void);
@@ -105,6 +105,40 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
                         float *out);
 void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
                        const float *w, float eps, float *out);
+void lk_sigmoid(const float *x, int64_t n, float *out);
+void lk_softplus(const float *x, int64_t n, float *out);
+typedef struct {
+    int32_t kind;
+    const float *attn_norm, *mlp_norm;
+    lk_linear in_qkv, in_z, in_b, in_a, out;
+    const float *conv_w;
+    const float *neg_a;
+    const float *dt_bias;
+    const float *head_norm;
+    float *conv_state;
+    float *delta_state;
+    lk_linear q, k, v, o;
+    const float *q_norm, *k_norm;
+    float *k_cache, *v_cache;
+    lk_linear gate, up, down;
+    const float *down_mix;
+    int64_t down_mix_m, down_block;
+} lk_qwen35_layer;
+typedef struct {
+    int64_t n_layers, hidden, intermediate;
+    int64_t n_heads, n_kv_heads, head_dim, rope_half;
+    int64_t lin_k_heads, lin_v_heads, lin_k_dim, lin_v_dim, conv_kernel;
+    float eps;
+    lk_linear embed;
+    const float *final_norm;
+    lk_qwen35_layer *layers;
+    int64_t cache_cap;
+    int32_t tail_split;
+} lk_qwen35;
+int64_t lk_qwen35_work_size(const lk_qwen35 *m, int64_t batch);
+int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
+                   const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                   float *hidden_out);
 int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_pool,
                        const float *v_pool, int64_t block_size, int64_t Hkv, int64_t nseq,
                        const int64_t *q_start, const int64_t *pos_start,

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import kernels
 from ..errors import CheckpointError
 from .base import Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
 from .hybrid_cache import HybridCache
@@ -239,6 +240,9 @@ class Model:
     delta-rule states for linear ones)."""
 
     config_class = ModelArgs
+    # Decode one token per sequence with the whole step in one C call when the native
+    # kernels run the model (kernels.Qwen35Step); False keeps the per-kernel path.
+    fused_decode = True
 
     def __init__(self, cfg: ModelArgs, w: WeightLoader, ops, prefix: str = "model",
                  tied: Optional[bool] = None):
@@ -261,6 +265,8 @@ class Model:
         self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
         self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))
+        self._step: Optional[kernels.Qwen35Step] = None
+        self._step_built = False
 
     @classmethod
     def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":
@@ -303,11 +309,68 @@ class Model:
         t = tokens.shape[1]
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
+        step = self._decode_step() if t == 1 and type(cache) is HybridCache else None
+        if step is not None:
+            cache.kv.reserve(cache.offset + 1)
+            arrays = (cache.kv.keys, cache.kv.values, cache.conv, cache.delta)
+            if not step.is_bound_to(*arrays):
+                step.bind_cache(*arrays)
+            hidden = step(tokens[:, 0], cache.offset, cos, sin)
+            cache.advance(1)
+            return hidden[:, None, :]
         x = ops.embed(self.embed_tokens, tokens)
         for layer in self.layers:
             x = layer(x, cache, cos, sin, ops)
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps, 1.0)
+
+    def _decode_step(self) -> Optional[kernels.Qwen35Step]:
+        """The fused native decode step, built on first use; None when the model does not
+        run on the native kernels or a weight format has no C kernel."""
+        if not self.fused_decode:
+            return None
+        if not self._step_built:
+            self._step_built = True
+            if getattr(self.ops, "name", "") == "native":
+                self._step = self._build_decode_step()
+        return self._step
+
+    def _build_decode_step(self) -> Optional[kernels.Qwen35Step]:
+        layers = []
+        for block in self.layers:
+            m = block.mlp
+            spec = {"kind": block.kind, "attn_norm": block.input_layernorm,
+                    "mlp_norm": block.post_attention_layernorm, "gate": m.gate_proj.weight,
+                    "up": m.up_proj.weight, "down": m.down_proj.weight,
+                    "down_rotation": m.down_rotation}
+            if m.gate_proj.bias is not None or m.up_proj.bias is not None or \
+                    m.down_proj.bias is not None:
+                return None  # Qwen3.5 has no MLP bias; the C step does not take one
+            if block.kind == LINEAR:
+                a = block.linear_attn
+                spec.update(in_qkv=a.in_proj_qkv.weight, in_z=a.in_proj_z.weight,
+                            in_b=a.in_proj_b.weight, in_a=a.in_proj_a.weight,
+                            out=a.out_proj.weight, conv_w=a.conv_weight_t, neg_a=a.neg_a,
+                            dt_bias=a.dt_bias, head_norm=a.norm)
+            else:
+                a = block.self_attn
+                for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj),
+                                  ("o", a.o_proj)):
+                    spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
+                spec.update(q_norm=a.q_norm, k_norm=a.k_norm)
+            layers.append(spec)
+        if not kernels.Qwen35Step.supports(self.embed_tokens,
+                                           *kernels.Qwen35Step.matrices_of(layers)):
+            return None
+        c = self.config
+        return kernels.Qwen35Step(
+            hidden=c.hidden_size, intermediate=c.intermediate_size,
+            n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
+            head_dim=c.head_dim, rope_half=len(self.inv_freq),
+            lin_k_heads=c.linear_num_key_heads, lin_v_heads=c.linear_num_value_heads,
+            lin_k_dim=c.linear_key_head_dim, lin_v_dim=c.linear_value_head_dim,
+            conv_kernel=c.linear_conv_kernel_dim, eps=c.rms_norm_eps,
+            embed=self.embed_tokens, final_norm=self.norm, layers=layers)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         return self.ops.matmul(hidden, self.lm_head)

@@ -39,8 +39,10 @@
  *              lk_paged_attention (the same over a paged block pool, a flat batch of sequences)
  *   decoder    lk_decoder_work_size, lk_decoder_step (a whole decode step of the
  *              llama-family decoder in one call)
- *   deltanet   lk_causal_conv1d, lk_gated_delta_rule, lk_gated_rms_norm (Qwen3.5's
- *              Gated DeltaNet layers)
+ *   deltanet   lk_causal_conv1d, lk_gated_delta_rule, lk_gated_rms_norm, lk_sigmoid,
+ *              lk_softplus (Qwen3.5's Gated DeltaNet layers and gates)
+ *   qwen35     lk_qwen35_work_size, lk_qwen35_step (a whole Qwen3.5 decode step in one
+ *              call)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
@@ -243,6 +245,65 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
    contiguous [rows, D]). */
 void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
                        const float *w, float eps, float *out);
+/* out = 1 / (1 + e^-x) and out = log(1 + e^x) (x itself above 20), elementwise over n
+   floats; out may be x. Scalar on every ISA (the gates are a few dozen values). */
+void lk_sigmoid(const float *x, int64_t n, float *out);
+void lk_softplus(const float *x, int64_t n, float *out);
+
+/* ---- Qwen3.5 decode step (qwen35_decoder.c) ----------------------------------------- */
+
+enum { LK_QWEN35_LINEAR = 0, LK_QWEN35_FULL = 1 };
+
+typedef struct {
+    int32_t kind;                      /* LK_QWEN35_LINEAR or LK_QWEN35_FULL */
+    const float *attn_norm, *mlp_norm; /* [hidden], scaled by (1 + w) */
+    /* Gated DeltaNet (LINEAR): in_qkv [2 key + value, hidden], in_z [value, hidden],
+       in_b, in_a [v_heads, hidden], out [hidden, value] (key = k_heads * k_dim, value =
+       v_heads * v_dim) */
+    lk_linear in_qkv, in_z, in_b, in_a, out;
+    const float *conv_w;        /* [conv_kernel, 2 key + value], tap K-1 the newest input */
+    const float *neg_a;         /* [v_heads]: -exp(A_log) */
+    const float *dt_bias;       /* [v_heads] */
+    const float *head_norm;     /* [v_dim]: the gated RMSNorm's weight (scaled by w) */
+    float *conv_state;          /* [batch, conv_kernel - 1, 2 key + value] */
+    float *delta_state;         /* [batch, v_heads, k_dim, v_dim] */
+    /* gated full attention (FULL): q [2 heads head_dim, hidden] (per head head_dim query
+       rows then head_dim gate rows), k, v [kv_heads head_dim, hidden], o [hidden, heads
+       head_dim]; q_norm, k_norm [head_dim] scaled by (1 + w) */
+    lk_linear q, k, v, o;
+    const float *q_norm, *k_norm;
+    float *k_cache, *v_cache;   /* [batch, cache_cap, kv_heads, head_dim] */
+    /* SwiGLU MLP, with the optional online rotation before down as in lk_decoder_layer */
+    lk_linear gate, up, down;
+    const float *down_mix;
+    int64_t down_mix_m, down_block;
+} lk_qwen35_layer;
+
+typedef struct {
+    int64_t n_layers, hidden, intermediate;
+    int64_t n_heads, n_kv_heads, head_dim, rope_half; /* rope_half: rotated pairs per head */
+    int64_t lin_k_heads, lin_v_heads, lin_k_dim, lin_v_dim, conv_kernel;
+    float eps;                /* every RMSNorm's epsilon */
+    lk_linear embed;          /* [vocab, hidden] */
+    const float *final_norm;  /* [hidden], scaled by (1 + w) */
+    lk_qwen35_layer *layers;  /* [n_layers] */
+    int64_t cache_cap;        /* positions each sequence's KV rows hold */
+    int32_t tail_split;       /* > 1: batch-1 jobs end on 1/tail_split-size tasks (tuning;
+                                 the outputs are the same either way) */
+} lk_qwen35;
+
+/* Floats of workspace lk_qwen35_step needs for `batch` sequences. */
+int64_t lk_qwen35_work_size(const lk_qwen35 *m, int64_t batch);
+/* One decode step for `batch` sequences that all have `pos` tokens cached: embeds
+   tokens[batch]; runs every layer, updating the DeltaNet layers' conv and delta states
+   and writing k, v at position pos of the attention layers' caches; writes the
+   final-norm hidden states to hidden_out [batch, hidden]. cos/sin are the rotary tables
+   for pos ([rope_half] each; rotate-half pairing). Returns 0; -1 if a token is outside
+   the embedding, -2 if pos >= cache_cap, -3 if work_len is too small, -4 for a weight
+   format or shape the step cannot run (nothing is written then). */
+int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
+                   const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                   float *hidden_out);
 /* Causal GQA for a flat batch of sequences over a paged KV pool (paged_attention.c).
    q and out: contiguous [N, Hq, D], sequence i owning rows q_start[i] .. q_start[i+1]-1
    (q_start has nseq + 1 entries) at positions pos_start[i] + t; k_pool, v_pool:

@@ -1,0 +1,250 @@
+/* One decode step of Qwen3.5 (Gated DeltaNet layers interleaved with gated full-attention
+ * layers) in a single call.
+ *
+ * Per token the per-kernel path makes ~400 Python-level kernel calls (matmuls, norms, the
+ * conv, the delta rule, the gates), each a few microseconds of wrapper and allocation. Here
+ * the layers run back to back in C over a caller-provided workspace, and the matrices that
+ * read the same input (a DeltaNet layer's qkv/z/b/a projections, q/k/v, gate/up) go to the
+ * pool as one job per weight format. The arithmetic is the per-kernel path's: the same
+ * kernels in the same order, and the glue between them (gates, residual adds, the
+ * attention gate) as the same single float operations, so the step matches
+ * `lattice_engine.kernels` op by op (the glue is single adds and multiplies, so there is
+ * no a * b + c for the compiler to contract into an FMA the per-kernel path does not do).
+ */
+#define LK_INTERNAL
+#include "lattice_kernels.h"
+
+#include <string.h>
+
+static int linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
+    if (l->fmt < LK_FMT_F32 || l->fmt > LK_FMT_Q8_0 || !l->w) return 0;
+    if (l->rows != rows || l->cols != cols) return 0;
+    if (l->fmt == LK_FMT_Q8_0 && cols % LK_QK8_0) return 0;
+    return 1;
+}
+
+/* y_i = x @ W_i^T (+ b_i) for n matrices reading the same x: one pool job per weight
+   format among them (usually one job for all). With tail_split = s > 1 and one row of x,
+   the last 1/s of each matrix of at least 4 s rows goes to the end of the job as a matrix
+   of its own: the job then ends on tasks 1/s the size, so the threads finish closer together.
+   Splits fall on multiples of 4 rows, where the decode kernels group rows anyway, so every
+   output is computed exactly as without the split. */
+static void linears(const lk_linear *const *l, float *const *y, int n, const float *x,
+                    int64_t M, int tail_split) {
+    int done[LK_MATMUL_MULTI_MAX] = {0};
+    for (int i = 0; i < n; i++) {
+        if (done[i]) continue;
+        const void *w[LK_MATMUL_MULTI_MAX];
+        int64_t ldw[LK_MATMUL_MULTI_MAX], rows[LK_MATMUL_MULTI_MAX];
+        float *out[LK_MATMUL_MULTI_MAX];
+        int m = 0, same[LK_MATMUL_MULTI_MAX], ns = 0;
+        for (int j = i; j < n; j++) {
+            if (done[j] || l[j]->fmt != l[i]->fmt) continue;
+            done[j] = 1;
+            same[ns++] = j;
+        }
+        int splits = 0; /* how many of them fit a split (LK_MATMUL_MULTI_MAX matrices) */
+        if (M == 1 && tail_split > 1)
+            for (int s = 0; s < ns; s++)
+                if (l[same[s]]->rows >= 4 * tail_split && ns + splits < LK_MATMUL_MULTI_MAX) splits++;
+        int64_t cut[LK_MATMUL_MULTI_MAX];
+        for (int s = 0, left = splits; s < ns; s++) {
+            const lk_linear *L = l[same[s]];
+            cut[s] = L->rows;
+            if (left && L->rows >= 4 * tail_split) {
+                cut[s] = (L->rows - L->rows / tail_split) & ~(int64_t)3;
+                left--;
+            }
+            w[m] = L->w;
+            ldw[m] = L->ldw;
+            rows[m] = cut[s];
+            out[m] = y[same[s]];
+            m++;
+        }
+        for (int s = 0; s < ns; s++) {
+            const lk_linear *L = l[same[s]];
+            if (cut[s] == L->rows) continue;
+            w[m] = (const uint8_t *)L->w + cut[s] * L->ldw;
+            ldw[m] = L->ldw;
+            rows[m] = L->rows - cut[s];
+            out[m] = y[same[s]] + cut[s];
+            m++;
+        }
+        lk_matmul_multi(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out);
+    }
+    for (int i = 0; i < n; i++) {
+        if (!l[i]->bias) continue;
+        for (int64_t r = 0; r < M; r++)
+            lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
+    }
+}
+
+static int embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out) {
+    switch (e->fmt) {
+    case LK_FMT_F32: return lk_embed_f32(e->w, e->ldw, e->rows, e->cols, ids, n, out);
+    case LK_FMT_F16: return lk_embed_f16(e->w, e->ldw, e->rows, e->cols, ids, n, out);
+    default: return lk_embed_q8_0(e->w, e->ldw, e->rows, e->cols, ids, n, out);
+    }
+}
+
+/* Widths of the per-row buffers. */
+typedef struct {
+    int64_t h, f, conv, key, value, hv, qg, qd, kvd;
+} dims;
+
+static dims dims_of(const lk_qwen35 *m) {
+    dims d;
+    d.h = m->hidden;
+    d.f = m->intermediate;
+    d.key = m->lin_k_heads * m->lin_k_dim;
+    d.value = m->lin_v_heads * m->lin_v_dim;
+    d.conv = 2 * d.key + d.value;
+    d.hv = m->lin_v_heads;
+    d.qd = m->n_heads * m->head_dim;
+    d.qg = 2 * d.qd;
+    d.kvd = m->n_kv_heads * m->head_dim;
+    return d;
+}
+
+int64_t lk_qwen35_work_size(const lk_qwen35 *m, int64_t batch) {
+    const dims d = dims_of(m);
+    /* x, xn, tmp [h]; DeltaNet: mixed [conv], z, core, normed [value], b, a, g, beta [hv];
+       attention: qg [qg], q, attn [qd], k, v [kvd]; MLP: gate, up, act [f] */
+    return batch * (3 * d.h + d.conv + 3 * d.value + 4 * d.hv + d.qg + 2 * d.qd + 2 * d.kvd +
+                    3 * d.f);
+}
+
+static int shapes_ok(const lk_qwen35 *m) {
+    const dims d = dims_of(m);
+    if (m->n_layers < 0 || d.h <= 0 || d.f <= 0 || m->head_dim <= 0 || m->n_kv_heads <= 0 ||
+        m->n_heads <= 0 || m->n_heads % m->n_kv_heads || m->rope_half < 0 ||
+        2 * m->rope_half > m->head_dim || m->lin_k_heads <= 0 || m->lin_v_heads <= 0 ||
+        m->lin_v_heads % m->lin_k_heads || m->lin_k_dim <= 0 || m->lin_v_dim <= 0 ||
+        m->conv_kernel < 1 || m->conv_kernel > 8)
+        return 0;
+    if (!linear_ok(&m->embed, m->embed.rows, d.h) || m->embed.rows <= 0 || !m->final_norm)
+        return 0;
+    for (int64_t i = 0; i < m->n_layers; i++) {
+        const lk_qwen35_layer *L = &m->layers[i];
+        if (!L->attn_norm || !L->mlp_norm || !linear_ok(&L->gate, d.f, d.h) ||
+            !linear_ok(&L->up, d.f, d.h) || !linear_ok(&L->down, d.h, d.f))
+            return 0;
+        if (L->kind == LK_QWEN35_LINEAR) {
+            if (!linear_ok(&L->in_qkv, d.conv, d.h) || !linear_ok(&L->in_z, d.value, d.h) ||
+                !linear_ok(&L->in_b, d.hv, d.h) || !linear_ok(&L->in_a, d.hv, d.h) ||
+                !linear_ok(&L->out, d.h, d.value) || !L->conv_w || !L->neg_a || !L->dt_bias ||
+                !L->head_norm || !L->conv_state || !L->delta_state)
+                return 0;
+        } else if (L->kind == LK_QWEN35_FULL) {
+            if (!linear_ok(&L->q, d.qg, d.h) || !linear_ok(&L->k, d.kvd, d.h) ||
+                !linear_ok(&L->v, d.kvd, d.h) || !linear_ok(&L->o, d.h, d.qd) || !L->q_norm ||
+                !L->k_norm || !L->k_cache || !L->v_cache)
+                return 0;
+        } else {
+            return 0;
+        }
+        if (L->down_block && (L->down_block < 0 || (L->down_block & (L->down_block - 1)) ||
+                              L->down_mix_m < 1 || L->down_mix_m * L->down_block != d.f ||
+                              (L->down_mix_m > 1 && !L->down_mix)))
+            return 0;
+    }
+    return 1;
+}
+
+/* The Gated DeltaNet mixer of one layer on xn [B, h]; its output projection goes to out. */
+static void deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d, int64_t B,
+                     const float *xn, float *mixed, float *z, float *bb, float *aa, float *g,
+                     float *beta, float *core, float *normed, float *out) {
+    const lk_linear *in[4] = {&L->in_qkv, &L->in_z, &L->in_b, &L->in_a};
+    float *in_out[4] = {mixed, z, bb, aa};
+    linears(in, in_out, 4, xn, B, m->tail_split);
+    lk_causal_conv1d(mixed, B, 1, d->conv, d->conv, d->conv, L->conv_w, m->conv_kernel,
+                     L->conv_state, 1);
+    /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), as three float ops */
+    lk_sigmoid(bb, B * d->hv, beta);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t hh = 0; hh < d->hv; hh++) aa[b * d->hv + hh] += L->dt_bias[hh];
+    lk_softplus(aa, B * d->hv, g);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t hh = 0; hh < d->hv; hh++) g[b * d->hv + hh] *= L->neg_a[hh];
+    lk_gated_delta_rule(mixed, mixed + d->key, mixed + 2 * d->key, B, 1, m->lin_k_heads,
+                        m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, d->conv, 0, g, beta,
+                        L->delta_state, 0, core);
+    lk_gated_rms_norm(core, z, B * d->hv, m->lin_v_dim, L->head_norm, m->eps, normed);
+    const lk_linear *o[1] = {&L->out};
+    linears(o, &out, 1, normed, B, m->tail_split);
+}
+
+/* The gated full-attention mixer of one layer on xn [B, h] at position pos. */
+static void attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d, int64_t B,
+                      int64_t pos, const float *cos_t, const float *sin_t, const float *xn,
+                      float *qg, float *q, float *k, float *v, float *attn, float *out) {
+    const int64_t D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
+    const lk_linear *in[3] = {&L->q, &L->k, &L->v};
+    float *in_out[3] = {qg, k, v};
+    linears(in, in_out, 3, xn, B, m->tail_split);
+    /* q_proj rows are per head: D query features, then D gate features */
+    for (int64_t r = 0; r < B * Hq; r++) memcpy(q + r * D, qg + r * 2 * D, (size_t)D * 4);
+    lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, 1.0f, q);
+    lk_rms_norm(k, B * Hkv, D, L->k_norm, m->eps, 1.0f, k);
+    lk_rope(q, B, 1, Hq, D, d->qd, d->qd, D, cos_t, sin_t, m->rope_half, 0, q);
+    lk_rope(k, B, 1, Hkv, D, d->kvd, d->kvd, D, cos_t, sin_t, m->rope_half, 0, k);
+    const int64_t row_stride = m->cache_cap * d->kvd; /* one sequence's cache rows */
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(L->k_cache + b * row_stride + pos * d->kvd, k + b * d->kvd, (size_t)d->kvd * 4);
+        memcpy(L->v_cache + b * row_stride + pos * d->kvd, v + b * d->kvd, (size_t)d->kvd * 4);
+    }
+    /* the per-kernel path's scale: 1 / sqrt(D) in double, rounded once to float */
+    const float scale = (float)(1.0 / sqrt((double)D));
+    lk_attention(q, B, 1, Hq, D, d->qd, d->qd, D, L->k_cache, row_stride, d->kvd, D, L->v_cache,
+                 row_stride, d->kvd, D, pos + 1, Hkv, pos, scale, attn);
+    /* attn *= sigmoid(gate), the gate half of each head's q_proj rows (q is free now) */
+    for (int64_t r = 0; r < B * Hq; r++) lk_sigmoid(qg + r * 2 * D + D, D, q + r * D);
+    for (int64_t i = 0; i < B * d->qd; i++) attn[i] *= q[i];
+    const lk_linear *o[1] = {&L->o};
+    linears(o, &out, 1, attn, B, m->tail_split);
+}
+
+int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
+                   const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                   float *hidden_out) {
+    lk_init();
+    if (batch <= 0) return 0;
+    if (!shapes_ok(m)) return -4;
+    if (pos < 0 || pos >= m->cache_cap) return -2;
+    if (work_len < lk_qwen35_work_size(m, batch)) return -3;
+    const int64_t B = batch;
+    const dims d = dims_of(m);
+    float *x = work, *xn = x + B * d.h, *tmp = xn + B * d.h;
+    float *mixed = tmp + B * d.h, *z = mixed + B * d.conv, *core = z + B * d.value;
+    float *normed = core + B * d.value, *bb = normed + B * d.value, *aa = bb + B * d.hv;
+    float *g = aa + B * d.hv, *beta = g + B * d.hv;
+    float *qg = beta + B * d.hv, *q = qg + B * d.qg, *attn = q + B * d.qd;
+    float *k = attn + B * d.qd, *v = k + B * d.kvd;
+    float *gate = v + B * d.kvd, *up = gate + B * d.f, *act = up + B * d.f;
+    if (embed(&m->embed, tokens, B, x)) return -1;
+    for (int64_t i = 0; i < m->n_layers; i++) {
+        const lk_qwen35_layer *L = &m->layers[i];
+        lk_rms_norm(x, B, d.h, L->attn_norm, m->eps, 1.0f, xn);
+        if (L->kind == LK_QWEN35_LINEAR)
+            deltanet(m, L, &d, B, xn, mixed, z, bb, aa, g, beta, core, normed, tmp);
+        else
+            attention(m, L, &d, B, pos, cos_t, sin_t, xn, qg, q, k, v, attn, tmp);
+        lk_add(x, tmp, B * d.h, x);
+        lk_rms_norm(x, B, d.h, L->mlp_norm, m->eps, 1.0f, xn);
+        const lk_linear *gu[2] = {&L->gate, &L->up};
+        float *gu_out[2] = {gate, up};
+        linears(gu, gu_out, 2, xn, B, m->tail_split);
+        lk_silu_mul(gate, d.f, up, d.f, B, d.f, act);
+        float *down_in = act;
+        if (L->down_block) { /* gate is free again: the rotated activations go there */
+            lk_block_rotate(act, B, L->down_mix_m, L->down_block, L->down_mix, gate);
+            down_in = gate;
+        }
+        const lk_linear *down[1] = {&L->down};
+        linears(down, &tmp, 1, down_in, B, m->tail_split);
+        lk_add(x, tmp, B * d.h, x);
+    }
+    lk_rms_norm(x, B, d.h, m->final_norm, m->eps, 1.0f, hidden_out);
+    return 0;
+}
