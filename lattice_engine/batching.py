@@ -245,8 +245,6 @@ class BatchRunner:
         logits = self.model.forward_paged(batch, self.cache)
         self.scheduler.complete(plan.items)
         now = time.perf_counter()
-        decode_rows = sum(1 for it in plan.items if it.count == 1 and it.sample)
-        self.pacer.record(decode_rows, len(batch.tokens) - decode_rows, now - started)
         row = 0
         for it in plan.items:
             seq = it.sequence
@@ -257,6 +255,10 @@ class BatchRunner:
             row += 1
             if out is not None:
                 outputs.append(out)
+        # the whole step (sampling and detokenizing too) is what the decoders wait for
+        decode_rows = sum(1 for it in plan.items if it.count == 1 and it.sample)
+        self.pacer.record(decode_rows, len(batch.tokens) - decode_rows,
+                          time.perf_counter() - started)
         return outputs
 
     def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:

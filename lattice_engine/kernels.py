@@ -33,7 +33,8 @@ __all__ = [
     "available", "isa", "set_isa", "set_threads", "threads", "supports", "q8_variant",
     "q8_variants",
     "matmul", "matmul_multi", "embed", "quantize_q8_0", "format_matmul", "format_embed",
-    "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "attention", "add",
+    "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "log_sum_exp",
+    "attention", "add",
     "bench_read", "measure_read_bandwidth", "DecoderStep", "Qwen35Step",
     "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule", "gated_rms_norm",
     "paged_attention", "block_rotate",
@@ -463,6 +464,16 @@ def softmax(x: np.ndarray, axis: int = -1, out: np.ndarray | None = None) -> np.
     xp, x = _in(x)
     out = _new_or_check(out, x.shape)
     _L.lk_softmax(xp, x.size // n if n else 0, n, _fb(_FLOATS, out, True))
+    return out
+
+
+def log_sum_exp(x: np.ndarray) -> np.ndarray:
+    """log(sum(exp(x))) over the last axis, float32 [...]: a log softmax's normaliser."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = x.shape[-1] if x.ndim else 1
+    out = np.empty(x.shape[:-1] if x.ndim else (), np.float32)
+    _L.lk_log_sum_exp(_fb(_FLOATS, x), x.size // n if n else 0, n,
+                      _fb(_FLOATS, out.reshape(-1), True))
     return out
 
 

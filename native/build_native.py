@@ -60,6 +60,7 @@ void lk_silu(const float *x, int64_t n, float *out);
 void lk_silu_mul(const float *gate, int64_t ldg, const float *up, int64_t ldu,
                  int64_t rows, int64_t n, float *out);
 void lk_softmax(const float *x, int64_t rows, int64_t n, float *out);
+void lk_log_sum_exp(const float *x, int64_t rows, int64_t n, float *out);
 void lk_add(const float *a, const float *b, int64_t n, float *out);
 
 int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,

@@ -507,3 +507,28 @@ def test_q8_0_activation_blocks_edge_cases(variant):
         ref = exact_reference(x, w)
         assert matmul_error(got, ref, x, w) <= THRESHOLDS["q8_0"]["exact"]
         assert rel(got, ops.matmul(x, w)) <= 1e-4
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_log_sum_exp_matches_numpy(isa):
+    """The log-softmax normaliser (token logprobs): vocabulary-sized rows, a ragged tail,
+    masked (-inf) entries, and rows with no finite maximum."""
+    previous = kernels.isa()
+    if isa not in ("generic", previous) and kernels.set_isa(isa) != isa:
+        pytest.skip(f"{isa} kernels not available here")
+    try:
+        kernels.set_isa(isa)
+        rng = np.random.default_rng(7)
+        x = (rng.standard_normal((3, 151_937)) * 6).astype(np.float32)
+        x[1, ::3] = -np.inf
+        got = kernels.log_sum_exp(x)
+        peak = x.max(-1, keepdims=True)
+        want = (peak[:, 0] + np.log(np.exp((x - peak).astype(np.float64)).sum(-1)))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+        special = np.array([[-np.inf, -np.inf], [np.inf, 0.0], [np.nan, 0.0]], np.float32)
+        out = kernels.log_sum_exp(special)
+        assert np.isnan(out[0]) and out[1] == np.inf and np.isnan(out[2])
+        from lattice_engine.generate import token_logprob
+        assert abs(token_logprob(x[0], 5) - (x[0, 5] - want[0])) < 2e-5
+    finally:
+        kernels.set_isa(previous)

@@ -34,7 +34,7 @@
  *              lk_q8_variant, lk_q8_variant_name
  *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0             (lk_embed_fn)
  *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act
- *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_add
+ *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_log_sum_exp, lk_add
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
  *              lk_paged_attention (the same over a paged block pool, a flat batch of sequences)
  *   decoder    lk_decoder_work_size, lk_decoder_step (a whole decode step of the
@@ -157,6 +157,9 @@ void lk_silu_mul(const float *gate, int64_t ldg, const float *up, int64_t ldu,
                  int64_t rows, int64_t n, float *out);
 /* Softmax over each contiguous row of length n. */
 void lk_softmax(const float *x, int64_t rows, int64_t n, float *out);
+/* out[r] = log(sum_i exp(x[r, i])) over each contiguous row of length n (a log softmax's
+   normaliser: logprob of token t = x[r, t] - out[r]). */
+void lk_log_sum_exp(const float *x, int64_t rows, int64_t n, float *out);
 void lk_add(const float *a, const float *b, int64_t n, float *out);
 
 /* ---- attention ------------------------------------------------------------------ */
