@@ -7,6 +7,12 @@ are decoding, --steps steps are timed (the fastest third's median: the machine i
 shared), then one more batch of steps runs under cProfile, whose top entries show the
 split between the model's matmuls, attention, Python glue, sampling and detokenizing.
 Prints per stream count: ms per step, tokens/s, and the ratio of N streams to 1.
+
+    python bench/batch_step.py --pacing 2000 [--pacing-streams 4]
+
+instead shows the prefill pacer at work without the server: once the streams decode, a
+prompt of that many tokens arrives, and every mixed step prints its prefill budget and time
+next to the decode-only step (the rise the pacer aims to keep within max_itl_rise).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--profile", type=int, default=0, help="top N cProfile entries (0: none)")
+    ap.add_argument("--pacing", type=int, default=0, help="long prompt tokens (0: off)")
+    ap.add_argument("--pacing-streams", type=int, default=4)
     args = ap.parse_args(argv)
 
     from lattice_engine.batching import BatchingOptions
@@ -42,6 +50,8 @@ def main(argv=None) -> int:
     engine = Engine.load(args.model, quant=args.quant, backend="native")
     result = {"model": args.model, "quant": args.quant, "threads": args.threads,
               "load_avg_start": os.getloadavg()[0], "rows": []}
+    if args.pacing:
+        return pacing(engine, args)
     base = None
     for n in [int(s) for s in args.streams.split(",")]:
         runner = engine.start_batching(BatchingOptions(max_running=max(n, 1) + 2))
@@ -76,6 +86,42 @@ def main(argv=None) -> int:
         for s in list(runner.scheduler.running):
             runner.abort(s.request_id)
     print(json.dumps(result))
+    return 0
+
+
+def pacing(engine, args) -> int:
+    from lattice_engine.batching import BatchingOptions
+    from lattice_engine.sampling import SamplingParams
+
+    runner = engine.start_batching(BatchingOptions(max_running=args.pacing_streams + 2))
+    params = SamplingParams(temperature=0.0, max_tokens=10 ** 6)
+    for i in range(args.pacing_streams):
+        prompt = [(1000 + 37 * i + 11 * t) % 20000 for t in range(32)]
+        runner.enqueue(runner.make_sequence(prompt, params, ignore_eos=True))
+    for _ in range(20):
+        runner.step()
+    decode = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        runner.step()
+        decode.append(time.perf_counter() - t0)
+    t_decode = sorted(decode)[len(decode) // 2]
+    print(f"decode-only step {1e3 * t_decode:.1f} ms ({args.pacing_streams} streams)")
+    long = runner.make_sequence([(500 + 13 * t) % 20000 for t in range(args.pacing)], params,
+                                ignore_eos=True)
+    runner.enqueue(long)
+    steps = []
+    while long.num_generated == 0:
+        budget = runner.pacer.budget()
+        t0 = time.perf_counter()
+        runner.step()
+        steps.append(time.perf_counter() - t0)
+        print(f"mixed step {len(steps)}: budget {budget} tokens, {1e3 * steps[-1]:.1f} ms "
+              f"({steps[-1] / t_decode:.2f}x)", flush=True)
+    mean = sum(steps) / len(steps)
+    print(json.dumps({"decode_ms": round(1e3 * t_decode, 2), "mixed_steps": len(steps),
+                      "mixed_mean_ms": round(1e3 * mean, 2), "rise": round(mean / t_decode, 3),
+                      "load_avg": os.getloadavg()[0]}))
     return 0
 
 
