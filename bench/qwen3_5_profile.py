@@ -1,7 +1,6 @@
 """Where a Qwen3.5 decode step's time goes, next to the bandwidth roofline.
 
     python bench/qwen3_5_profile.py [--model DIR] [--quant f16] [--threads 2] [--runs 30]
-                                    [--tail-split 8]
 
 DIR defaults to the 0.8B random-weight checkpoint of bench/qwen3_5.py. Measured interleaved
 in one process, so a busy machine skews them alike:
@@ -14,8 +13,6 @@ in one process, so a busy machine skews them alike:
               so step minus matmuls is the time spent in C outside the weight streams
               (norms, conv, delta rule, attention, adds);
 - lm_head:    the tied lm_head alone (part of matmuls);
-- split:      with --tail-split S, the step again with kernels.Qwen35Step.tail_split = S
-              (each job ends on tasks of 1/S of a matrix), interleaved with the others;
 - the read bandwidth (kernels.measure_read_bandwidth) and the roofline it implies.
 Minimum and median of --runs repetitions; the last line is one JSON object.
 """
@@ -61,8 +58,6 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--position", type=int, default=64, help="tokens already in the cache")
-    ap.add_argument("--tail-split", type=int, default=0, help="also time the step with this "
-                    "Qwen35Step.tail_split")
     args = ap.parse_args()
 
     from lattice_engine import kernels
@@ -77,12 +72,10 @@ def main() -> int:
     token = np.array([[100]])
     has_fused = hasattr(model, "fused_decode")
 
-    def step(fused: bool, split: int = kernels.Qwen35Step.TAIL_SPLIT):
+    def step(fused: bool):
         def run():
             if has_fused:
                 model.fused_decode = fused
-                if fused and model._decode_step() is not None:
-                    model._decode_step().tail_split = split
             cache.restore(snap)
             model.forward(token, cache, last_only=True)
         return run
@@ -104,8 +97,6 @@ def main() -> int:
 
     cases = {"step": step(True), "per-kernel": step(False), "matmuls": matmuls,
              "lm_head": lm_head}
-    if args.tail_split:
-        cases["split"] = step(True, args.tail_split)
     for fn in cases.values():
         for _ in range(3):
             fn()
@@ -140,7 +131,7 @@ def main() -> int:
                       "weight_bytes_per_token": nbytes, "read_bandwidth_gb_s": bandwidth,
                       "step_ms": best["step"], "per_kernel_ms": best["per-kernel"],
                       "matmuls_ms": best["matmuls"], "lm_head_ms": best["lm_head"],
-                      "split_ms": best.get("split"), "step_median_ms": median["step"],
+                      "step_median_ms": median["step"],
                       "roofline_ms": roofline_ms, "roofline_frac": roofline_ms / best["step"],
                       "load_avg_1m": os.getloadavg()[0]}))
     return 0

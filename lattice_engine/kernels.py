@@ -866,9 +866,6 @@ class Qwen35Step:
     """
 
     LINEAR, FULL = "linear_attention", "full_attention"
-    # batch-1 matmul jobs end on tasks of 1/TAIL_SPLIT of a matrix (0: off); the outputs
-    # are the same either way (see lk_qwen35.tail_split)
-    TAIL_SPLIT = 0
     MATRICES = {LINEAR: ("in_qkv", "in_z", "in_b", "in_a", "out", "gate", "up", "down"),
                 FULL: ("q", "k", "v", "o", "gate", "up", "down")}
 
@@ -918,19 +915,10 @@ class Qwen35Step:
                 L.down_mix, L.down_mix_m, L.down_block = _keep_vec(keep, mix), mix.shape[0], block
         m.layers = self._layers
         m.cache_cap = 0
-        m.tail_split = self.TAIL_SPLIT
         self._m = m
         self._hidden = hidden
         self._bound: tuple = ()
         self._work = np.empty(0, _F32)
-
-    @property
-    def tail_split(self) -> int:
-        return int(self._m.tail_split)
-
-    @tail_split.setter
-    def tail_split(self, s: int) -> None:
-        self._m.tail_split = int(s)
 
     def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray],
                    conv: list[np.ndarray], delta: list[np.ndarray]) -> None:

@@ -134,7 +134,6 @@ typedef struct {
     const float *final_norm;
     lk_qwen35_layer *layers;
     int64_t cache_cap;
-    int32_t tail_split;
 } lk_qwen35;
 int64_t lk_qwen35_work_size(const lk_qwen35 *m, int64_t batch);
 int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,

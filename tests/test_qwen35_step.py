@@ -131,15 +131,3 @@ def test_fused_step_with_mixed_formats_in_a_layer():
             a.in_proj_z.weight.format.name} == {"q8_0", "f32", "f16"}
     prompt = load_file(str(FIXTURES / "qwen3_5_text" / "golden.safetensors"))["prompt_ids"]
     assert_same(decode(model, prompt, 6, fused=True), decode(model, prompt, 6, fused=False))
-
-
-@pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_tail_split_changes_no_output(quant):
-    """Splitting the last rows of each matrix into their own tasks (a scheduling knob)
-    computes every output as before."""
-    model = load(FIXTURES / "qwen3_5_text", quant=QuantSpec(quant), backend="native").model
-    prompt = load_file(str(FIXTURES / "qwen3_5_text" / "golden.safetensors"))["prompt_ids"][:1]
-    per_kernel = decode(model, prompt, 6, fused=False)
-    model.fused_decode = True
-    model._decode_step().tail_split = 8
-    assert_same(decode(model, prompt, 6, fused=True), per_kernel)

@@ -291,8 +291,6 @@ typedef struct {
     const float *final_norm;  /* [hidden], scaled by (1 + w) */
     lk_qwen35_layer *layers;  /* [n_layers] */
     int64_t cache_cap;        /* positions each sequence's KV rows hold */
-    int32_t tail_split;       /* > 1: batch-1 jobs end on 1/tail_split-size tasks (tuning;
-                                 the outputs are the same either way) */
 } lk_qwen35;
 
 /* Floats of workspace lk_qwen35_step needs for `batch` sequences. */

@@ -24,50 +24,23 @@ static int linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
 }
 
 /* y_i = x @ W_i^T (+ b_i) for n matrices reading the same x: one pool job per weight
-   format among them (usually one job for all). With tail_split = s > 1 and one row of x,
-   the last 1/s of each matrix of at least 4 s rows goes to the end of the job as a matrix
-   of its own: the job then ends on tasks 1/s the size, so the threads finish closer together.
-   Splits fall on multiples of 4 rows, where the decode kernels group rows anyway, so every
-   output is computed exactly as without the split. */
+   format among them (usually one job for all). */
 static void linears(const lk_linear *const *l, float *const *y, int n, const float *x,
-                    int64_t M, int tail_split) {
+                    int64_t M) {
     int done[LK_MATMUL_MULTI_MAX] = {0};
     for (int i = 0; i < n; i++) {
         if (done[i]) continue;
         const void *w[LK_MATMUL_MULTI_MAX];
         int64_t ldw[LK_MATMUL_MULTI_MAX], rows[LK_MATMUL_MULTI_MAX];
         float *out[LK_MATMUL_MULTI_MAX];
-        int m = 0, same[LK_MATMUL_MULTI_MAX], ns = 0;
+        int m = 0;
         for (int j = i; j < n; j++) {
             if (done[j] || l[j]->fmt != l[i]->fmt) continue;
             done[j] = 1;
-            same[ns++] = j;
-        }
-        int splits = 0; /* how many of them fit a split (LK_MATMUL_MULTI_MAX matrices) */
-        if (M == 1 && tail_split > 1)
-            for (int s = 0; s < ns; s++)
-                if (l[same[s]]->rows >= 4 * tail_split && ns + splits < LK_MATMUL_MULTI_MAX) splits++;
-        int64_t cut[LK_MATMUL_MULTI_MAX];
-        for (int s = 0, left = splits; s < ns; s++) {
-            const lk_linear *L = l[same[s]];
-            cut[s] = L->rows;
-            if (left && L->rows >= 4 * tail_split) {
-                cut[s] = (L->rows - L->rows / tail_split) & ~(int64_t)3;
-                left--;
-            }
-            w[m] = L->w;
-            ldw[m] = L->ldw;
-            rows[m] = cut[s];
-            out[m] = y[same[s]];
-            m++;
-        }
-        for (int s = 0; s < ns; s++) {
-            const lk_linear *L = l[same[s]];
-            if (cut[s] == L->rows) continue;
-            w[m] = (const uint8_t *)L->w + cut[s] * L->ldw;
-            ldw[m] = L->ldw;
-            rows[m] = L->rows - cut[s];
-            out[m] = y[same[s]] + cut[s];
+            w[m] = l[j]->w;
+            ldw[m] = l[j]->ldw;
+            rows[m] = l[j]->rows;
+            out[m] = y[j];
             m++;
         }
         lk_matmul_multi(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out);
@@ -157,7 +130,7 @@ static void deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d
                      float *beta, float *core, float *normed, float *out) {
     const lk_linear *in[4] = {&L->in_qkv, &L->in_z, &L->in_b, &L->in_a};
     float *in_out[4] = {mixed, z, bb, aa};
-    linears(in, in_out, 4, xn, B, m->tail_split);
+    linears(in, in_out, 4, xn, B);
     lk_causal_conv1d(mixed, B, 1, d->conv, d->conv, d->conv, L->conv_w, m->conv_kernel,
                      L->conv_state, 1);
     /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), as three float ops */
@@ -172,7 +145,7 @@ static void deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d
                         L->delta_state, 0, core);
     lk_gated_rms_norm(core, z, B * d->hv, m->lin_v_dim, L->head_norm, m->eps, normed);
     const lk_linear *o[1] = {&L->out};
-    linears(o, &out, 1, normed, B, m->tail_split);
+    linears(o, &out, 1, normed, B);
 }
 
 /* The gated full-attention mixer of one layer on xn [B, h] at position pos. */
@@ -182,7 +155,7 @@ static void attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *
     const int64_t D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
     const lk_linear *in[3] = {&L->q, &L->k, &L->v};
     float *in_out[3] = {qg, k, v};
-    linears(in, in_out, 3, xn, B, m->tail_split);
+    linears(in, in_out, 3, xn, B);
     /* q_proj rows are per head: D query features, then D gate features */
     for (int64_t r = 0; r < B * Hq; r++) memcpy(q + r * D, qg + r * 2 * D, (size_t)D * 4);
     lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, 1.0f, q);
@@ -202,7 +175,7 @@ static void attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *
     for (int64_t r = 0; r < B * Hq; r++) lk_sigmoid(qg + r * 2 * D + D, D, q + r * D);
     for (int64_t i = 0; i < B * d->qd; i++) attn[i] *= q[i];
     const lk_linear *o[1] = {&L->o};
-    linears(o, &out, 1, attn, B, m->tail_split);
+    linears(o, &out, 1, attn, B);
 }
 
 int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
@@ -234,7 +207,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
         lk_rms_norm(x, B, d.h, L->mlp_norm, m->eps, 1.0f, xn);
         const lk_linear *gu[2] = {&L->gate, &L->up};
         float *gu_out[2] = {gate, up};
-        linears(gu, gu_out, 2, xn, B, m->tail_split);
+        linears(gu, gu_out, 2, xn, B);
         lk_silu_mul(gate, d.f, up, d.f, B, d.f, act);
         float *down_in = act;
         if (L->down_block) { /* gate is free again: the rotated activations go there */
@@ -242,7 +215,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
             down_in = gate;
         }
         const lk_linear *down[1] = {&L->down};
-        linears(down, &tmp, 1, down_in, B, m->tail_split);
+        linears(down, &tmp, 1, down_in, B);
         lk_add(x, tmp, B * d.h, x);
     }
     lk_rms_norm(x, B, d.h, m->final_norm, m->eps, 1.0f, hidden_out);
