@@ -18,7 +18,7 @@ of freedom). ppl: the DESIGN.md recipe (WikiText-2 test, first 32,768 tokens, wi
 stride 256) with the token ids lattice's tokenizer gives; llama.cpp scores those same ids
 (llama-cpp-python, logits of every position, one eval per window). speed: decode and
 prefill as bench/decode.py measures them, lattice q4_asym g32 against llama.cpp Q4_1 and
-q4_sym g32 against Q4_0, every engine in its own process, in one run.
+q4_sym g32 (or q4_0, ggml's rule) against Q4_0, every engine in its own process, in one run.
 Needs the plugin (pip install ./plugins/quant_q4) and llama-cpp-python. Run the ppl rows
 one at a time under `nice`: each is minutes of 2-core time.
 """
@@ -41,7 +41,7 @@ WIKITEXT = ROOT / "data" / "wikitext-2" / "wiki.test.raw"
 DEFAULT_RESULTS = HERE / "results" / "quant_quality.jsonl"
 METHODS = ("q4_sym", "q4_asym")
 GROUPS = (32, 64, 128)
-LLAMA_PEER = {"q4_sym": "q4_0", "q4_asym": "q4_1"}
+LLAMA_PEER = {"q4_sym": "q4_0", "q4_asym": "q4_1", "q4_0": "q4_0"}  # q4_0: ggml's own rule
 
 sys.path.insert(0, str(HERE))
 
@@ -72,7 +72,7 @@ def cmd_recon(args) -> int:
     from lattice_engine.plugins import get_plugin_manager
 
     formats = get_plugin_manager().registry.items["weight_formats"]
-    names = ["q8_0"] + [f"{m}_g{g}" for m in METHODS for g in GROUPS]
+    names = ["q8_0"] + [f"{m}_g{g}" for m in METHODS for g in GROUPS] + ["q4_0"]
     rows = {}
     for model in args.models:
         ckpt = load_gguf(variant(model, "f32"))
@@ -260,7 +260,7 @@ def cmd_speed(args) -> int:
 
     rows = []
     f32 = str(variant(args.model, "f32"))
-    for method in METHODS:
+    for method in args.methods:
         peer = LLAMA_PEER[method]
         ours = run_worker("lattice", f32, method, args.threads, args.runs)
         theirs = run_worker("llama.cpp", str(variant(args.model, peer)), peer, args.threads,
@@ -362,6 +362,9 @@ def main() -> int:
     speed.add_argument("--model", default="qwen2.5-coder-0.5b")
     speed.add_argument("--threads", type=int, default=2)
     speed.add_argument("--runs", type=int, default=3)
+    speed.add_argument("--methods", nargs="+", choices=sorted(LLAMA_PEER), default=list(METHODS),
+                       help="lattice methods, each against its llama.cpp peer (q4_0: ggml's "
+                            "rule against Q4_0)")
     rot = sub.add_parser("rotation-speed")
     rot.add_argument("--model", default="qwen2.5-coder-0.5b")
     rot.add_argument("--threads", type=int, default=2)

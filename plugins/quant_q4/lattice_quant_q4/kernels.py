@@ -138,9 +138,9 @@ def attach(formats) -> bool:
     if _lib is None:
         return False
     attach_core_pool()
-    from .formats import FAMILIES
+    from .formats import layout_of
     for fmt in formats:
-        family = next(f for f in FAMILIES if fmt.name.startswith(f + "_g"))
-        object.__setattr__(fmt, "matmul", make_matmul(family, fmt.block_size, fmt.bytes_per_block))
-        object.__setattr__(fmt, "embed", make_embed(family, fmt.block_size, fmt.bytes_per_block))
+        family, group = layout_of(fmt.name)  # q4_0 runs q4_sym_g32's kernels
+        object.__setattr__(fmt, "matmul", make_matmul(family, group, fmt.bytes_per_block))
+        object.__setattr__(fmt, "embed", make_embed(family, group, fmt.bytes_per_block))
     return True

@@ -1,4 +1,5 @@
-"""The q4_sym and q4_asym quant methods, with a configurable group size.
+"""The q4_sym and q4_asym quant methods, with a configurable group size, and q4_0 (ggml's
+Q4_0 rule at group 32, to reproduce llama.cpp's files).
 
 Linear layers get the 4-bit format of the chosen group size; the token embedding and an
 untied lm_head stay q8_0, and a tied embedding / lm_head stays f16 (Lattice v0.2.3's fix:
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from lattice_engine.errors import ConfigError
 from lattice_engine.quant.methods import QuantMethod
 
-from .formats import GROUP_SIZES, format_name
+from .formats import GGML_Q4_0, GROUP_SIZES, format_name
 
 DEFAULT_GROUP = 32  # chosen by measurement: see bench/quant_quality.py and the README
 
@@ -31,6 +32,10 @@ class GroupedQuantMethod(QuantMethod):
     def with_group_size(self, group_size):
         if group_size is None or group_size == self.group_size:
             return self
+        if self.family == GGML_Q4_0:
+            raise ConfigError(f"quant.group_size = {group_size!r} does not apply to q4_0, "
+                              f"ggml's Q4_0 rule, which has groups of 32 only; remove it or "
+                              f"use q4_sym for other group sizes")
         if group_size not in GROUP_SIZES:
             raise ConfigError(f"quant.group_size = {group_size!r} is not supported by "
                               f"{self.name}; choices: {', '.join(map(str, GROUP_SIZES))}")
@@ -60,4 +65,6 @@ Q4_METHODS = (
                           "32 is GGUF Q4_0's layout"),
     make_method("q4_asym", "4-bit asymmetric blocks (scale = (max - min) / 15, offset = min), "
                            "f16 scale and offset; group 32 is GGUF Q4_1's layout"),
+    make_method(GGML_Q4_0, "llama.cpp's Q4_0 rule (scale = signed max / -8), groups of 32: "
+                           "the blocks llama-quantize writes, stored as q4_sym_g32"),
 )

@@ -76,6 +76,33 @@ def test_q4_asym_g32_is_byte_identical_to_ggml_q4_1():
     np.testing.assert_array_equal(ours, theirs)
 
 
+def test_q4_0_is_byte_identical_to_ggml_q4_0_ties_included():
+    """ggml's rule, including its tie-breaking: weights on a coarse grid (like a 5-bit source
+    checkpoint) put many values exactly half-way between two codes."""
+    gguf = pytest.importorskip("gguf")
+    w = rng.standard_normal((32, 256)).astype(np.float32) * 0.05
+    grid = np.round(rng.standard_normal((32, 256)) * 15).clip(-16, 15).astype(np.float32)
+    grid[:, ::32] = -16  # every block's largest magnitude: d = 2, ties at odd values
+    for src in (w, grid / 16):
+        ours = F.quantize(F.GGML_Q4_0, 32, src)
+        theirs = gguf.quants.quantize(src, gguf.GGMLQuantizationType.Q4_0)
+        np.testing.assert_array_equal(ours, theirs)
+    q, _, _ = codes_and_scales("q4_sym", 32, F.quantize(F.GGML_Q4_0, 32, grid / 16), 256)
+    assert (q == 0).any()  # all 16 codes in use, unlike q4_sym's absmax / 7
+
+
+def test_q4_0_decodes_as_q4_sym_g32():
+    w = rng.standard_normal((8, 128)).astype(np.float32)
+    data = F.quantize(F.GGML_Q4_0, 32, w)
+    np.testing.assert_array_equal(F.to_float(F.GGML_Q4_0, 32, data, 128),
+                                  F.to_float("q4_sym", 32, data, 128))
+    fmts = {f.name: f for f in F.Q4_FORMATS}
+    assert fmts["q4_0"].gguf_type is None  # GGUF Q4_0 tensors keep loading as q4_sym_g32
+    assert F.layout_of("q4_0") == ("q4_sym", 32)
+    with pytest.raises(KeyError, match="not a lattice-quant-q4 format"):
+        F.layout_of("q4_k")
+
+
 @pytest.mark.parametrize("family,qtype", [("q4_sym", "Q4_0"), ("q4_asym", "Q4_1")])
 def test_g32_reads_ggml_blocks_like_ggml(family, qtype):
     """GGUF Q4_0 / Q4_1 bytes dequantize identically through our format: the layouts are

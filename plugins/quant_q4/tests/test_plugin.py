@@ -45,7 +45,7 @@ def formats_of(loaded) -> dict[str, str]:
 @pytest.mark.skipif(not installed, reason="lattice-quant-q4 is not pip-installed here")
 def test_entry_point_is_found_and_listed(capsys):
     pm = PluginManager()
-    assert {"q4_sym", "q4_asym"} <= set(pm.registry.names("quant_methods"))
+    assert {"q4_sym", "q4_asym", "q4_0"} <= set(pm.registry.names("quant_methods"))
     assert main(["plugins"]) == 0
     listed = {p["name"]: p for p in json.loads(capsys.readouterr().out)}
     assert listed["quant_q4"]["distribution"] == "lattice-quant-q4"
@@ -79,6 +79,18 @@ def test_group_size_and_fallback_for_rows_it_does_not_divide(tiny_folder):
         load(tiny_folder, quant=QuantSpec("q4_asym", {}, 48), plugin_manager=pm)
     with pytest.raises(ConfigError, match="does not apply to quant method 'q8_0'"):
         load(tiny_folder, quant=QuantSpec("q8_0", {}, 64), plugin_manager=pm)
+
+
+def test_q4_0_method_runs_the_sym_kernels_on_ggml_blocks(tiny_folder):
+    pm = manager()
+    q40 = load(tiny_folder, quant=QuantSpec("q4_0"), plugin_manager=pm)
+    assert formats_of(q40) == {"q": "q4_0", "down": "q4_0", "embed": "q8_0", "lm_head": "q8_0"}
+    w = q40.model.layers[0].self_attn.q_proj.weight
+    x = np.random.default_rng(1).standard_normal((3, w.data.shape[1] // 18 * 32), np.float32)
+    sym = {f.name: f for f in F.Q4_FORMATS}["q4_sym_g32"]
+    np.testing.assert_array_equal(w.format.matmul(x, w.data), sym.matmul(x, w.data))
+    with pytest.raises(ConfigError, match="q4_0, ggml's Q4_0 rule, which has groups of 32"):
+        load(tiny_folder, quant=QuantSpec("q4_0", {}, 64), plugin_manager=pm)
 
 
 def test_overrides_win(tiny_folder):
