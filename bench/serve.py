@@ -173,10 +173,12 @@ def itl_under_prefill(server: Server, tok, streams: int, long_tokens: int,
         time.sleep(0.01)
     base_start = time.perf_counter()
     time.sleep(baseline_s)
+    pacer_before = server.metrics()
     long_start = time.perf_counter()
     long_stamps: list[float] = []
     server.stream(corpus_ids(tok, long_tokens, offset=900), 1, long_stamps)
     long_end = long_stamps[0]
+    pacer_after = server.metrics()
     time.sleep(0.5)
     gaps_base, gaps_during = [], []
     for s in stamps:
@@ -191,6 +193,13 @@ def itl_under_prefill(server: Server, tok, streams: int, long_tokens: int,
               "itl_during_ms": round(1e3 * statistics.mean(gaps_during), 2),
               "itl_during_p90_ms": round(1e3 * sorted(gaps_during)[int(0.9 * len(gaps_during))], 2)}
     result["itl_rise"] = round(result["itl_during_ms"] / result["itl_before_ms"], 3)
+    # the server's own view: its prefill pacer's estimates, and the steps the prefill took
+    steps = pacer_after["lattice_engine_steps_total"] - pacer_before["lattice_engine_steps_total"]
+    result["server_steps_during"] = int(steps)
+    result["pacer_decode_step_ms"] = round(
+        1e3 * pacer_before["lattice_prefill_pacer_decode_step_seconds"], 2)
+    result["pacer_token_ms"] = round(1e3 * pacer_after["lattice_prefill_pacer_token_seconds"], 3)
+    result["pacer_budget_tokens"] = int(pacer_after["lattice_prefill_pacer_budget_tokens"])
     return result, threads
 
 
@@ -247,6 +256,9 @@ def main(argv=None) -> int:
                   f"{r['itl_during_ms']} ms (p90 {r['itl_during_p90_ms']}) while a "
                   f"{r['long_prompt_tokens']}-token prompt prefilled in {r['prefill_s']} s: "
                   f"{r['itl_rise']}x  (load {os.getloadavg()[0]:.2f})")
+            print(f"  server: {r['server_steps_during']} steps; pacer decode step "
+                  f"{r['pacer_decode_step_ms']} ms, prefill token {r['pacer_token_ms']} ms, "
+                  f"budget {r['pacer_budget_tokens']} tokens")
             result["itl"] = r
     finally:
         server.stop()  # also ends the ITL decoders' streams

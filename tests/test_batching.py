@@ -237,15 +237,34 @@ def test_bad_requests_are_refused_before_queueing(engine):
 def test_prefill_pacer_keeps_mixed_steps_within_the_rise():
     from lattice_engine.batching import PrefillPacer
     pacer = PrefillPacer(max_rise=2.0, cap=64)
-    assert pacer.budget() == 64                     # nothing measured yet
+    assert pacer.budget() == PrefillPacer.PROBE    # nothing measured yet: a small probe
     pacer.record(decode_rows=4, prefill_rows=0, seconds=0.040)
-    assert pacer.budget() == 64                     # no mixed step measured yet
-    pacer.record(decode_rows=4, prefill_rows=64, seconds=0.200)   # 2.5 ms per prefill token
+    assert pacer.budget() == PrefillPacer.PROBE    # no mixed step measured yet
+    pacer.record(decode_rows=4, prefill_rows=16, seconds=0.080)   # 2.5 ms per prefill token
     assert pacer.budget() == 16                     # 16 tokens cost one more decode step
     for _ in range(30):                             # a cheaper machine: the cap again
         pacer.record(decode_rows=4, prefill_rows=16, seconds=0.045)
     assert pacer.budget() == 64
     assert PrefillPacer(max_rise=0, cap=8).budget() == 8
+
+
+def test_prefill_pacer_ignores_one_slow_decode_step_and_tracks_the_row_count():
+    """A server's decode step slowed once (its event loop parsing a long request) must not
+    raise the decode time the whole following prefill is paced against."""
+    from lattice_engine.batching import PrefillPacer
+    pacer = PrefillPacer(max_rise=2.0, cap=64)
+    for _ in range(5):
+        pacer.record(decode_rows=4, prefill_rows=0, seconds=0.045)
+    pacer.record(decode_rows=4, prefill_rows=0, seconds=0.088)
+    assert pacer.t_decode == pytest.approx(0.045)
+    pacer.record(decode_rows=4, prefill_rows=10, seconds=0.075)   # 3 ms per prefill token
+    assert pacer.budget() == 15
+    # one decoder left: its decode step is cheaper, so is the slice it can absorb
+    for _ in range(3):
+        pacer.record(decode_rows=1, prefill_rows=0, seconds=0.024)
+    assert pacer.t_decode == pytest.approx(0.024) and pacer.budget() == 8
+    pacer.record(decode_rows=3, prefill_rows=5, seconds=0.06)     # nearest measured: 4 rows
+    assert pacer.rows == 3 and pacer.t_decode == pytest.approx(0.045)
     with pytest.raises(RequestError, match="max_itl_rise"):
         BatchingOptions(max_itl_rise=0.5)
 

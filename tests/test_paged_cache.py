@@ -205,6 +205,34 @@ def test_native_paged_attention_matches_reference(isa, hq, hkv, d):
     np.testing.assert_array_equal(alone, got[qs[1]:qs[2]])
 
 
+@pytest.mark.parametrize("hq,hkv,d,bs", [(14, 2, 64, 16), (8, 2, 256, 16), (4, 4, 24, 8)])
+def test_native_paged_attention_long_prefix_and_any_chunking(isa, hq, hkv, d, bs):
+    """Keys across several of the kernel's tiles (64 keys), a chunk starting mid-tile, and
+    the same prompt prefilled in different chunkings: identical bits row for row (what lets
+    a request's output not depend on the prefill pacer's chunk sizes)."""
+    rng = np.random.default_rng(3)
+    n, blocks = 203, 40
+    kp = rng.standard_normal((blocks, bs, hkv, d)).astype(np.float32)
+    vp = rng.standard_normal((blocks, bs, hkv, d)).astype(np.float32)
+    table = rng.permutation(blocks)[:-(-n // bs)].astype(np.int32)[None]
+    q = rng.standard_normal((n, hq, d)).astype(np.float32)
+    whole = kernels.paged_attention(q, kp, vp, np.array([0, n]), np.array([0]), table, 0.2)
+    want = ops.paged_attention(q, kp, vp, np.array([0, n]), np.array([0]), table, 0.2)
+    np.testing.assert_allclose(whole, want, atol=2e-5, rtol=1e-4)
+    for cuts in ([0, 1, 70, 77, 150, 203], [0, 5, 128, 129, 200, 203]):
+        for a, b in zip(cuts, cuts[1:]):
+            part = kernels.paged_attention(q[a:b], kp, vp, np.array([0, b - a]), np.array([a]),
+                                           table, 0.2)
+            np.testing.assert_array_equal(part, whole[a:b])
+    # decode rows of two sequences in one call: each as alone
+    t2 = np.stack([table[0], np.roll(table[0], 3)])
+    rows = q[[150, 202]]
+    both = kernels.paged_attention(rows, kp, vp, np.array([0, 1, 2]), np.array([150, 202]), t2, 0.2)
+    np.testing.assert_array_equal(both[0], whole[150])
+    alone = kernels.paged_attention(rows[1:], kp, vp, np.array([0, 1]), np.array([202]), t2[1:], 0.2)
+    np.testing.assert_array_equal(both[1], alone[0])
+
+
 def test_native_paged_attention_rejects_bad_tables():
     if not kernels.available():
         pytest.skip("native kernels not built")

@@ -16,6 +16,10 @@ def _histogram(lines: list[str], name: str, help_text: str, h: Histogram) -> Non
     lines.append(f"{name}_count {h.n}")
 
 
+def _seconds(value) -> str:
+    return "NaN" if value is None else f"{value:.6f}"
+
+
 def render(runner: BatchRunner, http: dict[str, int]) -> str:
     s, kv = runner.stats, runner.cache.stats()
     lines: list[str] = []
@@ -54,6 +58,14 @@ def render(runner: BatchRunner, http: dict[str, int]) -> str:
            "Prompt tokens served from the prefix cache.", kv["prefix_hit_tokens"])
     metric("lattice_prefix_cache_hit_rate", "gauge", "Hit tokens / queried tokens.",
            f"{kv['prefix_hit_rate']:.6f}")
+    pacer = runner.pacer  # why prefill chunks are the size they are (NaN until measured)
+    metric("lattice_prefill_pacer_decode_step_seconds", "gauge",
+           "Running estimate of a decode-only step.", _seconds(pacer.t_decode))
+    metric("lattice_prefill_pacer_token_seconds", "gauge",
+           "Running estimate of one prefill token's extra cost in a mixed step.",
+           _seconds(pacer.per_token))
+    metric("lattice_prefill_pacer_budget_tokens", "gauge",
+           "Prefill tokens the next mixed step may carry.", pacer.budget())
     _histogram(lines, "lattice_time_to_first_token_seconds", "Time to first token.", s.ttft)
     _histogram(lines, "lattice_inter_token_latency_seconds", "Time between tokens of a request.",
                s.itl)

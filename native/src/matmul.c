@@ -13,7 +13,8 @@
  * block applies d_w * d_x. Prefill with int16 tiles measured at least as fast as
  * dequantizing the tiles to f32 for FMA on plain AVX2, and 1.5-3x faster with VNNI.
  *
- * A few x rows (batched decode, M = 2 .. FEW_ROWS) still stream the weights like the
+ * A few x rows (batched decode, M = 2 .. FEW_ROWS; q8_0 up to lk_q8_few_rows = 64, which
+ * also covers a decode batch plus a prefill slice) still stream the weights like the
  * matvec, but each weight block is widened / converted once for all x rows (q8_0: packed
  * to int16 with rows in lanes, as for prefill; f16: to an f32 tile) instead of once per
  * x row.
@@ -191,6 +192,17 @@ AVX2_INLINE void pf_(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0)
 /* q8_0 from this many x rows packs each weight block once for all of them (few); below,
    each x row runs mv4 (packing cost more than it saved at M = 2) */
 #define Q8_FEW_MIN 3
+/* q8_0 keeps streaming up to this many rows. All linears of Qwen2.5-0.5B, 2 threads, ms
+   (prefill tiles -> few rows): M = 9 71 -> 54, 16 84 -> 66, 32 129 -> 105, 64 198 -> 184,
+   96 283 -> 276, 128 360 -> 363. A decode batch plus a prefill slice lives in this range
+   (LATTICE_Q8_FEW_ROWS: tuning only) */
+#ifndef Q8_FEW_ROWS_MAX
+#define Q8_FEW_ROWS_MAX 128
+#endif
+int lk_q8_few_rows = 64;
+static inline int64_t q8_few_rows(void) {
+    return lk_q8_few_rows >= FEW_ROWS && lk_q8_few_rows <= Q8_FEW_ROWS_MAX ? lk_q8_few_rows : 64;
+}
 
 /* f32 / f16: every path (matvec, few rows, prefill tiles) computes a dot in the same
    order, so an output row has the same bits whatever M is (batched decode gives a request
@@ -675,7 +687,7 @@ int lk_chunks_per_thread = 4;
 /* Output rows per task for a matrix of N rows of ldw bytes. */
 static int64_t chunk_rows(int fmt, int64_t M, int64_t N, int64_t ldw, int nth) {
     int64_t chunk;
-    if (M <= FEW_ROWS) {
+    if (M <= (fmt == FMT_Q8_0 ? q8_few_rows() : FEW_ROWS)) {
         /* a few chunks per thread for balance, but at least ~64 KiB of weights each; more,
            smaller chunks measured slower (each restarts the prefetch streams) */
         int64_t target = (int64_t)nth * lk_chunks_per_thread;
@@ -1203,7 +1215,7 @@ Q8_TARGET static void Q8_NAME(few)(const matmul_job *j, int64_t r0, int64_t r1, 
     uint8_t *scr = (uint8_t *)lk_scratch(ith, tbytes + (size_t)(Q8_NRV * sb) * sizeof(float));
     int32_t *tile = (int32_t *)scr;
     float *sc = (float *)(scr + tbytes);
-    float acc[(FEW_ROWS + Q8_MR) * Q8_NRV] __attribute__((aligned(64)));
+    float acc[(Q8_FEW_ROWS_MAX + Q8_MR) * Q8_NRV] __attribute__((aligned(64)));
     const int64_t pf = lk_pf_dist < 0 ? -1 : Q8_NRV * ldw;
     prefetch_rows(j->w + r0 * ldw, (r1 - r0 < Q8_NRV ? r1 - r0 : Q8_NRV) * ldw);
     for (int64_t r = r0; r < r1; r += Q8_NRV) {
@@ -1228,7 +1240,7 @@ Q8_TARGET static void Q8_NAME(few)(const matmul_job *j, int64_t r0, int64_t r1, 
 }
 
 Q8_TARGET static void Q8_NAME(rows_q8_0)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
-    if (j->M > FEW_ROWS) {
+    if (j->M > q8_few_rows()) {
         Q8_NAME(prefill)(j, r0, r1, ith);
         return;
     }

@@ -6,10 +6,11 @@
  * offset s % bs of pools shaped [num_blocks, bs, Hkv, D]. Decode rows (one per sequence)
  * and prefill chunks (many rows) mix freely in one call.
  *
- * Work units are (sequence, kv head, block of QROWS query rows); each row is computed in
- * two passes over its keys (scores into per-thread scratch, softmax, weighted sum of
- * values), so the result of a row depends only on its own sequence: the same request gives
- * the same attention output whatever else is in the batch.
+ * Work units are (sequence, kv head, block of QROWS query rows). The generic code computes
+ * each row in two passes over its keys (scores into per-thread scratch, softmax, weighted
+ * sum of values); the AVX2 code runs the unit's rows and heads over tiles of keys together
+ * (see unit_avx2). Either way the result of a row depends only on its own sequence: the
+ * same request gives the same attention output whatever else is in the batch.
  */
 #define LK_INTERNAL
 #include "lattice_kernels.h"
@@ -69,47 +70,179 @@ static void row_generic(const paged_job *j, const float *q, const int32_t *table
 }
 
 #if LK_X86
-LK_AVX2_TARGET static void row_avx2(const paged_job *j, const float *q, const int32_t *table,
-                                    int64_t n, int64_t kvh, float *sc, float *o) {
-    const int64_t D = j->D, D8 = D & ~(int64_t)7;
-    float m = -INFINITY;
-    FOR_KV_ROWS(j->kp, j, table, n, kvh, kr, s) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D8; d += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(kr + d), acc);
-        float t = lk_hsum8_avx2(acc);
-        for (int64_t d = D8; d < D; d++) t += q[d] * kr[d];
-        sc[s] = t * j->scale;
-        m = sc[s] > m ? sc[s] : m;
+/* AVX2: a unit's R = rows x group query vectors pass over its keys together, a tile of KT
+   keys at a time, with an online softmax (running max and sum per vector). Each tile's
+   keys are transposed once into kt[d][KT], so the scores of 4 vectors x 16 keys are 8
+   accumulators fed by broadcasts of q (no horizontal sums), and each tile's values are
+   read from L1 by every vector. Before this the kernel walked all keys once per query
+   head and row: at a 2,000-token prefix a prefill token cost ~6 ms of attention on
+   Qwen2.5-0.5B, three times its matmuls.
+
+   Batch invariance: tiles start at key 0 in steps of KT whatever the chunk, a vector's
+   scores are one FMA chain over d per key, its softmax and value sums run over its own
+   valid keys only (tiles past its position are skipped), so a row's bits do not depend
+   on the rows or sequences it shares a call with, nor on how its prompt was chunked. */
+#define KT 64
+
+/* kt[d * KT + c] = K[s0 + c][d] for c < kn, zero for kn <= c < round_up(kn, 16) */
+LK_AVX2_TARGET static void pack_keys_avx2(const paged_job *j, const int32_t *table, int64_t kvh,
+                                          int64_t s0, int64_t kn, float *kt,
+                                          const float **vrows) {
+    const int64_t D = j->D, kp16 = (kn + 15) & ~(int64_t)15;
+    for (int64_t c = 0; c < kp16; c += 8) {
+        const float *r[8];
+        for (int i = 0; i < 8; i++) {
+            const int64_t s = s0 + c + i;
+            r[i] = c + i < kn ? kv_row(j->kp, table, s, j->bs, j->Hkv, kvh, D) : NULL;
+            if (c + i < kn) vrows[c + i] = kv_row(j->vp, table, s, j->bs, j->Hkv, kvh, D);
+        }
+        for (int64_t d = 0; d < D; d += 8) {
+            __m256 x[8];
+            for (int i = 0; i < 8; i++) x[i] = r[i] ? _mm256_loadu_ps(r[i] + d) : _mm256_setzero_ps();
+            /* 8 x 8 transpose: x[i][e] (key i, dim d + e) -> column e holds 8 keys */
+            __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
+            __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
+            __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
+            __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
+            __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *o = kt + d * KT + c;
+            _mm256_storeu_ps(o + 0 * KT, _mm256_permute2f128_ps(u0, u4, 0x20));
+            _mm256_storeu_ps(o + 1 * KT, _mm256_permute2f128_ps(u1, u5, 0x20));
+            _mm256_storeu_ps(o + 2 * KT, _mm256_permute2f128_ps(u2, u6, 0x20));
+            _mm256_storeu_ps(o + 3 * KT, _mm256_permute2f128_ps(u3, u7, 0x20));
+            _mm256_storeu_ps(o + 4 * KT, _mm256_permute2f128_ps(u0, u4, 0x31));
+            _mm256_storeu_ps(o + 5 * KT, _mm256_permute2f128_ps(u1, u5, 0x31));
+            _mm256_storeu_ps(o + 6 * KT, _mm256_permute2f128_ps(u2, u6, 0x31));
+            _mm256_storeu_ps(o + 7 * KT, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
     }
-    const float inv = 1.0f / lk_exp_sum_avx2(sc, n, m, sc);
+}
+
+/* sc[i * KT + c] = scale * q_i . k_c for 4 vectors and c < kp16 (kp16 a multiple of 16) */
+LK_AVX2_TARGET static void scores4_avx2(const float *const q[4], const float *kt, int64_t D,
+                                        int64_t kp16, float scale, float *sc) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int64_t c = 0; c < kp16; c += 16) {
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
+        __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+        const float *k = kt + c;
+        for (int64_t d = 0; d < D; d++, k += KT) {
+            const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8);
+            __m256 b = _mm256_broadcast_ss(q[0] + d);
+            a00 = _mm256_fmadd_ps(b, k0, a00); a01 = _mm256_fmadd_ps(b, k1, a01);
+            b = _mm256_broadcast_ss(q[1] + d);
+            a10 = _mm256_fmadd_ps(b, k0, a10); a11 = _mm256_fmadd_ps(b, k1, a11);
+            b = _mm256_broadcast_ss(q[2] + d);
+            a20 = _mm256_fmadd_ps(b, k0, a20); a21 = _mm256_fmadd_ps(b, k1, a21);
+            b = _mm256_broadcast_ss(q[3] + d);
+            a30 = _mm256_fmadd_ps(b, k0, a30); a31 = _mm256_fmadd_ps(b, k1, a31);
+        }
+        _mm256_storeu_ps(sc + 0 * KT + c, _mm256_mul_ps(a00, vs));
+        _mm256_storeu_ps(sc + 0 * KT + c + 8, _mm256_mul_ps(a01, vs));
+        _mm256_storeu_ps(sc + 1 * KT + c, _mm256_mul_ps(a10, vs));
+        _mm256_storeu_ps(sc + 1 * KT + c + 8, _mm256_mul_ps(a11, vs));
+        _mm256_storeu_ps(sc + 2 * KT + c, _mm256_mul_ps(a20, vs));
+        _mm256_storeu_ps(sc + 2 * KT + c + 8, _mm256_mul_ps(a21, vs));
+        _mm256_storeu_ps(sc + 3 * KT + c, _mm256_mul_ps(a30, vs));
+        _mm256_storeu_ps(sc + 3 * KT + c + 8, _mm256_mul_ps(a31, vs));
+    }
+}
+
+/* o[0..D) = o * corr + sum_{c < nv} p[c] v_c (D a multiple of 8) */
+LK_AVX2_TARGET static void pv_tile_avx2(float *o, float corr, const float *p,
+                                        const float *const *vrows, int64_t nv, int64_t D) {
+    const __m256 vc = _mm256_set1_ps(corr);
     int64_t d0 = 0;
     for (; d0 + 32 <= D; d0 += 32) {
-        __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-        FOR_KV_ROWS(j->vp, j, table, n, kvh, vrow, s) {
-            const float *vr = vrow + d0;
-            const __m256 p = _mm256_broadcast_ss(sc + s);
-            c0 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr), c0);
-            c1 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8), c1);
-            c2 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 16), c2);
-            c3 = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 24), c3);
+        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), vc);
+        __m256 c1 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 8), vc);
+        __m256 c2 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 16), vc);
+        __m256 c3 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 24), vc);
+        for (int64_t c = 0; c < nv; c++) {
+            const float *v = vrows[c] + d0;
+            const __m256 b = _mm256_broadcast_ss(p + c);
+            c0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(v), c0);
+            c1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(v + 8), c1);
+            c2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(v + 16), c2);
+            c3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(v + 24), c3);
         }
-        const __m256 vi = _mm256_set1_ps(inv);
-        _mm256_storeu_ps(o + d0, _mm256_mul_ps(c0, vi));
-        _mm256_storeu_ps(o + d0 + 8, _mm256_mul_ps(c1, vi));
-        _mm256_storeu_ps(o + d0 + 16, _mm256_mul_ps(c2, vi));
-        _mm256_storeu_ps(o + d0 + 24, _mm256_mul_ps(c3, vi));
+        _mm256_storeu_ps(o + d0, c0);
+        _mm256_storeu_ps(o + d0 + 8, c1);
+        _mm256_storeu_ps(o + d0 + 16, c2);
+        _mm256_storeu_ps(o + d0 + 24, c3);
     }
-    for (; d0 + 8 <= D; d0 += 8) {
-        __m256 c0 = _mm256_setzero_ps();
-        FOR_KV_ROWS(j->vp, j, table, n, kvh, vr, s)
-            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(sc + s), _mm256_loadu_ps(vr + d0), c0);
-        _mm256_storeu_ps(o + d0, _mm256_mul_ps(c0, _mm256_set1_ps(inv)));
+    for (; d0 < D; d0 += 8) {
+        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), vc);
+        for (int64_t c = 0; c < nv; c++)
+            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + c), _mm256_loadu_ps(vrows[c] + d0), c0);
+        _mm256_storeu_ps(o + d0, c0);
     }
-    for (; d0 < D; d0++) {
-        float a = 0;
-        for (int64_t s = 0; s < n; s++) a += sc[s] * kv_row(j->vp, table, s, j->bs, j->Hkv, kvh, D)[d0];
-        o[d0] = a * inv;
+}
+
+static size_t unit_scratch_avx2(int64_t rows, int64_t group, int64_t D) {
+    const int64_t R = rows * group;
+    return ((size_t)D * KT + (size_t)(R + 3) * KT + (size_t)R * (D + 2)) * sizeof(float) +
+           (size_t)KT * sizeof(float *);
+}
+
+/* query rows t0 .. t1-1 of sequence i, the heads of kv head kvh */
+LK_AVX2_TARGET static void unit_avx2(const paged_job *j, int64_t i, int64_t kvh, int64_t t0,
+                                     int64_t t1, void *scratch) {
+    const int64_t D = j->D, group = j->Hq / j->Hkv, R = (t1 - t0) * group;
+    const int64_t r0 = j->q_start[i], pos = j->pos_start[i];
+    const int32_t *table = j->tables + i * j->max_blocks;
+    float *kt = (float *)scratch;
+    float *sc = kt + D * KT;                 /* [R + 3][KT]: 4-vector groups may overrun */
+    float *acc = sc + (R + 3) * KT;          /* [R][D] */
+    float *mx = acc + R * D, *sum = mx + R;  /* [R] each */
+    const float **vrows = (const float **)(sum + R);
+    const float *qv[4];
+    for (int64_t r = 0; r < R; r++) {
+        mx[r] = -INFINITY;
+        sum[r] = 0;
+    }
+    memset(acc, 0, (size_t)(R * D) * sizeof(float));
+    const int64_t longest = pos + t1; /* keys of the unit's last row */
+    for (int64_t s0 = 0; s0 < longest; s0 += KT) {
+        const int64_t kn = longest - s0 < KT ? longest - s0 : KT;
+        const int64_t kp16 = (kn + 15) & ~(int64_t)15;
+        pack_keys_avx2(j, table, kvh, s0, kn, kt, vrows);
+        /* only rows that see keys of this tile: row t sees pos + t + 1 keys */
+        const int64_t tfirst = s0 - pos > t0 ? s0 - pos : t0;
+        const int64_t rfirst = (tfirst - t0) * group;
+        for (int64_t r = rfirst; r < R; r += 4) {
+            for (int e = 0; e < 4; e++) {
+                const int64_t re = r + e < R ? r + e : R - 1;
+                const int64_t t = t0 + re / group, h = kvh * group + re % group;
+                qv[e] = j->q + ((r0 + t) * j->Hq + h) * D;
+            }
+            scores4_avx2(qv, kt, D, kp16, j->scale, sc + r * KT);
+        }
+        for (int64_t r = rfirst; r < R; r++) {
+            const int64_t t = t0 + r / group;
+            const int64_t nv = pos + t + 1 - s0 < kn ? pos + t + 1 - s0 : kn;
+            float *p = sc + r * KT;
+            __m256 vm = _mm256_set1_ps(-INFINITY);
+            int64_t c = 0;
+            for (; c + 8 <= nv; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(p + c));
+            float m = lk_hmax8_avx2(vm);
+            for (; c < nv; c++) m = p[c] > m ? p[c] : m;
+            if (mx[r] > m) m = mx[r];
+            const float corr = mx[r] == -INFINITY ? 0.0f : expf(mx[r] - m);
+            sum[r] = sum[r] * corr + lk_exp_sum_avx2(p, nv, m, p);
+            mx[r] = m;
+            pv_tile_avx2(acc + r * D, corr, p, vrows, nv, D);
+        }
+    }
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t t = t0 + r / group, h = kvh * group + r % group;
+        float *o = j->out + ((r0 + t) * j->Hq + h) * D;
+        const __m256 inv = _mm256_set1_ps(1.0f / sum[r]);
+        for (int64_t d = 0; d < D; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(acc + r * D + d), inv));
     }
 }
 #endif
@@ -126,6 +259,15 @@ static void paged_task(void *vctx, int64_t u, int ith) {
     const int64_t t0 = tb * QROWS, t1 = t0 + QROWS < rows ? t0 + QROWS : rows;
     const int64_t group = j->Hq / j->Hkv, D = j->D;
     const int32_t *table = j->tables + i * j->max_blocks;
+#if LK_X86
+    if (lk_active_isa == LK_ISA_AVX2 && D % 8 == 0) {
+        void *scratch = lk_scratch(ith, unit_scratch_avx2(t1 - t0, group, D));
+        if (scratch) {
+            unit_avx2(j, i, kvh, t0, t1, scratch);
+            return;
+        }
+    }
+#endif
     const int64_t longest = j->pos_start[i] + t1;
     float *sc = (float *)lk_scratch(ith, (size_t)(longest > 0 ? longest : 1) * sizeof(float));
     for (int64_t t = t0; t < t1; t++) {
@@ -134,12 +276,6 @@ static void paged_task(void *vctx, int64_t u, int ith) {
             const int64_t h = kvh * group + g;
             const float *q = j->q + ((r0 + t) * j->Hq + h) * D;
             float *o = j->out + ((r0 + t) * j->Hq + h) * D;
-#if LK_X86
-            if (lk_active_isa == LK_ISA_AVX2) {
-                row_avx2(j, q, table, n, kvh, sc, o);
-                continue;
-            }
-#endif
             row_generic(j, q, table, n, kvh, sc, o);
         }
     }
