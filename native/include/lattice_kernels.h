@@ -426,6 +426,64 @@ LK_AVX2_TARGET static inline float lk_exp_sum_avx2(const float *x, int64_t n, fl
     return sum;
 }
 
+/* In-place transpose of an 8 x 8 block of 32-bit lanes: r[i] lane e -> r[e] lane i. */
+LK_AVX2_TARGET static inline void lk_transpose8x8_avx2(__m256i r[8]) {
+    const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+    const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+    const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+    r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+    r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+    r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+    r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+    r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+    r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+    r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+    r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+/* Attention's weighted sum of values: o[0..D) = o * corr + sum_{s < n} p[s] v_s, the rows
+   v_s given by pointer (strided or paged alike); one FMA chain per output lane in s order. */
+LK_AVX2_TARGET static inline void lk_pv_rows_avx2(float *o, float corr, const float *p,
+                                                  const float *const *vrows, int64_t n,
+                                                  int64_t D) {
+    const __m256 c = _mm256_set1_ps(corr);
+    int64_t d0 = 0;
+    for (; d0 + 32 <= D; d0 += 32) {
+        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), c);
+        __m256 c1 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 8), c);
+        __m256 c2 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 16), c);
+        __m256 c3 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 24), c);
+        for (int64_t s = 0; s < n; s++) {
+            const float *vr = vrows[s] + d0;
+            const __m256 ps = _mm256_broadcast_ss(p + s);
+            c0 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr), c0);
+            c1 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 8), c1);
+            c2 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 16), c2);
+            c3 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 24), c3);
+        }
+        _mm256_storeu_ps(o + d0, c0);
+        _mm256_storeu_ps(o + d0 + 8, c1);
+        _mm256_storeu_ps(o + d0 + 16, c2);
+        _mm256_storeu_ps(o + d0 + 24, c3);
+    }
+    for (; d0 + 8 <= D; d0 += 8) {
+        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), c);
+        for (int64_t s = 0; s < n; s++)
+            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + s), _mm256_loadu_ps(vrows[s] + d0), c0);
+        _mm256_storeu_ps(o + d0, c0);
+    }
+    for (; d0 < D; d0++) {
+        float a = o[d0] * corr;
+        for (int64_t s = 0; s < n; s++) a += p[s] * vrows[s][d0];
+        o[d0] = a;
+    }
+}
+
 LK_AVX2_TARGET static inline float lk_hmax8_avx2(__m256 v) {
     __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_max_ps(s, _mm_movehl_ps(s, s));

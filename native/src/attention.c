@@ -119,43 +119,8 @@ LK_AVX2_TARGET static float scores_avx2(const float *q, const float *k, int64_t 
     return m;
 }
 
-/* o = o * corr + sum_s p[s] v_s over s < n */
-LK_AVX2_TARGET static void pv_avx2(float *o, float corr, const float *p, const float *v,
-                                   int64_t vst, int64_t n, int64_t D) {
-    const __m256 c = _mm256_set1_ps(corr);
-    int64_t d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) {
-        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), c);
-        __m256 c1 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 8), c);
-        __m256 c2 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 16), c);
-        __m256 c3 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 24), c);
-        for (int64_t s = 0; s < n; s++) {
-            const float *vr = v + s * vst + d0;
-            const __m256 ps = _mm256_broadcast_ss(p + s);
-            c0 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr), c0);
-            c1 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 8), c1);
-            c2 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 16), c2);
-            c3 = _mm256_fmadd_ps(ps, _mm256_loadu_ps(vr + 24), c3);
-        }
-        _mm256_storeu_ps(o + d0, c0);
-        _mm256_storeu_ps(o + d0 + 8, c1);
-        _mm256_storeu_ps(o + d0 + 16, c2);
-        _mm256_storeu_ps(o + d0 + 24, c3);
-    }
-    for (; d0 + 8 <= D; d0 += 8) {
-        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), c);
-        for (int64_t s = 0; s < n; s++)
-            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + s), _mm256_loadu_ps(v + s * vst + d0), c0);
-        _mm256_storeu_ps(o + d0, c0);
-    }
-    for (; d0 < D; d0++) {
-        float a = o[d0] * corr;
-        for (int64_t s = 0; s < n; s++) a += p[s] * v[s * vst + d0];
-        o[d0] = a;
-    }
-}
-
-/* scratch: KBLOCK scores, then per head of the group its running max, sum and output */
+/* scratch: KBLOCK scores, then per head of the group its running max, sum and output,
+   then the block's KBLOCK value row pointers */
 LK_AVX2_TARGET static void unit_avx2(const attn_job *j, int64_t b, int64_t kvh, int64_t g0,
                                      int64_t g1, int64_t t0, int64_t t1, float *scratch) {
     const int64_t group = j->Hq / j->Hkv, D = j->D;
@@ -163,6 +128,7 @@ LK_AVX2_TARGET static void unit_avx2(const attn_job *j, int64_t b, int64_t kvh, 
     const float *vb = j->v + b * j->vsb + kvh * j->vsh;
     float *sc = scratch;
     float *mx = sc + KBLOCK, *sum = mx + group, *acc = sum + group;
+    const float **vrows = (const float **)(scratch + ((KBLOCK + group * (2 + D) + 1) & ~(int64_t)1));
     for (int64_t t = t0; t < t1; t++) {
         int64_t n = j->start_pos + t + 1;
         if (n > j->S) n = j->S;
@@ -175,6 +141,7 @@ LK_AVX2_TARGET static void unit_avx2(const attn_job *j, int64_t b, int64_t kvh, 
         for (int64_t s0 = 0; s0 < n; s0 += KBLOCK) {
             const int64_t sn = n - s0 < KBLOCK ? n - s0 : KBLOCK;
             const float *kblk = kb + s0 * j->kst, *vblk = vb + s0 * j->vst;
+            for (int64_t s = 0; s < sn; s++) vrows[s] = vblk + s * j->vst;
             for (int64_t g = g0; g < g1; g++) {
                 const float bm = scores_avx2(qt + g * j->qsh, kblk, j->kst, sn, D, j->scale, sc);
                 const float m = bm > mx[g] ? bm : mx[g];
@@ -183,7 +150,7 @@ LK_AVX2_TARGET static void unit_avx2(const attn_job *j, int64_t b, int64_t kvh, 
                 const float bs = lk_exp_sum_avx2(sc, sn, m, sc);
                 sum[g] = sum[g] * corr + bs;
                 mx[g] = m;
-                pv_avx2(acc + g * D, corr, sc, vblk, j->vst, sn, D);
+                lk_pv_rows_avx2(acc + g * D, corr, sc, vrows, sn, D);
             }
         }
         for (int64_t g = g0; g < g1; g++) {
@@ -211,7 +178,9 @@ static void attn_task(void *vctx, int64_t c, int ith) {
     const int64_t t0 = tb * QROWS, t1 = t0 + QROWS < j->T ? t0 + QROWS : j->T;
 #if LK_X86
     if (lk_active_isa == LK_ISA_AVX2) {
-        float *scratch = (float *)lk_scratch(ith, (size_t)(KBLOCK + group * (2 + j->D)) * sizeof(float));
+        /* floats, rounded up to an even count so the pointers after them are aligned */
+        const size_t floats = (size_t)(KBLOCK + group * (2 + j->D) + 1) & ~(size_t)1;
+        float *scratch = (float *)lk_scratch(ith, floats * sizeof(float) + KBLOCK * sizeof(float *));
         unit_avx2(j, b, kvh, g0, g1, t0, t1, scratch);
         return;
     }

@@ -1008,25 +1008,11 @@ Q8_INLINE void Q8_NAME(pack8)(const uint8_t *const *rows, int64_t bn, int nv,
         }
         int32_t *tb = t + b * 16 * nv;
         for (int h = 0; h < 2; h++) {
-            const __m256i *r = h ? o : e;
-            const __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
-            const __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
-            const __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
-            const __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
-            const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
-            const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
-            const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
-            const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+            __m256i *r = h ? o : e;
+            lk_transpose8x8_avx2(r);
             __m256i *v = (__m256i *)(tb + 8 * h * nv);
             const int s = nv / 8; /* vectors per packed dword position */
-            _mm256_store_si256(v + 0 * s, _mm256_permute2x128_si256(u0, u4, 0x20));
-            _mm256_store_si256(v + 1 * s, _mm256_permute2x128_si256(u1, u5, 0x20));
-            _mm256_store_si256(v + 2 * s, _mm256_permute2x128_si256(u2, u6, 0x20));
-            _mm256_store_si256(v + 3 * s, _mm256_permute2x128_si256(u3, u7, 0x20));
-            _mm256_store_si256(v + 4 * s, _mm256_permute2x128_si256(u0, u4, 0x31));
-            _mm256_store_si256(v + 5 * s, _mm256_permute2x128_si256(u1, u5, 0x31));
-            _mm256_store_si256(v + 6 * s, _mm256_permute2x128_si256(u2, u6, 0x31));
-            _mm256_store_si256(v + 7 * s, _mm256_permute2x128_si256(u3, u7, 0x31));
+            for (int i = 0; i < 8; i++) _mm256_store_si256(v + i * s, r[i]);
         }
         _mm256_store_ps(sc + b * nv, _mm256_cvtph_ps(_mm_set_epi64x((long long)dhi, (long long)dlo)));
     }

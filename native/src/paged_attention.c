@@ -97,26 +97,11 @@ LK_AVX2_TARGET static void pack_keys_avx2(const paged_job *j, const int32_t *tab
             if (c + i < kn) vrows[c + i] = kv_row(j->vp, table, s, j->bs, j->Hkv, kvh, D);
         }
         for (int64_t d = 0; d < D; d += 8) {
-            __m256 x[8];
-            for (int i = 0; i < 8; i++) x[i] = r[i] ? _mm256_loadu_ps(r[i] + d) : _mm256_setzero_ps();
-            /* 8 x 8 transpose: x[i][e] (key i, dim d + e) -> column e holds 8 keys */
-            __m256 t0 = _mm256_unpacklo_ps(x[0], x[1]), t1 = _mm256_unpackhi_ps(x[0], x[1]);
-            __m256 t2 = _mm256_unpacklo_ps(x[2], x[3]), t3 = _mm256_unpackhi_ps(x[2], x[3]);
-            __m256 t4 = _mm256_unpacklo_ps(x[4], x[5]), t5 = _mm256_unpackhi_ps(x[4], x[5]);
-            __m256 t6 = _mm256_unpacklo_ps(x[6], x[7]), t7 = _mm256_unpackhi_ps(x[6], x[7]);
-            __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-            __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-            __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-            __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            float *o = kt + d * KT + c;
-            _mm256_storeu_ps(o + 0 * KT, _mm256_permute2f128_ps(u0, u4, 0x20));
-            _mm256_storeu_ps(o + 1 * KT, _mm256_permute2f128_ps(u1, u5, 0x20));
-            _mm256_storeu_ps(o + 2 * KT, _mm256_permute2f128_ps(u2, u6, 0x20));
-            _mm256_storeu_ps(o + 3 * KT, _mm256_permute2f128_ps(u3, u7, 0x20));
-            _mm256_storeu_ps(o + 4 * KT, _mm256_permute2f128_ps(u0, u4, 0x31));
-            _mm256_storeu_ps(o + 5 * KT, _mm256_permute2f128_ps(u1, u5, 0x31));
-            _mm256_storeu_ps(o + 6 * KT, _mm256_permute2f128_ps(u2, u6, 0x31));
-            _mm256_storeu_ps(o + 7 * KT, _mm256_permute2f128_ps(u3, u7, 0x31));
+            __m256i x[8];
+            for (int i = 0; i < 8; i++)
+                x[i] = r[i] ? _mm256_loadu_si256((const __m256i *)(r[i] + d)) : _mm256_setzero_si256();
+            lk_transpose8x8_avx2(x); /* x[e] now holds dim d + e of the 8 keys */
+            for (int e = 0; e < 8; e++) _mm256_storeu_si256((__m256i *)(kt + (d + e) * KT + c), x[e]);
         }
     }
 }
@@ -148,37 +133,6 @@ LK_AVX2_TARGET static void scores4_avx2(const float *const q[4], const float *kt
         _mm256_storeu_ps(sc + 2 * KT + c + 8, _mm256_mul_ps(a21, vs));
         _mm256_storeu_ps(sc + 3 * KT + c, _mm256_mul_ps(a30, vs));
         _mm256_storeu_ps(sc + 3 * KT + c + 8, _mm256_mul_ps(a31, vs));
-    }
-}
-
-/* o[0..D) = o * corr + sum_{c < nv} p[c] v_c (D a multiple of 8) */
-LK_AVX2_TARGET static void pv_tile_avx2(float *o, float corr, const float *p,
-                                        const float *const *vrows, int64_t nv, int64_t D) {
-    const __m256 vc = _mm256_set1_ps(corr);
-    int64_t d0 = 0;
-    for (; d0 + 32 <= D; d0 += 32) {
-        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), vc);
-        __m256 c1 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 8), vc);
-        __m256 c2 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 16), vc);
-        __m256 c3 = _mm256_mul_ps(_mm256_loadu_ps(o + d0 + 24), vc);
-        for (int64_t c = 0; c < nv; c++) {
-            const float *v = vrows[c] + d0;
-            const __m256 b = _mm256_broadcast_ss(p + c);
-            c0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(v), c0);
-            c1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(v + 8), c1);
-            c2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(v + 16), c2);
-            c3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(v + 24), c3);
-        }
-        _mm256_storeu_ps(o + d0, c0);
-        _mm256_storeu_ps(o + d0 + 8, c1);
-        _mm256_storeu_ps(o + d0 + 16, c2);
-        _mm256_storeu_ps(o + d0 + 24, c3);
-    }
-    for (; d0 < D; d0 += 8) {
-        __m256 c0 = _mm256_mul_ps(_mm256_loadu_ps(o + d0), vc);
-        for (int64_t c = 0; c < nv; c++)
-            c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(p + c), _mm256_loadu_ps(vrows[c] + d0), c0);
-        _mm256_storeu_ps(o + d0, c0);
     }
 }
 
@@ -234,7 +188,7 @@ LK_AVX2_TARGET static void unit_avx2(const paged_job *j, int64_t i, int64_t kvh,
             const float corr = mx[r] == -INFINITY ? 0.0f : expf(mx[r] - m);
             sum[r] = sum[r] * corr + lk_exp_sum_avx2(p, nv, m, p);
             mx[r] = m;
-            pv_tile_avx2(acc + r * D, corr, p, vrows, nv, D);
+            lk_pv_rows_avx2(acc + r * D, corr, p, vrows, nv, D);
         }
     }
     for (int64_t r = 0; r < R; r++) {
