@@ -7,6 +7,9 @@
  * (more rows) is tiled: a chunk of weight rows and a slice of K stay in L1 (converted to
  * f32 once, for f16; packed to int16 once, for q8_0) while every row of x passes over them.
  *
+ * f32 / f16 prefill with AVX-512 runs the few-rows 512-bit micro-kernel over L1 tiles
+ * (prefill512): 100 -> 155-195 GFLOP/s on 2 cores at M = 64 and 512 (bench/kernels.py).
+ *
  * q8_0 quantizes x per block of 32 to int16 with a float32 scale (int8 activations cost
  * 0.1 perplexity on SmolLM2-135M; int16 is within 0.001 of float x), so each block's dot
  * is exact in int32 (vpmaddwd, or vpdpwssd with AVX-VNNI / AVX512-VNNI) and one FMA per
@@ -200,6 +203,7 @@ AVX2_INLINE void pf_(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0)
 #define Q8_FEW_ROWS_MAX 128
 #endif
 int lk_q8_few_rows = 64;
+int lk_f_pf512 = 1; /* LATTICE_PF512=0: the AVX2 prefill for f32 / f16 with AVX-512 (A/B) */
 static inline int64_t q8_few_rows(void) {
     return lk_q8_few_rows >= FEW_ROWS && lk_q8_few_rows <= Q8_FEW_ROWS_MAX ? lk_q8_few_rows : 64;
 }
@@ -450,9 +454,11 @@ AVX512F_INLINE __m256 hi256(__m512 v) {
 }
 
 /* rows r .. r + 3, slice [k0, k0 + kn): y += or = the slice's dots for x rows 0 .. MR-1 */
-AVX512F_INLINE void few512_slice(const matmul_job *j, int64_t r, int64_t k0, int64_t kn,
-                                 const float *tile, int fmt, const int MR) {
+AVX512F_INLINE void few512_slice(const matmul_job *j, int64_t m0, int64_t r, int64_t k0,
+                                 int64_t kn, const float *tile, int fmt, const int MR) {
     const int64_t K = j->K, N = j->N, kn8 = kn & ~(int64_t)7;
+    const float *const xm = j->x + m0 * K;
+    float *const ym = j->y + m0 * N;
     __m512 acc[FEW_ROWS][2];
 #pragma GCC unroll 8
     for (int m = 0; m < MR; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
@@ -461,7 +467,7 @@ AVX512F_INLINE void few512_slice(const matmul_job *j, int64_t r, int64_t k0, int
 #pragma GCC unroll 8
         for (int m = 0; m < MR; m++) {
             const __m512 xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(
-                _mm256_castps_pd(_mm256_loadu_ps(j->x + m * K + k0 + k))));
+                _mm256_castps_pd(_mm256_loadu_ps(xm + m * K + k0 + k))));
             acc[m][0] = _mm512_fmadd_ps(xv, w01, acc[m][0]);
             acc[m][1] = _mm512_fmadd_ps(xv, w23, acc[m][1]);
         }
@@ -471,11 +477,11 @@ AVX512F_INLINE void few512_slice(const matmul_job *j, int64_t r, int64_t k0, int
         float sl[4];
         _mm_storeu_ps(sl, hsum8x4(_mm512_castps512_ps256(acc[m][0]), hi256(acc[m][0]),
                                   _mm512_castps512_ps256(acc[m][1]), hi256(acc[m][1])));
-        const float *x = j->x + m * K + k0;
+        const float *x = xm + m * K + k0;
         for (int64_t k = kn8; k < kn; k++)
             for (int i = 0; i < 4; i++)
                 sl[i] = fma1(x[k], load_w1(j->w + (r + i) * j->ldw, k0 + k, fmt), sl[i]);
-        float *y = j->y + m * N + r;
+        float *y = ym + m * N + r;
         for (int i = 0; i < 4; i++) y[i] = k0 ? y[i] + sl[i] : sl[i];
     }
 }
@@ -502,13 +508,13 @@ AVX512F_INLINE void few512(const matmul_job *j, int64_t r0, int64_t r1, int ith,
             }
             const float *t = tile + 4 * (k0 % span);
             switch (j->M) {
-            case 2: few512_slice(j, r, k0, kn, t, fmt, 2); break;
-            case 3: few512_slice(j, r, k0, kn, t, fmt, 3); break;
-            case 4: few512_slice(j, r, k0, kn, t, fmt, 4); break;
-            case 5: few512_slice(j, r, k0, kn, t, fmt, 5); break;
-            case 6: few512_slice(j, r, k0, kn, t, fmt, 6); break;
-            case 7: few512_slice(j, r, k0, kn, t, fmt, 7); break;
-            default: few512_slice(j, r, k0, kn, t, fmt, 8); break;
+            case 2: few512_slice(j, 0, r, k0, kn, t, fmt, 2); break;
+            case 3: few512_slice(j, 0, r, k0, kn, t, fmt, 3); break;
+            case 4: few512_slice(j, 0, r, k0, kn, t, fmt, 4); break;
+            case 5: few512_slice(j, 0, r, k0, kn, t, fmt, 5); break;
+            case 6: few512_slice(j, 0, r, k0, kn, t, fmt, 6); break;
+            case 7: few512_slice(j, 0, r, k0, kn, t, fmt, 7); break;
+            default: few512_slice(j, 0, r, k0, kn, t, fmt, 8); break;
             }
         }
     }
@@ -525,6 +531,61 @@ AVX512F_INLINE void few512(const matmul_job *j, int64_t r0, int64_t r1, int ith,
             }
         }
     }
+}
+
+/* Prefill (M > FEW_ROWS) with 512-bit FMAs: per K slice, the chunk's weight rows (up to
+   PF_ROWS) are converted once into f32 tiles interleaved by 8 as few512 lays them out, four
+   rows per tile, and every group of eight x rows passes over all of them (x stays in L1
+   across the chunk's rows). The micro-kernel is few512_slice, so a row gets the bits of
+   the AVX2 kernels; the chunk's last 1-3 rows (N not a multiple of 4) take slice_rows. */
+AVX512F_INLINE void prefill512(const matmul_job *j, int64_t r0, int64_t r1, int ith, int fmt) {
+    const int64_t K = j->K, M = j->M, ldw = j->ldw, nr4 = (r1 - r0) & ~(int64_t)3;
+    float *tile = (float *)lk_scratch(ith, (size_t)(r1 - r0 + 3) * PF_KSLICE * sizeof(float));
+    for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
+        const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE, kn8 = kn & ~(int64_t)7;
+        for (int64_t g = 0; g < nr4; g += 4)
+            for (int i = 0; i < 4; i++) {
+                const uint8_t *src = j->w + (r0 + g + i) * ldw;
+                float *dst = tile + g * PF_KSLICE + 8 * i;
+                for (int64_t k = 0; k < kn8; k += 8)
+                    _mm256_store_ps(dst + 4 * k, load_w8(src, k0 + k, fmt));
+            }
+        for (int64_t m0 = 0; m0 < M; m0 += FEW_ROWS) {
+            const int64_t mr = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
+            for (int64_t g = 0; g < nr4; g += 4) {
+                const float *t = tile + g * PF_KSLICE;
+                if (mr == FEW_ROWS) few512_slice(j, m0, r0 + g, k0, kn, t, fmt, FEW_ROWS);
+                else switch (mr) {
+                case 1: few512_slice(j, m0, r0 + g, k0, kn, t, fmt, 1); break;
+                case 2: few512_slice(j, m0, r0 + g, k0, kn, t, fmt, 2); break;
+                case 3: few512_slice(j, m0, r0 + g, k0, kn, t, fmt, 3); break;
+                case 4: few512_slice(j, m0, r0 + g, k0, kn, t, fmt, 4); break;
+                case 5: few512_slice(j, m0, r0 + g, k0, kn, t, fmt, 5); break;
+                case 6: few512_slice(j, m0, r0 + g, k0, kn, t, fmt, 6); break;
+                default: few512_slice(j, m0, r0 + g, k0, kn, t, fmt, 7); break;
+                }
+            }
+        }
+        if (nr4 < r1 - r0) { /* the chunk's last rows: the AVX2 micro-kernels, same bits */
+            const int64_t rt = r0 + nr4, nt = r1 - rt;
+            if (fmt == FMT_F16) {
+                float *ft = tile + nr4 * PF_KSLICE;
+                f16_slice(j, rt, nt, k0, kn, ft, -1);
+                slice_rows(j, 0, M, rt, nt, k0, kn, ft, PF_KSLICE);
+            } else {
+                slice_rows(j, 0, M, rt, nt, k0, kn, (const float *)(j->w + rt * ldw) + k0,
+                           ldw / (int64_t)sizeof(float));
+            }
+        }
+    }
+}
+
+AVX512F_TARGET static void rows_f32_pf512(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    prefill512(j, r0, r1, ith, FMT_F32);
+}
+
+AVX512F_TARGET static void rows_f16_pf512(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    prefill512(j, r0, r1, ith, FMT_F16);
 }
 
 AVX512F_TARGET static void rows_f32_few512(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
@@ -741,8 +802,9 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
 #if LK_X86
     if (avx2) {
         const int few512 = M >= 2 && M <= FEW_ROWS && q8_active == Q8_V_AVX512VNNI;
-        if (fmt == FMT_F32) rows = few512 ? rows_f32_few512 : rows_f32_avx2;
-        else if (fmt == FMT_F16) rows = few512 ? rows_f16_few512 : rows_f16_avx2;
+        const int pf512 = M > FEW_ROWS && q8_active == Q8_V_AVX512VNNI && lk_f_pf512;
+        if (fmt == FMT_F32) rows = few512 ? rows_f32_few512 : pf512 ? rows_f32_pf512 : rows_f32_avx2;
+        else if (fmt == FMT_F16) rows = few512 ? rows_f16_few512 : pf512 ? rows_f16_pf512 : rows_f16_avx2;
         else if (q8_active == Q8_V_AVX512VNNI) rows = rows_q8_0_avx512vnni;
         else if (q8_active == Q8_V_AVXVNNI) rows = rows_q8_0_avxvnni;
         else rows = rows_q8_0_avx2;
