@@ -706,6 +706,55 @@ def bench_read(buf: np.ndarray, prefetch: bool = False) -> float:
 
 # ---- whole decode step -----------------------------------------------------------------
 
+def _keep_vec(keep: list, v):
+    """cdata over float32 vector v (NULL for None), kept alive in `keep`."""
+    if v is None:
+        return _ffi.NULL
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    keep.append(v)
+    return _fb(_FLOATS, v)
+
+
+def _set_down_rotation(keep: list, layer, spec: dict) -> None:
+    rotation = spec.get("down_rotation")
+    if rotation is not None:
+        mix, block = rotation
+        layer.down_mix, layer.down_mix_m, layer.down_block = (_keep_vec(keep, mix),
+                                                              mix.shape[0], block)
+
+
+def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None) -> None:
+    data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
+    keep.append(data)
+    dst.fmt = _FMT_IDS[w.format.name]
+    dst.w = _fb(data)
+    dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
+    dst.bias = _keep_vec(keep, bias)
+
+
+def _run_step(step_fn, work_size_fn, m, work: np.ndarray, tokens: np.ndarray, pos: int,
+              cos: np.ndarray, sin: np.ndarray, out: np.ndarray, name: str) -> np.ndarray:
+    """Call a fused decode step (`lk_decoder_step`, `lk_qwen35_step`) and turn its return
+    code into an error that says what was wrong; returns the (possibly grown) workspace."""
+    B = tokens.size
+    need = work_size_fn(m, B)
+    if work.size < need:
+        work = np.empty(need, _F32)
+    cp, cos = _in(cos)
+    sp, sin = _in(sin)
+    rc = step_fn(m, _fb(_INT64S, tokens), B, pos, cp, sp, _fb(_FLOATS, work, True),
+                 work.size, _fb(_FLOATS, out, True))
+    if rc == -1:
+        bad = tokens[(tokens < 0) | (tokens >= m.embed.rows)]
+        raise IndexError(f"decode step: token id {int(bad[0])} is outside the "
+                         f"vocabulary [0, {m.embed.rows})")
+    if rc == -2:
+        raise ValueError(f"decode step: position {pos} is outside the bound cache "
+                         f"(capacity {m.cache_cap}); bind a larger cache")
+    if rc:
+        raise RuntimeError(f"{name} failed with code {rc} (weights or workspace "
+                           f"inconsistent with the model description)")
+    return work
 
 
 class DecoderStep:
@@ -738,47 +787,29 @@ class DecoderStep:
         if not self.supports(embed, *(L[n] for L in layers for n in self.MATRICES)):
             raise ValueError("DecoderStep: every matrix must be f32, f16 or q8_0 with the "
                              "native module built")
-        self._keep: list = []  # arrays the C structs point into
+        keep = self._keep = []  # arrays the C structs point into
         m = _ffi.new("lk_decoder *")
         m.n_layers, m.hidden, m.n_heads, m.n_kv_heads = len(layers), hidden, n_heads, n_kv_heads
         m.head_dim, m.intermediate, m.rope_half = head_dim, intermediate, rope_half
         m.rope_interleaved, m.eps, m.norm_offset = int(interleaved), eps, norm_offset
-        self._linear(m.embed, embed, None)
-        m.final_norm = self._vec(final_norm)
+        _fill_linear(keep, m.embed, embed)
+        m.final_norm = _keep_vec(keep, final_norm)
         self._layers = _ffi.new("lk_decoder_layer[]", max(len(layers), 1))
         for i, spec in enumerate(layers):
             L = self._layers[i]
-            L.attn_norm = self._vec(spec["attn_norm"])
-            L.mlp_norm = self._vec(spec["mlp_norm"])
-            L.q_norm = self._vec(spec.get("q_norm"))
-            L.k_norm = self._vec(spec.get("k_norm"))
+            L.attn_norm = _keep_vec(keep, spec["attn_norm"])
+            L.mlp_norm = _keep_vec(keep, spec["mlp_norm"])
+            L.q_norm = _keep_vec(keep, spec.get("q_norm"))
+            L.k_norm = _keep_vec(keep, spec.get("k_norm"))
             for name in self.MATRICES:
-                self._linear(getattr(L, name), spec[name], spec.get(f"{name}_bias"))
-            rotation = spec.get("down_rotation")
-            if rotation is not None:
-                mix, block = rotation
-                L.down_mix, L.down_mix_m, L.down_block = self._vec(mix), mix.shape[0], block
+                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+            _set_down_rotation(keep, L, spec)
         m.layers = self._layers
         m.cache_cap = 0
         self._m = m
         self._hidden = hidden
         self._cache_arrays: tuple = ()
         self._work = np.empty(0, _F32)
-
-    def _vec(self, v):
-        if v is None:
-            return _ffi.NULL
-        v = np.ascontiguousarray(v, dtype=np.float32)
-        self._keep.append(v)
-        return _fb(_FLOATS, v)
-
-    def _linear(self, dst, w: PackedMatrix, bias) -> None:
-        data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
-        self._keep.append(data)
-        dst.fmt = _FMT_IDS[w.format.name]
-        dst.w = _fb(data)
-        dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
-        dst.bias = self._vec(bias)
 
     def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
         """Point the layers at these key/value arrays (re-bind after the cache grows)."""
@@ -805,45 +836,10 @@ class DecoderStep:
     def __call__(self, tokens: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
                  out: np.ndarray | None = None) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
-        B = tokens.size
-        need = _L.lk_decoder_work_size(self._m, B)
-        if self._work.size < need:
-            self._work = np.empty(need, _F32)
-        out = _new_or_check(out, (B, self._hidden))
-        cp, cos = _in(cos)
-        sp, sin = _in(sin)
-        rc = _L.lk_decoder_step(self._m, _fb(_INT64S, tokens), B, pos, cp, sp,
-                                _fb(_FLOATS, self._work, True), self._work.size,
-                                _fb(_FLOATS, out, True))
-        if rc == -1:
-            bad = tokens[(tokens < 0) | (tokens >= self._m.embed.rows)]
-            raise IndexError(f"decode step: token id {int(bad[0])} is outside the "
-                             f"vocabulary [0, {self._m.embed.rows})")
-        if rc == -2:
-            raise ValueError(f"decode step: position {pos} is outside the bound cache "
-                             f"(capacity {self._m.cache_cap}); bind a larger cache")
-        if rc:
-            raise RuntimeError(f"lk_decoder_step failed with code {rc} (weights or workspace "
-                               f"inconsistent with the model description)")
+        out = _new_or_check(out, (tokens.size, self._hidden))
+        self._work = _run_step(_L.lk_decoder_step, _L.lk_decoder_work_size, self._m, self._work,
+                               tokens, pos, cos, sin, out, "lk_decoder_step")
         return out
-
-
-def _keep_vec(keep: list, v):
-    """cdata over float32 vector v (NULL for None), kept alive in `keep`."""
-    if v is None:
-        return _ffi.NULL
-    v = np.ascontiguousarray(v, dtype=np.float32)
-    keep.append(v)
-    return _fb(_FLOATS, v)
-
-
-def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None) -> None:
-    data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
-    keep.append(data)
-    dst.fmt = _FMT_IDS[w.format.name]
-    dst.w = _fb(data)
-    dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
-    dst.bias = _keep_vec(keep, bias)
 
 
 class Qwen35Step:
@@ -909,10 +905,7 @@ class Qwen35Step:
             else:
                 L.q_norm = _keep_vec(keep, spec["q_norm"])
                 L.k_norm = _keep_vec(keep, spec["k_norm"])
-            rotation = spec.get("down_rotation")
-            if rotation is not None:
-                mix, block = rotation
-                L.down_mix, L.down_mix_m, L.down_block = _keep_vec(keep, mix), mix.shape[0], block
+            _set_down_rotation(keep, L, spec)
         m.layers = self._layers
         m.cache_cap = 0
         self._m = m
@@ -970,23 +963,7 @@ class Qwen35Step:
         if not self._bound or B != self._bound[0]:
             raise ValueError(f"decode step: {B} tokens for a cache bound with "
                              f"{self._bound[0] if self._bound else 'no'} rows; bind_cache first")
-        need = _L.lk_qwen35_work_size(self._m, B)
-        if self._work.size < need:
-            self._work = np.empty(need, _F32)
         out = _new_or_check(out, (B, self._hidden))
-        cp, cos = _in(cos)
-        sp, sin = _in(sin)
-        rc = _L.lk_qwen35_step(self._m, _fb(_INT64S, tokens), B, pos, cp, sp,
-                               _fb(_FLOATS, self._work, True), self._work.size,
-                               _fb(_FLOATS, out, True))
-        if rc == -1:
-            bad = tokens[(tokens < 0) | (tokens >= self._m.embed.rows)]
-            raise IndexError(f"decode step: token id {int(bad[0])} is outside the "
-                             f"vocabulary [0, {self._m.embed.rows})")
-        if rc == -2:
-            raise ValueError(f"decode step: position {pos} is outside the bound cache "
-                             f"(capacity {self._m.cache_cap}); bind a larger cache")
-        if rc:
-            raise RuntimeError(f"lk_qwen35_step failed with code {rc} (weights or workspace "
-                               f"inconsistent with the model description)")
+        self._work = _run_step(_L.lk_qwen35_step, _L.lk_qwen35_work_size, self._m, self._work,
+                               tokens, pos, cos, sin, out, "lk_qwen35_step")
         return out
