@@ -18,7 +18,8 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SOURCES = ["runtime.c", "matmul.c", "elementwise.c", "attention.c", "decoder.c",
-           "gated_deltanet.c", "paged_attention.c", "rotate.c", "qwen35_decoder.c"]
+           "gated_deltanet.c", "paged_attention.c", "rotate.c", "qwen35_decoder.c",
+           "step_linear.c"]
 
 CDEF = """
 int lk_init(void);

@@ -362,6 +362,12 @@ void *lk_scratch(int ith, size_t bytes);
 void *lk_shared_scratch(size_t bytes);
 extern int lk_active_isa;
 
+/* step_linear.c: shared by the fused decode steps */
+int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols);
+void lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
+                     int64_t M);
+int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out);
+
 /* fn(ctx, i0, i1, ith) over [0, n) in contiguous ranges, one per thread; runs inline
    (no lock, no pool) when n < 2 * grain. Takes lk_lock itself otherwise: do not call
    it with the lock held. */

@@ -12,50 +12,6 @@
 
 #include <string.h>
 
-static int linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
-    if (l->fmt < LK_FMT_F32 || l->fmt > LK_FMT_Q8_0 || !l->w) return 0;
-    if (l->rows != rows || l->cols != cols) return 0;
-    if (l->fmt == LK_FMT_Q8_0 && cols % LK_QK8_0) return 0;
-    return 1;
-}
-
-static void add_bias(const lk_linear *l, float *y, int64_t M) {
-    if (!l->bias) return;
-    for (int64_t m = 0; m < M; m++)
-        lk_add(y + m * l->rows, l->bias, l->rows, y + m * l->rows);
-}
-
-/* y_i = x @ W_i^T (+ b_i) for matrices reading the same x: one pool job when they share
-   a format, else one each. */
-static void linears(const lk_linear *const *l, float *const *y, int n, const float *x,
-                    int64_t M) {
-    int same = 1;
-    for (int i = 1; i < n; i++) same &= l[i]->fmt == l[0]->fmt;
-    if (same) {
-        const void *w[LK_MATMUL_MULTI_MAX];
-        int64_t ldw[LK_MATMUL_MULTI_MAX], rows[LK_MATMUL_MULTI_MAX];
-        for (int i = 0; i < n; i++) {
-            w[i] = l[i]->w;
-            ldw[i] = l[i]->ldw;
-            rows[i] = l[i]->rows;
-        }
-        lk_matmul_multi(l[0]->fmt, x, M, l[0]->cols, n, w, ldw, rows, y);
-    } else {
-        for (int i = 0; i < n; i++)
-            lk_matmul_multi(l[i]->fmt, x, M, l[i]->cols, 1, &l[i]->w, &l[i]->ldw, &l[i]->rows,
-                            &y[i]);
-    }
-    for (int i = 0; i < n; i++) add_bias(l[i], y[i], M);
-}
-
-static int embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out) {
-    switch (e->fmt) {
-    case LK_FMT_F32: return lk_embed_f32(e->w, e->ldw, e->rows, e->cols, ids, n, out);
-    case LK_FMT_F16: return lk_embed_f16(e->w, e->ldw, e->rows, e->cols, ids, n, out);
-    default: return lk_embed_q8_0(e->w, e->ldw, e->rows, e->cols, ids, n, out);
-    }
-}
-
 int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch) {
     const int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
     /* x, xn, tmp [hidden]; q, attn [qd]; k, v [kvd]; gate, up, act [intermediate] */
@@ -68,12 +24,12 @@ static int shapes_ok(const lk_decoder *m) {
     if (m->n_layers < 0 || h <= 0 || m->head_dim <= 0 || m->n_kv_heads <= 0 ||
         m->n_heads % m->n_kv_heads || 2 * m->rope_half > m->head_dim || m->rope_half < 0)
         return 0;
-    if (!linear_ok(&m->embed, m->embed.rows, h) || m->embed.rows <= 0) return 0;
+    if (!lk_step_linear_ok(&m->embed, m->embed.rows, h) || m->embed.rows <= 0) return 0;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_decoder_layer *L = &m->layers[i];
-        if (!linear_ok(&L->q, qd, h) || !linear_ok(&L->k, kvd, h) || !linear_ok(&L->v, kvd, h) ||
-            !linear_ok(&L->o, h, qd) || !linear_ok(&L->gate, f, h) || !linear_ok(&L->up, f, h) ||
-            !linear_ok(&L->down, h, f) || !L->k_cache || !L->v_cache || !L->attn_norm ||
+        if (!lk_step_linear_ok(&L->q, qd, h) || !lk_step_linear_ok(&L->k, kvd, h) || !lk_step_linear_ok(&L->v, kvd, h) ||
+            !lk_step_linear_ok(&L->o, h, qd) || !lk_step_linear_ok(&L->gate, f, h) || !lk_step_linear_ok(&L->up, f, h) ||
+            !lk_step_linear_ok(&L->down, h, f) || !L->k_cache || !L->v_cache || !L->attn_norm ||
             !L->mlp_norm || (!L->q_norm) != (!L->k_norm))
             return 0;
         if (L->down_block && (L->down_block < 0 || (L->down_block & (L->down_block - 1)) ||
@@ -97,7 +53,7 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
     float *x = work, *xn = x + B * h, *tmp = xn + B * h, *q = tmp + B * h, *attn = q + B * qd;
     float *k = attn + B * qd, *v = k + B * kvd, *gate = v + B * kvd, *up = gate + B * f;
     float *act = up + B * f;
-    if (embed(&m->embed, tokens, B, x)) return -1;
+    if (lk_step_embed(&m->embed, tokens, B, x)) return -1;
     const float scale = 1.0f / sqrtf((float)D);
     const int64_t row_stride = m->cache_cap * kvd; /* one sequence's cache rows */
     for (int64_t i = 0; i < m->n_layers; i++) {
@@ -105,7 +61,7 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
         lk_rms_norm(x, B, h, L->attn_norm, m->eps, m->norm_offset, xn);
         const lk_linear *qkv[3] = {&L->q, &L->k, &L->v};
         float *qkv_out[3] = {q, k, v};
-        linears(qkv, qkv_out, 3, xn, B);
+        lk_step_linears(qkv, qkv_out, 3, xn, B);
         if (L->q_norm) {
             lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, m->norm_offset, q);
             lk_rms_norm(k, B * Hkv, D, L->k_norm, m->eps, m->norm_offset, k);
@@ -120,12 +76,12 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
                      row_stride, kvd, D, pos + 1, Hkv, pos, scale, attn);
         const lk_linear *o[1] = {&L->o};
         float *o_out[1] = {tmp};
-        linears(o, o_out, 1, attn, B);
+        lk_step_linears(o, o_out, 1, attn, B);
         lk_add(x, tmp, B * h, x);
         lk_rms_norm(x, B, h, L->mlp_norm, m->eps, m->norm_offset, xn);
         const lk_linear *gu[2] = {&L->gate, &L->up};
         float *gu_out[2] = {gate, up};
-        linears(gu, gu_out, 2, xn, B);
+        lk_step_linears(gu, gu_out, 2, xn, B);
         lk_silu_mul(gate, f, up, f, B, f, act);
         float *down_in = act;
         if (L->down_block) { /* gate is free again: the rotated activations go there */
@@ -134,7 +90,7 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
         }
         const lk_linear *down[1] = {&L->down};
         float *down_out[1] = {tmp};
-        linears(down, down_out, 1, down_in, B);
+        lk_step_linears(down, down_out, 1, down_in, B);
         lk_add(x, tmp, B * h, x);
     }
     lk_rms_norm(x, B, h, m->final_norm, m->eps, m->norm_offset, hidden_out);

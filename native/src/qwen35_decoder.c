@@ -16,50 +16,6 @@
 
 #include <string.h>
 
-static int linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
-    if (l->fmt < LK_FMT_F32 || l->fmt > LK_FMT_Q8_0 || !l->w) return 0;
-    if (l->rows != rows || l->cols != cols) return 0;
-    if (l->fmt == LK_FMT_Q8_0 && cols % LK_QK8_0) return 0;
-    return 1;
-}
-
-/* y_i = x @ W_i^T (+ b_i) for n matrices reading the same x: one pool job per weight
-   format among them (usually one job for all). */
-static void linears(const lk_linear *const *l, float *const *y, int n, const float *x,
-                    int64_t M) {
-    int done[LK_MATMUL_MULTI_MAX] = {0};
-    for (int i = 0; i < n; i++) {
-        if (done[i]) continue;
-        const void *w[LK_MATMUL_MULTI_MAX];
-        int64_t ldw[LK_MATMUL_MULTI_MAX], rows[LK_MATMUL_MULTI_MAX];
-        float *out[LK_MATMUL_MULTI_MAX];
-        int m = 0;
-        for (int j = i; j < n; j++) {
-            if (done[j] || l[j]->fmt != l[i]->fmt) continue;
-            done[j] = 1;
-            w[m] = l[j]->w;
-            ldw[m] = l[j]->ldw;
-            rows[m] = l[j]->rows;
-            out[m] = y[j];
-            m++;
-        }
-        lk_matmul_multi(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out);
-    }
-    for (int i = 0; i < n; i++) {
-        if (!l[i]->bias) continue;
-        for (int64_t r = 0; r < M; r++)
-            lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
-    }
-}
-
-static int embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out) {
-    switch (e->fmt) {
-    case LK_FMT_F32: return lk_embed_f32(e->w, e->ldw, e->rows, e->cols, ids, n, out);
-    case LK_FMT_F16: return lk_embed_f16(e->w, e->ldw, e->rows, e->cols, ids, n, out);
-    default: return lk_embed_q8_0(e->w, e->ldw, e->rows, e->cols, ids, n, out);
-    }
-}
-
 /* Widths of the per-row buffers. */
 typedef struct {
     int64_t h, f, conv, key, value, hv, qg, qd, kvd;
@@ -95,22 +51,22 @@ static int shapes_ok(const lk_qwen35 *m) {
         m->lin_v_heads % m->lin_k_heads || m->lin_k_dim <= 0 || m->lin_v_dim <= 0 ||
         m->conv_kernel < 1 || m->conv_kernel > 8)
         return 0;
-    if (!linear_ok(&m->embed, m->embed.rows, d.h) || m->embed.rows <= 0 || !m->final_norm)
+    if (!lk_step_linear_ok(&m->embed, m->embed.rows, d.h) || m->embed.rows <= 0 || !m->final_norm)
         return 0;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_qwen35_layer *L = &m->layers[i];
-        if (!L->attn_norm || !L->mlp_norm || !linear_ok(&L->gate, d.f, d.h) ||
-            !linear_ok(&L->up, d.f, d.h) || !linear_ok(&L->down, d.h, d.f))
+        if (!L->attn_norm || !L->mlp_norm || !lk_step_linear_ok(&L->gate, d.f, d.h) ||
+            !lk_step_linear_ok(&L->up, d.f, d.h) || !lk_step_linear_ok(&L->down, d.h, d.f))
             return 0;
         if (L->kind == LK_QWEN35_LINEAR) {
-            if (!linear_ok(&L->in_qkv, d.conv, d.h) || !linear_ok(&L->in_z, d.value, d.h) ||
-                !linear_ok(&L->in_b, d.hv, d.h) || !linear_ok(&L->in_a, d.hv, d.h) ||
-                !linear_ok(&L->out, d.h, d.value) || !L->conv_w || !L->neg_a || !L->dt_bias ||
+            if (!lk_step_linear_ok(&L->in_qkv, d.conv, d.h) || !lk_step_linear_ok(&L->in_z, d.value, d.h) ||
+                !lk_step_linear_ok(&L->in_b, d.hv, d.h) || !lk_step_linear_ok(&L->in_a, d.hv, d.h) ||
+                !lk_step_linear_ok(&L->out, d.h, d.value) || !L->conv_w || !L->neg_a || !L->dt_bias ||
                 !L->head_norm || !L->conv_state || !L->delta_state)
                 return 0;
         } else if (L->kind == LK_QWEN35_FULL) {
-            if (!linear_ok(&L->q, d.qg, d.h) || !linear_ok(&L->k, d.kvd, d.h) ||
-                !linear_ok(&L->v, d.kvd, d.h) || !linear_ok(&L->o, d.h, d.qd) || !L->q_norm ||
+            if (!lk_step_linear_ok(&L->q, d.qg, d.h) || !lk_step_linear_ok(&L->k, d.kvd, d.h) ||
+                !lk_step_linear_ok(&L->v, d.kvd, d.h) || !lk_step_linear_ok(&L->o, d.h, d.qd) || !L->q_norm ||
                 !L->k_norm || !L->k_cache || !L->v_cache)
                 return 0;
         } else {
@@ -130,7 +86,7 @@ static void deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d
                      float *beta, float *core, float *normed, float *out) {
     const lk_linear *in[4] = {&L->in_qkv, &L->in_z, &L->in_b, &L->in_a};
     float *in_out[4] = {mixed, z, bb, aa};
-    linears(in, in_out, 4, xn, B);
+    lk_step_linears(in, in_out, 4, xn, B);
     lk_causal_conv1d(mixed, B, 1, d->conv, d->conv, d->conv, L->conv_w, m->conv_kernel,
                      L->conv_state, 1);
     /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), as three float ops */
@@ -145,7 +101,7 @@ static void deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d
                         L->delta_state, 0, core);
     lk_gated_rms_norm(core, z, B * d->hv, m->lin_v_dim, L->head_norm, m->eps, normed);
     const lk_linear *o[1] = {&L->out};
-    linears(o, &out, 1, normed, B);
+    lk_step_linears(o, &out, 1, normed, B);
 }
 
 /* The gated full-attention mixer of one layer on xn [B, h] at position pos. */
@@ -155,7 +111,7 @@ static void attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *
     const int64_t D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
     const lk_linear *in[3] = {&L->q, &L->k, &L->v};
     float *in_out[3] = {qg, k, v};
-    linears(in, in_out, 3, xn, B);
+    lk_step_linears(in, in_out, 3, xn, B);
     /* q_proj rows are per head: D query features, then D gate features */
     for (int64_t r = 0; r < B * Hq; r++) memcpy(q + r * D, qg + r * 2 * D, (size_t)D * 4);
     lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, 1.0f, q);
@@ -175,7 +131,7 @@ static void attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *
     for (int64_t r = 0; r < B * Hq; r++) lk_sigmoid(qg + r * 2 * D + D, D, q + r * D);
     for (int64_t i = 0; i < B * d->qd; i++) attn[i] *= q[i];
     const lk_linear *o[1] = {&L->o};
-    linears(o, &out, 1, attn, B);
+    lk_step_linears(o, &out, 1, attn, B);
 }
 
 int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
@@ -195,7 +151,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
     float *qg = beta + B * d.hv, *q = qg + B * d.qg, *attn = q + B * d.qd;
     float *k = attn + B * d.qd, *v = k + B * d.kvd;
     float *gate = v + B * d.kvd, *up = gate + B * d.f, *act = up + B * d.f;
-    if (embed(&m->embed, tokens, B, x)) return -1;
+    if (lk_step_embed(&m->embed, tokens, B, x)) return -1;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_qwen35_layer *L = &m->layers[i];
         lk_rms_norm(x, B, d.h, L->attn_norm, m->eps, 1.0f, xn);
@@ -207,7 +163,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
         lk_rms_norm(x, B, d.h, L->mlp_norm, m->eps, 1.0f, xn);
         const lk_linear *gu[2] = {&L->gate, &L->up};
         float *gu_out[2] = {gate, up};
-        linears(gu, gu_out, 2, xn, B);
+        lk_step_linears(gu, gu_out, 2, xn, B);
         lk_silu_mul(gate, d.f, up, d.f, B, d.f, act);
         float *down_in = act;
         if (L->down_block) { /* gate is free again: the rotated activations go there */
@@ -215,7 +171,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
             down_in = gate;
         }
         const lk_linear *down[1] = {&L->down};
-        linears(down, &tmp, 1, down_in, B);
+        lk_step_linears(down, &tmp, 1, down_in, B);
         lk_add(x, tmp, B * d.h, x);
     }
     lk_rms_norm(x, B, d.h, m->final_norm, m->eps, 1.0f, hidden_out);

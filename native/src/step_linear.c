@@ -1,0 +1,48 @@
+/* The pieces the fused decode steps (decoder.c, qwen35_decoder.c) share: checking a
+ * matrix description, running the matrices that read one input, embedding lookup. */
+#define LK_INTERNAL
+#include "lattice_kernels.h"
+
+int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
+    if (l->fmt < LK_FMT_F32 || l->fmt > LK_FMT_Q8_0 || !l->w) return 0;
+    if (l->rows != rows || l->cols != cols) return 0;
+    if (l->fmt == LK_FMT_Q8_0 && cols % LK_QK8_0) return 0;
+    return 1;
+}
+
+/* y_i = x @ W_i^T (+ b_i) for n matrices reading the same x: one pool job per weight
+   format among them (usually one job for all). */
+void lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
+                     int64_t M) {
+    int done[LK_MATMUL_MULTI_MAX] = {0};
+    for (int i = 0; i < n; i++) {
+        if (done[i]) continue;
+        const void *w[LK_MATMUL_MULTI_MAX];
+        int64_t ldw[LK_MATMUL_MULTI_MAX], rows[LK_MATMUL_MULTI_MAX];
+        float *out[LK_MATMUL_MULTI_MAX];
+        int m = 0;
+        for (int j = i; j < n; j++) {
+            if (done[j] || l[j]->fmt != l[i]->fmt) continue;
+            done[j] = 1;
+            w[m] = l[j]->w;
+            ldw[m] = l[j]->ldw;
+            rows[m] = l[j]->rows;
+            out[m] = y[j];
+            m++;
+        }
+        lk_matmul_multi(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out);
+    }
+    for (int i = 0; i < n; i++) {
+        if (!l[i]->bias) continue;
+        for (int64_t r = 0; r < M; r++)
+            lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
+    }
+}
+
+int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out) {
+    switch (e->fmt) {
+    case LK_FMT_F32: return lk_embed_f32(e->w, e->ldw, e->rows, e->cols, ids, n, out);
+    case LK_FMT_F16: return lk_embed_f16(e->w, e->ldw, e->rows, e->cols, ids, n, out);
+    default: return lk_embed_q8_0(e->w, e->ldw, e->rows, e->cols, ids, n, out);
+    }
+}
