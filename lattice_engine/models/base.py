@@ -215,3 +215,43 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: Optional[dict]) -> np.
         return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
     raise CheckpointError(f"rope_scaling type {kind!r} is not supported; supported: default, "
                           f"linear, llama3")
+
+
+class CausalLM:
+    """What every causal LM here shares: logits from final hidden states through the
+    lm_head, and the fused native decode step, built on first use. Subclasses define
+    `hidden_states(tokens, cache)` and `_build_decode_step()`, and set `self.config`,
+    `self.ops`, `self.lm_head`."""
+
+    # Decode one token per sequence with the whole step in one C call when the native
+    # kernels run the model; False keeps the per-kernel path.
+    fused_decode = True
+    _step = None
+    _step_built = False
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def forward(self, tokens: np.ndarray, cache, last_only: bool = False) -> np.ndarray:
+        """Logits for tokens [B, T] appended after the cache's contents.
+
+        Returns float32 [B, T, V], or [B, 1, V] for the last position when last_only.
+        """
+        hidden = self.hidden_states(tokens, cache)
+        return self.logits(hidden[:, -1:] if last_only else hidden)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        return self.ops.matmul(hidden, self.lm_head)
+
+    def _decode_step(self):
+        """The fused native decode step, built on first use; None when the model does not
+        run on the native kernels or a weight format has no C kernel."""
+        if not self.fused_decode:
+            return None
+        if not self._step_built:
+            self._step_built = True
+            if getattr(self.ops, "name", "") == "native":
+                self._step = self._build_decode_step()
+        return self._step
+

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import kernels
 from ..errors import CheckpointError
-from .base import Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
+from .base import CausalLM, Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
 from .hybrid_cache import HybridCache
 from .transformer import MLP, check_rotation_sites, head_role
 
@@ -235,14 +235,11 @@ class CheckpointTensors:
         return name
 
 
-class Model:
+class Model(CausalLM):
     """The Qwen3.5 text model over a `HybridCache` (KV for full-attention layers, conv and
-    delta-rule states for linear ones)."""
+    delta-rule states for linear ones). The fused decode step is kernels.Qwen35Step."""
 
     config_class = ModelArgs
-    # Decode one token per sequence with the whole step in one C call when the native
-    # kernels run the model (kernels.Qwen35Step); False keeps the per-kernel path.
-    fused_decode = True
 
     def __init__(self, cfg: ModelArgs, w: WeightLoader, ops, prefix: str = "model",
                  tied: Optional[bool] = None):
@@ -265,8 +262,6 @@ class Model:
         self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
         self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))
-        self._step: Optional[kernels.Qwen35Step] = None
-        self._step_built = False
 
     @classmethod
     def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":
@@ -279,10 +274,6 @@ class Model:
                        prefix="model.language_model", tied=tied)
         return cls(cls.config_class.from_dict(config), loader, ops)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
     def make_cache(self, batch: int = 1, capacity: int = 256) -> HybridCache:
         c = self.config
         conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + \
@@ -293,14 +284,6 @@ class Model:
             conv_kernel=c.linear_conv_kernel_dim, value_heads=c.linear_num_value_heads,
             key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
             capacity=capacity)
-
-    def forward(self, tokens: np.ndarray, cache: HybridCache, last_only: bool = False) -> np.ndarray:
-        """Logits for tokens [B, T] appended after the cache's contents.
-
-        Returns float32 [B, T, V], or [B, 1, V] for the last position when last_only.
-        """
-        hidden = self.hidden_states(tokens, cache)
-        return self.logits(hidden[:, -1:] if last_only else hidden)
 
     def hidden_states(self, tokens: np.ndarray, cache: HybridCache) -> np.ndarray:
         """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
@@ -323,17 +306,6 @@ class Model:
             x = layer(x, cache, cos, sin, ops)
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps, 1.0)
-
-    def _decode_step(self) -> Optional[kernels.Qwen35Step]:
-        """The fused native decode step, built on first use; None when the model does not
-        run on the native kernels or a weight format has no C kernel."""
-        if not self.fused_decode:
-            return None
-        if not self._step_built:
-            self._step_built = True
-            if getattr(self.ops, "name", "") == "native":
-                self._step = self._build_decode_step()
-        return self._step
 
     def _build_decode_step(self) -> Optional[kernels.Qwen35Step]:
         layers = []
@@ -371,6 +343,3 @@ class Model:
             lin_k_dim=c.linear_key_head_dim, lin_v_dim=c.linear_value_head_dim,
             conv_kernel=c.linear_conv_kernel_dim, eps=c.rms_norm_eps,
             embed=self.embed_tokens, final_norm=self.norm, layers=layers)
-
-    def logits(self, hidden: np.ndarray) -> np.ndarray:
-        return self.ops.matmul(hidden, self.lm_head)

@@ -14,8 +14,8 @@ import numpy as np
 
 from .. import kernels
 from ..errors import CheckpointError
-from .base import (KVCache, Linear, WeightLoader, check_tokens, config_from_dict, project,
-                   rope_inv_freq)
+from .base import (CausalLM, KVCache, Linear, WeightLoader, check_tokens, config_from_dict,
+                   project, rope_inv_freq)
 
 
 @dataclass
@@ -214,15 +214,13 @@ class Block:
         return h + self.mlp(self.mlp_input(h, ops), ops)
 
 
-class DecoderModel:
-    """A causal LM over a `KVCache`. Subclasses set the config class and the switches."""
+class DecoderModel(CausalLM):
+    """A causal LM over a `KVCache`. Subclasses set the config class and the switches.
+    The fused decode step is kernels.DecoderStep."""
 
     config_class = DecoderConfig
     qkv_bias = False
     qk_norm = False
-    # Decode one token per sequence with the whole step in one C call when the native
-    # kernels run the model (kernels.DecoderStep); False keeps the per-kernel path.
-    fused_decode = True
 
     def __init__(self, cfg: DecoderConfig, w: WeightLoader, ops):
         self.config = cfg
@@ -238,8 +236,6 @@ class DecoderModel:
         self.lm_head = (self.embed_tokens if tied else
                         w.matrix("lm_head.weight", (v, h), cfg.lattice_lm_head_role))
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self._step: Optional[kernels.DecoderStep] = None
-        self._step_built = False
 
     @classmethod
     def use_qkv_bias(cls, cfg: DecoderConfig) -> bool:
@@ -255,21 +251,9 @@ class DecoderModel:
         cfg = cls.config_class.from_dict(cls.sanitize(dict(checkpoint.config)))
         return cls(cfg, loader, ops)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.config.vocab_size
-
     def make_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity)
-
-    def forward(self, tokens: np.ndarray, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        """Logits for tokens [B, T] appended after the cache's contents.
-
-        Returns float32 [B, T, V], or [B, 1, V] for the last position when last_only.
-        """
-        hidden = self.hidden_states(tokens, cache)
-        return self.logits(hidden[:, -1:] if last_only else hidden)
 
     def hidden_states(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
@@ -291,17 +275,6 @@ class DecoderModel:
             x = layer(x, cache, cos, sin, ops)
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
-
-    def _decode_step(self) -> Optional[kernels.DecoderStep]:
-        """The fused native decode step, built on first use; None when the model does not
-        run on the native kernels or a weight format has no C kernel."""
-        if not self.fused_decode:
-            return None
-        if not self._step_built:
-            self._step_built = True
-            if getattr(self.ops, "name", "") == "native":
-                self._step = self._build_decode_step()
-        return self._step
 
     def _build_decode_step(self) -> Optional[kernels.DecoderStep]:
         if any(block.input_rotations for block in self.layers):
@@ -341,6 +314,3 @@ class DecoderModel:
         (`paged_forward.PagedBatch`); writes their new K/V into the cache."""
         from .paged_forward import forward_paged
         return forward_paged(self, batch, cache)
-
-    def logits(self, hidden: np.ndarray) -> np.ndarray:
-        return self.ops.matmul(hidden, self.lm_head)
