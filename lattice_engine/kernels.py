@@ -732,6 +732,21 @@ def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None) -> None:
     dst.bias = _keep_vec(keep, bias)
 
 
+def _raise_step_error(rc: int, tokens: np.ndarray, m, name: str, outside: str) -> None:
+    """A fused step's return code as an error that says what was wrong (0: nothing)."""
+    if rc == -1:
+        bad = tokens[(tokens < 0) | (tokens >= m.embed.rows)]
+        raise IndexError(f"decode step: token id {int(bad[0])} is outside the "
+                         f"vocabulary [0, {m.embed.rows})")
+    if rc == -2:
+        raise ValueError(f"decode step: {outside}")
+    if rc == -5:
+        raise MemoryError(f"{name}: out of scratch memory")
+    if rc:
+        raise RuntimeError(f"{name} failed with code {rc} (weights or workspace "
+                           f"inconsistent with the model description)")
+
+
 def _run_step(step_fn, work_size_fn, m, work: np.ndarray, tokens: np.ndarray, pos: int,
               cos: np.ndarray, sin: np.ndarray, out: np.ndarray, name: str) -> np.ndarray:
     """Call a fused decode step (`lk_decoder_step`, `lk_qwen35_step`) and turn its return
@@ -744,16 +759,8 @@ def _run_step(step_fn, work_size_fn, m, work: np.ndarray, tokens: np.ndarray, po
     sp, sin = _in(sin)
     rc = step_fn(m, _fb(_INT64S, tokens), B, pos, cp, sp, _fb(_FLOATS, work, True),
                  work.size, _fb(_FLOATS, out, True))
-    if rc == -1:
-        bad = tokens[(tokens < 0) | (tokens >= m.embed.rows)]
-        raise IndexError(f"decode step: token id {int(bad[0])} is outside the "
-                         f"vocabulary [0, {m.embed.rows})")
-    if rc == -2:
-        raise ValueError(f"decode step: position {pos} is outside the bound cache "
-                         f"(capacity {m.cache_cap}); bind a larger cache")
-    if rc:
-        raise RuntimeError(f"{name} failed with code {rc} (weights or workspace "
-                           f"inconsistent with the model description)")
+    _raise_step_error(rc, tokens, m, name, f"position {pos} is outside the bound cache "
+                                           f"(capacity {m.cache_cap}); bind a larger cache")
     return work
 
 
@@ -809,6 +816,7 @@ class DecoderStep:
         self._m = m
         self._hidden = hidden
         self._cache_arrays: tuple = ()
+        self._paged = None  # (pool identities, key / value pointer arrays, pool shape, pools)
         self._work = np.empty(0, _F32)
 
     def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
@@ -840,6 +848,63 @@ class DecoderStep:
         self._work = _run_step(_L.lk_decoder_step, _L.lk_decoder_work_size, self._m, self._work,
                                tokens, pos, cos, sin, out, "lk_decoder_step")
         return out
+
+
+    def paged(self, tokens: np.ndarray, cos: np.ndarray, sin: np.ndarray, batch,
+              keys: list[np.ndarray], values: list[np.ndarray]) -> np.ndarray:
+        """The step over a flat batch of sequences in a paged KV cache
+        (`paged_forward.PagedBatch`: rows at their own positions, prefill chunks and decode
+        rows alike): cos / sin [n, rope_half] for the rows' positions, keys / values each
+        layer's pool [num_blocks, block_size, H_kv, D]. Writes the rows' keys and values at
+        their slots and returns the final-norm hidden states [n, hidden]."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        n = tokens.size
+        k_ptrs, v_ptrs, (num_blocks, block_size) = self._pools(keys, values)
+        slots = np.ascontiguousarray(batch.slots, dtype=np.int64)
+        q_start = np.ascontiguousarray(batch.q_start, dtype=np.int64)
+        pos_start = np.ascontiguousarray(batch.pos_start, dtype=np.int64)
+        tables = np.ascontiguousarray(batch.block_tables, dtype=np.int32)
+        if slots.shape != (n,) or q_start.shape != (pos_start.size + 1,) or \
+                tables.shape[:1] != pos_start.shape or cos.shape != (n, self._m.rope_half):
+            raise ValueError(f"decode step: a paged batch of {n} rows needs {n} slots, "
+                             f"S + 1 q_start entries, S table rows and cos [{n}, "
+                             f"{self._m.rope_half}] (got {slots.shape}, {q_start.shape}, "
+                             f"{tables.shape}, {cos.shape})")
+        need = _L.lk_decoder_work_size(self._m, n)
+        if self._work.size < need:
+            self._work = np.empty(need, _F32)
+        out = np.empty((n, self._hidden), _F32)
+        cp, cos = _in(cos)
+        sp, sin = _in(sin)
+        rc = _L.lk_decoder_step_paged(
+            self._m, _fb(_INT64S, tokens), n, cp, sp, _fb(_INT64S, slots), k_ptrs, v_ptrs,
+            num_blocks, block_size, pos_start.size, _fb(_INT64S, q_start),
+            _fb(_INT64S, pos_start), _ffi.cast("int32_t *", _fb(tables)),
+            tables.shape[1] if tables.ndim == 2 else 0, _fb(_FLOATS, self._work, True),
+            self._work.size, _fb(_FLOATS, out, True))
+        _raise_step_error(rc, tokens, self._m, "lk_decoder_step_paged",
+                          "a row's slot, position or block table is outside the KV pool")
+        return out
+
+    def _pools(self, keys, values):
+        """Pointer arrays to every layer's pools, kept while the cache keeps its arrays."""
+        ident = tuple(map(id, keys)) + tuple(map(id, values))
+        if self._paged is None or self._paged[0] != ident:
+            n_layers = self._m.n_layers
+            if len(keys) != n_layers or len(values) != n_layers:
+                raise ValueError(f"decode step: {len(keys)} key pools for {n_layers} layers")
+            shape = keys[0].shape if keys else (0, 1, self._m.n_kv_heads, self._m.head_dim)
+            for a in list(keys) + list(values):
+                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != shape or \
+                        a.shape[2:] != (self._m.n_kv_heads, self._m.head_dim):
+                    raise ValueError(f"decode step: a KV pool {a.shape} {a.dtype} is not "
+                                     f"C-contiguous float32 [blocks, block_size, "
+                                     f"{self._m.n_kv_heads}, {self._m.head_dim}]")
+            k_ptrs = _ffi.new("float *[]", [_fb(_FLOATS, a, True) for a in keys] or [_ffi.NULL])
+            v_ptrs = _ffi.new("float *[]", [_fb(_FLOATS, a, True) for a in values] or [_ffi.NULL])
+            # the arrays themselves are kept too: the pointers must not outlive them
+            self._paged = (ident, k_ptrs, v_ptrs, shape[:2], (tuple(keys), tuple(values)))
+        return self._paged[1], self._paged[2], self._paged[3]
 
 
 class Qwen35Step:

@@ -99,6 +99,12 @@ int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch);
 int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
                     const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                     float *hidden_out);
+int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,
+                          const float *cos_t, const float *sin_t, const int64_t *slots,
+                          float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                          int64_t block_size, int64_t nseq, const int64_t *q_start,
+                          const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
+                          float *work, int64_t work_len, float *hidden_out);
 int lk_causal_conv1d(float *x, int64_t B, int64_t T, int64_t C, int64_t sbx, int64_t stx,
                      const float *w, int64_t K, float *state, int silu);
 int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t B, int64_t T,

@@ -271,3 +271,51 @@ def test_paged_forward_matches_transformers(name, backend):
         items = [(seqs[r], steps[r, i:i + 1], t + i, True) for r in range(2)]
         logits = model.forward_paged(PagedBatch.build(cache, items), cache)
         np.testing.assert_allclose(logits, golden["decode_logits"][:, i], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_fused_paged_step_is_the_per_kernel_path_bit_for_bit(name):
+    """The one-call C step over a paged batch (mixed prefill chunks and decode rows) runs
+    the per-kernel path's kernels in its order: identical logits and identical KV pools."""
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    model = load(FIXTURES / name, backend="native").model
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
+    prompt = golden["prompt_ids"]
+    t = prompt.shape[1]
+    runs = {}
+    for fused in (True, False):
+        model.fused_decode = fused
+        model._step_built = False
+        cache = model.make_paged_cache(num_blocks=16, block_size=4)
+        seqs = [SequenceBlocks(), SequenceBlocks()]
+        for s in seqs:
+            assert cache.reserve(s, t + 3)
+        out = [model.forward_paged(PagedBatch.build(cache, [(seqs[0], prompt[0, :3], 0, True)]),
+                                   cache)]
+        out.append(model.forward_paged(PagedBatch.build(
+            cache, [(seqs[0], prompt[0, 3:], 3, True), (seqs[1], prompt[1], 0, False)]), cache))
+        out.append(model.forward_paged(PagedBatch.build(
+            cache, [(seqs[0], [7], t, True), (seqs[1], [9], t, True)]), cache))
+        runs[fused] = out, [k.copy() for k in cache.keys], [v.copy() for v in cache.values]
+    assert model._decode_step() is None  # the last run really was the per-kernel path
+    model.fused_decode = True
+    model._step_built = False
+    assert model._decode_step() is not None
+    for a, b in zip(runs[True][0], runs[False][0]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(runs[True][1] + runs[True][2], runs[False][1] + runs[False][2]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_paged_step_rejects_a_slot_outside_the_pool():
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    model = load(FIXTURES / ARCHITECTURES[0], backend="native").model
+    cache = model.make_paged_cache(num_blocks=4, block_size=4)
+    seq = SequenceBlocks()
+    assert cache.reserve(seq, 3)
+    batch = PagedBatch.build(cache, [(seq, [1, 2, 3], 0, True)])
+    batch.slots[1] = 4 * 4  # one past the pool
+    with pytest.raises(ValueError, match="outside the KV pool"):
+        model.forward_paged(batch, cache)

@@ -68,6 +68,10 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
         raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
     n = tokens.shape[0]
     cos, sin = ops.rope_tables(batch.positions, model.inv_freq)
+    step = model._decode_step()
+    if step is not None:  # the whole forward in one C call: the same kernels, in order
+        hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values)
+        return model.logits(hidden[batch.logit_rows])
     x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
     for block in model.layers:
         attn = block.self_attn

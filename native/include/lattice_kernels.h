@@ -223,6 +223,20 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
                     const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                     float *hidden_out);
 
+/* The same step over a flat batch of n rows in a paged KV pool (continuous batching):
+   row r is at the position its cos/sin rows ([n, rope_half]) were made for and writes its
+   key and value to pool row slots[r] of every layer's k_pools[i] / v_pools[i]
+   ([num_blocks, block_size, n_kv_heads, head_dim]); attention is lk_paged_attention over
+   sequences q_start / pos_start / tables (as there). Prefill chunks and decode rows mix.
+   Returns 0, -1 (token), -2 (rows, slots or tables outside the pool), -3 (work_len),
+   -4 (weights), -5 (out of memory). */
+int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,
+                          const float *cos_t, const float *sin_t, const int64_t *slots,
+                          float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                          int64_t block_size, int64_t nseq, const int64_t *q_start,
+                          const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
+                          float *work, int64_t work_len, float *hidden_out);
+
 /* ---- Gated DeltaNet (gated_deltanet.c) ------------------------------------------- */
 
 /* Depthwise causal conv over time, in place: x [B, T, C] (strides sbx, stx; channels

@@ -29,7 +29,7 @@ static int shapes_ok(const lk_decoder *m) {
         const lk_decoder_layer *L = &m->layers[i];
         if (!lk_step_linear_ok(&L->q, qd, h) || !lk_step_linear_ok(&L->k, kvd, h) || !lk_step_linear_ok(&L->v, kvd, h) ||
             !lk_step_linear_ok(&L->o, h, qd) || !lk_step_linear_ok(&L->gate, f, h) || !lk_step_linear_ok(&L->up, f, h) ||
-            !lk_step_linear_ok(&L->down, h, f) || !L->k_cache || !L->v_cache || !L->attn_norm ||
+            !lk_step_linear_ok(&L->down, h, f) || !L->attn_norm ||
             !L->mlp_norm || (!L->q_norm) != (!L->k_norm))
             return 0;
         if (L->down_block && (L->down_block < 0 || (L->down_block & (L->down_block - 1)) ||
@@ -40,22 +40,31 @@ static int shapes_ok(const lk_decoder *m) {
     return 1;
 }
 
-int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
-                    const float *cos_t, const float *sin_t, float *work, int64_t work_len,
-                    float *hidden_out) {
-    lk_init();
-    if (batch <= 0) return 0;
-    if (!shapes_ok(m)) return -4;
-    if (pos < 0 || pos >= m->cache_cap) return -2;
-    if (work_len < lk_decoder_work_size(m, batch)) return -3;
-    const int64_t B = batch, h = m->hidden, D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
+/* Where a step's keys and values go and how attention reads them: a contiguous cache at
+   one position for every row (lk_decoder_step), or a paged pool with its own position per
+   row (lk_decoder_step_paged). Everything else in a layer is the same. */
+typedef struct {
+    int paged;
+    /* contiguous */
+    int64_t pos;
+    /* paged: rows [n] at slots, sequences [nseq] by q_start / pos_start / tables */
+    const int64_t *slots, *q_start, *pos_start;
+    const int32_t *tables;
+    int64_t nseq, max_blocks, block_size;
+    float *const *k_pools, *const *v_pools;
+} kv_target;
+
+static int run_layers(const lk_decoder *m, const kv_target *t, int64_t B, const float *cos_t,
+                      const float *sin_t, float *work, float *hidden_out) {
+    const int64_t h = m->hidden, D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
     const int64_t qd = Hq * D, kvd = Hkv * D, f = m->intermediate;
     float *x = work, *xn = x + B * h, *tmp = xn + B * h, *q = tmp + B * h, *attn = q + B * qd;
     float *k = attn + B * qd, *v = k + B * kvd, *gate = v + B * kvd, *up = gate + B * f;
     float *act = up + B * f;
-    if (lk_step_embed(&m->embed, tokens, B, x)) return -1;
     const float scale = 1.0f / sqrtf((float)D);
-    const int64_t row_stride = m->cache_cap * kvd; /* one sequence's cache rows */
+    const int64_t row_stride = m->cache_cap * kvd; /* contiguous: one sequence's cache rows */
+    /* rope: one table row for all rows (contiguous), or one per row as T = B (paged) */
+    const int64_t rb = t->paged ? 1 : B, rt = t->paged ? B : 1;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_decoder_layer *L = &m->layers[i];
         lk_rms_norm(x, B, h, L->attn_norm, m->eps, m->norm_offset, xn);
@@ -66,14 +75,25 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
             lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, m->norm_offset, q);
             lk_rms_norm(k, B * Hkv, D, L->k_norm, m->eps, m->norm_offset, k);
         }
-        lk_rope(q, B, 1, Hq, D, qd, qd, D, cos_t, sin_t, m->rope_half, m->rope_interleaved, q);
-        lk_rope(k, B, 1, Hkv, D, kvd, kvd, D, cos_t, sin_t, m->rope_half, m->rope_interleaved, k);
-        for (int64_t b = 0; b < B; b++) {
-            memcpy(L->k_cache + b * row_stride + pos * kvd, k + b * kvd, (size_t)kvd * sizeof(float));
-            memcpy(L->v_cache + b * row_stride + pos * kvd, v + b * kvd, (size_t)kvd * sizeof(float));
+        lk_rope(q, rb, rt, Hq, D, rt * qd, qd, D, cos_t, sin_t, m->rope_half, m->rope_interleaved, q);
+        lk_rope(k, rb, rt, Hkv, D, rt * kvd, kvd, D, cos_t, sin_t, m->rope_half, m->rope_interleaved, k);
+        if (t->paged) {
+            for (int64_t b = 0; b < B; b++) {
+                memcpy(t->k_pools[i] + t->slots[b] * kvd, k + b * kvd, (size_t)kvd * sizeof(float));
+                memcpy(t->v_pools[i] + t->slots[b] * kvd, v + b * kvd, (size_t)kvd * sizeof(float));
+            }
+            if (lk_paged_attention(q, Hq, D, t->k_pools[i], t->v_pools[i], t->block_size, Hkv,
+                                   t->nseq, t->q_start, t->pos_start, t->tables, t->max_blocks,
+                                   scale, attn))
+                return -5; /* out of scratch memory */
+        } else {
+            for (int64_t b = 0; b < B; b++) {
+                memcpy(L->k_cache + b * row_stride + t->pos * kvd, k + b * kvd, (size_t)kvd * sizeof(float));
+                memcpy(L->v_cache + b * row_stride + t->pos * kvd, v + b * kvd, (size_t)kvd * sizeof(float));
+            }
+            lk_attention(q, B, 1, Hq, D, qd, qd, D, L->k_cache, row_stride, kvd, D, L->v_cache,
+                         row_stride, kvd, D, t->pos + 1, Hkv, t->pos, scale, attn);
         }
-        lk_attention(q, B, 1, Hq, D, qd, qd, D, L->k_cache, row_stride, kvd, D, L->v_cache,
-                     row_stride, kvd, D, pos + 1, Hkv, pos, scale, attn);
         const lk_linear *o[1] = {&L->o};
         float *o_out[1] = {tmp};
         lk_step_linears(o, o_out, 1, attn, B);
@@ -95,4 +115,58 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
     }
     lk_rms_norm(x, B, h, m->final_norm, m->eps, m->norm_offset, hidden_out);
     return 0;
+}
+
+int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
+                    const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                    float *hidden_out) {
+    lk_init();
+    if (batch <= 0) return 0;
+    if (!shapes_ok(m)) return -4;
+    if (pos < 0 || pos >= m->cache_cap) return -2;
+    for (int64_t i = 0; i < m->n_layers; i++)
+        if (!m->layers[i].k_cache || !m->layers[i].v_cache) return -4;
+    if (work_len < lk_decoder_work_size(m, batch)) return -3;
+    if (lk_step_embed(&m->embed, tokens, batch, work)) return -1;
+    kv_target t = {0};
+    t.pos = pos;
+    return run_layers(m, &t, batch, cos_t, sin_t, work, hidden_out);
+}
+
+int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,
+                          const float *cos_t, const float *sin_t, const int64_t *slots,
+                          float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                          int64_t block_size, int64_t nseq, const int64_t *q_start,
+                          const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
+                          float *work, int64_t work_len, float *hidden_out) {
+    lk_init();
+    if (n <= 0) return 0;
+    if (!shapes_ok(m)) return -4;
+    if (work_len < lk_decoder_work_size(m, n)) return -3;
+    /* everything attention will read must be in the pool: rows, slots, tables */
+    if (nseq <= 0 || q_start[0] != 0 || q_start[nseq] != n || block_size <= 0) return -2;
+    for (int64_t i = 0; i < nseq; i++) {
+        const int64_t rows = q_start[i + 1] - q_start[i];
+        if (rows < 0 || pos_start[i] < 0 ||
+            (pos_start[i] + rows + block_size - 1) / block_size > max_blocks) return -2;
+    }
+    for (int64_t i = 0; i < nseq * max_blocks; i++)
+        if (tables[i] < 0 || tables[i] >= num_blocks) return -2;
+    for (int64_t r = 0; r < n; r++)
+        if (slots[r] < 0 || slots[r] >= num_blocks * block_size) return -2;
+    for (int64_t i = 0; i < m->n_layers; i++)
+        if (!k_pools[i] || !v_pools[i]) return -4;
+    if (lk_step_embed(&m->embed, tokens, n, work)) return -1;
+    kv_target t = {0};
+    t.paged = 1;
+    t.slots = slots;
+    t.q_start = q_start;
+    t.pos_start = pos_start;
+    t.tables = tables;
+    t.nseq = nseq;
+    t.max_blocks = max_blocks;
+    t.block_size = block_size;
+    t.k_pools = k_pools;
+    t.v_pools = v_pools;
+    return run_layers(m, &t, n, cos_t, sin_t, work, hidden_out);
 }
