@@ -59,19 +59,22 @@ class BatchingOptions:
 class PrefillPacer:
     """Sizes the prefill slice of mixed steps so the decoders' inter-token latency rises by
     at most `max_rise`: from measured steps it keeps an estimate of a decode-only step
-    (t_decode) and of the extra cost of one prefill token in a mixed step, and allows
-    (max_rise - 1) * t_decode / cost tokens. Timing noise only changes chunk sizes, never
-    results.
+    (t_decode) and of the cost of one more row in a step (per_token), and allows
+    (max_rise - 1) * t_decode / per_token prefill tokens. Timing noise only changes chunk
+    sizes, never results.
 
-    t_decode is the median of the last few decode-only steps with the same number of
-    decoding rows: a decode step costs more with more rows (26 ms for one row, 45 ms for
-    four on Qwen2.5-0.5B q8_0), and a server's step can be slowed once by its event loop
-    (a 2,000-token request arriving measured 88 ms against 47). An average would carry such
-    an outlier through the whole prefill that follows, when no decode-only step updates it:
-    measured, it let the decoders' latency rise 2.5x instead of 2x. The per-token cost is a
-    running average because it moves steadily (attention over a longer prefix costs more per
-    token: 2.3 -> 7 ms over a 2,000-token prompt). Until a mixed step has been measured the
-    slice is at most PROBE tokens."""
+    A step's cost grows with its rows, decode or prefill alike (every matmul has M = rows):
+    26 ms for one decoding row, 45 ms for eight on Qwen2.5-0.5B q8_0. So decode-only steps
+    are kept per row count (the median of the last few: a server's step can be slowed once
+    by its event loop, 88 ms against 47 when a 2,000-token request arrived, and an average
+    would carry that through the whole prefill that follows, when no decode-only step
+    updates it: measured, it let the latency rise 2.5x instead of 2x). A row count never
+    seen decode-only (streams join while others still prefill, so every step is mixed) is
+    estimated from the nearest one seen plus per_token per extra row; charging those rows
+    to the prefill slice instead shrank it to one token a step. per_token is a running
+    average because it moves steadily (attention over a longer prefix costs more per token:
+    2.3 -> 7 ms over a 2,000-token prompt). Until a mixed step has been measured the slice
+    is at most PROBE tokens."""
 
     SMOOTHING = 0.3
     WINDOW = 9   # decode-only steps kept per row count
@@ -83,13 +86,23 @@ class PrefillPacer:
         self.rows = 0  # decoding rows in the latest step: the next step's likely count
         self.per_token: Optional[float] = None
 
-    @property
-    def t_decode(self) -> Optional[float]:
-        """The decode-only step time for the latest row count (the nearest one measured)."""
+    def _measured(self, rows: int) -> tuple[int, float]:
+        """The measured row count nearest `rows` and its median decode-only step."""
+        near = min(self._decode, key=lambda r: (abs(r - rows), -r))
+        return near, statistics.median(self._decode[near])
+
+    def decode_time(self, rows: int) -> Optional[float]:
+        """Estimated decode-only step for `rows` decoding rows (None before any)."""
         if not self._decode:
             return None
-        rows = min(self._decode, key=lambda r: (abs(r - self.rows), -r))
-        return statistics.median(self._decode[rows])
+        near, t = self._measured(rows)
+        if near == rows or not self.per_token:
+            return t
+        return max(t + (rows - near) * self.per_token, 0.5 * t)
+
+    @property
+    def t_decode(self) -> Optional[float]:
+        return self.decode_time(self.rows)
 
     def _ema(self, old: Optional[float], new: float) -> float:
         return new if old is None else old + self.SMOOTHING * (new - old)
@@ -100,9 +113,12 @@ class PrefillPacer:
         self.rows = decode_rows
         if not prefill_rows:
             self._decode.setdefault(decode_rows, deque(maxlen=self.WINDOW)).append(seconds)
-        elif self.t_decode is not None:
-            extra = max(seconds - self.t_decode, 0.0) / prefill_rows
-            self.per_token = self._ema(self.per_token, extra)
+        elif self._decode:
+            near, base = self._measured(decode_rows)
+            extra_rows = prefill_rows + decode_rows - near
+            if extra_rows > 0:
+                self.per_token = self._ema(self.per_token,
+                                           max(seconds - base, 0.0) / extra_rows)
 
     def budget(self) -> int:
         if not self.max_rise:

@@ -263,8 +263,28 @@ def test_prefill_pacer_ignores_one_slow_decode_step_and_tracks_the_row_count():
     for _ in range(3):
         pacer.record(decode_rows=1, prefill_rows=0, seconds=0.024)
     assert pacer.t_decode == pytest.approx(0.024) and pacer.budget() == 8
-    pacer.record(decode_rows=3, prefill_rows=5, seconds=0.06)     # nearest measured: 4 rows
-    assert pacer.rows == 3 and pacer.t_decode == pytest.approx(0.045)
+    pacer.record(decode_rows=3, prefill_rows=6, seconds=0.069)    # nearest measured: 4 rows
+    # 0.069 - 0.045 over 6 prefill rows less the one decode row fewer: 4.8 ms a row
+    assert pacer.per_token == pytest.approx(0.003 + 0.3 * (0.0048 - 0.003))
+    assert pacer.rows == 3 and pacer.t_decode == pytest.approx(0.045 - pacer.per_token)
+
+
+def test_prefill_pacer_estimates_row_counts_only_seen_in_mixed_steps():
+    """Streams that join while others still prefill never give a decode-only step at the
+    new row count: the pacer extrapolates it instead of charging the extra decode rows to
+    the prefill slice (which shrank the slice to a token a step, measured)."""
+    from lattice_engine.batching import PrefillPacer
+    pacer = PrefillPacer(max_rise=2.0, cap=64)
+    for _ in range(3):
+        pacer.record(decode_rows=1, prefill_rows=0, seconds=0.024)
+    # every later step is mixed; a row of either kind costs 3 ms
+    for rows in range(2, 8):
+        for _ in range(4):
+            n = pacer.budget()
+            pacer.record(decode_rows=rows, prefill_rows=n, seconds=0.024 + 0.003 * (rows - 1 + n))
+    assert pacer.per_token == pytest.approx(0.003)
+    assert pacer.t_decode == pytest.approx(0.024 + 6 * 0.003)
+    assert abs(pacer.budget() - 0.042 / 0.003) <= 1  # 14 tokens, give or take rounding
     with pytest.raises(RequestError, match="max_itl_rise"):
         BatchingOptions(max_itl_rise=0.5)
 
