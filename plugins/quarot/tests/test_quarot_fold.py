@@ -158,12 +158,21 @@ def test_weights_really_change(tmp_path, plugins):
     pm = plugins
     a = load(folder, backend="numpy", plugin_manager=pm).model
     b = load(folder, backend="numpy", plugin_manager=pm,
-             transforms={"quarot": QuarotSettings(enabled=True)}).model
+             transforms={"quarot": QuarotSettings(enabled=True, basis="residual")}).model
     wa = a.layers[0].self_attn.q_proj.weight.to_float()
     wb = b.layers[0].self_attn.q_proj.weight.to_float()
     assert np.abs(wa - wb).max() > 0.1
     np.testing.assert_array_equal(b.layers[0].input_layernorm, np.ones(HIDDEN, np.float32))
     assert b.lm_head is not b.embed_tokens  # the tied head got its own rotated copy
+
+
+def test_auto_basis_is_inputs_for_the_llama_family(tmp_path, plugins):
+    folder = make_checkpoint(tmp_path / "m", "qwen2", tied=True)
+    auto = load(folder, backend="numpy", plugin_manager=plugins,
+                transforms={"quarot": QuarotSettings(enabled=True)})
+    assert auto.checkpoint.config["quarot"]["basis"] == "inputs"
+    # the inputs basis leaves the norms' weights in place
+    assert np.abs(auto.model.layers[0].input_layernorm - 1).max() > 0.1
 
 
 @pytest.mark.parametrize("tied", [True, False])
