@@ -223,13 +223,19 @@ class Scheduler:
         return SchedulerOutput(items, preempted, stuck)
 
     def _chunk(self, seq: Sequence, n: int) -> int:
-        """With recurrent layers, a prefill chunk that stops short of the prompt's end is
-        cut back to a block boundary, so the state after it can be snapshotted for prefix
-        reuse (attention-only models take n as is)."""
-        if self.cache.recurrent is None or seq.num_computed + n >= len(seq.token_ids):
+        """With recurrent layers, prefill chunks end on block boundaries, so the state after
+        them can be snapshotted for prefix reuse (a state inside a chunk is never seen): a
+        chunk that stops short of the prompt's end is cut back to a boundary, and one that
+        would reach the end stops first at the prompt's last full block (one more step,
+        and a later request sharing the whole prompt restores the state there).
+        Attention-only models take n as is."""
+        if self.cache.recurrent is None:
             return n
-        bs = self.cache.block_size
-        aligned = (seq.num_computed + n) // bs * bs - seq.num_computed
+        bs, done, total = self.cache.block_size, seq.num_computed, len(seq.token_ids)
+        if done + n >= total:
+            last_full = total // bs * bs
+            return last_full - done if done < last_full < total else n
+        aligned = (done + n) // bs * bs - done
         return aligned if aligned > 0 else n
 
     def _reserve(self, seq: Sequence, n: int, preempted: list[Sequence]) -> bool:

@@ -83,3 +83,26 @@ def _fresh_plugin_manager(monkeypatch):
     plugins.reset_plugin_manager()
     yield
     plugins.reset_plugin_manager()
+
+
+def check_paged_against_golden(model, golden, cache, seqs, cut: int, atol: float = 1e-4):
+    """Row 0 prefills golden's prompt in two chunks (cut) while row 1 prefills whole in the
+    second step, then both decode every golden step in one batch; each logit must equal
+    transformers' (golden) within atol. seqs: two sequences with blocks (and state slots)
+    reserved for the whole run."""
+    import numpy as np
+    from lattice_engine.models.paged_forward import PagedBatch
+    prompt, steps = golden["prompt_ids"], golden["decode_ids"]
+    t = prompt.shape[1]
+
+    def run(items):
+        return model.forward_paged(PagedBatch.build(cache, items), cache)
+
+    first = run([(seqs[0], prompt[0, :cut], 0, True)])
+    np.testing.assert_allclose(first[0], golden["prefill_logits"][0, cut - 1], atol=atol)
+    both = run([(seqs[0], prompt[0, cut:], cut, True), (seqs[1], prompt[1], 0, True)])
+    np.testing.assert_allclose(both, golden["prefill_logits"][:, -1], atol=atol)
+    for i in range(steps.shape[1]):
+        logits = run([(seqs[r], steps[r, i:i + 1], t + i, True) for r in range(2)])
+        np.testing.assert_allclose(logits, golden["decode_logits"][:, i], atol=atol)
+

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import ARCHITECTURES, FIXTURES
+from conftest import ARCHITECTURES, FIXTURES, check_paged_against_golden
 from lattice_engine import kernels, ops
 from lattice_engine.cache import (BlockPool, PagedKVCache, RecurrentStateSlots,
                                   SequenceBlocks, chain_block_hashes)
@@ -261,16 +261,7 @@ def test_paged_forward_matches_transformers(name, backend):
     seqs = [SequenceBlocks(), SequenceBlocks()]
     for s in seqs:
         assert cache.reserve(s, t + steps.shape[1])
-    cut = t // 2
-    first = model.forward_paged(PagedBatch.build(cache, [(seqs[0], prompt[0, :cut], 0, True)]), cache)
-    np.testing.assert_allclose(first[0], golden["prefill_logits"][0, cut - 1], atol=1e-4)
-    both = model.forward_paged(PagedBatch.build(cache, [(seqs[0], prompt[0, cut:], cut, True),
-                                                        (seqs[1], prompt[1], 0, True)]), cache)
-    np.testing.assert_allclose(both, golden["prefill_logits"][:, -1], atol=1e-4)
-    for i in range(steps.shape[1]):
-        items = [(seqs[r], steps[r, i:i + 1], t + i, True) for r in range(2)]
-        logits = model.forward_paged(PagedBatch.build(cache, items), cache)
-        np.testing.assert_allclose(logits, golden["decode_logits"][:, i], atol=1e-4)
+    check_paged_against_golden(model, golden, cache, seqs, cut=t // 2)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

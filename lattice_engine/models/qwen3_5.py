@@ -119,18 +119,27 @@ class GatedAttention:
         self.k_norm = w.vector(f"{prefix}.k_norm.weight", (d,))
 
     def __call__(self, x, slot: int, cache: HybridCache, cos, sin, ops):
+        q, k, v, gate = self.project(x, cos, sin, ops)
+        start = cache.offset
+        keys, values = cache.kv.update(slot, k, v)
+        out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d))
+        return self.gate_out(out, gate, ops)
+
+    def project(self, x, cos, sin, ops):
+        """x [B, T, hidden] -> rotated and normed q [B, T, nq, d], k, v [B, T, nkv, d], and
+        the gate pre-activations [B, T, nq, d]."""
         b, t, _ = x.shape
         qg = self.q_proj(x, ops).reshape(b, t, self.nq, 2 * self.d)
         q = ops.rms_norm(qg[..., :self.d], self.q_norm, self.eps, 1.0)
         k = ops.rms_norm(self.k_proj(x, ops).reshape(b, t, self.nkv, self.d), self.k_norm,
                          self.eps, 1.0)
         v = self.v_proj(x, ops).reshape(b, t, self.nkv, self.d)
-        q = ops.rope(q, cos, sin)
-        k = ops.rope(k, cos, sin)
-        start = cache.offset
-        keys, values = cache.kv.update(slot, k, v)
-        out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d))
-        out = out * ops.sigmoid(qg[..., self.d:])
+        return ops.rope(q, cos, sin), ops.rope(k, cos, sin), v, qg[..., self.d:]
+
+    def gate_out(self, attn, gate, ops):
+        """o_proj(attention output [B, T, nq, d] * sigmoid(gate))."""
+        b, t = gate.shape[:2]
+        out = attn.reshape(gate.shape) * ops.sigmoid(gate)
         return self.o_proj(out.reshape(b, t, self.nq * self.d), ops)
 
 
@@ -164,18 +173,35 @@ class GatedDeltaNet:
                                         "linear"))
 
     def __call__(self, x, slot: int, cache: HybridCache, ops):
+        mixed, beta, g, z = self.project(x, ops)
+        core = self.recur(mixed, beta, g, cache.conv[slot], cache.delta[slot], ops,
+                          self.chunk if x.shape[1] > 1 else 0)
+        return self.gate_out(core, z, ops)
+
+    def project(self, x, ops):
+        """The input projections of x [B, T, hidden]: mixed qkv [B, T, conv_dim] (before the
+        conv), beta and the decay g [B, T, nv], and z [B, T, nv, dv]."""
         b, t, _ = x.shape
-        conv_state, delta_state = cache.conv[slot], cache.delta[slot]
         mixed = self.in_proj_qkv(x, ops)
+        beta = ops.sigmoid(self.in_proj_b(x, ops))
+        g = self.neg_a * ops.softplus(self.in_proj_a(x, ops) + self.dt_bias)
+        z = self.in_proj_z(x, ops).reshape(b, t, self.nv, self.dv)
+        return mixed, beta, g, z
+
+    def recur(self, mixed, beta, g, conv_state, delta_state, ops, chunk: int):
+        """Conv, SiLU and the delta rule for one run of tokens, updating the states in
+        place (conv [B, K-1, conv_dim], delta [B, nv, dk, dv]); mixed is overwritten.
+        Returns the core output [B, T, nv, dv]. chunk = 0: token by token."""
+        b, t, _ = mixed.shape
         mixed = ops.causal_conv1d(mixed, self.conv_weight_t, conv_state, out=mixed)
         q = mixed[..., :self.key_dim].reshape(b, t, self.nk, self.dk)
         k = mixed[..., self.key_dim:2 * self.key_dim].reshape(b, t, self.nk, self.dk)
         v = mixed[..., 2 * self.key_dim:].reshape(b, t, self.nv, self.dv)
-        beta = ops.sigmoid(self.in_proj_b(x, ops))
-        g = self.neg_a * ops.softplus(self.in_proj_a(x, ops) + self.dt_bias)
-        core = ops.gated_delta_rule(q, k, v, g, beta, delta_state,
-                                    chunk=self.chunk if t > 1 else 0)
-        z = self.in_proj_z(x, ops).reshape(b, t, self.nv, self.dv)
+        return ops.gated_delta_rule(q, k, v, g, beta, delta_state, chunk=chunk)
+
+    def gate_out(self, core, z, ops):
+        """out_proj(gated RMSNorm(core, SiLU(z)))."""
+        b, t = z.shape[:2]
         core = ops.gated_rms_norm(core, z, self.norm, self.eps)
         return self.out_proj(core.reshape(b, t, self.value_dim), ops)
 
@@ -306,6 +332,18 @@ class Model(CausalLM):
             x = layer(x, cache, cos, sin, ops)
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps, 1.0)
+
+    def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = "",
+                         max_sequences: int = 0):
+        """A `PagedKVCache` with recurrent-state slots, for serving (see `forward_paged`)."""
+        from .qwen3_5_paged import make_paged_cache
+        return make_paged_cache(self, num_blocks, block_size, variant, max_sequences)
+
+    def forward_paged(self, batch, cache) -> np.ndarray:
+        """Logits [len(batch.logit_rows), V] for a flat batch of sequences in a paged cache
+        (`paged_forward.PagedBatch`)."""
+        from .qwen3_5_paged import forward_paged
+        return forward_paged(self, batch, cache)
 
     def _build_decode_step(self) -> Optional[kernels.Qwen35Step]:
         layers = []
