@@ -59,7 +59,7 @@ def exact_product(family, group, data, x, Kd):
 @pytest.mark.parametrize("name", FORMATS)
 def test_a_row_does_not_depend_on_how_many_rows_came_with_it(isa, name):
     """Row i of an M-row product is bit for bit the 1-row product of x row i, for the
-    few-rows kernel (M <= 8) and the tiled prefill kernel alike. K = 1536 is two K slices
+    few-rows kernel (M <= 16) and the tiled prefill kernel alike. K = 1536 is two K slices
     of the prefill tile (the second partial); N = 45 leaves partial row groups."""
     family, group = FORMATS[name]
     N, Kd = 45, 1536
@@ -69,7 +69,7 @@ def test_a_row_does_not_depend_on_how_many_rows_came_with_it(isa, name):
     one = np.concatenate([mm(x[i:i + 1], data) for i in range(33)])
     exact = exact_product(family, group, data, x, Kd)
     np.testing.assert_allclose(one, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
-    for M in [*range(2, 10), 16, 33]:
+    for M in [*range(2, 10), 16, 17, 33]:
         np.testing.assert_array_equal(mm(x[:M], data), one[:M], err_msg=f"M = {M}")
 
 
@@ -131,7 +131,7 @@ def test_threads_of_the_core_pool_give_the_same_result():
     mm = K.make_matmul("q4_asym", 32, 20)
     before = core.threads()
     try:
-        for M in (1, 5, 9):  # the few-rows kernel, then the prefill tiles
+        for M in (1, 5, 9, 17):  # the few-rows kernel, then the prefill tiles
             x = rng.standard_normal((M, 512)).astype(np.float32)
             core.set_threads(1)
             one = mm(x, data)
