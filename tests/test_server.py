@@ -274,3 +274,35 @@ def test_api_key_and_concurrency_limit(loaded):
         first.close()
     finally:
         guarded.stop()
+
+
+def test_qwen3_5_hybrid_model_serves_concurrent_chats_and_prefix_hits(tmp_path):
+    """The hybrid model through the server: concurrent streams equal each request alone,
+    nothing leaks (KV blocks and recurrent-state slots), and a conversation's next turn
+    restores the state snapshotted at the previous prompt's last full block."""
+    from conftest import fixture_with_tokenizer
+    from lattice_engine.loading import load
+    folder = fixture_with_tokenizer("qwen3_5_text", tmp_path, eos_token_id=-1)
+    s = RunningServer(load(folder), BatchingOptions(kv_cache_tokens=4096, max_running=8,
+                                                    block_size=16))
+    try:
+        requests = [chat_request(i) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda r: stream_chat(s.client, r), requests))
+        for (text, finish, _), request in zip(together, requests):
+            alone = s.client.chat.completions.create(**request)
+            assert text == alone.choices[0].message.content, request
+        slots = s.runner.cache.recurrent
+        assert s.runner.cache.stats()["blocks_used"] == 0
+        assert slots.num_free() == slots.num_slots
+        first = [{"role": "user", "content": " ".join(QUESTIONS)}]
+        reply = s.client.chat.completions.create(model=MODEL, messages=first, max_tokens=4,
+                                                 temperature=0)
+        second = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                          {"role": "user", "content": "And again?"}]
+        again = s.client.chat.completions.create(model=MODEL, messages=second, max_tokens=4,
+                                                 temperature=0)
+        cached = again.usage.prompt_tokens_details.cached_tokens
+        assert cached >= 16 * (reply.usage.prompt_tokens // 16) > 0
+    finally:
+        s.stop()
