@@ -73,10 +73,12 @@ class PrefillPacer:
     estimated from the nearest one seen plus per_token per extra row; charging those rows
     to the prefill slice instead shrank it to one token a step. per_token is a running
     average because it moves steadily (attention over a longer prefix costs more per token:
-    2.3 -> 7 ms over a 2,000-token prompt). Until a mixed step has been measured the slice
-    is at most PROBE tokens."""
+    2.3 -> 7 ms over a 2,000-token prompt), quicker to follow a rise than a fall (a lag
+    behind a rise overshoots every step). Until a mixed step has been measured the slice is
+    at most PROBE tokens."""
 
     SMOOTHING = 0.3
+    RISING = 0.7
     WINDOW = 9   # decode-only steps kept per row count
     PROBE = 16
 
@@ -107,6 +109,13 @@ class PrefillPacer:
     def _ema(self, old: Optional[float], new: float) -> float:
         return new if old is None else old + self.SMOOTHING * (new - old)
 
+    def _track(self, old: Optional[float], new: float) -> float:
+        """A running estimate that follows a rising cost quickly and a falling one slowly:
+        an estimate lagging a rise lets every step overshoot the target."""
+        if old is not None and new > old:
+            return old + self.RISING * (new - old)
+        return self._ema(old, new)
+
     def record(self, decode_rows: int, prefill_rows: int, seconds: float) -> None:
         if not decode_rows:
             return
@@ -117,8 +126,8 @@ class PrefillPacer:
             near, base = self._measured(decode_rows)
             extra_rows = prefill_rows + decode_rows - near
             if extra_rows > 0:
-                self.per_token = self._ema(self.per_token,
-                                           max(seconds - base, 0.0) / extra_rows)
+                self.per_token = self._track(self.per_token,
+                                             max(seconds - base, 0.0) / extra_rows)
 
     def budget(self) -> int:
         if not self.max_rise:

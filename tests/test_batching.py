@@ -264,8 +264,13 @@ def test_prefill_pacer_ignores_one_slow_decode_step_and_tracks_the_row_count():
         pacer.record(decode_rows=1, prefill_rows=0, seconds=0.024)
     assert pacer.t_decode == pytest.approx(0.024) and pacer.budget() == 8
     pacer.record(decode_rows=3, prefill_rows=6, seconds=0.069)    # nearest measured: 4 rows
-    # 0.069 - 0.045 over 6 prefill rows less the one decode row fewer: 4.8 ms a row
-    assert pacer.per_token == pytest.approx(0.003 + 0.3 * (0.0048 - 0.003))
+    # 0.069 - 0.045 over 6 prefill rows less the one decode row fewer: 4.8 ms a row; a
+    # rising cost is followed quickly (RISING), a falling one slowly (SMOOTHING)
+    assert pacer.per_token == pytest.approx(0.003 + PrefillPacer.RISING * (0.0048 - 0.003))
+    pacer.record(decode_rows=3, prefill_rows=6, seconds=0.045 + 5 * 0.003)
+    assert pacer.per_token == pytest.approx(
+        0.003 + PrefillPacer.RISING * 0.0018 - PrefillPacer.SMOOTHING *
+        PrefillPacer.RISING * 0.0018)
     assert pacer.rows == 3 and pacer.t_decode == pytest.approx(0.045 - pacer.per_token)
 
 
