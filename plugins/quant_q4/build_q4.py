@@ -24,6 +24,9 @@ int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
               const void *w, int64_t ldw, int64_t N, float *y);
 int q4_embed(int asym, int64_t group, const void *w, int64_t ldw, int64_t rows, int64_t K,
              const int64_t *ids, int64_t n, float *out);
+typedef struct { int asym; int64_t group; } q4_format;
+int q4_matmul_extern(const void *ctx, const float *x, int64_t M, int64_t K, const void *w,
+                     int64_t ldw, int64_t N, float *y);
 """
 
 
