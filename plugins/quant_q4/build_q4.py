@@ -52,8 +52,11 @@ if __name__ == "__main__":
     tmp = tempfile.mkdtemp(prefix="q4_native_")
     try:
         so = make_builder(relative=False).compile(tmpdir=tmp, verbose=False)
-        pkg = os.path.join(HERE, "lattice_quant_q4")
-        shutil.copy2(so, os.path.join(pkg, os.path.basename(so)))
-        print("built", os.path.join(pkg, os.path.basename(so)))
+        dest = os.path.join(HERE, "lattice_quant_q4", os.path.basename(so))
+        # a temp file then a rename: a process that has the old module mapped keeps it
+        # (copying over it in place crashed a running perplexity job, measured)
+        shutil.copy2(so, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
+        print("built", dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
