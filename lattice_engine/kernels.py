@@ -42,6 +42,7 @@ __all__ = [
 
 _F32 = np.dtype(np.float32)
 _FMT_IDS = {"f32": 0, "f16": 1, "q8_0": 2}  # LK_FMT_* in lattice_kernels.h
+_FMT_EXTERN = 100  # LK_FMT_EXTERN: a plugin format's own C matmul (WeightFormat.c_matmul)
 _MULTI_MAX = 8  # LK_MATMUL_MULTI_MAX
 _I64 = np.dtype(np.int64)
 _ISA_NAMES = {"generic": 0, "avx2": 1}
@@ -723,10 +724,29 @@ def _set_down_rotation(keep: list, layer, spec: dict) -> None:
                                                               mix.shape[0], block)
 
 
+def _set_rotation(keep: list, dst, rotation) -> None:
+    """An lk_rotation from (mix [m, m], block), or none."""
+    if rotation is not None:
+        mix, block = rotation
+        dst.mix, dst.m, dst.block = _keep_vec(keep, mix), mix.shape[0], block
+
+
+def _step_format(fmt) -> bool:
+    """Whether the fused steps can multiply by a matrix of this format: a core format with
+    a native kernel, or a plugin format that hands over a C matmul."""
+    return (fmt.name in _FMT_IDS and _entry(fmt) is not None) or fmt.c_matmul is not None
+
+
 def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None) -> None:
     data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
     keep.append(data)
-    dst.fmt = _FMT_IDS[w.format.name]
+    if w.format.name in _FMT_IDS:
+        dst.fmt = _FMT_IDS[w.format.name]
+    else:
+        fn, ctx = w.format.c_matmul
+        dst.fmt = _FMT_EXTERN
+        dst.ext = _ffi.cast("lk_extern_matmul", fn)
+        dst.ext_ctx = _ffi.cast("void *", ctx)
     dst.w = _fb(data)
     dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
     dst.bias = _keep_vec(keep, bias)
@@ -782,17 +802,19 @@ class DecoderStep:
     MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
     @staticmethod
-    def supports(*matrices: PackedMatrix) -> bool:
-        """Whether every matrix is in a format the C step runs."""
-        return _lib is not None and all(
-            _entry(w.format) is not None and w.format.name in _FMT_IDS for w in matrices)
+    def supports(embed: PackedMatrix, *matrices: PackedMatrix) -> bool:
+        """Whether the C step runs these: an embedding in a core format (it is looked up),
+        matrices in a core format or a plugin format with a C matmul."""
+        return _lib is not None and embed.format.name in _FMT_IDS and \
+            _entry(embed.format) is not None and all(_step_format(w.format) for w in matrices)
 
     def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  intermediate: int, eps: float, rope_half: int, interleaved: bool = False,
                  norm_offset: float = 0.0, embed: PackedMatrix, final_norm: np.ndarray,
                  layers: list[dict]):
         if not self.supports(embed, *(L[n] for L in layers for n in self.MATRICES)):
-            raise ValueError("DecoderStep: every matrix must be f32, f16 or q8_0 with the "
+            raise ValueError("DecoderStep: every matrix must be f32, f16, q8_0 or a plugin "
+                             "format with a C matmul (the embedding a core format), with the "
                              "native module built")
         keep = self._keep = []  # arrays the C structs point into
         m = _ffi.new("lk_decoder *")
@@ -811,6 +833,9 @@ class DecoderStep:
             for name in self.MATRICES:
                 _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
             _set_down_rotation(keep, L, spec)
+            for site, key in (("attn_in", "attn_in_rotation"), ("mlp_in", "mlp_in_rotation"),
+                              ("o_in", "o_rotation")):
+                _set_rotation(keep, getattr(L, site), spec.get(key))
         m.layers = self._layers
         m.cache_cap = 0
         self._m = m
@@ -931,9 +956,9 @@ class Qwen35Step:
                 FULL: ("q", "k", "v", "o", "gate", "up", "down")}
 
     @classmethod
-    def supports(cls, *matrices: PackedMatrix) -> bool:
-        """Whether every matrix is in a format the C step runs."""
-        return DecoderStep.supports(*matrices)
+    def supports(cls, embed: PackedMatrix, *matrices: PackedMatrix) -> bool:
+        """As DecoderStep.supports."""
+        return DecoderStep.supports(embed, *matrices)
 
     @classmethod
     def matrices_of(cls, layers: list[dict]) -> list[PackedMatrix]:

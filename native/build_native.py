@@ -70,18 +70,27 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
                  const float *v, int64_t vsb, int64_t vst, int64_t vsh,
                  int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
 
+typedef int (*lk_extern_matmul)(const void *ctx, const float *x, int64_t M, int64_t K,
+                                const void *w, int64_t ldw, int64_t N, float *y);
 typedef struct {
     int32_t fmt;
     const void *w;
     int64_t ldw, rows, cols;
     const float *bias;
+    lk_extern_matmul ext;
+    const void *ext_ctx;
 } lk_linear;
+typedef struct {
+    const float *mix;
+    int64_t m, block;
+} lk_rotation;
 typedef struct {
     const float *attn_norm, *mlp_norm;
     const float *q_norm, *k_norm;
     lk_linear q, k, v, o, gate, up, down;
     const float *down_mix;
     int64_t down_mix_m, down_block;
+    lk_rotation attn_in, mlp_in, o_in;
     float *k_cache, *v_cache;
 } lk_decoder_layer;
 typedef struct {

@@ -90,3 +90,41 @@ def test_matmul_multi_refuses_mixed_weights():
     b = pack(f16, "b", np.ones((4, 32), np.float32))
     with pytest.raises(ValueError, match="share one native format"):
         kernels.matmul_multi(np.ones((1, 32), np.float32), [a, b])
+
+
+def test_a_plugin_format_with_a_c_matmul_runs_in_the_fused_step():
+    """A weight format that hands over a C matmul (WeightFormat.c_matmul, the signature of
+    lk_extern_matmul) is called from inside the fused step, failures included. Here the
+    "plugin" is a cffi callback into numpy over float32 rows."""
+    import dataclasses
+    from lattice_engine.quant.formats import PackedMatrix
+    ffi = kernels._ffi
+    calls = []
+
+    @ffi.callback("lk_extern_matmul")
+    def matmul(ctx, x, M, K, w, ldw, N, y):
+        calls.append((M, K, N))
+        if ffi.cast("intptr_t", ctx) == 1:
+            return 1  # "out of memory"
+        xs = np.frombuffer(ffi.buffer(x, 4 * M * K), np.float32).reshape(M, K)
+        ws = np.frombuffer(ffi.buffer(w, ldw * N), np.float32).reshape(N, ldw // 4)[:, :K]
+        np.frombuffer(ffi.buffer(y, 4 * M * N), np.float32)[:] = (xs @ ws.T).reshape(-1)
+        return 0
+
+    address = int(ffi.cast("uintptr_t", matmul))
+    model = load(FIXTURES / "llama", backend="native").model
+    prompt = load_file(str(FIXTURES / "llama" / "golden.safetensors"))["prompt_ids"]
+    reference = decode_logits(model, prompt, 3, fused=False)
+    for ctx in (0, 1):
+        for block in model.layers:  # every down_proj in the "plugin" format
+            w = block.mlp.down_proj.weight
+            fmt = dataclasses.replace(w.format, name="f32_via_callback", c_matmul=(address, ctx))
+            block.mlp.down_proj.weight = PackedMatrix(fmt, w.rows, w.cols, w.data)
+        model._step_built = False
+        if ctx == 0:
+            fused = decode_logits(model, prompt, 3, fused=True)
+            np.testing.assert_allclose(fused, reference, rtol=1e-5, atol=1e-5)
+            assert calls and all(c[1] == model.config.intermediate_size for c in calls)
+        else:
+            with pytest.raises(MemoryError, match="out of scratch memory"):
+                decode_logits(model, prompt, 3, fused=True)

@@ -295,6 +295,9 @@ def test_qwen3_5_hybrid_model_serves_concurrent_chats_and_prefix_hits(tmp_path):
         slots = s.runner.cache.recurrent
         assert s.runner.cache.stats()["blocks_used"] == 0
         assert slots.num_free() == slots.num_slots
+        m = s.metrics()  # the prefill pacer's view, for operators
+        assert m["lattice_prefill_pacer_budget_tokens"] >= 1
+        assert m["lattice_prefill_pacer_decode_step_seconds"] > 0
         first = [{"role": "user", "content": " ".join(QUESTIONS)}]
         reply = s.client.chat.completions.create(model=MODEL, messages=first, max_tokens=4,
                                                  temperature=0)

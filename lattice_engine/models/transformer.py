@@ -277,8 +277,6 @@ class DecoderModel(CausalLM):
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
 
     def _build_decode_step(self) -> Optional[kernels.DecoderStep]:
-        if any(block.input_rotations for block in self.layers):
-            return None  # the C step rotates only down_proj's input; the per-kernel path runs
         layers = []
         for block in self.layers:
             a, m = block.self_attn, block.mlp
@@ -288,6 +286,9 @@ class DecoderModel(CausalLM):
                               ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
                 spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
             spec["down_rotation"] = m.down_rotation
+            spec["attn_in_rotation"] = block.attn_in_rotation
+            spec["mlp_in_rotation"] = block.mlp_in_rotation
+            spec["o_rotation"] = a.o_rotation
             layers.append(spec)
         if not kernels.DecoderStep.supports(
                 self.embed_tokens, *(L[n] for L in layers for n in kernels.DecoderStep.MATRICES)):

@@ -35,6 +35,10 @@ class WeightFormat:
         embed: optional fast kernel (packed, int64 ids [n]) -> float32 [n, cols].
         gguf_type: GGML type id whose bytes are identical, so GGUF tensors of that type
             load without a float round trip; None if there is none.
+        c_matmul: optional (function address, context address) of a C matmul with the
+            signature of `lk_extern_matmul` (native/include/lattice_kernels.h), so the
+            core's fused decode steps can call a plugin format's kernel without Python in
+            between; None keeps such matrices on the per-kernel path.
     """
 
     name: str
@@ -45,6 +49,7 @@ class WeightFormat:
     matmul: Optional[MatmulFn] = None
     embed: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
     gguf_type: Optional[int] = None
+    c_matmul: Optional[tuple[int, int]] = None
 
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.bytes_per_block

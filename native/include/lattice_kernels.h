@@ -178,14 +178,30 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
 
 /* ---- decoder: one decode step of a llama-family model ------------------------------ */
 
-/* A weight matrix [rows, cols] in format fmt (LK_FMT_*), rows ldw bytes apart, with an
-   optional float32 bias [rows]. */
+/* A matmul a plugin's weight format provides (LK_FMT_EXTERN): y[M, N] = x[M, K] @ w^T
+   for w's N rows of ldw bytes; ctx is the format's own description. Returns 0, or
+   nonzero on failure (out of memory). */
+typedef int (*lk_extern_matmul)(const void *ctx, const float *x, int64_t M, int64_t K,
+                                const void *w, int64_t ldw, int64_t N, float *y);
+enum { LK_FMT_EXTERN = 100 };
+
+/* A weight matrix [rows, cols] in format fmt (LK_FMT_*, or LK_FMT_EXTERN with its matmul
+   in ext / ext_ctx), rows ldw bytes apart, with an optional float32 bias [rows]. */
 typedef struct {
     int32_t fmt;
     const void *w;
     int64_t ldw, rows, cols;
     const float *bias;
+    lk_extern_matmul ext;
+    const void *ext_ctx;
 } lk_linear;
+
+/* An online rotation of a linear's input (QuaRot): lk_block_rotate(x, rows, m, block,
+   mix) over rows of m * block floats; block = 0: none. */
+typedef struct {
+    const float *mix;
+    int64_t m, block;
+} lk_rotation;
 
 typedef struct {
     const float *attn_norm, *mlp_norm; /* [hidden] */
@@ -195,6 +211,9 @@ typedef struct {
        down_block) before down (QuaRot's online Hadamard); 0: no rotation */
     const float *down_mix;
     int64_t down_mix_m, down_block;
+    /* the inputs basis: the normed stream before q/k/v and before gate/up, the attention
+       output before o */
+    lk_rotation attn_in, mlp_in, o_in;
     float *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, head_dim] */
 } lk_decoder_layer;
 
@@ -378,8 +397,8 @@ extern int lk_active_isa;
 
 /* step_linear.c: shared by the fused decode steps */
 int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols);
-void lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
-                     int64_t M);
+int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
+                    int64_t M);
 int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out);
 
 /* fn(ctx, i0, i1, ith) over [0, n) in contiguous ranges, one per thread; runs inline

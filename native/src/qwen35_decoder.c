@@ -51,7 +51,8 @@ static int shapes_ok(const lk_qwen35 *m) {
         m->lin_v_heads % m->lin_k_heads || m->lin_k_dim <= 0 || m->lin_v_dim <= 0 ||
         m->conv_kernel < 1 || m->conv_kernel > 8)
         return 0;
-    if (!lk_step_linear_ok(&m->embed, m->embed.rows, d.h) || m->embed.rows <= 0 || !m->final_norm)
+    if (m->embed.fmt == LK_FMT_EXTERN || !lk_step_linear_ok(&m->embed, m->embed.rows, d.h) ||
+        m->embed.rows <= 0 || !m->final_norm)
         return 0;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_qwen35_layer *L = &m->layers[i];
@@ -81,12 +82,12 @@ static int shapes_ok(const lk_qwen35 *m) {
 }
 
 /* The Gated DeltaNet mixer of one layer on xn [B, h]; its output projection goes to out. */
-static void deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d, int64_t B,
+static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d, int64_t B,
                      const float *xn, float *mixed, float *z, float *bb, float *aa, float *g,
                      float *beta, float *core, float *normed, float *out) {
     const lk_linear *in[4] = {&L->in_qkv, &L->in_z, &L->in_b, &L->in_a};
     float *in_out[4] = {mixed, z, bb, aa};
-    lk_step_linears(in, in_out, 4, xn, B);
+    if (lk_step_linears(in, in_out, 4, xn, B)) return -5;
     lk_causal_conv1d(mixed, B, 1, d->conv, d->conv, d->conv, L->conv_w, m->conv_kernel,
                      L->conv_state, 1);
     /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), as three float ops */
@@ -101,17 +102,17 @@ static void deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d
                         L->delta_state, 0, core);
     lk_gated_rms_norm(core, z, B * d->hv, m->lin_v_dim, L->head_norm, m->eps, normed);
     const lk_linear *o[1] = {&L->out};
-    lk_step_linears(o, &out, 1, normed, B);
+    return lk_step_linears(o, &out, 1, normed, B) ? -5 : 0;
 }
 
 /* The gated full-attention mixer of one layer on xn [B, h] at position pos. */
-static void attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d, int64_t B,
+static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d, int64_t B,
                       int64_t pos, const float *cos_t, const float *sin_t, const float *xn,
                       float *qg, float *q, float *k, float *v, float *attn, float *out) {
     const int64_t D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
     const lk_linear *in[3] = {&L->q, &L->k, &L->v};
     float *in_out[3] = {qg, k, v};
-    lk_step_linears(in, in_out, 3, xn, B);
+    if (lk_step_linears(in, in_out, 3, xn, B)) return -5;
     /* q_proj rows are per head: D query features, then D gate features */
     for (int64_t r = 0; r < B * Hq; r++) memcpy(q + r * D, qg + r * 2 * D, (size_t)D * 4);
     lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, 1.0f, q);
@@ -131,7 +132,7 @@ static void attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *
     for (int64_t r = 0; r < B * Hq; r++) lk_sigmoid(qg + r * 2 * D + D, D, q + r * D);
     for (int64_t i = 0; i < B * d->qd; i++) attn[i] *= q[i];
     const lk_linear *o[1] = {&L->o};
-    lk_step_linears(o, &out, 1, attn, B);
+    return lk_step_linears(o, &out, 1, attn, B) ? -5 : 0;
 }
 
 int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
@@ -155,15 +156,15 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_qwen35_layer *L = &m->layers[i];
         lk_rms_norm(x, B, d.h, L->attn_norm, m->eps, 1.0f, xn);
-        if (L->kind == LK_QWEN35_LINEAR)
-            deltanet(m, L, &d, B, xn, mixed, z, bb, aa, g, beta, core, normed, tmp);
-        else
-            attention(m, L, &d, B, pos, cos_t, sin_t, xn, qg, q, k, v, attn, tmp);
+        const int rc = L->kind == LK_QWEN35_LINEAR
+            ? deltanet(m, L, &d, B, xn, mixed, z, bb, aa, g, beta, core, normed, tmp)
+            : attention(m, L, &d, B, pos, cos_t, sin_t, xn, qg, q, k, v, attn, tmp);
+        if (rc) return rc;
         lk_add(x, tmp, B * d.h, x);
         lk_rms_norm(x, B, d.h, L->mlp_norm, m->eps, 1.0f, xn);
         const lk_linear *gu[2] = {&L->gate, &L->up};
         float *gu_out[2] = {gate, up};
-        lk_step_linears(gu, gu_out, 2, xn, B);
+        if (lk_step_linears(gu, gu_out, 2, xn, B)) return -5;
         lk_silu_mul(gate, d.f, up, d.f, B, d.f, act);
         float *down_in = act;
         if (L->down_block) { /* gate is free again: the rotated activations go there */
@@ -171,7 +172,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
             down_in = gate;
         }
         const lk_linear *down[1] = {&L->down};
-        lk_step_linears(down, &tmp, 1, down_in, B);
+        if (lk_step_linears(down, &tmp, 1, down_in, B)) return -5;
         lk_add(x, tmp, B * d.h, x);
     }
     lk_rms_norm(x, B, d.h, m->final_norm, m->eps, 1.0f, hidden_out);

@@ -4,19 +4,27 @@
 #include "lattice_kernels.h"
 
 int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
+    if (l->fmt == LK_FMT_EXTERN) return l->ext && l->w && l->rows == rows && l->cols == cols;
     if (l->fmt < LK_FMT_F32 || l->fmt > LK_FMT_Q8_0 || !l->w) return 0;
     if (l->rows != rows || l->cols != cols) return 0;
     if (l->fmt == LK_FMT_Q8_0 && cols % LK_QK8_0) return 0;
     return 1;
 }
 
-/* y_i = x @ W_i^T (+ b_i) for n matrices reading the same x: one pool job per weight
-   format among them (usually one job for all). */
-void lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
-                     int64_t M) {
+/* y_i = x @ W_i^T (+ b_i) for n matrices reading the same x: one pool job per core weight
+   format among them (usually one job for all); a plugin format's matrices one call each.
+   Returns 0, or -5 when a plugin's matmul failed (out of memory). */
+int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
+                    int64_t M) {
     int done[LK_MATMUL_MULTI_MAX] = {0};
     for (int i = 0; i < n; i++) {
         if (done[i]) continue;
+        if (l[i]->fmt == LK_FMT_EXTERN) {
+            done[i] = 1;
+            if (l[i]->ext(l[i]->ext_ctx, x, M, l[i]->cols, l[i]->w, l[i]->ldw, l[i]->rows, y[i]))
+                return -5;
+            continue;
+        }
         const void *w[LK_MATMUL_MULTI_MAX];
         int64_t ldw[LK_MATMUL_MULTI_MAX], rows[LK_MATMUL_MULTI_MAX];
         float *out[LK_MATMUL_MULTI_MAX];
@@ -37,6 +45,7 @@ void lk_step_linears(const lk_linear *const *l, float *const *y, int n, const fl
         for (int64_t r = 0; r < M; r++)
             lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
     }
+    return 0;
 }
 
 int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out) {

@@ -24,6 +24,9 @@ int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
               const void *w, int64_t ldw, int64_t N, float *y);
 int q4_embed(int asym, int64_t group, const void *w, int64_t ldw, int64_t rows, int64_t K,
              const int64_t *ids, int64_t n, float *out);
+typedef struct { int asym; int64_t group; } q4_format;
+int q4_matmul_extern(const void *ctx, const float *x, int64_t M, int64_t K, const void *w,
+                     int64_t ldw, int64_t N, float *y);
 """
 
 
@@ -49,8 +52,11 @@ if __name__ == "__main__":
     tmp = tempfile.mkdtemp(prefix="q4_native_")
     try:
         so = make_builder(relative=False).compile(tmpdir=tmp, verbose=False)
-        pkg = os.path.join(HERE, "lattice_quant_q4")
-        shutil.copy2(so, os.path.join(pkg, os.path.basename(so)))
-        print("built", os.path.join(pkg, os.path.basename(so)))
+        dest = os.path.join(HERE, "lattice_quant_q4", os.path.basename(so))
+        # a temp file then a rename: a process that has the old module mapped keeps it
+        # (copying over it in place crashed a running perplexity job, measured)
+        shutil.copy2(so, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
+        print("built", dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

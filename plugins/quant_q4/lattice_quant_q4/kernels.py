@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - installs without a C compiler
 _F32 = np.dtype(np.float32)
 _ISA = {"generic": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}
 _pool_attached = False
+_EXTERN_CONTEXTS: list = []  # the q4_format structs WeightFormat.c_matmul points at
 
 
 def available() -> bool:
@@ -139,8 +140,14 @@ def attach(formats) -> bool:
         return False
     attach_core_pool()
     from .formats import layout_of
+    function = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "q4_matmul_extern")))
     for fmt in formats:
         family, group = layout_of(fmt.name)  # q4_0 runs q4_sym_g32's kernels
         object.__setattr__(fmt, "matmul", make_matmul(family, group, fmt.bytes_per_block))
         object.__setattr__(fmt, "embed", make_embed(family, group, fmt.bytes_per_block))
+        if _pool_attached:  # the core's fused steps call it from C: only on the core's pool
+            ctx = _ffi.new("q4_format *", {"asym": int(family == "q4_asym"), "group": group})
+            _EXTERN_CONTEXTS.append(ctx)  # kept alive as long as the module
+            object.__setattr__(fmt, "c_matmul",
+                               (function, int(_ffi.cast("uintptr_t", ctx))))
     return True

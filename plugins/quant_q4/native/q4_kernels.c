@@ -413,6 +413,15 @@ int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
 
 /* out[i, :] = float(W[ids[i], :]). Returns 0, or -1 (writing nothing) for an id outside
    [0, rows) or a bad layout. */
+/* q4_matmul with the signature of the core's lk_extern_matmul (ctx: a q4_format), so the
+   core's fused decode steps call our kernel directly (WeightFormat.c_matmul). */
+typedef struct { int asym; int64_t group; } q4_format;
+int q4_matmul_extern(const void *ctx, const float *x, int64_t M, int64_t K, const void *w,
+                     int64_t ldw, int64_t N, float *y) {
+    const q4_format *f = (const q4_format *)ctx;
+    return q4_matmul(f->asym, f->group, x, M, K, w, ldw, N, y);
+}
+
 int q4_embed(int asym, int64_t group, const void *w, int64_t ldw, int64_t rows, int64_t K,
              const int64_t *ids, int64_t n, float *out) {
     if ((group != 32 && group != 64 && group != 128) || K % group) return -1;

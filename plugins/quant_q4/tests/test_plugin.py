@@ -189,3 +189,27 @@ def test_without_the_plugin_q4_names_the_package(tiny_folder, capsys, monkeypatc
     assert main(["generate", "hi", "--model", str(tiny_folder), "--quant", "q4_asym"]) == 2
     err = capsys.readouterr().err
     assert "lattice-quant-q4" in err and "pip install ./plugins/quant_q4" in err
+
+
+@pytest.mark.parametrize("method", ["q4_sym", "q4_asym"])
+def test_fused_decode_calls_our_kernel_from_c_bit_for_bit(tiny_folder, method):
+    """WeightFormat.c_matmul hands the core's fused decode step our C matmul: the step then
+    runs for a q4 model, with the per-kernel path's bits."""
+    from lattice_engine import kernels as core
+    if not core.available():
+        pytest.skip("core kernels not built")
+    model = load(tiny_folder, quant=QuantSpec(method), backend="native",
+                 plugin_manager=manager()).model
+    assert model.layers[0].mlp.down_proj.weight.format.c_matmul is not None
+    prompt = np.array([[1, 5, 9, 200, 3]])
+    runs = {}
+    for fused in (True, False):
+        model.fused_decode, model._step_built = fused, False
+        cache = model.make_cache()
+        out = [model.forward(prompt, cache)[:, -1]]
+        for tok in (7, 11, 13):
+            out.append(model.forward(np.array([[tok]]), cache)[:, -1])
+        runs[fused] = out
+        assert (model._decode_step() is not None) == fused
+    for a, b in zip(runs[True], runs[False]):
+        np.testing.assert_array_equal(a, b)

@@ -113,6 +113,29 @@ def test_native_backend_and_fused_decode_agree(tmp_path, plugins, basis):
     assert np.abs(rotated - plain).max() <= 1e-3
 
 
+@pytest.mark.parametrize("basis", ["residual", "inputs"])
+def test_fused_decode_step_runs_the_rotations_bit_for_bit(tmp_path, plugins, basis):
+    """The C decode step applies every online rotation (the inputs basis' q/k/v, gate/up
+    and o_proj inputs, and down_proj's) with the per-kernel path's kernels, in its order."""
+    from lattice_engine import kernels
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    folder = make_checkpoint(tmp_path / "m", "qwen3", tied=False)
+    model = load(folder, backend="native", plugin_manager=plugins,
+                 transforms={"quarot": QuarotSettings(enabled=True, seed=2, basis=basis)}).model
+    ids = np.array([[1, 5, 9, 2, 33, 60, 7, 12], [3, 3, 40, 41, 0, 63, 8, 8]])
+    runs = {}
+    for fused in (True, False):
+        model.fused_decode, model._step_built = fused, False
+        cache = model.make_cache(batch=2)
+        out = [model.forward(ids[:, :6], cache)[:, -1]]
+        out += [model.forward(ids[:, i:i + 1], cache)[:, -1] for i in (6, 7)]
+        runs[fused] = out
+        assert (model._decode_step() is not None) == fused
+    for a, b in zip(runs[True], runs[False]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_inputs_basis_in_the_paged_batch_forward(tmp_path, plugins):
     """The serving path (flat batch over a paged cache) applies the input rotations too."""
     from lattice_engine.cache.paged import SequenceBlocks
