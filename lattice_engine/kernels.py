@@ -716,14 +716,6 @@ def _keep_vec(keep: list, v):
     return _fb(_FLOATS, v)
 
 
-def _set_down_rotation(keep: list, layer, spec: dict) -> None:
-    rotation = spec.get("down_rotation")
-    if rotation is not None:
-        mix, block = rotation
-        layer.down_mix, layer.down_mix_m, layer.down_block = (_keep_vec(keep, mix),
-                                                              mix.shape[0], block)
-
-
 def _set_rotation(keep: list, dst, rotation) -> None:
     """An lk_rotation from (mix [m, m], block), or none."""
     if rotation is not None:
@@ -832,9 +824,8 @@ class DecoderStep:
             L.k_norm = _keep_vec(keep, spec.get("k_norm"))
             for name in self.MATRICES:
                 _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
-            _set_down_rotation(keep, L, spec)
-            for site, key in (("attn_in", "attn_in_rotation"), ("mlp_in", "mlp_in_rotation"),
-                              ("o_in", "o_rotation")):
+            for site, key in (("down_in", "down_rotation"), ("attn_in", "attn_in_rotation"),
+                              ("mlp_in", "mlp_in_rotation"), ("o_in", "o_rotation")):
                 _set_rotation(keep, getattr(L, site), spec.get(key))
         m.layers = self._layers
         m.cache_cap = 0
@@ -995,7 +986,7 @@ class Qwen35Step:
             else:
                 L.q_norm = _keep_vec(keep, spec["q_norm"])
                 L.k_norm = _keep_vec(keep, spec["k_norm"])
-            _set_down_rotation(keep, L, spec)
+            _set_rotation(keep, L.down_in, spec.get("down_rotation"))
         m.layers = self._layers
         m.cache_cap = 0
         self._m = m

@@ -88,9 +88,7 @@ typedef struct {
     const float *attn_norm, *mlp_norm;
     const float *q_norm, *k_norm;
     lk_linear q, k, v, o, gate, up, down;
-    const float *down_mix;
-    int64_t down_mix_m, down_block;
-    lk_rotation attn_in, mlp_in, o_in;
+    lk_rotation down_in, attn_in, mlp_in, o_in;
     float *k_cache, *v_cache;
 } lk_decoder_layer;
 typedef struct {
@@ -138,8 +136,7 @@ typedef struct {
     const float *q_norm, *k_norm;
     float *k_cache, *v_cache;
     lk_linear gate, up, down;
-    const float *down_mix;
-    int64_t down_mix_m, down_block;
+    lk_rotation down_in;
 } lk_qwen35_layer;
 typedef struct {
     int64_t n_layers, hidden, intermediate;

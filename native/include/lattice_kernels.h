@@ -207,13 +207,10 @@ typedef struct {
     const float *attn_norm, *mlp_norm; /* [hidden] */
     const float *q_norm, *k_norm;      /* [head_dim] per-head RMSNorm (qwen3), or NULL */
     lk_linear q, k, v, o, gate, up, down;
-    /* down_block > 0: rotate the MLP activations by lk_block_rotate(down_mix [m, m],
-       down_block) before down (QuaRot's online Hadamard); 0: no rotation */
-    const float *down_mix;
-    int64_t down_mix_m, down_block;
-    /* the inputs basis: the normed stream before q/k/v and before gate/up, the attention
-       output before o */
-    lk_rotation attn_in, mlp_in, o_in;
+    /* QuaRot's online rotations of linears' inputs: the MLP activations before down (both
+       bases), and for the inputs basis the normed stream before q/k/v and before gate/up
+       and the attention output before o */
+    lk_rotation down_in, attn_in, mlp_in, o_in;
     float *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, head_dim] */
 } lk_decoder_layer;
 
@@ -311,8 +308,7 @@ typedef struct {
     float *k_cache, *v_cache;   /* [batch, cache_cap, kv_heads, head_dim] */
     /* SwiGLU MLP, with the optional online rotation before down as in lk_decoder_layer */
     lk_linear gate, up, down;
-    const float *down_mix;
-    int64_t down_mix_m, down_block;
+    lk_rotation down_in; /* the MLP activations before down (QuaRot) */
 } lk_qwen35_layer;
 
 typedef struct {
@@ -400,6 +396,10 @@ int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols);
 int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
                     int64_t M);
 int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out);
+/* Whether r is none or fits rows of `width` floats; x rotated into out when r is set
+   (returns out), else x itself. */
+int lk_step_rotation_ok(const lk_rotation *r, int64_t width);
+const float *lk_step_rotated(const lk_rotation *r, const float *x, int64_t rows, float *out);
 
 /* fn(ctx, i0, i1, ith) over [0, n) in contiguous ranges, one per thread; runs inline
    (no lock, no pool) when n < 2 * grain. Takes lk_lock itself otherwise: do not call

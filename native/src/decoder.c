@@ -18,13 +18,6 @@ int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch) {
     return batch * (3 * m->hidden + 2 * qd + 2 * kvd + 3 * m->intermediate);
 }
 
-/* A rotation of rows of `width` floats: none, or m blocks of a power of two. */
-static int rotation_ok(const float *mix, int64_t m, int64_t block, int64_t width) {
-    if (!block) return 1;
-    return block > 0 && !(block & (block - 1)) && m >= 1 && m * block == width &&
-           (m == 1 || mix);
-}
-
 static int shapes_ok(const lk_decoder *m) {
     const int64_t h = m->hidden, qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
     const int64_t f = m->intermediate;
@@ -41,10 +34,8 @@ static int shapes_ok(const lk_decoder *m) {
             !lk_step_linear_ok(&L->down, h, f) || !L->attn_norm ||
             !L->mlp_norm || (!L->q_norm) != (!L->k_norm))
             return 0;
-        if (!rotation_ok(L->down_mix, L->down_mix_m, L->down_block, f) ||
-            !rotation_ok(L->attn_in.mix, L->attn_in.m, L->attn_in.block, h) ||
-            !rotation_ok(L->mlp_in.mix, L->mlp_in.m, L->mlp_in.block, h) ||
-            !rotation_ok(L->o_in.mix, L->o_in.m, L->o_in.block, qd))
+        if (!lk_step_rotation_ok(&L->down_in, f) || !lk_step_rotation_ok(&L->attn_in, h) ||
+            !lk_step_rotation_ok(&L->mlp_in, h) || !lk_step_rotation_ok(&L->o_in, qd))
             return 0;
     }
     return 1;
@@ -64,13 +55,6 @@ typedef struct {
     float *const *k_pools, *const *v_pools;
 } kv_target;
 
-/* x [rows, m * block] rotated into out when the layer asks for it, else x itself. */
-static const float *rotated(const lk_rotation *r, const float *x, int64_t rows, float *out) {
-    if (!r->block) return x;
-    lk_block_rotate(x, rows, r->m, r->block, r->mix, out);
-    return out;
-}
-
 static int run_layers(const lk_decoder *m, const kv_target *t, int64_t B, const float *cos_t,
                       const float *sin_t, float *work, float *hidden_out) {
     const int64_t h = m->hidden, D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
@@ -88,7 +72,7 @@ static int run_layers(const lk_decoder *m, const kv_target *t, int64_t B, const 
         const lk_linear *qkv[3] = {&L->q, &L->k, &L->v};
         float *qkv_out[3] = {q, k, v};
         /* tmp is free until o's output: the rotated input of q/k/v goes there */
-        if (lk_step_linears(qkv, qkv_out, 3, rotated(&L->attn_in, xn, B, tmp), B)) return -5;
+        if (lk_step_linears(qkv, qkv_out, 3, lk_step_rotated(&L->attn_in, xn, B, tmp), B)) return -5;
         if (L->q_norm) {
             lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, m->norm_offset, q);
             lk_rms_norm(k, B * Hkv, D, L->k_norm, m->eps, m->norm_offset, k);
@@ -115,21 +99,18 @@ static int run_layers(const lk_decoder *m, const kv_target *t, int64_t B, const 
         const lk_linear *o[1] = {&L->o};
         float *o_out[1] = {tmp};
         /* q is free after attention: the rotated attention output goes there */
-        if (lk_step_linears(o, o_out, 1, rotated(&L->o_in, attn, B, q), B)) return -5;
+        if (lk_step_linears(o, o_out, 1, lk_step_rotated(&L->o_in, attn, B, q), B)) return -5;
         lk_add(x, tmp, B * h, x);
         lk_rms_norm(x, B, h, L->mlp_norm, m->eps, m->norm_offset, xn);
         const lk_linear *gu[2] = {&L->gate, &L->up};
         float *gu_out[2] = {gate, up};
-        if (lk_step_linears(gu, gu_out, 2, rotated(&L->mlp_in, xn, B, tmp), B)) return -5;
+        if (lk_step_linears(gu, gu_out, 2, lk_step_rotated(&L->mlp_in, xn, B, tmp), B)) return -5;
         lk_silu_mul(gate, f, up, f, B, f, act);
-        float *down_in = act;
-        if (L->down_block) { /* gate is free again: the rotated activations go there */
-            lk_block_rotate(act, B, L->down_mix_m, L->down_block, L->down_mix, gate);
-            down_in = gate;
-        }
         const lk_linear *down[1] = {&L->down};
         float *down_out[1] = {tmp};
-        if (lk_step_linears(down, down_out, 1, down_in, B)) return -5;
+        /* gate is free again: the rotated activations go there */
+        if (lk_step_linears(down, down_out, 1, lk_step_rotated(&L->down_in, act, B, gate), B))
+            return -5;
         lk_add(x, tmp, B * h, x);
     }
     lk_rms_norm(x, B, h, m->final_norm, m->eps, m->norm_offset, hidden_out);

@@ -73,9 +73,7 @@ static int shapes_ok(const lk_qwen35 *m) {
         } else {
             return 0;
         }
-        if (L->down_block && (L->down_block < 0 || (L->down_block & (L->down_block - 1)) ||
-                              L->down_mix_m < 1 || L->down_mix_m * L->down_block != d.f ||
-                              (L->down_mix_m > 1 && !L->down_mix)))
+        if (!lk_step_rotation_ok(&L->down_in, d.f))
             return 0;
     }
     return 1;
@@ -166,13 +164,10 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
         float *gu_out[2] = {gate, up};
         if (lk_step_linears(gu, gu_out, 2, xn, B)) return -5;
         lk_silu_mul(gate, d.f, up, d.f, B, d.f, act);
-        float *down_in = act;
-        if (L->down_block) { /* gate is free again: the rotated activations go there */
-            lk_block_rotate(act, B, L->down_mix_m, L->down_block, L->down_mix, gate);
-            down_in = gate;
-        }
         const lk_linear *down[1] = {&L->down};
-        if (lk_step_linears(down, &tmp, 1, down_in, B)) return -5;
+        /* gate is free again: the rotated activations go there */
+        if (lk_step_linears(down, &tmp, 1, lk_step_rotated(&L->down_in, act, B, gate), B))
+            return -5;
         lk_add(x, tmp, B * d.h, x);
     }
     lk_rms_norm(x, B, d.h, m->final_norm, m->eps, 1.0f, hidden_out);

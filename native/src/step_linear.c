@@ -55,3 +55,15 @@ int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out)
     default: return lk_embed_q8_0(e->w, e->ldw, e->rows, e->cols, ids, n, out);
     }
 }
+
+int lk_step_rotation_ok(const lk_rotation *r, int64_t width) {
+    if (!r->block) return 1;
+    return r->block > 0 && !(r->block & (r->block - 1)) && r->m >= 1 &&
+           r->m * r->block == width && (r->m == 1 || r->mix);
+}
+
+const float *lk_step_rotated(const lk_rotation *r, const float *x, int64_t rows, float *out) {
+    if (!r->block) return x;
+    lk_block_rotate(x, rows, r->m, r->block, r->mix, out);
+    return out;
+}
