@@ -17,9 +17,9 @@ def register_architectures(register):
 
 @hookimpl
 def register_weight_formats(register):
-    from .quant.core_formats import CORE_FORMATS, attach_native
-    attach_native(CORE_FORMATS)  # the table points at the C kernels when they are built
-    for fmt in CORE_FORMATS:
+    from .quant.core_formats import CORE_FORMATS, LAYOUT_FORMATS, attach_native
+    attach_native(CORE_FORMATS + LAYOUT_FORMATS)  # the table points at the C kernels when built
+    for fmt in CORE_FORMATS + LAYOUT_FORMATS:
         register(fmt)
 
 

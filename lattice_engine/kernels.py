@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import ops
+from .io import hugepages
 from .quant.formats import PackedMatrix
 
 try:  # compiled at install time from native/ (see native/build_native.py)
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 _F32 = np.dtype(np.float32)
-_FMT_IDS = {"f32": 0, "f16": 1, "q8_0": 2}  # LK_FMT_* in lattice_kernels.h
+_FMT_IDS = {"f32": 0, "f16": 1, "q8_0": 2, "q8_0_r16": 3}  # LK_FMT_* in lattice_kernels.h
 _FMT_EXTERN = 100  # LK_FMT_EXTERN: a plugin format's own C matmul (WeightFormat.c_matmul)
 _MULTI_MAX = 8  # LK_MATMUL_MULTI_MAX
 _I64 = np.dtype(np.int64)
@@ -177,6 +178,7 @@ if _lib is not None:
         "f32": (_lib.lk_matmul_f32, _lib.lk_embed_f32, 1, 4),
         "f16": (_lib.lk_matmul_f16, _lib.lk_embed_f16, 1, 2),
         "q8_0": (_lib.lk_matmul_q8_0, _lib.lk_embed_q8_0, 32, 34),
+        "q8_0_r16": (_lib.lk_matmul_q8_0_r16, _lib.lk_embed_q8_0_r16, 32, 34),
     }
 else:  # pragma: no cover
     _NATIVE = {}
@@ -315,6 +317,26 @@ def quantize_q8_0(w: np.ndarray) -> np.ndarray:
     out = np.empty((rows, cols // 32 * 34), dtype=np.uint8)
     if out.size:
         _L.lk_quantize_q8_0(wp, rows, cols, _fb(out, require_writable=True))
+    return out
+
+
+def q8_0_r16_convert(data: np.ndarray, cols: int, to_r16: bool) -> np.ndarray:
+    """q8_0 bytes [rows, cols / 32 * 34] <-> q8_0_r16 (same shape, rows % 16 == 0), in C,
+    bit-identical to `core_formats.q8_0_to_r16` / `r16_to_q8_0`. A writable contiguous
+    array is converted in place (the weights never exist twice); others are copied."""
+    rows = data.shape[0]
+    if data.ndim != 2 or rows % 16 or cols % 32 or data.shape[1] != cols // 32 * 34:
+        raise ValueError(f"q8_0_r16 needs rows % 16 == 0 and {cols // 32 * 34}-byte rows, got "
+                         f"{data.shape} for {cols} columns")
+    if data.dtype == np.uint8 and data.flags.c_contiguous and data.flags.writeable:
+        out = src = data
+    else:
+        src = np.ascontiguousarray(data, dtype=np.uint8)
+        out = hugepages.empty(src.shape, np.uint8)
+    if src.size:
+        fn = _L.lk_q8_0_to_r16 if to_r16 else _L.lk_r16_to_q8_0
+        if fn(_fb(src), rows, cols, _fb(out, require_writable=True)):
+            raise MemoryError("q8_0_r16 conversion: out of memory for one 16-row group")
     return out
 
 

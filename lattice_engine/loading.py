@@ -129,8 +129,10 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
             overrides.setdefault(name, fmt)  # the user's overrides come first and win
     method = registry.get("quant_methods", method_name).with_group_size(group_size)
     cls = model_class_for(checkpoint.config, registry.items.get("architectures", {}))
-    loader = loader_class(checkpoint, method, formats, overrides)
-    model = cls.from_checkpoint(checkpoint, loader, get_ops(backend))
+    ops = get_ops(backend)
+    loader = loader_class(checkpoint, method, formats, overrides,
+                          native_layout=getattr(ops, "name", "") == "native")
+    model = cls.from_checkpoint(checkpoint, loader, ops)
     unused = loader.unused()
     if unused:
         log.info("%d checkpoint tensors not used by %s: %s", len(unused), cls.__module__,

@@ -22,7 +22,12 @@ def matmul(x: np.ndarray, w: PackedMatrix) -> np.ndarray:
 def embed(w: PackedMatrix, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` (any int shape) of W [vocab, D] as float32 [..., D]."""
     flat = np.asarray(ids, dtype=np.int64).reshape(-1)
-    rows = w.format.to_float(w.data[flat], w.cols)
+    g = w.format.row_group
+    if g > 1:  # rows interleaved in groups: convert each id's group, take its row
+        rows = np.stack([w.format.to_float(w.data[i - i % g:i - i % g + g], w.cols)[i % g]
+                         for i in flat]) if flat.size else np.empty((0, w.cols), np.float32)
+    else:
+        rows = w.format.to_float(w.data[flat], w.cols)
     return rows.reshape(*np.shape(ids), w.cols)
 
 

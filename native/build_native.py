@@ -35,6 +35,8 @@ void lk_matmul_f16(const float *x, int64_t M, int64_t K,
                    const void *w, int64_t ldw, int64_t N, float *y);
 void lk_matmul_q8_0(const float *x, int64_t M, int64_t K,
                     const void *w, int64_t ldw, int64_t N, float *y);
+void lk_matmul_q8_0_r16(const float *x, int64_t M, int64_t K,
+                        const void *w, int64_t ldw, int64_t N, float *y);
 int lk_q8_variant(int v);
 const char *lk_q8_variant_name(int v);
 int lk_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
@@ -47,8 +49,12 @@ int lk_embed_f16(const void *w, int64_t ldw, int64_t rows, int64_t K,
                  const int64_t *ids, int64_t n, float *out);
 int lk_embed_q8_0(const void *w, int64_t ldw, int64_t rows, int64_t K,
                   const int64_t *ids, int64_t n, float *out);
+int lk_embed_q8_0_r16(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                      const int64_t *ids, int64_t n, float *out);
 
 void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst);
+int lk_q8_0_to_r16(const void *src, int64_t rows, int64_t K, void *dst);
+int lk_r16_to_q8_0(const void *src, int64_t rows, int64_t K, void *dst);
 void lk_quantize_row_q16_act(const float *x, int64_t K, int16_t *q, float *d);
 
 void lk_rms_norm(const float *x, int64_t rows, int64_t D, const float *w,

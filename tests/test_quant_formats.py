@@ -20,10 +20,10 @@ ROUND_TRIP_LIMIT = {"f32": 0.0, "f16": 1e-3, "q8_0": 1e-2}
 def test_round_trip_error(name):
     fmt = FORMATS[name]
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((7, 4 * 32)).astype(np.float32)
+    w = rng.standard_normal((7 * fmt.row_group, 4 * 32)).astype(np.float32)
     packed = pack(fmt, "w", w)
     assert packed.data.dtype == np.uint8
-    assert packed.data.shape == (7, fmt.row_bytes(w.shape[1]))
+    assert packed.data.shape == (w.shape[0], fmt.row_bytes(w.shape[1]))
     back = packed.to_float()
     rel = np.sqrt(np.mean((back - w) ** 2) / np.mean(w ** 2))
     assert rel <= ROUND_TRIP_LIMIT.get(name, 0.15)
@@ -34,7 +34,7 @@ def test_reference_matmul_and_embed_agree_with_dequantized(name):
     from lattice_engine import ops
     fmt = FORMATS[name]
     rng = np.random.default_rng(1)
-    w = pack(fmt, "w", rng.standard_normal((5, 64)).astype(np.float32))
+    w = pack(fmt, "w", rng.standard_normal((5 * fmt.row_group, 64)).astype(np.float32))
     x = rng.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(ops.matmul(x, w), x @ w.to_float().T, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ops.embed(w, np.array([4, 0])), w.to_float()[[4, 0]])

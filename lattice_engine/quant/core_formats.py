@@ -3,13 +3,18 @@
 q8_0 is byte-identical to GGUF's Q8_0 (blocks of 32 int8 with one f16 scale in front,
 34 bytes per block), so a Q8_0 GGUF tensor loads as-is. The native kernels, when built,
 replace `matmul` and `embed` with C versions (see `lattice_engine.kernels`).
+
+q8_0_r16 holds q8_0's blocks with 16 rows interleaved (layout in lattice_kernels.h), the
+order the batched kernels multiply in: q8_0 weights are converted to it when a model is
+loaded for the native backend (`native_layout`), so batched decode stops re-packing every
+weight block on every step. Same bytes, same results bit for bit; files keep q8_0.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .formats import WeightFormat
+from .formats import PackedMatrix, WeightFormat
 
 Q8_0_BLOCK = 32
 Q8_0_BYTES = 2 + Q8_0_BLOCK  # f16 scale + 32 int8
@@ -61,15 +66,75 @@ def q8_0_to_float(data: np.ndarray, cols: int) -> np.ndarray:
     return (q * scale).reshape(rows, cols)
 
 
+R16_ROWS = 16
+
+
+def _r16_value_order() -> np.ndarray:
+    """Value index (within a block) of byte 32 i + 2 l + e of a record's quants, per (i, e):
+    the pair of values the activations' int16 dword i holds (q16_pos order in matmul.c)."""
+    i = np.arange(16)[:, None]
+    e = np.arange(2)[None, :]
+    return np.where(i < 8, 4 * i + 2 * e, 4 * (i - 8) + 1 + 2 * e).reshape(-1)
+
+
+R16_ORDER = _r16_value_order()
+
+
+def q8_0_to_r16(data: np.ndarray) -> np.ndarray:
+    """q8_0 bytes [rows, nb * 34] -> q8_0_r16 bytes of the same shape (rows % 16 == 0)."""
+    rows, nbytes = data.shape
+    nb = nbytes // Q8_0_BYTES
+    blocks = data.reshape(rows // R16_ROWS, R16_ROWS, nb, Q8_0_BYTES)
+    quants = blocks[..., 2:][..., R16_ORDER].reshape(rows // R16_ROWS, R16_ROWS, nb, 16, 2)
+    out = np.empty((rows // R16_ROWS, nb, 16 * R16_ROWS * 2 + 2 * R16_ROWS), np.uint8)
+    out[..., :512] = quants.transpose(0, 2, 3, 1, 4).reshape(rows // R16_ROWS, nb, 512)
+    out[..., 512:] = blocks[..., :2].transpose(0, 2, 1, 3).reshape(rows // R16_ROWS, nb, 32)
+    return out.reshape(rows, nbytes)
+
+
+def r16_to_q8_0(data: np.ndarray) -> np.ndarray:
+    """The inverse of `q8_0_to_r16`."""
+    rows, nbytes = data.shape
+    nb = nbytes // Q8_0_BYTES
+    rec = data.reshape(rows // R16_ROWS, nb, R16_ROWS * Q8_0_BYTES)
+    quants = rec[..., :512].reshape(rows // R16_ROWS, nb, 16, R16_ROWS, 2).transpose(0, 3, 1, 2, 4)
+    out = np.empty((rows // R16_ROWS, R16_ROWS, nb, Q8_0_BYTES), np.uint8)
+    out[..., 2 + R16_ORDER] = quants.reshape(rows // R16_ROWS, R16_ROWS, nb, 32)
+    out[..., :2] = rec[..., 512:].reshape(rows // R16_ROWS, nb, R16_ROWS, 2).transpose(0, 2, 1, 3)
+    return out.reshape(rows, nbytes)
+
+
 F32 = WeightFormat("f32", 1, 4, quantize_f32, f32_to_float, gguf_type=GGML_TYPE_F32)
 F16 = WeightFormat("f16", 1, 2, quantize_f16, f16_to_float, gguf_type=GGML_TYPE_F16)
 Q8_0 = WeightFormat("q8_0", Q8_0_BLOCK, Q8_0_BYTES, quantize_q8_0, q8_0_to_float,
                     gguf_type=GGML_TYPE_Q8_0)
 
+Q8_0_R16 = WeightFormat("q8_0_r16", Q8_0_BLOCK, Q8_0_BYTES,
+                        lambda w: q8_0_to_r16(quantize_q8_0(w)),
+                        lambda data, cols: q8_0_to_float(r16_to_q8_0(data), cols),
+                        row_group=R16_ROWS)
+
 CORE_FORMATS = (F32, F16, Q8_0)
+# formats a model is converted to at load, never chosen by a quant method (registered all
+# the same, so every name a PackedMatrix can carry resolves)
+LAYOUT_FORMATS = (Q8_0_R16,)
 
 
-def attach_native(formats=CORE_FORMATS) -> bool:
+def native_layout(m: PackedMatrix) -> PackedMatrix:
+    """`m` in the layout the native kernels run fastest from: q8_0 with a multiple of 16
+    rows becomes q8_0_r16 (converted in place when its buffer is writable), anything else
+    is returned as it is. Only for models run by the native backend."""
+    import os
+
+    from .. import kernels
+
+    if m.format.name != "q8_0" or m.rows % R16_ROWS or not kernels.supports(Q8_0_R16) or \
+            os.environ.get("LATTICE_R16") == "0":  # A/B against plain q8_0 (tuning only)
+        return m
+    return PackedMatrix(Q8_0_R16, m.rows, m.cols, kernels.q8_0_r16_convert(m.data, m.cols, True))
+
+
+def attach_native(formats=CORE_FORMATS + LAYOUT_FORMATS) -> bool:
     """Point `matmul` and `embed` of the core formats (and q8_0's `quantize`, which is
     bit-identical to `quantize_q8_0`) at the C kernels, when they are built.
 
@@ -88,4 +153,7 @@ def attach_native(formats=CORE_FORMATS) -> bool:
         object.__setattr__(fmt, "embed", kernels.format_embed(fmt.name))
         if fmt.name == "q8_0":
             object.__setattr__(fmt, "quantize", kernels.quantize_q8_0)
+        elif fmt.name == "q8_0_r16":
+            object.__setattr__(fmt, "quantize", lambda w: kernels.q8_0_r16_convert(
+                kernels.quantize_q8_0(w), w.shape[1], True))
     return True

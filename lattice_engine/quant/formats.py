@@ -39,6 +39,8 @@ class WeightFormat:
             signature of `lk_extern_matmul` (native/include/lattice_kernels.h), so the
             core's fused decode steps can call a plugin format's kernel without Python in
             between; None keeps such matrices on the per-kernel path.
+        row_group: rows stored interleaved in groups of this many (1: row r is data[r]);
+            the row count must be a multiple of it, and only whole groups can be sliced.
     """
 
     name: str
@@ -50,6 +52,7 @@ class WeightFormat:
     embed: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
     gguf_type: Optional[int] = None
     c_matmul: Optional[tuple[int, int]] = None
+    row_group: int = 1
 
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.bytes_per_block
@@ -60,6 +63,11 @@ class WeightFormat:
                 f"tensor {name!r} of shape {shape} cannot be stored as {self.name}: its rows "
                 f"need a length that is a multiple of {self.block_size}; keep it in f32/f16 "
                 f"or pick another quant method")
+        if shape[0] % self.row_group:
+            raise CheckpointError(
+                f"tensor {name!r} of shape {shape} cannot be stored as {self.name}: it "
+                f"interleaves rows in groups of {self.row_group}, and {shape[0]} rows are not "
+                f"a multiple of that; use the plain format")
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,8 @@ def pack(fmt: WeightFormat, name: str, weight, allocate=np.empty) -> PackedMatri
     rows, cols = (int(d) for d in weight.shape)
     fmt.check_shape(name, (rows, cols))
     data = allocate((rows, fmt.row_bytes(cols)), np.uint8)
-    step = max(1, CONVERT_CHUNK_ELEMENTS // max(cols, 1))
+    g = fmt.row_group  # slices of whole row groups
+    step = max(1, CONVERT_CHUNK_ELEMENTS // max(cols, 1) // g) * g
     for start in range(0, rows, step):
         end = min(start + step, rows)
         data[start:end] = fmt.quantize(np.ascontiguousarray(weight[start:end], dtype=np.float32))

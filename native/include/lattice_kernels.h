@@ -70,6 +70,17 @@ _Static_assert(sizeof(lk_block_q8_0) == 34, "lk_block_q8_0 must match GGUF Q8_0 
 /* The q8_0 matmul quantizes activations per block of LK_QK8_0 to int16 with a float32
    scale (amax / 32767), kept as two arrays: q int16 [K] and d float [K / LK_QK8_0]. */
 
+/* q8_0_r16: the same blocks as q8_0, 16 rows interleaved, the layout the batched kernels
+   multiply from directly (q8_0 has them re-packed on every call). Rows come in groups of
+   16 (rows % 16 == 0); group g is nb = K / 32 records of LK_R16_RECORD bytes, one per
+   block: 16 dwords of 16 rows x 2 int8 (dword i, row l at byte 32 i + 2 l: the weights of
+   values lk_r16_value(i, 0) and (i, 1) of the block, the pair the activations' int16
+   dword i meets), then the 16 rows' f16 scales. A group is 16 x the q8_0 row bytes, so
+   the matrix has exactly q8_0's size and ldw (its row stride) is the q8_0 row's. */
+#define LK_R16_ROWS 16
+#define LK_R16_RECORD (LK_R16_ROWS * 34)
+static inline int lk_r16_value(int i, int e) { return i < 8 ? 4 * i + 2 * e : 4 * (i - 8) + 1 + 2 * e; }
+
 /* ---- runtime ------------------------------------------------------------------- */
 
 enum { LK_ISA_GENERIC = 0, LK_ISA_AVX2 = 1 };
@@ -88,7 +99,7 @@ int lk_get_threads(void);
 /* ---- matmul: y[M, N] = x[M, K] @ W[N, K]^T ------------------------------------ */
 
 /* Weight formats with native kernels (the `fmt` argument of the multi-matrix calls). */
-enum { LK_FMT_F32 = 0, LK_FMT_F16 = 1, LK_FMT_Q8_0 = 2 };
+enum { LK_FMT_F32 = 0, LK_FMT_F16 = 1, LK_FMT_Q8_0 = 2, LK_FMT_Q8_0_R16 = 3 };
 #define LK_MATMUL_MULTI_MAX 8
 
 typedef void (*lk_matmul_fn)(const float *x, int64_t M, int64_t K,
@@ -107,6 +118,10 @@ void lk_matmul_q8_0(const float *x, int64_t M, int64_t K,
    (LATTICE_Q8=<name> overrides). v >= 0 selects v if the CPU has it (tests compare
    them); returns the variant now in use. lk_q8_variant_name(v) is NULL past the last. */
 int lk_q8_variant(int v);
+/* q8_0_r16 weights (N % 16 == 0; ldw = K / 32 * 34): the same bits as lk_matmul_q8_0 on
+   the q8_0 matrix they were converted from, for every M. */
+void lk_matmul_q8_0_r16(const float *x, int64_t M, int64_t K,
+                        const void *w, int64_t ldw, int64_t N, float *y);
 const char *lk_q8_variant_name(int v);
 /* y_i[M, N_i] = x[M, K] @ W_i^T for n <= LK_MATMUL_MULTI_MAX matrices of format fmt that
    read the same x (q/k/v, gate/up): x is converted once and all rows of all n matrices
@@ -126,12 +141,19 @@ int lk_embed_f16(const void *w, int64_t ldw, int64_t rows, int64_t K,
                  const int64_t *ids, int64_t n, float *out);
 int lk_embed_q8_0(const void *w, int64_t ldw, int64_t rows, int64_t K,
                   const int64_t *ids, int64_t n, float *out);
+int lk_embed_q8_0_r16(const void *w, int64_t ldw, int64_t rows, int64_t K,
+                      const int64_t *ids, int64_t n, float *out);
 
 /* ---- quantize ------------------------------------------------------------------ */
 
 /* Weights: x [rows, K] -> GGUF Q8_0 rows (K/32 blocks each), rounding half away from
    zero like ggml's reference quantizer; scale = amax / 127 stored as half. */
 void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst);
+/* q8_0 rows [rows, K/32 blocks] <-> q8_0_r16 (rows % 16 == 0, K % 32 == 0); dst may be
+   src (in place) but must not overlap it otherwise. Returns 0, or -1 for a shape the
+   layout cannot hold (or out of memory). */
+int lk_q8_0_to_r16(const void *src, int64_t rows, int64_t K, void *dst);
+int lk_r16_to_q8_0(const void *src, int64_t rows, int64_t K, void *dst);
 /* One activation row x [K] -> q int16 [K] and d float [K/32] as the q8_0 matmul uses it:
    per block d = amax / 32767 (0 when amax < 1e-30), q = round-half-even(x * (1 / d))
    clamped to +-32767. */

@@ -37,7 +37,8 @@
 #include <string.h>
 
 
-enum { FMT_F32 = LK_FMT_F32, FMT_F16 = LK_FMT_F16, FMT_Q8_0 = LK_FMT_Q8_0 };
+enum { FMT_F32 = LK_FMT_F32, FMT_F16 = LK_FMT_F16, FMT_Q8_0 = LK_FMT_Q8_0,
+       FMT_Q8_0_R16 = LK_FMT_Q8_0_R16 };
 
 /* Prefill tiling: weight rows per chunk, and the K slice (values) kept in L1. */
 #define PF_ROWS 16
@@ -121,6 +122,31 @@ static void rows_q8_0_generic(const matmul_job *j, int64_t r0, int64_t r1, int i
                 int32_t s = 0;
                 for (int i = 0; i < LK_QK8_0; i++) s += (int32_t)w[b].qs[i] * xq[b * LK_QK8_0 + q16_pos(i)];
                 acc += (float)s * (lk_f16_to_f32(rd16(&w[b].d)) * xd[b]);
+            }
+            j->y[m * j->N + r] = acc;
+        }
+    }
+}
+
+/* q8_0_r16: row r is lane r % 16 of its group's records; the same integer dots and the
+   same float sequence as rows_q8_0_generic, so the same bits. */
+static void rows_q8r_generic(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    (void)ith;
+    const int64_t K = j->K, nb = K / LK_QK8_0;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *g = j->w + (r / LK_R16_ROWS) * LK_R16_ROWS * j->ldw;
+        const int l = (int)(r % LK_R16_ROWS);
+        for (int64_t m = 0; m < j->M; m++) {
+            const int16_t *xq = j->xq + m * K;
+            const float *xd = j->xd + m * nb;
+            float acc = 0;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *rec = g + b * LK_R16_RECORD;
+                int32_t s = 0;
+                for (int i = 0; i < 16; i++)
+                    for (int e = 0; e < 2; e++)
+                        s += (int32_t)(int8_t)rec[32 * i + 2 * l + e] * xq[b * LK_QK8_0 + 2 * i + e];
+                acc += (float)s * (lk_f16_to_f32(rd16(rec + 512 + 2 * l)) * xd[b]);
             }
             j->y[m * j->N + r] = acc;
         }
@@ -748,7 +774,8 @@ int lk_chunks_per_thread = 4;
 /* Output rows per task for a matrix of N rows of ldw bytes. */
 static int64_t chunk_rows(int fmt, int64_t M, int64_t N, int64_t ldw, int nth) {
     int64_t chunk;
-    if (M <= (fmt == FMT_Q8_0 ? q8_few_rows() : FEW_ROWS)) {
+    const int q8 = fmt == FMT_Q8_0 || fmt == FMT_Q8_0_R16;
+    if (M <= (q8 ? q8_few_rows() : FEW_ROWS)) {
         /* a few chunks per thread for balance, but at least ~64 KiB of weights each; more,
            smaller chunks measured slower (each restarts the prefetch streams) */
         int64_t target = (int64_t)nth * lk_chunks_per_thread;
@@ -757,8 +784,10 @@ static int64_t chunk_rows(int fmt, int64_t M, int64_t N, int64_t ldw, int nth) {
         chunk = (N + target - 1) / target;
         chunk = (chunk + 3) & ~(int64_t)3;
     } else {
-        chunk = fmt == FMT_Q8_0 ? PF_Q8_ROWS : PF_ROWS;
+        chunk = q8 ? PF_Q8_ROWS : PF_ROWS;
     }
+    if (fmt == FMT_Q8_0_R16) /* whole pairs of 16-row groups (the 512-bit kernel's unit) */
+        return (chunk + 2 * LK_R16_ROWS - 1) / (2 * LK_R16_ROWS) * (2 * LK_R16_ROWS);
     return chunk < 4 ? 4 : chunk;
 }
 
@@ -787,7 +816,7 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
     const int16_t *xq = NULL;
     const float *xd = NULL;
     q8_detect();
-    if (fmt == FMT_Q8_0) {
+    if (fmt == FMT_Q8_0 || fmt == FMT_Q8_0_R16) {
         /* x as int16 [M, K] (64 bytes per block, so the scales after it stay aligned)
            and its scales float [M, K/32] */
         const int64_t nb = K / LK_QK8_0;
@@ -805,12 +834,16 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
         const int pf512 = M > FEW_ROWS && q8_active == Q8_V_AVX512VNNI && lk_f_pf512;
         if (fmt == FMT_F32) rows = few512 ? rows_f32_few512 : pf512 ? rows_f32_pf512 : rows_f32_avx2;
         else if (fmt == FMT_F16) rows = few512 ? rows_f16_few512 : pf512 ? rows_f16_pf512 : rows_f16_avx2;
+        else if (fmt == FMT_Q8_0_R16)
+            rows = q8_active == Q8_V_AVX512VNNI ? rows_q8r_avx512vnni
+                 : q8_active == Q8_V_AVXVNNI ? rows_q8r_avxvnni : rows_q8r_avx2;
         else if (q8_active == Q8_V_AVX512VNNI) rows = rows_q8_0_avx512vnni;
         else if (q8_active == Q8_V_AVXVNNI) rows = rows_q8_0_avxvnni;
         else rows = rows_q8_0_avx2;
     } else
 #endif
-        rows = fmt == FMT_F32 ? rows_f32_generic : fmt == FMT_F16 ? rows_f16_generic : rows_q8_0_generic;
+        rows = fmt == FMT_F32 ? rows_f32_generic : fmt == FMT_F16 ? rows_f16_generic
+             : fmt == FMT_Q8_0_R16 ? rows_q8r_generic : rows_q8_0_generic;
     (void)avx2;
     const int nth = lk_threads_locked();
     matmul_job jobs[LK_MATMUL_MULTI_MAX];
@@ -846,8 +879,11 @@ static void run_matmul(int fmt, const float *x, int64_t M, int64_t K, const void
 int lk_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
                     const void *const *w, const int64_t *ldw, const int64_t *N,
                     float *const *y) {
-    if (fmt < LK_FMT_F32 || fmt > LK_FMT_Q8_0 || n < 0 || n > LK_MATMUL_MULTI_MAX) return -1;
-    if (fmt == LK_FMT_Q8_0 && K % LK_QK8_0) return -1;
+    if (fmt < LK_FMT_F32 || fmt > LK_FMT_Q8_0_R16 || n < 0 || n > LK_MATMUL_MULTI_MAX) return -1;
+    if ((fmt == LK_FMT_Q8_0 || fmt == LK_FMT_Q8_0_R16) && K % LK_QK8_0) return -1;
+    if (fmt == LK_FMT_Q8_0_R16)
+        for (int i = 0; i < n; i++)
+            if (N[i] % LK_R16_ROWS || ldw[i] != K / LK_QK8_0 * (int64_t)sizeof(lk_block_q8_0)) return -1;
     run_matmul_multi(fmt, x, M, K, n, w, ldw, N, y);
     return 0;
 }
@@ -865,6 +901,11 @@ void lk_matmul_f16(const float *x, int64_t M, int64_t K, const void *w, int64_t 
 void lk_matmul_q8_0(const float *x, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N,
                     float *y) {
     run_matmul(FMT_Q8_0, x, M, K, w, ldw, N, y);
+}
+
+void lk_matmul_q8_0_r16(const float *x, int64_t M, int64_t K, const void *w, int64_t ldw,
+                        int64_t N, float *y) {
+    run_matmul(FMT_Q8_0_R16, x, M, K, w, ldw, N, y);
 }
 
 /* ---- embed ------------------------------------------------------------------------- */
@@ -921,6 +962,62 @@ int lk_embed_q8_0(const void *w, int64_t ldw, int64_t rows, int64_t K, const int
         }
     }
     return 0;
+}
+
+int lk_embed_q8_0_r16(const void *w, int64_t ldw, int64_t rows, int64_t K, const int64_t *ids,
+                      int64_t n, float *out) {
+    if (check_ids(ids, n, rows)) return -1;
+    const int64_t nb = K / LK_QK8_0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *g = (const uint8_t *)w + ids[i] / LK_R16_ROWS * LK_R16_ROWS * ldw;
+        const int l = (int)(ids[i] % LK_R16_ROWS);
+        float *dst = out + i * K;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *rec = g + b * LK_R16_RECORD;
+            const float d = lk_f16_to_f32(rd16(rec + 512 + 2 * l));
+            for (int p = 0; p < 16; p++)
+                for (int e = 0; e < 2; e++)
+                    dst[b * LK_QK8_0 + lk_r16_value(p, e)] = d * (float)(int8_t)rec[32 * p + 2 * l + e];
+        }
+    }
+    return 0;
+}
+
+/* ---- layout conversion q8_0 <-> q8_0_r16 --------------------------------------------- */
+
+/* One group at a time through a copy of it, so src may be dst (in place: a group holds
+   the same bytes in either layout). */
+static int r16_convert(const uint8_t *src, int64_t rows, int64_t K, uint8_t *dst, int to_r16) {
+    if (rows < 0 || rows % LK_R16_ROWS || K < 0 || K % LK_QK8_0) return -1;
+    const int64_t nb = K / LK_QK8_0, ldw = nb * (int64_t)sizeof(lk_block_q8_0);
+    const int64_t gbytes = LK_R16_ROWS * ldw;
+    uint8_t *tmp = (uint8_t *)malloc(gbytes > 0 ? (size_t)gbytes : 1);
+    if (!tmp) return -1;
+    for (int64_t g0 = 0; g0 < rows; g0 += LK_R16_ROWS) {
+        memcpy(tmp, src + g0 * ldw, (size_t)gbytes);
+        uint8_t *out = dst + g0 * ldw;
+        for (int l = 0; l < LK_R16_ROWS; l++)
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t rec = b * LK_R16_RECORD, blk = l * ldw + b * (int64_t)sizeof(lk_block_q8_0);
+                for (int p = 0; p < 16; p++)
+                    for (int e = 0; e < 2; e++) {
+                        const int64_t a = rec + 32 * p + 2 * l + e, q = blk + 2 + lk_r16_value(p, e);
+                        out[to_r16 ? a : q] = tmp[to_r16 ? q : a];
+                    }
+                const int64_t da = rec + 512 + 2 * l;
+                memcpy(out + (to_r16 ? da : blk), tmp + (to_r16 ? blk : da), 2);
+            }
+    }
+    free(tmp);
+    return 0;
+}
+
+int lk_q8_0_to_r16(const void *src, int64_t rows, int64_t K, void *dst) {
+    return r16_convert((const uint8_t *)src, rows, K, (uint8_t *)dst, 1);
+}
+
+int lk_r16_to_q8_0(const void *src, int64_t rows, int64_t K, void *dst) {
+    return r16_convert((const uint8_t *)src, rows, K, (uint8_t *)dst, 0);
 }
 
 /* ---- weight quantization (matches the numpy reference bit for bit) --------------------- */
@@ -1210,7 +1307,36 @@ Q8_INLINE void Q8_NAME(pack)(const uint8_t *w, int64_t ldw, int64_t nr, int64_t 
    of the chunk's rows is packed to int16 once (pack) and stays in L1 while every x row
    passes over it. Each output continues its float accumulator across the slices (from y),
    so every row gets the bits mv4 gives it: the same fma per block, in block order. */
-Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+/* q8_0_r16 rows [r, r + nr) (nr <= Q8_NRV, whole groups of 16) for blocks [b0, b0 + bn)
+   widened into the layout pack writes: a record already has its rows in lanes, so this is
+   one sign extension per 8 rows' dword, no transpose. Lanes past nr are zero. */
+Q8_INLINE void Q8_NAME(widen_r16)(const uint8_t *w, int64_t ldw, int64_t nr, int64_t b0,
+                                  int64_t bn, int32_t *t, float *sc) {
+    for (int64_t h = 0; h < Q8_NRV / 8; h++) { /* 8-row halves of the groups */
+        int32_t *tg = t + (8 * h / Q8_NV) * bn * 16 * Q8_NV + 8 * h % Q8_NV;
+        float *sg = sc + (8 * h / Q8_NV) * bn * Q8_NV + 8 * h % Q8_NV;
+        if (8 * h >= nr) {
+            for (int64_t b = 0; b < bn; b++) {
+                for (int i = 0; i < 16; i++)
+                    _mm256_storeu_si256((__m256i *)(tg + b * 16 * Q8_NV + i * Q8_NV), _mm256_setzero_si256());
+                _mm256_storeu_ps(sg + b * Q8_NV, _mm256_setzero_ps());
+            }
+            continue;
+        }
+        const uint8_t *g = w + (8 * h / LK_R16_ROWS) * LK_R16_ROWS * ldw + (h & 1) * 16;
+        for (int64_t b = 0; b < bn; b++) {
+            const uint8_t *rec = g + (b0 + b) * LK_R16_RECORD;
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++)
+                _mm256_storeu_si256((__m256i *)(tg + b * 16 * Q8_NV + i * Q8_NV),
+                                    _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(rec + 32 * i))));
+            _mm256_storeu_ps(sg + b * Q8_NV, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 512))));
+        }
+    }
+}
+
+Q8_INLINE void Q8_NAME(prefill_impl)(const matmul_job *j, int64_t r0, int64_t r1, int ith,
+                                     const int r16) {
     const int64_t M = j->M, K = j->K, N = j->N, nb = K / LK_QK8_0, nr = r1 - r0;
     const int64_t ng = (nr + Q8_NRV - 1) / Q8_NRV * (Q8_NRV / Q8_NV);
     const int64_t sb = nb < PF_Q16_BLOCKS ? nb : PF_Q16_BLOCKS;
@@ -1222,9 +1348,14 @@ Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t 
     for (int64_t b0 = 0; b0 < nb; b0 += PF_Q16_BLOCKS) {
         const int64_t bn = nb - b0 < PF_Q16_BLOCKS ? nb - b0 : PF_Q16_BLOCKS;
         const int first = b0 == 0;
-        for (int64_t g = 0; g < ng; g += Q8_NRV / Q8_NV)
-            Q8_NAME(pack)(j->w + (r0 + g * Q8_NV) * j->ldw, j->ldw, nr - g * Q8_NV, b0, bn,
-                          tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV, -1);
+        for (int64_t g = 0; g < ng; g += Q8_NRV / Q8_NV) {
+            if (r16)
+                Q8_NAME(widen_r16)(j->w + (r0 + g * Q8_NV) * j->ldw, j->ldw, nr - g * Q8_NV, b0, bn,
+                                   tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV);
+            else
+                Q8_NAME(pack)(j->w + (r0 + g * Q8_NV) * j->ldw, j->ldw, nr - g * Q8_NV, b0, bn,
+                              tile + g * bn * 16 * Q8_NV, sc + g * bn * Q8_NV, -1);
+        }
         for (int64_t m = 0; m < M; m += Q8_MR) {
             const int16_t *xr[Q8_MR];
             const float *xs[Q8_MR];
@@ -1248,6 +1379,10 @@ Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t 
             }
         }
     }
+}
+
+Q8_TARGET static void Q8_NAME(prefill)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    Q8_NAME(prefill_impl)(j, r0, r1, ith, 0);
 }
 
 /* A few x rows (2 .. FEW_ROWS: batched decode): still bound by streaming the weights, so
@@ -1308,6 +1443,175 @@ Q8_TARGET static void Q8_NAME(rows_q8_0)(const matmul_job *j, int64_t r0, int64_
         for (int64_t m = 0; m < j->M; m++)
             j->y[m * N + r] = Q8_NAME(mv1)(j->xq + m * K, j->xd + m * nb, nb, j->w + r * ldw);
 }
+
+/* ---- q8_0_r16: the batched kernels multiply straight from the weights ----------------
+ * The records already hold each block with its 16 rows in lanes (lattice_kernels.h), so a
+ * weight vector is one sign-extending load, shared by every x row: no per-call packing
+ * (which cost q8_0 as much as the dots themselves at M = 8). Per output: the same exact
+ * int32 dot per block and the same acc = fma(dot, d_w * d_x, acc) in block order as the
+ * q8_0 kernels, so the same bits for every M. */
+#if Q8_VNNI == 2
+#define Q8R_NR 32 /* rows per micro-kernel call: two groups of 16 */
+#define Q8R_MR 4  /* x rows per micro-kernel call */
+/* mr x rows (xr, scales xs, at the slice start) against the groups at g0 and g1 over bn
+   blocks -> out[m][32]; acc: continue from out. */
+Q8_INLINE void Q8_NAME(mkr)(const int16_t *const *xr, const float *const *xs, const uint8_t *g0,
+                            const uint8_t *g1, int64_t bn, float *out, int acc, const int mr,
+                            int64_t pf) {
+    __m512 f[Q8R_MR][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < mr; m++) {
+        f[m][0] = acc ? _mm512_load_ps(out + m * Q8R_NR) : _mm512_setzero_ps();
+        f[m][1] = acc ? _mm512_load_ps(out + m * Q8R_NR + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < bn; b++) {
+        const uint8_t *ra = g0 + b * LK_R16_RECORD, *rb = g1 + b * LK_R16_RECORD;
+        if (pf >= 0) {
+            pf_(ra + pf);
+            pf_(ra + pf + 64 * 4);
+            pf_(rb + pf);
+            pf_(rb + pf + 64 * 4);
+        }
+        __m512i a[Q8R_MR][2];
+#pragma GCC unroll 4
+        for (int m = 0; m < mr; m++) a[m][0] = a[m][1] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(ra + 32 * i)));
+            const __m512i v1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(rb + 32 * i)));
+#pragma GCC unroll 4
+            for (int m = 0; m < mr; m++) {
+                const __m512i xv = _mm512_set1_epi32(ld32(xr[m] + 32 * b + 2 * i));
+                a[m][0] = _mm512_dpwssd_epi32(a[m][0], v0, xv);
+                a[m][1] = _mm512_dpwssd_epi32(a[m][1], v1, xv);
+            }
+        }
+        const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ra + 512)));
+        const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rb + 512)));
+#pragma GCC unroll 4
+        for (int m = 0; m < mr; m++) {
+            const __m512 e = _mm512_set1_ps(xs[m][b]);
+            f[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][0]), _mm512_mul_ps(s0, e), f[m][0]);
+            f[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[m][1]), _mm512_mul_ps(s1, e), f[m][1]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < mr; m++) {
+        _mm512_store_ps(out + m * Q8R_NR, f[m][0]);
+        _mm512_store_ps(out + m * Q8R_NR + 16, f[m][1]);
+    }
+}
+#else
+#define Q8R_NR 16 /* one group: rows 0-7 and 8-15 of each dword are two 256-bit vectors */
+#define Q8R_MR 2
+Q8_INLINE void Q8_NAME(mkr)(const int16_t *const *xr, const float *const *xs, const uint8_t *g0,
+                            const uint8_t *g1, int64_t bn, float *out, int acc, const int mr,
+                            int64_t pf) {
+    (void)g1;
+    __m256 f[Q8R_MR][2];
+#pragma GCC unroll 2
+    for (int m = 0; m < mr; m++) {
+        f[m][0] = acc ? _mm256_load_ps(out + m * Q8R_NR) : _mm256_setzero_ps();
+        f[m][1] = acc ? _mm256_load_ps(out + m * Q8R_NR + 8) : _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < bn; b++) {
+        const uint8_t *ra = g0 + b * LK_R16_RECORD;
+        if (pf >= 0) {
+            pf_(ra + pf);
+            pf_(ra + pf + 64 * 4);
+        }
+        __m256i a[Q8R_MR][2], c[Q8R_MR][2];
+#pragma GCC unroll 2
+        for (int m = 0; m < mr; m++) a[m][0] = a[m][1] = c[m][0] = c[m][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int i = 0; i < 16; i += 2) {
+            __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ra + 32 * i)));
+            __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ra + 32 * i + 16)));
+#pragma GCC unroll 2
+            for (int m = 0; m < mr; m++) {
+                const __m256i xv = _mm256_set1_epi32(ld32(xr[m] + 32 * b + 2 * i));
+                a[m][0] = Q8_NAME(dot16)(a[m][0], v0, xv);
+                a[m][1] = Q8_NAME(dot16)(a[m][1], v1, xv);
+            }
+            v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ra + 32 * i + 32)));
+            v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(ra + 32 * i + 48)));
+#pragma GCC unroll 2
+            for (int m = 0; m < mr; m++) {
+                const __m256i xv = _mm256_set1_epi32(ld32(xr[m] + 32 * b + 2 * i + 2));
+                c[m][0] = Q8_NAME(dot16)(c[m][0], v0, xv);
+                c[m][1] = Q8_NAME(dot16)(c[m][1], v1, xv);
+            }
+        }
+        const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ra + 512)));
+        const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ra + 528)));
+#pragma GCC unroll 2
+        for (int m = 0; m < mr; m++) {
+            const __m256 e = _mm256_set1_ps(xs[m][b]);
+            f[m][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a[m][0], c[m][0])),
+                                      _mm256_mul_ps(s0, e), f[m][0]);
+            f[m][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(a[m][1], c[m][1])),
+                                      _mm256_mul_ps(s1, e), f[m][1]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int m = 0; m < mr; m++) {
+        _mm256_store_ps(out + m * Q8R_NR, f[m][0]);
+        _mm256_store_ps(out + m * Q8R_NR + 8, f[m][1]);
+    }
+}
+#endif
+
+/* Rows [r0, r1) (whole groups) of a q8_0_r16 matrix against all M x rows: per Q8R_NR rows,
+   the K axis in slices (a few blocks while the weights stream from memory, so a slice is
+   still in L1 as every x row passes over it; 16 blocks for prefill), each output's float
+   accumulator kept in acc across the slices. */
+Q8_TARGET static void Q8_NAME(rows_q8r)(const matmul_job *j, int64_t r0, int64_t r1, int ith) {
+    if (j->M > q8_few_rows()) { /* prefill: widen each slice once into L1 for all x rows */
+        Q8_NAME(prefill_impl)(j, r0, r1, ith, 1);
+        return;
+    }
+    const int64_t M = j->M, K = j->K, N = j->N, nb = K / LK_QK8_0, ldw = j->ldw;
+    const int64_t gs = LK_R16_ROWS * ldw; /* bytes per group */
+    const int64_t fb = lk_few_blocks >= 1 && lk_few_blocks <= PF_Q16_BLOCKS ? lk_few_blocks : 4;
+    const int64_t mpad = (M + Q8R_MR - 1) / Q8R_MR * Q8R_MR;
+    float *acc = (float *)lk_scratch(ith, (size_t)(mpad * Q8R_NR) * sizeof(float));
+    /* prefetch within the group streams; LATTICE_PF < 0 turns it off (tuning only) */
+    const int64_t pf = lk_pf_dist < 0 ? -1 : 8 * LK_R16_RECORD;
+    for (int64_t r = r0; r < r1; r += Q8R_NR) {
+        const int64_t nr = r1 - r < Q8R_NR ? r1 - r : Q8R_NR;
+        const uint8_t *g0 = j->w + r * ldw;
+        const uint8_t *g1 = nr > LK_R16_ROWS ? g0 + gs : g0; /* a last lone group: twice */
+        for (int64_t b0 = 0; b0 < nb; b0 += fb) {
+            const int64_t bn = nb - b0 < fb ? nb - b0 : fb;
+            const uint8_t *s0 = g0 + b0 * LK_R16_RECORD, *s1 = g1 + b0 * LK_R16_RECORD;
+            for (int64_t m = 0; m < M; m += Q8R_MR) {
+                const int64_t mr = M - m < Q8R_MR ? M - m : Q8R_MR;
+                const int16_t *xr[Q8R_MR];
+                const float *xs[Q8R_MR];
+                for (int i = 0; i < Q8R_MR; i++) {
+                    const int64_t mi = m + i < M ? m + i : M - 1;
+                    xr[i] = j->xq + mi * K + b0 * LK_QK8_0;
+                    xs[i] = j->xd + mi * nb + b0;
+                }
+                const int64_t p = m == 0 ? pf : -1; /* the first pass pulls the slice in */
+                float *o = acc + m * Q8R_NR;
+#if Q8R_MR == 4
+                if (mr == 4) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 4, p);
+                else if (mr == 3) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 3, p);
+                else if (mr == 2) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 2, p);
+                else Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 1, p);
+#else
+                if (mr == 2) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 2, p);
+                else Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 1, p);
+#endif
+            }
+        }
+        for (int64_t m = 0; m < M; m++)
+            memcpy(j->y + m * N + r, acc + m * Q8R_NR, (size_t)nr * sizeof(float));
+    }
+}
+#undef Q8R_NR
+#undef Q8R_MR
 
 #undef Q8_INLINE
 #undef Q8_MR

@@ -5,9 +5,12 @@
 
 int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
     if (l->fmt == LK_FMT_EXTERN) return l->ext && l->w && l->rows == rows && l->cols == cols;
-    if (l->fmt < LK_FMT_F32 || l->fmt > LK_FMT_Q8_0 || !l->w) return 0;
+    if (l->fmt < LK_FMT_F32 || l->fmt > LK_FMT_Q8_0_R16 || !l->w) return 0;
     if (l->rows != rows || l->cols != cols) return 0;
-    if (l->fmt == LK_FMT_Q8_0 && cols % LK_QK8_0) return 0;
+    if ((l->fmt == LK_FMT_Q8_0 || l->fmt == LK_FMT_Q8_0_R16) && cols % LK_QK8_0) return 0;
+    if (l->fmt == LK_FMT_Q8_0_R16 &&
+        (rows % LK_R16_ROWS || l->ldw != cols / LK_QK8_0 * (int64_t)sizeof(lk_block_q8_0)))
+        return 0;
     return 1;
 }
 
@@ -52,6 +55,7 @@ int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out)
     switch (e->fmt) {
     case LK_FMT_F32: return lk_embed_f32(e->w, e->ldw, e->rows, e->cols, ids, n, out);
     case LK_FMT_F16: return lk_embed_f16(e->w, e->ldw, e->rows, e->cols, ids, n, out);
+    case LK_FMT_Q8_0_R16: return lk_embed_q8_0_r16(e->w, e->ldw, e->rows, e->cols, ids, n, out);
     default: return lk_embed_q8_0(e->w, e->ldw, e->rows, e->cols, ids, n, out);
     }
 }
