@@ -30,11 +30,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lattice_engine import kernels  # noqa: E402
-from lattice_engine.quant.core_formats import F16, Q8_0  # noqa: E402
+from lattice_engine.quant.core_formats import F16, Q8_0, Q8_0_R16  # noqa: E402
 from lattice_engine.quant.formats import PackedMatrix, pack  # noqa: E402
 
 SHAPES = [(896, 4864), (4864, 896), (151936, 896)]  # [N x K]: down, gate/up, lm_head of a 0.5B
-FORMATS = [F16, Q8_0]
+FORMATS = [F16, Q8_0, Q8_0_R16]
 
 
 def load_average() -> float:

@@ -9,7 +9,8 @@
  *   - Activations are float32, row-major, contiguous unless a stride argument says
  *     otherwise (strides are counted in elements, not bytes).
  *   - A weight matrix W [N, K] is N rows of `ldw` bytes each; a row is K/block_size
- *     blocks of its format (f32: 4 bytes per value, f16: 2, q8_0: 34 bytes per 32).
+ *     blocks of its format (f32: 4 bytes per value, f16: 2, q8_0: 34 bytes per 32);
+ *     q8_0_r16 holds the same blocks with 16 rows interleaved (see below).
  *   - matmul computes y[M, N] = x[M, K] @ W^T. Up to 8 rows of x (decode, small batches)
  *     stream the weights four rows at a time with software prefetch, memory bound; more
  *     rows (prefill) are tiled so each weight block is read once per tile of x rows.
@@ -29,11 +30,12 @@
  *
  * Public functions (declared below, bound by native/build_native.py)
  *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_set_threads, lk_get_threads
- *   matmul     lk_matmul_f32, lk_matmul_f16, lk_matmul_q8_0          (lk_matmul_fn)
+ *   matmul     lk_matmul_f32, lk_matmul_f16, lk_matmul_q8_0,
+ *              lk_matmul_q8_0_r16                                    (lk_matmul_fn)
  *              lk_matmul_multi (several matrices sharing x, one parallel job)
  *              lk_q8_variant, lk_q8_variant_name
- *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0             (lk_embed_fn)
- *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act
+ *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0, lk_embed_q8_0_r16 (lk_embed_fn)
+ *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act, lk_q8_0_to_r16, lk_r16_to_q8_0
  *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_log_sum_exp, lk_add
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
  *              lk_paged_attention (the same over a paged block pool, a flat batch of sequences)
