@@ -258,7 +258,12 @@ class BatchRunner:
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, prompt_ids, params, make_sampler(params, self.registry),
                        logits_mask)
-        eos = () if ignore_eos else self.tokenizer.eos_token_ids
+        if self.tokenizer is None and params.stop:
+            raise RequestError("stop strings need a tokenizer, and this model has none; "
+                               "use stop_token_ids")
+        # without a tokenizer (a checkpoint with weights only) requests run on token ids:
+        # no text, and no end-of-sequence ids but the ones the request names
+        eos = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         seq.detail["out"] = _Output(frozenset(params.stop_token_ids) | frozenset(eos),
                                     StopMatcher(params.stop))
         return seq
@@ -351,6 +356,8 @@ class BatchRunner:
             return self._finish(seq, "stop")
         if seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return self._finish(seq, "length")
+        if self.tokenizer is None:
+            return self._emit(seq, "", None)
         full = self._detokenize(st)
         if full is None:  # an incomplete UTF-8 sequence: wait for more bytes
             return None
@@ -386,7 +393,8 @@ class BatchRunner:
         """End seq: free its blocks, release held-back text (unless a stop string ended
         it: what follows the stop string is dropped)."""
         st: _Output = seq.detail["out"]
-        if flush:  # the held-back tail is released, up to a stop string in it
+        if flush and self.tokenizer is not None:
+            # the held-back tail is released, up to a stop string in it
             rest, _, stopped = st.matcher.split(
                 self.tokenizer.decode(st.generated)[len(st.emitted):]
                 if st.read_offset < len(st.generated) else st.decoded[len(st.emitted):],

@@ -392,3 +392,41 @@ def test_server_config_keys_build_batching_options():
                                       "--kv-cache-tokens", "4096", "--max-itl-rise", "0"])
     assert (args.command, args.port, args.kv_cache_tokens, args.max_itl_rise) == \
         ("serve", 8123, 4096, 0.0)
+
+
+def test_a_model_without_a_tokenizer_runs_on_token_ids():
+    """A checkpoint with weights only (no tokenizer.json): requests are token ids in and
+    out, with no text; stop strings, which need text, are refused up front."""
+    from conftest import FIXTURES
+    from lattice_engine.batching import BatchRunner
+    from lattice_engine.loading import load
+    from lattice_engine.sampling import SamplingParams
+
+    loaded = load(FIXTURES / "qwen3_5_text")
+    assert loaded.tokenizer is None
+    runner = BatchRunner(loaded.model, None, options=BatchingOptions(kv_cache_tokens=256,
+                                                                     block_size=16))
+    ids = [runner.add_request([1, 2, 3, 4, 5][:n], SamplingParams(max_tokens=6))
+           for n in (2, 5)]
+    tokens = {i: [] for i in ids}
+    finished = {}
+    while runner.has_unfinished():
+        for out in runner.step():
+            assert out.text == ""
+            tokens[out.request_id] += out.token_ids
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+    assert finished == {i: "length" for i in ids}
+    assert all(len(t) == 6 for t in tokens.values())
+    # batched, the same greedy tokens as that request alone
+    alone = BatchRunner(loaded.model, None, options=BatchingOptions(kv_cache_tokens=256,
+                                                                    block_size=16))
+    alone.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=6))
+    got = []
+    while alone.has_unfinished():
+        for out in alone.step():
+            got += out.token_ids
+    assert got == tokens[ids[1]]
+    with pytest.raises(RequestError, match="stop strings need a tokenizer"):
+        runner.add_request([1, 2], SamplingParams(max_tokens=3, stop=["x"]))
+    assert runner.cache.stats()["blocks_used"] == 0
