@@ -1014,6 +1014,7 @@ class Qwen35Step:
         self._m = m
         self._hidden = hidden
         self._bound: tuple = ()
+        self._paged = None
         self._work = np.empty(0, _F32)
 
     def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray],
@@ -1070,3 +1071,86 @@ class Qwen35Step:
         self._work = _run_step(_L.lk_qwen35_step, _L.lk_qwen35_work_size, self._m, self._work,
                                tokens, pos, cos, sin, out, "lk_qwen35_step")
         return out
+
+    def paged(self, tokens: np.ndarray, cos: np.ndarray, sin: np.ndarray, batch,
+              keys: list[np.ndarray], values: list[np.ndarray],
+              states: list[np.ndarray]) -> np.ndarray:
+        """The step over a flat batch of sequences in a paged cache (`lk_qwen35_step_paged`;
+        `paged_forward.PagedBatch`: rows at their own positions, prefill chunks and decode
+        rows alike): cos / sin [n, rope_half] for the rows' positions; keys / values the
+        attention layers' pools [num_blocks, block_size, H_kv, D] and states the DeltaNet
+        layers' state slots (conv [slots, K-1, conv_dim], delta [slots, Hv, Dk, Dv] per
+        layer, alternating), each in layer order. Writes keys and values at the rows' slots,
+        advances each sequence's states in its slot, and returns the final-norm hidden
+        states [n, hidden]."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        n = tokens.size
+        ptrs, (num_blocks, block_size), num_slots = self._pools(keys, values, states)
+        slots = np.ascontiguousarray(batch.slots, dtype=np.int64)
+        q_start = np.ascontiguousarray(batch.q_start, dtype=np.int64)
+        pos_start = np.ascontiguousarray(batch.pos_start, dtype=np.int64)
+        state_slots = np.ascontiguousarray(batch.state_slots, dtype=np.int64)
+        tables = np.ascontiguousarray(batch.block_tables, dtype=np.int32)
+        if slots.shape != (n,) or q_start.shape != (pos_start.size + 1,) or \
+                state_slots.shape != pos_start.shape or tables.shape[:1] != pos_start.shape \
+                or cos.shape != (n, self._m.rope_half):
+            raise ValueError(f"decode step: a paged batch of {n} rows needs {n} slots, "
+                             f"S + 1 q_start entries, S state slots and table rows and cos "
+                             f"[{n}, {self._m.rope_half}] (got {slots.shape}, {q_start.shape}, "
+                             f"{state_slots.shape}, {tables.shape}, {cos.shape})")
+        need = _L.lk_qwen35_work_size(self._m, n)
+        if self._work.size < need:
+            self._work = np.empty(need, _F32)
+        out = np.empty((n, self._hidden), _F32)
+        cp, cos = _in(cos)
+        sp, sin = _in(sin)
+        rc = _L.lk_qwen35_step_paged(
+            self._m, _fb(_INT64S, tokens), n, cp, sp, _fb(_INT64S, slots), ptrs[0], ptrs[1],
+            num_blocks, block_size, ptrs[2], ptrs[3], num_slots, _fb(_INT64S, state_slots),
+            pos_start.size, _fb(_INT64S, q_start), _fb(_INT64S, pos_start),
+            _ffi.cast("int32_t *", _fb(tables)), tables.shape[1] if tables.ndim == 2 else 0,
+            _fb(_FLOATS, self._work, True), self._work.size, _fb(_FLOATS, out, True))
+        _raise_step_error(rc, tokens, self._m, "lk_qwen35_step_paged",
+                          "a row's slot, position, block table or recurrent-state slot is "
+                          "outside the cache")
+        return out
+
+    def _pools(self, keys, values, states):
+        """Per-layer pointer arrays (k, v, conv, delta; NULL where a layer has none), kept
+        while the cache keeps its arrays; the KV pools' (blocks, block_size), state slots."""
+        arrays = (tuple(keys), tuple(values), tuple(states))
+        ident = tuple(id(a) for group in arrays for a in group)
+        if self._paged is not None and self._paged[0] == ident:
+            return self._paged[1:4]
+        m = self._m
+        n_full = self._kinds.count(self.FULL)
+        n_linear = len(self._kinds) - n_full
+        if len(keys) != n_full or len(values) != n_full or len(states) != 2 * n_linear:
+            raise ValueError(f"decode step: {len(keys)} key pools and {len(states)} state "
+                             f"arrays for {n_full} attention and {n_linear} DeltaNet layers")
+        kv = keys[0].shape[:2] if keys else (0, 1)
+        slots = states[0].shape[0] if states else 0
+        conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
+        want = {"kv": kv + (m.n_kv_heads, m.head_dim),
+                "conv": (slots, m.conv_kernel - 1, conv_dim),
+                "delta": (slots, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim)}
+        for kind, group in (("kv", keys), ("kv", values), ("conv", states[0::2]),
+                            ("delta", states[1::2])):
+            for a in group:
+                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != want[kind]:
+                    raise ValueError(f"decode step: a {kind} pool {a.dtype} {a.shape} is not "
+                                     f"C-contiguous float32 {want[kind]}")
+        ptrs = [_ffi.new("float *[]", max(len(self._kinds), 1)) for _ in range(4)]
+        full = linear = 0
+        for i, kind in enumerate(self._kinds):
+            if kind == self.FULL:
+                ptrs[0][i] = _fb(_FLOATS, keys[full], True)
+                ptrs[1][i] = _fb(_FLOATS, values[full], True)
+                full += 1
+            else:
+                ptrs[2][i] = _fb(_FLOATS, states[2 * linear], True)
+                ptrs[3][i] = _fb(_FLOATS, states[2 * linear + 1], True)
+                linear += 1
+        # the arrays themselves are kept too: the pointers must not outlive them
+        self._paged = (ident, ptrs, kv, slots, arrays)
+        return self._paged[1:4]

@@ -158,6 +158,14 @@ int64_t lk_qwen35_work_size(const lk_qwen35 *m, int64_t batch);
 int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
                    const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                    float *hidden_out);
+int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
+                         const float *cos_t, const float *sin_t, const int64_t *slots,
+                         float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                         int64_t block_size, float *const *conv_pools,
+                         float *const *delta_pools, int64_t num_state_slots,
+                         const int64_t *state_slots, int64_t nseq, const int64_t *q_start,
+                         const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
+                         float *work, int64_t work_len, float *hidden_out);
 int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_pool,
                        const float *v_pool, int64_t block_size, int64_t Hkv, int64_t nseq,
                        const int64_t *q_start, const int64_t *pos_start,

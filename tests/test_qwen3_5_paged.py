@@ -72,6 +72,52 @@ def test_chunking_and_batch_do_not_change_a_bit():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", QWEN35)
+def test_fused_paged_step_is_the_per_kernel_path_bit_for_bit(name):
+    """The one-call C step (`lk_qwen35_step_paged`) over paged batches that mix a chunked
+    prefill, a whole prefill and decode rows: identical logits, KV pools and recurrent
+    states to the per-kernel path."""
+    if "native" not in backends():
+        pytest.skip("native kernels not built")
+    model = load(FIXTURES / name, backend="native").model
+    prompt = load_file(str(FIXTURES / name / "golden.safetensors"))["prompt_ids"]
+    t = prompt.shape[1]
+    runs = {}
+    for fused in (True, False):
+        model.fused_decode = fused
+        model._step_built = False
+        cache = model.make_paged_cache(num_blocks=24, block_size=16, max_sequences=3)
+        a, b = sequences(cache, 2, t + 3)
+        out = [model.forward_paged(PagedBatch.build(cache, [(a, prompt[0, :16], 0, False)]),
+                                   cache)]
+        out.append(model.forward_paged(PagedBatch.build(
+            cache, [(a, prompt[0, 16:], 16, True), (b, prompt[1], 0, True)]), cache))
+        for i in range(3):
+            out.append(model.forward_paged(PagedBatch.build(
+                cache, [(a, [7 + i], t + i, True), (b, [9 + i], t + i, True)]), cache))
+        runs[fused] = (out, [k.copy() for k in cache.keys + cache.values],
+                       [s.copy() for s in cache.recurrent.arrays])
+    assert model._decode_step() is None  # the last run really was the per-kernel path
+    model.fused_decode = True
+    model._step_built = False
+    assert model._decode_step() is not None
+    for got, want in zip(runs[True], runs[False]):
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_fused_paged_step_rejects_a_state_slot_outside_the_cache():
+    if "native" not in backends():
+        pytest.skip("native kernels not built")
+    model = load(FIXTURES / "qwen3_5_text", backend="native").model
+    cache = model.make_paged_cache(num_blocks=4, block_size=16, max_sequences=1)
+    (seq,) = sequences(cache, 1, 3)
+    batch = PagedBatch.build(cache, [(seq, [1, 2, 3], 0, True)])
+    batch.state_slots[0] = 1  # the cache has one slot, 0
+    with pytest.raises(ValueError, match="recurrent-state slot is outside the cache"):
+        model.forward_paged(batch, cache)
+
+
 def test_batch_runner_serves_qwen3_5(tmp_path):
     """Concurrent requests equal each run alone; a request extending an earlier prompt
     restores the state snapshot at that prompt's last full block instead of recomputing."""

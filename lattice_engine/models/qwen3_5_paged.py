@@ -54,6 +54,11 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
         raise ValueError("a Qwen3.5 paged batch needs a recurrent-state slot for every "
                          "sequence (make the cache with the model's make_paged_cache)")
     cos, sin = ops.rope_tables(batch.positions, model.inv_freq)
+    step = model._decode_step()
+    if step is not None:  # the whole forward in one C call: the same kernels, in order
+        hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values,
+                            cache.recurrent.arrays if cache.recurrent is not None else [])
+        return model.logits(hidden[batch.logit_rows])
     x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
     for block in model.layers:
         normed = ops.rms_norm(x, block.input_layernorm, block.eps, 1.0)

@@ -44,7 +44,7 @@
  *   deltanet   lk_causal_conv1d, lk_gated_delta_rule, lk_gated_rms_norm, lk_sigmoid,
  *              lk_softplus (Qwen3.5's Gated DeltaNet layers and gates)
  *   qwen35     lk_qwen35_work_size, lk_qwen35_step (a whole Qwen3.5 decode step in one
- *              call)
+ *              call), lk_qwen35_step_paged (the same over a paged batch)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
@@ -358,6 +358,26 @@ int64_t lk_qwen35_work_size(const lk_qwen35 *m, int64_t batch);
 int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
                    const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                    float *hidden_out);
+/* The same step over a flat batch of n rows of sequences in paged pools (continuous
+   batching), as lk_decoder_step_paged: row r at the position its cos / sin rows
+   ([n, rope_half]) were made for, its key and value written to pool row slots[r] of the
+   attention layers' k_pools[i] / v_pools[i] ([num_blocks, block_size, n_kv_heads,
+   head_dim]); sequence s (rows q_start[s] .. q_start[s + 1], positions from pos_start[s],
+   block table tables[s]) keeps its DeltaNet states in slot state_slots[s] of the linear
+   layers' conv_pools[i] ([num_state_slots, conv_kernel - 1, 2 key + value]) and
+   delta_pools[i] ([num_state_slots, v_heads, k_dim, v_dim]). Pools are indexed by layer
+   (the other kind's entries unused). A sequence's rows run the conv and the delta rule
+   together (chunks of block_size), so prefill chunks and decode rows mix. Returns 0, -1
+   (token), -2 (rows, slots, tables or state slots outside the pools), -3 (work_len), -4
+   (weights, pools), -5 (out of memory). */
+int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
+                         const float *cos_t, const float *sin_t, const int64_t *slots,
+                         float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                         int64_t block_size, float *const *conv_pools,
+                         float *const *delta_pools, int64_t num_state_slots,
+                         const int64_t *state_slots, int64_t nseq, const int64_t *q_start,
+                         const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
+                         float *work, int64_t work_len, float *hidden_out);
 /* Causal GQA for a flat batch of sequences over a paged KV pool (paged_attention.c).
    q and out: contiguous [N, Hq, D], sequence i owning rows q_start[i] .. q_start[i+1]-1
    (q_start has nseq + 1 entries) at positions pos_start[i] + t; k_pool, v_pool:

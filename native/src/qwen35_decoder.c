@@ -16,6 +16,20 @@
 
 #include <string.h>
 
+/* Where the rows' state lives: the dense step's per-layer arrays (row b is sequence b, at
+   position pos), or the paged pools of continuous batching (a flat batch of sequences,
+   each its rows q_start[s] .. q_start[s + 1] at positions from pos_start[s], its DeltaNet
+   states in slot state_slots[s] of every linear layer's pools). Pools are per layer index
+   (NULL for the other kind). */
+typedef struct {
+    int paged;
+    int64_t pos;
+    const int64_t *slots, *q_start, *pos_start, *state_slots;
+    const int32_t *tables;
+    int64_t nseq, max_blocks, block_size;
+    float *const *k_pools, *const *v_pools, *const *conv_pools, *const *delta_pools;
+} q35_target;
+
 /* Widths of the per-row buffers. */
 typedef struct {
     int64_t h, f, conv, key, value, hv, qg, qd, kvd;
@@ -43,7 +57,8 @@ int64_t lk_qwen35_work_size(const lk_qwen35 *m, int64_t batch) {
                     3 * d.f);
 }
 
-static int shapes_ok(const lk_qwen35 *m) {
+/* dense: the layers' own state arrays must be bound (the paged step brings pools) */
+static int shapes_ok(const lk_qwen35 *m, int dense) {
     const dims d = dims_of(m);
     if (m->n_layers < 0 || d.h <= 0 || d.f <= 0 || m->head_dim <= 0 || m->n_kv_heads <= 0 ||
         m->n_heads <= 0 || m->n_heads % m->n_kv_heads || m->rope_half < 0 ||
@@ -63,12 +78,12 @@ static int shapes_ok(const lk_qwen35 *m) {
             if (!lk_step_linear_ok(&L->in_qkv, d.conv, d.h) || !lk_step_linear_ok(&L->in_z, d.value, d.h) ||
                 !lk_step_linear_ok(&L->in_b, d.hv, d.h) || !lk_step_linear_ok(&L->in_a, d.hv, d.h) ||
                 !lk_step_linear_ok(&L->out, d.h, d.value) || !L->conv_w || !L->neg_a || !L->dt_bias ||
-                !L->head_norm || !L->conv_state || !L->delta_state)
+                !L->head_norm || (dense && (!L->conv_state || !L->delta_state)))
                 return 0;
         } else if (L->kind == LK_QWEN35_FULL) {
             if (!lk_step_linear_ok(&L->q, d.qg, d.h) || !lk_step_linear_ok(&L->k, d.kvd, d.h) ||
                 !lk_step_linear_ok(&L->v, d.kvd, d.h) || !lk_step_linear_ok(&L->o, d.h, d.qd) || !L->q_norm ||
-                !L->k_norm || !L->k_cache || !L->v_cache)
+                !L->k_norm || (dense && (!L->k_cache || !L->v_cache)))
                 return 0;
         } else {
             return 0;
@@ -79,15 +94,29 @@ static int shapes_ok(const lk_qwen35 *m) {
     return 1;
 }
 
-/* The Gated DeltaNet mixer of one layer on xn [B, h]; its output projection goes to out. */
-static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d, int64_t B,
-                     const float *xn, float *mixed, float *z, float *bb, float *aa, float *g,
-                     float *beta, float *core, float *normed, float *out) {
+/* The Gated DeltaNet mixer of layer li on xn [B, h]; its output projection goes to out.
+   Paged, the conv and the delta rule run per sequence over its rows, as the per-kernel
+   path (models/qwen3_5_paged.py) calls them: a prefill chunk in the delta rule's chunked
+   form with chunks of block_size, a single row token by token. */
+static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, const q35_target *t,
+                    const dims *d, int64_t B, const float *xn, float *mixed, float *z, float *bb,
+                    float *aa, float *g, float *beta, float *core, float *normed, float *out) {
     const lk_linear *in[4] = {&L->in_qkv, &L->in_z, &L->in_b, &L->in_a};
     float *in_out[4] = {mixed, z, bb, aa};
     if (lk_step_linears(in, in_out, 4, xn, B)) return -5;
-    lk_causal_conv1d(mixed, B, 1, d->conv, d->conv, d->conv, L->conv_w, m->conv_kernel,
-                     L->conv_state, 1);
+    const int64_t conv_len = (m->conv_kernel - 1) * d->conv;
+    const int64_t delta_len = d->hv * m->lin_k_dim * m->lin_v_dim;
+    if (!t->paged)
+        lk_causal_conv1d(mixed, B, 1, d->conv, d->conv, d->conv, L->conv_w, m->conv_kernel,
+                         L->conv_state, 1);
+    else
+        for (int64_t s = 0; s < t->nseq; s++) {
+            const int64_t r0 = t->q_start[s], c = t->q_start[s + 1] - r0;
+            if (c > 0)
+                lk_causal_conv1d(mixed + r0 * d->conv, 1, c, d->conv, c * d->conv, d->conv,
+                                 L->conv_w, m->conv_kernel,
+                                 t->conv_pools[li] + t->state_slots[s] * conv_len, 1);
+        }
     /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), as three float ops */
     lk_sigmoid(bb, B * d->hv, beta);
     for (int64_t b = 0; b < B; b++)
@@ -95,18 +124,32 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d,
     lk_softplus(aa, B * d->hv, g);
     for (int64_t b = 0; b < B; b++)
         for (int64_t hh = 0; hh < d->hv; hh++) g[b * d->hv + hh] *= L->neg_a[hh];
-    lk_gated_delta_rule(mixed, mixed + d->key, mixed + 2 * d->key, B, 1, m->lin_k_heads,
-                        m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, d->conv, 0, g, beta,
-                        L->delta_state, 0, core);
+    if (!t->paged)
+        lk_gated_delta_rule(mixed, mixed + d->key, mixed + 2 * d->key, B, 1, m->lin_k_heads,
+                            m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, d->conv, 0, g, beta,
+                            L->delta_state, 0, core);
+    else
+        for (int64_t s = 0; s < t->nseq; s++) {
+            const int64_t r0 = t->q_start[s], c = t->q_start[s + 1] - r0;
+            const float *qr = mixed + r0 * d->conv;
+            if (c > 0) /* one sequence (batch stride 0), its rows conv apart (0 for one row) */
+                lk_gated_delta_rule(qr, qr + d->key, qr + 2 * d->key, 1, c, m->lin_k_heads,
+                                    m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, 0,
+                                    c > 1 ? d->conv : 0, g + r0 * d->hv, beta + r0 * d->hv,
+                                    t->delta_pools[li] + t->state_slots[s] * delta_len,
+                                    c > 1 ? t->block_size : 0, core + r0 * d->value);
+        }
     lk_gated_rms_norm(core, z, B * d->hv, m->lin_v_dim, L->head_norm, m->eps, normed);
     const lk_linear *o[1] = {&L->out};
     return lk_step_linears(o, &out, 1, normed, B) ? -5 : 0;
 }
 
-/* The gated full-attention mixer of one layer on xn [B, h] at position pos. */
-static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d, int64_t B,
-                      int64_t pos, const float *cos_t, const float *sin_t, const float *xn,
-                      float *qg, float *q, float *k, float *v, float *attn, float *out) {
+/* The gated full-attention mixer of layer li on xn [B, h]: dense, every row at t->pos
+   (one cos / sin row); paged, each row at its own position (a cos / sin row per row). */
+static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, const q35_target *t,
+                     const dims *d, int64_t B, const float *cos_t, const float *sin_t,
+                     const float *xn, float *qg, float *q, float *k, float *v, float *attn,
+                     float *out) {
     const int64_t D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
     const lk_linear *in[3] = {&L->q, &L->k, &L->v};
     float *in_out[3] = {qg, k, v};
@@ -115,17 +158,30 @@ static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d
     for (int64_t r = 0; r < B * Hq; r++) memcpy(q + r * D, qg + r * 2 * D, (size_t)D * 4);
     lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, 1.0f, q);
     lk_rms_norm(k, B * Hkv, D, L->k_norm, m->eps, 1.0f, k);
-    lk_rope(q, B, 1, Hq, D, d->qd, d->qd, D, cos_t, sin_t, m->rope_half, 0, q);
-    lk_rope(k, B, 1, Hkv, D, d->kvd, d->kvd, D, cos_t, sin_t, m->rope_half, 0, k);
-    const int64_t row_stride = m->cache_cap * d->kvd; /* one sequence's cache rows */
-    for (int64_t b = 0; b < B; b++) {
-        memcpy(L->k_cache + b * row_stride + pos * d->kvd, k + b * d->kvd, (size_t)d->kvd * 4);
-        memcpy(L->v_cache + b * row_stride + pos * d->kvd, v + b * d->kvd, (size_t)d->kvd * 4);
-    }
+    const int64_t rb = t->paged ? 1 : B, rt = t->paged ? B : 1;
+    lk_rope(q, rb, rt, Hq, D, rt * d->qd, d->qd, D, cos_t, sin_t, m->rope_half, 0, q);
+    lk_rope(k, rb, rt, Hkv, D, rt * d->kvd, d->kvd, D, cos_t, sin_t, m->rope_half, 0, k);
     /* the per-kernel path's scale: 1 / sqrt(D) in double, rounded once to float */
     const float scale = (float)(1.0 / sqrt((double)D));
-    lk_attention(q, B, 1, Hq, D, d->qd, d->qd, D, L->k_cache, row_stride, d->kvd, D, L->v_cache,
-                 row_stride, d->kvd, D, pos + 1, Hkv, pos, scale, attn);
+    if (t->paged) {
+        for (int64_t b = 0; b < B; b++) {
+            memcpy(t->k_pools[li] + t->slots[b] * d->kvd, k + b * d->kvd, (size_t)d->kvd * 4);
+            memcpy(t->v_pools[li] + t->slots[b] * d->kvd, v + b * d->kvd, (size_t)d->kvd * 4);
+        }
+        if (lk_paged_attention(q, Hq, D, t->k_pools[li], t->v_pools[li], t->block_size, Hkv,
+                               t->nseq, t->q_start, t->pos_start, t->tables, t->max_blocks,
+                               scale, attn))
+            return -5; /* out of scratch memory */
+    } else {
+        const int64_t row_stride = m->cache_cap * d->kvd; /* one sequence's cache rows */
+        const int64_t pos = t->pos;
+        for (int64_t b = 0; b < B; b++) {
+            memcpy(L->k_cache + b * row_stride + pos * d->kvd, k + b * d->kvd, (size_t)d->kvd * 4);
+            memcpy(L->v_cache + b * row_stride + pos * d->kvd, v + b * d->kvd, (size_t)d->kvd * 4);
+        }
+        lk_attention(q, B, 1, Hq, D, d->qd, d->qd, D, L->k_cache, row_stride, d->kvd, D,
+                     L->v_cache, row_stride, d->kvd, D, pos + 1, Hkv, pos, scale, attn);
+    }
     /* attn *= sigmoid(gate), the gate half of each head's q_proj rows (q is free now) */
     for (int64_t r = 0; r < B * Hq; r++) lk_sigmoid(qg + r * 2 * D + D, D, q + r * D);
     for (int64_t i = 0; i < B * d->qd; i++) attn[i] *= q[i];
@@ -133,15 +189,9 @@ static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, const dims *d
     return lk_step_linears(o, &out, 1, attn, B) ? -5 : 0;
 }
 
-int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
-                   const float *cos_t, const float *sin_t, float *work, int64_t work_len,
-                   float *hidden_out) {
-    lk_init();
-    if (batch <= 0) return 0;
-    if (!shapes_ok(m)) return -4;
-    if (pos < 0 || pos >= m->cache_cap) return -2;
-    if (work_len < lk_qwen35_work_size(m, batch)) return -3;
-    const int64_t B = batch;
+/* Every layer over the embedded rows in work (x), then the final norm into hidden_out. */
+static int run_layers(const lk_qwen35 *m, const q35_target *t, int64_t B, const float *cos_t,
+                      const float *sin_t, float *work, float *hidden_out) {
     const dims d = dims_of(m);
     float *x = work, *xn = x + B * d.h, *tmp = xn + B * d.h;
     float *mixed = tmp + B * d.h, *z = mixed + B * d.conv, *core = z + B * d.value;
@@ -150,13 +200,12 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
     float *qg = beta + B * d.hv, *q = qg + B * d.qg, *attn = q + B * d.qd;
     float *k = attn + B * d.qd, *v = k + B * d.kvd;
     float *gate = v + B * d.kvd, *up = gate + B * d.f, *act = up + B * d.f;
-    if (lk_step_embed(&m->embed, tokens, B, x)) return -1;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_qwen35_layer *L = &m->layers[i];
         lk_rms_norm(x, B, d.h, L->attn_norm, m->eps, 1.0f, xn);
         const int rc = L->kind == LK_QWEN35_LINEAR
-            ? deltanet(m, L, &d, B, xn, mixed, z, bb, aa, g, beta, core, normed, tmp)
-            : attention(m, L, &d, B, pos, cos_t, sin_t, xn, qg, q, k, v, attn, tmp);
+            ? deltanet(m, L, i, t, &d, B, xn, mixed, z, bb, aa, g, beta, core, normed, tmp)
+            : attention(m, L, i, t, &d, B, cos_t, sin_t, xn, qg, q, k, v, attn, tmp);
         if (rc) return rc;
         lk_add(x, tmp, B * d.h, x);
         lk_rms_norm(x, B, d.h, L->mlp_norm, m->eps, 1.0f, xn);
@@ -172,4 +221,64 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
     }
     lk_rms_norm(x, B, d.h, m->final_norm, m->eps, 1.0f, hidden_out);
     return 0;
+}
+
+int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
+                   const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                   float *hidden_out) {
+    lk_init();
+    if (batch <= 0) return 0;
+    if (!shapes_ok(m, 1)) return -4;
+    if (pos < 0 || pos >= m->cache_cap) return -2;
+    if (work_len < lk_qwen35_work_size(m, batch)) return -3;
+    if (lk_step_embed(&m->embed, tokens, batch, work)) return -1;
+    q35_target t = {0};
+    t.pos = pos;
+    return run_layers(m, &t, batch, cos_t, sin_t, work, hidden_out);
+}
+
+int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
+                         const float *cos_t, const float *sin_t, const int64_t *slots,
+                         float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                         int64_t block_size, float *const *conv_pools,
+                         float *const *delta_pools, int64_t num_state_slots,
+                         const int64_t *state_slots, int64_t nseq, const int64_t *q_start,
+                         const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
+                         float *work, int64_t work_len, float *hidden_out) {
+    lk_init();
+    if (n <= 0) return 0;
+    if (!shapes_ok(m, 0)) return -4;
+    if (work_len < lk_qwen35_work_size(m, n)) return -3;
+    /* everything the step will touch must be in the pools: rows, slots, tables, states */
+    if (nseq <= 0 || q_start[0] != 0 || q_start[nseq] != n || block_size <= 0) return -2;
+    for (int64_t s = 0; s < nseq; s++) {
+        const int64_t rows = q_start[s + 1] - q_start[s];
+        if (rows < 0 || pos_start[s] < 0 ||
+            (pos_start[s] + rows + block_size - 1) / block_size > max_blocks) return -2;
+        if (rows > 0 && (state_slots[s] < 0 || state_slots[s] >= num_state_slots)) return -2;
+    }
+    for (int64_t i = 0; i < nseq * max_blocks; i++)
+        if (tables[i] < 0 || tables[i] >= num_blocks) return -2;
+    for (int64_t r = 0; r < n; r++)
+        if (slots[r] < 0 || slots[r] >= num_blocks * block_size) return -2;
+    for (int64_t i = 0; i < m->n_layers; i++) {
+        const int linear = m->layers[i].kind == LK_QWEN35_LINEAR;
+        if (linear ? !conv_pools[i] || !delta_pools[i] : !k_pools[i] || !v_pools[i]) return -4;
+    }
+    if (lk_step_embed(&m->embed, tokens, n, work)) return -1;
+    q35_target t = {0};
+    t.paged = 1;
+    t.slots = slots;
+    t.q_start = q_start;
+    t.pos_start = pos_start;
+    t.state_slots = state_slots;
+    t.tables = tables;
+    t.nseq = nseq;
+    t.max_blocks = max_blocks;
+    t.block_size = block_size;
+    t.k_pools = k_pools;
+    t.v_pools = v_pools;
+    t.conv_pools = conv_pools;
+    t.delta_pools = delta_pools;
+    return run_layers(m, &t, n, cos_t, sin_t, work, hidden_out);
 }
