@@ -440,6 +440,11 @@ int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols);
 int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
                     int64_t M);
 int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out);
+/* Whether a paged batch of n rows stays inside a pool of num_blocks x block_size rows:
+   q_start / pos_start / tables / slots as lk_decoder_step_paged takes them. */
+int lk_step_paged_ok(int64_t n, int64_t num_blocks, int64_t block_size, int64_t nseq,
+                     const int64_t *q_start, const int64_t *pos_start, const int32_t *tables,
+                     int64_t max_blocks, const int64_t *slots);
 /* Whether r is none or fits rows of `width` floats; x rotated into out when r is set
    (returns out), else x itself. */
 int lk_step_rotation_ok(const lk_rotation *r, int64_t width);

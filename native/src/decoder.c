@@ -144,16 +144,9 @@ int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,
     if (!shapes_ok(m)) return -4;
     if (work_len < lk_decoder_work_size(m, n)) return -3;
     /* everything attention will read must be in the pool: rows, slots, tables */
-    if (nseq <= 0 || q_start[0] != 0 || q_start[nseq] != n || block_size <= 0) return -2;
-    for (int64_t i = 0; i < nseq; i++) {
-        const int64_t rows = q_start[i + 1] - q_start[i];
-        if (rows < 0 || pos_start[i] < 0 ||
-            (pos_start[i] + rows + block_size - 1) / block_size > max_blocks) return -2;
-    }
-    for (int64_t i = 0; i < nseq * max_blocks; i++)
-        if (tables[i] < 0 || tables[i] >= num_blocks) return -2;
-    for (int64_t r = 0; r < n; r++)
-        if (slots[r] < 0 || slots[r] >= num_blocks * block_size) return -2;
+    if (!lk_step_paged_ok(n, num_blocks, block_size, nseq, q_start, pos_start, tables,
+                          max_blocks, slots))
+        return -2;
     for (int64_t i = 0; i < m->n_layers; i++)
         if (!k_pools[i] || !v_pools[i]) return -4;
     if (lk_step_embed(&m->embed, tokens, n, work)) return -1;

@@ -250,17 +250,12 @@ int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
     if (!shapes_ok(m, 0)) return -4;
     if (work_len < lk_qwen35_work_size(m, n)) return -3;
     /* everything the step will touch must be in the pools: rows, slots, tables, states */
-    if (nseq <= 0 || q_start[0] != 0 || q_start[nseq] != n || block_size <= 0) return -2;
-    for (int64_t s = 0; s < nseq; s++) {
-        const int64_t rows = q_start[s + 1] - q_start[s];
-        if (rows < 0 || pos_start[s] < 0 ||
-            (pos_start[s] + rows + block_size - 1) / block_size > max_blocks) return -2;
-        if (rows > 0 && (state_slots[s] < 0 || state_slots[s] >= num_state_slots)) return -2;
-    }
-    for (int64_t i = 0; i < nseq * max_blocks; i++)
-        if (tables[i] < 0 || tables[i] >= num_blocks) return -2;
-    for (int64_t r = 0; r < n; r++)
-        if (slots[r] < 0 || slots[r] >= num_blocks * block_size) return -2;
+    if (!lk_step_paged_ok(n, num_blocks, block_size, nseq, q_start, pos_start, tables,
+                          max_blocks, slots))
+        return -2;
+    for (int64_t s = 0; s < nseq; s++)
+        if (q_start[s + 1] > q_start[s] && (state_slots[s] < 0 || state_slots[s] >= num_state_slots))
+            return -2;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const int linear = m->layers[i].kind == LK_QWEN35_LINEAR;
         if (linear ? !conv_pools[i] || !delta_pools[i] : !k_pools[i] || !v_pools[i]) return -4;

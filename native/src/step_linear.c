@@ -60,6 +60,22 @@ int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out)
     }
 }
 
+int lk_step_paged_ok(int64_t n, int64_t num_blocks, int64_t block_size, int64_t nseq,
+                     const int64_t *q_start, const int64_t *pos_start, const int32_t *tables,
+                     int64_t max_blocks, const int64_t *slots) {
+    if (nseq <= 0 || q_start[0] != 0 || q_start[nseq] != n || block_size <= 0) return 0;
+    for (int64_t i = 0; i < nseq; i++) {
+        const int64_t rows = q_start[i + 1] - q_start[i];
+        if (rows < 0 || pos_start[i] < 0 ||
+            (pos_start[i] + rows + block_size - 1) / block_size > max_blocks) return 0;
+    }
+    for (int64_t i = 0; i < nseq * max_blocks; i++)
+        if (tables[i] < 0 || tables[i] >= num_blocks) return 0;
+    for (int64_t r = 0; r < n; r++)
+        if (slots[r] < 0 || slots[r] >= num_blocks * block_size) return 0;
+    return 1;
+}
+
 int lk_step_rotation_ok(const lk_rotation *r, int64_t width) {
     if (!r->block) return 1;
     return r->block > 0 && !(r->block & (r->block - 1)) && r->m >= 1 &&
