@@ -43,15 +43,21 @@ def loaded():
 
 
 class RunningServer:
-    def __init__(self, loaded, options: BatchingOptions, **settings):
+    def __init__(self, loaded, options: BatchingOptions, lattice_server: bool = False,
+                 **settings):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = create_app(Engine(loaded), model_name=MODEL,
                               settings=ServerSection(port=self.port, **settings),
                               options=options)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
+        if lattice_server:  # the server `lattice serve` runs
+            from lattice_engine.server import make_server
+            self.server = make_server(self.app, host="127.0.0.1", port=self.port,
+                                      log_level="warning")
+        else:
+            self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1",
+                                                        port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -309,3 +315,45 @@ def test_qwen3_5_hybrid_model_serves_concurrent_chats_and_prefix_hits(tmp_path):
         assert cached >= 16 * (reply.usage.prompt_tokens // 16) > 0
     finally:
         s.stop()
+
+
+def test_shutdown_ends_streams_in_flight_at_once(loaded):
+    """SIGTERM / Ctrl-C with streams running: each ends with an error event saying the
+    server is shutting down, blocks are freed, and the server exits well before uvicorn's
+    graceful timeout (5 s) would have cancelled the streams."""
+    import signal
+
+    s = RunningServer(loaded, BatchingOptions(kv_cache_tokens=2048, max_running=4),
+                      lattice_server=True)
+    events: list[list[dict]] = [[], []]
+    started = threading.Barrier(3)
+
+    def stream(i):
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"model": MODEL, "prompt": f"Once upon a time {i}", "max_tokens": 4000,
+             "stream": True, "ignore_eos": True}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = True
+        for line in resp:
+            if line.startswith(b"data: {"):
+                events[i].append(json.loads(line[6:]))
+                if first:
+                    first = False
+                    started.wait(timeout=60)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=60)
+    time.sleep(0.3)
+    t0 = time.time()
+    s.server.handle_exit(signal.SIGTERM, None)
+    for t in threads:
+        t.join(timeout=30)
+    s.thread.join(timeout=30)
+    assert not s.thread.is_alive() and time.time() - t0 < 4
+    for ev in events:
+        assert ev[-1]["error"]["code"] == "server_shutting_down"
+        assert all("choices" in e for e in ev[:-1]) and len(ev) > 1
+    assert s.runner.cache.stats()["blocks_used"] == 0

@@ -29,7 +29,7 @@ from ..batching import BatchingOptions, RequestOutput
 from ..config import ServerSection
 from ..errors import ConfigError, LatticeError
 from . import metrics
-from .async_engine import AsyncEngine
+from .async_engine import AsyncEngine, EngineClosed
 from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
                        sampling_from, stream_flags)
 
@@ -257,20 +257,31 @@ async def _sse(state: _State, outputs: AsyncIterator[RequestOutput], head, chat:
     try:
         if chat:
             yield _event(_chunk(head, chat, "", None, first=True))
-        async for out in outputs:
-            if out.finished:
-                finished = True
-                if out.text:
+        try:
+            async for out in outputs:
+                if out.finished:
+                    finished = True
+                    if out.text:
+                        yield _event(_chunk(head, chat, out.text, None))
+                    last = _chunk(head, chat, "", out.finish_reason)
+                    last["usage"] = _usage(out)
+                    yield _event(last)
+                elif out.text:
                     yield _event(_chunk(head, chat, out.text, None))
-                last = _chunk(head, chat, "", out.finish_reason)
-                last["usage"] = _usage(out)
-                yield _event(last)
-            elif out.text:
-                yield _event(_chunk(head, chat, out.text, None))
+        except EngineClosed as exc:  # the server is stopping: say so, end the stream
+            finished = True  # (the engine already freed its blocks)
+            yield _event(_closed(exc).body())
+            return
         yield "data: [DONE]\n\n"
     finally:
         if not finished:  # the client went away (or the engine failed): free its blocks now
             state.async_engine.abort(rid)
+
+
+def _closed(exc: EngineClosed) -> APIError:
+    return APIError(503, f"{exc}; the request was ended after the tokens already sent, "
+                         f"retry it on a running server", type="server_error",
+                    code="server_shutting_down")
 
 
 def _event(obj: dict) -> str:
@@ -296,7 +307,10 @@ async def _collect(request: Request, state: _State, outputs, head, chat: bool,
                 task.cancel()
                 state.async_engine.abort(rid)
                 return Response(status_code=499)
-        task.result()
+        try:
+            task.result()
+        except EngineClosed as exc:
+            raise _closed(exc) from None
     finally:
         if not task.done():
             task.cancel()

@@ -5,7 +5,8 @@ is under way (the C kernels release the GIL). Requests and aborts from the event
 through a queue that the thread drains between steps, so the runner is only ever touched
 by one thread; outputs come back to each request's asyncio.Queue with
 `call_soon_threadsafe`. An abort (a client that went away) frees the request's KV blocks
-right after the step in flight.
+right after the step in flight. `close_streams` (the server shutting down) ends every
+request at once: each stream gets `EngineClosed`, and new ones are refused.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from ..sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+class EngineClosed(RuntimeError):
+    """The engine stopped taking work (the server is shutting down); the request was
+    ended where it was."""
+
+
 class AsyncEngine:
     def __init__(self, runner: BatchRunner):
         self.runner = runner
@@ -29,6 +35,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stop = False
+        self._closing: Optional[str] = None
         self._thread = threading.Thread(target=self._loop, name="lattice-engine", daemon=True)
         self._thread.start()
         self.error: Optional[BaseException] = None
@@ -70,6 +77,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
 
+    def close_streams(self, reason: str) -> None:
+        """End every request now and refuse new ones: their streams raise EngineClosed
+        (reason); their KV blocks are freed after the step in flight. Safe to call from a
+        signal handler (it only queues a command)."""
+        self._send(("close", reason))
+
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
@@ -104,10 +117,18 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "add":
+                if self._closing is not None:
+                    self._deliver(arg.request_id, EngineClosed(self._closing))
+                    continue
                 try:
                     self.runner.enqueue(arg)
                 except Exception as exc:
                     self._deliver(arg.request_id, exc)
+            elif kind == "close":
+                self._closing = arg
+                for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
+                    self.runner.abort(seq.request_id)
+                    self._deliver(seq.request_id, EngineClosed(arg))
             else:
                 self.runner.abort(arg)
 
