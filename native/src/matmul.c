@@ -250,12 +250,11 @@ AVX2_INLINE float fma1(float a, float b, float c) {
 /* hsum8x4's sum of one vector (the same tree) */
 AVX2_INLINE float hsum8t(__m256 v) { return _mm_cvtss_f32(hsum8x4(v, v, v, v)); }
 
-/* y[0..3] = dot(x, rows w, w + ldw, w + 2 ldw, w + 3 ldw), prefetching the next four rows */
-AVX2_INLINE void mv4_float(const float *x, int64_t K, const uint8_t *w, int64_t ldw,
-                           float *y, int fmt) {
-    const uint8_t *w0 = w, *w1 = w + ldw, *w2 = w + 2 * ldw, *w3 = w + 3 * ldw;
+/* y{0..3} = dot(x, row w + i * stride) for i = 0..3, prefetching pf bytes ahead in each */
+AVX2_INLINE void mv4_float(const float *x, int64_t K, const uint8_t *w, int64_t stride,
+                           int64_t pf, float *y0, float *y1, float *y2, float *y3, int fmt) {
+    const uint8_t *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;
     const int es = fmt == FMT_F16 ? 2 : 4;
-    const int64_t pf = lk_pf_dist < 0 ? -1 : lk_pf_dist == 0 ? 4 * ldw : lk_pf_dist <= 64 ? lk_pf_dist * ldw : lk_pf_dist;
     float out[4] = {0, 0, 0, 0};
     for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
         const int64_t k1 = K - k0 < PF_KSLICE ? K : k0 + PF_KSLICE;
@@ -284,7 +283,10 @@ AVX2_INLINE void mv4_float(const float *x, int64_t K, const uint8_t *w, int64_t 
         }
         for (int i = 0; i < 4; i++) out[i] = k0 ? out[i] + sl[i] : sl[i];
     }
-    memcpy(y, out, sizeof out);
+    *y0 = out[0];
+    *y1 = out[1];
+    *y2 = out[2];
+    *y3 = out[3];
 }
 
 AVX2_INLINE float mv1_float(const float *x, int64_t K, const uint8_t *w, int fmt) {
@@ -308,11 +310,36 @@ AVX2_INLINE void prefetch_rows(const uint8_t *w, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)w + o, _MM_HINT_T0);
 }
 
+/* LATTICE_MV_QUARTERS=0: the four rows of mv4 adjacent (A/B; tuning only) */
+int lk_mv_quarters = 1;
+
+/* A chunk's rows as four long sequential streams: mv4 takes rows r, r + q, r + 2q, r + 3q
+   (q = a quarter of the chunk), so each stream walks its quarter row after row and the
+   hardware prefetcher keeps running, where four adjacent rows are four 2-4 KB streams that
+   restart every group. A row's dot is the same either way (mv4 computes each row alone),
+   only the grouping changes. */
 AVX2_INLINE void matvec_float(const matmul_job *j, int64_t r0, int64_t r1, int fmt) {
+    const int64_t ldw = j->ldw, n = r1 - r0;
+    if (lk_mv_quarters) {
+        const int64_t q = n / 4;
+        const int64_t pf = lk_pf_dist < 0 ? -1 : lk_pf_dist == 0 ? 2 * ldw
+                         : lk_pf_dist <= 64 ? lk_pf_dist * ldw : lk_pf_dist;
+        for (int64_t i = 0; i < 4; i++) prefetch_rows(j->w + (r0 + i * q) * ldw, q ? ldw : 0);
+        for (int64_t i = 0; i < q; i++) {
+            const int64_t r = r0 + i;
+            mv4_float(j->x, j->K, j->w + r * ldw, q * ldw, i + 2 < q ? pf : -1, j->y + r,
+                      j->y + r + q, j->y + r + 2 * q, j->y + r + 3 * q, fmt);
+        }
+        for (int64_t r = r0 + 4 * q; r < r1; r++) j->y[r] = mv1_float(j->x, j->K, j->w + r * ldw, fmt);
+        return;
+    }
     int64_t r = r0;
-    prefetch_rows(j->w + r0 * j->ldw, (r1 - r0 < 4 ? r1 - r0 : 4) * j->ldw);
-    for (; r + 4 <= r1; r += 4) mv4_float(j->x, j->K, j->w + r * j->ldw, j->ldw, j->y + r, fmt);
-    for (; r < r1; r++) j->y[r] = mv1_float(j->x, j->K, j->w + r * j->ldw, fmt);
+    const int64_t pf = lk_pf_dist < 0 ? -1 : lk_pf_dist == 0 ? 4 * ldw : lk_pf_dist <= 64 ? lk_pf_dist * ldw : lk_pf_dist;
+    prefetch_rows(j->w + r0 * ldw, (n < 4 ? n : 4) * ldw);
+    for (; r + 4 <= r1; r += 4)
+        mv4_float(j->x, j->K, j->w + r * ldw, ldw, pf, j->y + r, j->y + r + 1, j->y + r + 2,
+                  j->y + r + 3, fmt);
+    for (; r < r1; r++) j->y[r] = mv1_float(j->x, j->K, j->w + r * ldw, fmt);
 }
 
 /* Two x rows (x0, x1, may be equal) against four f32 weight rows (row stride ldwf floats)

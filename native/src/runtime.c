@@ -79,7 +79,8 @@ static void detect(void) {
         __builtin_cpu_supports("f16c"))
         detected_isa = LK_ISA_AVX2;
 #endif
-    extern int lk_pf_dist, lk_chunks_per_thread, lk_few_blocks, lk_q8_few_rows, lk_f_pf512;
+    extern int lk_pf_dist, lk_chunks_per_thread, lk_few_blocks, lk_q8_few_rows, lk_f_pf512,
+        lk_mv_quarters;
     const char *pfe = getenv("LATTICE_PF");
     if (pfe && *pfe) lk_pf_dist = atoi(pfe);
     const char *cpt = getenv("LATTICE_CHUNKS");
@@ -88,6 +89,8 @@ static void detect(void) {
     if (fbe && atoi(fbe) >= 1) lk_few_blocks = atoi(fbe);
     const char *pf5 = getenv("LATTICE_PF512");
     if (pf5) lk_f_pf512 = atoi(pf5) != 0;
+    const char *mvq = getenv("LATTICE_MV_QUARTERS");
+    if (mvq) lk_mv_quarters = atoi(mvq) != 0;
     const char *qfr = getenv("LATTICE_Q8_FEW_ROWS");
     if (qfr && atoi(qfr) >= 1) lk_q8_few_rows = atoi(qfr);
     const char *force = getenv("LATTICE_ISA");
