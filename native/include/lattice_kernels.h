@@ -27,6 +27,8 @@
  *   LATTICE_Q8       q8_0 kernel at the AVX2 level: avx2, avxvnni or avx512vnni
  *   LATTICE_PF       matvec software-prefetch distance (tuning; see matmul.c)
  *   LATTICE_CHUNKS   decode row chunks per thread and matrix (tuning; default 4)
+ *   LATTICE_MV_QUARTERS  0: the f32 / f16 matvec reads four adjacent rows at a time instead
+ *                    of four quarters of its chunk (tuning; see matvec_float)
  *
  * Public functions (declared below, bound by native/build_native.py)
  *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_set_threads, lk_get_threads
