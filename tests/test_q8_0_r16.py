@@ -108,3 +108,28 @@ def test_matmul_multi_mixes_q8_0_r16_with_other_weights():
     x = rng.standard_normal((5, 96)).astype(np.float32)
     for w, y in zip(ws, kernels.matmul_multi(x, ws)):
         assert same_bits(y, kernels.matmul(x, w))
+
+
+def test_a_tensor_asked_for_twice_is_converted_once(tmp_path):
+    """The loader converts in place; asking again for the same stored q8_0 tensor must not
+    interleave its rows a second time."""
+    from lattice_engine.io.checkpoint import PackedTensor
+    from lattice_engine.models.base import WeightLoader
+    from lattice_engine.plugins import get_plugin_manager
+
+    registry = get_plugin_manager().registry
+    formats = registry.items["weight_formats"]
+    m = q8(32, 64, seed=5)
+    stored = m.data.copy()
+
+    class Ckpt:
+        source = "memory"
+        tensors = {"w": lambda: PackedTensor(format="q8_0", shape=(32, 64), data=stored)}
+        shapes = {"w": (32, 64)}
+
+    method = registry.get("quant_methods", "q8_0")
+    loader = WeightLoader(Ckpt(), method, formats, native_layout=True)
+    a = loader.matrix("w", (32, 64), "linear")
+    b = loader.matrix("w", (32, 64), "linear")
+    assert a is b and a.format is Q8_0_R16
+    np.testing.assert_array_equal(a.to_float(), m.to_float())

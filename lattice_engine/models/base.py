@@ -43,6 +43,7 @@ class WeightLoader:
         self.formats = formats
         self.overrides = overrides or {}
         self.native_layout = native_layout
+        self._relaid: dict[tuple, PackedMatrix] = {}  # buffer -> its native-layout matrix
         self.used: set[str] = set()
 
     def has(self, name: str) -> bool:
@@ -78,7 +79,15 @@ class WeightLoader:
         m = self._matrix(name, shape, role)
         if self.native_layout:
             from ..quant.core_formats import native_layout
-            m = native_layout(m)
+            # the layout is changed in place: a buffer handed out twice (a checkpoint that
+            # caches its arrays, a model asking for one tensor twice) is converted once
+            key = (m.data.__array_interface__["data"][0], m.data.shape, m.format.name)
+            if key in self._relaid:
+                return self._relaid[key]
+            relaid = native_layout(m)
+            if relaid is not m:
+                self._relaid[key] = relaid
+            m = relaid
         return m
 
     def _matrix(self, name: str, shape: tuple[int, int], role: str) -> PackedMatrix:
