@@ -48,14 +48,14 @@ def test_native_layout_converts_in_place_and_leaves_other_matrices_alone():
     m = q8(32, 64)
     expected = q8_0_to_r16(m.data)
     buf = m.data
-    r = native_layout(m)
+    r = native_layout(m, force=True)
     assert r.format is Q8_0_R16 and r.data is buf  # no second copy of the weights
     np.testing.assert_array_equal(buf, expected)
     odd = q8(24, 64)  # not whole groups of 16: stays q8_0
-    assert native_layout(odd) is odd
+    assert native_layout(odd, force=True) is odd
     readonly = q8(16, 64)
     readonly.data.flags.writeable = False
-    r = native_layout(readonly)
+    r = native_layout(readonly, force=True)
     assert r.data is not readonly.data
     np.testing.assert_array_equal(r.data, q8_0_to_r16(readonly.data))
 
@@ -103,16 +103,17 @@ def test_matmul_is_q8_0_bit_for_bit_at_every_batch_size(variant, isa):
 
 def test_matmul_multi_mixes_q8_0_r16_with_other_weights():
     rng = np.random.default_rng(4)
-    ws = [native_layout(q8(n, 96, seed=n)) for n in (64, 32, 16)]
+    ws = [native_layout(q8(n, 96, seed=n), force=True) for n in (64, 32, 16)]
     assert all(w.format is Q8_0_R16 for w in ws)
     x = rng.standard_normal((5, 96)).astype(np.float32)
     for w, y in zip(ws, kernels.matmul_multi(x, ws)):
         assert same_bits(y, kernels.matmul(x, w))
 
 
-def test_a_tensor_asked_for_twice_is_converted_once(tmp_path):
+def test_a_tensor_asked_for_twice_is_converted_once(monkeypatch):
     """The loader converts in place; asking again for the same stored q8_0 tensor must not
     interleave its rows a second time."""
+    monkeypatch.setenv("LATTICE_R16", "1")  # whatever this CPU's q8_0 kernel prefers
     from lattice_engine.io.checkpoint import PackedTensor
     from lattice_engine.models.base import WeightLoader
     from lattice_engine.plugins import get_plugin_manager
@@ -133,3 +134,20 @@ def test_a_tensor_asked_for_twice_is_converted_once(tmp_path):
     b = loader.matrix("w", (32, 64), "linear")
     assert a is b and a.format is Q8_0_R16
     np.testing.assert_array_equal(a.to_float(), m.to_float())
+
+
+def test_the_layout_follows_the_q8_0_kernel_unless_forced(monkeypatch):
+    from lattice_engine.quant.core_formats import r16_pays
+
+    before = kernels.q8_variant()
+    monkeypatch.delenv("LATTICE_R16", raising=False)
+    try:
+        for variant in kernels.q8_variants():
+            kernels.q8_variant(variant)
+            assert r16_pays() == (variant == "avx512vnni")
+            assert (native_layout(q8(16, 32)).format is Q8_0_R16) == (variant == "avx512vnni")
+        for forced in ("0", "1"):
+            monkeypatch.setenv("LATTICE_R16", forced)
+            assert r16_pays() == (forced == "1")
+    finally:
+        kernels.q8_variant(before)

@@ -120,16 +120,31 @@ CORE_FORMATS = (F32, F16, Q8_0)
 LAYOUT_FORMATS = (Q8_0_R16,)
 
 
-def native_layout(m: PackedMatrix) -> PackedMatrix:
-    """`m` in the layout the native kernels run fastest from: q8_0 with a multiple of 16
-    rows becomes q8_0_r16 (converted in place when its buffer is writable), anything else
-    is returned as it is. Only for models run by the native backend."""
+def r16_pays() -> bool:
+    """Whether q8_0_r16 is the faster layout here: with the AVX512-VNNI q8_0 kernel it is
+    (Qwen2.5-0.5B q8_0, engine alone: 1 stream 20.7 vs ~23 ms/step, 8 streams 35-37 vs
+    50 ms); the 256-bit kernels widen its weights on the shuffle port, which cost the single
+    stream ~8% (26.1 vs 23.8 ms/step) for ~9% at 8 streams, so CPUs without AVX512-VNNI
+    keep plain q8_0. LATTICE_R16=1 / 0 forces it either way (A/B, tests)."""
     import os
 
     from .. import kernels
 
+    forced = os.environ.get("LATTICE_R16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return kernels.available() and kernels.q8_variant() == "avx512vnni"
+
+
+def native_layout(m: PackedMatrix, force: bool = False) -> PackedMatrix:
+    """`m` in the layout the native kernels run fastest from: q8_0 with a multiple of 16
+    rows becomes q8_0_r16 where that pays (`r16_pays`, or `force`; converted in place when
+    its buffer is writable); anything else is returned as it is. Only for models run by the
+    native backend."""
+    from .. import kernels
+
     if m.format.name != "q8_0" or m.rows % R16_ROWS or not kernels.supports(Q8_0_R16) or \
-            os.environ.get("LATTICE_R16") == "0":  # A/B against plain q8_0 (tuning only)
+            not (force or r16_pays()):
         return m
     return PackedMatrix(Q8_0_R16, m.rows, m.cols, kernels.q8_0_r16_convert(m.data, m.cols, True))
 

@@ -68,7 +68,8 @@ def test_methods_keep_embedding_and_lm_head_in_q8_0(tiny_folder, method):
     ref = load(tiny_folder, quant=QuantSpec(method), backend="numpy", plugin_manager=pm)
     assert formats_of(q4) == formats_of(ref, layout=True) == {
         "q": f"{method}_g32", "down": f"{method}_g32", "embed": "q8_0", "lm_head": "q8_0"}
-    assert formats_of(q4, layout=True)["embed"] == "q8_0_r16"
+    from lattice_engine.quant.core_formats import r16_pays
+    assert formats_of(q4, layout=True)["embed"] == ("q8_0_r16" if r16_pays() else "q8_0")
     a, b = logits(ref), logits(q4)
     assert np.abs(a - b).max() < 0.03 * np.abs(a).max()
     # and the 4-bit model still follows the float one (random weights: loosely)
