@@ -442,11 +442,30 @@ int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols);
 int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
                     int64_t M);
 int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out);
-/* Whether a paged batch of n rows stays inside a pool of num_blocks x block_size rows:
-   q_start / pos_start / tables / slots as lk_decoder_step_paged takes them. */
-int lk_step_paged_ok(int64_t n, int64_t num_blocks, int64_t block_size, int64_t nseq,
-                     const int64_t *q_start, const int64_t *pos_start, const int32_t *tables,
-                     int64_t max_blocks, const int64_t *slots);
+/* Where a fused step's keys and values go and how attention reads them: each layer's
+   contiguous cache at one position for every row (dense steps), or the layers' paged pools
+   with a position per row (the paged steps). */
+typedef struct {
+    int paged;
+    int64_t pos; /* dense */
+    /* paged: rows [n] at slots, sequences [nseq] by q_start / pos_start / tables */
+    const int64_t *slots, *q_start, *pos_start;
+    const int32_t *tables;
+    int64_t nseq, max_blocks, block_size;
+    float *const *k_pools, *const *v_pools; /* per layer */
+} lk_step_kv;
+/* t for a paged batch of n rows, as lk_decoder_step_paged takes it; -2 (nothing set) when
+   a row, slot or table lies outside the pool of num_blocks x block_size rows, else 0. */
+int lk_step_kv_paged(lk_step_kv *t, int64_t n, int64_t num_blocks, int64_t block_size,
+                     int64_t nseq, const int64_t *q_start, const int64_t *pos_start,
+                     const int32_t *tables, int64_t max_blocks, const int64_t *slots,
+                     float *const *k_pools, float *const *v_pools);
+/* Layer `layer`'s keys and values of B rows (k, v [B, Hkv * D]) stored where t says (dense:
+   k_cache / v_cache [B, cache_cap, Hkv, D] at t->pos), then attention of q [B, Hq * D]
+   over them into attn. Returns 0, or -5 out of scratch memory. */
+int lk_step_attend(const lk_step_kv *t, int64_t layer, float *k_cache, float *v_cache,
+                   int64_t cache_cap, const float *q, const float *k, const float *v,
+                   int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float scale, float *attn);
 /* Whether r is none or fits rows of `width` floats; x rotated into out when r is set
    (returns out), else x itself. */
 int lk_step_rotation_ok(const lk_rotation *r, int64_t width);

@@ -10,7 +10,6 @@
 #define LK_INTERNAL
 #include "lattice_kernels.h"
 
-#include <string.h>
 
 int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch) {
     const int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
@@ -41,21 +40,10 @@ static int shapes_ok(const lk_decoder *m) {
     return 1;
 }
 
-/* Where a step's keys and values go and how attention reads them: a contiguous cache at
-   one position for every row (lk_decoder_step), or a paged pool with its own position per
-   row (lk_decoder_step_paged). Everything else in a layer is the same. */
-typedef struct {
-    int paged;
-    /* contiguous */
-    int64_t pos;
-    /* paged: rows [n] at slots, sequences [nseq] by q_start / pos_start / tables */
-    const int64_t *slots, *q_start, *pos_start;
-    const int32_t *tables;
-    int64_t nseq, max_blocks, block_size;
-    float *const *k_pools, *const *v_pools;
-} kv_target;
-
-static int run_layers(const lk_decoder *m, const kv_target *t, int64_t B, const float *cos_t,
+/* t: a contiguous cache at one position for every row (lk_decoder_step), or a paged pool
+   with its own position per row (lk_decoder_step_paged); everything else in a layer is the
+   same. */
+static int run_layers(const lk_decoder *m, const lk_step_kv *t, int64_t B, const float *cos_t,
                       const float *sin_t, float *work, float *hidden_out) {
     const int64_t h = m->hidden, D = m->head_dim, Hq = m->n_heads, Hkv = m->n_kv_heads;
     const int64_t qd = Hq * D, kvd = Hkv * D, f = m->intermediate;
@@ -63,7 +51,6 @@ static int run_layers(const lk_decoder *m, const kv_target *t, int64_t B, const 
     float *k = attn + B * qd, *v = k + B * kvd, *gate = v + B * kvd, *up = gate + B * f;
     float *act = up + B * f;
     const float scale = 1.0f / sqrtf((float)D);
-    const int64_t row_stride = m->cache_cap * kvd; /* contiguous: one sequence's cache rows */
     /* rope: one table row for all rows (contiguous), or one per row as T = B (paged) */
     const int64_t rb = t->paged ? 1 : B, rt = t->paged ? B : 1;
     for (int64_t i = 0; i < m->n_layers; i++) {
@@ -79,23 +66,9 @@ static int run_layers(const lk_decoder *m, const kv_target *t, int64_t B, const 
         }
         lk_rope(q, rb, rt, Hq, D, rt * qd, qd, D, cos_t, sin_t, m->rope_half, m->rope_interleaved, q);
         lk_rope(k, rb, rt, Hkv, D, rt * kvd, kvd, D, cos_t, sin_t, m->rope_half, m->rope_interleaved, k);
-        if (t->paged) {
-            for (int64_t b = 0; b < B; b++) {
-                memcpy(t->k_pools[i] + t->slots[b] * kvd, k + b * kvd, (size_t)kvd * sizeof(float));
-                memcpy(t->v_pools[i] + t->slots[b] * kvd, v + b * kvd, (size_t)kvd * sizeof(float));
-            }
-            if (lk_paged_attention(q, Hq, D, t->k_pools[i], t->v_pools[i], t->block_size, Hkv,
-                                   t->nseq, t->q_start, t->pos_start, t->tables, t->max_blocks,
-                                   scale, attn))
-                return -5; /* out of scratch memory */
-        } else {
-            for (int64_t b = 0; b < B; b++) {
-                memcpy(L->k_cache + b * row_stride + t->pos * kvd, k + b * kvd, (size_t)kvd * sizeof(float));
-                memcpy(L->v_cache + b * row_stride + t->pos * kvd, v + b * kvd, (size_t)kvd * sizeof(float));
-            }
-            lk_attention(q, B, 1, Hq, D, qd, qd, D, L->k_cache, row_stride, kvd, D, L->v_cache,
-                         row_stride, kvd, D, t->pos + 1, Hkv, t->pos, scale, attn);
-        }
+        if (lk_step_attend(t, i, L->k_cache, L->v_cache, m->cache_cap, q, k, v, B, Hq, Hkv, D,
+                           scale, attn))
+            return -5; /* out of scratch memory */
         const lk_linear *o[1] = {&L->o};
         float *o_out[1] = {tmp};
         /* q is free after attention: the rotated attention output goes there */
@@ -128,7 +101,7 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
         if (!m->layers[i].k_cache || !m->layers[i].v_cache) return -4;
     if (work_len < lk_decoder_work_size(m, batch)) return -3;
     if (lk_step_embed(&m->embed, tokens, batch, work)) return -1;
-    kv_target t = {0};
+    lk_step_kv t = {0};
     t.pos = pos;
     return run_layers(m, &t, batch, cos_t, sin_t, work, hidden_out);
 }
@@ -143,23 +116,12 @@ int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,
     if (n <= 0) return 0;
     if (!shapes_ok(m)) return -4;
     if (work_len < lk_decoder_work_size(m, n)) return -3;
-    /* everything attention will read must be in the pool: rows, slots, tables */
-    if (!lk_step_paged_ok(n, num_blocks, block_size, nseq, q_start, pos_start, tables,
-                          max_blocks, slots))
+    lk_step_kv t;
+    if (lk_step_kv_paged(&t, n, num_blocks, block_size, nseq, q_start, pos_start, tables,
+                         max_blocks, slots, k_pools, v_pools))
         return -2;
     for (int64_t i = 0; i < m->n_layers; i++)
         if (!k_pools[i] || !v_pools[i]) return -4;
     if (lk_step_embed(&m->embed, tokens, n, work)) return -1;
-    kv_target t = {0};
-    t.paged = 1;
-    t.slots = slots;
-    t.q_start = q_start;
-    t.pos_start = pos_start;
-    t.tables = tables;
-    t.nseq = nseq;
-    t.max_blocks = max_blocks;
-    t.block_size = block_size;
-    t.k_pools = k_pools;
-    t.v_pools = v_pools;
     return run_layers(m, &t, n, cos_t, sin_t, work, hidden_out);
 }

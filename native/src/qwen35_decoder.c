@@ -22,12 +22,9 @@
    states in slot state_slots[s] of every linear layer's pools). Pools are per layer index
    (NULL for the other kind). */
 typedef struct {
-    int paged;
-    int64_t pos;
-    const int64_t *slots, *q_start, *pos_start, *state_slots;
-    const int32_t *tables;
-    int64_t nseq, max_blocks, block_size;
-    float *const *k_pools, *const *v_pools, *const *conv_pools, *const *delta_pools;
+    lk_step_kv kv;
+    const int64_t *state_slots;
+    float *const *conv_pools, *const *delta_pools;
 } q35_target;
 
 /* Widths of the per-row buffers. */
@@ -106,12 +103,13 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, co
     if (lk_step_linears(in, in_out, 4, xn, B)) return -5;
     const int64_t conv_len = (m->conv_kernel - 1) * d->conv;
     const int64_t delta_len = d->hv * m->lin_k_dim * m->lin_v_dim;
-    if (!t->paged)
+    const lk_step_kv *kv = &t->kv;
+    if (!kv->paged)
         lk_causal_conv1d(mixed, B, 1, d->conv, d->conv, d->conv, L->conv_w, m->conv_kernel,
                          L->conv_state, 1);
     else
-        for (int64_t s = 0; s < t->nseq; s++) {
-            const int64_t r0 = t->q_start[s], c = t->q_start[s + 1] - r0;
+        for (int64_t s = 0; s < kv->nseq; s++) {
+            const int64_t r0 = kv->q_start[s], c = kv->q_start[s + 1] - r0;
             if (c > 0)
                 lk_causal_conv1d(mixed + r0 * d->conv, 1, c, d->conv, c * d->conv, d->conv,
                                  L->conv_w, m->conv_kernel,
@@ -124,20 +122,20 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, co
     lk_softplus(aa, B * d->hv, g);
     for (int64_t b = 0; b < B; b++)
         for (int64_t hh = 0; hh < d->hv; hh++) g[b * d->hv + hh] *= L->neg_a[hh];
-    if (!t->paged)
+    if (!kv->paged)
         lk_gated_delta_rule(mixed, mixed + d->key, mixed + 2 * d->key, B, 1, m->lin_k_heads,
                             m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, d->conv, 0, g, beta,
                             L->delta_state, 0, core);
     else
-        for (int64_t s = 0; s < t->nseq; s++) {
-            const int64_t r0 = t->q_start[s], c = t->q_start[s + 1] - r0;
+        for (int64_t s = 0; s < kv->nseq; s++) {
+            const int64_t r0 = kv->q_start[s], c = kv->q_start[s + 1] - r0;
             const float *qr = mixed + r0 * d->conv;
             if (c > 0) /* one sequence (batch stride 0), its rows conv apart (0 for one row) */
                 lk_gated_delta_rule(qr, qr + d->key, qr + 2 * d->key, 1, c, m->lin_k_heads,
                                     m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, 0,
                                     c > 1 ? d->conv : 0, g + r0 * d->hv, beta + r0 * d->hv,
                                     t->delta_pools[li] + t->state_slots[s] * delta_len,
-                                    c > 1 ? t->block_size : 0, core + r0 * d->value);
+                                    c > 1 ? kv->block_size : 0, core + r0 * d->value);
         }
     lk_gated_rms_norm(core, z, B * d->hv, m->lin_v_dim, L->head_norm, m->eps, normed);
     const lk_linear *o[1] = {&L->out};
@@ -146,7 +144,7 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, co
 
 /* The gated full-attention mixer of layer li on xn [B, h]: dense, every row at t->pos
    (one cos / sin row); paged, each row at its own position (a cos / sin row per row). */
-static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, const q35_target *t,
+static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, const lk_step_kv *t,
                      const dims *d, int64_t B, const float *cos_t, const float *sin_t,
                      const float *xn, float *qg, float *q, float *k, float *v, float *attn,
                      float *out) {
@@ -163,25 +161,9 @@ static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, c
     lk_rope(k, rb, rt, Hkv, D, rt * d->kvd, d->kvd, D, cos_t, sin_t, m->rope_half, 0, k);
     /* the per-kernel path's scale: 1 / sqrt(D) in double, rounded once to float */
     const float scale = (float)(1.0 / sqrt((double)D));
-    if (t->paged) {
-        for (int64_t b = 0; b < B; b++) {
-            memcpy(t->k_pools[li] + t->slots[b] * d->kvd, k + b * d->kvd, (size_t)d->kvd * 4);
-            memcpy(t->v_pools[li] + t->slots[b] * d->kvd, v + b * d->kvd, (size_t)d->kvd * 4);
-        }
-        if (lk_paged_attention(q, Hq, D, t->k_pools[li], t->v_pools[li], t->block_size, Hkv,
-                               t->nseq, t->q_start, t->pos_start, t->tables, t->max_blocks,
-                               scale, attn))
-            return -5; /* out of scratch memory */
-    } else {
-        const int64_t row_stride = m->cache_cap * d->kvd; /* one sequence's cache rows */
-        const int64_t pos = t->pos;
-        for (int64_t b = 0; b < B; b++) {
-            memcpy(L->k_cache + b * row_stride + pos * d->kvd, k + b * d->kvd, (size_t)d->kvd * 4);
-            memcpy(L->v_cache + b * row_stride + pos * d->kvd, v + b * d->kvd, (size_t)d->kvd * 4);
-        }
-        lk_attention(q, B, 1, Hq, D, d->qd, d->qd, D, L->k_cache, row_stride, d->kvd, D,
-                     L->v_cache, row_stride, d->kvd, D, pos + 1, Hkv, pos, scale, attn);
-    }
+    if (lk_step_attend(t, li, L->k_cache, L->v_cache, m->cache_cap, q, k, v, B, Hq, Hkv, D,
+                       scale, attn))
+        return -5; /* out of scratch memory */
     /* attn *= sigmoid(gate), the gate half of each head's q_proj rows (q is free now) */
     for (int64_t r = 0; r < B * Hq; r++) lk_sigmoid(qg + r * 2 * D + D, D, q + r * D);
     for (int64_t i = 0; i < B * d->qd; i++) attn[i] *= q[i];
@@ -205,7 +187,7 @@ static int run_layers(const lk_qwen35 *m, const q35_target *t, int64_t B, const 
         lk_rms_norm(x, B, d.h, L->attn_norm, m->eps, 1.0f, xn);
         const int rc = L->kind == LK_QWEN35_LINEAR
             ? deltanet(m, L, i, t, &d, B, xn, mixed, z, bb, aa, g, beta, core, normed, tmp)
-            : attention(m, L, i, t, &d, B, cos_t, sin_t, xn, qg, q, k, v, attn, tmp);
+            : attention(m, L, i, &t->kv, &d, B, cos_t, sin_t, xn, qg, q, k, v, attn, tmp);
         if (rc) return rc;
         lk_add(x, tmp, B * d.h, x);
         lk_rms_norm(x, B, d.h, L->mlp_norm, m->eps, 1.0f, xn);
@@ -233,7 +215,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
     if (work_len < lk_qwen35_work_size(m, batch)) return -3;
     if (lk_step_embed(&m->embed, tokens, batch, work)) return -1;
     q35_target t = {0};
-    t.pos = pos;
+    t.kv.pos = pos;
     return run_layers(m, &t, batch, cos_t, sin_t, work, hidden_out);
 }
 
@@ -250,8 +232,9 @@ int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
     if (!shapes_ok(m, 0)) return -4;
     if (work_len < lk_qwen35_work_size(m, n)) return -3;
     /* everything the step will touch must be in the pools: rows, slots, tables, states */
-    if (!lk_step_paged_ok(n, num_blocks, block_size, nseq, q_start, pos_start, tables,
-                          max_blocks, slots))
+    q35_target t = {0};
+    if (lk_step_kv_paged(&t.kv, n, num_blocks, block_size, nseq, q_start, pos_start, tables,
+                         max_blocks, slots, k_pools, v_pools))
         return -2;
     for (int64_t s = 0; s < nseq; s++)
         if (q_start[s + 1] > q_start[s] && (state_slots[s] < 0 || state_slots[s] >= num_state_slots))
@@ -261,18 +244,7 @@ int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
         if (linear ? !conv_pools[i] || !delta_pools[i] : !k_pools[i] || !v_pools[i]) return -4;
     }
     if (lk_step_embed(&m->embed, tokens, n, work)) return -1;
-    q35_target t = {0};
-    t.paged = 1;
-    t.slots = slots;
-    t.q_start = q_start;
-    t.pos_start = pos_start;
     t.state_slots = state_slots;
-    t.tables = tables;
-    t.nseq = nseq;
-    t.max_blocks = max_blocks;
-    t.block_size = block_size;
-    t.k_pools = k_pools;
-    t.v_pools = v_pools;
     t.conv_pools = conv_pools;
     t.delta_pools = delta_pools;
     return run_layers(m, &t, n, cos_t, sin_t, work, hidden_out);

@@ -3,6 +3,8 @@
 #define LK_INTERNAL
 #include "lattice_kernels.h"
 
+#include <string.h>
+
 int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
     if (l->fmt == LK_FMT_EXTERN) return l->ext && l->w && l->rows == rows && l->cols == cols;
     if (l->fmt < LK_FMT_F32 || l->fmt > LK_FMT_Q8_0_R16 || !l->w) return 0;
@@ -60,20 +62,57 @@ int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out)
     }
 }
 
-int lk_step_paged_ok(int64_t n, int64_t num_blocks, int64_t block_size, int64_t nseq,
-                     const int64_t *q_start, const int64_t *pos_start, const int32_t *tables,
-                     int64_t max_blocks, const int64_t *slots) {
-    if (nseq <= 0 || q_start[0] != 0 || q_start[nseq] != n || block_size <= 0) return 0;
+int lk_step_kv_paged(lk_step_kv *t, int64_t n, int64_t num_blocks, int64_t block_size,
+                     int64_t nseq, const int64_t *q_start, const int64_t *pos_start,
+                     const int32_t *tables, int64_t max_blocks, const int64_t *slots,
+                     float *const *k_pools, float *const *v_pools) {
+    /* everything attention will read must be in the pool: rows, slots, tables */
+    if (nseq <= 0 || q_start[0] != 0 || q_start[nseq] != n || block_size <= 0) return -2;
     for (int64_t i = 0; i < nseq; i++) {
         const int64_t rows = q_start[i + 1] - q_start[i];
         if (rows < 0 || pos_start[i] < 0 ||
-            (pos_start[i] + rows + block_size - 1) / block_size > max_blocks) return 0;
+            (pos_start[i] + rows + block_size - 1) / block_size > max_blocks) return -2;
     }
     for (int64_t i = 0; i < nseq * max_blocks; i++)
-        if (tables[i] < 0 || tables[i] >= num_blocks) return 0;
+        if (tables[i] < 0 || tables[i] >= num_blocks) return -2;
     for (int64_t r = 0; r < n; r++)
-        if (slots[r] < 0 || slots[r] >= num_blocks * block_size) return 0;
-    return 1;
+        if (slots[r] < 0 || slots[r] >= num_blocks * block_size) return -2;
+    memset(t, 0, sizeof *t);
+    t->paged = 1;
+    t->slots = slots;
+    t->q_start = q_start;
+    t->pos_start = pos_start;
+    t->tables = tables;
+    t->nseq = nseq;
+    t->max_blocks = max_blocks;
+    t->block_size = block_size;
+    t->k_pools = k_pools;
+    t->v_pools = v_pools;
+    return 0;
+}
+
+int lk_step_attend(const lk_step_kv *t, int64_t layer, float *k_cache, float *v_cache,
+                   int64_t cache_cap, const float *q, const float *k, const float *v,
+                   int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float scale, float *attn) {
+    const int64_t qd = Hq * D, kvd = Hkv * D;
+    const size_t row = (size_t)kvd * sizeof(float);
+    if (t->paged) {
+        float *kp = t->k_pools[layer], *vp = t->v_pools[layer];
+        for (int64_t b = 0; b < B; b++) {
+            memcpy(kp + t->slots[b] * kvd, k + b * kvd, row);
+            memcpy(vp + t->slots[b] * kvd, v + b * kvd, row);
+        }
+        return lk_paged_attention(q, Hq, D, kp, vp, t->block_size, Hkv, t->nseq, t->q_start,
+                                  t->pos_start, t->tables, t->max_blocks, scale, attn) ? -5 : 0;
+    }
+    const int64_t stride = cache_cap * kvd; /* one sequence's cache rows */
+    for (int64_t b = 0; b < B; b++) {
+        memcpy(k_cache + b * stride + t->pos * kvd, k + b * kvd, row);
+        memcpy(v_cache + b * stride + t->pos * kvd, v + b * kvd, row);
+    }
+    lk_attention(q, B, 1, Hq, D, qd, qd, D, k_cache, stride, kvd, D, v_cache, stride, kvd, D,
+                 t->pos + 1, Hkv, t->pos, scale, attn);
+    return 0;
 }
 
 int lk_step_rotation_ok(const lk_rotation *r, int64_t width) {
