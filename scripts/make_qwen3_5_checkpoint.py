@@ -3,9 +3,10 @@ reference logits for it (real weights cannot be fetched here).
 
     python scripts/make_qwen3_5_checkpoint.py [--out DIR] [--dtype bf16|f32]
 
-Builds `Qwen3_5ForConditionalGeneration` from ../shared/data/configs/qwen3_5-0.8b.config.json
-(so the file has the released layout: text under model.language_model.*, the vision tower
-under model.visual.*), adds an `mtp.*` head of the released shape, and writes
+Builds `Qwen3_5ForConditionalGeneration` from the released 0.8B config, committed as
+data/configs/qwen3_5-0.8b.config.json (so the file has the released layout: text under
+model.language_model.*, the vision tower under model.visual.*), adds an `mtp.*` head of the
+released shape, and writes
   DIR/config.json, DIR/model.safetensors      (default DIR: $LATTICE_HOME/bench/qwen3_5-0.8b-random)
   DIR/reference.safetensors                   transformers float32 on the same weights:
       prompt_ids [1, 64], prefill_logits [1, 64, V], decode_ids [1, 32], decode_logits [1, 32, V]
@@ -27,7 +28,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = Path("/work/shared/data/configs/qwen3_5-0.8b.config.json")
+# read relative to the repo, so the script runs from any clone
+CONFIG = ROOT / "data" / "configs" / "qwen3_5-0.8b.config.json"
 PROMPT_TOKENS, DECODE_STEPS = 64, 32
 
 
