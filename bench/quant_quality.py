@@ -14,8 +14,9 @@ Q4_0 / Q4_1, all made from the same float32 weights (bench/gguf_variants.py's f3
 
 recon: relative RMS error ||W_q - W|| / ||W|| of every method and group size over all
 linear weights of each model, and on a heavy-tailed synthetic matrix (Student-t, 3 degrees
-of freedom). ppl: the DESIGN.md recipe (WikiText-2 test, first 32,768 tokens, window 512,
-stride 256) with the token ids lattice's tokenizer gives; llama.cpp scores those same ids
+of freedom). ppl: the recipe of README.md's "How it is measured" (WikiText-2 test, first
+32,768 tokens, window 512, stride 256; windows from lattice_engine/eval/perplexity.py) with
+the token ids lattice's tokenizer gives; llama.cpp scores those same ids
 (llama-cpp-python, logits of every position, one eval per window). speed: decode and
 prefill as bench/decode.py measures them, lattice q4_asym g32 against llama.cpp Q4_1 and
 q4_sym g32 (or q4_0, ggml's rule) against Q4_0, every engine in its own process, in one run.

@@ -1,4 +1,4 @@
-"""Perplexity by the fixed-length sliding-window recipe (DESIGN.md).
+"""Perplexity by the fixed-length sliding-window recipe (README.md, "How it is measured").
 
 Tokenize the whole text once without BOS; windows of `window` tokens start every `stride`
 tokens; each window scores only the tokens the previous window did not (the first scores
