@@ -1,5 +1,5 @@
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402  (the decorator plugins import)
+from .hookspecs import PLUGIN_API_VERSION, hookimpl  # noqa: E402  (what plugins import)
 
-__all__ = ["__version__", "hookimpl"]
+__all__ = ["__version__", "PLUGIN_API_VERSION", "hookimpl"]

@@ -43,8 +43,31 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
+def version_text() -> str:
+    """`lattice --version`: the engine, the plugin hook contract and the native kernels."""
+    from . import PLUGIN_API_VERSION, __version__, kernels
+    return (f"lattice-engine {__version__}\nplugin API {PLUGIN_API_VERSION}\n"
+            f"native kernels {kernels.variant()}")
+
+
+class VersionAction(argparse.Action):
+    """Like argparse's "version" action, but the text is built only when asked for: it
+    loads the native module to name the kernel variant in use."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0,
+                         help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lattice", description="CPU LLM inference engine")
+    parser.add_argument("--version", action=VersionAction,
+                        help="print the engine version, the plugin API version and the "
+                             "native kernel variant in use, then exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate a completion for a prompt")

@@ -17,6 +17,12 @@ import pluggy
 hookspec = pluggy.HookspecMarker("lattice_engine")
 hookimpl = pluggy.HookimplMarker("lattice_engine")
 
+# The version of the hook contract in this file, which a plugin can require: the major
+# number changes when a hook is removed or its arguments or the objects it registers change
+# incompatibly, the minor number when a hook or an optional argument is added. It moves
+# independently of the engine's release number; `lattice --version` prints both.
+PLUGIN_API_VERSION = "1.0"
+
 
 # --- Models ---------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ except ImportError as exc:  # pragma: no cover - only on installs without a C co
 
 __all__ = [
     "available", "isa", "set_isa", "set_threads", "threads", "supports", "q8_variant",
-    "q8_variants",
+    "q8_variants", "variant",
     "matmul", "matmul_multi", "embed", "quantize_q8_0", "format_matmul", "format_embed",
     "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "log_sum_exp",
     "attention", "add",
@@ -124,6 +124,16 @@ def q8_variant(name: str | None = None) -> str:
         if idx < 0:
             raise ValueError(f"unknown q8_0 variant {name!r}")
     return _ffi.string(_L.lk_q8_variant_name(_L.lk_q8_variant(idx))).decode()
+
+
+def variant() -> str:
+    """The native kernels in use, as `lattice --version` and the benches' rows report them:
+    "avx2, q8_0 avx512vnni" (the q8_0 kernel is picked only at the avx2 level), "generic",
+    or "not built: <why>" when the compiled module is missing."""
+    if _lib is None:
+        return f"not built: {LOAD_ERROR}"
+    level = isa()
+    return f"{level}, q8_0 {q8_variant()}" if level == "avx2" else level
 
 
 def set_threads(n: int) -> None:
