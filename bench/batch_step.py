@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import os
 import pstats
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from provenance import add_results_option, emit  # noqa: E402  (bench/, next to this file)
 
 
 def main(argv=None) -> int:
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", type=int, default=0, help="top N cProfile entries (0: none)")
     ap.add_argument("--pacing", type=int, default=0, help="long prompt tokens (0: off)")
     ap.add_argument("--pacing-streams", type=int, default=4)
+    add_results_option(ap)
     args = ap.parse_args(argv)
 
     from lattice_engine.batching import BatchingOptions
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
             pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
         for s in list(runner.scheduler.running):
             runner.abort(s.request_id)
-    print(json.dumps(result))
+    emit(result, args.results, args.threads)
     return 0
 
 
@@ -119,9 +121,11 @@ def pacing(engine, args) -> int:
         print(f"mixed step {len(steps)}: budget {budget} tokens, {1e3 * steps[-1]:.1f} ms "
               f"({steps[-1] / t_decode:.2f}x)", flush=True)
     mean = sum(steps) / len(steps)
-    print(json.dumps({"decode_ms": round(1e3 * t_decode, 2), "mixed_steps": len(steps),
-                      "mixed_mean_ms": round(1e3 * mean, 2), "rise": round(mean / t_decode, 3),
-                      "load_avg": os.getloadavg()[0]}))
+    emit({"model": args.model, "quant": args.quant, "threads": args.threads,
+          "pacing_streams": args.pacing_streams, "long_prompt_tokens": args.pacing,
+          "decode_ms": round(1e3 * t_decode, 2), "mixed_steps": len(steps),
+          "mixed_mean_ms": round(1e3 * mean, 2), "rise": round(mean / t_decode, 3),
+          "load_avg": os.getloadavg()[0]}, args.results, args.threads)
     return 0
 
 

@@ -15,7 +15,6 @@ transformers`); not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -27,6 +26,7 @@ from lattice_engine.eval.perplexity import perplexity, windows
 from lattice_engine.loading import load, resolve_source
 from lattice_engine.quant.methods import QuantSpec
 from lattice_engine.sampling import log_softmax
+from provenance import add_results_option, emit  # bench/, next to this file
 
 
 def load_reference(path: Path):
@@ -72,6 +72,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--stride", type=int, default=256)
+    add_results_option(parser)
     args = parser.parse_args()
 
     path = resolve_source(args.model)
@@ -102,7 +103,7 @@ def main() -> int:
                   "mean_kl": kl}
         print(f"{ids.size} positions: max |diff| {result['max_abs_diff']:.3g}, argmax agreement "
               f"{result['argmax_agreement']:.4f}, mean KL {kl:.3g}")
-    print(json.dumps(result))
+    emit(result, args.results)
     return 0
 
 

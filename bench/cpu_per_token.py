@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from provenance import add_results_option, emit  # bench/, next to this file
+
 STEPS = 20
 
 
@@ -48,10 +50,15 @@ def main() -> None:
     p.add_argument("path")
     p.add_argument("method", nargs="?", default="q4_asym")
     p.add_argument("--group-size", type=int, default=None)
+    add_results_option(p)
     a = p.parse_args()
     sec = lattice(a.path, a.method, a.group_size) if a.engine == "lattice" else llama_cpp(a.path)
     print(f"{a.engine} {a.path} {a.method if a.engine == 'lattice' else ''}: "
           f"{sec * 1e3:.1f} ms CPU per token (1 thread)")
+    emit({"engine": a.engine, "path": a.path,
+          "method": a.method if a.engine == "lattice" else None,
+          "group_size": a.group_size if a.engine == "lattice" else None,
+          "cpu_ms_per_token": round(sec * 1e3, 3), "tokens": STEPS}, a.results, threads=1)
 
 
 if __name__ == "__main__":

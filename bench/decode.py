@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from provenance import add_results_option, emit  # bench/, next to this file
+
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parent / "data" / "wikitext-2" / "wiki.test.raw"
 N1, N2 = 32, 160
@@ -179,6 +181,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)
+    add_results_option(parser)
     args = parser.parse_args()
 
     if args.worker:
@@ -236,7 +239,7 @@ def main() -> int:
               f"{summary[f'prefill_ratio{key}']:.2f}x, RSS {summary[f'rss_ratio{key}']:.2f}x")
     if "llama.cpp" in summary.get("peers", {}):
         summary["peer"] = summary["peers"]["llama.cpp"]
-    print(json.dumps(summary))
+    emit(summary, args.results, args.threads)
     return 0
 
 

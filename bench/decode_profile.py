@@ -22,7 +22,6 @@ Minimum and median of --runs repetitions; the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from provenance import add_results_option, emit  # bench/, next to this file
 
 
 def resolve_model(name: str) -> str:
@@ -63,6 +64,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--position", type=int, default=64, help="tokens already in the cache")
+    add_results_option(ap)
     args = ap.parse_args()
 
     from lattice_engine import kernels
@@ -135,13 +137,13 @@ def main() -> int:
               f"{nb / best[name] / 1e6:7.1f} {rl / best[name]:12.0%}")
     print(f"Python per token (per-kernel - step): {best['per-kernel'] - best['step']:.2f} ms; "
           f"C outside the weight matmuls (step - matmuls): {best['step'] - best['matmuls']:.2f} ms")
-    print(json.dumps({"model": args.model, "quant": args.quant, "threads": args.threads,
-                      "weight_bytes_per_token": nbytes, "read_bandwidth_gb_s": bandwidth,
-                      "step_ms": best["step"], "per_kernel_ms": best["per-kernel"],
-                      "matmuls_ms": best["matmuls"], "lm_head_ms": best["lm_head"],
-                      "step_median_ms": median["step"],
-                      "roofline_ms": roofline_ms, "roofline_frac": roofline_ms / best["step"],
-                      "load_avg_1m": os.getloadavg()[0]}))
+    emit({"model": args.model, "quant": args.quant, "threads": args.threads,
+          "weight_bytes_per_token": nbytes, "read_bandwidth_gb_s": bandwidth,
+          "step_ms": best["step"], "per_kernel_ms": best["per-kernel"],
+          "matmuls_ms": best["matmuls"], "lm_head_ms": best["lm_head"],
+          "step_median_ms": median["step"],
+          "roofline_ms": roofline_ms, "roofline_frac": roofline_ms / best["step"],
+          "load_avg_1m": os.getloadavg()[0]}, args.results, args.threads)
     return 0
 
 

@@ -14,7 +14,6 @@ Prints a table (ms per call, and the ratio to M = 1), then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lattice_engine import kernels  # noqa: E402
 from lattice_engine.quant.core_formats import CORE_FORMATS  # noqa: E402
 from lattice_engine.quant.formats import pack  # noqa: E402
+from provenance import add_results_option, emit  # noqa: E402  (bench/, next to this file)
 
 SHAPES = [(4864, 896), (896, 4864)]  # [N x K]: gate/up and down of Qwen2.5-0.5B
 
@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true",
                    help="with --threads 1: time the thread's CPU time, not wall time (less "
                         "disturbed by other jobs on the cores)")
+    add_results_option(p)
     args = p.parse_args(argv)
     if args.cpu and args.threads != 1:
         p.error("--cpu needs --threads 1 (worker threads' time is not the caller's)")
@@ -75,8 +76,9 @@ def main(argv=None) -> int:
                 f"M={m} {1e3 * v:.3f} ms ({v / base:.2f}x)" for m, v in t.items()))
             rows.append({"format": name, "N": n, "K": k,
                          "ms": {m: round(1e3 * v, 4) for m, v in t.items()}})
-    print(json.dumps({"threads": args.threads, "q8_variant": kernels.q8_variant(),
-                      "load_avg": os.getloadavg()[0], "rows": rows}))
+    emit({"threads": args.threads, "q8_variant": kernels.q8_variant(),
+          "clock": "thread CPU" if args.cpu else "wall",
+          "load_avg": os.getloadavg()[0], "rows": rows}, args.results, args.threads)
     return 0
 
 

@@ -15,7 +15,6 @@ xgrammar's bitmask fill and the numpy mask application. Last line: one JSON obje
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -26,6 +25,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+from provenance import add_results_option, emit  # noqa: E402  (bench/, next to this file)
+
 N1, N2 = 32, 160
 RECORD = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 16},
@@ -44,6 +46,7 @@ def main() -> int:
     parser.add_argument("--quant", default="q8_0", choices=("f32", "f16", "q8_0"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
+    add_results_option(parser)
     args = parser.parse_args()
 
     from gguf_variants import variant
@@ -135,7 +138,7 @@ def main() -> int:
           f"step that bounds the ratio at {summary['ratio_bound']:.1%}")
     print(f"constrained output starts: {text[:100]!r}")
     print(f"load average {load_avg[0]:.2f} {load_avg[1]:.2f} {load_avg[2]:.2f}")
-    print(json.dumps(summary))
+    emit(summary, args.results, args.threads)
     return 0
 
 

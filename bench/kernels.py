@@ -20,7 +20,6 @@ Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lattice_engine import kernels  # noqa: E402
 from lattice_engine.quant.core_formats import F16, Q8_0, Q8_0_R16  # noqa: E402
 from lattice_engine.quant.formats import PackedMatrix, pack  # noqa: E402
+from provenance import add_results_option, emit  # noqa: E402  (bench/, next to this file)
 
 SHAPES = [(896, 4864), (4864, 896), (151936, 896)]  # [N x K]: down, gate/up, lm_head of a 0.5B
 FORMATS = [F16, Q8_0, Q8_0_R16]
@@ -168,6 +168,7 @@ def main() -> int:
                     help="prefill table in the calling thread's CPU time (needs --threads 1)")
     ap.add_argument("--formats", default=",".join(f.name for f in FORMATS),
                     help="comma-separated weight formats to measure (any registered name)")
+    add_results_option(ap)
     args = ap.parse_args()
 
     if args.cpu_time:
@@ -218,12 +219,12 @@ def main() -> int:
     print()
     prefill = prefill_table(ms, args.min_time, rng, formats, shapes) if ms else []
     print()
-    print(json.dumps({"isa": kernels.isa(), "q8_variant": q8, "threads": kernels.threads(),
-                      "clock": "thread cpu" if args.cpu_time else "wall",
-                      "read_bw_gbs": round(bw, 3), "read_bw_prefetch_gbs": round(bw_pf, 3),
-                      "load_avg_1m": round(load0, 2),
-                      "load_avg_1m_end": round(load_average(), 2), "matvec": results,
-                      "prefill": prefill}))
+    emit({"isa": kernels.isa(), "q8_variant": q8, "threads": kernels.threads(),
+          "clock": "thread cpu" if args.cpu_time else "wall",
+          "read_bw_gbs": round(bw, 3), "read_bw_prefetch_gbs": round(bw_pf, 3),
+          "load_avg_1m": round(load0, 2),
+          "load_avg_1m_end": round(load_average(), 2), "matvec": results,
+          "prefill": prefill}, args.results)
     return 0
 
 

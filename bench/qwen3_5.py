@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from provenance import add_results_option, emit  # bench/, next to this file
+
 SHORT_PROMPT, PROMPT_TOKENS = 16, 512
 
 
@@ -181,6 +183,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--n1", type=int, default=8)
     parser.add_argument("--n2", type=int, default=40)
+    add_results_option(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     common = (args.threads, args.runs, args.n1, args.n2)
@@ -243,7 +246,7 @@ def main() -> int:
         ratios = {k: v for k, v in r.items() if k.startswith(("decode_vs", "prefill_vs"))}
         if ratios:
             print(f"{name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    print(json.dumps(summary))
+    emit(summary, args.results, args.threads)
     return 0
 
 

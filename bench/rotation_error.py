@@ -17,7 +17,6 @@ directly comparable. Needs lattice-quant-q4 and lattice-quarot. The last line is
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from provenance import add_results_option, emit  # noqa: E402
 
 KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o_proj",
          "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down_proj"}
@@ -79,6 +80,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=1000)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    add_results_option(ap)
     args = ap.parse_args()
     from gguf_variants import variant
     from lattice_engine.loading import load
@@ -104,8 +106,8 @@ def main() -> int:
         cells = [f"{result[b][key]['weight']:.4f} / {result[b][key]['output']:.4f}"
                  for b in bases]
         print(f"| {kind} | {method} | " + " | ".join(cells) + " |")
-    print(json.dumps({"model": args.model, "tokens": args.tokens, "group": args.group_size,
-                      "bases": result}))
+    emit({"model": args.model, "tokens": args.tokens, "group": args.group_size,
+          "bases": result}, args.results)
     return 0
 
 

@@ -35,6 +35,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from provenance import add_results_option, emit  # bench/, next to this file
+
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parent / "data" / "wikitext-2" / "wiki.test.raw"
 
@@ -250,6 +252,7 @@ def main(argv=None) -> int:
     p.add_argument("--client", choices=("http", "openai"), default="http",
                    help="how the streams are read (see the module doc)")
     p.add_argument("--skip", default="", help="comma-separated: throughput,ttft,itl")
+    add_results_option(p)
     args = p.parse_args(argv)
     args.streams = [int(s) for s in args.streams.split(",") if s]
     skip = set(args.skip.split(","))
@@ -293,7 +296,7 @@ def main(argv=None) -> int:
     finally:
         server.stop()  # also ends the ITL decoders' streams
     result["load_avg_end"] = os.getloadavg()[0]
-    print(json.dumps(result))
+    emit(result, args.results, args.threads)
     return 0
 
 

@@ -1,0 +1,98 @@
+"""bench/provenance.py: what every bench row carries, and the results files the benches write."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+# loaded by path: putting bench/ on sys.path would let its kernels.py, decode.py, ... shadow
+# other modules for the rest of the session
+_spec = importlib.util.spec_from_file_location("bench_provenance", BENCH / "provenance.py")
+provenance = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(provenance)
+
+CPUINFO = """processor\t: 0
+model name\t: Example CPU @ 2.0GHz
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512_vnni amx_tile
+processor\t: 1
+model name\t: Example CPU @ 2.0GHz
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512_vnni amx_tile
+"""
+
+
+def test_cpu_info_keeps_the_kernel_flags_in_a_fixed_order():
+    info = provenance.cpu_info(CPUINFO)
+    assert info == {"cpu": "Example CPU @ 2.0GHz",
+                    "cpu_flags": ["avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_tile"]}
+
+
+def test_environment_keeps_kernel_knobs_and_drops_secrets_and_paths():
+    env = {"LATTICE_R16": "0", "LATTICE_Q8": "avx2", "OPENBLAS_CORETYPE": "Haswell",
+           "LATTICE_API_KEY": "s3cret", "LATTICE_HF_TOKEN": "t", "LATTICE_HOME": "/somewhere",
+           "PATH": "/usr/bin", "OMP_NUM_THREADS": "2"}
+    assert provenance.environment(env) == {"LATTICE_Q8": "avx2", "LATTICE_R16": "0",
+                                           "OMP_NUM_THREADS": "2",
+                                           "OPENBLAS_CORETYPE": "Haswell"}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_state_names_the_checked_out_commit(tmp_path):
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    state = provenance.git_state()
+    assert state["commit"] == head.stdout.strip()
+    assert isinstance(state["dirty"], bool)
+    assert provenance.git_state(tmp_path) == {"commit": None, "dirty": None}
+
+
+def test_provenance_has_every_field_a_figure_is_traced_by():
+    p = provenance.provenance(threads=3)
+    for key in ("commit", "dirty", "date", "cpu", "cpu_flags", "kernels", "q8_0_r16",
+                "threads", "env", "versions", "argv"):
+        assert key in p
+    assert p["threads"] == 3
+    assert p["date"].endswith("+00:00")
+    assert p["versions"]["lattice-engine"]
+    json.dumps(p)  # a row must stay JSON
+
+
+def test_append_jsonl_keeps_old_lines_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"a": 1}')  # a last line without its newline
+    provenance.append_jsonl(path, {"b": 2})
+    provenance.append_jsonl(path, {"c": 3})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == \
+        [{"a": 1}, {"b": 2}, {"c": 3}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
+
+
+def test_emit_prints_and_appends_the_row_with_provenance(tmp_path, capsys):
+    row = provenance.emit({"x": 1}, tmp_path / "out.jsonl", threads=2)
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.loads((tmp_path / "out.jsonl").read_text())
+    assert printed == written == row
+    assert row["x"] == 1 and row["provenance"]["threads"] == 2
+
+
+def test_a_bench_writes_its_row_with_provenance(tmp_path):
+    from lattice_engine import kernels
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    out = tmp_path / "few_rows.jsonl"
+    res = subprocess.run([sys.executable, str(BENCH / "few_rows.py"), "--threads", "1",
+                          "--formats", "q8_0", "--m", "1", "--repeats", "1", "--inner", "1",
+                          "--results", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    row = json.loads(out.read_text())
+    assert row == json.loads(res.stdout.strip().splitlines()[-1])
+    assert row["provenance"]["kernels"] == kernels.variant()
+    assert row["provenance"]["argv"][0] == "bench/few_rows.py"
