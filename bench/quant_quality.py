@@ -22,6 +22,11 @@ prefill as bench/decode.py measures them, lattice q4_asym g32 against llama.cpp 
 q4_sym g32 (or q4_0, ggml's rule) against Q4_0, every engine in its own process, in one run.
 Needs the plugin (pip install ./plugins/quant_q4) and llama-cpp-python. Run the ppl rows
 one at a time under `nice`: each is minutes of 2-core time.
+
+Rows carry their provenance (bench/provenance.py) and go to --results, by default the
+committed files: ppl rows to results/quant_quality_32k.jsonl (named by --max-tokens, as
+perplexities over different lengths do not compare), speed and rotation-speed rows to
+results/quant_speed.jsonl; `table` reads the 32k file.
 """
 
 from __future__ import annotations
@@ -39,18 +44,29 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WIKITEXT = ROOT / "data" / "wikitext-2" / "wiki.test.raw"
-DEFAULT_RESULTS = HERE / "results" / "quant_quality.jsonl"
+RESULTS = HERE / "results"
+SPEED_RESULTS = RESULTS / "quant_speed.jsonl"
 METHODS = ("q4_sym", "q4_asym")
 GROUPS = (32, 64, 128)
 LLAMA_PEER = {"q4_sym": "q4_0", "q4_asym": "q4_1", "q4_0": "q4_0"}  # q4_0: ggml's own rule
 
 sys.path.insert(0, str(HERE))
 
+from provenance import append_jsonl, provenance  # noqa: E402
 
-def append_result(path: Path, row: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+
+def ppl_results(max_tokens: int) -> Path:
+    """The default file of ppl rows over `max_tokens` tokens: quant_quality_32k.jsonl for
+    the 32,768 of the committed table."""
+    size = f"{max_tokens // 1024}k" if max_tokens % 1024 == 0 else f"{max_tokens}t"
+    return RESULTS / f"quant_quality_{size}.jsonl"
+
+
+def append_result(path: Path, row: dict, threads: int) -> dict:
+    """`row` with its provenance, appended to `path` (atomically); returns it."""
+    row = {**row, "provenance": provenance(threads)}
+    append_jsonl(path, row)
+    return row
 
 
 # ---- reconstruction ---------------------------------------------------------------------
@@ -106,7 +122,7 @@ def cmd_recon(args) -> int:
     print("|---|" + "---|" * len(names))
     for model, r in rows.items():
         print(f"| {model} | " + " | ".join(f"{r[n]:.4f}" for n in names) + " |")
-    print(json.dumps({"recon": rows}))
+    print(json.dumps({"recon": rows, "provenance": provenance()}))
     return 0
 
 
@@ -224,7 +240,7 @@ def cmd_ppl(args) -> int:
     row = {"kind": "ppl", "model": args.model, "engine": args.engine, "quant": args.quant,
            "group_size": args.group_size, "overrides": args.override,
            "source": args.source, "quarot": args.quarot, **result}
-    append_result(Path(args.results), row)
+    row = append_result(Path(args.results or ppl_results(args.max_tokens)), row, args.threads)
     print(json.dumps(row))
     return 0
 
@@ -272,8 +288,7 @@ def cmd_speed(args) -> int:
         if "error" not in ours and "error" not in theirs:
             row["decode_ratio"] = ours["decode_tok_s"] / theirs["decode_tok_s"]
             row["prefill_ratio"] = ours["prefill_tok_s"] / theirs["prefill_tok_s"]
-        rows.append(row)
-        append_result(Path(args.results), row)
+        rows.append(append_result(Path(args.results or SPEED_RESULTS), row, args.threads))
     print(f"| lattice | llama.cpp | decode tok/s (lattice / llama.cpp) | ratio | "
           f"prefill tok/s | ratio |")
     print("|---|---|---|---|---|---|")
@@ -312,14 +327,13 @@ def cmd_rotation_speed(args) -> int:
                       f"{rotated['prefill_tok_s']:.0f} ({row['prefill_cost']:+.1%})")
             else:
                 print(f"{method} {mode}: error {plain.get('error') or rotated.get('error')}")
-            rows.append(row)
-            append_result(Path(args.results), row)
+            rows.append(append_result(Path(args.results or SPEED_RESULTS), row, args.threads))
     print(json.dumps(rows))
     return 0
 
 
 def cmd_table(args) -> int:
-    path = Path(args.results)
+    path = Path(args.results or ppl_results(32768))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     print("| model | engine | quant | group | quarot | overrides / source | ppl | tokens scored "
           "| seconds |")
@@ -381,7 +395,8 @@ def main() -> int:
     worker.add_argument("runs", type=int)
     worker.add_argument("--quarot", choices=QUAROT_MODES, default="off")
     for p in (ppl, speed, rot, sub.add_parser("table")):
-        p.add_argument("--results", default=str(DEFAULT_RESULTS))
+        p.add_argument("--results", default=None, metavar="FILE",
+                       help="JSONL file of the rows (default: see the module doc)")
     args = parser.parse_args()
     return {"recon": cmd_recon, "ppl": cmd_ppl, "speed": cmd_speed, "table": cmd_table,
             "rotation-speed": cmd_rotation_speed, "worker": cmd_worker}[

@@ -96,3 +96,27 @@ def test_a_bench_writes_its_row_with_provenance(tmp_path):
     assert row == json.loads(res.stdout.strip().splitlines()[-1])
     assert row["provenance"]["kernels"] == kernels.variant()
     assert row["provenance"]["argv"][0] == "bench/few_rows.py"
+
+
+def test_quant_quality_defaults_to_the_committed_results_files():
+    # in a child process: importing quant_quality puts bench/ on sys.path
+    code = ("import json, quant_quality as q; print(json.dumps([str(q.ppl_results(32768)), "
+            "str(q.ppl_results(4000)), str(q.SPEED_RESULTS)]))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=BENCH)
+    assert res.returncode == 0, res.stderr
+    ppl_32k, ppl_4000, speed = map(Path, json.loads(res.stdout))
+    assert ppl_32k == BENCH / "results" / "quant_quality_32k.jsonl" and ppl_32k.exists()
+    assert speed == BENCH / "results" / "quant_speed.jsonl" and speed.exists()
+    assert ppl_4000.name == "quant_quality_4000t.jsonl"
+
+
+def test_quant_quality_table_reads_the_committed_rows():
+    res = subprocess.run([sys.executable, str(BENCH / "quant_quality.py"), "table"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    committed = [json.loads(line) for line in
+                 (BENCH / "results" / "quant_quality_32k.jsonl").read_text().splitlines()]
+    table_rows = [line for line in res.stdout.splitlines()
+                  if line.startswith("| ") and not line.startswith("| model")]
+    assert len(table_rows) == sum(r["kind"] == "ppl" for r in committed) > 0
