@@ -8,20 +8,17 @@ from pathlib import Path
 
 import pytest
 
+# the native marker, LATTICE_REQUIRE_NATIVE and the kernel_variant fixture
+pytest_plugins = ["lattice_engine.testing.pytest_plugin"]
+
 FIXTURES = Path(__file__).parent / "fixtures"
 ARCHITECTURES = ["llama", "llama_rope_scaled", "qwen2", "qwen3"]
 
 
-def backends() -> list[str]:
-    """The op sets to test: numpy always, native when the C kernels are built."""
-    out = ["numpy"]
-    try:
-        from lattice_engine import kernels
-        if kernels.available():
-            out.append("native")
-    except ImportError:
-        pass
-    return out
+def backends() -> list:
+    """The op sets to test: numpy, and native, which shows as a skip (or a failure under
+    LATTICE_REQUIRE_NATIVE=1) when the C kernels are not built."""
+    return ["numpy", pytest.param("native", marks=pytest.mark.native)]
 
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
