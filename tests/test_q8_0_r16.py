@@ -16,7 +16,7 @@ from lattice_engine.quant.core_formats import (Q8_0, Q8_0_R16, native_layout, q8
                                                r16_to_q8_0)
 from lattice_engine.quant.formats import PackedMatrix, pack
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+pytestmark = pytest.mark.native
 
 # (rows, cols): one group, an odd number of groups (the 512-bit kernel's lone last group),
 # K of one block, K beyond the few-rows slices, and Qwen2.5-0.5B's down_proj width
@@ -78,27 +78,17 @@ def test_embed_gives_q8_0_rows(rows, cols):
         kernels.embed(r, np.array([rows]))
 
 
-@pytest.mark.parametrize("variant", kernels.q8_variants() if kernels.available() else [])
-@pytest.mark.parametrize("isa", ["avx2", "generic"])
-def test_matmul_is_q8_0_bit_for_bit_at_every_batch_size(variant, isa):
-    before_isa, before_variant = kernels.isa(), kernels.q8_variant()
+def test_matmul_is_q8_0_bit_for_bit_at_every_batch_size(kernel_variant):
     rng = np.random.default_rng(2)
-    try:
-        kernels.q8_variant(variant)
-        if kernels.set_isa(isa) != isa:
-            pytest.skip(f"this CPU cannot run the {isa} kernels")
-        for rows, cols in SHAPES:
-            m = q8(rows, cols, seed=3)
-            r = PackedMatrix(Q8_0_R16, rows, cols, q8_0_to_r16(m.data))
-            for M in (1, 2, 3, 4, 5, 8, 9, 16, 64, 65, 130):
-                x = rng.standard_normal((M, cols)).astype(np.float32)
-                got, want = kernels.matmul(x, r), kernels.matmul(x, m)
-                assert same_bits(got, want), (variant, isa, rows, cols, M)
-                # and a row's bits do not depend on the batch it is in
-                assert same_bits(kernels.matmul(x[-1:], r), got[-1:]), (variant, isa, M)
-    finally:
-        kernels.set_isa(before_isa)
-        kernels.q8_variant(before_variant)
+    for rows, cols in SHAPES:
+        m = q8(rows, cols, seed=3)
+        r = PackedMatrix(Q8_0_R16, rows, cols, q8_0_to_r16(m.data))
+        for M in (1, 2, 3, 4, 5, 8, 9, 16, 64, 65, 130):
+            x = rng.standard_normal((M, cols)).astype(np.float32)
+            got, want = kernels.matmul(x, r), kernels.matmul(x, m)
+            assert same_bits(got, want), (kernel_variant, rows, cols, M)
+            # and a row's bits do not depend on the batch it is in
+            assert same_bits(kernels.matmul(x[-1:], r), got[-1:]), (kernel_variant, M)
 
 
 def test_matmul_multi_mixes_q8_0_r16_with_other_weights():

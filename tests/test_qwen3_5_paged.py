@@ -11,6 +11,7 @@ from conftest import FIXTURES, backends, check_paged_against_golden, fixture_wit
 from lattice_engine.cache import SequenceBlocks
 from lattice_engine.loading import load
 from lattice_engine.models.paged_forward import PagedBatch
+from lattice_engine.testing.pytest_plugin import require as require_native
 
 QWEN35 = ["qwen3_5_text", "qwen3_5_vl"]
 
@@ -44,8 +45,7 @@ def test_chunking_and_batch_do_not_change_a_bit():
     """The same prompt prefilled in different block-aligned chunkings, next to other
     sequences or alone, gives bit-identical logits and states (native kernels: numpy's
     BLAS matmul is not batch-invariant)."""
-    if "native" not in backends():
-        pytest.skip("native kernels not built")
+    require_native()
     model = load(FIXTURES / "qwen3_5_text", backend="native").model
     prompt = load_file(str(FIXTURES / "qwen3_5_text" / "golden.safetensors"))["prompt_ids"][0]
     t = len(prompt)
@@ -77,8 +77,7 @@ def test_fused_paged_step_is_the_per_kernel_path_bit_for_bit(name):
     """The one-call C step (`lk_qwen35_step_paged`) over paged batches that mix a chunked
     prefill, a whole prefill and decode rows: identical logits, KV pools and recurrent
     states to the per-kernel path."""
-    if "native" not in backends():
-        pytest.skip("native kernels not built")
+    require_native()
     model = load(FIXTURES / name, backend="native").model
     prompt = load_file(str(FIXTURES / name / "golden.safetensors"))["prompt_ids"]
     t = prompt.shape[1]
@@ -107,8 +106,7 @@ def test_fused_paged_step_is_the_per_kernel_path_bit_for_bit(name):
 
 
 def test_fused_paged_step_rejects_a_state_slot_outside_the_cache():
-    if "native" not in backends():
-        pytest.skip("native kernels not built")
+    require_native()
     model = load(FIXTURES / "qwen3_5_text", backend="native").model
     cache = model.make_paged_cache(num_blocks=4, block_size=16, max_sequences=1)
     (seq,) = sequences(cache, 1, 3)
