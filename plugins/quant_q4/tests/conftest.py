@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# the native marker and LATTICE_REQUIRE_NATIVE, shared with the core's suite
+pytest_plugins = ["lattice_engine.testing.pytest_plugin"]
+
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, VOCAB, HEAD_DIM = 64, 4, 2, 96, 2, 256, 16
 
 

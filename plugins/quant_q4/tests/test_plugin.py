@@ -14,6 +14,7 @@ from lattice_engine.errors import CheckpointError, ConfigError, PluginError
 from lattice_engine.loading import load
 from lattice_engine.plugins import PluginManager
 from lattice_engine.quant.methods import QuantSpec
+from lattice_engine.testing.pytest_plugin import require as require_core
 from lattice_quant_q4 import formats as F
 from lattice_quant_q4 import plugin
 
@@ -203,9 +204,7 @@ def test_without_the_plugin_q4_names_the_package(tiny_folder, capsys, monkeypatc
 def test_fused_decode_calls_our_kernel_from_c_bit_for_bit(tiny_folder, method):
     """WeightFormat.c_matmul hands the core's fused decode step our C matmul: the step then
     runs for a q4 model, with the per-kernel path's bits."""
-    from lattice_engine import kernels as core
-    if not core.available():
-        pytest.skip("core kernels not built")
+    require_core()
     model = load(tiny_folder, quant=QuantSpec(method), backend="native",
                  plugin_manager=manager()).model
     assert model.layers[0].mlp.down_proj.weight.format.c_matmul is not None

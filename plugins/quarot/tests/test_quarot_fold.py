@@ -12,6 +12,7 @@ from safetensors.numpy import save_file
 from lattice_engine.errors import CheckpointError
 from lattice_engine.loading import load
 from lattice_engine.plugins import PluginManager
+from lattice_engine.testing.pytest_plugin import require as require_native
 from lattice_quarot import QuarotSettings, random_rotation
 from lattice_quarot import plugin as quarot_plugin
 
@@ -103,9 +104,7 @@ def test_rotated_model_computes_the_same_function(tmp_path, plugins, model_type,
 
 @pytest.mark.parametrize("basis", ["residual", "inputs"])
 def test_native_backend_and_fused_decode_agree(tmp_path, plugins, basis):
-    from lattice_engine import kernels
-    if not kernels.available():
-        pytest.skip("native kernels not built")
+    require_native()
     folder = make_checkpoint(tmp_path / "m", "qwen2", tied=True)
     plain = logits(folder, plugins)
     rotated = logits(folder, plugins, backend="native", seed=1, online_down_proj=True,
@@ -117,9 +116,7 @@ def test_native_backend_and_fused_decode_agree(tmp_path, plugins, basis):
 def test_fused_decode_step_runs_the_rotations_bit_for_bit(tmp_path, plugins, basis):
     """The C decode step applies every online rotation (the inputs basis' q/k/v, gate/up
     and o_proj inputs, and down_proj's) with the per-kernel path's kernels, in its order."""
-    from lattice_engine import kernels
-    if not kernels.available():
-        pytest.skip("native kernels not built")
+    require_native()
     folder = make_checkpoint(tmp_path / "m", "qwen3", tied=False)
     model = load(folder, backend="native", plugin_manager=plugins,
                  transforms={"quarot": QuarotSettings(enabled=True, seed=2, basis=basis)}).model
