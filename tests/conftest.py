@@ -82,15 +82,18 @@ def _fresh_plugin_manager(monkeypatch):
     plugins.reset_plugin_manager()
 
 
-def check_paged_against_golden(model, golden, cache, seqs, cut: int, atol: float = 1e-4):
+def check_paged_against_golden(model, golden, cache, seqs, cut: int):
     """Row 0 prefills golden's prompt in two chunks (cut) while row 1 prefills whole in the
     second step, then both decode every golden step in one batch; each logit must equal
-    transformers' (golden) within atol. seqs: two sequences with blocks (and state slots)
-    reserved for the whole run."""
+    transformers' (golden) within the float32 bound (`testing.tolerance.logits_bound`).
+    seqs: two sequences with blocks (and state slots) reserved for the whole run."""
     import numpy as np
     from lattice_engine.models.paged_forward import PagedBatch
+    from lattice_engine.testing.tolerance import logits_bound
     prompt, steps = golden["prompt_ids"], golden["decode_ids"]
     t = prompt.shape[1]
+    atol = logits_bound(model, model.hidden_states(prompt, model.make_cache(batch=2)),
+                        t + steps.shape[1])
 
     def run(items):
         return model.forward_paged(PagedBatch.build(cache, items), cache)

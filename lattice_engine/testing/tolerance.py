@@ -31,7 +31,6 @@ sum over the path covers it.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -44,7 +43,7 @@ def dot_bound(k: int, magnitude, evaluations: int = 2):
     """Largest difference between `evaluations` float32 computations of dot products of
     length k (2: two orders compared with each other; 1: one against the exact value),
     where magnitude = |x| . |w| (a scalar or an array of them)."""
-    return evaluations * LAMBDA * math.sqrt(k) * U32 * np.asarray(magnitude, np.float64)
+    return evaluations * LAMBDA * np.sqrt(k) * U32 * np.asarray(magnitude, np.float64)
 
 
 def matmul_magnitude(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -100,6 +99,32 @@ def logits_bound(model, hidden: np.ndarray, positions: int, evaluations: int = 2
     return network_bound(magnitude, model_path(model.config, positions), evaluations)
 
 
+def attention_bound(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
+                    scale: float, evaluations: int = 2) -> np.ndarray:
+    """Per-output bound [B, T, Hq, D] for two float32 evaluations of causal grouped-query
+    attention (the shapes of `ops.attention`). A score q.k is a length-D product: its
+    absolute error e (at |q|.|k| scale) becomes a relative error e of its softmax weight
+    (exp turns absolute into relative error; exp's own few-u error is added as 16 u); the
+    normaliser sums n weights (n keys attended). The output sum_j p_j v_j then carries
+    that relative error at the scale sum_j p_j |v_j|, plus its own length-n sum's."""
+    q64, k64, v64 = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, t, hq, d = q.shape
+    group = hq // k.shape[2]
+    k64, v64 = np.repeat(k64, group, axis=2), np.repeat(v64, group, axis=2)
+    scores = np.einsum("bthd,bshd->bhts", q64, k64) * scale
+    magnitude = np.einsum("bthd,bshd->bhts", np.abs(q64), np.abs(k64)) * abs(scale)
+    keys = np.arange(k.shape[1])[None, :] <= start_pos + np.arange(t)[:, None]   # [T, S]
+    scores = np.where(keys, scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    n = keys.sum(-1)[None, None, :, None]                                            # keys attended
+    score_error = np.where(keys, dot_bound(d, magnitude, evaluations), 0).max(-1, keepdims=True)
+    relative = score_error + dot_bound(n, 1.0, evaluations) + evaluations * 16 * U32
+    weighted = np.einsum("bhts,bshd->bhtd", p, np.abs(v64))
+    bound = relative * weighted + dot_bound(n, weighted, evaluations)
+    return bound.transpose(0, 2, 1, 3)
+
+
 def relative_rms(a: np.ndarray, b: np.ndarray) -> float:
     """sqrt(mean((a - b)^2) / mean(b^2)): the error measure of the round-trip tables."""
     b64 = np.asarray(b, np.float64)
@@ -108,4 +133,4 @@ def relative_rms(a: np.ndarray, b: np.ndarray) -> float:
 
 __all__: Sequence[str] = ["U32", "LAMBDA", "dot_bound", "matmul_magnitude",
                           "assert_matmul_close", "network_bound", "decoder_path",
-                          "model_path", "logits_bound", "relative_rms"]
+                          "model_path", "logits_bound", "attention_bound", "relative_rms"]
