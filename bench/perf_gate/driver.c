@@ -1,0 +1,363 @@
+/* The perf gate's driver: a fixed set of kernel calls, each counted by callgrind alone.
+ *
+ * Built by bench/perf_gate/gate.py from native/src/*.c and the quant_q4 plugin's
+ * q4_kernels.c with the flags the Python modules are built with, and run as
+ *
+ *   valgrind --tool=callgrind --collect-atstart=no ... driver <variant> <model dims...>
+ *
+ * For every entry: the inputs are made (not counted), the call runs once to warm up
+ * (lk_init, scratch growth), stateful inputs are restored, then the call runs once more
+ * between two CALLGRIND_TOGGLE_COLLECTs and CALLGRIND_DUMP_STATS_AT(entry name) writes
+ * its count to a dump of its own. Single-threaded (lk_set_threads(1)): no worker spins or
+ * waits, so a count does not depend on scheduling. Inputs come from a fixed xorshift
+ * seed, so two runs of one binary count exactly the same instructions.
+ *
+ * The kernel variant is forced, never detected: `avx2` (runtime ISA AVX2, the q8_0 avx2
+ * kernel, quant_q4's avx2 kernels) or `generic` (the scalar C everywhere). If the CPU
+ * (under valgrind: valgrind's emulated CPU) cannot run the requested variant the driver
+ * says so on stderr and exits 3 without counting anything.
+ *
+ * Without valgrind the client requests do nothing: `driver avx2 ...` runs natively as a
+ * quick check that every call succeeds (it prints each entry's name and return code).
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <valgrind/callgrind.h>
+
+#include "lattice_kernels.h"
+
+/* the quant_q4 plugin's kernels (plugins/quant_q4/native/q4_kernels.c) */
+void q4_set_parallel_for(void *fn);
+int q4_isa(void);
+const char *q4_isa_name(void);
+int q4_set_isa(int isa);
+int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K, const void *w,
+              int64_t ldw, int64_t N, float *y);
+/* the core's pool, as lattice_quant_q4/kernels.py attaches it */
+typedef void (*range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
+void lk_parallel_for(range_fn fn, void *ctx, int64_t n, int64_t grain);
+
+/* ---- inputs ------------------------------------------------------------------------ */
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+static uint32_t next_u32(void) {
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 16);
+}
+/* uniform in [lo, hi) */
+static float uni(float lo, float hi) { return lo + (hi - lo) * (float)(next_u32() >> 8) / 16777216.0f; }
+
+static void *xalloc(size_t bytes) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) {
+        fprintf(stderr, "driver: out of memory\n");
+        exit(2);
+    }
+    return p;
+}
+static float *randf(int64_t n, float lo, float hi) {
+    float *p = (float *)xalloc((size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) p[i] = uni(lo, hi);
+    return p;
+}
+static float *constf(int64_t n, float v) {
+    float *p = (float *)xalloc((size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) p[i] = v;
+    return p;
+}
+static float *copyf(const float *src, int64_t n) {
+    float *p = (float *)xalloc((size_t)n * sizeof(float));
+    memcpy(p, src, (size_t)n * sizeof(float));
+    return p;
+}
+/* a half float of magnitude in [2^-6, 2^-2), random sign and mantissa */
+static uint16_t rand_half(void) {
+    uint32_t r = next_u32();
+    return (uint16_t)(((r & 1) << 15) | ((9u + (r >> 1) % 4) << 10) | ((r >> 8) & 0x3ff));
+}
+static void *q8_0_matrix(int64_t N, int64_t K) {
+    float *f = randf(N * K, -1.0f, 1.0f);
+    void *w = xalloc((size_t)(N * (K / LK_QK8_0)) * sizeof(lk_block_q8_0));
+    lk_quantize_q8_0(f, N, K, w);
+    free(f);
+    return w;
+}
+static uint16_t *f16_matrix(int64_t N, int64_t K) {
+    uint16_t *w = (uint16_t *)xalloc((size_t)(N * K) * 2);
+    for (int64_t i = 0; i < N * K; i++) w[i] = rand_half();
+    return w;
+}
+/* q4_sym_g32: per 32 values an f16 scale and 16 bytes of nibbles */
+static uint8_t *q4_sym_g32_matrix(int64_t N, int64_t K) {
+    const int64_t nb = K / 32, ldw = nb * 18;
+    uint8_t *w = (uint8_t *)xalloc((size_t)(N * ldw));
+    for (int64_t r = 0; r < N; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *blk = w + r * ldw + b * 18;
+            uint16_t d = rand_half();
+            memcpy(blk, &d, 2);
+            for (int i = 0; i < 16; i++) blk[2 + i] = (uint8_t)next_u32();
+        }
+    return w;
+}
+static lk_linear q8_linear(int64_t rows, int64_t cols) {
+    lk_linear l;
+    memset(&l, 0, sizeof l);
+    l.fmt = LK_FMT_Q8_0;
+    l.w = q8_0_matrix(rows, cols);
+    l.ldw = cols / LK_QK8_0 * (int64_t)sizeof(lk_block_q8_0);
+    l.rows = rows;
+    l.cols = cols;
+    return l;
+}
+
+/* ---- measuring --------------------------------------------------------------------- */
+
+static int failures = 0;
+
+/* An entry's call runs once unmeasured, `reset` (if any) restores its state, then it
+   runs once counted. A call returns 0 on success. */
+#define MEASURE(name, reset, call)                                                        \
+    do {                                                                                  \
+        int rc_ = (call);                                                                 \
+        reset;                                                                            \
+        CALLGRIND_TOGGLE_COLLECT;                                                         \
+        rc_ |= (call);                                                                    \
+        CALLGRIND_TOGGLE_COLLECT;                                                         \
+        CALLGRIND_DUMP_STATS_AT(name);                                                    \
+        printf("entry %s rc %d\n", name, rc_);                                            \
+        if (rc_) failures++;                                                              \
+    } while (0)
+
+static int mm_q8(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
+    lk_matmul_q8_0(x, M, K, w, K / LK_QK8_0 * (int64_t)sizeof(lk_block_q8_0), N, y);
+    return 0;
+}
+static int mm_f16(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
+    lk_matmul_f16(x, M, K, w, K * 2, N, y);
+    return 0;
+}
+static int mm_q4(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
+    return q4_matmul(0, 32, x, M, K, w, K / 32 * 18, N, y);
+}
+
+static void matmuls(void) {
+    const int64_t N = 1024, K = 1024, M = 4;
+    float *x = randf(M * K, -1.0f, 1.0f), *y = xalloc((size_t)(M * N) * sizeof(float));
+    void *wq8 = q8_0_matrix(N, K);
+    void *wf16 = f16_matrix(N, K);
+    void *wq4 = q4_sym_g32_matrix(N, K);
+    MEASURE("q8_0 matvec 1x1024x1024", , mm_q8(x, 1, K, wq8, N, y));
+    MEASURE("q8_0 few-rows 4x1024x1024", , mm_q8(x, M, K, wq8, N, y));
+    MEASURE("f16 matvec 1x1024x1024", , mm_f16(x, 1, K, wf16, N, y));
+    MEASURE("f16 few-rows 4x1024x1024", , mm_f16(x, M, K, wf16, N, y));
+    MEASURE("q4_sym_g32 matvec 1x1024x1024", , mm_q4(x, 1, K, wq4, N, y));
+    MEASURE("q4_sym_g32 few-rows 4x1024x1024", , mm_q4(x, M, K, wq4, N, y));
+    free(x), free(y), free(wq8), free(wf16), free(wq4);
+}
+
+static void attention(void) {
+    /* one decode query over 384 cached positions, GQA 8 / 2 heads of 64 */
+    const int64_t Hq = 8, Hkv = 2, D = 64, S = 384;
+    float *q = randf(Hq * D, -1.0f, 1.0f), *out = xalloc((size_t)(Hq * D) * sizeof(float));
+    float *k = randf(S * Hkv * D, -1.0f, 1.0f), *v = randf(S * Hkv * D, -1.0f, 1.0f);
+    MEASURE("attention decode 8/2 heads x64, 384 positions", ,
+            lk_attention(q, 1, 1, Hq, D, Hq * D, Hq * D, D, k, S * Hkv * D, Hkv * D, D, v,
+                         S * Hkv * D, Hkv * D, D, S, Hkv, S - 1, 0.125f, out));
+    free(q), free(out), free(k), free(v);
+}
+
+static void delta_rule(void) {
+    /* Qwen3.5's Gated DeltaNet shapes: 16 key / 16 value heads of 128 */
+    const int64_t Hk = 16, Hv = 16, Dk = 128, Dv = 128, T = 64;
+    const int64_t st = 2 * Hk * Dk + Hv * Dv, ns = Hv * Dk * Dv;
+    float *qkv = randf(T * st, -1.0f, 1.0f);
+    float *g = randf(T * Hv, -0.5f, -0.01f), *beta = randf(T * Hv, 0.05f, 0.95f);
+    float *state0 = randf(ns, -0.05f, 0.05f), *state = copyf(state0, ns);
+    float *out = xalloc((size_t)(T * Hv * Dv) * sizeof(float));
+    const size_t sbytes = (size_t)ns * sizeof(float);
+    MEASURE("gated delta rule step (T=1) 16/16 heads x128", memcpy(state, state0, sbytes),
+            lk_gated_delta_rule(qkv, qkv + Hk * Dk, qkv + 2 * Hk * Dk, 1, 1, Hk, Hv, Dk, Dv,
+                                st, st, g, beta, state, 0, out));
+    MEASURE("gated delta rule chunk (T=64, chunk 64) 16/16 heads x128",
+            memcpy(state, state0, sbytes),
+            lk_gated_delta_rule(qkv, qkv + Hk * Dk, qkv + 2 * Hk * Dk, 1, T, Hk, Hv, Dk, Dv,
+                                T * st, st, g, beta, state, 64, out));
+    free(qkv), free(g), free(beta), free(state0), free(state), free(out);
+}
+
+/* ---- fused decode steps of the tiny checkpoints' shapes ------------------------------ */
+
+#define CACHE_CAP 128
+#define STEP_POS 100
+
+typedef struct {
+    int64_t vocab, hidden, intermediate, n_layers, n_heads, n_kv_heads, head_dim, rope_half;
+} llama_dims;
+
+static void llama_step(const char *name, const llama_dims *c) {
+    const int64_t h = c->hidden, D = c->head_dim, qd = c->n_heads * D, kvd = c->n_kv_heads * D;
+    const int64_t f = c->intermediate, kv_n = CACHE_CAP * kvd;
+    lk_decoder m;
+    memset(&m, 0, sizeof m);
+    m.n_layers = c->n_layers, m.hidden = h, m.n_heads = c->n_heads;
+    m.n_kv_heads = c->n_kv_heads, m.head_dim = D, m.intermediate = f;
+    m.rope_half = c->rope_half, m.eps = 1e-5f, m.norm_offset = 0.0f;
+    m.embed = q8_linear(c->vocab, h);
+    m.final_norm = randf(h, 0.5f, 1.5f);
+    m.cache_cap = CACHE_CAP;
+    lk_decoder_layer *layers = calloc((size_t)c->n_layers, sizeof *layers);
+    for (int64_t i = 0; i < c->n_layers; i++) {
+        lk_decoder_layer *L = &layers[i];
+        L->attn_norm = randf(h, 0.5f, 1.5f);
+        L->mlp_norm = randf(h, 0.5f, 1.5f);
+        L->q = q8_linear(qd, h), L->k = q8_linear(kvd, h), L->v = q8_linear(kvd, h);
+        L->o = q8_linear(h, qd);
+        L->gate = q8_linear(f, h), L->up = q8_linear(f, h), L->down = q8_linear(h, f);
+        L->k_cache = randf(kv_n, -1.0f, 1.0f);
+        L->v_cache = randf(kv_n, -1.0f, 1.0f);
+    }
+    m.layers = layers;
+    const int64_t wn = lk_decoder_work_size(&m, 1);
+    float *work = xalloc((size_t)wn * sizeof(float)), *out = xalloc((size_t)h * sizeof(float));
+    float *cos_t = randf(c->rope_half, -1.0f, 1.0f), *sin_t = randf(c->rope_half, -1.0f, 1.0f);
+    const int64_t token = 7;
+    /* the step writes position STEP_POS of the caches: the same every call */
+    MEASURE(name, , lk_decoder_step(&m, &token, 1, STEP_POS, cos_t, sin_t, work, wn, out));
+}
+
+typedef struct {
+    int64_t vocab, hidden, intermediate, n_layers, n_heads, n_kv_heads, head_dim, rope_half;
+    int64_t lin_k_heads, lin_v_heads, lin_k_dim, lin_v_dim, conv_kernel;
+    const char *kinds; /* one letter per layer: 'l' linear attention, 'f' full attention */
+} qwen35_dims;
+
+static void qwen35_step(const char *name, const qwen35_dims *c) {
+    const int64_t h = c->hidden, D = c->head_dim, f = c->intermediate;
+    const int64_t qd = c->n_heads * D, kvd = c->n_kv_heads * D, kv_n = CACHE_CAP * kvd;
+    const int64_t kd = c->lin_k_heads * c->lin_k_dim, vd = c->lin_v_heads * c->lin_v_dim;
+    const int64_t conv_dim = 2 * kd + vd, conv_n = (c->conv_kernel - 1) * conv_dim;
+    const int64_t delta_n = c->lin_v_heads * c->lin_k_dim * c->lin_v_dim;
+    lk_qwen35 m;
+    memset(&m, 0, sizeof m);
+    m.n_layers = c->n_layers, m.hidden = h, m.intermediate = f;
+    m.n_heads = c->n_heads, m.n_kv_heads = c->n_kv_heads, m.head_dim = D;
+    m.rope_half = c->rope_half;
+    m.lin_k_heads = c->lin_k_heads, m.lin_v_heads = c->lin_v_heads;
+    m.lin_k_dim = c->lin_k_dim, m.lin_v_dim = c->lin_v_dim, m.conv_kernel = c->conv_kernel;
+    m.eps = 1e-6f;
+    m.embed = q8_linear(c->vocab, h);
+    m.final_norm = randf(h, -0.2f, 0.2f);
+    m.cache_cap = CACHE_CAP;
+    lk_qwen35_layer *layers = calloc((size_t)c->n_layers, sizeof *layers);
+    float **states = calloc((size_t)(4 * c->n_layers), sizeof *states);
+    for (int64_t i = 0; i < c->n_layers; i++) {
+        lk_qwen35_layer *L = &layers[i];
+        L->attn_norm = randf(h, -0.2f, 0.2f);
+        L->mlp_norm = randf(h, -0.2f, 0.2f);
+        L->gate = q8_linear(f, h), L->up = q8_linear(f, h), L->down = q8_linear(h, f);
+        if (c->kinds[i] == 'l') {
+            L->kind = 0;
+            L->in_qkv = q8_linear(conv_dim, h);
+            L->in_z = q8_linear(vd, h);
+            L->in_b = q8_linear(c->lin_v_heads, h);
+            L->in_a = q8_linear(c->lin_v_heads, h);
+            L->out = q8_linear(h, vd);
+            L->conv_w = randf(c->conv_kernel * conv_dim, -0.5f, 0.5f);
+            L->neg_a = randf(c->lin_v_heads, -2.0f, -0.5f);
+            L->dt_bias = randf(c->lin_v_heads, -0.5f, 0.5f);
+            L->head_norm = randf(c->lin_v_dim, 0.5f, 1.5f);
+            states[4 * i] = randf(conv_n, -1.0f, 1.0f);
+            states[4 * i + 1] = randf(delta_n, -0.05f, 0.05f);
+            L->conv_state = copyf(states[4 * i], conv_n);
+            L->delta_state = copyf(states[4 * i + 1], delta_n);
+        } else {
+            L->kind = 1;
+            L->q = q8_linear(2 * qd, h), L->k = q8_linear(kvd, h), L->v = q8_linear(kvd, h);
+            L->o = q8_linear(h, qd);
+            L->q_norm = randf(D, -0.2f, 0.2f), L->k_norm = randf(D, -0.2f, 0.2f);
+            L->k_cache = randf(kv_n, -1.0f, 1.0f);
+            L->v_cache = randf(kv_n, -1.0f, 1.0f);
+        }
+    }
+    m.layers = layers;
+    const int64_t wn = lk_qwen35_work_size(&m, 1);
+    float *work = xalloc((size_t)wn * sizeof(float)), *out = xalloc((size_t)h * sizeof(float));
+    float *cos_t = randf(c->rope_half, -1.0f, 1.0f), *sin_t = randf(c->rope_half, -1.0f, 1.0f);
+    const int64_t token = 7;
+    /* the DeltaNet states move on every call: restored before the counted one */
+#define RESTORE_STATES                                                                     \
+    for (int64_t i = 0; i < c->n_layers; i++)                                              \
+        if (c->kinds[i] == 'l') {                                                          \
+            memcpy(layers[i].conv_state, states[4 * i], (size_t)conv_n * sizeof(float));   \
+            memcpy(layers[i].delta_state, states[4 * i + 1], (size_t)delta_n * sizeof(float)); \
+        }
+    MEASURE(name, RESTORE_STATES,
+            lk_qwen35_step(&m, &token, 1, STEP_POS, cos_t, sin_t, work, wn, out));
+#undef RESTORE_STATES
+}
+
+/* ---- main ------------------------------------------------------------------------ */
+
+static int64_t arg(char **argv, int i) { return strtoll(argv[i], NULL, 10); }
+
+int main(int argc, char **argv) {
+    if (argc != 24) {
+        fprintf(stderr,
+                "usage: driver avx2|generic  llama: vocab hidden intermediate layers heads "
+                "kv_heads head_dim rope_half  qwen35: vocab hidden intermediate layers heads "
+                "kv_heads head_dim rope_half lin_k_heads lin_v_heads lin_k_dim lin_v_dim "
+                "conv_kernel kinds(l/f per layer)\n");
+        return 2;
+    }
+    const char *variant = argv[1];
+    int isa, q4;
+    if (strcmp(variant, "avx2") == 0) isa = LK_ISA_AVX2, q4 = 1;
+    else if (strcmp(variant, "generic") == 0) isa = LK_ISA_GENERIC, q4 = 0;
+    else {
+        fprintf(stderr, "driver: unknown variant %s (avx2 or generic)\n", variant);
+        return 2;
+    }
+    lk_init();
+    lk_set_threads(1);
+    q4_set_parallel_for((void *)lk_parallel_for);
+    /* forced, and checked: a refused variant is reported, never measured as another */
+    int got_isa = lk_set_isa(isa), got_q8 = isa == LK_ISA_AVX2 ? lk_q8_variant(0) : 0;
+    int got_q4 = q4_set_isa(q4);
+    if (got_isa != isa || got_q8 != 0 || got_q4 != q4) {
+        fprintf(stderr,
+                "driver: variant %s cannot run on this CPU (as this process sees it): core "
+                "ISA %s, q8_0 kernel %s, q4 kernels %s\n",
+                variant, lk_isa_name(), lk_q8_variant_name(lk_q8_variant(-1)), q4_isa_name());
+        return 3;
+    }
+    printf("variant %s: core %s, q8_0 %s, q4 %s, threads %d\n", variant, lk_isa_name(),
+           isa == LK_ISA_AVX2 ? lk_q8_variant_name(got_q8) : "generic", q4_isa_name(),
+           lk_get_threads());
+
+    matmuls();
+    attention();
+    delta_rule();
+    llama_dims ld = {arg(argv, 2), arg(argv, 3), arg(argv, 4), arg(argv, 5),
+                     arg(argv, 6), arg(argv, 7), arg(argv, 8), arg(argv, 9)};
+    qwen35_dims qd = {arg(argv, 10), arg(argv, 11), arg(argv, 12), arg(argv, 13),
+                      arg(argv, 14), arg(argv, 15), arg(argv, 16), arg(argv, 17),
+                      arg(argv, 18), arg(argv, 19), arg(argv, 20), arg(argv, 21),
+                      arg(argv, 22), argv[23]};
+    if ((int64_t)strlen(qd.kinds) != qd.n_layers) {
+        fprintf(stderr, "driver: %zu layer kinds for %lld layers\n", strlen(qd.kinds),
+                (long long)qd.n_layers);
+        return 2;
+    }
+    llama_step("llama fixture decode step (q8_0, pos 100)", &ld);
+    qwen35_step("qwen3.5 fixture decode step (q8_0, pos 100)", &qd);
+    if (failures) {
+        fprintf(stderr, "driver: %d entries failed\n", failures);
+        return 1;
+    }
+    return 0;
+}
