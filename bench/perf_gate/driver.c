@@ -48,6 +48,10 @@ static uint32_t next_u32(void) {
     rng ^= rng << 17;
     return (uint32_t)(rng >> 16);
 }
+/* Each group of entries starts from its own seed, so adding or removing an entry does not
+   change the inputs (and so, slightly, the counts: libm and a few branches depend on
+   values) of the others. */
+static void reseed(uint64_t s) { rng = 0x9E3779B97F4A7C15ull ^ (s * 0xBF58476D1CE4E5B9ull); }
 /* uniform in [lo, hi) */
 static float uni(float lo, float hi) { return lo + (hi - lo) * (float)(next_u32() >> 8) / 16777216.0f; }
 
@@ -145,7 +149,10 @@ static int mm_q4(const float *x, int64_t M, int64_t K, const void *w, int64_t N,
     return q4_matmul(0, 32, x, M, K, w, K / 32 * 18, N, y);
 }
 
+static int prefill_entries; /* the generic C has no prefill kernel (M rows of its matvec) */
+
 static void matmuls(void) {
+    reseed(1);
     const int64_t N = 1024, K = 1024, M = 4;
     float *x = randf(M * K, -1.0f, 1.0f), *y = xalloc((size_t)(M * N) * sizeof(float));
     void *wq8 = q8_0_matrix(N, K);
@@ -158,9 +165,20 @@ static void matmuls(void) {
     MEASURE("q4_sym_g32 matvec 1x1024x1024", , mm_q4(x, 1, K, wq4, N, y));
     MEASURE("q4_sym_g32 few-rows 4x1024x1024", , mm_q4(x, M, K, wq4, N, y));
     free(x), free(y), free(wq8), free(wf16), free(wq4);
+    if (!prefill_entries) return;
+    reseed(2);
+    /* prefill tiles: 96 rows, above every few-rows limit (q8_0 64, f16 8, q4 16) */
+    const int64_t Np = 512, Kp = 512, Mp = 96;
+    x = randf(Mp * Kp, -1.0f, 1.0f), y = xalloc((size_t)(Mp * Np) * sizeof(float));
+    wq8 = q8_0_matrix(Np, Kp), wf16 = f16_matrix(Np, Kp), wq4 = q4_sym_g32_matrix(Np, Kp);
+    MEASURE("q8_0 prefill 96x512x512", , mm_q8(x, Mp, Kp, wq8, Np, y));
+    MEASURE("f16 prefill 96x512x512", , mm_f16(x, Mp, Kp, wf16, Np, y));
+    MEASURE("q4_sym_g32 prefill 96x512x512", , mm_q4(x, Mp, Kp, wq4, Np, y));
+    free(x), free(y), free(wq8), free(wf16), free(wq4);
 }
 
 static void attention(void) {
+    reseed(3);
     /* one decode query over 384 cached positions, GQA 8 / 2 heads of 64 */
     const int64_t Hq = 8, Hkv = 2, D = 64, S = 384;
     float *q = randf(Hq * D, -1.0f, 1.0f), *out = xalloc((size_t)(Hq * D) * sizeof(float));
@@ -169,9 +187,25 @@ static void attention(void) {
             lk_attention(q, 1, 1, Hq, D, Hq * D, Hq * D, D, k, S * Hkv * D, Hkv * D, D, v,
                          S * Hkv * D, Hkv * D, D, S, Hkv, S - 1, 0.125f, out));
     free(q), free(out), free(k), free(v);
+
+    /* the same over a paged pool (continuous batching): two sequences' decode rows, each
+       over 384 positions in blocks of 16 */
+    reseed(4);
+    const int64_t bs = 16, nblk = 2 * S / bs;
+    float *qp = randf(2 * Hq * D, -1.0f, 1.0f), *op = xalloc((size_t)(2 * Hq * D) * sizeof(float));
+    float *kp = randf(nblk * bs * Hkv * D, -1.0f, 1.0f), *vp = randf(nblk * bs * Hkv * D, -1.0f, 1.0f);
+    int32_t *tables = (int32_t *)xalloc((size_t)nblk * sizeof(int32_t));
+    for (int64_t i = 0; i < nblk; i++) /* interleaved, as a shared pool hands blocks out */
+        tables[(i % 2) * (nblk / 2) + i / 2] = (int32_t)i;
+    const int64_t q_start[3] = {0, 1, 2}, pos_start[2] = {S - 1, S - 1};
+    MEASURE("paged attention decode 2 seqs, 8/2 heads x64, 384 positions", ,
+            lk_paged_attention(qp, Hq, D, kp, vp, bs, Hkv, 2, q_start, pos_start, tables,
+                               nblk / 2, 0.125f, op));
+    free(qp), free(op), free(kp), free(vp), free(tables);
 }
 
 static void delta_rule(void) {
+    reseed(5);
     /* Qwen3.5's Gated DeltaNet shapes: 16 key / 16 value heads of 128 */
     const int64_t Hk = 16, Hv = 16, Dk = 128, Dv = 128, T = 64;
     const int64_t st = 2 * Hk * Dk + Hv * Dv, ns = Hv * Dk * Dv;
@@ -200,6 +234,7 @@ typedef struct {
 } llama_dims;
 
 static void llama_step(const char *name, const llama_dims *c) {
+    reseed(6);
     const int64_t h = c->hidden, D = c->head_dim, qd = c->n_heads * D, kvd = c->n_kv_heads * D;
     const int64_t f = c->intermediate, kv_n = CACHE_CAP * kvd;
     lk_decoder m;
@@ -237,6 +272,7 @@ typedef struct {
 } qwen35_dims;
 
 static void qwen35_step(const char *name, const qwen35_dims *c) {
+    reseed(7);
     const int64_t h = c->hidden, D = c->head_dim, f = c->intermediate;
     const int64_t qd = c->n_heads * D, kvd = c->n_kv_heads * D, kv_n = CACHE_CAP * kvd;
     const int64_t kd = c->lin_k_heads * c->lin_k_dim, vd = c->lin_v_heads * c->lin_v_dim;
@@ -303,6 +339,26 @@ static void qwen35_step(const char *name, const qwen35_dims *c) {
 
 /* ---- main ------------------------------------------------------------------------ */
 
+/* The CPU this process sees (under valgrind: the CPU valgrind emulates), for the record. */
+static void print_cpu(void) {
+#if defined(__x86_64__)
+    unsigned r[12] = {0}, a, b, c, d;
+    char vendor[13] = {0}, brand[49] = {0};
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0), "c"(0));
+    memcpy(vendor, &b, 4), memcpy(vendor + 4, &d, 4), memcpy(vendor + 8, &c, 4);
+    for (unsigned i = 0; i < 3; i++)
+        __asm__ volatile("cpuid"
+                         : "=a"(r[4 * i]), "=b"(r[4 * i + 1]), "=c"(r[4 * i + 2]), "=d"(r[4 * i + 3])
+                         : "a"(0x80000002u + i), "c"(0));
+    memcpy(brand, r, 48);
+    char *p = brand;
+    while (*p == ' ') p++;
+    printf("cpu %s %s\n", vendor, p);
+#else
+    printf("cpu (not x86-64)\n");
+#endif
+}
+
 static int64_t arg(char **argv, int i) { return strtoll(argv[i], NULL, 10); }
 
 int main(int argc, char **argv) {
@@ -335,6 +391,8 @@ int main(int argc, char **argv) {
                 variant, lk_isa_name(), lk_q8_variant_name(lk_q8_variant(-1)), q4_isa_name());
         return 3;
     }
+    print_cpu();
+    prefill_entries = isa == LK_ISA_AVX2;
     printf("variant %s: core %s, q8_0 %s, q4 %s, threads %d\n", variant, lk_isa_name(),
            isa == LK_ISA_AVX2 ? lk_q8_variant_name(got_q8) : "generic", q4_isa_name(),
            lk_get_threads());

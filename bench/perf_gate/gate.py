@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"perf gate: {exc}", file=sys.stderr)
             return 2
         t_build = time.monotonic() - t0
-        measured, unavailable, notes, forced = {}, [], [], {}
+        measured, unavailable, notes, forced, cpu_seen = {}, [], [], {}, None
         with concurrent.futures.ThreadPoolExecutor(len(variants)) as ex:
             futures = {v: ex.submit(measure, exe, v, tmp) for v in variants}
             for v in variants:
@@ -342,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:
                     print(f"perf gate: {exc}", file=sys.stderr)
                     return 2
+                cpu = [l[4:] for l in out.splitlines() if l.startswith("cpu ")]
+                cpu_seen = cpu_seen or (cpu[0] if cpu else None)
                 if counts is None:
                     unavailable.append(v)
                     notes.append(f"variant {v}: NOT MEASURED: {out.splitlines()[-1]}")
@@ -352,8 +354,15 @@ def main(argv: list[str] | None = None) -> int:
                     forced[v] = said[0].split(": ", 1)[-1] if said else v
 
     print(f"perf gate: callgrind instruction counts (Ir), fail above +{threshold:g}%")
-    print(f"  {valgrind}; {info['compiler']}; build {t_build:.0f} s, total "
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or "libc unknown"
+    except (AttributeError, ValueError, OSError):
+        libc = "libc unknown"
+    info["libc"] = libc
+    info["cpu_seen"] = cpu_seen or "unknown"
+    print(f"  {valgrind}; {info['compiler']}; {libc}; build {t_build:.0f} s, total "
           f"{time.monotonic() - t0:.0f} s")
+    print(f"  CPU as the driver sees it under valgrind: {info['cpu_seen']}")
     for n in notes:
         print(f"  {n}")
     print(f"  not measured (valgrind cannot run them): {UNMEASURED}")
@@ -385,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{os.path.relpath(args.baseline)}")
         return 0
 
-    for key, now in (("valgrind", valgrind), ("compiler", info["compiler"])):
+    for key, now in (("valgrind", valgrind), ("compiler", info["compiler"]),
+                     ("libc", info["libc"]), ("cpu_seen", info["cpu_seen"])):
         if baseline.get(key) != now:
             print(f"  WARNING: {key} differs from the baseline's ({baseline.get(key)!r}, "
                   f"now {now!r}): counts may shift for that reason alone")
