@@ -87,6 +87,8 @@ def test_a_variant_that_cannot_run_does_not_pass(gate):
     rows = gate.compare(BASE, {"generic": {"matvec": 20000}}, 7.0)
     assert gate.exit_code(rows, []) == 0
     assert gate.exit_code(rows, ["avx2"]) == 2
+    text = gate.render(rows, 7.0, ["avx2"])
+    assert "PASS" not in text and "FAIL: variant avx2 could not be measured" in text
 
 
 def test_parse_dumps(gate, tmp_path):

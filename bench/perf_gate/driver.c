@@ -1,6 +1,6 @@
 /* The perf gate's driver: a fixed set of kernel calls, each counted by callgrind alone.
  *
- * Built by bench/perf_gate/gate.py from native/src/*.c and the quant_q4 plugin's
+ * Built by bench/perf_gate/gate.py from the sources in native/src and the quant_q4 plugin's
  * q4_kernels.c with the flags the Python modules are built with, and run as
  *
  *   valgrind --tool=callgrind --collect-atstart=no ... driver <variant> <model dims...>
@@ -66,11 +66,6 @@ static void *xalloc(size_t bytes) {
 static float *randf(int64_t n, float lo, float hi) {
     float *p = (float *)xalloc((size_t)n * sizeof(float));
     for (int64_t i = 0; i < n; i++) p[i] = uni(lo, hi);
-    return p;
-}
-static float *constf(int64_t n, float v) {
-    float *p = (float *)xalloc((size_t)n * sizeof(float));
-    for (int64_t i = 0; i < n; i++) p[i] = v;
     return p;
 }
 static float *copyf(const float *src, int64_t n) {
@@ -378,6 +373,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "driver: unknown variant %s (avx2 or generic)\n", variant);
         return 2;
     }
+    print_cpu();
     lk_init();
     lk_set_threads(1);
     q4_set_parallel_for((void *)lk_parallel_for);
@@ -391,7 +387,6 @@ int main(int argc, char **argv) {
                 variant, lk_isa_name(), lk_q8_variant_name(lk_q8_variant(-1)), q4_isa_name());
         return 3;
     }
-    print_cpu();
     prefill_entries = isa == LK_ISA_AVX2;
     printf("variant %s: core %s, q8_0 %s, q4 %s, threads %d\n", variant, lk_isa_name(),
            isa == LK_ISA_AVX2 ? lk_q8_variant_name(got_q8) : "generic", q4_isa_name(),

@@ -99,8 +99,9 @@ def _n(v: int | None) -> str:
     return "-" if v is None else f"{v:,}"
 
 
-def render(rows: list[Row], threshold_pct: float = THRESHOLD_PCT) -> str:
-    """The table, one block per variant, and a summary line."""
+def render(rows: list[Row], threshold_pct: float = THRESHOLD_PCT,
+           unavailable: list[str] = ()) -> str:
+    """The table, one block per variant, and the summary."""
     width = max([len(r.name) for r in rows] + [5])
     lines = []
     for variant in dict.fromkeys(r.variant for r in rows):
@@ -114,11 +115,12 @@ def render(rows: list[Row], threshold_pct: float = THRESHOLD_PCT) -> str:
             change = "-" if pct is None else f"{pct:+.2f}%"
             lines.append(f"  {r.name:<{width}}  {_n(r.baseline):>14}  {_n(r.measured):>14}  "
                          f"{change:>8}  {r.status}")
-    lines.append(summary(rows, threshold_pct))
+    lines.append(summary(rows, threshold_pct, unavailable))
     return "\n".join(lines)
 
 
-def summary(rows: list[Row], threshold_pct: float = THRESHOLD_PCT) -> str:
+def summary(rows: list[Row], threshold_pct: float = THRESHOLD_PCT,
+            unavailable: list[str] = ()) -> str:
     bad = [r for r in rows if r.status == "REGRESSED"]
     missing = [r for r in rows if r.status == "MISSING"]
     new = [r for r in rows if r.status == "NEW"]
@@ -141,7 +143,11 @@ def summary(rows: list[Row], threshold_pct: float = THRESHOLD_PCT) -> str:
         out.append(f"note: {len(better)} entr{'y' if len(better) == 1 else 'ies'} more than "
                    f"{threshold_pct:g}% below the baseline: consider re-recording it "
                    f"(--record) so later regressions are measured from there")
-    if not bad and not missing:
+    for v in unavailable:
+        out.append(f"FAIL: variant {v} could not be measured on this machine (its CPU, as "
+                   f"valgrind presents it, cannot run it); the gate does not pass without "
+                   f"it (--variants chooses the variants)")
+    if not bad and not missing and not unavailable:
         out.insert(0, f"PASS: no entry more than {threshold_pct:g}% above the baseline "
                       f"({sum(r.status in ('ok', 'improved') for r in rows)} compared)")
     return "\n".join(out)
@@ -167,7 +173,9 @@ def _extra_args(builder_path: str, name: str, fallback: list[str]) -> list[str]:
     try:
         ffi = _load(builder_path, name).make_builder(relative=False)
         return list(ffi._assigned_source[3]["extra_compile_args"])
-    except Exception:  # pragma: no cover - cffi internals moved: the flags as of writing
+    except Exception as exc:  # pragma: no cover - cffi internals moved
+        print(f"perf gate: could not read the flags of {os.path.relpath(builder_path, ROOT)} "
+              f"({exc!r}); using {' '.join(fallback)}", file=sys.stderr)
         return fallback
 
 
@@ -372,14 +380,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"perf gate: not recording: variant(s) {', '.join(unavailable)} could not "
                   f"run here", file=sys.stderr)
             return 2
+        kept = {}
+        if os.path.exists(args.baseline):  # a partial re-record keeps the other variants
+            with open(args.baseline) as f:
+                kept = {v: d for v, d in json.load(f).get("variants", {}).items()
+                        if v not in measured}
+            for v in kept:
+                print(f"  keeping the baseline's variant {v} (not measured in this run)")
         record = {
             "note": "written by bench/perf_gate/gate.py --record; the commit that changes "
                     "it says why",
             "threshold_pct": threshold,
             "recorded": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
             "valgrind": valgrind, **info,
-            "variants": {v: {"kernels": forced[v], "counts": c}
-                         for v, c in measured.items()},
+            "variants": {v: kept[v] if v in kept else {"kernels": forced[v],
+                                                        "counts": measured[v]}
+                         for v in VARIANTS if v in kept or v in measured},
         }
         tmp_path = args.baseline + ".tmp"
         with open(tmp_path, "w") as f:
@@ -408,10 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         if v not in base_counts and v in measured:
             print(f"  note: the baseline has no variant {v}")
     rows = compare(base_counts, measured, threshold)
-    print(render(rows, threshold))
-    for v in unavailable:
-        print(f"FAIL: variant {v} could not be measured on this machine (see above); "
-              f"the gate does not pass without it (--variants to choose)")
+    print(render(rows, threshold, unavailable))
     return exit_code(rows, unavailable)
 
 
