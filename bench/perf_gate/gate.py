@@ -216,7 +216,8 @@ def build(outdir: str) -> tuple[str, dict]:
 
     # matmul.c (three copies of the q8_0 kernels) is the long pole: start it first
     jobs.sort(key=lambda j: os.path.basename(j[0]) != "matmul.c")
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(4, cores or 1))) as ex:
         objs = list(ex.map(one, jobs))
     exe = os.path.join(outdir, "driver")
     r = subprocess.run([cc[0]] + objs + ["-o", exe, "-lm", "-lpthread"], capture_output=True,
