@@ -292,7 +292,9 @@ def cmd_serve(args) -> int:
 
 def cmd_plugins(args) -> int:
     from .plugins import get_plugin_manager
-    print(json.dumps(get_plugin_manager().describe(include_builtins=args.all), indent=2))
+    pm = get_plugin_manager()
+    pm.registry  # built here so a name clash or a broken registration is an error (exit 2)
+    print(json.dumps(pm.describe(include_builtins=args.all), indent=2))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from .config import Config
-from .errors import RequestError
+from .errors import ConfigError, RequestError
 from .generate import GenerationChunk, GenerationResult, generate, stream_generate
 from .loading import LoadedModel, load
 from .plugins import PluginManager, get_plugin_manager
@@ -32,10 +32,12 @@ class Engine:
         self.plugin_manager = plugin_manager or get_plugin_manager()
 
     @classmethod
-    def load(cls, model: str, *, quant: str = "f32", backend: str = "auto",
+    def load(cls, model: str, *, quant: Optional[str] = None, backend: str = "auto",
              sampling: SamplingParams = SamplingParams(),
              plugin_manager: Optional[PluginManager] = None) -> "Engine":
-        """Load `model` (path or catalog name) quantized with method `quant`."""
+        """Load `model` (path or catalog name) quantized with method `quant`; None (the
+        default) loads it as stored: a checkpoint written by `lattice quantize` keeps its
+        formats, an unquantized one is float32."""
         pm = plugin_manager or get_plugin_manager()
         loaded = load(model, quant=QuantSpec(quant), backend=backend, plugin_manager=pm)
         return cls(loaded, sampling=sampling, plugin_manager=pm)
@@ -144,6 +146,14 @@ class Engine:
         """Create (or replace, if idle) the `BatchRunner` behind add_request / step / abort,
         with its paged KV pool sized by `options` (a `batching.BatchingOptions`)."""
         from .batching import BatchingOptions, BatchRunner
+        from .contract import PAGED_MEMBERS, missing_members
+        lacking = missing_members(self.model, PAGED_MEMBERS)
+        if lacking:
+            raise ConfigError(
+                f"{type(self.model).__module__}.{type(self.model).__name__} cannot be served "
+                f"with continuous batching: it lacks {', '.join(lacking)} (see "
+                f"lattice_engine.contract.PagedCausalLM); use `lattice generate` / "
+                f"Engine.generate, which need only the CausalLM members")
         current = getattr(self, "_runner", None)
         if current is not None and current.has_unfinished():
             raise RequestError("cannot resize the KV pool while requests are running")

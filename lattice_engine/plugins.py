@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional
 import pluggy
 
 from . import hookspecs
+from .contract import check_registration
 from .errors import PluginError
 
 ENTRY_POINT_GROUP = "lattice_engine"
@@ -128,15 +129,25 @@ class PluginManager:
         registry = Registry()
         for kind, hook_name in REGISTRY_HOOKS.items():
             hook = getattr(self.pm.hook, hook_name)
-            # Call each implementation separately so the registry knows who owns what.
-            for impl in hook.get_hookimpls():
+            # Call each implementation separately so the registry knows who owns what, in
+            # pluggy's call order (get_hookimpls lists them last-called first): tryfirst
+            # implementations register first, then the others last-registered first, then
+            # trylast. The order is what logits processors run in.
+            for impl in reversed(hook.get_hookimpls()):
                 owner = impl.plugin_name
 
                 def register(*args, _kind=kind, _owner=owner):
                     name, value = _split_registration(_kind, args, _owner)
+                    check_registration(_kind, _owner, name, value, registry)
                     registry.add(_kind, name, value, _owner)
 
-                impl.function(register)
+                try:
+                    impl.function(register)
+                except PluginError:
+                    raise
+                except Exception as exc:  # a plugin's bug must name the plugin and the hook
+                    raise PluginError(f"plugin {owner!r} raised in {hook_name}: "
+                                      f"{type(exc).__name__}: {exc}") from exc
         return registry
 
     def describe(self, include_builtins: bool = False) -> list[dict]:
@@ -149,7 +160,10 @@ class PluginManager:
             hooks = sorted(impl_name for impl_name in REGISTRY_HOOKS.values()
                            if any(i.plugin_name == name
                                   for i in getattr(self.pm.hook, impl_name).get_hookimpls()))
-            entry = {"name": name, "hooks": hooks}
+            entry = {"name": name, "hooks": hooks,
+                     "registers": {kind: sorted(n for n, o in owners.items() if o == name)
+                                   for kind, owners in self.registry.owners.items()
+                                   if name in owners.values()}}
             if name in self.distributions:
                 entry["distribution"], entry["version"] = self.distributions[name]
             elif builtin:

@@ -27,7 +27,9 @@ class QuantMethod:
         lm_head: format for an untied output projection.
         tied_embedding: format for an embedding table that is also the lm_head. Lattice
             v0.2.3 keeps it f16: a per-row q8 lm_head sharpens the logits measurably.
-        fallback: format used when a matrix's row length does not fit `linear`'s blocks.
+        fallback: format used when a matrix's row length does not fit `linear`'s blocks;
+            a tuple of formats is tried in order (the first whose blocks fit wins, else the
+            last).
         description: one line for `lattice plugins` and error messages.
     """
 
@@ -36,7 +38,7 @@ class QuantMethod:
     embedding: str = "f16"
     lm_head: str = "f16"
     tied_embedding: str = "f16"
-    fallback: str = "f16"
+    fallback: str | tuple[str, ...] = "f16"
     description: str = ""
 
     def format_for(self, role: str, tensor_name: str, cols: int, block_size_of,
@@ -46,9 +48,13 @@ class QuantMethod:
                 return fmt
         fmt = {"embedding": self.embedding, "linear": self.linear, "lm_head": self.lm_head,
                "tied_embedding": self.tied_embedding}[role]
-        if cols % block_size_of(fmt):
-            return self.fallback
-        return fmt
+        if cols % block_size_of(fmt) == 0:
+            return fmt
+        choices = self.fallback if isinstance(self.fallback, tuple) else (self.fallback,)
+        for fallback in choices:
+            if cols % block_size_of(fallback) == 0:
+                return fallback
+        return choices[-1]
 
     def with_group_size(self, group_size: Optional[int]) -> "QuantMethod":
         """This method at `[quant] group_size`; methods without groups refuse one.
@@ -81,20 +87,28 @@ Q8_0_METHOD = QuantMethod("q8_0", linear="q8_0", embedding="q8_0", lm_head="q8_0
 
 CORE_METHODS = (F32_METHOD, F16_METHOD, Q8_0_METHOD)
 
-# Methods that installable plugins provide: named in the error when one is asked for but
-# its plugin is missing.
-PLUGIN_METHODS = {"q4_sym": "lattice-quant-q4", "q4_asym": "lattice-quant-q4"}
-PLUGIN_INSTALL = {"lattice-quant-q4": "pip install ./plugins/quant_q4"}
+# A plugin distribution names the quant methods it provides in this entry-point group
+# (name = method, value = its plugin module), so a method asked for while its plugin is not
+# loaded gets a hint from installed metadata, without importing anything and without the
+# core knowing any plugin by name.
+PROVIDES_GROUP = "lattice_engine.quant_methods"
 
 
 def missing_method_hint(name: str) -> str:
-    """' ...; it is provided by X (install: ...)' for a known plugin method, else ''."""
-    dist = PLUGIN_METHODS.get(name)
-    if dist is None:
-        return ""
-    return (f"; {name!r} is provided by the plugin package {dist}, which is not installed "
-            f"or not loaded (install it with `{PLUGIN_INSTALL[dist]}` from the lattice-engine "
-            f"source tree, and check LATTICE_PLUGINS / [plugins] load)")
+    """'; it is provided by <distribution> (plugin <p>), which is not loaded ...' when an
+    installed distribution declares method `name`, else a pointer to what is installed."""
+    import importlib.metadata as metadata
+    for ep in metadata.entry_points(group=PROVIDES_GROUP):
+        if ep.name != name or ep.dist is None:
+            continue
+        plugins = [p.name for p in metadata.entry_points(group="lattice_engine")
+                   if p.dist is not None and p.dist.name == ep.dist.name]
+        return (f"; {name!r} is provided by the installed distribution {ep.dist.name} "
+                f"(plugin {', '.join(plugins) or '?'}), which is not loaded: add it to "
+                f"LATTICE_PLUGINS / [plugins] load")
+    return (f"; no installed plugin declares quant method {name!r} (plugins list theirs under "
+            f"the entry-point group {PROVIDES_GROUP}); `lattice plugins --all` shows what is "
+            f"installed")
 
 
 def check_role(role: str) -> None:

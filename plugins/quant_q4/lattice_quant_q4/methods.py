@@ -11,7 +11,6 @@ they fit its blocks of 32, else f16.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from dataclasses import dataclass
 
 from lattice_engine.errors import ConfigError
@@ -42,21 +41,11 @@ class GroupedQuantMethod(QuantMethod):
         return dataclasses.replace(self, group_size=group_size,
                                    linear=format_name(self.family, group_size))
 
-    def format_for(self, role, tensor_name, cols, block_size_of, overrides={}):
-        for pattern, fmt in overrides.items():
-            if fnmatch.fnmatchcase(tensor_name, pattern):
-                return fmt
-        fmt = {"embedding": self.embedding, "linear": self.linear, "lm_head": self.lm_head,
-               "tied_embedding": self.tied_embedding}[role]
-        if cols % block_size_of(fmt) == 0:
-            return fmt
-        return "q8_0" if cols % block_size_of("q8_0") == 0 else "f16"
-
 
 def make_method(family: str, description: str) -> GroupedQuantMethod:
     return GroupedQuantMethod(
         family, linear=format_name(family, DEFAULT_GROUP), embedding="q8_0", lm_head="q8_0",
-        tied_embedding="f16", fallback="f16", description=description, family=family,
+        tied_embedding="f16", fallback=("q8_0", "f16"), description=description, family=family,
         group_size=DEFAULT_GROUP)
 
 

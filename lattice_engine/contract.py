@@ -1,0 +1,220 @@
+"""The plugin contract as code: what each hook's registered objects must provide.
+
+`lattice_engine.hookspecs` says which hooks exist and when they are called; this module says
+what the objects handed to each hook's `register` callback must be, as Protocols a plugin
+author can read (and type-check against), and checks them when the registry is built. A
+plugin that registers something incomplete fails at that moment with a PluginError naming
+the plugin, the kind, the name and the missing member, instead of failing later inside a
+forward pass or a request.
+
+What is checked at registration (an object's behaviour is the plugin's own tests' job; see
+`lattice_engine.testing`):
+
+- architectures: a class with `from_checkpoint(checkpoint, loader, ops)` whose instances
+  provide the `CausalLM` members (`forward`, `make_cache`, `hidden_states`, `logits`); a
+  class that also defines `PagedCausalLM`'s members can be served with continuous batching.
+- weight formats: a `WeightFormat` with a non-empty name, positive block size, bytes per
+  block and row group, callable quantize / to_float, optional callable matmul / embed, and
+  a `c_matmul` that is None or two integer addresses.
+- quant methods: a `QuantMethod` (or subclass) whose formats are registered.
+- weight transforms: a `WeightTransform`.
+- samplers: a callable factory `factory(rng) -> (logits -> token id)`.
+- logits processors: a callable factory `factory(value) -> processor or None`, under a name
+  that is not one of the `SamplingParams` fields the engine itself reads (`seed`, `stop`,
+  ...): a processor named `seed` would be fed every request's seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from .errors import PluginError
+
+Processor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
+# --- what a model is ----------------------------------------------------------------------
+
+@runtime_checkable
+class ModelConfig(Protocol):
+    """`model.config`: at least the vocabulary size; `max_position_embeddings`, when
+    present, bounds the context the engine lets a request use."""
+
+    vocab_size: int
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """What the engine calls on a model: generation, perplexity and the CLI.
+
+    Shapes: tokens int64 [B, T]; hidden float32 [B, T, H]; logits float32 [B, T, V] (V =
+    config.vocab_size). `cache` is whatever `make_cache` returns: the engine only passes it
+    back. `forward` appends `tokens` after the cache's contents and returns their logits
+    (only the last position's, [B, 1, V], when last_only).
+    """
+
+    config: ModelConfig
+
+    def make_cache(self, batch: int = 1, capacity: int = 256) -> Any: ...
+
+    def forward(self, tokens: np.ndarray, cache: Any, last_only: bool = False) -> np.ndarray: ...
+
+    def hidden_states(self, tokens: np.ndarray, cache: Any) -> np.ndarray: ...
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray: ...
+
+
+@runtime_checkable
+class PagedCausalLM(CausalLM, Protocol):
+    """A model continuous batching can serve (`lattice serve`, `Engine.start_batching`).
+
+    `make_paged_cache` returns a `lattice_engine.cache.PagedKVCache` (plus recurrent-state
+    slots for `max_sequences` sequences if the model has recurrent layers); `forward_paged`
+    takes a `lattice_engine.models.paged_forward.PagedBatch` and returns float32 logits
+    [len(batch.logit_rows), V], writing the batch's new keys / values into the cache.
+    """
+
+    def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = "",
+                         max_sequences: int = 0) -> Any: ...
+
+    def forward_paged(self, batch: Any, cache: Any) -> np.ndarray: ...
+
+
+class Architecture(Protocol):
+    """The class registered for a model_type: builds a model from a checkpoint.
+
+    `checkpoint` is a `lattice_engine.io.checkpoint.Checkpoint` (config dict, tensors by
+    name); `loader` a `lattice_engine.models.base.WeightLoader`: `loader.matrix(name, shape,
+    role)` returns a `PackedMatrix` in the format the quant method picks for the role
+    ("linear", "embedding", "lm_head" or "tied_embedding"), `loader.vector(name, shape)` a
+    float32 array; `ops` the op set to compute with (`lattice_engine.ops` or the native
+    kernels, the same function names). An optional `sanitize(config) -> config` classmethod
+    fixes up a checkpoint's config before use.
+    """
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Any, loader: Any, ops: Any) -> CausalLM: ...
+
+
+SamplerFactory = Callable[[np.random.Generator], Callable[[np.ndarray], int]]
+ProcessorFactory = Callable[[Any], Optional[Processor]]
+
+CAUSAL_LM_MEMBERS = ("forward", "make_cache", "hidden_states", "logits")
+PAGED_MEMBERS = ("make_paged_cache", "forward_paged")
+
+
+def missing_members(obj: Any, names: Sequence[str]) -> list[str]:
+    """The names in `names` that `obj` (a class or an instance) lacks as callables."""
+    return [n for n in names if not callable(getattr(obj, n, None))]
+
+
+def is_servable(model_or_class: Any) -> bool:
+    """Whether continuous batching can run this model (it has the paged members)."""
+    return not missing_members(model_or_class, PAGED_MEMBERS)
+
+
+# --- checks run when the registry is built --------------------------------------------------
+
+def _fail(owner: str, kind: str, name: Any, problem: str) -> PluginError:
+    return PluginError(f"plugin {owner!r} registered {kind} {name!r}, which {problem}")
+
+
+def check_architecture(owner: str, name: str, value: Any) -> None:
+    if not inspect.isclass(value):
+        raise _fail(owner, "architecture", name,
+                    f"is a {type(value).__name__}, not a class with from_checkpoint(...)")
+    lacking = missing_members(value, ("from_checkpoint",) + CAUSAL_LM_MEMBERS)
+    if lacking:
+        raise _fail(owner, "architecture", name,
+                    f"lacks {', '.join(lacking)} (see lattice_engine.contract.CausalLM)")
+
+
+def check_weight_format(owner: str, name: str, value: Any) -> None:
+    from .quant.formats import WeightFormat
+    if not isinstance(value, WeightFormat):
+        raise _fail(owner, "weight format", name,
+                    f"is a {type(value).__name__}, not a lattice_engine.quant.formats.WeightFormat")
+    for field_name in ("block_size", "bytes_per_block", "row_group"):
+        v = getattr(value, field_name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise _fail(owner, "weight format", name, f"has {field_name} = {v!r}; it must be an "
+                        f"integer >= 1")
+    for field_name in ("quantize", "to_float"):
+        if not callable(getattr(value, field_name)):
+            raise _fail(owner, "weight format", name, f"has a {field_name} that is not callable")
+    for field_name in ("matmul", "embed"):
+        v = getattr(value, field_name)
+        if v is not None and not callable(v):
+            raise _fail(owner, "weight format", name,
+                        f"has a {field_name} that is neither None nor callable")
+    c = value.c_matmul
+    if c is not None and not (isinstance(c, tuple) and len(c) == 2 and
+                              all(isinstance(a, int) and a >= 0 for a in c) and c[0]):
+        raise _fail(owner, "weight format", name, f"has c_matmul = {c!r}; it must be None or "
+                    f"(function address, context address) as integers")
+    if value.gguf_type is not None and not isinstance(value.gguf_type, int):
+        raise _fail(owner, "weight format", name, f"has gguf_type = {value.gguf_type!r}; "
+                    f"it must be None or a GGML type id")
+
+
+def check_quant_method(owner: str, name: str, value: Any, formats: Mapping[str, Any]) -> None:
+    from .quant.methods import QuantMethod
+    if not isinstance(value, QuantMethod):
+        raise _fail(owner, "quant method", name,
+                    f"is a {type(value).__name__}, not a lattice_engine.quant.methods.QuantMethod")
+    for role in ("linear", "embedding", "lm_head", "tied_embedding") + ("fallback",):
+        for fmt in _formats_named(getattr(value, role)):
+            if fmt not in formats:
+                raise _fail(owner, "quant method", name,
+                            f"stores {role} matrices as {fmt!r}, a weight format nobody "
+                            f"registered (registered: {', '.join(sorted(formats))})")
+
+
+def _formats_named(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def check_weight_transform(owner: str, name: str, value: Any) -> None:
+    from .transforms import WeightTransform
+    if not isinstance(value, WeightTransform):
+        raise _fail(owner, "weight transform", name,
+                    f"is a {type(value).__name__}, not a lattice_engine.transforms.WeightTransform")
+
+
+def check_sampler(owner: str, name: str, value: Any) -> None:
+    if not callable(value):
+        raise _fail(owner, "sampler", name, f"is a {type(value).__name__}, not a factory "
+                    f"rng -> (logits -> token id)")
+
+
+def reserved_processor_names() -> frozenset:
+    """SamplingParams fields that are not logits processors: a processor by one of these
+    names would be handed that field's value on every request."""
+    from .sampling import BUILTIN_PROCESSORS, SamplingParams
+    return frozenset(f.name for f in fields(SamplingParams)) - set(BUILTIN_PROCESSORS)
+
+
+def check_logits_processor(owner: str, name: str, value: Any) -> None:
+    if name in reserved_processor_names():
+        raise _fail(owner, "logits processor", name,
+                    f"shares its name with a sampling parameter the engine reads "
+                    f"({', '.join(sorted(reserved_processor_names()))}); rename it")
+    if not callable(value):
+        raise _fail(owner, "logits processor", name, f"is a {type(value).__name__}, not a "
+                    f"factory value -> processor")
+
+
+def check_registration(kind: str, owner: str, name: str, value: Any, registry) -> None:
+    """Refuse `value` for registry `kind` unless it honours the contract above."""
+    if kind == "quant_methods":
+        check_quant_method(owner, name, value, registry.items.get("weight_formats", {}))
+        return
+    check = {"architectures": check_architecture, "weight_formats": check_weight_format,
+             "weight_transforms": check_weight_transform, "samplers": check_sampler,
+             "logits_processors": check_logits_processor}.get(kind)
+    if check is not None:
+        check(owner, name, value)
