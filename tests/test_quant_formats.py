@@ -10,7 +10,7 @@ from lattice_engine.plugins import PluginManager
 from lattice_engine.quant.core_formats import quantize_q8_0
 from lattice_engine.quant.formats import pack
 from lattice_engine.quant.methods import QuantSpec
-from lattice_engine.testing.tolerance import dot_bound, matmul_magnitude
+from lattice_engine.testing.formats import check_weight_format, int_activation_bound
 
 REGISTRY = PluginManager(allowlist=[]).registry
 FORMATS = REGISTRY.items["weight_formats"]
@@ -37,51 +37,25 @@ ROUND_TRIP_BOUND = {
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_round_trip_error(name):
-    fmt = FORMATS[name]
+def test_format_honours_the_contract(name):
+    # lattice_engine.testing.formats: round trip within the per-value bound, rows
+    # independent under quantize and to_float, matmul / embed (the C kernels when built)
+    # against float64 on the dequantized weights
     assert name in ROUND_TRIP_BOUND, f"no round-trip bound for core format {name!r}: add one"
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((7 * fmt.row_group, 4 * 32)).astype(np.float32)
-    packed = pack(fmt, "w", w)
-    assert packed.data.dtype == np.uint8
-    assert packed.data.shape == (w.shape[0], fmt.row_bytes(w.shape[1]))
-    back = packed.to_float()
-    excess = np.abs(back.astype(np.float64) - w) - ROUND_TRIP_BOUND[name](w)
-    assert excess.max() <= 0, f"{name}: a value is off by {excess.max():.3g} beyond its bound"
-
-
-def activation_step_bound(name: str, x: np.ndarray) -> np.ndarray:
-    """How far the activations a format's kernel multiplies may be from x: the q8_0 kernels
-    round x to int16 per 32 values (step amax / 32767, off by at most half a step); the
-    float formats use x as it is."""
-    if not name.startswith("q8_0"):
-        return np.zeros_like(x, dtype=np.float64)
-    blocks = np.abs(x.astype(np.float64)).reshape(x.shape[0], -1, 32)
-    half_step = blocks.max(-1, keepdims=True) / 32767 / 2
-    return np.broadcast_to(half_step, blocks.shape).reshape(x.shape)
+    activation = int_activation_bound(32767) if name.startswith("q8_0") else None
+    check_weight_format(FORMATS[name], ROUND_TRIP_BOUND[name], activation_bound=activation)
 
 
 @pytest.mark.native
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_format_kernels_agree_with_dequantized(name, kernel_variant):
-    # the format's own matmul and embed (the C kernels the native backend calls) against
-    # float64 arithmetic on the dequantized weights: the float32 dot-product bound, plus
-    # the activation rounding the format's kernel does, at |W|'s scale
+def test_format_kernels_on_every_variant(name, kernel_variant):
     fmt = FORMATS[name]
     assert fmt.matmul is not None and fmt.embed is not None, f"{name} has no native kernel"
-    rng = np.random.default_rng(1)
-    w = pack(fmt, "w", rng.standard_normal((5 * fmt.row_group, 64)).astype(np.float32))
-    dense = w.to_float()
-    for m in (1, 3, 9):
-        x = rng.standard_normal((m, 64)).astype(np.float32)
-        got = fmt.matmul(x, w.data)
-        exact = x.astype(np.float64) @ dense.astype(np.float64).T
-        bound = dot_bound(64, matmul_magnitude(x, dense)) + \
-            activation_step_bound(name, x) @ np.abs(dense.astype(np.float64)).T
-        assert (np.abs(got - exact) <= bound).all(), f"{name} M={m}: {np.abs(got - exact).max():.3g}"
-    ids = np.array([4, 0, w.rows - 1])
-    np.testing.assert_array_equal(fmt.embed(w.data, ids), dense[ids])
-    np.testing.assert_array_equal(ops.embed(w, ids), dense[ids])
+    activation = int_activation_bound(32767) if name.startswith("q8_0") else None
+    check_weight_format(fmt, ROUND_TRIP_BOUND[name], activation_bound=activation, seed=3)
+    w = pack(fmt, "w", np.random.default_rng(1).standard_normal((2 * fmt.row_group, 64))
+             .astype(np.float32))
+    np.testing.assert_array_equal(ops.embed(w, np.array([1, 0])), w.to_float()[[1, 0]])
 
 
 def test_q8_0_bytes_equal_gguf_reference_quantizer():

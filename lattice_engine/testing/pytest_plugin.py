@@ -11,6 +11,9 @@ gets a clean run. One switch makes that a failure everywhere: LATTICE_REQUIRE_NA
 (which CI sets), so a broken build cannot leave CI green. A module that was built but does
 not load (an undefined symbol, say) always fails: that is a bug, not a missing compiler.
 
+A fresh plugin manager. The autouse fixture `fresh_plugin_manager` resets the process-wide
+plugin manager around every test, so a test that registers a plugin cannot leak it.
+
 Kernel variants. `KERNEL_VARIANTS` lists the SIMD variants the kernels have, in one naming
 for the core and the plugins ("generic", "avx2", "avxvnni", "avx512vnni"). A test
 parametrizes over all of them and calls `variant_skip_reason(name)`: a variant this CPU
@@ -137,6 +140,17 @@ def core_variant(name: str) -> Iterator[str]:
     finally:
         kernels.set_isa(before_isa)
         kernels.q8_variant(before_q8)
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_manager(monkeypatch) -> Iterator[None]:
+    """Each test builds its own process-wide plugin manager (LATTICE_PLUGINS unset), so no
+    test leaks a registration or an allowlist into another."""
+    from lattice_engine import plugins
+    monkeypatch.delenv(plugins.ALLOWLIST_ENV, raising=False)
+    plugins.reset_plugin_manager()
+    yield
+    plugins.reset_plugin_manager()
 
 
 @pytest.fixture(params=KERNEL_VARIANTS)

@@ -2,52 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-# the native marker and LATTICE_REQUIRE_NATIVE, shared with the core's suite
+from lattice_engine.testing.checkpoints import tiny_llama_config, tiny_llama_weights, write_tiny_llama
+
+# the native marker, LATTICE_REQUIRE_NATIVE and a fresh plugin manager around every test,
+# shared with the core's suite
 pytest_plugins = ["lattice_engine.testing.pytest_plugin"]
 
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS, VOCAB, HEAD_DIM = 64, 4, 2, 96, 2, 256, 16
+DIMS = dict(hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, ffn=FFN, layers=LAYERS, vocab=VOCAB)
+CONFIG = tiny_llama_config(**DIMS)
 
 
 def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    f = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)  # noqa: E731
-    w = {"model.embed_tokens.weight": f(VOCAB, HIDDEN),
-         "model.norm.weight": 1 + f(HIDDEN), "lm_head.weight": f(VOCAB, HIDDEN)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        w.update({p + "self_attn.q_proj.weight": f(HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.k_proj.weight": f(KV_HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.v_proj.weight": f(KV_HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.o_proj.weight": f(HIDDEN, HEADS * HEAD_DIM),
-                  p + "mlp.gate_proj.weight": f(FFN, HIDDEN),
-                  p + "mlp.up_proj.weight": f(FFN, HIDDEN),
-                  p + "mlp.down_proj.weight": f(HIDDEN, FFN),
-                  p + "input_layernorm.weight": 1 + f(HIDDEN),
-                  p + "post_attention_layernorm.weight": 1 + f(HIDDEN)})
-    return w
-
-
-CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-          "intermediate_size": FFN, "num_hidden_layers": LAYERS,
-          "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
-          "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": VOCAB,
-          "tie_word_embeddings": False, "max_position_embeddings": 256, "hidden_act": "silu"}
+    return tiny_llama_weights(seed, **DIMS)
 
 
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
-    from safetensors.numpy import save_file
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    save_file(tiny_weights(), str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(CONFIG))
-    return folder
+    return write_tiny_llama(tmp_path / "tiny", tokenizer=False, **DIMS)
 
 
 GGUF_NAMES = {"model.embed_tokens.weight": "token_embd.weight",
@@ -98,11 +75,3 @@ def write_tiny_gguf(path: Path, qtype) -> dict[str, np.ndarray]:
     wr.close()
     return w
 
-
-@pytest.fixture(autouse=True)
-def _fresh_plugin_manager(monkeypatch):
-    from lattice_engine import plugins
-    monkeypatch.delenv(plugins.ALLOWLIST_ENV, raising=False)
-    plugins.reset_plugin_manager()
-    yield
-    plugins.reset_plugin_manager()

@@ -127,3 +127,41 @@ def test_heavy_tails_asym_beats_sym_at_every_group():
     for g in F.GROUP_SIZES:
         assert err["q4_asym", g] < err["q4_sym", g]
     assert err["q4_asym", 32] < err["q4_asym", 64] < err["q4_asym", 128]
+
+
+def q4_value_bound(name: str):
+    """The q4 formats' own error definition, per value: half a quantization step of the
+    value's block plus the f16 rounding of the block's scale (and offset). ggml's q4_0 rule
+    (scale = the signed extreme / -8, codes clamped to 15) rounds the opposite extreme to a
+    whole step: its bound is one step of amax / 8."""
+    family, group = F.layout_of(name)
+
+    def bound(w: np.ndarray) -> np.ndarray:
+        blocks = w.astype(np.float64).reshape(w.shape[0], -1, group)
+        amax = np.abs(blocks).max(-1, keepdims=True)
+        if name == F.GGML_Q4_0:
+            per_block = amax / 8 * 1.01 + 1e-3 * amax
+        else:
+            span = amax / 7 if family != "q4_asym" else \
+                (blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)) / 15
+            per_block = 0.5 * span * 1.01 + 1e-3 * amax
+        return np.broadcast_to(per_block, blocks.shape).reshape(w.shape)
+    return bound
+
+
+def registered_q4_formats():
+    from lattice_engine.plugins import PluginManager
+    from lattice_quant_q4 import plugin
+    pm = PluginManager(allowlist=[])
+    pm.register(plugin, "quant_q4")
+    return {n: f for n, f in pm.registry.items["weight_formats"].items() if n.startswith("q4")}
+
+
+@pytest.mark.parametrize("name", sorted(registered_q4_formats()))
+def test_format_honours_the_engine_contract(name):
+    # lattice_engine.testing's table-driven check, as the core runs it on its own formats:
+    # round trip, row independence, and the C matmul (int8 activations per 32 values)
+    # against float64 on the dequantized weights
+    from lattice_engine.testing.formats import check_weight_format, int_activation_bound
+    fmt = registered_q4_formats()[name]
+    check_weight_format(fmt, q4_value_bound(name), activation_bound=int_activation_bound(127))
