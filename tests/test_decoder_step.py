@@ -93,7 +93,7 @@ def test_a_plugin_format_with_a_c_matmul_runs_in_the_fused_step():
     "plugin" is a cffi callback into numpy over float32 rows."""
     import dataclasses
     from lattice_engine.quant.formats import PackedMatrix
-    ffi = kernels._ffi
+    ffi = kernels.runtime._ffi
     calls = []
 
     @ffi.callback("lk_extern_matmul")
