@@ -20,9 +20,13 @@ Where each part lives:
     deltanet      causal_conv1d, gated_delta_rule (Qwen3.5's linear attention)
     rotate        block_rotate
     bandwidth     bench_read, measure_read_bandwidth
-    steps         what the fused decode steps share; the steps themselves sit beside their
-                  models (models/transformer_step.py: DecoderStep, models/qwen3_5_step.py:
-                  Qwen35Step) and are re-exported here
+    steps         what the fused decode steps share
+
+The fused decode steps sit beside their models: `models.transformer_step.DecoderStep` and
+`models.qwen3_5_step.Qwen35Step`. They are not re-exported here: their modules import this
+package's parts, so importing them here would be an import cycle, and a lazy module
+`__getattr__` would slow every `kernels.X` lookup (CPython does not specialise attribute
+loads on a module that defines one).
 
 The library state (`_lib`, `_ffi`, `LOAD_ERROR`) lives in `runtime`: patch it there.
 """
@@ -46,26 +50,7 @@ __all__ = [
     "matmul", "matmul_multi", "embed", "quantize_q8_0", "format_matmul", "format_embed",
     "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "log_sum_exp",
     "attention", "add",
-    "bench_read", "measure_read_bandwidth", "DecoderStep", "Qwen35Step",
+    "bench_read", "measure_read_bandwidth",
     "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule", "gated_rms_norm",
     "paged_attention", "block_rotate",
 ]
-
-_STEPS = ("DecoderStep", "Qwen35Step")
-
-
-def __getattr__(name: str):
-    """The fused steps, imported on first use: their modules import this package's parts,
-    so importing them here, eagerly, would be a cycle for whoever imports them first."""
-    if name == "DecoderStep":
-        from ..models.transformer_step import DecoderStep as step
-    elif name == "Qwen35Step":
-        from ..models.qwen3_5_step import Qwen35Step as step
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = step
-    return step
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_STEPS))
