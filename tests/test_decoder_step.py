@@ -1,7 +1,7 @@
-"""The fused native decode step (kernels.DecoderStep, native/src/decoder.c) against the
-per-kernel path it replaces: the same kernels in the same order, so the logits must be
-bit-identical, for every architecture fixture and core weight format, batch > 1, across a
-cache that grows and across kernel variants."""
+"""The fused native decode step (DecoderStep in models/transformer_step.py,
+native/src/decoder.c) against the per-kernel path it replaces: the same kernels in the same
+order, so the logits must be bit-identical, for every architecture fixture and core weight
+format, batch > 1, across a cache that grows and across kernel variants."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_a_plugin_format_with_a_c_matmul_runs_in_the_fused_step():
     "plugin" is a cffi callback into numpy over float32 rows."""
     import dataclasses
     from lattice_engine.quant.formats import PackedMatrix
-    ffi = kernels._ffi
+    ffi = kernels.runtime._ffi
     calls = []
 
     @ffi.callback("lk_extern_matmul")

@@ -1,7 +1,8 @@
-"""The fused Qwen3.5 decode step (kernels.Qwen35Step, native/src/qwen35_decoder.c) against
-the per-kernel path it replaces: the same kernels in the same order, so logits and the
-recurrent states must be bit-identical, for both fixtures (tied and untied), every core
-weight format, batch 2, a KV cache that grows while decoding, and each kernel variant."""
+"""The fused Qwen3.5 decode step (Qwen35Step in models/qwen3_5_step.py,
+native/src/qwen35_decoder.c) against the per-kernel path it replaces: the same kernels in
+the same order, so logits and the recurrent states must be bit-identical, for both fixtures
+(tied and untied), every core weight format, batch 2, a KV cache that grows while decoding,
+and each kernel variant."""
 
 from __future__ import annotations
 

@@ -46,6 +46,6 @@ def test_kernel_variant_follows_the_isa_in_use():
 
 
 def test_kernel_variant_without_the_native_module(monkeypatch):
-    monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "LOAD_ERROR", "No module named 'lattice_engine._native'")
+    monkeypatch.setattr(kernels.runtime, "_lib", None)  # the library state lives there
+    monkeypatch.setattr(kernels.runtime, "LOAD_ERROR", "No module named 'lattice_engine._native'")
     assert kernels.variant() == "not built: No module named 'lattice_engine._native'"

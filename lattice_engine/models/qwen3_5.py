@@ -17,10 +17,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import kernels
 from ..errors import CheckpointError
 from .base import CausalLM, Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
 from .hybrid_cache import HybridCache
+from .qwen3_5_step import Qwen35Step
 from .transformer import MLP, check_rotation_sites, head_role
 
 LINEAR, FULL = "linear_attention", "full_attention"
@@ -263,7 +263,7 @@ class CheckpointTensors:
 
 class Model(CausalLM):
     """The Qwen3.5 text model over a `HybridCache` (KV for full-attention layers, conv and
-    delta-rule states for linear ones). The fused decode step is kernels.Qwen35Step."""
+    delta-rule states for linear ones). The fused decode step is Qwen35Step (qwen3_5_step.py)."""
 
     config_class = ModelArgs
 
@@ -345,7 +345,7 @@ class Model(CausalLM):
         from .qwen3_5_paged import forward_paged
         return forward_paged(self, batch, cache)
 
-    def _build_decode_step(self) -> Optional[kernels.Qwen35Step]:
+    def _build_decode_step(self) -> Optional[Qwen35Step]:
         layers = []
         for block in self.layers:
             m = block.mlp
@@ -369,11 +369,10 @@ class Model(CausalLM):
                     spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
                 spec.update(q_norm=a.q_norm, k_norm=a.k_norm)
             layers.append(spec)
-        if not kernels.Qwen35Step.supports(self.embed_tokens,
-                                           *kernels.Qwen35Step.matrices_of(layers)):
+        if not Qwen35Step.supports(self.embed_tokens, *Qwen35Step.matrices_of(layers)):
             return None
         c = self.config
-        return kernels.Qwen35Step(
+        return Qwen35Step(
             hidden=c.hidden_size, intermediate=c.intermediate_size,
             n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
             head_dim=c.head_dim, rope_half=len(self.inv_freq),

@@ -12,10 +12,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .. import kernels
 from ..errors import CheckpointError
 from .base import (CausalLM, KVCache, Linear, WeightLoader, check_tokens, config_from_dict,
                    project, rope_inv_freq)
+from .transformer_step import DecoderStep
 
 
 @dataclass
@@ -216,7 +216,7 @@ class Block:
 
 class DecoderModel(CausalLM):
     """A causal LM over a `KVCache`. Subclasses set the config class and the switches.
-    The fused decode step is kernels.DecoderStep."""
+    The fused decode step is DecoderStep (transformer_step.py)."""
 
     config_class = DecoderConfig
     qkv_bias = False
@@ -276,7 +276,7 @@ class DecoderModel(CausalLM):
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
 
-    def _build_decode_step(self) -> Optional[kernels.DecoderStep]:
+    def _build_decode_step(self) -> Optional[DecoderStep]:
         layers = []
         for block in self.layers:
             a, m = block.self_attn, block.mlp
@@ -290,11 +290,11 @@ class DecoderModel(CausalLM):
             spec["mlp_in_rotation"] = block.mlp_in_rotation
             spec["o_rotation"] = a.o_rotation
             layers.append(spec)
-        if not kernels.DecoderStep.supports(
-                self.embed_tokens, *(L[n] for L in layers for n in kernels.DecoderStep.MATRICES)):
+        if not DecoderStep.supports(
+                self.embed_tokens, *(L[n] for L in layers for n in DecoderStep.MATRICES)):
             return None
         c = self.config
-        return kernels.DecoderStep(
+        return DecoderStep(
             hidden=c.hidden_size, n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads,
             head_dim=c.head_dim, intermediate=c.intermediate_size, eps=c.rms_norm_eps,
             rope_half=len(self.inv_freq), embed=self.embed_tokens, final_norm=self.norm,

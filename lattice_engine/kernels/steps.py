@@ -1,0 +1,93 @@
+"""What the fused decode steps share: filling the C model descriptions (`lk_decoder`,
+`lk_qwen35`) from weights (`_fill_linear`, `_keep_vec`, `_set_rotation`), which formats the
+steps can run (`_supports`), and calling a step and turning its return code into an error
+(`_run_step`, `_raise_step_error`).
+
+The steps themselves sit beside their models: `models/transformer_step.py` (DecoderStep,
+the llama family) and `models/qwen3_5_step.py` (Qwen35Step).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..quant.formats import PackedMatrix
+from .buffers import _F32, _FMT_EXTERN, _FMT_IDS, _in
+from .matmuls import _entry
+from .runtime import _FLOATS, _INT64S, _fb, _ffi, _lib
+
+
+def _supports(embed: PackedMatrix, *matrices: PackedMatrix) -> bool:
+    """Whether the C step runs these: an embedding in a core format (it is looked up),
+    matrices in a core format or a plugin format with a C matmul."""
+    return _lib is not None and embed.format.name in _FMT_IDS and \
+        _entry(embed.format) is not None and all(_step_format(w.format) for w in matrices)
+
+
+def _keep_vec(keep: list, v):
+    """cdata over float32 vector v (NULL for None), kept alive in `keep`."""
+    if v is None:
+        return _ffi.NULL
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    keep.append(v)
+    return _fb(_FLOATS, v)
+
+
+def _set_rotation(keep: list, dst, rotation) -> None:
+    """An lk_rotation from (mix [m, m], block), or none."""
+    if rotation is not None:
+        mix, block = rotation
+        dst.mix, dst.m, dst.block = _keep_vec(keep, mix), mix.shape[0], block
+
+
+def _step_format(fmt) -> bool:
+    """Whether the fused steps can multiply by a matrix of this format: a core format with
+    a native kernel, or a plugin format that hands over a C matmul."""
+    return (fmt.name in _FMT_IDS and _entry(fmt) is not None) or fmt.c_matmul is not None
+
+
+def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None) -> None:
+    data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
+    keep.append(data)
+    if w.format.name in _FMT_IDS:
+        dst.fmt = _FMT_IDS[w.format.name]
+    else:
+        fn, ctx = w.format.c_matmul
+        dst.fmt = _FMT_EXTERN
+        dst.ext = _ffi.cast("lk_extern_matmul", fn)
+        dst.ext_ctx = _ffi.cast("void *", ctx)
+    dst.w = _fb(data)
+    dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
+    dst.bias = _keep_vec(keep, bias)
+
+
+def _raise_step_error(rc: int, tokens: np.ndarray, m, name: str, outside: str) -> None:
+    """A fused step's return code as an error that says what was wrong (0: nothing)."""
+    if rc == -1:
+        bad = tokens[(tokens < 0) | (tokens >= m.embed.rows)]
+        raise IndexError(f"decode step: token id {int(bad[0])} is outside the "
+                         f"vocabulary [0, {m.embed.rows})")
+    if rc == -2:
+        raise ValueError(f"decode step: {outside}")
+    if rc == -5:
+        raise MemoryError(f"{name}: out of scratch memory")
+    if rc:
+        raise RuntimeError(f"{name} failed with code {rc} (weights or workspace "
+                           f"inconsistent with the model description)")
+
+
+def _run_step(step_fn, work_size_fn, m, work: np.ndarray, tokens: np.ndarray, pos: int,
+              cos: np.ndarray, sin: np.ndarray, out: np.ndarray, name: str) -> np.ndarray:
+    """Call a fused decode step (`lk_decoder_step`, `lk_qwen35_step`) and turn its return
+    code into an error that says what was wrong; returns the (possibly grown) workspace."""
+    B = tokens.size
+    need = work_size_fn(m, B)
+    if work.size < need:
+        work = np.empty(need, _F32)
+    cp, cos = _in(cos)
+    sp, sin = _in(sin)
+    rc = step_fn(m, _fb(_INT64S, tokens), B, pos, cp, sp, _fb(_FLOATS, work, True),
+                 work.size, _fb(_FLOATS, out, True))
+    _raise_step_error(rc, tokens, m, name, f"position {pos} is outside the bound cache "
+                                           f"(capacity {m.cache_cap}); bind a larger cache")
+    return work

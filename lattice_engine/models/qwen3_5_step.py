@@ -1,0 +1,221 @@
+"""Qwen35Step: the fused native decode step of Qwen3.5 (qwen3_5.py), the marshalling of its
+weights, hybrid cache and paged pools into `lk_qwen35` (native/src/qwen35_decoder.c).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..kernels.buffers import _F32, _in, _new_or_check
+from ..kernels.runtime import _FLOATS, _INT64S, _L, _fb, _ffi
+from ..kernels.steps import (_fill_linear, _keep_vec, _raise_step_error, _run_step,
+                             _set_rotation, _supports)
+from ..quant.formats import PackedMatrix
+
+
+class Qwen35Step:
+    """One Qwen3.5 decode step in a single C call (`lk_qwen35_step`): embed, every Gated
+    DeltaNet and gated-attention layer, final norm, for a batch of rows at T = 1.
+
+    Built once per model from its weights (`PackedMatrix` in f32 / f16 / q8_0, float32
+    vectors); `bind_cache` points it at a hybrid cache's arrays; calling it embeds B tokens
+    at position `pos`, updates the conv / delta states and writes keys and values at `pos`,
+    and returns the final-norm hidden states [B, hidden]. The arithmetic is the per-kernel
+    path's, kernel for kernel.
+
+    layers: one dict per layer, with "kind" ("linear_attention" or "full_attention"),
+    vectors attn_norm, mlp_norm, matrices gate, up, down (optional down_rotation =
+    (mix, block)), and
+    - linear: matrices in_qkv, in_z, in_b, in_a, out; conv_w [K, conv_dim], neg_a and
+      dt_bias [v_heads], head_norm [v_dim];
+    - full: matrices q (query and gate rows per head), k, v, o with optional biases
+      q_bias ... o_bias; vectors q_norm, k_norm.
+    """
+
+    LINEAR, FULL = "linear_attention", "full_attention"
+    MATRICES = {LINEAR: ("in_qkv", "in_z", "in_b", "in_a", "out", "gate", "up", "down"),
+                FULL: ("q", "k", "v", "o", "gate", "up", "down")}
+
+    supports = staticmethod(_supports)  # as DecoderStep.supports
+
+    @classmethod
+    def matrices_of(cls, layers: list[dict]) -> list[PackedMatrix]:
+        return [L[n] for L in layers for n in cls.MATRICES[L["kind"]]]
+
+    def __init__(self, *, hidden: int, intermediate: int, n_heads: int, n_kv_heads: int,
+                 head_dim: int, rope_half: int, lin_k_heads: int, lin_v_heads: int,
+                 lin_k_dim: int, lin_v_dim: int, conv_kernel: int, eps: float,
+                 embed: PackedMatrix, final_norm: np.ndarray, layers: list[dict]):
+        if not self.supports(embed, *self.matrices_of(layers)):
+            raise ValueError("Qwen35Step: every matrix must be f32, f16 or q8_0 with the "
+                             "native module built")
+        keep = self._keep = []
+        m = _ffi.new("lk_qwen35 *")
+        m.n_layers, m.hidden, m.intermediate = len(layers), hidden, intermediate
+        m.n_heads, m.n_kv_heads, m.head_dim, m.rope_half = n_heads, n_kv_heads, head_dim, rope_half
+        m.lin_k_heads, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim = (lin_k_heads, lin_v_heads,
+                                                                 lin_k_dim, lin_v_dim)
+        m.conv_kernel, m.eps = conv_kernel, eps
+        _fill_linear(keep, m.embed, embed)
+        m.final_norm = _keep_vec(keep, final_norm)
+        self._layers = _ffi.new("lk_qwen35_layer[]", max(len(layers), 1))
+        self._kinds = [spec["kind"] for spec in layers]
+        for i, spec in enumerate(layers):
+            L = self._layers[i]
+            L.kind = 0 if spec["kind"] == self.LINEAR else 1
+            L.attn_norm = _keep_vec(keep, spec["attn_norm"])
+            L.mlp_norm = _keep_vec(keep, spec["mlp_norm"])
+            for name in self.MATRICES[spec["kind"]]:
+                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+            if spec["kind"] == self.LINEAR:
+                for name in ("conv_w", "neg_a", "dt_bias", "head_norm"):
+                    setattr(L, name, _keep_vec(keep, spec[name]))
+            else:
+                L.q_norm = _keep_vec(keep, spec["q_norm"])
+                L.k_norm = _keep_vec(keep, spec["k_norm"])
+            _set_rotation(keep, L.down_in, spec.get("down_rotation"))
+        m.layers = self._layers
+        m.cache_cap = 0
+        self._m = m
+        self._hidden = hidden
+        self._bound: tuple = ()
+        self._paged = None
+        self._work = np.empty(0, _F32)
+
+    def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray],
+                   conv: list[np.ndarray], delta: list[np.ndarray]) -> None:
+        """Point the layers at a hybrid cache's arrays: keys / values [B, capacity, H_kv, D]
+        of the attention layers and conv [B, K-1, conv_dim] / delta [B, Hv, Dk, Dv] states
+        of the DeltaNet layers, each list in layer order (re-bind after the KV grows)."""
+        m = self._m
+        n_full = self._kinds.count(self.FULL)
+        if len(keys) != n_full or len(values) != n_full or \
+                len(conv) != len(delta) or len(conv) != len(self._kinds) - n_full:
+            raise ValueError(f"bind_cache: {len(keys)} key / {len(conv)} state arrays for "
+                             f"{n_full} attention and {len(self._kinds) - n_full} DeltaNet layers")
+        cap = keys[0].shape[1] if keys else 1 << 62
+        batch = (keys or conv)[0].shape[0] if (keys or conv) else 0
+        conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
+        want = {"kv": (batch, cap, m.n_kv_heads, m.head_dim),
+                "conv": (batch, m.conv_kernel - 1, conv_dim),
+                "delta": (batch, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim)}
+        for kind, arrays in (("kv", keys), ("kv", values), ("conv", conv), ("delta", delta)):
+            for a in arrays:
+                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != want[kind]:
+                    raise ValueError(f"bind_cache: a {kind} array {a.dtype} {a.shape} is not "
+                                     f"C-contiguous float32 {want[kind]}")
+        full = linear = 0
+        for i, kind in enumerate(self._kinds):
+            L = self._layers[i]
+            if kind == self.FULL:
+                L.k_cache = _fb(_FLOATS, keys[full], True)
+                L.v_cache = _fb(_FLOATS, values[full], True)
+                full += 1
+            else:
+                L.conv_state = _fb(_FLOATS, conv[linear], True)
+                L.delta_state = _fb(_FLOATS, delta[linear], True)
+                linear += 1
+        m.cache_cap = cap
+        self._bound = (batch, tuple(keys), tuple(values), tuple(conv), tuple(delta))
+
+    def is_bound_to(self, keys, values, conv, delta) -> bool:
+        if not self._bound:
+            return False
+        arrays = self._bound[1:]
+        return all(len(a) == len(b) and all(x is y for x, y in zip(a, b))
+                   for a, b in zip(arrays, (keys, values, conv, delta)))
+
+    def __call__(self, tokens: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        B = tokens.size
+        if not self._bound or B != self._bound[0]:
+            raise ValueError(f"decode step: {B} tokens for a cache bound with "
+                             f"{self._bound[0] if self._bound else 'no'} rows; bind_cache first")
+        out = _new_or_check(out, (B, self._hidden))
+        self._work = _run_step(_L.lk_qwen35_step, _L.lk_qwen35_work_size, self._m, self._work,
+                               tokens, pos, cos, sin, out, "lk_qwen35_step")
+        return out
+
+    def paged(self, tokens: np.ndarray, cos: np.ndarray, sin: np.ndarray, batch,
+              keys: list[np.ndarray], values: list[np.ndarray],
+              states: list[np.ndarray]) -> np.ndarray:
+        """The step over a flat batch of sequences in a paged cache (`lk_qwen35_step_paged`;
+        `paged_forward.PagedBatch`: rows at their own positions, prefill chunks and decode
+        rows alike): cos / sin [n, rope_half] for the rows' positions; keys / values the
+        attention layers' pools [num_blocks, block_size, H_kv, D] and states the DeltaNet
+        layers' state slots (conv [slots, K-1, conv_dim], delta [slots, Hv, Dk, Dv] per
+        layer, alternating), each in layer order. Writes keys and values at the rows' slots,
+        advances each sequence's states in its slot, and returns the final-norm hidden
+        states [n, hidden]."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        n = tokens.size
+        ptrs, (num_blocks, block_size), num_slots = self._pools(keys, values, states)
+        slots = np.ascontiguousarray(batch.slots, dtype=np.int64)
+        q_start = np.ascontiguousarray(batch.q_start, dtype=np.int64)
+        pos_start = np.ascontiguousarray(batch.pos_start, dtype=np.int64)
+        state_slots = np.ascontiguousarray(batch.state_slots, dtype=np.int64)
+        tables = np.ascontiguousarray(batch.block_tables, dtype=np.int32)
+        if slots.shape != (n,) or q_start.shape != (pos_start.size + 1,) or \
+                state_slots.shape != pos_start.shape or tables.shape[:1] != pos_start.shape \
+                or cos.shape != (n, self._m.rope_half):
+            raise ValueError(f"decode step: a paged batch of {n} rows needs {n} slots, "
+                             f"S + 1 q_start entries, S state slots and table rows and cos "
+                             f"[{n}, {self._m.rope_half}] (got {slots.shape}, {q_start.shape}, "
+                             f"{state_slots.shape}, {tables.shape}, {cos.shape})")
+        need = _L.lk_qwen35_work_size(self._m, n)
+        if self._work.size < need:
+            self._work = np.empty(need, _F32)
+        out = np.empty((n, self._hidden), _F32)
+        cp, cos = _in(cos)
+        sp, sin = _in(sin)
+        rc = _L.lk_qwen35_step_paged(
+            self._m, _fb(_INT64S, tokens), n, cp, sp, _fb(_INT64S, slots), ptrs[0], ptrs[1],
+            num_blocks, block_size, ptrs[2], ptrs[3], num_slots, _fb(_INT64S, state_slots),
+            pos_start.size, _fb(_INT64S, q_start), _fb(_INT64S, pos_start),
+            _ffi.cast("int32_t *", _fb(tables)), tables.shape[1] if tables.ndim == 2 else 0,
+            _fb(_FLOATS, self._work, True), self._work.size, _fb(_FLOATS, out, True))
+        _raise_step_error(rc, tokens, self._m, "lk_qwen35_step_paged",
+                          "a row's slot, position, block table or recurrent-state slot is "
+                          "outside the cache")
+        return out
+
+    def _pools(self, keys, values, states):
+        """Per-layer pointer arrays (k, v, conv, delta; NULL where a layer has none), kept
+        while the cache keeps its arrays; the KV pools' (blocks, block_size), state slots."""
+        arrays = (tuple(keys), tuple(values), tuple(states))
+        ident = tuple(id(a) for group in arrays for a in group)
+        if self._paged is not None and self._paged[0] == ident:
+            return self._paged[1:4]
+        m = self._m
+        n_full = self._kinds.count(self.FULL)
+        n_linear = len(self._kinds) - n_full
+        if len(keys) != n_full or len(values) != n_full or len(states) != 2 * n_linear:
+            raise ValueError(f"decode step: {len(keys)} key pools and {len(states)} state "
+                             f"arrays for {n_full} attention and {n_linear} DeltaNet layers")
+        kv = keys[0].shape[:2] if keys else (0, 1)
+        slots = states[0].shape[0] if states else 0
+        conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
+        want = {"kv": kv + (m.n_kv_heads, m.head_dim),
+                "conv": (slots, m.conv_kernel - 1, conv_dim),
+                "delta": (slots, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim)}
+        for kind, group in (("kv", keys), ("kv", values), ("conv", states[0::2]),
+                            ("delta", states[1::2])):
+            for a in group:
+                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != want[kind]:
+                    raise ValueError(f"decode step: a {kind} pool {a.dtype} {a.shape} is not "
+                                     f"C-contiguous float32 {want[kind]}")
+        ptrs = [_ffi.new("float *[]", max(len(self._kinds), 1)) for _ in range(4)]
+        full = linear = 0
+        for i, kind in enumerate(self._kinds):
+            if kind == self.FULL:
+                ptrs[0][i] = _fb(_FLOATS, keys[full], True)
+                ptrs[1][i] = _fb(_FLOATS, values[full], True)
+                full += 1
+            else:
+                ptrs[2][i] = _fb(_FLOATS, states[2 * linear], True)
+                ptrs[3][i] = _fb(_FLOATS, states[2 * linear + 1], True)
+                linear += 1
+        # the arrays themselves are kept too: the pointers must not outlive them
+        self._paged = (ident, ptrs, kv, slots, arrays)
+        return self._paged[1:4]
