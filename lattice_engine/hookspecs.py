@@ -5,7 +5,12 @@ what arrives and refuses a name that another plugin already registered. All of t
 called once, when the plugin manager builds its registry (see `lattice_engine.plugins`).
 
 A plugin is a module or object with functions decorated by `lattice_engine.hookimpl`,
-published through the entry-point group "lattice_engine".
+published through the entry-point group "lattice_engine". What each registered object must
+provide is written as code in `lattice_engine.contract` (Protocols, checked at
+registration: a missing member is a PluginError naming the plugin and the member). Entries
+are registered in pluggy's call order: `tryfirst` implementations first (the core's own are
+tryfirst), then the others, later-installed first, then `trylast`. A plugin can require
+`PLUGIN_API_VERSION` (below) from its own code.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ def register_architectures(register: Callable[[str, type], None]) -> None:
 
     Args:
         register: call `register(model_type, model_class)` once per architecture. The class
-            must provide `from_checkpoint(checkpoint, quant, ops)` (see
-            `lattice_engine.models.base`). Registering a model_type that another plugin
-            already owns raises PluginError naming both owners.
+            must provide `from_checkpoint(checkpoint, loader, ops)` returning a model with
+            the `lattice_engine.contract.CausalLM` members (forward, make_cache,
+            hidden_states, logits, config.vocab_size); with `PagedCausalLM`'s members too
+            (make_paged_cache, forward_paged) it can also be served with continuous
+            batching. It need not subclass anything of the core's. Registering a model_type
+            that another plugin already owns raises PluginError naming both owners.
     """
 
 
@@ -47,7 +55,9 @@ def register_weight_formats(register: Callable[[object], None]) -> None:
     Args:
         register: call `register(weight_format)` with a
             `lattice_engine.quant.formats.WeightFormat` (name, block size, bytes per block,
-            quantize, to_float, optional native matmul/embed, optional GGUF type id).
+            quantize, to_float, optional native matmul/embed, optional GGUF type id); its
+            docstring says how the engine calls each field. `lattice_engine.testing.formats
+            .check_weight_format` checks a format against that contract.
     """
 
 
@@ -58,7 +68,11 @@ def register_quant_methods(register: Callable[[object], None]) -> None:
     Args:
         register: call `register(quant_method)` with a
             `lattice_engine.quant.methods.QuantMethod`, which decides the weight format of
-            each tensor by name and shape. The formats it names must be registered too.
+            each tensor by role, name and row length. The formats it names must already be
+            registered (weight formats are collected before quant methods). A distribution
+            can list its methods under the entry-point group `lattice_engine.quant_methods`
+            (name = method) so that asking for one while the plugin is not loaded says which
+            distribution provides it.
     """
 
 
@@ -83,7 +97,8 @@ def register_samplers(register: Callable[[str, Callable], None]) -> None:
     Args:
         register: call `register(name, factory)`; `factory(rng: numpy.random.Generator)`
             returns a function `logits (float32 [V]) -> token id`. Logits arrive after the
-            logits processors ran, so temperature and truncation are already applied.
+            logits processors ran, so temperature and truncation are already applied. One
+            sampler is built per request, so it may keep state across that request's tokens.
     """
 
 
@@ -94,6 +109,8 @@ def register_logits_processors(register: Callable[[str, Callable], None]) -> Non
     Args:
         register: call `register(name, factory)`; `factory(value)` returns a function
             `(token_ids: list[int], logits: float32 [V]) -> float32 [V]`, or None when
-            `value` makes the processor a no-op (e.g. top_k = 0). Processors run in
-            registration order, built-ins first.
+            `value` makes the processor a no-op (e.g. top_k = 0). `value` comes from the
+            request's (or `[sampling] processors`') entry of the same name. Processors run
+            in registry order: the built-ins first (they are tryfirst), then plugins'. A
+            name that is a `SamplingParams` field (seed, stop, max_tokens, ...) is refused.
     """

@@ -28,10 +28,17 @@ class WeightFormat:
         block_size: float elements per block along a row.
         bytes_per_block: storage bytes per block.
         quantize: float32 [rows, cols] -> uint8 [rows, row_bytes]. cols must be a multiple
-            of block_size (see `check_shape`).
-        to_float: (uint8 [rows, row_bytes], cols) -> float32 [rows, cols].
+            of block_size (see `check_shape`). The engine calls it on row slices (whole
+            row groups) as well as whole matrices, and concatenates the results: rows must
+            be encoded independently. Everything a row needs (its scales, offsets, any
+            per-row metadata) lives in that row's bytes: there is no side channel, so a
+            per-row scale is stored in the row, e.g. at the front of its first block.
+        to_float: (uint8 [rows, row_bytes], cols) -> float32 [rows, cols]; also called on
+            row slices (embedding lookups, the numpy backend), with the matrix's `cols`.
         matmul: optional fast kernel (x float32 [M, cols], packed [rows, row_bytes]) ->
-            float32 [M, rows], i.e. x @ W.T. None means dequantize-then-numpy.
+            float32 [M, rows], i.e. x @ W.T. Only the native backend calls it; the numpy
+            backend (`lattice_engine.ops`, the reference) always dequantizes with
+            to_float. None means dequantize-then-numpy on either backend.
         embed: optional fast kernel (packed, int64 ids [n]) -> float32 [n, cols].
         gguf_type: GGML type id whose bytes are identical, so GGUF tensors of that type
             load without a float round trip; None if there is none.
