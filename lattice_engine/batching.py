@@ -142,7 +142,8 @@ class PrefillPacer:
 @dataclass
 class RequestOutput:
     """What one request produced in one step: the new text (pieces concatenate to the
-    final output) and tokens; finish_reason on the last one ("stop", "length", "abort")."""
+    final output) and tokens; finish_reason on the last one ("stop", "length", "abort", or
+    "error" with `error` saying why: one request's failure ends only that request)."""
 
     request_id: str
     text: str
@@ -152,6 +153,10 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # finish_reason "error": what went wrong, safe to show the client, and its OpenAI type
+    # ("invalid_request_error" for the request's own options, "server_error" for a bug)
+    error: Optional[str] = None
+    error_type: Optional[str] = None
 
     @property
     def finished(self) -> bool:
@@ -310,7 +315,10 @@ class BatchRunner:
             self.stats.tokens_computed += it.count
             if not it.sample:
                 continue
-            out = self._sample(seq, logits[row], now)
+            try:
+                out = self._sample(seq, logits[row], now)
+            except Exception as exc:  # this request's failure (its sampling options, its
+                out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
             row += 1
             if out is not None:
                 outputs.append(out)
@@ -329,11 +337,7 @@ class BatchRunner:
         token = seq.sampler(seq.token_ids, row)
         logprob = token_logprob(model_row, token)
         if seq.logits_mask is not None:
-            try:
-                seq.logits_mask.accept(token)
-            except LatticeError as exc:  # this request's constraint failed: end it alone
-                log.warning("request %s: %s", seq.request_id, exc)
-                return self._finish(seq, "error")
+            seq.logits_mask.accept(token)  # raising ends this request alone (see step)
         # a complete constraint allows nothing more (a tokenizer without an end token):
         # this token is kept and the request stops
         constraint_done = seq.logits_mask is not None and seq.logits_mask.is_terminated()
@@ -369,6 +373,22 @@ class BatchRunner:
             return None
         st.emitted += text
         return self._emit(seq, text, None)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """End seq alone after its own computation raised. A LatticeError is the request's
+        fault and its message is meant for the client; anything else is a bug whose text
+        stays in the log, and the client gets the request id to find it there."""
+        if isinstance(exc, LatticeError):
+            log.warning("request %s ended: %s", seq.request_id, exc)
+            message, kind = str(exc), "invalid_request_error"
+        else:
+            log.error("request %s failed", seq.request_id, exc_info=exc)
+            message, kind = (f"internal error while computing this request; the server log "
+                             f"has the details under request id {seq.request_id}"), \
+                "server_error"
+        out = self._finish(seq, "error", flush=False)
+        out.error, out.error_type = message, kind
+        return out
 
     def _detokenize(self, st: _Output) -> Optional[str]:
         """All text of st.generated, decoding only a short window per new token (the text

@@ -29,7 +29,7 @@ from ..batching import BatchingOptions, RequestOutput
 from ..config import ServerSection
 from ..errors import ConfigError, LatticeError
 from . import metrics
-from .async_engine import AsyncEngine, EngineClosed
+from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
                        sampling_from, stream_flags)
 
@@ -113,9 +113,14 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
                                      type=kind).body(), status_code=exc.status_code)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                     type="server_error").body(), status_code=500)
+        # the exception's text can hold paths and internals: it goes to the log under an id
+        # that the client gets, never to the client
+        error_id = "err-" + uuid.uuid4().hex[:16]
+        log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path,
+                  exc_info=exc)
+        return JSONResponse(APIError(500, f"internal error; the server log has the details "
+                                          f"under {error_id}", type="server_error",
+                                     code="internal_error").body(), status_code=500)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -259,6 +264,12 @@ async def _sse(state: _State, outputs: AsyncIterator[RequestOutput], head, chat:
             yield _event(_chunk(head, chat, "", None, first=True))
         try:
             async for out in outputs:
+                if out.finish_reason == "error":  # this request alone failed: say so
+                    finished = True
+                    if out.text:
+                        yield _event(_chunk(head, chat, out.text, None))
+                    yield _event(_request_failed(out).body())
+                    break
                 if out.finished:
                     finished = True
                     if out.text:
@@ -272,10 +283,21 @@ async def _sse(state: _State, outputs: AsyncIterator[RequestOutput], head, chat:
             finished = True  # (the engine already freed its blocks)
             yield _event(_closed(exc).body())
             return
+        except EngineFailed as exc:  # the batched forward failed: an error event, then done
+            finished = True
+            yield _event(APIError(500, str(exc), type="server_error",
+                                  code="internal_error").body())
         yield "data: [DONE]\n\n"
     finally:
         if not finished:  # the client went away (or the engine failed): free its blocks now
             state.async_engine.abort(rid)
+
+
+def _request_failed(out: RequestOutput) -> APIError:
+    if out.error_type == "server_error":
+        return APIError(500, out.error or "internal error", type="server_error",
+                        code="internal_error")
+    return APIError(400, out.error or "the request failed", code="request_failed")
 
 
 def _closed(exc: EngineClosed) -> APIError:
@@ -311,9 +333,13 @@ async def _collect(request: Request, state: _State, outputs, head, chat: bool,
             task.result()
         except EngineClosed as exc:
             raise _closed(exc) from None
+        except EngineFailed as exc:
+            raise APIError(500, str(exc), type="server_error", code="internal_error") from None
     finally:
         if not task.done():
             task.cancel()
+    if last.finish_reason == "error":
+        raise _request_failed(last)
     text = "".join(parts)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},

@@ -1,0 +1,194 @@
+"""Issue 16: one request never harms another, and every bad input is a clear error.
+
+Each test here reproduces one failure found by trying the engine as a hostile user would;
+it failed before the fix. The server tests run the tiny golden llama checkpoint (random
+weights, a byte-level tokenizer), so they need no download.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from conftest import fixture_with_tokenizer
+from lattice_engine.batching import BatchingOptions
+from lattice_engine.engine import Engine
+from lattice_engine.errors import RequestError
+from lattice_engine.plugins import PluginManager
+from lattice_engine.sampling import SamplingParams, make_sampler
+
+REGISTRY = PluginManager(allowlist=[]).registry
+
+
+# ---- numerically hostile sampling options ------------------------------------------------
+
+@pytest.mark.parametrize("options", [
+    dict(temperature=1e-40),
+    dict(temperature=5e-324),
+    dict(temperature=0.7, repetition_penalty=1e-40),
+    dict(temperature=1e-40, repetition_penalty=1e-40, top_p=0.5, min_p=0.1),
+])
+def test_tiny_temperature_and_penalty_sample_the_top_token(options):
+    """logits / 1e-40 overflowed to inf and the softmax gave NaN; scaled in log space the
+    distribution is one-hot on the best token (the penalised seen token included)."""
+    logits = np.array([1.0, 3.0, 2.5, -4.0], np.float32)
+    sampler = make_sampler(SamplingParams(seed=0, **options), REGISTRY)
+    history = [1] if options.get("repetition_penalty", 1) != 1 else []
+    picks = {sampler(history, logits) for _ in range(20)}
+    assert len(picks) == 1 and picks <= {1}
+
+
+def test_nan_logits_are_the_requests_error_not_a_crash():
+    sampler = make_sampler(SamplingParams(temperature=0.8, seed=0), REGISTRY)
+    with pytest.raises(RequestError, match="NaN or infinite logits"):
+        sampler([], np.array([0.0, np.nan, 1.0], np.float32))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", float("inf")), ("temperature", float("nan")),
+    ("repetition_penalty", float("inf")), ("top_p", float("nan")),
+    ("seed", -1), ("seed", 2**64), ("max_tokens", 10**30),
+])
+def test_non_finite_or_unbounded_sampling_values_are_refused(field, value):
+    with pytest.raises(RequestError, match=field):
+        SamplingParams(**{field: value})
+
+
+# ---- isolation in the batch runner -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return fixture_with_tokenizer("llama", tmp_path_factory.mktemp("reliability"),
+                                  eos_token_id=-1)  # random weights: never stop early
+
+
+class Exploding:
+    """A logits mask with a bug: its apply raises something that is not a LatticeError."""
+
+    def apply(self, logits):
+        raise ZeroDivisionError("secret internal detail")
+
+    def accept(self, token):
+        pass
+
+    def is_terminated(self):
+        return False
+
+
+def test_a_request_whose_computation_raises_ends_alone(folder):
+    engine = Engine.load(str(folder))
+    engine.start_batching(BatchingOptions(kv_cache_tokens=512, block_size=4))
+    bad = engine.add_request("boom", max_tokens=6, logits_mask=Exploding())
+    good = [engine.add_request(p, max_tokens=6, temperature=0.8, seed=i)
+            for i, p in enumerate(["one", "two", "three"])]
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+    assert outs[bad].finish_reason == "error"
+    assert "secret" not in outs[bad].error and bad in outs[bad].error
+    assert outs[bad].error_type == "server_error"
+    assert all(outs[g].finish_reason == "length" and outs[g].completion_tokens == 6
+               for g in good)
+    assert engine.runner.cache.stats()["blocks_used"] == 0
+
+
+# ---- the server --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(folder):
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from lattice_engine.loading import load
+    from test_server import RunningServer
+    s = RunningServer(load(folder), BatchingOptions(kv_cache_tokens=2048, max_running=8))
+    yield s
+    s.stop()
+
+
+def post(server, path: str, body, timeout: float = 60) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, resp.read()
+    conn.close()
+    return out
+
+
+def stream_events(server, body) -> list:
+    """The SSE data payloads of a streamed completion, '[DONE]' included."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps(body | {"stream": True}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    events = []
+    for line in resp:
+        if line.startswith(b"data: "):
+            payload = line[6:].strip()
+            events.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
+    conn.close()
+    return events
+
+
+@pytest.mark.parametrize("poison", [
+    {"temperature": 1e-40},
+    {"temperature": 0.7, "repetition_penalty": 1e-40},
+])
+def test_tiny_temperature_does_not_kill_the_streams_in_flight(server, poison):
+    """Four streams run while a request with a tiny temperature (or penalty) arrives: all
+    four end with a finish_reason and [DONE], the poison request gets a normal answer, and
+    /health stays ok."""
+    streams = [{"model": "smollm2-135m", "prompt": f"Stream {i}:", "max_tokens": 40,
+                "temperature": 0.8, "seed": i, "ignore_eos": True} for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        running = [pool.submit(stream_events, server, s) for s in streams]
+        status, body = post(server, "/v1/completions",
+                            {"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 5,
+                             **poison})
+        results = [r.result(timeout=120) for r in running]
+    assert status == 200, body
+    assert json.loads(body)["usage"]["completion_tokens"] == 5
+    for events in results:
+        assert events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        assert not any("error" in e for e in events[:-1] if isinstance(e, dict))
+    assert server.raw("GET", "/health") == (200, {"status": "ok", "model": "smollm2-135m"})
+
+
+def test_a_failing_request_gets_an_error_event_and_done_while_others_finish(server,
+                                                                             monkeypatch):
+    """A request whose own computation fails (here: a sampler made to raise on the prompt
+    "NaN!", as NaN logits from a broken checkpoint would) ends with an OpenAI error event
+    and [DONE] on a stream, or an error object otherwise, naming no internal text; the
+    streams beside it finish."""
+    from lattice_engine import sampling
+    real = sampling.Sampler.__call__
+    poison = list(b"NaN!")
+
+    def flaky(self, token_ids, logits):
+        if list(token_ids[:4]) == poison:
+            raise ValueError("secret internal detail")
+        return real(self, token_ids, logits)
+
+    monkeypatch.setattr(sampling.Sampler, "__call__", flaky)
+    body = {"model": "smollm2-135m", "max_tokens": 30, "ignore_eos": True}
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(stream_events, server, body | {"prompt": f"ok {i}"})
+                  for i in range(3)]
+        bad_stream = stream_events(server, body | {"prompt": "NaN!"})
+        status, bad = post(server, "/v1/completions", body | {"prompt": "NaN!"})
+        results = [f.result(timeout=120) for f in others]
+    assert bad_stream[-1] == "[DONE]"
+    error = bad_stream[-2]["error"]
+    assert error["type"] == "server_error" and "secret" not in error["message"]
+    assert "cmpl-" in error["message"]  # the request id, to find the log entry
+    assert status == 500 and "secret" not in bad.decode()
+    for events in results:
+        assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert server.raw("GET", "/health")[1]["status"] == "ok"
