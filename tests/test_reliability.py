@@ -192,3 +192,57 @@ def test_a_failing_request_gets_an_error_event_and_done_while_others_finish(serv
     for events in results:
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
     assert server.raw("GET", "/health")[1]["status"] == "ok"
+
+
+# ---- request validation: 400 with the field and its rule, never a 500 --------------------
+
+BAD_BODIES = [
+    # (raw body, the param named in the error, a fragment of the message)
+    (b'{"model": "smollm2-135m", "prompt": "x", "repetition_penalty": Infinity}',
+     None, "Infinity is not a JSON number"),
+    (b'{"model": "smollm2-135m", "prompt": "x", "temperature": NaN}',
+     None, "NaN is not a JSON number"),
+    (b'{"model": "smollm2-135m", "prompt": "x", "repetition_penalty": 1e400}', None,
+     "out of range"),
+    (b'{"model": "smollm2-135m", "prompt": "x", "max_tokens": 1' + b"0" * 30 + b"}",
+     "max_tokens", "2147483647"),
+    (b'{"model": "smollm2-135m", "prompt": "x", "seed": -1}', "seed", "[0, 2**64)"),
+    (b'{"model": "smollm2-135m", "prompt": "\\ud800 hi"}', "prompt", "surrogate"),
+    (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "\\udfff"}]}',
+     "messages", "surrogate"),
+    (b'{"model": "smollm2-135m", "prompt": "x", "response_format": ' + b"[" * 100_000 +
+     b"]" * 100_000 + b"}", None, "nested too deeply"),
+    (b'{"model": "smollm2-135m", "prompt": "x", "seed": 1' + b"0" * 5000 + b"}",
+     None, "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("raw,param,words", BAD_BODIES,
+                         ids=[w for _, _, w in BAD_BODIES])
+def test_bad_request_bodies_are_400_naming_the_field(server, raw, param, words):
+    path = "/v1/chat/completions" if b'"messages"' in raw else "/v1/completions"
+    status, body = post(server, path, raw)
+    error = json.loads(body)["error"]
+    assert status == 400, body[:300]
+    assert error["type"] == "invalid_request_error" and words in error["message"], error
+    if param:
+        assert error["param"] == param
+
+
+def test_a_string_prompt_to_a_model_without_a_tokenizer_is_400():
+    pytest.importorskip("uvicorn")
+    from conftest import FIXTURES
+    from lattice_engine.loading import load
+    from test_server import RunningServer
+    s = RunningServer(load(FIXTURES / "qwen3_5_text"), BatchingOptions(kv_cache_tokens=256))
+    try:
+        status, body = post(s, "/v1/completions", {"model": "smollm2-135m", "prompt": "hi"})
+        assert status == 400 and "no tokenizer" in json.loads(body)["error"]["message"]
+        status, body = post(s, "/v1/chat/completions", {
+            "model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 400 and "no tokenizer" in json.loads(body)["error"]["message"]
+        status, body = post(s, "/v1/completions", {"model": "smollm2-135m",
+                                                    "prompt": [1, 2, 3], "max_tokens": 2})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
+    finally:
+        s.stop()

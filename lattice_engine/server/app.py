@@ -31,7 +31,7 @@ from ..errors import ConfigError, LatticeError
 from . import metrics
 from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
-                       sampling_from, stream_flags)
+                       parse_body, sampling_from, stream_flags)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         messages = chat_messages(body)
         params = sampling_from(body, engine.sampling, "max_completion_tokens")
         stream, usage = stream_flags(body)
+        if engine.tokenizer is None:
+            raise bad("this model has no tokenizer, so it cannot take chat messages; use "
+                      "/v1/completions with 'prompt' as an array of token ids", "messages")
         try:
             ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except LatticeError as exc:
@@ -179,13 +182,7 @@ async def _read_json(request: Request, state: _State) -> dict[str, Any]:
             raise APIError(413, f"the request body exceeds {limit} bytes (server.max_body_bytes)",
                            code="request_too_large")
         chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    return body
+    return parse_body(b"".join(chunks))
 
 
 def _check_model(body: dict, state: _State) -> None:
