@@ -20,6 +20,10 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
     if positional:
         p.add_argument("model", nargs="?", default=None,
                        help="HF folder, .gguf file or catalog name (default: from the config)")
+        # `--model PATH` works here too (with abbreviations on it read as `--model-name
+        # PATH`, which served the default model under the name PATH)
+        p.add_argument("--model", "-m", dest="model_option", default=None,
+                       help="the same as the positional model")
     else:
         p.add_argument("--model", "-m", default=None,
                        help="HF folder, .gguf file or catalog name (default: smollm2-135m)")
@@ -116,13 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--override", action="append", default=[], metavar="GLOB=FORMAT",
                           help="per-tensor format (repeatable), e.g. 'lm_head.weight=f16'")
     quantize.add_argument("--out", required=True, help="output folder")
+    # no abbreviations: `serve --model X` must never match `--model-name`, nor a prefix
+    # any other option
+    for p in [parser, *sub.choices.values()]:
+        p.allow_abbrev = False
     return parser
+
+
+def model_argument(args) -> Optional[str]:
+    """The model given as the positional argument or as --model (not both, unless equal)."""
+    from .errors import ConfigError
+    option = getattr(args, "model_option", None)
+    if option is not None and args.model is not None and option != args.model:
+        raise ConfigError(f"two models given: {args.model!r} and --model {option!r}; give one")
+    return args.model if args.model is not None else option
 
 
 def load_settings(args):
     from .config import load_config
     config = load_config(args.config)
-    config = config.override("model", path=args.model, backend=args.backend,
+    config = config.override("model", path=model_argument(args), backend=args.backend,
                              threads=args.threads)
     config = config.override("quant", method=args.quant, group_size=args.group_size)
     if hasattr(args, "temperature"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections import abc
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,6 +37,7 @@ from .sampling import SamplingParams
 from .io.catalog import DEFAULT_MODEL
 
 DEFAULT_CONFIG_FILE = "lattice.toml"
+MAX_THREADS = 64  # LK_MAX_THREADS in native/include/lattice_kernels.h
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ class ModelSection:
     def __post_init__(self):
         _choice("model.backend", self.backend, ("auto", "native", "numpy"))
         _at_least("model.threads", self.threads, 0)
+        if self.threads > MAX_THREADS:  # the C pool would clamp it silently (LK_MAX_THREADS)
+            raise ConfigError(f"model.threads = {self.threads} is out of range: the kernels "
+                              f"run at most {MAX_THREADS} threads; use 0 (all cores) or "
+                              f"1..{MAX_THREADS}")
 
 
 @dataclass(frozen=True)
@@ -227,7 +233,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key} = {value!r} must be a list")
         return tuple(_coerce(key, v, args[0] if args else str) for v in items)
-    if origin in (dict, Mapping) or hint is Mapping:
+    # typing.Mapping[str, str] has origin collections.abc.Mapping, not typing.Mapping
+    if origin in (dict, Mapping, abc.Mapping) or hint in (Mapping, abc.Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r} must be a table")
         return {str(k): _coerce(f"{key}.{k}", v, args[1] if args else str)

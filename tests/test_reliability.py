@@ -246,3 +246,41 @@ def test_a_string_prompt_to_a_model_without_a_tokenizer_is_400():
         assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 2
     finally:
         s.stop()
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+def test_serve_takes_the_model_as_a_flag_and_abbreviations_are_off():
+    from lattice_engine.cli import build_parser, load_settings
+    args = build_parser().parse_args(["serve", "--model", "some/folder"])
+    config = load_settings(args)
+    assert config.model.path == "some/folder" and args.model_name is None
+    args = build_parser().parse_args(["serve", "some/folder", "--model-name", "x"])
+    assert load_settings(args).model.path == "some/folder"
+    with pytest.raises(SystemExit):  # was read as --model-name
+        build_parser().parse_args(["serve", "--model-n", "x"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--temp", "0.5"])
+
+
+def test_generate_with_a_tiny_temperature_prints_text_not_a_traceback(capsys, tiny_model_dir):
+    from lattice_engine.cli import main
+    code = main(["generate", "Hi", "--model", str(tiny_model_dir), "--temperature", "1e-40",
+                 "--max-tokens", "4", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0 and json.loads(out)["tokens"] >= 1
+
+
+@pytest.mark.parametrize("toml,words", [
+    ("[sampling]\nseed = -1\n", ["seed=-1", "[0, 2**64)"]),
+    ("[sampling]\ntemperature = inf\n", ["temperature=inf", "finite"]),
+    ("[model]\nthreads = 1099511627776\n", ["model.threads = 1099511627776", "at most 64"]),
+    ("[model]\nthreads = 100000\n", ["model.threads = 100000", "at most 64"]),
+    ("[quant]\noverrides = 3\n", ["quant.overrides = 3", "must be a table"]),
+])
+def test_bad_config_values_are_one_line_errors(capsys, tiny_model_dir, tmp_path, toml, words):
+    from test_bad_input import assert_one_line_error
+    config = tmp_path / "bad.toml"
+    config.write_text(toml)
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir),
+                                   "--max-tokens", "2", "--config", str(config)], *words)
