@@ -182,9 +182,20 @@ def output_constraint(args) -> dict:
     return {}
 
 
+def require_tokenizer(engine, command: str) -> None:
+    """Text in and out needs a tokenizer; a checkpoint of weights alone has none."""
+    from .errors import CheckpointError
+    if engine.tokenizer is None:
+        raise CheckpointError(f"{engine.loaded.name} has no tokenizer (tokenizer.json in an "
+                              f"HF folder, tokenizer.ggml.* metadata in a GGUF), and `lattice "
+                              f"{command}` needs one to read text: add the model's "
+                              f"tokenizer.json to the folder")
+
+
 def cmd_generate(args) -> int:
     constraint = output_constraint(args)
     engine = make_engine(args)
+    require_tokenizer(engine, "generate")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     has_template = bool(engine.tokenizer.config.get("chat_template"))
     if args.raw or not has_template:
@@ -214,6 +225,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     engine = make_engine(args)
+    require_tokenizer(engine, "chat")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("lattice chat: an empty line or Ctrl-D quits", file=sys.stderr)
     while True:
@@ -237,6 +249,7 @@ def cmd_ppl(args) -> int:
     from .eval.perplexity import perplexity
     from .errors import ConfigError
     engine = make_engine(args)
+    require_tokenizer(engine, "ppl")
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")

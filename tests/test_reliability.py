@@ -17,7 +17,7 @@ import pytest
 from conftest import fixture_with_tokenizer
 from lattice_engine.batching import BatchingOptions
 from lattice_engine.engine import Engine
-from lattice_engine.errors import RequestError
+from lattice_engine.errors import CheckpointError, RequestError
 from lattice_engine.plugins import PluginManager
 from lattice_engine.sampling import SamplingParams, make_sampler
 
@@ -284,3 +284,121 @@ def test_bad_config_values_are_one_line_errors(capsys, tiny_model_dir, tmp_path,
     config.write_text(toml)
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir),
                                    "--max-tokens", "2", "--config", str(config)], *words)
+
+
+# ---- checkpoint and config readers: every malformed input is the one-line error ----------
+
+def gguf_bytes(kvs=(), tensors=(), tail: bytes = b"\0" * 64) -> bytes:
+    """A GGUF v3 header by hand: kvs are (key, type id, packed value), tensors are (name,
+    n_dims, dims, ggml type, offset); the counts are taken as given, so they can lie."""
+    import struct
+
+    def string(text):
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kvs))
+    for key, vtype, value in kvs:
+        out += string(key) + struct.pack("<I", vtype) + value
+    for name, n_dims, dims, ttype, offset in tensors:
+        out += string(name) + struct.pack("<I", n_dims) + b"".join(
+            struct.pack("<Q", d) for d in dims) + struct.pack("<IQ", ttype, offset)
+    return out + tail
+
+
+def test_gguf_tensor_with_2_31_dims_is_refused_before_reading_them(tmp_path):
+    """n_dims = 2**31 made the reader build a list of dims from whatever followed (4 GB of
+    memory on a large file) before noticing; ggml has at most 4 dims."""
+    from lattice_engine.io.gguf_file import read_gguf
+    path = tmp_path / "dims.gguf"
+    path.write_bytes(gguf_bytes(tensors=[("w", 2**31, [], 0, 0)], tail=b"\0" * 4096))
+    with pytest.raises(CheckpointError, match=r"n_dims = 2147483648.*at most 4"):
+        read_gguf(path)
+
+
+def test_gguf_array_count_is_checked_against_the_file_size(tmp_path):
+    import struct
+    from lattice_engine.io.gguf_file import read_gguf
+    path = tmp_path / "array.gguf"
+    # an array of 2**40 strings, each at least 8 bytes: the file cannot hold it
+    path.write_bytes(gguf_bytes(kvs=[("tokenizer.ggml.tokens", 9,
+                                      struct.pack("<IQ", 8, 2**40))], tail=b"\0" * 4096))
+    with pytest.raises(CheckpointError, match=r"array's length = 1099511627776"):
+        read_gguf(path)
+
+
+def test_gguf_alignment_zero_is_a_one_line_error(capsys, tmp_path):
+    import struct
+    from test_bad_input import assert_one_line_error
+    path = tmp_path / "align.gguf"
+    path.write_bytes(gguf_bytes(kvs=[("general.alignment", 4, struct.pack("<I", 0))]))
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(path)],
+                          "general.alignment = 0", "power of two")
+
+
+def test_gguf_head_count_zero_is_a_one_line_error(capsys, tmp_path):
+    from test_bad_input import assert_one_line_error
+    from test_gguf_reader import write_gguf
+    path = tmp_path / "heads.gguf"
+    write_gguf(path, "llama")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"llama.attention.head_count\x04\0\0\0") + 30  # past key and type
+    data[at:at + 4] = (0).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(path)],
+                          "llama.attention.head_count = 0 must be a positive integer")
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"hidden_size": "64"}, "hidden_size = '64' must be a positive integer"),
+    ({"hidden_size": None}, "hidden_size = None must be a positive integer"),
+    ({"hidden_size": "__delete__"}, "hidden_size is missing"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads = 0 must be a positive integer"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers = -1 must be a positive integer"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps = '1e-5' must be a finite number"),
+    ({"model_type": ["llama"]}, "model_type ['llama'] is not supported"),
+])
+def test_malformed_hf_config_values_are_one_line_errors(capsys, tiny_model_dir, change, words):
+    from test_bad_input import assert_one_line_error
+    path = tiny_model_dir / "config.json"
+    config = json.loads(path.read_text())
+    for key, value in change.items():
+        if value == "__delete__":
+            del config[key]
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir)], words)
+
+
+def rewrite_safetensors_header(path, edit) -> None:
+    import struct
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("field,value", [
+    ("data_offsets", ["0", "256"]), ("data_offsets", [0.0, 256.0]),
+    ("shape", ["64"]), ("shape", [64.5]),
+])
+def test_safetensors_header_with_string_or_float_numbers_is_a_one_line_error(
+        capsys, tiny_model_dir, field, value):
+    from test_bad_input import assert_one_line_error
+
+    def edit(header):
+        header["model.norm.weight"][field] = value
+    rewrite_safetensors_header(tiny_model_dir / "model.safetensors", edit)
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir)],
+                          "'model.norm.weight'", "non-negative integers")
+
+
+def test_a_folder_without_tokenizer_json_is_a_one_line_error(capsys, tiny_model_dir):
+    from test_bad_input import assert_one_line_error
+    (tiny_model_dir / "tokenizer.json").unlink()
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir)],
+                          "has no tokenizer", "tokenizer.json")
