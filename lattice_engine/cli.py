@@ -282,7 +282,8 @@ def cmd_serve(args) -> int:
     from .server import serve
     config = load_settings(args)
     config = config.override("server", host=args.host, port=args.port,
-                             api_key=args.api_key or os.environ.get("LATTICE_API_KEY"),
+                             api_key=args.api_key if args.api_key is not None else
+                             (os.environ.get("LATTICE_API_KEY") or None),
                              model_name=args.model_name, kv_cache_tokens=args.kv_cache_tokens,
                              max_running=args.max_running, step_tokens=args.step_tokens,
                              interleave_tokens=args.interleave_tokens,

@@ -8,7 +8,7 @@
     [plugins]  load = ["name", ...]   (omit to load every installed plugin)
     [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
                model_name, kv_cache_tokens, block_size, max_running, step_tokens,
-               interleave_tokens, max_itl_rise
+               interleave_tokens, max_itl_rise, header_timeout, read_timeout
     [<name>]   a plugin's own section, e.g. [quarot] enabled = true (weight transforms):
                checked against the installed plugins by `Config.validate`
 
@@ -83,10 +83,21 @@ class ServerSection:
     interleave_tokens: int = 64       # prefill tokens per forward while others decode (max)
     max_itl_rise: float = 2.0         # shrink that slice to keep decode steps within this
                                       # factor of a decode-only step (0: off)
+    header_timeout: float = 10.0      # seconds for a request's headers to arrive
+    read_timeout: float = 30.0        # seconds for a request's body to arrive
 
     def __post_init__(self):
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"server.port = {self.port} is out of range: use 1..65535")
+        if self.api_key is not None and not self.api_key.strip():
+            # an empty key used to turn auth off without a word
+            raise ConfigError("server.api_key (--api-key) is empty; give a key, or leave it "
+                              "out to serve without authentication")
+        for name in ("header_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 3600):
+                raise ConfigError(f"server.{name} = {value!r} is out of range: use seconds "
+                                  f"in (0, 3600]")
         _at_least("server.max_body_bytes", self.max_body_bytes, 1024)
         _at_least("server.max_concurrency", self.max_concurrency, 1)
         for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",

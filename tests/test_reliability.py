@@ -495,3 +495,113 @@ def test_a_pull_killed_by_sigkill_leaves_nothing_that_breaks_the_next(home, monk
     assert catalog.pull("tiny", quiet=True).read_bytes() == PAYLOAD
     assert sorted(p.name for p in home.rglob("*") if p.is_file()) == [
         ".pull.lock", "tiny.gguf"]
+
+
+# ---- admission, timeouts, auth -----------------------------------------------------------
+
+def test_a_burst_is_admitted_only_up_to_max_concurrency(folder):
+    """9 streams at once with max_concurrency = 4: exactly 4 get in (the rest 429), counted
+    from acceptance. The engine is held still so none can finish and free a slot."""
+    import asyncio
+    import threading
+    import time
+    from lattice_engine.loading import load
+    from test_server import RunningServer
+    s = RunningServer(load(folder), BatchingOptions(kv_cache_tokens=2048),
+                      max_concurrency=4)
+    gate, release = threading.Event(), threading.Event()
+    step = s.runner.step
+    s.runner.step = lambda: gate.wait(60) and step()
+    # any await between the limit check and the stream's start (here a slow queueing step)
+    # let a burst slip past a limit that counted streams only once they started
+    engine = s.app.lattice.async_engine
+    generate = engine.generate
+
+    async def slow_generate(*args, **kwargs):
+        await asyncio.sleep(1.0)
+        return await generate(*args, **kwargs)
+    engine.generate = slow_generate
+
+    def one(i):
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+        conn.request("POST", "/v1/completions", json.dumps(
+            {"model": "smollm2-135m", "prompt": f"burst {i}", "max_tokens": 3,
+             "stream": True}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status == 200:
+            release.wait(60)  # hold the stream open until every request has been answered
+        body = resp.read()
+        conn.close()
+        return resp.status if resp.status != 200 or body.rstrip().endswith(b"[DONE]") else -1
+
+    try:
+        with ThreadPoolExecutor(9) as pool:
+            futures = [pool.submit(one, i) for i in range(9)]
+            deadline = time.monotonic() + 60  # a bound for a broken server, not a measure
+            while sum(f.done() for f in futures) < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            release.set()
+            gate.set()
+            statuses = sorted(f.result(timeout=120) for f in futures)
+        assert statuses == [200] * 4 + [429] * 5, statuses
+        assert s.app.lattice.in_flight == 0
+    finally:
+        release.set()
+        gate.set()
+        s.stop()
+
+
+def test_half_sent_headers_and_bodies_time_out(folder):
+    import socket
+    from lattice_engine.loading import load
+    from test_server import RunningServer
+    s = RunningServer(load(folder), BatchingOptions(kv_cache_tokens=512), lattice_server=True,
+                      header_timeout=0.5, read_timeout=0.5)
+    try:
+        socks = []
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            socks.append(sock)
+        for sock in socks:  # the server closes each one (recv gives b"", not a timeout)
+            assert sock.recv(1024) == b""
+            sock.close()
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.putrequest("POST", "/v1/completions")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "100")
+        conn.endheaders(b'{"model": ')  # 10 of the 100 bytes, then nothing
+        resp = conn.getresponse()
+        assert resp.status == 408 and "read_timeout" in json.loads(resp.read())["error"]["message"]
+        conn.close()
+        assert s.raw("GET", "/health")[0] == 200
+    finally:
+        s.stop()
+
+
+def test_a_non_ascii_api_key_matches_a_utf8_client(folder):
+    from lattice_engine.loading import load
+    from test_server import RunningServer
+    key = "clé-🔑"
+    s = RunningServer(load(folder), BatchingOptions(kv_cache_tokens=512), api_key=key)
+    try:
+        for sent, status in ((key, 200), ("cle", 401)):
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+            conn.putrequest("GET", "/v1/models")
+            conn.putheader("Authorization", b"Bearer " + sent.encode("utf-8"))
+            conn.endheaders()
+            assert conn.getresponse().status == status
+            conn.close()
+    finally:
+        s.stop()
+
+
+def test_an_empty_api_key_is_refused_not_silently_off(capsys, tiny_model_dir, monkeypatch):
+    from lattice_engine import server
+    from test_bad_input import assert_one_line_error
+
+    def served(*args, settings, **kwargs):
+        raise AssertionError(f"it served with api_key={settings.api_key!r}")
+    monkeypatch.setattr(server, "serve", served)
+    assert_one_line_error(capsys, ["serve", str(tiny_model_dir), "--api-key", ""],
+                          "api_key (--api-key) is empty")
