@@ -8,7 +8,8 @@
     [plugins]  load = ["name", ...]   (omit to load every installed plugin)
     [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
                model_name, kv_cache_tokens, block_size, max_running, step_tokens,
-               interleave_tokens, max_itl_rise, header_timeout, read_timeout
+               interleave_tokens, max_itl_rise, prefill_step_seconds, header_timeout,
+               read_timeout
     [<name>]   a plugin's own section, e.g. [quarot] enabled = true (weight transforms):
                checked against the installed plugins by `Config.validate`
 
@@ -83,6 +84,8 @@ class ServerSection:
     interleave_tokens: int = 64       # prefill tokens per forward while others decode (max)
     max_itl_rise: float = 2.0         # shrink that slice to keep decode steps within this
                                       # factor of a decode-only step (0: off)
+    prefill_step_seconds: float = 0.5  # a prefill-only step takes about this long, so a
+                                      # request arriving meanwhile is admitted soon (0: off)
     header_timeout: float = 10.0      # seconds for a request's headers to arrive
     read_timeout: float = 30.0        # seconds for a request's body to arrive
 
@@ -93,6 +96,10 @@ class ServerSection:
             # an empty key used to turn auth off without a word
             raise ConfigError("server.api_key (--api-key) is empty; give a key, or leave it "
                               "out to serve without authentication")
+        if not (isinstance(self.prefill_step_seconds, (int, float)) and
+                0 <= self.prefill_step_seconds <= 60):
+            raise ConfigError(f"server.prefill_step_seconds = {self.prefill_step_seconds!r} "
+                              f"is out of range: use 0 (off) or seconds up to 60")
         for name in ("header_timeout", "read_timeout"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 3600):
@@ -112,7 +119,8 @@ class ServerSection:
         return BatchingOptions(kv_cache_tokens=self.kv_cache_tokens, block_size=self.block_size,
                                max_running=self.max_running, step_tokens=self.step_tokens,
                                interleave_tokens=self.interleave_tokens,
-                               max_itl_rise=self.max_itl_rise)
+                               max_itl_rise=self.max_itl_rise,
+                               prefill_step_seconds=self.prefill_step_seconds)
 
 
 @dataclass(frozen=True)

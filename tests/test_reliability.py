@@ -605,3 +605,56 @@ def test_an_empty_api_key_is_refused_not_silently_off(capsys, tiny_model_dir, mo
     monkeypatch.setattr(server, "serve", served)
     assert_one_line_error(capsys, ["serve", str(tiny_model_dir), "--api-key", ""],
                           "api_key (--api-key) is empty")
+
+
+# ---- fair admission: a long prefill does not starve a short request ----------------------
+
+def test_a_short_request_is_admitted_during_a_long_prefill(folder):
+    """A 100-token prompt prefills 16 tokens a step; a 3-token request that arrives after
+    its first step gets its first token in the very next step (it used to wait for the
+    whole prefill), and both produce what they produce alone."""
+    engine = Engine.load(str(folder))
+    # (step_tokens 16 is below any time-sized prefill budget: chunks are 16 tokens)
+    opts = BatchingOptions(kv_cache_tokens=512, block_size=4, step_tokens=16)
+    long_prompt = [(7 * i) % 250 + 1 for i in range(100)]
+
+    def alone(prompt):
+        engine.start_batching(opts)
+        rid = engine.add_request(prompt, max_tokens=4)
+        tokens = []
+        while engine.has_unfinished():
+            tokens += [t for out in engine.step() for t in out.token_ids]
+        return tokens
+
+    expected_long, expected_short = alone(long_prompt), alone("abc")
+    engine.start_batching(opts)
+    long_id = engine.add_request(long_prompt, max_tokens=4)
+    engine.step()
+    short_id = engine.add_request("abc", max_tokens=4)
+    short = engine.runner.scheduler.by_id[short_id]
+    got = {long_id: [], short_id: []}
+    for out in engine.step():
+        got[out.request_id] += out.token_ids
+    # (its text may wait for more bytes of a UTF-8 sequence; the token is there)
+    assert short.num_generated == 1 and short.first_token_time is not None
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += out.token_ids
+    assert got == {long_id: expected_long, short_id: expected_short}
+    assert engine.runner.cache.stats()["blocks_used"] == 0
+
+
+def test_prefill_only_steps_are_sized_by_time():
+    from lattice_engine.batching import PrefillPacer
+    pacer = PrefillPacer(max_rise=2.0, cap=64, prefill_seconds=0.5, prefill_cap=512)
+    assert pacer.prefill_budget() == PrefillPacer.PREFILL_PROBE  # nothing measured yet
+    pacer.record(0, 64, 0.125)                   # 2 ms a token
+    assert pacer.prefill_budget() == 256
+    pacer.record(0, 256, 3.0)                    # late in a long prompt: 11.7 ms a token
+    assert 40 <= pacer.prefill_budget() <= 256
+    for _ in range(10):
+        pacer.record(0, 64, 0.75)
+    assert pacer.prefill_budget() == 42          # 0.5 s / 11.7 ms
+    off = PrefillPacer(max_rise=2.0, cap=64, prefill_seconds=0, prefill_cap=512)
+    off.record(0, 64, 10.0)
+    assert off.prefill_budget() == 512
