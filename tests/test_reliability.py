@@ -210,6 +210,7 @@ BAD_BODIES = [
     (b'{"model": "smollm2-135m", "prompt": "\\ud800 hi"}', "prompt", "surrogate"),
     (b'{"model": "smollm2-135m", "messages": [{"role": "user", "content": "\\udfff"}]}',
      "messages", "surrogate"),
+    (b'{"\\ud800": 1, "model": "smollm2-135m", "prompt": "x"}', None, "surrogate"),
     (b'{"model": "smollm2-135m", "prompt": "x", "response_format": ' + b"[" * 100_000 +
      b"]" * 100_000 + b"}", None, "nested too deeply"),
     (b'{"model": "smollm2-135m", "prompt": "x", "seed": 1' + b"0" * 5000 + b"}",
@@ -356,6 +357,7 @@ def test_gguf_head_count_zero_is_a_one_line_error(capsys, tmp_path):
     ({"num_key_value_heads": 0}, "num_key_value_heads = 0 must be a positive integer"),
     ({"num_hidden_layers": -1}, "num_hidden_layers = -1 must be a positive integer"),
     ({"rms_norm_eps": "1e-5"}, "rms_norm_eps = '1e-5' must be a finite number"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps = -1.0 must be a finite number >= 0"),
     ({"model_type": ["llama"]}, "model_type ['llama'] is not supported"),
 ])
 def test_malformed_hf_config_values_are_one_line_errors(capsys, tiny_model_dir, change, words):

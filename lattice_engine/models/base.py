@@ -31,7 +31,7 @@ class ConfigFieldError(CheckpointError):
 def config_from_dict(cls, params: dict[str, Any]):
     """Build a config dataclass from an HF config dict, ignoring keys it does not know.
     Every known key is checked against the field's type first (integers are counts and
-    sizes, so >= 1; floats finite), so a malformed config is a ConfigFieldError naming the
+    sizes, so >= 1; floats finite and >= 0), so a malformed config is a ConfigFieldError naming the
     key and the expected form instead of a TypeError or ZeroDivisionError deep in a model."""
     if not isinstance(params, dict):
         raise ConfigFieldError(f"the model config must be a JSON object, got "
@@ -59,9 +59,9 @@ def _checked_field(name: str, value: Any, hint: Any) -> Any:
     if base is int:
         ok, form = isinstance(value, int) and not isinstance(value, bool) and value >= 1, \
             "a positive integer"
-    elif base is float:
+    elif base is float:  # eps, rope theta, rotary fraction: none is negative
         ok, form = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-            math.isfinite(value), "a finite number"
+            math.isfinite(value) and value >= 0, "a finite number >= 0"
     elif base in (str, bool, dict, list):
         ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
         form = {str: "a string", bool: "true or false", dict: "an object",

@@ -20,6 +20,9 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None):
+        # a message can quote the client's own text, lone surrogates included: escape
+        # what UTF-8 cannot encode, or rendering the error itself fails with a 500
+        message, param = _encodable(message), _encodable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
             status, message, type, param, code)
@@ -27,6 +30,12 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
+
+
+def _encodable(text: Optional[str]) -> Optional[str]:
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
