@@ -44,6 +44,9 @@ class BatchingOptions:
                                   # others decode ...
     max_itl_rise: float = 2.0     # ... and fewer if a step would take longer than this
                                   # many decode-only steps (measured); 0 turns that off
+    prefill_step_seconds: float = 0.5  # a step with no decoders prefills as many tokens
+                                  # as take about this long (measured), so a request that
+                                  # arrives meanwhile is admitted soon; 0: step_tokens
 
     def __post_init__(self):
         for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",
@@ -54,6 +57,10 @@ class BatchingOptions:
         if not (self.max_itl_rise == 0 or self.max_itl_rise > 1):
             raise RequestError(f"max_itl_rise={self.max_itl_rise!r} is out of range: it must "
                                f"be 0 (off) or > 1")
+        if not (isinstance(self.prefill_step_seconds, (int, float)) and
+                0 <= self.prefill_step_seconds <= 60):
+            raise RequestError(f"prefill_step_seconds={self.prefill_step_seconds!r} is out of "
+                               f"range: it must be 0 (off) or seconds up to 60")
 
 
 class PrefillPacer:
@@ -82,11 +89,17 @@ class PrefillPacer:
     WINDOW = 9   # decode-only steps kept per row count
     PROBE = 16
 
-    def __init__(self, max_rise: float, cap: int):
+    PREFILL_PROBE = 64   # a prefill-only step before one has been measured
+    MIN_PREFILL = 16     # never smaller: a step has fixed costs too
+
+    def __init__(self, max_rise: float, cap: int, prefill_seconds: float = 0.0,
+                 prefill_cap: int = 512):
         self.max_rise, self.cap = max_rise, cap
         self._decode: dict[int, deque] = {}
         self.rows = 0  # decoding rows in the latest step: the next step's likely count
         self.per_token: Optional[float] = None
+        self.prefill_seconds, self.prefill_cap = prefill_seconds, prefill_cap
+        self.prefill_per_token: Optional[float] = None  # seconds per token, prefill alone
 
     def _measured(self, rows: int) -> tuple[int, float]:
         """The measured row count nearest `rows` and its median decode-only step."""
@@ -118,6 +131,9 @@ class PrefillPacer:
 
     def record(self, decode_rows: int, prefill_rows: int, seconds: float) -> None:
         if not decode_rows:
+            if prefill_rows:  # attention makes a token dearer as the prompt grows: track it
+                self.prefill_per_token = self._track(self.prefill_per_token,
+                                                     seconds / prefill_rows)
             return
         self.rows = decode_rows
         if not prefill_rows:
@@ -128,6 +144,19 @@ class PrefillPacer:
             if extra_rows > 0:
                 self.per_token = self._track(self.per_token,
                                              max(seconds - base, 0.0) / extra_rows)
+
+    def prefill_budget(self) -> int:
+        """Tokens for a step with no decoders: as many as take about prefill_seconds, so
+        a request arriving during a long prefill waits at most about that long for the
+        step in flight (a whole 512-token step took 6 s late in an 8,000-token prompt on
+        SmolLM2 with 2 busy cores). Attention over the prefix costs the same however it
+        is chunked, so smaller steps cost little throughput."""
+        if not self.prefill_seconds:
+            return self.prefill_cap
+        if self.prefill_per_token is None:
+            return min(self.prefill_cap, self.PREFILL_PROBE)
+        allowed = int(self.prefill_seconds / max(self.prefill_per_token, 1e-9))
+        return max(min(self.MIN_PREFILL, self.prefill_cap), min(self.prefill_cap, allowed))
 
     def budget(self) -> int:
         if not self.max_rise:
@@ -142,7 +171,8 @@ class PrefillPacer:
 @dataclass
 class RequestOutput:
     """What one request produced in one step: the new text (pieces concatenate to the
-    final output) and tokens; finish_reason on the last one ("stop", "length", "abort")."""
+    final output) and tokens; finish_reason on the last one ("stop", "length", "abort", or
+    "error" with `error` saying why: one request's failure ends only that request)."""
 
     request_id: str
     text: str
@@ -152,6 +182,10 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    # finish_reason "error": what went wrong, safe to show the client, and its OpenAI type
+    # ("invalid_request_error" for the request's own options, "server_error" for a bug)
+    error: Optional[str] = None
+    error_type: Optional[str] = None
 
     @property
     def finished(self) -> bool:
@@ -220,7 +254,8 @@ class BatchRunner:
                                    interleave_tokens=options.interleave_tokens,
                                    max_model_len=self.max_model_len)
         self.stats = BatchStats()
-        self.pacer = PrefillPacer(options.max_itl_rise, options.interleave_tokens)
+        self.pacer = PrefillPacer(options.max_itl_rise, options.interleave_tokens,
+                                  options.prefill_step_seconds, options.step_tokens)
         self._ids = itertools.count()
 
     # ---- requests ------------------------------------------------------------------------
@@ -292,6 +327,7 @@ class BatchRunner:
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled work; return the requests' new output."""
         self.scheduler.interleave_tokens = self.pacer.budget()
+        self.scheduler.prefill_tokens = self.pacer.prefill_budget()
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         outputs = [self._finish(seq, "length") for seq in plan.out_of_memory]
@@ -310,7 +346,10 @@ class BatchRunner:
             self.stats.tokens_computed += it.count
             if not it.sample:
                 continue
-            out = self._sample(seq, logits[row], now)
+            try:
+                out = self._sample(seq, logits[row], now)
+            except Exception as exc:  # this request's failure (its sampling options, its
+                out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
             row += 1
             if out is not None:
                 outputs.append(out)
@@ -329,11 +368,7 @@ class BatchRunner:
         token = seq.sampler(seq.token_ids, row)
         logprob = token_logprob(model_row, token)
         if seq.logits_mask is not None:
-            try:
-                seq.logits_mask.accept(token)
-            except LatticeError as exc:  # this request's constraint failed: end it alone
-                log.warning("request %s: %s", seq.request_id, exc)
-                return self._finish(seq, "error")
+            seq.logits_mask.accept(token)  # raising ends this request alone (see step)
         # a complete constraint allows nothing more (a tokenizer without an end token):
         # this token is kept and the request stops
         constraint_done = seq.logits_mask is not None and seq.logits_mask.is_terminated()
@@ -369,6 +404,22 @@ class BatchRunner:
             return None
         st.emitted += text
         return self._emit(seq, text, None)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """End seq alone after its own computation raised. A LatticeError is the request's
+        fault and its message is meant for the client; anything else is a bug whose text
+        stays in the log, and the client gets the request id to find it there."""
+        if isinstance(exc, LatticeError):
+            log.warning("request %s ended: %s", seq.request_id, exc)
+            message, kind = str(exc), "invalid_request_error"
+        else:
+            log.error("request %s failed", seq.request_id, exc_info=exc)
+            message, kind = (f"internal error while computing this request; the server log "
+                             f"has the details under request id {seq.request_id}"), \
+                "server_error"
+        out = self._finish(seq, "error", flush=False)
+        out.error, out.error_type = message, kind
+        return out
 
     def _detokenize(self, st: _Output) -> Optional[str]:
         """All text of st.generated, decoding only a short window per new token (the text

@@ -20,6 +20,10 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
     if positional:
         p.add_argument("model", nargs="?", default=None,
                        help="HF folder, .gguf file or catalog name (default: from the config)")
+        # `--model PATH` works here too (with abbreviations on it read as `--model-name
+        # PATH`, which served the default model under the name PATH)
+        p.add_argument("--model", "-m", dest="model_option", default=None,
+                       help="the same as the positional model")
     else:
         p.add_argument("--model", "-m", default=None,
                        help="HF folder, .gguf file or catalog name (default: smollm2-135m)")
@@ -139,13 +143,26 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--override", action="append", default=[], metavar="GLOB=FORMAT",
                           help="per-tensor format (repeatable), e.g. 'lm_head.weight=f16'")
     quantize.add_argument("--out", required=True, help="output folder")
+    # no abbreviations: `serve --model X` must never match `--model-name`, nor a prefix
+    # any other option
+    for p in [parser, *sub.choices.values()]:
+        p.allow_abbrev = False
     return parser
+
+
+def model_argument(args) -> Optional[str]:
+    """The model given as the positional argument or as --model (not both, unless equal)."""
+    from .errors import ConfigError
+    option = getattr(args, "model_option", None)
+    if option is not None and args.model is not None and option != args.model:
+        raise ConfigError(f"two models given: {args.model!r} and --model {option!r}; give one")
+    return args.model if args.model is not None else option
 
 
 def load_settings(args):
     from .config import load_config
     config = load_config(args.config)
-    config = config.override("model", path=args.model, backend=args.backend,
+    config = config.override("model", path=model_argument(args), backend=args.backend,
                              threads=args.threads)
     config = config.override("quant", method=args.quant, group_size=args.group_size)
     if hasattr(args, "temperature"):
@@ -188,9 +205,20 @@ def output_constraint(args) -> dict:
     return {}
 
 
+def require_tokenizer(engine, command: str) -> None:
+    """Text in and out needs a tokenizer; a checkpoint of weights alone has none."""
+    from .errors import CheckpointError
+    if engine.tokenizer is None:
+        raise CheckpointError(f"{engine.loaded.name} has no tokenizer (tokenizer.json in an "
+                              f"HF folder, tokenizer.ggml.* metadata in a GGUF), and `lattice "
+                              f"{command}` needs one to read text: add the model's "
+                              f"tokenizer.json to the folder")
+
+
 def cmd_generate(args) -> int:
     constraint = output_constraint(args)
     engine = make_engine(args)
+    require_tokenizer(engine, "generate")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     has_template = bool(engine.tokenizer.config.get("chat_template"))
     if args.raw or not has_template:
@@ -220,6 +248,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     engine = make_engine(args)
+    require_tokenizer(engine, "chat")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("lattice chat: an empty line or Ctrl-D quits", file=sys.stderr)
     while True:
@@ -243,6 +272,7 @@ def cmd_ppl(args) -> int:
     from .eval.perplexity import perplexity
     from .errors import ConfigError
     engine = make_engine(args)
+    require_tokenizer(engine, "ppl")
     path = Path(args.file)
     try:
         text = path.read_text(encoding="utf-8")
@@ -275,7 +305,8 @@ def cmd_serve(args) -> int:
     from .server import serve
     config = load_settings(args)
     config = config.override("server", host=args.host, port=args.port,
-                             api_key=args.api_key or os.environ.get("LATTICE_API_KEY"),
+                             api_key=args.api_key if args.api_key is not None else
+                             (os.environ.get("LATTICE_API_KEY") or None),
                              model_name=args.model_name, kv_cache_tokens=args.kv_cache_tokens,
                              max_running=args.max_running, step_tokens=args.step_tokens,
                              interleave_tokens=args.interleave_tokens,

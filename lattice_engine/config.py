@@ -8,7 +8,8 @@
     [plugins]  load = ["name", ...]   (omit to load every installed plugin)
     [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
                model_name, kv_cache_tokens, block_size, max_running, step_tokens,
-               interleave_tokens, max_itl_rise
+               interleave_tokens, max_itl_rise, prefill_step_seconds, header_timeout,
+               read_timeout
     [<name>]   a plugin's own section, e.g. [quarot] enabled = true (weight transforms):
                checked against the installed plugins by `Config.validate`
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections import abc
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,6 +38,7 @@ from .sampling import SamplingParams
 from .io.catalog import DEFAULT_MODEL
 
 DEFAULT_CONFIG_FILE = "lattice.toml"
+MAX_THREADS = 64  # LK_MAX_THREADS in native/include/lattice_kernels.h
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ class ModelSection:
     def __post_init__(self):
         _choice("model.backend", self.backend, ("auto", "native", "numpy"))
         _at_least("model.threads", self.threads, 0)
+        if self.threads > MAX_THREADS:  # the C pool would clamp it silently (LK_MAX_THREADS)
+            raise ConfigError(f"model.threads = {self.threads} is out of range: the kernels "
+                              f"run at most {MAX_THREADS} threads; use 0 (all cores) or "
+                              f"1..{MAX_THREADS}")
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,27 @@ class ServerSection:
     interleave_tokens: int = 64       # prefill tokens per forward while others decode (max)
     max_itl_rise: float = 2.0         # shrink that slice to keep decode steps within this
                                       # factor of a decode-only step (0: off)
+    prefill_step_seconds: float = 0.5  # a prefill-only step takes about this long, so a
+                                      # request arriving meanwhile is admitted soon (0: off)
+    header_timeout: float = 10.0      # seconds for a request's headers to arrive
+    read_timeout: float = 30.0        # seconds for a request's body to arrive
 
     def __post_init__(self):
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"server.port = {self.port} is out of range: use 1..65535")
+        if self.api_key is not None and not self.api_key.strip():
+            # an empty key used to turn auth off without a word
+            raise ConfigError("server.api_key (--api-key) is empty; give a key, or leave it "
+                              "out to serve without authentication")
+        if not (isinstance(self.prefill_step_seconds, (int, float)) and
+                0 <= self.prefill_step_seconds <= 60):
+            raise ConfigError(f"server.prefill_step_seconds = {self.prefill_step_seconds!r} "
+                              f"is out of range: use 0 (off) or seconds up to 60")
+        for name in ("header_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 3600):
+                raise ConfigError(f"server.{name} = {value!r} is out of range: use seconds "
+                                  f"in (0, 3600]")
         _at_least("server.max_body_bytes", self.max_body_bytes, 1024)
         _at_least("server.max_concurrency", self.max_concurrency, 1)
         for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",
@@ -95,7 +119,8 @@ class ServerSection:
         return BatchingOptions(kv_cache_tokens=self.kv_cache_tokens, block_size=self.block_size,
                                max_running=self.max_running, step_tokens=self.step_tokens,
                                interleave_tokens=self.interleave_tokens,
-                               max_itl_rise=self.max_itl_rise)
+                               max_itl_rise=self.max_itl_rise,
+                               prefill_step_seconds=self.prefill_step_seconds)
 
 
 @dataclass(frozen=True)
@@ -227,7 +252,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{key} = {value!r} must be a list")
         return tuple(_coerce(key, v, args[0] if args else str) for v in items)
-    if origin in (dict, Mapping) or hint is Mapping:
+    # typing.Mapping[str, str] has origin collections.abc.Mapping, not typing.Mapping
+    if origin in (dict, Mapping, abc.Mapping) or hint in (Mapping, abc.Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r} must be a table")
         return {str(k): _coerce(f"{key}.{k}", v, args[1] if args else str)

@@ -13,7 +13,7 @@ from . import ops as numpy_ops
 from .errors import CheckpointError, ConfigError, PluginError
 from .io.checkpoint import Checkpoint
 from .models import model_class_for
-from .models.base import WeightLoader
+from .models.base import ConfigFieldError, WeightLoader
 from .quant.methods import QuantSpec
 from .tokenizer import TextTokenizer
 
@@ -132,7 +132,11 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
     ops = get_ops(backend)
     loader = loader_class(checkpoint, method, formats, overrides,
                           native_layout=getattr(ops, "name", "") == "native")
-    model = cls.from_checkpoint(checkpoint, loader, ops)
+    try:
+        model = cls.from_checkpoint(checkpoint, loader, ops)
+    except ConfigFieldError as exc:
+        where = f"{path / 'config.json'}" if path.is_dir() else f"{path} (its metadata)"
+        raise CheckpointError(f"{where}: {exc}") from None
     unused = loader.unused()
     if unused:
         log.info("%d checkpoint tensors not used by %s: %s", len(unused), cls.__module__,

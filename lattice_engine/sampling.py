@@ -7,6 +7,7 @@ Both kinds are registered through the plugin hooks; the built-ins below use them
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -15,6 +16,20 @@ import numpy as np
 from .errors import RequestError
 
 Processor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+# Bounds a request can reach: beyond them a value is a mistake (or an attack), not a setting.
+MAX_TOKENS_LIMIT = 2**31 - 1   # far past any context; 10**30 would only overflow counters
+SEED_LIMIT = 2**64             # numpy's generator takes any non-negative int; keep it 64-bit
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -39,14 +54,18 @@ class SamplingParams:
     processors: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # every number must be finite: inf / NaN would poison the softmax of every step
+        t, rp = self.temperature, self.repetition_penalty
         checks = [
-            ("temperature", self.temperature >= 0, ">= 0 (0 is greedy)"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 is off)"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1] (1 is off)"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1) (0 is off)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 is off)"),
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-             "an integer >= 1"),
+            ("temperature", _finite(t) and t >= 0, "a finite number >= 0 (0 is greedy)"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 is off)"),
+            ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 is off)"),
+            ("min_p", _finite(self.min_p) and 0 <= self.min_p < 1, "in [0, 1) (0 is off)"),
+            ("repetition_penalty", _finite(rp) and rp > 0, "a finite number > 0 (1 is off)"),
+            ("max_tokens", _is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
+             f"an integer in [1, {MAX_TOKENS_LIMIT}]"),
+            ("seed", self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
+             "an integer in [0, 2**64), or unset for a random seed"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -54,6 +73,11 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
+        if not all(isinstance(s, str) for s in self.stop):
+            raise RequestError(f"stop={self.stop!r} is invalid: each stop must be a string")
+        if not all(_is_int(t) for t in self.stop_token_ids):
+            raise RequestError(f"stop_token_ids={tuple(self.stop_token_ids)!r} is invalid: "
+                               f"each must be an integer token id")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
     def with_overrides(self, **kwargs) -> "SamplingParams":
@@ -76,8 +100,13 @@ def repetition_penalty(value: float) -> Optional[Processor]:
     def apply(token_ids, logits):
         seen = np.unique(np.asarray(token_ids, dtype=np.int64))
         if seen.size:
-            picked = logits[seen]
-            logits[seen] = np.where(picked > 0, picked / value, picked * value)
+            picked = logits[seen].astype(np.float64)
+            with np.errstate(over="ignore", under="ignore"):
+                penalised = np.where(picked > 0, picked / value, picked * value)
+            # a tiny penalty (1e-40) would push a positive logit to +inf, and a softmax over
+            # a row holding +inf is NaN: cap at the largest float32 instead (-inf from a
+            # huge penalty is harmless: that token just cannot be drawn)
+            logits[seen] = np.minimum(penalised, _F32_MAX).astype(np.float32)
         return logits
     return apply
 
@@ -85,7 +114,20 @@ def repetition_penalty(value: float) -> Optional[Processor]:
 def temperature(value: float) -> Optional[Processor]:
     if value in (0.0, 1.0):  # 0 is greedy, handled by the sampler choice
         return None
-    return lambda token_ids, logits: logits / np.float32(value)
+
+    def apply(token_ids, logits):
+        # shift so the largest logit is 0 before dividing, in float64: every result is then
+        # <= 0 and the top token stays exactly 0, so a tiny temperature (1e-40) gives -inf
+        # for the rest (a one-hot softmax) instead of overflowing to inf - inf = NaN;
+        # masked tokens (-inf) stay -inf
+        x = logits.astype(np.float64)
+        peak = np.max(x)
+        if not np.isfinite(peak):
+            return logits  # nothing finite to scale; the sampler reports the row
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            scaled = np.where(np.isneginf(x), -np.inf, (x - peak) / value)
+            return scaled.astype(np.float32)  # below float32's range: -inf, as meant
+    return apply
 
 
 def top_k(value: int) -> Optional[Processor]:
@@ -143,7 +185,10 @@ def greedy(rng: np.random.Generator) -> Callable[[np.ndarray], int]:
 
 def categorical(rng: np.random.Generator) -> Callable[[np.ndarray], int]:
     def sample(logits):
-        probs = _softmax(logits.astype(np.float64))
+        x = logits.astype(np.float64)
+        if np.isposinf(x).any():  # a plugin processor overflowed: share the mass among them
+            x = np.where(np.isposinf(x), 0.0, -np.inf)
+        probs = _softmax(x)
         return int(rng.choice(probs.size, p=probs))
     return sample
 
@@ -183,8 +228,21 @@ class Sampler:
 
     def __call__(self, token_ids: Sequence[int], logits: np.ndarray) -> int:
         logits = np.array(logits, dtype=np.float32, copy=True)
+        # -inf is a masked token (a grammar); NaN or +inf can only come from a broken
+        # checkpoint or kernel, and no token can be drawn from them honestly
+        bad = np.isnan(logits) | np.isposinf(logits)
+        if bad.any():
+            raise RequestError(f"the model produced {int(bad.sum())} NaN or infinite logits "
+                               f"at this step (a broken checkpoint or kernel); this request "
+                               f"cannot continue")
         for process in self.processors:
             logits = process(token_ids, logits)
+        if np.isnan(logits).any():
+            raise RequestError("the sampling options turned the logits into NaN; use less "
+                               "extreme values (temperature, repetition_penalty)")
+        if not np.any(logits > -np.inf):
+            raise RequestError("no token is left to sample: the output constraint and the "
+                               "sampling options removed every token")
         return self.pick(logits)
 
 

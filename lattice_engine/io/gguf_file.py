@@ -28,8 +28,19 @@ _SCALARS = {0: ("<B", np.uint8), 1: ("<b", np.int8), 2: ("<H", np.uint16), 3: ("
 STRING, ARRAY, FLOAT32 = 8, 9, 6
 
 
+GGML_MAX_DIMS = 4  # ggml tensors have at most 4 dimensions
+# the fewest bytes a value of each type takes in the file (a string: its u64 length; an
+# array: its u32 type and u64 count)
+_MIN_VALUE_BYTES = {**{t: struct.calcsize(f) for t, (f, _) in _SCALARS.items()},
+                    STRING: 8, ARRAY: 12}
+
+
 class _Truncated(Exception):
     pass
+
+
+class _Corrupt(Exception):
+    """A count, size or offset in the header that the file cannot hold."""
 
 
 class _Cursor:
@@ -50,6 +61,19 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.unpack("<Q"))).decode("utf-8", errors="replace")
 
+    def remaining(self) -> int:
+        return len(self.buf) - self.pos
+
+    def count(self, what: str, min_bytes: int) -> int:
+        """A u64 count of items that take at least min_bytes each, checked against the
+        bytes left in the file before anything is allocated for them (a corrupt count of
+        2**60 must not grow a list until memory runs out)."""
+        n = self.unpack("<Q")
+        if n * min_bytes > self.remaining():
+            raise _Corrupt(f"{what} = {n} needs at least {n * min_bytes} bytes but only "
+                           f"{self.remaining()} remain at byte {self.pos}")
+        return n
+
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             value = self.unpack(_SCALARS[vtype][0])
@@ -57,7 +81,8 @@ class _Cursor:
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
-            item_type, count = self.unpack("<I"), self.unpack("<Q")
+            item_type = self.unpack("<I")
+            count = self.count("an array's length", _MIN_VALUE_BYTES.get(item_type, 1))
             if item_type in _SCALARS:
                 dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder("<")
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
@@ -91,7 +116,10 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         version = cur.unpack("<I")
         if version not in (2, 3):
             raise CheckpointError(f"{path} is GGUF version {version}; supported: 2, 3")
-        n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+        # a tensor entry takes at least 8 (name) + 4 (n_dims) + 4 (type) + 8 (offset)
+        # bytes, a key/value at least 8 (key) + 4 (type) + 1
+        n_tensors = cur.count("the tensor count", 24)
+        n_kv = cur.count("the metadata key count", 13)
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = cur.string()
@@ -99,15 +127,24 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         infos = []
         for _ in range(n_tensors):
             name = cur.string()
-            dims = [cur.unpack("<Q") for _ in range(cur.unpack("<I"))]
+            n_dims = cur.unpack("<I")
+            if n_dims > GGML_MAX_DIMS:
+                raise _Corrupt(f"tensor {name[:80]!r} has n_dims = {n_dims}; ggml tensors "
+                               f"have at most {GGML_MAX_DIMS}")
+            dims = [cur.unpack("<Q") for _ in range(n_dims)]
             infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
     except _Truncated as exc:
         raise CheckpointError(f"GGUF file {path} ({size} bytes) is truncated inside its header "
                               f"(at byte {exc.args[0]}); download or convert it again") from None
-    except (ValueError, struct.error) as exc:
+    except (_Corrupt, ValueError, struct.error) as exc:
         raise CheckpointError(f"GGUF file {path} has a corrupt header ({exc}); download or "
                               f"convert it again") from None
-    alignment = int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
+    alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1 or \
+            alignment & (alignment - 1):
+        raise CheckpointError(f"GGUF file {path}: general.alignment = {alignment!r} must be a "
+                              f"power of two (the default is {DEFAULT_ALIGNMENT}); the header "
+                              f"is corrupt, download or convert it again")
     data_start = -(-cur.pos // alignment) * alignment
     tensors = []
     for name, dims, type_id, rel in infos:
@@ -122,7 +159,10 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         if row % block:
             raise CheckpointError(f"GGUF file {path}: tensor {name!r} rows of {row} are not a "
                                   f"multiple of its block size {block}")
-        n_rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+        # Python ints: a product of corrupt dims must not wrap around in int64
+        n_rows = 1
+        for d in shape[:-1]:
+            n_rows *= d
         row_bytes = row // block * type_size
         n_bytes = n_rows * row_bytes
         start = data_start + rel

@@ -94,6 +94,23 @@ def _arch_value(meta: dict[str, Any], arch: str, key: str, path: Path, default: 
     return value
 
 
+def _arch_number(meta: dict[str, Any], arch: str, key: str, path: Path, default: Any = None,
+                 integer: bool = True) -> Any:
+    """A count or size (an integer >= 1) or a finite positive float from the metadata; a
+    string, 0 or a negative value is a CheckpointError naming the key, not a traceback."""
+    value = _arch_value(meta, arch, key, path, default)
+    if integer:
+        ok, form = isinstance(value, int) and not isinstance(value, bool) and value >= 1, \
+            "a positive integer"
+    else:
+        ok, form = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            np.isfinite(value) and value > 0, "a finite number > 0"
+    if not ok:
+        raise CheckpointError(f"GGUF file {path}: {arch}.{key} = {value!r} must be {form}; "
+                              f"the metadata is corrupt, re-convert the model")
+    return value
+
+
 def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
                  path: Path) -> dict[str, Any]:
     """The HF config.json dict of a GGUF model (shapes are HF shapes by GGUF name)."""
@@ -102,10 +119,10 @@ def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]
         raise CheckpointError(
             f"GGUF file {path} has architecture {arch!r}; supported architectures are "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}; use the model's HF folder instead")
-    hidden = int(_arch_value(meta, arch, "embedding_length", path))
-    heads = int(_arch_value(meta, arch, "attention.head_count", path))
-    kv_heads = int(_arch_value(meta, arch, "attention.head_count_kv", path, heads))
-    head_dim = int(_arch_value(meta, arch, "attention.key_length", path, hidden // heads))
+    hidden = _arch_number(meta, arch, "embedding_length", path)
+    heads = _arch_number(meta, arch, "attention.head_count", path)
+    kv_heads = _arch_number(meta, arch, "attention.head_count_kv", path, heads)
+    head_dim = _arch_number(meta, arch, "attention.key_length", path, max(hidden // heads, 1))
     embed = tensor_shapes.get("token_embd.weight")
     if embed is None:
         raise CheckpointError(f"GGUF file {path} has no token_embd.weight tensor; it is not "
@@ -114,15 +131,17 @@ def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]
         "architectures": [_HF_CLASS[arch]],
         "model_type": arch,
         "hidden_size": hidden,
-        "intermediate_size": int(_arch_value(meta, arch, "feed_forward_length", path)),
-        "num_hidden_layers": int(_arch_value(meta, arch, "block_count", path)),
+        "intermediate_size": _arch_number(meta, arch, "feed_forward_length", path),
+        "num_hidden_layers": _arch_number(meta, arch, "block_count", path),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
         "hidden_act": "silu",
-        "rms_norm_eps": float(_arch_value(meta, arch, "attention.layer_norm_rms_epsilon", path)),
-        "rope_theta": float(_arch_value(meta, arch, "rope.freq_base", path, 10000.0)),
-        "max_position_embeddings": int(_arch_value(meta, arch, "context_length", path)),
+        "rms_norm_eps": float(_arch_number(meta, arch, "attention.layer_norm_rms_epsilon",
+                                           path, integer=False)),
+        "rope_theta": float(_arch_number(meta, arch, "rope.freq_base", path, 10000.0,
+                                         integer=False)),
+        "max_position_embeddings": _arch_number(meta, arch, "context_length", path),
         "vocab_size": int(embed[0]),
         "tie_word_embeddings": "output.weight" not in tensor_shapes,
         "attention_bias": arch == "qwen2" or "blk.0.attn_q.bias" in tensor_shapes,
@@ -130,7 +149,7 @@ def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]
     }
     for key, meta_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
                           ("eos_token_id", "tokenizer.ggml.eos_token_id")):
-        if meta.get(meta_key) is not None:
+        if isinstance(meta.get(meta_key), int) and not isinstance(meta[meta_key], bool):
             config[key] = int(meta[meta_key])
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):

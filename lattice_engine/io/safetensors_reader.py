@@ -50,6 +50,15 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def open_safetensors(path: Path) -> tuple[dict[str, Callable], dict[str, tuple[int, ...]]]:
     """Lazy loaders and shapes of every tensor in one safetensors file."""
     path = Path(path)
@@ -63,12 +72,23 @@ def open_safetensors(path: Path) -> tuple[dict[str, Callable], dict[str, tuple[i
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
-                                  f"{info!r}") from exc
+                                  f"{_short(info)}; expected {{\"dtype\": str, \"shape\": "
+                                  f"[int, ...], \"data_offsets\": [begin, end]}}") from None
+        # strings or floats here would fail deep in numpy (or index by a float): the
+        # entry must be non-negative integers, begin <= end
+        if not all(_count(d) for d in shape) or not _count(begin) or not _count(end) or \
+                begin > end or not isinstance(dtype_name, str):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {_short(list(shape))} and "
+                                  f"data_offsets {_short([begin, end])}; both must be "
+                                  f"non-negative integers (begin <= end) and dtype a string; "
+                                  f"the header is corrupt")
         if dtype_name not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}; supported: "
                                   f"{', '.join(DTYPES)}")
         dtype = np.dtype(DTYPES[dtype_name])
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = dtype.itemsize  # Python ints: corrupt dims must not wrap in int64
+        for d in shape:
+            expected *= d
         if end - begin != expected:
             raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} {dtype_name} "
                                   f"needs {expected} bytes but its offsets span {end - begin}")

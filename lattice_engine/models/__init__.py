@@ -16,7 +16,8 @@ BUILTIN_ARCHITECTURES = {
 def model_class_for(config: dict, architectures: dict[str, type]) -> type:
     """The registered class for config["model_type"], or an error listing the known ones."""
     model_type = config.get("model_type")
-    if model_type not in architectures:
+    # a list or object is unhashable: check the type before the lookup
+    if not isinstance(model_type, str) or model_type not in architectures:
         known = ", ".join(sorted(architectures))
         raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {known} "
                               f"(an installed plugin can add more: see `lattice plugins`)")

@@ -7,8 +7,9 @@ vectors and `PackedMatrix` weights in the format the quant method picked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Optional, Sequence
+import math
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
 
@@ -22,10 +23,55 @@ from ..quant.methods import QuantMethod
 STORED_AS = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16)}
 
 
+class ConfigFieldError(CheckpointError):
+    """A model config field is missing or of the wrong form; `loading.load` prefixes the
+    file it came from."""
+
+
 def config_from_dict(cls, params: dict[str, Any]):
-    """Build a config dataclass from an HF config dict, ignoring keys it does not know."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in params.items() if k in names})
+    """Build a config dataclass from an HF config dict, ignoring keys it does not know.
+    Every known key is checked against the field's type first (integers are counts and
+    sizes, so >= 1; floats finite and >= 0), so a malformed config is a ConfigFieldError naming the
+    key and the expected form instead of a TypeError or ZeroDivisionError deep in a model."""
+    if not isinstance(params, dict):
+        raise ConfigFieldError(f"the model config must be a JSON object, got "
+                               f"{type(params).__name__}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        if not f.init:
+            continue
+        if f.name not in params:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigFieldError(f"{f.name} is missing; a {params.get('model_type')!r} "
+                                       f"config needs it")
+            continue
+        kwargs[f.name] = _checked_field(f.name, params[f.name], hints[f.name])
+    return cls(**kwargs)
+
+
+def _checked_field(name: str, value: Any, hint: Any) -> Any:
+    if get_origin(hint) is Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    base = get_origin(hint) or hint
+    if base is int:
+        ok, form = isinstance(value, int) and not isinstance(value, bool) and value >= 1, \
+            "a positive integer"
+    elif base is float:  # eps, rope theta, rotary fraction: none is negative
+        ok, form = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value) and value >= 0, "a finite number >= 0"
+    elif base in (str, bool, dict, list):
+        ok = isinstance(value, base) and (base is bool or not isinstance(value, bool))
+        form = {str: "a string", bool: "true or false", dict: "an object",
+                list: "an array"}[base]
+    else:
+        return value
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigFieldError(f"{name} = {shown} must be {form}")
+    return value
 
 
 class WeightLoader:

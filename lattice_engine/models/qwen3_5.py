@@ -293,6 +293,10 @@ class Model(CausalLM):
     def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":
         config = dict(checkpoint.config)
         if "text_config" in config:  # Qwen3_5ForConditionalGeneration
+            if not isinstance(config["text_config"] or {}, dict):
+                from .base import ConfigFieldError
+                raise ConfigFieldError(f"text_config = {config['text_config']!r} must be an "
+                                       f"object")
             text = dict(config["text_config"] or {})
             # the composite model ties by its own top-level flag (transformers' default: no)
             tied = bool(config.get("tie_word_embeddings", False))

@@ -29,9 +29,9 @@ from ..batching import BatchingOptions, RequestOutput
 from ..config import ServerSection
 from ..errors import ConfigError, LatticeError
 from . import metrics
-from .async_engine import AsyncEngine, EngineClosed
+from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
-                       sampling_from, stream_flags)
+                       parse_body, sampling_from, stream_flags)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class _State:
         self.settings = settings
         self.http: dict[int, int] = {}
         self.created = int(time.time())
+        self.in_flight = 0  # generation requests accepted and not yet answered
 
 
 def create_app(engine, *, model_name: str, settings: ServerSection = ServerSection(),
@@ -85,6 +86,9 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         messages = chat_messages(body)
         params = sampling_from(body, engine.sampling, "max_completion_tokens")
         stream, usage = stream_flags(body)
+        if engine.tokenizer is None:
+            raise bad("this model has no tokenizer, so it cannot take chat messages; use "
+                      "/v1/completions with 'prompt' as an array of token ids", "messages")
         try:
             ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except LatticeError as exc:
@@ -113,9 +117,14 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
                                      type=kind).body(), status_code=exc.status_code)
 
     async def internal_error(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", exc_info=exc)
-        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}: {exc}",
-                                     type="server_error").body(), status_code=500)
+        # the exception's text can hold paths and internals: it goes to the log under an id
+        # that the client gets, never to the client
+        error_id = "err-" + uuid.uuid4().hex[:16]
+        log.error("unhandled error %s on %s %s", error_id, request.method, request.url.path,
+                  exc_info=exc)
+        return JSONResponse(APIError(500, f"internal error; the server log has the details "
+                                          f"under {error_id}", type="server_error",
+                                     code="internal_error").body(), status_code=500)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -156,7 +165,9 @@ def _authorize(request: Request, state: _State) -> None:
         return
     given = request.headers.get("authorization", "")
     token = given[7:] if given.lower().startswith("bearer ") else ""
-    if not hmac.compare_digest(token.encode(), key.encode()):
+    # Starlette decodes header bytes as latin-1: compare the bytes the client sent with the
+    # key's UTF-8 bytes (a non-ASCII key could never match a UTF-8 client before)
+    if not hmac.compare_digest(token.encode("latin-1"), key.encode("utf-8")):
         raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                        type="authentication_error", code="invalid_api_key")
 
@@ -167,20 +178,24 @@ async def _read_json(request: Request, state: _State) -> dict[str, Any]:
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"the request body is {declared} bytes; the limit is {limit} "
                             f"(server.max_body_bytes)", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body exceeds {limit} bytes (server.max_body_bytes)",
-                           code="request_too_large")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise bad("the request body must be a JSON object")
-    return body
+    chunks = []
+
+    async def read():
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body exceeds {limit} bytes "
+                                    f"(server.max_body_bytes)", code="request_too_large")
+            chunks.append(chunk)
+
+    timeout = state.settings.read_timeout
+    try:  # a client that stops sending its body must not hold the request forever
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s "
+                            f"(server.read_timeout)", code="request_timeout") from None
+    return parse_body(b"".join(chunks))
 
 
 def _check_model(body: dict, state: _State) -> None:
@@ -216,29 +231,68 @@ async def _output_constraint(engine, body: dict[str, Any]):
         raise bad(str(exc), param) from None
 
 
+class _Slot:
+    """One request's place under server.max_concurrency, taken when the request is
+    accepted and given back once, when its response is over (streams used to count only
+    once their response started, so a burst of 9 got in under a limit of 4)."""
+
+    def __init__(self, state: _State):
+        self.state, self.held = state, True
+        state.in_flight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.state.in_flight -= 1
+
+
+class _SlotStreamingResponse(StreamingResponse):
+    """A StreamingResponse that gives its slot back however the response ends (finished,
+    failed, or a client gone before the first byte, when the body generator never runs)."""
+
+    def __init__(self, *args, slot: _Slot, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
 async def _generate(request: Request, state: _State, ids: list[int], params, stream: bool,
                     chat: bool, ignore_eos: bool = False, logits_mask=None) -> Response:
-    in_flight = state.async_engine.num_streams()
-    if in_flight >= state.settings.max_concurrency:
-        raise APIError(429, f"{in_flight} requests are in flight, the limit "
+    # no await between this check and taking the slot: the event loop runs one handler at
+    # a time here, so a burst cannot slip past the limit
+    if state.in_flight >= state.settings.max_concurrency:
+        raise APIError(429, f"{state.in_flight} requests are in flight, the limit "
                             f"(server.max_concurrency) is {state.settings.max_concurrency}; "
                             f"retry later", type="rate_limit_error", code="too_many_requests")
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    slot = _Slot(state)
     try:
-        outputs = await state.async_engine.generate(ids, params, request_id=rid,
-                                                    ignore_eos=ignore_eos,
-                                                    logits_mask=logits_mask)
-    except LatticeError as exc:
-        msg = str(exc)
-        code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) else None
-        raise bad(msg, "messages" if chat else "prompt", code) from None
-    created = int(time.time())
-    head = {"id": rid, "created": created, "model": state.model_name}
-    if stream:
-        return StreamingResponse(_sse(state, outputs, head, chat, rid),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    return await _collect(request, state, outputs, head, chat, rid)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        try:
+            outputs = await state.async_engine.generate(ids, params, request_id=rid,
+                                                        ignore_eos=ignore_eos,
+                                                        logits_mask=logits_mask)
+        except LatticeError as exc:
+            msg = str(exc)
+            code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) \
+                else None
+            raise bad(msg, "messages" if chat else "prompt", code) from None
+        created = int(time.time())
+        head = {"id": rid, "created": created, "model": state.model_name}
+        if stream:
+            response = _SlotStreamingResponse(_sse(state, outputs, head, chat, rid),
+                                              media_type="text/event-stream",
+                                              headers={"Cache-Control": "no-cache"}, slot=slot)
+            slot = None  # the response gives it back
+            return response
+        return await _collect(request, state, outputs, head, chat, rid)
+    finally:
+        if slot is not None:
+            slot.release()
 
 
 def _chunk(head, chat: bool, text: str, finish: Optional[str], first: bool = False) -> dict:
@@ -259,6 +313,12 @@ async def _sse(state: _State, outputs: AsyncIterator[RequestOutput], head, chat:
             yield _event(_chunk(head, chat, "", None, first=True))
         try:
             async for out in outputs:
+                if out.finish_reason == "error":  # this request alone failed: say so
+                    finished = True
+                    if out.text:
+                        yield _event(_chunk(head, chat, out.text, None))
+                    yield _event(_request_failed(out).body())
+                    break
                 if out.finished:
                     finished = True
                     if out.text:
@@ -272,10 +332,21 @@ async def _sse(state: _State, outputs: AsyncIterator[RequestOutput], head, chat:
             finished = True  # (the engine already freed its blocks)
             yield _event(_closed(exc).body())
             return
+        except EngineFailed as exc:  # the batched forward failed: an error event, then done
+            finished = True
+            yield _event(APIError(500, str(exc), type="server_error",
+                                  code="internal_error").body())
         yield "data: [DONE]\n\n"
     finally:
         if not finished:  # the client went away (or the engine failed): free its blocks now
             state.async_engine.abort(rid)
+
+
+def _request_failed(out: RequestOutput) -> APIError:
+    if out.error_type == "server_error":
+        return APIError(500, out.error or "internal error", type="server_error",
+                        code="internal_error")
+    return APIError(400, out.error or "the request failed", code="request_failed")
 
 
 def _closed(exc: EngineClosed) -> APIError:
@@ -311,9 +382,13 @@ async def _collect(request: Request, state: _State, outputs, head, chat: bool,
             task.result()
         except EngineClosed as exc:
             raise _closed(exc) from None
+        except EngineFailed as exc:
+            raise APIError(500, str(exc), type="server_error", code="internal_error") from None
     finally:
         if not task.done():
             task.cancel()
+    if last.finish_reason == "error":
+        raise _request_failed(last)
     text = "".join(parts)
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text},

@@ -28,6 +28,15 @@ class EngineClosed(RuntimeError):
     ended where it was."""
 
 
+class EngineFailed(RuntimeError):
+    """A batched forward raised (a bug, logged with its traceback): the requests in it were
+    ended. The message names the request id only, never the internal exception."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"internal error in the batched forward; the server log has the "
+                         f"details under request id {request_id}")
+
+
 class AsyncEngine:
     def __init__(self, runner: BatchRunner):
         self.runner = runner
@@ -143,6 +152,7 @@ class AsyncEngine:
             pass
 
     def _fail_all(self, exc: BaseException) -> None:
+        # the exception's text is for the log (written above), not for clients
         for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
             self.runner.abort(seq.request_id)
-            self._deliver(seq.request_id, RuntimeError(f"the engine failed: {exc}"))
+            self._deliver(seq.request_id, EngineFailed(seq.request_id))

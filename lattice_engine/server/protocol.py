@@ -6,11 +6,13 @@ value (n > 1, logprobs, echo, best_of, ...) is a 400 that names it, never silent
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import RequestError
-from ..sampling import SamplingParams
+from ..sampling import MAX_TOKENS_LIMIT, SEED_LIMIT, SamplingParams
 
 
 class APIError(Exception):
@@ -18,6 +20,9 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
                  param: Optional[str] = None, code: Optional[str] = None):
+        # a message can quote the client's own text, lone surrogates included: escape
+        # what UTF-8 cannot encode, or rendering the error itself fails with a 500
+        message, param = _encodable(message), _encodable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
             status, message, type, param, code)
@@ -27,33 +32,132 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+def _encodable(text: Optional[str]) -> Optional[str]:
+    if text is None:
+        return None
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
 _NUMBER = (int, float)
+MAX_DEPTH = 64  # nesting of a request body; JSON schemas in response_format stay far below
 
 
-def _get(body: dict, name: str, types, default=None, check=None, rule: str = ""):
-    """body[name] if present and not null, checked for type and range."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise bad(f"'{name}' must be {rule or _type_name(types)}, got {value!r}", name)
-    if not isinstance(value, types):
-        raise bad(f"'{name}' must be {rule or _type_name(types)}, got {type(value).__name__} "
-                  f"{value!r}", name)
-    if check is not None and not check(value):
-        raise bad(f"'{name}' = {value!r} is out of range: it must be {rule}", name)
-    return value
+@dataclass(frozen=True)
+class Field:
+    """The one rule for a request field: accepted types and, for numbers, the range
+    (finite always: inf and NaN never reach sampling). `rule` is what errors quote."""
+
+    types: tuple
+    rule: str
+    check: Optional[Callable[[Any], bool]] = None
+
+    def get(self, body: dict, name: str, default=None):
+        """body[name] if present and not null, else default; a 400 naming the field and
+        its rule otherwise."""
+        value = body.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) and bool not in self.types or \
+                not isinstance(value, self.types):
+            got = repr(value) if isinstance(value, bool) else \
+                f"{type(value).__name__} {_short(value)}"
+            raise bad(f"'{name}' must be {self.rule}, got {got}", name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(f"'{name}' = {value!r} is not a finite number; it must be {self.rule}",
+                      name)
+        if self.check is not None and not self.check(value):
+            raise bad(f"'{name}' = {_short(value)} is out of range: it must be {self.rule}",
+                      name)
+        return value
 
 
-def _type_name(types) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-             list: "an array", dict: "an object"}
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# Every request field this server reads, with its rule. Sampling bounds match
+# `SamplingParams` (which checks again for callers of the Python API).
+SCHEMA: dict[str, Field] = {
+    "model": Field((str,), "a string"),
+    "max_tokens": Field((int,), f"an integer in [1, {MAX_TOKENS_LIMIT}]",
+                        lambda v: 1 <= v <= MAX_TOKENS_LIMIT),
+    "max_completion_tokens": Field((int,), f"an integer in [1, {MAX_TOKENS_LIMIT}]",
+                                   lambda v: 1 <= v <= MAX_TOKENS_LIMIT),
+    "temperature": Field(_NUMBER, "a number in [0, 2]", lambda v: 0 <= v <= 2),
+    "top_p": Field(_NUMBER, "a number in (0, 1]", lambda v: 0 < v <= 1),
+    "top_k": Field((int,), "an integer in [0, 2**31)", lambda v: 0 <= v < 2**31),
+    "min_p": Field(_NUMBER, "a number in [0, 1)", lambda v: 0 <= v < 1),
+    "repetition_penalty": Field(_NUMBER, "a number in (0, 100]", lambda v: 0 < v <= 100),
+    "seed": Field((int,), "an integer in [0, 2**64)", lambda v: 0 <= v < SEED_LIMIT),
+    "stream": Field((bool,), "a boolean"),
+    "stream_options": Field((dict,), "an object"),
+    "ignore_eos": Field((bool,), "a boolean"),
+    "stop": Field((str, list), "a string or an array of at most 4 strings",
+                  lambda v: isinstance(v, str) or (len(v) <= 4 and
+                                                   all(isinstance(s, str) for s in v))),
+}
+
+
+def _get(body: dict, name: str, default=None):
+    return SCHEMA[name].get(body, name, default)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or a 400 that says what is wrong with it: not
+    JSON, not an object, NaN / Infinity (not JSON, though Python's parser takes them),
+    numbers out of float range, nesting deeper than MAX_DEPTH, strings that are not
+    valid Unicode (a lone surrogate escape)."""
+    def no_constant(name):
+        raise ValueError(f"{name} is not a JSON number; use a finite number")
+
+    def finite_float(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"the number {text[:40]} is out of range")
+        return value
+
+    try:
+        body = json.loads(raw, parse_constant=no_constant, parse_float=finite_float)
+    except RecursionError:
+        raise bad(f"the request body is nested too deeply (the limit is {MAX_DEPTH} levels)",
+                  code="invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # our hooks, int digit limits, bad bytes
+        raise bad(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    _check_tree(body)
+    return body
+
+
+def _check_tree(body: dict) -> None:
+    stack = [(body, "", 1)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad(f"the request body is nested too deeply at {path or 'the top'} (the "
+                      f"limit is {MAX_DEPTH} levels)", code="invalid_json")
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            where = f"{path}.{key}" if isinstance(node, dict) else f"{path}[{key}]"
+            where = where.lstrip(".")
+            for text in ((key, value) if isinstance(node, dict) else (value,)):
+                if isinstance(text, str):
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise bad(f"'{where}' holds a lone UTF-16 surrogate (an unpaired "
+                                  f"\\ud800-\\udfff escape), which is not text; send "
+                                  f"valid Unicode", where.split(".")[0].split("[")[0]) \
+                            from None
+            if isinstance(value, (dict, list)):
+                stack.append((value, where, depth + 1))
 
 
 # options with no effect here: accepted only at their default value
@@ -74,27 +178,21 @@ def sampling_from(body: dict, defaults: SamplingParams, max_tokens_field: str) -
     for name, default in _UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and value != default and not (name == "logprobs" and value is False):
-            raise bad(f"'{name}' = {value!r} is not supported by this server (only "
+            raise bad(f"'{name}' = {_short(value)} is not supported by this server (only "
                       f"{default!r})", name)
-    max_tokens = _get(body, max_tokens_field, int, None, lambda v: v >= 1, "an integer >= 1")
+    max_tokens = _get(body, max_tokens_field)
     if max_tokens_field != "max_tokens":  # chat: the older max_tokens name works too
-        max_tokens = max_tokens or _get(body, "max_tokens", int, None, lambda v: v >= 1,
-                                        "an integer >= 1")
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-            raise bad("'stop' must be a string or an array of at most 4 strings", "stop")
+        max_tokens = max_tokens or _get(body, "max_tokens")
+    stop = _get(body, "stop")
+    if isinstance(stop, str):
+        stop = [stop]
     values = dict(
-        temperature=_get(body, "temperature", _NUMBER, None, lambda v: 0 <= v <= 2,
-                         "a number in [0, 2]"),
-        top_p=_get(body, "top_p", _NUMBER, None, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        top_k=_get(body, "top_k", int, None, lambda v: v >= 0, "an integer >= 0"),
-        min_p=_get(body, "min_p", _NUMBER, None, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        repetition_penalty=_get(body, "repetition_penalty", _NUMBER, None, lambda v: v > 0,
-                                "a number > 0"),
-        seed=_get(body, "seed", int),
+        temperature=_get(body, "temperature"),
+        top_p=_get(body, "top_p"),
+        top_k=_get(body, "top_k"),
+        min_p=_get(body, "min_p"),
+        repetition_penalty=_get(body, "repetition_penalty"),
+        seed=_get(body, "seed"),
         max_tokens=max_tokens,
         stop=tuple(stop) if stop is not None else None,
     )
@@ -106,12 +204,12 @@ def sampling_from(body: dict, defaults: SamplingParams, max_tokens_field: str) -
 
 def ignore_eos(body: dict) -> bool:
     """vLLM's extension: keep generating past end-of-sequence (fixed-length benchmarks)."""
-    return _get(body, "ignore_eos", bool, False)
+    return _get(body, "ignore_eos", False)
 
 
 def stream_flags(body: dict) -> tuple[bool, bool]:
-    stream = _get(body, "stream", bool, False)
-    options = _get(body, "stream_options", dict, {})
+    stream = _get(body, "stream", False)
+    options = _get(body, "stream_options", {})
     include = options.get("include_usage", False)
     if not isinstance(include, bool):
         raise bad("'stream_options.include_usage' must be a boolean", "stream_options")
@@ -123,6 +221,9 @@ def completion_prompt(body: dict, tokenizer) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
+        if tokenizer is None:
+            raise bad("this model has no tokenizer, so 'prompt' must be an array of token ids",
+                      "prompt")
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool)
                                           for t in prompt):
