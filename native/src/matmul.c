@@ -763,17 +763,15 @@ static int q8_active = Q8_V_AVX2;
 static void q8_detect(void) {
     if (q8_mask >= 0) return;
     int mask = 0;
-#if LK_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
+    const uint32_t f = lk_cpu_features();
+    const uint32_t avx2 = LK_CPU_AVX2 | LK_CPU_FMA | LK_CPU_F16C;
+    const uint32_t avx512vnni = LK_CPU_AVX512F | LK_CPU_AVX512BW | LK_CPU_AVX512VL |
+                                LK_CPU_AVX512VNNI;
+    if ((f & avx2) == avx2) {
         mask |= 1 << Q8_V_AVX2;
-        if (__builtin_cpu_supports("avxvnni")) mask |= 1 << Q8_V_AVXVNNI;
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-            mask |= 1 << Q8_V_AVX512VNNI;
+        if (f & LK_CPU_AVXVNNI) mask |= 1 << Q8_V_AVXVNNI;
+        if ((f & avx512vnni) == avx512vnni) mask |= 1 << Q8_V_AVX512VNNI;
     }
-#endif
     int best = Q8_V_AVX2;
     for (int v = Q8_V_AVX2; v < Q8_V_COUNT; v++)
         if (mask & (1 << v)) best = v;
