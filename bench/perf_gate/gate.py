@@ -217,8 +217,8 @@ def build(outdir: str) -> tuple[str, dict]:
             raise RuntimeError(f"compiling {os.path.relpath(src, ROOT)} failed:\n{r.stderr}")
         return obj
 
-    # matmul.c (three copies of the q8_0 kernels) is the long pole: start it first
-    jobs.sort(key=lambda j: os.path.basename(j[0]) != "matmul.c")
+    # the q8_0 kernel files (one per variant) are the long poles: start them first
+    jobs.sort(key=lambda j: not os.path.basename(j[0]).startswith("matmul_q8_0"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with concurrent.futures.ThreadPoolExecutor(max(1, min(4, cores or 1))) as ex:
         objs = list(ex.map(one, jobs))

@@ -25,7 +25,7 @@
  *   LATTICE_SPIN_US  how long idle workers spin before sleeping (default 2000)
  *   LATTICE_ISA      "generic" forces the scalar kernels
  *   LATTICE_Q8       q8_0 kernel at the AVX2 level: avx2, avxvnni or avx512vnni
- *   LATTICE_PF       matvec software-prefetch distance (tuning; see matmul.c)
+ *   LATTICE_PF       matvec software-prefetch distance (tuning; see matmul_internal.h)
  *   LATTICE_CHUNKS   decode row chunks per thread and matrix (tuning; default 4)
  *   LATTICE_MV_QUARTERS  0: the f32 / f16 matvec reads four adjacent rows at a time instead
  *                    of four quarters of its chunk (tuning; see matvec_float)
