@@ -40,8 +40,7 @@ def abi_error(ours: int, core: "int | None", code: int = _ATTACH_VERSION) -> str
         return "lattice-quant-q4: the lattice-engine core returned no plugin API table"
     fix = "upgrade lattice-quant-q4" if core > ours else "upgrade lattice-engine"
     return (f"lattice-quant-q4 supports C plugin ABI {ours}, the installed lattice-engine "
-            f"core provides ABI {core}: {fix} (or reinstall lattice-quant-q4 so it is "
-            f"rebuilt against this core)")
+            f"core provides ABI {core}: {fix}")
 
 
 def attach_api(address: int, core_version: "int | None") -> None:

@@ -43,6 +43,14 @@
 
 #include "lattice_plugin.h"
 
+/* The plugin ABI this code is written for. It is ours to state, not the header's: built
+   against a header of another major version, the code would still be written for this
+   one, so that is a build error, and a core of another version is refused at attach. */
+#define Q4_PLUGIN_ABI 1
+#if LK_PLUGIN_ABI_VERSION != Q4_PLUGIN_ABI
+#error "lattice-quant-q4 supports C plugin ABI 1; this lattice_plugin.h has another LK_PLUGIN_ABI_VERSION: install a lattice-quant-q4 release made for this lattice-engine"
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define Q4_X86 1
@@ -152,8 +160,8 @@ static void detect(void) {
 
 /* ---- attaching to the core (lattice_plugin.h) ------------------------------------ */
 
-/* The plugin ABI this file was compiled against. */
-int q4_plugin_abi(void) { return LK_PLUGIN_ABI_VERSION; }
+/* The plugin ABI this plugin supports. */
+int q4_plugin_abi(void) { return Q4_PLUGIN_ABI; }
 
 /* Attach to the core's API table at `address` (lk_plugin_api_get() of the core's module,
    as an integer). Returns Q4_ATTACH_OK, Q4_ATTACH_NULL, Q4_ATTACH_VERSION (the core's
@@ -163,7 +171,7 @@ int q4_plugin_abi(void) { return LK_PLUGIN_ABI_VERSION; }
 int q4_attach(uintptr_t address) {
     const lk_plugin_api *api = (const lk_plugin_api *)address;
     if (!api) return Q4_ATTACH_NULL;
-    if (api->abi_version != LK_PLUGIN_ABI_VERSION) return Q4_ATTACH_VERSION;
+    if (api->abi_version != Q4_PLUGIN_ABI) return Q4_ATTACH_VERSION;
     if (api->size < sizeof(lk_plugin_api)) return Q4_ATTACH_SIZE;
     core = api;
     best_isa = -1; /* the variants follow the core's feature bits from now on */

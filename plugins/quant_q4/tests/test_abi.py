@@ -21,6 +21,8 @@ pytestmark = pytest.mark.native(probe=lambda: None if K.available() else K.LOAD_
 def test_the_c_source_uses_the_public_header_only():
     source = (PLUGIN / "native" / "q4_kernels.c").read_text()
     assert '#include "lattice_plugin.h"' in source
+    # the supported ABI is the plugin's own, and another header version is a build error
+    assert "#if LK_PLUGIN_ABI_VERSION != Q4_PLUGIN_ABI\n#error" in source
     for forbidden in ("LK_INTERNAL", "lattice_kernels.h", "dlopen", "__builtin_cpu"):
         assert forbidden not in source
     glue = (PLUGIN / "lattice_quant_q4" / "kernels.py").read_text()
@@ -55,8 +57,8 @@ def test_attached_to_the_core_at_import():
 
 @pytest.mark.parametrize("core", [2, 0])
 def test_a_core_of_another_abi_version_is_refused(core):
-    from lattice_engine._native import ffi, lib
-    ours = lib.LK_PLUGIN_ABI_VERSION
+    from lattice_engine._native import ffi
+    ours = K._lib.q4_plugin_abi()
     table, address = _fake_table(abi_version=ours + 1 if core else ours - 1,
                                  size=ffi.sizeof("lk_plugin_api"))
     with pytest.raises(K.PluginABIError) as info:
