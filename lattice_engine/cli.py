@@ -48,10 +48,13 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def version_text() -> str:
-    """`lattice --version`: the engine, the plugin hook contract and the native kernels."""
-    from . import PLUGIN_API_VERSION, __version__, kernels
+    """`lattice --version`: the engine, the plugin hook contract, the native kernels and the
+    C plugin ABI (lattice_plugin.h) they offer."""
+    from . import PLUGIN_API_VERSION, __version__, kernels, native_plugin_abi
+    abi = native_plugin_abi()
     return (f"lattice-engine {__version__}\nplugin API {PLUGIN_API_VERSION}\n"
-            f"native kernels {kernels.variant()}")
+            f"native kernels {kernels.variant()}\n"
+            f"C plugin ABI {abi if abi is not None else 'none (native kernels not built)'}")
 
 
 class VersionAction(argparse.Action):

@@ -17,7 +17,10 @@ def test_version_names_engine_plugin_api_and_kernels(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"lattice-engine {lattice_engine.__version__}",
                      f"plugin API {lattice_engine.PLUGIN_API_VERSION}",
-                     f"native kernels {kernels.variant()}"]
+                     f"native kernels {kernels.variant()}",
+                     f"C plugin ABI {lattice_engine.native_plugin_abi()}"]
+    if kernels.available():
+        assert lattice_engine.native_plugin_abi() >= 1
 
 
 def test_version_needs_no_command():

@@ -29,15 +29,12 @@
 #include "lattice_kernels.h"
 
 /* the quant_q4 plugin's kernels (plugins/quant_q4/native/q4_kernels.c) */
-void q4_set_parallel_for(void *fn);
+int q4_attach(uintptr_t address);
 int q4_isa(void);
 const char *q4_isa_name(void);
 int q4_set_isa(int isa);
 int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K, const void *w,
               int64_t ldw, int64_t N, float *y);
-/* the core's pool, as lattice_quant_q4/kernels.py attaches it */
-typedef void (*range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
-void lk_parallel_for(range_fn fn, void *ctx, int64_t n, int64_t grain);
 
 /* ---- inputs ------------------------------------------------------------------------ */
 
@@ -376,7 +373,13 @@ int main(int argc, char **argv) {
     print_cpu();
     lk_init();
     lk_set_threads(1);
-    q4_set_parallel_for((void *)lk_parallel_for);
+    /* the core's plugin API (its pool, its CPU features), as lattice_quant_q4/kernels.py
+       attaches it */
+    if (q4_attach((uintptr_t)lk_plugin_api_get()) != 0) {
+        fprintf(stderr, "driver: quant_q4 refused the core's plugin ABI %d\n",
+                lk_plugin_abi_version());
+        return 2;
+    }
     /* forced, and checked: a refused variant is reported, never measured as another */
     int got_isa = lk_set_isa(isa), got_q8 = isa == LK_ISA_AVX2 ? lk_q8_variant(0) : 0;
     int got_q4 = q4_set_isa(q4);

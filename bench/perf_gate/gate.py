@@ -200,10 +200,13 @@ def build(outdir: str) -> tuple[str, dict]:
     q4_args = _extra_args(os.path.join(ROOT, "plugins", "quant_q4", "build_q4.py"),
                           "_pg_build_q4", ["-O3", "-std=gnu11", "-Wall"])
     sources_mod = _load(os.path.join(ROOT, "native", "build_native.py"), "_pg_build_native")
-    include = ["-I", os.path.join(ROOT, "native", "include")]
+    # the plugin sees only the public ABI header (lattice_engine/include), as when it is built
+    plugin_include = ["-I", os.path.join(ROOT, "lattice_engine", "include")]
+    include = ["-I", os.path.join(ROOT, "native", "include")] + plugin_include
     jobs = [(os.path.join(ROOT, "native", "src", s), core_args + include)
             for s in sources_mod.SOURCES]
-    jobs.append((os.path.join(ROOT, "plugins", "quant_q4", "native", "q4_kernels.c"), q4_args))
+    jobs.append((os.path.join(ROOT, "plugins", "quant_q4", "native", "q4_kernels.c"),
+                 q4_args + plugin_include))
     jobs.append((DRIVER, core_args + include))
 
     def one(job):
@@ -214,8 +217,8 @@ def build(outdir: str) -> tuple[str, dict]:
             raise RuntimeError(f"compiling {os.path.relpath(src, ROOT)} failed:\n{r.stderr}")
         return obj
 
-    # matmul.c (three copies of the q8_0 kernels) is the long pole: start it first
-    jobs.sort(key=lambda j: os.path.basename(j[0]) != "matmul.c")
+    # the q8_0 kernel files (one per variant) are the long poles: start them first
+    jobs.sort(key=lambda j: not os.path.basename(j[0]).startswith("matmul_q8_0"))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     with concurrent.futures.ThreadPoolExecutor(max(1, min(4, cores or 1))) as ex:
         objs = list(ex.map(one, jobs))

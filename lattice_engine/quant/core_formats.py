@@ -71,7 +71,7 @@ R16_ROWS = 16
 
 def _r16_value_order() -> np.ndarray:
     """Value index (within a block) of byte 32 i + 2 l + e of a record's quants, per (i, e):
-    the pair of values the activations' int16 dword i holds (q16_pos order in matmul.c)."""
+    the pair of values the activations' int16 dword i holds (q16_pos order in native/src/matmul_internal.h)."""
     i = np.arange(16)[:, None]
     e = np.arange(2)[None, :]
     return np.where(i < 8, 4 * i + 2 * e, 4 * (i - 8) + 1 + 2 * e).reshape(-1)

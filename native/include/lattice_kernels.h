@@ -25,12 +25,16 @@
  *   LATTICE_SPIN_US  how long idle workers spin before sleeping (default 2000)
  *   LATTICE_ISA      "generic" forces the scalar kernels
  *   LATTICE_Q8       q8_0 kernel at the AVX2 level: avx2, avxvnni or avx512vnni
- *   LATTICE_PF       matvec software-prefetch distance (tuning; see matmul.c)
+ *   LATTICE_PF       matvec software-prefetch distance (tuning; see matmul_internal.h)
  *   LATTICE_CHUNKS   decode row chunks per thread and matrix (tuning; default 4)
  *   LATTICE_MV_QUARTERS  0: the f32 / f16 matvec reads four adjacent rows at a time instead
  *                    of four quarters of its chunk (tuning; see matvec_float)
  *
- * Public functions (declared below, bound by native/build_native.py)
+ * Public functions (declared below; native/build_native.py generates the cffi cdef from the
+ * LK_CDEF_BEGIN / LK_CDEF_END regions of this header and of lattice_plugin.h, so adding a
+ * function here is all it takes to bind it)
+ *   plugin ABI lk_plugin_api_get, lk_plugin_abi_version, lk_cpu_features
+ *              (lattice_engine/include/lattice_plugin.h: the only header plugins include)
  *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_set_threads, lk_get_threads
  *   matmul     lk_matmul_f32, lk_matmul_f16, lk_matmul_q8_0,
  *              lk_matmul_q8_0_r16                                    (lk_matmul_fn)
@@ -55,6 +59,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
+
+/* the plugin ABI: lk_plugin_api, lk_range_fn, lk_extern_matmul, LK_CPU_* (shipped in the
+   package, lattice_engine/include/) */
+#include "lattice_plugin.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -84,6 +92,10 @@ _Static_assert(sizeof(lk_block_q8_0) == 34, "lk_block_q8_0 must match GGUF Q8_0 
 #define LK_R16_ROWS 16
 #define LK_R16_RECORD (LK_R16_ROWS * 34)
 static inline int lk_r16_value(int i, int e) { return i < 8 ? 4 * i + 2 * e : 4 * (i - 8) + 1 + 2 * e; }
+
+/* LK_CDEF_BEGIN: from here to LK_CDEF_END the declarations are also the cffi cdef of
+   lattice_engine._native (native/build_native.py extracts them): keep them plain C that
+   cffi parses (no inline bodies, no macros other than integer #defines). */
 
 /* ---- runtime ------------------------------------------------------------------- */
 
@@ -204,11 +216,8 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
 
 /* ---- decoder: one decode step of a llama-family model ------------------------------ */
 
-/* A matmul a plugin's weight format provides (LK_FMT_EXTERN): y[M, N] = x[M, K] @ w^T
-   for w's N rows of ldw bytes; ctx is the format's own description. Returns 0, or
-   nonzero on failure (out of memory). */
-typedef int (*lk_extern_matmul)(const void *ctx, const float *x, int64_t M, int64_t K,
-                                const void *w, int64_t ldw, int64_t N, float *y);
+/* A weight format's matmul from a plugin (lk_extern_matmul, declared with the plugin
+   ABI in lattice_plugin.h) runs a linear whose fmt is LK_FMT_EXTERN. */
 enum { LK_FMT_EXTERN = 100 };
 
 /* A weight matrix [rows, cols] in format fmt (LK_FMT_*, or LK_FMT_EXTERN with its matmul
@@ -406,6 +415,8 @@ int lk_block_rotate(const float *x, int64_t rows, int64_t m, int64_t block, cons
    ahead. nbytes is rounded down to a multiple of 32. */
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 
+/* LK_CDEF_END */
+
 /* ---- internal: shared between the native sources, not part of the binding ------------ */
 #ifdef LK_INTERNAL
 
@@ -471,10 +482,9 @@ int lk_step_attend(const lk_step_kv *t, int64_t layer, float *k_cache, float *v_
 int lk_step_rotation_ok(const lk_rotation *r, int64_t width);
 const float *lk_step_rotated(const lk_rotation *r, const float *x, int64_t rows, float *out);
 
-/* fn(ctx, i0, i1, ith) over [0, n) in contiguous ranges, one per thread; runs inline
+/* fn(ctx, i0, i1, ith) over [0, n) in contiguous ranges, a few per thread; runs inline
    (no lock, no pool) when n < 2 * grain. Takes lk_lock itself otherwise: do not call
-   it with the lock held. */
-typedef void (*lk_range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
+   it with the lock held. Plugins reach it as lk_plugin_api.parallel_for. */
 void lk_parallel_for(lk_range_fn fn, void *ctx, int64_t n, int64_t grain);
 
 float lk_f16_to_f32(uint16_t h);

@@ -1,4 +1,5 @@
-/* Runtime: CPU feature detection, the worker pool, scratch buffers, half floats. */
+/* Runtime: CPU feature detection, the worker pool, scratch buffers, half floats, and the
+   plugin API table (lattice_plugin.h) that hands the pool and the features to plugins. */
 #define _GNU_SOURCE
 #define LK_INTERNAL
 #include "lattice_kernels.h"
@@ -71,14 +72,29 @@ int lk_active_isa = -1;
 static int detected_isa = LK_ISA_GENERIC;
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
-static void detect(void) {
-    detected_isa = LK_ISA_GENERIC;
+static uint32_t cpu_features = 0; /* LK_CPU_* */
+
+static uint32_t detect_features(void) {
+    uint32_t f = 0;
 #if LK_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
-        detected_isa = LK_ISA_AVX2;
+    if (__builtin_cpu_supports("avx2")) f |= LK_CPU_AVX2;
+    if (__builtin_cpu_supports("fma")) f |= LK_CPU_FMA;
+    if (__builtin_cpu_supports("f16c")) f |= LK_CPU_F16C;
+    if (__builtin_cpu_supports("avxvnni")) f |= LK_CPU_AVXVNNI;
+    if (__builtin_cpu_supports("avx512f")) f |= LK_CPU_AVX512F;
+    if (__builtin_cpu_supports("avx512bw")) f |= LK_CPU_AVX512BW;
+    if (__builtin_cpu_supports("avx512vl")) f |= LK_CPU_AVX512VL;
+    if (__builtin_cpu_supports("avx512vnni")) f |= LK_CPU_AVX512VNNI;
 #endif
+    return f;
+}
+
+static void detect(void) {
+    detected_isa = LK_ISA_GENERIC;
+    cpu_features = detect_features();
+    const uint32_t avx2 = LK_CPU_AVX2 | LK_CPU_FMA | LK_CPU_F16C;
+    if ((cpu_features & avx2) == avx2) detected_isa = LK_ISA_AVX2;
     extern int lk_pf_dist, lk_chunks_per_thread, lk_few_blocks, lk_q8_few_rows, lk_f_pf512,
         lk_mv_quarters;
     const char *pfe = getenv("LATTICE_PF");
@@ -104,6 +120,11 @@ int lk_init(void) {
 }
 
 int lk_isa(void) { return lk_init(); }
+
+uint32_t lk_cpu_features(void) {
+    lk_init();
+    return cpu_features;
+}
 
 const char *lk_isa_name(void) {
     return lk_init() == LK_ISA_AVX2 ? "avx2" : "generic";
@@ -442,3 +463,17 @@ double lk_bench_read(const void *buf, int64_t nbytes, int prefetch) {
     for (int i = 0; i < READ_TASKS; i++) s += c.part[i];
     return s;
 }
+
+/* ---- plugin ABI (lattice_plugin.h) --------------------------------------------------- */
+
+static const lk_plugin_api plugin_api = {
+    LK_PLUGIN_ABI_VERSION,
+    (uint32_t)sizeof(lk_plugin_api),
+    lk_parallel_for,
+    lk_get_threads,
+    lk_cpu_features,
+};
+
+const lk_plugin_api *lk_plugin_api_get(void) { return &plugin_api; }
+
+int lk_plugin_abi_version(void) { return LK_PLUGIN_ABI_VERSION; }

@@ -1,21 +1,69 @@
 """The plugin's C kernels (`lattice_quant_q4._q4_native`), bound to the weight formats.
 
-Threads come from the core's pool: the address of the core's exported `lk_parallel_for`
-(declared in native/include/lattice_kernels.h) is handed to our C code once, so our
-matmuls split their rows over the same workers as the core's kernels and obey
-`lattice_engine.kernels.set_threads`. A second pool would spin against the core's between
-kernels on a 2-core machine. Without the core's native module every call runs on the
-calling thread.
+Our C code uses the core through the C plugin ABI (lattice_engine/include/lattice_plugin.h)
+only: at import the address of the core's API table (`lk_plugin_api_get()` of the core's
+cffi module) is handed to `q4_attach`, which checks the ABI version and then takes the
+core's thread pool (our matmuls split their rows over the same workers as the core's
+kernels and obey `lattice_engine.kernels.set_threads`; a second pool would spin against the
+core's on a 2-core machine) and the CPU features the core detected. A core with another ABI
+version is refused: importing this module raises `PluginABIError`, naming both versions.
 
-Without the compiled module, `available()` is False and the formats keep their numpy
-reference (dequantize, then matmul).
+Without the compiled module, or without the core's native module (the plugin's kernels run
+only on the core's pool and CPU detection), `available()` is False and the formats keep
+their numpy reference (dequantize, then matmul), as the core's own formats do then.
 """
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
+
+
+class PluginABIError(ImportError):
+    """The installed lattice-engine core offers a C plugin ABI this build does not support."""
+
+
+# q4_attach's return codes (native/q4_kernels.c)
+_ATTACH_OK, _ATTACH_NULL, _ATTACH_VERSION, _ATTACH_SIZE = 0, 1, 2, 3
+
+
+def abi_error(ours: int, core: "int | None", code: int = _ATTACH_VERSION) -> str:
+    """The message for a core whose C plugin ABI we cannot use."""
+    if core is None:
+        return (f"lattice-quant-q4 supports C plugin ABI {ours}, but the installed "
+                f"lattice-engine core predates the C plugin ABI (no lk_plugin_api_get): "
+                f"upgrade lattice-engine")
+    if code == _ATTACH_SIZE:
+        return (f"lattice-quant-q4 was built against a newer C plugin ABI {ours} header than "
+                f"the installed lattice-engine core provides (its API table is smaller): "
+                f"upgrade lattice-engine, or reinstall lattice-quant-q4 against this core")
+    if code == _ATTACH_NULL:
+        return "lattice-quant-q4: the lattice-engine core returned no plugin API table"
+    fix = "upgrade lattice-quant-q4" if core > ours else "upgrade lattice-engine"
+    return (f"lattice-quant-q4 supports C plugin ABI {ours}, the installed lattice-engine "
+            f"core provides ABI {core}: {fix}")
+
+
+def attach_api(address: int, core_version: "int | None") -> None:
+    """Hand our C code the core's lk_plugin_api table at `address`; raises PluginABIError
+    when q4_attach refuses it (the C side checks; core_version is only for the message)."""
+    code = _lib.q4_attach(address)
+    if code != _ATTACH_OK:
+        raise PluginABIError(abi_error(int(_lib.q4_plugin_abi()), core_version, code))
+
+
+def _attach_core() -> "str | None":
+    """Attach to the core's native module; None when attached, else why the kernels are
+    not usable (the core's module missing). Raises PluginABIError for a core we refuse."""
+    try:
+        from lattice_engine._native import ffi as core_ffi, lib as core_lib
+    except ImportError as exc:
+        return f"the lattice-engine core's native module is not available ({exc})"
+    if not hasattr(core_lib, "lk_plugin_api_get"):
+        raise PluginABIError(abi_error(int(_lib.q4_plugin_abi()), None))
+    attach_api(int(core_ffi.cast("uintptr_t", core_lib.lk_plugin_api_get())),
+               int(core_lib.lk_plugin_abi_version()))
+    return None
+
 
 try:
     from ._q4_native import ffi as _ffi, lib as _lib
@@ -23,10 +71,13 @@ try:
 except ImportError as exc:  # pragma: no cover - installs without a C compiler
     _ffi = _lib = None
     LOAD_ERROR = str(exc)
+if _lib is not None:
+    LOAD_ERROR = _attach_core()
+    if LOAD_ERROR is not None:  # pragma: no cover - a core built without its C kernels
+        _lib = None
 
 _F32 = np.dtype(np.float32)
 _ISA = {"generic": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}
-_pool_attached = False
 _EXTERN_CONTEXTS: list = []  # the q4_format structs WeightFormat.c_matmul points at
 
 
@@ -35,23 +86,9 @@ def available() -> bool:
 
 
 def attach_core_pool() -> bool:
-    """Give our kernels the core's thread pool; True if it is now attached."""
-    global _pool_attached
-    if _lib is None or _pool_attached:
-        return _pool_attached
-    try:
-        from lattice_engine import kernels as core
-        if not core.available():
-            return False
-        import lattice_engine._native as native
-        # dlopen of an already loaded library returns the same handle: the same pool
-        handle = ctypes.CDLL(native.__file__)
-        address = ctypes.cast(handle.lk_parallel_for, ctypes.c_void_p).value
-    except (ImportError, OSError, AttributeError):
-        return False
-    _lib.q4_set_parallel_for(_ffi.cast("void *", address))
-    _pool_attached = True
-    return True
+    """Whether our kernels run on the core's thread pool: they do whenever they are
+    available (attached at import)."""
+    return _lib is not None
 
 
 def isa() -> str:
@@ -138,16 +175,14 @@ def attach(formats) -> bool:
     core's `attach_native` does for its own formats."""
     if _lib is None:
         return False
-    attach_core_pool()
     from .formats import layout_of
     function = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "q4_matmul_extern")))
     for fmt in formats:
         family, group = layout_of(fmt.name)  # q4_0 runs q4_sym_g32's kernels
         object.__setattr__(fmt, "matmul", make_matmul(family, group, fmt.bytes_per_block))
         object.__setattr__(fmt, "embed", make_embed(family, group, fmt.bytes_per_block))
-        if _pool_attached:  # the core's fused steps call it from C: only on the core's pool
-            ctx = _ffi.new("q4_format *", {"asym": int(family == "q4_asym"), "group": group})
-            _EXTERN_CONTEXTS.append(ctx)  # kept alive as long as the module
-            object.__setattr__(fmt, "c_matmul",
-                               (function, int(_ffi.cast("uintptr_t", ctx))))
+        # the core's fused steps call it from C (lk_extern_matmul)
+        ctx = _ffi.new("q4_format *", {"asym": int(family == "q4_asym"), "group": group})
+        _EXTERN_CONTEXTS.append(ctx)  # kept alive as long as the module
+        object.__setattr__(fmt, "c_matmul", (function, int(_ffi.cast("uintptr_t", ctx))))
     return True

@@ -1,7 +1,7 @@
 /*
  * q4_kernels.c: matmul and embedding lookup for the 4-bit block formats of
- * lattice-quant-q4. Self-contained (no core header), so the plugin builds from its own
- * directory.
+ * lattice-quant-q4. The only core header it includes is the public plugin ABI,
+ * lattice_plugin.h (found in the installed lattice_engine package, see build_q4.py).
  *
  * Block layout, group size G in {32, 64, 128}:
  *   q4_sym : [d: f16][G/2 bytes of nibbles]            x = d * (q - 8)
@@ -22,10 +22,13 @@
  * once, many rows) and every x86 variant give bit-identical results for a given row:
  * a row's output does not depend on how many rows came with it.
  *
- * Threads: the core's pool. q4_set_parallel_for() receives the address of the core's
- * lk_parallel_for (see lattice_quant_q4/kernels.py); without it every call runs on the
- * calling thread. Two pools on a 2-core machine would spin against each other between
- * the core's kernels and ours, so we do not start our own.
+ * The core: q4_attach() receives the address of the core's lk_plugin_api table (see
+ * lattice_quant_q4/kernels.py), checks its ABI version, and from then on our matmuls split
+ * their rows over the core's thread pool (api->parallel_for) and pick their x86 variant
+ * from the CPU features the core detected (api->cpu_features). Two pools on a 2-core
+ * machine would spin against each other between the core's kernels and ours, so we do not
+ * start our own. Before a successful attach every call runs the generic C on the calling
+ * thread (Python never binds the kernels in that state).
  *
  * The x86 kernels are written once, in the second part of this file (below
  * Q4_TEMPLATE), and compiled once per variant: AVX2 (maddubs + madd), AVX-VNNI (256-bit
@@ -38,6 +41,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lattice_plugin.h"
+
+/* The plugin ABI this code is written for. It is ours to state, not the header's: built
+   against a header of another major version, the code would still be written for this
+   one, so that is a build error, and a core of another version is refused at attach. */
+#define Q4_PLUGIN_ABI 1
+#if LK_PLUGIN_ABI_VERSION != Q4_PLUGIN_ABI
+#error "lattice-quant-q4 supports C plugin ABI 1; this lattice_plugin.h has another LK_PLUGIN_ABI_VERSION: install a lattice-quant-q4 release made for this lattice-engine"
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define Q4_X86 1
@@ -47,10 +60,11 @@
 
 #define QK 32
 
-typedef void (*q4_range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
-typedef void (*q4_parallel_for_fn)(q4_range_fn fn, void *ctx, int64_t n, int64_t grain);
+enum { Q4_ATTACH_OK = 0, Q4_ATTACH_NULL = 1, Q4_ATTACH_VERSION = 2, Q4_ATTACH_SIZE = 3 };
 
-static q4_parallel_for_fn parallel_for = NULL;
+typedef lk_range_fn q4_range_fn;
+
+static const lk_plugin_api *core = NULL; /* set by q4_attach */
 
 /* Decode streams the weights once per token: prefetch the same block this many bytes
    further on in each of the rows being read (default 0: the next group of eight or
@@ -72,11 +86,9 @@ static int64_t few_rows = 16;
 /* x rows per pass of the few-rows kernel over a group of weight rows */
 #define FEW_MR 8
 
-void q4_set_parallel_for(void *fn) { parallel_for = (q4_parallel_for_fn)fn; }
-
 static void run_range(q4_range_fn fn, void *ctx, int64_t n, int64_t grain) {
     if (n <= 0) return;
-    if (parallel_for) parallel_for(fn, ctx, n, grain);
+    if (core) core->parallel_for(fn, ctx, n, grain);
     else fn(ctx, 0, n, 0);
 }
 
@@ -116,18 +128,19 @@ static inline int32_t ld32(const void *p) {
 enum { Q4_GENERIC = 0, Q4_AVX2 = 1, Q4_AVXVNNI = 2, Q4_AVX512VNNI = 3, Q4_NISA };
 static int best_isa = -1, active_isa = -1, isa_mask = 0; /* bit i: the CPU runs ISA i */
 
+/* The variants the CPU runs, from the core's feature bits (none before q4_attach). */
 static void detect(void) {
     if (best_isa >= 0) return;
     int mask = 1 << Q4_GENERIC;
 #if Q4_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
+    const uint32_t f = core ? core->cpu_features() : 0;
+    const uint32_t avx2 = LK_CPU_AVX2 | LK_CPU_FMA | LK_CPU_F16C;
+    const uint32_t avx512vnni = LK_CPU_AVX512F | LK_CPU_AVX512BW | LK_CPU_AVX512VL |
+                                LK_CPU_AVX512VNNI;
+    if ((f & avx2) == avx2) {
         mask |= 1 << Q4_AVX2;
-        if (__builtin_cpu_supports("avxvnni")) mask |= 1 << Q4_AVXVNNI;
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-            mask |= 1 << Q4_AVX512VNNI;
+        if (f & LK_CPU_AVXVNNI) mask |= 1 << Q4_AVXVNNI;
+        if ((f & avx512vnni) == avx512vnni) mask |= 1 << Q4_AVX512VNNI;
     }
 #endif
     const char *pf = getenv("Q4_PF");
@@ -143,6 +156,27 @@ static void detect(void) {
     best_isa = best;
     const char *env = getenv("LATTICE_ISA");
     active_isa = (env && strcmp(env, "generic") == 0) ? Q4_GENERIC : best_isa;
+}
+
+/* ---- attaching to the core (lattice_plugin.h) ------------------------------------ */
+
+/* The plugin ABI this plugin supports. */
+int q4_plugin_abi(void) { return Q4_PLUGIN_ABI; }
+
+/* Attach to the core's API table at `address` (lk_plugin_api_get() of the core's module,
+   as an integer). Returns Q4_ATTACH_OK, Q4_ATTACH_NULL, Q4_ATTACH_VERSION (the core's
+   abi_version is not ours: nothing else in the table is read) or Q4_ATTACH_SIZE (the
+   table is smaller than the one we were built against). On failure the previous state is
+   kept. Not thread-safe: call once, at import, before any kernel. */
+int q4_attach(uintptr_t address) {
+    const lk_plugin_api *api = (const lk_plugin_api *)address;
+    if (!api) return Q4_ATTACH_NULL;
+    if (api->abi_version != Q4_PLUGIN_ABI) return Q4_ATTACH_VERSION;
+    if (api->size < sizeof(lk_plugin_api)) return Q4_ATTACH_SIZE;
+    core = api;
+    best_isa = -1; /* the variants follow the core's feature bits from now on */
+    detect();
+    return Q4_ATTACH_OK;
 }
 
 int q4_isa(void) { detect(); return active_isa; }

@@ -1,0 +1,140 @@
+/* weights.c: per-format weight-row utilities that are not matmuls: the embedding lookup
+ * (lk_embed_*), the q8_0 <-> q8_0_r16 layout conversion and q8_0 weight quantization. */
+#include "matmul_internal.h"
+
+/* ---- embed ------------------------------------------------------------------------- */
+
+static int check_ids(const int64_t *ids, int64_t n, int64_t rows) {
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= rows) return -1;
+    return 0;
+}
+
+int lk_embed_f32(const void *w, int64_t ldw, int64_t rows, int64_t K, const int64_t *ids,
+                 int64_t n, float *out) {
+    if (check_ids(ids, n, rows)) return -1;
+    for (int64_t i = 0; i < n; i++)
+        memcpy(out + i * K, (const uint8_t *)w + ids[i] * ldw, (size_t)K * sizeof(float));
+    return 0;
+}
+
+#if LK_X86
+LK_AVX2_TARGET static void f16_row_avx2(const uint8_t *src, int64_t K, float *dst) {
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + k, load_w8(src, k, FMT_F16));
+    for (; k < K; k++) dst[k] = _cvtsh_ss(rd16(src + 2 * k));
+}
+#endif
+
+int lk_embed_f16(const void *w, int64_t ldw, int64_t rows, int64_t K, const int64_t *ids,
+                 int64_t n, float *out) {
+    lk_init();
+    if (check_ids(ids, n, rows)) return -1;
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *src = (const uint8_t *)w + ids[i] * ldw;
+#if LK_X86
+        if (lk_active_isa == LK_ISA_AVX2) {
+            f16_row_avx2(src, K, out + i * K);
+            continue;
+        }
+#endif
+        for (int64_t k = 0; k < K; k++) out[i * K + k] = lk_f16_to_f32(rd16(src + 2 * k));
+    }
+    return 0;
+}
+
+int lk_embed_q8_0(const void *w, int64_t ldw, int64_t rows, int64_t K, const int64_t *ids,
+                  int64_t n, float *out) {
+    if (check_ids(ids, n, rows)) return -1;
+    const int64_t nb = K / LK_QK8_0;
+    for (int64_t i = 0; i < n; i++) {
+        const lk_block_q8_0 *src = (const lk_block_q8_0 *)((const uint8_t *)w + ids[i] * ldw);
+        float *dst = out + i * K;
+        for (int64_t b = 0; b < nb; b++) {
+            const float d = lk_f16_to_f32(rd16(&src[b].d));
+            for (int k = 0; k < LK_QK8_0; k++) dst[b * LK_QK8_0 + k] = d * (float)src[b].qs[k];
+        }
+    }
+    return 0;
+}
+
+int lk_embed_q8_0_r16(const void *w, int64_t ldw, int64_t rows, int64_t K, const int64_t *ids,
+                      int64_t n, float *out) {
+    if (check_ids(ids, n, rows)) return -1;
+    const int64_t nb = K / LK_QK8_0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *g = (const uint8_t *)w + ids[i] / LK_R16_ROWS * LK_R16_ROWS * ldw;
+        const int l = (int)(ids[i] % LK_R16_ROWS);
+        float *dst = out + i * K;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *rec = g + b * LK_R16_RECORD;
+            const float d = lk_f16_to_f32(rd16(rec + 512 + 2 * l));
+            for (int p = 0; p < 16; p++)
+                for (int e = 0; e < 2; e++)
+                    dst[b * LK_QK8_0 + lk_r16_value(p, e)] = d * (float)(int8_t)rec[32 * p + 2 * l + e];
+        }
+    }
+    return 0;
+}
+
+/* ---- layout conversion q8_0 <-> q8_0_r16 --------------------------------------------- */
+
+/* One group at a time through a copy of it, so src may be dst (in place: a group holds
+   the same bytes in either layout). */
+static int r16_convert(const uint8_t *src, int64_t rows, int64_t K, uint8_t *dst, int to_r16) {
+    if (rows < 0 || rows % LK_R16_ROWS || K < 0 || K % LK_QK8_0) return -1;
+    const int64_t nb = K / LK_QK8_0, ldw = nb * (int64_t)sizeof(lk_block_q8_0);
+    const int64_t gbytes = LK_R16_ROWS * ldw;
+    uint8_t *tmp = (uint8_t *)malloc(gbytes > 0 ? (size_t)gbytes : 1);
+    if (!tmp) return -1;
+    for (int64_t g0 = 0; g0 < rows; g0 += LK_R16_ROWS) {
+        memcpy(tmp, src + g0 * ldw, (size_t)gbytes);
+        uint8_t *out = dst + g0 * ldw;
+        for (int l = 0; l < LK_R16_ROWS; l++)
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t rec = b * LK_R16_RECORD, blk = l * ldw + b * (int64_t)sizeof(lk_block_q8_0);
+                for (int p = 0; p < 16; p++)
+                    for (int e = 0; e < 2; e++) {
+                        const int64_t a = rec + 32 * p + 2 * l + e, q = blk + 2 + lk_r16_value(p, e);
+                        out[to_r16 ? a : q] = tmp[to_r16 ? q : a];
+                    }
+                const int64_t da = rec + 512 + 2 * l;
+                memcpy(out + (to_r16 ? da : blk), tmp + (to_r16 ? blk : da), 2);
+            }
+    }
+    free(tmp);
+    return 0;
+}
+
+int lk_q8_0_to_r16(const void *src, int64_t rows, int64_t K, void *dst) {
+    return r16_convert((const uint8_t *)src, rows, K, (uint8_t *)dst, 1);
+}
+
+int lk_r16_to_q8_0(const void *src, int64_t rows, int64_t K, void *dst) {
+    return r16_convert((const uint8_t *)src, rows, K, (uint8_t *)dst, 0);
+}
+
+/* ---- weight quantization (matches the numpy reference bit for bit) --------------------- */
+
+void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst) {
+    const int64_t nb = K / LK_QK8_0;
+    lk_block_q8_0 *out = (lk_block_q8_0 *)dst;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *v = x + r * K + b * LK_QK8_0;
+            lk_block_q8_0 *o = out + r * nb + b;
+            float amax = 0;
+            for (int i = 0; i < LK_QK8_0; i++) amax = fmaxf(amax, fabsf(v[i]));
+            const float d = amax / 127.0f;
+            const float id = d != 0.0f ? 1.0f / d : 0.0f;
+            const uint16_t dh = lk_f32_to_f16(d);
+            memcpy(&o->d, &dh, 2);
+            for (int i = 0; i < LK_QK8_0; i++) {
+                const float s = v[i] * id;
+                float q = floorf(fabsf(s) + 0.5f);
+                q = q > 127.0f ? 127.0f : q;
+                o->qs[i] = (int8_t)(s < 0 ? -q : q);
+            }
+        }
+    }
+}
