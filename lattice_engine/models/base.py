@@ -1,4 +1,5 @@
-"""Pieces every architecture shares: weight loading with shape checks, Linear, the KV cache.
+"""Pieces every architecture shares: weight loading with shape checks, Linear, RoPE, the
+causal-LM base class (the caches live in `lattice_engine.cache`).
 
 A model never reads a checkpoint directly: it asks a `WeightLoader` for vectors and
 matrices by HF name, with the shape it expects and the role of the matrix, and gets float32
@@ -8,7 +9,7 @@ vectors and `PackedMatrix` weights in the format the quant method picked.
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, fields
 from typing import Any, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import numpy as np
@@ -210,55 +211,6 @@ def project(x: np.ndarray, linears: Sequence[Linear], ops) -> list[np.ndarray]:
                     y += lin.bias
             return outs
     return [lin(x, ops) for lin in linears]
-
-
-class KVCache:
-    """Keys and values of every attention layer for a batch of sequences at one offset.
-
-    Storage is [B, capacity, H_kv, D] per layer and grows by doubling; `offset` is how
-    many positions are filled. `truncate(n)` rolls back (speculative decoding, retries).
-    """
-
-    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
-                 capacity: int = 256):
-        self.batch, self.heads, self.head_dim = batch, num_kv_heads, head_dim
-        self.capacity = capacity
-        self.keys = [np.zeros((batch, capacity, num_kv_heads, head_dim), np.float32)
-                     for _ in range(num_layers)]
-        self.values = [np.zeros_like(k) for k in self.keys]
-        self.offset = 0
-
-    def reserve(self, needed: int) -> None:
-        """Make room for `needed` positions (reallocating the arrays if it grows)."""
-        if needed > self.capacity:
-            self._grow(needed)
-
-    def _grow(self, needed: int) -> None:
-        new_cap = max(needed, 2 * self.capacity)
-        for store in (self.keys, self.values):
-            for i, old in enumerate(store):
-                grown = np.zeros((self.batch, new_cap, self.heads, self.head_dim), np.float32)
-                grown[:, : self.capacity] = old
-                store[i] = grown
-        self.capacity = new_cap
-
-    def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Write k, v [B, T, H, D] at the current offset; return all keys/values so far."""
-        t = k.shape[1]
-        end = self.offset + t
-        if end > self.capacity:
-            self._grow(end)
-        self.keys[layer][:, self.offset:end] = k
-        self.values[layer][:, self.offset:end] = v
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
-
-    def advance(self, t: int) -> None:
-        self.offset += t
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.offset:
-            raise ValueError(f"cannot truncate a cache of {self.offset} positions to {length}")
-        self.offset = length
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: Optional[dict]) -> np.ndarray:

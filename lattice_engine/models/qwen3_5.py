@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .base import CausalLM, Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
-from .hybrid_cache import HybridCache
+from ..cache.hybrid import HybridCache
 from .qwen3_5_step import Qwen35Step
 from .transformer import MLP, check_rotation_sites, head_role
 

@@ -12,8 +12,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..cache.dense import KVCache
 from ..errors import CheckpointError
-from .base import (CausalLM, KVCache, Linear, WeightLoader, check_tokens, config_from_dict,
+from .base import (CausalLM, Linear, WeightLoader, check_tokens, config_from_dict,
                    project, rope_inv_freq)
 from .transformer_step import DecoderStep
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import KVCache
+from .dense import KVCache
 
 
 @dataclass(frozen=True)
