@@ -45,6 +45,11 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--sampler", default=None,
+                   help="a registered sampler by name (`lattice plugins --all` lists them)")
+    p.add_argument("--processor", action="append", default=None, metavar="NAME=VALUE",
+                   help="enable a plugin's logits processor with a value (JSON, or a bare "
+                        "string); repeatable")
 
 
 def version_text() -> str:
@@ -173,8 +178,27 @@ def load_settings(args):
             "sampling", max_tokens=args.max_tokens, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty, seed=args.seed,
-            stop=tuple(args.stop) if args.stop else None)
+            stop=tuple(args.stop) if args.stop else None, sampler=args.sampler,
+            processors=processor_options(args.processor, config.sampling.processors))
     return config
+
+
+def processor_options(given, configured) -> Optional[dict]:
+    """--processor NAME=VALUE flags merged over `[sampling] processors` (None: no flag)."""
+    from .errors import ConfigError
+    if not given:
+        return None
+    out = dict(configured)
+    for item in given:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--processor {item!r}: expected NAME=VALUE, e.g. "
+                              f"--processor ban_token=13")
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
 
 
 def make_engine(args):

@@ -144,12 +144,12 @@ class Config:
         return dataclasses.replace(self, **{section: _build(section, type(current), merged)})
 
     def validate(self, registry) -> None:
-        """Check names that only the plugin registry knows (quant methods, formats)."""
+        """Check names that only the plugin registry knows (quant methods, formats,
+        transforms, samplers, logits processors)."""
         from .quant.methods import missing_method_hint
         methods = registry.names("quant_methods")
         if self.quant.method is not None and self.quant.method not in methods:
-            hint = missing_method_hint(self.quant.method) or (
-                " (plugins such as lattice-quant-q4 add more)")
+            hint = missing_method_hint(self.quant.method)
             raise ConfigError(f"quant.method = {self.quant.method!r} is not a registered quant "
                               f"method; choices: {', '.join(sorted(methods))}{hint}")
         formats = registry.names("weight_formats")
@@ -161,7 +161,15 @@ class Config:
         if self.sampling.sampler and self.sampling.sampler not in registry.names("samplers"):
             raise ConfigError(f"sampling.sampler = {self.sampling.sampler!r} is not registered; "
                               f"choices: {', '.join(registry.names('samplers'))}")
-
+        from .sampling import BUILTIN_PROCESSORS
+        plugin_processors = [n for n in registry.names("logits_processors")
+                             if n not in BUILTIN_PROCESSORS]
+        for name in self.sampling.processors:
+            if name not in plugin_processors:
+                raise ConfigError(
+                    f"sampling.processors.{name} is not a logits processor a plugin registered "
+                    f"(built-ins such as temperature are [sampling] keys of their own); "
+                    f"registered by plugins: {', '.join(plugin_processors) or '(none)'}")
 
     def transform_settings(self, registry) -> dict[str, Any]:
         """name -> settings of every weight transform the config enables, in file order;

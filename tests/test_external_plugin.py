@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -211,6 +212,15 @@ def test_generate_uses_the_plugin_model_format_sampler_and_processor(installed):
     # after "a": second best is "c"; after "c" the best "d" stays and "e" is banned, so the
     # second best is "f"; after "f", "h"
     assert json.loads(out.stdout.strip().splitlines()[-1])["text"] == "cfh"
+    # the CLI picks a sampler and a processor value over the config's
+    out = lattice(root, env, "generate", "a", "--raw", "--max-tokens", "3", "--json",
+                  "--sampler", "greedy")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["text"] == "bcd", out.stderr
+    out = lattice(root, env, "generate", "a", "--raw", "--max-tokens", "3", "--json",
+                  "--processor", f"ban_token={ord('c')}")
+    assert json.loads(out.stdout.strip().splitlines()[-1])["text"] == "dfh", out.stderr
+    out = lattice(root, env, "generate", "a", "--raw", "--processor", "seed=3")
+    assert out.returncode == 2 and "sampling.processors.seed" in out.stderr
 
 
 def test_ppl_scores_with_the_plugin_model(installed):
@@ -248,13 +258,25 @@ def test_serve_runs_the_plugin_model(installed):
                 break
             except OSError:
                 time.sleep(0.1)
-        models = json.load(urllib.request.urlopen(base + "/v1/models", timeout=10))
-        body = json.dumps({"model": models["data"][0]["id"], "prompt": "a",
-                           "max_tokens": 3}).encode()
-        request = urllib.request.Request(base + "/v1/completions", body,
-                                         {"Content-Type": "application/json"})
-        reply = json.load(urllib.request.urlopen(request, timeout=60))
-        assert reply["choices"][0]["text"] == "cfh"
+        model = json.load(urllib.request.urlopen(base + "/v1/models", timeout=10))["data"][0]["id"]
+
+        def complete(**extra):
+            body = json.dumps({"model": model, "prompt": "a", "max_tokens": 3, **extra})
+            request = urllib.request.Request(base + "/v1/completions", body.encode(),
+                                             {"Content-Type": "application/json"})
+            try:
+                return json.load(urllib.request.urlopen(request, timeout=60))
+            except urllib.error.HTTPError as exc:
+                return {"status": exc.code, **json.load(exc)}
+
+        assert complete()["choices"][0]["text"] == "cfh"              # lattice.toml's choices
+        # per request: a sampler, and a processor value over the configured one
+        assert complete(sampler="greedy")["choices"][0]["text"] == "bcd"
+        assert complete(logits_processors={"ban_token": ord("b")})["choices"][0]["text"] == "dfh"
+        refused = complete(sampler="nope")
+        assert refused["status"] == 400 and "second_best" in refused["error"]["message"]
+        refused = complete(logits_processors={"top_k": 3})
+        assert refused["status"] == 400 and "top-level 'top_k'" in refused["error"]["message"]
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -73,7 +73,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         body = await _read_json(request, state)
         _check_model(body, state)
         ids = completion_prompt(body, engine.tokenizer)
-        params = sampling_from(body, engine.sampling, "max_tokens")
+        params = sampling_from(body, engine.sampling, "max_tokens", engine.plugin_manager.registry)
         stream, usage = stream_flags(body)
         mask = await _output_constraint(engine, body)
         return await _generate(request, state, ids, params, stream, chat=False,
@@ -84,7 +84,8 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         body = await _read_json(request, state)
         _check_model(body, state)
         messages = chat_messages(body)
-        params = sampling_from(body, engine.sampling, "max_completion_tokens")
+        params = sampling_from(body, engine.sampling, "max_completion_tokens",
+                               engine.plugin_manager.registry)
         stream, usage = stream_flags(body)
         if engine.tokenizer is None:
             raise bad("this model has no tokenizer, so it cannot take chat messages; use "

@@ -100,6 +100,11 @@ SCHEMA: dict[str, Field] = {
     "stop": Field((str, list), "a string or an array of at most 4 strings",
                   lambda v: isinstance(v, str) or (len(v) <= 4 and
                                                    all(isinstance(s, str) for s in v))),
+    # extensions (like vLLM's extra sampling parameters): a plugin's sampler and logits
+    # processors by their registered names
+    "sampler": Field((str,), "the name of a registered sampler"),
+    "logits_processors": Field((dict,), "an object mapping registered logits processor "
+                               "names to their values", lambda v: len(v) <= 64),
 }
 
 
@@ -174,7 +179,38 @@ class ParsedRequest:
     include_usage: bool
 
 
-def sampling_from(body: dict, defaults: SamplingParams, max_tokens_field: str) -> SamplingParams:
+def plugin_sampling(body: dict, defaults: SamplingParams, registry) -> dict[str, Any]:
+    """The request's `sampler` and `logits_processors`, checked against the registry: a name
+    nobody registered is a 400 listing the choices. A built-in processor (temperature,
+    top_k, ...) is set by its own top-level field, not here. The request's processor
+    values are merged over the configured ones (`[sampling] processors`)."""
+    out: dict[str, Any] = {}
+    sampler = _get(body, "sampler")
+    if sampler is not None:
+        names = registry.names("samplers") if registry is not None else []
+        if sampler not in names:
+            raise bad(f"'sampler' = {_short(sampler)} is not a registered sampler; registered: "
+                      f"{', '.join(names)}", "sampler")
+        out["sampler"] = sampler
+    requested = _get(body, "logits_processors")
+    if requested:
+        from ..sampling import BUILTIN_PROCESSORS
+        names = registry.names("logits_processors") if registry is not None else []
+        plugin_names = [n for n in names if n not in BUILTIN_PROCESSORS]
+        for name in requested:
+            if name in BUILTIN_PROCESSORS:
+                raise bad(f"'logits_processors.{name}': the built-in {name!r} is set by the "
+                          f"top-level '{name}' field", "logits_processors")
+            if name not in plugin_names:
+                raise bad(f"'logits_processors.{_short(name)}' is not a registered logits "
+                          f"processor; registered by plugins: {', '.join(plugin_names) or '(none)'}",
+                          "logits_processors")
+        out["processors"] = {**defaults.processors, **requested}
+    return out
+
+
+def sampling_from(body: dict, defaults: SamplingParams, max_tokens_field: str,
+                  registry=None) -> SamplingParams:
     for name, default in _UNSUPPORTED.items():
         value = body.get(name)
         if value is not None and value != default and not (name == "logprobs" and value is False):
@@ -195,6 +231,7 @@ def sampling_from(body: dict, defaults: SamplingParams, max_tokens_field: str) -
         seed=_get(body, "seed"),
         max_tokens=max_tokens,
         stop=tuple(stop) if stop is not None else None,
+        **plugin_sampling(body, defaults, registry),
     )
     try:
         return defaults.with_overrides(**values)
