@@ -24,10 +24,11 @@ from typing import Optional, Sequence as Seq
 import numpy as np
 
 from .errors import LatticeError, RequestError
-from .generate import StopMatcher, token_logprob
+from .generate import token_logprob
+from .text_stream import TextStream
 from .models.paged_forward import PagedBatch
 from .sampling import SamplingParams, make_sampler
-from .scheduler import LogitsMask, Scheduler, Sequence, Status, WorkItem
+from .scheduler import LogitsMask, Scheduler, Sequence, Status
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +226,10 @@ class BatchStats:
 
 @dataclass
 class _Output:
-    """Per-request incremental detokenization state."""
+    """Per-request output state: its text (`TextStream`, shared with `generate`) and the
+    tokens sampled since the last output."""
 
-    stop_ids: frozenset
-    matcher: StopMatcher
-    generated: list[int] = field(default_factory=list)
-    decoded: str = ""       # text of generated[:read_offset]
-    prefix_offset: int = 0  # decoding restarts here (a few tokens back, for context)
-    read_offset: int = 0    # tokens already turned into `decoded`
-    emitted: str = ""
+    text: TextStream
     new_tokens: list[int] = field(default_factory=list)
     new_logprobs: list[float] = field(default_factory=list)
 
@@ -299,8 +295,8 @@ class BatchRunner:
         # without a tokenizer (a checkpoint with weights only) requests run on token ids:
         # no text, and no end-of-sequence ids but the ones the request names
         eos = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
-        seq.detail["out"] = _Output(frozenset(params.stop_token_ids) | frozenset(eos),
-                                    StopMatcher(params.stop))
+        seq.detail["out"] = _Output(TextStream(self.tokenizer, params.stop,
+                                               set(params.stop_token_ids) | set(eos)))
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
@@ -381,28 +377,22 @@ class BatchRunner:
         seq.last_token_time = now
         self.stats.generated_tokens += 1
         st: _Output = seq.detail["out"]
-        if token in st.stop_ids:
+        if st.text.is_stop_token(token):
             return self._finish(seq, "stop")
         seq.token_ids.append(token)
-        st.generated.append(token)
         st.new_tokens.append(token)
         st.new_logprobs.append(logprob)
+        text, stopped = st.text.push(token)
+        if stopped:
+            return self._finish(seq, "stop", text)
         if constraint_done:
-            return self._finish(seq, "stop")
+            return self._finish(seq, "stop", text)
         if seq.num_generated >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return self._finish(seq, "length")
+            return self._finish(seq, "length", text)
         if self.tokenizer is None:
             return self._emit(seq, "", None)
-        full = self._detokenize(st)
-        if full is None:  # an incomplete UTF-8 sequence: wait for more bytes
-            return None
-        text, _, stopped = st.matcher.split(full[len(st.emitted):], final=False)
-        if stopped:
-            st.emitted += text
-            return self._finish(seq, "stop", text, flush=False)
         if not text:
             return None
-        st.emitted += text
         return self._emit(seq, text, None)
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
@@ -421,35 +411,13 @@ class BatchRunner:
         out.error, out.error_type = message, kind
         return out
 
-    def _detokenize(self, st: _Output) -> Optional[str]:
-        """All text of st.generated, decoding only a short window per new token (the text
-        of generated[prefix_offset:] minus that of generated[prefix_offset:read_offset], so
-        tokenizers that drop a leading space at the start of a decode stay exact); None
-        while the newest bytes are an incomplete UTF-8 sequence."""
-        window = self.tokenizer.decode(st.generated[st.prefix_offset:])
-        if window.endswith("\ufffd"):
-            return None
-        before = self.tokenizer.decode(st.generated[st.prefix_offset:st.read_offset]) \
-            if st.read_offset > st.prefix_offset else ""
-        if not window.startswith(before):  # a merge changed earlier text: decode it all
-            st.decoded = self.tokenizer.decode(st.generated)
-        else:
-            st.decoded += window[len(before):]
-        st.prefix_offset = max(st.read_offset - 4, 0) if len(st.generated) > 8 else 0
-        st.read_offset = len(st.generated)
-        return st.decoded
-
     def _finish(self, seq: Sequence, reason: str, text: str = "",
                 flush: bool = True) -> RequestOutput:
         """End seq: free its blocks, release held-back text (unless a stop string ended
         it: what follows the stop string is dropped)."""
         st: _Output = seq.detail["out"]
-        if flush and self.tokenizer is not None:
-            # the held-back tail is released, up to a stop string in it
-            rest, _, stopped = st.matcher.split(
-                self.tokenizer.decode(st.generated)[len(st.emitted):]
-                if st.read_offset < len(st.generated) else st.decoded[len(st.emitted):],
-                final=True)
+        if flush:
+            rest, stopped = st.text.finish()  # up to a stop string in the held-back tail
             text += rest
             reason = "stop" if stopped else reason
         if seq.status is not Status.FINISHED:
@@ -460,7 +428,7 @@ class BatchRunner:
     def _emit(self, seq: Sequence, text: str, reason: Optional[str]) -> RequestOutput:
         st: _Output = seq.detail["out"]
         out = RequestOutput(seq.request_id, text, st.new_tokens, st.new_logprobs, reason,
-                            len(seq.prompt_ids), len(st.generated), seq.cached_tokens)
+                            len(seq.prompt_ids), len(st.text.generated), seq.cached_tokens)
         st.new_tokens, st.new_logprobs = [], []
         return out
 

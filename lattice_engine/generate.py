@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import RequestError
 from .sampling import Sampler, SamplingParams, make_sampler
+from .text_stream import TextStream
 
 PREFILL_CHUNK = 512  # bounds the activation memory of very long prompts
 
@@ -106,28 +107,10 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
         logits = model.forward(np.array([[token]], dtype=np.int64), cache, last_only=True)
 
 
-class StopMatcher:
-    """Holds back text that might be the start of a stop string until it is decided."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-
-    def split(self, text: str, final: bool) -> tuple[str, Optional[str], bool]:
-        """(text safe to emit, text still held, whether a stop string was found)."""
-        hits = [text.find(s) for s in self.stops]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            return text[: min(hits)], None, True
-        if final or self.hold == 0:
-            return text, "", False
-        cut = max(len(text) - self.hold, 0)
-        return text[:cut], text[cut:], False
-
-
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                     registry=None, *, grammar=None) -> Iterator[GenerationChunk]:
-    """Stream text for prompt_ids, honouring stop strings, stop tokens and max_tokens.
+    """Stream text for prompt_ids, honouring stop strings, stop tokens and max_tokens (the
+    text rules are `text_stream.TextStream`'s, shared with continuous batching).
 
     With `grammar` (a fresh `GrammarMatcher`), every token follows it and generation stops
     ("stop") when the matcher terminates.
@@ -136,50 +119,38 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
     stop_ids = set(params.stop_token_ids) | set(tokenizer.eos_token_ids)
     if grammar is not None:
         stop_ids |= set(grammar.stop_token_ids)
-    grammar_done = False
-    matcher = StopMatcher(params.stop)
-    generated: list[int] = []
+    text = TextStream(tokenizer, params.stop, stop_ids)
     new_tokens: list[int] = []    # sampled since the last chunk
     new_logprobs: list[float] = []
-    emitted = ""                   # text already yielded
     finish = "length"
-    string_stop = False            # a stop string ended it: what follows it is dropped
     steps = generate_step(model, prompt_ids, sampler, max_tokens=params.max_tokens,
                           grammar=grammar)
     try:
         for token, logprob in steps:
-            if token in stop_ids:
+            if text.is_stop_token(token):
                 finish = "stop"
                 break
-            generated.append(token)
             new_tokens.append(token)
             new_logprobs.append(logprob)
+            out, stopped = text.push(token)
             # a matcher without stop tokens ends on the token that completes the grammar
-            grammar_done = grammar is not None and grammar.is_terminated()
-            if grammar_done:
+            if grammar is not None and grammar.is_terminated():
                 finish = "stop"
+                if out:
+                    yield GenerationChunk(out, new_tokens, new_logprobs)
+                    new_tokens, new_logprobs = [], []
                 break
-            full = tokenizer.decode(generated)
-            if full.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
-                continue
-            out, _, stopped = matcher.split(full[len(emitted):], final=False)
             if stopped:
-                finish, string_stop = "stop", True
-                emitted += out
+                finish = "stop"
+            if out or stopped:
                 yield GenerationChunk(out, new_tokens, new_logprobs)
                 new_tokens, new_logprobs = [], []
+            if stopped:
                 break
-            if out:
-                emitted += out
-                yield GenerationChunk(out, new_tokens, new_logprobs)
-                new_tokens, new_logprobs = [], []
     finally:
         steps.close()
-    rest = ""
-    if not string_stop:  # release text held back as a possible stop-string prefix
-        rest, _, stopped = matcher.split(tokenizer.decode(generated)[len(emitted):], final=True)
-        finish = "stop" if stopped else finish
-    yield GenerationChunk(rest, new_tokens, new_logprobs, finish)
+    rest, stopped = text.finish()  # text held back as a possible stop-string prefix
+    yield GenerationChunk(rest, new_tokens, new_logprobs, "stop" if stopped else finish)
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,

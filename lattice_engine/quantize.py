@@ -4,7 +4,6 @@ checkpoint (see `lattice_engine.io.quantized`) that loads again without re-quant
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from .models.base import WeightLoader
 from .quant.methods import QuantSpec

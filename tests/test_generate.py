@@ -5,7 +5,7 @@ import pytest
 
 from conftest import fixture_with_tokenizer
 from lattice_engine.engine import Engine
-from lattice_engine.generate import StopMatcher
+from lattice_engine.text_stream import StopMatcher
 from lattice_engine.errors import RequestError
 from lattice_engine.sampling import SamplingParams
 

@@ -70,7 +70,7 @@ def open_safetensors(path: Path) -> tuple[dict[str, Callable], dict[str, tuple[i
     for name, info in header.items():
         try:
             dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry "
                                   f"{_short(info)}; expected {{\"dtype\": str, \"shape\": "
                                   f"[int, ...], \"data_offsets\": [begin, end]}}") from None
