@@ -10,7 +10,6 @@ so the page cache copy never counts toward the process's resident memory.
 from __future__ import annotations
 
 import mmap
-import os
 from pathlib import Path
 
 import numpy as np
