@@ -241,7 +241,7 @@ def test_bad_requests_are_refused_before_queueing(engine):
 
 
 def test_prefill_pacer_keeps_mixed_steps_within_the_rise():
-    from lattice_engine.batching import PrefillPacer
+    from lattice_engine.prefill_pacer import PrefillPacer
     pacer = PrefillPacer(max_rise=2.0, cap=64)
     assert pacer.budget() == PrefillPacer.PROBE    # nothing measured yet: a small probe
     pacer.record(decode_rows=4, prefill_rows=0, seconds=0.040)
@@ -257,7 +257,7 @@ def test_prefill_pacer_keeps_mixed_steps_within_the_rise():
 def test_prefill_pacer_ignores_one_slow_decode_step_and_tracks_the_row_count():
     """A server's decode step slowed once (its event loop parsing a long request) must not
     raise the decode time the whole following prefill is paced against."""
-    from lattice_engine.batching import PrefillPacer
+    from lattice_engine.prefill_pacer import PrefillPacer
     pacer = PrefillPacer(max_rise=2.0, cap=64)
     for _ in range(5):
         pacer.record(decode_rows=4, prefill_rows=0, seconds=0.045)
@@ -284,7 +284,7 @@ def test_prefill_pacer_estimates_row_counts_only_seen_in_mixed_steps():
     """Streams that join while others still prefill never give a decode-only step at the
     new row count: the pacer extrapolates it instead of charging the extra decode rows to
     the prefill slice (which shrank the slice to a token a step, measured)."""
-    from lattice_engine.batching import PrefillPacer
+    from lattice_engine.prefill_pacer import PrefillPacer
     pacer = PrefillPacer(max_rise=2.0, cap=64)
     for _ in range(3):
         pacer.record(decode_rows=1, prefill_rows=0, seconds=0.024)

@@ -647,7 +647,7 @@ def test_a_short_request_is_admitted_during_a_long_prefill(folder):
 
 
 def test_prefill_only_steps_are_sized_by_time():
-    from lattice_engine.batching import PrefillPacer
+    from lattice_engine.prefill_pacer import PrefillPacer
     pacer = PrefillPacer(max_rise=2.0, cap=64, prefill_seconds=0.5, prefill_cap=512)
     assert pacer.prefill_budget() == PrefillPacer.PREFILL_PROBE  # nothing measured yet
     pacer.record(0, 64, 0.125)                   # 2 ms a token
