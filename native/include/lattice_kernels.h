@@ -1,5 +1,7 @@
 /*
  * lattice_kernels.h: the C kernels behind lattice_engine.kernels.
+ * (One header for every kernel's declaration and contract, by design: it is the C API the
+ * Python glue and the cffi declarations are generated from, so it is long.)
  *
  * Every kernel has a generic scalar version and, on x86-64, an AVX2/FMA/F16C version.
  * The variant is picked once at run time (lk_init) from what the CPU reports, so the

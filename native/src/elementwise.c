@@ -3,6 +3,9 @@
  * Decode calls these on one row of a few thousand floats, where a thread hand-off would
  * cost more than the work, so they run inline below a size threshold and split rows
  * across the pool above it (prefill).
+ *
+ * Why ~400 lines: six small kernels, each a generic and an AVX2 version side by side (the
+ * pair is what a reader compares).
  */
 #define LK_INTERNAL
 #include "lattice_kernels.h"

@@ -8,6 +8,11 @@
  * always inlined) and instantiated twice: a generic version and one compiled for
  * AVX2/FMA, where GCC vectorizes them; the variant is picked at run time like the rest.
  * Reductions use eight partial sums so they vectorize without reassociation.
+ *
+ * Why one file of ~600 lines: the conv, both delta-rule forms and the gated norm share the
+ * vector helpers and the (sequence, head) work split below, and each is instantiated
+ * twice from one body; split apart, those helpers would move into a header every part
+ * includes, for no reader's gain (each kernel is a few dozen lines, in order).
  */
 #define LK_INTERNAL
 #include "lattice_kernels.h"

@@ -1,4 +1,5 @@
-/* matmul_q8_0_x86.h: the q8_0 and q8_0_r16 kernels for one x86 variant, written once.
+/* matmul_q8_0_x86.h: the q8_0 and q8_0_r16 kernels for one x86 variant, written once
+ * (~600 lines because it is every q8_0 kernel: matvec, few rows, prefill tiles, r16).
  * A template, deliberately without an include guard: each of matmul_q8_0_avx2.c,
  * matmul_q8_0_avxvnni.c and matmul_q8_0_avx512vnni.c defines Q8_NAME (a name suffix),
  * Q8_TARGET (its target attribute) and Q8_VNNI (0: AVX2 madd + add, 1: AVX-VNNI,

@@ -1,5 +1,9 @@
 /* Runtime: CPU feature detection, the worker pool, scratch buffers, half floats, and the
-   plugin API table (lattice_plugin.h) that hands the pool and the features to plugins. */
+   plugin API table (lattice_plugin.h) that hands the pool and the features to plugins.
+
+   Why one file of ~480 lines: these are the library's process-wide state (the detected
+   ISA, the pool's threads, the scratch arena) and the functions that guard it with one
+   lock; keeping them in one translation unit keeps that state static to it. */
 #define _GNU_SOURCE
 #define LK_INTERNAL
 #include "lattice_kernels.h"
