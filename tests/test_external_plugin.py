@@ -1,8 +1,8 @@
 """A plugin written from the hook docs and lattice_engine.contract alone, outside the repo:
 a weight format and a quant method, a sampler, a logits processor and an architecture that
-subclasses none of the core's model classes. It is pip-installed into a folder of its own,
+subclasses none of the core's model classes. It is pip-installed into a temporary venv,
 selected in a lattice.toml, and driven through `lattice generate`, `lattice ppl` and
-`lattice serve` in subprocesses, as a user would."""
+`lattice serve` in that venv's subprocesses, as a user would."""
 
 from __future__ import annotations
 
@@ -170,9 +170,21 @@ def installed(tmp_path_factory):
     (src / "toy_lattice").mkdir(parents=True)
     (src / "toy_lattice" / "__init__.py").write_text(textwrap.dedent(PLUGIN))
     (src / "pyproject.toml").write_text(textwrap.dedent(PYPROJECT))
-    site = root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--target", str(site), str(src)], check=True)
+    # a venv of its own, which sees the engine installed here (a .pth line adds this
+    # interpreter's site-packages, editable installs, pip and setuptools included) and gets
+    # the plugin from pip
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site_dir = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True).stdout.strip()
+    import site as this_site
+    ours = [p for p in this_site.getsitepackages() if Path(p).is_dir()]
+    (Path(site_dir) / "lattice_engine_host.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in ours))
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", str(src)], check=True)
     model = root / "bigram"
     model.mkdir()
     from safetensors.numpy import save_file
@@ -190,44 +202,46 @@ def installed(tmp_path_factory):
         [plugins]
         load = ["toy"]
     '''))
-    env = dict(os.environ, PYTHONPATH=str(site))
+    env = dict(os.environ)
     env.pop("LATTICE_PLUGINS", None)
-    return root, env
+    env.pop("PYTHONPATH", None)
+    return root, env, str(python)
 
 
-def lattice(root, env, *args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lattice_engine.cli", *args], cwd=root, env=env,
+def lattice(installed, *args, timeout=120) -> subprocess.CompletedProcess:
+    root, env, python = installed
+    return subprocess.run([python, "-m", "lattice_engine.cli", *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 def test_generate_uses_the_plugin_model_format_sampler_and_processor(installed):
-    root, env = installed
-    listed = lattice(root, env, "plugins")
+    root, env, python = installed
+    listed = lattice(installed, "plugins")
     assert listed.returncode == 0, listed.stderr
     toy = next(p for p in json.loads(listed.stdout) if p["name"] == "toy")
     assert toy["distribution"] == "toy-lattice"
     assert toy["registers"]["quant_methods"] == ["toy8"]
-    out = lattice(root, env, "generate", "a", "--raw", "--max-tokens", "3", "--json")
+    out = lattice(installed, "generate", "a", "--raw", "--max-tokens", "3", "--json")
     assert out.returncode == 0, out.stderr
     # after "a": second best is "c"; after "c" the best "d" stays and "e" is banned, so the
     # second best is "f"; after "f", "h"
     assert json.loads(out.stdout.strip().splitlines()[-1])["text"] == "cfh"
     # the CLI picks a sampler and a processor value over the config's
-    out = lattice(root, env, "generate", "a", "--raw", "--max-tokens", "3", "--json",
+    out = lattice(installed, "generate", "a", "--raw", "--max-tokens", "3", "--json",
                   "--sampler", "greedy")
     assert json.loads(out.stdout.strip().splitlines()[-1])["text"] == "bcd", out.stderr
-    out = lattice(root, env, "generate", "a", "--raw", "--max-tokens", "3", "--json",
+    out = lattice(installed, "generate", "a", "--raw", "--max-tokens", "3", "--json",
                   "--processor", f"ban_token={ord('c')}")
     assert json.loads(out.stdout.strip().splitlines()[-1])["text"] == "dfh", out.stderr
-    out = lattice(root, env, "generate", "a", "--raw", "--processor", "seed=3")
+    out = lattice(installed, "generate", "a", "--raw", "--processor", "seed=3")
     assert out.returncode == 2 and "sampling.processors.seed" in out.stderr
 
 
 def test_ppl_scores_with_the_plugin_model(installed):
-    root, env = installed
+    root, env, python = installed
     # consecutive byte values: each next byte is the table's favourite
     (root / "chain.txt").write_text("".join(chr(c) for c in range(33, 127)))
-    out = lattice(root, env, "ppl", "--file", "chain.txt", "--window", "32", "--stride", "16")
+    out = lattice(installed, "ppl", "--file", "chain.txt", "--window", "32", "--stride", "16")
     assert out.returncode == 0, out.stderr
     ppl = json.loads(out.stdout.strip().splitlines()[-1])["ppl"]
     # p = e^5 / (e^5 + e^4 + e^3 + 253) for every scored byte, up to
@@ -243,9 +257,9 @@ def free_port() -> int:
 
 
 def test_serve_runs_the_plugin_model(installed):
-    root, env = installed
+    root, env, python = installed
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "lattice_engine.cli", "serve", "--port",
+    server = subprocess.Popen([python, "-m", "lattice_engine.cli", "serve", "--port",
                                str(port), "--log-level", "warning"], cwd=root, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
