@@ -695,3 +695,34 @@ def test_eos_token_id_of_the_wrong_type_is_a_one_line_error(capsys, tiny_model_d
     path.write_text(json.dumps(config))
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir)],
                           "config.json: eos_token_id", "list of integers")
+
+
+def test_a_failed_forward_ends_its_requests_with_an_id_and_health_recovers(folder):
+    """A batched forward that raises (a kernel bug) ends the requests in it with a 500
+    naming a request id, not the exception; the next request works and /health is ok."""
+    from lattice_engine.loading import load
+    from test_server import RunningServer
+    s = RunningServer(load(folder), BatchingOptions(kv_cache_tokens=512))
+    model = s.runner.model
+    forward = model.forward_paged
+    calls = {"n": 0}
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("secret internal detail")
+        return forward(*args, **kwargs)
+
+    model.forward_paged = broken_once
+    try:
+        body = {"model": "smollm2-135m", "prompt": "hi", "max_tokens": 3}
+        status, raw = post(s, "/v1/completions", body)
+        error = json.loads(raw)["error"]
+        assert status == 500 and "secret" not in error["message"]
+        assert "cmpl-" in error["message"]
+        status, raw = post(s, "/v1/completions", body)
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
+        assert s.raw("GET", "/health")[1]["status"] == "ok"
+    finally:
+        model.forward_paged = forward
+        s.stop()
