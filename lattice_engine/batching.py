@@ -290,12 +290,14 @@ class BatchRunner:
         return self._emit(seq, text, None)
 
     def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
-        """End seq alone after its own computation raised. A LatticeError is the request's
-        fault and its message is meant for the client; anything else is a bug whose text
-        stays in the log, and the client gets the request id to find it there."""
+        """End seq alone after its own computation raised. A RequestError is the
+        request's fault (a 400); another LatticeError (NaN logits from a broken checkpoint)
+        is the server's, with a message meant for users all the same; anything else is a
+        bug whose text stays in the log, and the client gets the request id to find it."""
         if isinstance(exc, LatticeError):
             log.warning("request %s ended: %s", seq.request_id, exc)
-            message, kind = str(exc), "invalid_request_error"
+            message = str(exc)
+            kind = "invalid_request_error" if isinstance(exc, RequestError) else "server_error"
         else:
             log.error("request %s failed", seq.request_id, exc_info=exc)
             message, kind = (f"internal error while computing this request; the server log "

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .errors import RequestError
+from .errors import CheckpointError, RequestError
 
 Processor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 
@@ -231,8 +231,8 @@ class Sampler:
         # -inf is a masked token (a grammar); NaN or +inf can only come from a broken
         # checkpoint or kernel, and no token can be drawn from them honestly
         bad = np.isnan(logits) | np.isposinf(logits)
-        if bad.any():
-            raise RequestError(f"the model produced {int(bad.sum())} NaN or infinite logits "
+        if bad.any():  # the checkpoint's fault, not the request's
+            raise CheckpointError(f"the model produced {int(bad.sum())} NaN or infinite logits "
                                f"at this step (a broken checkpoint or kernel); this request "
                                f"cannot continue")
         for process in self.processors:

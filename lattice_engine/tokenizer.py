@@ -8,6 +8,13 @@ from .chat_template import render_chat
 from .errors import CheckpointError
 
 
+def _token_text(value) -> Optional[str]:
+    """A special token as written in tokenizer_config.json: a string, or {"content": str};
+    anything else (a number, a list) names no token."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
 class TextTokenizer:
     """Wraps a `tokenizers.Tokenizer` with the checkpoint's special-token conventions."""
 
@@ -19,19 +26,21 @@ class TextTokenizer:
         self.tokenizer = tokenizer
         self.config = tokenizer_config
         self.eos_token_ids = self._eos_ids(tokenizer_config, generation_config, model_config)
-        bos = tokenizer_config.get("bos_token")
-        bos = bos.get("content") if isinstance(bos, dict) else bos
+        bos = _token_text(tokenizer_config.get("bos_token"))
         self.bos_token_id = tokenizer.token_to_id(bos) if bos else None
 
     def _eos_ids(self, tok_cfg, gen_cfg, model_cfg) -> tuple[int, ...]:
         ids: list[int] = []
-        for source in (gen_cfg.get("eos_token_id"), model_cfg.get("eos_token_id")):
-            if isinstance(source, int):
-                ids.append(source)
-            elif isinstance(source, list):
-                ids.extend(int(i) for i in source)
-        eos = tok_cfg.get("eos_token")
-        eos = eos.get("content") if isinstance(eos, dict) else eos
+        for where, source in (("generation_config.json", gen_cfg.get("eos_token_id")),
+                              ("config.json", model_cfg.get("eos_token_id"))):
+            items = source if isinstance(source, list) else [source]
+            if source is None:
+                continue
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                raise CheckpointError(f"{where}: eos_token_id = {str(source)[:80]} must be "
+                                      f"an integer or a list of integers")
+            ids.extend(items)
+        eos = _token_text(tok_cfg.get("eos_token"))
         if eos and self.tokenizer.token_to_id(eos) is not None:
             ids.append(self.tokenizer.token_to_id(eos))
         return tuple(dict.fromkeys(ids))

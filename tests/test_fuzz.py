@@ -328,7 +328,8 @@ def test_fuzz_safetensors_header(hf_folder, tmp_path_factory, data):
     "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
     "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "model_type",
     "max_position_embeddings", "tie_word_embeddings", "rope_parameters", "rope_scaling",
-    "hidden_act", "attention_bias", "quantization"]), VALUES | EDGE_INTS, min_size=1,
+    "hidden_act", "attention_bias", "quantization", "eos_token_id", "bos_token_id"]),
+    VALUES | EDGE_INTS, min_size=1,
     max_size=3))
 def test_fuzz_hf_config(hf_folder, tmp_path_factory, changes):
     folder = copy_folder(hf_folder, tmp_path_factory)

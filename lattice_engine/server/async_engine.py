@@ -116,6 +116,9 @@ class AsyncEngine:
                 self.error = exc
                 self._fail_all(exc)
                 continue
+            # /health reports the engine as it is now: degraded while steps fail, ok again
+            # once one succeeds (it used to stay degraded for good after one failure)
+            self.error = None
             for out in outputs:
                 self._deliver(out.request_id, out)
 
