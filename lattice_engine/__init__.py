@@ -1,9 +1,10 @@
 __version__ = "0.1.0"
 
 from .hookspecs import PLUGIN_API_VERSION, hookimpl  # noqa: E402  (what plugins import)
+from .contract import require_plugin_api  # noqa: E402
 
-__all__ = ["__version__", "PLUGIN_API_VERSION", "hookimpl", "native_include",
-           "native_plugin_abi"]
+__all__ = ["__version__", "PLUGIN_API_VERSION", "hookimpl", "require_plugin_api",
+           "native_include", "native_plugin_abi"]
 
 
 def native_include() -> str:

@@ -117,6 +117,22 @@ def is_servable(model_or_class: Any) -> bool:
     return not missing_members(model_or_class, PAGED_MEMBERS)
 
 
+# --- the version a plugin can require --------------------------------------------------------
+
+def require_plugin_api(major: int, minor: int = 0, *, plugin: str = "this plugin") -> None:
+    """Refuse to run against a hook contract this plugin was not written for: call it at
+    the top of a plugin module. The major number must match (it changes when a hook or a
+    registered object changes incompatibly) and the minor number be at least `minor` (it
+    grows when hooks or optional arguments are added)."""
+    from .hookspecs import PLUGIN_API_VERSION
+    have_major, have_minor = (int(p) for p in PLUGIN_API_VERSION.split("."))
+    if have_major != major or have_minor < minor:
+        fix = "upgrade lattice-engine" if (have_major, have_minor) < (major, minor) else \
+            f"upgrade {plugin}"
+        raise PluginError(f"{plugin} needs lattice-engine plugin API {major}.{minor} or a "
+                          f"later {major}.x; this engine provides {PLUGIN_API_VERSION}: {fix}")
+
+
 # --- checks run when the registry is built --------------------------------------------------
 
 def _fail(owner: str, kind: str, name: Any, problem: str) -> PluginError:

@@ -9,8 +9,10 @@ published through the entry-point group "lattice_engine". What each registered o
 provide is written as code in `lattice_engine.contract` (Protocols, checked at
 registration: a missing member is a PluginError naming the plugin and the member). Entries
 are registered in pluggy's call order: `tryfirst` implementations first (the core's own are
-tryfirst), then the others, later-installed first, then `trylast`. A plugin can require
-`PLUGIN_API_VERSION` (below) from its own code.
+tryfirst), then the others, later-installed first, then `trylast`. A plugin states the
+contract it was written for with `lattice_engine.require_plugin_api(major, minor)` at its
+top: against another major version, or an older minor one, it fails to load with a
+message naming both versions.
 """
 
 from __future__ import annotations

@@ -173,3 +173,14 @@ def test_engine_load_keeps_a_quantized_checkpoint_as_stored(tiny_model_dir, tmp_
     assert Engine.load(str(out), quant="f32", backend="numpy").model.layers[0].mlp.up_proj \
         .weight.format.name == "f32"
     assert len(engine.generate("ab", max_tokens=1).tokens) == 1
+
+
+def test_a_plugin_can_require_the_hook_contract_version():
+    from lattice_engine import PLUGIN_API_VERSION, require_plugin_api
+    major, minor = (int(p) for p in PLUGIN_API_VERSION.split("."))
+    require_plugin_api(major, minor, plugin="acme")          # this engine: fine
+    with pytest.raises(PluginError, match=r"acme needs lattice-engine plugin API "
+                                          rf"{major}\.{minor + 1}.*upgrade lattice-engine"):
+        require_plugin_api(major, minor + 1, plugin="acme")
+    with pytest.raises(PluginError, match=r"upgrade acme"):
+        require_plugin_api(major - 1, 0, plugin="acme")

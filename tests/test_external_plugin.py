@@ -27,10 +27,12 @@ PLUGIN = '''
 """toy-lattice: a bigram language model stored in an int8 block format of its own."""
 import numpy as np
 
-from lattice_engine import hookimpl
+from lattice_engine import hookimpl, require_plugin_api
 from lattice_engine.cache.paged import PagedKVCache
 from lattice_engine.quant.formats import WeightFormat
 from lattice_engine.quant.methods import QuantMethod
+
+require_plugin_api(1, 0, plugin="toy-lattice")  # written against hook contract 1.0
 
 BLOCK = 16  # values per block: a float32 scale, then 16 int8
 
