@@ -157,7 +157,7 @@ def worker_transformers(path: str, threads: int, runs: int) -> dict:
 
 
 def read_bandwidth_gb_s(threads: int) -> float:
-    """Streaming read bandwidth with the native kernels' threads (bench/kernels.py)."""
+    """Streaming read bandwidth with the native kernels' threads (bench/kernel_speed.py)."""
     from lattice_engine import kernels
     kernels.set_threads(threads)
     return kernels.measure_read_bandwidth()

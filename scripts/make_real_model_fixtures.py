@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "real_models.json"
 WIKITEXT = ROOT / "data" / "wikitext-2" / "wiki.test.raw"
 # the reference perplexity lives in bench/compare_logits.py; appended, not prepended, so that
-# bench/kernels.py does not shadow the `kernels` package transformers imports
+# no bench script can shadow a package of the same name that transformers imports (a
+# bench/kernels.py did shadow HF's `kernels` package: it is bench/kernel_speed.py now)
 sys.path.append(str(ROOT / "bench"))
 
 

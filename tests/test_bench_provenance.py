@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
-# loaded by path: putting bench/ on sys.path would let its kernels.py, decode.py, ... shadow
+# loaded by path: putting bench/ on sys.path would let its decode.py, serve.py, ... shadow
 # other modules for the rest of the session
 _spec = importlib.util.spec_from_file_location("bench_provenance", BENCH / "provenance.py")
 provenance = importlib.util.module_from_spec(_spec)

@@ -16,7 +16,7 @@
  * f32 once, for f16; packed to int16 once, for q8_0) while every row of x passes over them.
  *
  * f32 / f16 prefill with AVX-512 runs the few-rows 512-bit micro-kernel over L1 tiles
- * (prefill512): 100 -> 155-195 GFLOP/s on 2 cores at M = 64 and 512 (bench/kernels.py).
+ * (prefill512): 100 -> 155-195 GFLOP/s on 2 cores at M = 64 and 512 (bench/kernel_speed.py).
  *
  * q8_0 quantizes x per block of 32 to int16 with a float32 scale (int8 activations cost
  * 0.1 perplexity on SmolLM2-135M; int16 is within 0.001 of float x), so each block's dot

@@ -10,8 +10,8 @@ a model larger than the cache; `hot` repeats one matrix (cache resident when it 
 Prefill is a matmul of M (default 512) activation rows against each weight matrix,
 bound by arithmetic: reported in GFLOP/s (2 M N K per call), the weights hot in cache.
 
-    python bench/kernels.py [--threads 2] [--repeats 5] [--prefill-m 512] [--no-matvec]
-    python bench/kernels.py --no-matvec --prefill-m 1,8,16,512 --shapes 896x4864,4864x896,896x896 \
+    python bench/kernel_speed.py [--threads 2] [--repeats 5] [--prefill-m 512] [--no-matvec]
+    python bench/kernel_speed.py --no-matvec --prefill-m 1,8,16,512 --shapes 896x4864,4864x896,896x896 \
         --formats q8_0,q4_sym_g32,q4_asym_g32     # plugin formats: any registered name
 
 Prints a table, then one JSON line.
