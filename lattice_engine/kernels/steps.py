@@ -1,7 +1,7 @@
 """What the fused decode steps share: filling the C model descriptions (`lk_decoder`,
 `lk_qwen35`) from weights (`_fill_linear`, `_keep_vec`, `_set_rotation`), which formats the
 steps can run (`_supports`), and calling a step and turning its return code into an error
-(`_run_step`, `_raise_step_error`).
+(`_run_step`, `_raise_step_error`), the index arrays of a paged batch (`_paged_arrays`).
 
 The steps themselves sit beside their models: `models/transformer_step.py` (DecoderStep,
 the llama family) and `models/qwen3_5_step.py` (Qwen35Step).
@@ -91,3 +91,24 @@ def _run_step(step_fn, work_size_fn, m, work: np.ndarray, tokens: np.ndarray, po
     _raise_step_error(rc, tokens, m, name, f"position {pos} is outside the bound cache "
                                            f"(capacity {m.cache_cap}); bind a larger cache")
     return work
+
+
+def _paged_arrays(batch, n: int, cos: np.ndarray, rope_half: int, states: bool = False):
+    """A paged batch's index arrays as the C steps take them (slots, q_start, pos_start,
+    block tables int32, and the recurrent-state slots when `states`), checked against the
+    batch's n rows and S sequences; a ValueError naming every shape otherwise."""
+    slots = np.ascontiguousarray(batch.slots, dtype=np.int64)
+    q_start = np.ascontiguousarray(batch.q_start, dtype=np.int64)
+    pos_start = np.ascontiguousarray(batch.pos_start, dtype=np.int64)
+    tables = np.ascontiguousarray(batch.block_tables, dtype=np.int32)
+    state_slots = np.ascontiguousarray(batch.state_slots, dtype=np.int64) if states else None
+    if slots.shape != (n,) or q_start.shape != (pos_start.size + 1,) or \
+            (states and state_slots.shape != pos_start.shape) or \
+            tables.shape[:1] != pos_start.shape or cos.shape != (n, rope_half):
+        what = "S state slots and table rows" if states else "S table rows"
+        got = (slots.shape, q_start.shape) + ((state_slots.shape,) if states else ()) + \
+            (tables.shape, cos.shape)
+        raise ValueError(f"decode step: a paged batch of {n} rows needs {n} slots, S + 1 "
+                         f"q_start entries, {what} and cos [{n}, {rope_half}] (got "
+                         f"{', '.join(map(str, got))})")
+    return slots, q_start, pos_start, tables, state_slots

@@ -8,8 +8,8 @@ import numpy as np
 
 from ..kernels.buffers import _F32, _in, _new_or_check
 from ..kernels.runtime import _FLOATS, _INT64S, _L, _fb, _ffi
-from ..kernels.steps import (_fill_linear, _keep_vec, _raise_step_error, _run_step,
-                             _set_rotation, _supports)
+from ..kernels.steps import (_fill_linear, _keep_vec, _paged_arrays, _raise_step_error,
+                             _run_step, _set_rotation, _supports)
 from ..quant.formats import PackedMatrix
 
 
@@ -108,16 +108,7 @@ class DecoderStep:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         n = tokens.size
         k_ptrs, v_ptrs, (num_blocks, block_size) = self._pools(keys, values)
-        slots = np.ascontiguousarray(batch.slots, dtype=np.int64)
-        q_start = np.ascontiguousarray(batch.q_start, dtype=np.int64)
-        pos_start = np.ascontiguousarray(batch.pos_start, dtype=np.int64)
-        tables = np.ascontiguousarray(batch.block_tables, dtype=np.int32)
-        if slots.shape != (n,) or q_start.shape != (pos_start.size + 1,) or \
-                tables.shape[:1] != pos_start.shape or cos.shape != (n, self._m.rope_half):
-            raise ValueError(f"decode step: a paged batch of {n} rows needs {n} slots, "
-                             f"S + 1 q_start entries, S table rows and cos [{n}, "
-                             f"{self._m.rope_half}] (got {slots.shape}, {q_start.shape}, "
-                             f"{tables.shape}, {cos.shape})")
+        slots, q_start, pos_start, tables, _ = _paged_arrays(batch, n, cos, self._m.rope_half)
         need = _L.lk_decoder_work_size(self._m, n)
         if self._work.size < need:
             self._work = np.empty(need, _F32)
