@@ -182,16 +182,14 @@ def check_quant_method(owner: str, name: str, value: Any, formats: Mapping[str, 
     if not isinstance(value, QuantMethod):
         raise _fail(owner, "quant method", name,
                     f"is a {type(value).__name__}, not a lattice_engine.quant.methods.QuantMethod")
-    for role in ("linear", "embedding", "lm_head", "tied_embedding") + ("fallback",):
-        for fmt in _formats_named(getattr(value, role)):
-            if fmt not in formats:
-                raise _fail(owner, "quant method", name,
-                            f"stores {role} matrices as {fmt!r}, a weight format nobody "
-                            f"registered (registered: {', '.join(sorted(formats))})")
-
-
-def _formats_named(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    named = [(role, getattr(value, role)) for role in
+             ("linear", "embedding", "lm_head", "tied_embedding")]
+    named += [("fallback", fmt) for fmt in value.fallbacks]
+    for role, fmt in named:
+        if fmt not in formats:
+            raise _fail(owner, "quant method", name,
+                        f"stores {role} matrices as {fmt!r}, a weight format nobody "
+                        f"registered (registered: {', '.join(sorted(formats))})")
 
 
 def check_weight_transform(owner: str, name: str, value: Any) -> None:

@@ -50,11 +50,16 @@ class QuantMethod:
                "tied_embedding": self.tied_embedding}[role]
         if cols % block_size_of(fmt) == 0:
             return fmt
-        choices = self.fallback if isinstance(self.fallback, tuple) else (self.fallback,)
-        for fallback in choices:
+        for fallback in self.fallbacks:
             if cols % block_size_of(fallback) == 0:
                 return fallback
-        return choices[-1]
+        return self.fallbacks[-1]
+
+    @property
+    def fallbacks(self) -> tuple[str, ...]:
+        """`fallback` as a tuple, in the order tried."""
+        return tuple(self.fallback) if isinstance(self.fallback, (tuple, list)) else \
+            (self.fallback,)
 
     def with_group_size(self, group_size: Optional[int]) -> "QuantMethod":
         """This method at `[quant] group_size`; methods without groups refuse one.
