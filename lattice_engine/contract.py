@@ -22,6 +22,7 @@ What is checked at registration (an object's behaviour is the plugin's own tests
 - logits processors: a callable factory `factory(value) -> processor or None`, under a name
   that is not one of the `SamplingParams` fields the engine itself reads (`seed`, `stop`,
   ...): a processor named `seed` would be fed every request's seed.
+- adapters: an `AdapterKind` (a name, callable `load` and `save`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,27 @@ class Architecture(Protocol):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, loader: Any, ops: Any) -> CausalLM: ...
+
+
+@runtime_checkable
+class AdapterKind(Protocol):
+    """An adapter kind registered by `register_adapters` (e.g. LoRA).
+
+    `load(path, model, name)` reads the adapter files at `path` (a folder) and returns a
+    `lattice_engine.adapters.AdapterWeights` named `name` (the folder's name when None),
+    refusing with a `lattice_engine.errors.RequestError` (naming the module, shape or
+    config key, and what would fit) files that do not fit `model`; `save(weights, path)`
+    writes them back in the kind's file format, atomically.
+    """
+
+    name: str
+
+    def load(self, path: Any, model: Any, name: Optional[str] = None) -> Any: ...
+
+    def save(self, weights: Any, path: Any) -> None: ...
+
+
+ADAPTER_KIND_MEMBERS = ("load", "save")
 
 
 SamplerFactory = Callable[[np.random.Generator], Callable[[np.ndarray], int]]
@@ -199,6 +221,13 @@ def check_weight_transform(owner: str, name: str, value: Any) -> None:
                     f"is a {type(value).__name__}, not a lattice_engine.transforms.WeightTransform")
 
 
+def check_adapter_kind(owner: str, name: str, value: Any) -> None:
+    lacking = missing_members(value, ADAPTER_KIND_MEMBERS)
+    if lacking:
+        raise _fail(owner, "adapter kind", name,
+                    f"lacks {', '.join(lacking)} (see lattice_engine.contract.AdapterKind)")
+
+
 def check_sampler(owner: str, name: str, value: Any) -> None:
     if not callable(value):
         raise _fail(owner, "sampler", name, f"is a {type(value).__name__}, not a factory "
@@ -229,6 +258,7 @@ def check_registration(kind: str, owner: str, name: str, value: Any, registry) -
         return
     check = {"architectures": check_architecture, "weight_formats": check_weight_format,
              "weight_transforms": check_weight_transform, "samplers": check_sampler,
-             "logits_processors": check_logits_processor}.get(kind)
+             "logits_processors": check_logits_processor,
+             "adapters": check_adapter_kind}.get(kind)
     if check is not None:
         check(owner, name, value)

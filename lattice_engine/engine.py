@@ -114,29 +114,60 @@ class Engine:
     def stream(self, prompt: Optional[Prompt] = None, *,
                messages: Optional[list[dict[str, Any]]] = None,
                response_format: Optional[dict[str, Any]] = None, regex: Optional[str] = None,
-               grammar: Any = None, **sampling: Any) -> Iterator[GenerationChunk]:
+               grammar: Any = None, adapter: Optional[str] = None,
+               **sampling: Any) -> Iterator[GenerationChunk]:
         """Yield text chunks as they are generated; sampling options override the defaults.
-        response_format / regex / grammar constrain the output (see `grammar_matcher`)."""
+        response_format / regex / grammar constrain the output (see `grammar_matcher`);
+        `adapter` names a loaded adapter (see `load_adapter`) applied to this request."""
         params = self.sampling.with_overrides(**sampling)
         ids = self.prompt_ids(prompt, messages)
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
-        return stream_generate(self.model, self.tokenizer, ids, params,
-                               self.plugin_manager.registry, grammar=matcher)
+        if adapter is None:
+            return stream_generate(self.model, self.tokenizer, ids, params,
+                                   self.plugin_manager.registry, grammar=matcher)
+        return self.adapters.stream_with(adapter, lambda: stream_generate(
+            self.model, self.tokenizer, ids, params, self.plugin_manager.registry,
+            grammar=matcher))
 
     def generate(self, prompt: Optional[Prompt] = None, *,
                  messages: Optional[list[dict[str, Any]]] = None,
                  response_format: Optional[dict[str, Any]] = None, regex: Optional[str] = None,
-                 grammar: Any = None, **sampling: Any) -> GenerationResult:
+                 grammar: Any = None, adapter: Optional[str] = None,
+                 **sampling: Any) -> GenerationResult:
         """Generate to the end; sampling options (temperature, max_tokens, stop, seed, ...)
         override the engine's defaults for this call only. response_format / regex /
-        grammar constrain the output (see `grammar_matcher`)."""
+        grammar constrain the output (see `grammar_matcher`); `adapter` names a loaded
+        adapter (see `load_adapter`) applied to this request."""
         params = self.sampling.with_overrides(**sampling)
         ids = self.prompt_ids(prompt, messages)
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
-        return generate(self.model, self.tokenizer, ids, params,
-                        self.plugin_manager.registry, grammar=matcher)
+        if adapter is None:
+            return generate(self.model, self.tokenizer, ids, params,
+                            self.plugin_manager.registry, grammar=matcher)
+        with self.adapters.using(adapter):
+            return generate(self.model, self.tokenizer, ids, params,
+                            self.plugin_manager.registry, grammar=matcher)
+
+    # ---- adapters (LoRA): several resident, chosen per request ---------------------------
+    @property
+    def adapters(self):
+        """The `adapters.AdapterManager` of this engine (loaded adapters by name)."""
+        mgr = getattr(self, "_adapters", None)
+        if mgr is None:
+            from .adapters import AdapterManager
+            mgr = self._adapters = AdapterManager(self.model, self.plugin_manager.registry)
+        return mgr
+
+    def load_adapter(self, path, *, name: Optional[str] = None, kind: str = "lora") -> str:
+        """Load the adapter files at `path` with the registered adapter kind `kind` and make
+        them resident under `name` (default: the folder's name); returns the name."""
+        return self.adapters.load(path, name=name, kind=kind)
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop a loaded adapter; requests already running with it finish with it."""
+        self.adapters.unload(name)
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> GenerationResult:
         return self.generate(messages=messages, **sampling)

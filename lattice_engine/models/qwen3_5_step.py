@@ -66,7 +66,8 @@ class Qwen35Step:
             L.attn_norm = _keep_vec(keep, spec["attn_norm"])
             L.mlp_norm = _keep_vec(keep, spec["mlp_norm"])
             for name in self.MATRICES[spec["kind"]]:
-                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"),
+                             spec.get(f"{name}_adapters"))
             if spec["kind"] == self.LINEAR:
                 for name in ("conv_w", "neg_a", "dt_bias", "head_norm"):
                     setattr(L, name, _keep_vec(keep, spec[name]))

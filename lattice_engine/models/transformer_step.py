@@ -55,7 +55,8 @@ class DecoderStep:
             L.q_norm = _keep_vec(keep, spec.get("q_norm"))
             L.k_norm = _keep_vec(keep, spec.get("k_norm"))
             for name in self.MATRICES:
-                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"),
+                             spec.get(f"{name}_adapters"))
             for site, key in (("down_in", "down_rotation"), ("attn_in", "attn_in_rotation"),
                               ("mlp_in", "mlp_in_rotation"), ("o_in", "o_rotation")):
                 _set_rotation(keep, getattr(L, site), spec.get(key))
