@@ -162,10 +162,12 @@ class BatchRunner:
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
                       logits_mask: Optional[LogitsMask] = None,
-                      ignore_eos: bool = False) -> Sequence:
+                      ignore_eos: bool = False, adapter=None) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
-        model's end-of-sequence tokens (benchmarks want fixed lengths)."""
+        model's end-of-sequence tokens (benchmarks want fixed lengths). `adapter`:
+        (slot, prefix-cache variant, release) from `AdapterManager.acquire`, released when
+        the sequence ends."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -191,6 +193,10 @@ class BatchRunner:
         eos = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         seq.detail["out"] = _Output(TextStream(self.tokenizer, params.stop,
                                                set(params.stop_token_ids) | set(eos)))
+        if adapter is not None:
+            slot, variant, release = adapter
+            seq.detail["adapter_slot"], seq.detail["on_free"] = slot, release
+            seq.blocks.variant = variant
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
@@ -227,7 +233,7 @@ class BatchRunner:
         batch = PagedBatch.build(self.cache, [
             (it.sequence.blocks, it.sequence.token_ids[it.start:it.start + it.count],
              it.start, it.sample) for it in plan.items])
-        logits = self.model.forward_paged(batch, self.cache)
+        logits = self._forward(batch, plan.items)
         self.scheduler.complete(plan.items)
         now = time.perf_counter()
         row = 0
@@ -248,6 +254,18 @@ class BatchRunner:
         self.pacer.record(decode_rows, len(batch.tokens) - decode_rows,
                           time.perf_counter() - started)
         return outputs
+
+    def _forward(self, batch: PagedBatch, items) -> np.ndarray:
+        """The model's forward over the batch, each row with its sequence's adapter."""
+        slots = getattr(self.model, "adapter_slots", None)
+        if slots is None:
+            return self.model.forward_paged(batch, self.cache)
+        per_row = np.concatenate([np.full(it.count, it.sequence.detail.get("adapter_slot", -1),
+                                          np.int32) for it in items])
+        if not (per_row >= 0).any():
+            per_row = None
+        with slots.selecting(per_row=per_row):
+            return self.model.forward_paged(batch, self.cache)
 
     def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:
         model_row = row

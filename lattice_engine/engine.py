@@ -205,12 +205,37 @@ class Engine:
     def add_request(self, prompt: Optional[Prompt] = None, *,
                     messages: Optional[list[dict[str, Any]]] = None,
                     request_id: Optional[str] = None, logits_mask=None,
-                    **sampling: Any) -> str:
+                    adapter: Optional[str] = None, **sampling: Any) -> str:
         """Queue a request for `step`; returns its id. `logits_mask` (a
-        `scheduler.LogitsMask`) constrains each next token, e.g. to a grammar."""
+        `scheduler.LogitsMask`) constrains each next token, e.g. to a grammar; `adapter`
+        names a loaded adapter the request runs with (the version current now, kept until
+        the request ends)."""
         params = self.sampling.with_overrides(**sampling)
-        return self.runner.add_request(self.prompt_ids(prompt, messages), params,
-                                       request_id=request_id, logits_mask=logits_mask)
+        ids = self.prompt_ids(prompt, messages)
+        held = self.adapter_for_request(adapter)
+        try:
+            seq = self.runner.make_sequence(ids, params, request_id=request_id,
+                                            logits_mask=logits_mask, adapter=held)
+            self.runner.enqueue(seq)
+        except BaseException:
+            if held is not None:
+                held[2]()
+            raise
+        return seq.request_id
+
+    def adapter_for_request(self, adapter: Optional[str]):
+        """(slot, prefix-cache variant, release) for a request naming `adapter`, holding
+        its current version until release() (None for no adapter)."""
+        if adapter is None:
+            return None
+        slot, variant = self.adapters.acquire(adapter)
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                self.adapters.release(slot)
+        return slot, variant, release
 
     def step(self):
         """Run one batched forward; returns a list of `batching.RequestOutput`."""
