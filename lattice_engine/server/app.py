@@ -2,7 +2,8 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 server-sent events whose last chunk carries usage), GET /v1/models, GET /health,
-GET /metrics (Prometheus). Errors are OpenAI error objects with a 4xx status for anything
+GET /metrics (Prometheus), and the adapter routes of `adapter_routes` (a request's `model`
+may name a loaded adapter). Errors are OpenAI error objects with a 4xx status for anything
 the client got wrong. `/v1/*` needs `Authorization: Bearer <api_key>` when a key is set.
 Request bodies over `max_body_bytes` get 413; generation requests beyond
 `max_concurrency` in flight get 429.
@@ -29,6 +30,7 @@ from ..batching import BatchingOptions, RequestOutput
 from ..config import ServerSection
 from ..errors import ConfigError, LatticeError
 from . import metrics
+from .adapter_routes import adapter_routes, hold, model_entries, resolve_model
 from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
                        parse_body, sampling_from, stream_flags)
@@ -64,25 +66,24 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
 
     async def models(request: Request) -> Response:
         _authorize(request, state)
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": state.created,
-             "owned_by": "lattice-engine"}]})
+        return JSONResponse({"object": "list",
+                             "data": model_entries(engine, model_name, state.created)})
 
     async def completions(request: Request) -> Response:
         _authorize(request, state)
         body = await _read_json(request, state)
-        _check_model(body, state)
+        adapter = resolve_model(body, engine, model_name)
         ids = completion_prompt(body, engine.tokenizer)
         params = sampling_from(body, engine.sampling, "max_tokens", engine.plugin_manager.registry)
         stream, usage = stream_flags(body)
         mask = await _output_constraint(engine, body)
         return await _generate(request, state, ids, params, stream, chat=False,
-                               ignore_eos=ignore_eos(body), logits_mask=mask)
+                               ignore_eos=ignore_eos(body), logits_mask=mask, adapter=adapter)
 
     async def chat(request: Request) -> Response:
         _authorize(request, state)
         body = await _read_json(request, state)
-        _check_model(body, state)
+        adapter = resolve_model(body, engine, model_name)
         messages = chat_messages(body)
         params = sampling_from(body, engine.sampling, "max_completion_tokens",
                                engine.plugin_manager.registry)
@@ -96,7 +97,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
             raise bad(f"the chat template cannot render these messages: {exc}", "messages")
         mask = await _output_constraint(engine, body)
         return await _generate(request, state, ids, params, stream, chat=True,
-                               ignore_eos=ignore_eos(body), logits_mask=mask)
+                               ignore_eos=ignore_eos(body), logits_mask=mask, adapter=adapter)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -104,7 +105,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
-    ]
+    ] + adapter_routes(state, _authorize, _read_json)
 
     async def api_error(request: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -199,16 +200,6 @@ async def _read_json(request: Request, state: _State) -> dict[str, Any]:
     return parse_body(b"".join(chunks))
 
 
-def _check_model(body: dict, state: _State) -> None:
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise bad("'model' is required and must be a string", "model")
-    if model != state.model_name:
-        raise APIError(404, f"model {model!r} does not exist here; this server serves "
-                            f"{state.model_name!r} (see GET /v1/models)",
-                       param="model", code="model_not_found")
-
-
 def _usage(out: RequestOutput) -> dict[str, Any]:
     return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             "total_tokens": out.prompt_tokens + out.completion_tokens,
@@ -263,7 +254,8 @@ class _SlotStreamingResponse(StreamingResponse):
 
 
 async def _generate(request: Request, state: _State, ids: list[int], params, stream: bool,
-                    chat: bool, ignore_eos: bool = False, logits_mask=None) -> Response:
+                    chat: bool, ignore_eos: bool = False, logits_mask=None,
+                    adapter: Optional[str] = None) -> Response:
     # no await between this check and taking the slot: the event loop runs one handler at
     # a time here, so a burst cannot slip past the limit
     if state.in_flight >= state.settings.max_concurrency:
@@ -273,10 +265,11 @@ async def _generate(request: Request, state: _State, ids: list[int], params, str
     slot = _Slot(state)
     try:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        held = hold(state.engine, adapter)  # the adapter version it runs with, to the end
         try:
             outputs = await state.async_engine.generate(ids, params, request_id=rid,
                                                         ignore_eos=ignore_eos,
-                                                        logits_mask=logits_mask)
+                                                        logits_mask=logits_mask, adapter=held)
         except LatticeError as exc:
             msg = str(exc)
             code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) \

@@ -52,13 +52,28 @@ class AsyncEngine:
     # ---- event-loop side ---------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        request_id: Optional[str] = None, logits_mask=None,
-                       ignore_eos: bool = False) -> AsyncIterator[RequestOutput]:
+                       ignore_eos: bool = False, adapter=None) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request, then yield its outputs as steps produce them.
         Raises RequestError before yielding anything if the request is invalid. Closing
-        the iterator early (a client that disconnected) aborts the request."""
-        seq = self.runner.make_sequence(prompt_ids, params, request_id=request_id,
-                                        logits_mask=logits_mask, ignore_eos=ignore_eos)
+        the iterator early (a client that disconnected) aborts the request. `adapter`: see
+        `BatchRunner.make_sequence` (released here if the request is refused)."""
+        try:
+            seq = self.runner.make_sequence(prompt_ids, params, request_id=request_id,
+                                            logits_mask=logits_mask, ignore_eos=ignore_eos,
+                                            adapter=adapter)
+        except BaseException:
+            if adapter is not None:
+                adapter[2]()
+            raise
         return self._stream(seq)
+
+    async def call(self, fn):
+        """Run fn() on the engine thread between two steps (what must not change while a
+        forward runs, e.g. the resident adapters); returns its result or raises its error."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("call", (fn, loop, future)))
+        return await future
 
     async def _stream(self, seq) -> AsyncIterator[RequestOutput]:
         q: asyncio.Queue = asyncio.Queue()
@@ -141,8 +156,28 @@ class AsyncEngine:
                 for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
                     self.runner.abort(seq.request_id)
                     self._deliver(seq.request_id, EngineClosed(arg))
+            elif kind == "call":
+                fn, loop, future = arg
+                try:
+                    result, error = fn(), None
+                except Exception as exc:
+                    result, error = None, exc
+                self._settle(loop, future, result, error)
             else:
                 self.runner.abort(arg)
+
+    @staticmethod
+    def _settle(loop, future, result, error) -> None:
+        def settle():
+            if not future.done():  # the caller may have gone (cancelled)
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed
+            pass
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)

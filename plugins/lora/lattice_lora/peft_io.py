@@ -114,6 +114,7 @@ def load_peft(path, model, name: Optional[str] = None) -> AdapterWeights:
                            f"holds {CONFIG_FILE} and {WEIGHTS_FILE}")
     cfg = read_config(folder)
     check_config(cfg, str(folder / CONFIG_FILE))
+    label = name or folder.name
     wpath = folder / WEIGHTS_FILE
     if not wpath.is_file():
         extra = " (adapter_model.bin is a pickle and is never loaded: re-save with " \
@@ -140,7 +141,7 @@ def load_peft(path, model, name: Optional[str] = None) -> AdapterWeights:
     unknown = sorted(set(pairs) - set(linears))
     if unknown:
         raise RequestError(
-            f"adapter {folder.name!r} (for base model {base}) targets module {unknown[0]!r}"
+            f"adapter {label!r} (for base model {base}) targets module {unknown[0]!r}"
             f"{f' and {len(unknown) - 1} more' if len(unknown) > 1 else ''}, which "
             f"{type(model).__name__} does not have; its linear modules are "
             f"{_suffixes(linears)} under {_common_prefix(linears)}: load the adapter on the "
@@ -173,7 +174,7 @@ def load_peft(path, model, name: Optional[str] = None) -> AdapterWeights:
         a_shape, b_shape = shapes[keys["lora_A"]], shapes[keys["lora_B"]]
         if a_shape != (r, in_f) or b_shape != (out_f, r):
             raise RequestError(
-                f"adapter {folder.name!r} (for base model {base}): module {module!r} has "
+                f"adapter {label!r} (for base model {base}): module {module!r} has "
                 f"lora_A {a_shape} and lora_B {b_shape}, but this model's {module} is "
                 f"[{out_f}, {in_f}] and the config gives it rank {r}"
                 f"{f' (rank_pattern {rk!r})' if rk is not None else ''}, so they must be "
