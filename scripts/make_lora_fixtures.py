@@ -14,6 +14,7 @@ writes reference.safetensors there with
   adamw<k>.<module>.lora_A / .lora_B   the factors after k = 1..3 steps of
                              torch.optim.AdamW (lr 1e-2, betas (0.9, 0.999), eps 1e-8,
                              weight_decay 0.01) with gradient-norm clipping at 0.05
+  adamw_grad<k>.<module>.lora_A / .lora_B   the gradient of step k (before clipping)
   adamw_loss [3]             the loss before each of those steps
 Each adapter exercises different PEFT settings (rank_pattern, alpha_pattern, use_rslora,
 the Gated DeltaNet projections of Qwen3.5).
@@ -117,6 +118,8 @@ def main() -> None:
             loss = loss_of(pm, train)
             losses.append(loss.item())
             loss.backward()
+            for key, p in params.items():
+                ref[f"adamw_grad{k}.{key}"] = p.grad.numpy().copy()
             torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)
             opt.step()
             for key, p in params.items():
