@@ -320,6 +320,7 @@ class AdapterManager:
         self.slots = AdapterSlots.of(model)
         self.by_name: dict[str, int] = {}
         self.versions: dict[str, int] = {}
+        self.train_states: dict[str, Any] = {}
         self.lock = threading.RLock()
 
     def kind(self, kind: str):
@@ -362,7 +363,42 @@ class AdapterManager:
         with self.lock:
             slot = self._slot(name)
             del self.by_name[name]
+            self.train_states.pop(name, None)
         self.slots.release(slot)
+
+    def train(self, name: str, tokens, options: Optional[dict] = None,
+              steps: int = 1) -> tuple[AdapterWeights, dict]:
+        """`steps` optimizer steps of adapter `name` on one example (token ids) with its
+        kind's `train_step` (options: its optimizer settings); returns the new weights and
+        {"loss": [...], "grad_norm": [...]} without making them resident (see `adapt`).
+        The optimizer state carries over between calls for the same adapter."""
+        weights = self.get(name)
+        kind = self.kind(weights.kind)
+        train_step = getattr(kind, "train_step", None)
+        if not callable(train_step):
+            raise RequestError(f"adapter {name!r} is of kind {weights.kind!r}, which cannot "
+                               f"be trained online")
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 64:
+            raise RequestError(f"steps = {steps!r} must be an integer in [1, 64]")
+        state = self.train_states.get(name)
+        info: dict = {"loss": [], "grad_norm": []}
+        for _ in range(steps):
+            weights, loss, norm, state = train_step(self.model, weights, tokens,
+                                                    dict(options or {}), state)
+            info["loss"].append(loss)
+            info["grad_norm"].append(norm)
+        with self.lock:
+            self.train_states[name] = state
+        return weights, info
+
+    def adapt(self, name: str, tokens, options: Optional[dict] = None,
+              steps: int = 1) -> dict:
+        """Train adapter `name` on one example and make the result its new version
+        (requests already running keep the version they started with)."""
+        weights, info = self.train(name, tokens, options, steps)
+        self.put(weights)
+        info["version"] = self.versions[name]
+        return info
 
     def _slot(self, name: str) -> int:
         slot = self.by_name.get(name)

@@ -109,7 +109,11 @@ class AdapterKind(Protocol):
     `lattice_engine.adapters.AdapterWeights` named `name` (the folder's name when None),
     refusing with a `lattice_engine.errors.RequestError` (naming the module, shape or
     config key, and what would fit) files that do not fit `model`; `save(weights, path)`
-    writes them back in the kind's file format, atomically.
+    writes them back in the kind's file format, atomically. Optionally,
+    `train_step(model, weights, tokens, options, state)` -> (new weights, loss, gradient
+    norm, state) trains the adapter on one example (`AdapterManager.train`, the server's
+    `/v1/adapt_lora_adapter`); `options` is the request's optimizer settings, `state` what
+    the previous call returned (None at first).
     """
 
     name: str

@@ -165,6 +165,15 @@ class Engine:
         them resident under `name` (default: the folder's name); returns the name."""
         return self.adapters.load(path, name=name, kind=kind)
 
+    def adapt_adapter(self, name: str, example: Prompt, *, steps: int = 1,
+                      **optimizer: Any) -> dict:
+        """Train adapter `name` online on one example (text or token ids): `steps`
+        optimizer steps of its kind's `train_step` (LoRA: next-token cross-entropy, SGD /
+        Adam / AdamW with clipping; `optimizer` holds their settings, e.g. kind="adamw",
+        lr=1e-3). The result becomes the adapter's new version; returns the losses."""
+        ids = self.prompt_ids(example)
+        return self.adapters.adapt(name, ids, optimizer, steps)
+
     def unload_adapter(self, name: str) -> None:
         """Drop a loaded adapter; requests already running with it finish with it."""
         self.adapters.unload(name)

@@ -116,5 +116,48 @@ def adapter_routes(state, authorize, read_json) -> list[Route]:
             raise APIError(404, str(exc), param="lora_name", code="model_not_found") from None
         return JSONResponse({"object": "lora_adapter", "id": name, "status": "unloaded"})
 
+    training: dict[str, asyncio.Lock] = {}
+
+    async def adapt(request: Request) -> Response:
+        """Train a loaded adapter on one example: {"lora_name", "text" (or "prompt": token
+        ids), "steps", "optimizer": {kind, lr, betas, eps, weight_decay, momentum, clip}}.
+        The training runs off the engine thread (streams keep decoding); the new version
+        is swapped in between two steps."""
+        require_key(request)
+        body = await read_json(request, state)
+        name = _string(body, "lora_name")
+        text, prompt = body.get("text"), body.get("prompt")
+        if (text is None) == (prompt is None):
+            raise bad("give exactly one of 'text' (a string) or 'prompt' (token ids)", "text")
+        if text is not None and not isinstance(text, str):
+            raise bad("'text' must be a string", "text")
+        if prompt is not None and not (isinstance(prompt, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+            raise bad("'prompt' must be an array of token ids", "prompt")
+        if text is not None and engine.tokenizer is None:
+            raise bad("this model has no tokenizer: give 'prompt' as token ids", "text")
+        options = body.get("optimizer") or {}
+        if not isinstance(options, dict):
+            raise bad("'optimizer' must be an object of optimizer settings", "optimizer")
+        steps = body.get("steps", 1)
+        mgr = manager(engine)
+        if mgr is None or name not in mgr.by_name:
+            raise APIError(404, str(UnknownAdapter(name, mgr.names() if mgr else [])),
+                           param="lora_name", code="model_not_found")
+        ids = engine.prompt_ids(text if text is not None else prompt)
+        lock = training.setdefault(name, asyncio.Lock())
+        async with lock:  # one training at a time per adapter: each builds on the last
+            try:
+                weights, info = await asyncio.to_thread(mgr.train, name, ids, options, steps)
+                await mutate(lambda: mgr.put(weights))
+            except UnknownAdapter as exc:
+                raise APIError(404, str(exc), param="lora_name", code="model_not_found") \
+                    from None
+            except LatticeError as exc:
+                raise bad(str(exc), "optimizer") from None
+        return JSONResponse({"object": "lora_adapter", "id": name, "status": "trained",
+                             "version": mgr.versions.get(name), "tokens": len(ids), **info})
+
     return [Route("/v1/load_lora_adapter", load, methods=["POST"]),
-            Route("/v1/unload_lora_adapter", unload, methods=["POST"])]
+            Route("/v1/unload_lora_adapter", unload, methods=["POST"]),
+            Route("/v1/adapt_lora_adapter", adapt, methods=["POST"])]

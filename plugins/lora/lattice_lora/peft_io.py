@@ -270,5 +270,21 @@ class LoraKind:
     def save(self, weights: AdapterWeights, path) -> None:
         save_peft_safetensors(weights, path)
 
+    def train_step(self, model, weights: AdapterWeights, tokens, options: dict, state):
+        """One `adapt_step` with OptimizerSettings(**options)."""
+        from .train import OptimizerSettings, adapt_step
+        unknown = sorted(set(options) - set(OptimizerSettings.__dataclass_fields__))
+        if unknown:
+            raise RequestError(f"unknown optimizer option(s) {', '.join(unknown)}; known: "
+                               f"{', '.join(OptimizerSettings.__dataclass_fields__)}")
+        if "betas" in options and isinstance(options["betas"], list):
+            options = dict(options, betas=tuple(options["betas"]))
+        try:
+            settings = OptimizerSettings(**options)
+        except TypeError as exc:
+            raise RequestError(f"bad optimizer options: {exc}") from None
+        r = adapt_step(model, weights, tokens, settings, state)
+        return r.weights, r.loss, r.grad_norm, r.state
+
 
 LORA = LoraKind()

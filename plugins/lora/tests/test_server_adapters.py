@@ -155,3 +155,50 @@ def test_adapter_management_needs_an_api_key(engine):
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
     finally:
         srv.stop()
+
+
+def test_adapt_endpoint_trains_between_steps_and_streams_keep_their_version(engine):
+    srv = Server(engine, api_key=KEY)
+    try:
+        srv.call("POST", "/v1/load_lora_adapter",
+                 {"lora_name": "a", "lora_path": str(LORA_FIXTURES / "llama")})
+        before = complete(srv, "a")[1]["choices"][0]["text"]
+        # a long request in flight on version 1 while the adapter trains
+        results = {}
+
+        def long_request():
+            results["long"] = srv.call("POST", "/v1/completions", dict(
+                model="a", prompt="The quick brown", max_tokens=40, temperature=0))
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        deadline = time.time() + 30
+        while not srv.app.lattice.engine.runner.num_running():   # it holds version 1 now
+            assert time.time() < deadline
+            time.sleep(0.005)
+        status, body = srv.call("POST", "/v1/adapt_lora_adapter", {
+            "lora_name": "a", "text": "the lazy dog sleeps. " * 4, "steps": 5,
+            "optimizer": {"kind": "adamw", "lr": 0.05, "clip": 1.0}})
+        t.join(timeout=120)
+        assert status == 200, body
+        assert body["version"] == 2 and len(body["loss"]) == 5
+        assert body["loss"][-1] < body["loss"][0]
+        base_text = engine.generate("The quick brown", max_tokens=40, temperature=0).text
+        long = results["long"][1]["choices"][0]["text"]
+        assert long.startswith(before)           # the in-flight request kept version 1
+        assert long != base_text
+        after = complete(srv, "a")[1]["choices"][0]["text"]
+        assert after != before                    # new requests use version 2
+        # bad training input: 400 / 404, and nothing else changes
+        status, body = srv.call("POST", "/v1/adapt_lora_adapter",
+                                {"lora_name": "a", "text": "x y", "optimizer": {"kind": "lion"}})
+        assert status == 400 and "lion" in body["error"]["message"]
+        status, body = srv.call("POST", "/v1/adapt_lora_adapter",
+                                {"lora_name": "zz", "text": "x y"})
+        assert status == 404
+        status, body = srv.call("POST", "/v1/adapt_lora_adapter",
+                                {"lora_name": "a", "text": "x y"}, key=None)
+        assert status == 401
+        assert complete(srv, "a")[1]["choices"][0]["text"] == after
+    finally:
+        srv.stop()
