@@ -54,7 +54,26 @@ class Engine:
                                                           config.quant.group_size),
                       backend=config.model.backend, plugin_manager=pm,
                       transforms=config.transform_settings(pm.registry))
-        return cls(loaded, sampling=config.sampling, plugin_manager=pm)
+        engine = cls(loaded, sampling=config.sampling, plugin_manager=pm)
+        for kind, section in config.adapter_settings(pm.registry).items():
+            engine.apply_adapter_section(kind, section)
+        return engine
+
+    def apply_adapter_section(self, kind: str, section) -> None:
+        """Load the adapters of a config section ([lora]: `config.AdapterSection`), build
+        its mixtures, and merge the one it names into the weights (then it is not resident:
+        every request runs with it)."""
+        from .adapters import merge
+        for name, path in section.adapters.items():
+            if name == section.merge:
+                merge(self.model, self.adapters.kind(kind).load(path, self.model, name))
+            else:
+                self.load_adapter(path, name=name, kind=kind)
+        for name, parts in section.mixtures.items():
+            if section.merge in parts:
+                raise ConfigError(f"[{kind}] mixtures.{name} uses {section.merge!r}, which "
+                                  f"is merged into the weights; mix resident adapters only")
+            self.adapters.mix(name, list(parts.items()))
 
     def prompt_ids(self, prompt: Optional[Prompt] = None,
                    messages: Optional[list[dict[str, Any]]] = None) -> list[int]:

@@ -15,6 +15,8 @@ def cmd_generate(args) -> int:
     engine = make_engine(args)
     require_tokenizer(engine, "generate")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.adapter:
+        constraint["adapter"] = engine.load_adapter(args.adapter)
     has_template = bool(engine.tokenizer.config.get("chat_template"))
     if args.raw or not has_template:
         stream = engine.stream(prompt, **constraint)

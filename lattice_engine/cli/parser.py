@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feed the prompt as is, without the model's chat template")
     gen.add_argument("--system", default=None, help="system message for the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--adapter", metavar="DIR", default=None,
+                     help="apply this adapter folder (a PEFT LoRA with lattice-lora "
+                          "installed) to the generation; [lora] in the config loads named "
+                          "ones for every command")
     constraint = gen.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", metavar="FILE", default=None,
                             help="constrain the output to this JSON schema (needs the "

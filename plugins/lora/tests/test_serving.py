@@ -109,3 +109,33 @@ def test_an_unknown_adapter_is_refused_before_queueing(tmp_path):
     with pytest.raises(UnknownAdapter):
         engine.generate("x", adapter="nope")
     assert not engine.has_unfinished()
+
+
+def test_config_section_and_cli_adapter(tmp_path, capsys):
+    from lattice_engine.cli import main
+    from lattice_engine.config import config_from_dict
+    from lattice_engine.errors import ConfigError
+    folder = tmp_path / "llama"
+    shutil.copytree(CORE_FIXTURES / "llama", folder)
+    write_tokenizer_files(folder, eos_token_id=-1)
+    lora = str(LORA_FIXTURES / "llama")
+    config = config_from_dict({"model": {"path": str(folder), "backend": "numpy"},
+                               "lora": {"adapters": {"a": lora},
+                                        "mixtures": {"half": {"a": 0.5}}}})
+    engine = Engine.from_config(config)
+    assert engine.adapters.names() == ["a", "half"]
+    want = engine.generate("abc", adapter="a", max_tokens=5, temperature=0).text
+    from lattice_engine.plugins import get_plugin_manager
+    bad = config_from_dict({"lora": {"adapters": {"a": lora}, "mixtures": {"m": {"b": 1.0}}}})
+    with pytest.raises(ConfigError, match=r"mixtures.m.b: no adapter 'b' in adapters"):
+        bad.validate(get_plugin_manager().registry)
+    merged = Engine.from_config(config_from_dict(
+        {"model": {"path": str(folder), "backend": "numpy"},
+         "lora": {"adapters": {"a": lora}, "merge": "a"}}))
+    assert merged.generate("abc", max_tokens=5, temperature=0).text == want
+    # the CLI: lattice generate --adapter DIR
+    rc = main(["generate", "abc", "--raw", "--model", str(folder), "--backend", "numpy",
+               "--adapter", lora, "--max-tokens", "5", "--temperature", "0", "--json"])
+    assert rc == 0
+    import json
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"] == want
