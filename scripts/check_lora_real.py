@@ -14,6 +14,7 @@ model and a JSON object last. Needs torch, transformers, peft (the reference ext
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -78,6 +79,8 @@ def main() -> int:
                 got = ours.model.forward(prompt[None], ours.model.make_cache())[0]
             plain = ours.model.forward(prompt[None], ours.model.make_cache())[0]
             save_peft_safetensors(weights, tmp / "ours")
+            del pm, base, opt  # a 0.5B float32 model is 2 GB: one reference at a time
+            gc.collect()
             fresh = load_reference(path)
             again = peft.PeftModel.from_pretrained(fresh, str(tmp / "ours")).eval()
             theirs2 = again(input_ids=torch.from_numpy(prompt[None])).logits[0].float().numpy()

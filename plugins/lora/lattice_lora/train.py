@@ -1,9 +1,10 @@
 """`adapt_step`: online training of a LoRA adapter on one example.
 
 The loss is the mean next-token cross-entropy over the example's tokens (positions
-0 .. T-2 predict tokens 1 .. T-1). The forward runs in float32 numpy over the base model's
-weights (dequantized once per model and kept: the backward multiplies by W, which the
-packed kernels do not provide) with the adapter applied unmerged; the backward goes
+0 .. T-2 predict tokens 1 .. T-1). The forward runs with the model's own ops and matrices (the native
+kernels when the model runs on them) with the adapter applied unmerged; the backward's
+products by W use a transposed float copy of each matrix kept per model (float32 for a
+float32 base, float16 otherwise); the backward goes
 through every layer (the final norm, the SwiGLU MLP, attention with RoPE and GQA, the
 q/k norms of qwen3, the RMSNorms) to the adapter's A and B of every targeted module; the
 base stays frozen. The update is SGD (with momentum), Adam or AdamW as torch.optim
@@ -79,7 +80,10 @@ class StepResult:
 # ---- the model's float view ---------------------------------------------------------------
 
 class _FloatView:
-    """The float32 matrices of a llama-family model, dequantized once."""
+    """What the backward multiplies by: each weight matrix transposed, W^T [in, out], kept
+    as a matrix the model's ops multiply with (float32 for a float32 base, float16 for any
+    other format: the base is rounded already), built once per model. The forward uses the
+    model's own matrices and kernels."""
 
     def __init__(self, model):
         from lattice_engine.models.transformer import DecoderModel
@@ -91,13 +95,36 @@ class _FloatView:
                                                        for b in model.layers):
             raise RequestError("adapt_step does not train on a model with online rotations "
                                "(QuaRot): its linears see rotated inputs")
+        from lattice_engine.plugins import get_plugin_manager
+        formats = get_plugin_manager().registry.items["weight_formats"]
+        self.f32, self.f16 = formats["f32"], formats["f16"]
         self.model = model
-        self.cache: dict[int, np.ndarray] = {}
+        self.ops = model.ops
+        self.native = getattr(model.ops, "name", "") == "native"
+        self.cache: dict[int, object] = {}
 
-    def w(self, packed) -> np.ndarray:
+    def mm(self, a, b):
+        """a [M, K] @ b [K, N] in float32: the native kernel (the engine's thread pool)
+        when the model runs on it, numpy otherwise."""
+        if not self.native:
+            return (a @ b).astype(F32)
+        from lattice_engine.quant.formats import PackedMatrix
+        bt = np.ascontiguousarray(b.T, F32)
+        return self.ops.matmul(np.ascontiguousarray(a, F32),
+                               PackedMatrix(self.f32, bt.shape[0], bt.shape[1],
+                                            bt.view(np.uint8)))
+
+    def wt(self, packed):
+        from lattice_engine.quant.formats import PackedMatrix
         key = id(packed)
         if key not in self.cache:
-            self.cache[key] = np.ascontiguousarray(packed.to_float(), F32)
+            t = np.ascontiguousarray(packed.to_float().T)
+            if packed.format.name == "f32":
+                m = PackedMatrix(self.f32, t.shape[0], t.shape[1], t.view(np.uint8))
+            else:
+                t = t.astype(np.float16)
+                m = PackedMatrix(self.f16, t.shape[0], t.shape[1], t.view(np.uint8))
+            self.cache[key] = m
         return self.cache[key]
 
 
@@ -134,27 +161,29 @@ class _Lin:
     """A linear with its adapter factors (or none); forward keeps what backward needs."""
 
     def __init__(self, view, lin, lr: Optional[LowRank]):
-        self.W, self.bias, self.lr = view.w(lin.weight), lin.bias, lr
+        self.view, self.lin, self.lr = view, lin, lr
 
     def fwd(self, x):
-        y = x @ self.W.T
-        if self.bias is not None:
-            y = y + self.bias
+        y = self.view.ops.matmul(x, self.lin.weight)
+        if self.lin.bias is not None:
+            y = y + self.lin.bias
         u = None
         if self.lr is not None:
-            u = x @ self.lr.a.T
-            y = y + F32(self.lr.scale) * (u @ self.lr.b.T)
+            mm = self.view.mm
+            u = mm(x, self.lr.a.T)
+            y = y + F32(self.lr.scale) * mm(u, self.lr.b.T)
         return y.astype(F32), (x, u)
 
     def back(self, dy, saved, grads, name):
         x, u = saved
-        dx = dy @ self.W
+        dy = np.ascontiguousarray(dy, F32)
+        dx = self.view.ops.matmul(dy, self.view.wt(self.lin.weight))
         if self.lr is not None:
-            s = F32(self.lr.scale)
-            db = dy @ self.lr.b                          # [T, r]
-            grads[f"{name}.lora_B"] = grads.get(f"{name}.lora_B", 0) + s * (dy.T @ u)
-            grads[f"{name}.lora_A"] = grads.get(f"{name}.lora_A", 0) + s * (db.T @ x)
-            dx = dx + s * (db @ self.lr.a)
+            s, mm = F32(self.lr.scale), self.view.mm
+            db = mm(dy, self.lr.b)                        # [T, r]
+            grads[f"{name}.lora_B"] = grads.get(f"{name}.lora_B", 0) + s * mm(dy.T, u)
+            grads[f"{name}.lora_A"] = grads.get(f"{name}.lora_A", 0) + s * mm(db.T, x)
+            dx = dx + s * mm(db, self.lr.a)
         return dx.astype(F32)
 
 
@@ -175,7 +204,8 @@ def loss_and_grads(model, weights: AdapterWeights, tokens) -> tuple[float, dict]
     t, eps = ids.size, cfg.rms_norm_eps
     mods = weights.modules
     cos, sin = _tables(np.arange(t), model.inv_freq)
-    x = view.w(model.embed_tokens)[ids].astype(F32)
+    ops = model.ops
+    x = np.ascontiguousarray(ops.embed(model.embed_tokens, ids[None])[0], F32)
     tapes = []
     mask = np.triu(np.ones((t, t), bool), 1)
     for block in model.layers:
@@ -218,8 +248,7 @@ def loss_and_grads(model, weights: AdapterWeights, tokens) -> tuple[float, dict]
         x = (x + d).astype(F32)
         tapes.append((block, tp))
     final, rf = _rms(x, model.norm, eps)
-    head = view.w(model.lm_head)
-    logits = final[:-1] @ head.T
+    logits = ops.matmul(np.ascontiguousarray(final[:-1]), model.lm_head)
     z = logits - logits.max(-1, keepdims=True)
     lse = np.log(np.exp(z.astype(np.float64)).sum(-1))
     targets = ids[1:]
@@ -229,7 +258,7 @@ def loss_and_grads(model, weights: AdapterWeights, tokens) -> tuple[float, dict]
     probs[np.arange(t - 1), targets] -= 1.0
     dlogits = probs / F32(t - 1)
     dfinal = np.zeros_like(final)
-    dfinal[:-1] = dlogits @ head
+    dfinal[:-1] = ops.matmul(np.ascontiguousarray(dlogits, F32), view.wt(model.lm_head))
     dx = _rms_back(dfinal, x, model.norm, rf)
     grads: dict[str, np.ndarray] = {}
     for block, tp in reversed(tapes):

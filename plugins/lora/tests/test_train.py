@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import LORA_FIXTURES, load_base, reference
+from conftest import LORA_FIXTURES, backends, load_base, reference
 from lattice_engine.errors import RequestError
 from lattice_lora import load_peft
 from lattice_lora.train import OptimizerSettings, adapt_step, apply_update, loss_and_grads
@@ -19,9 +19,10 @@ def rel(got, want) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("base", LLAMA_FAMILY)
-def test_gradients_equal_torch_autograd(base):
-    model = load_base(base)
+def test_gradients_equal_torch_autograd(base, backend):
+    model = load_base(base, backend)
     ref = reference(base)
     weights = load_peft(LORA_FIXTURES / base, model)
     loss, grads = loss_and_grads(model, weights, ref["train_ids"][0])
