@@ -99,3 +99,26 @@ def test_perplexity_never_holds_a_whole_window_of_logits():
     window_logits = 511 * model.vocab_size * 4
     assert result["scored"] == 1023
     assert peak < window_logits / 3, f"traced peak {peak >> 20} MB"
+
+
+def test_leading_tokens_equal_the_whole_texts_first_tokens():
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from lattice_engine.eval.perplexity import leading_tokens
+
+    text = (Path(__file__).resolve().parent.parent / "data" / "wikitext-2" /
+            "wiki.test.raw").read_text(encoding="utf-8")[:60000]
+    # a byte-level BPE with GPT-2's pre-tokenizer regex and 1,500 merges learnt on the text
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=1800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    encode = lambda t: tok.encode(t, add_special_tokens=False).ids  # noqa: E731
+    whole = encode(text)
+    for limit in (2, 500, 3000, len(whole) - 10):
+        assert leading_tokens(encode, text, limit) == whole[:limit]
+    assert leading_tokens(encode, text, None) == whole
+    assert leading_tokens(encode, text, len(whole) + 100) == whole
