@@ -263,6 +263,17 @@ class CausalLM:
     fused_decode = True
     _step = None
     _step_built = False
+    # how make_cache stores keys and values (`cache.dense.KV_DTYPES`, `[model] kv_cache`);
+    # the fused native step runs on float32 caches only
+    kv_cache = "f32"
+
+    def _paged_kv_check(self) -> None:
+        """The paged cache (serving) stores float32 keys and values only, for now."""
+        if self.kv_cache != "f32":
+            from ..errors import ConfigError
+            raise ConfigError(f"model.kv_cache = {self.kv_cache!r} applies to the dense cache "
+                              f"of generate and ppl; the paged cache of serve stores f32 only "
+                              f"so far: set kv_cache = 'f32' to serve")
 
     @property
     def vocab_size(self) -> int:
