@@ -19,12 +19,12 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CheckpointError
-from . import hugepages
+from . import gguf_qwen35, hugepages
 from .checkpoint import Checkpoint, PackedTensor
 from .gguf_tokenizer import build_tokenizer, tokenizer_configs
 from .stored import StoredTensor
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen35")  # qwen35: gguf_qwen35.py
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
              "qwen3": "Qwen3ForCausalLM"}
 
@@ -212,6 +212,10 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     packed_formats = dict(packed_formats or {})
     meta, gguf_tensors = _open(path)
     gguf_shapes = {t.name: t.shape for t in gguf_tensors}
+    if meta.get("general.architecture") == gguf_qwen35.ARCH:
+        config = gguf_qwen35.build_config(meta, gguf_shapes, path)
+        tensors, shapes = gguf_qwen35.tensors(path, gguf_tensors, config, packed_formats)
+        return _checkpoint(path, meta, config, tensors, shapes)
     config = build_config(meta, gguf_shapes, path)
 
     unknown = sorted(n for n in gguf_shapes if hf_tensor_name(n) is None)
@@ -237,6 +241,12 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
         tensors[name] = _loader(path, t, packed_formats, rows_order, shape)
         shapes[name] = shape
 
+    return _checkpoint(path, meta, config, tensors, shapes)
+
+
+def _checkpoint(path: Path, meta: dict[str, Any], config: dict[str, Any],
+                tensors: dict[str, Callable[[], Any]],
+                shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
     source = str(path)
     tokenizer = build_tokenizer(meta, source) if "tokenizer.ggml.tokens" in meta else None
     tokenizer_config, generation_config = tokenizer_configs(meta, source)
