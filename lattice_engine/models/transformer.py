@@ -182,7 +182,7 @@ class MLP:
 
 class Block:
     def __init__(self, cfg: DecoderConfig, w: WeightLoader, index: int, qkv_bias: bool,
-                 qk_norm: bool):
+                 qk_norm: bool, mlp_factory=None):
         prefix = f"model.layers.{index}"
         h = cfg.hidden_size
         self.index = index
@@ -190,7 +190,8 @@ class Block:
         self.input_layernorm = w.vector(f"{prefix}.input_layernorm.weight", (h,))
         self.self_attn = Attention(cfg, w, f"{prefix}.self_attn", qkv_bias, qk_norm)
         self.post_attention_layernorm = w.vector(f"{prefix}.post_attention_layernorm.weight", (h,))
-        self.mlp = MLP(cfg, w, f"{prefix}.mlp")
+        # an architecture may put another MLP here (qwen3_moe: the sparse MoE layers)
+        self.mlp = (mlp_factory or MLP)(cfg, w, f"{prefix}.mlp")
         spec = cfg.lattice_online_rotation
         self.attn_in_rotation = online_rotation(spec, "attn_in", h)
         self.mlp_in_rotation = online_rotation(spec, "mlp_in", h)
@@ -230,13 +231,18 @@ class DecoderModel(CausalLM):
         tied = cfg.tie_word_embeddings or not w.has("lm_head.weight")
         self.embed_tokens = w.matrix("model.embed_tokens.weight", (v, h),
                                      "tied_embedding" if tied else "embedding")
-        self.layers = [Block(cfg, w, i, self.use_qkv_bias(cfg), self.qk_norm)
+        self.layers = [Block(cfg, w, i, self.use_qkv_bias(cfg), self.qk_norm,
+                             self.mlp_factory(cfg, i))
                        for i in range(cfg.num_hidden_layers)]
         self.norm = w.vector("model.norm.weight", (h,))
         # Tied: the lm_head reads the embedding table itself (f16 under q8_0, see methods).
         self.lm_head = (self.embed_tokens if tied else
                         w.matrix("lm_head.weight", (v, h), cfg.lattice_lm_head_role))
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def mlp_factory(self, cfg: DecoderConfig, index: int):
+        """What builds layer `index`'s MLP from (cfg, loader, prefix); None: the dense MLP."""
+        return None
 
     @classmethod
     def use_qkv_bias(cls, cfg: DecoderConfig) -> bool:

@@ -1,0 +1,156 @@
+"""Mixture-of-experts architectures (qwen3_moe, qwen3_5_moe) against transformers' float32
+logits (tests/fixtures, made by scripts/make_moe_fixtures.py), the router, the grouped
+expert dispatch, and checkpoints whose experts disagree with their config."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conftest import FIXTURES, backends, check_paged_against_golden
+from lattice_engine.cache import SequenceBlocks
+from lattice_engine.errors import CheckpointError
+from lattice_engine.loading import load
+from lattice_engine.models.moe import SparseMoE, route
+from lattice_engine.quant.methods import QuantSpec
+from lattice_engine.testing.tolerance import logits_bound
+
+MOE = ["qwen3_moe", "qwen3_moe_step2"]
+ISSUE_ATOL = 1e-4  # the issue's acceptance figure; the error model's bound is asserted too
+
+
+def golden_bound(model, golden) -> float:
+    hidden = model.hidden_states(golden["prompt_ids"], model.make_cache(batch=2))
+    return logits_bound(model, hidden,
+                        golden["prompt_ids"].shape[1] + golden["decode_ids"].shape[1])
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", MOE)
+def test_prefill_and_32_decode_steps_match_transformers(name, backend):
+    model = load(FIXTURES / name, backend=backend).model
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
+    bound = min(golden_bound(model, golden), ISSUE_ATOL)
+    cache = model.make_cache(batch=2, capacity=4)
+    prefill = model.forward(golden["prompt_ids"], cache)
+    assert np.abs(prefill - golden["prefill_logits"]).max() <= bound
+    steps = golden["decode_ids"]
+    assert steps.shape[1] == 32
+    decode = np.concatenate([model.forward(steps[:, i:i + 1], cache)
+                             for i in range(steps.shape[1])], axis=1)
+    assert np.abs(decode - golden["decode_logits"]).max() <= bound
+    ours = np.concatenate([prefill[:, -1:], decode[:, :-1]], axis=1).argmax(-1)
+    assert (ours == steps).all()  # greedy agreement: 100%
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_batch_rows_equal_single_rows(name):
+    model = load(FIXTURES / name, backend="numpy").model
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
+    bound = golden_bound(model, golden)
+    both = model.forward(golden["prompt_ids"], model.make_cache(batch=2))
+    for row in range(2):
+        alone = model.forward(golden["prompt_ids"][row:row + 1], model.make_cache(batch=1))
+        assert np.abs(alone[0] - both[row]).max() <= bound
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("name", MOE)
+def test_native_batch_rows_and_split_prefill_are_bit_identical(name, quant, kernel_variant):
+    # each token's experts are summed in expert order and every matmul row is computed in
+    # an order independent of the other rows: batched equals alone, exactly
+    model = load(FIXTURES / name, quant=QuantSpec(quant), backend="native").model
+    ids = load_file(str(FIXTURES / name / "golden.safetensors"))["prompt_ids"]
+    both = model.forward(ids, model.make_cache(batch=2))
+    for row in range(2):
+        np.testing.assert_array_equal(
+            model.forward(ids[row:row + 1], model.make_cache(batch=1))[0], both[row])
+    cache, cut = model.make_cache(batch=2), ids.shape[1] // 2 + 1
+    parts = [model.forward(ids[:, :cut], cache), model.forward(ids[:, cut:], cache)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), both)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", MOE)
+def test_paged_forward_matches_transformers(name, backend):
+    model = load(FIXTURES / name, backend=backend).model
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
+    t, s = golden["prompt_ids"].shape[1], golden["decode_ids"].shape[1]
+    cache = model.make_paged_cache(num_blocks=32, block_size=4, max_sequences=2)
+    seqs = [SequenceBlocks(), SequenceBlocks()]
+    for seq in seqs:
+        assert cache.reserve(seq, t + s)
+    if getattr(cache, "states", None) is not None:
+        for seq in seqs:
+            cache.states.acquire(seq)
+    check_paged_against_golden(model, golden, cache, seqs, cut=t // 2)
+
+
+# ---- the router and the dispatch -------------------------------------------------------
+
+def test_route_picks_the_top_k_in_expert_order_and_renormalises():
+    logits = np.array([[0.0, 3.0, 1.0, 2.0], [5.0, 5.0, 5.0, -1.0]], np.float32)
+    ids, w = route(logits, 2, normalize=False)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    assert ids.tolist() == [[1, 3], [0, 1]]  # ties go to the lower expert id
+    np.testing.assert_allclose(w, np.take_along_axis(p, ids, -1), rtol=1e-6)
+    ids, w = route(logits, 2, normalize=True)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(w[0], p[0, [1, 3]] / p[0, [1, 3]].sum(), rtol=1e-6)
+
+
+def test_each_selected_expert_is_read_once_per_step():
+    """The reference groups a step's rows by expert: one matmul per selected expert with
+    all of its rows, never one per row."""
+    from lattice_engine import ops
+    model = load(FIXTURES / "qwen3_moe", backend="numpy").model
+    moe = next(b.mlp for b in model.layers if isinstance(b.mlp, SparseMoE))
+    x = np.random.default_rng(0).standard_normal((16, moe.hidden)).astype(np.float32)
+    calls = []
+
+    class Counting:
+        name = "numpy"
+
+        def __getattr__(self, attr):
+            return getattr(ops, attr)
+
+        def matmul(self, a, w):
+            calls.append((id(w), a.shape[0]))
+            return ops.matmul(a, w)
+
+    out = moe.reference(x, Counting())
+    ids, _ = route(ops.matmul(x, moe.router.weight), moe.top_k, moe.normalize)
+    used = np.unique(ids)
+    gates = [(id(moe.gate[e]), int((ids == e).any(-1).sum())) for e in used]
+    assert [c for c in calls if c[0] in {id(g) for g in moe.gate}] == gates
+    np.testing.assert_allclose(out, moe.reference(x, ops), rtol=0, atol=0)
+
+
+# ---- checkpoints that disagree with their config ---------------------------------------
+
+def _copy(tmp_path, name):
+    folder = tmp_path / name
+    shutil.copytree(FIXTURES / name, folder)
+    return folder
+
+
+def test_a_missing_expert_names_the_tensor(tmp_path):
+    folder = _copy(tmp_path, "qwen3_moe")
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["model.layers.2.mlp.experts.7.up_proj.weight"]
+    save_file(weights, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.mlp\.experts\.7\.up_proj"):
+        load(folder, backend="numpy")
+
+
+def test_more_experts_than_the_config_says_names_the_tensor(tmp_path):
+    folder = _copy(tmp_path, "qwen3_moe")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_local_experts"] = 7
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"experts\.7\.gate_proj.*num_experts = 7"):
+        load(folder, backend="numpy")
