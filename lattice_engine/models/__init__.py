@@ -11,6 +11,8 @@ BUILTIN_ARCHITECTURES = {
     "qwen3_moe": "lattice_engine.models.qwen3_moe",
     "qwen3_5": "lattice_engine.models.qwen3_5",  # Qwen3_5ForConditionalGeneration
     "qwen3_5_text": "lattice_engine.models.qwen3_5",  # Qwen3_5ForCausalLM
+    "qwen3_5_moe": "lattice_engine.models.qwen3_5_moe",  # Qwen3_5MoeForConditionalGeneration
+    "qwen3_5_moe_text": "lattice_engine.models.qwen3_5_moe",  # Qwen3_5MoeForCausalLM
 }
 
 

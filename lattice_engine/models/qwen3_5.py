@@ -207,7 +207,8 @@ class GatedDeltaNet:
 
 
 class Block:
-    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str, index: int, slot: int):
+    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str, index: int, slot: int,
+                 mlp_factory=None):
         h = cfg.hidden_size
         self.kind = cfg.layer_types[index]
         self.slot = slot  # index among layers of its kind: its KV or recurrent-state slot
@@ -219,7 +220,8 @@ class Block:
         else:
             self.self_attn = GatedAttention(cfg, w, f"{p}.self_attn")
         self.post_attention_layernorm = w.vector(f"{p}.post_attention_layernorm.weight", (h,))
-        self.mlp = MLP(cfg, w, f"{p}.mlp")
+        # an architecture may put another MLP here (qwen3_5_moe: the sparse MoE)
+        self.mlp = (mlp_factory or MLP)(cfg, w, f"{p}.mlp")
 
     def __call__(self, x, cache, cos, sin, ops):
         normed = ops.rms_norm(x, self.input_layernorm, self.eps, 1.0)
@@ -278,7 +280,7 @@ class Model(CausalLM):
         counts = {LINEAR: 0, FULL: 0}
         self.layers = []
         for i, kind in enumerate(cfg.layer_types):
-            self.layers.append(Block(cfg, w, prefix, i, counts[kind]))
+            self.layers.append(Block(cfg, w, prefix, i, counts[kind], self.mlp_factory(cfg, i)))
             counts[kind] += 1
         self.num_linear, self.num_full = counts[LINEAR], counts[FULL]
         self.norm = w.vector(f"{prefix}.norm.weight", (h,))
@@ -288,6 +290,10 @@ class Model(CausalLM):
         self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
         self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))
+
+    def mlp_factory(self, cfg: ModelArgs, index: int):
+        """What builds layer `index`'s MLP from (cfg, loader, prefix); None: the dense MLP."""
+        return None
 
     @classmethod
     def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":
