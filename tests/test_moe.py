@@ -166,3 +166,63 @@ def test_fused_experts_of_the_wrong_shape_name_the_tensor(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"experts\.gate_up_proj.*\(8, 64, 64\).*\(8, 32, 64\)"):
         load(folder, backend="numpy")
+
+
+# ---- the C dispatch (native/src/moe.c) against the numpy reference ---------------------
+
+def _moe_layers(name, quant):
+    model = load(FIXTURES / name, quant=QuantSpec(quant), backend="native").model
+    return [b.mlp for b in model.layers if isinstance(b.mlp, SparseMoE)]
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("name", ["qwen3_moe_step2", "qwen3_5_moe"])
+def test_c_dispatch_matches_the_reference_on_the_same_kernels(name, quant, kernel_variant):
+    """lk_moe_forward against SparseMoE.reference over the native matmuls (the same kernels
+    per expert, batch invariant): they differ only in the routing weights' exp / division
+    rounding, a few float32 ulps relative to sum_j |w_j y_j| (plus the shared expert's)."""
+    from lattice_engine import kernels
+    from lattice_engine.testing.tolerance import U32
+    rng = np.random.default_rng(1)
+    for moe in _moe_layers(name, quant):
+        for n in (1, 3, 17):
+            x = rng.standard_normal((n, moe.hidden)).astype(np.float32)
+            got = moe.native()(x)
+            want = moe.reference(x, kernels)
+            magnitude = np.abs(want).max() + 1.0
+            assert np.abs(got - want).max() <= 64 * U32 * magnitude
+
+
+@pytest.mark.native
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8_0", "q8_0_r16"])
+def test_grouped_matmul_equals_one_matmul_per_matrix(fmt, kernel_variant):
+    """lk_matmul_grouped (each matrix its own rows of x, one pool job) gives every matrix
+    the bits of a plain matmul over its rows, for row counts across the kernels' regimes."""
+    from lattice_engine import kernels
+    from lattice_engine.kernels.runtime import _FLOATS, _L, _fb, _ffi
+    from lattice_engine.kernels.buffers import _FMT_IDS
+    from lattice_engine.quant.core_formats import native_layout
+    from lattice_engine.quant.formats import pack
+    from lattice_engine.quant.core_formats import CORE_FORMATS
+    formats = {f.name: f for f in CORE_FORMATS}
+    rng = np.random.default_rng(2)
+    K, counts = 96, [1, 0, 5, 9, 70, 2]
+    mats = []
+    for i, _ in enumerate(counts):
+        m = pack(formats["q8_0" if fmt == "q8_0_r16" else fmt], f"w{i}",
+                 rng.standard_normal((32 + 16 * (i % 2), K)).astype(np.float32))
+        mats.append(native_layout(m, force=True) if fmt == "q8_0_r16" else m)
+    x = rng.standard_normal((sum(counts), K)).astype(np.float32)
+    row0 = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    outs = [np.full((c, m.rows), np.nan, np.float32) for c, m in zip(counts, mats)]
+    rc = _L.lk_matmul_grouped(
+        _FMT_IDS[fmt], _fb(_FLOATS, x), K, len(mats), _ffi.new("int64_t[]", row0.tolist()),
+        _ffi.new("int64_t[]", counts), _ffi.new("const void *[]", [_fb(m.data) for m in mats]),
+        _ffi.new("int64_t[]", [m.data.strides[0] for m in mats]),
+        _ffi.new("int64_t[]", [m.rows for m in mats]),
+        _ffi.new("float *[]", [_fb(_FLOATS, o, True) if o.size else _ffi.NULL for o in outs]))
+    assert rc == 0
+    for r, c, m, o in zip(row0, counts, mats, outs):
+        if c:
+            np.testing.assert_array_equal(o, kernels.matmul(x[r:r + c], m))

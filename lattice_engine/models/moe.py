@@ -29,13 +29,14 @@ from .base import Linear, WeightLoader
 
 def route(logits: np.ndarray, top_k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Router logits [n, E] -> (expert ids int64 [n, k] in ascending order, weights float32
-    [n, k]): softmax over all experts (float32), the k largest probabilities (ties to the
-    lower expert id), divided by their sum when `normalize`."""
+    [n, k]): softmax over all experts (float32), the k largest (ties to the lower expert
+    id), divided by their sum when `normalize`."""
     logits = np.asarray(logits, np.float32)
     z = np.exp(logits - logits.max(-1, keepdims=True))
     probs = z / z.sum(-1, keepdims=True, dtype=np.float32)
-    # stable sort of -p: equal probabilities keep ascending expert order
-    ids = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    # by logit (softmax is monotone; the logits carry no exp rounding), a stable sort so
+    # equal logits keep ascending expert order, as the C router does
+    ids = np.argsort(-logits, axis=-1, kind="stable")[:, :top_k]
     ids.sort(axis=-1)
     weights = np.take_along_axis(probs, ids, axis=-1)
     if normalize:
@@ -74,6 +75,7 @@ class SparseMoE:
             self.shared = MLP(_Shared, w, f"{prefix}.shared_expert")
             self.shared_gate = Linear(w.matrix(f"{prefix}.shared_expert_gate.weight", (1, h),
                                                "linear"))
+        self._native = None  # kernels.moe.NativeMoE, or False when C cannot run it
 
     @staticmethod
     def _experts(w: WeightLoader, p: str, n_exp: int, inter: int, h: int):
@@ -113,9 +115,21 @@ class SparseMoE:
                                self.shared.down_proj.weight, self.shared_gate.weight))
         return int(self.router.weight.nbytes + self.top_k * expert + shared)
 
+    def native(self):
+        """The C description of this layer (`kernels.moe.NativeMoE`), built on first use;
+        None when the native module is missing or a matrix has no C matmul."""
+        if self._native is None:
+            from ..kernels.moe import NativeMoE
+            self._native = NativeMoE.build(self) or False
+        return self._native or None
+
     def __call__(self, x: np.ndarray, ops) -> np.ndarray:
         shape = x.shape
         flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, self.hidden)
+        if getattr(ops, "name", "") == "native":
+            c = self.native()
+            if c is not None:  # the same grouped dispatch in C (native/src/moe.c)
+                return c(flat).reshape(shape)
         return self.reference(flat, ops).reshape(shape)
 
     def reference(self, flat: np.ndarray, ops) -> np.ndarray:
