@@ -355,17 +355,23 @@ class Model(CausalLM):
         from .qwen3_5_paged import forward_paged
         return forward_paged(self, batch, cache)
 
+    @staticmethod
+    def _mlp_step_spec(m) -> Optional[dict]:
+        """A layer's MLP entries of the Qwen35Step spec; None when the step cannot run it."""
+        if m.gate_proj.bias is not None or m.up_proj.bias is not None or \
+                m.down_proj.bias is not None:
+            return None  # Qwen3.5 has no MLP bias; the C step does not take one
+        return {"gate": m.gate_proj.weight, "up": m.up_proj.weight, "down": m.down_proj.weight,
+                "down_rotation": m.down_rotation}
+
     def _build_decode_step(self) -> Optional[Qwen35Step]:
         layers = []
         for block in self.layers:
-            m = block.mlp
-            spec = {"kind": block.kind, "attn_norm": block.input_layernorm,
-                    "mlp_norm": block.post_attention_layernorm, "gate": m.gate_proj.weight,
-                    "up": m.up_proj.weight, "down": m.down_proj.weight,
-                    "down_rotation": m.down_rotation}
-            if m.gate_proj.bias is not None or m.up_proj.bias is not None or \
-                    m.down_proj.bias is not None:
-                return None  # Qwen3.5 has no MLP bias; the C step does not take one
+            mlp = self._mlp_step_spec(block.mlp)
+            if mlp is None:
+                return None
+            spec = dict(mlp, kind=block.kind, attn_norm=block.input_layernorm,
+                        mlp_norm=block.post_attention_layernorm)
             if block.kind == LINEAR:
                 a = block.linear_attn
                 spec.update(in_qkv=a.in_proj_qkv.weight, in_z=a.in_proj_z.weight,

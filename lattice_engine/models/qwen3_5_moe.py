@@ -48,5 +48,10 @@ class Model(qwen3_5.Model):
     def moe_layers(self) -> list[SparseMoE]:
         return [b.mlp for b in self.layers]
 
-    def _build_decode_step(self) -> Optional[Any]:
-        return None  # the fused step has no MoE layers yet: the per-kernel path
+    @staticmethod
+    def _mlp_step_spec(m) -> Optional[dict]:
+        """A MoE layer runs in the fused step as its C description (lk_moe_forward)."""
+        if not isinstance(m, SparseMoE):
+            return qwen3_5.Model._mlp_step_spec(m)
+        native = m.native()
+        return None if native is None else {"moe": native}

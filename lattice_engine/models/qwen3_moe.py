@@ -66,7 +66,10 @@ class Model(DecoderModel):
     def moe_layers(self) -> list[SparseMoE]:
         return [b.mlp for b in self.layers if isinstance(b.mlp, SparseMoE)]
 
-    def _build_decode_step(self) -> Optional[Any]:
-        if self.moe_layers():
-            return None  # the fused step has no MoE layers yet: the per-kernel path
-        return super()._build_decode_step()
+    @staticmethod
+    def _mlp_step_spec(m) -> Optional[dict]:
+        """A MoE layer runs in the fused step as its C description (lk_moe_forward)."""
+        if not isinstance(m, SparseMoE):
+            return DecoderModel._mlp_step_spec(m)
+        native = m.native()
+        return None if native is None else {"moe": native}

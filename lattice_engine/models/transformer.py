@@ -283,22 +283,31 @@ class DecoderModel(CausalLM):
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
 
+    @staticmethod
+    def _mlp_step_spec(m) -> Optional[dict]:
+        """A layer's MLP entries of the DecoderStep spec; None when the step cannot run it."""
+        spec = {"down_rotation": m.down_rotation}
+        for name, lin in (("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
+            spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
+        return spec
+
     def _build_decode_step(self) -> Optional[DecoderStep]:
         layers = []
         for block in self.layers:
-            a, m = block.self_attn, block.mlp
+            a = block.self_attn
             spec = {"attn_norm": block.input_layernorm, "mlp_norm": block.post_attention_layernorm,
                     "q_norm": a.q_norm, "k_norm": a.k_norm}
-            for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
-                              ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
+            for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj)):
                 spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
-            spec["down_rotation"] = m.down_rotation
+            mlp = self._mlp_step_spec(block.mlp)
+            if mlp is None:
+                return None
+            spec.update(mlp)
             spec["attn_in_rotation"] = block.attn_in_rotation
             spec["mlp_in_rotation"] = block.mlp_in_rotation
             spec["o_rotation"] = a.o_rotation
             layers.append(spec)
-        if not DecoderStep.supports(
-                self.embed_tokens, *(L[n] for L in layers for n in DecoderStep.MATRICES)):
+        if not DecoderStep.supports(self.embed_tokens, *DecoderStep.matrices_of(layers)):
             return None
         c = self.config
         return DecoderStep(
