@@ -280,3 +280,72 @@ def test_fused_paged_step_is_the_per_kernel_path_bit_for_bit(name):
         assert (model._decode_step() is not None) == fused
     for a, b in zip(runs[True], runs[False]):
         np.testing.assert_array_equal(a, b)
+
+
+# ---- GGUF (qwen3moe) -------------------------------------------------------------------
+
+def _write_gguf(tmp_path, ggml_type, edit=None):
+    pytest.importorskip("gguf")
+    from lattice_engine.testing.moe_gguf import write_qwen3_moe_gguf
+    config = json.loads((FIXTURES / "qwen3_moe" / "config.json").read_text())
+    config["num_experts"] = config.pop("num_local_experts")
+    weights = load_file(str(FIXTURES / "qwen3_moe" / "model.safetensors"))
+    if edit:
+        edit(config, weights)
+    return write_qwen3_moe_gguf(tmp_path / f"moe_{ggml_type}.gguf", config,
+                                weights.__getitem__, ggml_type)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_gguf_qwen3moe_matches_transformers(tmp_path, backend):
+    path = _write_gguf(tmp_path, "F32")
+    loaded = load(path, backend=backend)
+    model = loaded.model
+    c = loaded.checkpoint.config
+    assert c["model_type"] == "qwen3_moe" and c["mlp_only_layers"] == [1]
+    assert (c["num_experts"], c["num_experts_per_tok"], c["norm_topk_prob"]) == (8, 2, True)
+    golden = load_file(str(FIXTURES / "qwen3_moe" / "golden.safetensors"))
+    bound = min(golden_bound(model, golden), ISSUE_ATOL)
+    cache = model.make_cache(batch=2)
+    assert np.abs(model.forward(golden["prompt_ids"], cache) -
+                  golden["prefill_logits"]).max() <= bound
+    steps = golden["decode_ids"][:, :8]
+    decode = np.concatenate([model.forward(steps[:, i:i + 1], cache) for i in range(8)], axis=1)
+    assert np.abs(decode - golden["decode_logits"][:, :8]).max() <= bound
+
+
+def _mapped(a) -> bool:
+    while a is not None:
+        if isinstance(a, np.memmap):
+            return True
+        a = getattr(a, "base", None)
+    return False
+
+
+@pytest.mark.native
+def test_gguf_q8_0_experts_stay_memory_mapped(tmp_path):
+    path = _write_gguf(tmp_path, "Q8_0")
+    model = load(path, quant=QuantSpec("q8_0"), backend="native").model
+    moes = [b.mlp for b in model.layers if isinstance(b.mlp, SparseMoE)]
+    for moe in moes:
+        for m in moe.gate + moe.up + moe.down:
+            assert m.format.name == "q8_0" and not m.data.flags.writeable
+            assert _mapped(m.data)  # a view of the file's memory map, not a copy
+        assert moe.native() is not None
+    # the same model from the HF folder, quantized here to q8_0: the same logits
+    ids = load_file(str(FIXTURES / "qwen3_moe" / "golden.safetensors"))["prompt_ids"]
+    hf = load(FIXTURES / "qwen3_moe", quant=QuantSpec("q8_0"), backend="native").model
+    a = model.forward(ids, model.make_cache(batch=2))
+    b = hf.forward(ids, hf.make_cache(batch=2))
+    np.testing.assert_array_equal(a, b)  # gguf's Q8_0 quantizer rounds as ours does
+
+
+def test_gguf_expert_count_that_disagrees_names_the_tensor(tmp_path):
+    def drop_expert(config, weights):
+        for part in ("gate", "up", "down"):
+            del weights[f"model.layers.2.mlp.experts.7.{part}_proj.weight"]
+        config["num_experts"] = 7  # what the tensors of layer 2 now hold ...
+    path = _write_gguf(tmp_path, "F32", drop_expert)
+    # ... while layer 0 still has 8 experts and an 8-row router
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate\.weight.*\(8, 64\).*\(7, 64\)"):
+        load(path, backend="numpy")
