@@ -349,3 +349,20 @@ def test_gguf_expert_count_that_disagrees_names_the_tensor(tmp_path):
     # ... while layer 0 still has 8 experts and an 8-row router
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate\.weight.*\(8, 64\).*\(7, 64\)"):
         load(path, backend="numpy")
+
+
+def test_decode_weight_bytes_count_only_the_active_experts():
+    from lattice_engine.models.moe import decode_weight_bytes, resident_memory_mb
+    model = load(FIXTURES / "qwen3_5_moe", quant=QuantSpec("f16"), backend="numpy").model
+    moe = model.layers[0].mlp
+    expert = sum(m.nbytes for m in (moe.gate[0], moe.up[0], moe.down[0]))
+    shared = sum(m.nbytes for m in (moe.shared.gate_proj.weight, moe.shared.up_proj.weight,
+                                    moe.shared.down_proj.weight, moe.shared_gate.weight))
+    assert moe.active_bytes() == moe.router.weight.nbytes + moe.top_k * expert + shared
+    total = decode_weight_bytes(model)
+    for b in model.layers:  # every expert active: the difference is exactly the others
+        b.mlp.top_k = b.mlp.num_experts
+    dense = decode_weight_bytes(model)
+    assert dense - total == sum((b.mlp.num_experts - 2) * expert for b in model.layers)
+    mem = resident_memory_mb()
+    assert not mem or mem["rss"] >= mem["anon"] > 0

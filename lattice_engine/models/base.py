@@ -142,6 +142,11 @@ class WeightLoader:
                                           lambda f: self._format(f).block_size, self.overrides)
         return self._packed(name, self._raw(name, shape), shape, self._format(fmt_name))
 
+    def float_matrix(self, name: str, shape: tuple[int, int]) -> PackedMatrix:
+        """A matrix kept in float32 whatever the quant method says (a MoE router: small, and
+        its rounding would move tokens between experts; llama.cpp keeps it in float too)."""
+        return self._packed(name, self._raw(name, shape), shape, self._format("f32"))
+
     def stacked(self, name: str, shape: tuple[int, int, int], role: str,
                 parts: int = 1) -> list[tuple[PackedMatrix, ...]]:
         """The matrices of a stacked 3-D tensor [n, rows, cols] (a MoE layer's experts): per

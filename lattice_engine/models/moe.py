@@ -63,7 +63,8 @@ class SparseMoE:
                 f"checkpoint {w.checkpoint.source} has tensor {extra!r}, but the config says "
                 f"num_experts = {n_exp} (experts 0..{n_exp - 1}); the checkpoint and its "
                 f"config disagree")
-        self.router = Linear(w.matrix(f"{prefix}.gate.weight", (n_exp, h), "linear"))
+        # the router and the shared expert's gate stay float32 (see WeightLoader.float_matrix)
+        self.router = Linear(w.float_matrix(f"{prefix}.gate.weight", (n_exp, h)))
         self.gate, self.up, self.down = self._experts(w, f"{prefix}.experts", n_exp, inter, h)
         self.shared = self.shared_gate = None
         if shared_intermediate:
@@ -73,8 +74,8 @@ class SparseMoE:
                 intermediate_size, hidden_size = shared_intermediate, h
                 mlp_bias, lattice_online_rotation = False, None
             self.shared = MLP(_Shared, w, f"{prefix}.shared_expert")
-            self.shared_gate = Linear(w.matrix(f"{prefix}.shared_expert_gate.weight", (1, h),
-                                               "linear"))
+            self.shared_gate = Linear(w.float_matrix(f"{prefix}.shared_expert_gate.weight",
+                                                     (1, h)))
         self._native = None  # kernels.moe.NativeMoE, or False when C cannot run it
 
     @staticmethod
@@ -148,4 +149,50 @@ class SparseMoE:
         return out
 
 
-__all__ = ["route", "SparseMoE"]
+def decode_weight_bytes(model) -> int:
+    """Weight bytes one decoded token reads, the roofline's denominator: every matrix of
+    every layer, a MoE layer counted by its active part only (router, top_k experts of
+    average size, shared expert: `SparseMoE.active_bytes`), plus the lm_head (the one
+    embedding row is negligible)."""
+    seen: set[int] = set()
+    total = 0
+
+    def visit(obj, depth: int) -> None:
+        nonlocal total
+        if isinstance(obj, SparseMoE):
+            total += obj.active_bytes()
+            return
+        if isinstance(obj, PackedMatrix):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                total += obj.nbytes
+            return
+        if depth < 3 and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                visit(value, depth + 1)
+
+    for layer in model.layers:
+        visit(layer, 0)
+    if id(model.lm_head) not in seen:
+        total += model.lm_head.nbytes
+    return total
+
+
+def resident_memory_mb(status: str = "/proc/self/status") -> dict[str, float]:
+    """This process's resident memory in MB (Linux): rss, anon (allocated: converted
+    weights, caches) and file (pages of mapped files: the memory-mapped experts a run has
+    touched so far). Empty where /proc is not there."""
+    keys = {"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file"}
+    out: dict[str, float] = {}
+    try:
+        with open(status) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in keys:
+                    out[keys[key]] = int(value.split()[0]) / 1024
+    except OSError:
+        return {}
+    return out
+
+
+__all__ = ["route", "SparseMoE", "decode_weight_bytes", "resident_memory_mb"]
