@@ -53,6 +53,8 @@
  *              lk_softplus (Qwen3.5's Gated DeltaNet layers and gates)
  *   qwen35     lk_qwen35_work_size, lk_qwen35_step (a whole Qwen3.5 decode step in one
  *              call), lk_qwen35_step_paged (the same over a paged batch)
+ *   moe        lk_moe_ok, lk_moe_forward (a mixture-of-experts MLP, experts grouped by
+ *              row), lk_matmul_grouped (matrices each over their own rows, one job)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
