@@ -49,29 +49,35 @@ def main() -> int:
     for name in args.models:
         torch.manual_seed(0)
         path = resolve_source(name)
-        ours = load(path, quant=QuantSpec("f32"), backend=args.backend)
-        ids = np.asarray(ours.tokenizer.encode(text, add_special_tokens=False), np.int64)
+        # one model in memory at a time (a 0.5B model is 2 GB in float32): PEFT's run, then
+        # ours, then PEFT loading what we saved
+        tokenizer = load(path, quant=QuantSpec("f32"), backend="numpy").tokenizer
+        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int64)
         prompt = ids[:args.positions]
-        base = load_reference(path)
-        torch.set_grad_enabled(True)
-        cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
-                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                              "gate_proj", "up_proj", "down_proj"])
-        pm = peft.get_peft_model(base, cfg)
-        pm.train()
-        opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
-        for step in range(args.steps):
-            chunk = torch.from_numpy(ids[None, 200 + 64 * step: 264 + 64 * step])
-            loss = pm(input_ids=chunk, labels=chunk).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        pm.eval()
-        torch.set_grad_enabled(False)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
+            base = load_reference(path)
+            torch.set_grad_enabled(True)
+            cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                  "gate_proj", "up_proj", "down_proj"])
+            pm = peft.get_peft_model(base, cfg)
+            pm.train()
+            opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-3)
+            for step in range(args.steps):
+                chunk = torch.from_numpy(ids[None, 200 + 64 * step: 264 + 64 * step])
+                loss = pm(input_ids=chunk, labels=chunk).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            pm.eval()
+            torch.set_grad_enabled(False)
             pm.save_pretrained(tmp / "peft", safe_serialization=True)
             want = pm(input_ids=torch.from_numpy(prompt[None])).logits[0].float().numpy()
+            del pm, base, opt
+            gc.collect()
+
+            ours = load(path, quant=QuantSpec("f32"), backend=args.backend)
             weights = load_peft(tmp / "peft", ours.model)
             slots = AdapterSlots.of(ours.model)
             slot = slots.add(weights)
@@ -79,12 +85,16 @@ def main() -> int:
                 got = ours.model.forward(prompt[None], ours.model.make_cache())[0]
             plain = ours.model.forward(prompt[None], ours.model.make_cache())[0]
             save_peft_safetensors(weights, tmp / "ours")
-            del pm, base, opt  # a 0.5B float32 model is 2 GB: one reference at a time
+            modules = len(weights.modules)
+            del ours, weights, slots
             gc.collect()
+
             fresh = load_reference(path)
             again = peft.PeftModel.from_pretrained(fresh, str(tmp / "ours")).eval()
             theirs2 = again(input_ids=torch.from_numpy(prompt[None])).logits[0].float().numpy()
-        row = {"model": name, "positions": int(prompt.size), "modules": len(weights.modules),
+            del again, fresh
+            gc.collect()
+        row = {"model": name, "positions": int(prompt.size), "modules": modules,
                "max_abs_diff": float(np.abs(got - want).max()),
                "argmax_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
                "adapter_effect": float(np.abs(plain - want).max()),
@@ -93,7 +103,8 @@ def main() -> int:
         print(f"{name}: {row['modules']} modules, {row['positions']} positions: max |ours - "
               f"peft| {row['max_abs_diff']:.3g} (the adapter moves logits by "
               f"{row['adapter_effect']:.3g}), argmax agreement {row['argmax_agreement']:.4f}; "
-              f"our saved adapter in PEFT: max |diff| {row['saved_then_peft_max_abs_diff']:.3g}")
+              f"our saved adapter in PEFT: max |diff| "
+              f"{row['saved_then_peft_max_abs_diff']:.3g}", flush=True)
     print(json.dumps({"lora_real": results}))
     return 0
 
