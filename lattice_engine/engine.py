@@ -214,6 +214,12 @@ class Engine:
         mgr = getattr(self, "_adapters", None)
         if mgr is None:
             from .adapters import AdapterManager
+            config = getattr(getattr(self.loaded, "checkpoint", None), "config", None) or {}
+            if config.get("quarot"):
+                raise RequestError("this model's weights are QuaRot-rotated: its linears see "
+                                   "rotated inputs, so an adapter trained on the original "
+                                   "model does not apply; load the model without [quarot] "
+                                   "to use adapters")
             mgr = self._adapters = AdapterManager(self.model, self.plugin_manager.registry)
         return mgr
 

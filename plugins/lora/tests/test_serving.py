@@ -139,3 +139,13 @@ def test_config_section_and_cli_adapter(tmp_path, capsys):
     assert rc == 0
     import json
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"] == want
+
+
+def test_a_quarot_rotated_model_refuses_adapters(tmp_path):
+    folder = tmp_path / "llama"
+    shutil.copytree(CORE_FIXTURES / "llama", folder)
+    engine = Engine.load(str(folder), backend="numpy")
+    engine.loaded.checkpoint.config["quarot"] = {"seed": 0}   # as the QuaRot transform marks it
+    from lattice_engine.errors import RequestError
+    with pytest.raises(RequestError, match="QuaRot-rotated"):
+        engine.load_adapter(LORA_FIXTURES / "llama")
