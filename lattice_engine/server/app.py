@@ -34,6 +34,9 @@ from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import SCHEMA as _SCHEMA
 from .protocol import (APIError, bad, chat_messages, choices_per_prompt, completion_prompts,
                        ignore_eos, parse_body, sampling_from, stream_flags)
+from ..chat_template import template_source
+from .tools import OPEN as TOOL_OPEN
+from .tools import content_before_call, parse_calls, template_messages, tool_request
 from .responses import (Choice, ChoiceState, TokenText, chat_logprobs, completion_logprobs,
                         prompt_entries)
 
@@ -115,13 +118,37 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         if engine.tokenizer is None:
             raise bad("this model has no tokenizer, so it cannot take chat messages; use "
                       "/v1/completions with 'prompt' as an array of token ids", "messages")
+        tools = tool_request(body)
+        extra = {}
+        if tools is not None:
+            if "tools" not in template_source(engine.tokenizer.config):
+                raise bad("this model's chat template has no tools section, so it cannot be "
+                          "shown 'tools'; describe the functions in a message instead",
+                          "tools")
+            extra["tools"] = tools.tools
         try:
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            ids = engine.tokenizer.apply_chat_template(template_messages(messages),
+                                                       add_generation_prompt=True, **extra)
         except LatticeError as exc:
             raise bad(f"the chat template cannot render these messages: {exc}", "messages")
-        make_mask = await _output_constraint(engine, body)
+        if tools is not None and tools.constrained:
+            if any(body.get(k) is not None for k in ("response_format", "regex", "grammar")):
+                raise bad(f"'tool_choice' = {body['tool_choice']!r} constrains the output to "
+                          f"a tool call; it cannot be combined with response_format, regex "
+                          f"or grammar", "tool_choice")
+            ids = ids + engine.tokenizer.encode(TOOL_OPEN + "\n", add_special_tokens=False)
+            try:
+                make_mask = await _output_constraint(engine, {"response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "tool_call", "schema": tools.schema()}}}, "tools")
+            except APIError as exc:
+                raise bad(f"'tools': the parameters schema of "
+                          f"{', '.join(tools.names()) if tools.name is None else tools.name} "
+                          f"cannot constrain a call: {exc.message}", "tools") from None
+        else:
+            make_mask = await _output_constraint(engine, body)
         _check_n(state, n, ids, params)
-        choices = _copies(0, 0, ids, params, n, None, make_mask)
+        choices = _copies(0, 0, ids, params, n, None, make_mask, tools)
         return await _generate(request, state, choices, stream, chat=True,
                                ignore_eos=ignore_eos(body), include_usage=usage)
 
@@ -236,7 +263,7 @@ def _check_model(body: dict, state: _State) -> None:
                        param="model", code="model_not_found")
 
 
-async def _output_constraint(engine, body: dict[str, Any]):
+async def _output_constraint(engine, body: dict[str, Any], param: Optional[str] = None):
     """A function making a fresh grammar matcher (one per choice) for the body's
     `response_format` / `regex` / `grammar`, or None.
     Compiling can take a while for a large schema, so it runs off the event loop; a bad
@@ -244,7 +271,8 @@ async def _output_constraint(engine, body: dict[str, Any]):
     400 naming the field."""
     if not any(body.get(k) is not None for k in ("response_format", "regex", "grammar")):
         return None
-    param = next(k for k in ("response_format", "regex", "grammar") if body.get(k) is not None)
+    param = param or next(k for k in ("response_format", "regex", "grammar")
+                          if body.get(k) is not None)
     try:
         spec = await asyncio.to_thread(engine.request_grammar, body)
         if spec is None:
@@ -327,7 +355,7 @@ def _check_n(state: _State, n: int, ids: list[int], params) -> None:
 
 
 def _copies(first: int, prompt_index: int, ids: list[int], params, n: int,
-            echo_text: Optional[str], make_mask) -> list[Choice]:
+            echo_text: Optional[str], make_mask, tools=None) -> list[Choice]:
     """The n choices of one prompt. With a seed, copy i samples with seed + i (so the
     copies differ and the request is reproducible); copies after the first share the
     prompt's blocks with it (unless each computes its prompt for logprobs)."""
@@ -337,7 +365,7 @@ def _copies(first: int, prompt_index: int, ids: list[int], params, n: int,
         if n > 1 and params.seed is not None:
             p = params.with_overrides(seed=(params.seed + i) % SEED_LIMIT)
         share = first if i > 0 and params.prompt_logprobs is None else None
-        out.append(Choice(first + i, prompt_index, ids, p, echo_text, make_mask, share))
+        out.append(Choice(first + i, prompt_index, ids, p, echo_text, make_mask, share, tools))
     return out
 
 
@@ -509,10 +537,20 @@ async def _sse(state: _State, merged: _Merged, head, chat: bool, states: list[Ch
                     _piece_logprobs(state, st, out, chat)
                 if chat and logprobs is not None and not logprobs["content"]:
                     logprobs = None
+                calls, finish = None, out.finish_reason
+                if st.choice.tools is not None:
+                    text, calls = _stream_tools(st, out.finished)
+                    if calls:
+                        finish = _tool_finish(finish)
                 if out.finished:
                     if text or logprobs:
                         yield _event(_chunk(head, chat, index, text, None, logprobs))
-                    last = _chunk(head, chat, index, "", out.finish_reason)
+                    if calls:
+                        delta = _chunk(head, chat, index, "", None)
+                        delta["choices"][0]["delta"] = {"tool_calls": [
+                            {"index": k, **call} for k, call in enumerate(calls)]}
+                        yield _event(delta)
+                    last = _chunk(head, chat, index, "", finish)
                     if len(states) == 1:
                         last["usage"] = _usage(states)
                     yield _event(last)
@@ -595,9 +633,15 @@ async def _collect(request: Request, state: _State, merged: _Merged, head, chat:
         if chat:
             logprobs = None if want is None else {"content": chat_logprobs(
                 state.tokens, st.token_ids, st.logprobs, st.tops)}
-            choices.append({"index": c.index, "message": {"role": "assistant",
-                                                          "content": st.text},
-                            "logprobs": logprobs, "finish_reason": st.finish_reason})
+            message = {"role": "assistant", "content": st.text}
+            finish = st.finish_reason
+            if c.tools is not None:
+                message["content"], calls = parse_calls(st.text, c.tools)
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = _tool_finish(finish)
+            choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                            "finish_reason": finish})
             continue
         text, logprobs = st.text, None
         if c.echo_text is not None:
@@ -611,3 +655,34 @@ async def _collect(request: Request, state: _State, merged: _Merged, head, chat:
                         "finish_reason": st.finish_reason})
     obj = "chat.completion" if chat else "text_completion"
     return JSONResponse({**head, "object": obj, "choices": choices, "usage": _usage(states)})
+
+
+def _tool_finish(finish: Optional[str]) -> Optional[str]:
+    """A choice that ends in tool calls finishes with "tool_calls" (one cut off by
+    max_tokens keeps "length")."""
+    return "tool_calls" if finish == "stop" else finish
+
+
+def _stream_tools(st: ChoiceState, finished: bool):
+    """(content to send now, tool calls at the end) of a streamed choice with tools:
+    content streams up to where a tool call begins; the calls go out as one delta each
+    when the choice ends (a constrained choice sends no content at all)."""
+    tools = st.choice.tools
+    text = st.text
+    if not finished:
+        if tools.constrained or st.in_call:
+            return "", None
+        allowed, st.in_call = content_before_call(text)
+        piece, st.sent = allowed[st.sent:], max(st.sent, len(allowed))
+        return piece, None
+    content, calls = parse_calls(text, tools)
+    if calls:
+        if tools.constrained:
+            return "", calls
+        allowed, _ = content_before_call(text)
+        piece = allowed[st.sent:]
+        st.sent = max(st.sent, len(allowed))
+        return piece, calls
+    piece = text[st.sent:]
+    st.sent = len(text)
+    return piece, None

@@ -371,7 +371,10 @@ def completion_prompt(body: dict, tokenizer, where: str = "prompt") -> list[int]
     return ids
 
 
-def chat_messages(body: dict) -> list[dict[str, str]]:
+def chat_messages(body: dict) -> list[dict[str, Any]]:
+    """The messages, content parts joined into text. An assistant message may carry
+    `tool_calls` (its content then may be null), a "tool" message answers one (its
+    `tool_call_id` and `name` are kept for the template)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array of {role, content} objects", "messages")
@@ -379,7 +382,17 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a string 'role'", "messages")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict) and
+                    isinstance(c["function"].get("name"), str) for c in calls):
+                raise bad(f"messages[{i}].tool_calls must be an array of {{id, type, "
+                          f"function: {{name, arguments}}}} on an assistant message",
+                          "messages")
         content = m.get("content")
+        if content is None and calls:
+            content = ""
         if isinstance(content, list):  # content parts: only text is understood here
             parts = []
             for part in content:
@@ -392,5 +405,11 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string or an array of text parts",
                       "messages")
-        out.append({"role": m["role"], "content": content})
+        message = {"role": m["role"], "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        out.append(message)
     return out

@@ -25,6 +25,7 @@ class Choice:
     echo_text: Optional[str] = None          # completions `echo`: the prompt, sent first
     make_mask: Optional[Callable[[], Any]] = None  # a fresh output constraint per choice
     share_with: Optional[int] = None         # the choice whose prompt blocks this one reuses
+    tools: Any = None                        # chat: a `tools.ToolRequest` to parse calls by
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -132,6 +133,8 @@ class ChoiceState:
     tops: list = field(default_factory=list)
     offset: int = 0            # characters of text_offset so far (completions logprobs)
     echoed: bool = False       # the echo (prompt text and logprobs) was sent / recorded
+    sent: int = 0              # streamed with tools: characters of content sent
+    in_call: bool = False      # streamed with tools: a tool call has begun
 
     def add(self, out: RequestOutput) -> None:
         self.parts.append(out.text)
