@@ -118,6 +118,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         bias = {}
         for token, value in dict(self.logit_bias).items():
+            if isinstance(token, str) and token.isdigit():  # a JSON / TOML key
+                token = int(token)
             if not _is_int(token) or token < 0:
                 raise RequestError(f"logit_bias: key {token!r} is not a token id (an integer "
                                    f">= 0)")

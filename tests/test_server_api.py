@@ -280,3 +280,22 @@ def test_out_of_range_values_are_400s_naming_value_and_limit(server):
         "20" in answer["error"]["message"]
     status, _ = server.post("/v1/completions", {"model": MODEL, "prompt": "ok", "max_tokens": 1})
     assert status == 200
+
+
+def test_tokenize_and_detokenize_like_llama_cpp(server):
+    tok = server.engine.tokenizer
+    text = "Hello wörld 😀"
+    status, body = server.post("/tokenize", {"content": text})
+    assert status == 200 and body["tokens"] == tok.encode(text, add_special_tokens=False)
+    status, pieces = server.post("/tokenize", {"content": text, "with_pieces": True})
+    assert [p["id"] for p in pieces["tokens"]] == body["tokens"]
+    raw = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"])
+                   for p in pieces["tokens"])
+    assert raw.decode("utf-8") == text  # a piece inside a multi-byte character is its bytes
+    status, back = server.post("/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and back["content"] == text
+    status, err = server.post("/detokenize", {"tokens": [1, 10 ** 9]})
+    assert status == 400 and "1000000000" in err["error"]["message"] and \
+        "49152" in err["error"]["message"]
+    status, err = server.post("/tokenize", {"content": 5})
+    assert status == 400 and "'content' must be a string" in err["error"]["message"]

@@ -2,8 +2,9 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
 server-sent events whose last chunk carries usage), GET /v1/models, GET /health,
-GET /metrics (Prometheus). Errors are OpenAI error objects with a 4xx status for anything
-the client got wrong. `/v1/*` needs `Authorization: Bearer <api_key>` when a key is set.
+GET /metrics (Prometheus), POST /tokenize and /detokenize (llama.cpp's server's shapes).
+Errors are OpenAI error objects with a 4xx status for anything the client got wrong.
+`/v1/*`, /tokenize and /detokenize need `Authorization: Bearer <api_key>` when a key is set.
 Request bodies over `max_body_bytes` get 413; generation requests beyond
 `max_concurrency` in flight get 429.
 """
@@ -152,8 +153,45 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         return await _generate(request, state, choices, stream, chat=True,
                                ignore_eos=ignore_eos(body), include_usage=usage)
 
+    async def tokenize(request: Request) -> Response:
+        """llama.cpp's POST /tokenize: {"content", "add_special" (false), "with_pieces"
+        (false)} -> {"tokens": [id, ...]} or, with pieces, [{"id", "piece"}, ...] where a
+        piece that is not whole UTF-8 is its list of bytes."""
+        _authorize(request, state)
+        body = await _read_json(request, state)
+        tokenizer = _require_tokenizer(engine, "/tokenize")
+        content = _SCHEMA["content"].get(body, "content")
+        if content is None:
+            raise bad("'content' is required: the text to tokenize", "content")
+        ids = tokenizer.encode(content, add_special_tokens=_SCHEMA["add_special"].get(
+            body, "add_special", False))
+        if not _SCHEMA["with_pieces"].get(body, "with_pieces", False):
+            return JSONResponse({"tokens": ids})
+        pieces = []
+        for token in ids:
+            text, raw = state.tokens(token)
+            whole = bytes(raw).decode("utf-8", "strict") if "\ufffd" not in text else None
+            pieces.append({"id": token, "piece": whole if whole is not None else raw})
+        return JSONResponse({"tokens": pieces})
+
+    async def detokenize(request: Request) -> Response:
+        """llama.cpp's POST /detokenize: {"tokens": [id, ...]} -> {"content": text}."""
+        _authorize(request, state)
+        body = await _read_json(request, state)
+        tokenizer = _require_tokenizer(engine, "/detokenize")
+        tokens = _SCHEMA["tokens"].get(body, "tokens")
+        if tokens is None:
+            raise bad("'tokens' is required: an array of token ids", "tokens")
+        out_of_range = [t for t in tokens if not 0 <= t < vocab_size]
+        if out_of_range:
+            raise bad(f"'tokens' holds {out_of_range[0]}, not a token id of this model: ids "
+                      f"are in [0, {vocab_size})", "tokens")
+        return JSONResponse({"content": tokenizer.decode(tokens, skip_special_tokens=False)})
+
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/metrics", metrics_route, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
@@ -686,3 +724,9 @@ def _stream_tools(st: ChoiceState, finished: bool):
     piece = text[st.sent:]
     st.sent = len(text)
     return piece, None
+
+
+def _require_tokenizer(engine, route: str):
+    if engine.tokenizer is None:
+        raise bad(f"this model has no tokenizer, so {route} cannot work")
+    return engine.tokenizer

@@ -124,6 +124,12 @@ SCHEMA: dict[str, Field] = {
     "tool_choice": Field((str, dict), "'none', 'auto', 'required' or {type: function, "
                          "function: {name}}"),
     "parallel_tool_calls": Field((bool,), "a boolean"),
+    # /tokenize and /detokenize (llama.cpp's server)
+    "content": Field((str,), "a string"),
+    "add_special": Field((bool,), "a boolean"),
+    "with_pieces": Field((bool,), "a boolean"),
+    "tokens": Field((list,), "an array of token ids (integers)",
+                    lambda v: all(isinstance(t, int) and not isinstance(t, bool) for t in v)),
     "stream_options": Field((dict,), "an object"),
     "ignore_eos": Field((bool,), "a boolean"),
     "stop": Field((str, list), "a string or an array of at most 4 strings",
