@@ -84,7 +84,8 @@ def server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    app = create_app(Engine(loaded), model_name=MODEL, settings=ServerSection(port=port),
+    engine = Engine(loaded)
+    app = create_app(engine, model_name=MODEL, settings=ServerSection(port=port),
                      options=BatchingOptions(kv_cache_tokens=16384, max_running=8))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -95,6 +96,7 @@ def server():
         time.sleep(0.05)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
                            max_retries=0, timeout=900)
+    client.engine = engine  # for the logprobs reference
     yield client
     srv.should_exit = True
     thread.join(timeout=30)
@@ -176,3 +178,27 @@ def test_bad_tools_are_400s(server):
                                            max_tokens=4,
                                            messages=[{"role": "user", "content": "x"}])
         assert words in str(info.value), (words, str(info.value))
+
+
+def test_chat_logprobs_are_the_models_log_softmax(server):
+    """The same check as tests/test_server_api.py, on Qwen2.5-Coder's chat template."""
+    import numpy as np
+
+    from lattice_engine.sampling import log_softmax
+    from lattice_engine.testing.tolerance import logits_bound
+    engine = server.engine
+    messages = [{"role": "user", "content": "Write a Python hello world."}]
+    answer = server.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
+                                            temperature=0, logprobs=True, top_logprobs=2)
+    content = answer.choices[0].logprobs.content
+    generated = engine.generate(messages=messages, max_tokens=6, temperature=0).tokens
+    ids = engine.tokenizer.apply_chat_template(messages) + generated
+    cache = engine.model.make_cache(batch=1, capacity=len(ids))
+    hidden = engine.model.hidden_states(np.asarray(ids, np.int64)[None, :], cache)
+    ref = log_softmax(engine.model.logits(hidden)[0])
+    bound = 2 * logits_bound(engine.model, hidden, len(ids))
+    start = len(ids) - len(generated) - 1
+    assert len(content) == len(generated)
+    for i, (c, token) in enumerate(zip(content, generated)):
+        assert abs(c.logprob - ref[start + i, token]) <= bound, (c.logprob, ref[start + i, token])
+        assert c.token == engine.tokenizer.decode([token], skip_special_tokens=False)
