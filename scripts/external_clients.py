@@ -154,7 +154,7 @@ def run_lm_eval(base: str, model_name: str, tokenizer_dir: Path, tasks_dir: Path
     from lm_eval.tasks import TaskManager
     args = (f"model={model_name},base_url={base}/v1/completions,num_concurrent={concurrent},"
             f"max_retries=1,tokenizer_backend=huggingface,tokenizer={tokenizer_dir},"
-            f"tokenized_requests=True,batch_size=4,timeout=600")
+            f"tokenized_requests=True,timeout=600")
     return lm_eval.simple_evaluate(model="local-completions", model_args=args,
                                    tasks=["lattice_capitals", "lattice_arith"],
                                    task_manager=TaskManager(include_path=str(tasks_dir)),

@@ -511,6 +511,8 @@ def _echo_piece(state: _State, st: ChoiceState, out: Optional[RequestOutput]):
     if st.choice.params.prompt_logprobs is None:
         return text, None
     ids, lps, tops = prompt_entries(out, st.choice.ids)
+    if not st.choice.params.prompt_logprobs:  # logprobs 0: no alternatives, as for the rest
+        tops = [None] * len(tops)
     logprobs = completion_logprobs(state.tokens, ids, lps, tops, st.offset)
     st.offset += sum(len(t) for t in logprobs["tokens"])
     return text, logprobs
