@@ -52,20 +52,28 @@ class AsyncEngine:
     # ---- event-loop side ---------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        request_id: Optional[str] = None, logits_mask=None,
-                       ignore_eos: bool = False, adapter=None) -> AsyncIterator[RequestOutput]:
+                       ignore_eos: bool = False) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request, then yield its outputs as steps produce them.
         Raises RequestError before yielding anything if the request is invalid. Closing
-        the iterator early (a client that disconnected) aborts the request. `adapter`: see
+        the iterator early (a client that disconnected) aborts the request."""
+        return self.submit(self.prepare(prompt_ids, params, request_id=request_id,
+                                        logits_mask=logits_mask, ignore_eos=ignore_eos))
+
+    def prepare(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                request_id: Optional[str] = None, logits_mask=None, ignore_eos: bool = False,
+                prefix_leader=None, adapter=None):
+        """Validate a request and build its sequence (RequestError if it is invalid);
+        `submit` queues it. prefix_leader: a prepared sequence with the same prompt,
+        submitted first, whose prompt blocks this one reuses (n > 1). adapter: see
         `BatchRunner.make_sequence` (released here if the request is refused)."""
         try:
-            seq = self.runner.make_sequence(prompt_ids, params, request_id=request_id,
-                                            logits_mask=logits_mask, ignore_eos=ignore_eos,
-                                            adapter=adapter)
+            return self.runner.make_sequence(prompt_ids, params, request_id=request_id,
+                                             logits_mask=logits_mask, ignore_eos=ignore_eos,
+                                             prefix_leader=prefix_leader, adapter=adapter)
         except BaseException:
             if adapter is not None:
                 adapter[2]()
             raise
-        return self._stream(seq)
 
     async def call(self, fn):
         """Run fn() on the engine thread between two steps (what must not change while a
@@ -74,6 +82,11 @@ class AsyncEngine:
         future = loop.create_future()
         self._send(("call", (fn, loop, future)))
         return await future
+
+    def submit(self, seq) -> AsyncIterator[RequestOutput]:
+        """Queue a prepared sequence (when the stream is first iterated) and yield its
+        outputs; closing the stream early aborts it."""
+        return self._stream(seq)
 
     async def _stream(self, seq) -> AsyncIterator[RequestOutput]:
         q: asyncio.Queue = asyncio.Queue()
