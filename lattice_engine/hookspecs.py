@@ -129,7 +129,8 @@ def register_adapters(register: Callable[[object], None]) -> None:
             `lattice_engine.contract.AdapterKind` members: `name` (also its config section,
             `[name]`), `load(path, model, name)` returning `lattice_engine.adapters
             .AdapterWeights` checked against the model's linears (`adapters.named_linears`)
-            and `save(weights, path)`. The core keeps loaded adapters resident in the
+            and `save(weights, path)`, optionally `train_step(model, weights, tokens,
+            options, state)` for online training. The core keeps loaded adapters resident in the
             model's `AdapterSlots` and applies them per request in every forward (numpy,
             per-kernel native and the fused C steps); `Engine.load_adapter(path,
             kind=name)` and the server's `/v1/load_lora_adapter` call `load`.
