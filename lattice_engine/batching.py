@@ -21,13 +21,14 @@ from typing import Optional, Sequence as Seq
 
 import numpy as np
 
-from .errors import LatticeError, RequestError
+from .errors import ConfigError, LatticeError, RequestError
 from .generate import token_logprob
 from .text_stream import TextStream
 from .models.paged_forward import PagedBatch
 from .prefill_pacer import PrefillPacer
 from .sampling import SamplingParams, make_sampler
 from .scheduler import LogitsMask, Scheduler, Sequence, Status
+from .speculative import Draft, DraftLength, TargetRows, can_speculate, run_verify
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,40 @@ class _Output:
     new_logprobs: list[float] = field(default_factory=list)
 
 
+_DEFAULT = object()
+
+
+def _merge(outs: list[RequestOutput]) -> Optional[RequestOutput]:
+    """One output for the tokens a verify emitted (each `_take` may have made one)."""
+    if not outs:
+        return None
+    last = outs[-1]
+    last.text = "".join(o.text for o in outs)
+    last.token_ids = [t for o in outs for t in o.token_ids]
+    last.logprobs = [p for o in outs for p in o.logprobs]
+    return last
+
+
+@dataclass
+class _Speculating:
+    """A request's speculation: its drafter (shared), what the drafter sees of it, its
+    adaptive draft length and this step's draft."""
+
+    spec: object
+    request: object
+    length: DraftLength
+    draft: Optional[Draft] = None
+
+
 class BatchRunner:
     def __init__(self, model, tokenizer, registry=None,
-                 options: BatchingOptions = BatchingOptions(), variant: str = ""):
+                 options: BatchingOptions = BatchingOptions(), variant: str = "",
+                 speculation=None):
         self.model = model
+        # speculative decoding (a `speculative.Speculation`): the default of every request
+        self.speculation = speculation
+        if speculation is not None:
+            self._check_speculation(speculation)
         self.tokenizer = tokenizer
         self.registry = registry
         self.options = options
@@ -159,13 +190,21 @@ class BatchRunner:
         self.enqueue(seq)
         return seq.request_id
 
+    @staticmethod
+    def _check_speculation(speculation) -> None:
+        if speculation.drafter.wants_hidden:
+            raise ConfigError(f"drafter {speculation.options.method!r} reads the target's "
+                              f"hidden states, which continuous batching does not hand "
+                              f"out yet; use it with Engine.generate (one request at a time)")
+
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
                       logits_mask: Optional[LogitsMask] = None,
-                      ignore_eos: bool = False) -> Sequence:
+                      ignore_eos: bool = False, speculation=_DEFAULT) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
-        model's end-of-sequence tokens (benchmarks want fixed lengths)."""
+        model's end-of-sequence tokens (benchmarks want fixed lengths). `speculation` (a
+        `speculative.Speculation`, or None for none) overrides the runner's default."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -191,6 +230,13 @@ class BatchRunner:
         eos = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         seq.detail["out"] = _Output(TextStream(self.tokenizer, params.stop,
                                                set(params.stop_token_ids) | set(eos)))
+        spec = self.speculation if speculation is _DEFAULT else speculation
+        if spec is not None and can_speculate(seq.sampler, logits_mask):
+            if spec is not self.speculation:
+                self._check_speculation(spec)
+            seq.detail["spec"] = _Speculating(
+                spec, spec.request(request_id, seq.token_ids, seq.sampler, vocab, params),
+                DraftLength(spec.options.num_draft_tokens, spec.options.adaptive))
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
@@ -201,6 +247,7 @@ class BatchRunner:
         """Drop a request and free its KV blocks now; False if it is unknown or done."""
         seq = self.scheduler.abort(request_id)
         if seq is not None:
+            self._release_draft(seq)
             self._count_finish("abort")
         return seq is not None
 
@@ -219,36 +266,121 @@ class BatchRunner:
         self.scheduler.interleave_tokens = self.pacer.budget()
         self.scheduler.prefill_tokens = self.pacer.prefill_budget()
         started = time.perf_counter()
+        outputs = self._draft()
         plan = self.scheduler.schedule()
-        outputs = [self._finish(seq, "length") for seq in plan.out_of_memory]
+        outputs += [self._finish(seq, "length") for seq in plan.out_of_memory]
+        for seq in self.scheduler.running:
+            seq.draft = []  # a draft lives for one step (the item keeps its own copy)
         if not plan.items:
             return outputs
         self.stats.steps += 1
         batch = PagedBatch.build(self.cache, [
-            (it.sequence.blocks, it.sequence.token_ids[it.start:it.start + it.count],
-             it.start, it.sample) for it in plan.items])
+            (it.sequence.blocks, it.tokens, it.start, it.logits_wanted) for it in plan.items])
+        verify_started = time.perf_counter()
         logits = self.model.forward_paged(batch, self.cache)
-        self.scheduler.complete(plan.items)
+        verify_seconds = time.perf_counter() - verify_started
+        self.scheduler.complete([it for it in plan.items if not it.draft])
         now = time.perf_counter()
         row = 0
         for it in plan.items:
             seq = it.sequence
             self.stats.tokens_computed += it.count
-            if not it.sample:
+            if not it.logits_wanted:
                 continue
+            rows = logits[row:row + it.logits_wanted]
+            row += it.logits_wanted
             try:
-                out = self._sample(seq, logits[row], now)
+                if it.draft:
+                    out = self._verify(it, rows, now, verify_seconds * it.count / len(batch.tokens))
+                else:
+                    out = self._sample(seq, rows[0], now)
             except Exception as exc:  # this request's failure (its sampling options, its
                 out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
-            row += 1
             if out is not None:
                 outputs.append(out)
         # the whole step (sampling and detokenizing too) is what the decoders wait for
-        decode_rows = sum(1 for it in plan.items if it.count == 1 and it.sample)
+        decode_rows = sum(it.count for it in plan.items if it.sample and
+                          (it.count == 1 or it.draft))
         self.pacer.record(decode_rows, len(batch.tokens) - decode_rows,
                           time.perf_counter() - started)
         return outputs
 
+    # ---- speculative decoding ------------------------------------------------------------
+    def _draft(self) -> list[RequestOutput]:
+        """Ask each decoding sequence's drafter for this step's drafts (seq.draft); a
+        drafter that fails ends its request alone. Returns those requests' outputs."""
+        failed = []
+        for seq in list(self.scheduler.running):
+            sp: Optional[_Speculating] = seq.detail.get("spec")
+            if sp is None or seq.prefilling or seq.status is not Status.RUNNING:
+                continue
+            k = min(sp.length.next(), seq.params.max_tokens - seq.num_generated - 1,
+                    self.max_model_len - len(seq.token_ids) - 1)
+            if k <= 0:
+                continue
+            started = time.perf_counter()
+            try:
+                draft = sp.spec.drafter.propose(sp.request, k)
+            except Exception as exc:
+                sp.spec.stats.failures += 1
+                failed.append(self._fail(seq, exc))
+                continue
+            finally:
+                sp.spec.stats.draft_seconds += time.perf_counter() - started
+            sp.draft = draft if len(draft.tokens) <= k else \
+                Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
+            seq.draft = list(sp.draft.tokens)
+        return failed
+
+    def _verify(self, it, rows: np.ndarray, now: float,
+                seconds: float) -> Optional[RequestOutput]:
+        """Keep what the drafter's verify keeps of a verify item, roll the recurrent state
+        and the KV blocks back to it, and emit its tokens (stop rules as for any token)."""
+        seq = it.sequence
+        sp: _Speculating = seq.detail["spec"]
+        draft = sp.draft if sp.draft is not None and sp.draft.tokens == it.draft else \
+            Draft(it.draft)
+        sp.draft = None
+        target = TargetRows(rows, seq.token_ids, draft, seq.sampler, seq.logits_mask)
+        tokens, kept = run_verify(sp.spec.drafter, target, draft, seq.sampler.rng)
+        recurrent = self.cache.recurrent
+        if recurrent is not None and seq.blocks.state_slot in recurrent.trails:
+            recurrent.rollback(seq.blocks.state_slot, len(tokens))
+        sp.spec.drafter.accepted(sp.request, len(draft.tokens), kept)
+        sp.length.update(len(draft.tokens), kept)
+        stats = sp.spec.stats
+        stats.verifies += 1
+        stats.drafted += len(draft.tokens)
+        stats.accepted += kept
+        stats.emitted += len(tokens)
+        stats.verify_seconds += seconds
+        it.count = len(tokens)  # computed and kept: the pending token and the kept drafts
+        outs = []
+        for i, token in enumerate(tokens):
+            out = self._take(seq, token, token_logprob(rows[i], token), now,
+                             seq.logits_mask is not None and seq.logits_mask.is_terminated()
+                             and i == len(tokens) - 1)
+            if out is not None:
+                outs.append(out)
+            if seq.status is Status.FINISHED:
+                break
+        else:
+            self.scheduler.complete([it])
+        return _merge(outs)
+
+    def _release_draft(self, seq: Sequence) -> None:
+        sp: Optional[_Speculating] = seq.detail.pop("spec", None)
+        if sp is not None:
+            try:
+                sp.spec.drafter.release(sp.request)
+            except Exception:  # a drafter's cleanup must not fail the request's end
+                log.exception("drafter release failed for request %s", seq.request_id)
+
+    def speculation_stats(self) -> dict[str, float]:
+        """The runner's speculation counters (empty when it has no default drafter)."""
+        return {} if self.speculation is None else self.speculation.stats.as_dict()
+
+    # ---- sampling and emitting ---------------------------------------------------------
     def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:
         model_row = row
         if seq.logits_mask is not None:
@@ -262,6 +394,12 @@ class BatchRunner:
         # a complete constraint allows nothing more (a tokenizer without an end token):
         # this token is kept and the request stops
         constraint_done = seq.logits_mask is not None and seq.logits_mask.is_terminated()
+        return self._take(seq, token, logprob, now, constraint_done)
+
+    def _take(self, seq: Sequence, token: int, logprob: float, now: float,
+              constraint_done: bool) -> Optional[RequestOutput]:
+        """Append a chosen token to seq and apply the stop rules; the output to send, if
+        any (None: nothing to send yet)."""
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.stats.ttft.observe(now - seq.arrival_time)
@@ -318,6 +456,7 @@ class BatchRunner:
             reason = "stop" if stopped else reason
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, reason)
+        self._release_draft(seq)
         self._count_finish(reason)
         return self._emit(seq, text, reason)
 

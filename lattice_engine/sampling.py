@@ -183,12 +183,17 @@ def greedy(rng: np.random.Generator) -> Callable[[np.ndarray], int]:
     return lambda logits: int(np.argmax(logits))
 
 
+def categorical_probabilities(logits: np.ndarray) -> np.ndarray:
+    """float64 softmax of processed logits, as the categorical sampler draws from it."""
+    x = logits.astype(np.float64)
+    if np.isposinf(x).any():  # a plugin processor overflowed: share the mass among them
+        x = np.where(np.isposinf(x), 0.0, -np.inf)
+    return _softmax(x)
+
+
 def categorical(rng: np.random.Generator) -> Callable[[np.ndarray], int]:
     def sample(logits):
-        x = logits.astype(np.float64)
-        if np.isposinf(x).any():  # a plugin processor overflowed: share the mass among them
-            x = np.where(np.isposinf(x), 0.0, -np.inf)
-        probs = _softmax(x)
+        probs = categorical_probabilities(logits)
         return int(rng.choice(probs.size, p=probs))
     return sample
 
@@ -224,9 +229,27 @@ class Sampler:
         if name not in samplers:
             raise RequestError(f"unknown sampler {name!r}; registered: {', '.join(samplers)}")
         self.rng = np.random.default_rng(params.seed)
-        self.pick = samplers[name](self.rng)
+        self.params = params
+        self.name = name
+        factory = samplers[name]
+        self._kind = next((k for k, f in BUILTIN_SAMPLERS.items() if f is factory), "custom")
+        self.pick = factory(self.rng)
+
+    @property
+    def kind(self) -> str:
+        """What distribution `pick` draws from: "greedy" (the argmax of the processed
+        logits), "categorical" (softmax of them, `probabilities`) or "custom" (a plugin
+        sampler, whose distribution the engine cannot know: speculative decoding turns
+        itself off for such a request)."""
+        return self._kind
 
     def __call__(self, token_ids: Sequence[int], logits: np.ndarray) -> int:
+        return self.pick(self.process(token_ids, logits))
+
+    def process(self, token_ids: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        """The logits `pick` draws from: a copy of one row after every logits processor
+        (repetition penalty, temperature, top-k / top-p / min-p, plugins'), checked.
+        Speculative decoding verifies drafts against exactly this row."""
         logits = np.array(logits, dtype=np.float32, copy=True)
         # -inf is a masked token (a grammar); NaN or +inf can only come from a broken
         # checkpoint or kernel, and no token can be drawn from them honestly. One max()
@@ -247,7 +270,19 @@ class Sampler:
         if peak == -np.inf:
             raise RequestError("no token is left to sample: the output constraint and the "
                                "sampling options removed every token")
-        return self.pick(logits)
+        return logits
+
+    def probabilities(self, processed: np.ndarray) -> np.ndarray:
+        """float64 [V]: the distribution `pick` samples from, given `process`'s row (one-hot
+        at the argmax for greedy; the categorical sampler's softmax otherwise)."""
+        if self._kind == "greedy":
+            p = np.zeros(processed.size, np.float64)
+            p[int(np.argmax(processed))] = 1.0
+            return p
+        if self._kind != "categorical":
+            raise RequestError(f"sampler {self.name!r} is a plugin's: its distribution is "
+                               f"unknown, so it cannot be verified against")
+        return categorical_probabilities(processed)
 
 
 def make_sampler(params: SamplingParams, registry=None) -> Sampler:

@@ -54,7 +54,14 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
         raise ValueError("a Qwen3.5 paged batch needs a recurrent-state slot for every "
                          "sequence (make the cache with the model's make_paged_cache)")
     cos, sin = ops.rope_tables(batch.positions, model.inv_freq)
-    step = model._decode_step()
+    record = batch.record if batch.record is not None and model.num_linear else None
+    # a verify keeps the state after each of its rows: the per-kernel path below does that
+    # (the fused C step runs a multi-row sequence in the chunked form, keeping no trail)
+    step = model._decode_step() if record is None else None
+    if record is not None:
+        for i in np.flatnonzero(record):
+            cache.recurrent.start_trail(int(batch.state_slots[i]),
+                                        int(q_start[i + 1] - q_start[i]))
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values,
                             cache.recurrent.arrays if cache.recurrent is not None else [])
@@ -72,6 +79,17 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                     continue
                 states = cache.recurrent.state(int(slot))
                 conv, delta = states[2 * block.slot][None], states[2 * block.slot + 1][None]
+                if record is not None and record[i]:
+                    # verify rows: token by token, as decoding computes them, keeping the
+                    # state after each so that a partial accept rolls back exactly
+                    for r in range(r0, r1):
+                        core[:, r:r + 1] = a.recur(np.ascontiguousarray(mixed[:, r:r + 1]),
+                                                   np.ascontiguousarray(beta[:, r:r + 1]),
+                                                   np.ascontiguousarray(g[:, r:r + 1]),
+                                                   conv, delta, ops, 0)
+                        cache.recurrent.keep(int(slot), 2 * block.slot, r - r0)
+                        cache.recurrent.keep(int(slot), 2 * block.slot + 1, r - r0)
+                    continue
                 core[:, r0:r1] = a.recur(np.ascontiguousarray(mixed[:, r0:r1]),
                                          np.ascontiguousarray(beta[:, r0:r1]),
                                          np.ascontiguousarray(g[:, r0:r1]), conv, delta, ops,
