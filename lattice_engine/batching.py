@@ -28,7 +28,8 @@ from .models.paged_forward import PagedBatch
 from .prefill_pacer import PrefillPacer
 from .sampling import SamplingParams, make_sampler
 from .scheduler import LogitsMask, Scheduler, Sequence, Status
-from .speculative import Draft, DraftLength, TargetRows, can_speculate, run_verify
+from .spec_batching import SpeculativeSteps, Speculating
+from .speculative import DraftLength, can_speculate
 
 log = logging.getLogger(__name__)
 
@@ -129,40 +130,22 @@ class _Output:
     new_logprobs: list[float] = field(default_factory=list)
 
 
-_DEFAULT = object()
+# make_sequence's speculation argument when the request did not choose: the runner's own
+DEFAULT_SPECULATION = object()
 
 
-def _merge(outs: list[RequestOutput]) -> Optional[RequestOutput]:
-    """One output for the tokens a verify emitted (each `_take` may have made one)."""
-    if not outs:
-        return None
-    last = outs[-1]
-    last.text = "".join(o.text for o in outs)
-    last.token_ids = [t for o in outs for t in o.token_ids]
-    last.logprobs = [p for o in outs for p in o.logprobs]
-    return last
-
-
-@dataclass
-class _Speculating:
-    """A request's speculation: its drafter (shared), what the drafter sees of it, its
-    adaptive draft length and this step's draft."""
-
-    spec: object
-    request: object
-    length: DraftLength
-    draft: Optional[Draft] = None
-
-
-class BatchRunner:
+class BatchRunner(SpeculativeSteps):
     def __init__(self, model, tokenizer, registry=None,
                  options: BatchingOptions = BatchingOptions(), variant: str = "",
                  speculation=None):
         self.model = model
         # speculative decoding (a `speculative.Speculation`): the default of every request
         self.speculation = speculation
+        # every Speculation a request of this runner used (their counters feed /metrics)
+        self.speculations: dict[int, object] = {}
         if speculation is not None:
             self._check_speculation(speculation)
+            self.speculations[id(speculation)] = speculation
         self.tokenizer = tokenizer
         self.registry = registry
         self.options = options
@@ -200,7 +183,7 @@ class BatchRunner:
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
                       logits_mask: Optional[LogitsMask] = None,
-                      ignore_eos: bool = False, speculation=_DEFAULT) -> Sequence:
+                      ignore_eos: bool = False, speculation=DEFAULT_SPECULATION) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
         model's end-of-sequence tokens (benchmarks want fixed lengths). `speculation` (a
@@ -230,11 +213,12 @@ class BatchRunner:
         eos = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         seq.detail["out"] = _Output(TextStream(self.tokenizer, params.stop,
                                                set(params.stop_token_ids) | set(eos)))
-        spec = self.speculation if speculation is _DEFAULT else speculation
+        spec = self.speculation if speculation is DEFAULT_SPECULATION else speculation
         if spec is not None and can_speculate(seq.sampler, logits_mask):
             if spec is not self.speculation:
                 self._check_speculation(spec)
-            seq.detail["spec"] = _Speculating(
+                self.speculations.setdefault(id(spec), spec)
+            seq.detail["spec"] = Speculating(
                 spec, spec.request(request_id, seq.token_ids, seq.sampler, vocab, params),
                 DraftLength(spec.options.num_draft_tokens, spec.options.adaptive))
         return seq
@@ -304,81 +288,6 @@ class BatchRunner:
         self.pacer.record(decode_rows, len(batch.tokens) - decode_rows,
                           time.perf_counter() - started)
         return outputs
-
-    # ---- speculative decoding ------------------------------------------------------------
-    def _draft(self) -> list[RequestOutput]:
-        """Ask each decoding sequence's drafter for this step's drafts (seq.draft); a
-        drafter that fails ends its request alone. Returns those requests' outputs."""
-        failed = []
-        for seq in list(self.scheduler.running):
-            sp: Optional[_Speculating] = seq.detail.get("spec")
-            if sp is None or seq.prefilling or seq.status is not Status.RUNNING:
-                continue
-            k = min(sp.length.next(), seq.params.max_tokens - seq.num_generated - 1,
-                    self.max_model_len - len(seq.token_ids) - 1)
-            if k <= 0:
-                continue
-            started = time.perf_counter()
-            try:
-                draft = sp.spec.drafter.propose(sp.request, k)
-            except Exception as exc:
-                sp.spec.stats.failures += 1
-                failed.append(self._fail(seq, exc))
-                continue
-            finally:
-                sp.spec.stats.draft_seconds += time.perf_counter() - started
-            sp.draft = draft if len(draft.tokens) <= k else \
-                Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
-            seq.draft = list(sp.draft.tokens)
-        return failed
-
-    def _verify(self, it, rows: np.ndarray, now: float,
-                seconds: float) -> Optional[RequestOutput]:
-        """Keep what the drafter's verify keeps of a verify item, roll the recurrent state
-        and the KV blocks back to it, and emit its tokens (stop rules as for any token)."""
-        seq = it.sequence
-        sp: _Speculating = seq.detail["spec"]
-        draft = sp.draft if sp.draft is not None and sp.draft.tokens == it.draft else \
-            Draft(it.draft)
-        sp.draft = None
-        target = TargetRows(rows, seq.token_ids, draft, seq.sampler, seq.logits_mask)
-        tokens, kept = run_verify(sp.spec.drafter, target, draft, seq.sampler.rng)
-        recurrent = self.cache.recurrent
-        if recurrent is not None and seq.blocks.state_slot in recurrent.trails:
-            recurrent.rollback(seq.blocks.state_slot, len(tokens))
-        sp.spec.drafter.accepted(sp.request, len(draft.tokens), kept)
-        sp.length.update(len(draft.tokens), kept)
-        stats = sp.spec.stats
-        stats.verifies += 1
-        stats.drafted += len(draft.tokens)
-        stats.accepted += kept
-        stats.emitted += len(tokens)
-        stats.verify_seconds += seconds
-        it.count = len(tokens)  # computed and kept: the pending token and the kept drafts
-        outs = []
-        for i, token in enumerate(tokens):
-            out = self._take(seq, token, token_logprob(rows[i], token), now,
-                             seq.logits_mask is not None and seq.logits_mask.is_terminated()
-                             and i == len(tokens) - 1)
-            if out is not None:
-                outs.append(out)
-            if seq.status is Status.FINISHED:
-                break
-        else:
-            self.scheduler.complete([it])
-        return _merge(outs)
-
-    def _release_draft(self, seq: Sequence) -> None:
-        sp: Optional[_Speculating] = seq.detail.pop("spec", None)
-        if sp is not None:
-            try:
-                sp.spec.drafter.release(sp.request)
-            except Exception:  # a drafter's cleanup must not fail the request's end
-                log.exception("drafter release failed for request %s", seq.request_id)
-
-    def speculation_stats(self) -> dict[str, float]:
-        """The runner's speculation counters (empty when it has no default drafter)."""
-        return {} if self.speculation is None else self.speculation.stats.as_dict()
 
     # ---- sampling and emitting ---------------------------------------------------------
     def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:

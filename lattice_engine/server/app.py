@@ -25,13 +25,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..batching import BatchingOptions, RequestOutput
+from ..batching import DEFAULT_SPECULATION, BatchingOptions, RequestOutput
 from ..config import ServerSection
 from ..errors import ConfigError, LatticeError
 from . import metrics
 from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
-                       parse_body, sampling_from, stream_flags)
+                       parse_body, sampling_from, speculation_from, stream_flags)
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,11 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         ids = completion_prompt(body, engine.tokenizer)
         params = sampling_from(body, engine.sampling, "max_tokens", engine.plugin_manager.registry)
         stream, usage = stream_flags(body)
+        speculation = speculation_from(body, engine)
         mask = await _output_constraint(engine, body)
         return await _generate(request, state, ids, params, stream, chat=False,
-                               ignore_eos=ignore_eos(body), logits_mask=mask)
+                               ignore_eos=ignore_eos(body), logits_mask=mask,
+                               speculation=speculation)
 
     async def chat(request: Request) -> Response:
         _authorize(request, state)
@@ -94,9 +96,11 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
             ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except LatticeError as exc:
             raise bad(f"the chat template cannot render these messages: {exc}", "messages")
+        speculation = speculation_from(body, engine)
         mask = await _output_constraint(engine, body)
         return await _generate(request, state, ids, params, stream, chat=True,
-                               ignore_eos=ignore_eos(body), logits_mask=mask)
+                               ignore_eos=ignore_eos(body), logits_mask=mask,
+                               speculation=speculation)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -263,7 +267,8 @@ class _SlotStreamingResponse(StreamingResponse):
 
 
 async def _generate(request: Request, state: _State, ids: list[int], params, stream: bool,
-                    chat: bool, ignore_eos: bool = False, logits_mask=None) -> Response:
+                    chat: bool, ignore_eos: bool = False, logits_mask=None,
+                    speculation=DEFAULT_SPECULATION) -> Response:
     # no await between this check and taking the slot: the event loop runs one handler at
     # a time here, so a burst cannot slip past the limit
     if state.in_flight >= state.settings.max_concurrency:
@@ -276,7 +281,8 @@ async def _generate(request: Request, state: _State, ids: list[int], params, str
         try:
             outputs = await state.async_engine.generate(ids, params, request_id=rid,
                                                         ignore_eos=ignore_eos,
-                                                        logits_mask=logits_mask)
+                                                        logits_mask=logits_mask,
+                                                        speculation=speculation)
         except LatticeError as exc:
             msg = str(exc)
             code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) \

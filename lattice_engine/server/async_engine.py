@@ -17,7 +17,7 @@ import queue
 import threading
 from typing import AsyncIterator, Optional, Sequence
 
-from ..batching import BatchRunner, RequestOutput
+from ..batching import DEFAULT_SPECULATION, BatchRunner, RequestOutput
 from ..sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,14 @@ class AsyncEngine:
     # ---- event-loop side ---------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        request_id: Optional[str] = None, logits_mask=None,
-                       ignore_eos: bool = False) -> AsyncIterator[RequestOutput]:
+                       ignore_eos: bool = False,
+                       speculation=DEFAULT_SPECULATION) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request, then yield its outputs as steps produce them.
         Raises RequestError before yielding anything if the request is invalid. Closing
         the iterator early (a client that disconnected) aborts the request."""
         seq = self.runner.make_sequence(prompt_ids, params, request_id=request_id,
-                                        logits_mask=logits_mask, ignore_eos=ignore_eos)
+                                        logits_mask=logits_mask, ignore_eos=ignore_eos,
+                                        speculation=speculation)
         return self._stream(seq)
 
     async def _stream(self, seq) -> AsyncIterator[RequestOutput]:

@@ -147,3 +147,29 @@ def test_smollm2_ngram_and_draft_model_equal_plain(smollm2):
         for out in eng.step():
             got[out.request_id] += out.token_ids
     assert got[a] == plain.tokens and got[b] == plain.tokens
+
+
+@pytest.mark.parametrize("eos", [-1, 0])
+def test_grammar_constrained_output_equals_plain(tmp_path, eos):
+    """An xgrammar regex (the server's `regex` field) with n-gram drafts: the matcher
+    advances over the drafts for each verify row and rolls back what was rejected. With
+    eos -1 the grammar ends without a stop token, with eos 0 on one."""
+    pytest.importorskip("xgrammar")
+    eng = Engine.load(str(tiny_model("llama", tmp_path, eos_token_id=eos)))
+    regex = r"(abc|abd|xyz){3,12}"
+    spec = {"method": "ngram", "num_draft_tokens": 4, "options": {"prompt_lookup_min": 1}}
+    prompt = "abcabdxyzabcabc"
+    plain = eng.generate(prompt, max_tokens=40, regex=regex, speculative=False)
+    got = eng.generate(prompt, max_tokens=40, regex=regex, speculative=spec)
+    assert got.tokens == plain.tokens and got.finish_reason == plain.finish_reason
+    assert eng.speculation_for(spec).stats.verifies > 0
+    eng.start_batching(BatchingOptions(kv_cache_tokens=1024, block_size=4))
+    a = eng.add_request(prompt, max_tokens=40, speculative=spec,
+                        logits_mask=eng.grammar_matcher(regex=regex))
+    b = eng.add_request(prompt, max_tokens=40, speculative=False,
+                        logits_mask=eng.grammar_matcher(regex=regex))
+    out = {a: [], b: []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            out[o.request_id] += o.token_ids
+    assert out[a] == plain.tokens and out[b] == plain.tokens
