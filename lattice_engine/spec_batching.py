@@ -24,7 +24,7 @@ import numpy as np
 
 from .generate import token_logprob
 from .scheduler import Sequence, Status
-from .speculative import Draft, DraftLength, TargetRows, run_verify
+from .speculative import Draft, DraftLength, TargetRows, batch_draft_lengths, run_verify
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +56,29 @@ class SpeculativeSteps:
     cache, max_model_len, `_take`, `_fail`)."""
 
     def _draft(self) -> list:
-        """Ask each decoding sequence's drafter for this step's drafts (seq.draft); a
-        drafter that fails ends its request alone. Returns those requests' outputs."""
-        failed = []
-        for seq in list(self.scheduler.running):
+        """Ask each decoding sequence's drafter for this step's drafts (seq.draft), at
+        lengths that do not lose to plain decoding for the whole batch
+        (`batch_draft_lengths`, from the pacer's measured step costs); a drafter that fails
+        ends its request alone. Returns those requests' outputs."""
+        decoding = [s for s in self.scheduler.running
+                    if not s.prefilling and s.status is Status.RUNNING]
+        wanted = []
+        for seq in decoding:
             sp: Optional[Speculating] = seq.detail.get("spec")
-            if sp is None or seq.prefilling or seq.status is not Status.RUNNING:
+            if sp is None:
                 continue
             k = min(sp.length.next(), seq.params.max_tokens - seq.num_generated - 1,
                     self.max_model_len - len(seq.token_ids) - 1)
+            if k > 0:
+                wanted.append((seq, sp, k))
+        if not wanted:
+            return []
+        lengths = batch_draft_lengths([k for _, _, k in wanted],
+                                      [sp.length.rate for _, sp, _ in wanted],
+                                      len(decoding), self.pacer.decode_time)
+        failed = []
+        for (seq, sp, asked), k in zip(wanted, lengths):
+            k = k if sp.length.adaptive else asked  # adaptive = false: always the full k
             if k <= 0:
                 continue
             started = time.perf_counter()

@@ -35,7 +35,9 @@ MAX_DRAFT_TOKENS = 16
 class SpeculativeOptions:
     """method: a registered drafter name ("ngram", "draft_model", ...) or None (off);
     num_draft_tokens: the most drafts per verify (the adaptive length stays at or below it);
-    adaptive: shrink / switch off the draft length per sequence from its acceptance;
+    adaptive: shrink / switch off the draft length per sequence from its acceptance, and
+    under continuous batching for the whole step when the drafts' rows would cost more time
+    than their expected tokens save (`batch_draft_lengths`); false: always k drafts;
     options: the drafter's own settings (e.g. prompt_lookup_min / max, draft model)."""
 
     method: Optional[str] = None
@@ -256,6 +258,40 @@ class DraftLength:
         if self.adaptive and self.rate < self.off_below:
             self._off_for = self.cooldown
             self.rate = self.off_below * 2  # probe from a middling estimate
+
+
+def expected_kept(rate: float, k: int) -> float:
+    """Expected drafts kept of k when each is kept with probability `rate` given the ones
+    before it were: rate + rate^2 + ... + rate^k."""
+    return sum(rate ** j for j in range(1, k + 1))
+
+
+def batch_draft_lengths(lengths: Sequence[int], rates: Sequence[float], decoders: int,
+                        step_time) -> list[int]:
+    """Draft lengths for one continuous-batching step that do not lose to plain decoding.
+
+    lengths: each speculating sequence's adaptive length (its `DraftLength`); rates: their
+    acceptance estimates; decoders: every decoding row of the step (speculating or not);
+    step_time(rows): the measured cost of a step of that many rows (the prefill pacer's
+    estimate; None before any). A plain step makes `decoders` tokens in step_time(decoders);
+    drafts add rows (each matmul's M grows, so on a loaded batch they cost real time) and
+    expected tokens. Of the full lengths, half and quarter lengths and none, the plan with
+    the most expected tokens per second wins, so speculation switches itself off for the
+    whole batch when rows are dear and acceptance is low.
+    """
+    base = step_time(decoders) if decoders else None
+    if base is None or not any(lengths):
+        return list(lengths)
+    best, best_rate = [0] * len(lengths), decoders / base
+    for scale in (1.0, 0.5, 0.25):
+        plan = [0 if k == 0 else max(1, int(k * scale)) for k in lengths]
+        t = step_time(decoders + sum(plan))
+        if t is None or t <= 0:
+            continue
+        tokens = decoders + sum(expected_kept(r, k) for r, k in zip(rates, plan))
+        if tokens / t > best_rate * 1.02:  # a gain within timing noise is no gain
+            best, best_rate = plan, tokens / t
+    return best
 
 
 @dataclass

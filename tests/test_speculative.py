@@ -139,7 +139,8 @@ def test_batching_mixed_speculative_and_plain_equals_plain(setup, block_size):
     eng, script, _ = setup
     opts = BatchingOptions(kv_cache_tokens=2048, block_size=block_size, step_tokens=32,
                            interleave_tokens=8)
-    spec = {"method": "script", "num_draft_tokens": 3}
+    # adaptive off: the counts below must not depend on measured step times
+    spec = {"method": "script", "num_draft_tokens": 3, "adaptive": False}
     requests = [(p, dict(max_tokens=40, speculative=spec if i % 2 == 0 else False))
                 for i, p in enumerate(script)]
     requests += [(p, dict(max_tokens=17, speculative=spec)) for p in script]
@@ -388,3 +389,16 @@ def test_a_drafter_factory_must_build_a_drafter(tiny_model_dir):
     pm2.register(NotCallable, "bad-drafter")
     with pytest.raises(PluginError, match="not a factory"):
         pm2.registry
+
+
+def test_batch_draft_lengths_switch_off_when_rows_are_dear():
+    from lattice_engine.speculative import batch_draft_lengths, expected_kept
+    assert expected_kept(0.5, 3) == 0.5 + 0.25 + 0.125
+    # memory-bound: 8 more rows cost 10% more, acceptance 0.7 -> speculate fully
+    cheap = lambda rows: 1.0 + 0.0125 * rows  # noqa: E731
+    assert batch_draft_lengths([4, 4], [0.7, 0.7], 2, cheap) == [4, 4]
+    # compute-bound: every row costs as much as the step -> no drafts at all
+    dear = lambda rows: 0.1 * rows  # noqa: E731
+    assert batch_draft_lengths([4, 4, 4], [0.6, 0.6, 0.6], 8, dear) == [0, 0, 0]
+    # unmeasured: drafts go ahead (the step then gets measured)
+    assert batch_draft_lengths([3], [0.1], 1, lambda rows: None) == [3]
