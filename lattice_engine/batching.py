@@ -175,10 +175,9 @@ class BatchRunner(SpeculativeSteps):
 
     @staticmethod
     def _check_speculation(speculation) -> None:
-        if speculation.drafter.wants_hidden:
-            raise ConfigError(f"drafter {speculation.options.method!r} reads the target's "
-                              f"hidden states, which continuous batching does not hand "
-                              f"out yet; use it with Engine.generate (one request at a time)")
+        """A speculation must come with a drafter (built and checked by Speculation.build)."""
+        if getattr(speculation, "drafter", None) is None:
+            raise ConfigError("a speculation without a drafter cannot serve requests")
 
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
@@ -260,6 +259,7 @@ class BatchRunner(SpeculativeSteps):
         self.stats.steps += 1
         batch = PagedBatch.build(self.cache, [
             (it.sequence.blocks, it.tokens, it.start, it.logits_wanted) for it in plan.items])
+        batch.want_hidden = self._wants_hidden(plan.items)
         verify_started = time.perf_counter()
         logits = self.model.forward_paged(batch, self.cache)
         verify_seconds = time.perf_counter() - verify_started
@@ -272,6 +272,7 @@ class BatchRunner(SpeculativeSteps):
             if not it.logits_wanted:
                 continue
             rows = logits[row:row + it.logits_wanted]
+            self._hand_hidden(seq, batch.hidden, row, it.logits_wanted)
             row += it.logits_wanted
             try:
                 if it.draft:

@@ -118,6 +118,9 @@ class Drafter(Protocol):
     - `release(request)`: the request ended; drop its per-request state.
     - `wants_hidden`: True for a drafter that reads the target's hidden states
       (`DraftRequest.hidden`), e.g. an MTP head.
+    - optional `propose_batch(requests, ks)` -> list of `Draft`: the drafts of several
+      requests of one continuous-batching step at once (a draft model batches its forward);
+      when it raises, the engine falls back to `propose` per request.
     """
 
     wants_hidden: bool

@@ -93,10 +93,14 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
     cache = cache if cache is not None else model.make_cache(batch=1)
     history = list(prompt_ids)
     ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
-    for start in range(0, ids.shape[1], PREFILL_CHUNK):
-        logits = model.forward(ids[:, start:start + PREFILL_CHUNK], cache, last_only=True)
     spec = speculation.begin(model, history, sampler, grammar) \
         if speculation is not None else None
+    for start in range(0, ids.shape[1], PREFILL_CHUNK):
+        chunk = ids[:, start:start + PREFILL_CHUNK]
+        if spec is not None and start + PREFILL_CHUNK >= ids.shape[1]:
+            logits = spec.forward_last(cache, chunk)  # hands the drafter hidden states
+        else:
+            logits = model.forward(chunk, cache, last_only=True)
     generated = 0
     try:
         while generated < max_tokens:
@@ -112,8 +116,7 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
                         return
                     continue
             if generated and spec is not None:  # speculating: computed only when needed
-                logits = model.forward(np.array([[history[-1]]], dtype=np.int64), cache,
-                                       last_only=True)
+                logits = spec.decode(cache, history[-1])
             row = logits[0, -1]
             if grammar is None:
                 token = sampler(history, row)

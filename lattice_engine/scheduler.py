@@ -3,6 +3,9 @@
 Every step the scheduler fills a token budget:
 1. every running sequence that is decoding gets its one token (all of them share one
    forward, so each weight matrix is read once for the whole batch: matmul with M = batch);
+   then a sequence with speculative drafts (`Sequence.draft`, set by the runner) gets
+   rows for them too, from the budget and the blocks left over (drafts never preempt:
+   without room the sequence decodes its one token plainly);
 2. sequences still prefilling get the next chunk of their prompt from what is left;
 3. waiting sequences are admitted while budget, sequence slots and KV blocks last; their
    cached prefix (full blocks seen before) is skipped.

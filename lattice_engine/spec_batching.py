@@ -75,24 +75,41 @@ class SpeculativeSteps:
             return []
         lengths = batch_draft_lengths([k for _, _, k in wanted],
                                       [sp.length.rate for _, sp, _ in wanted],
-                                      len(decoding), self.pacer.decode_time)
+                                      len(decoding), self.pacer.decode_time,
+                                      [sp.spec.stats.draft_seconds_per_token
+                                       for _, sp, _ in wanted])
         failed = []
+        groups: dict[int, list] = {}  # by drafter: one propose_batch call each when it has one
         for (seq, sp, asked), k in zip(wanted, lengths):
             k = k if sp.length.adaptive else asked  # adaptive = false: always the full k
-            if k <= 0:
-                continue
+            if k > 0:
+                groups.setdefault(id(sp.spec.drafter), []).append((seq, sp, k))
+        for group in groups.values():
+            drafter, stats = group[0][1].spec.drafter, group[0][1].spec.stats
+            drafts = None
             started = time.perf_counter()
-            try:
-                draft = sp.spec.drafter.propose(sp.request, k)
-            except Exception as exc:
-                sp.spec.stats.failures += 1
-                failed.append(self._fail(seq, exc))
-                continue
-            finally:
-                sp.spec.stats.draft_seconds += time.perf_counter() - started
-            sp.draft = draft if len(draft.tokens) <= k else \
-                Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
-            seq.draft = list(sp.draft.tokens)
+            if len(group) > 1 and callable(getattr(drafter, "propose_batch", None)):
+                try:
+                    drafts = list(drafter.propose_batch([sp.request for _, sp, _ in group],
+                                                        [k for _, _, k in group]))
+                    if len(drafts) != len(group):
+                        raise RuntimeError(f"propose_batch returned {len(drafts)} drafts for "
+                                           f"{len(group)} requests")
+                except Exception:  # find the request at fault one by one below
+                    log.exception("propose_batch failed; drafting request by request")
+                    drafts = None
+            for i, (seq, sp, k) in enumerate(group):
+                try:
+                    draft = drafts[i] if drafts is not None else \
+                        sp.spec.drafter.propose(sp.request, k)
+                except Exception as exc:
+                    stats.failures += 1
+                    failed.append(self._fail(seq, exc))
+                    continue
+                sp.draft = draft if len(draft.tokens) <= k else \
+                    Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
+                seq.draft = list(sp.draft.tokens)
+            stats.draft_seconds += time.perf_counter() - started
         return failed
 
     def _verify(self, it, rows: np.ndarray, now: float,
@@ -101,14 +118,17 @@ class SpeculativeSteps:
         and the KV blocks back to it, and emit its tokens (stop rules as for any token)."""
         seq = it.sequence
         sp: Speculating = seq.detail["spec"]
-        draft = sp.draft if sp.draft is not None and sp.draft.tokens == it.draft else \
-            Draft(it.draft)
-        sp.draft = None
+        draft, sp.draft = sp.draft, None
+        if draft is None or draft.tokens != it.draft:  # the scheduler copies seq.draft
+            raise RuntimeError(f"verify row of {seq.request_id} does not carry the drafts "
+                               f"its drafter proposed")
         target = TargetRows(rows, seq.token_ids, draft, seq.sampler, seq.logits_mask)
         tokens, kept = run_verify(sp.spec.drafter, target, draft, seq.sampler.rng)
         recurrent = self.cache.recurrent
         if recurrent is not None and seq.blocks.state_slot in recurrent.trails:
             recurrent.rollback(seq.blocks.state_slot, len(tokens))
+        if sp.request.hidden is not None and sp.spec.drafter.wants_hidden:
+            sp.request.hidden = sp.request.hidden[:len(tokens)]
         sp.spec.drafter.accepted(sp.request, len(draft.tokens), kept)
         sp.length.update(len(draft.tokens), kept)
         stats = sp.spec.stats
@@ -130,6 +150,21 @@ class SpeculativeSteps:
         else:
             self.scheduler.complete([it])
         return _merge(outs)
+
+    @staticmethod
+    def _wants_hidden(items) -> bool:
+        """Whether a sequence of this step speculates with a drafter that reads the
+        target's hidden states (the forward then keeps them: `PagedBatch.want_hidden`)."""
+        return any(getattr(it.sequence.detail.get("spec"), "spec", None) is not None and
+                   it.sequence.detail["spec"].spec.drafter.wants_hidden for it in items)
+
+    @staticmethod
+    def _hand_hidden(seq: Sequence, hidden, row: int, count: int) -> None:
+        """Give a wants_hidden drafter its sequence's final hidden states of this step's
+        logit rows (a verify's are cut to the kept rows in `_verify`)."""
+        sp: Optional[Speculating] = seq.detail.get("spec")
+        if hidden is not None and sp is not None and sp.spec.drafter.wants_hidden:
+            sp.request.hidden = hidden[row:row + count]
 
     def _release_draft(self, seq: Sequence) -> None:
         sp: Optional[Speculating] = seq.detail.pop("spec", None)

@@ -101,9 +101,11 @@ class DraftRequest:
     the target samples greedily (a drafter then need not sample); rng: the request's own
     generator (a sampling drafter draws from it, so a seeded run repeats); state: the
     drafter's per-request scratch (its draft cache, ...), dropped on `release`.
-    hidden: the target's final hidden states of the rows the last verify kept,
-    float32 [n, H], set only for a drafter whose `wants_hidden` is true, in the
-    single-request path (a drafter inside the target, such as an MTP head, reads it)."""
+    hidden: the target's final hidden states (after the final norm, before the lm_head)
+    of the rows the last forward kept for this sequence, float32 [n, H]: the kept rows of a
+    verify (the pending token and the kept drafts), or the one row of a plain decode step;
+    set only for a drafter whose `wants_hidden` is true (a drafter inside the target, such
+    as an MTP head, reads it)."""
 
     request_id: str
     token_ids: list[int]
@@ -267,15 +269,16 @@ def expected_kept(rate: float, k: int) -> float:
 
 
 def batch_draft_lengths(lengths: Sequence[int], rates: Sequence[float], decoders: int,
-                        step_time) -> list[int]:
+                        step_time, draft_costs: Optional[Sequence[float]] = None) -> list[int]:
     """Draft lengths for one continuous-batching step that do not lose to plain decoding.
 
     lengths: each speculating sequence's adaptive length (its `DraftLength`); rates: their
     acceptance estimates; decoders: every decoding row of the step (speculating or not);
     step_time(rows): the measured cost of a step of that many rows (the prefill pacer's
-    estimate; None before any). A plain step makes `decoders` tokens in step_time(decoders);
-    drafts add rows (each matmul's M grows, so on a loaded batch they cost real time) and
-    expected tokens. Of the full lengths, half and quarter lengths and none, the plan with
+    estimate; None before any); draft_costs: each sequence's measured seconds per drafted
+    token (a draft model's forwards; ~0 for n-gram lookup). A plain step makes `decoders`
+    tokens in step_time(decoders); drafts add rows (each matmul's M grows, so on a loaded
+    batch they cost real time), their drafting time, and expected tokens. Of the full lengths, half and quarter lengths and none, the plan with
     the most expected tokens per second wins, so speculation switches itself off for the
     whole batch when rows are dear and acceptance is low.
     """
@@ -288,6 +291,7 @@ def batch_draft_lengths(lengths: Sequence[int], rates: Sequence[float], decoders
         t = step_time(decoders + sum(plan))
         if t is None or t <= 0:
             continue
+        t += sum(k * c for k, c in zip(plan, draft_costs or ()))
         tokens = decoders + sum(expected_kept(r, k) for r, k in zip(rates, plan))
         if tokens / t > best_rate * 1.02:  # a gain within timing noise is no gain
             best, best_rate = plan, tokens / t
@@ -310,6 +314,11 @@ class SpecStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def draft_seconds_per_token(self) -> float:
+        """Drafting time per drafted token so far (0 before any)."""
+        return self.draft_seconds / self.drafted if self.drafted else 0.0
 
     @property
     def mean_accepted(self) -> float:
@@ -417,6 +426,21 @@ class SingleSession:
         stats.accepted += kept
         stats.emitted += len(out)
         return [(tok, token_logprob(logits[i], tok)) for i, tok in enumerate(out)]
+
+    def decode(self, cache, token: int) -> np.ndarray:
+        """A plain decode step of `token` (logits [1, 1, V]); hands a wants_hidden drafter
+        the row's hidden state."""
+        return self.forward_last(cache, np.array([[token]], dtype=np.int64))
+
+    def forward_last(self, cache, x: np.ndarray) -> np.ndarray:
+        """Logits [1, 1, V] of the last of tokens x [1, T] appended to the cache (a decode
+        step or the prompt's last prefill chunk); a wants_hidden drafter gets that row's
+        hidden state."""
+        if not self.spec.drafter.wants_hidden:
+            return self.model.forward(x, cache, last_only=True)
+        hidden = self.model.hidden_states(x, cache)
+        self.request.hidden = hidden[0, -1:]
+        return self.model.logits(hidden[:, -1:])
 
     def close(self) -> None:
         self.spec.drafter.release(self.request)

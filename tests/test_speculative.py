@@ -26,6 +26,7 @@ from lattice_engine.plugins import PluginManager
 from lattice_engine.sampling import SamplingParams, make_sampler
 from lattice_engine.speculative import (Draft, DraftLength, SpeculativeOptions, TargetRows,
                                         run_verify)
+from lattice_engine.testing.tolerance import model_path, network_bound
 
 
 class ScriptDrafter:
@@ -400,5 +401,65 @@ def test_batch_draft_lengths_switch_off_when_rows_are_dear():
     # compute-bound: every row costs as much as the step -> no drafts at all
     dear = lambda rows: 0.1 * rows  # noqa: E731
     assert batch_draft_lengths([4, 4, 4], [0.6, 0.6, 0.6], 8, dear) == [0, 0, 0]
+    # cheap rows but a draft model that costs a step per drafted token: not worth it
+    assert batch_draft_lengths([4, 4], [0.7, 0.7], 2, cheap, [1.0, 1.0]) == [0, 0]
     # unmeasured: drafts go ahead (the step then gets measured)
     assert batch_draft_lengths([3], [0.1], 1, lambda rows: None) == [3]
+
+
+class HiddenScript(ScriptDrafter):
+    """A script drafter that reads the target's hidden states, as an MTP head would, and
+    records the last row it was handed at each propose."""
+
+    wants_hidden = True
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.seen = []
+
+    def propose(self, request, k):
+        assert request.hidden is not None and request.hidden.ndim == 2
+        self.seen.append((list(request.token_ids), request.hidden[-1].copy()))
+        return super().propose(request, k)
+
+
+def test_a_drafter_inside_the_model_reads_its_hidden_states(setup):
+    """The hidden row handed to a wants_hidden drafter is the target's final hidden state at
+    the last computed position (the token before the pending one), alone and batched."""
+    eng, script, holder = setup
+    good = holder["drafter"]
+    drafter = holder["drafter"] = HiddenScript(good.script, good.vocab)
+    try:
+        eng._speculations.clear()
+        prompt = list(next(iter(script)))
+        spec = {"method": "script", "num_draft_tokens": 3, "adaptive": False}
+        assert eng.generate(prompt, max_tokens=20, speculative=spec).tokens == \
+            script[tuple(prompt)][:20]
+        eng.start_batching(BatchingOptions(kv_cache_tokens=1024, block_size=4))
+        for p in script:
+            eng.add_request(list(p), max_tokens=15, speculative=spec)
+        while eng.has_unfinished():
+            eng.step()
+        assert len(drafter.seen) > 10
+        model = eng.model
+        for tokens, row in drafter.seen[::3]:
+            want = model.hidden_states(np.asarray([tokens[:-1]]), model.make_cache(1))[0, -1]
+            bound = network_bound(np.abs(want), model_path(model.config, len(tokens)))
+            assert np.abs(row - want).max() <= bound
+    finally:
+        holder["drafter"] = good
+        eng._speculations.clear()
+
+
+def test_cli_flags_override_the_speculative_section(tmp_path, monkeypatch):
+    from lattice_engine.cli.parser import build_parser
+    from lattice_engine.cli.settings import load_settings
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lattice.toml").write_text(
+        '[speculative]\nmethod = "draft_model"\nmodel = "x"\nnum_draft_tokens = 5\n')
+    args = build_parser().parse_args(["serve", "m", "--num-draft-tokens", "3"])
+    spec = load_settings(args).speculative
+    assert (spec.method, spec.num_draft_tokens, spec.options) == ("draft_model", 3, {"model": "x"})
+    args = build_parser().parse_args(["generate", "hi", "--model", "m", "--speculative", "ngram"])
+    spec = load_settings(args).speculative
+    assert (spec.method, spec.num_draft_tokens, spec.options) == ("ngram", 5, {})

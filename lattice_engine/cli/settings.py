@@ -31,6 +31,12 @@ def load_settings(args):
             repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop=tuple(args.stop) if args.stop else None, sampler=args.sampler,
             processors=processor_options(args.processor, config.sampling.processors))
+    if getattr(args, "speculative", None) is not None and \
+            args.speculative != config.speculative.method:
+        # another drafter than the config's: its options are not the config's ones
+        config = config.override("speculative", method=args.speculative, options={})
+    config = config.override("speculative",
+                             num_draft_tokens=getattr(args, "num_draft_tokens", None))
     return config
 
 

@@ -35,6 +35,17 @@ class PagedBatch:
     # model with recurrent layers runs their recurrence token by token and keeps the state
     # after each row (`RecurrentStateSlots.start_trail`), so a partial accept rolls back
     record: Optional[np.ndarray] = None
+    # set want_hidden before the forward to get the final-norm hidden states of the logit
+    # rows in `hidden` afterwards ([L, H]: what a drafter inside the model, an MTP head,
+    # reads); a model calls keep_hidden on them
+    want_hidden: bool = False
+    hidden: Optional[np.ndarray] = None
+
+    def keep_hidden(self, hidden: np.ndarray) -> np.ndarray:
+        """Record the logit rows' final hidden states if asked; returns them unchanged."""
+        if self.want_hidden:
+            self.hidden = np.array(hidden, dtype=np.float32, copy=True)
+        return hidden
 
     @classmethod
     def build(cls, cache: PagedKVCache,
@@ -83,7 +94,7 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
     step = model._decode_step()
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values)
-        return model.logits(hidden[batch.logit_rows])
+        return model.logits(batch.keep_hidden(hidden[batch.logit_rows]))
     x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
     for block in model.layers:
         attn = block.self_attn
@@ -104,4 +115,4 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
         x = x + attn.project_out(out.reshape(1, n, attn.nq * attn.d), ops)
         x = x + block.mlp(block.mlp_input(x, ops), ops)
     last = x[0, batch.logit_rows]                                # only rows that sample
-    return model.logits(ops.rms_norm(last, model.norm, cfg.rms_norm_eps))
+    return model.logits(batch.keep_hidden(ops.rms_norm(last, model.norm, cfg.rms_norm_eps)))

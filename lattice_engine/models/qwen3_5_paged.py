@@ -65,7 +65,7 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values,
                             cache.recurrent.arrays if cache.recurrent is not None else [])
-        return model.logits(hidden[batch.logit_rows])
+        return model.logits(batch.keep_hidden(hidden[batch.logit_rows]))
     x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
     for block in model.layers:
         normed = ops.rms_norm(x, block.input_layernorm, block.eps, 1.0)
@@ -105,4 +105,5 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
             h = x + attn.gate_out(out, gate, ops)
         x = h + block.mlp(ops.rms_norm(h, block.post_attention_layernorm, block.eps, 1.0), ops)
     last = x[0, batch.logit_rows]
-    return model.logits(ops.rms_norm(last, model.norm, cfg.rms_norm_eps, 1.0))
+    return model.logits(batch.keep_hidden(ops.rms_norm(last, model.norm, cfg.rms_norm_eps,
+                                                       1.0)))

@@ -173,3 +173,53 @@ def test_grammar_constrained_output_equals_plain(tmp_path, eos):
         for o in eng.step():
             out[o.request_id] += o.token_ids
     assert out[a] == plain.tokens and out[b] == plain.tokens
+
+
+def test_draft_model_batches_its_drafts_and_falls_back_when_its_pool_is_full(models):
+    """Under continuous batching the draft model drafts every sequence in one batched
+    forward per position (propose_batch); a draft pool too small for some requests leaves
+    those decoding plainly; outputs stay plain decoding's either way."""
+    eng = Engine.load(str(models["llama"]))
+    opts = BatchingOptions(kv_cache_tokens=2048, block_size=4, step_tokens=64)
+    for pool in (8192, 48):
+        spec = {"method": "draft_model", "num_draft_tokens": 3, "adaptive": False,
+                "options": {"model": str(models["llama"]), "quant": "q8_0",
+                            "kv_cache_tokens": pool}}
+        speculation = eng.speculation_for(spec)
+        calls = []
+        batch = speculation.drafter.propose_batch
+        speculation.drafter.propose_batch = lambda reqs, ks: calls.append(len(reqs)) or \
+            batch(reqs, ks)
+        eng.start_batching(opts)
+        ids = [eng.add_request(p, max_tokens=30, speculative=spec) for p in PROMPTS]
+        got = {i: [] for i in ids}
+        while eng.has_unfinished():
+            for out in eng.step():
+                got[out.request_id] += out.token_ids
+        assert max(calls) > 1
+        assert speculation.stats.accepted > 0
+        for p, i in zip(PROMPTS, ids):
+            assert got[i] == eng.generate(p, max_tokens=30, speculative=False).tokens
+        assert speculation.drafter._pool.stats()["blocks_used"] == 0  # released at the end
+
+
+def test_a_failing_propose_batch_falls_back_to_each_request(models):
+    eng = Engine.load(str(models["llama"]))
+    spec = {"method": "draft_model", "num_draft_tokens": 2, "adaptive": False,
+            "options": {"model": str(models["qwen2"])}}
+    speculation = eng.speculation_for(spec)
+
+    def broken(reqs, ks):
+        raise RuntimeError("batch broke")
+
+    speculation.drafter.propose_batch = broken
+    eng.start_batching(BatchingOptions(kv_cache_tokens=2048, block_size=4))
+    ids = [eng.add_request(p, max_tokens=12, speculative=spec) for p in PROMPTS[:3]]
+    got = {i: [] for i in ids}
+    while eng.has_unfinished():
+        for out in eng.step():
+            got[out.request_id] += out.token_ids
+            assert out.finish_reason in (None, "length")
+    for p, i in zip(PROMPTS[:3], ids):
+        assert got[i] == eng.generate(p, max_tokens=12, speculative=False).tokens
+    assert speculation.stats.verifies > 0
