@@ -14,6 +14,9 @@ from .sampling import SamplingParams
 from .speculative import Speculation, SpeculativeOptions
 
 Prompt = Union[str, Sequence[int]]
+# distinct speculative settings (drafter, k, options) one engine builds and keeps: requests
+# choose them, so their number must be bounded
+MAX_SPECULATIONS = 64
 
 
 class Engine:
@@ -67,6 +70,10 @@ class Engine:
         key = (choice.method, choice.num_draft_tokens, choice.adaptive,
                repr(sorted(dict(choice.options).items())))
         if key not in self._speculations:
+            if len(self._speculations) >= MAX_SPECULATIONS:
+                raise RequestError(f"{MAX_SPECULATIONS} distinct speculative settings are in "
+                                   f"use already, the most one engine keeps; use one of them "
+                                   f"or the server's default")
             try:
                 self._speculations[key] = Speculation.build(
                     self.plugin_manager.registry, choice, self.model, self.tokenizer)

@@ -132,21 +132,22 @@ def test_smollm2_ngram_and_draft_model_equal_plain(smollm2):
                  "code:\ndef add(a, b):\n    retrun a + b\n\nprint(add(1, 2))\n"}]
     ids = eng.prompt_ids(messages=messages)
     plain = eng.generate(ids, max_tokens=64, speculative=False)
-    for spec in ({"method": "ngram", "num_draft_tokens": 4},
-                 {"method": "draft_model", "num_draft_tokens": 3,
-                  "options": {"model": str(smollm2), "quant": "q8_0"}}):
+    ngram = {"method": "ngram", "num_draft_tokens": 4}
+    draft = {"method": "draft_model", "num_draft_tokens": 3,
+             "options": {"model": str(smollm2), "quant": "q8_0"}}
+    for spec in (ngram, draft):
         got = eng.generate(ids, max_tokens=64, speculative=spec)
         assert got.tokens == plain.tokens, spec["method"]
         assert eng.speculation_for(spec).stats.accepted > 0
     opts = BatchingOptions(kv_cache_tokens=4096, block_size=16)
     eng.start_batching(opts)
-    a = eng.add_request(ids, max_tokens=64, speculative={"method": "ngram"})
-    b = eng.add_request(ids, max_tokens=64, speculative=False)
-    got = {a: [], b: []}
+    rids = [eng.add_request(ids, max_tokens=64, speculative=spec)
+            for spec in (ngram, False, draft, draft)]
+    got = {r: [] for r in rids}
     while eng.has_unfinished():
         for out in eng.step():
             got[out.request_id] += out.token_ids
-    assert got[a] == plain.tokens and got[b] == plain.tokens
+    assert all(got[r] == plain.tokens for r in rids)
 
 
 @pytest.mark.parametrize("eos", [-1, 0])
