@@ -17,7 +17,8 @@ speculation counters (acceptance rate, tokens per verify, draft and verify secon
 T=0 whether every output equals plain decoding's. Ratios: each method over plain at the
 same T and streams; lattice's n-gram over llama.cpp's `LlamaPromptLookupDecoding` (same
 GGUF file and prompts; 1 stream, T=0, the peer run in this process when llama-cpp-python
-is installed; --peer-gguf names the file when --model is not a GGUF or catalog name).
+is installed in --peer-python, run as a subprocess; --peer-gguf names the file when
+--model is not a GGUF or catalog name).
 Prints one line per configuration and, last, one JSON row with provenance.
 
 Timings on a shared machine are distorted by its load (the row records the load average);
@@ -27,12 +28,15 @@ correctness (equal outputs at T=0) is not.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from provenance import add_results_option, emit  # bench/, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the peer worker runs elsewhere
+from provenance import add_results_option, emit  # noqa: E402  (bench/, next to this file)
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parent / "data" / "wikitext-2" / "wiki.test.raw"
@@ -172,7 +176,8 @@ def run_lattice(engine, prompts, speculation, temperature: float, streams: int,
 
 
 def run_llama_cpp(gguf: str, prompts, tokens: int, threads: int, k: int, lookup: bool) -> dict:
-    """llama.cpp (llama-cpp-python) on the same prompts, 1 stream, T=0, plain or with
+    """llama.cpp (llama-cpp-python) on the same prompt token ids (lattice's chat template
+    rendering; create_chat_completion crashed in 0.3.36), 1 stream, T=0, plain or with
     LlamaPromptLookupDecoding(num_pred_tokens=k); decode tok/s after the first token."""
     try:
         import llama_cpp
@@ -184,12 +189,13 @@ def run_llama_cpp(gguf: str, prompts, tokens: int, threads: int, k: int, lookup:
                           draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k)
                           if lookup else None)
     decoded, window = 0, 0.0
-    for messages in prompts:
+    for ids in prompts:
         first = end = None
         n = 0
-        for chunk in llm.create_chat_completion(messages=messages, max_tokens=tokens,
-                                                temperature=0.0, stream=True):
-            delta = chunk["choices"][0]["delta"].get("content")
+        llm.reset()
+        for chunk in llm.create_completion(ids, max_tokens=tokens, temperature=0.0,
+                                           stream=True):
+            delta = chunk["choices"][0]["text"]
             if delta:
                 now = time.perf_counter()
                 first = first or now
@@ -216,10 +222,18 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peer-gguf", default=None)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--peer-python", default=sys.executable,
+                        help="python with llama-cpp-python installed (default: this one)")
+    parser.add_argument("--peer-job", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 prompts per set, 24 tokens, 1 and 2 streams")
     add_results_option(parser)
     args = parser.parse_args()
+    if args.peer_job:  # the llama.cpp worker (see peer_worker)
+        job = json.loads(args.peer_job)
+        print(json.dumps(run_llama_cpp(job["gguf"], job["prompts"], job["tokens"],
+                                       job["threads"], job["k"], job["lookup"])))
+        return 0
 
     from lattice_engine.batching import BatchingOptions
     from lattice_engine.engine import Engine
@@ -271,9 +285,9 @@ def main() -> int:
     peer = {}
     gguf = args.peer_gguf or _gguf_path(args.model)
     if not args.no_peer and gguf:
-        prompts = sets["grounded"]
-        plain = run_llama_cpp(gguf, prompts, args.tokens, args.threads, args.k, lookup=False)
-        lookup = run_llama_cpp(gguf, prompts, args.tokens, args.threads, args.k, lookup=True)
+        prompts = [engine.prompt_ids(messages=m) for m in sets["grounded"]]
+        plain = peer_worker(args, gguf, prompts, lookup=False)
+        lookup = peer_worker(args, gguf, prompts, lookup=True)
         ours = next((r for r in rows if r["method"] == "ngram" and r["temperature"] == 0
                      and r["streams"] == 1), None)
         peer = {"gguf": gguf, "llama_cpp_plain": plain, "llama_cpp_prompt_lookup": lookup}
@@ -289,6 +303,18 @@ def main() -> int:
           "k": args.k, "rows": rows, "peer": peer, "load_average": os.getloadavg()},
          args.results, args.threads)
     return 0
+
+
+def peer_worker(args, gguf: str, prompts, lookup: bool) -> dict:
+    """run_llama_cpp in a subprocess of --peer-python (a venv that has llama-cpp-python),
+    so each engine runs alone and the peer's threads do not share a process with ours."""
+    job = json.dumps({"gguf": gguf, "prompts": prompts, "tokens": args.tokens,
+                      "threads": args.threads, "k": args.k, "lookup": lookup})
+    out = subprocess.run([args.peer_python, str(Path(__file__).resolve()), "--peer-job", job],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _gguf_path(model: str):
