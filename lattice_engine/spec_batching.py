@@ -22,7 +22,6 @@ from typing import Optional
 
 import numpy as np
 
-from .generate import token_logprob
 from .scheduler import Sequence, Status
 from .speculative import Draft, DraftLength, TargetRows, batch_draft_lengths, run_verify
 
@@ -37,6 +36,9 @@ def _merge(outs: list) -> Optional[object]:
     last.text = "".join(o.text for o in outs)
     last.token_ids = [t for o in outs for t in o.token_ids]
     last.logprobs = [p for o in outs for p in o.logprobs]
+    last.top_logprobs = [t for o in outs for t in (o.top_logprobs or [])]
+    last.prompt_logprobs = next((o.prompt_logprobs for o in outs
+                                 if o.prompt_logprobs is not None), None)
     return last
 
 
@@ -122,7 +124,8 @@ class SpeculativeSteps:
         if draft is None or draft.tokens != it.draft:  # the scheduler copies seq.draft
             raise RuntimeError(f"verify row of {seq.request_id} does not carry the drafts "
                                f"its drafter proposed")
-        target = TargetRows(rows, seq.token_ids, draft, seq.sampler, seq.logits_mask)
+        target = TargetRows(rows, seq.token_ids, draft, seq.sampler, seq.logits_mask,
+                            len(seq.prompt_ids))
         tokens, kept = run_verify(sp.spec.drafter, target, draft, seq.sampler.rng)
         recurrent = self.cache.recurrent
         if recurrent is not None and seq.blocks.state_slot in recurrent.trails:
@@ -139,8 +142,15 @@ class SpeculativeSteps:
         stats.verify_seconds += seconds
         it.count = len(tokens)  # computed and kept: the pending token and the kept drafts
         outs = []
+        from .batching import logprobs_of  # (batching imports this module)
+        params = seq.params
         for i, token in enumerate(tokens):
-            out = self._take(seq, token, token_logprob(rows[i], token), now,
+            # logprobs as `_sample` reports them: of the model's row, or of the row the
+            # token was drawn from ("processed": every kept position was processed)
+            row = target.rows.get(i) if params.logprobs_mode == "processed" else None
+            logprob, top = logprobs_of(rows[i] if row is None else row.astype(np.float64),
+                                       token, params.logprobs or 0)
+            out = self._take(seq, token, logprob, top, now,
                              seq.logits_mask is not None and seq.logits_mask.is_terminated()
                              and i == len(tokens) - 1)
             if out is not None:

@@ -138,12 +138,14 @@ class TargetRows:
     """
 
     def __init__(self, logits: np.ndarray, history: Sequence[int], draft: Draft, sampler,
-                 mask=None):
+                 mask=None, prompt_len: int = 0):
         self.logits = logits
         self.history = history
         self.draft = draft
         self.sampler = sampler
         self.mask = mask
+        self.prompt_len = prompt_len  # presence / frequency penalties count what follows
+        self.rows: dict[int, np.ndarray] = {}  # processed rows computed so far, by position
         self.greedy = sampler.kind == "greedy"
         self._advanced = 0  # drafts the mask has accepted
         self._steps = [self._mask_steps()]  # mask step count after 0, 1, ... drafts
@@ -177,7 +179,8 @@ class TargetRows:
             masked = self.mask.apply(row)
             row = row if masked is None else masked
         history = list(self.history) + self.draft.tokens[:i]
-        return self.sampler.process(history, row)
+        self.rows[i] = self.sampler.process(history, row, self.prompt_len)
+        return self.rows[i]
 
     def probs(self, i: int) -> np.ndarray:
         return self.sampler.probabilities(self.processed(i))
@@ -389,6 +392,7 @@ class SingleSession:
     def __init__(self, spec: Speculation, model, request: DraftRequest, sampler, grammar):
         self.spec, self.model, self.request = spec, model, request
         self.sampler, self.grammar = sampler, grammar
+        self.prompt_len = len(request.token_ids)  # begun before any token is generated
         self.length = DraftLength(spec.options.num_draft_tokens, spec.options.adaptive)
 
     def step(self, cache, k_max: int):
@@ -413,7 +417,8 @@ class SingleSession:
                 cache.record_next()
             hidden = self.model.hidden_states(x, cache)
             logits = self.model.logits(hidden)[0]
-            rows = TargetRows(logits, req.token_ids, draft, self.sampler, self.grammar)
+            rows = TargetRows(logits, req.token_ids, draft, self.sampler, self.grammar,
+                              self.prompt_len)
             out, kept = run_verify(drafter, rows, draft, self.sampler.rng)
             cache.truncate(start + len(out))
         stats.verify_seconds += t.seconds
