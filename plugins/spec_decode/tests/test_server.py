@@ -70,6 +70,14 @@ def test_the_speculative_field_selects_per_request(server):
         assert status == 200, out
         assert out["choices"][0]["text"] == want, choice
         assert out["usage"]["completion_tokens"] == 24
+    # log-probabilities (and their alternatives) of verified tokens are plain decoding's
+    lp = {}
+    for choice in (False, True):
+        status, out = post(base, {"model": "tiny", "prompt": prompt, "max_tokens": 24,
+                                  "temperature": 0, "logprobs": 3, "speculative": choice})
+        assert status == 200, out
+        lp[choice] = out["choices"][0]["logprobs"]
+    assert lp[True] == lp[False] and len(lp[True]["token_logprobs"]) == 24
     text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
     series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
               for line in text.splitlines() if line.startswith("lattice_spec_")}
