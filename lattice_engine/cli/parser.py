@@ -48,6 +48,15 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processor", action="append", default=None, metavar="NAME=VALUE",
                    help="enable a plugin's logits processor with a value (JSON, or a bare "
                         "string); repeatable")
+    add_speculative_options(p)
+
+
+def add_speculative_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", default=None, metavar="DRAFTER",
+                   help="speculative decoding with a registered drafter (ngram, draft_model; "
+                        "[speculative] in the config sets its options)")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="most draft tokens per verify (1..16, default 4)")
 
 
 def version_text() -> str:
@@ -122,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep decode steps within this factor of a decode-only step "
                             "while prefilling (default 2; 0 turns it off)")
     serve.add_argument("--max-concurrency", type=int, default=None)
+    add_speculative_options(serve)
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
 

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..batching import BatchingOptions, RequestOutput
+from ..batching import DEFAULT_SPECULATION, BatchingOptions, RequestOutput
 from ..config import ServerSection
 from ..errors import ConfigError, LatticeError
 from ..sampling import SEED_LIMIT
@@ -34,7 +34,8 @@ from . import metrics
 from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import SCHEMA as _SCHEMA
 from .protocol import (APIError, bad, chat_messages, choices_per_prompt, completion_prompts,
-                       ignore_eos, parse_body, sampling_from, stream_flags)
+                       ignore_eos, parse_body, sampling_from, speculation_from,
+                       stream_flags)
 from ..chat_template import template_source
 from .tools import OPEN as TOOL_OPEN
 from .tools import content_before_call, parse_calls, template_messages, tool_request
@@ -90,6 +91,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
                                vocab_size=vocab_size)
         n = choices_per_prompt(body)
         stream, usage = stream_flags(body)
+        speculation = speculation_from(body, engine)
         make_mask = await _output_constraint(engine, body)
         echo = bool(body.get("echo"))
         texts = body["prompt"] if isinstance(body["prompt"], list) and len(prompts) > 1 \
@@ -104,7 +106,8 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
                      if engine.tokenizer is not None else "")
             choices.extend(_copies(len(choices), p, ids, params, n, echo_text, make_mask))
         return await _generate(request, state, choices, stream, chat=False,
-                               ignore_eos=ignore_eos(body), include_usage=usage)
+                               ignore_eos=ignore_eos(body), include_usage=usage,
+                               speculation=speculation)
 
     async def chat(request: Request) -> Response:
         _authorize(request, state)
@@ -151,7 +154,8 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         _check_n(state, n, ids, params)
         choices = _copies(0, 0, ids, params, n, None, make_mask, tools)
         return await _generate(request, state, choices, stream, chat=True,
-                               ignore_eos=ignore_eos(body), include_usage=usage)
+                               ignore_eos=ignore_eos(body), include_usage=usage,
+                               speculation=speculation_from(body, engine))
 
     async def tokenize(request: Request) -> Response:
         """llama.cpp's POST /tokenize: {"content", "add_special" (false), "with_pieces"
@@ -451,7 +455,8 @@ class _Merged:
 
 async def _generate(request: Request, state: _State, choices: list[Choice], stream: bool,
                     chat: bool, ignore_eos: bool = False,
-                    include_usage: bool = False) -> Response:
+                    include_usage: bool = False,
+                    speculation=DEFAULT_SPECULATION) -> Response:
     # no await between this check and taking the slot: the event loop runs one handler at
     # a time here, so a burst cannot slip past the limit
     if state.in_flight >= state.settings.max_concurrency:
@@ -469,7 +474,8 @@ async def _generate(request: Request, state: _State, choices: list[Choice], stre
                 seqs.append(engine.prepare(
                     c.ids, c.params, request_id=r, ignore_eos=ignore_eos,
                     logits_mask=c.make_mask() if c.make_mask is not None else None,
-                    prefix_leader=seqs[c.share_with] if c.share_with is not None else None))
+                    prefix_leader=seqs[c.share_with] if c.share_with is not None else None,
+                    speculation=speculation))
             except LatticeError as exc:
                 msg = str(exc)
                 code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) \

@@ -17,7 +17,7 @@ import queue
 import threading
 from typing import AsyncIterator, Optional, Sequence
 
-from ..batching import BatchRunner, RequestOutput
+from ..batching import DEFAULT_SPECULATION, BatchRunner, RequestOutput
 from ..sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,22 +52,25 @@ class AsyncEngine:
     # ---- event-loop side ---------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        request_id: Optional[str] = None, logits_mask=None,
-                       ignore_eos: bool = False) -> AsyncIterator[RequestOutput]:
+                       ignore_eos: bool = False,
+                       speculation=DEFAULT_SPECULATION) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request, then yield its outputs as steps produce them.
         Raises RequestError before yielding anything if the request is invalid. Closing
         the iterator early (a client that disconnected) aborts the request."""
         return self.submit(self.prepare(prompt_ids, params, request_id=request_id,
-                                        logits_mask=logits_mask, ignore_eos=ignore_eos))
+                                        logits_mask=logits_mask, ignore_eos=ignore_eos,
+                                        speculation=speculation))
 
     def prepare(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                 request_id: Optional[str] = None, logits_mask=None, ignore_eos: bool = False,
-                prefix_leader=None):
+                prefix_leader=None, speculation=DEFAULT_SPECULATION):
         """Validate a request and build its sequence (RequestError if it is invalid);
         `submit` queues it. prefix_leader: a prepared sequence with the same prompt,
-        submitted first, whose prompt blocks this one reuses (n > 1)."""
+        submitted first, whose prompt blocks this one reuses (n > 1); speculation: the
+        request's choice (`protocol.speculation_from`), the runner's default if unset."""
         return self.runner.make_sequence(prompt_ids, params, request_id=request_id,
                                          logits_mask=logits_mask, ignore_eos=ignore_eos,
-                                         prefix_leader=prefix_leader)
+                                         prefix_leader=prefix_leader, speculation=speculation)
 
     def submit(self, seq) -> AsyncIterator[RequestOutput]:
         """Queue a prepared sequence (when the stream is first iterated) and yield its

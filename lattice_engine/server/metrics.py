@@ -20,6 +20,36 @@ def _seconds(value) -> str:
     return "NaN" if value is None else f"{value:.6f}"
 
 
+SPECULATION = (  # (metric, kind, stats key, help)
+    ("lattice_spec_verifies_total", "counter", "verifies", "Speculative verify rows run."),
+    ("lattice_spec_draft_tokens_total", "counter", "drafted", "Draft tokens proposed."),
+    ("lattice_spec_accepted_tokens_total", "counter", "accepted", "Draft tokens kept."),
+    ("lattice_spec_emitted_tokens_total", "counter", "emitted",
+     "Tokens emitted by verifies (kept drafts plus the token after them)."),
+    ("lattice_spec_acceptance_rate", "gauge", "acceptance_rate",
+     "Kept draft tokens / proposed draft tokens."),
+    ("lattice_spec_mean_accepted_per_verify", "gauge", "mean_accepted_per_verify",
+     "Tokens emitted per verify."),
+    ("lattice_spec_draft_seconds_total", "counter", "draft_seconds", "Seconds spent drafting."),
+    ("lattice_spec_verify_seconds_total", "counter", "verify_seconds",
+     "Seconds of forward passes spent on verify rows (their share of each step)."),
+    ("lattice_spec_drafter_failures_total", "counter", "failures",
+     "Drafter calls that failed (each ended its request)."),
+)
+
+
+def _speculation(lines: list[str], by_method: dict) -> None:
+    """Speculative decoding counters, one series per drafter method (none when unused)."""
+    if not by_method:
+        return
+    for name, kind, key, help_text in SPECULATION:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for method, stats in by_method.items():
+            value = stats[key]
+            shown = f"{value:.6f}" if isinstance(value, float) else str(value)
+            lines.append(f'{name}{{method="{method}"}} {shown}')
+
+
 def render(runner: BatchRunner, http: dict[str, int]) -> str:
     s, kv = runner.stats, runner.cache.stats()
     lines: list[str] = []
@@ -66,6 +96,7 @@ def render(runner: BatchRunner, http: dict[str, int]) -> str:
            _seconds(pacer.per_token))
     metric("lattice_prefill_pacer_budget_tokens", "gauge",
            "Prefill tokens the next mixed step may carry.", pacer.budget())
+    _speculation(lines, runner.speculation_stats())
     _histogram(lines, "lattice_time_to_first_token_seconds", "Time to first token.", s.ttft)
     _histogram(lines, "lattice_inter_token_latency_seconds", "Time between tokens of a request.",
                s.itl)

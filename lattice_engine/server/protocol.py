@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..errors import RequestError
+from ..batching import DEFAULT_SPECULATION
+from ..errors import LatticeError, RequestError
 from ..sampling import (LOGIT_BIAS_LIMIT, LOGPROBS_MODES, MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS,
                         PENALTY_LIMIT, SEED_LIMIT, SamplingParams)
 
@@ -140,7 +141,43 @@ SCHEMA: dict[str, Field] = {
     "sampler": Field((str,), "the name of a registered sampler"),
     "logits_processors": Field((dict,), "an object mapping registered logits processor "
                                "names to their values", lambda v: len(v) <= 64),
+    # speculative decoding for this request: false (off), true (the server's default), or
+    # {"method", "num_draft_tokens", "adaptive", "options"} (see `speculation_from`)
+    "speculative": Field((bool, dict), "false, true, or an object {method, num_draft_tokens, "
+                         "adaptive, options}", lambda v: isinstance(v, bool) or len(v) <= 8),
 }
+
+# drafters a request may pick with its own options: they load nothing (a request must not
+# make the server read a model file of its choosing)
+REQUEST_DRAFTERS = ("ngram",)
+
+
+def speculation_from(body: dict, engine):
+    """The request's `speculative` field as a `Speculation` (None: off), or
+    `DEFAULT_SPECULATION` for the server's own setting. A request may turn speculation off,
+    tune num_draft_tokens / adaptive of the configured drafter, or pick a drafter that
+    loads no weights (ngram) with its options; anything else is a 400 naming the field and
+    the choices."""
+    value = _get(body, "speculative")
+    if value is None or value is True:
+        return DEFAULT_SPECULATION
+    if value is not False:
+        configured = engine.speculative.method
+        method = value.get("method", configured)
+        allowed = sorted({m for m in (configured, *REQUEST_DRAFTERS) if m})
+        if method not in allowed:
+            raise bad(f"'speculative.method' = {_short(method)} is not available to a request "
+                      f"on this server; choices: {', '.join(allowed)} (a draft model is "
+                      f"chosen in the server's [speculative] config)", "speculative")
+        if "options" in value and method not in REQUEST_DRAFTERS:
+            raise bad(f"'speculative.options' can be set by a request only for "
+                      f"{', '.join(REQUEST_DRAFTERS)}; {method!r} takes its options from the "
+                      f"server's [speculative] config", "speculative")
+    try:
+        return engine.speculation_for(value)
+    except LatticeError as exc:
+        raise bad(str(exc), "speculative") from None
+
 
 
 def _get(body: dict, name: str, default=None):
