@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP API on Starlette (ASGI; served by uvicorn).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
-server-sent events whose last chunk carries usage), GET /v1/models, GET /health,
-GET /metrics (Prometheus). Errors are OpenAI error objects with a 4xx status for anything
+server-sent events whose last chunk carries usage), POST /v1/embeddings (any model: an
+encoder served for embeddings only, or a chat model pooled by its last token; see
+`lattice_engine.embedding`), GET /v1/models, GET /health, GET /metrics (Prometheus, with
+the drift detector's distance and alarm when server.drift_window is set). Errors are OpenAI error objects with a 4xx status for anything
 the client got wrong. `/v1/*` needs `Authorization: Bearer <api_key>` when a key is set.
 Request bodies over `max_body_bytes` get 413; generation requests beyond
 `max_concurrency` in flight get 429.
@@ -11,6 +13,7 @@ Request bodies over `max_body_bytes` get 413; generation requests beyond
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -27,11 +30,11 @@ from starlette.routing import Route
 
 from ..batching import BatchingOptions, RequestOutput
 from ..config import ServerSection
-from ..errors import ConfigError, LatticeError
+from ..errors import CheckpointError, ConfigError, LatticeError, RequestError
 from . import metrics
 from .async_engine import AsyncEngine, EngineClosed, EngineFailed
-from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
-                       parse_body, sampling_from, stream_flags)
+from .protocol import (APIError, bad, chat_messages, completion_prompt, embedding_request,
+                       ignore_eos, parse_body, sampling_from, stream_flags)
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +49,28 @@ class _State:
         self.http: dict[int, int] = {}
         self.created = int(time.time())
         self.in_flight = 0  # generation requests accepted and not yet answered
+        self.embeddings = metrics.EmbeddingStats()
+        self.drift = None  # a drift.DriftDetector when server.drift_window is set
+        self.drift_errors = 0
 
 
 def create_app(engine, *, model_name: str, settings: ServerSection = ServerSection(),
                options: Optional[BatchingOptions] = None) -> Starlette:
     """An ASGI app serving `engine` (an `Engine`) under the name `model_name`."""
-    runner = engine.start_batching(options)
+    runner = engine.start_batching(options) if engine.can_generate else None
     state = _State(engine, AsyncEngine(runner), model_name, settings)
+    if settings.drift_window:
+        from ..drift import DriftDetector
+        state.drift = DriftDetector(settings.drift_window, every=settings.drift_every,
+                                    threshold=settings.drift_threshold)
 
     async def health(request: Request) -> Response:
         ok = state.async_engine.error is None
         return JSONResponse({"status": "ok" if ok else "degraded", "model": model_name})
 
     async def metrics_route(request: Request) -> Response:
-        return PlainTextResponse(metrics.render(runner, state.http),
+        return PlainTextResponse(metrics.render(runner, state.http, state.embeddings,
+                                                state.drift, state.drift_errors),
                                  media_type="text/plain; version=0.0.4")
 
     async def models(request: Request) -> Response:
@@ -72,6 +83,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         _authorize(request, state)
         body = await _read_json(request, state)
         _check_model(body, state)
+        _check_generates(state, "prompt")
         ids = completion_prompt(body, engine.tokenizer)
         params = sampling_from(body, engine.sampling, "max_tokens", engine.plugin_manager.registry)
         stream, usage = stream_flags(body)
@@ -83,6 +95,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         _authorize(request, state)
         body = await _read_json(request, state)
         _check_model(body, state)
+        _check_generates(state, "messages")
         messages = chat_messages(body)
         params = sampling_from(body, engine.sampling, "max_completion_tokens",
                                engine.plugin_manager.registry)
@@ -98,12 +111,19 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         return await _generate(request, state, ids, params, stream, chat=True,
                                ignore_eos=ignore_eos(body), logits_mask=mask)
 
+    async def embeddings(request: Request) -> Response:
+        _authorize(request, state)
+        body = await _read_json(request, state)
+        _check_model(body, state)
+        return await _embed(state, embedding_request(body))
+
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
 
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -207,6 +227,75 @@ def _check_model(body: dict, state: _State) -> None:
         raise APIError(404, f"model {model!r} does not exist here; this server serves "
                             f"{state.model_name!r} (see GET /v1/models)",
                        param="model", code="model_not_found")
+
+
+def _check_generates(state: _State, param: str) -> None:
+    if state.async_engine.runner is None:
+        raise APIError(400, f"model {state.model_name!r} is an embedding-only model (an "
+                            f"encoder): it cannot generate text; use POST /v1/embeddings",
+                       param=param, code="model_cannot_generate")
+
+
+def _embedder(state: _State):
+    """The engine's Embedder, or a 400 saying why this model cannot embed."""
+    try:
+        return state.engine.embedder
+    except (CheckpointError, ConfigError) as exc:
+        raise APIError(400, f"model {state.model_name!r} cannot embed: {exc}", param="model",
+                       code="model_cannot_embed") from None
+
+
+async def _embed(state: _State, req) -> Response:
+    embedder = _embedder(state)
+    try:
+        embedder.check_dimensions(req.dimensions)
+        # tokenizing a large batch takes a while: off the event loop (the tokenizer is
+        # thread-safe; the model is only driven by the engine thread, below)
+        ids = await asyncio.to_thread(embedder.tokenize, req.inputs)
+    except RequestError as exc:
+        msg = str(exc)
+        code = "context_length_exceeded" if "at most" in msg and "tokens" in msg else None
+        param = "dimensions" if msg.startswith("dimensions") else "input"
+        raise bad(msg, param, code) from None
+    if state.in_flight >= state.settings.max_concurrency:
+        raise APIError(429, f"{state.in_flight} requests are in flight, the limit "
+                            f"(server.max_concurrency) is {state.settings.max_concurrency}; "
+                            f"retry later", type="rate_limit_error", code="too_many_requests")
+    slot = _Slot(state)
+    try:
+        pooled = await state.async_engine.call(lambda: embedder.pooled(ids))
+    except EngineClosed as exc:
+        raise APIError(503, str(exc), type="server_error", code="server_shutting_down") from None
+    finally:
+        slot.release()
+    vectors = embedder.finish(pooled, dimensions=req.dimensions)
+    tokens = sum(len(i) for i in ids)
+    state.embeddings.add(len(ids), tokens)
+    if state.drift is not None:
+        _watch(state, embedder.finish(pooled))
+    data = []
+    for i, v in enumerate(vectors):
+        if req.encoding_format == "base64":
+            value: Any = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+        else:
+            value = v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return JSONResponse({"object": "list", "data": data, "model": state.model_name,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _watch(state: _State, vectors) -> None:
+    """Feed the drift detector in a worker thread (a check runs Sinkhorn) without holding
+    up the response; a failure is logged and counted, never the request's."""
+
+    def observe():
+        try:
+            state.drift.observe(vectors)
+        except Exception:
+            state.drift_errors += 1
+            log.exception("drift detector failed")
+
+    asyncio.get_running_loop().run_in_executor(None, observe)
 
 
 def _usage(out: RequestOutput) -> dict[str, Any]:
