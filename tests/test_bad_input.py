@@ -73,7 +73,7 @@ def test_unknown_model_type(capsys, tmp_path):
     config["model_type"] = "mamba9"
     (folder / "config.json").write_text(json.dumps(config))
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(folder)],
-                          "model_type 'mamba9' is not supported; supported: llama, qwen2, qwen3")
+                          "model_type 'mamba9' is not supported; supported: bert, llama, qwen2, qwen3")
 
 
 def test_malformed_config_json(capsys, tmp_path):
