@@ -231,3 +231,27 @@ def test_drift_alarm_in_metrics(bert_engine):
         assert m["lattice_drift_errors_total"] == 0
     finally:
         s.stop()
+
+
+def test_a_chat_server_watches_its_prompts_for_drift(tmp_path):
+    from lattice_engine.server.app import prompt_vector
+    folder = fixture_with_tokenizer("qwen3", tmp_path)
+    engine = Engine.load(str(folder))
+    v = prompt_vector(engine.model, [5, 6, 7])
+    table = engine.model.embed_tokens.to_float()
+    assert np.allclose(v, table[[5, 6, 7]].mean(0) / np.linalg.norm(table[[5, 6, 7]].mean(0)))
+    s = Served(engine, name="chat", drift_window=128)
+    try:
+        for i in range(3):
+            s.client.completions.create(model="chat", prompt=f"hello {i}", max_tokens=1)
+        s.client.embeddings.create(model="chat", input=["not watched here"])
+        deadline = time.time() + 60
+        while s.metrics()["lattice_drift_observations_total"] < 3:
+            assert time.time() < deadline, "the prompts were not observed"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        m = s.metrics()
+        assert m["lattice_drift_observations_total"] == 3  # prompts only, not /v1/embeddings
+        assert m['lattice_drift_state{state="warming"}'] == 1
+    finally:
+        s.stop()

@@ -271,7 +271,9 @@ async def _embed(state: _State, req) -> Response:
     vectors = embedder.finish(pooled, dimensions=req.dimensions)
     tokens = sum(len(i) for i in ids)
     state.embeddings.add(len(ids), tokens)
-    if state.drift is not None:
+    if state.drift is not None and state.async_engine.runner is None:
+        # an encoder's server watches what it embeds; a chat model's server watches its
+        # generation prompts (`prompt_vector`), one kind of vector per detector
         _watch(state, embedder.finish(pooled))
     data = []
     for i, v in enumerate(vectors):
@@ -291,6 +293,36 @@ def _watch(state: _State, vectors) -> None:
     def observe():
         try:
             state.drift.observe(vectors)
+        except Exception:
+            state.drift_errors += 1
+            log.exception("drift detector failed")
+
+    asyncio.get_running_loop().run_in_executor(None, observe)
+
+
+def prompt_vector(model, ids) -> Optional[Any]:
+    """What the drift detector watches for a generation request: the L2-normalised mean of
+    the prompt tokens' input embeddings (a bag of embeddings: no forward pass, so watching
+    costs the server next to nothing). None for a model without an `embed_tokens` table."""
+    import numpy as np
+
+    from .. import ops
+    table = getattr(model, "embed_tokens", None)
+    if table is None or not ids:
+        return None
+    mean = ops.embed(table, np.asarray(ids, dtype=np.int64)).astype(np.float64).mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    return mean / norm if norm > 0 else mean
+
+
+def _watch_prompt(state: _State, ids: list[int]) -> None:
+    """A generation request's prompt for the drift detector (in a worker thread)."""
+
+    def observe():
+        try:
+            vector = prompt_vector(state.engine.model, ids)
+            if vector is not None:
+                state.drift.observe(vector)
         except Exception:
             state.drift_errors += 1
             log.exception("drift detector failed")
@@ -366,6 +398,8 @@ async def _generate(request: Request, state: _State, ids: list[int], params, str
             outputs = await state.async_engine.generate(ids, params, request_id=rid,
                                                         ignore_eos=ignore_eos,
                                                         logits_mask=logits_mask)
+            if state.drift is not None:
+                _watch_prompt(state, ids)
         except LatticeError as exc:
             msg = str(exc)
             code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) \
