@@ -53,7 +53,8 @@ class Engine:
                                                           dict(config.quant.overrides),
                                                           config.quant.group_size),
                       backend=config.model.backend, plugin_manager=pm,
-                      transforms=config.transform_settings(pm.registry))
+                      transforms=config.transform_settings(pm.registry),
+                      kv_cache=config.model.kv_cache)
         return cls(loaded, sampling=config.sampling, plugin_manager=pm)
 
     def prompt_ids(self, prompt: Optional[Prompt] = None,

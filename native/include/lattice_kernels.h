@@ -53,6 +53,8 @@
  *              lk_softplus (Qwen3.5's Gated DeltaNet layers and gates)
  *   qwen35     lk_qwen35_work_size, lk_qwen35_step (a whole Qwen3.5 decode step in one
  *              call), lk_qwen35_step_paged (the same over a paged batch)
+ *   moe        lk_moe_ok, lk_moe_forward (a mixture-of-experts MLP, experts grouped by
+ *              row), lk_matmul_grouped (matrices each over their own rows, one job)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
@@ -254,6 +256,8 @@ typedef struct {
        and the attention output before o */
     lk_rotation down_in, attn_in, mlp_in, o_in;
     float *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, head_dim] */
+    /* a mixture-of-experts MLP in place of gate / up / down (lk_moe_forward), or NULL */
+    const struct lk_moe *moe;
 } lk_decoder_layer;
 
 /* Pre-norm decoder: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate) * up). */
@@ -351,6 +355,8 @@ typedef struct {
     /* SwiGLU MLP, with the optional online rotation before down as in lk_decoder_layer */
     lk_linear gate, up, down;
     lk_rotation down_in; /* the MLP activations before down (QuaRot) */
+    /* a mixture-of-experts MLP in place of gate / up / down (lk_moe_forward), or NULL */
+    const struct lk_moe *moe;
 } lk_qwen35_layer;
 
 typedef struct {
@@ -406,6 +412,41 @@ int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_poo
                        const int64_t *q_start, const int64_t *pos_start,
                        const int32_t *block_tables, int64_t max_blocks, float scale,
                        float *out);
+/* ---- mixture of experts (moe.c) ------------------------------------------------- */
+
+#define LK_MOE_EXPERTS_MAX 1024
+#define LK_MOE_TOPK_MAX 64
+
+/* A sparse MoE MLP: router [n_experts, hidden]; per expert gate, up [inter, hidden] and
+   down [hidden, inter] (arrays of n_experts; every gate / up one format, every down one
+   format, no biases); optionally (shared_inter > 0) a shared expert sh_gate, sh_up
+   [shared_inter, hidden], sh_down [hidden, shared_inter] scaled by sigmoid(sh_score . x),
+   sh_score [1, hidden]. */
+typedef struct lk_moe {
+    int64_t hidden, n_experts, top_k, inter, shared_inter;
+    int32_t normalize; /* divide the top-k probabilities by their sum */
+    lk_linear router;
+    const lk_linear *gate, *up, *down;
+    lk_linear sh_gate, sh_up, sh_down, sh_score;
+} lk_moe;
+
+/* Whether the description is complete and consistent (1) or not (0). */
+int lk_moe_ok(const lk_moe *m);
+/* out [n, hidden] = the MoE MLP of x [n, hidden]: per row softmax(router . x) over all
+   experts, the top_k by router logit (ties to the lower id), weights renormalised when
+   `normalize`; the rows are grouped by expert and each selected expert multiplies its rows
+   in one few-row matmul (every expert read once per call); each row sums its experts in
+   ascending expert order, then adds the shared expert. Returns 0, -4 (description), -5
+   (out of memory, or a plugin matmul failed). */
+int lk_moe_forward(const lk_moe *m, const float *x, int64_t n, float *out);
+/* y_i [M_i, N_i] = x[row0_i : row0_i + M_i] @ W_i^T for n matrices of one core format
+   (LK_FMT_*) and one K, each reading its own rows of the contiguous x [*, K], as one
+   parallel job (x quantized once for q8_0). Returns 0, -1 (format, K or shapes), -2 (out
+   of memory). */
+int lk_matmul_grouped(int fmt, const float *x, int64_t K, int64_t n, const int64_t *row0,
+                      const int64_t *M, const void *const *w, const int64_t *ldw,
+                      const int64_t *N, float *const *y);
+
 /* ---- rotate --------------------------------------------------------------------- */
 
 /* out[r] = x[r] @ (mix kron H_block) / sqrt(block) for rows r of m * block floats, with
