@@ -97,6 +97,11 @@ class ServerSection:
                                       # request arriving meanwhile is admitted soon (0: off)
     header_timeout: float = 10.0      # seconds for a request's headers to arrive
     read_timeout: float = 30.0        # seconds for a request's body to arrive
+    # drift detection over the embeddings of incoming inputs (lattice_engine.drift):
+    # 0 = off, else the reference window W in 128..4096; a check every drift_every inputs
+    drift_window: int = 0
+    drift_every: int = 16
+    drift_threshold: Optional[float] = None  # None: calibrated from the reference
 
     def __post_init__(self):
         if not 1 <= self.port <= 65535:
@@ -114,6 +119,15 @@ class ServerSection:
             if not (isinstance(value, (int, float)) and 0 < value <= 3600):
                 raise ConfigError(f"server.{name} = {value!r} is out of range: use seconds "
                                   f"in (0, 3600]")
+        if not (isinstance(self.drift_window, int) and
+                (self.drift_window == 0 or 128 <= self.drift_window <= 4096)):
+            raise ConfigError(f"server.drift_window = {self.drift_window!r} is out of range: "
+                              f"use 0 (off) or 128..4096 observations")
+        _at_least("server.drift_every", self.drift_every, 1)
+        if self.drift_threshold is not None and not (
+                isinstance(self.drift_threshold, (int, float)) and self.drift_threshold > 0):
+            raise ConfigError(f"server.drift_threshold = {self.drift_threshold!r} must be a "
+                              f"number > 0 (or unset: calibrated from the reference window)")
         _at_least("server.max_body_bytes", self.max_body_bytes, 1024)
         _at_least("server.max_concurrency", self.max_concurrency, 1)
         for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",

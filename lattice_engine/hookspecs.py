@@ -43,7 +43,10 @@ def register_architectures(register: Callable[[str, type], None]) -> None:
             the `lattice_engine.contract.CausalLM` members (forward, make_cache,
             hidden_states, logits, config.vocab_size); with `PagedCausalLM`'s members too
             (make_paged_cache, forward_paged) it can also be served with continuous
-            batching. It need not subclass anything of the core's. Registering a model_type
+            batching. An embedding-only model provides `contract.Encoder`'s `encode(tokens,
+            mask)` instead of the CausalLM members (it cannot generate; see
+            `lattice_engine.embedding`). It need not subclass anything of the core's.
+            Registering a model_type
             that another plugin already owns raises PluginError naming both owners.
     """
 

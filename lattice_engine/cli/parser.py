@@ -132,8 +132,32 @@ def build_parser() -> argparse.ArgumentParser:
                             "while prefilling (default 2; 0 turns it off)")
     serve.add_argument("--max-concurrency", type=int, default=None)
     add_speculative_options(serve)
+    serve.add_argument("--drift-window", type=int, default=None,
+                       help="watch the embeddings of incoming inputs for drift: freeze the "
+                            "first W (128..4096) as the reference, check every 16 "
+                            "(/metrics: lattice_drift_*; default 0: off)")
+    serve.add_argument("--drift-threshold", type=float, default=None,
+                       help="the divergence that raises the drift alarm (default: "
+                            "calibrated from the reference window)")
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
+
+    embed = sub.add_parser("embed", help="embed texts (one per line) as JSON lines")
+    add_model_options(embed, positional=True)
+    embed.add_argument("texts", nargs="*", help="texts to embed (default: one per line from "
+                                                "--file or stdin)")
+    embed.add_argument("--file", default=None, help="UTF-8 file, one text per line ('-': stdin)")
+    embed.add_argument("--dimensions", type=int, default=None,
+                       help="keep the first N features (Matryoshka), re-normalised")
+    embed.add_argument("--instruction", default=None,
+                       help="text put before every input (e.g. a Qwen3-Embedding query "
+                            "instruction)")
+    embed.add_argument("--prompt-name", default=None,
+                       help="one of the model's named prompts (config_sentence_transformers.json)")
+    embed.add_argument("--truncate", action="store_true",
+                       help="cut inputs longer than the model's limit instead of failing")
+    embed.add_argument("--no-normalize", action="store_true",
+                       help="skip the L2 normalisation the model asks for")
 
     ppl = sub.add_parser("ppl", help="perplexity of a text file (sliding windows)")
     add_model_options(ppl, positional=True)

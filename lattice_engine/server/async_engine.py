@@ -38,7 +38,9 @@ class EngineFailed(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, runner: BatchRunner):
+    """`runner` is None for an embedding-only model: the thread then runs only `call`s."""
+
+    def __init__(self, runner: Optional[BatchRunner]):
         self.runner = runner
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -96,6 +98,15 @@ class AsyncEngine:
             if not finished:
                 self._send(("abort", seq.request_id))
 
+    async def call(self, fn):
+        """Run fn() on the engine thread, between steps, and return its result (or raise
+        its exception): the model and the kernel pool are only ever driven by that thread.
+        Embedding requests go through here."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("call", (fn, loop, future)))
+        return await future
+
     def num_streams(self) -> int:
         """Requests queued or running on behalf of a listener (the concurrency count)."""
         return len(self._streams)
@@ -122,7 +133,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop:
             self._drain()
-            if not self.runner.has_unfinished():
+            if self.runner is None or not self.runner.has_unfinished():
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
@@ -145,7 +156,9 @@ class AsyncEngine:
                 kind, arg = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
+            if kind == "call":
+                self._run_call(*arg)
+            elif kind == "add":
                 if self._closing is not None:
                     self._deliver(arg.request_id, EngineClosed(self._closing))
                     continue
@@ -155,11 +168,34 @@ class AsyncEngine:
                     self._deliver(arg.request_id, exc)
             elif kind == "close":
                 self._closing = arg
+                if self.runner is None:
+                    continue
                 for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
                     self.runner.abort(seq.request_id)
                     self._deliver(seq.request_id, EngineClosed(arg))
-            else:
+            elif self.runner is not None:
                 self.runner.abort(arg)
+
+    def _run_call(self, fn, loop, future) -> None:
+        if self._closing is not None:
+            outcome, ok = EngineClosed(self._closing), False
+        else:
+            try:
+                outcome, ok = fn(), True
+            except Exception as exc:  # the caller turns it into its response
+                outcome, ok = exc, False
+
+        def settle():
+            if future.done():  # the request went away meanwhile
+                return
+            if ok:
+                future.set_result(outcome)
+            else:
+                future.set_exception(outcome)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed
+            pass
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
@@ -173,6 +209,8 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         # the exception's text is for the log (written above), not for clients
+        if self.runner is None:
+            return
         for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
             self.runner.abort(seq.request_id)
             self._deliver(seq.request_id, EngineFailed(seq.request_id))

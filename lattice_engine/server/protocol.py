@@ -456,3 +456,63 @@ def chat_messages(body: dict) -> list[dict[str, Any]]:
                 message[key] = m[key]
         out.append(message)
     return out
+
+
+MAX_EMBEDDING_INPUTS = 2048  # inputs in one /v1/embeddings request (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """A checked /v1/embeddings body: `inputs` a list of strings or of token-id lists."""
+
+    inputs: list
+    encoding_format: str
+    dimensions: Optional[int]
+
+
+def embedding_request(body: dict) -> EmbeddingRequest:
+    """The OpenAI fields: input (a string, an array of strings, an array of token ids, or an
+    array of such arrays; none empty), encoding_format ("float" or "base64"), dimensions
+    (an integer >= 1; the model's width bounds it later), user (accepted, unused)."""
+    raw = body.get("input")
+    if raw is None:
+        raise bad("'input' is required: a string, an array of strings or an array of token "
+                  "ids", "input")
+
+    def is_id(t) -> bool:
+        return isinstance(t, int) and not isinstance(t, bool)
+
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(is_id(t) for t in raw):
+        inputs = [raw]
+    elif isinstance(raw, list):
+        inputs = raw
+        for i, item in enumerate(inputs):
+            if isinstance(item, str) or (isinstance(item, list) and all(is_id(t) for t in item)):
+                continue
+            raise bad(f"input[{i}] must be a string or an array of token ids, got "
+                      f"{type(item).__name__} {_short(item)}", "input")
+    else:
+        raise bad(f"'input' must be a string, an array of strings or an array of token ids, "
+                  f"got {type(raw).__name__}", "input")
+    if not inputs:
+        raise bad("'input' is empty: give at least one string or token array", "input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise bad(f"'input' has {len(inputs)} items; the limit is {MAX_EMBEDDING_INPUTS} per "
+                  f"request: split it", "input")
+    for i, item in enumerate(inputs):
+        if len(item) == 0:
+            what = "an empty string" if isinstance(item, str) else "an empty token array"
+            raise bad(f"input[{i}] is {what}; every input needs some text", "input")
+    fmt = body.get("encoding_format")
+    fmt = "float" if fmt is None else fmt
+    if fmt not in ("float", "base64"):
+        raise bad(f"'encoding_format' must be 'float' or 'base64', got {_short(fmt)}",
+                  "encoding_format")
+    dims = body.get("dimensions")
+    if dims is not None and not (is_id(dims) and dims >= 1):
+        raise bad(f"'dimensions' must be an integer >= 1, got {_short(dims)}", "dimensions")
+    if body.get("user") is not None and not isinstance(body.get("user"), str):
+        raise bad("'user' must be a string", "user")
+    return EmbeddingRequest(inputs, fmt, dims)
