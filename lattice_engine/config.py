@@ -1,10 +1,13 @@
 """The config file (TOML) as frozen dataclasses, with errors that name key, value and choices.
 
-    [model]    path = "smollm2-135m", backend = "auto" | "native" | "numpy", threads = 2
+    [model]    path = "smollm2-135m", backend = "auto" | "native" | "numpy", threads = 2,
+               kv_cache = "f32" | "f16" | "q8_0" (how generate / ppl store keys and values)
     [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }, group_size = 64
                (method omitted: as the checkpoint is stored, f32 unless `lattice quantize`
                wrote it; group_size only for grouped methods such as q4_asym)
-    [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop
+    [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop,
+               presence_penalty, frequency_penalty, logit_bias = { "28" = -100 }, sampler,
+               processors
     [plugins]  load = ["name", ...]   (omit to load every installed plugin)
     [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
                model_name, kv_cache_tokens, block_size, max_running, step_tokens,
@@ -46,9 +49,11 @@ class ModelSection:
     path: str = DEFAULT_MODEL
     backend: str = "auto"
     threads: int = 0  # 0: all cores
+    kv_cache: str = "f32"  # the dense cache's storage (cache/dense.py KV_DTYPES)
 
     def __post_init__(self):
         _choice("model.backend", self.backend, ("auto", "native", "numpy"))
+        _choice("model.kv_cache", self.kv_cache, ("f32", "f16", "q8_0"))
         _at_least("model.threads", self.threads, 0)
         if self.threads > MAX_THREADS:  # the C pool would clamp it silently (LK_MAX_THREADS)
             raise ConfigError(f"model.threads = {self.threads} is out of range: the kernels "

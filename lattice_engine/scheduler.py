@@ -85,6 +85,9 @@ class Sequence:
     cached_tokens: int = 0     # prompt tokens served from the prefix cache (first admission)
     admitted: bool = False
     detail: dict[str, Any] = field(default_factory=dict)  # the runner's per-request state
+    # a sequence with the same prompt queued before this one (n > 1): this one waits for
+    # it to compute the prompt's full blocks, then takes them from the prefix cache
+    prefix_leader: Optional["Sequence"] = None
 
     def __post_init__(self):
         if not self.token_ids:
@@ -208,7 +211,12 @@ class Scheduler:
             recurrent = self.cache.recurrent
             if recurrent is not None and recurrent.num_free() == 0:
                 break  # every recurrent-state slot is taken
-            if not seq.blocks.table:
+            lead = seq.prefix_leader
+            if lead is not None and lead.status is Status.RUNNING and lead.num_computed < \
+                    len(lead.prompt_ids) // self.cache.block_size * self.cache.block_size:
+                break  # its leader is computing the blocks it will share
+            # prompt logprobs need every prompt position's logits: no cached prefix then
+            if not seq.blocks.table and seq.params.prompt_logprobs is None:
                 hit = self.cache.match_prefix(seq.token_ids, seq.blocks)
                 seq.num_computed = hit
                 if not seq.admitted:

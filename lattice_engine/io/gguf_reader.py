@@ -3,7 +3,8 @@
 This module owns: opening a GGUF (parsed by `gguf_file`, memory-mapped), turning its metadata into an HF `config.json` dict, renaming tensors to HF names, undoing
 llama.cpp's q/k row permutation for llama, and handing each tensor out lazily, either
 dequantized to float32 or, for the ggml types the caller can use as they are, as a
-`PackedTensor` of the file's own bytes. The tokenizer is rebuilt by `gguf_tokenizer`.
+`PackedTensor` of the file's own bytes; the loaders of 2-D tensors can also read their
+rows slice by slice (`io/stored.py`) for conversion to another format. The tokenizer is rebuilt by `gguf_tokenizer`.
 
 Supported architectures: `SUPPORTED_ARCHITECTURES`. A truncated or corrupt file raises
 `CheckpointError` naming the file and what is wrong.
@@ -18,11 +19,12 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CheckpointError
-from . import hugepages
+from . import gguf_qwen35, hugepages
 from .checkpoint import Checkpoint, PackedTensor
 from .gguf_tokenizer import build_tokenizer, tokenizer_configs
+from .stored import StoredTensor
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "qwen35")  # qwen35: gguf_qwen35.py
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
              "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 _MODEL_TYPE = {"qwen3moe": "qwen3_moe"}  # the HF model_type where it differs from the arch
@@ -198,6 +200,15 @@ def _loader(path: Path, t: Any, packed_formats: dict[int, str], rows_order: np.n
     from gguf import dequantize
     ggml_type = int(t.tensor_type)
 
+    def to_float(raw: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32)
+        except NotImplementedError as exc:
+            raise CheckpointError(
+                f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
+                f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf) "
+                f"or re-quantize the model to a common type (Q8_0, Q4_K, ...)") from exc
+
     def load() -> Any:
         if len(hf_shape) == 3 and rows_order is None:
             # stacked experts stay views of the memory map: a step pages in only the
@@ -214,16 +225,14 @@ def _loader(path: Path, t: Any, packed_formats: dict[int, str], rows_order: np.n
             if rows_order is not None:
                 data = data[rows_order]
             return PackedTensor(format=packed_formats[ggml_type], shape=hf_shape, data=data)
-        try:
-            w = np.asarray(dequantize(t.data.view(np.ndarray), t.tensor_type), dtype=np.float32)
-        except NotImplementedError as exc:
-            raise CheckpointError(
-                f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
-                f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf) "
-                f"or re-quantize the model to a common type (Q8_0, Q4_K, ...)") from exc
-        w = w.reshape(hf_shape)
+        w = to_float(t.data.view(np.ndarray)).reshape(hf_shape)
         return w[rows_order] if rows_order is not None else w
-    return load
+
+    if len(hf_shape) != 2 or rows_order is not None or not t.n_bytes:
+        return load
+    stored = packed_formats.get(ggml_type, t.tensor_type.name.lower())
+    return StoredTensor(load, path, t.offset, hf_shape, t.n_bytes // hf_shape[0],
+                        lambda raw: to_float(raw).reshape(raw.shape[0], hf_shape[1]), stored)
 
 
 def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) -> Checkpoint:
@@ -240,6 +249,10 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     packed_formats = dict(packed_formats or {})
     meta, gguf_tensors = _open(path)
     gguf_shapes = {t.name: t.shape for t in gguf_tensors}
+    if meta.get("general.architecture") == gguf_qwen35.ARCH:
+        config = gguf_qwen35.build_config(meta, gguf_shapes, path)
+        tensors, shapes = gguf_qwen35.tensors(path, gguf_tensors, config, packed_formats)
+        return _checkpoint(path, meta, config, tensors, shapes)
     config = build_config(meta, gguf_shapes, path)
 
     unknown = sorted(n for n in gguf_shapes if hf_tensor_name(n) is None)
@@ -265,6 +278,12 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
         tensors[name] = _loader(path, t, packed_formats, rows_order, shape)
         shapes[name] = shape
 
+    return _checkpoint(path, meta, config, tensors, shapes)
+
+
+def _checkpoint(path: Path, meta: dict[str, Any], config: dict[str, Any],
+                tensors: dict[str, Callable[[], Any]],
+                shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
     source = str(path)
     tokenizer = build_tokenizer(meta, source) if "tokenizer.ggml.tokens" in meta else None
     tokenizer_config, generation_config = tokenizer_configs(meta, source)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..errors import CheckpointError
 
 BUILTIN_ARCHITECTURES = {
+    "bert": "lattice_engine.models.bert",  # encoders: embeddings only (contract.Encoder)
     "llama": "lattice_engine.models.llama",
     "qwen2": "lattice_engine.models.qwen2",
     "qwen3": "lattice_engine.models.qwen3",

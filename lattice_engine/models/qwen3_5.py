@@ -319,7 +319,7 @@ class Model(CausalLM):
             head_dim=c.head_dim, num_linear=self.num_linear, conv_dim=conv_dim,
             conv_kernel=c.linear_conv_kernel_dim, value_heads=c.linear_num_value_heads,
             key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
-            capacity=capacity)
+            capacity=capacity, kv_dtype=self.kv_cache)
 
     def hidden_states(self, tokens: np.ndarray, cache: HybridCache) -> np.ndarray:
         """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
@@ -328,7 +328,8 @@ class Model(CausalLM):
         t = tokens.shape[1]
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
-        step = self._decode_step() if t == 1 and type(cache) is HybridCache else None
+        step = self._decode_step() if t == 1 and type(cache) is HybridCache and \
+            cache.kv.dtype == "f32" else None
         if step is not None:
             cache.kv.reserve(cache.offset + 1)
             arrays = (cache.kv.keys, cache.kv.values, cache.conv, cache.delta)
@@ -347,6 +348,7 @@ class Model(CausalLM):
                          max_sequences: int = 0):
         """A `PagedKVCache` with recurrent-state slots, for serving (see `forward_paged`)."""
         from .qwen3_5_paged import make_paged_cache
+        self._paged_kv_check()
         return make_paged_cache(self, num_blocks, block_size, variant, max_sequences)
 
     def forward_paged(self, batch, cache) -> np.ndarray:

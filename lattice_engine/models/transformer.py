@@ -260,7 +260,8 @@ class DecoderModel(CausalLM):
 
     def make_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity)
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity,
+                       self.kv_cache)
 
     def hidden_states(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
@@ -269,7 +270,8 @@ class DecoderModel(CausalLM):
         t = tokens.shape[1]
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
-        step = self._decode_step() if t == 1 and type(cache) is KVCache else None
+        step = self._decode_step() if t == 1 and type(cache) is KVCache and \
+            cache.dtype == "f32" else None
         if step is not None:
             cache.reserve(cache.offset + 1)
             if not step.is_bound_to(cache.keys, cache.values):
@@ -322,6 +324,7 @@ class DecoderModel(CausalLM):
         recurrent layers also gives it `RecurrentStateSlots` for max_sequences sequences;
         this one has none, so max_sequences is unused."""
         from ..cache.paged import PagedKVCache
+        self._paged_kv_check()
         c = self.config
         return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                             num_blocks, block_size, variant)

@@ -203,6 +203,11 @@ void lk_softmax(const float *x, int64_t rows, int64_t n, float *out);
    normaliser: logprob of token t = x[r, t] - out[r]). */
 void lk_log_sum_exp(const float *x, int64_t rows, int64_t n, float *out);
 void lk_add(const float *a, const float *b, int64_t n, float *out);
+/* BERT's LayerNorm per row of length D: (x - mean) / sqrt(biased var + eps) * w + b. */
+void lk_layer_norm(const float *x, int64_t rows, int64_t D, const float *w, const float *b,
+                   float eps, float *out);
+/* out = x * Phi(x): erf form (tanh_form = 0, "gelu") or tanh form ("gelu_new"). */
+void lk_gelu(const float *x, int64_t n, int tanh_form, float *out);
 
 /* ---- attention ------------------------------------------------------------------ */
 
@@ -457,6 +462,35 @@ int lk_block_rotate(const float *x, int64_t rows, int64_t m, int64_t block, cons
    thread streaming contiguous 4 MiB pieces; prefetch != 0 adds a software prefetch 4 KiB
    ahead. nbytes is rounded down to a multiple of 32. */
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
+
+/* ---- vector distances and top-k search (distance.c) -------------------------------- */
+
+#define LK_METRIC_DOT 0
+#define LK_METRIC_COSINE 1
+#define LK_METRIC_L2 2
+/* One pair of n-vectors: dot, cosine similarity or squared L2 distance (metric). int8 sums
+   are exact (returned as double). */
+float lk_distance_f32(const float *a, const float *b, int64_t n, int metric);
+double lk_distance_i8(const int8_t *a, const int8_t *b, int64_t n, int metric);
+/* Exact top-k of each of nq queries [nq, d] against n stored vectors db [n, d]: ids and
+   scores [nq, k], best first (highest dot / cosine, lowest squared L2; ties: lower id
+   first). db_norms: |row| of each stored row for cosine (NULL: computed). Returns 0, -1
+   on bad sizes (k must lie in 1..n), -5 out of memory. */
+int lk_topk_f32(const float *q, int64_t nq, const float *db, int64_t n, int64_t d, int metric,
+                int64_t k, const float *db_norms, int64_t *ids, float *scores);
+int lk_topk_i8(const int8_t *q, int64_t nq, const int8_t *db, int64_t n, int64_t d, int metric,
+               int64_t k, const float *db_norms, int64_t *ids, float *scores);
+/* Every score [nq, n] (metric as above, L2 unnegated). Returns 0 or -1. */
+int lk_scores_f32(const float *q, int64_t nq, const float *db, int64_t n, int64_t d, int metric,
+                  float *out);
+int lk_scores_i8(const int8_t *q, int64_t nq, const int8_t *db, int64_t n, int64_t d, int metric,
+                 float *out);
+/* The distance kernels' variant: 0 generic, 1 avx2, 2 avx512; v = -1 asks, -2 resets to
+   the best, another v forces it if the CPU runs it. Returns the active one. */
+int lk_distance_variant(int v);
+const char *lk_distance_variant_name(int v);
+/* Bit v set: the CPU runs variant v. */
+int lk_distance_variants(void);
 
 /* LK_CDEF_END */
 
