@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .checkpoint import PackedTensor
+from .stored import StoredTensor
 
 ARCH = "qwen35"
 
@@ -288,5 +289,21 @@ def tensors(path: Path, gguf_tensors: list[Any], config: dict[str, Any],
             loaders[name] = _packed_loader(path, t, fmt, fix, shape, block_bytes, block)
         else:
             loaders[name] = _float_loader(t, fix)
+        if len(shape) == 2 and t.n_bytes and fix.rows is None and fix.cols is None and \
+                fix.shape is None and fix.fn is None:
+            # as stored: convertible a slice of rows at a time (io/stored.py)
+            loaders[name] = StoredTensor(loaders[name], path, t.offset, shape,
+                                         t.n_bytes // shape[0], _row_decoder(t),
+                                         fmt or t.tensor_type.name.lower())
         shapes[name] = shape
     return loaders, shapes
+
+
+def _row_decoder(t: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """bytes [n, row_bytes] of tensor t -> float32 [n, cols]."""
+    from gguf import dequantize
+
+    def decode(raw: np.ndarray) -> np.ndarray:
+        return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32).reshape(
+            raw.shape[0], -1)
+    return decode
