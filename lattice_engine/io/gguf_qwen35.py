@@ -303,3 +303,4 @@ def tensors(path: Path, gguf_tensors: list[Any], config: dict[str, Any],
         loaders[name] = load
         shapes[name] = shape
     return loaders, shapes
+
