@@ -35,6 +35,7 @@ REGISTRY_HOOKS = {
     "samplers": "register_samplers",
     "logits_processors": "register_logits_processors",
     "adapters": "register_adapters",
+    "drafters": "register_drafters",
 }
 
 

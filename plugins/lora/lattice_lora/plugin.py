@@ -2,7 +2,7 @@
 
 from lattice_engine import hookimpl, require_plugin_api
 
-require_plugin_api(1, 1, plugin="lattice-lora")  # register_adapters came with 1.1
+require_plugin_api(1, 2, plugin="lattice-lora")  # register_adapters came with 1.2
 
 
 @hookimpl
