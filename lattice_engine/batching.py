@@ -21,13 +21,15 @@ from typing import Optional, Sequence as Seq
 
 import numpy as np
 
-from .errors import LatticeError, RequestError
+from .errors import ConfigError, LatticeError, RequestError
 from .generate import token_logprob
 from .text_stream import TextStream
 from .models.paged_forward import PagedBatch
 from .prefill_pacer import PrefillPacer
 from .sampling import SamplingParams, make_sampler
 from .scheduler import LogitsMask, Scheduler, Sequence, Status
+from .spec_batching import SpeculativeSteps, Speculating
+from .speculative import DraftLength, can_speculate
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,12 @@ class RequestOutput:
     # ("invalid_request_error" for the request's own options, "server_error" for a bug)
     error: Optional[str] = None
     error_type: Optional[str] = None
+    # SamplingParams.logprobs: per token in token_ids, its most likely alternatives as
+    # (token id, logprob), most likely first (empty lists when not asked for)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: once, in the first output after the prompt is
+    # computed: per prompt token (logprob, alternatives), None for the first token
+    prompt_logprobs: Optional[list] = None
 
     @property
     def finished(self) -> bool:
@@ -126,12 +134,41 @@ class _Output:
     text: TextStream
     new_tokens: list[int] = field(default_factory=list)
     new_logprobs: list[float] = field(default_factory=list)
+    new_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    # prompt_logprobs: an entry per prompt token, filled as the prompt's rows are computed;
+    # handed out once, then None
+    prompt: Optional[list] = None
+    prompt_left: int = 0
 
 
-class BatchRunner:
+def logprobs_of(row: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax(row)[token] and the `top` most likely tokens with theirs (most likely
+    first; tokens at -inf, masked out, are left off)."""
+    logprob = token_logprob(row, token)
+    if not top:
+        return logprob, []
+    lse = float(row[token]) - logprob
+    best = np.argpartition(-row, top - 1)[:top] if top < row.size else np.arange(row.size)
+    best = best[np.argsort(-row[best], kind="stable")]
+    return logprob, [(int(t), float(row[t]) - lse) for t in best if np.isfinite(row[t])]
+
+
+# make_sequence's speculation argument when the request did not choose: the runner's own
+DEFAULT_SPECULATION = object()
+
+
+class BatchRunner(SpeculativeSteps):
     def __init__(self, model, tokenizer, registry=None,
-                 options: BatchingOptions = BatchingOptions(), variant: str = ""):
+                 options: BatchingOptions = BatchingOptions(), variant: str = "",
+                 speculation=None):
         self.model = model
+        # speculative decoding (a `speculative.Speculation`): the default of every request
+        self.speculation = speculation
+        # every Speculation a request of this runner used (their counters feed /metrics)
+        self.speculations: dict[int, object] = {}
+        if speculation is not None:
+            self._check_speculation(speculation)
+            self.speculations[id(speculation)] = speculation
         self.tokenizer = tokenizer
         self.registry = registry
         self.options = options
@@ -159,13 +196,25 @@ class BatchRunner:
         self.enqueue(seq)
         return seq.request_id
 
+    @staticmethod
+    def _check_speculation(speculation) -> None:
+        """A speculation must come with a drafter (built and checked by Speculation.build)."""
+        if getattr(speculation, "drafter", None) is None:
+            raise ConfigError("a speculation without a drafter cannot serve requests")
+
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
                       logits_mask: Optional[LogitsMask] = None,
-                      ignore_eos: bool = False) -> Sequence:
+                      ignore_eos: bool = False,
+                      prefix_leader: Optional[Sequence] = None,
+                      speculation=DEFAULT_SPECULATION) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
-        model's end-of-sequence tokens (benchmarks want fixed lengths)."""
+        model's end-of-sequence tokens (benchmarks want fixed lengths). prefix_leader: a
+        sequence with the same prompt queued before this one (the copies of an n > 1
+        request): this one is admitted once the leader computed the prompt's full blocks,
+        and takes them from the prefix cache. `speculation` (a `speculative.Speculation`,
+        or None for none) overrides the runner's default."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -182,7 +231,7 @@ class BatchRunner:
                                f"{self.cache.block_size}); shorten it or enlarge the cache")
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, prompt_ids, params, make_sampler(params, self.registry),
-                       logits_mask)
+                       logits_mask, prefix_leader=prefix_leader)
         if self.tokenizer is None and params.stop:
             raise RequestError("stop strings need a tokenizer, and this model has none; "
                                "use stop_token_ids")
@@ -191,6 +240,17 @@ class BatchRunner:
         eos = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         seq.detail["out"] = _Output(TextStream(self.tokenizer, params.stop,
                                                set(params.stop_token_ids) | set(eos)))
+        if params.prompt_logprobs is not None:
+            seq.detail["out"].prompt = [None] * len(prompt_ids)
+            seq.detail["out"].prompt_left = len(prompt_ids) - 1
+        spec = self.speculation if speculation is DEFAULT_SPECULATION else speculation
+        if spec is not None and can_speculate(seq.sampler, logits_mask):
+            if spec is not self.speculation:
+                self._check_speculation(spec)
+                self.speculations.setdefault(id(spec), spec)
+            seq.detail["spec"] = Speculating(
+                spec, spec.request(request_id, seq.token_ids, seq.sampler, vocab, params),
+                DraftLength(spec.options.num_draft_tokens, spec.options.adaptive))
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
@@ -201,6 +261,7 @@ class BatchRunner:
         """Drop a request and free its KV blocks now; False if it is unknown or done."""
         seq = self.scheduler.abort(request_id)
         if seq is not None:
+            self._release_draft(seq)
             self._count_finish("abort")
         return seq is not None
 
@@ -219,49 +280,114 @@ class BatchRunner:
         self.scheduler.interleave_tokens = self.pacer.budget()
         self.scheduler.prefill_tokens = self.pacer.prefill_budget()
         started = time.perf_counter()
+        outputs = self._draft()
         plan = self.scheduler.schedule()
-        outputs = [self._finish(seq, "length") for seq in plan.out_of_memory]
+        outputs += [self._finish(seq, "length") for seq in plan.out_of_memory]
+        for seq in self.scheduler.running:
+            seq.draft = []  # a draft lives for one step (the item keeps its own copy)
         if not plan.items:
             return outputs
         self.stats.steps += 1
         batch = PagedBatch.build(self.cache, [
-            (it.sequence.blocks, it.sequence.token_ids[it.start:it.start + it.count],
-             it.start, it.sample) for it in plan.items])
+            (it.sequence.blocks, it.tokens, it.start, it.logits_wanted) for it in plan.items])
+        batch.want_hidden = self._wants_hidden(plan.items)
+        scored = self._prompt_rows(plan.items, batch)
+        verify_started = time.perf_counter()
         logits = self.model.forward_paged(batch, self.cache)
-        self.scheduler.complete(plan.items)
+        verify_seconds = time.perf_counter() - verify_started
+        self.scheduler.complete([it for it in plan.items if not it.draft])
         now = time.perf_counter()
         row = 0
-        for it in plan.items:
+        for i, it in enumerate(plan.items):
             seq = it.sequence
             self.stats.tokens_computed += it.count
-            if not it.sample:
+            if scored is not None and scored[i] is not None:
+                first, count = scored[i]
+                self._score_prompt(seq, logits[row:row + count], first)
+                row += count
+            if not it.logits_wanted:
                 continue
+            rows = logits[row:row + it.logits_wanted]
+            self._hand_hidden(seq, batch.hidden, row, it.logits_wanted)
+            row += it.logits_wanted
             try:
-                out = self._sample(seq, logits[row], now)
+                if it.draft:
+                    out = self._verify(it, rows, now, verify_seconds * it.count / len(batch.tokens))
+                else:
+                    out = self._sample(seq, rows[0], now)
             except Exception as exc:  # this request's failure (its sampling options, its
                 out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
-            row += 1
             if out is not None:
                 outputs.append(out)
         # the whole step (sampling and detokenizing too) is what the decoders wait for
-        decode_rows = sum(1 for it in plan.items if it.count == 1 and it.sample)
+        decode_rows = sum(it.count for it in plan.items if it.sample and
+                          (it.count == 1 or it.draft))
         self.pacer.record(decode_rows, len(batch.tokens) - decode_rows,
                           time.perf_counter() - started)
         return outputs
 
+    def _prompt_rows(self, items, batch: PagedBatch) -> Optional[list]:
+        """For requests with prompt_logprobs: the rows of this step that predict prompt
+        tokens are added to batch.logit_rows (before the item's sampling row); returns per
+        item (first position, rows) or None, or None when no request asks."""
+        if all(it.sequence.detail["out"].prompt is None for it in items):
+            return None
+        rows: list[int] = []
+        spans: list = []
+        for i, it in enumerate(items):
+            st: _Output = it.sequence.detail["out"]
+            span = None
+            if st.prompt is not None:
+                # position p predicts the token at p + 1; the last prompt position predicts
+                # the first generated token (the sampling row)
+                end = min(it.start + it.count, len(it.sequence.prompt_ids) - 1)
+                if end > it.start:
+                    first_row = int(batch.q_start[i])
+                    rows.extend(range(first_row, first_row + end - it.start))
+                    span = (it.start, end - it.start)
+            spans.append(span)
+            if it.logits_wanted:  # the sampling row, or every row of a verify
+                last = int(batch.q_start[i + 1])
+                rows.extend(range(last - it.logits_wanted, last))
+        batch.logit_rows = np.asarray(rows, np.int64)
+        return spans
+
+    def _score_prompt(self, seq: Sequence, logits: np.ndarray, first: int) -> None:
+        st: _Output = seq.detail["out"]
+        top = seq.params.prompt_logprobs or 0
+        for j in range(logits.shape[0]):
+            pos = first + j + 1  # the prompt token this row predicts
+            if st.prompt[pos] is None:  # (a preempted request computes its prompt again)
+                st.prompt[pos] = logprobs_of(logits[j], seq.prompt_ids[pos], top)
+                st.prompt_left -= 1
+
+    # ---- sampling and emitting ---------------------------------------------------------
     def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:
+        if seq.params.max_tokens == 0:  # nothing to generate (prompt logprobs only)
+            return self._finish(seq, "length")
         model_row = row
         if seq.logits_mask is not None:
             row = row.copy()  # the logprob reported is the model's, not the masked one's
             masked = seq.logits_mask.apply(row)
             row = row if masked is None else masked
-        token = seq.sampler(seq.token_ids, row)
-        logprob = token_logprob(model_row, token)
+        token = seq.sampler(seq.token_ids, row, len(seq.prompt_ids))
+        params = seq.params
+        if params.logprobs_mode == "processed":
+            logprob, top = logprobs_of(seq.sampler.processed.astype(np.float64), token,
+                                       params.logprobs or 0)
+        else:
+            logprob, top = logprobs_of(model_row, token, params.logprobs or 0)
         if seq.logits_mask is not None:
             seq.logits_mask.accept(token)  # raising ends this request alone (see step)
         # a complete constraint allows nothing more (a tokenizer without an end token):
         # this token is kept and the request stops
         constraint_done = seq.logits_mask is not None and seq.logits_mask.is_terminated()
+        return self._take(seq, token, logprob, top, now, constraint_done)
+
+    def _take(self, seq: Sequence, token: int, logprob: float, top: list, now: float,
+              constraint_done: bool) -> Optional[RequestOutput]:
+        """Append a chosen token to seq and apply the stop rules; the output to send, if
+        any (None: nothing to send yet)."""
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.stats.ttft.observe(now - seq.arrival_time)
@@ -276,6 +402,7 @@ class BatchRunner:
         seq.token_ids.append(token)
         st.new_tokens.append(token)
         st.new_logprobs.append(logprob)
+        st.new_top.append(top)
         text, stopped = st.text.push(token)
         if stopped:
             return self._finish(seq, "stop", text)
@@ -318,14 +445,18 @@ class BatchRunner:
             reason = "stop" if stopped else reason
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, reason)
+        self._release_draft(seq)
         self._count_finish(reason)
         return self._emit(seq, text, reason)
 
     def _emit(self, seq: Sequence, text: str, reason: Optional[str]) -> RequestOutput:
         st: _Output = seq.detail["out"]
         out = RequestOutput(seq.request_id, text, st.new_tokens, st.new_logprobs, reason,
-                            len(seq.prompt_ids), len(st.text.generated), seq.cached_tokens)
-        st.new_tokens, st.new_logprobs = [], []
+                            len(seq.prompt_ids), len(st.text.generated), seq.cached_tokens,
+                            top_logprobs=st.new_top)
+        if st.prompt is not None and (st.prompt_left == 0 or reason is not None):
+            out.prompt_logprobs, st.prompt = st.prompt, None
+        st.new_tokens, st.new_logprobs, st.new_top = [], [], []
         return out
 
     def _count_finish(self, reason: str) -> None:

@@ -38,6 +38,46 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, offset: float = 0.0)
     return (x * inv) * (offset + weight)
 
 
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last axis (BERT's
+    LayerNorm; the variance is the biased one, as torch computes it)."""
+    x = x.astype(np.float32, copy=False)
+    centered = x - np.mean(x, axis=-1, keepdims=True)
+    inv = 1.0 / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + np.float32(eps))
+    return (centered * inv) * weight + bias
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64: Abramowitz-Stegun 7.1.26 (absolute error <= 1.5e-7) for |x| >= 0.5,
+    its Taylor series (exact to double) below. GELU multiplies it by x / 2, so the error
+    stays within about one float32 ulp of the result."""
+    z = np.abs(x.astype(np.float64))
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                         + t * 1.061405429))))
+    y = 1.0 - poly * np.exp(-z * z)
+    small = z < 0.5
+    if np.any(small):
+        zs = z[small]
+        z2 = zs * zs
+        term, acc = zs, zs.copy()
+        for n in range(1, 12):
+            term = term * (-z2) / n
+            acc = acc + term / (2 * n + 1)
+        y[small] = acc * (2.0 / np.sqrt(np.pi))
+    return np.sign(x) * y
+
+
+def gelu(x: np.ndarray, tanh: bool = False) -> np.ndarray:
+    """GELU: x * Phi(x) with the exact erf ("gelu"), or the tanh approximation
+    ("gelu_new" / "gelu_pytorch_tanh") when `tanh`."""
+    x = x.astype(np.float32, copy=False)
+    if tanh:
+        inner = np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+        return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+    return (0.5 * x * (1.0 + _erf(x.astype(np.float64) / np.sqrt(2.0)))).astype(np.float32)
+
+
 def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin of shape [len(positions), len(inv_freq)] for the given absolute positions.
 

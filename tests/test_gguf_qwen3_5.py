@@ -117,3 +117,36 @@ def test_missing_metadata_names_the_key():
     del meta["qwen35.ssm.state_size"]
     with pytest.raises(CheckpointError, match=r"qwen35\.ssm\.state_size"):
         gguf_qwen35.build_config(meta, {t.name: t.shape for t in tensors}, F32)
+
+
+def test_packed_columns_move_in_whole_blocks():
+    """A value head of a whole number of q8_0 blocks moves in out_proj's packed rows as its
+    dequantized columns would (the fixture's heads of 16 are dequantized instead, so this
+    checks the packed path on one of its q8_0 tensors with heads of 32)."""
+    from gguf import GGML_QUANT_SIZES
+
+    from lattice_engine.io.gguf_file import read_gguf
+    from lattice_engine.quant.formats import PackedMatrix
+    from lattice_engine.plugins import get_plugin_manager
+    _, tensors = read_gguf(Q8)
+    t = next(t for t in tensors if t.name == "blk.0.ssm_out.weight")
+    assert t.tensor_type.name == "Q8_0" and t.shape == (64, 64)
+    fix = gguf_qwen35._Fix()
+    fix.cols, fix.col_chunk = np.array([1, 0]), 32
+    block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
+    packed = gguf_qwen35._packed_loader(Q8, t, "q8_0", fix, t.shape, block_bytes, block)()
+    q8 = get_plugin_manager().registry.get("weight_formats", "q8_0")
+    as_float = PackedMatrix(q8, t.shape[0], t.shape[1], packed.data).to_float()
+    np.testing.assert_array_equal(as_float, gguf_qwen35._float_loader(t, fix)())
+
+
+def test_plain_matrices_are_read_a_slice_of_rows_at_a_time():
+    """Matrices the converter left as they are can be converted at load slice by slice
+    (io/stored.py: no whole-tensor float copy); the permuted ones are read whole."""
+    from lattice_engine.io.stored import StoredTensor
+    ck = load_gguf(F32)
+    up = ck.tensors["model.layers.0.mlp.up_proj.weight"]
+    assert isinstance(up, StoredTensor)
+    np.testing.assert_array_equal(up.rows()[3:11], up()[3:11])
+    assert not isinstance(ck.tensors["model.layers.0.linear_attn.in_proj_z.weight"],
+                          StoredTensor)

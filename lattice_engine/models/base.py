@@ -156,7 +156,49 @@ class WeightLoader:
             # converted from the file a slice of rows at a time: never a whole float copy
             return self._read(name, lambda: pack(fmt, name, stored.rows(),
                                                  allocate=hugepages.empty))
-        raw = self._read(name, stored)
+        return self._packed(name, self._read(name, stored), shape, fmt)
+
+    def float_matrix(self, name: str, shape: tuple[int, int]) -> PackedMatrix:
+        """A matrix kept in float32 whatever the quant method says (a MoE router: small, and
+        its rounding would move tokens between experts; llama.cpp keeps it in float too)."""
+        return self._packed(name, self._raw(name, shape), shape, self._format("f32"))
+
+    def stacked(self, name: str, shape: tuple[int, int, int], role: str,
+                parts: int = 1) -> list[tuple[PackedMatrix, ...]]:
+        """The matrices of a stacked 3-D tensor [n, rows, cols] (a MoE layer's experts): per
+        slice a tuple of `parts` PackedMatrix, its rows cut into equal blocks (gate_up_proj:
+        gate and up), in the format the quant method picks for `role`. A slice that is
+        already in that format stays a view of the checkpoint's buffer (a memory map stays
+        mapped: only the experts a step uses are read from disk); with `native_layout`,
+        q8_0 experts in a writable buffer are re-laid in place, mapped ones stay q8_0."""
+        n, rows, cols = shape
+        fmt = self._format(self.method.format_for(
+            role, name, cols, lambda f: self._format(f).block_size, self.overrides))
+        raw = self._raw(name, shape)
+        if isinstance(raw, PackedTensor):
+            data = raw.data.reshape(n, rows, -1)
+            parts_of = [PackedTensor(raw.format, (rows, cols), data[e]) for e in range(n)]
+        else:
+            parts_of = [raw[e] for e in range(n)]
+        if rows % parts or (rows // parts) % fmt.row_group:
+            raise CheckpointError(f"tensor {name!r} of shape {shape} cannot be cut into {parts} "
+                                  f"blocks of rows in format {fmt.name}")
+        out = []
+        step = rows // parts
+        for e, part in enumerate(parts_of):
+            m = self._packed(f"{name}[{e}]", part, (rows, cols), fmt)
+            cut = []
+            for i in range(parts):
+                piece = m if parts == 1 else PackedMatrix(fmt, step, cols,
+                                                          m.data[i * step:(i + 1) * step])
+                if self.native_layout and piece.data.flags.writeable:
+                    from ..quant.core_formats import native_layout
+                    piece = native_layout(piece)
+                cut.append(piece)
+            out.append(tuple(cut))
+        return out
+
+    def _packed(self, name: str, raw, shape: tuple[int, int], fmt: WeightFormat) -> PackedMatrix:
         if isinstance(raw, PackedTensor):
             if raw.format == fmt.name:  # already stored the way we want: no float round trip
                 if tuple(raw.data.shape) != (shape[0], fmt.row_bytes(shape[1])):

@@ -174,9 +174,26 @@ class GatedDeltaNet:
 
     def __call__(self, x, slot: int, cache: HybridCache, ops):
         mixed, beta, g, z = self.project(x, ops)
-        core = self.recur(mixed, beta, g, cache.conv[slot], cache.delta[slot], ops,
-                          self.chunk if x.shape[1] > 1 else 0)
+        if getattr(cache, "recording", False):
+            core = self.recur_recorded(mixed, beta, g, cache, slot, ops)
+        else:
+            core = self.recur(mixed, beta, g, cache.conv[slot], cache.delta[slot], ops,
+                              self.chunk if x.shape[1] > 1 else 0)
         return self.gate_out(core, z, ops)
+
+    def recur_recorded(self, mixed, beta, g, cache: HybridCache, slot: int, ops):
+        """The recurrence token by token (exactly a decode step's computation), keeping the
+        state after each token in the cache's trail (speculative verify: `truncate` then
+        returns to any of these positions)."""
+        t = mixed.shape[1]
+        core = np.empty(mixed.shape[:2] + (self.nv, self.dv), np.float32)
+        for i in range(t):
+            core[:, i:i + 1] = self.recur(np.ascontiguousarray(mixed[:, i:i + 1]),
+                                          np.ascontiguousarray(beta[:, i:i + 1]),
+                                          np.ascontiguousarray(g[:, i:i + 1]),
+                                          cache.conv[slot], cache.delta[slot], ops, 0)
+            cache.keep_state(slot, i)
+        return core
 
     def project(self, x, ops):
         """The input projections of x [B, T, hidden]: mixed qkv [B, T, conv_dim] (before the
@@ -207,7 +224,8 @@ class GatedDeltaNet:
 
 
 class Block:
-    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str, index: int, slot: int):
+    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str, index: int, slot: int,
+                 mlp_factory=None):
         h = cfg.hidden_size
         self.kind = cfg.layer_types[index]
         self.slot = slot  # index among layers of its kind: its KV or recurrent-state slot
@@ -219,7 +237,8 @@ class Block:
         else:
             self.self_attn = GatedAttention(cfg, w, f"{p}.self_attn")
         self.post_attention_layernorm = w.vector(f"{p}.post_attention_layernorm.weight", (h,))
-        self.mlp = MLP(cfg, w, f"{p}.mlp")
+        # an architecture may put another MLP here (qwen3_5_moe: the sparse MoE)
+        self.mlp = (mlp_factory or MLP)(cfg, w, f"{p}.mlp")
 
     def __call__(self, x, cache, cos, sin, ops):
         normed = ops.rms_norm(x, self.input_layernorm, self.eps, 1.0)
@@ -278,7 +297,7 @@ class Model(CausalLM):
         counts = {LINEAR: 0, FULL: 0}
         self.layers = []
         for i, kind in enumerate(cfg.layer_types):
-            self.layers.append(Block(cfg, w, prefix, i, counts[kind]))
+            self.layers.append(Block(cfg, w, prefix, i, counts[kind], self.mlp_factory(cfg, i)))
             counts[kind] += 1
         self.num_linear, self.num_full = counts[LINEAR], counts[FULL]
         self.norm = w.vector(f"{prefix}.norm.weight", (h,))
@@ -288,6 +307,10 @@ class Model(CausalLM):
         self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
         self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))
+
+    def mlp_factory(self, cfg: ModelArgs, index: int):
+        """What builds layer `index`'s MLP from (cfg, loader, prefix); None: the dense MLP."""
+        return None
 
     @classmethod
     def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":
@@ -323,8 +346,9 @@ class Model(CausalLM):
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
         step = self._decode_step() if t == 1 and type(cache) is HybridCache and \
-            cache.kv.dtype == "f32" else None
+            cache.kv.dtype == "f32" and not cache.recording else None
         if step is not None:
+            cache.drop_trail()
             cache.kv.reserve(cache.offset + 1)
             arrays = (cache.kv.keys, cache.kv.values, cache.conv, cache.delta)
             if not step.is_bound_to(*arrays):
@@ -332,10 +356,17 @@ class Model(CausalLM):
             hidden = step(tokens[:, 0], cache.offset, cos, sin)
             cache.advance(1)
             return hidden[:, None, :]
+        recording = getattr(cache, "recording", False)
+        if recording:
+            cache.start_trail(t)
+        elif hasattr(cache, "drop_trail"):
+            cache.drop_trail()
         x = ops.embed(self.embed_tokens, tokens)
         for layer in self.layers:
             x = layer(x, cache, cos, sin, ops)
         cache.advance(t)
+        if recording:
+            cache.end_trail()
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps, 1.0)
 
     def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = "",
@@ -351,17 +382,23 @@ class Model(CausalLM):
         from .qwen3_5_paged import forward_paged
         return forward_paged(self, batch, cache)
 
+    @staticmethod
+    def _mlp_step_spec(m) -> Optional[dict]:
+        """A layer's MLP entries of the Qwen35Step spec; None when the step cannot run it."""
+        if m.gate_proj.bias is not None or m.up_proj.bias is not None or \
+                m.down_proj.bias is not None:
+            return None  # Qwen3.5 has no MLP bias; the C step does not take one
+        return {"gate": m.gate_proj.weight, "up": m.up_proj.weight, "down": m.down_proj.weight,
+                "down_rotation": m.down_rotation}
+
     def _build_decode_step(self) -> Optional[Qwen35Step]:
         layers = []
         for block in self.layers:
-            m = block.mlp
-            spec = {"kind": block.kind, "attn_norm": block.input_layernorm,
-                    "mlp_norm": block.post_attention_layernorm, "gate": m.gate_proj.weight,
-                    "up": m.up_proj.weight, "down": m.down_proj.weight,
-                    "down_rotation": m.down_rotation}
-            if m.gate_proj.bias is not None or m.up_proj.bias is not None or \
-                    m.down_proj.bias is not None:
-                return None  # Qwen3.5 has no MLP bias; the C step does not take one
+            mlp = self._mlp_step_spec(block.mlp)
+            if mlp is None:
+                return None
+            spec = dict(mlp, kind=block.kind, attn_norm=block.input_layernorm,
+                        mlp_norm=block.post_attention_layernorm)
             if block.kind == LINEAR:
                 a = block.linear_attn
                 spec.update(in_qkv=a.in_proj_qkv.weight, in_z=a.in_proj_z.weight,
