@@ -28,7 +28,7 @@ hookimpl = pluggy.HookimplMarker("lattice_engine")
 # number changes when a hook is removed or its arguments or the objects it registers change
 # incompatibly, the minor number when a hook or an optional argument is added. It moves
 # independently of the engine's release number; `lattice --version` prints both.
-PLUGIN_API_VERSION = "1.0"
+PLUGIN_API_VERSION = "1.1"  # 1.1: register_encoders
 
 
 # --- Models ---------------------------------------------------------------------------
@@ -115,4 +115,25 @@ def register_logits_processors(register: Callable[[str, Callable], None]) -> Non
             request's (or `[sampling] processors`') entry of the same name. Processors run
             in registry order: the built-ins first (they are tryfirst), then plugins'. A
             name that is a `SamplingParams` field (seed, stop, max_tokens, ...) is refused.
+    """
+
+
+# --- Inputs other than text -------------------------------------------------------------
+
+@hookspec
+def register_encoders(register: Callable[[object], None]) -> None:
+    """Contribute encoders that turn a non-text input (an image) into embeddings that
+    replace the placeholder tokens of a prompt.
+
+    Args:
+        register: call `register(encoder)` with an object providing
+            `lattice_engine.contract.Encoder`: `name`, `modality` ("image"),
+            `supports(config) -> bool` (whether it can run the vision tower of a checkpoint
+            with this HF config) and `load(checkpoint, limits) -> LoadedEncoder`. The engine
+            asks each registered encoder of a modality in registry order and loads the first
+            that supports the model, once, on the first request with such an input. The
+            `LoadedEncoder` prepares raw bytes (`prepare`: decode, check limits, preprocess;
+            cheap, run when the request arrives, errors are `RequestError`s) and encodes a
+            prepared input (`encode`: the heavy part, run by the scheduler) into a
+            `lattice_engine.multimodal.EncodedInput`.
     """
