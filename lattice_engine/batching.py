@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence as Seq
 
@@ -25,6 +26,7 @@ from .errors import LatticeError, RequestError
 from .generate import token_logprob
 from .text_stream import TextStream
 from .models.paged_forward import PagedBatch
+from .multimodal import EncodedCache, EncodeJob
 from .prefill_pacer import PrefillPacer
 from .sampling import SamplingParams, make_sampler
 from .scheduler import LogitsMask, Scheduler, Sequence, Status
@@ -144,6 +146,10 @@ class BatchRunner:
                                    interleave_tokens=options.interleave_tokens,
                                    max_model_len=self.max_model_len)
         self.stats = BatchStats()
+        # sequences whose images are still being encoded (one unit per step while others
+        # decode); they join the scheduler's queue when every image they need is encoded
+        self.encoding: deque[Sequence] = deque()
+        self.encoded = EncodedCache()  # the engine shares its own (see Engine.start_batching)
         self.pacer = PrefillPacer(options.max_itl_rise, options.interleave_tokens,
                                   options.prefill_step_seconds, options.step_tokens)
         self._ids = itertools.count()
@@ -151,18 +157,21 @@ class BatchRunner:
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams, *,
                     request_id: Optional[str] = None,
-                    logits_mask: Optional[LogitsMask] = None) -> str:
+                    logits_mask: Optional[LogitsMask] = None, images=None,
+                    encoder=None) -> str:
         """Queue a request; returns its id. Raises RequestError for an empty or too long
-        prompt or bad sampling options, before anything is queued."""
+        prompt or bad sampling options, before anything is queued. `images`: the
+        `multimodal.MultimodalPrompt` behind prompt_ids, encoded by `encoder` (a
+        `LoadedEncoder`) as the steps go."""
         seq = self.make_sequence(prompt_ids, params, request_id=request_id,
-                                 logits_mask=logits_mask)
+                                 logits_mask=logits_mask, images=images, encoder=encoder)
         self.enqueue(seq)
         return seq.request_id
 
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
                       logits_mask: Optional[LogitsMask] = None,
-                      ignore_eos: bool = False) -> Sequence:
+                      ignore_eos: bool = False, images=None, encoder=None) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
         model's end-of-sequence tokens (benchmarks want fixed lengths)."""
@@ -191,24 +200,134 @@ class BatchRunner:
         eos = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         seq.detail["out"] = _Output(TextStream(self.tokenizer, params.stop,
                                                set(params.stop_token_ids) | set(eos)))
+        if images is not None:
+            if list(images.tokens) != prompt_ids or encoder is None:
+                raise ValueError("images must be the MultimodalPrompt of prompt_ids, with "
+                                 "the encoder that prepared them")
+            seq.prompt_key_ids = images.key_ids()
+            seq.detail["images"], seq.detail["encoder"] = images, encoder
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
-        self.scheduler.add(seq)
+        images = seq.detail.get("images")
+        if images is not None and images.unencoded():
+            self.encoding.append(seq)
+        else:
+            self.scheduler.add(seq)
         self.stats.requests_added += 1
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks now; False if it is unknown or done."""
+        for waiting in self.encoding:
+            if waiting.request_id == request_id:
+                self.encoding.remove(waiting)
+                waiting.status = Status.FINISHED
+                waiting.finish_reason = "abort"
+                self._count_finish("abort")
+                return True
         seq = self.scheduler.abort(request_id)
         if seq is not None:
             self._count_finish("abort")
         return seq is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.encoding) or self.scheduler.has_unfinished()
 
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self.encoding)
+
+    def pending(self) -> list[Sequence]:
+        """Every unfinished sequence: being encoded, waiting or running."""
+        return list(self.encoding) + list(self.scheduler.running) + \
+            list(self.scheduler.waiting)
+
+    # ---- images --------------------------------------------------------------------------
+    def _encode_some(self) -> list[RequestOutput]:
+        """Advance the image encoding of the sequence at the head of `encoding` by one unit
+        when others decode (so their next token is not held up by a whole image), to the
+        end when nothing runs. An image whose tokens the prefix cache holds, or that the
+        encoded-image cache has, is not encoded. Returns outputs of requests that failed."""
+        outputs = []
+        budget_one_unit = bool(self.scheduler.running)
+        while self.encoding:
+            seq = self.encoding[0]
+            try:
+                done = self._advance_images(seq)
+            except Exception as exc:  # a broken image ends its request only
+                self.encoding.popleft()
+                outputs.append(self._fail(seq, exc))
+                continue
+            if not done:
+                if budget_one_unit:
+                    break
+                continue
+            self.encoding.popleft()
+            self.scheduler.add(seq)
+            if budget_one_unit:
+                break
+        return outputs
+
+    def _advance_images(self, seq: Sequence) -> bool:
+        """One unit of work on seq's images; True when none is left to encode."""
+        images = seq.detail["images"]
+        cached = self.cache.cached_prefix(seq.hash_ids)
+        skip = seq.detail.setdefault("skipped", set())
+        for i in images.unencoded():
+            if i in skip:
+                continue
+            start, n = images.starts[i], images.inputs[i].num_tokens
+            if start + n <= cached:  # its K/V is cached: the embeddings are not needed
+                skip.add(i)
+                self.encoded.skipped += 1
+                continue
+            hit = self.encoded.get(images.inputs[i].key)
+            if hit is not None:
+                images.encode(i, hit)
+                self.encoded.skipped += 1
+                continue
+            job = seq.detail.get("job")
+            if job is None or job.prepared is not images.inputs[i]:
+                job = seq.detail["job"] = EncodeJob(seq.detail["encoder"], images.inputs[i])
+            result = job.advance()
+            if result is None:
+                return False
+            images.encode(i, result)
+            self.encoded.encodes += 1
+            self.encoded.put(result)
+            seq.detail.pop("job", None)
+        return True
+
+    def _inputs(self, seq: Sequence, start: int, count: int):
+        """The `ForwardInputs` of seq's tokens start..start+count-1, or None for text.
+        Images skipped because their K/V was cached are encoded here if that cache entry
+        was evicted meanwhile (or the sequence was preempted and recomputes)."""
+        images = seq.detail.get("images")
+        if images is None:
+            return None
+        for i in images.unencoded(start, start + count):
+            images.encode(i, self.encoded.encode(seq.detail["encoder"], images.inputs[i]))
+        return images.inputs_for(start, start + count)
+
+    def _forward(self, items) -> dict[int, np.ndarray]:
+        """Logits rows by item index. Items whose rows take image embeddings run in a
+        forward of their own, so text sequences always take the model's usual path (the
+        fused C step) and keep their bits whatever else is in the step."""
+        inputs = [self._inputs(it.sequence, it.start, it.count) for it in items]
+        groups = [[i for i, inp in enumerate(inputs) if inp is None or not inp.replaces],
+                  [i for i, inp in enumerate(inputs) if inp is not None and inp.replaces]]
+        rows: dict[int, np.ndarray] = {}
+        for group in groups:
+            if not group:
+                continue
+            batch = PagedBatch.build(self.cache, [
+                (items[i].sequence.blocks,
+                 items[i].sequence.token_ids[items[i].start:items[i].start + items[i].count],
+                 items[i].start, items[i].sample) for i in group],
+                [inputs[i] for i in group])
+            logits = self.model.forward_paged(batch, self.cache)
+            sampled = [i for i in group if items[i].sample]
+            rows.update(zip(sampled, logits))
+        return rows
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -219,33 +338,29 @@ class BatchRunner:
         self.scheduler.interleave_tokens = self.pacer.budget()
         self.scheduler.prefill_tokens = self.pacer.prefill_budget()
         started = time.perf_counter()
+        outputs = self._encode_some() if self.encoding else []
         plan = self.scheduler.schedule()
-        outputs = [self._finish(seq, "length") for seq in plan.out_of_memory]
+        outputs += [self._finish(seq, "length") for seq in plan.out_of_memory]
         if not plan.items:
             return outputs
         self.stats.steps += 1
-        batch = PagedBatch.build(self.cache, [
-            (it.sequence.blocks, it.sequence.token_ids[it.start:it.start + it.count],
-             it.start, it.sample) for it in plan.items])
-        logits = self.model.forward_paged(batch, self.cache)
+        logits = self._forward(plan.items)
         self.scheduler.complete(plan.items)
         now = time.perf_counter()
-        row = 0
-        for it in plan.items:
+        for index, it in enumerate(plan.items):
             seq = it.sequence
             self.stats.tokens_computed += it.count
             if not it.sample:
                 continue
             try:
-                out = self._sample(seq, logits[row], now)
+                out = self._sample(seq, logits[index], now)
             except Exception as exc:  # this request's failure (its sampling options, its
                 out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
-            row += 1
             if out is not None:
                 outputs.append(out)
         # the whole step (sampling and detokenizing too) is what the decoders wait for
         decode_rows = sum(1 for it in plan.items if it.count == 1 and it.sample)
-        self.pacer.record(decode_rows, len(batch.tokens) - decode_rows,
+        self.pacer.record(decode_rows, sum(it.count for it in plan.items) - decode_rows,
                           time.perf_counter() - started)
         return outputs
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from .config import Config
+from .config import Config, InputsSection
 from .errors import ConfigError, RequestError
+from .input_parts import has_images, split_images
+from .multimodal import EncodedCache, MultimodalPrompt, expand_placeholders
 from .generate import GenerationChunk, GenerationResult, generate, stream_generate
 from .loading import LoadedModel, load
 from .plugins import PluginManager, get_plugin_manager
@@ -24,12 +26,16 @@ class Engine:
     """
 
     def __init__(self, loaded: LoadedModel, *, sampling: SamplingParams = SamplingParams(),
-                 plugin_manager: Optional[PluginManager] = None):
+                 plugin_manager: Optional[PluginManager] = None,
+                 inputs: InputsSection = InputsSection()):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.sampling = sampling
         self.plugin_manager = plugin_manager or get_plugin_manager()
+        self.input_limits = inputs.limits()
+        self.encoded_cache = EncodedCache(inputs.encoded_cache)
+        self._encoder = None
 
     @classmethod
     def load(cls, model: str, *, quant: Optional[str] = None, backend: str = "auto",
@@ -54,7 +60,54 @@ class Engine:
                                                           config.quant.group_size),
                       backend=config.model.backend, plugin_manager=pm,
                       transforms=config.transform_settings(pm.registry))
-        return cls(loaded, sampling=config.sampling, plugin_manager=pm)
+        return cls(loaded, sampling=config.sampling, plugin_manager=pm, inputs=config.inputs)
+
+    # ---- images (an encoder plugin, `register_encoders`) ---------------------------------
+    @property
+    def encoder(self):
+        """The `LoadedEncoder` of the first registered image encoder that supports this
+        checkpoint, loaded on first use. RequestError when none does."""
+        if self._encoder is None:
+            config = self.loaded.checkpoint.config
+            registry = self.plugin_manager.registry
+            for name in registry.names("encoders"):
+                candidate = registry.get("encoders", name)
+                if candidate.modality == "image" and candidate.supports(config):
+                    from .contract import check_loaded_encoder
+                    loaded = candidate.load(self.loaded.checkpoint, self.input_limits)
+                    check_loaded_encoder(name, loaded)
+                    self._encoder = loaded
+                    break
+            else:
+                encoders = ", ".join(registry.names("encoders")) or "none installed"
+                raise RequestError(
+                    f"this model (model_type {config.get('model_type')!r}) takes no images: "
+                    f"no image encoder supports it (encoders: {encoders}); send text only, "
+                    f"or serve a vision model (e.g. Qwen3.5 with lattice-vision installed)")
+        return self._encoder
+
+    def chat_prompt(self, messages: list[dict[str, Any]]
+                    ) -> tuple[list[int], Optional[MultimodalPrompt]]:
+        """Token ids of chat messages, and, when they hold images, the `MultimodalPrompt`
+        (images decoded and preprocessed, not yet encoded) behind those ids."""
+        if not has_images(messages):
+            return self.prompt_ids(messages=messages), None
+        encoder = self.encoder
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer, which chat messages need")
+        template_messages, images = split_images(messages, self.input_limits)
+        prepared = [encoder.prepare(data) for data in images]
+        ids = self.tokenizer.apply_chat_template(template_messages, add_generation_prompt=True)
+        prompt = expand_placeholders(ids, encoder.placeholder_id, prepared)
+        return prompt.tokens, prompt
+
+    def _encoded_prompt(self, messages):
+        """chat_prompt with every image encoded (through the encoded-image cache)."""
+        ids, prompt = self.chat_prompt(messages)
+        if prompt is not None:
+            for i in prompt.unencoded():
+                prompt.encode(i, self.encoded_cache.encode(self.encoder, prompt.inputs[i]))
+        return ids, prompt
 
     def prompt_ids(self, prompt: Optional[Prompt] = None,
                    messages: Optional[list[dict[str, Any]]] = None) -> list[int]:
@@ -118,11 +171,12 @@ class Engine:
         """Yield text chunks as they are generated; sampling options override the defaults.
         response_format / regex / grammar constrain the output (see `grammar_matcher`)."""
         params = self.sampling.with_overrides(**sampling)
-        ids = self.prompt_ids(prompt, messages)
+        ids, images = self._encoded_prompt(messages) if messages is not None and \
+            prompt is None else (self.prompt_ids(prompt, messages), None)
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
         return stream_generate(self.model, self.tokenizer, ids, params,
-                               self.plugin_manager.registry, grammar=matcher)
+                               self.plugin_manager.registry, grammar=matcher, inputs=images)
 
     def generate(self, prompt: Optional[Prompt] = None, *,
                  messages: Optional[list[dict[str, Any]]] = None,
@@ -132,13 +186,17 @@ class Engine:
         override the engine's defaults for this call only. response_format / regex /
         grammar constrain the output (see `grammar_matcher`)."""
         params = self.sampling.with_overrides(**sampling)
-        ids = self.prompt_ids(prompt, messages)
+        ids, images = self._encoded_prompt(messages) if messages is not None and \
+            prompt is None else (self.prompt_ids(prompt, messages), None)
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
         return generate(self.model, self.tokenizer, ids, params,
-                        self.plugin_manager.registry, grammar=matcher)
+                        self.plugin_manager.registry, grammar=matcher, inputs=images)
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> GenerationResult:
+        """Reply to chat messages. A message's content may be a list of parts: text and
+        images ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+        or {"type": "image", "image": png_bytes}), for a model an encoder plugin supports."""
         return self.generate(messages=messages, **sampling)
 
     # ---- continuous batching (many requests, one batched forward per step) ----------------
@@ -159,6 +217,7 @@ class Engine:
             raise RequestError("cannot resize the KV pool while requests are running")
         self._runner = BatchRunner(self.model, self.tokenizer, self.plugin_manager.registry,
                                    options or BatchingOptions(), variant=self.model_variant)
+        self._runner.encoded = self.encoded_cache
         return self._runner
 
     @property
@@ -178,8 +237,13 @@ class Engine:
         """Queue a request for `step`; returns its id. `logits_mask` (a
         `scheduler.LogitsMask`) constrains each next token, e.g. to a grammar."""
         params = self.sampling.with_overrides(**sampling)
-        return self.runner.add_request(self.prompt_ids(prompt, messages), params,
-                                       request_id=request_id, logits_mask=logits_mask)
+        if messages is not None and prompt is None:
+            ids, images = self.chat_prompt(messages)
+        else:
+            ids, images = self.prompt_ids(prompt, messages), None
+        return self.runner.add_request(ids, params, request_id=request_id,
+                                       logits_mask=logits_mask, images=images,
+                                       encoder=self._encoder if images else None)
 
     def step(self):
         """Run one batched forward; returns a list of `batching.RequestOutput`."""

@@ -72,13 +72,16 @@ _KERNELS = False
 
 
 def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
-                  max_tokens: int, cache=None, grammar=None) -> Iterator[tuple[int, float]]:
+                  max_tokens: int, cache=None, grammar=None,
+                  inputs=None) -> Iterator[tuple[int, float]]:
     """Yield (token, logprob) for up to max_tokens new tokens after prompt_ids.
 
     The caller stops early by closing the generator. The cache (a fresh one by default)
     holds prompt and generated tokens when the generator ends. `grammar` (a
     `lattice_engine.grammar.GrammarMatcher`) masks each step's logits before sampling and
     accepts the sampled token; logprobs stay those of the unmasked model distribution.
+    `inputs` (a `multimodal.MultimodalPrompt` whose inputs are encoded, prompt_ids its
+    tokens) gives each forward its rotary positions and image embeddings.
     """
     if len(prompt_ids) == 0:
         raise RequestError("the prompt is empty; give at least one token")
@@ -89,8 +92,12 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
     cache = cache if cache is not None else model.make_cache(batch=1)
     history = list(prompt_ids)
     ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
+    def extra(start: int, end: int) -> dict:
+        return {} if inputs is None else {"inputs": inputs.inputs_for(start, end)}
+
     for start in range(0, ids.shape[1], PREFILL_CHUNK):
-        logits = model.forward(ids[:, start:start + PREFILL_CHUNK], cache, last_only=True)
+        end = min(start + PREFILL_CHUNK, ids.shape[1])
+        logits = model.forward(ids[:, start:end], cache, last_only=True, **extra(start, end))
     for _ in range(max_tokens):
         row = logits[0, -1]
         if grammar is None:
@@ -104,11 +111,13 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
         history.append(token)
         if limit and len(history) >= limit:
             return
-        logits = model.forward(np.array([[token]], dtype=np.int64), cache, last_only=True)
+        n = len(history) - 1
+        logits = model.forward(np.array([[token]], dtype=np.int64), cache, last_only=True,
+                               **extra(n, n + 1))
 
 
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                    registry=None, *, grammar=None) -> Iterator[GenerationChunk]:
+                    registry=None, *, grammar=None, inputs=None) -> Iterator[GenerationChunk]:
     """Stream text for prompt_ids, honouring stop strings, stop tokens and max_tokens (the
     text rules are `text_stream.TextStream`'s, shared with continuous batching).
 
@@ -124,7 +133,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
     new_logprobs: list[float] = []
     finish = "length"
     steps = generate_step(model, prompt_ids, sampler, max_tokens=params.max_tokens,
-                          grammar=grammar)
+                          grammar=grammar, inputs=inputs)
     try:
         for token, logprob in steps:
             if text.is_stop_token(token):
@@ -154,14 +163,14 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-             registry=None, *, grammar=None) -> GenerationResult:
+             registry=None, *, grammar=None, inputs=None) -> GenerationResult:
     """Run `stream_generate` to the end and collect text, tokens and timings."""
     start = time.perf_counter()
     first = None
     text, tokens, logprobs = [], [], []
     finish = "length"
     for chunk in stream_generate(model, tokenizer, prompt_ids, params, registry,
-                                 grammar=grammar):
+                                 grammar=grammar, inputs=inputs):
         if first is None:
             first = time.perf_counter()
         text.append(chunk.text)

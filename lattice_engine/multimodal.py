@@ -16,6 +16,8 @@ so it runs at position index + `rope_delta`.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -42,12 +44,19 @@ class InputLimits:
 @dataclass(frozen=True)
 class PreparedInput:
     """An input decoded and preprocessed, not yet encoded: `key` is the hash of its content
-    (and of the preprocessing settings), `num_tokens` how many placeholder tokens it takes,
-    `payload` whatever the encoder needs (pixel patches and their grid)."""
+    (and of the preprocessing settings); `grid` int64 [3, n] and `extent` are what its
+    `EncodedInput` will have (so positions are known before encoding, and an input whose
+    tokens the prefix cache holds is never encoded); `payload` whatever the encoder needs
+    (pixel patches and their grid)."""
 
     key: str
-    num_tokens: int
+    grid: np.ndarray
+    extent: int
     payload: Any = None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.grid.shape[1])
 
 
 @dataclass(frozen=True)
@@ -110,37 +119,35 @@ class ForwardInputs:
         return len(self.rows) > 0
 
 
-@dataclass
 class MultimodalPrompt:
-    """Token ids with placeholder runs and the encoded input behind each run.
+    """Token ids with placeholder runs and the input behind each run.
 
-    `starts[i]` is the index of the first placeholder token of `inputs[i]`.
+    `starts[i]` is the index of the first placeholder token of `inputs[i]`, a
+    `PreparedInput` (not yet encoded: positions are known, embeddings are not) or an
+    `EncodedInput`; `encode(i, encoded)` fills in the embeddings of a prepared one.
     """
 
-    tokens: list[int]
-    inputs: list[EncodedInput]
-    starts: list[int]
-
-    def __post_init__(self) -> None:
+    def __init__(self, tokens: list[int], inputs: list, starts: list[int]):
+        self.tokens, self.inputs, self.starts = tokens, list(inputs), list(starts)
         end = 0
-        for start, enc in zip(self.starts, self.inputs):
-            if start < end or start + enc.num_tokens > len(self.tokens):
-                raise ValueError(f"encoded input at token {start} ({enc.num_tokens} tokens) "
+        for start, inp in zip(self.starts, self.inputs):
+            if start < end or start + inp.num_tokens > len(self.tokens):
+                raise ValueError(f"input at token {start} ({inp.num_tokens} tokens) "
                                  f"overlaps another or runs past the prompt "
                                  f"({len(self.tokens)} tokens)")
-            end = start + enc.num_tokens
+            end = start + inp.num_tokens
         self._positions = self._rope_positions()
 
     def _rope_positions(self) -> np.ndarray:
         out = np.empty((3, len(self.tokens)), np.int64)
         index = position = 0
-        for start, enc in zip(self.starts, self.inputs):
+        for start, inp in zip(self.starts, self.inputs):
             n_text = start - index
             out[:, index:start] = np.arange(position, position + n_text)
             position += n_text
-            out[:, start:start + enc.num_tokens] = position + enc.grid
-            position += enc.extent
-            index = start + enc.num_tokens
+            out[:, start:start + inp.num_tokens] = position + inp.grid
+            position += inp.extent
+            index = start + inp.num_tokens
         out[:, index:] = np.arange(position, position + len(self.tokens) - index)
         return out
 
@@ -156,8 +163,55 @@ class MultimodalPrompt:
             return 0
         return int(self._positions[:, -1].max()) + 1 - len(self.tokens)
 
+    def encode(self, index: int, encoded: EncodedInput) -> None:
+        have = self.inputs[index]
+        if encoded.num_tokens != have.num_tokens or encoded.extent != have.extent:
+            raise ValueError(f"input {index} was prepared for {have.num_tokens} tokens, "
+                             f"encoded to {encoded.num_tokens}")
+        self.inputs[index] = encoded
+
+    def unencoded(self, start: int = 0, end: Optional[int] = None) -> list[int]:
+        """Indices of the inputs overlapping tokens start..end-1 that have no embeddings."""
+        end = len(self.tokens) if end is None else end
+        return [i for i, (s, inp) in enumerate(zip(self.starts, self.inputs))
+                if not isinstance(inp, EncodedInput) and s < end and s + inp.num_tokens > start]
+
+    def last_input_end(self) -> int:
+        """The index after the last placeholder token (0 without inputs)."""
+        return max((s + inp.num_tokens for s, inp in zip(self.starts, self.inputs)), default=0)
+
+    def key_ids(self) -> list[int]:
+        """The prompt as the prefix cache hashes it: each placeholder token replaced by a
+        negative id drawn from its input's content hash (and its place in the input), so
+        KV blocks of two different images never match, and the same image does."""
+        out = list(self.tokens)
+        for start, inp in zip(self.starts, self.inputs):
+            seed = int.from_bytes(hashlib.blake2b(inp.key.encode(), digest_size=7).digest(),
+                                  "little")
+            out[start:start + inp.num_tokens] = [-1 - ((seed + i) % (1 << 62))
+                                                 for i in range(inp.num_tokens)]
+        return out
+
+    def inputs_for(self, start: int, end: int) -> ForwardInputs:
+        """The inputs of a forward over tokens start..end-1 of the sequence (the prompt,
+        then generated tokens at index + rope_delta)."""
+        prompt_end = len(self.tokens)
+        if start >= prompt_end:
+            return ForwardInputs.shifted(start, end - start, self.rope_delta)
+        win = self.window(start, min(end, prompt_end))
+        if end <= prompt_end:
+            return win
+        tail = np.arange(prompt_end, end, dtype=np.int64) + self.rope_delta
+        positions = np.concatenate([win.positions, np.broadcast_to(tail, (3, len(tail)))], 1)
+        return ForwardInputs(positions, win.rows, win.embeds, win.deepstack)
+
     def window(self, start: int, end: int) -> ForwardInputs:
-        """The inputs of a forward over prompt tokens start..end-1."""
+        """The inputs of a forward over prompt tokens start..end-1 (their inputs must be
+        encoded)."""
+        missing = self.unencoded(start, end)
+        if missing:
+            raise ValueError(f"inputs {missing} overlap tokens {start}..{end - 1} but are "
+                             f"not encoded yet")
         rows, embeds, deepstack = [], [], []
         for s, enc in zip(self.starts, self.inputs):
             lo, hi = max(s, start), min(s + enc.num_tokens, end)
@@ -179,7 +233,7 @@ class MultimodalPrompt:
 
 
 def expand_placeholders(tokens: Sequence[int], placeholder: int,
-                        inputs: Sequence[EncodedInput]) -> MultimodalPrompt:
+                        inputs: Sequence) -> MultimodalPrompt:
     """Replace the i-th single `placeholder` token of `tokens` (as a chat template writes
     one per image) by inputs[i].num_tokens copies of it. The number of placeholders must
     equal the number of inputs."""
@@ -249,3 +303,71 @@ def check_forward_inputs(inputs: ForwardInputs, token_shape: tuple, hidden: int)
                              f"{None if inputs.embeds is None else inputs.embeds.shape}")
         if int(np.min(inputs.rows)) < 0 or int(np.max(inputs.rows)) >= t:
             raise ValueError(f"replaced rows must lie in 0..{t - 1}")
+
+
+class EncodeJob:
+    """One input being encoded in units (an encoder's `encode_steps`, one vision block per
+    unit; a whole `encode` for an encoder without it), so a batch step that has streams
+    decoding pays for one unit only, like a prefill chunk."""
+
+    def __init__(self, encoder, prepared: PreparedInput):
+        self.prepared = prepared
+        steps = getattr(encoder, "encode_steps", None)
+        self._steps = steps(prepared) if callable(steps) else None
+        self._encoder = encoder
+        self.result: Optional[EncodedInput] = None
+
+    def advance(self) -> Optional[EncodedInput]:
+        """Run one unit; the EncodedInput once the last unit ran, else None."""
+        if self.result is not None:
+            return self.result
+        if self._steps is None:
+            self.result = self._encoder.encode(self.prepared)
+            return self.result
+        try:
+            next(self._steps)
+        except StopIteration as done:
+            self.result = done.value
+        return self.result
+
+    def run(self) -> EncodedInput:
+        while self.advance() is None:
+            pass
+        return self.result
+
+
+class EncodedCache:
+    """The last `capacity` encoded inputs by content key, so the same image in a later
+    request (a second turn) is not encoded again. `encodes` counts inputs encoded,
+    `skipped` inputs served from here or not needed (their tokens' KV was cached)."""
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._items: "OrderedDict[str, EncodedInput]" = OrderedDict()
+        self.encodes = 0
+        self.skipped = 0
+
+    def get(self, key: str) -> Optional[EncodedInput]:
+        enc = self._items.get(key)
+        if enc is not None:
+            self._items.move_to_end(key)
+        return enc
+
+    def put(self, enc: EncodedInput) -> None:
+        if self.capacity <= 0 or not enc.key:
+            return
+        self._items[enc.key] = enc
+        self._items.move_to_end(enc.key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def encode(self, encoder, prepared: PreparedInput) -> EncodedInput:
+        """The cached encoding of `prepared`, or a fresh one (cached)."""
+        enc = self.get(prepared.key)
+        if enc is not None:
+            self.skipped += 1
+            return enc
+        enc = EncodeJob(encoder, prepared).run()
+        self.encodes += 1
+        self.put(enc)
+        return enc

@@ -85,10 +85,20 @@ class Sequence:
     cached_tokens: int = 0     # prompt tokens served from the prefix cache (first admission)
     admitted: bool = False
     detail: dict[str, Any] = field(default_factory=dict)  # the runner's per-request state
+    # the prompt as the prefix cache hashes it, when it differs from prompt_ids (image
+    # placeholders stand for the image's content: `MultimodalPrompt.key_ids`)
+    prompt_key_ids: Optional[list[int]] = None
 
     def __post_init__(self):
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+
+    @property
+    def hash_ids(self) -> list[int]:
+        """token_ids as the prefix cache keys them."""
+        if self.prompt_key_ids is None:
+            return self.token_ids
+        return self.prompt_key_ids + self.token_ids[len(self.prompt_key_ids):]
 
     @property
     def num_generated(self) -> int:
@@ -209,7 +219,7 @@ class Scheduler:
             if recurrent is not None and recurrent.num_free() == 0:
                 break  # every recurrent-state slot is taken
             if not seq.blocks.table:
-                hit = self.cache.match_prefix(seq.token_ids, seq.blocks)
+                hit = self.cache.match_prefix(seq.hash_ids, seq.blocks)
                 seq.num_computed = hit
                 if not seq.admitted:
                     seq.cached_tokens = hit
@@ -297,7 +307,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue
             seq.num_computed = it.start + it.count
-            new = self.cache.commit(seq.blocks, seq.token_ids, seq.num_computed)
+            new = self.cache.commit(seq.blocks, seq.hash_ids, seq.num_computed)
             recurrent = self.cache.recurrent
             if new and recurrent is not None and seq.blocks.state_slot is not None and \
                     seq.num_computed == len(seq.blocks.block_hashes) * self.cache.block_size:

@@ -53,14 +53,14 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                              np.any(batch.state_slots[np.diff(q_start) > 0] < 0)):
         raise ValueError("a Qwen3.5 paged batch needs a recurrent-state slot for every "
                          "sequence (make the cache with the model's make_paged_cache)")
-    cos, sin = ops.rope_tables(batch.positions, model.inv_freq)
-    step = model._decode_step()
+    cos, sin = batch.rope(model)
+    step = None if batch.replaces else model._decode_step()
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values,
                             cache.recurrent.arrays if cache.recurrent is not None else [])
         return model.logits(hidden[batch.logit_rows])
-    x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
-    for block in model.layers:
+    x = batch.replace_and_stack(ops.embed(model.embed_tokens, tokens[None, :]))  # [1, N, H]
+    for index, block in enumerate(model.layers):
         normed = ops.rms_norm(x, block.input_layernorm, block.eps, 1.0)
         if block.kind == "linear_attention":
             a = block.linear_attn
@@ -86,5 +86,6 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                                       1.0 / np.sqrt(attn.d))
             h = x + attn.gate_out(out, gate, ops)
         x = h + block.mlp(ops.rms_norm(h, block.post_attention_layernorm, block.eps, 1.0), ops)
+        x = batch.replace_and_stack(x, index)
     last = x[0, batch.logit_rows]
     return model.logits(ops.rms_norm(last, model.norm, cfg.rms_norm_eps, 1.0))

@@ -138,7 +138,7 @@ class AsyncEngine:
                     self._deliver(arg.request_id, exc)
             elif kind == "close":
                 self._closing = arg
-                for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
+                for seq in self.runner.pending():
                     self.runner.abort(seq.request_id)
                     self._deliver(seq.request_id, EngineClosed(arg))
             else:
@@ -156,6 +156,6 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         # the exception's text is for the log (written above), not for clients
-        for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
+        for seq in self.runner.pending():
             self.runner.abort(seq.request_id)
             self._deliver(seq.request_id, EngineFailed(seq.request_id))

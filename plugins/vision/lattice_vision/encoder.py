@@ -81,16 +81,24 @@ class LoadedQwenVision:
         """Decode (checking the limits) and preprocess; the patches wait for `encode`."""
         image = decode_image(data, self.limits)
         patches, grid = image_patches(image, self.settings)
-        merge = self.settings.merge_size ** 2
-        return PreparedInput(content_key(data, self.settings), grid[1] * grid[2] // merge,
-                             (patches, grid))
+        merge = self.settings.merge_size
+        return PreparedInput(content_key(data, self.settings), text_grid(grid, merge),
+                             max(grid[1], grid[2]) // merge, (patches, grid))
 
     def encode(self, prepared: PreparedInput) -> EncodedInput:
+        steps = self.encode_steps(prepared)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def encode_steps(self, prepared: PreparedInput):
+        """`encode` one vision block at a time (a generator returning the EncodedInput)."""
         patches, grid = prepared.payload
-        merged, deepstack = self.tower.forward(patches, grid)
-        return EncodedInput(merged, text_grid(grid, self.settings.merge_size),
-                            max(grid[1], grid[2]) // self.settings.merge_size,
-                            tuple(deepstack), prepared.key)
+        merged, deepstack = yield from self.tower.forward_steps(patches, grid)
+        return EncodedInput(merged, prepared.grid, prepared.extent, tuple(deepstack),
+                            prepared.key)
 
 
 def text_grid(grid: tuple[int, int, int], merge: int) -> np.ndarray:

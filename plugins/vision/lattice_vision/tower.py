@@ -247,6 +247,16 @@ class VisionTower:
     def forward(self, pixels: np.ndarray, grid: tuple[int, int, int]):
         """pixels [t * gh * gw, patch_dim] of one image -> (merged tokens [n, out],
         deepstack features [n, out] per deepstack index)."""
+        steps = self.forward_steps(pixels, grid)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def forward_steps(self, pixels: np.ndarray, grid: tuple[int, int, int]):
+        """`forward` as a generator that yields after the patch embedding and after each
+        block (a scheduler runs one unit per batch step); its return value is forward's."""
         c = self.config
         t, gh, gw = grid
         if pixels.shape != (t * gh * gw, c.patch_dim):
@@ -259,6 +269,7 @@ class VisionTower:
         act = gelu_tanh if c.hidden_act == "gelu_pytorch_tanh" else gelu_erf
         frame = gh * gw
         features = []
+        yield
         for i, blk in enumerate(self.blocks):
             h = layer_norm(x, *blk.norm1)
             qkv = blk.qkv(h).reshape(-1, 3, c.num_heads, c.head_dim)
@@ -270,4 +281,5 @@ class VisionTower:
             x = x + blk.fc2(act(blk.fc1(layer_norm(x, *blk.norm2))))
             if i in c.deepstack_visual_indexes:
                 features.append(self.deepstack[c.deepstack_visual_indexes.index(i)](x))
+            yield
         return self.merger(x), features

@@ -1,0 +1,114 @@
+"""Images through the engine: Engine.chat, continuous batching (image and text requests
+in one batch, text outputs unchanged), the encoded-image / prefix cache, bad inputs."""
+
+import numpy as np
+import pytest
+
+from lattice_engine.engine import Engine
+from lattice_engine.errors import RequestError
+from lattice_engine.batching import BatchingOptions
+
+from conftest import BACKENDS, FIXTURES, image_message, vision_model_folder
+
+NAMES = ["qwen3_5", "qwen3_vl"]
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def folder(request, tmp_path_factory):
+    return vision_model_folder(tmp_path_factory.mktemp(request.param), request.param)
+
+
+def png(name="qwen3_5"):
+    return (FIXTURES / name / "image.png").read_bytes()
+
+
+def run_batch(engine, requests, fresh=True, **options):
+    if fresh:
+        engine.start_batching(BatchingOptions(kv_cache_tokens=2048, block_size=8, **options))
+    ids = [engine.add_request(messages=m, max_tokens=6, temperature=0.0) for m in requests]
+    tokens = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    return [tokens[i] for i in ids]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chat_with_an_image_equals_the_batched_run(folder, backend):
+    engine = Engine.load(str(folder), backend=backend)
+    messages = image_message(png())
+    single = engine.chat(messages, max_tokens=6, temperature=0.0)
+    assert single.prompt_tokens > 15  # the image's 15 tokens and the template's
+    batched = run_batch(engine, [messages])
+    assert batched[0] == single.tokens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_text_requests_keep_their_tokens_next_to_image_requests(folder, backend):
+    engine = Engine.load(str(folder), backend=backend)
+    texts = [[{"role": "user", "content": f"tell me about number {i} please"}]
+             for i in range(2)]
+    alone = run_batch(engine, texts)
+    images = [image_message(png(), "describe"), image_message(png(), "what colour?")]
+    mixed = run_batch(engine, [images[0], texts[0], images[1], texts[1]], max_running=4,
+                      interleave_tokens=4)
+    assert [mixed[1], mixed[3]] == alone
+    assert mixed[0] == engine.chat(images[0], max_tokens=6, temperature=0.0).tokens
+
+
+def test_a_second_turn_with_the_same_image_is_not_encoded_again(folder):
+    engine = Engine.load(str(folder))
+    messages = image_message(png())
+    run_batch(engine, [messages])
+    encodes, skipped = engine.encoded_cache.encodes, engine.encoded_cache.skipped
+    assert encodes == 1
+    follow = messages + [{"role": "assistant", "content": "a picture"},
+                         {"role": "user", "content": "and then?"}]
+    engine.encoded_cache._items.clear()  # only the prefix cache can save the encode now
+    run_batch(engine, [follow], fresh=False)
+    assert engine.encoded_cache.encodes == encodes
+    assert engine.encoded_cache.skipped == skipped + 1
+    # the prefix cache served the image's tokens too (keyed by the image's content)
+    runner = engine.runner
+    assert runner.cache.prefix_hit_tokens >= 16
+
+
+def test_different_images_do_not_share_cached_blocks(folder):
+    from PIL import Image
+    import io
+    engine = Engine.load(str(folder))
+    a = png()
+    img = Image.open(io.BytesIO(a)).transpose(Image.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    first = run_batch(engine, [image_message(a)])
+    second = run_batch(engine, [image_message(buf.getvalue())])
+    fresh = Engine.load(str(folder))
+    assert second[0] == fresh.chat(image_message(buf.getvalue()), max_tokens=6,
+                                   temperature=0.0).tokens
+    assert engine.encoded_cache.encodes == 2 and first
+
+
+def test_bad_images_are_request_errors(folder):
+    engine = Engine.load(str(folder))
+    data = png()
+    for messages, match in [
+        (image_message(data[:len(data) // 2]), "corrupt or truncated"),
+        (image_message(b"GIF89a" + b"\0" * 40), "not a PNG, JPEG or WebP"),
+        ([{"role": "user", "content": [{"type": "image_url",
+                                        "image_url": {"url": "https://example.com/a.png"}}]}],
+         "remote image URLs"),
+        ([{"role": "user", "content": [{"type": "image_url",
+                                        "image_url": {"url": "file:///etc/passwd"}}]}],
+         "local image paths are refused"),
+        (image_message(data) * 5, r"more than 4 image\(s\)"),
+    ]:
+        with pytest.raises(RequestError, match=match):
+            engine.chat(messages, max_tokens=2)
+
+
+def test_an_image_for_a_text_only_model_is_refused(tmp_path):
+    from lattice_engine.testing.checkpoints import write_tiny_llama
+    engine = Engine.load(str(write_tiny_llama(tmp_path / "llama")))
+    with pytest.raises(RequestError, match="takes no images"):
+        engine.chat(image_message(png()), max_tokens=2)
