@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterator, Optional, Sequence, Union
 
 from .config import Config, InputsSection
@@ -36,6 +37,7 @@ class Engine:
         self.input_limits = inputs.limits()
         self.encoded_cache = EncodedCache(inputs.encoded_cache)
         self._encoder = None
+        self._encoder_lock = threading.Lock()  # the server prepares images in threads
 
     @classmethod
     def load(cls, model: str, *, quant: Optional[str] = None, backend: str = "auto",
@@ -67,6 +69,10 @@ class Engine:
     def encoder(self):
         """The `LoadedEncoder` of the first registered image encoder that supports this
         checkpoint, loaded on first use. RequestError when none does."""
+        with self._encoder_lock:
+            return self._load_encoder()
+
+    def _load_encoder(self):
         if self._encoder is None:
             config = self.loaded.checkpoint.config
             registry = self.plugin_manager.registry

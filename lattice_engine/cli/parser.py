@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feed the prompt as is, without the model's chat template")
     gen.add_argument("--system", default=None, help="system message for the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--image", metavar="FILE", action="append", default=[],
+                     help="an image (PNG, JPEG, WebP) placed before the prompt in the user "
+                          "message; repeat for several (needs a vision model and plugin)")
     constraint = gen.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", metavar="FILE", default=None,
                             help="constrain the output to this JSON schema (needs the "

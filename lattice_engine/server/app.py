@@ -28,6 +28,7 @@ from starlette.routing import Route
 from ..batching import BatchingOptions, RequestOutput
 from ..config import ServerSection
 from ..errors import ConfigError, LatticeError
+from ..input_parts import has_images
 from . import metrics
 from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import (APIError, bad, chat_messages, completion_prompt, ignore_eos,
@@ -90,13 +91,21 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         if engine.tokenizer is None:
             raise bad("this model has no tokenizer, so it cannot take chat messages; use "
                       "/v1/completions with 'prompt' as an array of token ids", "messages")
-        try:
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except LatticeError as exc:
-            raise bad(f"the chat template cannot render these messages: {exc}", "messages")
+        images = None
+        if has_images(messages):  # decoded and preprocessed off the event loop
+            try:
+                ids, images = await asyncio.to_thread(engine.chat_prompt, messages)
+            except LatticeError as exc:
+                raise bad(str(exc), "messages") from None
+        else:
+            try:
+                ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except LatticeError as exc:
+                raise bad(f"the chat template cannot render these messages: {exc}", "messages")
         mask = await _output_constraint(engine, body)
         return await _generate(request, state, ids, params, stream, chat=True,
-                               ignore_eos=ignore_eos(body), logits_mask=mask)
+                               ignore_eos=ignore_eos(body), logits_mask=mask, images=images,
+                               encoder=engine.encoder if images is not None else None)
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -263,7 +272,8 @@ class _SlotStreamingResponse(StreamingResponse):
 
 
 async def _generate(request: Request, state: _State, ids: list[int], params, stream: bool,
-                    chat: bool, ignore_eos: bool = False, logits_mask=None) -> Response:
+                    chat: bool, ignore_eos: bool = False, logits_mask=None, images=None,
+                    encoder=None) -> Response:
     # no await between this check and taking the slot: the event loop runs one handler at
     # a time here, so a burst cannot slip past the limit
     if state.in_flight >= state.settings.max_concurrency:
@@ -276,7 +286,8 @@ async def _generate(request: Request, state: _State, ids: list[int], params, str
         try:
             outputs = await state.async_engine.generate(ids, params, request_id=rid,
                                                         ignore_eos=ignore_eos,
-                                                        logits_mask=logits_mask)
+                                                        logits_mask=logits_mask,
+                                                        images=images, encoder=encoder)
         except LatticeError as exc:
             msg = str(exc)
             code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) \

@@ -52,12 +52,14 @@ class AsyncEngine:
     # ---- event-loop side ---------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        request_id: Optional[str] = None, logits_mask=None,
-                       ignore_eos: bool = False) -> AsyncIterator[RequestOutput]:
+                       ignore_eos: bool = False, images=None,
+                       encoder=None) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request, then yield its outputs as steps produce them.
         Raises RequestError before yielding anything if the request is invalid. Closing
         the iterator early (a client that disconnected) aborts the request."""
         seq = self.runner.make_sequence(prompt_ids, params, request_id=request_id,
-                                        logits_mask=logits_mask, ignore_eos=ignore_eos)
+                                        logits_mask=logits_mask, ignore_eos=ignore_eos,
+                                        images=images, encoder=encoder)
         return self._stream(seq)
 
     async def _stream(self, seq) -> AsyncIterator[RequestOutput]:

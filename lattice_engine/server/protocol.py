@@ -275,7 +275,9 @@ def completion_prompt(body: dict, tokenizer) -> list[int]:
     return ids
 
 
-def chat_messages(body: dict) -> list[dict[str, str]]:
+def chat_messages(body: dict) -> list[dict[str, Any]]:
+    """The request's messages; a text-only part list is joined into one string, a list
+    with image_url parts is kept (the engine decodes the images: `Engine.chat_prompt`)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array of {role, content} objects", "messages")
@@ -284,14 +286,22 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a string 'role'", "messages")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is understood here
+        if isinstance(content, list):  # content parts: text, and image_url for images
             parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or \
-                        not isinstance(part.get("text"), str):
-                    raise bad(f"messages[{i}].content: only text parts are supported",
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image_url":
+                    parts = None
+                    break
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise bad(f"messages[{i}].content[{j}]: a content part must be "
+                              f"{{'type': 'text', 'text': ...}} or {{'type': 'image_url', "
+                              f"'image_url': {{'url': 'data:image/png;base64,...'}}}}",
                               "messages")
                 parts.append(part["text"])
+            if parts is None:
+                out.append({"role": m["role"], "content": content})
+                continue
             content = "".join(parts)
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string or an array of text parts",

@@ -88,24 +88,44 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int,
     return h_bar, w_bar
 
 
+def sniff_format(data: bytes):
+    """PNG, JPEG or WEBP from the file's magic bytes; None for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
 def decode_image(data: bytes, limits: InputLimits = InputLimits()):
     """A fully decoded Pillow image of `data` (PNG, JPEG or WebP), or a RequestError that
     says what is wrong: too many bytes, another format, too many pixels, a corrupt or
-    truncated file."""
-    from PIL import Image, UnidentifiedImageError
+    truncated file. Only those three decoders ever see the bytes."""
+    from PIL import Image
 
     if len(data) > limits.max_bytes:
         raise RequestError(f"the image has {len(data)} bytes; the limit is {limits.max_bytes} "
                            f"([inputs] max_bytes); send a smaller image")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise RequestError(f"the image data is not a PNG, JPEG or WebP image (it starts with "
-                           f"{data[:8]!r}); send one of those formats") from None
-    if image.format not in FORMATS:
-        raise RequestError(f"the image is {image.format}; supported formats: "
+    fmt = sniff_format(data)
+    if fmt is None:
+        other = next((name for magic, name in ((b"GIF8", "GIF"), (b"BM", "BMP"),
+                                                (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
+                      if data.startswith(magic)), None)
+        what = f"a {other} image" if other else f"not a PNG, JPEG or WebP image (it starts " \
+            f"with {data[:8]!r})"
+        raise RequestError(f"the image data is {what}; supported formats: "
                            f"{', '.join(FORMATS)}")
-    width, height = image.size
+    try:
+        image = Image.open(io.BytesIO(data), formats=[fmt])
+        width, height = image.size
+    except Image.DecompressionBombError:
+        raise RequestError(f"the {fmt} image declares far more pixels than the limit "
+                           f"{limits.max_pixels} ([inputs] max_pixels); downscale it") from None
+    except Exception as exc:  # Pillow raises many types for a broken header
+        raise RequestError(f"the {fmt} image is corrupt or truncated ({exc}); send the whole "
+                           f"file") from None
     if width * height > limits.max_pixels:
         raise RequestError(f"the image is {width}x{height} = {width * height} pixels; the "
                            f"limit is {limits.max_pixels} ([inputs] max_pixels); downscale it")
@@ -113,9 +133,9 @@ def decode_image(data: bytes, limits: InputLimits = InputLimits()):
         raise RequestError(f"the image is {width}x{height}; it has no pixels")
     try:
         image.load()
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise RequestError(f"the {image.format} image is corrupt or truncated ({exc}); send "
-                           f"the whole file") from None
+    except Exception as exc:
+        raise RequestError(f"the {fmt} image is corrupt or truncated ({exc}); send the whole "
+                           f"file") from None
     return image
 
 

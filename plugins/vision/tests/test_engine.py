@@ -94,7 +94,7 @@ def test_bad_images_are_request_errors(folder):
     data = png()
     for messages, match in [
         (image_message(data[:len(data) // 2]), "corrupt or truncated"),
-        (image_message(b"GIF89a" + b"\0" * 40), "not a PNG, JPEG or WebP"),
+        (image_message(b"GIF89a" + b"\0" * 40), "a GIF image; supported formats"),
         ([{"role": "user", "content": [{"type": "image_url",
                                         "image_url": {"url": "https://example.com/a.png"}}]}],
          "remote image URLs"),
@@ -112,3 +112,22 @@ def test_an_image_for_a_text_only_model_is_refused(tmp_path):
     engine = Engine.load(str(write_tiny_llama(tmp_path / "llama")))
     with pytest.raises(RequestError, match="takes no images"):
         engine.chat(image_message(png()), max_tokens=2)
+
+
+def test_cli_generate_with_an_image(folder, tmp_path, capsys):
+    import json
+    from lattice_engine.cli import main
+    image = tmp_path / "picture.png"
+    image.write_bytes(png())
+    code = main(["generate", "What is in this picture?", "--model", str(folder), "--image",
+                 str(image), "--max-tokens", "6", "--temperature", "0", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    engine = Engine.load(str(folder))
+    want = engine.chat([{"role": "user", "content": [
+        {"type": "image", "image": png()},
+        {"type": "text", "text": "What is in this picture?"}]}], max_tokens=6, temperature=0.0)
+    assert out["text"] == want.text and out["tokens"] == len(want.tokens)
+    assert main(["generate", "hi", "--model", str(folder), "--image",
+                 str(tmp_path / "missing.png")]) != 0
+    assert "cannot read it" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def test_garbage_is_refused():
 
 
 def test_other_formats_are_refused():
-    with pytest.raises(RequestError, match="GIF; supported formats: PNG, JPEG, WEBP"):
+    with pytest.raises(RequestError, match="a GIF image; supported formats: PNG, JPEG, WEBP"):
         decode_image(png_bytes(fmt="GIF"))
 
 
