@@ -7,6 +7,8 @@ picks one set through `get_ops`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from .quant.formats import PackedMatrix
@@ -105,6 +107,40 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     scores[..., np.arange(s)[None, :] > q_pos] = -np.inf
     out = np.matmul(softmax(scores, axis=-1), vh)                    # B Hkv G*T D
     return out.reshape(b, hkv, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
+
+
+# ---- vision encoders (ViT blocks) -----------------------------------------------------
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
+               eps: float) -> np.ndarray:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (float32, two
+    passes: the mean, then the centered variance)."""
+    mean = x.mean(-1, keepdims=True, dtype=np.float32)
+    centered = x - mean
+    var = (centered * centered).mean(-1, keepdims=True, dtype=np.float32)
+    out = centered * (np.float32(1) / np.sqrt(var + np.float32(eps))) * weight
+    return out + bias if bias is not None else out
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64 to |error| < 1.2e-7 (Numerical Recipes' Chebyshev fit of erfc;
+    numpy has no erf and scipy is not a dependency)."""
+    z = np.abs(np.asarray(x, np.float64))
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (
+        0.09678418 + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (
+            1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+    r = 1.0 - t * np.exp(poly)
+    return np.where(np.asarray(x) >= 0, r, -r)
+
+
+def gelu(x: np.ndarray, tanh_approx: bool = True) -> np.ndarray:
+    """GELU: the tanh form (transformers' gelu_pytorch_tanh) or the exact erf form."""
+    if tanh_approx:
+        c = np.float32(np.sqrt(2.0 / np.pi))
+        return np.float32(0.5) * x * (np.float32(1) + np.tanh(c * (x + np.float32(0.044715)
+                                                                    * x * x * x)))
+    return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
 
 
 # ---- Gated DeltaNet (Qwen3.5 linear attention) ----------------------------------------

@@ -45,6 +45,7 @@
  *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0, lk_embed_q8_0_r16 (lk_embed_fn)
  *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act, lk_q8_0_to_r16, lk_r16_to_q8_0
  *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_log_sum_exp, lk_add
+ *   vision     lk_layer_norm, lk_gelu (ViT blocks of vision encoders)
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
  *              lk_paged_attention (the same over a paged block pool, a flat batch of sequences)
  *   decoder    lk_decoder_work_size, lk_decoder_step (a whole decode step of the
@@ -195,6 +196,13 @@ void lk_silu(const float *x, int64_t n, float *out);
    out is contiguous [rows, n]. */
 void lk_silu_mul(const float *gate, int64_t ldg, const float *up, int64_t ldu,
                  int64_t rows, int64_t n, float *out);
+/* LayerNorm of each contiguous row of length D: (x - mean) / sqrt(var + eps) * w + b
+   (b may be NULL). (vision.c) */
+void lk_layer_norm(const float *x, int64_t rows, int64_t D, const float *w, const float *b,
+                   float eps, float *out);
+/* GELU of n contiguous floats: tanh_approx = 1: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715
+   x^3))) (gelu_pytorch_tanh); 0: 0.5 x (1 + erf(x / sqrt 2)). out may equal x. (vision.c) */
+void lk_gelu(const float *x, int64_t n, int tanh_approx, float *out);
 /* Softmax over each contiguous row of length n. */
 void lk_softmax(const float *x, int64_t rows, int64_t n, float *out);
 /* out[r] = log(sum_i exp(x[r, i])) over each contiguous row of length n (a log softmax's

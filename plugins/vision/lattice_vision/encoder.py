@@ -45,7 +45,7 @@ class LoadedQwenVision:
     modality = "image"
 
     def __init__(self, checkpoint, limits: InputLimits = InputLimits(), *,
-                 settings: ImageSettings | None = None):
+                 settings: ImageSettings | None = None, backend: str = "auto"):
         config = checkpoint.config
         self.limits = limits
         self.placeholder_id = int(config["image_token_id"])
@@ -75,7 +75,8 @@ class LoadedQwenVision:
                                       f"float weights")
             return np.ascontiguousarray(value, dtype=np.float32)
 
-        self.tower = VisionTower.from_tensors(self.vision_config, get)
+        from lattice_engine.loading import get_ops
+        self.tower = VisionTower.from_tensors(self.vision_config, get, get_ops(backend))
 
     def prepare(self, data: bytes) -> PreparedInput:
         """Decode (checking the limits) and preprocess; the patches wait for `encode`."""

@@ -1,5 +1,5 @@
-"""The Qwen3-VL / Qwen3.5 vision tower in numpy (the reference the C kernels are checked
-against): Conv3d patch embedding as a matmul, learned position embeddings resampled
+"""The Qwen3-VL / Qwen3.5 vision tower on the core's op sets (numpy `lattice_engine.ops`,
+the reference, or the C `lattice_engine.kernels`): Conv3d patch embedding as a matmul, learned position embeddings resampled
 (bilinear, corners aligned) to the image's patch grid, 2-D rotary attention blocks with a
 GELU-tanh MLP, the 2x2 patch merger, and Qwen3-VL's deepstack mergers (features of chosen
 blocks, added to the text model's first layers).
@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from lattice_engine.errors import CheckpointError
+from lattice_engine.quant.core_formats import F32
+from lattice_engine.quant.formats import PackedMatrix, pack
 
 
 @dataclass(frozen=True)
@@ -67,35 +69,7 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
-# --- the pieces, in numpy ----------------------------------------------------------------
-
-def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    mean = x.mean(-1, keepdims=True)
-    centered = x - mean
-    var = (centered * centered).mean(-1, keepdims=True)
-    return centered / np.sqrt(var + np.float32(eps)) * w + b
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    c = np.float32(math.sqrt(2.0 / math.pi))
-    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * (x + np.float32(0.044715) * x ** 3)))
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """erf in float64 (Abramowitz & Stegun 7.1.26 is too coarse; this is the complementary
-    error function's Chebyshev fit from Numerical Recipes, |error| < 1.2e-7)."""
-    z = np.abs(x.astype(np.float64))
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (
-        0.09678418 + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (
-            1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
-    r = 1.0 - t * np.exp(poly)
-    return np.where(x >= 0, r, -r)
-
-
-def gelu_erf(x: np.ndarray) -> np.ndarray:
-    return (0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))).astype(np.float32)
-
+# --- the pieces ----------------------------------------------------------------------------
 
 def position_rows(grid_h: int, grid_w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) of every patch of a frame, in merge-block order."""
@@ -120,7 +94,7 @@ def interpolation_taps(index: np.ndarray, size: int, side: int):
 def rotary_tables(rows: np.ndarray, cols: np.ndarray, head_dim: int,
                   theta: float) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin [N, head_dim / 2]: the first quarter of the head turns with the row, the
-    second with the column (rotate-half pairing over the whole head)."""
+    second with the column (rotate-half pairing over the whole head, `ops.rope`)."""
     spatial = head_dim // 2
     inv_freq = (1.0 / (theta ** (np.arange(0, spatial, 2, dtype=np.float32) / spatial))
                 ).astype(np.float32)
@@ -129,36 +103,19 @@ def rotary_tables(rows: np.ndarray, cols: np.ndarray, head_dim: int,
     return np.cos(angles), np.sin(angles)
 
 
-def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x [N, heads, d] rotated with rotate-half pairing by cos / sin [N, d / 2]."""
-    half = cos.shape[-1]
-    a, b = x[..., :half], x[..., half:]
-    c, s = cos[:, None, :], sin[:, None, :]
-    return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
-
-
-def softmax_attention(q, k, v, scale: float) -> np.ndarray:
-    """Bidirectional attention over all N patches: q, k, v [N, heads, d] -> [N, heads, d]."""
-    scores = np.einsum("nhd,mhd->hnm", q, k) * np.float32(scale)
-    scores -= scores.max(-1, keepdims=True)
-    p = np.exp(scores)
-    p /= p.sum(-1, keepdims=True)
-    return np.einsum("hnm,mhd->nhd", p, v)
-
-
 @dataclass
 class Linear:
-    weight: np.ndarray  # [out, in]
+    weight: PackedMatrix  # [out, in], f32
     bias: Optional[np.ndarray]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        y = x @ self.weight.T
+    def __call__(self, x: np.ndarray, ops) -> np.ndarray:
+        y = ops.matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
 
 @dataclass
 class Merger:
-    """LayerNorm (per patch, or over the 4 merged patches with `post_shuffle`), then
+    """LayerNorm (per patch, or over the merged group with `post_shuffle`), then
     fc1 -> GELU (erf) -> fc2 on each group of merge^2 patches."""
 
     norm_w: np.ndarray
@@ -168,13 +125,15 @@ class Merger:
     post_shuffle: bool
     unit: int  # merge^2
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, ops) -> np.ndarray:
         n, d = x.shape
         if self.post_shuffle:
-            x = layer_norm(x.reshape(n // self.unit, d * self.unit), self.norm_w, self.norm_b)
+            x = ops.layer_norm(x.reshape(n // self.unit, d * self.unit), self.norm_w,
+                               self.norm_b, 1e-6)
         else:
-            x = layer_norm(x, self.norm_w, self.norm_b).reshape(n // self.unit, d * self.unit)
-        return self.fc2(gelu_erf(self.fc1(x)))
+            x = ops.layer_norm(x, self.norm_w, self.norm_b, 1e-6).reshape(n // self.unit,
+                                                                         d * self.unit)
+        return self.fc2(ops.gelu(self.fc1(x, ops), False), ops)
 
 
 @dataclass
@@ -189,25 +148,29 @@ class Block:
 
 @dataclass
 class VisionTower:
-    """Weights of `model.visual.*` and the numpy forward."""
+    """Weights of `model.visual.*` and the forward, on `ops` (`lattice_engine.ops`, the
+    numpy reference, or `lattice_engine.kernels`: the C matmul, attention, rope, LayerNorm
+    and GELU kernels)."""
 
     config: VisionConfig
-    patch_weight: np.ndarray  # [D, patch_dim]
-    patch_bias: np.ndarray
+    ops: object
+    patch: Linear             # the Conv3d as [D, C * tp * p * p]
     pos_embed: np.ndarray     # [num_position_embeddings, D]
     blocks: list = field(default_factory=list)
     merger: Optional[Merger] = None
     deepstack: list = field(default_factory=list)
 
     @classmethod
-    def from_tensors(cls, config: VisionConfig, get) -> "VisionTower":
+    def from_tensors(cls, config: VisionConfig, get, ops=None) -> "VisionTower":
         """`get(name, shape)` returns the float32 tensor `name` (without the
         model.visual. prefix), checked against `shape`."""
+        from lattice_engine import ops as numpy_ops
         c = config
         d, inner = c.hidden_size, c.intermediate_size
 
-        def linear(name, out, inp):
-            return Linear(get(f"{name}.weight", (out, inp)), get(f"{name}.bias", (out,)))
+        def linear(name, out, inp, weight=None):
+            w = get(f"{name}.weight", (out, inp)) if weight is None else weight
+            return Linear(pack(F32, f"{name}.weight", w), get(f"{name}.bias", (out,)))
 
         def merger(name, post_shuffle):
             width = d * c.spatial_merge_size ** 2
@@ -219,8 +182,8 @@ class VisionTower:
 
         conv = get("patch_embed.proj.weight", (d, c.in_channels, c.temporal_patch_size,
                                                c.patch_size, c.patch_size))
-        tower = cls(c, np.ascontiguousarray(conv.reshape(d, -1)),
-                    get("patch_embed.proj.bias", (d,)),
+        tower = cls(c, ops or numpy_ops,
+                    linear("patch_embed.proj", d, c.patch_dim, conv.reshape(d, -1)),
                     get("pos_embed.weight", (c.num_position_embeddings, d)))
         for i in range(c.depth):
             p = f"blocks.{i}"
@@ -257,29 +220,35 @@ class VisionTower:
     def forward_steps(self, pixels: np.ndarray, grid: tuple[int, int, int]):
         """`forward` as a generator that yields after the patch embedding and after each
         block (a scheduler runs one unit per batch step); its return value is forward's."""
-        c = self.config
+        c, ops = self.config, self.ops
         t, gh, gw = grid
         if pixels.shape != (t * gh * gw, c.patch_dim):
             raise ValueError(f"pixels {pixels.shape} do not match grid {grid} "
                              f"(patch_dim {c.patch_dim})")
-        x = pixels.astype(np.float32) @ self.patch_weight.T + self.patch_bias
+        x = self.patch(np.ascontiguousarray(pixels, dtype=np.float32), ops)
         x = x + np.tile(self.position_embeddings(gh, gw), (t, 1))
         rows, cols = position_rows(gh, gw, c.spatial_merge_size)
         cos, sin = rotary_tables(np.tile(rows, t), np.tile(cols, t), c.head_dim, c.rope_theta)
-        act = gelu_tanh if c.hidden_act == "gelu_pytorch_tanh" else gelu_erf
         frame = gh * gw
+        tanh_approx = c.hidden_act == "gelu_pytorch_tanh"
         features = []
         yield
         for i, blk in enumerate(self.blocks):
-            h = layer_norm(x, *blk.norm1)
-            qkv = blk.qkv(h).reshape(-1, 3, c.num_heads, c.head_dim)
-            q, k, v = rotate(qkv[:, 0], cos, sin), rotate(qkv[:, 1], cos, sin), qkv[:, 2]
-            out = np.concatenate([softmax_attention(q[f:f + frame], k[f:f + frame],
-                                                    v[f:f + frame], c.head_dim ** -0.5)
-                                  for f in range(0, len(x), frame)])
-            x = x + blk.proj(out.reshape(len(x), c.hidden_size))
-            x = x + blk.fc2(act(blk.fc1(layer_norm(x, *blk.norm2))))
+            h = ops.layer_norm(x, *blk.norm1, 1e-6)
+            qkv = blk.qkv(h, ops).reshape(1, -1, 3, c.num_heads, c.head_dim)
+            q = ops.rope(qkv[:, :, 0], cos, sin)
+            k = ops.rope(qkv[:, :, 1], cos, sin)
+            v = np.ascontiguousarray(qkv[:, :, 2])
+            # each frame attends to itself, every patch to every patch: causal attention
+            # with the queries placed after the last key sees all keys
+            out = np.concatenate([
+                ops.attention(q[:, f:f + frame], k[:, f:f + frame], v[:, f:f + frame],
+                              frame - 1, c.head_dim ** -0.5)
+                for f in range(0, x.shape[0], frame)], axis=1)
+            x = x + blk.proj(out.reshape(x.shape[0], c.hidden_size), ops)
+            h = blk.fc1(ops.layer_norm(x, *blk.norm2, 1e-6), ops)
+            x = x + blk.fc2(ops.gelu(h, tanh_approx), ops)
             if i in c.deepstack_visual_indexes:
-                features.append(self.deepstack[c.deepstack_visual_indexes.index(i)](x))
+                features.append(self.deepstack[c.deepstack_visual_indexes.index(i)](x, ops))
             yield
-        return self.merger(x), features
+        return self.merger(x, ops), features

@@ -27,9 +27,12 @@ def one_pad_per_image(ids, pad):
     return [t for i, t in enumerate(ids) if not (t == pad and i and ids[i - 1] == pad)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_vision_tower(name):
-    _, encoder, golden = setup(name, "numpy")
+def test_vision_tower(name, backend):
+    loaded = load(str(FIXTURES / name), backend=backend)
+    encoder = LoadedQwenVision(loaded.checkpoint, backend=backend)
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
     prepared = encoder.prepare((FIXTURES / name / "image.png").read_bytes())
     patches, grid = prepared.payload
     assert np.abs(patches - golden["pixel_values"]).max() <= 1e-6
