@@ -86,17 +86,47 @@ static void gelu_range(void *ctx, int64_t r0, int64_t r1, int ith) {
     }
 }
 
+#if LK_X86
+/* 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)): one vector exp per 8 values instead of a
+   scalar tanhf each (the tower's MLP runs this on intermediate_size * patches values). */
+LK_AVX2_TARGET static void gelu_tanh_range_avx2(void *ctx, int64_t r0, int64_t r1, int ith) {
+    (void)ith;
+    const gelu_job *j = (const gelu_job *)ctx;
+    const __m256 m2c = _mm256_set1_ps(-2.0f * 0.7978845608028654f);
+    const __m256 k = _mm256_set1_ps(0.044715f), one = _mm256_set1_ps(1.0f);
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = j->x + r * j->n;
+        float *o = j->out + r * j->n;
+        int64_t i = 0;
+        for (; i + 8 <= j->n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            const __m256 u = _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v);
+            const __m256 e = lk_exp8_avx2(_mm256_mul_ps(m2c, u));
+            _mm256_storeu_ps(o + i, _mm256_div_ps(v, _mm256_add_ps(one, e)));
+        }
+        for (; i < j->n; i++) {
+            const float v = x[i];
+            o[i] = v / (1.0f + expf(-2.0f * 0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        }
+    }
+}
+#endif
+
 void lk_gelu(const float *x, int64_t n, int tanh_approx, float *out) {
     lk_init();
+    lk_range_fn fn = gelu_range;
+#if LK_X86
+    if (tanh_approx && lk_active_isa == LK_ISA_AVX2) fn = gelu_tanh_range_avx2;
+#endif
     const int64_t W = 4096; /* one logical row split into rows of W to parallelize */
     if (n > W) {
         gelu_job j = {x, W, tanh_approx, out};
-        lk_parallel_for(gelu_range, &j, n / W, grain_rows(W));
+        lk_parallel_for(fn, &j, n / W, grain_rows(W));
         x += n / W * W;
         out += n / W * W;
         n -= n / W * W;
         if (n == 0) return;
     }
     gelu_job j = {x, n, tanh_approx, out};
-    gelu_range(&j, 0, 1, 0);
+    fn(&j, 0, 1, 0);
 }
