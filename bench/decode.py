@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import add_results_option, emit  # bench/, next to this file
+from provenance import add_results_option, emit, peak_rss_mb  # bench/, next to this file
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parent / "data" / "wikitext-2" / "wiki.test.raw"
@@ -44,9 +43,6 @@ def prompt_ids(tokenizer_encode) -> list[int]:
 def slope(times: dict[int, list[float]]) -> float:
     return (N2 - N1) / (statistics.median(times[N2]) - statistics.median(times[N1]))
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- workers: each runs in its own process and prints one JSON line ----------------------

@@ -5,7 +5,12 @@ machine and the kernels that produced it.
     {"commit": "<sha>", "dirty": false, "date": "2026-11-27T00:15:02+00:00",
      "cpu": "<model name>", "cpu_flags": ["avx2", ...], "kernels": "avx2, q8_0 avx512vnni",
      "q8_0_r16": true, "threads": 2, "env": {"OPENBLAS_CORETYPE": ...},
-     "versions": {"lattice-engine": "0.1.0", ...}, "argv": ["bench/NAME.py", ...]}
+     "versions": {"lattice-engine": "0.1.0", ...}, "argv": ["bench/NAME.py", ...],
+     "peak_rss_mb": 812.4, "children_peak_rss_mb": 1139.0}
+
+Peak RSS is in every row: the bench process's own, and the largest of the worker processes
+it has waited for (benches that run each engine in its own process also report each
+engine's in their row).
 
 Benches import it as `from provenance import ...` (a script's own folder is on sys.path).
 """
@@ -16,6 +21,7 @@ import importlib.metadata as metadata
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -105,16 +111,39 @@ def versions() -> dict:
     return found
 
 
+def peak_rss_mb(pid: int | None = None) -> float | None:
+    """Peak resident set size in MB: of the running process `pid` (Linux: VmHWM in
+    /proc/PID/status; None when it cannot be read), or of this process (ru_maxrss)."""
+    if pid is None:
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def children_peak_rss_mb() -> float | None:
+    """The largest peak RSS (MB) of the child processes this one has waited for; None if
+    it has waited for none."""
+    kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(kb / 1024, 1) if kb else None
+
+
 def provenance(threads: int | None = None) -> dict:
-    """Everything above, plus the UTC date and the command line (script relative to the
-    repo when it is inside it, so rows do not carry a machine's paths)."""
+    """Everything above, plus the UTC date, the command line (script relative to the repo
+    when it is inside it, so rows do not carry a machine's paths) and the peak RSS of this
+    process and of its largest finished child."""
     script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
     if script is not None and script.is_relative_to(ROOT):
         script = script.relative_to(ROOT)
     return {**git_state(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             **cpu_info(), **kernel_state(threads), "env": environment(),
-            "versions": versions(), "argv": ([str(script)] if script else []) + sys.argv[1:]}
+            "versions": versions(), "argv": ([str(script)] if script else []) + sys.argv[1:],
+            "peak_rss_mb": peak_rss_mb(), "children_peak_rss_mb": children_peak_rss_mb()}
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:

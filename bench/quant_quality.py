@@ -6,6 +6,8 @@ Q4_0 / Q4_1, all made from the same float32 weights (bench/gguf_variants.py's f3
         --quant q4_asym --group-size 32                  (one row, appended to --results)
     python bench/quant_quality.py ppl    --model qwen2.5-coder-0.5b --engine llama.cpp --quant q4_1
     python bench/quant_quality.py ppl    --quant q4_sym --quarot online     (lattice-quarot)
+    python bench/quant_quality.py ppl    --quant q8_0 --kv-cache f16 \
+        --results bench/results/kv_cache_32k.jsonl       (the KV cache's cost)
     python bench/quant_quality.py ppl    --quant q4_sym --source .../q4_0.gguf \
         --override model.embed_tokens.weight=q4_sym_g32   (lattice on llama.cpp's own blocks)
     python bench/quant_quality.py speed  --model qwen2.5-coder-0.5b [--threads 2 --runs 3]
@@ -194,7 +196,7 @@ def quarot_transforms(mode: str) -> dict | None:
 
 
 def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads,
-                overrides=None, source=None, quarot="off") -> dict:
+                overrides=None, source=None, quarot="off", kv_cache="f32") -> dict:
     """lattice_engine.eval.perplexity's recipe, with partial results. `source` replaces the
     float32 GGUF (e.g. llama.cpp's own Q4_0 file, whose blocks load as they are)."""
     from gguf_variants import variant
@@ -203,7 +205,7 @@ def ppl_lattice(model: str, quant: str, group_size, ids, window, stride, threads
 
     set_threads(threads)
     m = load(source or variant(model, "f32"), quant=QuantSpec(quant, overrides or {}, group_size),
-             transforms=quarot_transforms(quarot)).model
+             transforms=quarot_transforms(quarot), kv_cache=kv_cache).model
     scorer = Scorer(ids, window, stride)
     for i, w in enumerate(scorer.spans):
         hidden = m.hidden_states(ids[None, w.begin:w.end], m.make_cache(capacity=w.end - w.begin))
@@ -233,13 +235,14 @@ def cmd_ppl(args) -> int:
     if args.engine == "lattice":
         overrides = dict(o.split("=", 1) for o in args.override)
         result = ppl_lattice(args.model, args.quant, args.group_size, ids, args.window,
-                             args.stride, args.threads, overrides, args.source, args.quarot)
+                             args.stride, args.threads, overrides, args.source, args.quarot,
+                             args.kv_cache)
     else:
         result = ppl_llama_cpp(args.model, args.quant, ids, args.window, args.stride,
                                args.threads)
     row = {"kind": "ppl", "model": args.model, "engine": args.engine, "quant": args.quant,
            "group_size": args.group_size, "overrides": args.override,
-           "source": args.source, "quarot": args.quarot, **result}
+           "source": args.source, "quarot": args.quarot, "kv_cache": args.kv_cache, **result}
     row = append_result(Path(args.results or ppl_results(args.max_tokens)), row, args.threads)
     print(json.dumps(row))
     return 0
@@ -369,6 +372,8 @@ def main() -> int:
                      help="lattice: rotate with the lattice-quarot plugin before quantizing "
                           "(residual basis alone or with the online down_proj rotation; "
                           "inputs basis with or without it)")
+    ppl.add_argument("--kv-cache", choices=("f32", "f16", "q8_0"), default="f32",
+                     help="how lattice's cache stores keys and values ([model] kv_cache)")
     ppl.add_argument("--max-tokens", type=int, default=32768)
     ppl.add_argument("--window", type=int, default=512)
     ppl.add_argument("--stride", type=int, default=256)

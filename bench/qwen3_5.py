@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import add_results_option, emit  # bench/, next to this file
+from provenance import add_results_option, emit, peak_rss_mb  # bench/, next to this file
 
 SHORT_PROMPT, PROMPT_TOKENS = 16, 512
 
@@ -48,9 +47,6 @@ def token_ids(vocab: int, n: int) -> list[int]:
 def slope(times: dict[int, list[float]], n1: int, n2: int) -> float:
     return (n2 - n1) / (statistics.median(times[n2]) - statistics.median(times[n1]))
 
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(prefill_once, decode_n, runs: int, n1: int, n2: int) -> dict:

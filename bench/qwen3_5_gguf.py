@@ -5,19 +5,16 @@
     python bench/qwen3_5_gguf.py --llama-cpp /tmp/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp
 
 The converter (`convert_hf_to_gguf.py` of that source tree, which registers
-Qwen3_5ForConditionalGeneration) needs a tokenizer and the random checkpoint has none, so
-the input folder gets the Qwen2.5 tokenizer rebuilt from the catalog's qwen2.5-coder-0.5b
-GGUF (a pre-tokenizer the converter knows; it pads the vocabulary to the config's 248320).
-Speed does not depend on the tokenizer. F16 comes from the converter (`--outtype f16`),
+Qwen3_5ForConditionalGeneration) runs through scripts/make_qwen3_5_gguf.py, which gives the
+random checkpoint (it has no tokenizer) the Qwen2.5 tokenizer rebuilt from the catalog's
+qwen2.5-coder-0.5b GGUF. Speed does not depend on the tokenizer. F16 comes from the converter (`--outtype f16`),
 Q8_0 from llama.cpp's own quantizer (`llama_model_quantize`) applied to the F16 file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,24 +22,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from qwen3_5 import default_model  # noqa: E402
 
-
-def converter_input(model: Path) -> Path:
-    from lattice_engine.io.catalog import resolve
-    from lattice_engine.io.gguf_reader import load_gguf
-
-    src = model.parent / (model.name + "-gguf-src")
-    src.mkdir(exist_ok=True)
-    for name in ("model.safetensors", "config.json"):
-        link = src / name
-        if not link.exists():
-            link.symlink_to(model / name)
-    if not (src / "tokenizer.json").exists():
-        tok = load_gguf(resolve("qwen2.5-coder-0.5b"))
-        tok.tokenizer.save(str(src / "tokenizer.json"))
-        config = {k: v for k, v in tok.tokenizer_config.items() if k != "chat_template"}
-        config["tokenizer_class"] = "Qwen2Tokenizer"
-        (src / "tokenizer_config.json").write_text(json.dumps(config))
-    return src
+sys.path.insert(0, str(HERE.parent / "scripts"))
+from make_qwen3_5_gguf import convert  # noqa: E402  (the converter run, shared with the fixtures)
 
 
 def main() -> int:
@@ -53,9 +34,7 @@ def main() -> int:
     args = parser.parse_args()
     f16, q8 = args.model / "f16.gguf", args.model / "q8_0.gguf"
     if not f16.exists():
-        src = converter_input(args.model)
-        subprocess.run([sys.executable, str(args.llama_cpp / "convert_hf_to_gguf.py"), str(src),
-                        "--outtype", "f16", "--outfile", str(f16)], check=True)
+        convert(args.llama_cpp, args.model, f16, "f16", tokenizer="qwen2.5")
     if not q8.exists():
         import llama_cpp
         params = llama_cpp.llama_model_quantize_default_params()

@@ -35,7 +35,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from provenance import add_results_option, emit  # bench/, next to this file
+from provenance import add_results_option, emit, peak_rss_mb  # bench/, next to this file
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parent / "data" / "wikitext-2" / "wiki.test.raw"
@@ -124,12 +124,15 @@ class Server:
         finally:
             conn.close()
 
-    def stop(self):
+    def stop(self) -> float | None:
+        """Stop the server; returns its peak RSS in MB (None where it cannot be read)."""
+        peak = peak_rss_mb(self.proc.pid)
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        return peak
 
 
 def corpus_ids(tok, n_tokens: int, offset: int = 0) -> list[int]:
@@ -294,7 +297,8 @@ def main(argv=None) -> int:
                   f"budget {r['pacer_budget_tokens']} tokens")
             result["itl"] = r
     finally:
-        server.stop()  # also ends the ITL decoders' streams
+        result["server_peak_rss_mb"] = server.stop()  # also ends the ITL decoders' streams
+    print(f"server peak RSS {result['server_peak_rss_mb']} MB")
     result["load_avg_end"] = os.getloadavg()[0]
     emit(result, args.results, args.threads)
     return 0

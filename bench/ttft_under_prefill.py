@@ -23,6 +23,8 @@ import threading
 import time
 import urllib.request
 
+from provenance import emit, peak_rss_mb  # bench/, next to this file
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -97,11 +99,12 @@ def main() -> int:
         print(f"{args.model}: short-request TTFT during a {args.long_tokens}-token prefill: "
               f"median {statistics.median(r['ttft'] for r in rounds):.2f} s, worst "
               f"{worst:.2f} s over {len(rounds)} rounds", flush=True)
-        print(json.dumps({"model": args.model, "long_tokens": args.long_tokens,
-                          "rounds": rounds, "worst_ttft": worst}))
+        row = {"model": args.model, "long_tokens": args.long_tokens, "rounds": rounds,
+               "worst_ttft": worst, "server_peak_rss_mb": peak_rss_mb(server.pid)}
     finally:
         server.terminate()
         server.wait(timeout=60)
+    emit(row)
     return 0
 
 

@@ -11,8 +11,9 @@ What is checked at registration (an object's behaviour is the plugin's own tests
 `lattice_engine.testing`):
 
 - architectures: a class with `from_checkpoint(checkpoint, loader, ops)` whose instances
-  provide the `CausalLM` members (`forward`, `make_cache`, `hidden_states`, `logits`); a
-  class that also defines `PagedCausalLM`'s members can be served with continuous batching.
+  provide the `CausalLM` members (`forward`, `make_cache`, `hidden_states`, `logits`), or
+  the `Encoder` member (`encode`: an embedding model, which cannot generate); a class that
+  also defines `PagedCausalLM`'s members can be served with continuous batching.
 - weight formats: a `WeightFormat` with a non-empty name, positive block size, bytes per
   block and row group, callable quantize / to_float, optional callable matmul / embed, and
   a `c_matmul` that is None or two integer addresses.
@@ -86,6 +87,18 @@ class PagedCausalLM(CausalLM, Protocol):
     def forward_paged(self, batch: Any, cache: Any) -> np.ndarray: ...
 
 
+@runtime_checkable
+class Encoder(Protocol):
+    """An embedding-only model (BERT family): `lattice_engine.embedding` pools its hidden
+    states; it cannot generate. tokens int64 [B, T], right-padded; mask [B, T] 1 for a real
+    token, 0 for padding, which no real token may attend to. Returns float32 [B, T, H].
+    `config.max_position_embeddings` bounds T."""
+
+    config: ModelConfig
+
+    def encode(self, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray: ...
+
+
 class Architecture(Protocol):
     """The class registered for a model_type: builds a model from a checkpoint.
 
@@ -142,6 +155,7 @@ ProcessorFactory = Callable[[Any], Optional[Processor]]
 
 CAUSAL_LM_MEMBERS = ("forward", "make_cache", "hidden_states", "logits")
 PAGED_MEMBERS = ("make_paged_cache", "forward_paged")
+ENCODER_MEMBERS = ("encode",)
 
 
 def missing_members(obj: Any, names: Sequence[str]) -> list[str]:
@@ -181,9 +195,12 @@ def check_architecture(owner: str, name: str, value: Any) -> None:
         raise _fail(owner, "architecture", name,
                     f"is a {type(value).__name__}, not a class with from_checkpoint(...)")
     lacking = missing_members(value, ("from_checkpoint",) + CAUSAL_LM_MEMBERS)
+    if lacking and not missing_members(value, ("from_checkpoint",) + ENCODER_MEMBERS):
+        return  # an encoder: embeddings only
     if lacking:
         raise _fail(owner, "architecture", name,
-                    f"lacks {', '.join(lacking)} (see lattice_engine.contract.CausalLM)")
+                    f"lacks {', '.join(lacking)} (see lattice_engine.contract.CausalLM; an "
+                    f"embedding-only model provides `encode` instead, see Encoder)")
 
 
 def check_weight_format(owner: str, name: str, value: Any) -> None:

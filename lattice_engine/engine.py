@@ -61,7 +61,8 @@ class Engine:
                                                           dict(config.quant.overrides),
                                                           config.quant.group_size),
                       backend=config.model.backend, plugin_manager=pm,
-                      transforms=config.transform_settings(pm.registry))
+                      transforms=config.transform_settings(pm.registry),
+                      kv_cache=config.model.kv_cache)
         return cls(loaded, sampling=config.sampling, plugin_manager=pm, inputs=config.inputs)
 
     # ---- images (an encoder plugin, `register_encoders`) ---------------------------------
@@ -126,6 +127,41 @@ class Engine:
             return self.tokenizer.encode(prompt)
         return [int(t) for t in prompt]
 
+    # ---- embeddings -------------------------------------------------------------------
+    @property
+    def embedder(self):
+        """The model's `embedding.Embedder` (pooling read from the checkpoint folder)."""
+        if getattr(self, "_embedder", None) is None:
+            from .embedding import Embedder
+            self._embedder = Embedder.for_loaded(self.loaded)
+        return self._embedder
+
+    def embed(self, texts, *, dimensions: Optional[int] = None,
+              normalize: Optional[bool] = None, prompt: Optional[str] = None,
+              instruction: Optional[str] = None, truncate: bool = False):
+        """Embeddings float32 [n, dim] of `texts` (a string, a list of strings, token ids
+        or lists of ids), pooled as the checkpoint says (see `lattice_engine.embedding`).
+
+        dimensions: keep the first N features (Matryoshka), then re-normalise;
+        normalize: override the model's L2 normalisation; prompt / instruction: a named
+        prompt of the model or an instruction text put before every text; truncate: cut
+        inputs longer than the model's limit instead of raising RequestError.
+        """
+        return self.embedder.embed(texts, dimensions=dimensions, normalize=normalize,
+                                   prompt=prompt, instruction=instruction, truncate=truncate)
+
+    @property
+    def can_generate(self) -> bool:
+        """False for an embedding-only model (an encoder such as BERT)."""
+        from .contract import CAUSAL_LM_MEMBERS, missing_members
+        return not missing_members(self.model, CAUSAL_LM_MEMBERS)
+
+    def _require_generation(self) -> None:
+        if not self.can_generate:
+            raise ConfigError(f"{type(self.model).__module__} is an embedding-only model "
+                              f"(an encoder): it cannot generate text; use Engine.embed / "
+                              f"`lattice embed` / POST /v1/embeddings")
+
     @property
     def grammar_compiler(self):
         """The model's `lattice_engine.grammar.GrammarCompiler` (needs the grammar extra);
@@ -176,6 +212,7 @@ class Engine:
                grammar: Any = None, **sampling: Any) -> Iterator[GenerationChunk]:
         """Yield text chunks as they are generated; sampling options override the defaults.
         response_format / regex / grammar constrain the output (see `grammar_matcher`)."""
+        self._require_generation()
         params = self.sampling.with_overrides(**sampling)
         ids, images = self._encoded_prompt(messages) if messages is not None and \
             prompt is None else (self.prompt_ids(prompt, messages), None)
@@ -191,6 +228,7 @@ class Engine:
         """Generate to the end; sampling options (temperature, max_tokens, stop, seed, ...)
         override the engine's defaults for this call only. response_format / regex /
         grammar constrain the output (see `grammar_matcher`)."""
+        self._require_generation()
         params = self.sampling.with_overrides(**sampling)
         ids, images = self._encoded_prompt(messages) if messages is not None and \
             prompt is None else (self.prompt_ids(prompt, messages), None)
@@ -211,6 +249,7 @@ class Engine:
         with its paged KV pool sized by `options` (a `batching.BatchingOptions`)."""
         from .batching import BatchingOptions, BatchRunner
         from .contract import PAGED_MEMBERS, missing_members
+        self._require_generation()
         lacking = missing_members(self.model, PAGED_MEMBERS)
         if lacking:
             raise ConfigError(

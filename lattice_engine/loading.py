@@ -91,11 +91,12 @@ def resolve_source(source: str | Path) -> Path:
 
 def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "auto",
          plugin_manager=None, transforms: Optional[dict[str, Any]] = None,
-         loader_class=WeightLoader) -> LoadedModel:
+         loader_class=WeightLoader, kv_cache: str = "f32") -> LoadedModel:
     """Load a model by path or catalog name, quantized as `quant` asks.
 
     `transforms` (name -> settings, see `lattice_engine.transforms`) rewrite the
-    checkpoint's weights before they are quantized, in order.
+    checkpoint's weights before they are quantized, in order. `kv_cache` is how the
+    model's dense cache stores keys and values (`cache.dense.KV_DTYPES`).
 
     Raises:
         CheckpointError: the files are missing, malformed, or of an unsupported architecture.
@@ -137,6 +138,8 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
     except ConfigFieldError as exc:
         where = f"{path / 'config.json'}" if path.is_dir() else f"{path} (its metadata)"
         raise CheckpointError(f"{where}: {exc}") from None
+    if kv_cache != "f32":
+        set_kv_cache(model, kv_cache)
     unused = loader.unused()
     if unused:
         log.info("%d checkpoint tensors not used by %s: %s", len(unused), cls.__module__,
@@ -146,6 +149,16 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
         tokenizer = TextTokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config,
                                   checkpoint.generation_config, checkpoint.config)
     return LoadedModel(model, tokenizer, checkpoint, str(source), method_name, loader)
+
+
+def set_kv_cache(model, dtype: str) -> None:
+    """Make `model`'s dense caches store keys and values as `dtype` (checked)."""
+    from .cache.dense import check_kv_dtype
+    if dtype != "f32" and not hasattr(model, "kv_cache"):
+        raise ConfigError(f"model.kv_cache = {dtype!r}: the {type(model).__module__} model "
+                          f"keeps its own cache, in float32; use kv_cache = 'f32'")
+    head_dim = getattr(getattr(model, "config", None), "head_dim", None)
+    model.kv_cache = check_kv_dtype(dtype, head_dim)
 
 
 def set_threads(n: int) -> None:

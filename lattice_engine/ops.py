@@ -7,8 +7,6 @@ picks one set through `get_ops`.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from .quant.formats import PackedMatrix
@@ -38,6 +36,46 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, offset: float = 0.0)
     x = x.astype(np.float32, copy=False)
     inv = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
     return (x * inv) * (offset + weight)
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """(x - mean(x)) / sqrt(var(x) + eps) * weight + bias over the last axis (BERT's
+    LayerNorm; the variance is the biased one, as torch computes it)."""
+    x = x.astype(np.float32, copy=False)
+    centered = x - np.mean(x, axis=-1, keepdims=True)
+    inv = 1.0 / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + np.float32(eps))
+    return (centered * inv) * weight + bias
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf in float64: Abramowitz-Stegun 7.1.26 (absolute error <= 1.5e-7) for |x| >= 0.5,
+    its Taylor series (exact to double) below. GELU multiplies it by x / 2, so the error
+    stays within about one float32 ulp of the result."""
+    z = np.abs(x.astype(np.float64))
+    t = 1.0 / (1.0 + 0.3275911 * z)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                         + t * 1.061405429))))
+    y = 1.0 - poly * np.exp(-z * z)
+    small = z < 0.5
+    if np.any(small):
+        zs = z[small]
+        z2 = zs * zs
+        term, acc = zs, zs.copy()
+        for n in range(1, 12):
+            term = term * (-z2) / n
+            acc = acc + term / (2 * n + 1)
+        y[small] = acc * (2.0 / np.sqrt(np.pi))
+    return np.sign(x) * y
+
+
+def gelu(x: np.ndarray, tanh: bool = False) -> np.ndarray:
+    """GELU: x * Phi(x) with the exact erf ("gelu"), or the tanh approximation
+    ("gelu_new" / "gelu_pytorch_tanh") when `tanh`."""
+    x = x.astype(np.float32, copy=False)
+    if tanh:
+        inner = np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+        return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+    return (0.5 * x * (1.0 + _erf(x.astype(np.float64) / np.sqrt(2.0)))).astype(np.float32)
 
 
 def rope_tables(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,40 +145,6 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     scores[..., np.arange(s)[None, :] > q_pos] = -np.inf
     out = np.matmul(softmax(scores, axis=-1), vh)                    # B Hkv G*T D
     return out.reshape(b, hkv, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
-
-
-# ---- vision encoders (ViT blocks) -----------------------------------------------------
-
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
-               eps: float) -> np.ndarray:
-    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis (float32, two
-    passes: the mean, then the centered variance)."""
-    mean = x.mean(-1, keepdims=True, dtype=np.float32)
-    centered = x - mean
-    var = (centered * centered).mean(-1, keepdims=True, dtype=np.float32)
-    out = centered * (np.float32(1) / np.sqrt(var + np.float32(eps))) * weight
-    return out + bias if bias is not None else out
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """erf in float64 to |error| < 1.2e-7 (Numerical Recipes' Chebyshev fit of erfc;
-    numpy has no erf and scipy is not a dependency)."""
-    z = np.abs(np.asarray(x, np.float64))
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (
-        0.09678418 + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (
-            1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
-    r = 1.0 - t * np.exp(poly)
-    return np.where(np.asarray(x) >= 0, r, -r)
-
-
-def gelu(x: np.ndarray, tanh_approx: bool = True) -> np.ndarray:
-    """GELU: the tanh form (transformers' gelu_pytorch_tanh) or the exact erf form."""
-    if tanh_approx:
-        c = np.float32(np.sqrt(2.0 / np.pi))
-        return np.float32(0.5) * x * (np.float32(1) + np.tanh(c * (x + np.float32(0.044715)
-                                                                    * x * x * x)))
-    return (0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))).astype(np.float32)
 
 
 # ---- Gated DeltaNet (Qwen3.5 linear attention) ----------------------------------------

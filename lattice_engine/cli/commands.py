@@ -81,7 +81,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_ppl(args) -> int:
-    from ..eval.perplexity import perplexity
+    from ..eval.perplexity import leading_tokens, perplexity
     from ..errors import ConfigError
     engine = make_engine(args)
     require_tokenizer(engine, "ppl")
@@ -90,11 +90,10 @@ def cmd_ppl(args) -> int:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"--file {args.file}: cannot read it as UTF-8 text ({exc})") from None
-    ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    if args.max_tokens is not None:
-        if args.max_tokens < 2:
-            raise ConfigError(f"--max-tokens {args.max_tokens} is too small: it must be >= 2")
-        ids = ids[: args.max_tokens]
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ConfigError(f"--max-tokens {args.max_tokens} is too small: it must be >= 2")
+    ids = leading_tokens(lambda t: engine.tokenizer.encode(t, add_special_tokens=False), text,
+                         args.max_tokens)
     print(f"model {engine.loaded.name}, quant {engine.loaded.quant}, {len(ids)} tokens, "
           f"window {args.window}, stride {args.stride}")
 

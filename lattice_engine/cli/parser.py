@@ -24,6 +24,8 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
                    help="group size of a grouped quant method (q4_sym / q4_asym: 32, 64, 128)")
     p.add_argument("--backend", default=None, choices=("auto", "native", "numpy"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kv-cache", default=None, choices=("f32", "f16", "q8_0"),
+                   help="how keys and values are stored by generate and ppl (default f32)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

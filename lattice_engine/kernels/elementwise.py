@@ -1,5 +1,5 @@
 """Row-wise and elementwise kernels on float32 activations: `rms_norm`, `gated_rms_norm`,
-`rope` (with `rope_tables`, numpy), `silu`, `silu_mul`, `sigmoid`, `softplus`, `softmax`,
+`rope` (with `rope_tables`, numpy), `layer_norm`, `gelu`, `silu`, `silu_mul`, `sigmoid`, `softplus`, `softmax`,
 `log_sum_exp` and the residual `add`.
 """
 
@@ -46,6 +46,29 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, interleaved: bool = Fa
     out = _new_or_check(out, x.shape)
     _L.lk_rope(xp, B, T, H, Dh, strides[0], strides[1], strides[2], cp, sp, half,
                1 if interleaved else 0, _fb(_FLOATS, out, True))
+    return out
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """BERT's LayerNorm over the last axis (see `ops.layer_norm`)."""
+    D = x.shape[-1]
+    if weight.shape != (D,) or bias.shape != (D,):
+        raise ValueError(f"layer_norm: weight / bias have shapes {weight.shape} / "
+                         f"{bias.shape}, expected ({D},)")
+    xp, x = _in(x)
+    wp, weight = _in(weight)
+    bp, bias = _in(bias)
+    out = _new_or_check(out, x.shape)
+    _L.lk_layer_norm(xp, x.size // D if D else 0, D, wp, bp, eps, _fb(_FLOATS, out, True))
+    return out
+
+
+def gelu(x: np.ndarray, tanh: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """x * Phi(x), exact erf or the tanh form (see `ops.gelu`)."""
+    xp, x = _in(x)
+    out = _new_or_check(out, x.shape)
+    _L.lk_gelu(xp, x.size, 1 if tanh else 0, _fb(_FLOATS, out, True))
     return out
 
 

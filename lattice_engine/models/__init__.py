@@ -5,11 +5,15 @@ from __future__ import annotations
 from ..errors import CheckpointError
 
 BUILTIN_ARCHITECTURES = {
+    "bert": "lattice_engine.models.bert",  # encoders: embeddings only (contract.Encoder)
     "llama": "lattice_engine.models.llama",
     "qwen2": "lattice_engine.models.qwen2",
     "qwen3": "lattice_engine.models.qwen3",
+    "qwen3_moe": "lattice_engine.models.qwen3_moe",
     "qwen3_5": "lattice_engine.models.qwen3_5",  # Qwen3_5ForConditionalGeneration
     "qwen3_5_text": "lattice_engine.models.qwen3_5",  # Qwen3_5ForCausalLM
+    "qwen3_5_moe": "lattice_engine.models.qwen3_5_moe",  # Qwen3_5MoeForConditionalGeneration
+    "qwen3_5_moe_text": "lattice_engine.models.qwen3_5_moe",  # Qwen3_5MoeForCausalLM
 }
 
 

@@ -3,7 +3,9 @@ causal-LM base class (the caches live in `lattice_engine.cache`).
 
 A model never reads a checkpoint directly: it asks a `WeightLoader` for vectors and
 matrices by HF name, with the shape it expects and the role of the matrix, and gets float32
-vectors and `PackedMatrix` weights in the format the quant method picked.
+vectors and `PackedMatrix` weights in the format the quant method picked. A matrix stored
+in another type than its format is converted from the file a slice of rows at a time
+(`io/stored.py`), so loading never holds a whole float32 copy of a tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..io import hugepages
 from ..io.checkpoint import Checkpoint, PackedTensor
+from ..io.stored import StoredTensor
 from ..quant.formats import DequantizedRows, PackedMatrix, WeightFormat, pack
 from ..quant.methods import QuantMethod
 
@@ -96,7 +99,8 @@ class WeightLoader:
     def has(self, name: str) -> bool:
         return name in self.checkpoint.tensors
 
-    def _raw(self, name: str, shape: tuple[int, ...]):
+    def _stored(self, name: str, shape: tuple[int, ...]):
+        """The checkpoint's loader of `name`, after checking it exists with `shape`."""
         if name not in self.checkpoint.tensors:
             raise CheckpointError(
                 f"checkpoint {self.checkpoint.source} has no tensor {name!r} (expected shape "
@@ -107,13 +111,19 @@ class WeightLoader:
                 f"tensor {name!r} in {self.checkpoint.source} has shape {got}, but the config "
                 f"implies {tuple(shape)}; the checkpoint and its config.json disagree")
         self.used.add(name)
+        return self.checkpoint.tensors[name]
+
+    def _read(self, name: str, read):
         try:
-            return self.checkpoint.tensors[name]()
+            return read()
         except CheckpointError:
             raise
         except (ValueError, OSError) as exc:
             raise CheckpointError(f"cannot read tensor {name!r} from {self.checkpoint.source}: "
                                   f"{exc}") from exc
+
+    def _raw(self, name: str, shape: tuple[int, ...]):
+        return self._read(name, self._stored(name, shape))
 
     def vector(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         raw = self._raw(name, shape)
@@ -141,7 +151,54 @@ class WeightLoader:
         fmt_name = self.method.format_for(role, name, shape[1],
                                           lambda f: self._format(f).block_size, self.overrides)
         fmt = self._format(fmt_name)
+        stored = self._stored(name, shape)
+        if isinstance(stored, StoredTensor) and stored.stored != fmt.name:
+            # converted from the file a slice of rows at a time: never a whole float copy
+            return self._read(name, lambda: pack(fmt, name, stored.rows(),
+                                                 allocate=hugepages.empty))
+        return self._packed(name, self._read(name, stored), shape, fmt)
+
+    def float_matrix(self, name: str, shape: tuple[int, int]) -> PackedMatrix:
+        """A matrix kept in float32 whatever the quant method says (a MoE router: small, and
+        its rounding would move tokens between experts; llama.cpp keeps it in float too)."""
+        return self._packed(name, self._raw(name, shape), shape, self._format("f32"))
+
+    def stacked(self, name: str, shape: tuple[int, int, int], role: str,
+                parts: int = 1) -> list[tuple[PackedMatrix, ...]]:
+        """The matrices of a stacked 3-D tensor [n, rows, cols] (a MoE layer's experts): per
+        slice a tuple of `parts` PackedMatrix, its rows cut into equal blocks (gate_up_proj:
+        gate and up), in the format the quant method picks for `role`. A slice that is
+        already in that format stays a view of the checkpoint's buffer (a memory map stays
+        mapped: only the experts a step uses are read from disk); with `native_layout`,
+        q8_0 experts in a writable buffer are re-laid in place, mapped ones stay q8_0."""
+        n, rows, cols = shape
+        fmt = self._format(self.method.format_for(
+            role, name, cols, lambda f: self._format(f).block_size, self.overrides))
         raw = self._raw(name, shape)
+        if isinstance(raw, PackedTensor):
+            data = raw.data.reshape(n, rows, -1)
+            parts_of = [PackedTensor(raw.format, (rows, cols), data[e]) for e in range(n)]
+        else:
+            parts_of = [raw[e] for e in range(n)]
+        if rows % parts or (rows // parts) % fmt.row_group:
+            raise CheckpointError(f"tensor {name!r} of shape {shape} cannot be cut into {parts} "
+                                  f"blocks of rows in format {fmt.name}")
+        out = []
+        step = rows // parts
+        for e, part in enumerate(parts_of):
+            m = self._packed(f"{name}[{e}]", part, (rows, cols), fmt)
+            cut = []
+            for i in range(parts):
+                piece = m if parts == 1 else PackedMatrix(fmt, step, cols,
+                                                          m.data[i * step:(i + 1) * step])
+                if self.native_layout and piece.data.flags.writeable:
+                    from ..quant.core_formats import native_layout
+                    piece = native_layout(piece)
+                cut.append(piece)
+            out.append(tuple(cut))
+        return out
+
+    def _packed(self, name: str, raw, shape: tuple[int, int], fmt: WeightFormat) -> PackedMatrix:
         if isinstance(raw, PackedTensor):
             if raw.format == fmt.name:  # already stored the way we want: no float round trip
                 if tuple(raw.data.shape) != (shape[0], fmt.row_bytes(shape[1])):
@@ -248,6 +305,17 @@ class CausalLM:
     fused_decode = True
     _step = None
     _step_built = False
+    # how make_cache stores keys and values (`cache.dense.KV_DTYPES`, `[model] kv_cache`);
+    # the fused native step runs on float32 caches only
+    kv_cache = "f32"
+
+    def _paged_kv_check(self) -> None:
+        """The paged cache (serving) stores float32 keys and values only, for now."""
+        if self.kv_cache != "f32":
+            from ..errors import ConfigError
+            raise ConfigError(f"model.kv_cache = {self.kv_cache!r} applies to the dense cache "
+                              f"of generate and ppl; the paged cache of serve stores f32 only "
+                              f"so far: set kv_cache = 'f32' to serve")
 
     @property
     def vocab_size(self) -> int:

@@ -212,7 +212,8 @@ class GatedDeltaNet:
 
 
 class Block:
-    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str, index: int, slot: int):
+    def __init__(self, cfg: ModelArgs, w: WeightLoader, prefix: str, index: int, slot: int,
+                 mlp_factory=None):
         h = cfg.hidden_size
         self.kind = cfg.layer_types[index]
         self.slot = slot  # index among layers of its kind: its KV or recurrent-state slot
@@ -224,7 +225,8 @@ class Block:
         else:
             self.self_attn = GatedAttention(cfg, w, f"{p}.self_attn")
         self.post_attention_layernorm = w.vector(f"{p}.post_attention_layernorm.weight", (h,))
-        self.mlp = MLP(cfg, w, f"{p}.mlp")
+        # an architecture may put another MLP here (qwen3_5_moe: the sparse MoE)
+        self.mlp = (mlp_factory or MLP)(cfg, w, f"{p}.mlp")
 
     def __call__(self, x, cache, cos, sin, ops):
         normed = ops.rms_norm(x, self.input_layernorm, self.eps, 1.0)
@@ -283,7 +285,7 @@ class Model(CausalLM):
         counts = {LINEAR: 0, FULL: 0}
         self.layers = []
         for i, kind in enumerate(cfg.layer_types):
-            self.layers.append(Block(cfg, w, prefix, i, counts[kind]))
+            self.layers.append(Block(cfg, w, prefix, i, counts[kind], self.mlp_factory(cfg, i)))
             counts[kind] += 1
         self.num_linear, self.num_full = counts[LINEAR], counts[FULL]
         self.norm = w.vector(f"{prefix}.norm.weight", (h,))
@@ -293,6 +295,10 @@ class Model(CausalLM):
         self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
         self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))
+
+    def mlp_factory(self, cfg: ModelArgs, index: int):
+        """What builds layer `index`'s MLP from (cfg, loader, prefix); None: the dense MLP."""
+        return None
 
     @classmethod
     def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":
@@ -318,7 +324,7 @@ class Model(CausalLM):
             head_dim=c.head_dim, num_linear=self.num_linear, conv_dim=conv_dim,
             conv_kernel=c.linear_conv_kernel_dim, value_heads=c.linear_num_value_heads,
             key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
-            capacity=capacity)
+            capacity=capacity, kv_dtype=self.kv_cache)
 
     def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin [N, half] for index positions [N] or multimodal positions [3, N]
@@ -349,7 +355,7 @@ class Model(CausalLM):
             cos, sin = ops.rope_tables(np.arange(cache.offset, cache.offset + t), self.inv_freq)
         replaces = inputs is not None and inputs.replaces
         step = self._decode_step() if t == 1 and type(cache) is HybridCache and \
-            not replaces else None
+            cache.kv.dtype == "f32" and not replaces else None
         if step is not None:
             cache.kv.reserve(cache.offset + 1)
             arrays = (cache.kv.keys, cache.kv.values, cache.conv, cache.delta)
@@ -373,6 +379,7 @@ class Model(CausalLM):
                          max_sequences: int = 0):
         """A `PagedKVCache` with recurrent-state slots, for serving (see `forward_paged`)."""
         from .qwen3_5_paged import make_paged_cache
+        self._paged_kv_check()
         return make_paged_cache(self, num_blocks, block_size, variant, max_sequences)
 
     def forward_paged(self, batch, cache) -> np.ndarray:
@@ -381,17 +388,23 @@ class Model(CausalLM):
         from .qwen3_5_paged import forward_paged
         return forward_paged(self, batch, cache)
 
+    @staticmethod
+    def _mlp_step_spec(m) -> Optional[dict]:
+        """A layer's MLP entries of the Qwen35Step spec; None when the step cannot run it."""
+        if m.gate_proj.bias is not None or m.up_proj.bias is not None or \
+                m.down_proj.bias is not None:
+            return None  # Qwen3.5 has no MLP bias; the C step does not take one
+        return {"gate": m.gate_proj.weight, "up": m.up_proj.weight, "down": m.down_proj.weight,
+                "down_rotation": m.down_rotation}
+
     def _build_decode_step(self) -> Optional[Qwen35Step]:
         layers = []
         for block in self.layers:
-            m = block.mlp
-            spec = {"kind": block.kind, "attn_norm": block.input_layernorm,
-                    "mlp_norm": block.post_attention_layernorm, "gate": m.gate_proj.weight,
-                    "up": m.up_proj.weight, "down": m.down_proj.weight,
-                    "down_rotation": m.down_rotation}
-            if m.gate_proj.bias is not None or m.up_proj.bias is not None or \
-                    m.down_proj.bias is not None:
-                return None  # Qwen3.5 has no MLP bias; the C step does not take one
+            mlp = self._mlp_step_spec(block.mlp)
+            if mlp is None:
+                return None
+            spec = dict(mlp, kind=block.kind, attn_norm=block.input_layernorm,
+                        mlp_norm=block.post_attention_layernorm)
             if block.kind == LINEAR:
                 a = block.linear_attn
                 spec.update(in_qkv=a.in_proj_qkv.weight, in_z=a.in_proj_z.weight,

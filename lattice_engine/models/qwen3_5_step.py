@@ -40,7 +40,10 @@ class Qwen35Step:
 
     @classmethod
     def matrices_of(cls, layers: list[dict]) -> list[PackedMatrix]:
-        return [L[n] for L in layers for n in cls.MATRICES[L["kind"]]]
+        """The matrices the step multiplies by itself (a MoE layer's experts are checked by
+        its NativeMoE)."""
+        return [L[n] for L in layers for n in cls.MATRICES[L["kind"]]
+                if n in L or not L.get("moe")]
 
     def __init__(self, *, hidden: int, intermediate: int, n_heads: int, n_kv_heads: int,
                  head_dim: int, rope_half: int, lin_k_heads: int, lin_v_heads: int,
@@ -66,7 +69,11 @@ class Qwen35Step:
             L.attn_norm = _keep_vec(keep, spec["attn_norm"])
             L.mlp_norm = _keep_vec(keep, spec["mlp_norm"])
             for name in self.MATRICES[spec["kind"]]:
-                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+                if name in spec or not spec.get("moe"):
+                    _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+            if spec.get("moe"):  # a MoE MLP (kernels.moe.NativeMoE) instead of gate/up/down
+                keep.append(spec["moe"])
+                L.moe = spec["moe"].pointer
             if spec["kind"] == self.LINEAR:
                 for name in ("conv_w", "neg_a", "dt_bias", "head_norm"):
                     setattr(L, name, _keep_vec(keep, spec[name]))

@@ -182,7 +182,7 @@ class MLP:
 
 class Block:
     def __init__(self, cfg: DecoderConfig, w: WeightLoader, index: int, qkv_bias: bool,
-                 qk_norm: bool):
+                 qk_norm: bool, mlp_factory=None):
         prefix = f"model.layers.{index}"
         h = cfg.hidden_size
         self.index = index
@@ -190,7 +190,8 @@ class Block:
         self.input_layernorm = w.vector(f"{prefix}.input_layernorm.weight", (h,))
         self.self_attn = Attention(cfg, w, f"{prefix}.self_attn", qkv_bias, qk_norm)
         self.post_attention_layernorm = w.vector(f"{prefix}.post_attention_layernorm.weight", (h,))
-        self.mlp = MLP(cfg, w, f"{prefix}.mlp")
+        # an architecture may put another MLP here (qwen3_moe: the sparse MoE layers)
+        self.mlp = (mlp_factory or MLP)(cfg, w, f"{prefix}.mlp")
         spec = cfg.lattice_online_rotation
         self.attn_in_rotation = online_rotation(spec, "attn_in", h)
         self.mlp_in_rotation = online_rotation(spec, "mlp_in", h)
@@ -230,13 +231,18 @@ class DecoderModel(CausalLM):
         tied = cfg.tie_word_embeddings or not w.has("lm_head.weight")
         self.embed_tokens = w.matrix("model.embed_tokens.weight", (v, h),
                                      "tied_embedding" if tied else "embedding")
-        self.layers = [Block(cfg, w, i, self.use_qkv_bias(cfg), self.qk_norm)
+        self.layers = [Block(cfg, w, i, self.use_qkv_bias(cfg), self.qk_norm,
+                             self.mlp_factory(cfg, i))
                        for i in range(cfg.num_hidden_layers)]
         self.norm = w.vector("model.norm.weight", (h,))
         # Tied: the lm_head reads the embedding table itself (f16 under q8_0, see methods).
         self.lm_head = (self.embed_tokens if tied else
                         w.matrix("lm_head.weight", (v, h), cfg.lattice_lm_head_role))
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def mlp_factory(self, cfg: DecoderConfig, index: int):
+        """What builds layer `index`'s MLP from (cfg, loader, prefix); None: the dense MLP."""
+        return None
 
     @classmethod
     def use_qkv_bias(cls, cfg: DecoderConfig) -> bool:
@@ -254,7 +260,8 @@ class DecoderModel(CausalLM):
 
     def make_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         c = self.config
-        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity)
+        return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity,
+                       self.kv_cache)
 
     def hidden_states(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
@@ -263,7 +270,8 @@ class DecoderModel(CausalLM):
         t = tokens.shape[1]
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
-        step = self._decode_step() if t == 1 and type(cache) is KVCache else None
+        step = self._decode_step() if t == 1 and type(cache) is KVCache and \
+            cache.dtype == "f32" else None
         if step is not None:
             cache.reserve(cache.offset + 1)
             if not step.is_bound_to(cache.keys, cache.values):
@@ -277,22 +285,31 @@ class DecoderModel(CausalLM):
         cache.advance(t)
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
 
+    @staticmethod
+    def _mlp_step_spec(m) -> Optional[dict]:
+        """A layer's MLP entries of the DecoderStep spec; None when the step cannot run it."""
+        spec = {"down_rotation": m.down_rotation}
+        for name, lin in (("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
+            spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
+        return spec
+
     def _build_decode_step(self) -> Optional[DecoderStep]:
         layers = []
         for block in self.layers:
-            a, m = block.self_attn, block.mlp
+            a = block.self_attn
             spec = {"attn_norm": block.input_layernorm, "mlp_norm": block.post_attention_layernorm,
                     "q_norm": a.q_norm, "k_norm": a.k_norm}
-            for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj),
-                              ("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
+            for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj)):
                 spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
-            spec["down_rotation"] = m.down_rotation
+            mlp = self._mlp_step_spec(block.mlp)
+            if mlp is None:
+                return None
+            spec.update(mlp)
             spec["attn_in_rotation"] = block.attn_in_rotation
             spec["mlp_in_rotation"] = block.mlp_in_rotation
             spec["o_rotation"] = a.o_rotation
             layers.append(spec)
-        if not DecoderStep.supports(
-                self.embed_tokens, *(L[n] for L in layers for n in DecoderStep.MATRICES)):
+        if not DecoderStep.supports(self.embed_tokens, *DecoderStep.matrices_of(layers)):
             return None
         c = self.config
         return DecoderStep(
@@ -307,6 +324,7 @@ class DecoderModel(CausalLM):
         recurrent layers also gives it `RecurrentStateSlots` for max_sequences sequences;
         this one has none, so max_sequences is unused."""
         from ..cache.paged import PagedKVCache
+        self._paged_kv_check()
         c = self.config
         return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                             num_blocks, block_size, variant)

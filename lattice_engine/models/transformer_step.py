@@ -26,17 +26,25 @@ class DecoderStep:
     optional biases q_bias / k_bias / v_bias / o_bias / gate_bias / up_bias / down_bias,
     vectors attn_norm, mlp_norm and optional q_norm / k_norm, and optionally
     down_rotation = (mix [m, m], block): `block_rotate` of the MLP activations before down.
+    A layer with "moe" (a `kernels.moe.NativeMoE`) runs that MoE MLP instead and has no
+    gate / up / down.
     """
 
     MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
     supports = staticmethod(_supports)
 
+    @classmethod
+    def matrices_of(cls, layers: list[dict]) -> list[PackedMatrix]:
+        """The matrices the step multiplies by itself (a MoE layer's experts are checked by
+        its NativeMoE)."""
+        return [L[n] for L in layers for n in cls.MATRICES if n in L or not L.get("moe")]
+
     def __init__(self, *, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  intermediate: int, eps: float, rope_half: int, interleaved: bool = False,
                  norm_offset: float = 0.0, embed: PackedMatrix, final_norm: np.ndarray,
                  layers: list[dict]):
-        if not self.supports(embed, *(L[n] for L in layers for n in self.MATRICES)):
+        if not self.supports(embed, *self.matrices_of(layers)):
             raise ValueError("DecoderStep: every matrix must be f32, f16, q8_0 or a plugin "
                              "format with a C matmul (the embedding a core format), with the "
                              "native module built")
@@ -55,7 +63,11 @@ class DecoderStep:
             L.q_norm = _keep_vec(keep, spec.get("q_norm"))
             L.k_norm = _keep_vec(keep, spec.get("k_norm"))
             for name in self.MATRICES:
-                _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+                if name in spec or not spec.get("moe"):
+                    _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+            if spec.get("moe"):
+                keep.append(spec["moe"])
+                L.moe = spec["moe"].pointer
             for site, key in (("down_in", "down_rotation"), ("attn_in", "attn_in_rotation"),
                               ("mlp_in", "mlp_in_rotation"), ("o_in", "o_rotation")):
                 _set_rotation(keep, getattr(L, site), spec.get(key))

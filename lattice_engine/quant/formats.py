@@ -98,7 +98,7 @@ class PackedMatrix:
         return self.format.to_float(self.data, self.cols)
 
 
-CONVERT_CHUNK_ELEMENTS = 1 << 22  # floats converted per slice when re-quantizing a matrix
+CONVERT_CHUNK_ELEMENTS = 1 << 20  # floats converted per slice when re-quantizing a matrix (4 MB)
 
 
 class DequantizedRows:

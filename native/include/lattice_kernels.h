@@ -45,7 +45,6 @@
  *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0, lk_embed_q8_0_r16 (lk_embed_fn)
  *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act, lk_q8_0_to_r16, lk_r16_to_q8_0
  *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_log_sum_exp, lk_add
- *   vision     lk_layer_norm, lk_gelu (ViT blocks of vision encoders)
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
  *              lk_paged_attention (the same over a paged block pool, a flat batch of sequences)
  *   decoder    lk_decoder_work_size, lk_decoder_step (a whole decode step of the
@@ -54,6 +53,8 @@
  *              lk_softplus (Qwen3.5's Gated DeltaNet layers and gates)
  *   qwen35     lk_qwen35_work_size, lk_qwen35_step (a whole Qwen3.5 decode step in one
  *              call), lk_qwen35_step_paged (the same over a paged batch)
+ *   moe        lk_moe_ok, lk_moe_forward (a mixture-of-experts MLP, experts grouped by
+ *              row), lk_matmul_grouped (matrices each over their own rows, one job)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
@@ -196,19 +197,17 @@ void lk_silu(const float *x, int64_t n, float *out);
    out is contiguous [rows, n]. */
 void lk_silu_mul(const float *gate, int64_t ldg, const float *up, int64_t ldu,
                  int64_t rows, int64_t n, float *out);
-/* LayerNorm of each contiguous row of length D: (x - mean) / sqrt(var + eps) * w + b
-   (b may be NULL). (vision.c) */
-void lk_layer_norm(const float *x, int64_t rows, int64_t D, const float *w, const float *b,
-                   float eps, float *out);
-/* GELU of n contiguous floats: tanh_approx = 1: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715
-   x^3))) (gelu_pytorch_tanh); 0: 0.5 x (1 + erf(x / sqrt 2)). out may equal x. (vision.c) */
-void lk_gelu(const float *x, int64_t n, int tanh_approx, float *out);
 /* Softmax over each contiguous row of length n. */
 void lk_softmax(const float *x, int64_t rows, int64_t n, float *out);
 /* out[r] = log(sum_i exp(x[r, i])) over each contiguous row of length n (a log softmax's
    normaliser: logprob of token t = x[r, t] - out[r]). */
 void lk_log_sum_exp(const float *x, int64_t rows, int64_t n, float *out);
 void lk_add(const float *a, const float *b, int64_t n, float *out);
+/* BERT's LayerNorm per row of length D: (x - mean) / sqrt(biased var + eps) * w + b. */
+void lk_layer_norm(const float *x, int64_t rows, int64_t D, const float *w, const float *b,
+                   float eps, float *out);
+/* out = x * Phi(x): erf form (tanh_form = 0, "gelu") or tanh form ("gelu_new"). */
+void lk_gelu(const float *x, int64_t n, int tanh_form, float *out);
 
 /* ---- attention ------------------------------------------------------------------ */
 
@@ -257,6 +256,8 @@ typedef struct {
        and the attention output before o */
     lk_rotation down_in, attn_in, mlp_in, o_in;
     float *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, head_dim] */
+    /* a mixture-of-experts MLP in place of gate / up / down (lk_moe_forward), or NULL */
+    const struct lk_moe *moe;
 } lk_decoder_layer;
 
 /* Pre-norm decoder: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate) * up). */
@@ -354,6 +355,8 @@ typedef struct {
     /* SwiGLU MLP, with the optional online rotation before down as in lk_decoder_layer */
     lk_linear gate, up, down;
     lk_rotation down_in; /* the MLP activations before down (QuaRot) */
+    /* a mixture-of-experts MLP in place of gate / up / down (lk_moe_forward), or NULL */
+    const struct lk_moe *moe;
 } lk_qwen35_layer;
 
 typedef struct {
@@ -409,6 +412,41 @@ int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_poo
                        const int64_t *q_start, const int64_t *pos_start,
                        const int32_t *block_tables, int64_t max_blocks, float scale,
                        float *out);
+/* ---- mixture of experts (moe.c) ------------------------------------------------- */
+
+#define LK_MOE_EXPERTS_MAX 1024
+#define LK_MOE_TOPK_MAX 64
+
+/* A sparse MoE MLP: router [n_experts, hidden]; per expert gate, up [inter, hidden] and
+   down [hidden, inter] (arrays of n_experts; every gate / up one format, every down one
+   format, no biases); optionally (shared_inter > 0) a shared expert sh_gate, sh_up
+   [shared_inter, hidden], sh_down [hidden, shared_inter] scaled by sigmoid(sh_score . x),
+   sh_score [1, hidden]. */
+typedef struct lk_moe {
+    int64_t hidden, n_experts, top_k, inter, shared_inter;
+    int32_t normalize; /* divide the top-k probabilities by their sum */
+    lk_linear router;
+    const lk_linear *gate, *up, *down;
+    lk_linear sh_gate, sh_up, sh_down, sh_score;
+} lk_moe;
+
+/* Whether the description is complete and consistent (1) or not (0). */
+int lk_moe_ok(const lk_moe *m);
+/* out [n, hidden] = the MoE MLP of x [n, hidden]: per row softmax(router . x) over all
+   experts, the top_k by router logit (ties to the lower id), weights renormalised when
+   `normalize`; the rows are grouped by expert and each selected expert multiplies its rows
+   in one few-row matmul (every expert read once per call); each row sums its experts in
+   ascending expert order, then adds the shared expert. Returns 0, -4 (description), -5
+   (out of memory, or a plugin matmul failed). */
+int lk_moe_forward(const lk_moe *m, const float *x, int64_t n, float *out);
+/* y_i [M_i, N_i] = x[row0_i : row0_i + M_i] @ W_i^T for n matrices of one core format
+   (LK_FMT_*) and one K, each reading its own rows of the contiguous x [*, K], as one
+   parallel job (x quantized once for q8_0). Returns 0, -1 (format, K or shapes), -2 (out
+   of memory). */
+int lk_matmul_grouped(int fmt, const float *x, int64_t K, int64_t n, const int64_t *row0,
+                      const int64_t *M, const void *const *w, const int64_t *ldw,
+                      const int64_t *N, float *const *y);
+
 /* ---- rotate --------------------------------------------------------------------- */
 
 /* out[r] = x[r] @ (mix kron H_block) / sqrt(block) for rows r of m * block floats, with
@@ -424,6 +462,35 @@ int lk_block_rotate(const float *x, int64_t rows, int64_t m, int64_t block, cons
    thread streaming contiguous 4 MiB pieces; prefetch != 0 adds a software prefetch 4 KiB
    ahead. nbytes is rounded down to a multiple of 32. */
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
+
+/* ---- vector distances and top-k search (distance.c) -------------------------------- */
+
+#define LK_METRIC_DOT 0
+#define LK_METRIC_COSINE 1
+#define LK_METRIC_L2 2
+/* One pair of n-vectors: dot, cosine similarity or squared L2 distance (metric). int8 sums
+   are exact (returned as double). */
+float lk_distance_f32(const float *a, const float *b, int64_t n, int metric);
+double lk_distance_i8(const int8_t *a, const int8_t *b, int64_t n, int metric);
+/* Exact top-k of each of nq queries [nq, d] against n stored vectors db [n, d]: ids and
+   scores [nq, k], best first (highest dot / cosine, lowest squared L2; ties: lower id
+   first). db_norms: |row| of each stored row for cosine (NULL: computed). Returns 0, -1
+   on bad sizes (k must lie in 1..n), -5 out of memory. */
+int lk_topk_f32(const float *q, int64_t nq, const float *db, int64_t n, int64_t d, int metric,
+                int64_t k, const float *db_norms, int64_t *ids, float *scores);
+int lk_topk_i8(const int8_t *q, int64_t nq, const int8_t *db, int64_t n, int64_t d, int metric,
+               int64_t k, const float *db_norms, int64_t *ids, float *scores);
+/* Every score [nq, n] (metric as above, L2 unnegated). Returns 0 or -1. */
+int lk_scores_f32(const float *q, int64_t nq, const float *db, int64_t n, int64_t d, int metric,
+                  float *out);
+int lk_scores_i8(const int8_t *q, int64_t nq, const int8_t *db, int64_t n, int64_t d, int metric,
+                 float *out);
+/* The distance kernels' variant: 0 generic, 1 avx2, 2 avx512; v = -1 asks, -2 resets to
+   the best, another v forces it if the CPU runs it. Returns the active one. */
+int lk_distance_variant(int v);
+const char *lk_distance_variant_name(int v);
+/* Bit v set: the CPU runs variant v. */
+int lk_distance_variants(void);
 
 /* LK_CDEF_END */
 

@@ -29,9 +29,13 @@ static int shapes_ok(const lk_decoder *m) {
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_decoder_layer *L = &m->layers[i];
         if (!lk_step_linear_ok(&L->q, qd, h) || !lk_step_linear_ok(&L->k, kvd, h) || !lk_step_linear_ok(&L->v, kvd, h) ||
-            !lk_step_linear_ok(&L->o, h, qd) || !lk_step_linear_ok(&L->gate, f, h) || !lk_step_linear_ok(&L->up, f, h) ||
-            !lk_step_linear_ok(&L->down, h, f) || !L->attn_norm ||
+            !lk_step_linear_ok(&L->o, h, qd) || !L->attn_norm ||
             !L->mlp_norm || (!L->q_norm) != (!L->k_norm))
+            return 0;
+        if (L->moe ? !lk_moe_ok(L->moe) || L->moe->hidden != h || L->mlp_in.block ||
+                         L->down_in.block
+                   : !lk_step_linear_ok(&L->gate, f, h) || !lk_step_linear_ok(&L->up, f, h) ||
+                         !lk_step_linear_ok(&L->down, h, f))
             return 0;
         if (!lk_step_rotation_ok(&L->down_in, f) || !lk_step_rotation_ok(&L->attn_in, h) ||
             !lk_step_rotation_ok(&L->mlp_in, h) || !lk_step_rotation_ok(&L->o_in, qd))
@@ -75,6 +79,12 @@ static int run_layers(const lk_decoder *m, const lk_step_kv *t, int64_t B, const
         if (lk_step_linears(o, o_out, 1, lk_step_rotated(&L->o_in, attn, B, q), B)) return -5;
         lk_add(x, tmp, B * h, x);
         lk_rms_norm(x, B, h, L->mlp_norm, m->eps, m->norm_offset, xn);
+        if (L->moe) { /* the MoE MLP (moe.c): every selected expert read once for all B rows */
+            const int rc = lk_moe_forward(L->moe, xn, B, tmp);
+            if (rc) return rc == -4 ? -4 : -5;
+            lk_add(x, tmp, B * h, x);
+            continue;
+        }
         const lk_linear *gu[2] = {&L->gate, &L->up};
         float *gu_out[2] = {gate, up};
         if (lk_step_linears(gu, gu_out, 2, lk_step_rotated(&L->mlp_in, xn, B, tmp), B)) return -5;

@@ -99,6 +99,83 @@ void lk_rms_norm(const float *x, int64_t rows, int64_t D, const float *w, float 
     lk_parallel_for(rms_range, &j, rows, grain_rows(D));
 }
 
+/* ---- layer_norm (BERT) and gelu ------------------------------------------------------
+ * The encoders' row kernels. layer_norm: two passes over a row in float (mean, then the
+ * biased variance of the centred values, as torch), which the compiler vectorises; gelu:
+ * x * Phi(x) with libm's erff (exact) or the tanh form. Both split rows over the pool. */
+
+typedef struct {
+    const float *x, *w, *b;
+    int64_t D;
+    float eps;
+    float *out;
+} ln_job;
+
+static void ln_range(void *ctx, int64_t r0, int64_t r1, int ith) {
+    (void)ith;
+    const ln_job *j = (const ln_job *)ctx;
+    const int64_t D = j->D;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = j->x + r * D;
+        float *o = j->out + r * D;
+        float acc[8] = {0};
+        int64_t i = 0;
+        for (; i + 8 <= D; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] += x[i + l];
+        float sum = 0;
+        for (int l = 0; l < 8; l++) sum += acc[l];
+        for (; i < D; i++) sum += x[i];
+        const float mean = sum / (float)D;
+        float vacc[8] = {0};
+        for (i = 0; i + 8 <= D; i += 8)
+            for (int l = 0; l < 8; l++) {
+                const float c = x[i + l] - mean;
+                vacc[l] += c * c;
+            }
+        float ss = 0;
+        for (int l = 0; l < 8; l++) ss += vacc[l];
+        for (; i < D; i++) ss += (x[i] - mean) * (x[i] - mean);
+        const float inv = 1.0f / sqrtf(ss / (float)D + j->eps);
+        for (i = 0; i < D; i++) o[i] = ((x[i] - mean) * inv) * j->w[i] + j->b[i];
+    }
+}
+
+void lk_layer_norm(const float *x, int64_t rows, int64_t D, const float *w, const float *b,
+                   float eps, float *out) {
+    lk_init();
+    ln_job j = {x, w, b, D, eps, out};
+    lk_parallel_for(ln_range, &j, rows, grain_rows(D));
+}
+
+typedef struct {
+    const float *x;
+    int tanh_form;
+    float *out;
+} gelu_job;
+
+static void gelu_range(void *ctx, int64_t i0, int64_t i1, int ith) {
+    (void)ith;
+    const gelu_job *j = (const gelu_job *)ctx;
+    if (j->tanh_form) {
+        const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+        for (int64_t i = i0; i < i1; i++) {
+            const float v = j->x[i];
+            j->out[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+        }
+    } else {
+        for (int64_t i = i0; i < i1; i++) {
+            const float v = j->x[i];
+            j->out[i] = 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+        }
+    }
+}
+
+void lk_gelu(const float *x, int64_t n, int tanh_form, float *out) {
+    lk_init();
+    gelu_job j = {x, tanh_form, out};
+    lk_parallel_for(gelu_range, &j, n, GRAIN_ELEMS / 4);
+}
+
 /* ---- rope ---------------------------------------------------------------------------- */
 
 typedef struct {

@@ -163,6 +163,30 @@ static void multi_task(void *vctx, int64_t c, int ith) {
     matmul_task(&mj->jobs[i], c - mj->first[i], ith);
 }
 
+/* The row kernel for format fmt at M rows of x (call with lk_lock held, q8_detect done). */
+static lk_mm_rows_fn pick_rows(int fmt, int64_t M, int avx2) {
+    lk_mm_rows_fn rows;
+#if LK_X86
+    if (avx2) {
+        const int few512 = M >= 2 && M <= FEW_ROWS && q8_active == Q8_V_AVX512VNNI;
+        const int pf512 = M > FEW_ROWS && q8_active == Q8_V_AVX512VNNI && lk_f_pf512;
+        if (fmt == FMT_F32) rows = few512 ? lk_mm_f_few512.f32 : pf512 ? lk_mm_f_pf512.f32 : lk_mm_f_avx2.f32;
+        else if (fmt == FMT_F16) rows = few512 ? lk_mm_f_few512.f16 : pf512 ? lk_mm_f_pf512.f16 : lk_mm_f_avx2.f16;
+        else if (fmt == FMT_Q8_0_R16)
+            rows = q8_active == Q8_V_AVX512VNNI ? lk_mm_q8_avx512vnni.q8_0_r16
+                 : q8_active == Q8_V_AVXVNNI ? lk_mm_q8_avxvnni.q8_0_r16 : lk_mm_q8_avx2.q8_0_r16;
+        else if (q8_active == Q8_V_AVX512VNNI) rows = lk_mm_q8_avx512vnni.q8_0;
+        else if (q8_active == Q8_V_AVXVNNI) rows = lk_mm_q8_avxvnni.q8_0;
+        else rows = lk_mm_q8_avx2.q8_0;
+    } else
+#endif
+        rows = fmt == FMT_F32 ? lk_mm_generic.f32 : fmt == FMT_F16 ? lk_mm_generic.f16
+             : fmt == FMT_Q8_0_R16 ? lk_mm_generic.q8_0_r16 : lk_mm_generic.q8_0;
+    (void)avx2;
+    (void)M;
+    return rows;
+}
+
 /* y_i = x @ W_i^T for n matrices of one format and one K, as one parallel job: x is
    quantized once and the threads take row chunks of all n in turn, so decode pays one
    wake-up and one activation quantization for q/k/v (or gate/up) instead of three. */
@@ -186,24 +210,7 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
         xq = q.xq;
         xd = q.xd;
     }
-    lk_mm_rows_fn rows;
-#if LK_X86
-    if (avx2) {
-        const int few512 = M >= 2 && M <= FEW_ROWS && q8_active == Q8_V_AVX512VNNI;
-        const int pf512 = M > FEW_ROWS && q8_active == Q8_V_AVX512VNNI && lk_f_pf512;
-        if (fmt == FMT_F32) rows = few512 ? lk_mm_f_few512.f32 : pf512 ? lk_mm_f_pf512.f32 : lk_mm_f_avx2.f32;
-        else if (fmt == FMT_F16) rows = few512 ? lk_mm_f_few512.f16 : pf512 ? lk_mm_f_pf512.f16 : lk_mm_f_avx2.f16;
-        else if (fmt == FMT_Q8_0_R16)
-            rows = q8_active == Q8_V_AVX512VNNI ? lk_mm_q8_avx512vnni.q8_0_r16
-                 : q8_active == Q8_V_AVXVNNI ? lk_mm_q8_avxvnni.q8_0_r16 : lk_mm_q8_avx2.q8_0_r16;
-        else if (q8_active == Q8_V_AVX512VNNI) rows = lk_mm_q8_avx512vnni.q8_0;
-        else if (q8_active == Q8_V_AVXVNNI) rows = lk_mm_q8_avxvnni.q8_0;
-        else rows = lk_mm_q8_avx2.q8_0;
-    } else
-#endif
-        rows = fmt == FMT_F32 ? lk_mm_generic.f32 : fmt == FMT_F16 ? lk_mm_generic.f16
-             : fmt == FMT_Q8_0_R16 ? lk_mm_generic.q8_0_r16 : lk_mm_generic.q8_0;
-    (void)avx2;
+    lk_mm_rows_fn rows = pick_rows(fmt, M, avx2);
     const int nth = lk_threads_locked();
     matmul_job jobs[LK_MATMUL_MULTI_MAX];
     multi_job mj = {jobs, 0, {0}};
@@ -265,4 +272,99 @@ void lk_matmul_q8_0(const float *x, int64_t M, int64_t K, const void *w, int64_t
 void lk_matmul_q8_0_r16(const float *x, int64_t M, int64_t K, const void *w, int64_t ldw,
                         int64_t N, float *y) {
     run_matmul(FMT_Q8_0_R16, x, M, K, w, ldw, N, y);
+}
+
+/* ---- grouped: each matrix its own rows of x (mixture-of-experts dispatch) ------------- */
+
+typedef struct {
+    matmul_job *jobs;
+    int64_t n;
+    int64_t *first; /* [n + 1]: first task of each job */
+} grouped_job;
+
+static void grouped_task(void *vctx, int64_t c, int ith) {
+    grouped_job *g = (grouped_job *)vctx;
+    int64_t lo = 0, hi = g->n - 1; /* the job whose tasks hold c */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (g->first[mid] <= c) lo = mid;
+        else hi = mid - 1;
+    }
+    matmul_task(&g->jobs[lo], c - g->first[lo], ith);
+}
+
+static matmul_job *g_jobs;
+static int64_t *g_first;
+static int64_t g_cap;
+
+int lk_matmul_grouped(int fmt, const float *x, int64_t K, int64_t n, const int64_t *row0,
+                      const int64_t *M, const void *const *w, const int64_t *ldw,
+                      const int64_t *N, float *const *y) {
+    if (fmt < LK_FMT_F32 || fmt > LK_FMT_Q8_0_R16 || n < 0 || K <= 0) return -1;
+    const int q8 = fmt == LK_FMT_Q8_0 || fmt == LK_FMT_Q8_0_R16;
+    if (q8 && K % LK_QK8_0) return -1;
+    int64_t rows_x = 0; /* x rows read: quantized once for every matrix */
+    for (int64_t i = 0; i < n; i++) {
+        if (row0[i] < 0 || M[i] < 0) return -1;
+        if (fmt == LK_FMT_Q8_0_R16 &&
+            (N[i] % LK_R16_ROWS || ldw[i] != K / LK_QK8_0 * (int64_t)sizeof(lk_block_q8_0)))
+            return -1;
+        if (M[i] > 0 && row0[i] + M[i] > rows_x) rows_x = row0[i] + M[i];
+    }
+    if (n == 0 || rows_x == 0) return 0;
+    lk_init();
+    lk_lock();
+    if (n > g_cap) {
+        matmul_job *j = (matmul_job *)realloc(g_jobs, (size_t)n * sizeof *j);
+        if (j) g_jobs = j;
+        int64_t *f = (int64_t *)realloc(g_first, (size_t)(n + 1) * sizeof *f);
+        if (f) g_first = f;
+        if (!j || !f) {
+            lk_unlock();
+            return -2;
+        }
+        g_cap = n;
+    }
+    const int avx2 = LK_X86 && lk_active_isa == LK_ISA_AVX2;
+    const int16_t *xq = NULL;
+    const float *xd = NULL;
+    q8_detect();
+    const int64_t nb = K / LK_QK8_0;
+    if (q8) {
+        uint8_t *buf = (uint8_t *)lk_shared_scratch((size_t)(rows_x * K) * 2 +
+                                                   (size_t)(rows_x * nb) * 4);
+        if (!buf) {
+            lk_unlock();
+            return -2;
+        }
+        quant_job q = {x, rows_x, K, (int16_t *)buf, (float *)(buf + (size_t)(rows_x * K) * 2)};
+        if (rows_x == 1) quant_task(&q, 0, 0);
+        else lk_parallel(quant_task, &q, rows_x);
+        xq = q.xq;
+        xd = q.xd;
+    }
+    const int nth = lk_threads_locked();
+    grouped_job g = {g_jobs, 0, g_first};
+    g.first[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (N[i] <= 0 || M[i] <= 0) continue;
+        matmul_job *j = &g.jobs[g.n];
+        j->x = x + row0[i] * K;
+        j->M = M[i];
+        j->K = K;
+        j->w = (const uint8_t *)w[i];
+        j->ldw = ldw[i];
+        j->N = N[i];
+        j->y = y[i];
+        j->xq = q8 ? xq + row0[i] * K : NULL;
+        j->xd = q8 ? xd + row0[i] * nb : NULL;
+        j->rows = pick_rows(fmt, M[i], avx2);
+        j->chunk = chunk_rows(fmt, M[i], N[i], ldw[i], nth);
+        j->nchunks = (N[i] + j->chunk - 1) / j->chunk;
+        g.first[g.n + 1] = g.first[g.n] + j->nchunks;
+        g.n++;
+    }
+    if (g.n) lk_parallel(grouped_task, &g, g.first[g.n]);
+    lk_unlock();
+    return 0;
 }

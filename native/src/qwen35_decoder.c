@@ -68,8 +68,11 @@ static int shapes_ok(const lk_qwen35 *m, int dense) {
         return 0;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_qwen35_layer *L = &m->layers[i];
-        if (!L->attn_norm || !L->mlp_norm || !lk_step_linear_ok(&L->gate, d.f, d.h) ||
-            !lk_step_linear_ok(&L->up, d.f, d.h) || !lk_step_linear_ok(&L->down, d.h, d.f))
+        if (!L->attn_norm || !L->mlp_norm)
+            return 0;
+        if (L->moe ? !lk_moe_ok(L->moe) || L->moe->hidden != d.h || L->down_in.block
+                   : !lk_step_linear_ok(&L->gate, d.f, d.h) ||
+                         !lk_step_linear_ok(&L->up, d.f, d.h) || !lk_step_linear_ok(&L->down, d.h, d.f))
             return 0;
         if (L->kind == LK_QWEN35_LINEAR) {
             if (!lk_step_linear_ok(&L->in_qkv, d.conv, d.h) || !lk_step_linear_ok(&L->in_z, d.value, d.h) ||
@@ -191,6 +194,12 @@ static int run_layers(const lk_qwen35 *m, const q35_target *t, int64_t B, const 
         if (rc) return rc;
         lk_add(x, tmp, B * d.h, x);
         lk_rms_norm(x, B, d.h, L->mlp_norm, m->eps, 1.0f, xn);
+        if (L->moe) { /* the MoE MLP (moe.c): every selected expert read once for all B rows */
+            const int moe_rc = lk_moe_forward(L->moe, xn, B, tmp);
+            if (moe_rc) return moe_rc == -4 ? -4 : -5;
+            lk_add(x, tmp, B * d.h, x);
+            continue;
+        }
         const lk_linear *gu[2] = {&L->gate, &L->up};
         float *gu_out[2] = {gate, up};
         if (lk_step_linears(gu, gu_out, 2, xn, B)) return -5;

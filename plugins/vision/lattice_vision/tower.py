@@ -133,7 +133,7 @@ class Merger:
         else:
             x = ops.layer_norm(x, self.norm_w, self.norm_b, 1e-6).reshape(n // self.unit,
                                                                          d * self.unit)
-        return self.fc2(ops.gelu(self.fc1(x, ops), False), ops)
+        return self.fc2(ops.gelu(self.fc1(x, ops), tanh=False), ops)
 
 
 @dataclass
@@ -247,7 +247,7 @@ class VisionTower:
                 for f in range(0, x.shape[0], frame)], axis=1)
             x = x + blk.proj(out.reshape(x.shape[0], c.hidden_size), ops)
             h = blk.fc1(ops.layer_norm(x, *blk.norm2, 1e-6), ops)
-            x = x + blk.fc2(ops.gelu(h, tanh_approx), ops)
+            x = x + blk.fc2(ops.gelu(h, tanh=tanh_approx), ops)
             if i in c.deepstack_visual_indexes:
                 features.append(self.deepstack[c.deepstack_visual_indexes.index(i)](x, ops))
             yield

@@ -1,0 +1,74 @@
+"""Tensors read from their file a slice of rows at a time, for conversion at load.
+
+A checkpoint hands every tensor out through a zero-argument loader (`Checkpoint.tensors`).
+The readers wrap the loader of each 2-D float or block tensor in a `StoredTensor`, which is
+called like any loader (the whole tensor, as before) and can also give its rows as float32
+slices (`rows()`), each read with `pread` into a buffer of its own and decoded there. The
+`WeightLoader` converts a matrix whose stored type is not the format it keeps it in
+(bf16 -> q8_0, f32 -> q4_asym, Q8_0 -> f16, ...) through these slices, so no whole-tensor
+float32 copy is ever made, and since the bytes are read rather than memory-mapped, the
+file's pages never count toward the process's resident memory: peak RSS stays near the
+size of the packed weights plus one slice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import hugepages
+
+# decode(bytes uint8 [n, row_bytes]) -> float32 [n, cols]
+Decode = Callable[[np.ndarray], np.ndarray]
+
+
+class StoredTensor:
+    """A checkpoint loader that can also read its rows slice by slice.
+
+    Attributes:
+        stored: the weight-format name its bytes are in when they can be used as they are
+            ("f32", "f16", "q8_0", a plugin's block format), or a name no format has
+            ("bf16", a GGUF type such as "q4_k") when they always need decoding.
+        shape: the logical [rows, cols] float shape.
+    """
+
+    def __init__(self, load: Callable[[], Any], path: str | Path, offset: int,
+                 shape: tuple[int, int], row_bytes: int, decode: Decode, stored: str):
+        self._load = load
+        self.path = Path(path)
+        self.offset = int(offset)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.row_bytes = int(row_bytes)
+        self.decode = decode
+        self.stored = stored
+
+    def __call__(self) -> Any:
+        return self._load()
+
+    def rows(self) -> "FileRows":
+        return FileRows(self)
+
+
+class FileRows:
+    """float32 row slices of a `StoredTensor`: `rows[a:b]` reads rows a..b-1 from the file.
+    Has the `shape` and row slicing `quant.formats.pack` needs."""
+
+    def __init__(self, tensor: StoredTensor):
+        self.tensor = tensor
+        self.shape = tensor.shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("FileRows takes a contiguous row slice, e.g. rows[a:b]")
+        start, stop, _ = rows.indices(self.shape[0])
+        t = self.tensor
+        n = max(stop - start, 0)
+        raw = read_bytes(t.path, t.offset + start * t.row_bytes, n * t.row_bytes)
+        return t.decode(raw.reshape(n, t.row_bytes))
+
+
+def read_bytes(path: Path, offset: int, nbytes: int) -> np.ndarray:
+    """`nbytes` bytes of `path` from `offset`, read (not mapped) into a new uint8 array."""
+    return hugepages.read_into(path, offset, np.empty(nbytes, np.uint8))

@@ -1,0 +1,153 @@
+"""BERT-family encoders (`model_type: bert`: all-MiniLM-L6-v2, BGE, E5 and the other
+sentence-transformers checkpoints of that family): post-norm blocks of bidirectional
+multi-head attention and a GELU MLP over word + absolute position + token type embeddings.
+
+An encoder has no lm_head and no cache: it is not a `CausalLM`. It provides
+`encode(tokens, mask)`, the final hidden states of a right-padded batch, which
+`lattice_engine.embedding` pools into sentence embeddings (`contract.Encoder`). The matmuls
+go through the op set (the C kernels on the native backend); attention is one batched
+BLAS matmul per batch with the padded keys masked out, so a padded row gets the same
+numbers as the sequence alone (up to summation order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import CheckpointError
+from .base import Linear, WeightLoader, check_tokens, config_from_dict, project
+
+GELU_KINDS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+@dataclass
+class BertConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    position_embedding_type: str = "absolute"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise CheckpointError(f"hidden_size={self.hidden_size} is not a multiple of "
+                                  f"num_attention_heads={self.num_attention_heads}; the "
+                                  f"config is invalid")
+        if self.hidden_act not in GELU_KINDS:
+            raise CheckpointError(f"hidden_act={self.hidden_act!r} is not supported for bert; "
+                                  f"supported: {', '.join(GELU_KINDS)}")
+        if self.position_embedding_type != "absolute":
+            raise CheckpointError(f"position_embedding_type={self.position_embedding_type!r} "
+                                  f"is not supported; supported: absolute")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class EncoderLayer:
+    def __init__(self, cfg: BertConfig, w: WeightLoader, prefix: str):
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.nh, self.d = cfg.num_attention_heads, cfg.head_dim
+        self.eps = cfg.layer_norm_eps
+        self.tanh = cfg.hidden_act != "gelu"
+
+        def linear(name: str, rows: int, cols: int) -> Linear:
+            return Linear(w.matrix(f"{prefix}.{name}.weight", (rows, cols), "linear"),
+                          w.vector(f"{prefix}.{name}.bias", (rows,)))
+
+        def norm(name: str) -> tuple[np.ndarray, np.ndarray]:
+            return (w.vector(f"{prefix}.{name}.weight", (h,)),
+                    w.vector(f"{prefix}.{name}.bias", (h,)))
+
+        self.query = linear("attention.self.query", h, h)
+        self.key = linear("attention.self.key", h, h)
+        self.value = linear("attention.self.value", h, h)
+        self.attn_out = linear("attention.output.dense", h, h)
+        self.attn_norm = norm("attention.output.LayerNorm")
+        self.intermediate = linear("intermediate.dense", f, h)
+        self.output = linear("output.dense", h, f)
+        self.out_norm = norm("output.LayerNorm")
+
+    def __call__(self, x: np.ndarray, bias: np.ndarray, ops) -> np.ndarray:
+        """x [B, T, H]; bias [B, 1, 1, T]: 0 for a real key, -inf for padding."""
+        b, t, h = x.shape
+        q, k, v = project(x, (self.query, self.key, self.value), ops)
+        q = q.reshape(b, t, self.nh, self.d).transpose(0, 2, 1, 3)          # B nh T d
+        k = k.reshape(b, t, self.nh, self.d).transpose(0, 2, 3, 1)          # B nh d T
+        v = v.reshape(b, t, self.nh, self.d).transpose(0, 2, 1, 3)          # B nh T d
+        scores = np.matmul(q, k) * np.float32(1.0 / np.sqrt(self.d)) + bias
+        ctx = np.matmul(ops.softmax(scores, axis=-1), v)                   # B nh T d
+        ctx = np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(b, t, h)
+        x = ops.layer_norm(self.attn_out(ctx, ops) + x, *self.attn_norm, self.eps)
+        inner = ops.gelu(self.intermediate(x, ops), self.tanh)
+        return ops.layer_norm(self.output(inner, ops) + x, *self.out_norm, self.eps)
+
+
+class Model:
+    """A BERT encoder: `encode(tokens, mask)` -> final hidden states [B, T, H]."""
+
+    config_class = BertConfig
+
+    def __init__(self, cfg: BertConfig, w: WeightLoader, ops, prefix: str = ""):
+        self.config = cfg
+        self.ops = ops
+        h = cfg.hidden_size
+        e = f"{prefix}embeddings"
+        self.word_embeddings = w.matrix(f"{e}.word_embeddings.weight", (cfg.vocab_size, h),
+                                        "embedding")
+        self.position_embeddings = w.vector(f"{e}.position_embeddings.weight",
+                                            (cfg.max_position_embeddings, h))
+        self.token_type_embeddings = w.vector(f"{e}.token_type_embeddings.weight",
+                                              (cfg.type_vocab_size, h))
+        self.embed_norm = (w.vector(f"{e}.LayerNorm.weight", (h,)),
+                           w.vector(f"{e}.LayerNorm.bias", (h,)))
+        self.layers = [EncoderLayer(cfg, w, f"{prefix}encoder.layer.{i}")
+                       for i in range(cfg.num_hidden_layers)]
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":
+        cfg = config_from_dict(cls.config_class, dict(checkpoint.config))
+        # BertModel saves its tensors bare; BertFor* (and some exports) under "bert."
+        prefix = "bert." if "bert.embeddings.word_embeddings.weight" in checkpoint.tensors \
+            else ""
+        return cls(cfg, loader, ops, prefix)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def max_tokens(self) -> int:
+        return self.config.max_position_embeddings
+
+    def encode(self, tokens: Any, mask: Any) -> np.ndarray:
+        """Final hidden states float32 [B, T, H] of tokens [B, T], right-padded: mask [B, T]
+        is 1 for a real token and 0 for padding (whose keys are masked out; the hidden
+        states of padding positions are computed but mean nothing)."""
+        ops = self.ops
+        tokens = check_tokens(tokens, self.config.vocab_size)
+        mask = np.asarray(mask)
+        b, t = tokens.shape
+        if mask.shape != (b, t):
+            raise ValueError(f"mask has shape {mask.shape}, expected {(b, t)} like tokens")
+        if t > self.config.max_position_embeddings:
+            raise ValueError(f"{t} tokens exceed the model's {self.config.max_position_embeddings}"
+                             f" positions (max_position_embeddings)")
+        x = ops.embed(self.word_embeddings, tokens)
+        x += self.position_embeddings[:t] + self.token_type_embeddings[0]
+        x = ops.layer_norm(x, *self.embed_norm, self.config.layer_norm_eps)
+        bias = np.where(mask.astype(bool), np.float32(0.0),
+                        np.float32(-np.inf)).astype(np.float32)[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, bias, ops)
+        return x
