@@ -218,8 +218,9 @@ class VisionTower:
                 return done.value
 
     def forward_steps(self, pixels: np.ndarray, grid: tuple[int, int, int]):
-        """`forward` as a generator that yields after the patch embedding and after each
-        block (a scheduler runs one unit per batch step); its return value is forward's."""
+        """`forward` as a generator in 1 + depth units (the patch embedding, then one block
+        each, the merger with the last): it yields between units, so a scheduler runs one
+        per batch step; its return value is forward's."""
         c, ops = self.config, self.ops
         t, gh, gw = grid
         if pixels.shape != (t * gh * gw, c.patch_dim):
@@ -250,5 +251,6 @@ class VisionTower:
             x = x + blk.fc2(ops.gelu(h, tanh=tanh_approx), ops)
             if i in c.deepstack_visual_indexes:
                 features.append(self.deepstack[c.deepstack_visual_indexes.index(i)](x, ops))
-            yield
+            if i + 1 < len(self.blocks):  # the merger shares the last block's unit
+                yield
         return self.merger(x, ops), features

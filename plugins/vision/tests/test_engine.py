@@ -131,3 +131,28 @@ def test_cli_generate_with_an_image(folder, tmp_path, capsys):
     assert main(["generate", "hi", "--model", str(folder), "--image",
                  str(tmp_path / "missing.png")]) != 0
     assert "cannot read it" in capsys.readouterr().err
+
+
+def test_an_image_is_encoded_one_block_per_step_while_others_decode(folder):
+    engine = Engine.load(str(folder))
+    engine.start_batching(BatchingOptions(kv_cache_tokens=2048, block_size=8))
+    text = engine.add_request(messages=[{"role": "user", "content": "hello there"}],
+                              max_tokens=40, temperature=0.0)
+    while not engine.runner.scheduler.running or \
+            engine.runner.scheduler.running[0].prefilling:
+        engine.step()
+    image = engine.add_request(messages=image_message(png()), max_tokens=3, temperature=0.0)
+    depth = engine.encoder.vision_config.depth
+    stream = engine.runner.scheduler.running[0]
+    steps_encoding = 0
+    while engine.runner.encoding:
+        generated = stream.num_generated
+        engine.step()
+        steps_encoding += 1
+        # the decoding stream got its token in every step the image was being encoded
+        assert stream.num_generated == generated + 1
+    assert steps_encoding == depth + 1  # the patch embedding, then one step per block
+    finished = set()
+    while engine.has_unfinished():
+        finished |= {o.request_id for o in engine.step() if o.finished}
+    assert image in finished
