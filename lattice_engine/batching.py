@@ -162,7 +162,7 @@ class BatchRunner:
         """Queue a request; returns its id. Raises RequestError for an empty or too long
         prompt or bad sampling options, before anything is queued. `images`: the
         `multimodal.MultimodalPrompt` behind prompt_ids, encoded by `encoder` (a
-        `LoadedEncoder`) as the steps go."""
+        `LoadedInputEncoder`) as the steps go."""
         seq = self.make_sequence(prompt_ids, params, request_id=request_id,
                                  logits_mask=logits_mask, images=images, encoder=encoder)
         self.enqueue(seq)

@@ -24,7 +24,8 @@ What is checked at registration (an object's behaviour is the plugin's own tests
   that is not one of the `SamplingParams` fields the engine itself reads (`seed`, `stop`,
   ...): a processor named `seed` would be fed every request's seed.
 - encoders: an object with a non-empty `modality` string and callable `supports` and
-  `load` (`Encoder`); what `load` returns is checked when it is loaded (`LoadedEncoder`).
+  `load` (`InputEncoder`); what `load` returns is checked when it is loaded
+  (`LoadedInputEncoder`).
 """
 
 from __future__ import annotations
@@ -115,11 +116,12 @@ class Architecture(Protocol):
     def from_checkpoint(cls, checkpoint: Any, loader: Any, ops: Any) -> CausalLM: ...
 
 
-# --- what an encoder is ----------------------------------------------------------------------
+# --- what an input (image) encoder is ----------------------------------------------------------------------
 
 @runtime_checkable
-class LoadedEncoder(Protocol):
-    """An encoder bound to one checkpoint's weights (what `Encoder.load` returns).
+class LoadedInputEncoder(Protocol):
+    """An input encoder bound to one checkpoint's weights (what `InputEncoder.load`
+    returns).
 
     `placeholder_id`: the token id a chat template writes once per input (`<|image_pad|>`);
     the engine repeats it `prepare(...).num_tokens` times. `prepare(data: bytes)` decodes
@@ -137,7 +139,7 @@ class LoadedEncoder(Protocol):
     def encode(self, prepared: Any) -> Any: ...
 
 
-class Encoder(Protocol):
+class InputEncoder(Protocol):
     """Registered by `register_encoders`: knows which checkpoints it can run and loads
     its weights. `load(checkpoint, limits)` gets a `lattice_engine.io.checkpoint.Checkpoint`
     and a `lattice_engine.multimodal.InputLimits`."""
@@ -147,7 +149,7 @@ class Encoder(Protocol):
 
     def supports(self, config: Mapping[str, Any]) -> bool: ...
 
-    def load(self, checkpoint: Any, limits: Any) -> LoadedEncoder: ...
+    def load(self, checkpoint: Any, limits: Any) -> LoadedInputEncoder: ...
 
 
 SamplerFactory = Callable[[np.random.Generator], Callable[[np.ndarray], int]]
@@ -284,18 +286,18 @@ def check_encoder(owner: str, name: str, value: Any) -> None:
     lacking = missing_members(value, ("supports", "load"))
     if lacking:
         raise _fail(owner, "encoder", name,
-                    f"lacks {', '.join(lacking)} (see lattice_engine.contract.Encoder)")
+                    f"lacks {', '.join(lacking)} (see lattice_engine.contract.InputEncoder)")
 
 
 def check_loaded_encoder(owner: str, value: Any) -> None:
-    """Refuse what an encoder's `load` returned unless it is a `LoadedEncoder`."""
+    """Refuse what an encoder's `load` returned unless it is a `LoadedInputEncoder`."""
     lacking = missing_members(value, ("prepare", "encode"))
     pid = getattr(value, "placeholder_id", None)
     if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
         lacking.append(f"placeholder_id (an int token id, got {pid!r})")
     if lacking:
         raise PluginError(f"encoder {owner!r} loaded a {type(value).__name__} that lacks "
-                          f"{', '.join(lacking)} (see lattice_engine.contract.LoadedEncoder)")
+                          f"{', '.join(lacking)} (see lattice_engine.contract.LoadedInputEncoder)")
 
 
 def check_registration(kind: str, owner: str, name: str, value: Any, registry) -> None:

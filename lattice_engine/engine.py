@@ -68,7 +68,7 @@ class Engine:
     # ---- images (an encoder plugin, `register_encoders`) ---------------------------------
     @property
     def encoder(self):
-        """The `LoadedEncoder` of the first registered image encoder that supports this
+        """The `LoadedInputEncoder` of the first registered image encoder that supports this
         checkpoint, loaded on first use. RequestError when none does."""
         with self._encoder_lock:
             return self._load_encoder()

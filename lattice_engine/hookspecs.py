@@ -127,12 +127,12 @@ def register_encoders(register: Callable[[object], None]) -> None:
 
     Args:
         register: call `register(encoder)` with an object providing
-            `lattice_engine.contract.Encoder`: `name`, `modality` ("image"),
+            `lattice_engine.contract.InputEncoder`: `name`, `modality` ("image"),
             `supports(config) -> bool` (whether it can run the vision tower of a checkpoint
-            with this HF config) and `load(checkpoint, limits) -> LoadedEncoder`. The engine
+            with this HF config) and `load(checkpoint, limits) -> LoadedInputEncoder`. The engine
             asks each registered encoder of a modality in registry order and loads the first
             that supports the model, once, on the first request with such an input. The
-            `LoadedEncoder` prepares raw bytes (`prepare`: decode, check limits, preprocess;
+            `LoadedInputEncoder` prepares raw bytes (`prepare`: decode, check limits, preprocess;
             cheap, run when the request arrives, errors are `RequestError`s) and encodes a
             prepared input (`encode`: the heavy part, run by the scheduler) into a
             `lattice_engine.multimodal.EncodedInput`.

@@ -66,7 +66,7 @@ class NotAModel:
      r"encoder 'eye', which has modality = None; it must be a non-empty string"),
     ("encoders", lambda r: r("eye", type("Eye", (), {"modality": "image",
                                                      "supports": lambda self, c: True})()),
-     r"encoder 'eye', which lacks load \(see lattice_engine.contract.Encoder\)"),
+     r"encoder 'eye', which lacks load \(see lattice_engine.contract.InputEncoder\)"),
 ])
 def test_an_incomplete_registration_fails_naming_the_plugin_and_member(kind, register_call,
                                                                         expected):

@@ -1,5 +1,5 @@
 """The image encoder of Qwen3.5 and Qwen3-VL checkpoints, as the engine's contract wants it
-(`lattice_engine.contract.Encoder` / `LoadedEncoder`)."""
+(`lattice_engine.contract.InputEncoder` / `LoadedInputEncoder`)."""
 
 from __future__ import annotations
 
