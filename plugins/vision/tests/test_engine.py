@@ -1,7 +1,6 @@
 """Images through the engine: Engine.chat, continuous batching (image and text requests
 in one batch, text outputs unchanged), the encoded-image / prefix cache, bad inputs."""
 
-import numpy as np
 import pytest
 
 from lattice_engine.engine import Engine
@@ -136,8 +135,8 @@ def test_cli_generate_with_an_image(folder, tmp_path, capsys):
 def test_an_image_is_encoded_one_block_per_step_while_others_decode(folder):
     engine = Engine.load(str(folder))
     engine.start_batching(BatchingOptions(kv_cache_tokens=2048, block_size=8))
-    text = engine.add_request(messages=[{"role": "user", "content": "hello there"}],
-                              max_tokens=40, temperature=0.0)
+    engine.add_request(messages=[{"role": "user", "content": "hello there"}], max_tokens=40,
+                       temperature=0.0)
     while not engine.runner.scheduler.running or \
             engine.runner.scheduler.running[0].prefilling:
         engine.step()
@@ -156,3 +155,27 @@ def test_an_image_is_encoded_one_block_per_step_while_others_decode(folder):
     while engine.has_unfinished():
         finished |= {o.request_id for o in engine.step() if o.finished}
     assert image in finished
+
+
+def test_file_urls_only_below_the_allowed_folder(folder, tmp_path):
+    from lattice_engine.config import InputsSection
+    from lattice_engine.loading import load
+    allowed = tmp_path / "images"
+    allowed.mkdir()
+    (allowed / "a.png").write_bytes(png())
+    engine = Engine(load(str(folder)), inputs=InputsSection(local_folder=str(allowed)))
+
+    def ask(url):
+        return engine.chat([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "what is it?"}]}], max_tokens=4, temperature=0.0)
+
+    via_file = ask((allowed / "a.png").as_uri())
+    assert via_file.tokens == engine.chat(image_message(png(), "what is it?"), max_tokens=4,
+                                          temperature=0.0).tokens
+    (tmp_path / "secret.png").write_bytes(png())
+    with pytest.raises(RequestError, match="outside the allowed folder"):
+        ask((allowed / ".." / "secret.png").as_uri())
+    with pytest.raises(RequestError, match="max_pixels"):
+        Engine(load(str(folder)), inputs=InputsSection(max_pixels=100)).chat(
+            image_message(png()), max_tokens=2)
