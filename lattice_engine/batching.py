@@ -83,6 +83,12 @@ class RequestOutput:
     # ("invalid_request_error" for the request's own options, "server_error" for a bug)
     error: Optional[str] = None
     error_type: Optional[str] = None
+    # SamplingParams.logprobs: per token in token_ids, its most likely alternatives as
+    # (token id, logprob), most likely first (empty lists when not asked for)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # SamplingParams.prompt_logprobs: once, in the first output after the prompt is
+    # computed: per prompt token (logprob, alternatives), None for the first token
+    prompt_logprobs: Optional[list] = None
 
     @property
     def finished(self) -> bool:
@@ -128,7 +134,23 @@ class _Output:
     text: TextStream
     new_tokens: list[int] = field(default_factory=list)
     new_logprobs: list[float] = field(default_factory=list)
+    new_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    # prompt_logprobs: an entry per prompt token, filled as the prompt's rows are computed;
+    # handed out once, then None
+    prompt: Optional[list] = None
+    prompt_left: int = 0
 
+
+def logprobs_of(row: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log softmax(row)[token] and the `top` most likely tokens with theirs (most likely
+    first; tokens at -inf, masked out, are left off)."""
+    logprob = token_logprob(row, token)
+    if not top:
+        return logprob, []
+    lse = float(row[token]) - logprob
+    best = np.argpartition(-row, top - 1)[:top] if top < row.size else np.arange(row.size)
+    best = best[np.argsort(-row[best], kind="stable")]
+    return logprob, [(int(t), float(row[t]) - lse) for t in best if np.isfinite(row[t])]
 
 class BatchRunner:
     def __init__(self, model, tokenizer, registry=None,
@@ -171,10 +193,15 @@ class BatchRunner:
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
                       logits_mask: Optional[LogitsMask] = None,
-                      ignore_eos: bool = False, images=None, encoder=None) -> Sequence:
+                      ignore_eos: bool = False,
+                      prefix_leader: Optional[Sequence] = None, images=None,
+                      encoder=None) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
-        model's end-of-sequence tokens (benchmarks want fixed lengths)."""
+        model's end-of-sequence tokens (benchmarks want fixed lengths). prefix_leader: a
+        sequence with the same prompt queued before this one (the copies of an n > 1
+        request): this one is admitted once the leader computed the prompt's full blocks,
+        and takes them from the prefix cache."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -191,7 +218,7 @@ class BatchRunner:
                                f"{self.cache.block_size}); shorten it or enlarge the cache")
         request_id = request_id or f"req-{next(self._ids)}"
         seq = Sequence(request_id, prompt_ids, params, make_sampler(params, self.registry),
-                       logits_mask)
+                       logits_mask, prefix_leader=prefix_leader)
         if self.tokenizer is None and params.stop:
             raise RequestError("stop strings need a tokenizer, and this model has none; "
                                "use stop_token_ids")
@@ -200,6 +227,9 @@ class BatchRunner:
         eos = () if ignore_eos or self.tokenizer is None else self.tokenizer.eos_token_ids
         seq.detail["out"] = _Output(TextStream(self.tokenizer, params.stop,
                                                set(params.stop_token_ids) | set(eos)))
+        if params.prompt_logprobs is not None:
+            seq.detail["out"].prompt = [None] * len(prompt_ids)
+            seq.detail["out"].prompt_left = len(prompt_ids) - 1
         if images is not None:
             if list(images.tokens) != prompt_ids or encoder is None:
                 raise ValueError("images must be the MultimodalPrompt of prompt_ids, with "
@@ -308,26 +338,36 @@ class BatchRunner:
             images.encode(i, self.encoded.encode(seq.detail["encoder"], images.inputs[i]))
         return images.inputs_for(start, start + count)
 
-    def _forward(self, items) -> dict[int, np.ndarray]:
-        """Logits rows by item index. Items whose rows take image embeddings run in a
-        forward of their own, so text sequences always take the model's usual path (the
-        fused C step) and keep their bits whatever else is in the step."""
+    def _forward(self, items) -> tuple[dict, list]:
+        """(sampling logits row by item index, per item None or (first prompt position,
+        the logits rows that score its prompt tokens)). Items whose rows take image
+        embeddings run in a forward of their own, so text sequences always take the
+        model's usual path (the fused C step) and keep their bits whatever else is in the
+        step."""
         inputs = [self._inputs(it.sequence, it.start, it.count) for it in items]
         groups = [[i for i, inp in enumerate(inputs) if inp is None or not inp.replaces],
                   [i for i, inp in enumerate(inputs) if inp is not None and inp.replaces]]
-        rows: dict[int, np.ndarray] = {}
+        logits: dict[int, np.ndarray] = {}
+        scored: list = [None] * len(items)
         for group in groups:
             if not group:
                 continue
+            sub = [items[i] for i in group]
             batch = PagedBatch.build(self.cache, [
-                (items[i].sequence.blocks,
-                 items[i].sequence.token_ids[items[i].start:items[i].start + items[i].count],
-                 items[i].start, items[i].sample) for i in group],
-                [inputs[i] for i in group])
-            logits = self.model.forward_paged(batch, self.cache)
-            sampled = [i for i in group if items[i].sample]
-            rows.update(zip(sampled, logits))
-        return rows
+                (it.sequence.blocks, it.sequence.token_ids[it.start:it.start + it.count],
+                 it.start, it.sample) for it in sub], [inputs[i] for i in group])
+            spans = self._prompt_rows(sub, batch)
+            out = self.model.forward_paged(batch, self.cache)
+            row = 0
+            for j, i in enumerate(group):
+                if spans is not None and spans[j] is not None:
+                    first, count = spans[j]
+                    scored[i] = (first, out[row:row + count])
+                    row += count
+                if items[i].sample:
+                    logits[i] = out[row]
+                    row += 1
+        return logits, scored
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -344,16 +384,19 @@ class BatchRunner:
         if not plan.items:
             return outputs
         self.stats.steps += 1
-        logits = self._forward(plan.items)
+        logits, scored = self._forward(plan.items)
         self.scheduler.complete(plan.items)
         now = time.perf_counter()
-        for index, it in enumerate(plan.items):
+        for i, it in enumerate(plan.items):
             seq = it.sequence
             self.stats.tokens_computed += it.count
+            if scored[i] is not None:
+                first, rows = scored[i]
+                self._score_prompt(seq, rows, first)
             if not it.sample:
                 continue
             try:
-                out = self._sample(seq, logits[index], now)
+                out = self._sample(seq, logits[i], now)
             except Exception as exc:  # this request's failure (its sampling options, its
                 out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
             if out is not None:
@@ -364,14 +407,55 @@ class BatchRunner:
                           time.perf_counter() - started)
         return outputs
 
+    def _prompt_rows(self, items, batch: PagedBatch) -> Optional[list]:
+        """For requests with prompt_logprobs: the rows of this step that predict prompt
+        tokens are added to batch.logit_rows (before the item's sampling row); returns per
+        item (first position, rows) or None, or None when no request asks."""
+        if all(it.sequence.detail["out"].prompt is None for it in items):
+            return None
+        rows: list[int] = []
+        spans: list = []
+        for i, it in enumerate(items):
+            st: _Output = it.sequence.detail["out"]
+            span = None
+            if st.prompt is not None:
+                # position p predicts the token at p + 1; the last prompt position predicts
+                # the first generated token (the sampling row)
+                end = min(it.start + it.count, len(it.sequence.prompt_ids) - 1)
+                if end > it.start:
+                    first_row = int(batch.q_start[i])
+                    rows.extend(range(first_row, first_row + end - it.start))
+                    span = (it.start, end - it.start)
+            spans.append(span)
+            if it.sample:
+                rows.append(int(batch.q_start[i + 1]) - 1)
+        batch.logit_rows = np.asarray(rows, np.int64)
+        return spans
+
+    def _score_prompt(self, seq: Sequence, logits: np.ndarray, first: int) -> None:
+        st: _Output = seq.detail["out"]
+        top = seq.params.prompt_logprobs or 0
+        for j in range(logits.shape[0]):
+            pos = first + j + 1  # the prompt token this row predicts
+            if st.prompt[pos] is None:  # (a preempted request computes its prompt again)
+                st.prompt[pos] = logprobs_of(logits[j], seq.prompt_ids[pos], top)
+                st.prompt_left -= 1
+
     def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:
+        if seq.params.max_tokens == 0:  # nothing to generate (prompt logprobs only)
+            return self._finish(seq, "length")
         model_row = row
         if seq.logits_mask is not None:
             row = row.copy()  # the logprob reported is the model's, not the masked one's
             masked = seq.logits_mask.apply(row)
             row = row if masked is None else masked
-        token = seq.sampler(seq.token_ids, row)
-        logprob = token_logprob(model_row, token)
+        token = seq.sampler(seq.token_ids, row, len(seq.prompt_ids))
+        params = seq.params
+        if params.logprobs_mode == "processed":
+            logprob, top = logprobs_of(seq.sampler.processed.astype(np.float64), token,
+                                       params.logprobs or 0)
+        else:
+            logprob, top = logprobs_of(model_row, token, params.logprobs or 0)
         if seq.logits_mask is not None:
             seq.logits_mask.accept(token)  # raising ends this request alone (see step)
         # a complete constraint allows nothing more (a tokenizer without an end token):
@@ -391,6 +475,7 @@ class BatchRunner:
         seq.token_ids.append(token)
         st.new_tokens.append(token)
         st.new_logprobs.append(logprob)
+        st.new_top.append(top)
         text, stopped = st.text.push(token)
         if stopped:
             return self._finish(seq, "stop", text)
@@ -439,8 +524,11 @@ class BatchRunner:
     def _emit(self, seq: Sequence, text: str, reason: Optional[str]) -> RequestOutput:
         st: _Output = seq.detail["out"]
         out = RequestOutput(seq.request_id, text, st.new_tokens, st.new_logprobs, reason,
-                            len(seq.prompt_ids), len(st.text.generated), seq.cached_tokens)
-        st.new_tokens, st.new_logprobs = [], []
+                            len(seq.prompt_ids), len(st.text.generated), seq.cached_tokens,
+                            top_logprobs=st.new_top)
+        if st.prompt is not None and (st.prompt_left == 0 or reason is not None):
+            out.prompt_logprobs, st.prompt = st.prompt, None
+        st.new_tokens, st.new_logprobs, st.new_top = [], [], []
         return out
 
     def _count_finish(self, reason: str) -> None:

@@ -5,7 +5,9 @@
     [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }, group_size = 64
                (method omitted: as the checkpoint is stored, f32 unless `lattice quantize`
                wrote it; group_size only for grouped methods such as q4_asym)
-    [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop
+    [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop,
+               presence_penalty, frequency_penalty, logit_bias = { "28" = -100 }, sampler,
+               processors
     [plugins]  load = ["name", ...]   (omit to load every installed plugin)
     [inputs]   max_images = 4, max_bytes, max_pixels, local_folder, encoded_cache (images
                in chat requests, for models an encoder plugin supports)

@@ -101,11 +101,11 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
     for _ in range(max_tokens):
         row = logits[0, -1]
         if grammar is None:
-            token = sampler(history, row)
+            token = sampler(history, row, len(prompt_ids))
         else:
             allowed = row.copy()
             grammar.apply(allowed)
-            token = sampler(history, allowed)
+            token = sampler(history, allowed, len(prompt_ids))
             grammar.accept(token)
         yield token, token_logprob(row, token)
         history.append(token)

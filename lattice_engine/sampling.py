@@ -20,6 +20,10 @@ Processor = Callable[[Sequence[int], np.ndarray], np.ndarray]
 # Bounds a request can reach: beyond them a value is a mistake (or an attack), not a setting.
 MAX_TOKENS_LIMIT = 2**31 - 1   # far past any context; 10**30 would only overflow counters
 SEED_LIMIT = 2**64             # numpy's generator takes any non-negative int; keep it 64-bit
+MAX_TOP_LOGPROBS = 20          # alternatives reported per token (OpenAI's limit)
+LOGIT_BIAS_LIMIT = 100.0       # |bias| OpenAI accepts
+PENALTY_LIMIT = 2.0            # |presence_penalty|, |frequency_penalty| OpenAI accepts
+LOGPROBS_MODES = ("raw", "processed")
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -39,6 +43,20 @@ class SamplingParams:
     temperature 0 (the default, as in mlx-lm) means greedy. top_k 0, top_p 1, min_p 0 and repetition_penalty 1 are
     off. `seed` makes sampling reproducible. `processors` carries values for logits
     processors that plugins registered, by name.
+
+    OpenAI's additive adjustments run first, on the model's logits: `logit_bias` (token id
+    -> bias in [-100, 100]) is added, and for each token j generated so far (the prompt does
+    not count) `frequency_penalty * count[j] + presence_penalty * (count[j] > 0)` is
+    subtracted. Then the processors (repetition_penalty, temperature, top_k, top_p, min_p,
+    plugins) run in registration order.
+
+    `logprobs` asks for that many most likely alternatives beside each sampled token's
+    log-probability (0: the sampled token's only), `prompt_logprobs` the same for every
+    prompt token but the first (served with the prompt computed again, not from the prefix
+    cache). `logprobs_mode` "raw" (the default) reports the model's log-softmax before any
+    sampling transform; "processed" reports the distribution actually sampled from (after
+    bias, penalties, processors and an output constraint). max_tokens 0 generates nothing
+    (with prompt_logprobs: score a text).
     """
 
     temperature: float = 0.0
@@ -52,6 +70,12 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     sampler: Optional[str] = None
     processors: Mapping[str, Any] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    logprobs_mode: str = "raw"
 
     def __post_init__(self) -> None:
         # every number must be finite: inf / NaN would poison the softmax of every step
@@ -62,11 +86,24 @@ class SamplingParams:
             ("top_p", _finite(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 is off)"),
             ("min_p", _finite(self.min_p) and 0 <= self.min_p < 1, "in [0, 1) (0 is off)"),
             ("repetition_penalty", _finite(rp) and rp > 0, "a finite number > 0 (1 is off)"),
-            ("max_tokens", _is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
-             f"an integer in [1, {MAX_TOKENS_LIMIT}]"),
+            ("max_tokens", _is_int(self.max_tokens) and
+             (1 if self.prompt_logprobs is None else 0) <= self.max_tokens <= MAX_TOKENS_LIMIT,
+             f"an integer in [1, {MAX_TOKENS_LIMIT}] (0 only with prompt_logprobs, to "
+             f"score a prompt)"),
             ("seed", self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
              "an integer in [0, 2**64), or unset for a random seed"),
         ]
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            checks.append((name, _finite(value) and abs(value) <= PENALTY_LIMIT,
+                           f"a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}] (0 is off)"))
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            checks.append((name, value is None or (_is_int(value) and
+                                                   0 <= value <= MAX_TOP_LOGPROBS),
+                           f"an integer in [0, {MAX_TOP_LOGPROBS}], or unset"))
+        checks.append(("logprobs_mode", self.logprobs_mode in LOGPROBS_MODES,
+                       f"one of {', '.join(LOGPROBS_MODES)}"))
         for name, ok, rule in checks:
             if not ok:
                 raise RequestError(f"{name}={getattr(self, name)!r} is out of range: it must be {rule}")
@@ -79,6 +116,19 @@ class SamplingParams:
             raise RequestError(f"stop_token_ids={tuple(self.stop_token_ids)!r} is invalid: "
                                f"each must be an integer token id")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        bias = {}
+        for token, value in dict(self.logit_bias).items():
+            if isinstance(token, str) and token.isdigit():  # a JSON / TOML key
+                token = int(token)
+            if not _is_int(token) or token < 0:
+                raise RequestError(f"logit_bias: key {token!r} is not a token id (an integer "
+                                   f">= 0)")
+            if not (_finite(value) and abs(value) <= LOGIT_BIAS_LIMIT):
+                raise RequestError(f"logit_bias[{token}] = {value!r} is out of range: it must "
+                                   f"be a number in [-{LOGIT_BIAS_LIMIT:g}, "
+                                   f"{LOGIT_BIAS_LIMIT:g}]")
+            bias[int(token)] = float(value)
+        object.__setattr__(self, "logit_bias", bias)
 
     def with_overrides(self, **kwargs) -> "SamplingParams":
         """A copy with the given non-None fields replaced; unknown names are an error."""
@@ -225,8 +275,16 @@ class Sampler:
             raise RequestError(f"unknown sampler {name!r}; registered: {', '.join(samplers)}")
         self.rng = np.random.default_rng(params.seed)
         self.pick = samplers[name](self.rng)
+        self.bias_ids = np.fromiter(params.logit_bias, np.int64, len(params.logit_bias))
+        self.bias_values = np.fromiter(params.logit_bias.values(), np.float32,
+                                       len(params.logit_bias))
+        self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
+        self.processed: Optional[np.ndarray] = None  # the row the last token was drawn from
 
-    def __call__(self, token_ids: Sequence[int], logits: np.ndarray) -> int:
+    def __call__(self, token_ids: Sequence[int], logits: np.ndarray,
+                 prompt_len: int = 0) -> int:
+        """The next token after token_ids, whose first prompt_len are the prompt (the
+        presence and frequency penalties count only the tokens after it)."""
         logits = np.array(logits, dtype=np.float32, copy=True)
         # -inf is a masked token (a grammar); NaN or +inf can only come from a broken
         # checkpoint or kernel, and no token can be drawn from them honestly. One max()
@@ -238,6 +296,14 @@ class Sampler:
             raise CheckpointError(f"the model produced {bad} NaN or infinite logits at this "
                                   f"step (a broken checkpoint or kernel); this request cannot "
                                   f"continue")
+        if self.bias_ids.size:
+            if self.bias_ids.max() >= logits.size:
+                raise RequestError(f"logit_bias names token {int(self.bias_ids.max())}, "
+                                   f"outside the vocabulary [0, {logits.size})")
+            logits[self.bias_ids] += self.bias_values
+        if self.presence or self.frequency:
+            logits = openai_penalties(logits, token_ids[prompt_len:], self.presence,
+                                      self.frequency)
         for process in self.processors:
             logits = process(token_ids, logits)
         peak = np.max(logits)
@@ -247,7 +313,19 @@ class Sampler:
         if peak == -np.inf:
             raise RequestError("no token is left to sample: the output constraint and the "
                                "sampling options removed every token")
+        self.processed = logits
         return self.pick(logits)
+
+
+def openai_penalties(logits: np.ndarray, generated: Sequence[int], presence: float,
+                     frequency: float) -> np.ndarray:
+    """OpenAI's formula: logits[j] - count[j] * frequency - (count[j] > 0) * presence, where
+    count[j] is how often token j was generated so far."""
+    if len(generated) == 0:
+        return logits
+    ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+    logits[ids] -= (counts * frequency + presence).astype(np.float32)
+    return logits
 
 
 def make_sampler(params: SamplingParams, registry=None) -> Sampler:

@@ -88,6 +88,9 @@ class Sequence:
     # the prompt as the prefix cache hashes it, when it differs from prompt_ids (image
     # placeholders stand for the image's content: `MultimodalPrompt.key_ids`)
     prompt_key_ids: Optional[list[int]] = None
+    # a sequence with the same prompt queued before this one (n > 1): this one waits for
+    # it to compute the prompt's full blocks, then takes them from the prefix cache
+    prefix_leader: Optional["Sequence"] = None
 
     def __post_init__(self):
         if not self.token_ids:
@@ -218,7 +221,12 @@ class Scheduler:
             recurrent = self.cache.recurrent
             if recurrent is not None and recurrent.num_free() == 0:
                 break  # every recurrent-state slot is taken
-            if not seq.blocks.table:
+            lead = seq.prefix_leader
+            if lead is not None and lead.status is Status.RUNNING and lead.num_computed < \
+                    len(lead.prompt_ids) // self.cache.block_size * self.cache.block_size:
+                break  # its leader is computing the blocks it will share
+            # prompt logprobs need every prompt position's logits: no cached prefix then
+            if not seq.blocks.table and seq.params.prompt_logprobs is None:
                 hit = self.cache.match_prefix(seq.hash_ids, seq.blocks)
                 seq.num_computed = hit
                 if not seq.admitted:

@@ -2,6 +2,7 @@
 written by scripts/make_qwen3_5_checkpoint.py.
 
     python scripts/check_qwen3_5_parity.py [--model DIR] [--backend native|numpy] [--quant f32]
+                                           [--gguf FILE]
 
 Prefills the reference's 64-token prompt, then feeds the reference's 32 greedy tokens one at
 a time; prints max |logit diff| for the prefill and the decode steps, and the greedy
@@ -87,6 +88,9 @@ def main() -> int:
     parser.add_argument("--backend", default="native", choices=("native", "numpy"))
     parser.add_argument("--quant", default="f32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help="load the model from this GGUF of --model's checkpoint (e.g. made "
+                             "by scripts/make_qwen3_5_gguf.py) instead of the safetensors")
     parser.add_argument("--fixtures", action="store_true",
                         help="the tiny golden fixtures of the test suite instead")
     args = parser.parse_args()
@@ -99,8 +103,9 @@ def main() -> int:
         return 0
     ref = load_file(str(args.model / "reference.safetensors"))
     t0 = time.time()
-    model = load(args.model, quant=QuantSpec(args.quant), backend=args.backend).model
-    print(f"loaded {args.model} ({args.quant}, {args.backend}) in {time.time() - t0:.1f} s; "
+    source = args.gguf or args.model
+    model = load(source, quant=QuantSpec(args.quant), backend=args.backend).model
+    print(f"loaded {source} ({args.quant}, {args.backend}) in {time.time() - t0:.1f} s; "
           f"mtp tensors: {len(model.mtp_weights)}, vision tensors: {len(model.vision_weights)}")
     cache = model.make_cache(batch=1)
     prefill = model.forward(ref["prompt_ids"], cache)

@@ -129,6 +129,8 @@ def main() -> None:
         print(f"wrote {out} ({out.stat().st_size} bytes)")
         return
     converter = args.llama_cpp / "convert_hf_to_gguf.py"
+    # the converter's own gguf package, before anything imports an installed one
+    sys.path[:0] = [str(args.llama_cpp / "gguf-py"), str(args.llama_cpp)]
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
@@ -152,7 +154,6 @@ def main() -> None:
             byte_level_tokenizer(folder)
             toy = True
 
-        sys.path[:0] = [str(args.llama_cpp / "gguf-py"), str(args.llama_cpp)]
         sys.argv = [str(converter), str(folder), "--outfile", str(out), "--outtype", args.outtype]
         if not has_mtp(args.model):
             # the converter counts MTP layers from the checkpoint and stops when it has none

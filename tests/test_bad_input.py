@@ -73,7 +73,7 @@ def test_unknown_model_type(capsys, tmp_path):
     config["model_type"] = "mamba9"
     (folder / "config.json").write_text(json.dumps(config))
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(folder)],
-                          "model_type 'mamba9' is not supported; supported: llama, qwen2, qwen3")
+                          "model_type 'mamba9' is not supported; supported: ", "llama, qwen2, qwen3")
 
 
 def test_malformed_config_json(capsys, tmp_path):
@@ -115,3 +115,20 @@ def test_unknown_quant_method_on_cli(capsys, tiny_model_dir):
 def test_out_of_range_sampling_on_cli(capsys, tiny_model_dir):
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir),
                                    "--top-p", "0"], "top_p=0.0 is out of range")
+
+
+def test_cli_closed_pipe_is_quiet():
+    """`lattice plugins --all | head -1`: the reader is gone before lattice writes; the
+    command ends with 141 (SIGPIPE's shell code) and no traceback on stderr."""
+    import os
+    import subprocess
+    import sys
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lattice_engine.cli", "plugins", "--all"],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr.decode()
+    assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr

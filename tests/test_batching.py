@@ -436,3 +436,65 @@ def test_a_model_without_a_tokenizer_runs_on_token_ids():
     with pytest.raises(RequestError, match="stop strings need a tokenizer"):
         runner.add_request([1, 2], SamplingParams(max_tokens=3, stop=["x"]))
     assert runner.cache.stats()["blocks_used"] == 0
+
+
+def test_prompt_logprobs_over_chunked_prefill_equal_one_forward(engine):
+    """A request with prompt_logprobs, prefilled in chunks of 5 beside other requests and
+    after a request that cached the same prefix: every prompt token but the first gets the
+    log-softmax of one unbatched forward (within the error model) and its top alternatives,
+    and max_tokens 0 generates nothing."""
+    from lattice_engine.sampling import log_softmax
+    from lattice_engine.testing.tolerance import logits_bound
+    opts = BatchingOptions(kv_cache_tokens=1024, block_size=4, step_tokens=5,
+                           interleave_tokens=5, max_itl_rise=0, prefill_step_seconds=0)
+    engine.start_batching(opts)
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = engine.tokenizer.encode(prompt)
+    engine.add_request(prompt, max_tokens=3)  # fills the prefix cache with the prompt
+    while engine.has_unfinished():
+        engine.step()
+    scored = engine.add_request(prompt, max_tokens=0, prompt_logprobs=3)
+    other = engine.add_request("Hello there", max_tokens=6)
+    outputs = {scored: [], other: []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs[out.request_id].append(out)
+    got = [o.prompt_logprobs for o in outputs[scored] if o.prompt_logprobs is not None]
+    assert len(got) == 1 and outputs[scored][-1].finish_reason == "length"
+    assert sum(len(o.token_ids) for o in outputs[scored]) == 0
+    entries = got[0]
+    model = engine.model
+    cache = model.make_cache(batch=1, capacity=len(ids))
+    hidden = model.hidden_states(np.asarray(ids, np.int64)[None, :], cache)
+    ref = log_softmax(model.logits(hidden)[0])
+    bound = 2 * logits_bound(model, hidden, len(ids))
+    assert entries[0] is None and len(entries) == len(ids)
+    for pos in range(1, len(ids)):
+        logprob, top = entries[pos]
+        assert abs(logprob - ref[pos - 1, ids[pos]]) <= bound
+        want = np.argsort(-ref[pos - 1])[:3]
+        assert [t for t, _ in top] == want.tolist() or \
+            np.allclose([v for _, v in top], ref[pos - 1, want], atol=bound)
+    assert engine.runner.cache.stats()["blocks_used"] == 0
+
+
+def test_copies_wait_for_their_leader_and_share_its_blocks(engine):
+    """n copies: the ones after the first are admitted once it has computed the prompt's
+    full blocks, and take them from the prefix cache (cached_tokens)."""
+    opts = BatchingOptions(kv_cache_tokens=1024, block_size=4, step_tokens=64)
+    runner = engine.start_batching(opts)
+    prompt = engine.tokenizer.encode("0123456789" * 3)
+    params = engine.sampling.with_overrides(max_tokens=4, temperature=1.0, seed=1)
+    leader = runner.make_sequence(prompt, params, request_id="c0")
+    copies = [leader] + [runner.make_sequence(prompt, params.with_overrides(seed=1 + i),
+                                              request_id=f"c{i}", prefix_leader=leader)
+                         for i in (1, 2, 3)]
+    for seq in copies:
+        runner.enqueue(seq)
+    cached = {}
+    while runner.has_unfinished():
+        for out in runner.step():
+            cached[out.request_id] = out.cached_tokens
+    full = len(prompt) // 4 * 4
+    assert cached == {"c0": 0, "c1": full, "c2": full, "c3": full}
+    assert runner.cache.stats()["blocks_used"] == 0

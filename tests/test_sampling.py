@@ -78,3 +78,46 @@ def test_unknown_processor_and_sampler_names_list_choices():
         make_sampler(SamplingParams(processors={"nope": 1}), REGISTRY)
     with pytest.raises(RequestError, match="unknown sampler 'nope'; registered: greedy"):
         make_sampler(SamplingParams(sampler="nope"), REGISTRY)
+
+
+def openai_reference(logits, generated, bias, presence, frequency):
+    """OpenAI's documented formula, one token at a time in float64:
+    mu[j] - c[j] * frequency - (c[j] > 0) * presence, plus logit_bias[j]."""
+    out = logits.astype(np.float64).copy()
+    for j in range(out.size):
+        c = list(generated).count(j)
+        out[j] += bias.get(j, 0.0) - c * frequency - (1.0 if c > 0 else 0.0) * presence
+    return out
+
+
+@pytest.mark.parametrize("presence,frequency", [(0.0, 0.0), (0.7, 0.0), (0.0, -1.3),
+                                                (1.5, 2.0), (-2.0, 0.4)])
+def test_penalties_and_logit_bias_follow_openais_formula(presence, frequency):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=50).astype(np.float32) * 4
+    prompt = [1, 2, 3, 3, 7]            # the prompt does not count
+    generated = [3, 9, 9, 9, 12, 40, 3]
+    bias = {0: -100.0, 9: 2.5, 49: 100.0, 12: -0.25}
+    params = SamplingParams(presence_penalty=presence, frequency_penalty=frequency,
+                            logit_bias=bias)
+    sampler = make_sampler(params, REGISTRY)
+    token = sampler(prompt + generated, logits, len(prompt))
+    want = openai_reference(logits, generated, bias, presence, frequency)
+    # float32 arithmetic on values up to ~110: a few ulps of 128
+    np.testing.assert_allclose(sampler.processed, want, rtol=0, atol=4 * 2.0 ** -17)
+    assert token == int(np.argmax(want))
+
+
+def test_logit_bias_and_penalty_ranges_are_checked():
+    for kwargs, words in [(dict(logit_bias={3: 100.5}), "logit_bias[3] = 100.5"),
+                          (dict(logit_bias={-1: 1.0}), "logit_bias: key -1"),
+                          (dict(presence_penalty=2.5), "presence_penalty=2.5"),
+                          (dict(frequency_penalty=float("nan")), "frequency_penalty=nan"),
+                          (dict(logprobs=21), "logprobs=21"),
+                          (dict(max_tokens=0), "max_tokens=0")]:
+        with pytest.raises(RequestError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            SamplingParams(**kwargs)
+    SamplingParams(max_tokens=0, prompt_logprobs=0)  # scoring a prompt: no new tokens
+    sampler = make_sampler(SamplingParams(logit_bias={60: 1.0}), REGISTRY)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        sampler([], np.zeros(50, np.float32))

@@ -235,7 +235,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
         (openai.BadRequestError, "messages",
          lambda: c.chat.completions.create(model=MODEL, messages="hello")),
         (openai.BadRequestError, "'n'",
-         lambda: c.completions.create(model=MODEL, prompt="x", n=3)),
+         lambda: c.completions.create(model=MODEL, prompt="x", n=1000)),
     ]
     for error, words, call in cases:
         with pytest.raises(error) as info:

@@ -1,11 +1,14 @@
 """`lattice` command line: generate | chat | serve | ppl | plugins | pull | models |
 quantize.
 
-Every user error is one line on stderr and exit code 2; no tracebacks.
+Every user error is one line on stderr and exit code 2; no tracebacks. A reader that
+closes the pipe early (`lattice plugins | head -1`) ends the command quietly with 141, the
+shell's code for SIGPIPE.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -32,3 +35,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141
+
+
+def _silence_stdout() -> None:
+    """stdout's reader is gone: point stdout at /dev/null so the interpreter's final flush
+    of what is still buffered does not raise BrokenPipeError again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout has no file descriptor (captured): nothing to do
+        pass

@@ -36,6 +36,12 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None,
+                   help="OpenAI's presence penalty in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=None,
+                   help="OpenAI's frequency penalty in [-2, 2]")
+    p.add_argument("--logit-bias", action="append", default=None, metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit; repeatable")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--sampler", default=None,
                    help="a registered sampler by name (`lattice plugins --all` lists them)")

@@ -30,8 +30,28 @@ def load_settings(args):
             top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
             repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop=tuple(args.stop) if args.stop else None, sampler=args.sampler,
-            processors=processor_options(args.processor, config.sampling.processors))
+            processors=processor_options(args.processor, config.sampling.processors),
+            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+            logit_bias=logit_bias_options(args.logit_bias, config.sampling.logit_bias))
     return config
+
+
+def logit_bias_options(given, configured) -> Optional[dict]:
+    """--logit-bias ID=BIAS flags merged over `[sampling] logit_bias` (None: no flag)."""
+    from ..errors import ConfigError
+    if not given:
+        return None
+    out = dict(configured)
+    for item in given:
+        token, sep, bias = item.partition("=")
+        try:
+            out[int(token)] = float(bias)
+        except ValueError:
+            raise ConfigError(f"--logit-bias {item!r}: expected ID=BIAS with an integer token "
+                              f"id and a number, e.g. --logit-bias 28=-100") from None
+        if not sep:
+            raise ConfigError(f"--logit-bias {item!r}: expected ID=BIAS")
+    return out
 
 
 def processor_options(given, configured) -> Optional[dict]:

@@ -57,9 +57,25 @@ class AsyncEngine:
         """Validate and queue a request, then yield its outputs as steps produce them.
         Raises RequestError before yielding anything if the request is invalid. Closing
         the iterator early (a client that disconnected) aborts the request."""
-        seq = self.runner.make_sequence(prompt_ids, params, request_id=request_id,
+        return self.submit(self.prepare(prompt_ids, params, request_id=request_id,
                                         logits_mask=logits_mask, ignore_eos=ignore_eos,
-                                        images=images, encoder=encoder)
+                                        images=images, encoder=encoder))
+
+    def prepare(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+                request_id: Optional[str] = None, logits_mask=None, ignore_eos: bool = False,
+                prefix_leader=None, images=None, encoder=None):
+        """Validate a request and build its sequence (RequestError if it is invalid);
+        `submit` queues it. prefix_leader: a prepared sequence with the same prompt,
+        submitted first, whose prompt blocks this one reuses (n > 1). images / encoder: the
+        `multimodal.MultimodalPrompt` behind prompt_ids and its `LoadedInputEncoder`."""
+        return self.runner.make_sequence(prompt_ids, params, request_id=request_id,
+                                         logits_mask=logits_mask, ignore_eos=ignore_eos,
+                                         prefix_leader=prefix_leader, images=images,
+                                         encoder=encoder)
+
+    def submit(self, seq) -> AsyncIterator[RequestOutput]:
+        """Queue a prepared sequence (when the stream is first iterated) and yield its
+        outputs; closing the stream early aborts it."""
         return self._stream(seq)
 
     async def _stream(self, seq) -> AsyncIterator[RequestOutput]:

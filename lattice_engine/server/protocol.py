@@ -1,7 +1,8 @@
 """OpenAI request bodies -> prompt ids and `SamplingParams`, with OpenAI-style errors.
 
 Only what the engine can honour is accepted: an unsupported option with a non-default
-value (n > 1, logprobs, echo, best_of, ...) is a 400 that names it, never silently ignored.
+value (best_of other than n, suffix without a fill-in-the-middle template, ...) is a 400
+that names it, never silently ignored.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..errors import RequestError
-from ..sampling import MAX_TOKENS_LIMIT, SEED_LIMIT, SamplingParams
+from ..sampling import (LOGIT_BIAS_LIMIT, LOGPROBS_MODES, MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS,
+                        PENALTY_LIMIT, SEED_LIMIT, SamplingParams)
 
 
 class APIError(Exception):
@@ -44,6 +46,9 @@ def bad(message: str, param: Optional[str] = None, code: Optional[str] = None) -
 
 _NUMBER = (int, float)
 MAX_DEPTH = 64  # nesting of a request body; JSON schemas in response_format stay far below
+MAX_N = 128     # choices per prompt (the KV pool may allow fewer: checked per request)
+MAX_PROMPTS = 256  # prompts in one /v1/completions batch
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 
 
 @dataclass(frozen=True)
@@ -84,8 +89,8 @@ def _short(value) -> str:
 # `SamplingParams` (which checks again for callers of the Python API).
 SCHEMA: dict[str, Field] = {
     "model": Field((str,), "a string"),
-    "max_tokens": Field((int,), f"an integer in [1, {MAX_TOKENS_LIMIT}]",
-                        lambda v: 1 <= v <= MAX_TOKENS_LIMIT),
+    "max_tokens": Field((int,), f"an integer in [1, {MAX_TOKENS_LIMIT}] (0 with echo)",
+                        lambda v: 0 <= v <= MAX_TOKENS_LIMIT),
     "max_completion_tokens": Field((int,), f"an integer in [1, {MAX_TOKENS_LIMIT}]",
                                    lambda v: 1 <= v <= MAX_TOKENS_LIMIT),
     "temperature": Field(_NUMBER, "a number in [0, 2]", lambda v: 0 <= v <= 2),
@@ -95,6 +100,36 @@ SCHEMA: dict[str, Field] = {
     "repetition_penalty": Field(_NUMBER, "a number in (0, 100]", lambda v: 0 < v <= 100),
     "seed": Field((int,), "an integer in [0, 2**64)", lambda v: 0 <= v < SEED_LIMIT),
     "stream": Field((bool,), "a boolean"),
+    "n": Field((int,), f"an integer in [1, {MAX_N}]", lambda v: 1 <= v <= MAX_N),
+    "best_of": Field((int,), f"an integer in [1, {MAX_N}]", lambda v: 1 <= v <= MAX_N),
+    "echo": Field((bool,), "a boolean"),
+    "top_logprobs": Field((int,), f"an integer in [0, {MAX_TOP_LOGPROBS}]",
+                          lambda v: 0 <= v <= MAX_TOP_LOGPROBS),
+    # completions: the number of alternatives; chat: a boolean (top_logprobs says how many)
+    "logprobs": Field((int,), f"an integer in [0, {MAX_TOP_LOGPROBS}]",
+                      lambda v: 0 <= v <= MAX_TOP_LOGPROBS),
+    "chat_logprobs": Field((bool,), "a boolean"),
+    "presence_penalty": Field(_NUMBER, f"a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}]",
+                              lambda v: abs(v) <= PENALTY_LIMIT),
+    "frequency_penalty": Field(_NUMBER, f"a number in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}]",
+                               lambda v: abs(v) <= PENALTY_LIMIT),
+    "logit_bias": Field((dict,), f"an object mapping token ids to numbers in "
+                        f"[-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}] (at most "
+                        f"{MAX_LOGIT_BIAS} entries)", lambda v: len(v) <= MAX_LOGIT_BIAS),
+    "logprobs_mode": Field((str,), f"one of {', '.join(LOGPROBS_MODES)}",
+                           lambda v: v in LOGPROBS_MODES),
+    "suffix": Field((str,), "a string"),
+    "tools": Field((list,), "an array of {type: function, function: {...}} objects",
+                   lambda v: 1 <= len(v) <= 128),
+    "tool_choice": Field((str, dict), "'none', 'auto', 'required' or {type: function, "
+                         "function: {name}}"),
+    "parallel_tool_calls": Field((bool,), "a boolean"),
+    # /tokenize and /detokenize (llama.cpp's server)
+    "content": Field((str,), "a string"),
+    "add_special": Field((bool,), "a boolean"),
+    "with_pieces": Field((bool,), "a boolean"),
+    "tokens": Field((list,), "an array of token ids (integers)",
+                    lambda v: all(isinstance(t, int) and not isinstance(t, bool) for t in v)),
     "stream_options": Field((dict,), "an object"),
     "ignore_eos": Field((bool,), "a boolean"),
     "stop": Field((str, list), "a string or an array of at most 4 strings",
@@ -165,10 +200,6 @@ def _check_tree(body: dict) -> None:
                 stack.append((value, where, depth + 1))
 
 
-# options with no effect here: accepted only at their default value
-_UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None,
-                "suffix": None, "logit_bias": None, "tools": None, "tool_choice": None,
-                "presence_penalty": 0, "frequency_penalty": 0}
 
 
 @dataclass
@@ -209,16 +240,70 @@ def plugin_sampling(body: dict, defaults: SamplingParams, registry) -> dict[str,
     return out
 
 
+def logit_bias(body: dict, vocab_size: Optional[int]) -> Optional[dict[int, float]]:
+    """`logit_bias` as {token id: bias}: keys are token ids (JSON object keys are strings),
+    each below the model's vocabulary size, values numbers in the OpenAI range."""
+    raw = _get(body, "logit_bias")
+    if raw is None:
+        return None
+    out = {}
+    for key, value in raw.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad(f"'logit_bias' key {_short(key)} is not a token id (an integer as a "
+                      f"string, e.g. \"50256\")", "logit_bias") from None
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise bad(f"'logit_bias' key {token} is not a token id of this model: ids are in "
+                      f"[0, {vocab_size})", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, _NUMBER) or \
+                not abs(value) <= LOGIT_BIAS_LIMIT:
+            raise bad(f"'logit_bias[{token}]' = {_short(value)} is out of range: it must be a "
+                      f"number in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]", "logit_bias")
+        out[token] = float(value)
+    return out
+
+
+def logprobs_wanted(body: dict, chat: bool) -> Optional[int]:
+    """How many alternatives per token the request wants reported, None for no logprobs.
+    Chat: `logprobs: true` with `top_logprobs` (0 by default); completions: `logprobs` is
+    the number itself (the legacy shape)."""
+    if chat:
+        on = SCHEMA["chat_logprobs"].get(body, "logprobs", False)
+        top = _get(body, "top_logprobs")
+        if top is not None and not on:
+            raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if on else None
+    if body.get("top_logprobs") is not None:
+        raise bad("'top_logprobs' is a chat completions field; in /v1/completions "
+                  "'logprobs' is the number of alternatives", "top_logprobs")
+    return _get(body, "logprobs")
+
+
+def choices_per_prompt(body: dict) -> int:
+    n = _get(body, "n", 1)
+    best_of = _get(body, "best_of")
+    if best_of is not None and best_of != n:
+        raise bad(f"'best_of' = {best_of} is not supported by this server (only equal to "
+                  f"'n' = {n}: every choice is returned)", "best_of")
+    return n
+
+
 def sampling_from(body: dict, defaults: SamplingParams, max_tokens_field: str,
-                  registry=None) -> SamplingParams:
-    for name, default in _UNSUPPORTED.items():
-        value = body.get(name)
-        if value is not None and value != default and not (name == "logprobs" and value is False):
-            raise bad(f"'{name}' = {_short(value)} is not supported by this server (only "
-                      f"{default!r})", name)
+                  registry=None, *, chat: Optional[bool] = None,
+                  vocab_size: Optional[int] = None) -> SamplingParams:
+    chat = max_tokens_field != "max_tokens" if chat is None else chat
     max_tokens = _get(body, max_tokens_field)
     if max_tokens_field != "max_tokens":  # chat: the older max_tokens name works too
         max_tokens = max_tokens or _get(body, "max_tokens")
+        if max_tokens == 0:
+            raise bad(f"'{max_tokens_field}' = 0 is out of range: it must be an integer in "
+                      f"[1, {MAX_TOKENS_LIMIT}]", max_tokens_field)
+    echo = not chat and _get(body, "echo", False)
+    top = logprobs_wanted(body, chat)
+    if max_tokens == 0 and not echo:
+        raise bad("'max_tokens' = 0 is out of range without 'echo': it must be an integer in "
+                  f"[1, {MAX_TOKENS_LIMIT}] (0 with echo scores the prompt only)", "max_tokens")
     stop = _get(body, "stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -230,6 +315,12 @@ def sampling_from(body: dict, defaults: SamplingParams, max_tokens_field: str,
         repetition_penalty=_get(body, "repetition_penalty"),
         seed=_get(body, "seed"),
         max_tokens=max_tokens,
+        presence_penalty=_get(body, "presence_penalty"),
+        frequency_penalty=_get(body, "frequency_penalty"),
+        logit_bias=logit_bias(body, vocab_size),
+        logprobs=top,
+        prompt_logprobs=top if echo else None,
+        logprobs_mode=_get(body, "logprobs_mode"),
         stop=tuple(stop) if stop is not None else None,
         **plugin_sampling(body, defaults, registry),
     )
@@ -253,10 +344,21 @@ def stream_flags(body: dict) -> tuple[bool, bool]:
     return stream, include
 
 
-def completion_prompt(body: dict, tokenizer) -> list[int]:
+def completion_prompts(body: dict, tokenizer) -> list[list[int]]:
+    """`prompt` as a list of token-id lists: a string, an array of token ids, or a batch
+    (an array of strings or of token-id arrays, at most MAX_PROMPTS)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise bad(f"'prompt' holds {len(prompt)} prompts; the limit is {MAX_PROMPTS} per "
+                      f"request", "prompt")
+        return [completion_prompt({"prompt": p}, tokenizer, where=f"prompt[{i}]")
+                for i, p in enumerate(prompt)]
+    return [completion_prompt(body, tokenizer)]
+
+
+def completion_prompt(body: dict, tokenizer, where: str = "prompt") -> list[int]:
+    prompt = body.get("prompt")
     if isinstance(prompt, str):
         if tokenizer is None:
             raise bad("this model has no tokenizer, so 'prompt' must be an array of token ids",
@@ -268,16 +370,18 @@ def completion_prompt(body: dict, tokenizer) -> list[int]:
     elif prompt is None:
         raise bad("'prompt' is required", "prompt")
     else:
-        raise bad("'prompt' must be a string or an array of token ids (batches of several "
-                  "prompts are not supported: send one request each)", "prompt")
+        raise bad(f"'{where}' must be a string, an array of token ids, or an array of "
+                  f"those (a batch)", "prompt")
     if not ids:
-        raise bad("'prompt' is empty", "prompt")
+        raise bad(f"'{where}' is empty", "prompt")
     return ids
 
 
 def chat_messages(body: dict) -> list[dict[str, Any]]:
-    """The request's messages; a text-only part list is joined into one string, a list
-    with image_url parts is kept (the engine decodes the images: `Engine.chat_prompt`)."""
+    """The messages, content parts joined into text (a part list with image_url parts is
+    kept: the engine decodes the images, `Engine.chat_prompt`). An assistant message may
+    carry `tool_calls` (its content then may be null), a "tool" message answers one (its
+    `tool_call_id` and `name` are kept for the template)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array of {role, content} objects", "messages")
@@ -285,7 +389,17 @@ def chat_messages(body: dict) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"messages[{i}] must be an object with a string 'role'", "messages")
+        calls = m.get("tool_calls")
+        if calls is not None:
+            if m["role"] != "assistant" or not isinstance(calls, list) or not all(
+                    isinstance(c, dict) and isinstance(c.get("function"), dict) and
+                    isinstance(c["function"].get("name"), str) for c in calls):
+                raise bad(f"messages[{i}].tool_calls must be an array of {{id, type, "
+                          f"function: {{name, arguments}}}} on an assistant message",
+                          "messages")
         content = m.get("content")
+        if content is None and calls:
+            content = ""
         if isinstance(content, list):  # content parts: text, and image_url for images
             parts = []
             for j, part in enumerate(content):
@@ -306,5 +420,11 @@ def chat_messages(body: dict) -> list[dict[str, Any]]:
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string or an array of text parts",
                       "messages")
-        out.append({"role": m["role"], "content": content})
+        message = {"role": m["role"], "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                message[key] = m[key]
+        out.append(message)
     return out
