@@ -6,11 +6,12 @@ weights: lattice next to llama.cpp on the same GGUF file, same run.
                         [--threads 2] [--runs 3] [--streams 8] [--peer llama.cpp]
 
 The GGUF (architecture qwen3moe, laid out as llama.cpp's converter lays it out: stacked
-ffn_*_exps, F32 router) is written once by lattice_engine.testing.moe_gguf into
-$LATTICE_HOME/bench/moe-<layers>L-v<vocab>-e<experts>-<quant>.gguf; lattice loads it with the same
-quant method (q8_0, or the q4 plugin's q4_0: the file's blocks as they are, experts left
-memory-mapped). Prompts are fixed pseudo-random token ids. Every engine runs in its own
-subprocess.
+ffn_*_exps, F32 router) is written once, in its own process, by
+lattice_engine.testing.moe_gguf into $LATTICE_HOME/bench/moe-<layers>L-v<vocab>-e<experts>-
+<quant>.gguf. lattice loads it with the method that keeps the file's blocks as they are
+(q8_0; for Q4_0 the q4 plugin's q4_sym, whose g32 layout is ggml's Q4_0 bytes), so the
+experts stay memory-mapped. Prompts are fixed pseudo-random token ids. Every engine runs in
+its own subprocess.
 - decode tok/s by the slope method: T(N) = prefill a 16-token prompt + N greedy tokens;
   decode = (N2 - N1) / (T(N2) - T(N1)), medians of --runs.
 - prefill tok/s: one 512-token prompt in one call, median of --runs.
@@ -41,6 +42,9 @@ from provenance import add_results_option, emit  # bench/, next to this file
 
 SHORT_PROMPT, PROMPT_TOKENS = 16, 512
 GGML_TYPE = {"q8_0": "Q8_0", "q4_0": "Q4_0", "f16": "F16"}
+# the lattice quant method that takes the file's blocks as they are: ggml's Q4_0 bytes are
+# the q4 plugin's q4_sym_g32 layout (its `q4_0` method would re-quantize them)
+METHOD = {"q8_0": "q8_0", "q4_0": "q4_sym", "f16": "f16"}
 
 
 def scaled_config(layers: int, vocab: int, experts: int = 128) -> dict:
@@ -148,7 +152,7 @@ def worker_lattice(path: str, quant: str, threads: int, runs: int, n1: int, n2: 
     from lattice_engine.sampling import SamplingParams, make_sampler
 
     set_threads(threads)
-    model = load(path, quant=QuantSpec(quant), backend="native").model
+    model = load(path, quant=QuantSpec(METHOD[quant]), backend="native").model
     loaded_mem = resident_memory_mb()
     vocab = model.config.vocab_size
     ids = token_ids(vocab, PROMPT_TOKENS)
@@ -233,7 +237,10 @@ def main() -> int:
     common = (args.threads, args.runs, args.n1, args.n2)
 
     if args.worker:
-        if args.worker.startswith("lattice:"):
+        if args.worker.startswith("make-gguf:"):  # its own process: the peak RSS of writing
+            quant = args.worker.split(":", 1)[1]  # the file stays out of the workers' figures
+            result = {"path": str(make_gguf(args.layers, args.vocab, args.experts, quant))}
+        elif args.worker.startswith("lattice:"):
             result = worker_lattice(args.gguf, args.worker.split(":", 1)[1], *common,
                                     args.streams)
         else:
@@ -246,7 +253,12 @@ def main() -> int:
     results = {}
     peers = [p for p in (args.peer or ["llama.cpp"]) if p != "none"]
     for quant in args.quant or ["q8_0", "q4_0"]:
-        path = str(make_gguf(args.layers, args.vocab, args.experts, quant))
+        made = run_worker(["--layers", str(args.layers), "--vocab", str(args.vocab),
+                           "--experts", str(args.experts), "--worker", f"make-gguf:{quant}"])
+        if "error" in made:
+            results[f"lattice {quant}"] = made
+            continue
+        path = made["path"]
         results[f"lattice {quant}"] = run_worker(base + ["--gguf", path, "--worker",
                                                          f"lattice:{quant}"])
         for peer in peers:

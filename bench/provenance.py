@@ -40,8 +40,8 @@ KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx51
 ENV_NAMES = ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 # the engines measured side by side; read from the installed metadata, without importing them
-DISTRIBUTIONS = ("lattice-engine", "lattice-quant-q4", "lattice-quarot", "numpy",
-                 "llama_cpp_python", "torch", "transformers")
+DISTRIBUTIONS = ("lattice-engine", "lattice-quant-q4", "lattice-quarot", "lattice-spec-decode",
+                 "numpy", "llama_cpp_python", "torch", "transformers")
 
 
 def git_state(root: Path = ROOT) -> dict:

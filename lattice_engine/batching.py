@@ -22,7 +22,7 @@ from typing import Optional, Sequence as Seq
 
 import numpy as np
 
-from .errors import LatticeError, RequestError
+from .errors import ConfigError, LatticeError, RequestError
 from .generate import token_logprob
 from .text_stream import TextStream
 from .models.paged_forward import PagedBatch
@@ -30,6 +30,8 @@ from .multimodal import EncodedCache, EncodeJob
 from .prefill_pacer import PrefillPacer
 from .sampling import SamplingParams, make_sampler
 from .scheduler import LogitsMask, Scheduler, Sequence, Status
+from .spec_batching import SpeculativeSteps, Speculating
+from .speculative import DraftLength, can_speculate
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +154,23 @@ def logprobs_of(row: np.ndarray, token: int, top: int) -> tuple[float, list[tupl
     best = best[np.argsort(-row[best], kind="stable")]
     return logprob, [(int(t), float(row[t]) - lse) for t in best if np.isfinite(row[t])]
 
-class BatchRunner:
+
+# make_sequence's speculation argument when the request did not choose: the runner's own
+DEFAULT_SPECULATION = object()
+
+
+class BatchRunner(SpeculativeSteps):
     def __init__(self, model, tokenizer, registry=None,
-                 options: BatchingOptions = BatchingOptions(), variant: str = ""):
+                 options: BatchingOptions = BatchingOptions(), variant: str = "",
+                 speculation=None):
         self.model = model
+        # speculative decoding (a `speculative.Speculation`): the default of every request
+        self.speculation = speculation
+        # every Speculation a request of this runner used (their counters feed /metrics)
+        self.speculations: dict[int, object] = {}
+        if speculation is not None:
+            self._check_speculation(speculation)
+            self.speculations[id(speculation)] = speculation
         self.tokenizer = tokenizer
         self.registry = registry
         self.options = options
@@ -190,18 +205,25 @@ class BatchRunner:
         self.enqueue(seq)
         return seq.request_id
 
+    @staticmethod
+    def _check_speculation(speculation) -> None:
+        """A speculation must come with a drafter (built and checked by Speculation.build)."""
+        if getattr(speculation, "drafter", None) is None:
+            raise ConfigError("a speculation without a drafter cannot serve requests")
+
     def make_sequence(self, prompt_ids: Seq[int], params: SamplingParams, *,
                       request_id: Optional[str] = None,
                       logits_mask: Optional[LogitsMask] = None,
                       ignore_eos: bool = False,
                       prefix_leader: Optional[Sequence] = None, images=None,
-                      encoder=None) -> Sequence:
+                      encoder=None, speculation=DEFAULT_SPECULATION) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
         model's end-of-sequence tokens (benchmarks want fixed lengths). prefix_leader: a
         sequence with the same prompt queued before this one (the copies of an n > 1
         request): this one is admitted once the leader computed the prompt's full blocks,
-        and takes them from the prefix cache."""
+        and takes them from the prefix cache. `speculation` (a `speculative.Speculation`,
+        or None for none) overrides the runner's default."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -236,6 +258,14 @@ class BatchRunner:
                                  "the encoder that prepared them")
             seq.prompt_key_ids = images.key_ids()
             seq.detail["images"], seq.detail["encoder"] = images, encoder
+        spec = self.speculation if speculation is DEFAULT_SPECULATION else speculation
+        if spec is not None and can_speculate(seq.sampler, logits_mask):
+            if spec is not self.speculation:
+                self._check_speculation(spec)
+                self.speculations.setdefault(id(spec), spec)
+            seq.detail["spec"] = Speculating(
+                spec, spec.request(request_id, seq.token_ids, seq.sampler, vocab, params),
+                DraftLength(spec.options.num_draft_tokens, spec.options.adaptive))
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
@@ -257,6 +287,7 @@ class BatchRunner:
                 return True
         seq = self.scheduler.abort(request_id)
         if seq is not None:
+            self._release_draft(seq)
             self._count_finish("abort")
         return seq is not None
 
@@ -338,24 +369,27 @@ class BatchRunner:
             images.encode(i, self.encoded.encode(seq.detail["encoder"], images.inputs[i]))
         return images.inputs_for(start, start + count)
 
-    def _forward(self, items) -> tuple[dict, list]:
-        """(sampling logits row by item index, per item None or (first prompt position,
-        the logits rows that score its prompt tokens)). Items whose rows take image
-        embeddings run in a forward of their own, so text sequences always take the
-        model's usual path (the fused C step) and keep their bits whatever else is in the
-        step."""
+    def _forward(self, items) -> tuple[list, list, list]:
+        """Per item: its logits rows ([logits_wanted, V]: the sampling row, or every row of
+        a verify; None when it wants none), None or (first prompt position, the logits rows
+        that score its prompt tokens), and the final hidden states of its logits rows when
+        a drafter reads them (else None). Items whose rows take image embeddings run in a
+        forward of their own, so text sequences always take the model's usual path (the
+        fused C step) and keep their bits whatever else is in the step."""
         inputs = [self._inputs(it.sequence, it.start, it.count) for it in items]
         groups = [[i for i, inp in enumerate(inputs) if inp is None or not inp.replaces],
                   [i for i, inp in enumerate(inputs) if inp is not None and inp.replaces]]
-        logits: dict[int, np.ndarray] = {}
+        logits: list = [None] * len(items)
         scored: list = [None] * len(items)
+        hidden: list = [None] * len(items)
         for group in groups:
             if not group:
                 continue
             sub = [items[i] for i in group]
             batch = PagedBatch.build(self.cache, [
-                (it.sequence.blocks, it.sequence.token_ids[it.start:it.start + it.count],
-                 it.start, it.sample) for it in sub], [inputs[i] for i in group])
+                (it.sequence.blocks, it.tokens, it.start, it.logits_wanted) for it in sub],
+                [inputs[i] for i in group])
+            batch.want_hidden = self._wants_hidden(sub)
             spans = self._prompt_rows(sub, batch)
             out = self.model.forward_paged(batch, self.cache)
             row = 0
@@ -364,10 +398,13 @@ class BatchRunner:
                     first, count = spans[j]
                     scored[i] = (first, out[row:row + count])
                     row += count
-                if items[i].sample:
-                    logits[i] = out[row]
-                    row += 1
-        return logits, scored
+                wanted = items[i].logits_wanted
+                if wanted:
+                    logits[i] = out[row:row + wanted]
+                    if batch.hidden is not None:
+                        hidden[i] = batch.hidden[row:row + wanted]
+                    row += wanted
+        return logits, scored, hidden
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -379,13 +416,19 @@ class BatchRunner:
         self.scheduler.prefill_tokens = self.pacer.prefill_budget()
         started = time.perf_counter()
         outputs = self._encode_some() if self.encoding else []
+        outputs += self._draft()
         plan = self.scheduler.schedule()
         outputs += [self._finish(seq, "length") for seq in plan.out_of_memory]
+        for seq in self.scheduler.running:
+            seq.draft = []  # a draft lives for one step (the item keeps its own copy)
         if not plan.items:
             return outputs
         self.stats.steps += 1
-        logits, scored = self._forward(plan.items)
-        self.scheduler.complete(plan.items)
+        computed = sum(it.count for it in plan.items)  # (a verify's count shrinks to the kept)
+        verify_started = time.perf_counter()
+        logits, scored, hidden = self._forward(plan.items)
+        verify_seconds = time.perf_counter() - verify_started
+        self.scheduler.complete([it for it in plan.items if not it.draft])
         now = time.perf_counter()
         for i, it in enumerate(plan.items):
             seq = it.sequence
@@ -393,17 +436,22 @@ class BatchRunner:
             if scored[i] is not None:
                 first, rows = scored[i]
                 self._score_prompt(seq, rows, first)
-            if not it.sample:
+            if not it.logits_wanted:
                 continue
+            self._hand_hidden(seq, hidden[i], 0, it.logits_wanted)
             try:
-                out = self._sample(seq, logits[i], now)
+                if it.draft:
+                    out = self._verify(it, logits[i], now, verify_seconds * it.count / computed)
+                else:
+                    out = self._sample(seq, logits[i][0], now)
             except Exception as exc:  # this request's failure (its sampling options, its
                 out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
             if out is not None:
                 outputs.append(out)
         # the whole step (sampling and detokenizing too) is what the decoders wait for
-        decode_rows = sum(1 for it in plan.items if it.count == 1 and it.sample)
-        self.pacer.record(decode_rows, sum(it.count for it in plan.items) - decode_rows,
+        decode_rows = sum(it.count for it in plan.items if it.sample and
+                          (it.count == 1 or it.draft))
+        self.pacer.record(decode_rows, computed - decode_rows,
                           time.perf_counter() - started)
         return outputs
 
@@ -427,8 +475,9 @@ class BatchRunner:
                     rows.extend(range(first_row, first_row + end - it.start))
                     span = (it.start, end - it.start)
             spans.append(span)
-            if it.sample:
-                rows.append(int(batch.q_start[i + 1]) - 1)
+            if it.logits_wanted:  # the sampling row, or every row of a verify
+                last = int(batch.q_start[i + 1])
+                rows.extend(range(last - it.logits_wanted, last))
         batch.logit_rows = np.asarray(rows, np.int64)
         return spans
 
@@ -441,6 +490,7 @@ class BatchRunner:
                 st.prompt[pos] = logprobs_of(logits[j], seq.prompt_ids[pos], top)
                 st.prompt_left -= 1
 
+    # ---- sampling and emitting ---------------------------------------------------------
     def _sample(self, seq: Sequence, row: np.ndarray, now: float) -> Optional[RequestOutput]:
         if seq.params.max_tokens == 0:  # nothing to generate (prompt logprobs only)
             return self._finish(seq, "length")
@@ -461,6 +511,12 @@ class BatchRunner:
         # a complete constraint allows nothing more (a tokenizer without an end token):
         # this token is kept and the request stops
         constraint_done = seq.logits_mask is not None and seq.logits_mask.is_terminated()
+        return self._take(seq, token, logprob, top, now, constraint_done)
+
+    def _take(self, seq: Sequence, token: int, logprob: float, top: list, now: float,
+              constraint_done: bool) -> Optional[RequestOutput]:
+        """Append a chosen token to seq and apply the stop rules; the output to send, if
+        any (None: nothing to send yet)."""
         if seq.first_token_time is None:
             seq.first_token_time = now
             self.stats.ttft.observe(now - seq.arrival_time)
@@ -518,6 +574,7 @@ class BatchRunner:
             reason = "stop" if stopped else reason
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, reason)
+        self._release_draft(seq)
         self._count_finish(reason)
         return self._emit(seq, text, reason)
 

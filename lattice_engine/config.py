@@ -9,6 +9,9 @@
                presence_penalty, frequency_penalty, logit_bias = { "28" = -100 }, sampler,
                processors
     [plugins]  load = ["name", ...]   (omit to load every installed plugin)
+    [speculative] method = "ngram" | "draft_model" (a registered drafter; omit: off),
+               num_draft_tokens = 4, adaptive = true, and the drafter's own keys
+               (ngram: prompt_lookup_min / prompt_lookup_max; draft_model: model, quant)
     [inputs]   max_images = 4, max_bytes, max_pixels, local_folder, encoded_cache (images
                in chat requests, for models an encoder plugin supports)
     [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
@@ -39,6 +42,7 @@ else:  # pragma: no cover
 
 from .errors import ConfigError, LatticeError
 from .sampling import SamplingParams
+from .speculative import SpeculativeOptions
 
 from .io.catalog import DEFAULT_MODEL
 
@@ -118,6 +122,11 @@ class ServerSection:
                                       # request arriving meanwhile is admitted soon (0: off)
     header_timeout: float = 10.0      # seconds for a request's headers to arrive
     read_timeout: float = 30.0        # seconds for a request's body to arrive
+    # drift detection over the embeddings of incoming inputs (lattice_engine.drift):
+    # 0 = off, else the reference window W in 128..4096; a check every drift_every inputs
+    drift_window: int = 0
+    drift_every: int = 16
+    drift_threshold: Optional[float] = None  # None: calibrated from the reference
 
     def __post_init__(self):
         if not 1 <= self.port <= 65535:
@@ -135,6 +144,15 @@ class ServerSection:
             if not (isinstance(value, (int, float)) and 0 < value <= 3600):
                 raise ConfigError(f"server.{name} = {value!r} is out of range: use seconds "
                                   f"in (0, 3600]")
+        if not (isinstance(self.drift_window, int) and
+                (self.drift_window == 0 or 128 <= self.drift_window <= 4096)):
+            raise ConfigError(f"server.drift_window = {self.drift_window!r} is out of range: "
+                              f"use 0 (off) or 128..4096 observations")
+        _at_least("server.drift_every", self.drift_every, 1)
+        if self.drift_threshold is not None and not (
+                isinstance(self.drift_threshold, (int, float)) and self.drift_threshold > 0):
+            raise ConfigError(f"server.drift_threshold = {self.drift_threshold!r} must be a "
+                              f"number > 0 (or unset: calibrated from the reference window)")
         _at_least("server.max_body_bytes", self.max_body_bytes, 1024)
         _at_least("server.max_concurrency", self.max_concurrency, 1)
         for name in ("kv_cache_tokens", "block_size", "max_running", "step_tokens",
@@ -160,6 +178,7 @@ class Config:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     plugins: PluginsSection = field(default_factory=PluginsSection)
     server: ServerSection = field(default_factory=ServerSection)
+    speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
     inputs: InputsSection = field(default_factory=InputsSection)
     # sections the core does not define, kept as tables until `validate` finds the plugin
     # (a weight transform of that name) that owns them
@@ -192,6 +211,11 @@ class Config:
         if self.sampling.sampler and self.sampling.sampler not in registry.names("samplers"):
             raise ConfigError(f"sampling.sampler = {self.sampling.sampler!r} is not registered; "
                               f"choices: {', '.join(registry.names('samplers'))}")
+        drafters = registry.names("drafters")
+        if self.speculative.method is not None and self.speculative.method not in drafters:
+            raise ConfigError(f"speculative.method = {self.speculative.method!r} is not a "
+                              f"registered drafter; choices: "
+                              f"{', '.join(sorted(drafters)) or '(none: pip install lattice-spec-decode)'}")
         from .sampling import BUILTIN_PROCESSORS
         plugin_processors = [n for n in registry.names("logits_processors")
                              if n not in BUILTIN_PROCESSORS]
@@ -260,6 +284,10 @@ def config_from_dict(raw: Mapping[str, Any], where: str = "config") -> Config:
         values = raw.get(name, {})
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: {name} must be a table ([{name}]), got {values!r}")
+        if name == "speculative":  # the drafter's own keys (prompt_lookup_max, model, ...)
+            core = {f.name for f in fields(SpeculativeOptions)} - {"options"}
+            values = {k: v for k, v in values.items() if k in core} | {
+                "options": {k: v for k, v in values.items() if k not in core}}
         sections[name] = _build(name, cls, values, where)
     return Config(**sections)
 

@@ -23,6 +23,8 @@ What is checked at registration (an object's behaviour is the plugin's own tests
 - logits processors: a callable factory `factory(value) -> processor or None`, under a name
   that is not one of the `SamplingParams` fields the engine itself reads (`seed`, `stop`,
   ...): a processor named `seed` would be fed every request's seed.
+- drafters: a callable factory `factory(target, tokenizer, options) -> Drafter`; what it
+  builds is checked against `Drafter` when it is built (`check_drafter`).
 - encoders: an object with a non-empty `modality` string and callable `supports` and
   `load` (`InputEncoder`); what `load` returns is checked when it is loaded
   (`LoadedInputEncoder`).
@@ -116,7 +118,42 @@ class Architecture(Protocol):
     def from_checkpoint(cls, checkpoint: Any, loader: Any, ops: Any) -> CausalLM: ...
 
 
-# --- what an input (image) encoder is ----------------------------------------------------------------------
+@runtime_checkable
+class Drafter(Protocol):
+    """A speculative-decoding drafter (`register_drafters`); see `lattice_engine.speculative`.
+
+    - `propose(request, k)` -> `Draft`: up to k tokens to follow `request.token_ids` (fewer,
+      or none, when it has nothing worth verifying); `Draft.probs` carries the distribution
+      each token was drawn from, or None when the drafter is deterministic (q one-hot).
+    - `verify(rows, draft, rng)` -> list of token ids: a prefix of `draft.tokens` followed by
+      exactly one more token, decided from the target distributions `rows.probs(i)` /
+      `rows.processed(i)` (i = 0 .. len(draft.tokens)) so that the output is distributed as
+      plain decoding's (the spec_decode plugin's rejection sampler does this).
+    - `accepted(request, drafted, kept)`: the outcome of the verify just run (a drafter with
+      its own cache rolls it back here or on its next propose).
+    - `release(request)`: the request ended; drop its per-request state.
+    - `wants_hidden`: True for a drafter that reads the target's hidden states
+      (`DraftRequest.hidden`), e.g. an MTP head.
+    - optional `propose_batch(requests, ks)` -> list of `Draft`: the drafts of several
+      requests of one continuous-batching step at once (a draft model batches its forward);
+      when it raises, the engine falls back to `propose` per request.
+    """
+
+    wants_hidden: bool
+
+    def propose(self, request: Any, k: int) -> Any: ...
+
+    def verify(self, rows: Any, draft: Any, rng: np.random.Generator) -> list[int]: ...
+
+    def accepted(self, request: Any, drafted: int, kept: int) -> None: ...
+
+    def release(self, request: Any) -> None: ...
+
+
+DRAFTER_MEMBERS = ("propose", "verify", "accepted", "release")
+
+
+# --- what an input (image) encoder is --------------------------------------------------
 
 @runtime_checkable
 class LoadedInputEncoder(Protocol):
@@ -261,6 +298,21 @@ def check_sampler(owner: str, name: str, value: Any) -> None:
                     f"rng -> (logits -> token id)")
 
 
+def check_drafter_factory(owner: str, name: str, value: Any) -> None:
+    if not callable(value):
+        raise _fail(owner, "drafter", name, f"is a {type(value).__name__}, not a factory "
+                    f"(target, tokenizer, options) -> Drafter")
+
+
+def check_drafter(name: str, drafter: Any) -> None:
+    """What a drafter factory built must provide (lattice_engine.contract.Drafter)."""
+    lacking = missing_members(drafter, DRAFTER_MEMBERS)
+    if lacking or not isinstance(getattr(drafter, "wants_hidden", None), bool):
+        what = ", ".join(lacking) if lacking else "a boolean wants_hidden"
+        raise PluginError(f"drafter {name!r} built a {type(drafter).__name__} that lacks "
+                          f"{what} (see lattice_engine.contract.Drafter)")
+
+
 def reserved_processor_names() -> frozenset:
     """SamplingParams fields that are not logits processors: a processor by one of these
     names would be handed that field's value on every request."""
@@ -308,6 +360,6 @@ def check_registration(kind: str, owner: str, name: str, value: Any, registry) -
     check = {"architectures": check_architecture, "weight_formats": check_weight_format,
              "weight_transforms": check_weight_transform, "samplers": check_sampler,
              "logits_processors": check_logits_processor,
-             "encoders": check_encoder}.get(kind)
+             "drafters": check_drafter_factory, "encoders": check_encoder}.get(kind)
     if check is not None:
         check(owner, name, value)

@@ -28,7 +28,10 @@ from .transport import sinkhorn, sinkhorn_divergence, sqeuclidean
 
 WARMING, STABLE, DRIFT = "warming", "stable", "drift"
 MIN_WINDOW, MAX_WINDOW = 128, 4096
-_TOL = 1e-9  # marginal violation (L1) at which each Sinkhorn solve stops
+# the marginal violation (L1) at which each Sinkhorn solve stops: the divergence is then
+# off by about epsilon x 1e-4, far below the calibrated threshold's scale (the solver
+# itself is checked to 1e-6 against POT in tests/test_transport.py)
+_TOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,9 @@ class DriftDetector:
         self.last: Optional[DriftCheck] = None
         self.checks = 0
         self._ref_self: Optional[float] = None
-        self._lock = threading.Lock()
+        self._warm = None  # (observations, f_xy, g_xy, f_yy) of the last check
+        self._lock = threading.Lock()        # the windows and the published state
+        self._check_lock = threading.Lock()  # one Sinkhorn check at a time
 
     @property
     def alarm(self) -> bool:
@@ -81,7 +86,10 @@ class DriftDetector:
 
     def observe(self, vectors) -> list[DriftCheck]:
         """Add one vector [d] or several [k, d]; returns the checks this ran (usually
-        none, one every `every` observations once warm). Thread-safe."""
+        none, one every `every` observations once warm). Thread-safe: the windows are
+        updated under a short lock and each due check gets a copy of the rolling window
+        as it was at its observation; the Sinkhorn solves run outside that lock (one at a
+        time), so `snapshot` (/metrics) never waits for them."""
         v = np.asarray(vectors, dtype=np.float64)
         if v.ndim == 1:
             v = v[None, :]
@@ -89,29 +97,32 @@ class DriftDetector:
             raise ValueError(f"observe takes a vector [d] or vectors [k, d], got {v.shape}")
         if not np.all(np.isfinite(v)):
             raise ValueError("observed vectors must be finite")
+        due = []
         with self._lock:
             d = self._dim()
             if d is not None and v.shape[1] != d:
                 raise ValueError(f"vectors of width {v.shape[1]} do not match the reference's "
                                  f"{d}")
-            checks = []
             for row in v:
-                check = self._observe_one(row)
-                if check is not None:
-                    checks.append(check)
-            return checks
+                window = self._observe_one(row)
+                if window is not None:
+                    due.append((window, self.observations))
+        return [self._run_check(window, seen) for window, seen in due]
 
     def _dim(self) -> Optional[int]:
         if self.reference is not None:
             return self.reference.shape[1]
         return self._reference[0].size if self._reference else None
 
-    def _observe_one(self, row: np.ndarray) -> Optional[DriftCheck]:
+    def _observe_one(self, row: np.ndarray) -> Optional[np.ndarray]:
+        """Add a row; the rolling window (a copy, oldest first) when a check is due."""
         self.observations += 1
         if self.reference is None:
             self._reference.append(row)
             if len(self._reference) == self.window:
-                self._freeze()
+                self.reference = np.stack(self._reference)
+                self._reference = []
+                self._recent = np.empty_like(self.reference)
             return None
         self._recent[self._head] = row
         self._head = (self._head + 1) % self.window
@@ -120,13 +131,13 @@ class DriftDetector:
         if self._filled < self.window or self._since_check < self.every:
             return None
         self._since_check = 0
-        return self.check()
+        return np.roll(self._recent, -self._head, axis=0)
 
-    def _freeze(self) -> None:
-        ref = np.stack(self._reference)
-        self._reference = []
-        self.reference = ref
-        self._recent = np.empty_like(ref)
+    def _calibrate(self) -> None:
+        """epsilon, threshold and OT(ref, ref) from the frozen reference (once; under
+        the check lock)."""
+        ref = self.reference
+        w = np.full(self.window, 1.0 / self.window)
         if self.epsilon is None:
             cost = sqeuclidean(ref, ref)
             scale = float(cost.sum() / max(cost.size - len(ref), 1))
@@ -139,29 +150,64 @@ class DriftDetector:
                 null.append(sinkhorn_divergence(ref[perm[:half]], ref[perm[half:2 * half]],
                                                 self.epsilon, tol=_TOL))
             self.threshold = self.margin * max(max(null), 1e-12)
+        if self._ref_self is None:  # OT(ref, ref) never changes: solved once
+            self._ref_self = sinkhorn(w, w, sqeuclidean(ref, ref), self.epsilon, tol=_TOL,
+                                      symmetric=True).value
+
+    def _warm_start(self, seen: int, cost_xy: np.ndarray):
+        """Potentials of the last check moved to this window (which dropped its `shift`
+        oldest points and appended as many new ones), or None. New points get the
+        c-transform of the reference potentials (xy) / the kept points' mean (yy)."""
+        if self._warm is None:
+            return None, None
+        last_seen, f_xy, g_xy, f_yy = self._warm
+        shift = seen - last_seen
+        if not 0 < shift < self.window:
+            return None, None
+        log_w = -np.log(self.window)
+        eps = self.epsilon
+        new = cost_xy[:, self.window - shift:]
+        z = log_w + (f_xy[:, None] - new) / eps
+        top = z.max(axis=0)
+        g_new = -eps * (np.log(np.exp(z - top).sum(axis=0)) + top)
+        g = np.concatenate([g_xy[shift:], g_new])
+        f_self = np.concatenate([f_yy[shift:], np.full(shift, f_yy[shift:].mean())])
+        return (f_xy, g), (f_self, f_self)
+
+    def _run_check(self, recent: np.ndarray, seen: int) -> DriftCheck:
+        with self._check_lock:
+            self._calibrate()
+            w = np.full(self.window, 1.0 / self.window)
+            cost_xy = sqeuclidean(self.reference, recent)
+            init_xy, init_yy = self._warm_start(seen, cost_xy)
+            xy = sinkhorn(w, w, cost_xy, self.epsilon, tol=_TOL, init=init_xy)
+            yy = sinkhorn(w, w, sqeuclidean(recent, recent), self.epsilon, tol=_TOL,
+                          symmetric=True, init=init_yy)
+            self._warm = (seen, xy.f, xy.g, yy.f)
+            distance = xy.value - 0.5 * (self._ref_self + yy.value)
+            state = DRIFT if distance > self.threshold else STABLE
+            check = DriftCheck(float(distance), float(self.threshold), state, seen)
+            with self._lock:
+                if self.last is None or seen >= self.last.observations:
+                    self.state, self.last = state, check
+                self.checks += 1
+            return check
 
     def check(self) -> DriftCheck:
         """Compare the rolling window with the reference now (it must be full)."""
-        if self.reference is None or self._filled < self.window:
-            raise RuntimeError("the detector is still warming: no full window to compare")
-        recent = self._recent
-        w = np.full(self.window, 1.0 / self.window)
-        if self._ref_self is None:  # OT(ref, ref) never changes: solved once
-            self._ref_self = sinkhorn(w, w, sqeuclidean(self.reference, self.reference),
-                                      self.epsilon, tol=_TOL).value
-        xy = sinkhorn(w, w, sqeuclidean(self.reference, recent), self.epsilon, tol=_TOL).value
-        yy = sinkhorn(w, w, sqeuclidean(recent, recent), self.epsilon, tol=_TOL).value
-        distance = xy - 0.5 * (self._ref_self + yy)
-        self.state = DRIFT if distance > self.threshold else STABLE
-        self.checks += 1
-        self.last = DriftCheck(distance, float(self.threshold), self.state, self.observations)
-        return self.last
+        with self._lock:
+            if self.reference is None or self._filled < self.window:
+                raise RuntimeError("the detector is still warming: no full window to compare")
+            window, seen = np.roll(self._recent, -self._head, axis=0), self.observations
+        return self._run_check(window, seen)
 
     def snapshot(self) -> dict:
-        """State for /metrics: state, distance, threshold, observations, checks."""
+        """State for /metrics: state, distance, threshold, observations, checks (never
+        waits for a check in progress)."""
         with self._lock:
             last = self.last
             return {"state": self.state, "alarm": self.alarm, "observations": self.observations,
                     "checks": self.checks,
                     "distance": None if last is None else last.distance,
-                    "threshold": self.threshold, "epsilon": self.epsilon}
+                    "threshold": None if last is None else last.threshold,
+                    "epsilon": self.epsilon}

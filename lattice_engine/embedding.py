@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import CheckpointError, RequestError
+from .errors import CheckpointError, ConfigError, RequestError
 
 POOLING_MODES = ("mean", "cls", "last", "max")
 # sentence-transformers' 1_Pooling/config.json keys -> our modes
@@ -167,12 +167,18 @@ class Embedder:
 
     @classmethod
     def for_loaded(cls, loaded, pooling: Optional[Pooling] = None) -> "Embedder":
+        """Raises ConfigError when the model cannot embed: it has neither `encode` nor
+        `hidden_states` + `make_cache`, or no `config.hidden_size`."""
         model = loaded.model
         cfg = model.config
         hidden = getattr(cfg, "hidden_size", None)
-        if not isinstance(hidden, int):
-            raise CheckpointError(f"{type(model).__name__} has no config.hidden_size; it "
-                                  f"cannot embed")
+        encoder = callable(getattr(model, "encode", None))
+        decoder = callable(getattr(model, "hidden_states", None)) and \
+            callable(getattr(model, "make_cache", None))
+        if not isinstance(hidden, int) or not (encoder or decoder):
+            raise ConfigError(f"{type(model).__module__}.{type(model).__name__} cannot embed: "
+                              f"it needs encode(tokens, mask) or hidden_states(tokens, cache) "
+                              f"and an integer config.hidden_size")
         if pooling is None:
             source = loaded.checkpoint.source
             pooling = read_pooling(Path(source) if source else None,
@@ -230,11 +236,28 @@ class Embedder:
     def embed_ids(self, ids: Sequence[Sequence[int]], *, dimensions: Optional[int] = None,
                   normalize: Optional[bool] = None) -> np.ndarray:
         """float32 [len(ids), dimensions or hidden] embeddings of tokenized inputs."""
+        self.check_dimensions(dimensions)
+        return self.finish(self.pooled(ids), dimensions=dimensions, normalize=normalize)
+
+    def check_dimensions(self, dimensions: Optional[int]) -> None:
         if dimensions is not None and not (isinstance(dimensions, int) and
+                                           not isinstance(dimensions, bool) and
                                            1 <= dimensions <= self.pooling.dimension):
             raise RequestError(f"dimensions = {dimensions!r} must be an integer in "
                                f"1..{self.pooling.dimension} (the model's width)")
+
+    def finish(self, pooled: np.ndarray, *, dimensions: Optional[int] = None,
+               normalize: Optional[bool] = None) -> np.ndarray:
+        """Pooled vectors truncated to `dimensions`, then L2-normalised if asked (default:
+        as the model does)."""
+        self.check_dimensions(dimensions)
         normalize = self.pooling.normalize if normalize is None else normalize
+        out = pooled if dimensions is None else np.ascontiguousarray(pooled[:, :dimensions])
+        return l2_normalize(out) if normalize else out.astype(np.float32, copy=True)
+
+    def pooled(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Pooled hidden states float32 [len(ids), hidden], before truncation and
+        normalisation, in batches of `batch_size` (sorted by length)."""
         n = len(ids)
         out = np.empty((n, self.pooling.dimension), np.float32)
         order = sorted(range(n), key=lambda i: len(ids[i]))
@@ -253,9 +276,7 @@ class Embedder:
                 chunk = order[start:end]
                 out[chunk] = self._decoder_batch([ids[i] for i in chunk])
                 start = end
-        if dimensions is not None:
-            out = np.ascontiguousarray(out[:, :dimensions])
-        return l2_normalize(out) if normalize else out
+        return out
 
     def _encode_batch(self, batch: list[Sequence[int]]) -> np.ndarray:
         t = max(len(s) for s in batch)

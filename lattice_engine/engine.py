@@ -14,8 +14,12 @@ from .loading import LoadedModel, load
 from .plugins import PluginManager, get_plugin_manager
 from .quant.methods import QuantSpec
 from .sampling import SamplingParams
+from .speculative import Speculation, SpeculativeOptions
 
 Prompt = Union[str, Sequence[int]]
+# distinct speculative settings (drafter, k, options) one engine builds and keeps: requests
+# choose them, so their number must be bounded
+MAX_SPECULATIONS = 64
 
 
 class Engine:
@@ -28,6 +32,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, *, sampling: SamplingParams = SamplingParams(),
                  plugin_manager: Optional[PluginManager] = None,
+                 speculative: Optional[SpeculativeOptions] = None,
                  inputs: InputsSection = InputsSection()):
         self.loaded = loaded
         self.model = loaded.model
@@ -38,17 +43,65 @@ class Engine:
         self.encoded_cache = EncodedCache(inputs.encoded_cache)
         self._encoder = None
         self._encoder_lock = threading.Lock()  # the server prepares images in threads
+        self._speculations: dict = {}
+        # the default speculation of every request (built now, so bad options fail at load)
+        self.speculative = speculative or SpeculativeOptions()
+        self.speculation = self.speculation_for(self.speculative)
+
+    def speculation_for(self, choice: Any = None):
+        """The `speculative.Speculation` for a request's choice: None for the engine's
+        default, False to turn it off, a `SpeculativeOptions` or a dict of its fields
+        (method, num_draft_tokens, adaptive, options). Drafters are built once per distinct
+        choice and reused."""
+        if choice is None:
+            return self.speculation
+        if choice is False:
+            return None
+        if isinstance(choice, dict):
+            unknown = sorted(set(choice) - {"method", "num_draft_tokens", "adaptive",
+                                           "options"})
+            if unknown:
+                raise RequestError(f"unknown speculative field(s) {', '.join(unknown)}; "
+                                   f"valid: method, num_draft_tokens, adaptive, options")
+            base = self.speculative
+            choice = SpeculativeOptions(
+                method=choice.get("method", base.method),
+                num_draft_tokens=choice.get("num_draft_tokens", base.num_draft_tokens),
+                adaptive=choice.get("adaptive", base.adaptive),
+                options=choice.get("options", base.options if choice.get(
+                    "method", base.method) == base.method else {}))
+        if not isinstance(choice, SpeculativeOptions):
+            raise RequestError(f"speculative={choice!r} must be false, an object with "
+                               f"method / num_draft_tokens, or unset")
+        if not choice.enabled:
+            return None
+        key = (choice.method, choice.num_draft_tokens, choice.adaptive,
+               repr(sorted(dict(choice.options).items())))
+        if key not in self._speculations:
+            if len(self._speculations) >= MAX_SPECULATIONS:
+                raise RequestError(f"{MAX_SPECULATIONS} distinct speculative settings are in "
+                                   f"use already, the most one engine keeps; use one of them "
+                                   f"or the server's default")
+            try:
+                self._speculations[key] = Speculation.build(
+                    self.plugin_manager.registry, choice, self.model, self.tokenizer)
+            except ConfigError as exc:  # a request's bad choice is the request's error
+                if choice is self.speculative:
+                    raise
+                raise RequestError(str(exc)) from exc
+        return self._speculations[key]
 
     @classmethod
     def load(cls, model: str, *, quant: Optional[str] = None, backend: str = "auto",
              sampling: SamplingParams = SamplingParams(),
-             plugin_manager: Optional[PluginManager] = None) -> "Engine":
+             plugin_manager: Optional[PluginManager] = None,
+             speculative: Optional[SpeculativeOptions] = None) -> "Engine":
         """Load `model` (path or catalog name) quantized with method `quant`; None (the
         default) loads it as stored: a checkpoint written by `lattice quantize` keeps its
         formats, an unquantized one is float32."""
         pm = plugin_manager or get_plugin_manager()
         loaded = load(model, quant=QuantSpec(quant), backend=backend, plugin_manager=pm)
-        return cls(loaded, sampling=sampling, plugin_manager=pm)
+        return cls(loaded, sampling=sampling, plugin_manager=pm, speculative=speculative)
 
     @classmethod
     def from_config(cls, config: Config) -> "Engine":
@@ -63,7 +116,8 @@ class Engine:
                       backend=config.model.backend, plugin_manager=pm,
                       transforms=config.transform_settings(pm.registry),
                       kv_cache=config.model.kv_cache)
-        return cls(loaded, sampling=config.sampling, plugin_manager=pm, inputs=config.inputs)
+        return cls(loaded, sampling=config.sampling, plugin_manager=pm,
+                   speculative=config.speculative, inputs=config.inputs)
 
     # ---- images (an encoder plugin, `register_encoders`) ---------------------------------
     @property
@@ -209,9 +263,11 @@ class Engine:
     def stream(self, prompt: Optional[Prompt] = None, *,
                messages: Optional[list[dict[str, Any]]] = None,
                response_format: Optional[dict[str, Any]] = None, regex: Optional[str] = None,
-               grammar: Any = None, **sampling: Any) -> Iterator[GenerationChunk]:
+               grammar: Any = None, speculative: Any = None,
+               **sampling: Any) -> Iterator[GenerationChunk]:
         """Yield text chunks as they are generated; sampling options override the defaults.
-        response_format / regex / grammar constrain the output (see `grammar_matcher`)."""
+        response_format / regex / grammar constrain the output (see `grammar_matcher`);
+        speculative picks speculative decoding for this call (see `speculation_for`)."""
         self._require_generation()
         params = self.sampling.with_overrides(**sampling)
         ids, images = self._encoded_prompt(messages) if messages is not None and \
@@ -219,15 +275,18 @@ class Engine:
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
         return stream_generate(self.model, self.tokenizer, ids, params,
-                               self.plugin_manager.registry, grammar=matcher, inputs=images)
+                               self.plugin_manager.registry, grammar=matcher, inputs=images,
+                               speculation=self.speculation_for(speculative))
 
     def generate(self, prompt: Optional[Prompt] = None, *,
                  messages: Optional[list[dict[str, Any]]] = None,
                  response_format: Optional[dict[str, Any]] = None, regex: Optional[str] = None,
-                 grammar: Any = None, **sampling: Any) -> GenerationResult:
+                 grammar: Any = None, speculative: Any = None,
+                 **sampling: Any) -> GenerationResult:
         """Generate to the end; sampling options (temperature, max_tokens, stop, seed, ...)
         override the engine's defaults for this call only. response_format / regex /
-        grammar constrain the output (see `grammar_matcher`)."""
+        grammar constrain the output (see `grammar_matcher`); speculative picks
+        speculative decoding for this call (see `speculation_for`)."""
         self._require_generation()
         params = self.sampling.with_overrides(**sampling)
         ids, images = self._encoded_prompt(messages) if messages is not None and \
@@ -235,7 +294,8 @@ class Engine:
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
         return generate(self.model, self.tokenizer, ids, params,
-                        self.plugin_manager.registry, grammar=matcher, inputs=images)
+                        self.plugin_manager.registry, grammar=matcher, inputs=images,
+                        speculation=self.speculation_for(speculative))
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> GenerationResult:
         """Reply to chat messages. A message's content may be a list of parts: text and
@@ -261,7 +321,8 @@ class Engine:
         if current is not None and current.has_unfinished():
             raise RequestError("cannot resize the KV pool while requests are running")
         self._runner = BatchRunner(self.model, self.tokenizer, self.plugin_manager.registry,
-                                   options or BatchingOptions(), variant=self.model_variant)
+                                   options or BatchingOptions(), variant=self.model_variant,
+                                   speculation=self.speculation)
         self._runner.encoded = self.encoded_cache
         return self._runner
 
@@ -278,17 +339,22 @@ class Engine:
     def add_request(self, prompt: Optional[Prompt] = None, *,
                     messages: Optional[list[dict[str, Any]]] = None,
                     request_id: Optional[str] = None, logits_mask=None,
-                    **sampling: Any) -> str:
+                    speculative: Any = None, **sampling: Any) -> str:
         """Queue a request for `step`; returns its id. `logits_mask` (a
-        `scheduler.LogitsMask`) constrains each next token, e.g. to a grammar."""
+        `scheduler.LogitsMask`) constrains each next token, e.g. to a grammar;
+        `speculative` picks its speculative decoding (see `speculation_for`)."""
         params = self.sampling.with_overrides(**sampling)
         if messages is not None and prompt is None:
             ids, images = self.chat_prompt(messages)
         else:
             ids, images = self.prompt_ids(prompt, messages), None
-        return self.runner.add_request(ids, params, request_id=request_id,
-                                       logits_mask=logits_mask, images=images,
-                                       encoder=self._encoder if images else None)
+        runner = self.runner
+        seq = runner.make_sequence(ids, params, request_id=request_id,
+                                   logits_mask=logits_mask, images=images,
+                                   encoder=self._encoder if images else None,
+                                   speculation=self.speculation_for(speculative))
+        runner.enqueue(seq)
+        return seq.request_id
 
     def step(self):
         """Run one batched forward; returns a list of `batching.RequestOutput`."""

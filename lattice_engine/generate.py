@@ -73,15 +73,18 @@ _KERNELS = False
 
 def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
                   max_tokens: int, cache=None, grammar=None,
-                  inputs=None) -> Iterator[tuple[int, float]]:
+                  inputs=None, speculation=None) -> Iterator[tuple[int, float]]:
     """Yield (token, logprob) for up to max_tokens new tokens after prompt_ids.
 
     The caller stops early by closing the generator. The cache (a fresh one by default)
-    holds prompt and generated tokens when the generator ends. `grammar` (a
+    holds prompt and generated tokens when the generator ends (the last one excepted:
+    it is computed when the next token is asked for). `grammar` (a
     `lattice_engine.grammar.GrammarMatcher`) masks each step's logits before sampling and
     accepts the sampled token; logprobs stay those of the unmasked model distribution.
     `inputs` (a `multimodal.MultimodalPrompt` whose inputs are encoded, prompt_ids its
     tokens) gives each forward its rotary positions and image embeddings.
+    `speculation` (a `speculative.Speculation`) drafts tokens and verifies them k + 1 at a
+    time; the tokens are distributed as without it (identical for greedy sampling).
     """
     if len(prompt_ids) == 0:
         raise RequestError("the prompt is empty; give at least one token")
@@ -92,32 +95,60 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
     cache = cache if cache is not None else model.make_cache(batch=1)
     history = list(prompt_ids)
     ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
+
     def extra(start: int, end: int) -> dict:
         return {} if inputs is None else {"inputs": inputs.inputs_for(start, end)}
 
+    spec = speculation.begin(model, history, sampler, grammar, inputs=inputs) \
+        if speculation is not None else None
     for start in range(0, ids.shape[1], PREFILL_CHUNK):
         end = min(start + PREFILL_CHUNK, ids.shape[1])
-        logits = model.forward(ids[:, start:end], cache, last_only=True, **extra(start, end))
-    for _ in range(max_tokens):
-        row = logits[0, -1]
-        if grammar is None:
-            token = sampler(history, row, len(prompt_ids))
+        chunk = ids[:, start:end]
+        if spec is not None and end >= ids.shape[1]:
+            logits = spec.forward_last(cache, chunk)  # hands the drafter hidden states
         else:
-            allowed = row.copy()
-            grammar.apply(allowed)
-            token = sampler(history, allowed, len(prompt_ids))
-            grammar.accept(token)
-        yield token, token_logprob(row, token)
-        history.append(token)
-        if limit and len(history) >= limit:
-            return
-        n = len(history) - 1
-        logits = model.forward(np.array([[token]], dtype=np.int64), cache, last_only=True,
-                               **extra(n, n + 1))
+            logits = model.forward(chunk, cache, last_only=True, **extra(start, end))
+    generated = 0
+    try:
+        while generated < max_tokens:
+            if spec is not None and generated:
+                k = min(max_tokens - generated, (limit or 1 << 62) - len(history)) - 1
+                out = spec.step(cache, k) if k > 0 else None
+                if out is not None:
+                    for token, logprob in out:
+                        yield token, logprob
+                        history.append(token)
+                        generated += 1
+                    if limit and len(history) >= limit:
+                        return
+                    continue
+            if generated and spec is not None:  # speculating: computed only when needed
+                logits = spec.decode(cache, history[-1])
+            row = logits[0, -1]
+            if grammar is None:
+                token = sampler(history, row, len(prompt_ids))
+            else:
+                allowed = row.copy()
+                grammar.apply(allowed)
+                token = sampler(history, allowed, len(prompt_ids))
+                grammar.accept(token)
+            yield token, token_logprob(row, token)
+            history.append(token)
+            generated += 1
+            if limit and len(history) >= limit:
+                return
+            if spec is None:
+                n = len(history) - 1
+                logits = model.forward(np.array([[token]], dtype=np.int64), cache,
+                                       last_only=True, **extra(n, n + 1))
+    finally:
+        if spec is not None:
+            spec.close()
 
 
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                    registry=None, *, grammar=None, inputs=None) -> Iterator[GenerationChunk]:
+                    registry=None, *, grammar=None, inputs=None,
+                    speculation=None) -> Iterator[GenerationChunk]:
     """Stream text for prompt_ids, honouring stop strings, stop tokens and max_tokens (the
     text rules are `text_stream.TextStream`'s, shared with continuous batching).
 
@@ -133,7 +164,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
     new_logprobs: list[float] = []
     finish = "length"
     steps = generate_step(model, prompt_ids, sampler, max_tokens=params.max_tokens,
-                          grammar=grammar, inputs=inputs)
+                          grammar=grammar, inputs=inputs, speculation=speculation)
     try:
         for token, logprob in steps:
             if text.is_stop_token(token):
@@ -163,14 +194,16 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-             registry=None, *, grammar=None, inputs=None) -> GenerationResult:
+             registry=None, *, grammar=None, inputs=None,
+             speculation=None) -> GenerationResult:
     """Run `stream_generate` to the end and collect text, tokens and timings."""
     start = time.perf_counter()
     first = None
     text, tokens, logprobs = [], [], []
     finish = "length"
     for chunk in stream_generate(model, tokenizer, prompt_ids, params, registry,
-                                 grammar=grammar, inputs=inputs):
+                                 grammar=grammar, inputs=inputs,
+                                 speculation=speculation):
         if first is None:
             first = time.perf_counter()
         text.append(chunk.text)

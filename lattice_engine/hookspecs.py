@@ -28,7 +28,7 @@ hookimpl = pluggy.HookimplMarker("lattice_engine")
 # number changes when a hook is removed or its arguments or the objects it registers change
 # incompatibly, the minor number when a hook or an optional argument is added. It moves
 # independently of the engine's release number; `lattice --version` prints both.
-PLUGIN_API_VERSION = "1.1"  # 1.1: register_encoders
+PLUGIN_API_VERSION = "1.2"  # 1.1: register_drafters; 1.2: register_encoders
 
 
 # --- Models ---------------------------------------------------------------------------
@@ -43,7 +43,10 @@ def register_architectures(register: Callable[[str, type], None]) -> None:
             the `lattice_engine.contract.CausalLM` members (forward, make_cache,
             hidden_states, logits, config.vocab_size); with `PagedCausalLM`'s members too
             (make_paged_cache, forward_paged) it can also be served with continuous
-            batching. It need not subclass anything of the core's. Registering a model_type
+            batching. An embedding-only model provides `contract.Encoder`'s `encode(tokens,
+            mask)` instead of the CausalLM members (it cannot generate; see
+            `lattice_engine.embedding`). It need not subclass anything of the core's.
+            Registering a model_type
             that another plugin already owns raises PluginError naming both owners.
     """
 
@@ -115,6 +118,28 @@ def register_logits_processors(register: Callable[[str, Callable], None]) -> Non
             request's (or `[sampling] processors`') entry of the same name. Processors run
             in registry order: the built-ins first (they are tryfirst), then plugins'. A
             name that is a `SamplingParams` field (seed, stop, max_tokens, ...) is refused.
+    """
+
+
+# --- Speculative decoding -------------------------------------------------------------
+
+@hookspec
+def register_drafters(register: Callable[[str, Callable], None]) -> None:
+    """Contribute drafters for speculative decoding, selectable by `[speculative] method =
+    NAME` and per request (`speculative: {"method": NAME}`).
+
+    Args:
+        register: call `register(name, factory)`; `factory(target, tokenizer, options)`
+            returns a `lattice_engine.contract.Drafter` for the loaded target model
+            (`options`: the `[speculative]` section's drafter settings as a dict; a bad
+            one is a ConfigError naming the key, the value and the choices). The engine
+            asks the drafter for k tokens after a sequence (`propose`), scores them in one
+            verify forward of k + 1 positions, and lets the drafter decide which to keep
+            (`verify`, given the target's distributions `speculative.TargetRows` exactly as
+            plain decoding samples from them, and the request's RNG); it then rolls the
+            KV cache, recurrent states and grammar back to what was kept. A drafter that
+            lives inside the target (an MTP head) sets `wants_hidden` and reads the target's
+            final hidden states from `DraftRequest.hidden`.
     """
 
 

@@ -233,12 +233,17 @@ def greedy(rng: np.random.Generator) -> Callable[[np.ndarray], int]:
     return lambda logits: int(np.argmax(logits))
 
 
+def categorical_probabilities(logits: np.ndarray) -> np.ndarray:
+    """float64 softmax of processed logits, as the categorical sampler draws from it."""
+    x = logits.astype(np.float64)
+    if np.isposinf(x).any():  # a plugin processor overflowed: share the mass among them
+        x = np.where(np.isposinf(x), 0.0, -np.inf)
+    return _softmax(x)
+
+
 def categorical(rng: np.random.Generator) -> Callable[[np.ndarray], int]:
     def sample(logits):
-        x = logits.astype(np.float64)
-        if np.isposinf(x).any():  # a plugin processor overflowed: share the mass among them
-            x = np.where(np.isposinf(x), 0.0, -np.inf)
-        probs = _softmax(x)
+        probs = categorical_probabilities(logits)
         return int(rng.choice(probs.size, p=probs))
     return sample
 
@@ -274,17 +279,37 @@ class Sampler:
         if name not in samplers:
             raise RequestError(f"unknown sampler {name!r}; registered: {', '.join(samplers)}")
         self.rng = np.random.default_rng(params.seed)
-        self.pick = samplers[name](self.rng)
+        self.params = params
+        self.name = name
+        factory = samplers[name]
+        self._kind = next((k for k, f in BUILTIN_SAMPLERS.items() if f is factory), "custom")
+        self.pick = factory(self.rng)
         self.bias_ids = np.fromiter(params.logit_bias, np.int64, len(params.logit_bias))
         self.bias_values = np.fromiter(params.logit_bias.values(), np.float32,
                                        len(params.logit_bias))
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
         self.processed: Optional[np.ndarray] = None  # the row the last token was drawn from
 
+    @property
+    def kind(self) -> str:
+        """What distribution `pick` draws from: "greedy" (the argmax of the processed
+        logits), "categorical" (softmax of them, `probabilities`) or "custom" (a plugin
+        sampler, whose distribution the engine cannot know: speculative decoding turns
+        itself off for such a request)."""
+        return self._kind
+
     def __call__(self, token_ids: Sequence[int], logits: np.ndarray,
                  prompt_len: int = 0) -> int:
         """The next token after token_ids, whose first prompt_len are the prompt (the
         presence and frequency penalties count only the tokens after it)."""
+        return self.pick(self.process(token_ids, logits, prompt_len))
+
+    def process(self, token_ids: Sequence[int], logits: np.ndarray,
+                prompt_len: int = 0) -> np.ndarray:
+        """The logits `pick` draws from: a copy of one row after the logit bias, the
+        presence / frequency penalties and every logits processor (repetition penalty,
+        temperature, top-k / top-p / min-p, plugins'), checked; also kept as `processed`.
+        Speculative decoding verifies drafts against exactly this row."""
         logits = np.array(logits, dtype=np.float32, copy=True)
         # -inf is a masked token (a grammar); NaN or +inf can only come from a broken
         # checkpoint or kernel, and no token can be drawn from them honestly. One max()
@@ -314,7 +339,19 @@ class Sampler:
             raise RequestError("no token is left to sample: the output constraint and the "
                                "sampling options removed every token")
         self.processed = logits
-        return self.pick(logits)
+        return logits
+
+    def probabilities(self, processed: np.ndarray) -> np.ndarray:
+        """float64 [V]: the distribution `pick` samples from, given `process`'s row (one-hot
+        at the argmax for greedy; the categorical sampler's softmax otherwise)."""
+        if self._kind == "greedy":
+            p = np.zeros(processed.size, np.float64)
+            p[int(np.argmax(processed))] = 1.0
+            return p
+        if self._kind != "categorical":
+            raise RequestError(f"sampler {self.name!r} is a plugin's: its distribution is "
+                               f"unknown, so it cannot be verified against")
+        return categorical_probabilities(processed)
 
 
 def openai_penalties(logits: np.ndarray, generated: Sequence[int], presence: float,

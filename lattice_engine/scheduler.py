@@ -3,6 +3,9 @@
 Every step the scheduler fills a token budget:
 1. every running sequence that is decoding gets its one token (all of them share one
    forward, so each weight matrix is read once for the whole batch: matmul with M = batch);
+   then a sequence with speculative drafts (`Sequence.draft`, set by the runner) gets
+   rows for them too, from the budget and the blocks left over (drafts never preempt:
+   without room the sequence decodes its one token plainly);
 2. sequences still prefilling get the next chunk of their prompt from what is left;
 3. waiting sequences are admitted while budget, sequence slots and KV blocks last; their
    cached prefix (full blocks seen before) is skipped.
@@ -91,6 +94,9 @@ class Sequence:
     # a sequence with the same prompt queued before this one (n > 1): this one waits for
     # it to compute the prompt's full blocks, then takes them from the prefix cache
     prefix_leader: Optional["Sequence"] = None
+    # speculative decoding: tokens drafted to follow token_ids, verified in this step's
+    # forward together with the pending last token (the runner sets and clears it)
+    draft: list[int] = field(default_factory=list)
 
     def __post_init__(self):
         if not self.token_ids:
@@ -119,6 +125,23 @@ class WorkItem:
     start: int       # position of the first token computed
     count: int       # tokens computed this step
     sample: bool     # whether the last token's logits give the next token
+    # a speculative verify: the pending token then these drafts (count = 1 + len), with
+    # logits at every row
+    draft: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The token ids this item computes."""
+        seq = self.sequence
+        if self.draft:
+            return seq.token_ids[self.start:self.start + 1] + self.draft
+        return seq.token_ids[self.start:self.start + self.count]
+
+    @property
+    def logits_wanted(self) -> int:
+        """Rows of logits this item needs: every row of a verify, else the last if it
+        samples."""
+        return self.count if self.draft else int(self.sample)
 
 
 @dataclass
@@ -192,6 +215,15 @@ class Scheduler:
                 continue
             items.append(WorkItem(seq, seq.num_computed, 1, True))
             budget -= 1
+        for it in items:  # drafts get blocks left over: they never cause a preemption
+            seq = it.sequence
+            if seq.draft and seq.status is Status.RUNNING and len(seq.draft) <= budget and \
+                    self.cache.reserve(seq.blocks, seq.num_computed + 1 + len(seq.draft)):
+                it.draft = list(seq.draft)
+                it.count += len(it.draft)
+                budget -= len(it.draft)
+            else:
+                seq.draft = []
         if items:  # decoders run this step: prefill only a slice, to keep their latency flat
             budget = min(budget, self.interleave_tokens)
         else:
@@ -309,12 +341,15 @@ class Scheduler:
 
     def complete(self, items: list[WorkItem]) -> None:
         """Mark the scheduled tokens computed and offer newly full blocks to the prefix
-        cache."""
+        cache. A verify item's count is what was kept of it (the pending token and the
+        kept drafts, already appended to token_ids); blocks past that are released."""
         for it in items:
             seq = it.sequence
             if seq.status is not Status.RUNNING:
                 continue
             seq.num_computed = it.start + it.count
+            if it.draft:
+                self.cache.trim(seq.blocks, seq.num_computed)
             new = self.cache.commit(seq.blocks, seq.hash_ids, seq.num_computed)
             recurrent = self.cache.recurrent
             if new and recurrent is not None and seq.blocks.state_slot is not None and \

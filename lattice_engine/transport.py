@@ -88,13 +88,24 @@ def _check(a: np.ndarray, b: np.ndarray, cost: np.ndarray, eps: float,
 
 def sinkhorn(a, b, cost, eps: float, *, rho: Optional[float] = None, tol: float = 1e-12,
              max_iter: int = 100_000, scaling: float = 0.5,
-             eps_start: Optional[float] = None) -> SinkhornResult:
+             eps_start: Optional[float] = None, symmetric: bool = False,
+             init: Optional[tuple] = None) -> SinkhornResult:
     """Entropic OT between weights a [n] and b [m] under cost [n, m] (see the module
     docstring); `rho` makes it unbalanced. Stops when the marginal violation (L1, of the
     column marginal after the row update; for unbalanced, the change of the potentials)
     drops below `tol`. `scaling` in (0, 1) is the factor between epsilon stages (1: no
-    scaling); `eps_start` the first stage's epsilon (default: the cost's range)."""
+    scaling); `eps_start` the first stage's epsilon (default: the cost's range).
+
+    `symmetric`: a problem of a distribution with itself (b is a, cost symmetric), as the
+    debiasing terms are; then f = g and the averaged update f <- (f + T(f)) / 2 converges
+    in a few dozen iterations where the alternating one crawls (Feydy et al. 2019).
+
+    `init`: potentials (f, g) of a nearby problem to start from (a warm start: the drift
+    detector's windows change by a few points between checks); no epsilon scaling then."""
     a, b, cost = _check(a, b, cost, eps, rho)
+    if symmetric and (a.shape != b.shape or not np.array_equal(a, b) or
+                      not np.allclose(cost, cost.T)):
+        raise ValueError("symmetric=True needs b equal to a and a symmetric cost")
     if not 0 < scaling <= 1:
         raise ValueError(f"scaling = {scaling!r} must lie in (0, 1]")
     log_a = np.where(a > 0, np.log(np.where(a > 0, a, 1.0)), -np.inf)
@@ -104,18 +115,29 @@ def sinkhorn(a, b, cost, eps: float, *, rho: Optional[float] = None, tol: float 
     spread = float(cost.max() - cost.min())
     e = max(eps_start if eps_start is not None else spread, eps)
     stages = []
-    while scaling < 1 and e > eps:
+    while scaling < 1 and e > eps and init is None:
         stages.append(e)
         e *= scaling
     stages.append(eps)
+    if init is not None:
+        f = np.array(init[0], dtype=np.float64)
+        g = np.array(init[1], dtype=np.float64)
+        if f.shape != a.shape or g.shape != b.shape or not (np.isfinite(f).all() and
+                                                            np.isfinite(g).all()):
+            raise ValueError(f"init potentials must be finite, of shapes {a.shape} and "
+                             f"{b.shape}; got {f.shape} and {g.shape}")
     iterations, err = 0, np.inf
     for k, e in enumerate(stages):
         lam = 1.0 if rho is None else rho / (rho + e)
         last = k == len(stages) - 1
         budget = max_iter - iterations if last else 4
         for _ in range(budget):
-            f_new = -lam * e * _lse(log_b[None, :] + (g[None, :] - cost) / e, axis=1)
-            g_new = -lam * e * _lse(log_a[:, None] + (f_new[:, None] - cost) / e, axis=0)
+            if symmetric:
+                t = -lam * e * _lse(log_b[None, :] + (g[None, :] - cost) / e, axis=1)
+                f_new = g_new = 0.5 * (f + t)
+            else:
+                f_new = -lam * e * _lse(log_b[None, :] + (g[None, :] - cost) / e, axis=1)
+                g_new = -lam * e * _lse(log_a[:, None] + (f_new[:, None] - cost) / e, axis=0)
             iterations += 1
             if not last:
                 f, g = f_new, g_new
@@ -166,8 +188,8 @@ def sinkhorn_divergence(x, y, eps: float, *, a=None, b=None, rho: Optional[float
     b = np.full(len(y), 1.0 / len(y)) if b is None else np.asarray(b, np.float64)
     kw = dict(rho=rho, tol=tol, scaling=scaling)
     xy = sinkhorn(a, b, cost(x, y), eps, **kw).value
-    xx = sinkhorn(a, a, cost(x, x), eps, **kw).value
-    yy = sinkhorn(b, b, cost(y, y), eps, **kw).value
+    xx = sinkhorn(a, a, cost(x, x), eps, symmetric=True, **kw).value
+    yy = sinkhorn(b, b, cost(y, y), eps, symmetric=True, **kw).value
     out = xy - 0.5 * (xx + yy)
     if rho is not None:
         out += 0.5 * eps * (a.sum() - b.sum()) ** 2

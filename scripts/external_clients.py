@@ -1,6 +1,6 @@
 """Real OpenAI-API clients against `lattice serve`: lm-evaluation-harness and the `llm` CLI.
 
-    pip install lm_eval llm        # into the same environment as lattice-engine
+    pip install "lm_eval[api]" llm   # into the same environment as lattice-engine
     python scripts/external_clients.py [--model smollm2-135m] [--port 8765]
 
 1. Starts `lattice serve MODEL` as a subprocess (what a user runs).
@@ -66,7 +66,7 @@ dataset_kwargs:
 test_split: test
 output_type: generate_until
 doc_to_text: "Question: What is {{{{a}}}} plus {{{{b}}}}?\\nAnswer:"
-doc_to_target: " {{{{sum}}}}"
+doc_to_target: "{{{{sum}}}}"
 generation_kwargs:
   until: ["\\n", "."]
   max_gen_toks: 8

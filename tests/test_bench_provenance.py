@@ -136,3 +136,20 @@ def test_quant_quality_table_reads_the_committed_rows():
     table_rows = [line for line in res.stdout.splitlines()
                   if line.startswith("| ") and not line.startswith("| model")]
     assert len(table_rows) == sum(r["kind"] == "ppl" for r in committed) > 0
+
+
+def test_peak_rss_bench_measures_each_lattice_run_in_its_own_process(tmp_path):
+    from conftest import fixture_with_tokenizer
+    folder = fixture_with_tokenizer("llama", tmp_path)
+    out = tmp_path / "rss.jsonl"
+    res = subprocess.run([sys.executable, str(BENCH / "peak_rss.py"), "--model", str(folder),
+                          "--quant", "f32", "--threads", "1", "--ppl-tokens", "64",
+                          "--skip", "llama.cpp", "--results", str(out)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    row = json.loads(out.read_text())
+    for kind in ("generate", "ppl"):
+        run = row["runs"][kind]["lattice"]
+        assert "error" not in run, run
+        assert 20 < run["peak_rss_mb"] < row["provenance"]["children_peak_rss_mb"] + 1
+    assert row["runs"]["ppl"]["lattice"]["output"].startswith("{")  # lattice ppl's JSON

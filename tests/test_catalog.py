@@ -54,7 +54,8 @@ def leftovers(folder: Path) -> list[str]:
 
 def test_real_catalog_entries_are_well_formed():
     assert catalog.DEFAULT_MODEL in catalog.CATALOG
-    assert set(catalog.CATALOG) == {"smollm2-135m", "qwen2.5-coder-0.5b", "all-minilm-l6-v2"}
+    assert set(catalog.CATALOG) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b",
+                                    "all-minilm-l6-v2"}
     for e in catalog.CATALOG.values():
         if e.files:  # a folder model: every file hashed, the size their total
             assert e.size == sum(f.size for f in e.files) and e.sha256 == ""
@@ -64,6 +65,7 @@ def test_real_catalog_entries_are_well_formed():
         assert len(e.sha256) == 64 and int(e.sha256, 16) >= 0
         assert e.size > 0 and e.sources and isinstance(e.sources[0], PyPISource)
     assert len(catalog.CATALOG["qwen2.5-coder-0.5b"].sources[0].parts) == 6
+    assert len(catalog.CATALOG["qwen2.5-coder-1.5b"].sources[0].parts) == 22
 
 
 def test_lattice_home_env_and_default(monkeypatch, tmp_path):

@@ -216,3 +216,19 @@ def test_layer_norm_and_gelu_kernels_match_numpy():
     tanh_form = 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y.astype(np.float64) ** 3)))
     assert np.abs(kernels.gelu(y, tanh=True) - tanh_form).max() <= 1e-5
     assert np.abs(ops.gelu(y, tanh=True) - tanh_form).max() <= 1e-5
+
+
+def test_the_contract_accepts_an_encoder_and_names_both_shapes():
+    from lattice_engine.contract import check_architecture
+    from lattice_engine.errors import PluginError
+    from lattice_engine.models.bert import Model
+
+    check_architecture("core", "bert", Model)  # encode + from_checkpoint: accepted
+
+    class Neither:
+        @classmethod
+        def from_checkpoint(cls, checkpoint, loader, ops):
+            return cls()
+
+    with pytest.raises(PluginError, match=r"lacks forward.*`encode` instead, see Encoder"):
+        check_architecture("p", "x", Neither)

@@ -138,3 +138,15 @@ def test_packed_columns_move_in_whole_blocks():
     q8 = get_plugin_manager().registry.get("weight_formats", "q8_0")
     as_float = PackedMatrix(q8, t.shape[0], t.shape[1], packed.data).to_float()
     np.testing.assert_array_equal(as_float, gguf_qwen35._float_loader(t, fix)())
+
+
+def test_plain_matrices_are_read_a_slice_of_rows_at_a_time():
+    """Matrices the converter left as they are can be converted at load slice by slice
+    (io/stored.py: no whole-tensor float copy); the permuted ones are read whole."""
+    from lattice_engine.io.stored import StoredTensor
+    ck = load_gguf(F32)
+    up = ck.tensors["model.layers.0.mlp.up_proj.weight"]
+    assert isinstance(up, StoredTensor)
+    np.testing.assert_array_equal(up.rows()[3:11], up()[3:11])
+    assert not isinstance(ck.tensors["model.layers.0.linear_attn.in_proj_z.weight"],
+                          StoredTensor)

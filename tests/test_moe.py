@@ -186,7 +186,7 @@ def test_c_dispatch_matches_the_reference_on_the_same_kernels(name, quant, kerne
     from lattice_engine.testing.tolerance import U32
     rng = np.random.default_rng(1)
     for moe in _moe_layers(name, quant):
-        for n in (1, 3, 17):
+        for n in (1, 3, 17, 600):  # 600: two passes of lk_moe_forward
             x = rng.standard_normal((n, moe.hidden)).astype(np.float32)
             got = moe.native()(x)
             want = moe.reference(x, kernels)
@@ -366,3 +366,48 @@ def test_decode_weight_bytes_count_only_the_active_experts():
     assert dense - total == sum((b.mlp.num_experts - 2) * expert for b in model.layers)
     mem = resident_memory_mb()
     assert not mem or mem["rss"] >= mem["anon"] > 0
+
+
+def test_qwen3_5_moe_conditional_generation_layout_loads(tmp_path):
+    """Qwen3_5MoeForConditionalGeneration (model_type qwen3_5_moe): the text config under
+    text_config, the text weights under model.language_model.*."""
+    folder = tmp_path / "vl"
+    folder.mkdir()
+    text = json.loads((FIXTURES / "qwen3_5_moe" / "config.json").read_text())
+    config = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+              "text_config": dict(text, model_type="qwen3_5_moe_text"),
+              "tie_word_embeddings": False}
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(FIXTURES / "qwen3_5_moe" / "model.safetensors"))
+    moved = {(k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v
+             for k, v in weights.items()}
+    save_file(moved, str(folder / "model.safetensors"))
+    model = load(folder, backend="numpy").model
+    golden = load_file(str(FIXTURES / "qwen3_5_moe" / "golden.safetensors"))
+    logits = model.forward(golden["prompt_ids"], model.make_cache(batch=2))
+    assert np.abs(logits - golden["prefill_logits"]).max() <= ISSUE_ATOL
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen3_5_moe"])
+def test_batch_runner_serves_moe_models(tmp_path, name):
+    """Continuous batching (the server's engine) over a MoE model: concurrent requests get
+    what each gets alone."""
+    from conftest import fixture_with_tokenizer
+    from lattice_engine.batching import BatchingOptions
+    from lattice_engine.engine import Engine
+    engine = Engine.load(str(fixture_with_tokenizer(name, tmp_path, eos_token_id=-1)))
+    prompts = ["The quick brown fox jumps over the lazy dog", "hello", "1 2 3 4 5 6 7 8"]
+    options = BatchingOptions(block_size=16, kv_cache_tokens=1024, max_running=4)
+
+    def run(prompts):
+        engine.start_batching(options)
+        out = {}
+        for p in prompts:
+            out[engine.add_request(p, max_tokens=10, temperature=0)] = []
+        while engine.has_unfinished():
+            for o in engine.step():
+                out[o.request_id] += o.token_ids
+        return list(out.values())
+
+    alone = [run([p])[0] for p in prompts]
+    assert run(prompts) == alone

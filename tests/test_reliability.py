@@ -171,10 +171,10 @@ def test_a_failing_request_gets_an_error_event_and_done_while_others_finish(serv
     real = sampling.Sampler.__call__
     poison = list(b"NaN!")
 
-    def flaky(self, token_ids, logits):
+    def flaky(self, token_ids, logits, *rest):
         if list(token_ids[:4]) == poison:
             raise ValueError("secret internal detail")
-        return real(self, token_ids, logits)
+        return real(self, token_ids, logits, *rest)
 
     monkeypatch.setattr(sampling.Sampler, "__call__", flaky)
     body = {"model": "smollm2-135m", "max_tokens": 30, "ignore_eos": True}

@@ -332,6 +332,31 @@ static void qwen35_step(const char *name, const qwen35_dims *c) {
 /* ---- main ------------------------------------------------------------------------ */
 
 /* The CPU this process sees (under valgrind: the CPU valgrind emulates), for the record. */
+/* ---- the mixture-of-experts MLP (moe.c): routing, grouping, the grouped matmuls --------- */
+
+static int moe_rows(const lk_moe *m, const float *x, int64_t n, float *out) {
+    return lk_moe_forward(m, x, n, out);
+}
+
+static void moe(void) {
+    reseed(8);
+    /* small on purpose (callgrind): 16 experts of 128, top-4, hidden 256 */
+    const int64_t h = 256, e = 16, f = 128, n = 8;
+    lk_moe m;
+    memset(&m, 0, sizeof m);
+    m.hidden = h, m.n_experts = e, m.top_k = 4, m.inter = f, m.normalize = 1;
+    m.router.fmt = LK_FMT_F32, m.router.w = randf(e * h, -0.2f, 0.2f);
+    m.router.ldw = h * 4, m.router.rows = e, m.router.cols = h;
+    lk_linear *gate = calloc((size_t)e, sizeof *gate), *up = calloc((size_t)e, sizeof *up);
+    lk_linear *down = calloc((size_t)e, sizeof *down);
+    for (int64_t i = 0; i < e; i++)
+        gate[i] = q8_linear(f, h), up[i] = q8_linear(f, h), down[i] = q8_linear(h, f);
+    m.gate = gate, m.up = up, m.down = down;
+    float *x = randf(n * h, -1.0f, 1.0f), *out = xalloc((size_t)(n * h) * sizeof(float));
+    MEASURE("moe forward 1 row, 16 experts top-4 (q8_0 256/128)", , moe_rows(&m, x, 1, out));
+    MEASURE("moe forward 8 rows, 16 experts top-4 (q8_0 256/128)", , moe_rows(&m, x, n, out));
+}
+
 static void print_cpu(void) {
 #if defined(__x86_64__)
     unsigned r[12] = {0}, a, b, c, d;
@@ -411,6 +436,7 @@ int main(int argc, char **argv) {
     }
     llama_step("llama fixture decode step (q8_0, pos 100)", &ld);
     qwen35_step("qwen3.5 fixture decode step (q8_0, pos 100)", &qd);
+    moe();
     if (failures) {
         fprintf(stderr, "driver: %d entries failed\n", failures);
         return 1;

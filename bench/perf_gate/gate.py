@@ -8,8 +8,8 @@ What is measured: driver.c, built here from native/src/*.c and the quant_q4 plug
 q4_kernels.c with the compiler command and flags the Python modules are built with (so the
 gate always measures the working tree, installed or not), runs each entry (q8_0 / f16 /
 q4_sym_g32 matvec and 4-row matmul, decode attention, the gated delta rule's recurrent step
-and a chunked prefill chunk, and one fused decode step of the llama and Qwen3.5 test
-fixtures' shapes) once to warm up and once between callgrind client requests, single
+and a chunked prefill chunk, one fused decode step of the llama and Qwen3.5 test
+fixtures' shapes, and the MoE MLP's expert dispatch over 1 and 8 rows) once to warm up and once between callgrind client requests, single
 threaded. Instruction counts (Ir) do not depend on what else the machine runs, so the
 threshold can be tight: an entry more than 7% above its baseline fails the gate.
 

@@ -3,8 +3,10 @@ for each linear-attention (Gated DeltaNet) layer, the rolling conv state and the
 delta-rule state, row b of every array belonging to sequence b.
 
 The recurrent states cannot be rolled back by forgetting positions the way keys and values
-can, so rollback (speculative decoding, prefix caching, retries) goes through
-`snapshot()` / `restore()`.
+can, so rollback goes through `snapshot()` / `restore()`, or, for speculative decoding,
+through a trail: after `record_next()`, the next forward keeps the recurrent state after
+each of its positions (the model runs the recurrence token by token then, the same
+computation as decoding), and `truncate()` can return to any of them exactly.
 """
 
 from __future__ import annotations
@@ -40,6 +42,38 @@ class HybridCache:
                      for _ in range(num_linear)]
         self.delta = [np.zeros((batch, value_heads, key_head_dim, value_head_dim), np.float32)
                       for _ in range(num_linear)]
+        self.recording = False  # the next forward keeps a trail (record_next)
+        self._trail_start: int | None = None
+        self._trail: list[list[np.ndarray]] = []  # per layer state: [T + 1, ...] copies
+
+    def record_next(self) -> None:
+        """Make the next forward keep the recurrent state after each of its positions, so
+        that `truncate` can cut back to any of them (speculative verify)."""
+        self.recording = True
+
+    def start_trail(self, tokens: int) -> None:
+        """Called by the model at the start of a recorded forward of `tokens` positions:
+        room for the states after 0 .. tokens of them, the current one as entry 0."""
+        self._trail_start = self.offset
+        self._trail = []
+        for state in self.conv + self.delta:
+            trail = np.empty((tokens + 1,) + state.shape, state.dtype)
+            trail[0] = state
+            self._trail.append(trail)
+
+    def keep_state(self, layer: int, position: int) -> None:
+        """Record linear layer `layer`'s conv and delta state after `position` + 1 tokens
+        of the recorded forward."""
+        n = len(self.conv)
+        self._trail[layer][position + 1] = self.conv[layer]
+        self._trail[n + layer][position + 1] = self.delta[layer]
+
+    def end_trail(self) -> None:
+        self.recording = False
+
+    def drop_trail(self) -> None:
+        """A forward that is not recorded invalidates the last trail."""
+        self._trail = []
 
     @property
     def offset(self) -> int:
@@ -66,8 +100,18 @@ class HybridCache:
             mine[...] = saved
 
     def truncate(self, length: int) -> None:
-        """Only a no-op truncation is possible without a snapshot: the recurrent states
-        hold every position folded together."""
-        if length != self.offset:
+        """Cut back to `length` positions: a no-op at the current offset, else a position
+        of the last recorded forward (`record_next`); the recurrent states hold every
+        position folded together, so anything earlier needs snapshot() / restore()."""
+        if length == self.offset:
+            self._trail = []
+            return
+        start = self._trail_start
+        if not self._trail or start is None or not start <= length < self.offset:
             raise ValueError(f"a hybrid cache cannot be truncated from {self.offset} to "
-                             f"{length} positions; take snapshot() before and restore() it")
+                             f"{length} positions; record_next() before the forward, or "
+                             f"take snapshot() before and restore() it")
+        self.kv.truncate(length)
+        for state, trail in zip(self.conv + self.delta, self._trail):
+            state[...] = trail[length - start]
+        self._trail = []

@@ -111,6 +111,19 @@ class PagedKVCache:
         seq.table.extend(self.pool.allocate() for _ in range(need))
         return True
 
+    def trim(self, seq: SequenceBlocks, num_tokens: int) -> None:
+        """Release seq's blocks past those num_tokens need (a speculative verify reserved
+        room for drafts that were rejected). Those blocks hold only positions past
+        num_tokens, so none was registered for prefix reuse; a block shared through the
+        prefix cache is never past a sequence's computed tokens."""
+        keep = self.blocks_for(num_tokens)
+        if keep < len(seq.block_hashes):
+            raise ValueError(f"cannot trim to {num_tokens} tokens: {len(seq.block_hashes)} "
+                             f"full blocks are already committed")
+        if keep < len(seq.table):
+            self.pool.release(seq.table[keep:])
+            del seq.table[keep:]
+
     def commit(self, seq: SequenceBlocks, token_ids: Sequence[int], num_computed: int) -> list[bytes]:
         """Register seq's blocks that became full (all of their tokens computed) for prefix
         reuse; returns their new hashes (the caller snapshots recurrent state there)."""

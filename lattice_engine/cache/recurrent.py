@@ -11,6 +11,11 @@ a [H, Dk, Dv] memory) instead of a growing K/V history. Serving needs:
 
 The model owns the meaning of the arrays: `state(slot)` returns writable views it updates
 in place, one array per entry of `shapes`.
+
+Speculative decoding verifies several tokens of a sequence in one step and may keep only
+some: the model then records a trail for that slot (`start_trail`, `keep`: the state after
+each verified row, computed token by token as decoding does) and `rollback` sets the slot
+to the state after the rows that were kept, bit for bit what decoding them would give.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class RecurrentStateSlots:
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.max_snapshots = max_snapshots
         self.snapshots: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
+        self.trails: dict[int, list[np.ndarray]] = {}  # slot -> per array [rows + 1, ...]
 
     @property
     def num_slots(self) -> int:
@@ -53,7 +59,33 @@ class RecurrentStateSlots:
     def release(self, slot: int) -> None:
         if slot in self.free_slots or not 0 <= slot < self.num_slots:
             raise ValueError(f"recurrent slot {slot} is not in use")
+        self.trails.pop(slot, None)
         self.free_slots.append(slot)
+
+    # ---- speculative verify: the state after each verified row -------------------------
+    def start_trail(self, slot: int, rows: int) -> None:
+        """Room for slot's state after 0 .. rows rows of a verify; entry 0 is the state now."""
+        trail = []
+        for a in self.arrays:
+            t = np.empty((rows + 1,) + a.shape[1:], a.dtype)
+            t[0] = a[slot]
+            trail.append(t)
+        self.trails[slot] = trail
+
+    def keep(self, slot: int, array: int, row: int) -> None:
+        """Record array `array` of slot as it is after verify row `row` (0-based)."""
+        self.trails[slot][array][row + 1] = self.arrays[array][slot]
+
+    def rollback(self, slot: int, rows: int) -> None:
+        """Set slot to its state after the first `rows` rows of its last verify, and drop
+        the trail (rows = all of them: the state is already that)."""
+        trail = self.trails.pop(slot, None)
+        if trail is None:
+            raise ValueError(f"recurrent slot {slot} has no verify trail to roll back")
+        if not 0 <= rows < trail[0].shape[0]:
+            raise ValueError(f"cannot keep {rows} rows of a {trail[0].shape[0] - 1}-row verify")
+        for a, t in zip(self.arrays, trail):
+            a[slot] = t[rows]
 
     def state(self, slot: int) -> list[np.ndarray]:
         """Writable views of slot's arrays, one per shape."""

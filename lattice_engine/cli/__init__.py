@@ -13,8 +13,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import LatticeError
-from .commands import (cmd_chat, cmd_generate, cmd_models, cmd_plugins, cmd_ppl, cmd_pull,
-                       cmd_quantize, cmd_serve)
+from .commands import (cmd_chat, cmd_embed, cmd_generate, cmd_models, cmd_plugins, cmd_ppl,
+                       cmd_pull, cmd_quantize, cmd_serve)
 from .parser import build_parser
 from .settings import load_settings
 
@@ -22,7 +22,7 @@ __all__ = ["main", "build_parser", "load_settings", "COMMANDS"]
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "ppl": cmd_ppl,
             "plugins": cmd_plugins, "pull": cmd_pull, "models": cmd_models,
-            "quantize": cmd_quantize}
+            "quantize": cmd_quantize, "embed": cmd_embed}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

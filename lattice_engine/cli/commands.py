@@ -122,13 +122,43 @@ def cmd_serve(args) -> int:
                              max_running=args.max_running, step_tokens=args.step_tokens,
                              interleave_tokens=args.interleave_tokens,
                              max_itl_rise=args.max_itl_rise,
-                             max_concurrency=args.max_concurrency)
+                             max_concurrency=args.max_concurrency,
+                             drift_window=args.drift_window,
+                             drift_threshold=args.drift_threshold)
     engine = Engine.from_config(config)
     name = config.server.model_name or config.model.path
     print(f"lattice serve: {name} on http://{config.server.host}:{config.server.port}/v1 "
           f"(KV pool {config.server.kv_cache_tokens} tokens)", file=sys.stderr)
     serve(engine, model_name=name, settings=config.server,
           options=config.server.batching_options(), log_level=args.log_level)
+    return 0
+
+
+def cmd_embed(args) -> int:
+    """One JSON line per input: {"index", "tokens", "embedding"}."""
+    from ..errors import ConfigError
+    texts = list(args.texts)
+    if args.file is not None:
+        if texts:
+            raise ConfigError("give texts as arguments or --file, not both")
+        try:
+            raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--file {args.file}: cannot read it as UTF-8 text ({exc})") from None
+        texts = [line for line in raw.splitlines() if line.strip()]
+    elif not texts:
+        texts = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not texts:
+        raise ConfigError("nothing to embed: give texts, --file FILE, or lines on stdin")
+    engine = make_engine(args)
+    embedder = engine.embedder
+    ids = embedder.tokenize(texts, prompt=args.prompt_name, instruction=args.instruction,
+                            truncate=args.truncate)
+    vectors = embedder.embed_ids(ids, dimensions=args.dimensions,
+                                 normalize=False if args.no_normalize else None)
+    for i, (v, t) in enumerate(zip(vectors, ids)):
+        print(json.dumps({"index": i, "tokens": len(t),
+                          "embedding": [float(x) for x in v]}))
     return 0
 
 

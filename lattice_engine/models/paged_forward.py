@@ -10,7 +10,7 @@ sequence's keys through its block table (`ops.paged_attention`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -31,6 +31,15 @@ class PagedBatch:
     slots: np.ndarray         # int64 [N], flat KV slot of each row
     logit_rows: np.ndarray    # int64 [L]
     state_slots: np.ndarray   # int64 [S], recurrent-state slot per sequence (-1: none)
+    # bool [S]: sequences whose rows are a speculative verify (logits at every row): a
+    # model with recurrent layers runs their recurrence token by token and keeps the state
+    # after each row (`RecurrentStateSlots.start_trail`), so a partial accept rolls back
+    record: Optional[np.ndarray] = None
+    # set want_hidden before the forward to get the final-norm hidden states of the logit
+    # rows in `hidden` afterwards ([L, H]: what a drafter inside the model, an MTP head,
+    # reads); a model calls keep_hidden on them
+    want_hidden: bool = False
+    hidden: Optional[np.ndarray] = None
     # multimodal sequences (`multimodal.ForwardInputs` per item): M-RoPE positions of every
     # row [3, N] (None: `positions`), rows whose embeddings are replaced, their embeddings
     # [k, H] and deepstack additions after the first layers
@@ -38,6 +47,12 @@ class PagedBatch:
     replace_rows: Optional[np.ndarray] = None
     replace_embeds: Optional[np.ndarray] = None
     deepstack: tuple = ()
+
+    def keep_hidden(self, hidden: np.ndarray) -> np.ndarray:
+        """Record the logit rows' final hidden states if asked; returns them unchanged."""
+        if self.want_hidden:
+            self.hidden = np.array(hidden, dtype=np.float32, copy=True)
+        return hidden
 
     def rope(self, model):
         """cos, sin of every row: 1-D positions, or the model's M-RoPE tables."""
@@ -63,11 +78,13 @@ class PagedBatch:
 
     @classmethod
     def build(cls, cache: PagedKVCache,
-              items: Sequence[tuple[SequenceBlocks, Sequence[int], int, bool]],
+              items: Sequence[tuple[SequenceBlocks, Sequence[int], int, Union[bool, int]]],
               inputs: Optional[Sequence] = None) -> "PagedBatch":
-        """items: (sequence blocks, new token ids, position of the first, wants logits of
-        the last). The sequences' tables must already hold blocks for the new tokens.
-        inputs: per item a `multimodal.ForwardInputs` or None (text at index positions)."""
+        """items: (sequence blocks, new token ids, position of the first, logits wanted):
+        True (or 1) for the last row's logits, False (0) for none, n > 1 for the last n
+        rows' (a verify row: n = all of its tokens). The sequences' tables must already hold
+        blocks for the new tokens. inputs: per item a `multimodal.ForwardInputs` or None
+        (text at index positions)."""
         counts = [len(toks) for _, toks, _, _ in items]
         q_start = np.zeros(len(items) + 1, np.int64)
         q_start[1:] = np.cumsum(counts)
@@ -82,12 +99,17 @@ class PagedBatch:
             if items else np.zeros(0, np.int64)
         slots = np.concatenate([cache.slots(s, p, n) for (s, _, p, _), n in zip(items, counts)]) \
             if items else np.zeros(0, np.int64)
-        logit_rows = np.array([q_start[i + 1] - 1 for i, it in enumerate(items) if it[3]],
-                              np.int64)
+        wanted = [int(it[3]) for it in items]
+        if any(w < 0 or w > c for w, c in zip(wanted, counts)):
+            raise ValueError(f"logits wanted {wanted} for rows {counts}: each must be in "
+                             f"[0, its row count]")
+        logit_rows = np.array([r for i, w in enumerate(wanted)
+                               for r in range(q_start[i + 1] - w, q_start[i + 1])], np.int64)
         state_slots = np.array([-1 if s.state_slot is None else s.state_slot
                                 for s, _, _, _ in items], np.int64)
+        record = np.array([w > 1 for w in wanted], bool)
         batch = cls(tokens, positions, q_start, pos_start, tables, slots, logit_rows,
-                    state_slots)
+                    state_slots, record=record if record.any() else None)
         if inputs is not None and any(i is not None for i in inputs):
             batch._add_inputs(inputs)
         return batch
@@ -128,7 +150,7 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
     step = None if batch.replaces else model._decode_step()
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values)
-        return model.logits(hidden[batch.logit_rows])
+        return model.logits(batch.keep_hidden(hidden[batch.logit_rows]))
     x = batch.replace_and_stack(ops.embed(model.embed_tokens, tokens[None, :]))  # [1, N, H]
     for index, block in enumerate(model.layers):
         attn = block.self_attn
@@ -150,4 +172,4 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
         x = x + block.mlp(block.mlp_input(x, ops), ops)
         x = batch.replace_and_stack(x, index)
     last = x[0, batch.logit_rows]                                # only rows that sample
-    return model.logits(ops.rms_norm(last, model.norm, cfg.rms_norm_eps))
+    return model.logits(batch.keep_hidden(ops.rms_norm(last, model.norm, cfg.rms_norm_eps)))

@@ -179,9 +179,26 @@ class GatedDeltaNet:
 
     def __call__(self, x, slot: int, cache: HybridCache, ops):
         mixed, beta, g, z = self.project(x, ops)
-        core = self.recur(mixed, beta, g, cache.conv[slot], cache.delta[slot], ops,
-                          self.chunk if x.shape[1] > 1 else 0)
+        if getattr(cache, "recording", False):
+            core = self.recur_recorded(mixed, beta, g, cache, slot, ops)
+        else:
+            core = self.recur(mixed, beta, g, cache.conv[slot], cache.delta[slot], ops,
+                              self.chunk if x.shape[1] > 1 else 0)
         return self.gate_out(core, z, ops)
+
+    def recur_recorded(self, mixed, beta, g, cache: HybridCache, slot: int, ops):
+        """The recurrence token by token (exactly a decode step's computation), keeping the
+        state after each token in the cache's trail (speculative verify: `truncate` then
+        returns to any of these positions)."""
+        t = mixed.shape[1]
+        core = np.empty(mixed.shape[:2] + (self.nv, self.dv), np.float32)
+        for i in range(t):
+            core[:, i:i + 1] = self.recur(np.ascontiguousarray(mixed[:, i:i + 1]),
+                                          np.ascontiguousarray(beta[:, i:i + 1]),
+                                          np.ascontiguousarray(g[:, i:i + 1]),
+                                          cache.conv[slot], cache.delta[slot], ops, 0)
+            cache.keep_state(slot, i)
+        return core
 
     def project(self, x, ops):
         """The input projections of x [B, T, hidden]: mixed qkv [B, T, conv_dim] (before the
@@ -355,8 +372,9 @@ class Model(CausalLM):
             cos, sin = ops.rope_tables(np.arange(cache.offset, cache.offset + t), self.inv_freq)
         replaces = inputs is not None and inputs.replaces
         step = self._decode_step() if t == 1 and type(cache) is HybridCache and \
-            cache.kv.dtype == "f32" and not replaces else None
+            cache.kv.dtype == "f32" and not replaces and not cache.recording else None
         if step is not None:
+            cache.drop_trail()
             cache.kv.reserve(cache.offset + 1)
             arrays = (cache.kv.keys, cache.kv.values, cache.conv, cache.delta)
             if not step.is_bound_to(*arrays):
@@ -364,6 +382,11 @@ class Model(CausalLM):
             hidden = step(tokens[:, 0], cache.offset, cos, sin)
             cache.advance(1)
             return hidden[:, None, :]
+        recording = getattr(cache, "recording", False)
+        if recording:
+            cache.start_trail(t)
+        elif hasattr(cache, "drop_trail"):
+            cache.drop_trail()
         x = ops.embed(self.embed_tokens, tokens)
         if replaces:
             x = np.array(x, dtype=np.float32)  # the embedding may be a read-only view
@@ -373,6 +396,8 @@ class Model(CausalLM):
             if replaces and i < len(inputs.deepstack):
                 x[0, inputs.rows] += inputs.deepstack[i]
         cache.advance(t)
+        if recording:
+            cache.end_trail()
         return ops.rms_norm(x, self.norm, self.config.rms_norm_eps, 1.0)
 
     def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = "",

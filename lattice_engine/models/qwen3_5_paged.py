@@ -54,11 +54,19 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
         raise ValueError("a Qwen3.5 paged batch needs a recurrent-state slot for every "
                          "sequence (make the cache with the model's make_paged_cache)")
     cos, sin = batch.rope(model)
-    step = None if batch.replaces else model._decode_step()
+    record = batch.record if batch.record is not None and model.num_linear else None
+    # a verify keeps the state after each of its rows: the per-kernel path below does that
+    # (the fused C step runs a multi-row sequence in the chunked form, keeping no trail);
+    # rows that take image embeddings need the per-kernel path too (it replaces the rows)
+    step = model._decode_step() if record is None and not batch.replaces else None
+    if record is not None:
+        for i in np.flatnonzero(record):
+            cache.recurrent.start_trail(int(batch.state_slots[i]),
+                                        int(q_start[i + 1] - q_start[i]))
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values,
                             cache.recurrent.arrays if cache.recurrent is not None else [])
-        return model.logits(hidden[batch.logit_rows])
+        return model.logits(batch.keep_hidden(hidden[batch.logit_rows]))
     x = batch.replace_and_stack(ops.embed(model.embed_tokens, tokens[None, :]))  # [1, N, H]
     for index, block in enumerate(model.layers):
         normed = ops.rms_norm(x, block.input_layernorm, block.eps, 1.0)
@@ -72,6 +80,17 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                     continue
                 states = cache.recurrent.state(int(slot))
                 conv, delta = states[2 * block.slot][None], states[2 * block.slot + 1][None]
+                if record is not None and record[i]:
+                    # verify rows: token by token, as decoding computes them, keeping the
+                    # state after each so that a partial accept rolls back exactly
+                    for r in range(r0, r1):
+                        core[:, r:r + 1] = a.recur(np.ascontiguousarray(mixed[:, r:r + 1]),
+                                                   np.ascontiguousarray(beta[:, r:r + 1]),
+                                                   np.ascontiguousarray(g[:, r:r + 1]),
+                                                   conv, delta, ops, 0)
+                        cache.recurrent.keep(int(slot), 2 * block.slot, r - r0)
+                        cache.recurrent.keep(int(slot), 2 * block.slot + 1, r - r0)
+                    continue
                 core[:, r0:r1] = a.recur(np.ascontiguousarray(mixed[:, r0:r1]),
                                          np.ascontiguousarray(beta[:, r0:r1]),
                                          np.ascontiguousarray(g[:, r0:r1]), conv, delta, ops,
@@ -88,4 +107,5 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
         x = h + block.mlp(ops.rms_norm(h, block.post_attention_layernorm, block.eps, 1.0), ops)
         x = batch.replace_and_stack(x, index)
     last = x[0, batch.logit_rows]
-    return model.logits(ops.rms_norm(last, model.norm, cfg.rms_norm_eps, 1.0))
+    return model.logits(batch.keep_hidden(ops.rms_norm(last, model.norm, cfg.rms_norm_eps,
+                                                       1.0)))

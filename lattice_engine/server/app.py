@@ -1,8 +1,11 @@
 """The OpenAI-compatible HTTP API on Starlette (ASGI; served by uvicorn).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as
-server-sent events whose last chunk carries usage), GET /v1/models, GET /health,
-GET /metrics (Prometheus), POST /tokenize and /detokenize (llama.cpp's server's shapes).
+server-sent events whose last chunk carries usage), POST /v1/embeddings (any model: an
+encoder served for embeddings only, or a chat model pooled by its last token; see
+`lattice_engine.embedding`), GET /v1/models, GET /health, GET /metrics (Prometheus, with
+the drift detector's distance and alarm when server.drift_window is set), POST /tokenize
+and /detokenize (llama.cpp's server's shapes).
 Errors are OpenAI error objects with a 4xx status for anything the client got wrong.
 `/v1/*`, /tokenize and /detokenize need `Authorization: Bearer <api_key>` when a key is set.
 Request bodies over `max_body_bytes` get 413; generation requests beyond
@@ -12,13 +15,14 @@ Request bodies over `max_body_bytes` get 413; generation requests beyond
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,16 +30,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..batching import BatchingOptions, RequestOutput
+from ..batching import DEFAULT_SPECULATION, BatchingOptions, RequestOutput
 from ..config import ServerSection
-from ..errors import ConfigError, LatticeError
+from ..errors import CheckpointError, ConfigError, LatticeError, RequestError
 from ..input_parts import has_images
 from ..sampling import SEED_LIMIT
 from . import metrics
 from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import SCHEMA as _SCHEMA
 from .protocol import (APIError, bad, chat_messages, choices_per_prompt, completion_prompts,
-                       ignore_eos, parse_body, sampling_from, stream_flags)
+                       embedding_request, ignore_eos, parse_body, sampling_from,
+                       speculation_from, stream_flags)
 from ..chat_template import template_source
 from .tools import OPEN as TOOL_OPEN
 from .tools import content_before_call, parse_calls, template_messages, tool_request
@@ -56,20 +61,28 @@ class _State:
         self.created = int(time.time())
         self.in_flight = 0  # generation requests accepted and not yet answered
         self.tokens = TokenText(engine.tokenizer)  # token texts for logprobs
+        self.embeddings = metrics.EmbeddingStats()
+        self.drift = None  # a drift.DriftDetector when server.drift_window is set
+        self.drift_errors = 0
 
 
 def create_app(engine, *, model_name: str, settings: ServerSection = ServerSection(),
                options: Optional[BatchingOptions] = None) -> Starlette:
     """An ASGI app serving `engine` (an `Engine`) under the name `model_name`."""
-    runner = engine.start_batching(options)
+    runner = engine.start_batching(options) if engine.can_generate else None
     state = _State(engine, AsyncEngine(runner), model_name, settings)
+    if settings.drift_window:
+        from ..drift import DriftDetector
+        state.drift = DriftDetector(settings.drift_window, every=settings.drift_every,
+                                    threshold=settings.drift_threshold)
 
     async def health(request: Request) -> Response:
         ok = state.async_engine.error is None
         return JSONResponse({"status": "ok" if ok else "degraded", "model": model_name})
 
     async def metrics_route(request: Request) -> Response:
-        return PlainTextResponse(metrics.render(runner, state.http),
+        return PlainTextResponse(metrics.render(runner, state.http, state.embeddings,
+                                                state.drift, state.drift_errors),
                                  media_type="text/plain; version=0.0.4")
 
     async def models(request: Request) -> Response:
@@ -84,6 +97,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         _authorize(request, state)
         body = await _read_json(request, state)
         _check_model(body, state)
+        _check_generates(state, "prompt")
         prompts = completion_prompts(_fill_in_the_middle(body, engine.tokenizer),
                                      engine.tokenizer)
         params = sampling_from(body, engine.sampling, "max_tokens",
@@ -91,6 +105,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
                                vocab_size=vocab_size)
         n = choices_per_prompt(body)
         stream, usage = stream_flags(body)
+        speculation = speculation_from(body, engine)
         make_mask = await _output_constraint(engine, body)
         echo = bool(body.get("echo"))
         texts = body["prompt"] if isinstance(body["prompt"], list) and len(prompts) > 1 \
@@ -105,12 +120,14 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
                      if engine.tokenizer is not None else "")
             choices.extend(_copies(len(choices), p, ids, params, n, echo_text, make_mask))
         return await _generate(request, state, choices, stream, chat=False,
-                               ignore_eos=ignore_eos(body), include_usage=usage)
+                               ignore_eos=ignore_eos(body), include_usage=usage,
+                               speculation=speculation)
 
     async def chat(request: Request) -> Response:
         _authorize(request, state)
         body = await _read_json(request, state)
         _check_model(body, state)
+        _check_generates(state, "messages")
         messages = chat_messages(body)
         params = sampling_from(body, engine.sampling, "max_completion_tokens",
                                engine.plugin_manager.registry, chat=True,
@@ -165,7 +182,8 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         for choice in choices:
             choice.images = images
         return await _generate(request, state, choices, stream, chat=True,
-                               ignore_eos=ignore_eos(body), include_usage=usage)
+                               ignore_eos=ignore_eos(body), include_usage=usage,
+                               speculation=speculation_from(body, engine))
 
     async def tokenize(request: Request) -> Response:
         """llama.cpp's POST /tokenize: {"content", "add_special" (false), "with_pieces"
@@ -202,6 +220,12 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
                       f"are in [0, {vocab_size})", "tokens")
         return JSONResponse({"content": tokenizer.decode(tokens, skip_special_tokens=False)})
 
+    async def embeddings(request: Request) -> Response:
+        _authorize(request, state)
+        body = await _read_json(request, state)
+        _check_model(body, state)
+        return await _embed(state, embedding_request(body))
+
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
@@ -210,6 +234,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
 
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -465,7 +490,8 @@ class _Merged:
 
 async def _generate(request: Request, state: _State, choices: list[Choice], stream: bool,
                     chat: bool, ignore_eos: bool = False,
-                    include_usage: bool = False) -> Response:
+                    include_usage: bool = False,
+                    speculation=DEFAULT_SPECULATION) -> Response:
     # no await between this check and taking the slot: the event loop runs one handler at
     # a time here, so a burst cannot slip past the limit
     if state.in_flight >= state.settings.max_concurrency:
@@ -485,7 +511,8 @@ async def _generate(request: Request, state: _State, choices: list[Choice], stre
                     logits_mask=c.make_mask() if c.make_mask is not None else None,
                     prefix_leader=seqs[c.share_with] if c.share_with is not None else None,
                     images=c.images,
-                    encoder=state.engine.encoder if c.images is not None else None))
+                    encoder=state.engine.encoder if c.images is not None else None,
+                    speculation=speculation))
             except LatticeError as exc:
                 msg = str(exc)
                 code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) \
@@ -494,6 +521,9 @@ async def _generate(request: Request, state: _State, choices: list[Choice], stre
                     msg = f"prompt[{c.prompt_index}]: {msg}"
                 raise bad(msg, "messages" if chat else "prompt", code) from None
         merged = _Merged([engine.submit(seq) for seq in seqs])
+        if state.drift is not None:
+            for ids in {c.prompt_index: c.ids for c in choices}.values():
+                _watch_prompt(state, ids)
         created = int(time.time())
         head = {"id": rid, "created": created, "model": state.model_name}
         states = [ChoiceState(c) for c in choices]
@@ -508,6 +538,107 @@ async def _generate(request: Request, state: _State, choices: list[Choice], stre
     finally:
         if slot is not None:
             slot.release()
+
+
+def _check_generates(state: _State, param: str) -> None:
+    if state.async_engine.runner is None:
+        raise APIError(400, f"model {state.model_name!r} is an embedding-only model (an "
+                            f"encoder): it cannot generate text; use POST /v1/embeddings",
+                       param=param, code="model_cannot_generate")
+
+
+def _embedder(state: _State):
+    """The engine's Embedder, or a 400 saying why this model cannot embed."""
+    try:
+        return state.engine.embedder
+    except (CheckpointError, ConfigError) as exc:
+        raise APIError(400, f"model {state.model_name!r} cannot embed: {exc}", param="model",
+                       code="model_cannot_embed") from None
+
+
+async def _embed(state: _State, req) -> Response:
+    embedder = _embedder(state)
+    try:
+        embedder.check_dimensions(req.dimensions)
+        # tokenizing a large batch takes a while: off the event loop (the tokenizer is
+        # thread-safe; the model is only driven by the engine thread, below)
+        ids = await asyncio.to_thread(embedder.tokenize, req.inputs)
+    except RequestError as exc:
+        msg = str(exc)
+        code = "context_length_exceeded" if "at most" in msg and "tokens" in msg else None
+        param = "dimensions" if msg.startswith("dimensions") else "input"
+        raise bad(msg, param, code) from None
+    if state.in_flight >= state.settings.max_concurrency:
+        raise APIError(429, f"{state.in_flight} requests are in flight, the limit "
+                            f"(server.max_concurrency) is {state.settings.max_concurrency}; "
+                            f"retry later", type="rate_limit_error", code="too_many_requests")
+    slot = _Slot(state)
+    try:
+        pooled = await state.async_engine.call(lambda: embedder.pooled(ids))
+    except EngineClosed as exc:
+        raise APIError(503, str(exc), type="server_error", code="server_shutting_down") from None
+    finally:
+        slot.release()
+    vectors = embedder.finish(pooled, dimensions=req.dimensions)
+    tokens = sum(len(i) for i in ids)
+    state.embeddings.add(len(ids), tokens)
+    if state.drift is not None and state.async_engine.runner is None:
+        # an encoder's server watches what it embeds; a chat model's server watches its
+        # generation prompts (`prompt_vector`), one kind of vector per detector
+        _watch(state, embedder.finish(pooled))
+    data = []
+    for i, v in enumerate(vectors):
+        if req.encoding_format == "base64":
+            value: Any = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+        else:
+            value = v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return JSONResponse({"object": "list", "data": data, "model": state.model_name,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _watch(state: _State, vectors) -> None:
+    """Feed the drift detector in a worker thread (a check runs Sinkhorn) without holding
+    up the response; a failure is logged and counted, never the request's."""
+
+    def observe():
+        try:
+            state.drift.observe(vectors)
+        except Exception:
+            state.drift_errors += 1
+            log.exception("drift detector failed")
+
+    asyncio.get_running_loop().run_in_executor(None, observe)
+
+
+def prompt_vector(model, ids) -> Optional[Any]:
+    """What the drift detector watches for a generation request: the L2-normalised mean of
+    the prompt tokens' input embeddings (a bag of embeddings: no forward pass, so watching
+    costs the server next to nothing). None for a model without an `embed_tokens` table."""
+    import numpy as np
+
+    from .. import ops
+    table = getattr(model, "embed_tokens", None)
+    if table is None or not ids:
+        return None
+    mean = ops.embed(table, np.asarray(ids, dtype=np.int64)).astype(np.float64).mean(axis=0)
+    norm = float(np.linalg.norm(mean))
+    return mean / norm if norm > 0 else mean
+
+
+def _watch_prompt(state: _State, ids: list[int]) -> None:
+    """A generation request's prompt for the drift detector (in a worker thread)."""
+
+    def observe():
+        try:
+            vector = prompt_vector(state.engine.model, ids)
+            if vector is not None:
+                state.drift.observe(vector)
+        except Exception:
+            state.drift_errors += 1
+            log.exception("drift detector failed")
+
+    asyncio.get_running_loop().run_in_executor(None, observe)
 
 
 def _usage(states: list[ChoiceState]) -> dict[str, Any]:

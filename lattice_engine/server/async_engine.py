@@ -17,7 +17,7 @@ import queue
 import threading
 from typing import AsyncIterator, Optional, Sequence
 
-from ..batching import BatchRunner, RequestOutput
+from ..batching import DEFAULT_SPECULATION, BatchRunner, RequestOutput
 from ..sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ class EngineFailed(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, runner: BatchRunner):
+    """`runner` is None for an embedding-only model: the thread then runs only `call`s."""
+
+    def __init__(self, runner: Optional[BatchRunner]):
         self.runner = runner
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -52,26 +54,30 @@ class AsyncEngine:
     # ---- event-loop side ---------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        request_id: Optional[str] = None, logits_mask=None,
-                       ignore_eos: bool = False, images=None,
-                       encoder=None) -> AsyncIterator[RequestOutput]:
+                       ignore_eos: bool = False, images=None, encoder=None,
+                       speculation=DEFAULT_SPECULATION) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request, then yield its outputs as steps produce them.
         Raises RequestError before yielding anything if the request is invalid. Closing
         the iterator early (a client that disconnected) aborts the request."""
         return self.submit(self.prepare(prompt_ids, params, request_id=request_id,
                                         logits_mask=logits_mask, ignore_eos=ignore_eos,
-                                        images=images, encoder=encoder))
+                                        images=images, encoder=encoder,
+                                        speculation=speculation))
 
     def prepare(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                 request_id: Optional[str] = None, logits_mask=None, ignore_eos: bool = False,
-                prefix_leader=None, images=None, encoder=None):
+                prefix_leader=None, images=None, encoder=None,
+                speculation=DEFAULT_SPECULATION):
         """Validate a request and build its sequence (RequestError if it is invalid);
         `submit` queues it. prefix_leader: a prepared sequence with the same prompt,
         submitted first, whose prompt blocks this one reuses (n > 1). images / encoder: the
-        `multimodal.MultimodalPrompt` behind prompt_ids and its `LoadedInputEncoder`."""
+        `multimodal.MultimodalPrompt` behind prompt_ids and its `LoadedInputEncoder`;
+        speculation: the request's choice (`protocol.speculation_from`), the runner's
+        default if unset."""
         return self.runner.make_sequence(prompt_ids, params, request_id=request_id,
                                          logits_mask=logits_mask, ignore_eos=ignore_eos,
                                          prefix_leader=prefix_leader, images=images,
-                                         encoder=encoder)
+                                         encoder=encoder, speculation=speculation)
 
     def submit(self, seq) -> AsyncIterator[RequestOutput]:
         """Queue a prepared sequence (when the stream is first iterated) and yield its
@@ -96,6 +102,15 @@ class AsyncEngine:
             self._streams.pop(seq.request_id, None)
             if not finished:
                 self._send(("abort", seq.request_id))
+
+    async def call(self, fn):
+        """Run fn() on the engine thread, between steps, and return its result (or raise
+        its exception): the model and the kernel pool are only ever driven by that thread.
+        Embedding requests go through here."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("call", (fn, loop, future)))
+        return await future
 
     def num_streams(self) -> int:
         """Requests queued or running on behalf of a listener (the concurrency count)."""
@@ -123,7 +138,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop:
             self._drain()
-            if not self.runner.has_unfinished():
+            if self.runner is None or not self.runner.has_unfinished():
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
@@ -146,7 +161,9 @@ class AsyncEngine:
                 kind, arg = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
+            if kind == "call":
+                self._run_call(*arg)
+            elif kind == "add":
                 if self._closing is not None:
                     self._deliver(arg.request_id, EngineClosed(self._closing))
                     continue
@@ -156,11 +173,34 @@ class AsyncEngine:
                     self._deliver(arg.request_id, exc)
             elif kind == "close":
                 self._closing = arg
+                if self.runner is None:
+                    continue
                 for seq in self.runner.pending():
                     self.runner.abort(seq.request_id)
                     self._deliver(seq.request_id, EngineClosed(arg))
-            else:
+            elif self.runner is not None:
                 self.runner.abort(arg)
+
+    def _run_call(self, fn, loop, future) -> None:
+        if self._closing is not None:
+            outcome, ok = EngineClosed(self._closing), False
+        else:
+            try:
+                outcome, ok = fn(), True
+            except Exception as exc:  # the caller turns it into its response
+                outcome, ok = exc, False
+
+        def settle():
+            if future.done():  # the request went away meanwhile
+                return
+            if ok:
+                future.set_result(outcome)
+            else:
+                future.set_exception(outcome)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed
+            pass
 
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
@@ -174,6 +214,8 @@ class AsyncEngine:
 
     def _fail_all(self, exc: BaseException) -> None:
         # the exception's text is for the log (written above), not for clients
+        if self.runner is None:
+            return
         for seq in self.runner.pending():
             self.runner.abort(seq.request_id)
             self._deliver(seq.request_id, EngineFailed(seq.request_id))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..batching import BatchRunner, Histogram
 
 
@@ -20,13 +22,96 @@ def _seconds(value) -> str:
     return "NaN" if value is None else f"{value:.6f}"
 
 
-def render(runner: BatchRunner, http: dict[str, int]) -> str:
-    s, kv = runner.stats, runner.cache.stats()
+SPECULATION = (  # (metric, kind, stats key, help)
+    ("lattice_spec_verifies_total", "counter", "verifies", "Speculative verify rows run."),
+    ("lattice_spec_draft_tokens_total", "counter", "drafted", "Draft tokens proposed."),
+    ("lattice_spec_accepted_tokens_total", "counter", "accepted", "Draft tokens kept."),
+    ("lattice_spec_emitted_tokens_total", "counter", "emitted",
+     "Tokens emitted by verifies (kept drafts plus the token after them)."),
+    ("lattice_spec_acceptance_rate", "gauge", "acceptance_rate",
+     "Kept draft tokens / proposed draft tokens."),
+    ("lattice_spec_mean_accepted_per_verify", "gauge", "mean_accepted_per_verify",
+     "Tokens emitted per verify."),
+    ("lattice_spec_draft_seconds_total", "counter", "draft_seconds", "Seconds spent drafting."),
+    ("lattice_spec_verify_seconds_total", "counter", "verify_seconds",
+     "Seconds of forward passes spent on verify rows (their share of each step)."),
+    ("lattice_spec_drafter_failures_total", "counter", "failures",
+     "Drafter calls that failed (each ended its request)."),
+)
+
+
+def _speculation(lines: list[str], by_method: dict) -> None:
+    """Speculative decoding counters, one series per drafter method (none when unused)."""
+    if not by_method:
+        return
+    for name, kind, key, help_text in SPECULATION:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for method, stats in by_method.items():
+            value = stats[key]
+            shown = f"{value:.6f}" if isinstance(value, float) else str(value)
+            lines.append(f'{name}{{method="{method}"}} {shown}')
+
+
+class EmbeddingStats:
+    """Counters of /v1/embeddings (updated on the event loop only)."""
+
+    def __init__(self):
+        self.requests = self.inputs = self.tokens = 0
+
+    def add(self, inputs: int, tokens: int) -> None:
+        self.requests += 1
+        self.inputs += inputs
+        self.tokens += tokens
+
+
+def render(runner: Optional[BatchRunner], http: dict[str, int],
+           embeddings: Optional[EmbeddingStats] = None, drift=None,
+           drift_errors: int = 0) -> str:
+    """The metrics text; `runner` is None for an embedding-only model (no generation
+    metrics), `drift` the server's DriftDetector when it watches the inputs."""
     lines: list[str] = []
 
     def metric(name, kind, help_text, value, labels=""):
         lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
                       f"{name}{labels} {value}"])
+
+    if runner is not None:
+        _generation(lines, metric, runner)
+    if embeddings is not None:
+        metric("lattice_embedding_requests_total", "counter", "Embedding requests answered.",
+               embeddings.requests)
+        metric("lattice_embedding_inputs_total", "counter", "Inputs embedded.",
+               embeddings.inputs)
+        metric("lattice_embedding_tokens_total", "counter", "Tokens of the inputs embedded.",
+               embeddings.tokens)
+    if drift is not None:
+        snap = drift.snapshot()
+        metric("lattice_drift_distance", "gauge", "Last Sinkhorn divergence between the "
+               "reference window and the recent window of input embeddings (NaN until the "
+               "first check).", "NaN" if snap["distance"] is None else f"{snap['distance']:.9g}")
+        metric("lattice_drift_threshold", "gauge", "The divergence above which the alarm is "
+               "raised (NaN while the reference is filling).",
+               "NaN" if snap["threshold"] is None else f"{snap['threshold']:.9g}")
+        metric("lattice_drift_alarm", "gauge", "1 while the last check found drift.",
+               int(snap["alarm"]))
+        lines += ["# HELP lattice_drift_state The detector's state (1 for the current one).",
+                  "# TYPE lattice_drift_state gauge"]
+        for name in ("warming", "stable", "drift"):
+            lines.append(f'lattice_drift_state{{state="{name}"}} {int(snap["state"] == name)}')
+        metric("lattice_drift_observations_total", "counter", "Embeddings observed.",
+               snap["observations"])
+        metric("lattice_drift_checks_total", "counter", "Drift checks run.", snap["checks"])
+        metric("lattice_drift_errors_total", "counter", "Observations the detector failed "
+               "on (logged).", drift_errors)
+    lines += ["# HELP lattice_http_responses_total HTTP responses by status code.",
+              "# TYPE lattice_http_responses_total counter"]
+    for status, count in sorted(http.items()):
+        lines.append(f'lattice_http_responses_total{{status="{status}"}} {count}')
+    return "\n".join(lines) + "\n"
+
+
+def _generation(lines: list[str], metric, runner: BatchRunner) -> None:
+    s, kv = runner.stats, runner.cache.stats()
 
     metric("lattice_requests_received_total", "counter", "Requests queued.", s.requests_added)
     lines += ["# HELP lattice_requests_finished_total Requests finished, by reason.",
@@ -71,11 +156,7 @@ def render(runner: BatchRunner, http: dict[str, int]) -> str:
            _seconds(pacer.per_token))
     metric("lattice_prefill_pacer_budget_tokens", "gauge",
            "Prefill tokens the next mixed step may carry.", pacer.budget())
+    _speculation(lines, runner.speculation_stats())
     _histogram(lines, "lattice_time_to_first_token_seconds", "Time to first token.", s.ttft)
     _histogram(lines, "lattice_inter_token_latency_seconds", "Time between tokens of a request.",
                s.itl)
-    lines += ["# HELP lattice_http_responses_total HTTP responses by status code.",
-              "# TYPE lattice_http_responses_total counter"]
-    for status, count in sorted(http.items()):
-        lines.append(f'lattice_http_responses_total{{status="{status}"}} {count}')
-    return "\n".join(lines) + "\n"

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..errors import RequestError
+from ..batching import DEFAULT_SPECULATION
+from ..errors import LatticeError, RequestError
 from ..sampling import (LOGIT_BIAS_LIMIT, LOGPROBS_MODES, MAX_TOKENS_LIMIT, MAX_TOP_LOGPROBS,
                         PENALTY_LIMIT, SEED_LIMIT, SamplingParams)
 
@@ -140,7 +141,43 @@ SCHEMA: dict[str, Field] = {
     "sampler": Field((str,), "the name of a registered sampler"),
     "logits_processors": Field((dict,), "an object mapping registered logits processor "
                                "names to their values", lambda v: len(v) <= 64),
+    # speculative decoding for this request: false (off), true (the server's default), or
+    # {"method", "num_draft_tokens", "adaptive", "options"} (see `speculation_from`)
+    "speculative": Field((bool, dict), "false, true, or an object {method, num_draft_tokens, "
+                         "adaptive, options}", lambda v: isinstance(v, bool) or len(v) <= 8),
 }
+
+# drafters a request may pick with its own options: they load nothing (a request must not
+# make the server read a model file of its choosing)
+REQUEST_DRAFTERS = ("ngram",)
+
+
+def speculation_from(body: dict, engine):
+    """The request's `speculative` field as a `Speculation` (None: off), or
+    `DEFAULT_SPECULATION` for the server's own setting. A request may turn speculation off,
+    tune num_draft_tokens / adaptive of the configured drafter, or pick a drafter that
+    loads no weights (ngram) with its options; anything else is a 400 naming the field and
+    the choices."""
+    value = _get(body, "speculative")
+    if value is None or value is True:
+        return DEFAULT_SPECULATION
+    if value is not False:
+        configured = engine.speculative.method
+        method = value.get("method", configured)
+        allowed = sorted({m for m in (configured, *REQUEST_DRAFTERS) if m})
+        if method not in allowed:
+            raise bad(f"'speculative.method' = {_short(method)} is not available to a request "
+                      f"on this server; choices: {', '.join(allowed)} (a draft model is "
+                      f"chosen in the server's [speculative] config)", "speculative")
+        if "options" in value and method not in REQUEST_DRAFTERS:
+            raise bad(f"'speculative.options' can be set by a request only for "
+                      f"{', '.join(REQUEST_DRAFTERS)}; {method!r} takes its options from the "
+                      f"server's [speculative] config", "speculative")
+    try:
+        return engine.speculation_for(value)
+    except LatticeError as exc:
+        raise bad(str(exc), "speculative") from None
+
 
 
 def _get(body: dict, name: str, default=None):
@@ -428,3 +465,63 @@ def chat_messages(body: dict) -> list[dict[str, Any]]:
                 message[key] = m[key]
         out.append(message)
     return out
+
+
+MAX_EMBEDDING_INPUTS = 2048  # inputs in one /v1/embeddings request (OpenAI's limit)
+
+
+@dataclass(frozen=True)
+class EmbeddingRequest:
+    """A checked /v1/embeddings body: `inputs` a list of strings or of token-id lists."""
+
+    inputs: list
+    encoding_format: str
+    dimensions: Optional[int]
+
+
+def embedding_request(body: dict) -> EmbeddingRequest:
+    """The OpenAI fields: input (a string, an array of strings, an array of token ids, or an
+    array of such arrays; none empty), encoding_format ("float" or "base64"), dimensions
+    (an integer >= 1; the model's width bounds it later), user (accepted, unused)."""
+    raw = body.get("input")
+    if raw is None:
+        raise bad("'input' is required: a string, an array of strings or an array of token "
+                  "ids", "input")
+
+    def is_id(t) -> bool:
+        return isinstance(t, int) and not isinstance(t, bool)
+
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(is_id(t) for t in raw):
+        inputs = [raw]
+    elif isinstance(raw, list):
+        inputs = raw
+        for i, item in enumerate(inputs):
+            if isinstance(item, str) or (isinstance(item, list) and all(is_id(t) for t in item)):
+                continue
+            raise bad(f"input[{i}] must be a string or an array of token ids, got "
+                      f"{type(item).__name__} {_short(item)}", "input")
+    else:
+        raise bad(f"'input' must be a string, an array of strings or an array of token ids, "
+                  f"got {type(raw).__name__}", "input")
+    if not inputs:
+        raise bad("'input' is empty: give at least one string or token array", "input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise bad(f"'input' has {len(inputs)} items; the limit is {MAX_EMBEDDING_INPUTS} per "
+                  f"request: split it", "input")
+    for i, item in enumerate(inputs):
+        if len(item) == 0:
+            what = "an empty string" if isinstance(item, str) else "an empty token array"
+            raise bad(f"input[{i}] is {what}; every input needs some text", "input")
+    fmt = body.get("encoding_format")
+    fmt = "float" if fmt is None else fmt
+    if fmt not in ("float", "base64"):
+        raise bad(f"'encoding_format' must be 'float' or 'base64', got {_short(fmt)}",
+                  "encoding_format")
+    dims = body.get("dimensions")
+    if dims is not None and not (is_id(dims) and dims >= 1):
+        raise bad(f"'dimensions' must be an integer >= 1, got {_short(dims)}", "dimensions")
+    if body.get("user") is not None and not isinstance(body.get("user"), str):
+        raise bad("'user' must be a string", "user")
+    return EmbeddingRequest(inputs, fmt, dims)

@@ -37,7 +37,8 @@ def write_qwen3_moe_gguf(path: Path, config: Mapping, tensor: Callable[[str], np
     """Write `path`. `tensor(hf_name)` returns a float32 array (called once per tensor, so a
     large random model can be generated lazily); ggml_type is F32, F16, Q8_0 or Q4_0 for
     the matrices (the router and 1-D tensors stay F32, as llama.cpp's quantizer keeps
-    ffn_gate_inp in a float type)."""
+    ffn_gate_inp in a float type; with Q4_0 the embedding and output matrices are Q8_0,
+    as llama.cpp's quantizer keeps the output at a higher precision)."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType[ggml_type]
@@ -76,12 +77,15 @@ def write_qwen3_moe_gguf(path: Path, config: Mapping, tensor: Callable[[str], np
 
     def put(name: str, w: np.ndarray) -> None:
         w = np.ascontiguousarray(w, dtype=np.float32)
-        if w.ndim >= 2 and qtype != gguf.GGMLQuantizationType.F32 and \
+        t = qtype
+        if t == gguf.GGMLQuantizationType.Q4_0 and name in ("token_embd.weight", "output.weight"):
+            t = gguf.GGMLQuantizationType.Q8_0
+        if w.ndim >= 2 and t != gguf.GGMLQuantizationType.F32 and \
                 not name.endswith("ffn_gate_inp.weight"):
-            if qtype == gguf.GGMLQuantizationType.F16:
+            if t == gguf.GGMLQuantizationType.F16:
                 wr.add_tensor(name, w.astype(np.float16))
             else:
-                wr.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+                wr.add_tensor(name, gguf.quants.quantize(w, t), raw_dtype=t)
         else:
             wr.add_tensor(name, w)
 

@@ -108,10 +108,27 @@ static int run_grouped(const lk_linear *const *l, float *const *y, int64_t nmat,
     return lk_matmul_grouped(l[0]->fmt, x, K, nmat, row0, cnt, wp, ldw, N, y) ? -5 : 0;
 }
 
+/* Rows per pass: a long prefill is cut into passes of this many rows, which bounds the
+   scratch (~180 KB per row at Qwen3-30B-A3B's shapes) while each expert still gets enough
+   rows (512 x top-8 / 128 experts = 32 on average) for the prefill kernels' tiles. */
+#define MOE_PASS_ROWS 512
+
+static int forward_rows(const lk_moe *m, const float *x, int64_t n, float *out);
+
 int lk_moe_forward(const lk_moe *m, const float *x, int64_t n, float *out) {
     lk_init();
     if (n <= 0) return 0;
     if (!lk_moe_ok(m) || m->n_experts > LK_MOE_EXPERTS_MAX) return -4;
+    for (int64_t r = 0; r < n; r += MOE_PASS_ROWS) {
+        const int rc = forward_rows(m, x + r * m->hidden,
+                                    n - r < MOE_PASS_ROWS ? n - r : MOE_PASS_ROWS,
+                                    out + r * m->hidden);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+static int forward_rows(const lk_moe *m, const float *x, int64_t n, float *out) {
     const int64_t H = m->hidden, F = m->inter, E = m->n_experts, k = m->top_k;
     const int64_t S = m->shared_inter > 0 ? m->shared_inter : 0, R = n * k;
     /* floats: logits [n, E], w [n, k], xg [R, H], g, u [R, F], yg [R, H], shared g, u

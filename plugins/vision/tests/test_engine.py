@@ -179,3 +179,33 @@ def test_file_urls_only_below_the_allowed_folder(folder, tmp_path):
     with pytest.raises(RequestError, match="max_pixels"):
         Engine(load(str(folder)), inputs=InputsSection(max_pixels=100)).chat(
             image_message(png()), max_tokens=2)
+
+
+def test_speculative_decoding_of_image_chats_equals_plain(folder):
+    """Image prompts and speculative drafts in one sequence: at temperature 0 the n-gram
+    drafter's verify rows (M-RoPE positions after the image, rollback of the Qwen3.5
+    recurrent state) give plain decoding's tokens, alone and in a batch with text."""
+    engine = Engine.load(str(folder))
+    if "ngram" not in engine.plugin_manager.registry.names("drafters"):
+        pytest.skip("lattice-spec-decode is not installed")
+    spec = {"method": "ngram", "num_draft_tokens": 3, "adaptive": False,
+            "options": {"prompt_lookup_min": 1, "prompt_lookup_max": 2}}
+    messages = image_message(png(), "say it again and again")
+    plain = engine.chat(messages, max_tokens=16, temperature=0.0, speculative=False)
+    stats = engine.speculation_for(spec).stats
+    alone = engine.chat(messages, max_tokens=16, temperature=0.0, speculative=spec)
+    assert alone.tokens == plain.tokens
+    assert stats.verifies > 0  # drafts were verified, not only plain steps
+    text = [{"role": "user", "content": "again and again and again"}]
+    text_plain = engine.chat(text, max_tokens=16, temperature=0.0, speculative=False)
+    engine.start_batching(BatchingOptions(kv_cache_tokens=2048, block_size=8))
+    verifies = stats.verifies
+    text_spec = dict(spec, num_draft_tokens=2)  # its own counters: the image's are `stats`
+    ids = [engine.add_request(messages=m, max_tokens=16, temperature=0.0, speculative=s)
+           for m, s in ((messages, spec), (text, text_spec))]
+    tokens = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    assert [tokens[i] for i in ids] == [plain.tokens, text_plain.tokens]
+    assert stats.verifies > verifies  # the image request verified drafts in the batch

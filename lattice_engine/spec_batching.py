@@ -1,0 +1,198 @@
+"""Speculative decoding inside continuous batching: the part of `BatchRunner` that drafts
+before a step and keeps what each verify row's drafter keeps after it.
+
+Before `Scheduler.schedule`, every decoding sequence that speculates asks its drafter for
+up to k tokens (k from its `DraftLength`, bounded by max_tokens and the context); the
+scheduler gives them KV blocks only from what is left after every plain decoder got its
+one (drafts never cause a preemption), and the step computes the pending token and the
+drafts as one row group with logits at every row (`PagedBatch` logits wanted = count; a
+model with recurrent layers keeps the state after each of those rows). After the forward,
+`_verify` runs the drafter's verify on `TargetRows` (the distributions plain decoding
+would sample from), rolls the recurrent slot back to the kept rows, emits the kept drafts
+and the token after them through the same stop rules as any token, and then marks the kept
+rows computed (`Scheduler.complete` trims the blocks past them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .scheduler import Sequence, Status
+from .speculative import Draft, DraftLength, TargetRows, batch_draft_lengths, run_verify
+
+log = logging.getLogger(__name__)
+
+
+def _merge(outs: list) -> Optional[object]:
+    """One output for the tokens a verify emitted (each `_take` may have made one)."""
+    if not outs:
+        return None
+    last = outs[-1]
+    last.text = "".join(o.text for o in outs)
+    last.token_ids = [t for o in outs for t in o.token_ids]
+    last.logprobs = [p for o in outs for p in o.logprobs]
+    last.top_logprobs = [t for o in outs for t in (o.top_logprobs or [])]
+    last.prompt_logprobs = next((o.prompt_logprobs for o in outs
+                                 if o.prompt_logprobs is not None), None)
+    return last
+
+
+@dataclass
+class Speculating:
+    """A request's speculation: its drafter (shared), what the drafter sees of it, its
+    adaptive draft length and this step's draft."""
+
+    spec: object
+    request: object
+    length: DraftLength
+    draft: Optional[Draft] = None
+
+
+class SpeculativeSteps:
+    """BatchRunner's speculative-decoding steps (a mixin: it uses the runner's scheduler,
+    cache, max_model_len, `_take`, `_fail`)."""
+
+    def _draft(self) -> list:
+        """Ask each decoding sequence's drafter for this step's drafts (seq.draft), at
+        lengths that do not lose to plain decoding for the whole batch
+        (`batch_draft_lengths`, from the pacer's measured step costs); a drafter that fails
+        ends its request alone. Returns those requests' outputs."""
+        decoding = [s for s in self.scheduler.running
+                    if not s.prefilling and s.status is Status.RUNNING]
+        wanted = []
+        for seq in decoding:
+            sp: Optional[Speculating] = seq.detail.get("spec")
+            if sp is None:
+                continue
+            k = min(sp.length.next(), seq.params.max_tokens - seq.num_generated - 1,
+                    self.max_model_len - len(seq.token_ids) - 1)
+            if k > 0:
+                wanted.append((seq, sp, k))
+        if not wanted:
+            return []
+        lengths = batch_draft_lengths([k for _, _, k in wanted],
+                                      [sp.length.rate for _, sp, _ in wanted],
+                                      len(decoding), self.pacer.decode_time,
+                                      [sp.spec.stats.draft_seconds_per_token
+                                       for _, sp, _ in wanted])
+        failed = []
+        groups: dict[int, list] = {}  # by drafter: one propose_batch call each when it has one
+        for (seq, sp, asked), k in zip(wanted, lengths):
+            k = k if sp.length.adaptive else asked  # adaptive = false: always the full k
+            if k > 0:
+                groups.setdefault(id(sp.spec.drafter), []).append((seq, sp, k))
+        for group in groups.values():
+            drafter, stats = group[0][1].spec.drafter, group[0][1].spec.stats
+            drafts = None
+            started = time.perf_counter()
+            if len(group) > 1 and callable(getattr(drafter, "propose_batch", None)):
+                try:
+                    drafts = list(drafter.propose_batch([sp.request for _, sp, _ in group],
+                                                        [k for _, _, k in group]))
+                    if len(drafts) != len(group):
+                        raise RuntimeError(f"propose_batch returned {len(drafts)} drafts for "
+                                           f"{len(group)} requests")
+                except Exception:  # find the request at fault one by one below
+                    log.exception("propose_batch failed; drafting request by request")
+                    drafts = None
+            for i, (seq, sp, k) in enumerate(group):
+                try:
+                    draft = drafts[i] if drafts is not None else \
+                        sp.spec.drafter.propose(sp.request, k)
+                except Exception as exc:
+                    stats.failures += 1
+                    failed.append(self._fail(seq, exc))
+                    continue
+                sp.draft = draft if len(draft.tokens) <= k else \
+                    Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
+                seq.draft = list(sp.draft.tokens)
+            stats.draft_seconds += time.perf_counter() - started
+        return failed
+
+    def _verify(self, it, rows: np.ndarray, now: float,
+                seconds: float):
+        """Keep what the drafter's verify keeps of a verify item, roll the recurrent state
+        and the KV blocks back to it, and emit its tokens (stop rules as for any token)."""
+        seq = it.sequence
+        sp: Speculating = seq.detail["spec"]
+        draft, sp.draft = sp.draft, None
+        if draft is None or draft.tokens != it.draft:  # the scheduler copies seq.draft
+            raise RuntimeError(f"verify row of {seq.request_id} does not carry the drafts "
+                               f"its drafter proposed")
+        target = TargetRows(rows, seq.token_ids, draft, seq.sampler, seq.logits_mask,
+                            len(seq.prompt_ids))
+        tokens, kept = run_verify(sp.spec.drafter, target, draft, seq.sampler.rng)
+        recurrent = self.cache.recurrent
+        if recurrent is not None and seq.blocks.state_slot in recurrent.trails:
+            recurrent.rollback(seq.blocks.state_slot, len(tokens))
+        if sp.request.hidden is not None and sp.spec.drafter.wants_hidden:
+            sp.request.hidden = sp.request.hidden[:len(tokens)]
+        sp.spec.drafter.accepted(sp.request, len(draft.tokens), kept)
+        sp.length.update(len(draft.tokens), kept)
+        stats = sp.spec.stats
+        stats.verifies += 1
+        stats.drafted += len(draft.tokens)
+        stats.accepted += kept
+        stats.emitted += len(tokens)
+        stats.verify_seconds += seconds
+        it.count = len(tokens)  # computed and kept: the pending token and the kept drafts
+        outs = []
+        from .batching import logprobs_of  # (batching imports this module)
+        params = seq.params
+        for i, token in enumerate(tokens):
+            # logprobs as `_sample` reports them: of the model's row, or of the row the
+            # token was drawn from ("processed": every kept position was processed)
+            row = target.rows.get(i) if params.logprobs_mode == "processed" else None
+            logprob, top = logprobs_of(rows[i] if row is None else row.astype(np.float64),
+                                       token, params.logprobs or 0)
+            out = self._take(seq, token, logprob, top, now,
+                             seq.logits_mask is not None and seq.logits_mask.is_terminated()
+                             and i == len(tokens) - 1)
+            if out is not None:
+                outs.append(out)
+            if seq.status is Status.FINISHED:
+                break
+        else:
+            self.scheduler.complete([it])
+        return _merge(outs)
+
+    @staticmethod
+    def _wants_hidden(items) -> bool:
+        """Whether a sequence of this step speculates with a drafter that reads the
+        target's hidden states (the forward then keeps them: `PagedBatch.want_hidden`)."""
+        return any(getattr(it.sequence.detail.get("spec"), "spec", None) is not None and
+                   it.sequence.detail["spec"].spec.drafter.wants_hidden for it in items)
+
+    @staticmethod
+    def _hand_hidden(seq: Sequence, hidden, row: int, count: int) -> None:
+        """Give a wants_hidden drafter its sequence's final hidden states of this step's
+        logit rows (a verify's are cut to the kept rows in `_verify`)."""
+        sp: Optional[Speculating] = seq.detail.get("spec")
+        if hidden is not None and sp is not None and sp.spec.drafter.wants_hidden:
+            sp.request.hidden = hidden[row:row + count]
+
+    def _release_draft(self, seq: Sequence) -> None:
+        sp: Optional[Speculating] = seq.detail.pop("spec", None)
+        if sp is not None:
+            try:
+                sp.spec.drafter.release(sp.request)
+            except Exception:  # a drafter's cleanup must not fail the request's end
+                log.exception("drafter release failed for request %s", seq.request_id)
+
+    def speculation_stats(self) -> dict[str, dict[str, float]]:
+        """Speculation counters by drafter method, summed over every configuration a request
+        of this runner used (acceptance rate and mean tokens per verify recomputed)."""
+        from .speculative import SpecStats
+        by_method: dict[str, SpecStats] = {}
+        for spec in self.speculations.values():
+            total = by_method.setdefault(spec.options.method, SpecStats())
+            for name in ("verifies", "drafted", "accepted", "emitted", "draft_seconds",
+                         "verify_seconds", "failures"):
+                setattr(total, name, getattr(total, name) + getattr(spec.stats, name))
+        return {method: stats.as_dict() for method, stats in sorted(by_method.items())}
+
