@@ -216,14 +216,17 @@ class BatchRunner(SpeculativeSteps):
                       logits_mask: Optional[LogitsMask] = None,
                       ignore_eos: bool = False,
                       prefix_leader: Optional[Sequence] = None, images=None,
-                      encoder=None, speculation=DEFAULT_SPECULATION) -> Sequence:
+                      encoder=None, speculation=DEFAULT_SPECULATION,
+                      adapter=None) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
         model's end-of-sequence tokens (benchmarks want fixed lengths). prefix_leader: a
         sequence with the same prompt queued before this one (the copies of an n > 1
         request): this one is admitted once the leader computed the prompt's full blocks,
         and takes them from the prefix cache. `speculation` (a `speculative.Speculation`,
-        or None for none) overrides the runner's default."""
+        or None for none) overrides the runner's default. adapter: (slot, prefix-cache
+        variant, release) from `Engine.adapter_for_request`, released when the sequence
+        ends."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise RequestError("the prompt is empty; give at least one token")
@@ -266,6 +269,10 @@ class BatchRunner(SpeculativeSteps):
             seq.detail["spec"] = Speculating(
                 spec, spec.request(request_id, seq.token_ids, seq.sampler, vocab, params),
                 DraftLength(spec.options.num_draft_tokens, spec.options.adaptive))
+        if adapter is not None:
+            slot, variant, release = adapter
+            seq.detail["adapter_slot"], seq.detail["on_free"] = slot, release
+            seq.blocks.variant = variant
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
@@ -283,6 +290,8 @@ class BatchRunner(SpeculativeSteps):
                 self.encoding.remove(waiting)
                 waiting.status = Status.FINISHED
                 waiting.finish_reason = "abort"
+                self._release_draft(waiting)
+                self._let_go(waiting)
                 self._count_finish("abort")
                 return True
         seq = self.scheduler.abort(request_id)
@@ -391,7 +400,7 @@ class BatchRunner(SpeculativeSteps):
                 [inputs[i] for i in group])
             batch.want_hidden = self._wants_hidden(sub)
             spans = self._prompt_rows(sub, batch)
-            out = self.model.forward_paged(batch, self.cache)
+            out = self._run_forward(batch, sub)
             row = 0
             for j, i in enumerate(group):
                 if spans is not None and spans[j] is not None:
@@ -454,6 +463,18 @@ class BatchRunner(SpeculativeSteps):
         self.pacer.record(decode_rows, computed - decode_rows,
                           time.perf_counter() - started)
         return outputs
+
+    def _run_forward(self, batch: PagedBatch, items) -> np.ndarray:
+        """The model's forward over the batch, each row with its sequence's adapter."""
+        slots = getattr(self.model, "adapter_slots", None)
+        if slots is None:
+            return self.model.forward_paged(batch, self.cache)
+        per_row = np.concatenate([np.full(it.count, it.sequence.detail.get("adapter_slot", -1),
+                                          np.int32) for it in items])
+        if not (per_row >= 0).any():
+            per_row = None
+        with slots.selecting(per_row=per_row):
+            return self.model.forward_paged(batch, self.cache)
 
     def _prompt_rows(self, items, batch: PagedBatch) -> Optional[list]:
         """For requests with prompt_logprobs: the rows of this step that predict prompt
@@ -574,9 +595,18 @@ class BatchRunner(SpeculativeSteps):
             reason = "stop" if stopped else reason
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, reason)
+        self._let_go(seq)  # (the scheduler does it for the sequences it knows)
         self._release_draft(seq)
         self._count_finish(reason)
         return self._emit(seq, text, reason)
+
+    @staticmethod
+    def _let_go(seq: Sequence) -> None:
+        """Release what an ended sequence still holds (its adapter reference): one still
+        being encoded never reached the scheduler, whose abort does this for the rest."""
+        on_free = seq.detail.pop("on_free", None)
+        if on_free is not None:
+            on_free()
 
     def _emit(self, seq: Sequence, text: str, reason: Optional[str]) -> RequestOutput:
         st: _Output = seq.detail["out"]

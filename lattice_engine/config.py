@@ -19,7 +19,11 @@
                interleave_tokens, max_itl_rise, prefill_step_seconds, header_timeout,
                read_timeout
     [<name>]   a plugin's own section, e.g. [quarot] enabled = true (weight transforms):
-               checked against the installed plugins by `Config.validate`
+               checked against the installed plugins by `Config.validate`; a section named
+               after an adapter kind, e.g. [lora], is an `AdapterSection`:
+               adapters = { sql = "path/to/peft-dir" }, mixtures = { mix = { sql = 0.7,
+               chat = 0.3 } }, merge = "sql" (fold one into the weights), loaded by
+               `Engine.from_config`
 
 `lattice.toml` in the working directory is read when present; `--config PATH` picks
 another file; command-line flags override both.
@@ -208,6 +212,7 @@ class Config:
                 raise ConfigError(f"quant.overrides[{pattern!r}] = {fmt!r} is not a registered "
                                   f"weight format; choices: {', '.join(sorted(formats))}")
         self.transform_settings(registry)
+        self.adapter_settings(registry)
         if self.sampling.sampler and self.sampling.sampler not in registry.names("samplers"):
             raise ConfigError(f"sampling.sampler = {self.sampling.sampler!r} is not registered; "
                               f"choices: {', '.join(registry.names('samplers'))}")
@@ -232,9 +237,12 @@ class Config:
         transforms = registry.items.get("weight_transforms", {})
         enabled = {}
         for name, values in self.plugin_sections.items():
+            if name in registry.items.get("adapters", {}):
+                continue  # see adapter_settings
             if name not in transforms:
                 core = ", ".join(CORE_SECTIONS)
-                owned = ", ".join(sorted(transforms)) or "(none installed)"
+                owned = ", ".join(sorted(set(transforms) | set(registry.names("adapters")))) \
+                    or "(none installed)"
                 raise ConfigError(f"unknown section [{name}]; core sections: {core}; plugin "
                                   f"sections: {owned}. If [{name}] belongs to a plugin, install "
                                   f"it (e.g. pip install lattice-{name})")
@@ -242,6 +250,39 @@ class Config:
             if settings.enabled:
                 enabled[name] = settings
         return enabled
+
+    def adapter_settings(self, registry) -> dict[str, AdapterSection]:
+        """kind -> `AdapterSection` of every section named after an adapter kind."""
+        kinds = registry.items.get("adapters", {})
+        return {name: _build(name, AdapterSection, values)
+                for name, values in self.plugin_sections.items() if name in kinds}
+
+
+@dataclass(frozen=True)
+class AdapterSection:
+    """The section of an adapter kind ([lora]): adapters loaded by name at start, weighted
+    mixtures of them, and optionally one merged into the weights for good."""
+
+    adapters: Mapping[str, str] = field(default_factory=dict)
+    mixtures: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    merge: Optional[str] = None
+
+    def __post_init__(self):
+        for name, path in self.adapters.items():
+            if not isinstance(path, str) or not path:
+                raise ConfigError(f"adapters.{name} = {path!r} must be the adapter's folder")
+        for name, parts in self.mixtures.items():
+            if not isinstance(parts, abc.Mapping) or not parts:
+                raise ConfigError(f"mixtures.{name} must be a table adapter = weight")
+            for part, weight in parts.items():
+                if part not in self.adapters:
+                    raise ConfigError(f"mixtures.{name}.{part}: no adapter {part!r} in "
+                                      f"adapters (have: {', '.join(self.adapters) or 'none'})")
+                if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+                    raise ConfigError(f"mixtures.{name}.{part} = {weight!r} must be a number")
+        if self.merge is not None and self.merge not in self.adapters:
+            raise ConfigError(f"merge = {self.merge!r} is not one of the adapters "
+                              f"({', '.join(self.adapters) or 'none'})")
 
 
 CORE_SECTIONS = tuple(f.name for f in fields(Config) if f.name != "plugin_sections")

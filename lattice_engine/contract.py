@@ -23,6 +23,7 @@ What is checked at registration (an object's behaviour is the plugin's own tests
 - logits processors: a callable factory `factory(value) -> processor or None`, under a name
   that is not one of the `SamplingParams` fields the engine itself reads (`seed`, `stop`,
   ...): a processor named `seed` would be fed every request's seed.
+- adapters: an `AdapterKind` (a name, callable `load` and `save`).
 - drafters: a callable factory `factory(target, tokenizer, options) -> Drafter`; what it
   builds is checked against `Drafter` when it is built (`check_drafter`).
 - encoders: an object with a non-empty `modality` string and callable `supports` and
@@ -119,6 +120,30 @@ class Architecture(Protocol):
 
 
 @runtime_checkable
+class AdapterKind(Protocol):
+    """An adapter kind registered by `register_adapters` (e.g. LoRA).
+
+    `load(path, model, name)` reads the adapter files at `path` (a folder) and returns a
+    `lattice_engine.adapters.AdapterWeights` named `name` (the folder's name when None),
+    refusing with a `lattice_engine.errors.RequestError` (naming the module, shape or
+    config key, and what would fit) files that do not fit `model`; `save(weights, path)`
+    writes them back in the kind's file format, atomically. Optionally,
+    `train_step(model, weights, tokens, options, state)` -> (new weights, loss, gradient
+    norm, state) trains the adapter on one example (`AdapterManager.train`, the server's
+    `/v1/adapt_lora_adapter`); `options` is the request's optimizer settings, `state` what
+    the previous call returned (None at first).
+    """
+
+    name: str
+
+    def load(self, path: Any, model: Any, name: Optional[str] = None) -> Any: ...
+
+    def save(self, weights: Any, path: Any) -> None: ...
+
+
+ADAPTER_KIND_MEMBERS = ("load", "save")
+
+
 class Drafter(Protocol):
     """A speculative-decoding drafter (`register_drafters`); see `lattice_engine.speculative`.
 
@@ -292,6 +317,13 @@ def check_weight_transform(owner: str, name: str, value: Any) -> None:
                     f"is a {type(value).__name__}, not a lattice_engine.transforms.WeightTransform")
 
 
+def check_adapter_kind(owner: str, name: str, value: Any) -> None:
+    lacking = missing_members(value, ADAPTER_KIND_MEMBERS)
+    if lacking:
+        raise _fail(owner, "adapter kind", name,
+                    f"lacks {', '.join(lacking)} (see lattice_engine.contract.AdapterKind)")
+
+
 def check_sampler(owner: str, name: str, value: Any) -> None:
     if not callable(value):
         raise _fail(owner, "sampler", name, f"is a {type(value).__name__}, not a factory "
@@ -360,6 +392,7 @@ def check_registration(kind: str, owner: str, name: str, value: Any, registry) -
     check = {"architectures": check_architecture, "weight_formats": check_weight_format,
              "weight_transforms": check_weight_transform, "samplers": check_sampler,
              "logits_processors": check_logits_processor,
+             "adapters": check_adapter_kind,
              "drafters": check_drafter_factory, "encoders": check_encoder}.get(kind)
     if check is not None:
         check(owner, name, value)

@@ -116,8 +116,27 @@ class Engine:
                       backend=config.model.backend, plugin_manager=pm,
                       transforms=config.transform_settings(pm.registry),
                       kv_cache=config.model.kv_cache)
-        return cls(loaded, sampling=config.sampling, plugin_manager=pm,
-                   speculative=config.speculative, inputs=config.inputs)
+        engine = cls(loaded, sampling=config.sampling, plugin_manager=pm,
+                     speculative=config.speculative, inputs=config.inputs)
+        for kind, section in config.adapter_settings(pm.registry).items():
+            engine.apply_adapter_section(kind, section)
+        return engine
+
+    def apply_adapter_section(self, kind: str, section) -> None:
+        """Load the adapters of a config section ([lora]: `config.AdapterSection`), build
+        its mixtures, and merge the one it names into the weights (then it is not resident:
+        every request runs with it)."""
+        from .adapters import merge
+        for name, path in section.adapters.items():
+            if name == section.merge:
+                merge(self.model, self.adapters.kind(kind).load(path, self.model, name))
+            else:
+                self.load_adapter(path, name=name, kind=kind)
+        for name, parts in section.mixtures.items():
+            if section.merge in parts:
+                raise ConfigError(f"[{kind}] mixtures.{name} uses {section.merge!r}, which "
+                                  f"is merged into the weights; mix resident adapters only")
+            self.adapters.mix(name, list(parts.items()))
 
     # ---- images (an encoder plugin, `register_encoders`) ---------------------------------
     @property
@@ -263,39 +282,86 @@ class Engine:
     def stream(self, prompt: Optional[Prompt] = None, *,
                messages: Optional[list[dict[str, Any]]] = None,
                response_format: Optional[dict[str, Any]] = None, regex: Optional[str] = None,
-               grammar: Any = None, speculative: Any = None,
+               grammar: Any = None, speculative: Any = None, adapter: Optional[str] = None,
                **sampling: Any) -> Iterator[GenerationChunk]:
         """Yield text chunks as they are generated; sampling options override the defaults.
         response_format / regex / grammar constrain the output (see `grammar_matcher`);
-        speculative picks speculative decoding for this call (see `speculation_for`)."""
+        speculative picks speculative decoding for this call (see `speculation_for`);
+        `adapter` names a loaded adapter (see `load_adapter`) applied to this request."""
         self._require_generation()
         params = self.sampling.with_overrides(**sampling)
         ids, images = self._encoded_prompt(messages) if messages is not None and \
             prompt is None else (self.prompt_ids(prompt, messages), None)
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
-        return stream_generate(self.model, self.tokenizer, ids, params,
-                               self.plugin_manager.registry, grammar=matcher, inputs=images,
-                               speculation=self.speculation_for(speculative))
+        speculation = self.speculation_for(speculative)
+        if adapter is None:
+            return stream_generate(self.model, self.tokenizer, ids, params,
+                                   self.plugin_manager.registry, grammar=matcher,
+                                   inputs=images, speculation=speculation)
+        return self.adapters.stream_with(adapter, lambda: stream_generate(
+            self.model, self.tokenizer, ids, params, self.plugin_manager.registry,
+            grammar=matcher, inputs=images, speculation=speculation))
 
     def generate(self, prompt: Optional[Prompt] = None, *,
                  messages: Optional[list[dict[str, Any]]] = None,
                  response_format: Optional[dict[str, Any]] = None, regex: Optional[str] = None,
-                 grammar: Any = None, speculative: Any = None,
+                 grammar: Any = None, speculative: Any = None, adapter: Optional[str] = None,
                  **sampling: Any) -> GenerationResult:
         """Generate to the end; sampling options (temperature, max_tokens, stop, seed, ...)
         override the engine's defaults for this call only. response_format / regex /
         grammar constrain the output (see `grammar_matcher`); speculative picks
-        speculative decoding for this call (see `speculation_for`)."""
+        speculative decoding for this call (see `speculation_for`); `adapter` names a
+        loaded adapter (see `load_adapter`) applied to this request."""
         self._require_generation()
         params = self.sampling.with_overrides(**sampling)
         ids, images = self._encoded_prompt(messages) if messages is not None and \
             prompt is None else (self.prompt_ids(prompt, messages), None)
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
-        return generate(self.model, self.tokenizer, ids, params,
-                        self.plugin_manager.registry, grammar=matcher, inputs=images,
-                        speculation=self.speculation_for(speculative))
+        speculation = self.speculation_for(speculative)
+        if adapter is None:
+            return generate(self.model, self.tokenizer, ids, params,
+                            self.plugin_manager.registry, grammar=matcher,
+                            inputs=images, speculation=speculation)
+        with self.adapters.using(adapter):
+            return generate(self.model, self.tokenizer, ids, params,
+                            self.plugin_manager.registry, grammar=matcher,
+                            inputs=images, speculation=speculation)
+
+    # ---- adapters (LoRA): several resident, chosen per request ---------------------------
+    @property
+    def adapters(self):
+        """The `adapters.AdapterManager` of this engine (loaded adapters by name)."""
+        mgr = getattr(self, "_adapters", None)
+        if mgr is None:
+            from .adapters import AdapterManager
+            config = getattr(getattr(self.loaded, "checkpoint", None), "config", None) or {}
+            if config.get("quarot"):
+                raise RequestError("this model's weights are QuaRot-rotated: its linears see "
+                                   "rotated inputs, so an adapter trained on the original "
+                                   "model does not apply; load the model without [quarot] "
+                                   "to use adapters")
+            mgr = self._adapters = AdapterManager(self.model, self.plugin_manager.registry)
+        return mgr
+
+    def load_adapter(self, path, *, name: Optional[str] = None, kind: str = "lora") -> str:
+        """Load the adapter files at `path` with the registered adapter kind `kind` and make
+        them resident under `name` (default: the folder's name); returns the name."""
+        return self.adapters.load(path, name=name, kind=kind)
+
+    def adapt_adapter(self, name: str, example: Prompt, *, steps: int = 1,
+                      **optimizer: Any) -> dict:
+        """Train adapter `name` online on one example (text or token ids): `steps`
+        optimizer steps of its kind's `train_step` (LoRA: next-token cross-entropy, SGD /
+        Adam / AdamW with clipping; `optimizer` holds their settings, e.g. kind="adamw",
+        lr=1e-3). The result becomes the adapter's new version; returns the losses."""
+        ids = self.prompt_ids(example)
+        return self.adapters.adapt(name, ids, optimizer, steps)
+
+    def unload_adapter(self, name: str) -> None:
+        """Drop a loaded adapter; requests already running with it finish with it."""
+        self.adapters.unload(name)
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> GenerationResult:
         """Reply to chat messages. A message's content may be a list of parts: text and
@@ -339,22 +405,45 @@ class Engine:
     def add_request(self, prompt: Optional[Prompt] = None, *,
                     messages: Optional[list[dict[str, Any]]] = None,
                     request_id: Optional[str] = None, logits_mask=None,
-                    speculative: Any = None, **sampling: Any) -> str:
+                    speculative: Any = None, adapter: Optional[str] = None,
+                    **sampling: Any) -> str:
         """Queue a request for `step`; returns its id. `logits_mask` (a
         `scheduler.LogitsMask`) constrains each next token, e.g. to a grammar;
-        `speculative` picks its speculative decoding (see `speculation_for`)."""
+        `speculative` picks its speculative decoding (see `speculation_for`); `adapter`
+        names a loaded adapter the request runs with (the version current now, kept until
+        the request ends)."""
         params = self.sampling.with_overrides(**sampling)
         if messages is not None and prompt is None:
             ids, images = self.chat_prompt(messages)
         else:
             ids, images = self.prompt_ids(prompt, messages), None
-        runner = self.runner
-        seq = runner.make_sequence(ids, params, request_id=request_id,
-                                   logits_mask=logits_mask, images=images,
-                                   encoder=self._encoder if images else None,
-                                   speculation=self.speculation_for(speculative))
-        runner.enqueue(seq)
+        held = self.adapter_for_request(adapter)
+        try:
+            seq = self.runner.make_sequence(ids, params, request_id=request_id,
+                                            logits_mask=logits_mask, images=images,
+                                            encoder=self._encoder if images else None,
+                                            adapter=held,
+                                            speculation=self.speculation_for(speculative))
+            self.runner.enqueue(seq)
+        except BaseException:
+            if held is not None:
+                held[2]()
+            raise
         return seq.request_id
+
+    def adapter_for_request(self, adapter: Optional[str]):
+        """(slot, prefix-cache variant, release) for a request naming `adapter`, holding
+        its current version until release() (None for no adapter)."""
+        if adapter is None:
+            return None
+        slot, variant = self.adapters.acquire(adapter)
+        released = []
+
+        def release():
+            if not released:
+                released.append(True)
+                self.adapters.release(slot)
+        return slot, variant, release
 
     def step(self):
         """Run one batched forward; returns a list of `batching.RequestOutput`."""

@@ -28,7 +28,7 @@ hookimpl = pluggy.HookimplMarker("lattice_engine")
 # number changes when a hook is removed or its arguments or the objects it registers change
 # incompatibly, the minor number when a hook or an optional argument is added. It moves
 # independently of the engine's release number; `lattice --version` prints both.
-PLUGIN_API_VERSION = "1.2"  # 1.1: register_drafters; 1.2: register_encoders
+PLUGIN_API_VERSION = "1.3"  # 1.1: register_drafters; 1.2: register_adapters; 1.3: register_encoders
 
 
 # --- Models ---------------------------------------------------------------------------
@@ -118,6 +118,25 @@ def register_logits_processors(register: Callable[[str, Callable], None]) -> Non
             request's (or `[sampling] processors`') entry of the same name. Processors run
             in registry order: the built-ins first (they are tryfirst), then plugins'. A
             name that is a `SamplingParams` field (seed, stop, max_tokens, ...) is refused.
+    """
+
+
+# --- Adapters -------------------------------------------------------------------------
+
+@hookspec
+def register_adapters(register: Callable[[object], None]) -> None:
+    """Contribute adapter kinds (LoRA) applied around a model's named linear modules.
+
+    Args:
+        register: call `register(kind)` with an object providing the
+            `lattice_engine.contract.AdapterKind` members: `name` (also its config section,
+            `[name]`), `load(path, model, name)` returning `lattice_engine.adapters
+            .AdapterWeights` checked against the model's linears (`adapters.named_linears`)
+            and `save(weights, path)`, optionally `train_step(model, weights, tokens,
+            options, state)` for online training. The core keeps loaded adapters resident in the
+            model's `AdapterSlots` and applies them per request in every forward (numpy,
+            per-kernel native and the fused C steps); `Engine.load_adapter(path,
+            kind=name)` and the server's `/v1/load_lora_adapter` call `load`.
     """
 
 

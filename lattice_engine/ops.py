@@ -319,3 +319,26 @@ def block_rotate(x: np.ndarray, mix: np.ndarray, block: int) -> np.ndarray:
         groups = np.einsum("...ir,ij->...jr", groups, mix.astype(np.float32))
     out = fwht(groups) * np.float32(1.0 / np.sqrt(block))
     return out.reshape(x.shape).astype(np.float32)
+
+
+def lora_apply(x: np.ndarray, y: np.ndarray, table, row_slots) -> np.ndarray:
+    """Low-rank adapter updates in place: y[i] += s * (x[i] @ A.T) @ B.T for each row i,
+    with (A [r, K], B [N, r], s) the factors of the row's slot in `table.factors`.
+
+    x float32 [M, K], y float32 [M, N]; `row_slots` int32 [M] (-1: no update) or None, in
+    which case every row uses `table.rows.uniform`. A slot without factors for this module
+    adds nothing (see `lattice_engine.adapters`)."""
+    factors = table.factors
+    if row_slots is None:
+        s = table.rows.uniform
+        lr = factors[s] if 0 <= s < len(factors) else None
+        if lr is not None:
+            y += np.float32(lr.scale) * ((x @ lr.a.T) @ lr.b.T)
+        return y
+    for s in np.unique(row_slots):
+        lr = factors[s] if 0 <= s < len(factors) else None
+        if lr is None:
+            continue
+        rows = np.flatnonzero(row_slots == s)
+        y[rows] += np.float32(lr.scale) * ((x[rows] @ lr.a.T) @ lr.b.T)
+    return y

@@ -34,6 +34,7 @@ REGISTRY_HOOKS = {
     "weight_transforms": "register_weight_transforms",
     "samplers": "register_samplers",
     "logits_processors": "register_logits_processors",
+    "adapters": "register_adapters",
     "drafters": "register_drafters",
     "encoders": "register_encoders",
 }

@@ -191,6 +191,9 @@ class Scheduler:
         self.cache.free(seq.blocks)
         seq.status = Status.FINISHED
         seq.finish_reason = seq.finish_reason or "abort"
+        on_free = seq.detail.pop("on_free", None)  # e.g. the adapter reference it held
+        if on_free is not None:
+            on_free()
         return seq
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -100,6 +100,11 @@ def server():
     yield client
     srv.should_exit = True
     thread.join(timeout=30)
+    # the model is ~2 GB in float32: let it go before the next module loads its own
+    client.engine = None
+    del app, engine, loaded
+    import gc
+    gc.collect()
 
 
 def ask(client, prompt, **kwargs):

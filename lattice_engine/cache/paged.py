@@ -28,6 +28,9 @@ class SequenceBlocks:
     block_hashes: list[bytes] = field(default_factory=list)
     cached_tokens: int = 0      # prompt tokens found in the prefix cache on admission
     state_slot: Optional[int] = None  # recurrent-state slot (hybrid models)
+    # the sequence's own part of the prefix-cache key, after the cache's (the adapter and
+    # its version it runs with: sequences of different adapters never share blocks)
+    variant: str = ""
 
 
 class PagedKVCache:
@@ -63,6 +66,11 @@ class PagedKVCache:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def variant_of(self, seq: SequenceBlocks) -> str:
+        """The prefix-cache key of seq's blocks: the cache's variant (the model) and the
+        sequence's own (its adapter)."""
+        return f"{self.variant}|{seq.variant}" if seq.variant else self.variant
+
     # ---- admission -------------------------------------------------------------------
     def match_prefix(self, token_ids: Sequence[int], seq: SequenceBlocks) -> int:
         """Reference the cached full blocks that start token_ids into seq's (empty) table,
@@ -72,7 +80,7 @@ class PagedKVCache:
             raise ValueError("match_prefix needs a sequence without blocks")
         usable = (len(token_ids) - 1) // self.block_size
         hashes = chain_block_hashes(token_ids[:usable * self.block_size], self.block_size,
-                                    self.variant)
+                                    self.variant_of(seq))
         n = 0
         while n < len(hashes) and self.pool.contains(hashes[n]):
             n += 1
@@ -133,7 +141,7 @@ class PagedKVCache:
             return []
         parent = seq.block_hashes[-1] if seq.block_hashes else None
         new = chain_block_hashes(token_ids[:full * self.block_size], self.block_size,
-                                 self.variant, start=done, parent=parent)
+                                 self.variant_of(seq), start=done, parent=parent)
         for i, h in enumerate(new, start=done):
             self.pool.register(seq.table[i], h)
         seq.block_hashes.extend(new)

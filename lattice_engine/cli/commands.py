@@ -25,6 +25,8 @@ def cmd_generate(args) -> int:
     engine = make_engine(args)
     require_tokenizer(engine, "generate")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.adapter:
+        constraint["adapter"] = engine.load_adapter(args.adapter)
     has_template = bool(engine.tokenizer.config.get("chat_template"))
     images = [read_image_file(path) for path in getattr(args, "image", None) or []]
     if images and (args.raw or not has_template):

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image", metavar="FILE", action="append", default=[],
                      help="an image (PNG, JPEG, WebP) placed before the prompt in the user "
                           "message; repeat for several (needs a vision model and plugin)")
+    gen.add_argument("--adapter", metavar="DIR", default=None,
+                     help="apply this adapter folder (a PEFT LoRA with lattice-lora "
+                          "installed) to the generation; [lora] in the config loads named "
+                          "ones for every command")
     constraint = gen.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", metavar="FILE", default=None,
                             help="constrain the output to this JSON schema (needs the "

@@ -303,4 +303,3 @@ def tensors(path: Path, gguf_tensors: list[Any], config: dict[str, Any],
         loaders[name] = load
         shapes[name] = shape
     return loaders, shapes
-

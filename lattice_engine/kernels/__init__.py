@@ -19,6 +19,7 @@ Where each part lives:
     kv_attention  attention, paged_attention
     deltanet      causal_conv1d, gated_delta_rule (Qwen3.5's linear attention)
     rotate        block_rotate
+    lora          lora_apply (adapters' low-rank updates, see lattice_engine.adapters)
     bandwidth     bench_read, measure_read_bandwidth
     steps         what the fused decode steps share
 
@@ -38,6 +39,7 @@ from .deltanet import causal_conv1d, gated_delta_rule
 from .elementwise import (add, gated_rms_norm, gelu, layer_norm, log_sum_exp, rms_norm,
                           rope, rope_tables, sigmoid, silu, silu_mul, softmax, softplus)
 from .kv_attention import attention, paged_attention
+from .lora import lora_apply
 from .matmuls import (embed, format_embed, format_matmul, matmul, matmul_multi,
                       q8_0_r16_convert, quantize_q8_0, supports)
 from .rotate import block_rotate
@@ -52,5 +54,5 @@ __all__ = [
     "attention", "add",
     "bench_read", "measure_read_bandwidth",
     "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule", "gated_rms_norm",
-    "paged_attention", "block_rotate",
+    "paged_attention", "block_rotate", "lora_apply",
 ]

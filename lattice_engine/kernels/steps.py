@@ -46,7 +46,9 @@ def _step_format(fmt) -> bool:
     return (fmt.name in _FMT_IDS and _entry(fmt) is not None) or fmt.c_matmul is not None
 
 
-def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None) -> None:
+def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None, adapters=None) -> None:
+    """dst (an lk_linear) from a matrix, its bias and its resident adapters (a
+    `lattice_engine.adapters.LinearAdapters`: the C table follows later loads)."""
     data = w.data if w.data.flags.c_contiguous else np.ascontiguousarray(w.data)
     keep.append(data)
     if w.format.name in _FMT_IDS:
@@ -59,6 +61,10 @@ def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None) -> None:
     dst.w = _fb(data)
     dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
     dst.bias = _keep_vec(keep, bias)
+    if adapters is not None:
+        table = adapters.c_struct()
+        keep.append(adapters)
+        dst.lora = table
 
 
 def _raise_step_error(rc: int, tokens: np.ndarray, m, name: str, outside: str) -> None:

@@ -239,17 +239,32 @@ def check_tokens(tokens, vocab_size: int, batch: Optional[int] = None) -> np.nda
 
 
 class Linear:
-    """y = x @ W.T (+ b), W stored in any weight format."""
+    """y = x @ W.T (+ b), W stored in any weight format, plus the low-rank updates of the
+    resident adapters for the rows that selected one (`adapters`, a
+    `lattice_engine.adapters.LinearAdapters`, None until an adapter is loaded). `name` is
+    the HF module name (`model.layers.0.self_attn.q_proj`) adapters address it by."""
 
-    def __init__(self, weight: PackedMatrix, bias: Optional[np.ndarray] = None):
+    def __init__(self, weight: PackedMatrix, bias: Optional[np.ndarray] = None,
+                 name: str = ""):
         self.weight = weight
         self.bias = bias
+        self.name = name
+        self.adapters = None
 
     def __call__(self, x: np.ndarray, ops) -> np.ndarray:
         y = ops.matmul(x, self.weight)
         if self.bias is not None:
             y += self.bias
+        if self.adapters is not None:
+            self.adapters.apply(x, y, ops)
         return y
+
+
+def name_linears(owner: Any, prefix: str) -> None:
+    """Give each `Linear` attribute of `owner` its HF module name, `prefix.attribute`."""
+    for attr, value in vars(owner).items():
+        if isinstance(value, Linear):
+            value.name = f"{prefix}.{attr}"
 
 
 def project(x: np.ndarray, linears: Sequence[Linear], ops) -> list[np.ndarray]:
@@ -266,6 +281,8 @@ def project(x: np.ndarray, linears: Sequence[Linear], ops) -> list[np.ndarray]:
             for y, lin in zip(outs, linears):
                 if lin.bias is not None:
                     y += lin.bias
+                if lin.adapters is not None:
+                    lin.adapters.apply(x, y, ops)
             return outs
     return [lin(x, ops) for lin in linears]
 

@@ -18,7 +18,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import CheckpointError
-from .base import CausalLM, Linear, WeightLoader, check_tokens, config_from_dict, rope_inv_freq
+from .base import (CausalLM, Linear, WeightLoader, check_tokens, config_from_dict,
+                   name_linears, rope_inv_freq)
 from ..cache.hybrid import HybridCache
 from ..multimodal import ForwardInputs, check_forward_inputs, mrope_axes, mrope_tables
 from .qwen3_5_step import Qwen35Step
@@ -122,6 +123,7 @@ class GatedAttention:
                              bias("o_proj", h))
         self.q_norm = w.vector(f"{prefix}.q_norm.weight", (d,))
         self.k_norm = w.vector(f"{prefix}.k_norm.weight", (d,))
+        name_linears(self, prefix)
 
     def __call__(self, x, slot: int, cache: HybridCache, cos, sin, ops):
         q, k, v, gate = self.project(x, cos, sin, ops)
@@ -176,6 +178,7 @@ class GatedDeltaNet:
         self.norm = w.vector(f"{prefix}.norm.weight", (self.dv,))
         self.out_proj = Linear(w.matrix(f"{prefix}.out_proj.weight", (h, self.value_dim),
                                         "linear"))
+        name_linears(self, prefix)
 
     def __call__(self, x, slot: int, cache: HybridCache, ops):
         mixed, beta, g, z = self.project(x, ops)
@@ -420,7 +423,8 @@ class Model(CausalLM):
                 m.down_proj.bias is not None:
             return None  # Qwen3.5 has no MLP bias; the C step does not take one
         return {"gate": m.gate_proj.weight, "up": m.up_proj.weight, "down": m.down_proj.weight,
-                "down_rotation": m.down_rotation}
+                "down_rotation": m.down_rotation, "gate_adapters": m.gate_proj.adapters,
+                "up_adapters": m.up_proj.adapters, "down_adapters": m.down_proj.adapters}
 
     def _build_decode_step(self) -> Optional[Qwen35Step]:
         layers = []
@@ -436,11 +440,16 @@ class Model(CausalLM):
                             in_b=a.in_proj_b.weight, in_a=a.in_proj_a.weight,
                             out=a.out_proj.weight, conv_w=a.conv_weight_t, neg_a=a.neg_a,
                             dt_bias=a.dt_bias, head_norm=a.norm)
+                for name, lin in (("in_qkv", a.in_proj_qkv), ("in_z", a.in_proj_z),
+                                  ("in_b", a.in_proj_b), ("in_a", a.in_proj_a),
+                                  ("out", a.out_proj)):
+                    spec[f"{name}_adapters"] = lin.adapters
             else:
                 a = block.self_attn
                 for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj),
                                   ("o", a.o_proj)):
                     spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
+                    spec[f"{name}_adapters"] = lin.adapters
                 spec.update(q_norm=a.q_norm, k_norm=a.k_norm)
             layers.append(spec)
         if not Qwen35Step.supports(self.embed_tokens, *Qwen35Step.matrices_of(layers)):

@@ -70,7 +70,8 @@ class Qwen35Step:
             L.mlp_norm = _keep_vec(keep, spec["mlp_norm"])
             for name in self.MATRICES[spec["kind"]]:
                 if name in spec or not spec.get("moe"):
-                    _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+                    _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"),
+                                 spec.get(f"{name}_adapters"))
             if spec.get("moe"):  # a MoE MLP (kernels.moe.NativeMoE) instead of gate/up/down
                 keep.append(spec["moe"])
                 L.moe = spec["moe"].pointer

@@ -15,7 +15,7 @@ import numpy as np
 from ..cache.dense import KVCache
 from ..errors import CheckpointError
 from .base import (CausalLM, Linear, WeightLoader, check_tokens, config_from_dict,
-                   project, rope_inv_freq)
+                   name_linears, project, rope_inv_freq)
 from .transformer_step import DecoderStep
 
 
@@ -137,6 +137,7 @@ class Attention:
         self.q_norm = w.vector(f"{prefix}.q_norm.weight", (d,)) if qk_norm else None
         self.k_norm = w.vector(f"{prefix}.k_norm.weight", (d,)) if qk_norm else None
         self.o_rotation = online_rotation(cfg.lattice_online_rotation, "o_proj", nq * d)
+        name_linears(self, prefix)
 
     def project_out(self, out, ops):
         """o_proj of the attention output [..., nq * d] (rotated online first if asked)."""
@@ -172,6 +173,7 @@ class MLP:
         self.down_proj = Linear(w.matrix(f"{prefix}.down_proj.weight", (h, f), "linear"),
                                 bias("down_proj", h))
         self.down_rotation = online_rotation(cfg.lattice_online_rotation, "down_proj", f)
+        name_linears(self, prefix)
 
     def __call__(self, x, ops):
         act = ops.silu_mul(*project(x, (self.gate_proj, self.up_proj), ops))
@@ -291,6 +293,7 @@ class DecoderModel(CausalLM):
         spec = {"down_rotation": m.down_rotation}
         for name, lin in (("gate", m.gate_proj), ("up", m.up_proj), ("down", m.down_proj)):
             spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
+            spec[f"{name}_adapters"] = lin.adapters
         return spec
 
     def _build_decode_step(self) -> Optional[DecoderStep]:
@@ -301,6 +304,7 @@ class DecoderModel(CausalLM):
                     "q_norm": a.q_norm, "k_norm": a.k_norm}
             for name, lin in (("q", a.q_proj), ("k", a.k_proj), ("v", a.v_proj), ("o", a.o_proj)):
                 spec[name], spec[f"{name}_bias"] = lin.weight, lin.bias
+                spec[f"{name}_adapters"] = lin.adapters
             mlp = self._mlp_step_spec(block.mlp)
             if mlp is None:
                 return None

@@ -64,7 +64,8 @@ class DecoderStep:
             L.k_norm = _keep_vec(keep, spec.get("k_norm"))
             for name in self.MATRICES:
                 if name in spec or not spec.get("moe"):
-                    _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"))
+                    _fill_linear(keep, getattr(L, name), spec[name], spec.get(f"{name}_bias"),
+                                 spec.get(f"{name}_adapters"))
             if spec.get("moe"):
                 keep.append(spec["moe"])
                 L.moe = spec["moe"].pointer

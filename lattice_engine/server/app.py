@@ -5,7 +5,8 @@ server-sent events whose last chunk carries usage), POST /v1/embeddings (any mod
 encoder served for embeddings only, or a chat model pooled by its last token; see
 `lattice_engine.embedding`), GET /v1/models, GET /health, GET /metrics (Prometheus, with
 the drift detector's distance and alarm when server.drift_window is set), POST /tokenize
-and /detokenize (llama.cpp's server's shapes).
+and /detokenize (llama.cpp's server's shapes), and the adapter routes of
+`adapter_routes` (a request's `model` may name a loaded adapter).
 Errors are OpenAI error objects with a 4xx status for anything the client got wrong.
 `/v1/*`, /tokenize and /detokenize need `Authorization: Bearer <api_key>` when a key is set.
 Request bodies over `max_body_bytes` get 413; generation requests beyond
@@ -36,6 +37,7 @@ from ..errors import CheckpointError, ConfigError, LatticeError, RequestError
 from ..input_parts import has_images
 from ..sampling import SEED_LIMIT
 from . import metrics
+from .adapter_routes import adapter_routes, hold, model_entries, resolve_model
 from .async_engine import AsyncEngine, EngineClosed, EngineFailed
 from .protocol import SCHEMA as _SCHEMA
 from .protocol import (APIError, bad, chat_messages, choices_per_prompt, completion_prompts,
@@ -87,16 +89,15 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
 
     async def models(request: Request) -> Response:
         _authorize(request, state)
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": state.created,
-             "owned_by": "lattice-engine"}]})
+        return JSONResponse({"object": "list",
+                             "data": model_entries(engine, model_name, state.created)})
 
     vocab_size = int(engine.model.config.vocab_size)
 
     async def completions(request: Request) -> Response:
         _authorize(request, state)
         body = await _read_json(request, state)
-        _check_model(body, state)
+        adapter = resolve_model(body, engine, model_name)
         _check_generates(state, "prompt")
         prompts = completion_prompts(_fill_in_the_middle(body, engine.tokenizer),
                                      engine.tokenizer)
@@ -121,12 +122,12 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
             choices.extend(_copies(len(choices), p, ids, params, n, echo_text, make_mask))
         return await _generate(request, state, choices, stream, chat=False,
                                ignore_eos=ignore_eos(body), include_usage=usage,
-                               speculation=speculation)
+                               speculation=speculation, adapter=adapter)
 
     async def chat(request: Request) -> Response:
         _authorize(request, state)
         body = await _read_json(request, state)
-        _check_model(body, state)
+        adapter = resolve_model(body, engine, model_name)
         _check_generates(state, "messages")
         messages = chat_messages(body)
         params = sampling_from(body, engine.sampling, "max_completion_tokens",
@@ -183,7 +184,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
             choice.images = images
         return await _generate(request, state, choices, stream, chat=True,
                                ignore_eos=ignore_eos(body), include_usage=usage,
-                               speculation=speculation_from(body, engine))
+                               speculation=speculation_from(body, engine), adapter=adapter)
 
     async def tokenize(request: Request) -> Response:
         """llama.cpp's POST /tokenize: {"content", "add_special" (false), "with_pieces"
@@ -235,7 +236,7 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
-    ]
+    ] + adapter_routes(state, _authorize, _read_json)
 
     async def api_error(request: Request, exc: APIError) -> Response:
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -331,6 +332,7 @@ async def _read_json(request: Request, state: _State) -> dict[str, Any]:
 
 
 def _check_model(body: dict, state: _State) -> None:
+    """The base model, for routes adapters do not apply to (embeddings)."""
     model = body.get("model")
     if not isinstance(model, str):
         raise bad("'model' is required and must be a string", "model")
@@ -491,7 +493,7 @@ class _Merged:
 async def _generate(request: Request, state: _State, choices: list[Choice], stream: bool,
                     chat: bool, ignore_eos: bool = False,
                     include_usage: bool = False,
-                    speculation=DEFAULT_SPECULATION) -> Response:
+                    speculation=DEFAULT_SPECULATION, adapter: Optional[str] = None) -> Response:
     # no await between this check and taking the slot: the event loop runs one handler at
     # a time here, so a burst cannot slip past the limit
     if state.in_flight >= state.settings.max_concurrency:
@@ -506,14 +508,21 @@ async def _generate(request: Request, state: _State, choices: list[Choice], stre
         engine = state.async_engine
         for c, r in zip(choices, rids):
             try:
+                # each copy holds the adapter version current now until it ends
                 seqs.append(engine.prepare(
                     c.ids, c.params, request_id=r, ignore_eos=ignore_eos,
                     logits_mask=c.make_mask() if c.make_mask is not None else None,
                     prefix_leader=seqs[c.share_with] if c.share_with is not None else None,
                     images=c.images,
                     encoder=state.engine.encoder if c.images is not None else None,
-                    speculation=speculation))
-            except LatticeError as exc:
+                    speculation=speculation, adapter=hold(state.engine, adapter)))
+            except (LatticeError, APIError) as exc:
+                for seq in seqs:  # never queued: let go of their adapter references
+                    release = seq.detail.pop("on_free", None)
+                    if release is not None:
+                        release()
+                if isinstance(exc, APIError):
+                    raise
                 msg = str(exc)
                 code = "context_length_exceeded" if ("context" in msg or "KV cache" in msg) \
                     else None

@@ -67,17 +67,24 @@ class AsyncEngine:
     def prepare(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                 request_id: Optional[str] = None, logits_mask=None, ignore_eos: bool = False,
                 prefix_leader=None, images=None, encoder=None,
-                speculation=DEFAULT_SPECULATION):
+                speculation=DEFAULT_SPECULATION, adapter=None):
         """Validate a request and build its sequence (RequestError if it is invalid);
         `submit` queues it. prefix_leader: a prepared sequence with the same prompt,
         submitted first, whose prompt blocks this one reuses (n > 1). images / encoder: the
         `multimodal.MultimodalPrompt` behind prompt_ids and its `LoadedInputEncoder`;
         speculation: the request's choice (`protocol.speculation_from`), the runner's
-        default if unset."""
-        return self.runner.make_sequence(prompt_ids, params, request_id=request_id,
-                                         logits_mask=logits_mask, ignore_eos=ignore_eos,
-                                         prefix_leader=prefix_leader, images=images,
-                                         encoder=encoder, speculation=speculation)
+        default if unset; adapter: see `BatchRunner.make_sequence` (released here if the
+        request is refused)."""
+        try:
+            return self.runner.make_sequence(prompt_ids, params, request_id=request_id,
+                                             logits_mask=logits_mask, ignore_eos=ignore_eos,
+                                             prefix_leader=prefix_leader, images=images,
+                                             encoder=encoder, speculation=speculation,
+                                             adapter=adapter)
+        except BaseException:
+            if adapter is not None:
+                adapter[2]()
+            raise
 
     def submit(self, seq) -> AsyncIterator[RequestOutput]:
         """Queue a prepared sequence (when the stream is first iterated) and yield its

@@ -56,6 +56,8 @@
  *   moe        lk_moe_ok, lk_moe_forward (a mixture-of-experts MLP, experts grouped by
  *              row), lk_matmul_grouped (matrices each over their own rows, one job)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
+ *   lora       lk_lora_apply (low-rank adapter updates, per-row adapter selection; also
+ *              run by the fused steps for every lk_linear with a lora table)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -229,8 +231,39 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
    ABI in lattice_plugin.h) runs a linear whose fmt is LK_FMT_EXTERN. */
 enum { LK_FMT_EXTERN = 100 };
 
+/* ---- lora: low-rank adapter updates (native/src/lora.c) --------------------------- */
+
+/* One adapter's factors for one module: y += scale * (x . a^T) . b^T, a [r, cols],
+   b [rows, r] float32; a == NULL: this slot does not touch the module. */
+typedef struct {
+    const float *a, *b;
+    int64_t r;
+    float scale;
+} lk_lora_factor;
+
+/* Which slot each row of a call uses: slot[n] per row (-1: none), or, when slot is NULL,
+   `uniform` for every row (-1: none). One per model, shared by its modules' tables. */
+typedef struct {
+    const int32_t *slot;
+    int64_t n;
+    int32_t uniform;
+} lk_lora_rows;
+
+/* A module's resident adapters: slots[n_slots] and the model's row selection. */
+typedef struct {
+    int64_t n_slots;
+    const lk_lora_factor *slots;
+    const lk_lora_rows *rows;
+} lk_lora;
+
+/* y [M, N] += each row's slot update for x [M, K]. Returns 0, -2 when the row selection
+   does not cover M rows (or a slot has rank <= 0), -5 out of memory. */
+int lk_lora_apply(const lk_lora *l, const float *x, int64_t M, int64_t K, int64_t N,
+                  float *y);
+
 /* A weight matrix [rows, cols] in format fmt (LK_FMT_*, or LK_FMT_EXTERN with its matmul
-   in ext / ext_ctx), rows ldw bytes apart, with an optional float32 bias [rows]. */
+   in ext / ext_ctx), rows ldw bytes apart, with an optional float32 bias [rows] and the
+   resident adapters' low-rank updates (lora, NULL: none), added after the bias. */
 typedef struct {
     int32_t fmt;
     const void *w;
@@ -238,6 +271,7 @@ typedef struct {
     const float *bias;
     lk_extern_matmul ext;
     const void *ext_ctx;
+    const lk_lora *lora;
 } lk_linear;
 
 /* An online rotation of a linear's input (QuaRot): lk_block_rotate(x, rows, m, block,

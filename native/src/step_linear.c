@@ -16,9 +16,11 @@ int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
     return 1;
 }
 
-/* y_i = x @ W_i^T (+ b_i) for n matrices reading the same x: one pool job per core weight
-   format among them (usually one job for all); a plugin format's matrices one call each.
-   Returns 0, or -5 when a plugin's matmul failed (out of memory). */
+/* y_i = x @ W_i^T (+ b_i) (+ the adapters' low-rank updates) for n matrices reading the
+   same x: one pool job per core weight format among them (usually one job for all); a
+   plugin format's matrices one call each. Returns 0, -5 when a plugin's matmul or the
+   adapter update ran out of memory, -2 when the adapter row selection does not cover the
+   M rows. */
 int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
                     int64_t M) {
     int done[LK_MATMUL_MULTI_MAX] = {0};
@@ -46,9 +48,13 @@ int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const flo
         lk_matmul_multi(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out);
     }
     for (int i = 0; i < n; i++) {
-        if (!l[i]->bias) continue;
-        for (int64_t r = 0; r < M; r++)
-            lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
+        if (l[i]->bias)
+            for (int64_t r = 0; r < M; r++)
+                lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
+        if (l[i]->lora) {
+            const int rc = lk_lora_apply(l[i]->lora, x, M, l[i]->cols, l[i]->rows, y[i]);
+            if (rc) return rc;
+        }
     }
     return 0;
 }

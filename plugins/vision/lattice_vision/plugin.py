@@ -2,7 +2,7 @@
 
 from lattice_engine import hookimpl, require_plugin_api
 
-require_plugin_api(1, 2, plugin="lattice-vision")
+require_plugin_api(1, 3, plugin="lattice-vision")  # register_encoders came with 1.3
 
 from .encoder import QwenVisionEncoder  # noqa: E402
 

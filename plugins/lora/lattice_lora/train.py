@@ -1,0 +1,369 @@
+"""`adapt_step`: online training of a LoRA adapter on one example.
+
+The loss is the mean next-token cross-entropy over the example's tokens (positions
+0 .. T-2 predict tokens 1 .. T-1). The forward runs with the model's own ops and matrices (the native
+kernels when the model runs on them) with the adapter applied unmerged; the backward's
+products by W use a transposed float copy of each matrix kept per model (float32 for a
+float32 base, float16 otherwise); the backward goes
+through every layer (the final norm, the SwiGLU MLP, attention with RoPE and GQA, the
+q/k norms of qwen3, the RMSNorms) to the adapter's A and B of every targeted module; the
+base stays frozen. The update is SGD (with momentum), Adam or AdamW as torch.optim
+defines them, after clipping the gradient's global L2 norm like
+`torch.nn.utils.clip_grad_norm_`.
+
+Architectures: the llama-family decoder (llama, qwen2, qwen3). Qwen3.5's Gated DeltaNet
+layers have no backward here yet, and a model with online rotations (QuaRot) is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from lattice_engine.adapters import AdapterWeights, LowRank
+from lattice_engine.errors import RequestError
+
+F32 = np.float32
+
+
+@dataclass
+class OptimizerSettings:
+    """torch.optim's hyper-parameters: kind "sgd" (momentum, weight_decay), "adam" (L2
+    weight_decay added to the gradient) or "adamw" (decoupled weight decay); clip: the
+    gradient's largest global L2 norm (None: no clipping)."""
+
+    kind: str = "adamw"
+    lr: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    momentum: float = 0.0
+    clip: Optional[float] = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sgd", "adam", "adamw"):
+            raise RequestError(f"optimizer {self.kind!r} is not one of sgd, adam, adamw")
+        checks = [("lr", self.lr, 0, 10), ("eps", self.eps, 0, 1),
+                  ("weight_decay", self.weight_decay, 0, 10), ("momentum", self.momentum, 0, 1)]
+        for name, v, lo, hi in checks:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi \
+                    or not math.isfinite(v):
+                raise RequestError(f"optimizer {name} = {v!r} must be a number in [{lo}, {hi}]")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1
+                                           for b in self.betas):
+            raise RequestError(f"optimizer betas = {self.betas!r} must be two numbers in [0, 1)")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and
+                                          self.clip > 0):
+            raise RequestError(f"clip = {self.clip!r} must be a positive number or null")
+
+
+@dataclass
+class TrainState:
+    """What an optimizer keeps between steps, per parameter ("<module>.lora_A" / "_B")."""
+
+    step: int = 0
+    m: dict = field(default_factory=dict)   # first moment / momentum buffer
+    v: dict = field(default_factory=dict)   # second moment
+
+
+@dataclass
+class StepResult:
+    weights: AdapterWeights   # the updated adapter (a new object; the input is unchanged)
+    loss: float               # the loss before the update
+    grad_norm: float          # the gradient's global L2 norm before clipping
+    state: TrainState
+
+
+# ---- the model's float view ---------------------------------------------------------------
+
+class _FloatView:
+    """What the backward multiplies by: each weight matrix transposed, W^T [in, out], kept
+    as a matrix the model's ops multiply with (float32 for a float32 base, float16 for any
+    other format: the base is rounded already), built once per model. The forward uses the
+    model's own matrices and kernels."""
+
+    def __init__(self, model):
+        from lattice_engine.models.transformer import DecoderModel
+        if not isinstance(model, DecoderModel):
+            raise RequestError(f"adapt_step supports the llama-family decoder (llama, qwen2, "
+                               f"qwen3); {type(model).__module__}.{type(model).__name__} has "
+                               f"no backward here yet")
+        if model.config.lattice_online_rotation or any(b.input_rotations
+                                                       for b in model.layers):
+            raise RequestError("adapt_step does not train on a model with online rotations "
+                               "(QuaRot): its linears see rotated inputs")
+        from lattice_engine.plugins import get_plugin_manager
+        formats = get_plugin_manager().registry.items["weight_formats"]
+        self.f32, self.f16 = formats["f32"], formats["f16"]
+        self.model = model
+        self.ops = model.ops
+        self.native = getattr(model.ops, "name", "") == "native"
+        self.cache: dict[int, object] = {}
+
+    def mm(self, a, b):
+        """a [M, K] @ b [K, N] in float32: the native kernel (the engine's thread pool)
+        when the model runs on it, numpy otherwise."""
+        if not self.native:
+            return (a @ b).astype(F32)
+        from lattice_engine.quant.formats import PackedMatrix
+        bt = np.ascontiguousarray(b.T, F32)
+        return self.ops.matmul(np.ascontiguousarray(a, F32),
+                               PackedMatrix(self.f32, bt.shape[0], bt.shape[1],
+                                            bt.view(np.uint8)))
+
+    def wt(self, packed):
+        from lattice_engine.quant.formats import PackedMatrix
+        key = id(packed)
+        if key not in self.cache:
+            t = np.ascontiguousarray(packed.to_float().T)
+            if packed.format.name == "f32":
+                m = PackedMatrix(self.f32, t.shape[0], t.shape[1], t.view(np.uint8))
+            else:
+                t = t.astype(np.float16)
+                m = PackedMatrix(self.f16, t.shape[0], t.shape[1], t.view(np.uint8))
+            self.cache[key] = m
+        return self.cache[key]
+
+
+def _view(model) -> _FloatView:
+    view = getattr(model, "_lora_float_view", None)
+    if view is None:
+        view = model._lora_float_view = _FloatView(model)
+    return view
+
+
+# ---- pieces with their backward -------------------------------------------------------
+
+def _rms(x, w, eps):
+    r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return (x * r * w).astype(F32), r
+
+
+def _rms_back(dy, x, w, r):
+    g = dy * w
+    n = x.shape[-1]
+    return (r * g - x * (r ** 3) * np.sum(g * x, axis=-1, keepdims=True) / n).astype(F32)
+
+
+def _rope(x, cos, sin, sign=1.0):
+    """x [T, H, D] rotated by the angle (sign -1: by its negative, the transpose)."""
+    half = cos.shape[-1]
+    c, s = cos[:, None, :], sign * sin[:, None, :]
+    a, b = x[..., :half], x[..., half:2 * half]
+    out = np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+    return np.concatenate([out, x[..., 2 * half:]], axis=-1) if x.shape[-1] > 2 * half else out
+
+
+class _Lin:
+    """A linear with its adapter factors (or none); forward keeps what backward needs."""
+
+    def __init__(self, view, lin, lr: Optional[LowRank]):
+        self.view, self.lin, self.lr = view, lin, lr
+
+    def fwd(self, x):
+        y = self.view.ops.matmul(x, self.lin.weight)
+        if self.lin.bias is not None:
+            y = y + self.lin.bias
+        u = None
+        if self.lr is not None:
+            mm = self.view.mm
+            u = mm(x, self.lr.a.T)
+            y = y + F32(self.lr.scale) * mm(u, self.lr.b.T)
+        return y.astype(F32), (x, u)
+
+    def back(self, dy, saved, grads, name):
+        x, u = saved
+        dy = np.ascontiguousarray(dy, F32)
+        dx = self.view.ops.matmul(dy, self.view.wt(self.lin.weight))
+        if self.lr is not None:
+            s, mm = F32(self.lr.scale), self.view.mm
+            db = mm(dy, self.lr.b)                        # [T, r]
+            grads[f"{name}.lora_B"] = grads.get(f"{name}.lora_B", 0) + s * mm(dy.T, u)
+            grads[f"{name}.lora_A"] = grads.get(f"{name}.lora_A", 0) + s * mm(db.T, x)
+            dx = dx + s * mm(db, self.lr.a)
+        return dx.astype(F32)
+
+
+def loss_and_grads(model, weights: AdapterWeights, tokens) -> tuple[float, dict]:
+    """Mean next-token cross-entropy of `tokens` with the adapter, and its gradient with
+    respect to every factor, keyed "<module>.lora_A" / "<module>.lora_B" ([r, in] and
+    [out, r], PEFT's shapes)."""
+    view = _view(model)
+    cfg = model.config
+    ids = np.asarray(tokens, np.int64).reshape(-1)
+    if ids.size < 2:
+        raise RequestError(f"adapt_step needs at least 2 tokens (one to predict); got {ids.size}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise RequestError(f"a token id is outside the vocabulary [0, {cfg.vocab_size})")
+    if ids.size > cfg.max_position_embeddings:
+        raise RequestError(f"the example has {ids.size} tokens; the model's context is "
+                           f"{cfg.max_position_embeddings}")
+    t, eps = ids.size, cfg.rms_norm_eps
+    mods = weights.modules
+    cos, sin = _tables(np.arange(t), model.inv_freq)
+    ops = model.ops
+    x = np.ascontiguousarray(ops.embed(model.embed_tokens, ids[None])[0], F32)
+    tapes = []
+    mask = np.triu(np.ones((t, t), bool), 1)
+    for block in model.layers:
+        a, m = block.self_attn, block.mlp
+        lins = {n: _Lin(view, getattr(a, f"{n}_proj"), mods.get(getattr(a, f"{n}_proj").name))
+                for n in ("q", "k", "v", "o")}
+        lins.update({n: _Lin(view, getattr(m, f"{n}_proj"),
+                             mods.get(getattr(m, f"{n}_proj").name))
+                     for n in ("gate", "up", "down")})
+        tp = {"lins": lins, "x": x}
+        h, tp["r1"] = _rms(x, block.input_layernorm, eps)
+        q, tp["q"] = lins["q"].fwd(h)
+        k, tp["k"] = lins["k"].fwd(h)
+        v, tp["v"] = lins["v"].fwd(h)
+        q, k, v = (z.reshape(t, -1, a.d) for z in (q, k, v))
+        if a.q_norm is not None:
+            tp["q_pre"], tp["k_pre"] = q, k
+            q, tp["rq"] = _rms(q, a.q_norm, a.eps)
+            k, tp["rk"] = _rms(k, a.k_norm, a.eps)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        group = a.nq // a.nkv
+        kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)   # [T, Hq, D]
+        scale = F32(1.0 / np.sqrt(a.d))
+        s = np.einsum("thd,shd->hts", q, kr) * scale
+        s[:, mask] = -np.inf
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = (p / p.sum(-1, keepdims=True)).astype(F32)
+        out = np.einsum("hts,shd->thd", p, vr).reshape(t, a.nq * a.d).astype(F32)
+        tp.update(qr=q, kr=kr, vr=vr, p=p, scale=scale, group=group)
+        o, tp["o"] = lins["o"].fwd(out)
+        x = (x + o).astype(F32)
+        tp["x2"] = x
+        h2, tp["r2"] = _rms(x, block.post_attention_layernorm, eps)
+        g, tp["gate"] = lins["gate"].fwd(h2)
+        u, tp["up"] = lins["up"].fwd(h2)
+        sg = (1.0 / (1.0 + np.exp(-g))).astype(F32)
+        act = (g * sg * u).astype(F32)
+        tp.update(g=g, sg=sg, u=u)
+        d, tp["down"] = lins["down"].fwd(act)
+        x = (x + d).astype(F32)
+        tapes.append((block, tp))
+    final, rf = _rms(x, model.norm, eps)
+    logits = ops.matmul(np.ascontiguousarray(final[:-1]), model.lm_head)
+    z = logits - logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(z.astype(np.float64)).sum(-1))
+    targets = ids[1:]
+    loss = float(np.mean(lse - z[np.arange(t - 1), targets]))
+    # ---- backward
+    probs = np.exp(z - lse[:, None]).astype(F32)
+    probs[np.arange(t - 1), targets] -= 1.0
+    dlogits = probs / F32(t - 1)
+    dfinal = np.zeros_like(final)
+    dfinal[:-1] = ops.matmul(np.ascontiguousarray(dlogits, F32), view.wt(model.lm_head))
+    dx = _rms_back(dfinal, x, model.norm, rf)
+    grads: dict[str, np.ndarray] = {}
+    for block, tp in reversed(tapes):
+        a, m, lins = block.self_attn, block.mlp, tp["lins"]
+        # MLP
+        dact = lins["down"].back(dx, tp["down"], grads, m.down_proj.name)
+        g, sg, u = tp["g"], tp["sg"], tp["u"]
+        du = dact * g * sg
+        dg = dact * u * sg * (1.0 + g * (1.0 - sg))
+        dh2 = lins["gate"].back(dg.astype(F32), tp["gate"], grads, m.gate_proj.name) + \
+            lins["up"].back(du.astype(F32), tp["up"], grads, m.up_proj.name)
+        dx = dx + _rms_back(dh2, tp["x2"], block.post_attention_layernorm, tp["r2"])
+        # attention
+        dout = lins["o"].back(dx, tp["o"], grads, a.o_proj.name).reshape(t, a.nq, a.d)
+        p, scale = tp["p"], tp["scale"]
+        dp = np.einsum("thd,shd->hts", dout, tp["vr"])
+        dvr = np.einsum("hts,thd->shd", p, dout)
+        ds = p * (dp - np.sum(dp * p, -1, keepdims=True)) * scale
+        dq = np.einsum("hts,shd->thd", ds, tp["kr"])
+        dkr = np.einsum("hts,thd->shd", ds, tp["qr"])
+        group = tp["group"]
+        dk = dkr.reshape(t, a.nkv, group, a.d).sum(2)
+        dv = dvr.reshape(t, a.nkv, group, a.d).sum(2)
+        dq, dk = _rope(dq, cos, sin, -1.0), _rope(dk, cos, sin, -1.0)
+        if a.q_norm is not None:
+            dq = _rms_back(dq, tp["q_pre"], a.q_norm, tp["rq"])
+            dk = _rms_back(dk, tp["k_pre"], a.k_norm, tp["rk"])
+        dh = lins["q"].back(dq.reshape(t, -1).astype(F32), tp["q"], grads, a.q_proj.name) + \
+            lins["k"].back(dk.reshape(t, -1).astype(F32), tp["k"], grads, a.k_proj.name) + \
+            lins["v"].back(dv.reshape(t, -1).astype(F32), tp["v"], grads, a.v_proj.name)
+        dx = dx + _rms_back(dh, tp["x"], block.input_layernorm, tp["r1"])
+    return loss, {k: np.asarray(v, F32) for k, v in grads.items()}
+
+
+def _tables(positions, inv_freq):
+    angles = positions.astype(F32)[:, None] * inv_freq.astype(F32)[None, :]
+    return np.cos(angles), np.sin(angles)
+
+
+# ---- the optimizer ------------------------------------------------------------------------
+
+def _params(weights: AdapterWeights) -> dict[str, np.ndarray]:
+    out = {}
+    for name, lr in weights.modules.items():
+        out[f"{name}.lora_A"], out[f"{name}.lora_B"] = lr.a, lr.b
+    return out
+
+
+def apply_update(weights: AdapterWeights, grads: dict, settings: OptimizerSettings,
+                 state: Optional[TrainState] = None) -> tuple[AdapterWeights, float, TrainState]:
+    """One optimizer step on copies of the factors (torch.optim's update rules); returns
+    the new adapter, the gradient norm before clipping and the optimizer state."""
+    state = state or TrainState()
+    params = _params(weights)
+    norm = math.sqrt(sum(float(np.sum(grads[k].astype(np.float64) ** 2))
+                         for k in params if k in grads))
+    coef = 1.0
+    if settings.clip is not None:
+        coef = min(1.0, settings.clip / (norm + 1e-6))   # clip_grad_norm_'s rule
+    state.step += 1
+    b1, b2 = settings.betas
+    lr, wd = settings.lr, settings.weight_decay
+    new = {}
+    for key, p in params.items():
+        g = grads.get(key)
+        if g is None:
+            new[key] = p.copy()
+            continue
+        g = (g * F32(coef)).astype(F32)
+        p = p.astype(F32).copy()
+        if settings.kind == "sgd":
+            if wd:
+                g = g + F32(wd) * p
+            if settings.momentum:
+                buf = state.m.get(key)
+                buf = g.copy() if buf is None else F32(settings.momentum) * buf + g
+                state.m[key] = buf
+                g = buf
+            p -= F32(lr) * g
+        else:
+            if settings.kind == "adamw":
+                p *= F32(1.0 - lr * wd)
+            elif wd:
+                g = g + F32(wd) * p
+            m = state.m.get(key, np.zeros_like(p))
+            v = state.v.get(key, np.zeros_like(p))
+            m = F32(b1) * m + F32(1.0 - b1) * g
+            v = F32(b2) * v + F32(1.0 - b2) * g * g
+            state.m[key], state.v[key] = m, v
+            bc1 = 1.0 - b1 ** state.step
+            bc2 = 1.0 - b2 ** state.step
+            denom = np.sqrt(v) / F32(math.sqrt(bc2)) + F32(settings.eps)
+            p -= F32(lr / bc1) * (m / denom)
+        new[key] = p
+    modules = {name: LowRank(new[f"{name}.lora_A"], new[f"{name}.lora_B"], lr_.scale)
+               for name, lr_ in weights.modules.items()}
+    return AdapterWeights(weights.name, modules, weights.kind, dict(weights.meta)), norm, state
+
+
+def adapt_step(model, weights: AdapterWeights, tokens,
+               settings: OptimizerSettings = OptimizerSettings(),
+               state: Optional[TrainState] = None) -> StepResult:
+    """One training step of `weights` on the example `tokens` (token ids): the loss and
+    gradient with the current factors, then the optimizer's update. `weights` is left as it
+    is; the result carries the new version (load it with `AdapterManager.put`)."""
+    loss, grads = loss_and_grads(model, weights, tokens)
+    new, norm, state = apply_update(weights, grads, settings, state)
+    return StepResult(new, loss, norm, state)

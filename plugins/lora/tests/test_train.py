@@ -1,0 +1,107 @@
+"""adapt_step against torch: gradients equal autograd's on the tiny fixtures (PEFT's
+references in tests/fixtures/lora/<base>/reference.safetensors), AdamW step for step equals
+torch.optim.AdamW with gradient clipping, and repeated steps lower the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import LORA_FIXTURES, backends, load_base, reference
+from lattice_engine.errors import RequestError
+from lattice_lora import load_peft
+from lattice_lora.train import OptimizerSettings, adapt_step, apply_update, loss_and_grads
+
+LLAMA_FAMILY = ["llama", "qwen2", "qwen3"]
+
+
+def rel(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("base", LLAMA_FAMILY)
+def test_gradients_equal_torch_autograd(base, backend):
+    model = load_base(base, backend)
+    ref = reference(base)
+    weights = load_peft(LORA_FIXTURES / base, model)
+    loss, grads = loss_and_grads(model, weights, ref["train_ids"][0])
+    assert abs(loss - float(ref["train_loss"].reshape(-1)[0])) <= 1e-5 * abs(float(ref["train_loss"].reshape(-1)[0]))
+    want = {k[len("grad."):]: v for k, v in ref.items() if k.startswith("grad.")}
+    assert sorted(grads) == sorted(want)
+    worst = max(rel(grads[k], want[k]) for k in want)
+    assert worst <= 1e-4, worst
+
+
+SETTINGS = OptimizerSettings("adamw", lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
+                             weight_decay=0.01, clip=0.05)
+
+
+@pytest.mark.parametrize("base", LLAMA_FAMILY)
+def test_adamw_update_equals_torch_step_for_step(base):
+    # the optimizer alone, fed torch's gradients of each step: the same update rule,
+    # clipping included, to float32 rounding
+    model = load_base(base)
+    ref = reference(base)
+    weights = load_peft(LORA_FIXTURES / base, model)
+    state = None
+    for k in (1, 2, 3):
+        grads = {key[len(f"adamw_grad{k}."):]: v for key, v in ref.items()
+                 if key.startswith(f"adamw_grad{k}.")}
+        weights, _, state = apply_update(weights, grads, SETTINGS, state)
+        for name, lr in weights.modules.items():
+            for which, got in (("lora_A", lr.a), ("lora_B", lr.b)):
+                want = ref[f"adamw{k}.{name}.{which}"]
+                assert np.abs(got - want).max() <= 4 * 2.0 ** -24 * np.abs(want).max() + \
+                    1e-6 * SETTINGS.lr, (k, name, which)
+
+
+@pytest.mark.parametrize("base", LLAMA_FAMILY)
+def test_adamw_trajectory_follows_torch(base):
+    # end to end (our gradients, our update): Adam's step is lr * m / sqrt(v), so an
+    # element whose gradient is at rounding level can move by up to lr either way; every
+    # other element follows torch to a small fraction of lr
+    model = load_base(base)
+    ref = reference(base)
+    weights = load_peft(LORA_FIXTURES / base, model)
+    state = None
+    for k in (1, 2, 3):
+        result = adapt_step(model, weights, ref["train_ids"][0], SETTINGS, state)
+        assert abs(result.loss - float(ref["adamw_loss"][k - 1])) <= 1e-5 * result.loss
+        weights, state = result.weights, result.state
+        diffs = np.concatenate([np.abs(getattr(lr, w) - ref[f"adamw{k}.{n}.lora_{w.upper()}"])
+                                .ravel() for n, lr in weights.modules.items() for w in "ab"])
+        assert np.mean(diffs <= 1e-3 * SETTINGS.lr) >= 0.999
+        assert diffs.max() <= 2 * k * SETTINGS.lr
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+def test_twenty_steps_lower_the_loss(kind):
+    model = load_base("qwen2")
+    ref = reference("qwen2")
+    weights = load_peft(LORA_FIXTURES / "qwen2", model)
+    settings = OptimizerSettings(kind, lr=0.5 if kind == "sgd" else 5e-3, momentum=0.5
+                                 if kind == "sgd" else 0.0, clip=1.0)
+    state, losses = None, []
+    for _ in range(20):
+        result = adapt_step(model, weights, ref["train_ids"][0], settings, state)
+        weights, state = result.weights, result.state
+        losses.append(result.loss)
+    final, _ = loss_and_grads(model, weights, ref["train_ids"][0])
+    assert final < 0.8 * losses[0], (losses[0], final)
+
+
+def test_bad_training_input_is_refused():
+    model = load_base("llama")
+    weights = load_peft(LORA_FIXTURES / "llama", model)
+    with pytest.raises(RequestError, match="at least 2 tokens"):
+        loss_and_grads(model, weights, [5])
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        loss_and_grads(model, weights, [5, 256])
+    with pytest.raises(RequestError, match="optimizer 'lion' is not one of sgd, adam, adamw"):
+        OptimizerSettings("lion")
+    with pytest.raises(RequestError, match="lr = -1"):
+        OptimizerSettings(lr=-1)
+    q35 = load_base("qwen3_5_text")
+    with pytest.raises(RequestError, match="llama-family decoder"):
+        loss_and_grads(q35, load_peft(LORA_FIXTURES / "qwen3_5_text", q35), [1, 2, 3])
