@@ -147,6 +147,21 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
     return out.reshape(b, hkv, group, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d)
 
 
+def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.ndarray,
+                      scale: float) -> np.ndarray:
+    """Bidirectional attention of a right-padded batch (BERT): q, k, v [B, T, H, D];
+    keys s < lengths[b] are real, padding is attended by nobody. Returns [B, T, H, D]."""
+    b, t, h, d = q.shape
+    qh = np.ascontiguousarray(q.transpose(0, 2, 1, 3))                 # B H T D
+    kh = np.ascontiguousarray(k.transpose(0, 2, 3, 1))                 # B H D T
+    vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))                 # B H T D
+    scores = np.matmul(qh, kh) * np.float32(scale)
+    pad = np.arange(t)[None, :] >= np.asarray(lengths)[:, None]        # B T (keys)
+    scores[np.broadcast_to(pad[:, None, None, :], scores.shape)] = -np.inf
+    out = np.matmul(softmax(scores, axis=-1), vh)                      # B H T D
+    return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
+
+
 # ---- Gated DeltaNet (Qwen3.5 linear attention) ----------------------------------------
 
 def causal_conv1d(x: np.ndarray, weight_t: np.ndarray, state: np.ndarray,

@@ -232,3 +232,25 @@ def test_the_contract_accepts_an_encoder_and_names_both_shapes():
 
     with pytest.raises(PluginError, match=r"lacks forward.*`encode` instead, see Encoder"):
         check_architecture("p", "x", Neither)
+
+
+@pytest.mark.native
+def test_encoder_attention_kernel_matches_numpy():
+    from lattice_engine import kernels, ops
+    from lattice_engine.testing.tolerance import dot_bound
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((3, 13, 5, 24)).astype(np.float32) for _ in range(3))
+    lengths = np.array([13, 1, 7])
+    want = ops.encoder_attention(q, k, v, lengths, 0.2)
+    got = kernels.encoder_attention(q, k, v, lengths, 0.2)
+    scores_mag = 0.2 * np.abs(q).max() * np.abs(k).max() * 24
+    bound = float(dot_bound(24 + 13, np.abs(v).max() * max(1.0, scores_mag)))
+    for b, n in enumerate(lengths):
+        assert np.abs(got[b, :n] - want[b, :n]).max() <= bound
+    # padding keys are never attended: changing them changes nothing
+    k2, v2 = k.copy(), v.copy()
+    k2[2, 7:] = 1e3
+    v2[2, 7:] = -1e3
+    assert np.array_equal(kernels.encoder_attention(q, k2, v2, lengths, 0.2)[2, :7], got[2, :7])
+    with pytest.raises(ValueError, match="lengths"):
+        kernels.encoder_attention(q, k, v, np.array([13, 0, 7]), 0.2)

@@ -59,8 +59,9 @@ def test_debiased_divergence_matches_pot_plans(key):
     got = sinkhorn_divergence(t["x"], t["y"], c["reg"], rho=c["reg_m"])
     assert abs(got - c["divergence"]) <= TOL
     assert got > 0
-    # S(x, x) = 0: the debiasing removes the entropic bias exactly
-    assert abs(sinkhorn_divergence(t["x"], t["x"], c["reg"], rho=c["reg_m"])) <= 1e-9
+    # S(x, x) = 0: the debiasing removes the entropic bias (up to the solves' tolerance:
+    # the cross term is solved by alternating updates, the self terms by averaged ones)
+    assert abs(sinkhorn_divergence(t["x"], t["x"], c["reg"], rho=c["reg_m"])) <= 1e-7
 
 
 def test_small_epsilon_stays_finite_where_the_plain_domain_fails():

@@ -74,3 +74,27 @@ def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
     if rc:
         raise MemoryError("paged_attention: out of scratch memory")
     return out
+
+
+def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths,
+                      scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Bidirectional attention of a right-padded batch (see `ops.encoder_attention`):
+    q, k, v [B, T, H, D]; lengths [B] the real keys of each row (1..T)."""
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"encoder_attention: q, k, v must be one shape [B, T, H, D], got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    B, T, H, D = q.shape
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    if lengths.shape != (B,) or (B and (lengths.min() < 1 or lengths.max() > T)):
+        raise ValueError(f"encoder_attention: lengths must be [{B}] in 1..{T}, got {lengths}")
+    qp, q = _in(q)
+    kp, k = _in(k)
+    vp, v = _in(v)
+    out = _new_or_check(out, q.shape)
+    rc = _L.lk_encoder_attention(qp, kp, vp, B, T, H, D, _fb(_INT64S, lengths), scale,
+                                 _fb(_FLOATS, out, True))
+    if rc == -5:
+        raise MemoryError("encoder_attention: out of memory")
+    if rc:
+        raise ValueError("encoder_attention: bad sizes")
+    return out

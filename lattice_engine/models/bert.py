@@ -4,10 +4,11 @@ multi-head attention and a GELU MLP over word + absolute position + token type e
 
 An encoder has no lm_head and no cache: it is not a `CausalLM`. It provides
 `encode(tokens, mask)`, the final hidden states of a right-padded batch, which
-`lattice_engine.embedding` pools into sentence embeddings (`contract.Encoder`). The matmuls
-go through the op set (the C kernels on the native backend); attention is one batched
-BLAS matmul per batch with the padded keys masked out, so a padded row gets the same
-numbers as the sequence alone (up to summation order).
+`lattice_engine.embedding` pools into sentence embeddings (`contract.Encoder`). Every op
+goes through the op set (the C kernels on the native backend); attention masks the padded
+keys out, so a padded row gets the same
+numbers as the sequence alone (up to summation order). Attention is
+`ops.encoder_attention` (C: native/src/encoder_attention.c, rows over the kernel pool).
 """
 
 from __future__ import annotations
@@ -78,16 +79,13 @@ class EncoderLayer:
         self.output = linear("output.dense", h, f)
         self.out_norm = norm("output.LayerNorm")
 
-    def __call__(self, x: np.ndarray, bias: np.ndarray, ops) -> np.ndarray:
-        """x [B, T, H]; bias [B, 1, 1, T]: 0 for a real key, -inf for padding."""
+    def __call__(self, x: np.ndarray, lengths: np.ndarray, ops) -> np.ndarray:
+        """x [B, T, H], right-padded; lengths [B] the real tokens of each row."""
         b, t, h = x.shape
         q, k, v = project(x, (self.query, self.key, self.value), ops)
-        q = q.reshape(b, t, self.nh, self.d).transpose(0, 2, 1, 3)          # B nh T d
-        k = k.reshape(b, t, self.nh, self.d).transpose(0, 2, 3, 1)          # B nh d T
-        v = v.reshape(b, t, self.nh, self.d).transpose(0, 2, 1, 3)          # B nh T d
-        scores = np.matmul(q, k) * np.float32(1.0 / np.sqrt(self.d)) + bias
-        ctx = np.matmul(ops.softmax(scores, axis=-1), v)                   # B nh T d
-        ctx = np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(b, t, h)
+        shape = (b, t, self.nh, self.d)
+        ctx = ops.encoder_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                    lengths, 1.0 / np.sqrt(self.d)).reshape(b, t, h)
         x = ops.layer_norm(self.attn_out(ctx, ops) + x, *self.attn_norm, self.eps)
         inner = ops.gelu(self.intermediate(x, ops), self.tanh)
         return ops.layer_norm(self.output(inner, ops) + x, *self.out_norm, self.eps)
@@ -146,8 +144,10 @@ class Model:
         x = ops.embed(self.word_embeddings, tokens)
         x += self.position_embeddings[:t] + self.token_type_embeddings[0]
         x = ops.layer_norm(x, *self.embed_norm, self.config.layer_norm_eps)
-        bias = np.where(mask.astype(bool), np.float32(0.0),
-                        np.float32(-np.inf)).astype(np.float32)[:, None, None, :]
+        real = mask.astype(bool)
+        lengths = real.sum(axis=1).astype(np.int64)
+        if np.any(real != (np.arange(t)[None, :] < lengths[:, None])) or np.any(lengths < 1):
+            raise ValueError("mask must mark a non-empty prefix of each row (right padding)")
         for layer in self.layers:
-            x = layer(x, bias, ops)
+            x = layer(x, lengths, ops)
         return x

@@ -497,6 +497,15 @@ int lk_block_rotate(const float *x, int64_t rows, int64_t m, int64_t block, cons
    ahead. nbytes is rounded down to a multiple of 32. */
 double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 
+/* ---- encoder attention (encoder_attention.c) ---------------------------------------- */
+
+/* Bidirectional attention of a right-padded batch: q, k, v, out [B, T, H, D] contiguous;
+   keys s < lengths[b] (1..T) are real, the rest padding nobody attends to. Returns 0, -1
+   on bad sizes or lengths, -5 out of memory. */
+int lk_encoder_attention(const float *q, const float *k, const float *v, int64_t B, int64_t T,
+                         int64_t H, int64_t D, const int64_t *lengths, float scale,
+                         float *out);
+
 /* ---- vector distances and top-k search (distance.c) -------------------------------- */
 
 #define LK_METRIC_DOT 0
