@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional, Sequence as Seq
 
@@ -25,6 +26,7 @@ from .errors import ConfigError, LatticeError, RequestError
 from .generate import token_logprob
 from .text_stream import TextStream
 from .models.paged_forward import PagedBatch
+from .multimodal import EncodedCache, EncodeJob
 from .prefill_pacer import PrefillPacer
 from .sampling import SamplingParams, make_sampler
 from .scheduler import LogitsMask, Scheduler, Sequence, Status
@@ -181,6 +183,10 @@ class BatchRunner(SpeculativeSteps):
                                    interleave_tokens=options.interleave_tokens,
                                    max_model_len=self.max_model_len)
         self.stats = BatchStats()
+        # sequences whose images are still being encoded (one unit per step while others
+        # decode); they join the scheduler's queue when every image they need is encoded
+        self.encoding: deque[Sequence] = deque()
+        self.encoded = EncodedCache()  # the engine shares its own (see Engine.start_batching)
         self.pacer = PrefillPacer(options.max_itl_rise, options.interleave_tokens,
                                   options.prefill_step_seconds, options.step_tokens)
         self._ids = itertools.count()
@@ -188,11 +194,14 @@ class BatchRunner(SpeculativeSteps):
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams, *,
                     request_id: Optional[str] = None,
-                    logits_mask: Optional[LogitsMask] = None) -> str:
+                    logits_mask: Optional[LogitsMask] = None, images=None,
+                    encoder=None) -> str:
         """Queue a request; returns its id. Raises RequestError for an empty or too long
-        prompt or bad sampling options, before anything is queued."""
+        prompt or bad sampling options, before anything is queued. `images`: the
+        `multimodal.MultimodalPrompt` behind prompt_ids, encoded by `encoder` (a
+        `LoadedInputEncoder`) as the steps go."""
         seq = self.make_sequence(prompt_ids, params, request_id=request_id,
-                                 logits_mask=logits_mask)
+                                 logits_mask=logits_mask, images=images, encoder=encoder)
         self.enqueue(seq)
         return seq.request_id
 
@@ -206,8 +215,9 @@ class BatchRunner(SpeculativeSteps):
                       request_id: Optional[str] = None,
                       logits_mask: Optional[LogitsMask] = None,
                       ignore_eos: bool = False,
-                      prefix_leader: Optional[Sequence] = None,
-                      speculation=DEFAULT_SPECULATION, adapter=None) -> Sequence:
+                      prefix_leader: Optional[Sequence] = None, images=None,
+                      encoder=None, speculation=DEFAULT_SPECULATION,
+                      adapter=None) -> Sequence:
         """Validate a request and build its `Sequence` without touching the queues (safe
         from another thread than the one that steps). ignore_eos keeps generating past the
         model's end-of-sequence tokens (benchmarks want fixed lengths). prefix_leader: a
@@ -245,6 +255,12 @@ class BatchRunner(SpeculativeSteps):
         if params.prompt_logprobs is not None:
             seq.detail["out"].prompt = [None] * len(prompt_ids)
             seq.detail["out"].prompt_left = len(prompt_ids) - 1
+        if images is not None:
+            if list(images.tokens) != prompt_ids or encoder is None:
+                raise ValueError("images must be the MultimodalPrompt of prompt_ids, with "
+                                 "the encoder that prepared them")
+            seq.prompt_key_ids = images.key_ids()
+            seq.detail["images"], seq.detail["encoder"] = images, encoder
         spec = self.speculation if speculation is DEFAULT_SPECULATION else speculation
         if spec is not None and can_speculate(seq.sampler, logits_mask):
             if spec is not self.speculation:
@@ -260,11 +276,24 @@ class BatchRunner(SpeculativeSteps):
         return seq
 
     def enqueue(self, seq: Sequence) -> None:
-        self.scheduler.add(seq)
+        images = seq.detail.get("images")
+        if images is not None and images.unencoded():
+            self.encoding.append(seq)
+        else:
+            self.scheduler.add(seq)
         self.stats.requests_added += 1
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks now; False if it is unknown or done."""
+        for waiting in self.encoding:
+            if waiting.request_id == request_id:
+                self.encoding.remove(waiting)
+                waiting.status = Status.FINISHED
+                waiting.finish_reason = "abort"
+                self._release_draft(waiting)
+                self._let_go(waiting)
+                self._count_finish("abort")
+                return True
         seq = self.scheduler.abort(request_id)
         if seq is not None:
             self._release_draft(seq)
@@ -272,10 +301,119 @@ class BatchRunner(SpeculativeSteps):
         return seq is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.encoding) or self.scheduler.has_unfinished()
 
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.scheduler.waiting) + len(self.encoding)
+
+    def pending(self) -> list[Sequence]:
+        """Every unfinished sequence: being encoded, waiting or running."""
+        return list(self.encoding) + list(self.scheduler.running) + \
+            list(self.scheduler.waiting)
+
+    # ---- images --------------------------------------------------------------------------
+    def _encode_some(self) -> list[RequestOutput]:
+        """Advance the image encoding of the sequence at the head of `encoding` by one unit
+        when others decode (so their next token is not held up by a whole image), to the
+        end when nothing runs. An image whose tokens the prefix cache holds, or that the
+        encoded-image cache has, is not encoded. Returns outputs of requests that failed."""
+        outputs = []
+        budget_one_unit = bool(self.scheduler.running)
+        while self.encoding:
+            seq = self.encoding[0]
+            try:
+                done = self._advance_images(seq)
+            except Exception as exc:  # a broken image ends its request only
+                self.encoding.popleft()
+                outputs.append(self._fail(seq, exc))
+                continue
+            if not done:
+                if budget_one_unit:
+                    break
+                continue
+            self.encoding.popleft()
+            self.scheduler.add(seq)
+            if budget_one_unit:
+                break
+        return outputs
+
+    def _advance_images(self, seq: Sequence) -> bool:
+        """One unit of work on seq's images; True when none is left to encode."""
+        images = seq.detail["images"]
+        cached = self.cache.cached_prefix(seq.hash_ids)
+        skip = seq.detail.setdefault("skipped", set())
+        for i in images.unencoded():
+            if i in skip:
+                continue
+            start, n = images.starts[i], images.inputs[i].num_tokens
+            if start + n <= cached:  # its K/V is cached: the embeddings are not needed
+                skip.add(i)
+                self.encoded.skipped += 1
+                continue
+            hit = self.encoded.get(images.inputs[i].key)
+            if hit is not None:
+                images.encode(i, hit)
+                self.encoded.skipped += 1
+                continue
+            job = seq.detail.get("job")
+            if job is None or job.prepared is not images.inputs[i]:
+                job = seq.detail["job"] = EncodeJob(seq.detail["encoder"], images.inputs[i])
+            result = job.advance()
+            if result is None:
+                return False
+            images.encode(i, result)
+            self.encoded.encodes += 1
+            self.encoded.put(result)
+            seq.detail.pop("job", None)
+        return True
+
+    def _inputs(self, seq: Sequence, start: int, count: int):
+        """The `ForwardInputs` of seq's tokens start..start+count-1, or None for text.
+        Images skipped because their K/V was cached are encoded here if that cache entry
+        was evicted meanwhile (or the sequence was preempted and recomputes)."""
+        images = seq.detail.get("images")
+        if images is None:
+            return None
+        for i in images.unencoded(start, start + count):
+            images.encode(i, self.encoded.encode(seq.detail["encoder"], images.inputs[i]))
+        return images.inputs_for(start, start + count)
+
+    def _forward(self, items) -> tuple[list, list, list]:
+        """Per item: its logits rows ([logits_wanted, V]: the sampling row, or every row of
+        a verify; None when it wants none), None or (first prompt position, the logits rows
+        that score its prompt tokens), and the final hidden states of its logits rows when
+        a drafter reads them (else None). Items whose rows take image embeddings run in a
+        forward of their own, so text sequences always take the model's usual path (the
+        fused C step) and keep their bits whatever else is in the step."""
+        inputs = [self._inputs(it.sequence, it.start, it.count) for it in items]
+        groups = [[i for i, inp in enumerate(inputs) if inp is None or not inp.replaces],
+                  [i for i, inp in enumerate(inputs) if inp is not None and inp.replaces]]
+        logits: list = [None] * len(items)
+        scored: list = [None] * len(items)
+        hidden: list = [None] * len(items)
+        for group in groups:
+            if not group:
+                continue
+            sub = [items[i] for i in group]
+            batch = PagedBatch.build(self.cache, [
+                (it.sequence.blocks, it.tokens, it.start, it.logits_wanted) for it in sub],
+                [inputs[i] for i in group])
+            batch.want_hidden = self._wants_hidden(sub)
+            spans = self._prompt_rows(sub, batch)
+            out = self._run_forward(batch, sub)
+            row = 0
+            for j, i in enumerate(group):
+                if spans is not None and spans[j] is not None:
+                    first, count = spans[j]
+                    scored[i] = (first, out[row:row + count])
+                    row += count
+                wanted = items[i].logits_wanted
+                if wanted:
+                    logits[i] = out[row:row + wanted]
+                    if batch.hidden is not None:
+                        hidden[i] = batch.hidden[row:row + wanted]
+                    row += wanted
+        return logits, scored, hidden
 
     def num_running(self) -> int:
         return len(self.scheduler.running)
@@ -286,7 +424,8 @@ class BatchRunner(SpeculativeSteps):
         self.scheduler.interleave_tokens = self.pacer.budget()
         self.scheduler.prefill_tokens = self.pacer.prefill_budget()
         started = time.perf_counter()
-        outputs = self._draft()
+        outputs = self._encode_some() if self.encoding else []
+        outputs += self._draft()
         plan = self.scheduler.schedule()
         outputs += [self._finish(seq, "length") for seq in plan.out_of_memory]
         for seq in self.scheduler.running:
@@ -294,33 +433,26 @@ class BatchRunner(SpeculativeSteps):
         if not plan.items:
             return outputs
         self.stats.steps += 1
-        batch = PagedBatch.build(self.cache, [
-            (it.sequence.blocks, it.tokens, it.start, it.logits_wanted) for it in plan.items])
-        batch.want_hidden = self._wants_hidden(plan.items)
-        scored = self._prompt_rows(plan.items, batch)
+        computed = sum(it.count for it in plan.items)  # (a verify's count shrinks to the kept)
         verify_started = time.perf_counter()
-        logits = self._forward(batch, plan.items)
+        logits, scored, hidden = self._forward(plan.items)
         verify_seconds = time.perf_counter() - verify_started
         self.scheduler.complete([it for it in plan.items if not it.draft])
         now = time.perf_counter()
-        row = 0
         for i, it in enumerate(plan.items):
             seq = it.sequence
             self.stats.tokens_computed += it.count
-            if scored is not None and scored[i] is not None:
-                first, count = scored[i]
-                self._score_prompt(seq, logits[row:row + count], first)
-                row += count
+            if scored[i] is not None:
+                first, rows = scored[i]
+                self._score_prompt(seq, rows, first)
             if not it.logits_wanted:
                 continue
-            rows = logits[row:row + it.logits_wanted]
-            self._hand_hidden(seq, batch.hidden, row, it.logits_wanted)
-            row += it.logits_wanted
+            self._hand_hidden(seq, hidden[i], 0, it.logits_wanted)
             try:
                 if it.draft:
-                    out = self._verify(it, rows, now, verify_seconds * it.count / len(batch.tokens))
+                    out = self._verify(it, logits[i], now, verify_seconds * it.count / computed)
                 else:
-                    out = self._sample(seq, rows[0], now)
+                    out = self._sample(seq, logits[i][0], now)
             except Exception as exc:  # this request's failure (its sampling options, its
                 out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
             if out is not None:
@@ -328,11 +460,11 @@ class BatchRunner(SpeculativeSteps):
         # the whole step (sampling and detokenizing too) is what the decoders wait for
         decode_rows = sum(it.count for it in plan.items if it.sample and
                           (it.count == 1 or it.draft))
-        self.pacer.record(decode_rows, len(batch.tokens) - decode_rows,
+        self.pacer.record(decode_rows, computed - decode_rows,
                           time.perf_counter() - started)
         return outputs
 
-    def _forward(self, batch: PagedBatch, items) -> np.ndarray:
+    def _run_forward(self, batch: PagedBatch, items) -> np.ndarray:
         """The model's forward over the batch, each row with its sequence's adapter."""
         slots = getattr(self.model, "adapter_slots", None)
         if slots is None:
@@ -463,9 +595,18 @@ class BatchRunner(SpeculativeSteps):
             reason = "stop" if stopped else reason
         if seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, reason)
+        self._let_go(seq)  # (the scheduler does it for the sequences it knows)
         self._release_draft(seq)
         self._count_finish(reason)
         return self._emit(seq, text, reason)
+
+    @staticmethod
+    def _let_go(seq: Sequence) -> None:
+        """Release what an ended sequence still holds (its adapter reference): one still
+        being encoded never reached the scheduler, whose abort does this for the rest."""
+        on_free = seq.detail.pop("on_free", None)
+        if on_free is not None:
+            on_free()
 
     def _emit(self, seq: Sequence, text: str, reason: Optional[str]) -> RequestOutput:
         st: _Output = seq.detail["out"]

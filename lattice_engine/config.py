@@ -12,6 +12,8 @@
     [speculative] method = "ngram" | "draft_model" (a registered drafter; omit: off),
                num_draft_tokens = 4, adaptive = true, and the drafter's own keys
                (ngram: prompt_lookup_min / prompt_lookup_max; draft_model: model, quant)
+    [inputs]   max_images = 4, max_bytes, max_pixels, local_folder, encoded_cache (images
+               in chat requests, for models an encoder plugin supports)
     [server]   host = "127.0.0.1", port = 8000, api_key, max_body_bytes, max_concurrency,
                model_name, kv_cache_tokens, block_size, max_running, step_tokens,
                interleave_tokens, max_itl_rise, prefill_step_seconds, header_timeout,
@@ -79,6 +81,29 @@ class QuantSection:
 @dataclass(frozen=True)
 class PluginsSection:
     load: Optional[tuple[str, ...]] = None
+
+
+@dataclass(frozen=True)
+class InputsSection:
+    """Images in requests (`multimodal.InputLimits`), for models with an encoder plugin."""
+
+    max_images: int = 4               # images per request
+    max_bytes: int = 20 * 1024 * 1024  # encoded bytes of one image
+    max_pixels: int = 4096 * 4096     # width * height of one image as decoded
+    local_folder: Optional[str] = None  # file: URLs allowed below this folder (None: none)
+    encoded_cache: int = 8            # encoded images kept for later requests (0: none)
+
+    def __post_init__(self):
+        for name in ("max_images", "max_bytes", "max_pixels"):
+            _at_least(f"inputs.{name}", getattr(self, name), 1)
+        _at_least("inputs.encoded_cache", self.encoded_cache, 0)
+        if self.local_folder is not None and not Path(self.local_folder).is_dir():
+            raise ConfigError(f"inputs.local_folder = {self.local_folder!r} is not a folder; "
+                              f"give an existing folder or leave it out")
+
+    def limits(self):
+        from .multimodal import InputLimits
+        return InputLimits(self.max_images, self.max_bytes, self.max_pixels, self.local_folder)
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,7 @@ class Config:
     plugins: PluginsSection = field(default_factory=PluginsSection)
     server: ServerSection = field(default_factory=ServerSection)
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
+    inputs: InputsSection = field(default_factory=InputsSection)
     # sections the core does not define, kept as tables until `validate` finds the plugin
     # (a weight transform of that name) that owns them
     plugin_sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

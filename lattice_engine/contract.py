@@ -26,6 +26,9 @@ What is checked at registration (an object's behaviour is the plugin's own tests
 - adapters: an `AdapterKind` (a name, callable `load` and `save`).
 - drafters: a callable factory `factory(target, tokenizer, options) -> Drafter`; what it
   builds is checked against `Drafter` when it is built (`check_drafter`).
+- encoders: an object with a non-empty `modality` string and callable `supports` and
+  `load` (`InputEncoder`); what `load` returns is checked when it is loaded
+  (`LoadedInputEncoder`).
 """
 
 from __future__ import annotations
@@ -173,6 +176,43 @@ class Drafter(Protocol):
 
 
 DRAFTER_MEMBERS = ("propose", "verify", "accepted", "release")
+
+
+# --- what an input (image) encoder is --------------------------------------------------
+
+@runtime_checkable
+class LoadedInputEncoder(Protocol):
+    """An input encoder bound to one checkpoint's weights (what `InputEncoder.load`
+    returns).
+
+    `placeholder_id`: the token id a chat template writes once per input (`<|image_pad|>`);
+    the engine repeats it `prepare(...).num_tokens` times. `prepare(data: bytes)` decodes
+    and preprocesses one input and returns a `lattice_engine.multimodal.PreparedInput`
+    (raising `RequestError` naming the problem and the limit for a bad or oversized input);
+    `encode(prepared)` returns its `lattice_engine.multimodal.EncodedInput` (rows of the
+    text model's hidden size).
+    """
+
+    modality: str
+    placeholder_id: int
+
+    def prepare(self, data: bytes) -> Any: ...
+
+    def encode(self, prepared: Any) -> Any: ...
+
+
+class InputEncoder(Protocol):
+    """Registered by `register_encoders`: knows which checkpoints it can run and loads
+    its weights. `load(checkpoint, limits)` gets a `lattice_engine.io.checkpoint.Checkpoint`
+    and a `lattice_engine.multimodal.InputLimits`."""
+
+    name: str
+    modality: str
+
+    def supports(self, config: Mapping[str, Any]) -> bool: ...
+
+    def load(self, checkpoint: Any, limits: Any) -> LoadedInputEncoder: ...
+
 
 SamplerFactory = Callable[[np.random.Generator], Callable[[np.ndarray], int]]
 ProcessorFactory = Callable[[Any], Optional[Processor]]
@@ -322,6 +362,28 @@ def check_logits_processor(owner: str, name: str, value: Any) -> None:
                     f"factory value -> processor")
 
 
+def check_encoder(owner: str, name: str, value: Any) -> None:
+    modality = getattr(value, "modality", None)
+    if not isinstance(modality, str) or not modality:
+        raise _fail(owner, "encoder", name, f"has modality = {modality!r}; it must be a "
+                    f"non-empty string such as 'image'")
+    lacking = missing_members(value, ("supports", "load"))
+    if lacking:
+        raise _fail(owner, "encoder", name,
+                    f"lacks {', '.join(lacking)} (see lattice_engine.contract.InputEncoder)")
+
+
+def check_loaded_encoder(owner: str, value: Any) -> None:
+    """Refuse what an encoder's `load` returned unless it is a `LoadedInputEncoder`."""
+    lacking = missing_members(value, ("prepare", "encode"))
+    pid = getattr(value, "placeholder_id", None)
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
+        lacking.append(f"placeholder_id (an int token id, got {pid!r})")
+    if lacking:
+        raise PluginError(f"encoder {owner!r} loaded a {type(value).__name__} that lacks "
+                          f"{', '.join(lacking)} (see lattice_engine.contract.LoadedInputEncoder)")
+
+
 def check_registration(kind: str, owner: str, name: str, value: Any, registry) -> None:
     """Refuse `value` for registry `kind` unless it honours the contract above."""
     if kind == "quant_methods":
@@ -331,6 +393,6 @@ def check_registration(kind: str, owner: str, name: str, value: Any, registry) -
              "weight_transforms": check_weight_transform, "samplers": check_sampler,
              "logits_processors": check_logits_processor,
              "adapters": check_adapter_kind,
-             "drafters": check_drafter_factory}.get(kind)
+             "drafters": check_drafter_factory, "encoders": check_encoder}.get(kind)
     if check is not None:
         check(owner, name, value)

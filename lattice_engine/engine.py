@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from .config import Config
+from .config import Config, InputsSection
 from .errors import ConfigError, RequestError
+from .input_parts import has_images, split_images
+from .multimodal import EncodedCache, MultimodalPrompt, expand_placeholders
 from .generate import GenerationChunk, GenerationResult, generate, stream_generate
 from .loading import LoadedModel, load
 from .plugins import PluginManager, get_plugin_manager
@@ -29,12 +32,17 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, *, sampling: SamplingParams = SamplingParams(),
                  plugin_manager: Optional[PluginManager] = None,
-                 speculative: Optional[SpeculativeOptions] = None):
+                 speculative: Optional[SpeculativeOptions] = None,
+                 inputs: InputsSection = InputsSection()):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.sampling = sampling
         self.plugin_manager = plugin_manager or get_plugin_manager()
+        self.input_limits = inputs.limits()
+        self.encoded_cache = EncodedCache(inputs.encoded_cache)
+        self._encoder = None
+        self._encoder_lock = threading.Lock()  # the server prepares images in threads
         self._speculations: dict = {}
         # the default speculation of every request (built now, so bad options fail at load)
         self.speculative = speculative or SpeculativeOptions()
@@ -109,7 +117,7 @@ class Engine:
                       transforms=config.transform_settings(pm.registry),
                       kv_cache=config.model.kv_cache)
         engine = cls(loaded, sampling=config.sampling, plugin_manager=pm,
-                     speculative=config.speculative)
+                     speculative=config.speculative, inputs=config.inputs)
         for kind, section in config.adapter_settings(pm.registry).items():
             engine.apply_adapter_section(kind, section)
         return engine
@@ -129,6 +137,57 @@ class Engine:
                 raise ConfigError(f"[{kind}] mixtures.{name} uses {section.merge!r}, which "
                                   f"is merged into the weights; mix resident adapters only")
             self.adapters.mix(name, list(parts.items()))
+
+    # ---- images (an encoder plugin, `register_encoders`) ---------------------------------
+    @property
+    def encoder(self):
+        """The `LoadedInputEncoder` of the first registered image encoder that supports this
+        checkpoint, loaded on first use. RequestError when none does."""
+        with self._encoder_lock:
+            return self._load_encoder()
+
+    def _load_encoder(self):
+        if self._encoder is None:
+            config = self.loaded.checkpoint.config
+            registry = self.plugin_manager.registry
+            for name in registry.names("encoders"):
+                candidate = registry.get("encoders", name)
+                if candidate.modality == "image" and candidate.supports(config):
+                    from .contract import check_loaded_encoder
+                    loaded = candidate.load(self.loaded.checkpoint, self.input_limits)
+                    check_loaded_encoder(name, loaded)
+                    self._encoder = loaded
+                    break
+            else:
+                encoders = ", ".join(registry.names("encoders")) or "none installed"
+                raise RequestError(
+                    f"this model (model_type {config.get('model_type')!r}) takes no images: "
+                    f"no image encoder supports it (encoders: {encoders}); send text only, "
+                    f"or serve a vision model (e.g. Qwen3.5 with lattice-vision installed)")
+        return self._encoder
+
+    def chat_prompt(self, messages: list[dict[str, Any]]
+                    ) -> tuple[list[int], Optional[MultimodalPrompt]]:
+        """Token ids of chat messages, and, when they hold images, the `MultimodalPrompt`
+        (images decoded and preprocessed, not yet encoded) behind those ids."""
+        if not has_images(messages):
+            return self.prompt_ids(messages=messages), None
+        encoder = self.encoder
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer, which chat messages need")
+        template_messages, images = split_images(messages, self.input_limits)
+        prepared = [encoder.prepare(data) for data in images]
+        ids = self.tokenizer.apply_chat_template(template_messages, add_generation_prompt=True)
+        prompt = expand_placeholders(ids, encoder.placeholder_id, prepared)
+        return prompt.tokens, prompt
+
+    def _encoded_prompt(self, messages):
+        """chat_prompt with every image encoded (through the encoded-image cache)."""
+        ids, prompt = self.chat_prompt(messages)
+        if prompt is not None:
+            for i in prompt.unencoded():
+                prompt.encode(i, self.encoded_cache.encode(self.encoder, prompt.inputs[i]))
+        return ids, prompt
 
     def prompt_ids(self, prompt: Optional[Prompt] = None,
                    messages: Optional[list[dict[str, Any]]] = None) -> list[int]:
@@ -231,17 +290,18 @@ class Engine:
         `adapter` names a loaded adapter (see `load_adapter`) applied to this request."""
         self._require_generation()
         params = self.sampling.with_overrides(**sampling)
-        ids = self.prompt_ids(prompt, messages)
+        ids, images = self._encoded_prompt(messages) if messages is not None and \
+            prompt is None else (self.prompt_ids(prompt, messages), None)
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
         speculation = self.speculation_for(speculative)
         if adapter is None:
             return stream_generate(self.model, self.tokenizer, ids, params,
                                    self.plugin_manager.registry, grammar=matcher,
-                                   speculation=speculation)
+                                   inputs=images, speculation=speculation)
         return self.adapters.stream_with(adapter, lambda: stream_generate(
             self.model, self.tokenizer, ids, params, self.plugin_manager.registry,
-            grammar=matcher, speculation=speculation))
+            grammar=matcher, inputs=images, speculation=speculation))
 
     def generate(self, prompt: Optional[Prompt] = None, *,
                  messages: Optional[list[dict[str, Any]]] = None,
@@ -255,18 +315,19 @@ class Engine:
         loaded adapter (see `load_adapter`) applied to this request."""
         self._require_generation()
         params = self.sampling.with_overrides(**sampling)
-        ids = self.prompt_ids(prompt, messages)
+        ids, images = self._encoded_prompt(messages) if messages is not None and \
+            prompt is None else (self.prompt_ids(prompt, messages), None)
         matcher = self.grammar_matcher(response_format=response_format, regex=regex,
                                        grammar=grammar)
         speculation = self.speculation_for(speculative)
         if adapter is None:
             return generate(self.model, self.tokenizer, ids, params,
                             self.plugin_manager.registry, grammar=matcher,
-                            speculation=speculation)
+                            inputs=images, speculation=speculation)
         with self.adapters.using(adapter):
             return generate(self.model, self.tokenizer, ids, params,
                             self.plugin_manager.registry, grammar=matcher,
-                            speculation=speculation)
+                            inputs=images, speculation=speculation)
 
     # ---- adapters (LoRA): several resident, chosen per request ---------------------------
     @property
@@ -303,6 +364,9 @@ class Engine:
         self.adapters.unload(name)
 
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> GenerationResult:
+        """Reply to chat messages. A message's content may be a list of parts: text and
+        images ({"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+        or {"type": "image", "image": png_bytes}), for a model an encoder plugin supports."""
         return self.generate(messages=messages, **sampling)
 
     # ---- continuous batching (many requests, one batched forward per step) ----------------
@@ -325,6 +389,7 @@ class Engine:
         self._runner = BatchRunner(self.model, self.tokenizer, self.plugin_manager.registry,
                                    options or BatchingOptions(), variant=self.model_variant,
                                    speculation=self.speculation)
+        self._runner.encoded = self.encoded_cache
         return self._runner
 
     @property
@@ -348,11 +413,16 @@ class Engine:
         names a loaded adapter the request runs with (the version current now, kept until
         the request ends)."""
         params = self.sampling.with_overrides(**sampling)
-        ids = self.prompt_ids(prompt, messages)
+        if messages is not None and prompt is None:
+            ids, images = self.chat_prompt(messages)
+        else:
+            ids, images = self.prompt_ids(prompt, messages), None
         held = self.adapter_for_request(adapter)
         try:
             seq = self.runner.make_sequence(ids, params, request_id=request_id,
-                                            logits_mask=logits_mask, adapter=held,
+                                            logits_mask=logits_mask, images=images,
+                                            encoder=self._encoder if images else None,
+                                            adapter=held,
                                             speculation=self.speculation_for(speculative))
             self.runner.enqueue(seq)
         except BaseException:

@@ -73,7 +73,7 @@ _KERNELS = False
 
 def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
                   max_tokens: int, cache=None, grammar=None,
-                  speculation=None) -> Iterator[tuple[int, float]]:
+                  inputs=None, speculation=None) -> Iterator[tuple[int, float]]:
     """Yield (token, logprob) for up to max_tokens new tokens after prompt_ids.
 
     The caller stops early by closing the generator. The cache (a fresh one by default)
@@ -81,6 +81,8 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
     it is computed when the next token is asked for). `grammar` (a
     `lattice_engine.grammar.GrammarMatcher`) masks each step's logits before sampling and
     accepts the sampled token; logprobs stay those of the unmasked model distribution.
+    `inputs` (a `multimodal.MultimodalPrompt` whose inputs are encoded, prompt_ids its
+    tokens) gives each forward its rotary positions and image embeddings.
     `speculation` (a `speculative.Speculation`) drafts tokens and verifies them k + 1 at a
     time; the tokens are distributed as without it (identical for greedy sampling).
     """
@@ -93,14 +95,19 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
     cache = cache if cache is not None else model.make_cache(batch=1)
     history = list(prompt_ids)
     ids = np.asarray(prompt_ids, dtype=np.int64)[None, :]
-    spec = speculation.begin(model, history, sampler, grammar) \
+
+    def extra(start: int, end: int) -> dict:
+        return {} if inputs is None else {"inputs": inputs.inputs_for(start, end)}
+
+    spec = speculation.begin(model, history, sampler, grammar, inputs=inputs) \
         if speculation is not None else None
     for start in range(0, ids.shape[1], PREFILL_CHUNK):
-        chunk = ids[:, start:start + PREFILL_CHUNK]
-        if spec is not None and start + PREFILL_CHUNK >= ids.shape[1]:
+        end = min(start + PREFILL_CHUNK, ids.shape[1])
+        chunk = ids[:, start:end]
+        if spec is not None and end >= ids.shape[1]:
             logits = spec.forward_last(cache, chunk)  # hands the drafter hidden states
         else:
-            logits = model.forward(chunk, cache, last_only=True)
+            logits = model.forward(chunk, cache, last_only=True, **extra(start, end))
     generated = 0
     try:
         while generated < max_tokens:
@@ -131,15 +138,16 @@ def generate_step(model, prompt_ids: Sequence[int], sampler: Sampler, *,
             if limit and len(history) >= limit:
                 return
             if spec is None:
+                n = len(history) - 1
                 logits = model.forward(np.array([[token]], dtype=np.int64), cache,
-                                       last_only=True)
+                                       last_only=True, **extra(n, n + 1))
     finally:
         if spec is not None:
             spec.close()
 
 
 def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                    registry=None, *, grammar=None,
+                    registry=None, *, grammar=None, inputs=None,
                     speculation=None) -> Iterator[GenerationChunk]:
     """Stream text for prompt_ids, honouring stop strings, stop tokens and max_tokens (the
     text rules are `text_stream.TextStream`'s, shared with continuous batching).
@@ -156,7 +164,7 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
     new_logprobs: list[float] = []
     finish = "length"
     steps = generate_step(model, prompt_ids, sampler, max_tokens=params.max_tokens,
-                          grammar=grammar, speculation=speculation)
+                          grammar=grammar, inputs=inputs, speculation=speculation)
     try:
         for token, logprob in steps:
             if text.is_stop_token(token):
@@ -186,14 +194,16 @@ def stream_generate(model, tokenizer, prompt_ids: Sequence[int], params: Samplin
 
 
 def generate(model, tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-             registry=None, *, grammar=None, speculation=None) -> GenerationResult:
+             registry=None, *, grammar=None, inputs=None,
+             speculation=None) -> GenerationResult:
     """Run `stream_generate` to the end and collect text, tokens and timings."""
     start = time.perf_counter()
     first = None
     text, tokens, logprobs = [], [], []
     finish = "length"
     for chunk in stream_generate(model, tokenizer, prompt_ids, params, registry,
-                                 grammar=grammar, speculation=speculation):
+                                 grammar=grammar, inputs=inputs,
+                                 speculation=speculation):
         if first is None:
             first = time.perf_counter()
         text.append(chunk.text)

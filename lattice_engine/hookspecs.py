@@ -28,7 +28,7 @@ hookimpl = pluggy.HookimplMarker("lattice_engine")
 # number changes when a hook is removed or its arguments or the objects it registers change
 # incompatibly, the minor number when a hook or an optional argument is added. It moves
 # independently of the engine's release number; `lattice --version` prints both.
-PLUGIN_API_VERSION = "1.2"
+PLUGIN_API_VERSION = "1.3"  # 1.1: register_drafters; 1.2: register_adapters; 1.3: register_encoders
 
 
 # --- Models ---------------------------------------------------------------------------
@@ -159,4 +159,25 @@ def register_drafters(register: Callable[[str, Callable], None]) -> None:
             KV cache, recurrent states and grammar back to what was kept. A drafter that
             lives inside the target (an MTP head) sets `wants_hidden` and reads the target's
             final hidden states from `DraftRequest.hidden`.
+    """
+
+
+# --- Inputs other than text -------------------------------------------------------------
+
+@hookspec
+def register_encoders(register: Callable[[object], None]) -> None:
+    """Contribute encoders that turn a non-text input (an image) into embeddings that
+    replace the placeholder tokens of a prompt.
+
+    Args:
+        register: call `register(encoder)` with an object providing
+            `lattice_engine.contract.InputEncoder`: `name`, `modality` ("image"),
+            `supports(config) -> bool` (whether it can run the vision tower of a checkpoint
+            with this HF config) and `load(checkpoint, limits) -> LoadedInputEncoder`. The engine
+            asks each registered encoder of a modality in registry order and loads the first
+            that supports the model, once, on the first request with such an input. The
+            `LoadedInputEncoder` prepares raw bytes (`prepare`: decode, check limits, preprocess;
+            cheap, run when the request arrives, errors are `RequestError`s) and encodes a
+            prepared input (`encode`: the heavy part, run by the scheduler) into a
+            `lattice_engine.multimodal.EncodedInput`.
     """

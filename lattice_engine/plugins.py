@@ -36,6 +36,7 @@ REGISTRY_HOOKS = {
     "logits_processors": "register_logits_processors",
     "adapters": "register_adapters",
     "drafters": "register_drafters",
+    "encoders": "register_encoders",
 }
 
 

@@ -88,6 +88,9 @@ class Sequence:
     cached_tokens: int = 0     # prompt tokens served from the prefix cache (first admission)
     admitted: bool = False
     detail: dict[str, Any] = field(default_factory=dict)  # the runner's per-request state
+    # the prompt as the prefix cache hashes it, when it differs from prompt_ids (image
+    # placeholders stand for the image's content: `MultimodalPrompt.key_ids`)
+    prompt_key_ids: Optional[list[int]] = None
     # a sequence with the same prompt queued before this one (n > 1): this one waits for
     # it to compute the prompt's full blocks, then takes them from the prefix cache
     prefix_leader: Optional["Sequence"] = None
@@ -98,6 +101,13 @@ class Sequence:
     def __post_init__(self):
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
+
+    @property
+    def hash_ids(self) -> list[int]:
+        """token_ids as the prefix cache keys them."""
+        if self.prompt_key_ids is None:
+            return self.token_ids
+        return self.prompt_key_ids + self.token_ids[len(self.prompt_key_ids):]
 
     @property
     def num_generated(self) -> int:
@@ -252,7 +262,7 @@ class Scheduler:
                 break  # its leader is computing the blocks it will share
             # prompt logprobs need every prompt position's logits: no cached prefix then
             if not seq.blocks.table and seq.params.prompt_logprobs is None:
-                hit = self.cache.match_prefix(seq.token_ids, seq.blocks)
+                hit = self.cache.match_prefix(seq.hash_ids, seq.blocks)
                 seq.num_computed = hit
                 if not seq.admitted:
                     seq.cached_tokens = hit
@@ -343,7 +353,7 @@ class Scheduler:
             seq.num_computed = it.start + it.count
             if it.draft:
                 self.cache.trim(seq.blocks, seq.num_computed)
-            new = self.cache.commit(seq.blocks, seq.token_ids, seq.num_computed)
+            new = self.cache.commit(seq.blocks, seq.hash_ids, seq.num_computed)
             recurrent = self.cache.recurrent
             if new and recurrent is not None and seq.blocks.state_slot is not None and \
                     seq.num_computed == len(seq.blocks.block_hashes) * self.cache.block_size:

@@ -371,15 +371,18 @@ class Speculation:
         return DraftRequest(request_id, token_ids, params or sampler.params,
                             sampler.kind == "greedy", sampler.rng, vocab_size)
 
-    def begin(self, model, history: list[int], sampler, grammar=None, params=None):
+    def begin(self, model, history: list[int], sampler, grammar=None, params=None,
+              inputs=None):
         """A `SingleSession` for one `generate_step` run, or None when this request cannot
-        be verified exactly (a plugin sampler, a constraint without rollback)."""
+        be verified exactly (a plugin sampler, a constraint without rollback). `inputs`:
+        the request's `multimodal.MultimodalPrompt` (images), whose positions every
+        forward of the session takes."""
         if not can_speculate(sampler, grammar):
             return None
         self._ids += 1
         req = self.request(f"generate-{self._ids}", history, sampler,
                            model.config.vocab_size, params)
-        return SingleSession(self, model, req, sampler, grammar)
+        return SingleSession(self, model, req, sampler, grammar, inputs)
 
 
 class SingleSession:
@@ -389,9 +392,11 @@ class SingleSession:
     (`cache.truncate`; a hybrid cache records its recurrent state per position for that,
     `record_next`)."""
 
-    def __init__(self, spec: Speculation, model, request: DraftRequest, sampler, grammar):
+    def __init__(self, spec: Speculation, model, request: DraftRequest, sampler, grammar,
+                 inputs=None):
         self.spec, self.model, self.request = spec, model, request
         self.sampler, self.grammar = sampler, grammar
+        self.inputs = inputs  # a multimodal.MultimodalPrompt, or None for text
         self.prompt_len = len(request.token_ids)  # begun before any token is generated
         self.length = DraftLength(spec.options.num_draft_tokens, spec.options.adaptive)
 
@@ -415,7 +420,7 @@ class SingleSession:
             x = np.asarray([[req.token_ids[-1]] + draft.tokens], dtype=np.int64)
             if hasattr(cache, "record_next"):
                 cache.record_next()
-            hidden = self.model.hidden_states(x, cache)
+            hidden = self._hidden(x, cache)
             logits = self.model.logits(hidden)[0]
             rows = TargetRows(logits, req.token_ids, draft, self.sampler, self.grammar,
                               self.prompt_len)
@@ -442,10 +447,19 @@ class SingleSession:
         step or the prompt's last prefill chunk); a wants_hidden drafter gets that row's
         hidden state."""
         if not self.spec.drafter.wants_hidden:
-            return self.model.forward(x, cache, last_only=True)
-        hidden = self.model.hidden_states(x, cache)
+            return self.model.forward(x, cache, last_only=True, **self._extra(cache, x))
+        hidden = self._hidden(x, cache)
         self.request.hidden = hidden[0, -1:]
         return self.model.logits(hidden[:, -1:])
+
+    def _extra(self, cache, x: np.ndarray) -> dict:
+        """The forward's `inputs` for tokens x [1, T] after the cache (images only)."""
+        if self.inputs is None:
+            return {}
+        return {"inputs": self.inputs.inputs_for(cache.offset, cache.offset + x.shape[1])}
+
+    def _hidden(self, x: np.ndarray, cache) -> np.ndarray:
+        return self.model.hidden_states(x, cache, **self._extra(cache, x))
 
     def close(self) -> None:
         self.spec.drafter.release(self.request)

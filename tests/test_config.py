@@ -60,7 +60,8 @@ def test_cli_style_override_replaces_only_given_values():
 @pytest.mark.parametrize("text,message", [
     ("[model\npath = 1", "is not valid TOML"),
     ("[modle]\npath = 'x'", r"unknown section \[modle\]; valid sections: model, quant, "
-                            r"sampling, plugins, server, speculative \(did you mean \[model\]\?\)"),
+                            r"sampling, plugins, server, speculative, inputs "
+                            r"\(did you mean \[model\]\?\)"),
     ("stray = 1", r"unknown section \[stray\]"),
     ("[model]\npaht = 'x'", r"unknown key model.paht; valid keys in \[model\]: path, backend, "
                             r"threads"),

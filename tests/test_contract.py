@@ -62,12 +62,18 @@ class NotAModel:
      r"logits processor 'seed', which shares its name with a sampling parameter"),
     ("logits_processors", lambda r: r("stop", lambda value: None),
      r"logits processor 'stop', which shares its name"),
+    ("encoders", lambda r: r("eye", object()),
+     r"encoder 'eye', which has modality = None; it must be a non-empty string"),
+    ("encoders", lambda r: r("eye", type("Eye", (), {"modality": "image",
+                                                     "supports": lambda self, c: True})()),
+     r"encoder 'eye', which lacks load \(see lattice_engine.contract.InputEncoder\)"),
 ])
 def test_an_incomplete_registration_fails_naming_the_plugin_and_member(kind, register_call,
                                                                         expected):
     hook = {"architectures": "register_architectures", "weight_formats": "register_weight_formats",
             "quant_methods": "register_quant_methods", "samplers": "register_samplers",
-            "logits_processors": "register_logits_processors"}[kind]
+            "logits_processors": "register_logits_processors",
+            "encoders": "register_encoders"}[kind]
 
     class Plugin:
         pass

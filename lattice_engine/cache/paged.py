@@ -95,6 +95,20 @@ class PagedKVCache:
         self.prefix_hit_tokens += seq.cached_tokens
         return seq.cached_tokens
 
+    def cached_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many tokens `match_prefix` would find cached now, without referencing
+        anything (the runner asks before encoding an image whose tokens may be cached)."""
+        usable = (len(token_ids) - 1) // self.block_size
+        hashes = chain_block_hashes(token_ids[:usable * self.block_size], self.block_size,
+                                    self.variant)
+        n = 0
+        while n < len(hashes) and self.pool.contains(hashes[n]):
+            n += 1
+        if self.recurrent is not None:
+            while n > 0 and not self.recurrent.has_snapshot(hashes[n - 1]):
+                n -= 1
+        return n * self.block_size
+
     def reserve(self, seq: SequenceBlocks, num_tokens: int) -> bool:
         """Make seq's table hold num_tokens; all or nothing (False if blocks ran out)."""
         need = self.blocks_for(num_tokens) - len(seq.table)

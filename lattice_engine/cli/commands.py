@@ -7,7 +7,17 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import RequestError
 from .settings import load_settings, make_engine, output_constraint, require_tokenizer
+
+
+def read_image_file(path: str) -> bytes:
+    """The bytes of an image named on the command line (the user's own file: no folder
+    restriction applies, unlike file: URLs in server requests)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise RequestError(f"--image {path}: cannot read it ({exc.strerror})") from None
 
 
 def cmd_generate(args) -> int:
@@ -18,11 +28,18 @@ def cmd_generate(args) -> int:
     if args.adapter:
         constraint["adapter"] = engine.load_adapter(args.adapter)
     has_template = bool(engine.tokenizer.config.get("chat_template"))
+    images = [read_image_file(path) for path in getattr(args, "image", None) or []]
+    if images and (args.raw or not has_template):
+        raise RequestError("--image needs the model's chat template (it places the image "
+                           "in the user message); drop --raw")
     if args.raw or not has_template:
         stream = engine.stream(prompt, **constraint)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        stream = engine.stream(messages=messages + [{"role": "user", "content": prompt}],
+        content = prompt if not images else \
+            [{"type": "image", "image": data} for data in images] + \
+            [{"type": "text", "text": prompt}]
+        stream = engine.stream(messages=messages + [{"role": "user", "content": content}],
                                **constraint)
     start = time.perf_counter()
     text, tokens, finish = [], 0, None

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="feed the prompt as is, without the model's chat template")
     gen.add_argument("--system", default=None, help="system message for the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    gen.add_argument("--image", metavar="FILE", action="append", default=[],
+                     help="an image (PNG, JPEG, WebP) placed before the prompt in the user "
+                          "message; repeat for several (needs a vision model and plugin)")
     gen.add_argument("--adapter", metavar="DIR", default=None,
                      help="apply this adapter folder (a PEFT LoRA with lattice-lora "
                           "installed) to the generation; [lora] in the config loads named "

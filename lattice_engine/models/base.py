@@ -338,12 +338,16 @@ class CausalLM:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
-    def forward(self, tokens: np.ndarray, cache, last_only: bool = False) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, cache, last_only: bool = False,
+                inputs=None) -> np.ndarray:
         """Logits for tokens [B, T] appended after the cache's contents.
 
+        `inputs` (a `multimodal.ForwardInputs`, models that take images only) gives rotary
+        positions and embedding rows that replace placeholder tokens.
         Returns float32 [B, T, V], or [B, 1, V] for the last position when last_only.
         """
-        hidden = self.hidden_states(tokens, cache)
+        hidden = self.hidden_states(tokens, cache) if inputs is None else \
+            self.hidden_states(tokens, cache, inputs=inputs)
         return self.logits(hidden[:, -1:] if last_only else hidden)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:

@@ -40,6 +40,13 @@ class PagedBatch:
     # reads); a model calls keep_hidden on them
     want_hidden: bool = False
     hidden: Optional[np.ndarray] = None
+    # multimodal sequences (`multimodal.ForwardInputs` per item): M-RoPE positions of every
+    # row [3, N] (None: `positions`), rows whose embeddings are replaced, their embeddings
+    # [k, H] and deepstack additions after the first layers
+    rope_positions: Optional[np.ndarray] = None
+    replace_rows: Optional[np.ndarray] = None
+    replace_embeds: Optional[np.ndarray] = None
+    deepstack: tuple = ()
 
     def keep_hidden(self, hidden: np.ndarray) -> np.ndarray:
         """Record the logit rows' final hidden states if asked; returns them unchanged."""
@@ -47,14 +54,37 @@ class PagedBatch:
             self.hidden = np.array(hidden, dtype=np.float32, copy=True)
         return hidden
 
+    def rope(self, model):
+        """cos, sin of every row: 1-D positions, or the model's M-RoPE tables."""
+        if self.rope_positions is None:
+            return model.ops.rope_tables(self.positions, model.inv_freq)
+        return model.rope_tables(self.rope_positions)
+
+    @property
+    def replaces(self) -> bool:
+        return self.replace_rows is not None and len(self.replace_rows) > 0
+
+    def replace_and_stack(self, x: np.ndarray, layer: Optional[int] = None) -> np.ndarray:
+        """x [1, N, H] with the replaced rows' embeddings (layer None) or with layer's
+        deepstack rows added."""
+        if not self.replaces or (layer is not None and layer >= len(self.deepstack)):
+            return x
+        x = np.array(x, dtype=np.float32)
+        if layer is None:
+            x[0, self.replace_rows] = self.replace_embeds
+        else:
+            x[0, self.replace_rows] += self.deepstack[layer]
+        return x
+
     @classmethod
     def build(cls, cache: PagedKVCache,
-              items: Sequence[tuple[SequenceBlocks, Sequence[int], int, Union[bool, int]]]
-              ) -> "PagedBatch":
+              items: Sequence[tuple[SequenceBlocks, Sequence[int], int, Union[bool, int]]],
+              inputs: Optional[Sequence] = None) -> "PagedBatch":
         """items: (sequence blocks, new token ids, position of the first, logits wanted):
         True (or 1) for the last row's logits, False (0) for none, n > 1 for the last n
         rows' (a verify row: n = all of its tokens). The sequences' tables must already hold
-        blocks for the new tokens."""
+        blocks for the new tokens. inputs: per item a `multimodal.ForwardInputs` or None
+        (text at index positions)."""
         counts = [len(toks) for _, toks, _, _ in items]
         q_start = np.zeros(len(items) + 1, np.int64)
         q_start[1:] = np.cumsum(counts)
@@ -78,8 +108,34 @@ class PagedBatch:
         state_slots = np.array([-1 if s.state_slot is None else s.state_slot
                                 for s, _, _, _ in items], np.int64)
         record = np.array([w > 1 for w in wanted], bool)
-        return cls(tokens, positions, q_start, pos_start, tables, slots, logit_rows,
-                   state_slots, record if record.any() else None)
+        batch = cls(tokens, positions, q_start, pos_start, tables, slots, logit_rows,
+                    state_slots, record=record if record.any() else None)
+        if inputs is not None and any(i is not None for i in inputs):
+            batch._add_inputs(inputs)
+        return batch
+
+    def _add_inputs(self, inputs: Sequence) -> None:
+        rope = np.broadcast_to(self.positions, (3, len(self.positions))).copy()
+        rows, embeds, deep = [], [], []
+        for i, inp in enumerate(inputs):
+            if inp is None:
+                continue
+            r0, r1 = int(self.q_start[i]), int(self.q_start[i + 1])
+            if inp.positions is not None:
+                rope[:, r0:r1] = inp.positions
+            if inp.replaces:
+                rows.append(inp.rows + r0)
+                embeds.append(inp.embeds)
+                deep.append(inp.deepstack)
+        self.rope_positions = rope
+        if rows:
+            depth = {len(d) for d in deep}
+            if len(depth) != 1:
+                raise ValueError("the sequences of one batch disagree on deepstack depth")
+            self.replace_rows = np.concatenate(rows)
+            self.replace_embeds = np.concatenate(embeds)
+            self.deepstack = tuple(np.concatenate([d[j] for d in deep])
+                                   for j in range(depth.pop()))
 
 
 def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
@@ -90,13 +146,13 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
     if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
         raise ValueError(f"token id out of range 0..{cfg.vocab_size - 1}")
     n = tokens.shape[0]
-    cos, sin = ops.rope_tables(batch.positions, model.inv_freq)
-    step = model._decode_step()
+    cos, sin = batch.rope(model)
+    step = None if batch.replaces else model._decode_step()
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values)
         return model.logits(batch.keep_hidden(hidden[batch.logit_rows]))
-    x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
-    for block in model.layers:
+    x = batch.replace_and_stack(ops.embed(model.embed_tokens, tokens[None, :]))  # [1, N, H]
+    for index, block in enumerate(model.layers):
         attn = block.self_attn
         h = block.attn_input(x, ops)
         q, k, v = project(h, (attn.q_proj, attn.k_proj, attn.v_proj), ops)
@@ -114,5 +170,6 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
                                   1.0 / np.sqrt(attn.d))
         x = x + attn.project_out(out.reshape(1, n, attn.nq * attn.d), ops)
         x = x + block.mlp(block.mlp_input(x, ops), ops)
+        x = batch.replace_and_stack(x, index)
     last = x[0, batch.logit_rows]                                # only rows that sample
     return model.logits(batch.keep_hidden(ops.rms_norm(last, model.norm, cfg.rms_norm_eps)))

@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from .base import (CausalLM, Linear, WeightLoader, check_tokens, config_from_dict,
                    name_linears, rope_inv_freq)
 from ..cache.hybrid import HybridCache
+from ..multimodal import ForwardInputs, check_forward_inputs, mrope_axes, mrope_tables
 from .qwen3_5_step import Qwen35Step
 from .transformer import MLP, check_rotation_sites, head_role
 
@@ -56,6 +57,8 @@ class ModelArgs:
     lattice_online_rotation: Optional[dict] = None  # MLP reads it too (QuaRot's online rotation)
     lattice_lm_head_role: str = "lm_head"  # see transformer.DecoderConfig
     rope_theta: float = field(init=False, default=10000.0)
+    mrope_section: Optional[list] = field(init=False, default=None)
+    mrope_interleaved: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         check_rotation_sites(self.lattice_online_rotation, ("down_proj",))
@@ -63,6 +66,8 @@ class ModelArgs:
         self.rope_theta = float(params.get("rope_theta", 10000.0))
         self.partial_rotary_factor = float(params.get("partial_rotary_factor",
                                                       self.partial_rotary_factor))
+        self.mrope_section = params.get("mrope_section")
+        self.mrope_interleaved = bool(params.get("mrope_interleaved", False))
         if params.get("rope_type", "default") != "default":
             raise CheckpointError(f"rope_type {params['rope_type']!r} is not supported for "
                                   f"qwen3_5; supported: default")
@@ -341,15 +346,36 @@ class Model(CausalLM):
             key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
             capacity=capacity, kv_dtype=self.kv_cache)
 
-    def hidden_states(self, tokens: np.ndarray, cache: HybridCache) -> np.ndarray:
-        """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
+    def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [N, half] for index positions [N] or multimodal positions [3, N]
+        (M-RoPE by the config's mrope_section; equal axes give 1-D rope's bits)."""
+        if positions.ndim == 1:
+            return self.ops.rope_tables(positions, self.inv_freq)
+        return mrope_tables(positions, self.inv_freq, self.mrope_axes)
+
+    @property
+    def mrope_axes(self) -> np.ndarray:
+        c = self.config
+        if c.mrope_section is None:  # no image layout: every frequency follows axis t
+            return np.zeros(len(self.inv_freq), np.int64)
+        return mrope_axes(len(self.inv_freq), c.mrope_section, c.mrope_interleaved)
+
+    def hidden_states(self, tokens: np.ndarray, cache: HybridCache,
+                      inputs: Optional[ForwardInputs] = None) -> np.ndarray:
+        """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache.
+        `inputs` (batch 1) carries M-RoPE positions and embeddings replacing placeholder
+        rows (an image's)."""
         ops = self.ops
         tokens = check_tokens(tokens, self.config.vocab_size, cache.batch)
         t = tokens.shape[1]
-        positions = np.arange(cache.offset, cache.offset + t)
-        cos, sin = ops.rope_tables(positions, self.inv_freq)
+        if inputs is not None and inputs.positions is not None:
+            check_forward_inputs(inputs, tokens.shape, self.config.hidden_size)
+            cos, sin = self.rope_tables(np.asarray(inputs.positions))
+        else:
+            cos, sin = ops.rope_tables(np.arange(cache.offset, cache.offset + t), self.inv_freq)
+        replaces = inputs is not None and inputs.replaces
         step = self._decode_step() if t == 1 and type(cache) is HybridCache and \
-            cache.kv.dtype == "f32" and not cache.recording else None
+            cache.kv.dtype == "f32" and not replaces and not cache.recording else None
         if step is not None:
             cache.drop_trail()
             cache.kv.reserve(cache.offset + 1)
@@ -365,8 +391,13 @@ class Model(CausalLM):
         elif hasattr(cache, "drop_trail"):
             cache.drop_trail()
         x = ops.embed(self.embed_tokens, tokens)
-        for layer in self.layers:
+        if replaces:
+            x = np.array(x, dtype=np.float32)  # the embedding may be a read-only view
+            x[0, inputs.rows] = inputs.embeds
+        for i, layer in enumerate(self.layers):
             x = layer(x, cache, cos, sin, ops)
+            if replaces and i < len(inputs.deepstack):
+                x[0, inputs.rows] += inputs.deepstack[i]
         cache.advance(t)
         if recording:
             cache.end_trail()

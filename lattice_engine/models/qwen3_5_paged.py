@@ -53,11 +53,12 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                              np.any(batch.state_slots[np.diff(q_start) > 0] < 0)):
         raise ValueError("a Qwen3.5 paged batch needs a recurrent-state slot for every "
                          "sequence (make the cache with the model's make_paged_cache)")
-    cos, sin = ops.rope_tables(batch.positions, model.inv_freq)
+    cos, sin = batch.rope(model)
     record = batch.record if batch.record is not None and model.num_linear else None
     # a verify keeps the state after each of its rows: the per-kernel path below does that
-    # (the fused C step runs a multi-row sequence in the chunked form, keeping no trail)
-    step = model._decode_step() if record is None else None
+    # (the fused C step runs a multi-row sequence in the chunked form, keeping no trail);
+    # rows that take image embeddings need the per-kernel path too (it replaces the rows)
+    step = model._decode_step() if record is None and not batch.replaces else None
     if record is not None:
         for i in np.flatnonzero(record):
             cache.recurrent.start_trail(int(batch.state_slots[i]),
@@ -66,8 +67,8 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values,
                             cache.recurrent.arrays if cache.recurrent is not None else [])
         return model.logits(batch.keep_hidden(hidden[batch.logit_rows]))
-    x = ops.embed(model.embed_tokens, tokens[None, :])          # [1, N, H]
-    for block in model.layers:
+    x = batch.replace_and_stack(ops.embed(model.embed_tokens, tokens[None, :]))  # [1, N, H]
+    for index, block in enumerate(model.layers):
         normed = ops.rms_norm(x, block.input_layernorm, block.eps, 1.0)
         if block.kind == "linear_attention":
             a = block.linear_attn
@@ -104,6 +105,7 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                                       1.0 / np.sqrt(attn.d))
             h = x + attn.gate_out(out, gate, ops)
         x = h + block.mlp(ops.rms_norm(h, block.post_attention_layernorm, block.eps, 1.0), ops)
+        x = batch.replace_and_stack(x, index)
     last = x[0, batch.logit_rows]
     return model.logits(batch.keep_hidden(ops.rms_norm(last, model.norm, cfg.rms_norm_eps,
                                                        1.0)))

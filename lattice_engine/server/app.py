@@ -34,6 +34,7 @@ from starlette.routing import Route
 from ..batching import DEFAULT_SPECULATION, BatchingOptions, RequestOutput
 from ..config import ServerSection
 from ..errors import CheckpointError, ConfigError, LatticeError, RequestError
+from ..input_parts import has_images
 from ..sampling import SEED_LIMIT
 from . import metrics
 from .adapter_routes import adapter_routes, hold, model_entries, resolve_model
@@ -138,6 +139,15 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
             raise bad("this model has no tokenizer, so it cannot take chat messages; use "
                       "/v1/completions with 'prompt' as an array of token ids", "messages")
         tools = tool_request(body)
+        images = None
+        if has_images(messages):  # decoded and preprocessed off the event loop
+            if tools is not None:
+                raise bad("'tools' cannot be combined with image parts; send the image in "
+                          "a request without tools", "tools")
+            try:
+                ids, images = await asyncio.to_thread(engine.chat_prompt, messages)
+            except LatticeError as exc:
+                raise bad(str(exc), "messages") from None
         extra = {}
         if tools is not None:
             if "tools" not in template_source(engine.tokenizer.config):
@@ -145,11 +155,13 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
                           "shown 'tools'; describe the functions in a message instead",
                           "tools")
             extra["tools"] = tools.tools
-        try:
-            ids = engine.tokenizer.apply_chat_template(template_messages(messages),
-                                                       add_generation_prompt=True, **extra)
-        except LatticeError as exc:
-            raise bad(f"the chat template cannot render these messages: {exc}", "messages")
+        if images is None:
+            try:
+                ids = engine.tokenizer.apply_chat_template(template_messages(messages),
+                                                           add_generation_prompt=True, **extra)
+            except LatticeError as exc:
+                raise bad(f"the chat template cannot render these messages: {exc}",
+                          "messages")
         if tools is not None and tools.constrained:
             if any(body.get(k) is not None for k in ("response_format", "regex", "grammar")):
                 raise bad(f"'tool_choice' = {body['tool_choice']!r} constrains the output to "
@@ -168,6 +180,8 @@ def create_app(engine, *, model_name: str, settings: ServerSection = ServerSecti
             make_mask = await _output_constraint(engine, body)
         _check_n(state, n, ids, params)
         choices = _copies(0, 0, ids, params, n, None, make_mask, tools)
+        for choice in choices:
+            choice.images = images
         return await _generate(request, state, choices, stream, chat=True,
                                ignore_eos=ignore_eos(body), include_usage=usage,
                                speculation=speculation_from(body, engine), adapter=adapter)
@@ -499,6 +513,8 @@ async def _generate(request: Request, state: _State, choices: list[Choice], stre
                     c.ids, c.params, request_id=r, ignore_eos=ignore_eos,
                     logits_mask=c.make_mask() if c.make_mask is not None else None,
                     prefix_leader=seqs[c.share_with] if c.share_with is not None else None,
+                    images=c.images,
+                    encoder=state.engine.encoder if c.images is not None else None,
                     speculation=speculation, adapter=hold(state.engine, adapter)))
             except (LatticeError, APIError) as exc:
                 for seq in seqs:  # never queued: let go of their adapter references

@@ -54,28 +54,33 @@ class AsyncEngine:
     # ---- event-loop side ---------------------------------------------------------------
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                        request_id: Optional[str] = None, logits_mask=None,
-                       ignore_eos: bool = False,
+                       ignore_eos: bool = False, images=None, encoder=None,
                        speculation=DEFAULT_SPECULATION) -> AsyncIterator[RequestOutput]:
         """Validate and queue a request, then yield its outputs as steps produce them.
         Raises RequestError before yielding anything if the request is invalid. Closing
         the iterator early (a client that disconnected) aborts the request."""
         return self.submit(self.prepare(prompt_ids, params, request_id=request_id,
                                         logits_mask=logits_mask, ignore_eos=ignore_eos,
+                                        images=images, encoder=encoder,
                                         speculation=speculation))
 
     def prepare(self, prompt_ids: Sequence[int], params: SamplingParams, *,
                 request_id: Optional[str] = None, logits_mask=None, ignore_eos: bool = False,
-                prefix_leader=None, speculation=DEFAULT_SPECULATION, adapter=None):
+                prefix_leader=None, images=None, encoder=None,
+                speculation=DEFAULT_SPECULATION, adapter=None):
         """Validate a request and build its sequence (RequestError if it is invalid);
         `submit` queues it. prefix_leader: a prepared sequence with the same prompt,
-        submitted first, whose prompt blocks this one reuses (n > 1); speculation: the
-        request's choice (`protocol.speculation_from`), the runner's default if unset;
-        adapter: see `BatchRunner.make_sequence` (released here if the request is refused)."""
+        submitted first, whose prompt blocks this one reuses (n > 1). images / encoder: the
+        `multimodal.MultimodalPrompt` behind prompt_ids and its `LoadedInputEncoder`;
+        speculation: the request's choice (`protocol.speculation_from`), the runner's
+        default if unset; adapter: see `BatchRunner.make_sequence` (released here if the
+        request is refused)."""
         try:
             return self.runner.make_sequence(prompt_ids, params, request_id=request_id,
                                              logits_mask=logits_mask, ignore_eos=ignore_eos,
-                                             prefix_leader=prefix_leader,
-                                             speculation=speculation, adapter=adapter)
+                                             prefix_leader=prefix_leader, images=images,
+                                             encoder=encoder, speculation=speculation,
+                                             adapter=adapter)
         except BaseException:
             if adapter is not None:
                 adapter[2]()
@@ -177,7 +182,7 @@ class AsyncEngine:
                 self._closing = arg
                 if self.runner is None:
                     continue
-                for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
+                for seq in self.runner.pending():
                     self.runner.abort(seq.request_id)
                     self._deliver(seq.request_id, EngineClosed(arg))
             elif self.runner is not None:
@@ -218,6 +223,6 @@ class AsyncEngine:
         # the exception's text is for the log (written above), not for clients
         if self.runner is None:
             return
-        for seq in list(self.runner.scheduler.running) + list(self.runner.scheduler.waiting):
+        for seq in self.runner.pending():
             self.runner.abort(seq.request_id)
             self._deliver(seq.request_id, EngineFailed(seq.request_id))

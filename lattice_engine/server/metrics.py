@@ -143,6 +143,11 @@ def _generation(lines: list[str], metric, runner: BatchRunner) -> None:
            "Prompt tokens served from the prefix cache.", kv["prefix_hit_tokens"])
     metric("lattice_prefix_cache_hit_rate", "gauge", "Hit tokens / queried tokens.",
            f"{kv['prefix_hit_rate']:.6f}")
+    metric("lattice_image_encodes_total", "counter", "Images run through the vision encoder.",
+           runner.encoded.encodes)
+    metric("lattice_image_encodes_skipped_total", "counter",
+           "Images not encoded again: their tokens' K/V was in the prefix cache, or their "
+           "embeddings in the encoded-image cache.", runner.encoded.skipped)
     pacer = runner.pacer  # why prefill chunks are the size they are (NaN until measured)
     metric("lattice_prefill_pacer_decode_step_seconds", "gauge",
            "Running estimate of a decode-only step.", _seconds(pacer.t_decode))

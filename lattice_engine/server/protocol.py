@@ -415,8 +415,9 @@ def completion_prompt(body: dict, tokenizer, where: str = "prompt") -> list[int]
 
 
 def chat_messages(body: dict) -> list[dict[str, Any]]:
-    """The messages, content parts joined into text. An assistant message may carry
-    `tool_calls` (its content then may be null), a "tool" message answers one (its
+    """The messages, content parts joined into text (a part list with image_url parts is
+    kept: the engine decodes the images, `Engine.chat_prompt`). An assistant message may
+    carry `tool_calls` (its content then may be null), a "tool" message answers one (its
     `tool_call_id` and `name` are kept for the template)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -436,14 +437,22 @@ def chat_messages(body: dict) -> list[dict[str, Any]]:
         content = m.get("content")
         if content is None and calls:
             content = ""
-        if isinstance(content, list):  # content parts: only text is understood here
+        if isinstance(content, list):  # content parts: text, and image_url for images
             parts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or \
-                        not isinstance(part.get("text"), str):
-                    raise bad(f"messages[{i}].content: only text parts are supported",
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image_url":
+                    parts = None
+                    break
+                if kind != "text" or not isinstance(part.get("text"), str):
+                    raise bad(f"messages[{i}].content[{j}]: a content part must be "
+                              f"{{'type': 'text', 'text': ...}} or {{'type': 'image_url', "
+                              f"'image_url': {{'url': 'data:image/png;base64,...'}}}}",
                               "messages")
                 parts.append(part["text"])
+            if parts is None:
+                out.append({"role": m["role"], "content": content})
+                continue
             content = "".join(parts)
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content must be a string or an array of text parts",

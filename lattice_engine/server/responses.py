@@ -26,6 +26,7 @@ class Choice:
     make_mask: Optional[Callable[[], Any]] = None  # a fresh output constraint per choice
     share_with: Optional[int] = None         # the choice whose prompt blocks this one reuses
     tools: Any = None                        # chat: a `tools.ToolRequest` to parse calls by
+    images: Any = None                       # chat: the `multimodal.MultimodalPrompt` of ids
 
 
 def _byte_decoder() -> dict[str, int]:
