@@ -143,9 +143,14 @@ class _Output:
     prompt_left: int = 0
 
 
-def logprobs_of(row: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+def logprobs_of(row: np.ndarray, token: int, top: int,
+                exact: bool = False) -> tuple[float, list[tuple[int, float]]]:
     """log softmax(row)[token] and the `top` most likely tokens with theirs (most likely
-    first; tokens at -inf, masked out, are left off)."""
+    first; tokens at -inf, masked out, are left off). `exact`: a float64 log-sum-exp, for
+    values a client reads (within ~1e-12 of the row's true log-softmax); otherwise the
+    native float32 one (~1e-5 over a 50k vocabulary, enough for the counters)."""
+    if exact:
+        row = row.astype(np.float64)
     logprob = token_logprob(row, token)
     if not top:
         return logprob, []
@@ -508,7 +513,7 @@ class BatchRunner(SpeculativeSteps):
         for j in range(logits.shape[0]):
             pos = first + j + 1  # the prompt token this row predicts
             if st.prompt[pos] is None:  # (a preempted request computes its prompt again)
-                st.prompt[pos] = logprobs_of(logits[j], seq.prompt_ids[pos], top)
+                st.prompt[pos] = logprobs_of(logits[j], seq.prompt_ids[pos], top, exact=True)
                 st.prompt_left -= 1
 
     # ---- sampling and emitting ---------------------------------------------------------
@@ -526,7 +531,8 @@ class BatchRunner(SpeculativeSteps):
             logprob, top = logprobs_of(seq.sampler.processed.astype(np.float64), token,
                                        params.logprobs or 0)
         else:
-            logprob, top = logprobs_of(model_row, token, params.logprobs or 0)
+            logprob, top = logprobs_of(model_row, token, params.logprobs or 0,
+                                       exact=params.logprobs is not None)
         if seq.logits_mask is not None:
             seq.logits_mask.accept(token)  # raising ends this request alone (see step)
         # a complete constraint allows nothing more (a tokenizer without an end token):

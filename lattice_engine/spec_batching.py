@@ -149,7 +149,8 @@ class SpeculativeSteps:
             # token was drawn from ("processed": every kept position was processed)
             row = target.rows.get(i) if params.logprobs_mode == "processed" else None
             logprob, top = logprobs_of(rows[i] if row is None else row.astype(np.float64),
-                                       token, params.logprobs or 0)
+                                       token, params.logprobs or 0,
+                                       exact=params.logprobs is not None)
             out = self._take(seq, token, logprob, top, now,
                              seq.logits_mask is not None and seq.logits_mask.is_terminated()
                              and i == len(tokens) - 1)
