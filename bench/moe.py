@@ -29,7 +29,6 @@ import argparse
 import zlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from provenance import add_results_option, emit  # bench/, next to this file
+# the dense Qwen3.5 bench's timing and llama.cpp worker (same prompt sizes)
+from qwen3_5 import measure, token_ids, worker_llama_cpp  # noqa: E402
 
 SHORT_PROMPT, PROMPT_TOKENS = 16, 512
 GGML_TYPE = {"q8_0": "Q8_0", "q4_0": "Q4_0", "f16": "F16"}
@@ -95,23 +96,6 @@ def make_gguf(layers: int, vocab: int, experts: int, quant: str) -> Path:
         write_qwen3_moe_gguf(tmp, config, random_tensor(config), GGML_TYPE[quant])
         os.replace(tmp, path)  # a half-written file never looks finished
     return path
-
-
-def token_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
-    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
-
-
-def slope(times: dict[int, list[float]], n1: int, n2: int) -> float:
-    return (n2 - n1) / (statistics.median(times[n2]) - statistics.median(times[n1]))
-
-
-def measure(prefill_once, decode_n, runs: int, n1: int, n2: int) -> dict:
-    decode_n(4)  # warm-up: page the weights in
-    times = {n: [decode_n(n) for _ in range(runs)] for n in (n1, n2)}
-    prefill = [prefill_once() for _ in range(runs)]
-    return {"decode_tok_s": slope(times, n1, n2),
-            "prefill_tok_s": PROMPT_TOKENS / statistics.median(prefill),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def streams_tok_s(model, vocab: int, streams: int, steps: int, runs: int) -> float:
@@ -180,30 +164,6 @@ def worker_lattice(path: str, quant: str, threads: int, runs: int, n1: int, n2: 
         "streams_vs_one": many / one, "file_mb": os.path.getsize(path) / 2 ** 20,
         "resident_after_load_mb": loaded_mem, "resident_mb": mem})
     return result
-
-
-def worker_llama_cpp(path: str, threads: int, runs: int, n1: int, n2: int) -> dict:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_ubatch=512,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
-    ids = token_ids(llm.n_vocab(), PROMPT_TOKENS)
-
-    def prefill_once() -> float:
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(ids)
-        return time.perf_counter() - start
-
-    def decode_n(n: int) -> float:
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(ids[:SHORT_PROMPT])
-        for _ in range(n):
-            llm.eval([llm.sample(temp=0.0)])
-        return time.perf_counter() - start
-
-    return measure(prefill_once, decode_n, runs, n1, n2)
 
 
 def run_worker(argv: list[str]) -> dict:

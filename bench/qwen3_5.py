@@ -40,8 +40,8 @@ def default_model() -> Path:
     return home / "bench" / "qwen3_5-0.8b-random"
 
 
-def token_ids(vocab: int, n: int) -> list[int]:
-    return np.random.default_rng(0).integers(0, min(vocab, 150000), n).tolist()
+def token_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(0, min(vocab, 150000), n).tolist()
 
 
 def slope(times: dict[int, list[float]], n1: int, n2: int) -> float:
