@@ -6,6 +6,8 @@ from numpy's only between scores closer than that bound."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -20,6 +22,8 @@ METRICS = ["dot", "cosine", "l2"]
 def variant(request):
     pytest.importorskip("lattice_engine._native")
     from lattice_engine.kernels import distance
+    if request.param != "generic" and os.environ.get("LATTICE_ISA") == "generic":
+        pytest.skip(f"the {request.param} kernels are disabled by LATTICE_ISA=generic")
     if request.param not in distance.variants():
         pytest.skip(f"this CPU does not run the {request.param} distance kernels")
     distance.variant(request.param)
