@@ -125,13 +125,17 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
-              scale: float) -> np.ndarray:
+              scale: float, kv=None) -> np.ndarray:
     """Causal grouped-query attention.
 
     q: [B, T, Hq, D] for absolute positions start_pos .. start_pos+T-1;
     k, v: [B, S, Hkv, D] for positions 0 .. S-1 with S = start_pos + T; Hq % Hkv == 0.
-    Returns [B, T, Hq, D].
+    kv (a `cache.dense.KVLayout`, None: float32): k and v are a cache's stored rows in
+    that dtype, widened here first (the reference of the native kernels, which read them
+    as stored). Returns [B, T, Hq, D].
     """
+    if kv is not None and (kv.dtype != "f32" or kv.k_scale is not None):
+        k, v = kv.keys(k), kv.values(v)
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -280,15 +284,15 @@ def softplus(x: np.ndarray) -> np.ndarray:
 
 def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
                     q_start: np.ndarray, pos_start: np.ndarray, block_tables: np.ndarray,
-                    scale: float) -> np.ndarray:
+                    scale: float, kv=None) -> np.ndarray:
     """Causal GQA for a flat batch of sequences whose keys and values live in a block pool.
 
     q: [N, Hq, D], the query rows of all sequences back to back; sequence i owns rows
     q_start[i] .. q_start[i+1]-1 (q_start has S+1 entries), at absolute positions
     pos_start[i] + 0, 1, ...; k_pool, v_pool: [num_blocks, block_size, Hkv, D] with the
     sequence's keys for positions 0 .. pos_start[i] + rows - 1 already written;
-    block_tables: int32 [S, max_blocks], row i the blocks of sequence i in order.
-    Returns [N, Hq, D].
+    block_tables: int32 [S, max_blocks], row i the blocks of sequence i in order; kv: the
+    pools' `KVLayout` as in `attention` (None: float32). Returns [N, Hq, D].
     """
     n, hq, d = q.shape
     bs = k_pool.shape[1]
@@ -301,7 +305,8 @@ def paged_attention(q: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
         blocks = np.asarray(block_tables[i][: -(-length // bs)], dtype=np.int64)
         k = k_pool[blocks].reshape(-1, *k_pool.shape[2:])[:length]
         v = v_pool[blocks].reshape(-1, *v_pool.shape[2:])[:length]
-        out[r0:r1] = attention(q[None, r0:r1], k[None], v[None], int(pos_start[i]), scale)[0]
+        out[r0:r1] = attention(q[None, r0:r1], k[None], v[None], int(pos_start[i]), scale,
+                               kv)[0]
     return out
 
 

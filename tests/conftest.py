@@ -37,18 +37,22 @@ def tiny_model_dir(tmp_path) -> Path:
     return fixture_with_tokenizer("llama", tmp_path)
 
 
-def check_paged_against_golden(model, golden, cache, seqs, cut: int):
+def check_paged_against_golden(model, golden, cache, seqs, cut: int, kv_unit: float = 0.0):
     """Row 0 prefills golden's prompt in two chunks (cut) while row 1 prefills whole in the
     second step, then both decode every golden step in one batch; each logit must equal
-    transformers' (golden) within the float32 bound (`testing.tolerance.logits_bound`).
+    transformers' (golden) within the float32 bound (`testing.tolerance.logits_bound`),
+    plus, with kv_unit > 0 (a cache storing K/V at that roundoff, e.g. f16's U16), the
+    storage's (`kv_storage_bound`).
     seqs: two sequences with blocks (and state slots) reserved for the whole run."""
     import numpy as np
     from lattice_engine.models.paged_forward import PagedBatch
-    from lattice_engine.testing.tolerance import logits_bound
+    from lattice_engine.testing.tolerance import kv_storage_bound, logits_bound
     prompt, steps = golden["prompt_ids"], golden["decode_ids"]
     t = prompt.shape[1]
-    atol = logits_bound(model, model.hidden_states(prompt, model.make_cache(batch=2)),
-                        t + steps.shape[1])
+    hidden = model.hidden_states(prompt, model.make_cache(batch=2))
+    atol = logits_bound(model, hidden, t + steps.shape[1])
+    if kv_unit:
+        atol += kv_storage_bound(model, hidden, t + steps.shape[1], kv_unit)
 
     def run(items):
         return model.forward_paged(PagedBatch.build(cache, items), cache)

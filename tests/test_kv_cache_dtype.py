@@ -1,19 +1,27 @@
-"""`[model] kv_cache`: the dense cache storing keys and values as f16 or q8_0. Attention
-computes over exactly the stored values; the native backend matches the numpy reference
-under the float32 error model with either storage; bad settings are clear errors."""
+"""`[model] kv_cache`: the dense and paged caches storing keys and values as f16 or q8_0.
+Attention computes over exactly the stored values; the C kernels (dense, paged, the fused
+steps) read them as stored and match the numpy reference under the float32 error model;
+f16 K/V stay within the f16 storage bound of transformers' float32 logits; bad settings
+are clear errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import backends
-from lattice_engine.cache.dense import KVCache, check_kv_dtype
+from safetensors.numpy import load_file
+
+from conftest import FIXTURES, backends, check_paged_against_golden
+from lattice_engine import kernels, ops
+from lattice_engine.cache import SequenceBlocks
+from lattice_engine.cache.dense import KVCache, KVLayout, check_kv_dtype, key_transform, kv_encode
+from lattice_engine.models.paged_forward import PagedBatch
 from lattice_engine.config import ConfigError, ModelSection
 from lattice_engine.loading import load
 from lattice_engine.quant.core_formats import q8_0_to_float, quantize_q8_0
 from lattice_engine.testing.checkpoints import write_tiny_llama
-from lattice_engine.testing.tolerance import logits_bound
+from lattice_engine.testing.tolerance import (U16, attention_bound, kv_storage_bound,
+                                              logits_bound)
 
 # head_dim 32: one q8_0 block per head vector
 DIMS = dict(hidden=64, heads=2, kv_heads=1, ffn=96, layers=2)
@@ -116,7 +124,188 @@ def test_q8_0_needs_head_vectors_in_blocks_of_32(tmp_path):
         load(folder, backend="numpy", kv_cache="q8_0")
 
 
-def test_serving_refuses_a_reduced_kv_cache_with_the_fix(tiny_folder):
-    model = load(tiny_folder, backend="numpy", kv_cache="f16").model
-    with pytest.raises(ConfigError, match="paged cache of serve stores f32 only"):
-        model.make_paged_cache(num_blocks=4)
+# ---- the attention kernels reading stored K/V ------------------------------------------
+
+@pytest.fixture(params=["generic", "avx2"])
+def isa(request):
+    """The ISA levels of the attention kernels (generic, and AVX2 where the CPU has it)."""
+    from lattice_engine.testing.pytest_plugin import core_variant
+    with core_variant(request.param) as name:
+        yield name
+
+
+def stored_problem(rng, dtype, B=2, S=300, hkv=2, d=64):
+    """Keys with a bias-like outlier channel, values, and their stored form and layout
+    (q8_0 keys through a shift and a scale)."""
+    k = rng.standard_normal((B, S, hkv, d)).astype(np.float32)
+    k[..., 5] += 60
+    v = rng.standard_normal((B, S, hkv, d)).astype(np.float32)
+    shift = scale = None
+    if dtype == "q8_0":
+        shift = np.zeros((hkv, d), np.float32)
+        shift[:, 5] = 60
+        scale = (0.5 + rng.random((hkv, d))).astype(np.float32)
+    layout = KVLayout(dtype, d, shift, scale)
+    return layout, layout.encode_keys(k), kv_encode(dtype, v)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("B,T,S", [(1, 1, 300), (2, 1, 700), (1, 37, 40), (2, 9, 260)])
+def test_attention_kernel_reads_stored_kv_like_the_reference(isa, dtype, B, T, S):
+    """lk_attention_kv over f16 / q8_0 rows (a strided slice of a longer, batched cache,
+    decode and prefill, several key blocks) equals the numpy reference over the widened
+    values, within the float32 attention bound."""
+    rng = np.random.default_rng(7)
+    layout, ks, vs = stored_problem(rng, dtype, B, S + 11)
+    q = rng.standard_normal((B, T, 6, 64)).astype(np.float32)
+    ks, vs = ks[:, :S], vs[:, :S]
+    want = ops.attention(q, ks, vs, S - T, 0.125, kv=layout)
+    got = kernels.attention(q, ks, vs, S - T, 0.125, kv=layout)
+    bound = attention_bound(q, layout.keys(ks), layout.values(vs), S - T, 0.125)
+    assert (np.abs(got - want) <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_paged_attention_kernel_reads_stored_kv_like_the_reference(isa, dtype):
+    """lk_paged_attention_kv over pools in f16 / q8_0: a decode row, a prefill chunk and a
+    fresh prompt through block tables, against the numpy reference."""
+    rng = np.random.default_rng(8)
+    hq, hkv, d, bs, nb = 6, 2, 64, 16, 24
+    layout, kp, vp = stored_problem(rng, dtype, nb, bs, hkv, d)
+    rows, pos = [1, 20, 70], [80, 30, 0]
+    tables = rng.permutation(nb)[:18].astype(np.int32).reshape(3, 6)
+    q_start = np.concatenate([[0], np.cumsum(rows)])
+    q = rng.standard_normal((q_start[-1], hq, d)).astype(np.float32)
+    want = ops.paged_attention(q, kp, vp, q_start, np.array(pos), tables, 0.2, kv=layout)
+    got = kernels.paged_attention(q, kp, vp, q_start, np.array(pos), tables, 0.2, kv=layout)
+    for i in range(3):
+        r = slice(q_start[i], q_start[i + 1])
+        n = pos[i] + rows[i]
+        keys = layout.keys(kp[tables[i]].reshape(-1, hkv, kp.shape[-1]))[:n]
+        values = layout.values(vp[tables[i]].reshape(-1, hkv, vp.shape[-1]))[:n]
+        bound = attention_bound(q[None, r], keys[None], values[None], pos[i], 0.2)[0]
+        assert (np.abs(got[r] - want[r]) <= bound).all()
+
+
+def test_key_shift_leaves_attention_unchanged_and_the_transform_cuts_q8_0_error():
+    """Subtracting one vector from every key changes no attention output beyond float32
+    rounding (softmax ignores a constant added to a query's scores); on keys with a large
+    channel, q8_0 through the shift and scale lands much closer to the float32 result."""
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((1, 8, 4, 64)).astype(np.float32)
+    layout, _, _ = stored_problem(rng, "q8_0", 1, 200)
+    k = rng.standard_normal((1, 200, 2, 64)).astype(np.float32) * 2
+    k[..., 5] += 60
+    k[..., 40] += 25 * rng.standard_normal((1, 200, 2))
+    v = rng.standard_normal((1, 200, 2, 64)).astype(np.float32)
+    exact = ops.attention(q, k, v, 192, 0.125)
+    shifted = ops.attention(q, k - layout.k_shift, v, 192, 0.125)
+    bound = attention_bound(q, k, v, 192, 0.125)
+    assert (np.abs(shifted - exact) <= 2 * bound).all()
+    bias = np.tile(np.eye(1, 64, 5)[0] * 60, 2)
+    size = np.abs(k - bias.reshape(2, 64)).mean(axis=(0, 1)).reshape(-1)  # without the bias
+    shift, scale = key_transform(bias, size, lambda x: x, 2, 64)
+    np.testing.assert_allclose(shift[:, 5], 60)
+    plain = KVLayout("q8_0", 64)
+    moved = KVLayout("q8_0", 64, shift, scale)
+    err_plain = np.abs(ops.attention(q, plain.encode_keys(k), kv_encode("q8_0", v), 192, 0.125,
+                                     kv=plain) - exact).max()
+    err_moved = np.abs(ops.attention(q, moved.encode_keys(k), kv_encode("q8_0", v), 192, 0.125,
+                                     kv=moved) - exact).max()
+    assert err_moved < err_plain / 2  # the values, q8_0 in both, keep part of the error
+
+
+# ---- models: f16 K/V against transformers' float32, dense and batched --------------------
+
+F16_MODELS = ["llama", "qwen2", "qwen3", "qwen3_5_text"]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", F16_MODELS)
+def test_f16_kv_logits_stay_within_f16_rounding_of_float32(name, backend):
+    """A batch of 2 prefills, then decodes every golden step (the native backend through the
+    fused decode step reading f16 caches): each logit equals transformers' float32 one
+    within the float32 bound plus the f16 storage bound (`kv_storage_bound`)."""
+    model = load(FIXTURES / name, backend=backend, kv_cache="f16").model
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
+    prompt, steps = golden["prompt_ids"], golden["decode_ids"]
+    t, n = prompt.shape[1], steps.shape[1]
+    cache = model.make_cache(batch=2)
+    first = model.forward(prompt, cache, last_only=True)[:, 0]
+    kv = cache.kv if hasattr(cache, "kv") else cache
+    assert kv.dtype == "f16" and kv.keys[0].dtype == np.float16
+    hidden = model.hidden_states(prompt, model.make_cache(batch=2))
+    atol = logits_bound(model, hidden, t + n) + kv_storage_bound(model, hidden, t + n)
+    np.testing.assert_allclose(first, golden["prefill_logits"][:, -1], atol=atol)
+    for i in range(n):
+        logits = model.forward(steps[:, i:i + 1], cache)[:, 0]
+        np.testing.assert_allclose(logits, golden["decode_logits"][:, i], atol=atol)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("name", F16_MODELS)
+def test_serving_with_an_f16_kv_cache_matches_transformers(name, backend):
+    """The paged cache stores f16 (half the bytes); chunked prefill and batched decode (the
+    fused paged step on the native backend) stay within the f16 storage bound of
+    transformers' float32 logits."""
+    model = load(FIXTURES / name, backend=backend, kv_cache="f16").model
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
+    t = golden["prompt_ids"].shape[1]
+    n = golden["decode_ids"].shape[1]
+    block = 16 if name.startswith("qwen3_5") else 4
+    cache = model.make_paged_cache(num_blocks=32, block_size=block, max_sequences=2)
+    assert cache.dtype == "f16" and cache.keys[0].dtype == np.float16
+    seqs = []
+    for _ in range(2):
+        s = SequenceBlocks()
+        assert cache.reserve(s, t + n)
+        if cache.recurrent is not None:
+            s.state_slot = cache.recurrent.acquire()
+        seqs.append(s)
+    check_paged_against_golden(model, golden, cache, seqs, cut=block * max(1, t // (2 * block)),
+                               kv_unit=U16)
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_fused_paged_step_reads_reduced_pools_like_the_per_kernel_path(tiny_folder, dtype):
+    """The one-call C step over a paged batch (a chunked prefill beside a whole one, then a
+    decode row) stores and reads f16 / q8_0 pools (q8_0 keys through the key transform)
+    as the per-kernel path does: the same logits within the float32 bound plus, since
+    both sides store keys and values they computed with float32 rounding differences,
+    twice the storage's own effect measured against f32 K/V (as for the dense cache)."""
+    from lattice_engine.testing.pytest_plugin import require
+    require()
+    prompt = np.random.default_rng(11).integers(0, 256, (2, 14))
+    t = prompt.shape[1]
+
+    def run(kv_cache, fused):
+        model = load(tiny_folder, backend="native", kv_cache=kv_cache).model
+        model.fused_decode = fused
+        cache = model.make_paged_cache(num_blocks=16, block_size=4)
+        seqs = [SequenceBlocks(), SequenceBlocks()]
+        for s in seqs:
+            assert cache.reserve(s, t + 2)
+        out = []
+        for items in ([(seqs[0], prompt[0, :6], 0, True), (seqs[1], prompt[1], 0, True)],
+                      [(seqs[0], prompt[0, 6:], 6, True), (seqs[1], prompt[1, :1], t, True)]):
+            out.append(model.forward_paged(PagedBatch.build(cache, items), cache))
+        return np.concatenate(out), model, cache
+
+    fused, model, cache = run(dtype, True)
+    per_kernel, _, _ = run(dtype, False)
+    f32, _, _ = run("f32", False)
+    assert cache.keys[0].dtype == (np.float16 if dtype == "f16" else np.uint8)
+    storage_effect = np.abs(per_kernel - f32).max()
+    assert storage_effect > 0
+    hidden = model.hidden_states(prompt, model.make_cache(batch=2))
+    bound = logits_bound(model, hidden, t + 1) + 2 * storage_effect
+    assert np.abs(fused - per_kernel).max() <= bound
+
+
+def test_serving_builds_a_paged_cache_in_the_configured_dtype(tiny_folder):
+    for dtype, item in (("f16", np.float16), ("q8_0", np.uint8)):
+        model = load(tiny_folder, backend="numpy", kv_cache=dtype).model
+        cache = model.make_paged_cache(num_blocks=4)
+        assert cache.dtype == dtype and cache.keys[0].dtype == item
+        assert cache.keys[0].nbytes == KVCache(2, 1, 1, 32, capacity=4 * 16,
+                                               dtype=dtype).keys[0].nbytes

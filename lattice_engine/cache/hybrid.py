@@ -35,9 +35,10 @@ class HybridCache:
     def __init__(self, batch: int, *, num_full: int, num_kv_heads: int, head_dim: int,
                  num_linear: int, conv_dim: int, conv_kernel: int, value_heads: int,
                  key_head_dim: int, value_head_dim: int, capacity: int = 256,
-                 kv_dtype: str = "f32"):
+                 kv_dtype: str = "f32", key_transforms=None):
         self.batch = batch
-        self.kv = KVCache(num_full, batch, num_kv_heads, head_dim, capacity, kv_dtype)
+        self.kv = KVCache(num_full, batch, num_kv_heads, head_dim, capacity, kv_dtype,
+                          key_transforms)
         self.conv = [np.zeros((batch, conv_kernel - 1, conv_dim), np.float32)
                      for _ in range(num_linear)]
         self.delta = [np.zeros((batch, value_heads, key_head_dim, value_head_dim), np.float32)

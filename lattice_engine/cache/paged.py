@@ -1,7 +1,9 @@
 """`PagedKVCache`: the K/V tensors of every attention layer in one preallocated pool of
 fixed-size blocks, addressed through per-sequence block tables.
 
-Layout per layer: keys / values float32 [num_blocks, block_size, H_kv, D]; token i of a
+Layout per layer: keys / values [num_blocks, block_size, H_kv, row] stored as `dtype` says
+(`[model] kv_cache`, see `cache.dense`: float32 / float16 [.., D], or q8_0 bytes
+[.., D / 32 * 34], q8_0 keys through the layer's `KVLayout` transform); token i of a
 sequence lives in block table[i // block_size] at offset i % block_size, so its flat slot
 is table[i // block_size] * block_size + i % block_size. Full blocks are shared between
 sequences with the same prefix (see `blocks.BlockPool`); a sequence only ever writes to
@@ -16,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .blocks import BlockPool, chain_block_hashes
+from .dense import KVLayout, check_kv_dtype, kv_encode, kv_storage
 from .recurrent import RecurrentStateSlots
 
 
@@ -43,16 +46,21 @@ class PagedKVCache:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
                  block_size: int = 16, variant: str = "",
-                 recurrent: Optional[RecurrentStateSlots] = None):
+                 recurrent: Optional[RecurrentStateSlots] = None, dtype: str = "f32",
+                 key_transforms=None):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.dtype = check_kv_dtype(dtype, head_dim)
+        transforms = key_transforms if self.dtype == "q8_0" and key_transforms else \
+            [(None, None)] * num_layers
+        self.layouts = [KVLayout(self.dtype, head_dim, *t) for t in transforms]
         self.block_size = block_size
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.variant = variant
         self.pool = BlockPool(num_blocks)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.keys = [np.zeros(shape, np.float32) for _ in range(num_layers)]
-        self.values = [np.zeros(shape, np.float32) for _ in range(num_layers)]
+        self.keys = [kv_storage(self.dtype, shape) for _ in range(num_layers)]
+        self.values = [kv_storage(self.dtype, shape) for _ in range(num_layers)]
         self.recurrent = recurrent
         if recurrent is not None:
             self.pool.on_evict = recurrent.drop_snapshot
@@ -164,10 +172,10 @@ class PagedKVCache:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def write(self, layer: int, slots: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
-        """Store k, v [n, H_kv, D] at flat slots [n]."""
-        flat = (-1, self.num_kv_heads, self.head_dim)
-        self.keys[layer].reshape(flat)[slots] = k
-        self.values[layer].reshape(flat)[slots] = v
+        """Store k, v [n, H_kv, D] (float32) at flat slots [n], in the cache's dtype."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.reshape((-1,) + keys.shape[2:])[slots] = self.layouts[layer].encode_keys(k)
+        values.reshape((-1,) + values.shape[2:])[slots] = kv_encode(self.dtype, v)
 
     def stats(self) -> dict[str, float]:
         q = self.prefix_queried_tokens

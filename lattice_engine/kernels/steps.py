@@ -118,3 +118,39 @@ def _paged_arrays(batch, n: int, cos: np.ndarray, rope_half: int, states: bool =
                          f"q_start entries, {what} and cos [{n}, {rope_half}] (got "
                          f"{', '.join(map(str, got))})")
     return slots, q_start, pos_start, tables, state_slots
+
+
+# ---- KV storage of the fused steps (`[model] kv_cache`, LK_KV_* in lattice_kernels.h) ----
+_KV_CODES = {"f32": 0, "f16": 1, "q8_0": 2}
+_KV_ITEM = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "q8_0": np.dtype(np.uint8)}
+
+
+def _kv_row(dtype: str, head_dim: int) -> int:
+    """Items of one stored head vector."""
+    return head_dim // 32 * 34 if dtype == "q8_0" else head_dim
+
+
+def _kv_array_ok(a: np.ndarray, dtype: str, shape: tuple) -> bool:
+    """a is a C-contiguous KV array of `dtype` with `shape` (the last axis the stored row)."""
+    return a.dtype == _KV_ITEM[dtype] and a.flags.c_contiguous and a.shape == shape
+
+
+def _kv_pointer(a: np.ndarray):
+    return _ffi.cast("void *", _ffi.from_buffer(a, require_writable=True))
+
+
+def _set_kv_format(step, layers, dtype: str, transforms) -> None:
+    """Make `step` (a DecoderStep / Qwen35Step, its C struct step._m) store keys and values
+    as dtype, with per-layer key transforms [(k_shift, k_scale) or None] for `layers` (the
+    C layer structs that attend, in order)."""
+    if dtype not in _KV_CODES:
+        raise ValueError(f"kv dtype {dtype!r} is not one of {', '.join(_KV_CODES)}")
+    step._m.kv_dtype = _KV_CODES[dtype]
+    step.kv_dtype = dtype
+    transforms = transforms or [None] * len(layers)
+    if len(transforms) != len(layers):
+        raise ValueError(f"{len(transforms)} key transforms for {len(layers)} attention layers")
+    for L, t in zip(layers, transforms):
+        shift, scale = t if t is not None else (None, None)
+        L.k_shift = _keep_vec(step._keep, shift)
+        L.k_scale = _keep_vec(step._keep, scale)

@@ -322,17 +322,20 @@ class CausalLM:
     fused_decode = True
     _step = None
     _step_built = False
-    # how make_cache stores keys and values (`cache.dense.KV_DTYPES`, `[model] kv_cache`);
-    # the fused native step runs on float32 caches only
+    # how make_cache / make_paged_cache store keys and values (`cache.dense.KV_DTYPES`,
+    # `[model] kv_cache`); the fused native steps and the attention kernels read each dtype
     kv_cache = "f32"
+    _kv_transforms = None  # (kv_cache, per-layer key transforms) once computed
 
-    def _paged_kv_check(self) -> None:
-        """The paged cache (serving) stores float32 keys and values only, for now."""
-        if self.kv_cache != "f32":
-            from ..errors import ConfigError
-            raise ConfigError(f"model.kv_cache = {self.kv_cache!r} applies to the dense cache "
-                              f"of generate and ppl; the paged cache of serve stores f32 only "
-                              f"so far: set kv_cache = 'f32' to serve")
+    def kv_key_transforms(self):
+        """Per attention layer (k_shift, k_scale) for q8_0 keys (`cache.dense.key_transform`),
+        computed once from the weights; None for the other dtypes or a model without
+        `_key_transforms`."""
+        if self.kv_cache != "q8_0" or not hasattr(self, "_key_transforms"):
+            return None
+        if self._kv_transforms is None or self._kv_transforms[0] != self.kv_cache:
+            self._kv_transforms = (self.kv_cache, self._key_transforms())
+        return self._kv_transforms[1]
 
     @property
     def vocab_size(self) -> int:
@@ -362,5 +365,8 @@ class CausalLM:
             self._step_built = True
             if getattr(self.ops, "name", "") == "native":
                 self._step = self._build_decode_step()
-        return self._step
+        step = self._step
+        if step is not None and getattr(step, "kv_dtype", self.kv_cache) != self.kv_cache:
+            step.set_kv_format(self.kv_cache, self.kv_key_transforms())
+        return step
 

@@ -167,7 +167,7 @@ def forward_paged(model, batch: PagedBatch, cache: PagedKVCache) -> np.ndarray:
         cache.write(block.index, batch.slots, k[0], v[0])
         out = ops.paged_attention(q[0], cache.keys[block.index], cache.values[block.index],
                                   batch.q_start, batch.pos_start, batch.block_tables,
-                                  1.0 / np.sqrt(attn.d))
+                                  1.0 / np.sqrt(attn.d), kv=cache.layouts[block.index])
         x = x + attn.project_out(out.reshape(1, n, attn.nq * attn.d), ops)
         x = x + block.mlp(block.mlp_input(x, ops), ops)
         x = batch.replace_and_stack(x, index)

@@ -128,8 +128,8 @@ class GatedAttention:
     def __call__(self, x, slot: int, cache: HybridCache, cos, sin, ops):
         q, k, v, gate = self.project(x, cos, sin, ops)
         start = cache.offset
-        keys, values = cache.kv.update(slot, k, v)
-        out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d))
+        keys, values, layout = cache.kv.store(slot, k, v)
+        out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d), kv=layout)
         return self.gate_out(out, gate, ops)
 
     def project(self, x, cos, sin, ops):
@@ -344,7 +344,8 @@ class Model(CausalLM):
             head_dim=c.head_dim, num_linear=self.num_linear, conv_dim=conv_dim,
             conv_kernel=c.linear_conv_kernel_dim, value_heads=c.linear_num_value_heads,
             key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
-            capacity=capacity, kv_dtype=self.kv_cache)
+            capacity=capacity, kv_dtype=self.kv_cache,
+            key_transforms=self.kv_key_transforms())
 
     def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin [N, half] for index positions [N] or multimodal positions [3, N]
@@ -375,7 +376,7 @@ class Model(CausalLM):
             cos, sin = ops.rope_tables(np.arange(cache.offset, cache.offset + t), self.inv_freq)
         replaces = inputs is not None and inputs.replaces
         step = self._decode_step() if t == 1 and type(cache) is HybridCache and \
-            cache.kv.dtype == "f32" and not replaces and not cache.recording else None
+            cache.kv.dtype == self.kv_cache and not replaces and not cache.recording else None
         if step is not None:
             cache.drop_trail()
             cache.kv.reserve(cache.offset + 1)
@@ -407,7 +408,6 @@ class Model(CausalLM):
                          max_sequences: int = 0):
         """A `PagedKVCache` with recurrent-state slots, for serving (see `forward_paged`)."""
         from .qwen3_5_paged import make_paged_cache
-        self._paged_kv_check()
         return make_paged_cache(self, num_blocks, block_size, variant, max_sequences)
 
     def forward_paged(self, batch, cache) -> np.ndarray:

@@ -39,7 +39,8 @@ def make_paged_cache(model, num_blocks: int, block_size: int = 16, variant: str 
                    (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim)]
     recurrent = RecurrentStateSlots(shapes, max(max_sequences, 1)) if shapes else None
     return PagedKVCache(model.num_full, c.num_key_value_heads, c.head_dim, num_blocks,
-                        block_size, variant, recurrent=recurrent)
+                        block_size, variant, recurrent=recurrent, dtype=model.kv_cache,
+                        key_transforms=model.kv_key_transforms())
 
 
 def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
@@ -102,7 +103,7 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
             cache.write(block.slot, batch.slots, k[0], v[0])
             out = ops.paged_attention(q[0], cache.keys[block.slot], cache.values[block.slot],
                                       q_start, batch.pos_start, batch.block_tables,
-                                      1.0 / np.sqrt(attn.d))
+                                      1.0 / np.sqrt(attn.d), kv=cache.layouts[block.slot])
             h = x + attn.gate_out(out, gate, ops)
         x = h + block.mlp(ops.rms_norm(h, block.post_attention_layernorm, block.eps, 1.0), ops)
         x = batch.replace_and_stack(x, index)

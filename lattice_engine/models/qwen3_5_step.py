@@ -8,8 +8,9 @@ import numpy as np
 
 from ..kernels.buffers import _F32, _in, _new_or_check
 from ..kernels.runtime import _FLOATS, _INT64S, _L, _fb, _ffi
-from ..kernels.steps import (_fill_linear, _keep_vec, _paged_arrays, _raise_step_error,
-                             _run_step, _set_rotation, _supports)
+from ..kernels.steps import (_fill_linear, _keep_vec, _kv_array_ok, _kv_pointer, _kv_row,
+                             _paged_arrays, _raise_step_error, _run_step, _set_kv_format,
+                             _set_rotation, _supports)
 from ..quant.formats import PackedMatrix
 
 
@@ -89,6 +90,15 @@ class Qwen35Step:
         self._bound: tuple = ()
         self._paged = None
         self._work = np.empty(0, _F32)
+        self.kv_dtype = "f32"
+
+    def set_kv_format(self, dtype: str, key_transforms=None) -> None:
+        """Store the attention layers' keys and values as `dtype` (see
+        `DecoderStep.set_kv_format`; key_transforms per attention layer, in order)."""
+        full = [self._layers[i] for i, kind in enumerate(self._kinds) if kind == self.FULL]
+        _set_kv_format(self, full, dtype, key_transforms)
+        self._bound = ()
+        self._paged = None
 
     def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray],
                    conv: list[np.ndarray], delta: list[np.ndarray]) -> None:
@@ -104,20 +114,20 @@ class Qwen35Step:
         cap = keys[0].shape[1] if keys else 1 << 62
         batch = (keys or conv)[0].shape[0] if (keys or conv) else 0
         conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
-        want = {"kv": (batch, cap, m.n_kv_heads, m.head_dim),
+        want = {"kv": (batch, cap, m.n_kv_heads, _kv_row(self.kv_dtype, m.head_dim)),
                 "conv": (batch, m.conv_kernel - 1, conv_dim),
                 "delta": (batch, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim)}
         for kind, arrays in (("kv", keys), ("kv", values), ("conv", conv), ("delta", delta)):
             for a in arrays:
-                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != want[kind]:
+                if not _kv_array_ok(a, self.kv_dtype if kind == "kv" else "f32", want[kind]):
                     raise ValueError(f"bind_cache: a {kind} array {a.dtype} {a.shape} is not "
                                      f"C-contiguous float32 {want[kind]}")
         full = linear = 0
         for i, kind in enumerate(self._kinds):
             L = self._layers[i]
             if kind == self.FULL:
-                L.k_cache = _fb(_FLOATS, keys[full], True)
-                L.v_cache = _fb(_FLOATS, values[full], True)
+                L.k_cache = _kv_pointer(keys[full])
+                L.v_cache = _kv_pointer(values[full])
                 full += 1
             else:
                 L.conv_state = _fb(_FLOATS, conv[linear], True)
@@ -194,21 +204,22 @@ class Qwen35Step:
         kv = keys[0].shape[:2] if keys else (0, 1)
         slots = states[0].shape[0] if states else 0
         conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
-        want = {"kv": kv + (m.n_kv_heads, m.head_dim),
+        want = {"kv": kv + (m.n_kv_heads, _kv_row(self.kv_dtype, m.head_dim)),
                 "conv": (slots, m.conv_kernel - 1, conv_dim),
                 "delta": (slots, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim)}
         for kind, group in (("kv", keys), ("kv", values), ("conv", states[0::2]),
                             ("delta", states[1::2])):
             for a in group:
-                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != want[kind]:
+                if not _kv_array_ok(a, self.kv_dtype if kind == "kv" else "f32", want[kind]):
                     raise ValueError(f"decode step: a {kind} pool {a.dtype} {a.shape} is not "
                                      f"C-contiguous float32 {want[kind]}")
-        ptrs = [_ffi.new("float *[]", max(len(self._kinds), 1)) for _ in range(4)]
+        ptrs = [_ffi.new("void *[]", max(len(self._kinds), 1)) for _ in range(2)] + \
+            [_ffi.new("float *[]", max(len(self._kinds), 1)) for _ in range(2)]
         full = linear = 0
         for i, kind in enumerate(self._kinds):
             if kind == self.FULL:
-                ptrs[0][i] = _fb(_FLOATS, keys[full], True)
-                ptrs[1][i] = _fb(_FLOATS, values[full], True)
+                ptrs[0][i] = _kv_pointer(keys[full])
+                ptrs[1][i] = _kv_pointer(values[full])
                 full += 1
             else:
                 ptrs[2][i] = _fb(_FLOATS, states[2 * linear], True)

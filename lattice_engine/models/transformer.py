@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..cache.dense import KVCache
+from ..cache.dense import KVCache, key_transform
 from ..errors import CheckpointError
 from .base import (CausalLM, Linear, WeightLoader, check_tokens, config_from_dict,
                    name_linears, project, rope_inv_freq)
@@ -156,8 +156,8 @@ class Attention:
         q = ops.rope(q, cos, sin)
         k = ops.rope(k, cos, sin)
         start = cache.offset
-        keys, values = cache.update(layer, k, v)
-        out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d))
+        keys, values, layout = cache.store(layer, k, v)
+        out = ops.attention(q, keys, values, start, 1.0 / np.sqrt(self.d), kv=layout)
         return self.project_out(out.reshape(b, t, self.nq * self.d), ops)
 
 
@@ -263,7 +263,7 @@ class DecoderModel(CausalLM):
     def make_cache(self, batch: int = 1, capacity: int = 256) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity,
-                       self.kv_cache)
+                       self.kv_cache, self.kv_key_transforms())
 
     def hidden_states(self, tokens: np.ndarray, cache: KVCache) -> np.ndarray:
         """Final-norm hidden states [B, T, D] for tokens [B, T]; advances the cache."""
@@ -273,7 +273,7 @@ class DecoderModel(CausalLM):
         positions = np.arange(cache.offset, cache.offset + t)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
         step = self._decode_step() if t == 1 and type(cache) is KVCache and \
-            cache.dtype == "f32" else None
+            cache.dtype == self.kv_cache else None
         if step is not None:
             cache.reserve(cache.offset + 1)
             if not step.is_bound_to(cache.keys, cache.values):
@@ -322,16 +322,37 @@ class DecoderModel(CausalLM):
             rope_half=len(self.inv_freq), embed=self.embed_tokens, final_norm=self.norm,
             layers=layers)
 
+    def _key_transforms(self) -> list:
+        """(k_shift, k_scale) per layer for q8_0 keys (`cache.dense.key_transform`): the
+        key bias as RoPE carries it, and each channel's expected size, from the norm of its
+        k_proj row times the input norm's weight (times |k_norm| when the heads are
+        normed, which sets their size instead)."""
+        c = self.config
+        out = []
+        for block in self.layers:
+            a = block.self_attn
+            if a.k_norm is not None:
+                size = np.tile(np.abs(np.asarray(a.k_norm, np.float32)), c.num_key_value_heads)
+            else:
+                w = a.k_proj.weight.to_float()
+                if block.attn_in_rotation is None:
+                    w = w * np.asarray(block.input_layernorm, np.float32)[None, :]
+                size = np.linalg.norm(w, axis=1)
+            cos, sin = self.ops.rope_tables(np.arange(4096), self.inv_freq)
+            out.append(key_transform(a.k_proj.bias, size, lambda x: self.ops.rope(x, cos, sin),
+                                     c.num_key_value_heads, c.head_dim))
+        return out
+
     def make_paged_cache(self, num_blocks: int, block_size: int = 16, variant: str = "",
                          max_sequences: int = 0):
         """A `PagedKVCache` for serving many sequences (see `forward_paged`). A model with
         recurrent layers also gives it `RecurrentStateSlots` for max_sequences sequences;
         this one has none, so max_sequences is unused."""
         from ..cache.paged import PagedKVCache
-        self._paged_kv_check()
         c = self.config
         return PagedKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                            num_blocks, block_size, variant)
+                            num_blocks, block_size, variant, dtype=self.kv_cache,
+                            key_transforms=self.kv_key_transforms())
 
     def forward_paged(self, batch, cache) -> np.ndarray:
         """Logits [len(batch.logit_rows), V] for a flat batch of sequences in a paged cache

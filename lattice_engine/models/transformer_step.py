@@ -8,8 +8,9 @@ import numpy as np
 
 from ..kernels.buffers import _F32, _in, _new_or_check
 from ..kernels.runtime import _FLOATS, _INT64S, _L, _fb, _ffi
-from ..kernels.steps import (_fill_linear, _keep_vec, _paged_arrays, _raise_step_error,
-                             _run_step, _set_rotation, _supports)
+from ..kernels.steps import (_fill_linear, _keep_vec, _kv_array_ok, _kv_pointer, _kv_row,
+                             _paged_arrays, _raise_step_error, _run_step, _set_kv_format,
+                             _set_rotation, _supports)
 from ..quant.formats import PackedMatrix
 
 
@@ -79,6 +80,19 @@ class DecoderStep:
         self._cache_arrays: tuple = ()
         self._paged = None  # (pool identities, key / value pointer arrays, pool shape, pools)
         self._work = np.empty(0, _F32)
+        self.kv_dtype = "f32"
+
+    def set_kv_format(self, dtype: str, key_transforms=None) -> None:
+        """Store keys and values as `dtype` ("f32" | "f16" | "q8_0", `cache.dense`) in the
+        caches / pools bound afterwards, q8_0 keys through key_transforms (per layer
+        (k_shift, k_scale) [H_kv, D] or None, `cache.dense.key_transform`)."""
+        _set_kv_format(self, [self._layers[i] for i in range(self._m.n_layers)], dtype,
+                       key_transforms)
+        self._cache_arrays = ()
+        self._paged = None
+
+    def _kv_shape(self, lead: tuple) -> tuple:
+        return lead + (self._m.n_kv_heads, _kv_row(self.kv_dtype, self._m.head_dim))
 
     def bind_cache(self, keys: list[np.ndarray], values: list[np.ndarray]) -> None:
         """Point the layers at these key/value arrays (re-bind after the cache grows)."""
@@ -86,14 +100,13 @@ class DecoderStep:
             raise ValueError(f"bind_cache: {len(keys)} key arrays for {self._m.n_layers} layers")
         cap = keys[0].shape[1] if keys else 0
         for i, (k, v) in enumerate(zip(keys, values)):
+            want = self._kv_shape(k.shape[:1] + (cap,))
             for a in (k, v):
-                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape[1] != cap or \
-                        a.shape[2:] != (self._m.n_kv_heads, self._m.head_dim):
+                if not _kv_array_ok(a, self.kv_dtype, want):
                     raise ValueError(f"bind_cache: layer {i} cache array {a.shape} {a.dtype} "
-                                     f"is not C-contiguous float32 [B, {cap}, "
-                                     f"{self._m.n_kv_heads}, {self._m.head_dim}]")
-            self._layers[i].k_cache = _fb(_FLOATS, k, True)
-            self._layers[i].v_cache = _fb(_FLOATS, v, True)
+                                     f"is not a C-contiguous {self.kv_dtype} cache {want}")
+            self._layers[i].k_cache = _kv_pointer(k)
+            self._layers[i].v_cache = _kv_pointer(v)
         self._m.cache_cap = cap
         self._cache_arrays = (tuple(keys), tuple(values))
 
@@ -145,15 +158,13 @@ class DecoderStep:
             n_layers = self._m.n_layers
             if len(keys) != n_layers or len(values) != n_layers:
                 raise ValueError(f"decode step: {len(keys)} key pools for {n_layers} layers")
-            shape = keys[0].shape if keys else (0, 1, self._m.n_kv_heads, self._m.head_dim)
+            shape = self._kv_shape(keys[0].shape[:2] if keys else (0, 1))
             for a in list(keys) + list(values):
-                if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != shape or \
-                        a.shape[2:] != (self._m.n_kv_heads, self._m.head_dim):
-                    raise ValueError(f"decode step: a KV pool {a.shape} {a.dtype} is not "
-                                     f"C-contiguous float32 [blocks, block_size, "
-                                     f"{self._m.n_kv_heads}, {self._m.head_dim}]")
-            k_ptrs = _ffi.new("float *[]", [_fb(_FLOATS, a, True) for a in keys] or [_ffi.NULL])
-            v_ptrs = _ffi.new("float *[]", [_fb(_FLOATS, a, True) for a in values] or [_ffi.NULL])
+                if not _kv_array_ok(a, self.kv_dtype, shape):
+                    raise ValueError(f"decode step: a KV pool {a.shape} {a.dtype} is not a "
+                                     f"C-contiguous {self.kv_dtype} pool {shape}")
+            k_ptrs = _ffi.new("void *[]", [_kv_pointer(a) for a in keys] or [_ffi.NULL])
+            v_ptrs = _ffi.new("void *[]", [_kv_pointer(a) for a in values] or [_ffi.NULL])
             # the arrays themselves are kept too: the pointers must not outlive them
             self._paged = (ident, k_ptrs, v_ptrs, shape[:2], (tuple(keys), tuple(values)))
         return self._paged[1], self._paged[2], self._paged[3]

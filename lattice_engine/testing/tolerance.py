@@ -99,6 +99,27 @@ def logits_bound(model, hidden: np.ndarray, positions: int, evaluations: int = 2
     return network_bound(magnitude, model_path(model.config, positions), evaluations)
 
 
+U16 = 2.0 ** -11    # float16 unit roundoff: a KV cache stored as f16 (`[model] kv_cache`)
+
+
+def kv_storage_bound(model, hidden: np.ndarray, positions: int, unit: float = U16) -> float:
+    """Bound on |logits with keys and values stored at unit roundoff `unit` (f16: U16)
+    - logits with float32 keys and values], given the final hidden states `hidden` one of
+    them produced and the longest context attended. Storing a key or value rounds it once
+    (relative error <= unit), so a score q.k moves like a length-head_dim dot product
+    rounded at `unit`, and the weighted sum of values like a length-`positions` one: per
+    layer those two lengths, carried to the logits as the module doc's path (in
+    quadrature), at the lm_head's output scale (one side rounded: evaluations = 1). Add
+    `logits_bound` for the float32 rounding of the rest."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w = model.lm_head.to_float()
+    h = np.abs(np.asarray(hidden, np.float64)).reshape(-1, hidden.shape[-1])
+    magnitude = (h @ np.abs(w.astype(np.float64)).T).max()
+    length = c.num_hidden_layers * (head_dim + max(positions, 1))
+    return float(LAMBDA * np.sqrt(length) * unit * magnitude)
+
+
 def attention_bound(q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
                     scale: float, evaluations: int = 2) -> np.ndarray:
     """Per-output bound [B, T, Hq, D] for two float32 evaluations of causal grouped-query
@@ -131,6 +152,6 @@ def relative_rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(a, np.float64) - b64) ** 2) / np.mean(b64 ** 2)))
 
 
-__all__: Sequence[str] = ["U32", "LAMBDA", "dot_bound", "matmul_magnitude",
+__all__: Sequence[str] = ["U32", "U16", "LAMBDA", "kv_storage_bound", "dot_bound", "matmul_magnitude",
                           "assert_matmul_close", "network_bound", "decoder_path",
                           "model_path", "logits_bound", "attention_bound", "relative_rms"]

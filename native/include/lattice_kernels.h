@@ -225,6 +225,34 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
                  const float *v, int64_t vsb, int64_t vst, int64_t vsh,
                  int64_t S, int64_t Hkv, int64_t start_pos, float scale, float *out);
 
+/* How a KV cache stores each head vector of D values (`[model] kv_cache`):
+   LK_KV_F32 D floats; LK_KV_F16 D IEEE halves; LK_KV_Q8_0 D / 32 GGUF Q8_0 blocks (an f16
+   scale then 32 int8, 34 bytes), D a multiple of 32. */
+enum { LK_KV_F32 = 0, LK_KV_F16 = 1, LK_KV_Q8_0 = 2 };
+/* Bytes of one stored head vector; -1 for an unknown dtype or a D q8_0 cannot hold. */
+int64_t lk_kv_row_bytes(int32_t dtype, int64_t D);
+/* Store n head vectors x [n, D] (contiguous floats) as dtype at dst (rows row_bytes
+   apart). k_shift / k_scale [D] (NULL: none) store (x - k_shift) / k_scale instead: the
+   keys' transform of q8_0 caches (cache/dense.py), attention being invariant to a shift
+   of every key and reading the scale back (lk_kv_load). */
+void lk_kv_store(int32_t dtype, const float *x, int64_t n, int64_t D, const float *k_shift,
+                 const float *k_scale, void *dst);
+/* Decode n stored head vectors (src, rows row_bytes apart) into out [n, D] floats, each
+   value times k_scale[d] when k_scale is given. */
+void lk_kv_load(int32_t dtype, const void *src, int64_t n, int64_t D, const float *k_scale,
+                float *out);
+/* lk_attention over keys and values stored as dtype (LK_KV_*): k, v point at the stored
+   rows, strides counted in the storage's units (floats for f32, halves for f16, bytes for
+   q8_0); k_scale [Hkv, D] (NULL: none) multiplies the decoded keys (q8_0 caches' key
+   scaling). Keys and values are read in their dtype and widened in tiles as they are
+   used, so a step reads f16 / q8_0 bytes from memory, not floats. */
+int lk_attention_kv(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
+                    int64_t qsb, int64_t qst, int64_t qsh, int32_t dtype,
+                    const void *k, int64_t ksb, int64_t kst, int64_t ksh,
+                    const void *v, int64_t vsb, int64_t vst, int64_t vsh,
+                    const float *k_scale, int64_t S, int64_t Hkv, int64_t start_pos,
+                    float scale, float *out);
+
 /* ---- decoder: one decode step of a llama-family model ------------------------------ */
 
 /* A weight format's matmul from a plugin (lk_extern_matmul, declared with the plugin
@@ -289,9 +317,12 @@ typedef struct {
        bases), and for the inputs basis the normed stream before q/k/v and before gate/up
        and the attention output before o */
     lk_rotation down_in, attn_in, mlp_in, o_in;
-    float *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, head_dim] */
+    void *k_cache, *v_cache; /* [batch, cache_cap, n_kv_heads, row] in the model's kv_dtype */
     /* a mixture-of-experts MLP in place of gate / up / down (lk_moe_forward), or NULL */
     const struct lk_moe *moe;
+    /* the keys' transform of a q8_0 cache ([n_kv_heads, head_dim] each, see lk_kv_store),
+       or NULL */
+    const float *k_shift, *k_scale;
 } lk_decoder_layer;
 
 /* Pre-norm decoder: x += o(attn(rope(q), rope(k), v)); x += down(silu(gate) * up). */
@@ -305,6 +336,7 @@ typedef struct {
     const float *final_norm;  /* [hidden] */
     lk_decoder_layer *layers; /* [n_layers] */
     int64_t cache_cap;        /* positions each sequence's cache rows hold */
+    int32_t kv_dtype;         /* LK_KV_*: how the caches / pools store keys and values */
 } lk_decoder;
 
 /* Floats of workspace lk_decoder_step needs for `batch` sequences. */
@@ -328,7 +360,7 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
    -4 (weights), -5 (out of memory). */
 int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,
                           const float *cos_t, const float *sin_t, const int64_t *slots,
-                          float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                          void *const *k_pools, void *const *v_pools, int64_t num_blocks,
                           int64_t block_size, int64_t nseq, const int64_t *q_start,
                           const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
                           float *work, int64_t work_len, float *hidden_out);
@@ -385,7 +417,8 @@ typedef struct {
        head_dim]; q_norm, k_norm [head_dim] scaled by (1 + w) */
     lk_linear q, k, v, o;
     const float *q_norm, *k_norm;
-    float *k_cache, *v_cache;   /* [batch, cache_cap, kv_heads, head_dim] */
+    void *k_cache, *v_cache;    /* [batch, cache_cap, kv_heads, row] in the model's kv_dtype */
+    const float *k_shift, *k_scale; /* a q8_0 cache's key transform (lk_decoder_layer) */
     /* SwiGLU MLP, with the optional online rotation before down as in lk_decoder_layer */
     lk_linear gate, up, down;
     lk_rotation down_in; /* the MLP activations before down (QuaRot) */
@@ -402,6 +435,7 @@ typedef struct {
     const float *final_norm;  /* [hidden], scaled by (1 + w) */
     lk_qwen35_layer *layers;  /* [n_layers] */
     int64_t cache_cap;        /* positions each sequence's KV rows hold */
+    int32_t kv_dtype;         /* LK_KV_*: how the caches / pools store keys and values */
 } lk_qwen35;
 
 /* Floats of workspace lk_qwen35_step needs for `batch` sequences. */
@@ -430,7 +464,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
    (weights, pools), -5 (out of memory). */
 int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
                          const float *cos_t, const float *sin_t, const int64_t *slots,
-                         float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                         void *const *k_pools, void *const *v_pools, int64_t num_blocks,
                          int64_t block_size, float *const *conv_pools,
                          float *const *delta_pools, int64_t num_state_slots,
                          const int64_t *state_slots, int64_t nseq, const int64_t *q_start,
@@ -446,6 +480,15 @@ int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_poo
                        const int64_t *q_start, const int64_t *pos_start,
                        const int32_t *block_tables, int64_t max_blocks, float scale,
                        float *out);
+/* lk_paged_attention over pools stored as dtype (LK_KV_*, see lk_attention_kv): pools
+   [num_blocks, block_size, Hkv, row] of lk_kv_row_bytes(dtype, D) bytes per row; k_scale
+   [Hkv, D] or NULL. */
+int lk_paged_attention_kv(const float *q, int64_t Hq, int64_t D, int32_t dtype,
+                          const void *k_pool, const void *v_pool, const float *k_scale,
+                          int64_t block_size, int64_t Hkv, int64_t nseq,
+                          const int64_t *q_start, const int64_t *pos_start,
+                          const int32_t *block_tables, int64_t max_blocks, float scale,
+                          float *out);
 /* ---- mixture of experts (moe.c) ------------------------------------------------- */
 
 #define LK_MOE_EXPERTS_MAX 1024
@@ -583,18 +626,19 @@ typedef struct {
     const int64_t *slots, *q_start, *pos_start;
     const int32_t *tables;
     int64_t nseq, max_blocks, block_size;
-    float *const *k_pools, *const *v_pools; /* per layer */
+    void *const *k_pools, *const *v_pools; /* per layer */
 } lk_step_kv;
 /* t for a paged batch of n rows, as lk_decoder_step_paged takes it; -2 (nothing set) when
    a row, slot or table lies outside the pool of num_blocks x block_size rows, else 0. */
 int lk_step_kv_paged(lk_step_kv *t, int64_t n, int64_t num_blocks, int64_t block_size,
                      int64_t nseq, const int64_t *q_start, const int64_t *pos_start,
                      const int32_t *tables, int64_t max_blocks, const int64_t *slots,
-                     float *const *k_pools, float *const *v_pools);
+                     void *const *k_pools, void *const *v_pools);
 /* Layer `layer`'s keys and values of B rows (k, v [B, Hkv * D]) stored where t says (dense:
    k_cache / v_cache [B, cache_cap, Hkv, D] at t->pos), then attention of q [B, Hq * D]
    over them into attn. Returns 0, or -5 out of scratch memory. */
-int lk_step_attend(const lk_step_kv *t, int64_t layer, float *k_cache, float *v_cache,
+int lk_step_attend(const lk_step_kv *t, int64_t layer, int32_t dtype, void *k_cache,
+                   void *v_cache, const float *k_shift, const float *k_scale,
                    int64_t cache_cap, const float *q, const float *k, const float *v,
                    int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float scale, float *attn);
 /* Whether r is none or fits rows of `width` floats; x rotated into out when r is set

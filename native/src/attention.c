@@ -30,7 +30,24 @@ typedef struct {
     float scale;
     float *out;
     int64_t tblocks, gsplit, units;
+    /* keys / values stored as dtype (LK_KV_*): k, v then point at bytes and the strides
+       count bytes; rows are widened to floats a block at a time (kv_block) */
+    int32_t dtype, direct; /* direct: f32 without k_scale, read in place */
+    const float *k_scale;  /* [Hkv, D] or NULL */
 } attn_job;
+
+/* Rows s0 .. s0+n-1 of kv head kvh of sequence b, widened to floats: keys into kt, values
+   into vt ([n, D] each). */
+static void kv_block(const attn_job *j, int64_t b, int64_t kvh, int64_t s0, int64_t n,
+                     float *kt, float *vt) {
+    const char *kb = (const char *)j->k + b * j->ksb + kvh * j->ksh;
+    const char *vb = (const char *)j->v + b * j->vsb + kvh * j->vsh;
+    const float *ks = j->k_scale ? j->k_scale + kvh * j->D : NULL;
+    for (int64_t s = 0; s < n; s++) {
+        lk_kv_load(j->dtype, kb + (s0 + s) * j->kst, 1, j->D, ks, kt + s * j->D);
+        lk_kv_load(j->dtype, vb + (s0 + s) * j->vst, 1, j->D, NULL, vt + s * j->D);
+    }
+}
 
 /* ---- generic: one query row, two passes -------------------------------------------- */
 
@@ -62,8 +79,20 @@ static void attend_row_generic(const float *q, const float *k, int64_t kst, cons
 static void unit_generic(const attn_job *j, int64_t b, int64_t kvh, int64_t g0, int64_t g1,
                          int64_t t0, int64_t t1, float *sc) {
     const int64_t group = j->Hq / j->Hkv;
-    const float *kb = j->k + b * j->ksb + kvh * j->ksh;
-    const float *vb = j->v + b * j->vsb + kvh * j->vsh;
+    const float *kb, *vb;
+    int64_t kst = j->kst, vst = j->vst;
+    if (j->direct) {
+        kb = j->k + b * j->ksb + kvh * j->ksh;
+        vb = j->v + b * j->vsb + kvh * j->vsh;
+    } else { /* the unit's keys and values widened once, after the scores (sc[S]) */
+        int64_t n = j->start_pos + t1;
+        if (n > j->S) n = j->S;
+        float *kt = sc + (j->S > 0 ? j->S : 1), *vt = kt + j->S * j->D;
+        kv_block(j, b, kvh, 0, n, kt, vt);
+        kb = kt;
+        vb = vt;
+        kst = vst = j->D;
+    }
     for (int64_t t = t0; t < t1; t++) {
         int64_t n = j->start_pos + t + 1;
         if (n > j->S) n = j->S;
@@ -72,7 +101,7 @@ static void unit_generic(const attn_job *j, int64_t b, int64_t kvh, int64_t g0, 
             const float *q = j->q + b * j->qsb + t * j->qst + h * j->qsh;
             float *o = j->out + ((b * j->T + t) * j->Hq + h) * j->D;
             if (n <= 0) memset(o, 0, (size_t)j->D * sizeof(float));
-            else attend_row_generic(q, kb, j->kst, vb, j->vst, n, j->D, j->scale, sc, o);
+            else attend_row_generic(q, kb, kst, vb, vst, n, j->D, j->scale, sc, o);
         }
     }
 }
@@ -124,11 +153,13 @@ LK_AVX2_TARGET static float scores_avx2(const float *q, const float *k, int64_t 
 LK_AVX2_TARGET static void unit_avx2(const attn_job *j, int64_t b, int64_t kvh, int64_t g0,
                                      int64_t g1, int64_t t0, int64_t t1, float *scratch) {
     const int64_t group = j->Hq / j->Hkv, D = j->D;
-    const float *kb = j->k + b * j->ksb + kvh * j->ksh;
-    const float *vb = j->v + b * j->vsb + kvh * j->vsh;
+    const float *kb = j->direct ? j->k + b * j->ksb + kvh * j->ksh : NULL;
+    const float *vb = j->direct ? j->v + b * j->vsb + kvh * j->vsh : NULL;
     float *sc = scratch;
     float *mx = sc + KBLOCK, *sum = mx + group, *acc = sum + group;
     const float **vrows = (const float **)(scratch + ((KBLOCK + group * (2 + D) + 1) & ~(int64_t)1));
+    /* non-f32 storage: the block's keys and values widened, after the row pointers */
+    float *kt = (float *)(vrows + KBLOCK), *vt = kt + KBLOCK * D;
     for (int64_t t = t0; t < t1; t++) {
         int64_t n = j->start_pos + t + 1;
         if (n > j->S) n = j->S;
@@ -140,10 +171,20 @@ LK_AVX2_TARGET static void unit_avx2(const attn_job *j, int64_t b, int64_t kvh, 
         }
         for (int64_t s0 = 0; s0 < n; s0 += KBLOCK) {
             const int64_t sn = n - s0 < KBLOCK ? n - s0 : KBLOCK;
-            const float *kblk = kb + s0 * j->kst, *vblk = vb + s0 * j->vst;
-            for (int64_t s = 0; s < sn; s++) vrows[s] = vblk + s * j->vst;
+            const float *kblk, *vblk;
+            int64_t kst = j->kst, vst = j->vst;
+            if (j->direct) {
+                kblk = kb + s0 * j->kst;
+                vblk = vb + s0 * j->vst;
+            } else {
+                kv_block(j, b, kvh, s0, sn, kt, vt);
+                kblk = kt;
+                vblk = vt;
+                kst = vst = D;
+            }
+            for (int64_t s = 0; s < sn; s++) vrows[s] = vblk + s * vst;
             for (int64_t g = g0; g < g1; g++) {
-                const float bm = scores_avx2(qt + g * j->qsh, kblk, j->kst, sn, D, j->scale, sc);
+                const float bm = scores_avx2(qt + g * j->qsh, kblk, kst, sn, D, j->scale, sc);
                 const float m = bm > mx[g] ? bm : mx[g];
                 if (m == -INFINITY) continue; /* every score so far is -inf */
                 const float corr = mx[g] == -INFINITY ? 0.0f : expf(mx[g] - m);
@@ -180,12 +221,16 @@ static void attn_task(void *vctx, int64_t c, int ith) {
     if (lk_active_isa == LK_ISA_AVX2) {
         /* floats, rounded up to an even count so the pointers after them are aligned */
         const size_t floats = (size_t)(KBLOCK + group * (2 + j->D) + 1) & ~(size_t)1;
-        float *scratch = (float *)lk_scratch(ith, floats * sizeof(float) + KBLOCK * sizeof(float *));
+        const size_t tiles = j->direct ? 0 : 2 * (size_t)KBLOCK * j->D * sizeof(float);
+        float *scratch = (float *)lk_scratch(ith, floats * sizeof(float) + KBLOCK * sizeof(float *) + tiles);
+        if (!scratch) return;
         unit_avx2(j, b, kvh, g0, g1, t0, t1, scratch);
         return;
     }
 #endif
-    float *sc = (float *)lk_scratch(ith, (size_t)(j->S > 0 ? j->S : 1) * sizeof(float));
+    const size_t widened = j->direct ? 0 : 2 * (size_t)j->S * j->D;
+    float *sc = (float *)lk_scratch(ith, ((size_t)(j->S > 0 ? j->S : 1) + widened) * sizeof(float));
+    if (!sc) return;
     unit_generic(j, b, kvh, g0, g1, t0, t1, sc);
 }
 
@@ -193,13 +238,32 @@ int lk_attention(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D, in
                  int64_t qst, int64_t qsh, const float *k, int64_t ksb, int64_t kst, int64_t ksh,
                  const float *v, int64_t vsb, int64_t vst, int64_t vsh, int64_t S, int64_t Hkv,
                  int64_t start_pos, float scale, float *out) {
-    if (B < 0 || T < 0 || Hq <= 0 || Hkv <= 0 || D <= 0 || S < 0 || start_pos < 0 || Hq % Hkv)
+    return lk_attention_kv(q, B, T, Hq, D, qsb, qst, qsh, LK_KV_F32, k, ksb, kst, ksh, v, vsb,
+                           vst, vsh, NULL, S, Hkv, start_pos, scale, out);
+}
+
+int lk_attention_kv(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D, int64_t qsb,
+                    int64_t qst, int64_t qsh, int32_t dtype, const void *k, int64_t ksb,
+                    int64_t kst, int64_t ksh, const void *v, int64_t vsb, int64_t vst,
+                    int64_t vsh, const float *k_scale, int64_t S, int64_t Hkv,
+                    int64_t start_pos, float scale, float *out) {
+    if (B < 0 || T < 0 || Hq <= 0 || Hkv <= 0 || D <= 0 || S < 0 || start_pos < 0 || Hq % Hkv ||
+        lk_kv_row_bytes(dtype, D) < 0)
         return -1;
     if (B == 0 || T == 0) return 0;
     attn_job j;
+    j.dtype = dtype;
+    j.k_scale = k_scale;
+    j.direct = dtype == LK_KV_F32 && !k_scale;
+    /* direct: strides stay in floats (pointer arithmetic on float *); otherwise bytes */
+    const int64_t unit = dtype == LK_KV_F32 ? 4 : dtype == LK_KV_F16 ? 2 : 1;
+    if (!j.direct) {
+        ksb *= unit; kst *= unit; ksh *= unit;
+        vsb *= unit; vst *= unit; vsh *= unit;
+    }
     j.q = q; j.B = B; j.T = T; j.Hq = Hq; j.D = D; j.qsb = qsb; j.qst = qst; j.qsh = qsh;
-    j.k = k; j.ksb = ksb; j.kst = kst; j.ksh = ksh;
-    j.v = v; j.vsb = vsb; j.vst = vst; j.vsh = vsh;
+    j.k = (const float *)k; j.ksb = ksb; j.kst = kst; j.ksh = ksh;
+    j.v = (const float *)v; j.vsb = vsb; j.vst = vst; j.vsh = vsh;
     j.S = S; j.Hkv = Hkv; j.start_pos = start_pos; j.scale = scale; j.out = out;
     j.tblocks = (T + QROWS - 1) / QROWS;
     lk_lock();

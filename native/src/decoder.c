@@ -21,7 +21,8 @@ static int shapes_ok(const lk_decoder *m) {
     const int64_t h = m->hidden, qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
     const int64_t f = m->intermediate;
     if (m->n_layers < 0 || h <= 0 || m->head_dim <= 0 || m->n_kv_heads <= 0 ||
-        m->n_heads % m->n_kv_heads || 2 * m->rope_half > m->head_dim || m->rope_half < 0)
+        m->n_heads % m->n_kv_heads || 2 * m->rope_half > m->head_dim || m->rope_half < 0 ||
+        lk_kv_row_bytes(m->kv_dtype, m->head_dim) < 0)
         return 0;
     /* the embedding is looked up, never multiplied: a core format */
     if (m->embed.fmt == LK_FMT_EXTERN || !lk_step_linear_ok(&m->embed, m->embed.rows, h) ||
@@ -70,8 +71,8 @@ static int run_layers(const lk_decoder *m, const lk_step_kv *t, int64_t B, const
         }
         lk_rope(q, rb, rt, Hq, D, rt * qd, qd, D, cos_t, sin_t, m->rope_half, m->rope_interleaved, q);
         lk_rope(k, rb, rt, Hkv, D, rt * kvd, kvd, D, cos_t, sin_t, m->rope_half, m->rope_interleaved, k);
-        if (lk_step_attend(t, i, L->k_cache, L->v_cache, m->cache_cap, q, k, v, B, Hq, Hkv, D,
-                           scale, attn))
+        if (lk_step_attend(t, i, m->kv_dtype, L->k_cache, L->v_cache, L->k_shift, L->k_scale,
+                           m->cache_cap, q, k, v, B, Hq, Hkv, D, scale, attn))
             return -5; /* out of scratch memory */
         const lk_linear *o[1] = {&L->o};
         float *o_out[1] = {tmp};
@@ -118,7 +119,7 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
 
 int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,
                           const float *cos_t, const float *sin_t, const int64_t *slots,
-                          float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                          void *const *k_pools, void *const *v_pools, int64_t num_blocks,
                           int64_t block_size, int64_t nseq, const int64_t *q_start,
                           const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
                           float *work, int64_t work_len, float *hidden_out) {

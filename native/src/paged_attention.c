@@ -30,7 +30,40 @@ typedef struct {
     float scale;
     float *out;
     const int64_t *unit_seq;  /* first unit index of each sequence, [nseq + 1] */
+    /* pools stored as dtype (LK_KV_*), rowb bytes per head vector; direct: f32 without
+       k_scale, read in place; otherwise rows are widened to floats as they are used */
+    int32_t dtype, direct;
+    int64_t rowb;
+    const float *k_scale; /* [Hkv, D] or NULL */
 } paged_job;
+
+/* the stored row of position s, kv head kvh (any dtype) */
+static inline const char *kv_row_bytes(const void *pool, const int32_t *table, int64_t s,
+                                       const paged_job *j, int64_t kvh) {
+    return (const char *)pool + (((int64_t)table[s / j->bs] * j->bs + s % j->bs) * j->Hkv + kvh) * j->rowb;
+}
+
+/* one row of contiguous widened keys / values [n, D]: scores, softmax, weighted sum */
+static void row_contig(const float *q, const float *k, const float *v, int64_t n, int64_t D,
+                       float scale, float *sc, float *o) {
+    float m = -INFINITY;
+    for (int64_t s = 0; s < n; s++) {
+        float acc = 0;
+        for (int64_t d = 0; d < D; d++) acc += q[d] * k[s * D + d];
+        sc[s] = acc * scale;
+        m = sc[s] > m ? sc[s] : m;
+    }
+    float sum = 0;
+    for (int64_t s = 0; s < n; s++) {
+        sc[s] = expf(sc[s] - m);
+        sum += sc[s];
+    }
+    for (int64_t d = 0; d < D; d++) o[d] = 0;
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t d = 0; d < D; d++) o[d] += sc[s] * v[s * D + d];
+    const float inv = 1.0f / sum;
+    for (int64_t d = 0; d < D; d++) o[d] *= inv;
+}
 
 static inline const float *kv_row(const float *pool, const int32_t *table, int64_t s,
                                   int64_t bs, int64_t Hkv, int64_t kvh, int64_t D) {
@@ -87,14 +120,27 @@ static void row_generic(const paged_job *j, const float *q, const int32_t *table
 /* kt[d * KT + c] = K[s0 + c][d] for c < kn, zero for kn <= c < round_up(kn, 16) */
 LK_AVX2_TARGET static void pack_keys_avx2(const paged_job *j, const int32_t *table, int64_t kvh,
                                           int64_t s0, int64_t kn, float *kt,
-                                          const float **vrows) {
+                                          const float **vrows, float *wide) {
     const int64_t D = j->D, kp16 = (kn + 15) & ~(int64_t)15;
+    /* not direct: wide holds 8 widened keys [8, D], then the tile's values [KT, D] */
+    float *vt = wide + 8 * D;
+    const float *ks = j->k_scale ? j->k_scale + kvh * D : NULL;
     for (int64_t c = 0; c < kp16; c += 8) {
         const float *r[8];
         for (int i = 0; i < 8; i++) {
             const int64_t s = s0 + c + i;
-            r[i] = c + i < kn ? kv_row(j->kp, table, s, j->bs, j->Hkv, kvh, D) : NULL;
-            if (c + i < kn) vrows[c + i] = kv_row(j->vp, table, s, j->bs, j->Hkv, kvh, D);
+            if (c + i >= kn) {
+                r[i] = NULL;
+            } else if (j->direct) {
+                r[i] = kv_row(j->kp, table, s, j->bs, j->Hkv, kvh, D);
+                vrows[c + i] = kv_row(j->vp, table, s, j->bs, j->Hkv, kvh, D);
+            } else {
+                lk_kv_load(j->dtype, kv_row_bytes(j->kp, table, s, j, kvh), 1, D, ks, wide + i * D);
+                lk_kv_load(j->dtype, kv_row_bytes(j->vp, table, s, j, kvh), 1, D, NULL,
+                           vt + (c + i) * D);
+                r[i] = wide + i * D;
+                vrows[c + i] = vt + (c + i) * D;
+            }
         }
         for (int64_t d = 0; d < D; d += 8) {
             __m256i x[8];
@@ -139,7 +185,7 @@ LK_AVX2_TARGET static void scores4_avx2(const float *const q[4], const float *kt
 static size_t unit_scratch_avx2(int64_t rows, int64_t group, int64_t D) {
     const int64_t R = rows * group;
     return ((size_t)D * KT + (size_t)(R + 3) * KT + (size_t)R * (D + 2)) * sizeof(float) +
-           (size_t)KT * sizeof(float *);
+           (size_t)KT * sizeof(float *) + (size_t)(8 + KT) * D * sizeof(float);
 }
 
 /* query rows t0 .. t1-1 of sequence i, the heads of kv head kvh */
@@ -153,6 +199,7 @@ LK_AVX2_TARGET static void unit_avx2(const paged_job *j, int64_t i, int64_t kvh,
     float *acc = sc + (R + 3) * KT;          /* [R][D] */
     float *mx = acc + R * D, *sum = mx + R;  /* [R] each */
     const float **vrows = (const float **)(sum + R);
+    float *wide = (float *)(vrows + KT); /* widened rows when the pool is not direct f32 */
     const float *qv[4];
     for (int64_t r = 0; r < R; r++) {
         mx[r] = -INFINITY;
@@ -163,7 +210,7 @@ LK_AVX2_TARGET static void unit_avx2(const paged_job *j, int64_t i, int64_t kvh,
     for (int64_t s0 = 0; s0 < longest; s0 += KT) {
         const int64_t kn = longest - s0 < KT ? longest - s0 : KT;
         const int64_t kp16 = (kn + 15) & ~(int64_t)15;
-        pack_keys_avx2(j, table, kvh, s0, kn, kt, vrows);
+        pack_keys_avx2(j, table, kvh, s0, kn, kt, vrows, wide);
         /* only rows that see keys of this tile: row t sees pos + t + 1 keys */
         const int64_t tfirst = s0 - pos > t0 ? s0 - pos : t0;
         const int64_t rfirst = (tfirst - t0) * group;
@@ -223,7 +270,24 @@ static void paged_task(void *vctx, int64_t u, int ith) {
     }
 #endif
     const int64_t longest = j->pos_start[i] + t1;
-    float *sc = (float *)lk_scratch(ith, (size_t)(longest > 0 ? longest : 1) * sizeof(float));
+    const size_t widened = j->direct ? 0 : 2 * (size_t)longest * D;
+    float *sc = (float *)lk_scratch(ith, ((size_t)(longest > 0 ? longest : 1) + widened) * sizeof(float));
+    if (!sc) return;
+    if (!j->direct) { /* widen the unit's keys and values once, then rows over them */
+        float *kw = sc + longest, *vw = kw + longest * D;
+        const float *ks = j->k_scale ? j->k_scale + kvh * D : NULL;
+        for (int64_t s = 0; s < longest; s++) {
+            lk_kv_load(j->dtype, kv_row_bytes(j->kp, table, s, j, kvh), 1, D, ks, kw + s * D);
+            lk_kv_load(j->dtype, kv_row_bytes(j->vp, table, s, j, kvh), 1, D, NULL, vw + s * D);
+        }
+        for (int64_t t = t0; t < t1; t++)
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t h = kvh * group + g;
+                row_contig(j->q + ((r0 + t) * j->Hq + h) * D, kw, vw, j->pos_start[i] + t + 1,
+                           D, j->scale, sc, j->out + ((r0 + t) * j->Hq + h) * D);
+            }
+        return;
+    }
     for (int64_t t = t0; t < t1; t++) {
         const int64_t n = j->pos_start[i] + t + 1;
         for (int64_t g = 0; g < group; g++) {
@@ -240,7 +304,18 @@ int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_poo
                        const int64_t *q_start, const int64_t *pos_start,
                        const int32_t *block_tables, int64_t max_blocks, float scale,
                        float *out) {
-    if (Hq <= 0 || Hkv <= 0 || D <= 0 || block_size <= 0 || nseq < 0 || Hq % Hkv)
+    return lk_paged_attention_kv(q, Hq, D, LK_KV_F32, k_pool, v_pool, NULL, block_size, Hkv,
+                                 nseq, q_start, pos_start, block_tables, max_blocks, scale, out);
+}
+
+int lk_paged_attention_kv(const float *q, int64_t Hq, int64_t D, int32_t dtype,
+                          const void *k_pool, const void *v_pool, const float *k_scale,
+                          int64_t block_size, int64_t Hkv, int64_t nseq,
+                          const int64_t *q_start, const int64_t *pos_start,
+                          const int32_t *block_tables, int64_t max_blocks, float scale,
+                          float *out) {
+    if (Hq <= 0 || Hkv <= 0 || D <= 0 || block_size <= 0 || nseq < 0 || Hq % Hkv ||
+        lk_kv_row_bytes(dtype, D) < 0)
         return -1;
     for (int64_t i = 0; i < nseq; i++) {
         const int64_t rows = q_start[i + 1] - q_start[i];
@@ -263,8 +338,9 @@ int lk_paged_attention(const float *q, int64_t Hq, int64_t D, const float *k_poo
         const int64_t rows = q_start[i + 1] - q_start[i];
         unit_seq[i + 1] = unit_seq[i] + Hkv * ((rows + QROWS - 1) / QROWS);
     }
-    paged_job j = {q, Hq, D, Hkv, block_size, k_pool, v_pool, q_start, pos_start,
-                   block_tables, max_blocks, nseq, scale, out, unit_seq};
+    paged_job j = {q, Hq, D, Hkv, block_size, (const float *)k_pool, (const float *)v_pool,
+                   q_start, pos_start, block_tables, max_blocks, nseq, scale, out, unit_seq,
+                   dtype, dtype == LK_KV_F32 && !k_scale, lk_kv_row_bytes(dtype, D), k_scale};
     lk_parallel(paged_task, &j, unit_seq[nseq]);
     lk_unlock();
     return 0;

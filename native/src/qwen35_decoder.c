@@ -61,7 +61,7 @@ static int shapes_ok(const lk_qwen35 *m, int dense) {
         m->n_heads <= 0 || m->n_heads % m->n_kv_heads || m->rope_half < 0 ||
         2 * m->rope_half > m->head_dim || m->lin_k_heads <= 0 || m->lin_v_heads <= 0 ||
         m->lin_v_heads % m->lin_k_heads || m->lin_k_dim <= 0 || m->lin_v_dim <= 0 ||
-        m->conv_kernel < 1 || m->conv_kernel > 8)
+        m->conv_kernel < 1 || m->conv_kernel > 8 || lk_kv_row_bytes(m->kv_dtype, m->head_dim) < 0)
         return 0;
     if (m->embed.fmt == LK_FMT_EXTERN || !lk_step_linear_ok(&m->embed, m->embed.rows, d.h) ||
         m->embed.rows <= 0 || !m->final_norm)
@@ -164,8 +164,8 @@ static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, c
     lk_rope(k, rb, rt, Hkv, D, rt * d->kvd, d->kvd, D, cos_t, sin_t, m->rope_half, 0, k);
     /* the per-kernel path's scale: 1 / sqrt(D) in double, rounded once to float */
     const float scale = (float)(1.0 / sqrt((double)D));
-    if (lk_step_attend(t, li, L->k_cache, L->v_cache, m->cache_cap, q, k, v, B, Hq, Hkv, D,
-                       scale, attn))
+    if (lk_step_attend(t, li, m->kv_dtype, L->k_cache, L->v_cache, L->k_shift, L->k_scale,
+                       m->cache_cap, q, k, v, B, Hq, Hkv, D, scale, attn))
         return -5; /* out of scratch memory */
     /* attn *= sigmoid(gate), the gate half of each head's q_proj rows (q is free now) */
     for (int64_t r = 0; r < B * Hq; r++) lk_sigmoid(qg + r * 2 * D + D, D, q + r * D);
@@ -230,7 +230,7 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
 
 int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
                          const float *cos_t, const float *sin_t, const int64_t *slots,
-                         float *const *k_pools, float *const *v_pools, int64_t num_blocks,
+                         void *const *k_pools, void *const *v_pools, int64_t num_blocks,
                          int64_t block_size, float *const *conv_pools,
                          float *const *delta_pools, int64_t num_state_slots,
                          const int64_t *state_slots, int64_t nseq, const int64_t *q_start,

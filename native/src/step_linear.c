@@ -71,7 +71,7 @@ int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out)
 int lk_step_kv_paged(lk_step_kv *t, int64_t n, int64_t num_blocks, int64_t block_size,
                      int64_t nseq, const int64_t *q_start, const int64_t *pos_start,
                      const int32_t *tables, int64_t max_blocks, const int64_t *slots,
-                     float *const *k_pools, float *const *v_pools) {
+                     void *const *k_pools, void *const *v_pools) {
     /* everything attention will read must be in the pool: rows, slots, tables */
     if (nseq <= 0 || q_start[0] != 0 || q_start[nseq] != n || block_size <= 0) return -2;
     for (int64_t i = 0; i < nseq; i++) {
@@ -97,27 +97,39 @@ int lk_step_kv_paged(lk_step_kv *t, int64_t n, int64_t num_blocks, int64_t block
     return 0;
 }
 
-int lk_step_attend(const lk_step_kv *t, int64_t layer, float *k_cache, float *v_cache,
+int lk_step_attend(const lk_step_kv *t, int64_t layer, int32_t dtype, void *k_cache,
+                   void *v_cache, const float *k_shift, const float *k_scale,
                    int64_t cache_cap, const float *q, const float *k, const float *v,
                    int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float scale, float *attn) {
-    const int64_t qd = Hq * D, kvd = Hkv * D;
-    const size_t row = (size_t)kvd * sizeof(float);
+    const int64_t qd = Hq * D, kvd = Hkv * D, rowb = lk_kv_row_bytes(dtype, D);
+    /* a row's Hkv head vectors, stored as dtype (the keys' transform per head) */
+#define STORE_ROW(dst_k, dst_v, b)                                                         \
+    do {                                                                                   \
+        for (int64_t h = 0; h < Hkv; h++) {                                                \
+            lk_kv_store(dtype, k + (b) * kvd + h * D, 1, D, k_shift ? k_shift + h * D : NULL, \
+                        k_scale ? k_scale + h * D : NULL, (char *)(dst_k) + h * rowb);     \
+            lk_kv_store(dtype, v + (b) * kvd + h * D, 1, D, NULL, NULL,                    \
+                        (char *)(dst_v) + h * rowb);                                       \
+        }                                                                                  \
+    } while (0)
     if (t->paged) {
-        float *kp = t->k_pools[layer], *vp = t->v_pools[layer];
-        for (int64_t b = 0; b < B; b++) {
-            memcpy(kp + t->slots[b] * kvd, k + b * kvd, row);
-            memcpy(vp + t->slots[b] * kvd, v + b * kvd, row);
-        }
-        return lk_paged_attention(q, Hq, D, kp, vp, t->block_size, Hkv, t->nseq, t->q_start,
-                                  t->pos_start, t->tables, t->max_blocks, scale, attn) ? -5 : 0;
+        char *kp = (char *)t->k_pools[layer], *vp = (char *)t->v_pools[layer];
+        for (int64_t b = 0; b < B; b++)
+            STORE_ROW(kp + t->slots[b] * Hkv * rowb, vp + t->slots[b] * Hkv * rowb, b);
+        return lk_paged_attention_kv(q, Hq, D, dtype, kp, vp, k_scale, t->block_size, Hkv,
+                                     t->nseq, t->q_start, t->pos_start, t->tables,
+                                     t->max_blocks, scale, attn) ? -5 : 0;
     }
-    const int64_t stride = cache_cap * kvd; /* one sequence's cache rows */
-    for (int64_t b = 0; b < B; b++) {
-        memcpy(k_cache + b * stride + t->pos * kvd, k + b * kvd, row);
-        memcpy(v_cache + b * stride + t->pos * kvd, v + b * kvd, row);
-    }
-    lk_attention(q, B, 1, Hq, D, qd, qd, D, k_cache, stride, kvd, D, v_cache, stride, kvd, D,
-                 t->pos + 1, Hkv, t->pos, scale, attn);
+    const int64_t stride = cache_cap * Hkv * rowb; /* bytes of one sequence's cache rows */
+    for (int64_t b = 0; b < B; b++)
+        STORE_ROW((char *)k_cache + b * stride + t->pos * Hkv * rowb,
+                  (char *)v_cache + b * stride + t->pos * Hkv * rowb, b);
+#undef STORE_ROW
+    /* strides in the storage's units (floats, halves or bytes) */
+    const int64_t unit = dtype == LK_KV_F32 ? 4 : dtype == LK_KV_F16 ? 2 : 1;
+    const int64_t es = stride / unit, et = Hkv * rowb / unit, eh = rowb / unit;
+    lk_attention_kv(q, B, 1, Hq, D, qd, qd, D, dtype, k_cache, es, et, eh, v_cache, es, et, eh,
+                    k_scale, t->pos + 1, Hkv, t->pos, scale, attn);
     return 0;
 }
 
