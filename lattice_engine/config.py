@@ -1,7 +1,7 @@
 """The config file (TOML) as frozen dataclasses, with errors that name key, value and choices.
 
     [model]    path = "smollm2-135m", backend = "auto" | "native" | "numpy", threads = 2,
-               kv_cache = "f32" | "f16" | "q8_0" (how generate / ppl store keys and values)
+               kv_cache = "f32" | "f16" | "q8_0" (how every KV cache stores keys and values)
     [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }, group_size = 64
                (method omitted: as the checkpoint is stored, f32 unless `lattice quantize`
                wrote it; group_size only for grouped methods such as q4_asym)
@@ -59,7 +59,7 @@ class ModelSection:
     path: str = DEFAULT_MODEL
     backend: str = "auto"
     threads: int = 0  # 0: all cores
-    kv_cache: str = "f32"  # the dense cache's storage (cache/dense.py KV_DTYPES)
+    kv_cache: str = "f32"  # the dense and paged caches' storage (cache/dense.py KV_DTYPES)
 
     def __post_init__(self):
         _choice("model.backend", self.backend, ("auto", "native", "numpy"))

@@ -25,7 +25,8 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
     p.add_argument("--backend", default=None, choices=("auto", "native", "numpy"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--kv-cache", default=None, choices=("f32", "f16", "q8_0"),
-                   help="how keys and values are stored by generate and ppl (default f32)")
+                   help="how the KV caches store keys and values: generate, ppl and serve "
+                        "(default f32)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:

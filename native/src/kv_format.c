@@ -63,7 +63,7 @@ LK_AVX2_TARGET static void f16_to_f32_avx2(const uint16_t *h, int64_t n, float *
 
 /* 32 int8 times d (times scale[0..32) when given) */
 LK_AVX2_TARGET static void q8_block_avx2(const uint8_t *blk, const float *scale, float *o) {
-    const __m256 d = _mm256_set1_ps(lk_f16_to_f32(rd16(blk)));
+    const __m256 d = _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(rd16(blk)))));
     for (int i = 0; i < 32; i += 8) {
         const __m128i b8 = _mm_loadl_epi64((const __m128i *)(blk + 2 + i));
         __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8)), d);
