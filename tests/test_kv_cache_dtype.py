@@ -295,6 +295,8 @@ def test_fused_paged_step_reads_reduced_pools_like_the_per_kernel_path(tiny_fold
     per_kernel, _, _ = run(dtype, False)
     f32, _, _ = run("f32", False)
     assert cache.keys[0].dtype == (np.float16 if dtype == "f16" else np.uint8)
+    # q8_0 keys go through the model's key transform (a scale here: the fixture has no bias)
+    assert (cache.layouts[0].k_scale is not None) == (dtype == "q8_0")
     storage_effect = np.abs(per_kernel - f32).max()
     assert storage_effect > 0
     hidden = model.hidden_states(prompt, model.make_cache(batch=2))

@@ -328,6 +328,7 @@ class DecoderModel(CausalLM):
         k_proj row times the input norm's weight (times |k_norm| when the heads are
         normed, which sets their size instead)."""
         c = self.config
+        cos, sin = self.ops.rope_tables(np.arange(4096), self.inv_freq)
         out = []
         for block in self.layers:
             a = block.self_attn
@@ -338,7 +339,6 @@ class DecoderModel(CausalLM):
                 if block.attn_in_rotation is None:
                     w = w * np.asarray(block.input_layernorm, np.float32)[None, :]
                 size = np.linalg.norm(w, axis=1)
-            cos, sin = self.ops.rope_tables(np.arange(4096), self.inv_freq)
             out.append(key_transform(a.k_proj.bias, size, lambda x: self.ops.rope(x, cos, sin),
                                      c.num_key_value_heads, c.head_dim))
         return out
