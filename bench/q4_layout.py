@@ -8,10 +8,18 @@ machine may be shared: each figure is the fastest of --rounds, the ratios are pe
 
 Per ISA variant of the q4 kernels, family, shape [N x K] and M: us per call of
 y = x[M, K] @ W^T with the plain layout, with _r16, their ratio, and q8_0 in the layout the
-core runs (its fastest of q8_0 / q8_0_r16) for M = 1. The weights are hot in cache (one
+core runs (its fastest of q8_0 / q8_0_r16), on the first family's rows. The weights are hot in cache (one
 matrix): this measures the kernels' arithmetic, which is what the layout changes; decode
 of a whole model (bench/quant_quality.py speed, bench/decode.py) adds the memory stream.
 Prints a table, then one JSON line (bench/provenance.py).
+
+    python bench/q4_layout.py --decode [--model qwen2.5-coder-0.5b] [--rounds 3]
+
+Whole-model decode instead: the model loaded from its float32 GGUF (bench/gguf_variants.py)
+as q8_0 (the core's layout), q4_sym and q4_asym each twice, plain (LATTICE_Q4_R16=0) and
+_r16 (LATTICE_Q4_R16=1), all in this process; each round times every model's greedy decode
+(tokens per second from the slope between two lengths, as bench/decode.py) one after the
+other, so a burst of load hits all of them alike. Also the weight bytes per token.
 """
 
 from __future__ import annotations
@@ -40,6 +48,66 @@ def per_call(fn, inner: int, clock) -> float:
     return (clock() - t0) / inner
 
 
+def decode_ab(args) -> int:
+    """--decode: the whole-model A/B (see the module docstring)."""
+    import statistics
+
+    import decode as dec  # bench/decode.py
+    from gguf_variants import variant
+    from lattice_engine.generate import generate_step
+    from lattice_engine.loading import load
+    from lattice_engine.quant.methods import QuantSpec
+    from lattice_engine.sampling import SamplingParams, make_sampler
+
+    kernels.set_threads(args.threads)
+    path = str(variant(args.model, "f32"))
+    runs = [("q8_0", None)] + [(f, lay) for f in args.families.split(",") for lay in ("0", "1")]
+    models = {}
+    for quant, layout in runs:
+        if layout is not None:
+            os.environ["LATTICE_Q4_R16"] = layout
+        loaded = load(path, quant=QuantSpec(quant))
+        os.environ.pop("LATTICE_Q4_R16", None)
+        name = quant + {None: "", "0": " plain", "1": " r16"}[layout]
+        held = loaded.model.layers[0].mlp.down_proj.weight.format.name
+        models[name] = (loaded, held)
+        print(f"loaded {name}: down_proj held as {held}", flush=True)
+    first = next(iter(models.values()))[0]
+    ids = dec.prompt_ids(lambda t: first.tokenizer.encode(t, add_special_tokens=False))
+    greedy = SamplingParams(temperature=0)
+
+    def decode_time(model, n: int) -> float:
+        start = time.perf_counter()
+        for _ in generate_step(model, ids[:dec.SHORT_PROMPT], make_sampler(greedy), max_tokens=n):
+            pass
+        return time.perf_counter() - start
+
+    for loaded, _ in models.values():
+        decode_time(loaded.model, 8)  # warm-up: page in the weights
+    times = {name: {dec.N1: [], dec.N2: []} for name in models}
+    load0 = os.getloadavg()[0]
+    for r in range(args.rounds):
+        for name, (loaded, _) in models.items():
+            for n in (dec.N1, dec.N2):
+                times[name][n].append(decode_time(loaded.model, n))
+        print(f"round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.2f}", flush=True)
+    q8 = dec.slope(times["q8_0"])
+    rows = []
+    print(f"{'model':<16} {'held as':<18} {'MB/token':>9} {'tok/s':>7} {'x q8_0':>7}")
+    for name, (loaded, held) in models.items():
+        tok_s = dec.slope(times[name])
+        mb = sum(w.nbytes for w in dec.model_matrices(loaded.model)) / 1e6
+        print(f"{name:<16} {held:<18} {mb:9.1f} {tok_s:7.1f} {tok_s / q8:7.2f}")
+        rows.append({"model": name, "held_as": held, "weight_mb_per_token": round(mb, 1),
+                     "decode_tok_s": round(tok_s, 2), "vs_q8_0": round(tok_s / q8, 3),
+                     "median_s": {n: round(statistics.median(v), 4)
+                                  for n, v in times[name].items()}})
+    emit({"mode": "decode", "model": args.model, "threads": args.threads,
+          "rounds": args.rounds, "load_avg": load0, "load_avg_end": os.getloadavg()[0],
+          "rows": rows}, args.results, args.threads)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -52,8 +120,13 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=0.05, help="seconds per timed loop")
     p.add_argument("--cpu", action="store_true",
                    help="with --threads 1: the thread's CPU time, not wall time")
+    p.add_argument("--decode", action="store_true", help="whole-model decode A/B (see above)")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b")
     add_results_option(p)
     args = p.parse_args(argv)
+    if args.decode:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        return decode_ab(args)
     if args.cpu and args.threads != 1:
         p.error("--cpu needs --threads 1 (worker threads' time is not the caller's)")
     try:
@@ -103,7 +176,7 @@ def main(argv=None) -> int:
                             ta.append(a)
                             tb.append(b)
                             ratios.append(a / b)
-                            if m == 1:
+                            if family == args.families.split(",")[0]:  # once per M
                                 tq.append(per_call(lambda: kernels.matmul(x, q8), inner, clock))
                         name = f"{family}_g{args.group}"
                         q8us = f"{min(tq) * 1e6:8.1f}" if tq else f"{'':>8}"

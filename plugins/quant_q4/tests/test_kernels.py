@@ -180,3 +180,24 @@ def test_r16_layout_rejects_rows_not_a_multiple_of_16():
         K.relayout("q4_asym", 32, data, 64, True)
     with pytest.raises(ValueError, match="needs a multiple of 16 rows, got 24"):
         K.make_matmul("q4_asym", 32, 20, True)(np.ones((1, 64), np.float32), data)
+
+
+def test_native_layout_converts_in_place_where_it_pays(monkeypatch):
+    """The plain formats' WeightFormat.native_layout: a writable matrix with a multiple of
+    16 rows becomes the _r16 twin in its own buffer (no second copy of the weights); other
+    matrices, and LATTICE_Q4_R16=0, stay as they are."""
+    from lattice_engine.quant.formats import PackedMatrix
+    fmts = {f.name: f for f in F.Q4_FORMATS + F.Q4_R16_FORMATS}
+    K.attach(F.Q4_FORMATS, F.Q4_R16_FORMATS)
+    plain = fmts["q4_asym_g64"]
+    data = F.quantize("q4_asym", 64, rng.standard_normal((32, 128)).astype(np.float32))
+    expected = F.to_r16("q4_asym", 64, data)
+    monkeypatch.setenv("LATTICE_Q4_R16", "0")
+    m = PackedMatrix(plain, 32, 128, data)
+    assert plain.native_layout(m) is m
+    monkeypatch.setenv("LATTICE_Q4_R16", "1")
+    r = plain.native_layout(m)
+    assert r.format is fmts["q4_asym_g64_r16"] and r.data is data
+    np.testing.assert_array_equal(data, expected)
+    odd = PackedMatrix(plain, 24, 128, F.quantize("q4_asym", 64, np.ones((24, 128), np.float32)))
+    assert plain.native_layout(odd) is odd
