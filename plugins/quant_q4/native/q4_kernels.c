@@ -83,6 +83,12 @@ static int64_t slice_subs = 32;
    16 53.4 -> 51.5, 24 65.9 -> 72.5, 32 79.3 -> 98.5 (Q4_FEW_ROWS overrides, tuning). A
    batch of decoders plus a small prefill slice lands in 9..16. */
 static int64_t few_rows = 16;
+/* The same over the _r16 layout, whose few-rows kernels need no transposes: up to 24 x
+   rows with AVX512-VNNI, 32 with the 256-bit variants (Qwen2.5-0.5B's linears, q4_asym
+   g32, one thread, thread CPU time, ms few rows / tiles: AVX512-VNNI M = 20 5.6 / 6.1,
+   24 6.7 / 6.7, 32 8.7 / 8.5; AVX2 M = 20 7.8 / 9.8, 32 11.8 / 14.2). 0: by variant;
+   Q4_FEW_ROWS sets both. */
+static int64_t few_rows_r16 = 0;
 /* x rows per pass of the few-rows kernel over a group of weight rows */
 #define FEW_MR 8
 
@@ -148,7 +154,7 @@ static void detect(void) {
     const char *sl = getenv("Q4_SLICE");
     if (sl && atol(sl) >= 4 && atol(sl) % 4 == 0) slice_subs = atol(sl);
     const char *fr = getenv("Q4_FEW_ROWS");
-    if (fr && *fr) few_rows = atol(fr);
+    if (fr && *fr) few_rows = few_rows_r16 = atol(fr);
     int best = Q4_GENERIC;
     for (int i = 0; i < Q4_NISA; i++)
         if (mask & (1 << i)) best = i;
@@ -497,7 +503,9 @@ int q4_matmul(int asym, int64_t group, int r16, const float *x, int64_t M, int64
     else quantize_rows(&c, 0, M, 0);
 
     mm_task t = {&c, active_isa, 0};
-    if (M <= few_rows || active_isa == Q4_GENERIC) {
+    const int64_t few = !r16 ? few_rows : few_rows_r16 ? few_rows_r16
+                                                       : active_isa == Q4_AVX512VNNI ? 24 : 32;
+    if (M <= few || active_isa == Q4_GENERIC) {
         /* grain: enough row-dots per task (>= 64 dots of 256 values) that the pool's
            hand-off is amortised */
         const int64_t work = (K / 256 + 1) * M * FEW_UNIT;
