@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .formats import R16_SUFFIX, layout_of
+
 
 class PluginABIError(ImportError):
     """The installed lattice-engine core offers a C plugin ABI this build does not support."""
@@ -182,8 +184,8 @@ def relayout(family: str, group: int, data: np.ndarray, cols: int, to_r16: bool)
     rows = data.shape[0]
     if not (data.flags.c_contiguous and data.flags.writeable):
         data = np.array(data, dtype=np.uint8, order="C")
-    rc = _lib.q4_relayout(int(family == "q4_asym"), group, _ffi.from_buffer("uint8_t[]", data, True), rows,
-                          cols, int(to_r16))
+    rc = _lib.q4_relayout(int(family == "q4_asym"), group,
+                          _ffi.from_buffer("uint8_t[]", data, True), rows, cols, int(to_r16))
     if rc == -2:
         raise MemoryError(f"{family}_g{group} _r16 conversion: out of memory for 16 rows")
     if rc:
@@ -209,7 +211,7 @@ def r16_pays() -> bool:
 def make_native_layout(r16_format):
     """`WeightFormat.native_layout` of a plain format: its matrices with a multiple of 16
     rows become `r16_format` where that pays (converted in place when writable)."""
-    family, group = _layout(r16_format.name)
+    family, group = layout_of(r16_format.name)
 
     def native_layout(m):
         from lattice_engine.quant.formats import PackedMatrix
@@ -221,22 +223,16 @@ def make_native_layout(r16_format):
     return native_layout
 
 
-def _layout(name: str):
-    from .formats import layout_of
-    return layout_of(name)
-
-
 def attach(formats, r16_formats=()) -> bool:
     """Point `matmul` and `embed` of our formats (plain and _r16) at the C kernels (when
     built), like the core's `attach_native` does for its own formats, and give each plain
     format its `native_layout` (its _r16 twin, by name)."""
     if _lib is None:
         return False
-    from .formats import R16_SUFFIX
     function = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "q4_matmul_extern")))
     twins = {f.name: f for f in r16_formats}
     for fmt in tuple(formats) + tuple(r16_formats):
-        family, group = _layout(fmt.name)  # q4_0 runs q4_sym_g32's kernels
+        family, group = layout_of(fmt.name)  # q4_0 runs q4_sym_g32's kernels
         r16 = fmt.name.endswith(R16_SUFFIX)
         object.__setattr__(fmt, "matmul", make_matmul(family, group, fmt.bytes_per_block, r16))
         object.__setattr__(fmt, "embed", make_embed(family, group, fmt.bytes_per_block, r16))
