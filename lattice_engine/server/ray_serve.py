@@ -360,9 +360,12 @@ def start(config: Config, *, log_level: str = "info", blocking: bool = True):
     with its HTTP proxy on server.host:server.port, and (blocking) serve until
     interrupted."""
     require_ray()
+    import signal
+
     import ray
     from ray import serve
     section = config.ray
+    started_here = False
     if not ray.is_initialized():
         if section.address is not None:
             ray.init(address=section.address, logging_level=log_level.upper())
@@ -370,14 +373,22 @@ def start(config: Config, *, log_level: str = "info", blocking: bool = True):
             # logical CPUs: every replica's threads, and a core for the ingress and proxy
             ray.init(num_cpus=section.max_count() * section.threads_per_replica + 1,
                      include_dashboard=False, logging_level=log_level.upper())
+            started_here = True
     serve.start(http_options={"host": config.server.host, "port": config.server.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     if not blocking:
         return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM too: the cluster this process started goes with it
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        serve.delete(APP_NAME)
+        if started_here:
+            serve.shutdown()
+            ray.shutdown()
