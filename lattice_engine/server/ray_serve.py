@@ -213,10 +213,17 @@ class IngressServer:
         if request.method == "GET" and path == "/metrics":
             return PlainTextResponse(await self.metrics_text(),
                                      media_type="text/plain; version=0.0.4")
+        authorized = self.authorized(request)
         if request.method == "GET" and path == "/internal/replicas":
+            if not authorized:
+                return JSONResponse(APIError(401, "invalid or missing API key: send "
+                                                  "'Authorization: Bearer <key>'",
+                                             type="authentication_error",
+                                             code="invalid_api_key").body(), status_code=401)
             return JSONResponse({"replicas": await self.replica_info()})
         raw = await request.body()
-        hint = self.route_hint(path, raw)
+        # an unauthorized request is not tokenized here: the replica answers it with a 401
+        hint = self.route_hint(path, raw) if authorized else RouteHint()
         headers = [(k, v) for k, v in request.headers.items()
                    if k.lower() not in ("host", "content-length")]
         headers.append(("content-length", str(len(raw))))
@@ -269,6 +276,16 @@ class IngressServer:
 
         return StreamingResponse(relay(), status_code=status,
                                  headers=_relay_headers(out_headers), media_type=media)
+
+    def authorized(self, request) -> bool:
+        """The server's API key check (the replica makes it again for the /v1 routes)."""
+        import hmac
+        key = self.config.server.api_key
+        if not key:
+            return True
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        return hmac.compare_digest(token.encode("latin-1"), key.encode("utf-8"))
 
     async def _broadcast(self, method: str) -> list:
         response = self.handle.broadcast(method)

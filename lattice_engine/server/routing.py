@@ -102,14 +102,18 @@ class PrefixRouter:
         self.max_imbalance = max_imbalance
         self.ring = HashRing(vnodes)
         self._turn = itertools.count()
+        self._ties = itertools.count()
         # how requests were placed: affinity (the ring's choice), overloaded (the ring's
         # choice was skipped for the least loaded), no_prefix (no full block),
         # round_robin
         self.decisions = {"affinity": 0, "overloaded": 0, "no_prefix": 0, "round_robin": 0}
 
-    @staticmethod
-    def least_loaded(loads: Mapping[str, int]) -> str:
-        return min(sorted(loads), key=lambda m: loads[m])
+    def least_loaded(self, loads: Mapping[str, int]) -> str:
+        """The replica with the fewest requests in flight; ties taken in turn (requests
+        routed at the same moment all see the same counts, and would all go to one)."""
+        low = min(loads.values())
+        tied = sorted(m for m in loads if loads[m] == low)
+        return tied[next(self._ties) % len(tied)]
 
     def choose(self, key: Optional[int], loads: Mapping[str, int]) -> str:
         """The replica for a request with prefix key `key`; `loads` maps each live
