@@ -105,6 +105,15 @@ class Server:
                 if self.proc.poll() is not None or time.time() > deadline:
                     raise SystemExit(f"the server did not start: {' '.join(cmd)}")
                 time.sleep(0.5)
+        while replicas is not None:  # /health answers once one replica is up: wait for all
+            listed = json.loads(urllib.request.urlopen(self.base + "/internal/replicas",
+                                                       timeout=30).read())["replicas"]
+            if len(listed) >= replicas:
+                break
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"{len(listed)} of {replicas} replicas started: "
+                                 f"{' '.join(cmd)}")
+            time.sleep(1)
         self.client = None
         if args.client == "openai":
             import openai

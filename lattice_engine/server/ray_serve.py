@@ -395,6 +395,9 @@ def start(config: Config, *, log_level: str = "info", blocking: bool = True):
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     if not blocking:
         return
+    import sys
+    print(f"lattice serve: every replica is up on http://{config.server.host}:"
+          f"{config.server.port}/v1", file=sys.stderr)
 
     def stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM too: the cluster this process started goes with it
