@@ -7,7 +7,7 @@ LATTICE_OFFLINE.
 Covers: 16 concurrent streaming chats through the official openai client all complete,
 spread over both replicas, each equal at temperature 0 to the same request run alone on
 one in-process engine; the ingress's /metrics carries every replica's samples under a
-replica label; killing one replica's process mid-stream ends its streams with an OpenAI
+replica label; a client that hangs up mid-stream aborts its request on the replica; killing one replica's process mid-stream ends its streams with an OpenAI
 error event while the other replica's finish, the next 10 requests succeed, and Ray
 starts a replacement.
 """
@@ -146,6 +146,38 @@ def test_concurrent_streams_over_two_replicas_equal_one_engine(cluster):
     expected = alone(cluster.config, requests)
     for i, ((text, _), want) in enumerate(zip(results, expected)):
         assert text == want, (i, text, want)
+
+
+def metric(cluster, name: str) -> dict[str, float]:
+    out = {}
+    for line in cluster.get("/metrics").splitlines():
+        if line.startswith(name + "{"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_a_client_that_goes_away_aborts_its_request_on_the_replica(cluster):
+    aborted = 'lattice_requests_finished_total{replica="%s",reason="abort"}'
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.port, timeout=120)
+    conn.request("POST", "/v1/completions", json.dumps(dict(
+        model=MODEL, prompt="Once upon a time", max_tokens=4000, ignore_eos=True,
+        stream=True)), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    replica = resp.getheader("x-lattice-replica")
+    before = metric(cluster, "lattice_requests_finished_total").get(aborted % replica, 0)
+    for raw in resp:  # the first token, then hang up
+        if raw.startswith(b"data: {"):
+            break
+    conn.sock.close()
+    conn.close()
+    deadline = time.time() + 60
+    while metric(cluster, "lattice_requests_finished_total").get(aborted % replica, 0) \
+            <= before:
+        assert time.time() < deadline, "the replica did not abort the abandoned request"
+        time.sleep(0.5)
+    running = metric(cluster, "lattice_requests_running")
+    assert running['lattice_requests_running{replica="%s"}' % replica] == 0
 
 
 def read_stream(base_port: int, body: dict, started: threading.Event, out: dict):

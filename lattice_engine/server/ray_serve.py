@@ -88,7 +88,8 @@ class ReplicaServer:
     async def handle(self, hint: RouteHint, method: str, path: str, headers, body: bytes,
                      query: bytes = b""):
         """Run one request through the app; closing this generator early (the client went
-        away) disconnects it, which aborts the request in the engine."""
+        away: Ray cancels the call) disconnects it, which aborts the request in the engine.
+        `hint` is the router's (Ray reads it from the call's arguments), unused here."""
         queue: asyncio.Queue = asyncio.Queue()
         gone = asyncio.Event()
         sent_body = False
@@ -133,7 +134,6 @@ class ReplicaServer:
                         yield message["body"]
                     if not message.get("more_body", False):
                         break
-            task.result() if task.done() else None
         finally:
             gone.set()
             if not task.done():
