@@ -5,6 +5,7 @@ Ray needed (tests/test_ray_serve.py runs them inside Ray Serve)."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
@@ -92,3 +93,17 @@ def test_merged_metrics_label_every_sample_and_keep_families_together():
                              'h_bucket{replica="r2",le="+Inf"} 2', 'h_sum{replica="r2"} 0.3',
                              'h_count{replica="r2"} 4']
     assert 'replica="a\\"b"' in merge_metrics({'a"b': "y 1\n"})  # label values escaped
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--replicas", "2", "--threads", "2"], "--threads 2 sets one engine's threads; with "
+                                            "replicas use --threads-per-replica"),
+    (["--replicas", "0"], "ray.replicas = 0 is out of range"),
+    (["--replicas", "2", "--threads-per-replica", "0"],
+     "ray.threads_per_replica = 0 is out of range"),
+    (["--ray-address", " "], r"ray.address \(--ray-address\) is empty"),
+])
+def test_serve_replica_flags_are_checked_before_anything_starts(capsys, argv, message):
+    from lattice_engine.cli import main
+    assert main(["serve", *argv]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -133,7 +133,12 @@ def cmd_serve(args) -> int:
                              address=args.ray_address, routing=args.routing)
     if args.replicas is not None or args.ray_address is not None or \
             config.ray != RaySection():
+        from ..errors import ConfigError
         from ..server import ray_serve
+        if args.threads is not None:
+            raise ConfigError(f"--threads {args.threads} sets one engine's threads; with "
+                              f"replicas use --threads-per-replica (or [ray] "
+                              f"threads_per_replica)")
         section = config.ray
         count = (f"{section.min_replicas}..{section.max_replicas} (autoscaled)"
                  if section.autoscaling else str(section.replicas))
