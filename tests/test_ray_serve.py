@@ -4,6 +4,9 @@ thread each. Skipped only where Ray Serve is not installed (the `ray` extra; .ci
 installs it and sets LATTICE_REQUIRE_RAY, which turns that skip into a failure) or under
 LATTICE_OFFLINE.
 
+The cluster is `lattice serve --replicas 2` in a subprocess: the CLI end to end, and no
+Ray driver in the test process.
+
 Covers: 16 concurrent streaming chats through the official openai client all complete,
 spread over both replicas, each equal at temperature 0 to the same request run alone on
 one in-process engine; the ingress's /metrics carries every replica's samples under a
@@ -20,6 +23,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -32,7 +37,7 @@ openai = pytest.importorskip("openai")
 try:
     with warnings.catch_warnings():  # Ray's own pydantic deprecations at import
         warnings.simplefilter("ignore", DeprecationWarning)
-        import ray.serve  # noqa: F401
+        import ray.serve  # noqa: F401  (imported only: Ray runs in `lattice serve`'s process)
 except ImportError as exc:
     if os.environ.get("LATTICE_REQUIRE_RAY"):  # CI installs the extra: missing is a failure
         raise RuntimeError(f"LATTICE_REQUIRE_RAY is set but Ray Serve cannot be imported "
@@ -63,16 +68,39 @@ def make_config(port: int):
 
 
 class Cluster:
+    """`lattice serve --replicas 2` in a subprocess (its own local Ray cluster: the Ray
+    driver never runs in the test process, whose later tests it would otherwise share)."""
+
     def __init__(self):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.config = make_config(self.port)
-        from lattice_engine.server import ray_serve
-        ray_serve.start(self.config, blocking=False, log_level="warning")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lattice_engine.cli", "serve", MODEL, "--replicas", "2",
+             "--threads-per-replica", "1", "--port", str(self.port), "--kv-cache-tokens",
+             "8192", "--log-level", "warning"])
         self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 300  # a bound for a broken start, not a measure
+        while True:
+            try:
+                if len(self.replicas()) == 2:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass  # the proxy or the ingress is not up yet
+            assert self.proc.poll() is None, "lattice serve --replicas exited"
+            assert time.time() < deadline, "the replicas did not start"
+            time.sleep(1)
         self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none",
                                     max_retries=0, timeout=300)
+
+    def stop(self):
+        self.proc.terminate()  # SIGTERM: it stops the application and its Ray cluster
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(30)
 
     def get(self, path: str):
         return urllib.request.urlopen(self.base + path, timeout=60).read().decode()
@@ -93,20 +121,21 @@ class Cluster:
 def cluster():
     if os.environ.get("LATTICE_OFFLINE"):
         pytest.skip("LATTICE_OFFLINE is set: not pulling SmolLM2")
-    import ray
-    from ray import serve
     from lattice_engine.io.catalog import pull
     pull(MODEL, quiet=True)
     c = Cluster()
-    yield c
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        yield c
+    finally:
+        c.stop()
 
 
 def alone(config, requests: list[dict]) -> list[str]:
     """Each request run by itself on one in-process engine (the same app, no Ray)."""
+    from lattice_engine import kernels
     from lattice_engine.server.ray_serve import ReplicaServer
-    server = ReplicaServer(config.override("model", threads=1))
+    threads = kernels.threads() if kernels.available() else None
+    server = ReplicaServer(config.override("model", threads=1))  # as each replica runs
     loop = asyncio.new_event_loop()
 
     async def run(body):
@@ -122,6 +151,8 @@ def alone(config, requests: list[dict]) -> list[str]:
     finally:
         server.app.lattice.async_engine.shutdown()
         loop.close()
+        if threads is not None:  # the kernel pool is per process: give later tests theirs
+            kernels.set_threads(threads)
 
 
 def test_concurrent_streams_over_two_replicas_equal_one_engine(cluster):
