@@ -9,7 +9,8 @@ Measures, on one server:
 - time to first token of a request whose --prefix-tokens-token prefix is cold, then of a
   second request sharing that prefix (prefix-cache hit), median of --repeats salted pairs;
 - inter-token latency of --itl-streams running streams before and while a
-  --long-prompt-token prompt is prefilled in chunks.
+  --long-prompt-token prompt is prefilled in chunks, and that prompt's time to first token
+  against a prompt of the same length on the idle server (other text, so no prefix hit).
 Prints one line per figure, then (as its very last line) one JSON object.
 
     python bench/serve.py --replicas 2 [--routing prefix|round-robin|both]
@@ -437,11 +438,20 @@ def main(argv=None) -> int:
                   f"(load {os.getloadavg()[0]:.2f})")
             result["ttft"] = t
         if "itl" not in skip:
+            # the same length of prompt on an idle server first (other text: no prefix hit)
+            alone: list[float] = []
+            start = time.perf_counter()
+            server.stream(corpus_ids(tok, args.long_prompt_tokens, offset=2900), 1, alone)
+            alone_s = alone[0] - start
             r, _ = itl_under_prefill(server, tok, args.itl_streams, args.long_prompt_tokens, 3.0)
+            r["prefill_alone_s"] = round(alone_s, 3)
+            r["prefill_over_alone"] = round(r["prefill_s"] / alone_s, 3)
             print(f"ITL of {r['streams']} streams: {r['itl_before_ms']} ms before, "
                   f"{r['itl_during_ms']} ms (p90 {r['itl_during_p90_ms']}) while a "
                   f"{r['long_prompt_tokens']}-token prompt prefilled in {r['prefill_s']} s: "
                   f"{r['itl_rise']}x  (load {os.getloadavg()[0]:.2f})")
+            print(f"  that prompt's first token: {r['prefill_s']} s while {r['streams']} streams "
+                  f"decode, {r['prefill_alone_s']} s alone: {r['prefill_over_alone']}x")
             print(f"  server: {r['server_steps_during']} steps; pacer decode step "
                   f"{r['pacer_decode_step_ms']} ms, prefill token {r['pacer_token_ms']} ms, "
                   f"budget {r['pacer_budget_tokens']} tokens")
