@@ -190,18 +190,30 @@ class GatedDeltaNet:
         return self.gate_out(core, z, ops)
 
     def recur_recorded(self, mixed, beta, g, cache: HybridCache, slot: int, ops):
-        """The recurrence token by token (exactly a decode step's computation), keeping the
-        state after each token in the cache's trail (speculative verify: `truncate` then
-        returns to any of these positions)."""
-        t = mixed.shape[1]
-        core = np.empty(mixed.shape[:2] + (self.nv, self.dv), np.float32)
+        """The recurrence of a speculative verify: one call over its tokens in the
+        token-by-token form (each token's bits are a decode step's), writing the state
+        after each token into the cache's trail (`truncate` then returns to any of them)."""
+        conv_trail, delta_trail = cache.trail_views(slot)
+        return self.recur_trail(mixed, beta, g, cache.conv[slot], cache.delta[slot], ops,
+                                conv_trail, delta_trail)
+
+    def recur_trail(self, mixed, beta, g, conv_state, delta_state, ops, conv_trail,
+                    delta_trail):
+        """`recur` over T tokens token by token (chunk 0), in one conv and one delta-rule
+        call, that also leaves the state after each token t in conv_trail[t]
+        [T, B, K-1, conv_dim] and delta_trail[t] [T, B, nv, dk, dv]. The conv window after
+        token t is the last K-1 inputs of [old window, x[:t+1]], read off before the conv
+        overwrites x."""
+        b, t, _ = mixed.shape
+        ext = np.concatenate([conv_state, mixed], axis=1)  # B, K-1+T, C (pre-conv inputs)
+        w = self.kernel - 1
         for i in range(t):
-            core[:, i:i + 1] = self.recur(np.ascontiguousarray(mixed[:, i:i + 1]),
-                                          np.ascontiguousarray(beta[:, i:i + 1]),
-                                          np.ascontiguousarray(g[:, i:i + 1]),
-                                          cache.conv[slot], cache.delta[slot], ops, 0)
-            cache.keep_state(slot, i)
-        return core
+            conv_trail[i] = ext[:, i + 1:i + 1 + w]
+        mixed = ops.causal_conv1d(mixed, self.conv_weight_t, conv_state, out=mixed)
+        q = mixed[..., :self.key_dim].reshape(b, t, self.nk, self.dk)
+        k = mixed[..., self.key_dim:2 * self.key_dim].reshape(b, t, self.nk, self.dk)
+        v = mixed[..., 2 * self.key_dim:].reshape(b, t, self.nv, self.dv)
+        return ops.gated_delta_rule(q, k, v, g, beta, delta_state, chunk=0, trail=delta_trail)
 
     def project(self, x, ops):
         """The input projections of x [B, T, hidden]: mixed qkv [B, T, conv_dim] (before the

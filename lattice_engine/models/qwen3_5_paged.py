@@ -81,15 +81,15 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                 states = cache.recurrent.state(int(slot))
                 conv, delta = states[2 * block.slot][None], states[2 * block.slot + 1][None]
                 if record is not None and record[i]:
-                    # verify rows: token by token, as decoding computes them, keeping the
-                    # state after each so that a partial accept rolls back exactly
-                    for r in range(r0, r1):
-                        core[:, r:r + 1] = a.recur(np.ascontiguousarray(mixed[:, r:r + 1]),
-                                                   np.ascontiguousarray(beta[:, r:r + 1]),
-                                                   np.ascontiguousarray(g[:, r:r + 1]),
-                                                   conv, delta, ops, 0)
-                        cache.recurrent.keep(int(slot), 2 * block.slot, r - r0)
-                        cache.recurrent.keep(int(slot), 2 * block.slot + 1, r - r0)
+                    # verify rows: one token-by-token call (decoding's bits per token) that
+                    # keeps the state after each row, so a partial accept rolls back exactly
+                    rec = cache.recurrent
+                    core[:, r0:r1] = a.recur_trail(
+                        np.ascontiguousarray(mixed[:, r0:r1]),
+                        np.ascontiguousarray(beta[:, r0:r1]),
+                        np.ascontiguousarray(g[:, r0:r1]), conv, delta, ops,
+                        rec.trail_view(int(slot), 2 * block.slot),
+                        rec.trail_view(int(slot), 2 * block.slot + 1))
                     continue
                 core[:, r0:r1] = a.recur(np.ascontiguousarray(mixed[:, r0:r1]),
                                          np.ascontiguousarray(beta[:, r0:r1]),

@@ -354,6 +354,14 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
                         int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t sb, int64_t st,
                         const float *g, const float *beta, float *state, int64_t chunk,
                         float *out);
+/* lk_gated_delta_rule's token-by-token form (chunk = 0) that also copies the state after
+   each token t into trail [T, B, Hv, Dk, Dv] (a speculative verify of T tokens: a partial
+   accept restores the state after the kept ones, bit for bit what decoding them one at a
+   time leaves). Returns 0, or -1 if the shapes are inconsistent or trail is NULL. */
+int lk_gated_delta_rule_trail(const float *q, const float *k, const float *v, int64_t B,
+                              int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv,
+                              int64_t sb, int64_t st, const float *g, const float *beta,
+                              float *state, float *out, float *trail);
 /* out = x / sqrt(mean(x^2) + eps) * w * silu(z) per row of length D (x, z, out
    contiguous [rows, D]). */
 void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
