@@ -326,7 +326,18 @@ class Model(CausalLM):
             "lm_head.weight", (v, h), head_role(cfg.lattice_lm_head_role))
         self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
+        self._loader = w  # builds the MTP head on first use (`mtp_head`)
+        self._mtp = None
         self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))
+
+    def mtp_head(self):
+        """The multi-token-prediction head (`qwen3_5_mtp.MTPHead`), built from the
+        checkpoint's mtp.* weights in the model's weight format on first use; a
+        CheckpointError when the checkpoint has none."""
+        if self._mtp is None:
+            from .qwen3_5_mtp import MTPHead
+            self._mtp = MTPHead(self, self._loader)
+        return self._mtp
 
     def mlp_factory(self, cfg: ModelArgs, index: int):
         """What builds layer `index`'s MLP from (cfg, loader, prefix); None: the dense MLP."""
