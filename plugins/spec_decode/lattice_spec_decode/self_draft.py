@@ -1,0 +1,126 @@
+"""Drafters that are parts of a Qwen3.5 target itself, no second checkpoint:
+
+- `mtp`: the checkpoint's multi-token-prediction head (`Model.mtp_head()`, see
+  lattice_engine/models/qwen3_5_mtp.py for its structure and which hidden state feeds it).
+  It reads the target's final-norm hidden states of the rows the last forward kept
+  (`DraftRequest.hidden`, `wants_hidden`), appends one head row per kept position to its
+  own KV rows (`MTPCache`, in `DraftRequest.state`; rows of drafts the target rejected
+  are dropped first), and chains: draft i + 1 pairs the head's own output state of draft
+  i with token i at the next position.
+- `self` (Gated-DeltaNet self-speculation): the target with its full-attention layers
+  skipped. Each draft token runs only the linear-attention blocks (DeltaNet + MLP), the
+  final norm and the lm_head, on a copy of the target's own recurrent state of the
+  sequence (`DraftRequest.recurrent`), so it needs no KV cache and no catch-up: the
+  state it starts from is exactly the target's. The copy is thrown away after drafting.
+
+Both draft greedily (q one-hot): the rejection sampler keeps sampled requests exact too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from lattice_engine.errors import CheckpointError, ConfigError
+from lattice_engine.speculative import Draft
+
+from .rejection import RejectionVerifier
+
+LINEAR = "linear_attention"
+
+
+def _no_options(method: str, options: Mapping[str, Any]) -> None:
+    if options:
+        raise ConfigError(f"speculative option(s) {', '.join(sorted(options))} are not "
+                          f"{method} options; {method} takes none")
+
+
+def _qwen3_5(target, method: str):
+    if not (hasattr(target, "layers") and any(getattr(b, "kind", None) == LINEAR
+                                               for b in target.layers)):
+        raise ConfigError(f"speculative method {method!r} drafts with a Qwen3.5 model's own "
+                          f"layers; {type(target).__module__} is not one (use ngram or "
+                          f"draft_model)")
+
+
+class MTPDrafter(RejectionVerifier):
+    wants_hidden = True
+
+    def __init__(self, target):
+        self.target = target
+        self.head = target.mtp_head()
+
+    @classmethod
+    def build(cls, target, tokenizer, options: Mapping[str, Any]) -> "MTPDrafter":
+        _no_options("mtp", options)
+        _qwen3_5(target, "mtp")
+        try:
+            return cls(target)
+        except CheckpointError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    def propose(self, request, k: int) -> Draft:
+        hidden = request.hidden
+        if hidden is None or not len(hidden) or k <= 0:
+            return Draft([])
+        ids = request.token_ids
+        n, length = hidden.shape[0], len(ids)
+        if n >= length:
+            return Draft([])
+        cache = request.state.get("mtp")
+        if cache is None:
+            cache = request.state["mtp"] = self.head.make_cache()
+        # row j: the target's state at position length - 1 - n + j with the token after it
+        positions = np.arange(length - 1 - n, length - 1)
+        cache.drop_from(int(positions[0]))  # chained drafts of the last propose, re-fed rows
+        states = self.head.hidden(ids[length - n:], hidden, positions, cache)
+        last, pos, out = states[-1:], int(positions[-1]), []
+        for i in range(k):
+            token = int(np.argmax(self.head.logits(last)[0]))
+            out.append(token)
+            if i + 1 < k:
+                pos += 1
+                last = self.head.hidden([token], last, [pos], cache)
+        return Draft(out)
+
+
+class SelfDrafter(RejectionVerifier):
+    """GDN self-speculation: the linear-attention blocks only, on the target's own state."""
+
+    def __init__(self, target):
+        self.target = target
+        self.blocks = [b for b in target.layers if b.kind == LINEAR]
+
+    @classmethod
+    def build(cls, target, tokenizer, options: Mapping[str, Any]) -> "SelfDrafter":
+        _no_options("self", options)
+        _qwen3_5(target, "self")
+        return cls(target)
+
+    def propose(self, request, k: int) -> Draft:
+        pairs = request.recurrent
+        if pairs is None or k <= 0 or not request.token_ids:
+            return Draft([])
+        if len(pairs) != len(self.blocks):
+            raise RuntimeError(f"self drafter: the target lent {len(pairs)} recurrent states "
+                               f"for {len(self.blocks)} linear-attention layers")
+        model, ops = self.target, self.target.ops
+        conv = [np.array(c, np.float32)[None] for c, _ in pairs]  # copies: [1, ...]
+        delta = [np.array(d, np.float32)[None] for _, d in pairs]
+        eps = model.config.rms_norm_eps
+        token, out = int(request.token_ids[-1]), []
+        for _ in range(k):
+            x = ops.embed(model.embed_tokens, np.array([[token]], np.int64))
+            for block in self.blocks:
+                a = block.linear_attn
+                mixed, beta, g, z = a.project(ops.rms_norm(x, block.input_layernorm, eps, 1.0),
+                                              ops)
+                core = a.recur(mixed, beta, g, conv[block.slot], delta[block.slot], ops, 0)
+                h = x + a.gate_out(core, z, ops)
+                x = h + block.mlp(ops.rms_norm(h, block.post_attention_layernorm, eps, 1.0),
+                                  ops)
+            logits = model.logits(ops.rms_norm(x, model.norm, eps, 1.0))
+            token = int(np.argmax(logits.reshape(-1)))
+            out.append(token)
+        return Draft(out)
