@@ -4,6 +4,18 @@ T=0.7, 1 and 8 streams, with llama.cpp's prompt lookup as the peer.
     python bench/spec_decode.py --model qwen2.5-coder-1.5b --quant q8_0 \\
         --draft qwen2.5-coder-0.5b --draft-quant q8_0 [--tokens 256] [--streams 1,8]
     python bench/spec_decode.py --model smollm2-135m --quick        # smoke run
+    python bench/spec_decode.py --model qwen3_5 [--checkpoint DIR] [--quant q8_0]
+
+`--model qwen3_5` measures what decides whether Qwen3.5 self-drafting pays, at the 0.8B
+shape on the random-weight checkpoint of scripts/make_qwen3_5_checkpoint.py (default
+$LATTICE_HOME/bench/qwen3_5-0.8b-random; random weights make acceptance meaningless but
+costs honest): after a 64-token prompt, the time of one plain decode step (the fused C
+step), of one verify step of k + 1 tokens (k = 1 .. 4: the recorded forward and lm_head
+over k + 1 rows, then the cut back to one kept row), of one MTP draft token (the head's
+layer and the shared lm_head) and of one `self` draft token (the linear-attention blocks
+and the lm_head); medians of --runs. From those costs, the break-even acceptance rate a
+for each k: the a at which (1 + a + ... + a^k) tokens per (verify + k drafts) equal one
+token per plain step, and the speedup a 60% acceptance rate would give.
 
 Two prompt sets, 8 chat prompts each: input-grounded ones (edit or rewrite a given code
 file, summarize a passage quoting it: the n-gram drafter's case) and code-completion
@@ -225,6 +237,9 @@ def main() -> int:
     parser.add_argument("--peer-python", default=sys.executable,
                         help="python with llama-cpp-python installed (default: this one)")
     parser.add_argument("--peer-job", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None,
+                        help="--model qwen3_5: the 0.8B-shape checkpoint folder")
+    parser.add_argument("--runs", type=int, default=9, help="--model qwen3_5: timed runs")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 prompts per set, 24 tokens, 1 and 2 streams")
     add_results_option(parser)
@@ -238,6 +253,9 @@ def main() -> int:
     from lattice_engine.batching import BatchingOptions
     from lattice_engine.engine import Engine
     from lattice_engine.loading import set_threads
+    if args.model == "qwen3_5":
+        set_threads(args.threads)
+        return bench_qwen3_5(args)
     from lattice_engine.speculative import Speculation, SpeculativeOptions
 
     set_threads(args.threads)
@@ -302,6 +320,118 @@ def main() -> int:
           "draft": args.draft, "draft_quant": args.draft_quant, "tokens": args.tokens,
           "k": args.k, "rows": rows, "peer": peer, "load_average": os.getloadavg()},
          args.results, args.threads)
+    return 0
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens one verify of k drafts emits when each draft is kept with probability
+    `rate` given the ones before it: 1 + rate + ... + rate^k."""
+    return sum(rate ** j for j in range(k + 1))
+
+
+def break_even(plain: float, verify: float, draft: float, k: int) -> float | None:
+    """The acceptance rate at which speculation with k drafts equals plain decoding
+    (bisection on the monotone expected-tokens curve); None when even rate 1 loses."""
+    cost = verify + k * draft
+    if (k + 1) / cost < 1 / plain:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if expected_tokens(mid, k) / cost >= 1 / plain:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def bench_qwen3_5(args) -> int:
+    """Step costs of Qwen3.5 self-drafting at the 0.8B shape (see the module doc)."""
+    import statistics
+
+    import numpy as np
+
+    from lattice_engine.loading import load
+    from lattice_engine.quant.methods import QuantSpec
+    from lattice_engine.speculative import DraftRequest
+    from lattice_spec_decode.self_draft import SelfDrafter
+    from qwen3_5 import default_model, token_ids
+
+    path = args.checkpoint or str(default_model())
+    quant = args.quant or "q8_0"
+    model = load(path, quant=QuantSpec(quant)).model
+    vocab = model.config.vocab_size
+    prompt = np.array([token_ids(vocab, 64, seed=1)], np.int64)
+    nxt = token_ids(vocab, 8, seed=2)
+    runs = max(3, args.runs)
+
+    def timed(fn) -> float:
+        fn()  # warm-up (pages the weights in, builds the fused step)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    cache = model.make_cache(1, capacity=512)
+    model.forward(prompt, cache)
+    base = cache.snapshot()
+
+    def plain_step():
+        cache.restore(base)
+        model.forward(np.array([nxt[:1]], np.int64), cache, last_only=True)
+
+    def verify_step(rows: int):
+        def run():
+            cache.restore(base)
+            cache.record_next()
+            hidden = model.hidden_states(np.array([nxt[:rows]], np.int64), cache)
+            model.logits(hidden[0])
+            cache.truncate(base.offset + 1)
+        return run
+
+    plain = timed(plain_step)
+    verify = {k: timed(verify_step(k + 1)) for k in range(1, 5)}
+    rows = {"plain_step_ms": round(plain * 1e3, 3),
+            "verify_step_ms": {k + 1: round(v * 1e3, 3) for k, v in verify.items()}}
+    drafts = {}
+    if len(model.mtp_weights):
+        head = model.mtp_head()
+        hcache = head.make_cache()
+        hid = np.random.default_rng(0).standard_normal((1, model.config.hidden_size))
+        head.hidden([nxt[0]], hid.astype(np.float32), [63], hcache)
+
+        def mtp_token():
+            hcache.drop_from(64)
+            out = head.hidden([nxt[1]], hid.astype(np.float32), [64], hcache)
+            int(np.argmax(head.logits(out)[0]))
+        drafts["mtp"] = timed(mtp_token)
+    cache.restore(base)
+    self_drafter = SelfDrafter(model)
+    req = DraftRequest("bench", prompt[0].tolist() + nxt[:1], None, True,
+                       np.random.default_rng(0), vocab)
+    req.recurrent = [(c[0], d[0]) for c, d in zip(cache.conv, cache.delta)]
+    drafts["self"] = timed(lambda: self_drafter.propose(req, 1))
+    print(f"Qwen3.5 {Path(path).name}, {quant}, {args.threads} threads, medians of {runs} "
+          f"(load average {os.getloadavg()[0]:.2f}):")
+    print(f"  plain decode step        {plain * 1e3:8.2f} ms")
+    for k, v in verify.items():
+        print(f"  verify of k+1 = {k + 1} tokens  {v * 1e3:8.2f} ms  ({v / plain:.2f}x plain)")
+    table = {}
+    for name, cost in drafts.items():
+        rows[f"{name}_draft_token_ms"] = round(cost * 1e3, 3)
+        print(f"  {name:4s} draft token          {cost * 1e3:8.2f} ms  ({cost / plain:.2f}x plain)")
+        for k, v in verify.items():
+            even = break_even(plain, v, cost, k)
+            at60 = expected_tokens(0.6, k) / (v + k * cost) * plain
+            table[f"{name}_k{k}"] = {"break_even_acceptance": None if even is None
+                                     else round(even, 3), "speedup_at_0.6": round(at60, 3)}
+            print(f"    k={k}: break-even acceptance "
+                  f"{'never' if even is None else f'{even:.2f}'}, at 60%: {at60:.2f}x plain")
+    rows["drafters"] = table
+    emit({"bench": "spec_decode_qwen3_5", "checkpoint": Path(path).name, "quant": quant,
+          "runs": runs, **rows, "load_average": os.getloadavg()}, args.results, args.threads)
     return 0
 
 

@@ -36,7 +36,7 @@ def test_mtp_logits_match_the_torch_reference(reference, backend):
         tok = int(np.argmax(head.logits(last)[0]))
         assert tok == int(ref["chain_ids"][i])
         pos += 1
-        last = head.hidden([tok], last, [pos], cache)
+        last = head.hidden([tok], last, [pos], cache, chained=True)
         assert np.abs(head.logits(last)[0] - want).max() <= TOL
     # the same rows in two calls, after a chain rolled back: same logits
     cache.drop_from(int(ref["positions"][3]))

@@ -22,11 +22,17 @@ Positions: the MTP row that pairs h_t with x_{t+1} sits at position t (vLLM pass
 target's positions); its keys carry that rotary position, so the head's KV cache holds
 rows in order but need not hold every position (rotary attention only sees differences).
 
+Under QuaRot (residual basis) the target's hidden states and the lm_head's input are
+rotated; the rotated checkpoint folds the embedding half of fc and carries two H x H
+conversions the head applies (`lattice_quarot.fold._mtp`).
+
 Everything runs on the model's op set (the C kernels on the native backend): the matrices
 come from the model's own loader, so they take the checkpoint's weight format (q8_0, q4).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -70,16 +76,25 @@ class MTPHead:
         if layers != 1:
             raise CheckpointError(f"mtp_num_hidden_layers = {layers}: only one MTP layer "
                                   f"is supported (every released Qwen3.5 has one)")
-        if "quarot" in (w.checkpoint.config or {}):
-            raise CheckpointError("the MTP head does not run on a QuaRot-rotated checkpoint "
-                                  "yet (its hidden input needs the unrotated basis); disable "
-                                  "[quarot] or use another speculative method")
+        rotated = "quarot" in (w.checkpoint.config or {})
+        if rotated and not w.has(f"{PREFIX}.lattice_hidden_in.weight"):
+            raise CheckpointError("this QuaRot-rotated checkpoint carries no conversion for "
+                                  "its MTP head (mtp.lattice_hidden_in): update the quarot "
+                                  "plugin, or disable [quarot] for speculative mtp")
         self.model, self.ops = model, model.ops
         h = cfg.hidden_size
         self.eps = cfg.rms_norm_eps
         self.inv_freq = model.inv_freq
         from .base import Linear
         self.fc = Linear(w.matrix(f"{PREFIX}.fc.weight", (h, 2 * h), "linear"))
+        # QuaRot (residual basis, see lattice_quarot.fold._mtp): the target's hidden state
+        # and the shared lm_head's input live in the rotated basis, the head's layer not
+        self.hidden_in = self.head_in = None
+        if w.has(f"{PREFIX}.lattice_hidden_in.weight"):
+            self.hidden_in = Linear(w.matrix(f"{PREFIX}.lattice_hidden_in.weight", (h, h),
+                                             "linear"))
+            self.head_in = Linear(w.matrix(f"{PREFIX}.lattice_head_in.weight", (h, h),
+                                           "linear"))
         self.pre_fc_norm_embedding = w.vector(f"{PREFIX}.pre_fc_norm_embedding.weight", (h,))
         self.pre_fc_norm_hidden = w.vector(f"{PREFIX}.pre_fc_norm_hidden.weight", (h,))
         self.norm = w.vector(f"{PREFIX}.norm.weight", (h,))
@@ -87,16 +102,18 @@ class MTPHead:
         self.input_layernorm = w.vector(f"{p}.input_layernorm.weight", (h,))
         self.post_attention_layernorm = w.vector(f"{p}.post_attention_layernorm.weight", (h,))
         self.self_attn = GatedAttention(cfg, w, f"{p}.self_attn")
-        self.mlp = MLP(cfg, w, f"{p}.mlp")
+        # the model's online down_proj rotation (QuaRot) is folded into its own layers only
+        self.mlp = MLP(dataclasses.replace(cfg, lattice_online_rotation=None), w, f"{p}.mlp")
 
     def make_cache(self, capacity: int = 256) -> MTPCache:
         return MTPCache(self, capacity)
 
     def hidden(self, tokens: np.ndarray, hidden: np.ndarray, positions: np.ndarray,
-               cache: MTPCache) -> np.ndarray:
+               cache: MTPCache, chained: bool = False) -> np.ndarray:
         """The head's output states [T, H] (after `mtp.norm`) for rows pairing target
         hidden states [T, H] (after the final norm) at target positions [T] with the next
-        tokens [T]; appends the rows' keys and values to the cache."""
+        tokens [T]; appends the rows' keys and values to the cache. chained: `hidden` is
+        the head's own output (a chained draft), not the target's."""
         ops, eps = self.ops, self.eps
         tokens = np.asarray(tokens, np.int64).reshape(1, -1)
         t = tokens.shape[1]
@@ -111,6 +128,8 @@ class MTPHead:
                              f"drop_from() first")
         e = ops.rms_norm(ops.embed(self.model.embed_tokens, tokens), self.pre_fc_norm_embedding,
                          eps, 1.0)
+        if self.hidden_in is not None and not chained:
+            hidden = self.hidden_in(hidden, ops)
         hn = ops.rms_norm(hidden, self.pre_fc_norm_hidden, eps, 1.0)
         x = self.fc(np.concatenate([e, hn], axis=-1), ops)
         cos, sin = ops.rope_tables(positions, self.inv_freq)
@@ -128,4 +147,6 @@ class MTPHead:
 
     def logits(self, states: np.ndarray) -> np.ndarray:
         """The shared lm_head over the head's output states [T, H] -> [T, V]."""
+        if self.head_in is not None:
+            states = self.head_in(states, self.ops)
         return self.model.logits(states)

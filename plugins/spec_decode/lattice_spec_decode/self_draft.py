@@ -81,7 +81,7 @@ class MTPDrafter(RejectionVerifier):
             out.append(token)
             if i + 1 < k:
                 pos += 1
-                last = self.head.hidden([token], last, [pos], cache)
+                last = self.head.hidden([token], last, [pos], cache, chained=True)
         return Draft(out)
 
 
