@@ -4,10 +4,10 @@ layers (`layer_types`), with (1 + w) RMSNorms, partial rotary and tied embedding
 Loads both checkpoint layouts transformers writes: `Qwen3_5ForCausalLM` (model_type
 "qwen3_5_text", text weights under `model.*`) and `Qwen3_5ForConditionalGeneration`
 (model_type "qwen3_5", config under `text_config`, text weights under
-`model.language_model.*`, the vision tower under `model.visual.*`). The vision tower and the
-multi-token-prediction head (`mtp.*`) are not run here; they stay addressable through
-`Model.vision_weights` and `Model.mtp_weights` for the vision and speculative-decoding
-plugins.
+`model.language_model.*`, the vision tower under `model.visual.*`). The vision tower is not
+run here; it stays addressable through `Model.vision_weights` for the vision plugin. The
+multi-token-prediction head (`mtp.*`, `Model.mtp_weights`) is built on first use by
+`Model.mtp_head()` (qwen3_5_mtp.py) for the speculative-decoding plugin's `mtp` drafter.
 """
 
 from __future__ import annotations
