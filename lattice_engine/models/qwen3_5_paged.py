@@ -55,17 +55,21 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                          "sequence (make the cache with the model's make_paged_cache)")
     cos, sin = batch.rope(model)
     record = batch.record if batch.record is not None and model.num_linear else None
-    # a verify keeps the state after each of its rows: the per-kernel path below does that
-    # (the fused C step runs a multi-row sequence in the chunked form, keeping no trail);
-    # rows that take image embeddings need the per-kernel path too (it replaces the rows)
-    step = model._decode_step() if record is None and not batch.replaces else None
+    # rows that take image embeddings need the per-kernel path (it replaces the rows)
+    step = model._decode_step() if not batch.replaces else None
+    trails = {}
     if record is not None:
         for i in np.flatnonzero(record):
-            cache.recurrent.start_trail(int(batch.state_slots[i]),
-                                        int(q_start[i + 1] - q_start[i]))
+            slot = int(batch.state_slots[i])
+            cache.recurrent.start_trail(slot, int(q_start[i + 1] - q_start[i]))
+            # a verify keeps the state after each of its rows, in the fused step too
+            trails[int(i)] = [(cache.recurrent.trails[slot][2 * j][1:],
+                               cache.recurrent.trails[slot][2 * j + 1][1:])
+                              for j in range(model.num_linear)]
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values,
-                            cache.recurrent.arrays if cache.recurrent is not None else [])
+                            cache.recurrent.arrays if cache.recurrent is not None else [],
+                            trails)
         return model.logits(batch.keep_hidden(hidden[batch.logit_rows]))
     x = batch.replace_and_stack(ops.embed(model.embed_tokens, tokens[None, :]))  # [1, N, H]
     for index, block in enumerate(model.layers):
