@@ -145,8 +145,11 @@ class MTPHead:
         y = h + self.mlp(ops.rms_norm(h, self.post_attention_layernorm, eps, 1.0), ops)
         return ops.rms_norm(y, self.norm, eps, 1.0)[0]
 
-    def logits(self, states: np.ndarray) -> np.ndarray:
-        """The shared lm_head over the head's output states [T, H] -> [T, V]."""
+    def logits(self, states: np.ndarray, head=None) -> np.ndarray:
+        """The shared lm_head over the head's output states [T, H] -> [T, V]; `head`: a
+        prefix of its rows instead (a drafter's reduced vocabulary) -> [T, rows]."""
         if self.head_in is not None:
             states = self.head_in(states, self.ops)
+        if head is not None:
+            return self.ops.matmul(states, head)
         return self.model.logits(states)

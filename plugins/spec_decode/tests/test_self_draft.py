@@ -27,9 +27,11 @@ def engine(tmp_path_factory):
     return Engine.load(str(tiny_model("qwen3_5_vl", tmp_path_factory.mktemp("q35"))))
 
 
+@pytest.mark.parametrize("vocab", [None, 64])
 @pytest.mark.parametrize("method", METHODS)
-def test_single_request_equals_plain(engine, method):
-    spec = {"method": method, "num_draft_tokens": 3, "adaptive": False}
+def test_single_request_equals_plain(engine, method, vocab):
+    spec = {"method": method, "num_draft_tokens": 3, "adaptive": False,
+            "options": {} if vocab is None else {"draft_vocab": vocab}}
     for prompt in PROMPTS:
         plain = engine.generate(prompt, max_tokens=40, speculative=False)
         got = engine.generate(prompt, max_tokens=40, speculative=spec)
@@ -87,6 +89,19 @@ def test_mtp_rows_pair_hidden_token_and_position(engine):
     assert np.abs(cache.kv.values[0][0, :3] - fresh.kv.values[0][0, :3]).max() <= 1e-4
 
 
+def test_draft_vocab_drafts_among_the_first_ids(engine):
+    model = engine.model
+    cache = model.make_cache(1)
+    model.forward(np.array([[1, 2, 3, 4]]), cache)
+    req = DraftRequest("r", [1, 2, 3, 4, 5], None, True, np.random.default_rng(0), 256)
+    req.recurrent = [(c[0], d[0]) for c, d in zip(cache.conv, cache.delta)]
+    assert all(t < 32 for t in SelfDrafter(model, draft_vocab=32).propose(req, 6).tokens)
+    hidden = model.hidden_states(np.array([[1, 2, 3, 4, 5]]), model.make_cache(1))[0]
+    req = DraftRequest("m", [1, 2, 3, 4, 5, 6], None, True, np.random.default_rng(0), 256)
+    req.hidden = hidden[-1:]
+    assert all(t < 32 for t in MTPDrafter(model, draft_vocab=32).propose(req, 6).tokens)
+
+
 def test_self_draft_leaves_the_target_state_alone(engine):
     model = engine.model
     cache = model.make_cache(1)
@@ -103,9 +118,14 @@ def test_misuse_is_a_clear_error(models, engine):
     for method in METHODS:
         with pytest.raises(RequestError, match="Qwen3.5"):
             llama.generate("hi", max_tokens=2, speculative={"method": method})
-        with pytest.raises(RequestError, match="takes none"):
+        with pytest.raises(RequestError, match="takes: draft_vocab"):
             engine.generate("hi", max_tokens=2,
                             speculative={"method": method, "options": {"x": 1}})
+        for bad in (8, 24, 512, "64"):
+            with pytest.raises(RequestError, match="draft_vocab = .* multiple of 16 in "
+                                                   r"\[16, 256\]"):
+                engine.generate("hi", max_tokens=2,
+                                speculative={"method": method, "options": {"draft_vocab": bad}})
     no_mtp = Engine.load(str(models["qwen3_5_text"]))
     with pytest.raises(RequestError, match="no MTP head"):
         no_mtp.generate("hi", max_tokens=2, speculative={"method": "mtp"})
