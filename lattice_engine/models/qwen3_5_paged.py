@@ -13,7 +13,9 @@ result depends on where its chunks start. The scheduler starts prefill chunks on
 boundaries (for the state snapshots), so the delta rule runs with chunks of block_size
 tokens: they then always start at multiples of block_size, whatever the chunking, and
 the state handed from one call to the next is the float32 state a single call would
-carry (checked bit for bit in the tests). Decode rows run the recurrent form.
+carry (checked bit for bit in the tests). Decode rows run the recurrent form, and so do a
+speculative verify's rows (`batch.record`), which also leave the state after each row in
+the slot's trail (fused step and per-kernel path alike) for `RecurrentStateSlots.rollback`.
 """
 
 from __future__ import annotations
