@@ -1,13 +1,15 @@
 """Qwen3.5 speed at the 0.8B shape: lattice (F16, Q8_0) next to transformers float32 and,
 when its converter accepts the model, llama.cpp, on the same random weights, same run.
 
-    python bench/qwen3_5.py [--model DIR] [--quant f16 --quant q8_0] [--peer transformers]
+    python bench/qwen3_5.py [--model DIR] [--quant f16 --quant q8_0 --quant q4_asym ...]
+                            [--peer transformers]
                             [--peer llama.cpp] [--threads 2] [--runs 3]
 
 DIR is the checkpoint of scripts/make_qwen3_5_checkpoint.py (default
 $LATTICE_HOME/bench/qwen3_5-0.8b-random). Random weights have no tokenizer, so prompts are
 fixed pseudo-random token ids (speed does not depend on which ids). Every engine runs in its
-own subprocess. llama.cpp reads DIR/f16.gguf and DIR/q8_0.gguf (bench/qwen3_5_gguf.py).
+own subprocess. llama.cpp reads DIR/f16.gguf, q8_0.gguf, q4_0.gguf (beside lattice q4_sym) and
+q4_1.gguf (beside q4_asym), made by bench/qwen3_5_gguf.py.
 - decode tok/s by the slope method: T(N) = prefill a 16-token prompt + N greedy tokens;
   decode = (N2 - N1) / (T(N2) - T(N1)), medians of --runs.
 - prefill tok/s: one 512-token prompt in one call, median of --runs.
@@ -33,6 +35,10 @@ import numpy as np
 from provenance import add_results_option, emit, peak_rss_mb  # bench/, next to this file
 
 SHORT_PROMPT, PROMPT_TOKENS = 16, 512
+# llama.cpp's file compared with each lattice format (bench/qwen3_5_gguf.py makes them): the
+# 4-bit formats face the llama.cpp type of the same shape (q4_sym: 32-value blocks with one
+# scale, Q4_0; q4_asym: a scale and a minimum, Q4_1); f32 has no llama.cpp row here.
+PEER_GGUF = {"f32": None, "f16": "f16", "q8_0": "q8_0", "q4_sym": "q4_0", "q4_asym": "q4_1"}
 
 
 def default_model() -> Path:
@@ -172,7 +178,7 @@ def run_worker(argv: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(default_model()))
-    parser.add_argument("--quant", action="append", choices=("f32", "f16", "q8_0"))
+    parser.add_argument("--quant", action="append", choices=tuple(PEER_GGUF))
     parser.add_argument("--peer", action="append", choices=("transformers", "llama.cpp"))
     parser.add_argument("--gguf", default=None, help="llama.cpp's GGUF of the same weights")
     parser.add_argument("--threads", type=int, default=2)
@@ -204,7 +210,9 @@ def main() -> int:
             results[peer] = run_worker(base + ["--worker", peer])
             continue
         for quant in args.quant or ["f16", "q8_0"]:  # GGUFs from bench/qwen3_5_gguf.py
-            gguf = Path(args.model) / f"{quant}.gguf"
+            if PEER_GGUF[quant] is None:
+                continue
+            gguf = Path(args.model) / f"{PEER_GGUF[quant]}.gguf"
             results[f"llama.cpp {quant}"] = (
                 run_worker(base + ["--gguf", str(gguf), "--worker", peer]) if gguf.exists()
                 else {"error": f"{gguf} is missing; make it with bench/qwen3_5_gguf.py"})

@@ -1,6 +1,7 @@
 """What the tied lm_head's format costs: perplexity and speed of each choice, in one run.
 
     python bench/tied_head.py [--model smollm2-135m] [--max-tokens 32768] [--no-speed]
+                              [--method q8_0 --method q4_asym ...]
 
 With a random-weight fixture that has no tokenizer (e.g. tests/fixtures/qwen3_5_text), only
 the logit differences are measured, on 256 random tokens.
@@ -34,14 +35,18 @@ from provenance import provenance  # noqa: E402
 ROOT = HERE.parent
 WIKITEXT = ROOT / "data" / "wikitext-2" / "wiki.test.raw"
 
-CHOICES = [
-    ("f32", "f32", {}),
-    ("q8_0 + tied f16", "q8_0", {}),
-    ("q8_0 + tied q8_0", "q8_0", {"model.embed_tokens.weight": "q8_0"}),
+TABLE = "model.embed_tokens.weight"
+
+
+def choices(methods: list[str]) -> list[tuple[str, str, dict]]:
+    """(label, method, overrides) for each row; the table's format is always named, so rows
+    mean the same whatever a method's default is."""
+    rows = [("f32", "f32", {})]
+    for method in methods:
+        rows += [(f"{method} + tied {fmt}", method, {TABLE: fmt}) for fmt in ("f16", "q8_0")]
     # the table's own error, every other matrix float32
-    ("f32 + tied f16", "f32", {"model.embed_tokens.weight": "f16"}),
-    ("f32 + tied q8_0", "f32", {"model.embed_tokens.weight": "q8_0"}),
-]
+    rows += [(f"f32 + tied {fmt}", "f32", {TABLE: fmt}) for fmt in ("f16", "q8_0")]
+    return rows
 
 
 def decode_speed(model, prompt: np.ndarray, steps: int = 128, repeats: int = 3) -> float:
@@ -68,11 +73,14 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32768)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-speed", action="store_true", help="perplexity and logits only")
+    ap.add_argument("--method", action="append",
+                    help="quant methods whose table choices are compared (default q8_0; "
+                         "q4_sym / q4_asym with lattice-quant-q4)")
     args = ap.parse_args()
     set_threads(args.threads)
 
     reference_logits, reference_ppl = None, None
-    for label, method, overrides in CHOICES:
+    for label, method, overrides in choices(args.method or ["q8_0"]):
         loaded = load(args.model, quant=QuantSpec(method, overrides))
         model = loaded.model
         if not model.config.tie_word_embeddings:
