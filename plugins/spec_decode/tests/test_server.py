@@ -72,7 +72,8 @@ def test_the_speculative_field_selects_per_request(server):
 
 @pytest.mark.parametrize("choice, message", [
     ({"method": "draft_model"}, "'speculative.method' = 'draft_model' is not available to a "
-                                "request on this server; choices: ngram"),
+                                "request on this server; choices: mtp, ngram, self"),
+    ({"method": "mtp"}, "speculative method 'mtp' drafts with a Qwen3.5 model's own layers"),
     ({"method": "ngram", "num_draft_tokens": 0}, "num_draft_tokens=0 is out of range"),
     ({"method": "ngram", "options": {"prompt_lookup_max": 0}},
      "prompt_lookup_max = 0 is out of range"),
