@@ -82,15 +82,21 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
 
 
 def kernel_state(threads: int | None = None) -> dict:
-    """The native kernel variant, whether q8_0 runs in the q8_0_r16 layout, and the thread
+    """The native kernel variant, whether q8_0 runs in the q8_0_r16 layout (and the q4
+    formats in their _r16 layouts, with lattice-quant-q4), and the thread
     count (`threads` when the bench sets it in its worker processes, else this process's)."""
     from lattice_engine import kernels
     from lattice_engine.quant.core_formats import r16_pays
 
+    try:  # the 4-bit formats' _r16 layout, when the lattice-quant-q4 plugin is installed
+        from lattice_quant_q4.kernels import r16_pays as q4_r16_pays
+        q4 = {"q4_r16": q4_r16_pays()}
+    except ImportError:
+        q4 = {}
     if not kernels.available():
-        return {"kernels": kernels.variant(), "q8_0_r16": False, "threads": threads}
+        return {"kernels": kernels.variant(), "q8_0_r16": False, "threads": threads, **q4}
     return {"kernels": kernels.variant(), "q8_0_r16": r16_pays(),
-            "threads": threads if threads is not None else kernels.threads()}
+            "threads": threads if threads is not None else kernels.threads(), **q4}
 
 
 def environment(env: dict | None = None) -> dict:

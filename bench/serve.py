@@ -9,8 +9,22 @@ Measures, on one server:
 - time to first token of a request whose --prefix-tokens-token prefix is cold, then of a
   second request sharing that prefix (prefix-cache hit), median of --repeats salted pairs;
 - inter-token latency of --itl-streams running streams before and while a
-  --long-prompt-token prompt is prefilled in chunks.
+  --long-prompt-token prompt is prefilled in chunks, and that prompt's time to first token
+  against a prompt of the same length on the idle server (other text, so no prefix hit).
 Prints one line per figure, then (as its very last line) one JSON object.
+
+    python bench/serve.py --replicas 2 [--routing prefix|round-robin|both]
+
+runs `lattice serve --replicas` (Ray Serve, the `ray` extra) instead and measures:
+- prefix routing: --groups groups of --group-size requests, each group sharing a
+  --group-prefix-tokens-token prefix (cold: salted per run), sent one at a time in a
+  shuffled order; the share of the second-and-later requests of each group whose prompt
+  was served from a replica's prefix cache (the response's usage.prompt_tokens_details.
+  cached_tokens covering the shared prefix's full blocks; the replicas' /metrics hit
+  tokens printed beside), under prefix routing and under round-robin;
+- aggregate decode throughput at --streams of N replicas x --threads threads against 1
+  replica x N*threads threads (both on Ray Serve, same ingress), prompts shorter than one
+  KV block so placement is by load alone.
 
 The streams are read with the standard library (one JSON parse per server-sent event), not
 the openai client: its per-chunk model objects cost ~0.3 ms of Python each, and on a
@@ -63,15 +77,24 @@ def load_tokenizer(model: str):
 
 
 class Server:
-    def __init__(self, args):
+    def __init__(self, args, replicas: int | None = None, threads: int | None = None,
+                 routing: str = "prefix"):
+        """`lattice serve` of args.model; with `replicas`, that many replicas of `threads`
+        threads each on Ray Serve (a local cluster of the subprocess's own)."""
         self.port = free_port()
+        threads = threads or args.threads
         cmd = [sys.executable, "-m", "lattice_engine.cli", "serve", args.model,
-               "--quant", args.quant, "--port", str(self.port), "--threads", str(args.threads),
+               "--quant", args.quant, "--port", str(self.port),
                "--kv-cache-tokens", str(args.kv_cache_tokens),
                "--max-running", str(max(args.streams + [args.itl_streams]) + 2),
                "--step-tokens", str(args.step_tokens),
                "--interleave-tokens", str(args.interleave_tokens),
                "--max-itl-rise", str(args.max_itl_rise), "--log-level", "warning"]
+        if replicas is None:
+            cmd += ["--threads", str(threads)]
+        else:
+            cmd += ["--replicas", str(replicas), "--threads-per-replica", str(threads),
+                    "--routing", routing]
         self.proc = subprocess.Popen(cmd)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 600
@@ -83,6 +106,15 @@ class Server:
                 if self.proc.poll() is not None or time.time() > deadline:
                     raise SystemExit(f"the server did not start: {' '.join(cmd)}")
                 time.sleep(0.5)
+        while replicas is not None:  # /health answers once one replica is up: wait for all
+            listed = json.loads(urllib.request.urlopen(self.base + "/internal/replicas",
+                                                       timeout=30).read())["replicas"]
+            if len(listed) >= replicas:
+                break
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"{len(listed)} of {replicas} replicas started: "
+                                 f"{' '.join(cmd)}")
+            time.sleep(1)
         self.client = None
         if args.client == "openai":
             import openai
@@ -94,6 +126,26 @@ class Server:
         text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
         return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
                                          if line and not line.startswith("#"))}
+
+    def metric_by_replica(self, name: str) -> dict[str, float]:
+        """A metric of the replicas behind a Ray Serve ingress, by replica label."""
+        return {k.split('replica="')[1].split('"')[0]: v for k, v in self.metrics().items()
+                if k.startswith(name + "{")}
+
+    def complete(self, prompt_ids, max_tokens: int = 1) -> dict:
+        """One non-streaming completion: its JSON response."""
+        body = json.dumps({"model": self.model, "prompt": list(prompt_ids),
+                           "max_tokens": max_tokens, "temperature": 0})
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1200)
+        try:
+            conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+            return json.loads(data)
+        finally:
+            conn.close()
 
     def stream(self, prompt_ids, max_tokens: int, stamps: list, start: threading.Event = None):
         """One streaming completion; appends the arrival time of each token chunk."""
@@ -125,11 +177,12 @@ class Server:
             conn.close()
 
     def stop(self) -> float | None:
-        """Stop the server; returns its peak RSS in MB (None where it cannot be read)."""
+        """Stop the server; returns its peak RSS in MB (None where it cannot be read; with
+        replicas, the driver's alone)."""
         peak = peak_rss_mb(self.proc.pid)
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=60)  # with replicas: it stops its Ray cluster first
         except subprocess.TimeoutExpired:
             self.proc.kill()
         return peak
@@ -144,8 +197,9 @@ def corpus_ids(tok, n_tokens: int, offset: int = 0) -> list[int]:
     return ids[:n_tokens]
 
 
-def throughput(server: Server, tok, streams: int, gen_tokens: int) -> dict:
-    prompts = [corpus_ids(tok, 32, offset=100 + i) for i in range(streams)]
+def throughput(server: Server, tok, streams: int, gen_tokens: int,
+               prompt_tokens: int = 32) -> dict:
+    prompts = [corpus_ids(tok, prompt_tokens, offset=100 + i) for i in range(streams)]
     stamps = [[] for _ in range(streams)]
     go = threading.Event()
     threads = [threading.Thread(target=server.stream, args=(p, gen_tokens, s, go))
@@ -236,6 +290,87 @@ def itl_under_prefill(server: Server, tok, streams: int, long_tokens: int,
     return result, threads
 
 
+BLOCK_SIZE = 16  # `lattice serve`'s default server.block_size
+
+
+def prefix_routing(server: Server, tok, groups: int, size: int, prefix_tokens: int) -> dict:
+    """Requests in groups sharing a cold prefix, one at a time in a shuffled order: the
+    share of each group's second-and-later requests whose prompt came from a prefix cache."""
+    rng = random.Random(0)
+    salt = random.Random().randrange(1000, 20000)  # cold prefixes on every run
+    prefixes = [[salt + g] + corpus_ids(tok, prefix_tokens - 1, offset=40 + 13 * g)
+                for g in range(groups)]
+    order = [(g, k) for g in range(groups) for k in range(size)]
+    rng.shuffle(order)
+    full = prefix_tokens // BLOCK_SIZE * BLOCK_SIZE  # the cacheable part of the prefix
+    before = server.metric_by_replica("lattice_prefix_cache_hit_tokens_total")
+    received0 = server.metric_by_replica("lattice_requests_received_total")
+    seen: set[int] = set()
+    later = hits = 0
+    for g, k in order:
+        prompt = prefixes[g] + corpus_ids(tok, 24, offset=3000 + 31 * g + k)
+        usage = server.complete(prompt)["usage"]
+        cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        if g in seen:
+            later += 1
+            hits += cached >= full
+        seen.add(g)
+    after = server.metric_by_replica("lattice_prefix_cache_hit_tokens_total")
+    received = server.metric_by_replica("lattice_requests_received_total")
+    return {"groups": groups, "group_size": size, "prefix_tokens": prefix_tokens,
+            "later_requests": later, "later_hits": hits,
+            "hit_rate": round(hits / later, 4) if later else None,
+            "metrics_hit_tokens": int(sum(after.values()) - sum(before.values())),
+            "requests_by_replica": sorted(int(v - received0.get(r, 0))
+                                          for r, v in received.items())}
+
+
+def replicas_main(args, tok, result: dict) -> None:
+    """The --replicas N measurements (see the module doc)."""
+    routings = ("prefix", "round-robin") if args.routing == "both" else (args.routing,)
+    skip = set(args.skip.split(","))
+    if "prefix" not in skip:
+        rows = {}
+        for routing in routings:
+            server = Server(args, args.replicas, args.threads, routing)
+            try:
+                rows[routing] = r = prefix_routing(server, tok, args.groups, args.group_size,
+                                                   args.group_prefix_tokens)
+            finally:
+                server.stop()
+            print(f"{routing} routing over {args.replicas} replicas: {r['later_hits']}/"
+                  f"{r['later_requests']} later requests of {r['groups']} groups sharing "
+                  f"{r['prefix_tokens']}-token prefixes hit the prefix cache "
+                  f"({r['hit_rate']:.0%}; {r['metrics_hit_tokens']} hit tokens in the "
+                  f"replicas' /metrics; requests per replica {r['requests_by_replica']})  "
+                  f"(load {os.getloadavg()[0]:.2f})")
+        result["prefix_routing"] = rows
+    if "throughput" not in skip:
+        rows = {}
+        for label, count, threads in ((f"{args.replicas}x{args.threads}", args.replicas,
+                                       args.threads),
+                                      (f"1x{args.replicas * args.threads}", 1,
+                                       args.replicas * args.threads)):
+            server = Server(args, count, threads, routings[0])
+            try:
+                server.stream(corpus_ids(tok, 8), 4, [])  # warm-up
+                rows[label] = r = throughput(server, tok, args.streams[-1], args.gen_tokens,
+                                             prompt_tokens=BLOCK_SIZE - 4)
+                r["requests_by_replica"] = sorted(
+                    int(v) for v in server.metric_by_replica(
+                        "lattice_requests_received_total").values())
+            finally:
+                server.stop()
+            print(f"{label} (replicas x threads), {r['streams']} streams: "
+                  f"{r['aggregate_tok_s']} tok/s aggregate, {r['per_stream_tok_s']} tok/s per "
+                  f"stream; requests per replica {r['requests_by_replica']}  "
+                  f"(load {os.getloadavg()[0]:.2f})")
+        a, b = rows.values()
+        result["replica_throughput"] = rows
+        result["replicas_over_threads"] = round(a["aggregate_tok_s"] / b["aggregate_tok_s"], 3)
+        print(f"aggregate decode ratio {' / '.join(rows)}: {result['replicas_over_threads']}x")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -254,16 +389,32 @@ def main(argv=None) -> int:
                    help="the server's prefill pacing target (0: off, fixed interleave)")
     p.add_argument("--client", choices=("http", "openai"), default="http",
                    help="how the streams are read (see the module doc)")
-    p.add_argument("--skip", default="", help="comma-separated: throughput,ttft,itl")
+    p.add_argument("--skip", default="",
+                   help="comma-separated: throughput,ttft,itl (with --replicas: prefix,"
+                        "throughput)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="replicas on Ray Serve (lattice serve --replicas; --threads each): "
+                        "prefix routing and replicas-vs-threads throughput instead")
+    p.add_argument("--routing", choices=("prefix", "round-robin", "both"), default="both",
+                   help="with --replicas: the routing(s) the prefix measurement runs")
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=5)
+    p.add_argument("--group-prefix-tokens", type=int, default=500)
     add_results_option(p)
     args = p.parse_args(argv)
     args.streams = [int(s) for s in args.streams.split(",") if s]
     skip = set(args.skip.split(","))
     tok = load_tokenizer(args.model)
-    server = Server(args)
     result = {"model": args.model, "quant": args.quant, "threads": args.threads, "client": args.client,
               "interleave_tokens": args.interleave_tokens, "max_itl_rise": args.max_itl_rise,
               "load_avg_start": os.getloadavg()[0]}
+    if args.replicas is not None:
+        result.update(replicas=args.replicas, routing=args.routing)
+        replicas_main(args, tok, result)
+        result["load_avg_end"] = os.getloadavg()[0]
+        emit(result, args.results, args.threads)
+        return 0
+    server = Server(args)
     try:
         server.stream(corpus_ids(tok, 16), 4, [])  # warm-up
         if "throughput" not in skip:
@@ -287,11 +438,20 @@ def main(argv=None) -> int:
                   f"(load {os.getloadavg()[0]:.2f})")
             result["ttft"] = t
         if "itl" not in skip:
+            # the same length of prompt on an idle server first (other text: no prefix hit)
+            alone: list[float] = []
+            start = time.perf_counter()
+            server.stream(corpus_ids(tok, args.long_prompt_tokens, offset=2900), 1, alone)
+            alone_s = alone[0] - start
             r, _ = itl_under_prefill(server, tok, args.itl_streams, args.long_prompt_tokens, 3.0)
+            r["prefill_alone_s"] = round(alone_s, 3)
+            r["prefill_over_alone"] = round(r["prefill_s"] / alone_s, 3)
             print(f"ITL of {r['streams']} streams: {r['itl_before_ms']} ms before, "
                   f"{r['itl_during_ms']} ms (p90 {r['itl_during_p90_ms']}) while a "
                   f"{r['long_prompt_tokens']}-token prompt prefilled in {r['prefill_s']} s: "
                   f"{r['itl_rise']}x  (load {os.getloadavg()[0]:.2f})")
+            print(f"  that prompt's first token: {r['prefill_s']} s while {r['streams']} streams "
+                  f"decode, {r['prefill_alone_s']} s alone: {r['prefill_over_alone']}x")
             print(f"  server: {r['server_steps_during']} steps; pacer decode step "
                   f"{r['pacer_decode_step_ms']} ms, prefill token {r['pacer_token_ms']} ms, "
                   f"budget {r['pacer_budget_tokens']} tokens")

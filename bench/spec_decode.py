@@ -4,6 +4,21 @@ T=0.7, 1 and 8 streams, with llama.cpp's prompt lookup as the peer.
     python bench/spec_decode.py --model qwen2.5-coder-1.5b --quant q8_0 \\
         --draft qwen2.5-coder-0.5b --draft-quant q8_0 [--tokens 256] [--streams 1,8]
     python bench/spec_decode.py --model smollm2-135m --quick        # smoke run
+    python bench/spec_decode.py --model qwen3_5 [--checkpoint DIR] [--quant q8_0]
+
+`--model qwen3_5` measures what decides whether Qwen3.5 self-drafting pays, at the 0.8B
+shape on the random-weight checkpoint of scripts/make_qwen3_5_checkpoint.py (default
+$LATTICE_HOME/bench/qwen3_5-0.8b-random; random weights make acceptance meaningless but
+costs honest): after a 64-token prompt, the time of one plain decode step and of one
+verify step of k + 1 tokens (k = 1 .. 4: the forward over k + 1 rows keeping each row's
+recurrent state, the lm_head over them, the rollback to one kept row), under continuous
+batching (the fused C step, `lk_qwen35_step_paged_trail`) and for one request over the
+dense cache (plain: the fused step; verify: the per-kernel path), of one MTP draft token
+(the head's layer and the shared lm_head) and of one `self` draft token (the
+linear-attention blocks and the lm_head), each also over a --draft-vocab prefix of the
+lm_head (the drafters' draft_vocab option); medians of --runs. From those costs, the break-even acceptance rate a
+for each k: the a at which (1 + a + ... + a^k) tokens per (verify + k drafts) equal one
+token per plain step, and the speedup a 60% acceptance rate would give.
 
 Two prompt sets, 8 chat prompts each: input-grounded ones (edit or rewrite a given code
 file, summarize a passage quoting it: the n-gram drafter's case) and code-completion
@@ -225,6 +240,12 @@ def main() -> int:
     parser.add_argument("--peer-python", default=sys.executable,
                         help="python with llama-cpp-python installed (default: this one)")
     parser.add_argument("--peer-job", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", default=None,
+                        help="--model qwen3_5: the 0.8B-shape checkpoint folder")
+    parser.add_argument("--runs", type=int, default=9, help="--model qwen3_5: timed runs")
+    parser.add_argument("--draft-vocab", type=int, default=32768,
+                        help="--model qwen3_5: also time drafts over the first N token ids "
+                             "(the drafters' draft_vocab option)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 prompts per set, 24 tokens, 1 and 2 streams")
     add_results_option(parser)
@@ -238,6 +259,9 @@ def main() -> int:
     from lattice_engine.batching import BatchingOptions
     from lattice_engine.engine import Engine
     from lattice_engine.loading import set_threads
+    if args.model == "qwen3_5":
+        set_threads(args.threads)
+        return bench_qwen3_5(args)
     from lattice_engine.speculative import Speculation, SpeculativeOptions
 
     set_threads(args.threads)
@@ -302,6 +326,169 @@ def main() -> int:
           "draft": args.draft, "draft_quant": args.draft_quant, "tokens": args.tokens,
           "k": args.k, "rows": rows, "peer": peer, "load_average": os.getloadavg()},
          args.results, args.threads)
+    return 0
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens one verify of k drafts emits when each draft is kept with probability
+    `rate` given the ones before it: 1 + rate + ... + rate^k."""
+    return sum(rate ** j for j in range(k + 1))
+
+
+def break_even(plain: float, verify: float, draft: float, k: int) -> float | None:
+    """The acceptance rate at which speculation with k drafts equals plain decoding
+    (bisection on the monotone expected-tokens curve); None when even rate 1 loses."""
+    cost = verify + k * draft
+    if (k + 1) / cost < 1 / plain:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if expected_tokens(mid, k) / cost >= 1 / plain:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def bench_qwen3_5(args) -> int:
+    """Step costs of Qwen3.5 self-drafting at the 0.8B shape (see the module doc)."""
+    import statistics
+
+    import numpy as np
+
+    from lattice_engine.loading import load
+    from lattice_engine.quant.methods import QuantSpec
+    from lattice_engine.speculative import DraftRequest
+    from lattice_spec_decode.self_draft import SelfDrafter, head_prefix
+    from qwen3_5 import default_model, token_ids
+
+    path = args.checkpoint or str(default_model())
+    quant = args.quant or "q8_0"
+    model = load(path, quant=QuantSpec(quant)).model
+    vocab = model.config.vocab_size
+    prompt = np.array([token_ids(vocab, 64, seed=1)], np.int64)
+    nxt = token_ids(vocab, 8, seed=2)
+    runs = max(3, args.runs)
+
+    def timed(fn, setup=None) -> float:
+        for _ in range(2):  # warm-up (pages the weights in, builds the fused step)
+            setup and setup()
+            fn()
+        times = []
+        for _ in range(runs):
+            setup and setup()
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    cache = model.make_cache(1, capacity=512)
+    model.forward(prompt, cache)
+    base = cache.snapshot()
+
+    def plain_step():
+        cache.restore(base)
+        model.forward(np.array([nxt[:1]], np.int64), cache, last_only=True)
+
+    def verify_step(rows: int):
+        def run():
+            cache.restore(base)
+            cache.record_next()
+            hidden = model.hidden_states(np.array([nxt[:rows]], np.int64), cache)
+            model.logits(hidden[0])
+            cache.truncate(base.offset + 1)
+        return run
+
+    dense_plain = timed(plain_step)
+    dense_verify = {k: timed(verify_step(k + 1)) for k in range(1, 5)}
+
+    # continuous batching (the serving path): one sequence in the paged cache; plain is
+    # the fused C step of one row, a verify the fused step of k + 1 rows that keeps each
+    # row's recurrent state (lk_qwen35_step_paged_trail) and the rollback to one kept row
+    from lattice_engine.cache import SequenceBlocks
+    from lattice_engine.models.paged_forward import PagedBatch
+    pcache = model.make_paged_cache(num_blocks=16, block_size=16, max_sequences=1)
+    seq = SequenceBlocks()
+    pcache.reserve(seq, 80)
+    seq.state_slot = pcache.recurrent.acquire()
+    model.forward_paged(PagedBatch.build(pcache, [(seq, prompt[0].tolist(), 0, True)]), pcache)
+    saved = [a[seq.state_slot].copy() for a in pcache.recurrent.arrays]
+
+    def reset():
+        for a, b in zip(pcache.recurrent.arrays, saved):
+            a[seq.state_slot] = b
+
+    def paged_plain():
+        model.forward_paged(PagedBatch.build(pcache, [(seq, nxt[:1], 64, True)]), pcache)
+
+    def paged_verify(rows: int):
+        def run():
+            model.forward_paged(PagedBatch.build(pcache, [(seq, nxt[:rows], 64, rows)]),
+                                pcache)
+            pcache.recurrent.rollback(seq.state_slot, 1)
+        return run
+
+    plain = timed(paged_plain, reset)
+    verify = {k: timed(paged_verify(k + 1), reset) for k in range(1, 5)}
+    rows = {"plain_step_ms": round(plain * 1e3, 3),
+            "verify_step_ms": {k + 1: round(v * 1e3, 3) for k, v in verify.items()},
+            "fused_verify": model._decode_step() is not None,
+            "dense_plain_step_ms": round(dense_plain * 1e3, 3),
+            "dense_verify_step_ms": {k + 1: round(v * 1e3, 3)
+                                     for k, v in dense_verify.items()}}
+    drafts = {}
+    small = head_prefix(model, args.draft_vocab) if args.draft_vocab < vocab else None
+    if len(model.mtp_weights):
+        head = model.mtp_head()
+        hcache = head.make_cache()
+        hid = np.random.default_rng(0).standard_normal((1, model.config.hidden_size))
+        head.hidden([nxt[0]], hid.astype(np.float32), [63], hcache)
+
+        def mtp_token(rows=None):
+            def run():
+                hcache.drop_from(64)
+                out = head.hidden([nxt[1]], hid.astype(np.float32), [64], hcache)
+                int(np.argmax(head.logits(out, rows)[0]))
+            return run
+        drafts["mtp"] = timed(mtp_token())
+        if small is not None:
+            drafts[f"mtp/{args.draft_vocab}"] = timed(mtp_token(small))
+    cache.restore(base)
+    self_drafter = SelfDrafter(model)
+    self_small = SelfDrafter(model, args.draft_vocab) if small is not None else None
+    req = DraftRequest("bench", prompt[0].tolist() + nxt[:1], None, True,
+                       np.random.default_rng(0), vocab)
+    req.recurrent = [(c[0], d[0]) for c, d in zip(cache.conv, cache.delta)]
+    drafts["self"] = timed(lambda: self_drafter.propose(req, 1))
+    if self_small is not None:
+        drafts[f"self/{args.draft_vocab}"] = timed(lambda: self_small.propose(req, 1))
+    print(f"Qwen3.5 {Path(path).name}, {quant}, {args.threads} threads, medians of {runs} "
+          f"(load average {os.getloadavg()[0]:.2f}):")
+    print(f"  continuous batching (fused C step{'' if rows['fused_verify'] else ' unavailable'}):")
+    print(f"  plain decode step        {plain * 1e3:8.2f} ms")
+    for k, v in verify.items():
+        print(f"  verify of k+1 = {k + 1} tokens  {v * 1e3:8.2f} ms  ({v / plain:.2f}x plain)")
+    print(f"  one request (dense cache; the verify on the per-kernel path):")
+    print(f"  plain decode step        {dense_plain * 1e3:8.2f} ms")
+    for k, v in dense_verify.items():
+        print(f"  verify of k+1 = {k + 1} tokens  {v * 1e3:8.2f} ms  ({v / dense_plain:.2f}x "
+              f"plain)")
+    print("  drafting, against the continuous-batching costs:")
+    table = {}
+    for name, cost in drafts.items():
+        rows[f"{name}_draft_token_ms"] = round(cost * 1e3, 3)
+        print(f"  {name:10s} draft token    {cost * 1e3:8.2f} ms  ({cost / plain:.2f}x plain)")
+        for k, v in verify.items():
+            even = break_even(plain, v, cost, k)
+            at60 = expected_tokens(0.6, k) / (v + k * cost) * plain
+            table[f"{name}_k{k}"] = {"break_even_acceptance": None if even is None
+                                     else round(even, 3), "speedup_at_0.6": round(at60, 3)}
+            print(f"    k={k}: break-even acceptance "
+                  f"{'never' if even is None else f'{even:.2f}'}, at 60%: {at60:.2f}x plain")
+    rows["drafters"] = table
+    emit({"bench": "spec_decode_qwen3_5", "checkpoint": Path(path).name, "quant": quant,
+          "runs": runs, **rows, "load_average": os.getloadavg()}, args.results, args.threads)
     return 0
 
 

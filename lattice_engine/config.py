@@ -18,6 +18,11 @@
                model_name, kv_cache_tokens, block_size, max_running, step_tokens,
                interleave_tokens, max_itl_rise, prefill_step_seconds, header_timeout,
                read_timeout
+    [ray]      replicas = 1, threads_per_replica = 1, min_replicas / max_replicas
+               (autoscaling bounds; both or neither), address (an existing Ray cluster;
+               unset: `lattice serve --replicas N` starts a local one), routing = "prefix" |
+               "round-robin", prefix_blocks = 4, max_imbalance = 4 (see
+               lattice_engine.server.ray_serve)
     [<name>]   a plugin's own section, e.g. [quarot] enabled = true (weight transforms):
                checked against the installed plugins by `Config.validate`; a section named
                after an adapter kind, e.g. [lora], is an `AdapterSection`:
@@ -176,6 +181,54 @@ class ServerSection:
 
 
 @dataclass(frozen=True)
+class RaySection:
+    """Replicas of the engine on Ray Serve behind one OpenAI endpoint (`lattice serve
+    --replicas N`, the `ray` extra)."""
+    replicas: int = 1                 # fixed replica count (when autoscaling is off)
+    threads_per_replica: int = 1      # kernel threads (and Ray CPUs) of each replica
+    min_replicas: Optional[int] = None  # autoscaling bounds: set both, or neither
+    max_replicas: Optional[int] = None
+    address: Optional[str] = None     # ray.init address; None: start a local cluster
+    routing: str = "prefix"           # "prefix" (consistent hashing) or "round-robin"
+    prefix_blocks: int = 4            # KV blocks hashed into a request's routing key
+    max_imbalance: int = 4            # in-flight excess over the least loaded that
+                                      # sends a request to the least loaded instead
+
+    def __post_init__(self):
+        _at_least("ray.replicas", self.replicas, 1)
+        _at_least("ray.threads_per_replica", self.threads_per_replica, 1)
+        if self.threads_per_replica > MAX_THREADS:
+            raise ConfigError(f"ray.threads_per_replica = {self.threads_per_replica} is out of "
+                              f"range: the kernels run at most {MAX_THREADS} threads")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ConfigError(f"ray.min_replicas = {self.min_replicas!r} and ray.max_replicas "
+                              f"= {self.max_replicas!r}: autoscaling needs both bounds; set "
+                              f"both, or neither for a fixed ray.replicas")
+        if self.min_replicas is not None:
+            _at_least("ray.min_replicas", self.min_replicas, 1)
+            _at_least("ray.max_replicas", self.max_replicas, 1)
+            if self.max_replicas < self.min_replicas:
+                raise ConfigError(f"ray.max_replicas = {self.max_replicas} is below "
+                                  f"ray.min_replicas = {self.min_replicas}; raise it to at "
+                                  f"least {self.min_replicas}")
+        if self.address is not None and not self.address.strip():
+            raise ConfigError("ray.address (--ray-address) is empty; give the cluster's "
+                              "address (e.g. ray://host:10001 or auto), or leave it out to "
+                              "start a local cluster")
+        _choice("ray.routing", self.routing, ("prefix", "round-robin"))
+        _at_least("ray.prefix_blocks", self.prefix_blocks, 1)
+        _at_least("ray.max_imbalance", self.max_imbalance, 0)
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None
+
+    def max_count(self) -> int:
+        """The most replicas this section can run at once."""
+        return self.max_replicas if self.autoscaling else self.replicas
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     quant: QuantSection = field(default_factory=QuantSection)
@@ -184,6 +237,7 @@ class Config:
     server: ServerSection = field(default_factory=ServerSection)
     speculative: SpeculativeOptions = field(default_factory=SpeculativeOptions)
     inputs: InputsSection = field(default_factory=InputsSection)
+    ray: RaySection = field(default_factory=RaySection)
     # sections the core does not define, kept as tables until `validate` finds the plugin
     # (a weight transform of that name) that owns them
     plugin_sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

@@ -15,8 +15,8 @@ What is checked at registration (an object's behaviour is the plugin's own tests
   the `Encoder` member (`encode`: an embedding model, which cannot generate); a class that
   also defines `PagedCausalLM`'s members can be served with continuous batching.
 - weight formats: a `WeightFormat` with a non-empty name, positive block size, bytes per
-  block and row group, callable quantize / to_float, optional callable matmul / embed, and
-  a `c_matmul` that is None or two integer addresses.
+  block and row group, callable quantize / to_float, optional callable matmul / embed /
+  native_layout, and a `c_matmul` that is None or two integer addresses.
 - quant methods: a `QuantMethod` (or subclass) whose formats are registered.
 - weight transforms: a `WeightTransform`.
 - samplers: a callable factory `factory(rng) -> (logits -> token id)`.
@@ -280,7 +280,7 @@ def check_weight_format(owner: str, name: str, value: Any) -> None:
     for field_name in ("quantize", "to_float"):
         if not callable(getattr(value, field_name)):
             raise _fail(owner, "weight format", name, f"has a {field_name} that is not callable")
-    for field_name in ("matmul", "embed"):
+    for field_name in ("matmul", "embed", "native_layout"):
         v = getattr(value, field_name)
         if v is not None and not callable(v):
             raise _fail(owner, "weight format", name,

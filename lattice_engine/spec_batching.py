@@ -101,6 +101,7 @@ class SpeculativeSteps:
                     log.exception("propose_batch failed; drafting request by request")
                     drafts = None
             for i, (seq, sp, k) in enumerate(group):
+                self._lend_recurrent(seq, sp)
                 try:
                     draft = drafts[i] if drafts is not None else \
                         sp.spec.drafter.propose(sp.request, k)
@@ -108,11 +109,23 @@ class SpeculativeSteps:
                     stats.failures += 1
                     failed.append(self._fail(seq, exc))
                     continue
+                finally:
+                    sp.request.recurrent = None
                 sp.draft = draft if len(draft.tokens) <= k else \
                     Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
                 seq.draft = list(sp.draft.tokens)
             stats.draft_seconds += time.perf_counter() - started
         return failed
+
+    def _lend_recurrent(self, seq, sp) -> None:
+        """Point the drafter's request at the sequence's recurrent-state slot (views, for
+        the length of its propose: `DraftRequest.recurrent`)."""
+        recurrent = self.cache.recurrent
+        slot = seq.blocks.state_slot
+        if recurrent is None or slot is None or slot < 0:
+            return
+        states = recurrent.state(slot)
+        sp.request.recurrent = list(zip(states[0::2], states[1::2]))
 
     def _verify(self, it, rows: np.ndarray, now: float,
                 seconds: float):

@@ -105,7 +105,12 @@ class DraftRequest:
     of the rows the last forward kept for this sequence, float32 [n, H]: the kept rows of a
     verify (the pending token and the kept drafts), or the one row of a plain decode step;
     set only for a drafter whose `wants_hidden` is true (a drafter inside the target, such
-    as an MTP head, reads it)."""
+    as an MTP head, reads it).
+    recurrent: for a model with recurrent layers (Qwen3.5's Gated DeltaNet), the target's
+    own state of this sequence, one (conv window, delta-rule memory) pair of arrays per
+    linear-attention layer, as it is before the pending token (every accepted token but
+    the last folded in); set just before `propose`, valid only during it, and read-only
+    (a self-speculating drafter copies it and runs part of the model on the copy)."""
 
     request_id: str
     token_ids: list[int]
@@ -115,6 +120,7 @@ class DraftRequest:
     vocab_size: int
     state: dict[str, Any] = field(default_factory=dict)
     hidden: Optional[np.ndarray] = None
+    recurrent: Optional[list] = None
 
 
 class VerifyStop(Exception):
@@ -408,8 +414,13 @@ class SingleSession:
         if k <= 0:
             return None
         drafter, stats, req = self.spec.drafter, self.spec.stats, self.request
+        if hasattr(cache, "conv"):  # a hybrid cache: row 0 is this sequence
+            req.recurrent = [(c[0], d[0]) for c, d in zip(cache.conv, cache.delta)]
         with Timer() as t:
-            draft = drafter.propose(req, k)
+            try:
+                draft = drafter.propose(req, k)
+            finally:
+                req.recurrent = None
         stats.draft_seconds += t.seconds
         if len(draft.tokens) > k:
             draft = Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])

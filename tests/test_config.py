@@ -60,7 +60,7 @@ def test_cli_style_override_replaces_only_given_values():
 @pytest.mark.parametrize("text,message", [
     ("[model\npath = 1", "is not valid TOML"),
     ("[modle]\npath = 'x'", r"unknown section \[modle\]; valid sections: model, quant, "
-                            r"sampling, plugins, server, speculative, inputs "
+                            r"sampling, plugins, server, speculative, inputs, ray "
                             r"\(did you mean \[model\]\?\)"),
     ("stray = 1", r"unknown section \[stray\]"),
     ("[model]\npaht = 'x'", r"unknown key model.paht; valid keys in \[model\]: path, backend, "
@@ -71,6 +71,13 @@ def test_cli_style_override_replaces_only_given_values():
     ("[sampling]\ntemperature = 'hot'", "sampling.temperature = 'hot' must be of type float"),
     ("[server]\nport = 70000", "server.port = 70000 is out of range: use 1..65535"),
     ("model = 3", r"model must be a table \(\[model\]\)"),
+    ("[ray]\nreplicas = 0", r"ray.replicas = 0 is out of range: it must be an integer >= 1"),
+    ("[ray]\nmin_replicas = 1", r"autoscaling needs both bounds"),
+    ("[ray]\nmin_replicas = 3\nmax_replicas = 2", r"ray.max_replicas = 2 is below "
+                                                  r"ray.min_replicas = 3"),
+    ("[ray]\nrouting = 'random'", r"ray.routing = 'random' is not valid; choices: prefix, "
+                                   r"round-robin"),
+    ("[ray]\naddress = ' '", r"ray.address \(--ray-address\) is empty"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

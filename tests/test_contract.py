@@ -51,6 +51,8 @@ class NotAModel:
      r"weight format 'q8_bad', which has block_size = 0"),
     ("weight_formats", lambda r: r(dataclasses.replace(Q8_0, name="q8_bad", c_matmul=("f", 0))),
      r"weight format 'q8_bad', which has c_matmul = \('f', 0\)"),
+    ("weight_formats", lambda r: r(dataclasses.replace(Q8_0, name="q8_bad", native_layout=1)),
+     r"weight format 'q8_bad', which has a native_layout that is neither None nor callable"),
     ("weight_formats", lambda r: r("fmt", {"name": "fmt"}),
      r"weight format 'fmt', which is a dict, not a lattice_engine.quant.formats.WeightFormat"),
     ("quant_methods", lambda r: r(QuantMethod("q5_magic", linear="q5_blocks")),

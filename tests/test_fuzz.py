@@ -15,10 +15,7 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import struct
-import threading
-import time
 import tracemalloc
 from pathlib import Path
 
@@ -90,51 +87,34 @@ RAW_EXTRAS = st.sampled_from([
 ])
 
 
-class Server:
+def start_server(folder: Path):
     """The tiny golden llama behind the real app and uvicorn on loopback, with a default
     max_tokens of 4 so accepted requests finish at once."""
+    from lattice_engine.batching import BatchingOptions
+    from lattice_engine.engine import Engine
+    from lattice_engine.loading import load
+    from lattice_engine.sampling import SamplingParams
+    from lattice_engine.testing.server import LoopbackServer
+    engine = Engine(load(folder), sampling=SamplingParams(max_tokens=4))
+    return LoopbackServer(engine, model_name=MODEL, log_level="critical",
+                          options=BatchingOptions(kv_cache_tokens=2048, max_running=8))
 
-    def __init__(self, folder: Path):
-        import uvicorn
-        from lattice_engine.batching import BatchingOptions
-        from lattice_engine.config import ServerSection
-        from lattice_engine.engine import Engine
-        from lattice_engine.loading import load
-        from lattice_engine.sampling import SamplingParams
-        from lattice_engine.server import create_app
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        engine = Engine(load(folder), sampling=SamplingParams(max_tokens=4))
-        self.app = create_app(engine, model_name=MODEL, settings=ServerSection(port=self.port),
-                              options=BatchingOptions(kv_cache_tokens=2048, max_running=8))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="critical"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
 
-    def post(self, path: str, raw: bytes) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("POST", path, raw, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        out = resp.status, resp.read()
-        conn.close()
-        return out
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+def post_raw(server, path: str, raw: bytes) -> tuple[int, bytes]:
+    """(status, body bytes) of `raw` posted as it is: the body may be anything."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("POST", path, raw, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, resp.read()
+    conn.close()
+    return out
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("uvicorn")
-    s = Server(fixture_with_tokenizer("llama", tmp_path_factory.mktemp("fuzz"),
-                                      eos_token_id=-1))
+    s = start_server(fixture_with_tokenizer("llama", tmp_path_factory.mktemp("fuzz"),
+                                            eos_token_id=-1))
     yield s
     s.stop()
 
@@ -159,14 +139,14 @@ def test_fuzz_request_bodies_never_500(server, body, extra, chat):
         body.setdefault("messages", [{"role": "user", "content": "hi"}])
     raw = json.dumps(body).encode()
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    check_response(*server.post(path, raw), raw)
+    check_response(*post_raw(server, path, raw), raw)
 
 
 @FUZZ
 @given(raw=RAW_EXTRAS | st.binary(max_size=64), chat=st.booleans())
 def test_fuzz_raw_request_bytes_never_500(server, raw, chat):
     path = "/v1/chat/completions" if chat else "/v1/completions"
-    check_response(*server.post(path, raw), raw)
+    check_response(*post_raw(server, path, raw), raw)
 
 
 # ---- the config loader ---------------------------------------------------------------------

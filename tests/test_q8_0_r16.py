@@ -141,3 +141,15 @@ def test_the_layout_follows_the_q8_0_kernel_unless_forced(monkeypatch):
             assert r16_pays() == (forced == "1")
     finally:
         kernels.q8_variant(before)
+
+
+def test_a_format_with_its_own_native_layout_decides_for_itself():
+    """WeightFormat.native_layout (a plugin format's load-time layout) is what
+    `native_layout` returns for its matrices; q8_0's own rule is not applied to them."""
+    import dataclasses
+    seen = []
+    mine = dataclasses.replace(Q8_0, name="q8_mine",
+                               native_layout=lambda m: seen.append(m) or "relaid")
+    m = q8(16, 64)
+    m = type(m)(mine, m.rows, m.cols, m.data)
+    assert native_layout(m) == "relaid" and seen == [m]

@@ -82,11 +82,14 @@ def test_quantized_model_stays_close_to_f32(method, limit):
     assert np.abs(logits - golden["prefill_logits"]).max() <= limit
 
 
-def test_tied_lm_head_stays_f16_under_q8_0():
+def test_tied_lm_head_is_q8_0_under_q8_0_and_f16_when_asked():
     model = load(FIXTURES / "llama", quant=QuantSpec("q8_0"), backend="numpy").model
     assert model.layers[0].mlp.up_proj.weight.format.name == "q8_0"
     assert model.lm_head is model.embed_tokens
-    assert model.lm_head.format.name == "f16"
+    assert model.lm_head.format.name == "q8_0"
+    kept = load(FIXTURES / "llama", quant=QuantSpec("q8_0", {"*embed_tokens*": "f16"}),
+                backend="numpy").model
+    assert kept.lm_head is kept.embed_tokens and kept.lm_head.format.name == "f16"
 
 
 def test_override_pins_a_tensor_format():

@@ -199,6 +199,32 @@ def test_native_deltanet_kernels_match_numpy(kernel_variant):
             assert np.abs(s_c - s_np).max() <= state_bound, (dv, chunk)
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dv", [24, 32])
+def test_delta_rule_trail_is_each_decode_steps_state(backend, dv):
+    """A verify's recurrence of T tokens in one call (trail=) leaves, after each token, the
+    state that T one-token calls (decode steps) leave, bit for bit, and the same outputs."""
+    from lattice_engine.loading import get_ops
+    impl = get_ops(backend)
+    q, k, v, g, beta, state = random_delta_inputs(3, t=5, dv=dv)
+    b, t, hv, dk = state.shape[0], q.shape[1], state.shape[1], state.shape[2]
+    trail = np.empty((t, b, hv, dk, dv), np.float32)
+    s_all = state.copy()
+    out = impl.gated_delta_rule(q, k, v, g, beta, s_all, chunk=0, trail=trail)
+    s_one = state.copy()
+    for i in range(t):
+        sl = slice(i, i + 1)
+        step = impl.gated_delta_rule(np.ascontiguousarray(q[:, sl]),
+                                     np.ascontiguousarray(k[:, sl]),
+                                     np.ascontiguousarray(v[:, sl]), np.ascontiguousarray(g[:, sl]),
+                                     np.ascontiguousarray(beta[:, sl]), s_one, chunk=0)
+        assert np.array_equal(step[:, 0], out[:, i]), i
+        assert np.array_equal(trail[i], s_one), i
+    assert np.array_equal(s_all, s_one)
+    with pytest.raises(ValueError, match="trail needs chunk=0"):
+        impl.gated_delta_rule(q, k, v, g, beta, state.copy(), chunk=16, trail=trail)
+
+
 def test_mtp_and_vision_weights_stay_addressable():
     model = load(FIXTURES / "qwen3_5_vl", backend="numpy").model
     assert "mtp.fc.weight" in model.mtp_weights
@@ -215,19 +241,19 @@ def test_mtp_and_vision_weights_stay_addressable():
     assert len(text.mtp_weights) == 0 and len(text.vision_weights) == 0
 
 
-def test_q8_0_keeps_the_tied_lm_head_in_f16():
+def test_q8_0_stores_the_tied_lm_head_as_q8_0_unless_told_otherwise():
     model = load(FIXTURES / "qwen3_5_text", quant=QuantSpec("q8_0"), backend="numpy").model
     assert model.lm_head is model.embed_tokens
-    assert model.lm_head.format.name == "f16"
+    assert model.lm_head.format.name == "q8_0"
     assert model.layers[0].linear_attn.in_proj_qkv.weight.format.name == "q8_0"
     untied = load(FIXTURES / "qwen3_5_vl", quant=QuantSpec("q8_0"), backend="numpy").model
     assert untied.lm_head is not untied.embed_tokens
-    f16 = load(FIXTURES / "qwen3_5_text", quant=QuantSpec("f16"), backend="numpy").model
-    np.testing.assert_array_equal(model.lm_head.data, f16.lm_head.data)
-    # unless the config asks otherwise
+    # the f16 table, as Lattice v0.2.3 kept it, is one override away
     asked = load(FIXTURES / "qwen3_5_text", backend="numpy",
-                 quant=QuantSpec("q8_0", {"*embed_tokens*": "q8_0"})).model
-    assert asked.lm_head.format.name == "q8_0"
+                 quant=QuantSpec("q8_0", {"*embed_tokens*": "f16"})).model
+    assert asked.lm_head is asked.embed_tokens and asked.lm_head.format.name == "f16"
+    f16 = load(FIXTURES / "qwen3_5_text", quant=QuantSpec("f16"), backend="numpy").model
+    np.testing.assert_array_equal(asked.lm_head.data, f16.lm_head.data)
 
 
 def edited_copy(tmp_path, name, edit):

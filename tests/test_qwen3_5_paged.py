@@ -147,3 +147,43 @@ def test_batch_runner_serves_qwen3_5(tmp_path):
     sequential, cached = run(prompts[:2], False)
     assert sequential == alone[:2]
     assert cached == [0, 96]  # the first prompt's 6 full blocks, state restored at 96
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_paged_verify_rolls_back_to_decodings_state(fused):
+    """A verify of 5 rows (next to a plain decode row of another sequence) in one step,
+    fused C step or per-kernel path, cut back to m kept rows: the slot's recurrent state and
+    the next logits are bit for bit those of decoding the m tokens one step at a time; the
+    fused and per-kernel verifies give the same logits."""
+    require_native()
+    model = load(FIXTURES / "qwen3_5_text", backend="native").model
+    model.fused_decode = fused
+    model._step_built = False
+    prompt = load_file(str(FIXTURES / "qwen3_5_text" / "golden.safetensors"))["prompt_ids"][0]
+    t, extra = len(prompt), [11, 12, 13, 14, 15]
+    verify_logits = {}
+    for m in range(1, 6):
+        cache = model.make_paged_cache(num_blocks=24, block_size=16, max_sequences=2)
+        a, b = sequences(cache, 2, t + 8)
+        model.forward_paged(PagedBatch.build(cache, [(a, prompt, 0, True),
+                                                     (b, prompt[::-1], 0, True)]), cache)
+        logits = model.forward_paged(PagedBatch.build(
+            cache, [(a, extra, t, len(extra)), (b, [3], t, True)]), cache)
+        verify_logits[m] = logits[:len(extra)]
+        cache.recurrent.rollback(a.state_slot, m)
+        kept = [s[a.state_slot].copy() for s in cache.recurrent.arrays]
+        nxt = model.forward_paged(PagedBatch.build(cache, [(a, [42], t + m, True)]), cache)
+        # the same tokens decoded one step at a time
+        ref = model.make_paged_cache(num_blocks=24, block_size=16, max_sequences=1)
+        (c,) = sequences(ref, 1, t + 8)
+        model.forward_paged(PagedBatch.build(ref, [(c, prompt, 0, True)]), ref)
+        for i, tok in enumerate(extra[:m]):
+            step = model.forward_paged(PagedBatch.build(ref, [(c, [tok], t + i, True)]), ref)
+            np.testing.assert_array_equal(step[0], logits[i])
+        for x, y in zip(kept, [s[c.state_slot] for s in ref.recurrent.arrays]):
+            np.testing.assert_array_equal(x, y)
+        want = model.forward_paged(PagedBatch.build(ref, [(c, [42], t + m, True)]), ref)
+        np.testing.assert_array_equal(nxt, want)
+    assert (model._decode_step() is not None) == fused
+    model.fused_decode = True
+    model._step_built = False

@@ -158,7 +158,7 @@ def test_tiny_temperature_does_not_kill_the_streams_in_flight(server, poison):
         assert events[-1] == "[DONE]"
         assert events[-2]["choices"][0]["finish_reason"] == "length"
         assert not any("error" in e for e in events[:-1] if isinstance(e, dict))
-    assert server.raw("GET", "/health") == (200, {"status": "ok", "model": "smollm2-135m"})
+    assert server.request("GET", "/health") == (200, {"status": "ok", "model": "smollm2-135m"})
 
 
 def test_a_failing_request_gets_an_error_event_and_done_while_others_finish(server,
@@ -191,7 +191,7 @@ def test_a_failing_request_gets_an_error_event_and_done_while_others_finish(serv
     assert status == 500 and "secret" not in bad.decode()
     for events in results:
         assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
-    assert server.raw("GET", "/health")[1]["status"] == "ok"
+    assert server.request("GET", "/health")[1]["status"] == "ok"
 
 
 # ---- request validation: 400 with the field and its rule, never a 500 --------------------
@@ -576,7 +576,7 @@ def test_half_sent_headers_and_bodies_time_out(folder):
         resp = conn.getresponse()
         assert resp.status == 408 and "read_timeout" in json.loads(resp.read())["error"]["message"]
         conn.close()
-        assert s.raw("GET", "/health")[0] == 200
+        assert s.request("GET", "/health")[0] == 200
     finally:
         s.stop()
 
@@ -681,7 +681,7 @@ def test_nan_logits_from_a_broken_checkpoint_are_each_requests_error(tmp_path):
         assert status == 500 and "NaN or infinite logits" in error["message"], raw
         events = stream_events(s, body)
         assert events[-1] == "[DONE]" and "NaN" in events[-2]["error"]["message"]
-        assert s.raw("GET", "/health")[1]["status"] == "ok"
+        assert s.request("GET", "/health")[1]["status"] == "ok"
     finally:
         s.stop()
 
@@ -722,7 +722,7 @@ def test_a_failed_forward_ends_its_requests_with_an_id_and_health_recovers(folde
         assert "cmpl-" in error["message"]
         status, raw = post(s, "/v1/completions", body)
         assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 3
-        assert s.raw("GET", "/health")[1]["status"] == "ok"
+        assert s.request("GET", "/health")[1]["status"] == "ok"
     finally:
         model.forward_paged = forward
         s.stop()

@@ -13,11 +13,8 @@ import http.client
 import json
 import logging
 import os
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,9 +24,8 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from lattice_engine.batching import BatchingOptions  # noqa: E402
-from lattice_engine.config import ServerSection  # noqa: E402
 from lattice_engine.engine import Engine  # noqa: E402
-from lattice_engine.server import create_app  # noqa: E402
+from lattice_engine.testing.server import LoopbackServer  # noqa: E402
 
 MODEL = "smollm2-135m"
 
@@ -43,60 +39,11 @@ def loaded():
     return load(pull(MODEL, quiet=True))
 
 
-class RunningServer:
-    def __init__(self, loaded, options: BatchingOptions, lattice_server: bool = False,
-                 **settings):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = create_app(Engine(loaded), model_name=MODEL,
-                              settings=ServerSection(port=self.port, **settings),
-                              options=options)
-        if lattice_server:  # the server `lattice serve` runs
-            from lattice_engine.server import make_server
-            self.server = make_server(self.app, host="127.0.0.1", port=self.port,
-                                      log_level="warning")
-        else:
-            self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1",
-                                                        port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1",
-                                    api_key=settings.get("api_key") or "none", max_retries=0,
-                                    timeout=120)
-
-    @property
-    def runner(self):
-        return self.app.lattice.engine.runner
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = float(value)
-        return out
-
-    def raw(self, method: str, path: str, body: bytes | None = None,
-            headers: dict | None = None) -> tuple[int, dict]:
-        req = urllib.request.Request(self.base + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json",
-                                              **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+def RunningServer(loaded, options: BatchingOptions, lattice_server: bool = False,
+                  **settings) -> LoopbackServer:
+    """SmolLM2 (or `loaded`) served as MODEL by the real app on loopback."""
+    return LoopbackServer(Engine(loaded), model_name=MODEL, options=options,
+                          lattice_server=lattice_server, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +190,7 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
         assert info.value.status_code in (400, 404)
         assert words in info.value.body["message"] if isinstance(info.value.body, dict) \
             else words in str(info.value)
-    status, body = server.raw("POST", "/v1/chat/completions", b'{"model": "smollm2-135m", ')
+    status, body = server.request("POST", "/v1/chat/completions", b'{"model": "smollm2-135m", ')
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert body["error"]["type"] == "invalid_request_error"
     # a body declared larger than max_body_bytes is refused before it is read
@@ -255,11 +202,11 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server):
     resp = conn.getresponse()
     assert resp.status == 413 and "max_body_bytes" in json.loads(resp.read())["error"]["message"]
     conn.close()
-    status, body = server.raw("GET", "/v1/completions")
+    status, body = server.request("GET", "/v1/completions")
     assert status == 405 and "error" in body
-    status, body = server.raw("GET", "/v2/nothing")
+    status, body = server.request("GET", "/v2/nothing")
     assert status == 404 and "error" in body
-    status, body = server.raw("GET", "/health")
+    status, body = server.request("GET", "/health")
     assert status == 200 and body["status"] == "ok"
     ok = c.completions.create(model=MODEL, prompt="The sky is", max_tokens=3, temperature=0)
     assert ok.choices[0].text and ok.usage.completion_tokens == 3

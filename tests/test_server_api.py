@@ -7,12 +7,7 @@ logit_bias end to end, fill-in-the-middle, /tokenize and /detokenize, and the ra
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +18,10 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from lattice_engine.batching import BatchingOptions  # noqa: E402
-from lattice_engine.config import ServerSection  # noqa: E402
 from lattice_engine.engine import Engine  # noqa: E402
 from lattice_engine.eval.perplexity import perplexity  # noqa: E402
 from lattice_engine.sampling import log_softmax  # noqa: E402
-from lattice_engine.server import create_app  # noqa: E402
+from lattice_engine.testing.server import LoopbackServer  # noqa: E402
 from lattice_engine.testing.tolerance import logits_bound  # noqa: E402
 
 MODEL = "smollm2-135m"
@@ -43,45 +37,9 @@ def loaded():
     return load(pull(MODEL, quiet=True))
 
 
-class Server:
-    def __init__(self, loaded, options: BatchingOptions):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.engine = Engine(loaded)
-        self.app = create_app(self.engine, model_name=MODEL,
-                              settings=ServerSection(port=self.port), options=options)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none",
-                                    max_retries=0, timeout=300)
-
-    def post(self, path: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=300) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def metric(self, name: str) -> float:
-        text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+def Server(loaded, options: BatchingOptions) -> LoopbackServer:
+    return LoopbackServer(Engine(loaded), model_name=MODEL, options=options,
+                          client_timeout=300, request_timeout=300)
 
 
 @pytest.fixture(scope="module")

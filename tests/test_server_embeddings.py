@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
-import threading
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -20,56 +16,17 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from conftest import FIXTURES, fixture_with_tokenizer  # noqa: E402
-from lattice_engine.config import ServerSection  # noqa: E402
 from lattice_engine.engine import Engine  # noqa: E402
 from lattice_engine.errors import ConfigError  # noqa: E402
 from lattice_engine.loading import load  # noqa: E402
-from lattice_engine.server import create_app  # noqa: E402
+from lattice_engine.testing.server import LoopbackServer  # noqa: E402
 
 NAME = "tiny-bert"
 TEXTS = ["The river runs north of the city.", "Vector search over data", "school"]
 
 
-class Served:
-    def __init__(self, engine: Engine, name: str = NAME, **settings):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = create_app(engine, model_name=name,
-                              settings=ServerSection(port=self.port, **settings))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none", max_retries=0,
-                                    timeout=60)
-
-    def post(self, path: str, body: dict) -> tuple[int, dict]:
-        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
-                                     method="POST", headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, value = line.rsplit(" ", 1)
-                out[key] = float(value)
-        return out
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+def Served(engine: Engine, name: str = NAME, **settings) -> LoopbackServer:
+    return LoopbackServer(engine, model_name=name, **settings)
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,9 +19,8 @@ jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 
 from lattice_engine.batching import BatchingOptions  # noqa: E402
-from lattice_engine.config import ServerSection  # noqa: E402
 from lattice_engine.engine import Engine  # noqa: E402
-from lattice_engine.server import create_app  # noqa: E402
+from lattice_engine.testing.server import LoopbackServer  # noqa: E402
 
 MODEL = "qwen2.5-coder-0.5b"
 
@@ -81,28 +77,16 @@ def server():
     from lattice_engine.io.catalog import pull
     from lattice_engine.loading import load
     loaded = load(pull(MODEL, quiet=True))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     engine = Engine(loaded)
-    app = create_app(engine, model_name=MODEL, settings=ServerSection(port=port),
-                     options=BatchingOptions(kv_cache_tokens=16384, max_running=8))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not srv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
-                           max_retries=0, timeout=900)
+    srv = LoopbackServer(engine, model_name=MODEL, client_timeout=900, start_timeout=60,
+                         options=BatchingOptions(kv_cache_tokens=16384, max_running=8))
+    client = srv.client
     client.engine = engine  # for the logprobs reference
     yield client
-    srv.should_exit = True
-    thread.join(timeout=30)
+    srv.stop()
     # the model is ~2 GB in float32: let it go before the next module loads its own
     client.engine = None
-    del app, engine, loaded
+    del srv, engine, loaded
     import gc
     gc.collect()
 

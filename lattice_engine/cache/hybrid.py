@@ -62,6 +62,12 @@ class HybridCache:
             trail[0] = state
             self._trail.append(trail)
 
+    def trail_views(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Linear layer `layer`'s conv and delta trail after positions 1 .. T of the
+        recorded forward, [T, B, ...] (contiguous): the model's verify writes them in place."""
+        n = len(self.conv)
+        return self._trail[layer][1:], self._trail[n + layer][1:]
+
     def keep_state(self, layer: int, position: int) -> None:
         """Record linear layer `layer`'s conv and delta state after `position` + 1 tokens
         of the recorded forward."""

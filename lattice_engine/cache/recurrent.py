@@ -72,6 +72,12 @@ class RecurrentStateSlots:
             trail.append(t)
         self.trails[slot] = trail
 
+    def trail_view(self, slot: int, array: int) -> np.ndarray:
+        """Array `array`'s trail of slot after rows 1 .. rows, [rows, 1, ...] (a batch axis
+        of one, contiguous): the model's verify writes it in place."""
+        t = self.trails[slot][array][1:]
+        return t.reshape((t.shape[0], 1) + t.shape[1:])
+
     def keep(self, slot: int, array: int, row: int) -> None:
         """Record array `array` of slot as it is after verify row `row` (0-based)."""
         self.trails[slot][array][row + 1] = self.arrays[array][slot]

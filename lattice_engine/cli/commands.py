@@ -114,6 +114,7 @@ def cmd_ppl(args) -> int:
 
 def cmd_serve(args) -> int:
     import os
+    from ..config import RaySection
     from ..engine import Engine
     from ..server import serve
     config = load_settings(args)
@@ -127,6 +128,26 @@ def cmd_serve(args) -> int:
                              max_concurrency=args.max_concurrency,
                              drift_window=args.drift_window,
                              drift_threshold=args.drift_threshold)
+    config = config.override("ray", replicas=args.replicas,
+                             threads_per_replica=args.threads_per_replica,
+                             address=args.ray_address, routing=args.routing)
+    if args.replicas is not None or args.ray_address is not None or \
+            config.ray != RaySection():
+        from ..errors import ConfigError
+        from ..server import ray_serve
+        if args.threads is not None:
+            raise ConfigError(f"--threads {args.threads} sets one engine's threads; with "
+                              f"replicas use --threads-per-replica (or [ray] "
+                              f"threads_per_replica)")
+        section = config.ray
+        count = (f"{section.min_replicas}..{section.max_replicas} (autoscaled)"
+                 if section.autoscaling else str(section.replicas))
+        print(f"lattice serve: {config.server.model_name or config.model.path}, {count} "
+              f"replicas x {section.threads_per_replica} threads on Ray Serve "
+              f"({section.address or 'a local cluster'}), {section.routing} routing, on "
+              f"http://{config.server.host}:{config.server.port}/v1", file=sys.stderr)
+        ray_serve.start(config, log_level=args.log_level)
+        return 0
     engine = Engine.from_config(config)
     name = config.server.model_name or config.model.path
     print(f"lattice serve: {name} on http://{config.server.host}:{config.server.port}/v1 "

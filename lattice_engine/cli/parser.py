@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep decode steps within this factor of a decode-only step "
                             "while prefilling (default 2; 0 turns it off)")
     serve.add_argument("--max-concurrency", type=int, default=None)
+    serve.add_argument("--replicas", type=int, default=None,
+                       help="serve N replicas of the engine on Ray Serve behind this one "
+                            "endpoint, with prefix-aware routing (the `ray` extra; [ray] in "
+                            "lattice.toml); starts a local Ray cluster unless --ray-address")
+    serve.add_argument("--threads-per-replica", type=int, default=None,
+                       help="kernel threads of each replica (default 1)")
+    serve.add_argument("--ray-address", default=None,
+                       help="an existing Ray cluster to run the replicas on (e.g. auto, "
+                            "ray://host:10001)")
+    serve.add_argument("--routing", default=None, choices=("prefix", "round-robin"),
+                       help="how the replicas' ingress places requests (default prefix)")
     add_speculative_options(serve)
     serve.add_argument("--drift-window", type=int, default=None,
                        help="watch the embeddings of incoming inputs for drift: freeze the "

@@ -4,10 +4,10 @@ layers (`layer_types`), with (1 + w) RMSNorms, partial rotary and tied embedding
 Loads both checkpoint layouts transformers writes: `Qwen3_5ForCausalLM` (model_type
 "qwen3_5_text", text weights under `model.*`) and `Qwen3_5ForConditionalGeneration`
 (model_type "qwen3_5", config under `text_config`, text weights under
-`model.language_model.*`, the vision tower under `model.visual.*`). The vision tower and the
-multi-token-prediction head (`mtp.*`) are not run here; they stay addressable through
-`Model.vision_weights` and `Model.mtp_weights` for the vision and speculative-decoding
-plugins.
+`model.language_model.*`, the vision tower under `model.visual.*`). The vision tower is not
+run here; it stays addressable through `Model.vision_weights` for the vision plugin. The
+multi-token-prediction head (`mtp.*`, `Model.mtp_weights`) is built on first use by
+`Model.mtp_head()` (qwen3_5_mtp.py) for the speculative-decoding plugin's `mtp` drafter.
 """
 
 from __future__ import annotations
@@ -190,18 +190,30 @@ class GatedDeltaNet:
         return self.gate_out(core, z, ops)
 
     def recur_recorded(self, mixed, beta, g, cache: HybridCache, slot: int, ops):
-        """The recurrence token by token (exactly a decode step's computation), keeping the
-        state after each token in the cache's trail (speculative verify: `truncate` then
-        returns to any of these positions)."""
-        t = mixed.shape[1]
-        core = np.empty(mixed.shape[:2] + (self.nv, self.dv), np.float32)
+        """The recurrence of a speculative verify: one call over its tokens in the
+        token-by-token form (each token's bits are a decode step's), writing the state
+        after each token into the cache's trail (`truncate` then returns to any of them)."""
+        conv_trail, delta_trail = cache.trail_views(slot)
+        return self.recur_trail(mixed, beta, g, cache.conv[slot], cache.delta[slot], ops,
+                                conv_trail, delta_trail)
+
+    def recur_trail(self, mixed, beta, g, conv_state, delta_state, ops, conv_trail,
+                    delta_trail):
+        """`recur` over T tokens token by token (chunk 0), in one conv and one delta-rule
+        call, that also leaves the state after each token t in conv_trail[t]
+        [T, B, K-1, conv_dim] and delta_trail[t] [T, B, nv, dk, dv]. The conv window after
+        token t is the last K-1 inputs of [old window, x[:t+1]], read off before the conv
+        overwrites x."""
+        b, t, _ = mixed.shape
+        ext = np.concatenate([conv_state, mixed], axis=1)  # B, K-1+T, C (pre-conv inputs)
+        w = self.kernel - 1
         for i in range(t):
-            core[:, i:i + 1] = self.recur(np.ascontiguousarray(mixed[:, i:i + 1]),
-                                          np.ascontiguousarray(beta[:, i:i + 1]),
-                                          np.ascontiguousarray(g[:, i:i + 1]),
-                                          cache.conv[slot], cache.delta[slot], ops, 0)
-            cache.keep_state(slot, i)
-        return core
+            conv_trail[i] = ext[:, i + 1:i + 1 + w]
+        mixed = ops.causal_conv1d(mixed, self.conv_weight_t, conv_state, out=mixed)
+        q = mixed[..., :self.key_dim].reshape(b, t, self.nk, self.dk)
+        k = mixed[..., self.key_dim:2 * self.key_dim].reshape(b, t, self.nk, self.dk)
+        v = mixed[..., 2 * self.key_dim:].reshape(b, t, self.nv, self.dv)
+        return ops.gated_delta_rule(q, k, v, g, beta, delta_state, chunk=0, trail=delta_trail)
 
     def project(self, x, ops):
         """The input projections of x [B, T, hidden]: mixed qkv [B, T, conv_dim] (before the
@@ -314,7 +326,18 @@ class Model(CausalLM):
             "lm_head.weight", (v, h), head_role(cfg.lattice_lm_head_role))
         self.inv_freq = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         self.mtp_weights = CheckpointTensors(w.checkpoint, ("mtp.",))
+        self._loader = w  # builds the MTP head on first use (`mtp_head`)
+        self._mtp = None
         self.vision_weights = CheckpointTensors(w.checkpoint, ("model.visual.", "visual."))
+
+    def mtp_head(self):
+        """The multi-token-prediction head (`qwen3_5_mtp.MTPHead`), built from the
+        checkpoint's mtp.* weights in the model's weight format on first use; a
+        CheckpointError when the checkpoint has none."""
+        if self._mtp is None:
+            from .qwen3_5_mtp import MTPHead
+            self._mtp = MTPHead(self, self._loader)
+        return self._mtp
 
     def mlp_factory(self, cfg: ModelArgs, index: int):
         """What builds layer `index`'s MLP from (cfg, loader, prefix); None: the dense MLP."""

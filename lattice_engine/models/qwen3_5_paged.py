@@ -13,7 +13,9 @@ result depends on where its chunks start. The scheduler starts prefill chunks on
 boundaries (for the state snapshots), so the delta rule runs with chunks of block_size
 tokens: they then always start at multiples of block_size, whatever the chunking, and
 the state handed from one call to the next is the float32 state a single call would
-carry (checked bit for bit in the tests). Decode rows run the recurrent form.
+carry (checked bit for bit in the tests). Decode rows run the recurrent form, and so do a
+speculative verify's rows (`batch.record`), which also leave the state after each row in
+the slot's trail (fused step and per-kernel path alike) for `RecurrentStateSlots.rollback`.
 """
 
 from __future__ import annotations
@@ -56,17 +58,21 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                          "sequence (make the cache with the model's make_paged_cache)")
     cos, sin = batch.rope(model)
     record = batch.record if batch.record is not None and model.num_linear else None
-    # a verify keeps the state after each of its rows: the per-kernel path below does that
-    # (the fused C step runs a multi-row sequence in the chunked form, keeping no trail);
-    # rows that take image embeddings need the per-kernel path too (it replaces the rows)
-    step = model._decode_step() if record is None and not batch.replaces else None
+    # rows that take image embeddings need the per-kernel path (it replaces the rows)
+    step = model._decode_step() if not batch.replaces else None
+    trails = {}
     if record is not None:
         for i in np.flatnonzero(record):
-            cache.recurrent.start_trail(int(batch.state_slots[i]),
-                                        int(q_start[i + 1] - q_start[i]))
+            slot = int(batch.state_slots[i])
+            cache.recurrent.start_trail(slot, int(q_start[i + 1] - q_start[i]))
+            # a verify keeps the state after each of its rows, in the fused step too
+            trails[int(i)] = [(cache.recurrent.trails[slot][2 * j][1:],
+                               cache.recurrent.trails[slot][2 * j + 1][1:])
+                              for j in range(model.num_linear)]
     if step is not None:  # the whole forward in one C call: the same kernels, in order
         hidden = step.paged(tokens, cos, sin, batch, cache.keys, cache.values,
-                            cache.recurrent.arrays if cache.recurrent is not None else [])
+                            cache.recurrent.arrays if cache.recurrent is not None else [],
+                            trails)
         return model.logits(batch.keep_hidden(hidden[batch.logit_rows]))
     x = batch.replace_and_stack(ops.embed(model.embed_tokens, tokens[None, :]))  # [1, N, H]
     for index, block in enumerate(model.layers):
@@ -82,15 +88,15 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                 states = cache.recurrent.state(int(slot))
                 conv, delta = states[2 * block.slot][None], states[2 * block.slot + 1][None]
                 if record is not None and record[i]:
-                    # verify rows: token by token, as decoding computes them, keeping the
-                    # state after each so that a partial accept rolls back exactly
-                    for r in range(r0, r1):
-                        core[:, r:r + 1] = a.recur(np.ascontiguousarray(mixed[:, r:r + 1]),
-                                                   np.ascontiguousarray(beta[:, r:r + 1]),
-                                                   np.ascontiguousarray(g[:, r:r + 1]),
-                                                   conv, delta, ops, 0)
-                        cache.recurrent.keep(int(slot), 2 * block.slot, r - r0)
-                        cache.recurrent.keep(int(slot), 2 * block.slot + 1, r - r0)
+                    # verify rows: one token-by-token call (decoding's bits per token) that
+                    # keeps the state after each row, so a partial accept rolls back exactly
+                    rec = cache.recurrent
+                    core[:, r0:r1] = a.recur_trail(
+                        np.ascontiguousarray(mixed[:, r0:r1]),
+                        np.ascontiguousarray(beta[:, r0:r1]),
+                        np.ascontiguousarray(g[:, r0:r1]), conv, delta, ops,
+                        rec.trail_view(int(slot), 2 * block.slot),
+                        rec.trail_view(int(slot), 2 * block.slot + 1))
                     continue
                 core[:, r0:r1] = a.recur(np.ascontiguousarray(mixed[:, r0:r1]),
                                          np.ascontiguousarray(beta[:, r0:r1]),

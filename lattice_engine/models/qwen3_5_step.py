@@ -157,7 +157,7 @@ class Qwen35Step:
 
     def paged(self, tokens: np.ndarray, cos: np.ndarray, sin: np.ndarray, batch,
               keys: list[np.ndarray], values: list[np.ndarray],
-              states: list[np.ndarray]) -> np.ndarray:
+              states: list[np.ndarray], trails: dict | None = None) -> np.ndarray:
         """The step over a flat batch of sequences in a paged cache (`lk_qwen35_step_paged`;
         `paged_forward.PagedBatch`: rows at their own positions, prefill chunks and decode
         rows alike): cos / sin [n, rope_half] for the rows' positions; keys / values the
@@ -165,7 +165,10 @@ class Qwen35Step:
         layers' state slots (conv [slots, K-1, conv_dim], delta [slots, Hv, Dk, Dv] per
         layer, alternating), each in layer order. Writes keys and values at the rows' slots,
         advances each sequence's states in its slot, and returns the final-norm hidden
-        states [n, hidden]."""
+        states [n, hidden]. trails: {sequence index: [(conv trail [rows, K-1, conv_dim],
+        delta trail [rows, Hv, Dk, Dv]) per DeltaNet layer]} for the verified sequences of a
+        speculative step, which keep the state after each of their rows there
+        (`lk_qwen35_step_paged_trail`)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         n = tokens.size
         ptrs, (num_blocks, block_size), num_slots = self._pools(keys, values, states)
@@ -177,16 +180,41 @@ class Qwen35Step:
         out = np.empty((n, self._hidden), _F32)
         cp, cos = _in(cos)
         sp, sin = _in(sin)
-        rc = _L.lk_qwen35_step_paged(
+        trail_ptrs = self._trail_pointers(trails, pos_start.size, q_start) if trails \
+            else _ffi.NULL
+        rc = _L.lk_qwen35_step_paged_trail(
             self._m, _fb(_INT64S, tokens), n, cp, sp, _fb(_INT64S, slots), ptrs[0], ptrs[1],
             num_blocks, block_size, ptrs[2], ptrs[3], num_slots, _fb(_INT64S, state_slots),
             pos_start.size, _fb(_INT64S, q_start), _fb(_INT64S, pos_start),
             _ffi.cast("int32_t *", _fb(tables)), tables.shape[1] if tables.ndim == 2 else 0,
-            _fb(_FLOATS, self._work, True), self._work.size, _fb(_FLOATS, out, True))
+            trail_ptrs, _fb(_FLOATS, self._work, True), self._work.size,
+            _fb(_FLOATS, out, True))
         _raise_step_error(rc, tokens, self._m, "lk_qwen35_step_paged",
                           "a row's slot, position, block table or recurrent-state slot is "
                           "outside the cache")
         return out
+
+    def _trail_pointers(self, trails: dict, nseq: int, q_start: np.ndarray):
+        """The trails argument of lk_qwen35_step_paged_trail (shapes checked: C writes
+        rows x state floats into each)."""
+        m, layers = self._m, len(self._kinds)
+        conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
+        ptrs = _ffi.new("float *[]", 2 * nseq * layers)
+        for s, per_layer in trails.items():
+            rows = int(q_start[s + 1] - q_start[s])
+            want = ((rows, m.conv_kernel - 1, conv_dim),
+                    (rows, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim))
+            linear = [i for i, kind in enumerate(self._kinds) if kind != self.FULL]
+            if len(per_layer) != len(linear):
+                raise ValueError(f"decode step: {len(per_layer)} trails for {len(linear)} "
+                                 f"DeltaNet layers")
+            for i, pair in zip(linear, per_layer):
+                for j, (a, shape) in enumerate(zip(pair, want)):
+                    if a.dtype is not _F32 or not a.flags.c_contiguous or a.shape != shape:
+                        raise ValueError(f"decode step: a trail {a.dtype} {a.shape} is not "
+                                         f"C-contiguous float32 {shape}")
+                    ptrs[2 * (s * layers + i) + j] = _fb(_FLOATS, a, True)
+        return ptrs
 
     def _pools(self, keys, values, states):
         """Per-layer pointer arrays (k, v, conv, delta; NULL where a layer has none), kept

@@ -139,10 +139,12 @@ def r16_pays() -> bool:
 def native_layout(m: PackedMatrix, force: bool = False) -> PackedMatrix:
     """`m` in the layout the native kernels run fastest from: q8_0 with a multiple of 16
     rows becomes q8_0_r16 where that pays (`r16_pays`, or `force`; converted in place when
-    its buffer is writable); anything else is returned as it is. Only for models run by the
-    native backend."""
+    its buffer is writable); a format with a `native_layout` (a plugin's) decides itself;
+    anything else is returned as it is. Only for models run by the native backend."""
     from .. import kernels
 
+    if m.format.native_layout is not None:
+        return m.format.native_layout(m)
     if m.format.name != "q8_0" or m.rows % R16_ROWS or not kernels.supports(Q8_0_R16) or \
             not (force or r16_pays()):
         return m

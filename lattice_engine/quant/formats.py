@@ -48,6 +48,12 @@ class WeightFormat:
             between; None keeps such matrices on the per-kernel path.
         row_group: rows stored interleaved in groups of this many (1: row r is data[r]);
             the row count must be a multiple of it, and only whole groups can be sliced.
+        native_layout: optional (PackedMatrix of this format) -> the same matrix in the
+            layout this format's native kernels run fastest from (a registered format with
+            the same values, e.g. rows interleaved like q8_0_r16), or the matrix itself
+            where that does not pay. Called once per matrix when a model is loaded for the
+            native backend; it may convert a writable buffer in place. `lattice quantize`
+            loads with the numpy backend, so files keep this (the plain) format.
     """
 
     name: str
@@ -60,6 +66,7 @@ class WeightFormat:
     gguf_type: Optional[int] = None
     c_matmul: Optional[tuple[int, int]] = None
     row_group: int = 1
+    native_layout: Optional[Callable[["PackedMatrix"], "PackedMatrix"]] = None
 
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.bytes_per_block

@@ -147,16 +147,17 @@ SCHEMA: dict[str, Field] = {
                          "adaptive, options}", lambda v: isinstance(v, bool) or len(v) <= 8),
 }
 
-# drafters a request may pick with its own options: they load nothing (a request must not
-# make the server read a model file of its choosing)
-REQUEST_DRAFTERS = ("ngram",)
+# drafters a request may pick with its own options: they load no file of the request's
+# choosing (a request must not make the server read a model file it names): prompt lookup,
+# and Qwen3.5's own MTP head (from the served checkpoint) and linear-attention layers
+REQUEST_DRAFTERS = ("mtp", "ngram", "self")
 
 
 def speculation_from(body: dict, engine):
     """The request's `speculative` field as a `Speculation` (None: off), or
     `DEFAULT_SPECULATION` for the server's own setting. A request may turn speculation off,
     tune num_draft_tokens / adaptive of the configured drafter, or pick a drafter that
-    loads no weights (ngram) with its options; anything else is a 400 naming the field and
+    loads no file of its choosing (ngram; mtp and self on a Qwen3.5 model) with its options; anything else is a 400 naming the field and
     the choices."""
     value = _get(body, "speculative")
     if value is None or value is True:

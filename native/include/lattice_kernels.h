@@ -52,7 +52,8 @@
  *   deltanet   lk_causal_conv1d, lk_gated_delta_rule, lk_gated_rms_norm, lk_sigmoid,
  *              lk_softplus (Qwen3.5's Gated DeltaNet layers and gates)
  *   qwen35     lk_qwen35_work_size, lk_qwen35_step (a whole Qwen3.5 decode step in one
- *              call), lk_qwen35_step_paged (the same over a paged batch)
+ *              call), lk_qwen35_step_paged (the same over a paged batch),
+ *              lk_qwen35_step_paged_trail (and verify rows that keep their states)
  *   moe        lk_moe_ok, lk_moe_forward (a mixture-of-experts MLP, experts grouped by
  *              row), lk_matmul_grouped (matrices each over their own rows, one job)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
@@ -386,6 +387,14 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
                         int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t sb, int64_t st,
                         const float *g, const float *beta, float *state, int64_t chunk,
                         float *out);
+/* lk_gated_delta_rule's token-by-token form (chunk = 0) that also copies the state after
+   each token t into trail [T, B, Hv, Dk, Dv] (a speculative verify of T tokens: a partial
+   accept restores the state after the kept ones, bit for bit what decoding them one at a
+   time leaves). Returns 0, or -1 if the shapes are inconsistent or trail is NULL. */
+int lk_gated_delta_rule_trail(const float *q, const float *k, const float *v, int64_t B,
+                              int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv,
+                              int64_t sb, int64_t st, const float *g, const float *beta,
+                              float *state, float *out, float *trail);
 /* out = x / sqrt(mean(x^2) + eps) * w * silu(z) per row of length D (x, z, out
    contiguous [rows, D]). */
 void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
@@ -470,6 +479,23 @@ int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
                          const int64_t *state_slots, int64_t nseq, const int64_t *q_start,
                          const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
                          float *work, int64_t work_len, float *hidden_out);
+/* lk_qwen35_step_paged whose verified sequences (speculative decoding) keep the state after
+   each of their rows: trails is NULL (none) or holds 2 * nseq * n_layers pointers, at
+   [2 * (s * n_layers + i)] sequence s's conv windows of linear layer i ([rows, K-1,
+   2 key + value]) and at [... + 1] its delta states ([rows, v_heads, k_dim, v_dim]), NULL
+   for sequences (and layers) not verified. A verified sequence's rows run the delta rule
+   token by token (lk_gated_delta_rule_trail), so each row's state is bit for bit what a
+   decode step of it leaves. */
+int lk_qwen35_step_paged_trail(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
+                               const float *cos_t, const float *sin_t, const int64_t *slots,
+                               float *const *k_pools, float *const *v_pools,
+                               int64_t num_blocks, int64_t block_size,
+                               float *const *conv_pools, float *const *delta_pools,
+                               int64_t num_state_slots, const int64_t *state_slots,
+                               int64_t nseq, const int64_t *q_start, const int64_t *pos_start,
+                               const int32_t *tables, int64_t max_blocks,
+                               float *const *trails, float *work, int64_t work_len,
+                               float *hidden_out);
 /* Causal GQA for a flat batch of sequences over a paged KV pool (paged_attention.c).
    q and out: contiguous [N, Hq, D], sequence i owning rows q_start[i] .. q_start[i+1]-1
    (q_start has nseq + 1 entries) at positions pos_start[i] + t; k_pool, v_pool:

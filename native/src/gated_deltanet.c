@@ -154,7 +154,16 @@ typedef struct {
     const float *g, *beta;
     float *state, *out;
     int64_t chunk;
+    float *trail; /* NULL, or [T, B, Hv, Dk, Dv]: the state after each token (chunk = 0) */
 } gdr_job;
+
+/* Keep the state of (b, h) after token t in the trail (a speculative verify rolls back to
+   any of them). */
+INLINE void keep_state_body(const gdr_job *j, int64_t t, int64_t b, int64_t h, const float *S) {
+    if (j->trail)
+        memcpy(j->trail + ((t * j->B + b) * j->Hv + h) * j->Dk * j->Dv, S,
+               (size_t)(j->Dk * j->Dv) * sizeof(float));
+}
 
 /* Scratch per unit: q, k (normalized) and kv / delta rows for the recurrence; for the
    chunked form Q, K, beta exp(gc) K, W [C, Dk], beta V, U [C, Dv], T, P [C, C],
@@ -203,6 +212,7 @@ INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
             const float ki = kn[i];
             for (int64_t c = 0; c < Dv; c++) Si[c] = decay * Si[c] + ki * delta[c];
         }
+        keep_state_body(j, t, b, h, S);
     }
 }
 
@@ -486,6 +496,7 @@ LK_AVX2_TARGET static void recurrent_step_avx2(const gdr_job *j, int64_t b, int6
                 _mm256_storeu_ps(Si + c, _mm256_fmadd_ps(ki, _mm256_loadu_ps(delta + c),
                                                          _mm256_mul_ps(vd, _mm256_loadu_ps(Si + c))));
         }
+        keep_state_body(j, t, b, h, S);
     }
 }
 #endif
@@ -544,7 +555,22 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
         chunk > LK_GDR_MAXCHUNK)
         return -1;
     if (B == 0 || T == 0) return 0;
-    gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, state, out, chunk};
+    gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, state, out, chunk, NULL};
+    lk_lock();
+    lk_parallel(gdr_task, &j, B * Hv);
+    lk_unlock();
+    return 0;
+}
+
+int lk_gated_delta_rule_trail(const float *q, const float *k, const float *v, int64_t B,
+                              int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv,
+                              int64_t sb, int64_t st, const float *g, const float *beta,
+                              float *state, float *out, float *trail) {
+    if (B < 0 || T < 0 || Hk < 1 || Hv < 1 || Hv % Hk || Dk < 1 || Dv < 1 || !trail)
+        return -1;
+    if (B == 0 || T == 0) return 0;
+    /* the token-by-token form: each token's bits are a decode step's */
+    gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, state, out, 0, trail};
     lk_lock();
     lk_parallel(gdr_task, &j, B * Hv);
     lk_unlock();

@@ -25,6 +25,11 @@ typedef struct {
     lk_step_kv kv;
     const int64_t *state_slots;
     float *const *conv_pools, *const *delta_pools;
+    /* NULL, or per (sequence s, layer i) the trails of a speculative verify at
+       [2 * (s * n_layers + i)] (conv windows [rows, K-1, conv]) and [... + 1] (delta
+       states [rows, Hv, Dk, Dv]): the state after each of the sequence's rows; NULL
+       entries for sequences that are not verified */
+    float *const *trails;
 } q35_target;
 
 /* Widths of the per-row buffers. */
@@ -113,10 +118,23 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, co
     else
         for (int64_t s = 0; s < kv->nseq; s++) {
             const int64_t r0 = kv->q_start[s], c = kv->q_start[s + 1] - r0;
+            float *state = t->conv_pools[li] + t->state_slots[s] * conv_len;
+            float *trail = t->trails ? t->trails[2 * (s * m->n_layers + li)] : NULL;
+            if (c > 0 && trail) {
+                /* the window after row i: the last K-1 inputs of [state, rows 0..i], read
+                   before the conv below overwrites both */
+                const int64_t w = m->conv_kernel - 1;
+                for (int64_t i = 0; i < c; i++)
+                    for (int64_t r = 0; r < w; r++) {
+                        const int64_t src = i + 1 + r;
+                        const float *from = src < w ? state + src * d->conv
+                                                    : mixed + (r0 + src - w) * d->conv;
+                        memcpy(trail + (i * w + r) * d->conv, from, (size_t)d->conv * 4);
+                    }
+            }
             if (c > 0)
                 lk_causal_conv1d(mixed + r0 * d->conv, 1, c, d->conv, c * d->conv, d->conv,
-                                 L->conv_w, m->conv_kernel,
-                                 t->conv_pools[li] + t->state_slots[s] * conv_len, 1);
+                                 L->conv_w, m->conv_kernel, state, 1);
         }
     /* beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), as three float ops */
     lk_sigmoid(bb, B * d->hv, beta);
@@ -133,7 +151,15 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, co
         for (int64_t s = 0; s < kv->nseq; s++) {
             const int64_t r0 = kv->q_start[s], c = kv->q_start[s + 1] - r0;
             const float *qr = mixed + r0 * d->conv;
-            if (c > 0) /* one sequence (batch stride 0), its rows conv apart (0 for one row) */
+            float *trail = t->trails ? t->trails[2 * (s * m->n_layers + li) + 1] : NULL;
+            if (c > 0 && trail) /* a verify: token by token, keeping each row's state */
+                lk_gated_delta_rule_trail(qr, qr + d->key, qr + 2 * d->key, 1, c,
+                                          m->lin_k_heads, m->lin_v_heads, m->lin_k_dim,
+                                          m->lin_v_dim, 0, c > 1 ? d->conv : 0, g + r0 * d->hv,
+                                          beta + r0 * d->hv,
+                                          t->delta_pools[li] + t->state_slots[s] * delta_len,
+                                          core + r0 * d->value, trail);
+            else if (c > 0) /* one sequence (batch stride 0), its rows conv apart (0 for one row) */
                 lk_gated_delta_rule(qr, qr + d->key, qr + 2 * d->key, 1, c, m->lin_k_heads,
                                     m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, 0,
                                     c > 1 ? d->conv : 0, g + r0 * d->hv, beta + r0 * d->hv,
@@ -236,6 +262,22 @@ int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
                          const int64_t *state_slots, int64_t nseq, const int64_t *q_start,
                          const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
                          float *work, int64_t work_len, float *hidden_out) {
+    return lk_qwen35_step_paged_trail(m, tokens, n, cos_t, sin_t, slots, k_pools, v_pools,
+                                      num_blocks, block_size, conv_pools, delta_pools,
+                                      num_state_slots, state_slots, nseq, q_start, pos_start,
+                                      tables, max_blocks, NULL, work, work_len, hidden_out);
+}
+
+int lk_qwen35_step_paged_trail(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
+                               const float *cos_t, const float *sin_t, const int64_t *slots,
+                               float *const *k_pools, float *const *v_pools,
+                               int64_t num_blocks, int64_t block_size,
+                               float *const *conv_pools, float *const *delta_pools,
+                               int64_t num_state_slots, const int64_t *state_slots,
+                               int64_t nseq, const int64_t *q_start, const int64_t *pos_start,
+                               const int32_t *tables, int64_t max_blocks,
+                               float *const *trails, float *work, int64_t work_len,
+                               float *hidden_out) {
     lk_init();
     if (n <= 0) return 0;
     if (!shapes_ok(m, 0)) return -4;
@@ -256,5 +298,6 @@ int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
     t.state_slots = state_slots;
     t.conv_pools = conv_pools;
     t.delta_pools = delta_pools;
+    t.trails = trails;
     return run_layers(m, &t, n, cos_t, sin_t, work, hidden_out);
 }

@@ -53,11 +53,12 @@ int q4_attach(uintptr_t address);
 int q4_isa(void);
 const char *q4_isa_name(void);
 int q4_set_isa(int isa);
-int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
+int q4_matmul(int asym, int64_t group, int r16, const float *x, int64_t M, int64_t K,
               const void *w, int64_t ldw, int64_t N, float *y);
-int q4_embed(int asym, int64_t group, const void *w, int64_t ldw, int64_t rows, int64_t K,
-             const int64_t *ids, int64_t n, float *out);
-typedef struct { int asym; int64_t group; } q4_format;
+int q4_embed(int asym, int64_t group, int r16, const void *w, int64_t ldw, int64_t rows,
+             int64_t K, const int64_t *ids, int64_t n, float *out);
+int q4_relayout(int asym, int64_t group, void *data, int64_t rows, int64_t K, int to_r16);
+typedef struct { int asym; int64_t group; int r16; } q4_format;
 int q4_matmul_extern(const void *ctx, const float *x, int64_t M, int64_t K, const void *w,
                      int64_t ldw, int64_t N, float *y);
 """

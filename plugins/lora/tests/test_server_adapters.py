@@ -4,14 +4,9 @@ and the server keeps serving everything else."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import socket
-import struct
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -21,47 +16,20 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("starlette")
 
 from lattice_engine.batching import BatchingOptions  # noqa: E402
-from lattice_engine.config import ServerSection  # noqa: E402
 from lattice_engine.engine import Engine  # noqa: E402
-from lattice_engine.server import create_app  # noqa: E402
+from lattice_engine.testing.server import LoopbackServer  # noqa: E402
 from lattice_engine.testing.checkpoints import write_tokenizer_files  # noqa: E402
 
 KEY = "sekrit"
 
 
-class Server:
+class Server(LoopbackServer):
     def __init__(self, engine, **settings):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = create_app(engine, model_name="tiny",
-                              settings=ServerSection(port=self.port, **settings),
-                              options=BatchingOptions(kv_cache_tokens=1024, block_size=4))
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline
-            time.sleep(0.02)
+        super().__init__(engine, model_name="tiny",
+                         options=BatchingOptions(kv_cache_tokens=1024, block_size=4), **settings)
 
     def call(self, method, path, body=None, key=KEY):
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read())
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+        return self.request(method, path, body, key=key)
 
 
 @pytest.fixture

@@ -15,6 +15,13 @@ reference arithmetic (float32 scale, multiply by its inverse, round half away fr
 so q4_asym_g32 reproduces llama.cpp's Q4_1 bytes from the same float32 weights; q4_sym
 differs from ggml's Q4_0 by design (absmax / 7 instead of signed max / -8).
 
+Each format has an `_r16` twin (q4_sym_g32_r16, ..., q4_0_r16): the same blocks with 16
+rows interleaved, the layout the decode kernels read without transposing anything. Per
+16 rows and weight group one record of 16 blocks' bytes: the 16 scales (f16), the 16
+offsets (asym), then per 32-value sub-block [dword i = 0..3][row 0..15][4 nibble bytes],
+so one 512-bit load is dword i of the 16 rows. A model is converted to it once at load
+for the native backend where it pays (`kernels.r16_pays`); files keep the plain layout.
+
     q4_0   : ggml's Q4_0 rule, d = m / -8 where m is the value of largest magnitude (sign
              kept), q = min(15, trunc(w / d + 8.5)); stored and decoded exactly as
              q4_sym_g32. It exists to reproduce llama.cpp's Q4_0 files block for block.
@@ -47,8 +54,13 @@ def format_name(family: str, group: int) -> str:
     return GGML_Q4_0 if family == GGML_Q4_0 else f"{family}_g{group}"
 
 
+R16_SUFFIX = "_r16"
+
+
 def layout_of(name: str) -> tuple[str, int]:
-    """A format name -> (the family whose blocks and kernels it uses, group size)."""
+    """A format name -> (the family whose blocks and kernels it uses, group size); an _r16
+    twin gives its plain format's."""
+    name = name[:-len(R16_SUFFIX)] if name.endswith(R16_SUFFIX) else name
     if name == GGML_Q4_0:
         return "q4_sym", 32
     family, _, group = name.rpartition("_g")
@@ -134,6 +146,45 @@ def to_float(family: str, group: int, data: np.ndarray, cols: int) -> np.ndarray
     return (d * q + m).reshape(rows, cols)
 
 
+R16_ROWS = 16
+
+
+def _r16_shape(family: str, group: int, data: np.ndarray) -> tuple[int, int, int]:
+    rows, nbytes = data.shape
+    bpb = bytes_per_block(family, group)
+    if rows % R16_ROWS or nbytes % bpb:
+        raise ValueError(f"the _r16 layout needs rows % 16 == 0 and whole {bpb}-byte blocks, "
+                         f"got {data.shape}")
+    return rows, nbytes // bpb, header_bytes(family)
+
+
+def to_r16(family: str, group: int, data: np.ndarray) -> np.ndarray:
+    """Plain blocks uint8 [rows, row_bytes] -> the _r16 layout of the same shape (the
+    numpy reference of q4_relayout in native/q4_kernels.c)."""
+    rows, ng, hdr = _r16_shape(family, group, data)
+    subs = group // SUB
+    blk = np.ascontiguousarray(data).reshape(rows // R16_ROWS, R16_ROWS, ng, -1)
+    heads = blk[..., :hdr].reshape(rows // R16_ROWS, R16_ROWS, ng, hdr // 2, 2)
+    # [chunk, group, scale/offset, row, 2 bytes]
+    heads = heads.transpose(0, 2, 3, 1, 4).reshape(rows // R16_ROWS, ng, R16_ROWS * hdr)
+    nib = blk[..., hdr:].reshape(rows // R16_ROWS, R16_ROWS, ng, subs, 4, 4)
+    # [chunk, group, sub-block, dword, row, 4 bytes]
+    nib = nib.transpose(0, 2, 3, 4, 1, 5).reshape(rows // R16_ROWS, ng, subs * 256)
+    return np.concatenate([heads, nib], axis=-1).reshape(rows, -1)
+
+
+def from_r16(family: str, group: int, data: np.ndarray) -> np.ndarray:
+    """The inverse of `to_r16`."""
+    rows, ng, hdr = _r16_shape(family, group, data)
+    subs = group // SUB
+    rec = np.ascontiguousarray(data).reshape(rows // R16_ROWS, ng, -1)
+    heads = rec[..., :R16_ROWS * hdr].reshape(rows // R16_ROWS, ng, hdr // 2, R16_ROWS, 2)
+    heads = heads.transpose(0, 3, 1, 2, 4).reshape(rows // R16_ROWS, R16_ROWS, ng, hdr)
+    nib = rec[..., R16_ROWS * hdr:].reshape(rows // R16_ROWS, ng, subs, 4, R16_ROWS, 4)
+    nib = nib.transpose(0, 4, 1, 2, 3, 5).reshape(rows // R16_ROWS, R16_ROWS, ng, subs * 16)
+    return np.concatenate([heads, nib], axis=-1).reshape(rows, -1)
+
+
 def make_format(family: str, group: int) -> WeightFormat:
     gguf = None
     if group == 32:
@@ -145,6 +196,19 @@ def make_format(family: str, group: int) -> WeightFormat:
         gguf_type=gguf)
 
 
+def make_r16_format(plain: WeightFormat) -> WeightFormat:
+    """The _r16 twin of a plain format: same blocks, 16 rows interleaved (`to_r16`)."""
+    family, group = layout_of(plain.name)
+    return WeightFormat(
+        plain.name + R16_SUFFIX, group, plain.bytes_per_block,
+        quantize=lambda w, q=plain.quantize, f=family, g=group: to_r16(f, g, q(w)),
+        to_float=lambda data, cols, f=family, g=group: to_float(f, g, from_r16(f, g, data),
+                                                                cols),
+        row_group=R16_ROWS)
+
+
 Q4_FORMATS = tuple(make_format(f, g) for f in FAMILIES for g in GROUP_SIZES) + (
     # no gguf_type: GGUF Q4_0 tensors load as q4_sym_g32, which decodes them identically
     dataclasses.replace(make_format(GGML_Q4_0, 32), gguf_type=None),)
+# converted to at load (never chosen by a quant method, never written to a file)
+Q4_R16_FORMATS = tuple(make_r16_format(f) for f in Q4_FORMATS)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .formats import R16_SUFFIX, layout_of
+
 
 class PluginABIError(ImportError):
     """The installed lattice-engine core offers a C plugin ABI this build does not support."""
@@ -120,37 +122,43 @@ def _rows(data: np.ndarray):
     return _ffi.from_buffer(data), data
 
 
-def make_matmul(family: str, group: int, bytes_per_block: int):
+def make_matmul(family: str, group: int, bytes_per_block: int, r16: bool = False):
     """`WeightFormat.matmul` for one format: (x float32 [M, K], packed [N, row_bytes]) ->
-    float32 [M, N]."""
+    float32 [M, N]. r16: the weights are in the _r16 layout (N % 16 == 0)."""
     asym = 1 if family == "q4_asym" else 0
     fn, floats = _lib.q4_matmul, _ffi.typeof("float[]")
     fb = _ffi.from_buffer
+    name = f"{family}_g{group}{'_r16' if r16 else ''}"
 
     def matmul(x: np.ndarray, data: np.ndarray) -> np.ndarray:
         K = x.shape[-1]
         if K % group or data.shape[1] != K // group * bytes_per_block:
-            raise ValueError(f"{family}_g{group} matmul: x has {K} features but the weight "
+            raise ValueError(f"{name} matmul: x has {K} features but the weight "
                              f"rows are {data.shape[1]} bytes")
+        if r16 and data.shape[0] % 16:
+            raise ValueError(f"{name} matmul: the _r16 layout needs a multiple of 16 rows, "
+                             f"got {data.shape[0]}")
         if x.dtype is not _F32 or not x.flags.c_contiguous:
             x = np.ascontiguousarray(x, dtype=np.float32)
         if not data.flags.c_contiguous:
             data = np.ascontiguousarray(data)
         M, N = x.size // K if K else 0, data.shape[0]
         out = np.empty((M, N), _F32)
-        if fn(asym, group, fb(floats, x), M, K, fb(data), data.strides[0], N,
-              fb(floats, out, True)):
-            raise MemoryError(f"{family}_g{group} matmul: out of memory for {M} x {K} "
-                              f"activations")
+        rc = fn(asym, group, int(r16), fb(floats, x), M, K, fb(data), data.strides[0], N,
+                fb(floats, out, True))
+        if rc:
+            raise MemoryError(f"{name} matmul: out of memory for {M} x {K} activations") \
+                if rc == -1 else ValueError(f"{name} matmul: bad layout ({N} rows of "
+                                            f"{data.strides[0]} bytes)")
         return out
 
-    matmul.__name__ = f"matmul_{family}_g{group}_native"
+    matmul.__name__ = f"matmul_{name}_native"
     return matmul
 
 
-def make_embed(family: str, group: int, bytes_per_block: int):
+def make_embed(family: str, group: int, bytes_per_block: int, r16: bool = False):
     """`WeightFormat.embed` for one format: (packed [rows, row_bytes], int ids [n]) ->
-    float32 [n, cols]."""
+    float32 [n, cols]; r16: the rows are in the _r16 layout."""
     asym = 1 if family == "q4_asym" else 0
 
     def embed(data: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -158,7 +166,7 @@ def make_embed(family: str, group: int, bytes_per_block: int):
         flat = np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)
         out = np.empty((flat.size, cols), _F32)
         dp, data = _rows(data)
-        if _lib.q4_embed(asym, group, dp, data.strides[0], data.shape[0], cols,
+        if _lib.q4_embed(asym, group, int(r16), dp, data.strides[0], data.shape[0], cols,
                          _ffi.from_buffer("int64_t[]", flat), flat.size,
                          _ffi.from_buffer("float[]", out, True)):
             bad = flat[(flat < 0) | (flat >= data.shape[0])]
@@ -166,23 +174,74 @@ def make_embed(family: str, group: int, bytes_per_block: int):
                              f"the vocabulary [0, {data.shape[0]})")
         return out
 
-    embed.__name__ = f"embed_{family}_g{group}_native"
+    embed.__name__ = f"embed_{family}_g{group}{'_r16' if r16 else ''}_native"
     return embed
 
 
-def attach(formats) -> bool:
-    """Point `matmul` and `embed` of our formats at the C kernels (when built), like the
-    core's `attach_native` does for its own formats."""
+def relayout(family: str, group: int, data: np.ndarray, cols: int, to_r16: bool) -> np.ndarray:
+    """Plain blocks <-> the _r16 layout in C (bit-identical to `formats.to_r16` /
+    `from_r16`): in place when `data` is a writable contiguous array, else on a copy."""
+    rows = data.shape[0]
+    if not (data.flags.c_contiguous and data.flags.writeable):
+        data = np.array(data, dtype=np.uint8, order="C")
+    rc = _lib.q4_relayout(int(family == "q4_asym"), group,
+                          _ffi.from_buffer("uint8_t[]", data, True), rows, cols, int(to_r16))
+    if rc == -2:
+        raise MemoryError(f"{family}_g{group} _r16 conversion: out of memory for 16 rows")
+    if rc:
+        raise ValueError(f"{family}_g{group} _r16 conversion: needs rows % 16 == 0 and "
+                         f"{cols // group} blocks per row, got {data.shape}")
+    return data
+
+
+def r16_pays() -> bool:
+    """Whether the _r16 layout is the faster one here: with any x86 variant (the decode
+    kernels then load each 16 rows' nibbles and scales as they are instead of transposing
+    them on every call; the prefill kernel copies its tiles out of it). The generic C
+    gathers each block back, so it keeps the plain layout. LATTICE_Q4_R16=1 / 0 forces it
+    either way (A/B, tests)."""
+    import os
+
+    forced = os.environ.get("LATTICE_Q4_R16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return _lib is not None and isa() != "generic"
+
+
+def make_native_layout(r16_format):
+    """`WeightFormat.native_layout` of a plain format: its matrices with a multiple of 16
+    rows become `r16_format` where that pays (converted in place when writable)."""
+    family, group = layout_of(r16_format.name)
+
+    def native_layout(m):
+        from lattice_engine.quant.formats import PackedMatrix
+        if m.rows % 16 or not r16_pays():
+            return m
+        return PackedMatrix(r16_format, m.rows, m.cols,
+                            relayout(family, group, m.data, m.cols, True))
+
+    return native_layout
+
+
+def attach(formats, r16_formats=()) -> bool:
+    """Point `matmul` and `embed` of our formats (plain and _r16) at the C kernels (when
+    built), like the core's `attach_native` does for its own formats, and give each plain
+    format its `native_layout` (its _r16 twin, by name)."""
     if _lib is None:
         return False
-    from .formats import layout_of
     function = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "q4_matmul_extern")))
-    for fmt in formats:
+    twins = {f.name: f for f in r16_formats}
+    for fmt in tuple(formats) + tuple(r16_formats):
         family, group = layout_of(fmt.name)  # q4_0 runs q4_sym_g32's kernels
-        object.__setattr__(fmt, "matmul", make_matmul(family, group, fmt.bytes_per_block))
-        object.__setattr__(fmt, "embed", make_embed(family, group, fmt.bytes_per_block))
+        r16 = fmt.name.endswith(R16_SUFFIX)
+        object.__setattr__(fmt, "matmul", make_matmul(family, group, fmt.bytes_per_block, r16))
+        object.__setattr__(fmt, "embed", make_embed(family, group, fmt.bytes_per_block, r16))
+        if not r16 and fmt.name + R16_SUFFIX in twins:
+            object.__setattr__(fmt, "native_layout",
+                               make_native_layout(twins[fmt.name + R16_SUFFIX]))
         # the core's fused steps call it from C (lk_extern_matmul)
-        ctx = _ffi.new("q4_format *", {"asym": int(family == "q4_asym"), "group": group})
+        ctx = _ffi.new("q4_format *", {"asym": int(family == "q4_asym"), "group": group,
+                                       "r16": int(r16)})
         _EXTERN_CONTEXTS.append(ctx)  # kept alive as long as the module
         object.__setattr__(fmt, "c_matmul", (function, int(_ffi.cast("uintptr_t", ctx))))
     return True

@@ -5,14 +5,15 @@ from __future__ import annotations
 from lattice_engine import hookimpl
 
 from . import kernels
-from .formats import Q4_FORMATS
+from .formats import Q4_FORMATS, Q4_R16_FORMATS
 from .methods import Q4_METHODS
 
 
 @hookimpl
 def register_weight_formats(register):
-    kernels.attach(Q4_FORMATS)  # C kernels when built; the numpy reference otherwise
-    for fmt in Q4_FORMATS:
+    # C kernels when built (and the _r16 layout at load); the numpy reference otherwise
+    kernels.attach(Q4_FORMATS, Q4_R16_FORMATS)
+    for fmt in Q4_FORMATS + Q4_R16_FORMATS:
         register(fmt)
 
 

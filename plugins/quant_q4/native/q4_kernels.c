@@ -83,6 +83,12 @@ static int64_t slice_subs = 32;
    16 53.4 -> 51.5, 24 65.9 -> 72.5, 32 79.3 -> 98.5 (Q4_FEW_ROWS overrides, tuning). A
    batch of decoders plus a small prefill slice lands in 9..16. */
 static int64_t few_rows = 16;
+/* The same over the _r16 layout, whose few-rows kernels need no transposes: up to 24 x
+   rows with AVX512-VNNI, 32 with the 256-bit variants (Qwen2.5-0.5B's linears, q4_asym
+   g32, one thread, thread CPU time, ms few rows / tiles: AVX512-VNNI M = 20 5.6 / 6.1,
+   24 6.7 / 6.7, 32 8.7 / 8.5; AVX2 M = 20 7.8 / 9.8, 32 11.8 / 14.2). 0: by variant;
+   Q4_FEW_ROWS sets both. */
+static int64_t few_rows_r16 = 0;
 /* x rows per pass of the few-rows kernel over a group of weight rows */
 #define FEW_MR 8
 
@@ -148,7 +154,7 @@ static void detect(void) {
     const char *sl = getenv("Q4_SLICE");
     if (sl && atol(sl) >= 4 && atol(sl) % 4 == 0) slice_subs = atol(sl);
     const char *fr = getenv("Q4_FEW_ROWS");
-    if (fr && *fr) few_rows = atol(fr);
+    if (fr && *fr) few_rows = few_rows_r16 = atol(fr);
     int best = Q4_GENERIC;
     for (int i = 0; i < Q4_NISA; i++)
         if (mask & (1 << i)) best = i;
@@ -195,6 +201,7 @@ int q4_set_isa(int isa) {
 
 typedef struct {
     int asym;                 /* 0: q4_sym, 1: q4_asym */
+    int r16;                  /* 1: rows interleaved in groups of 16 (the _r16 layout) */
     int64_t subs, hdr, bpb;   /* 32-value sub-blocks per group, header / block bytes */
     const uint8_t *w;
     int64_t ldw, N, K, M;
@@ -299,14 +306,74 @@ static void quantize_rows(void *vctx, int64_t m0, int64_t m1, int ith) {
     }
 }
 
+/* ---- the _r16 layout ------------------------------------------------------------------ */
+
+/* Row r's block of weight group g as plain bytes: a pointer into the rows (plain layout,
+   rows ldw bytes apart) or, for the _r16 layout (rows ldw = row bytes apart, a multiple of
+   16 of them), gathered into tmp[bpb]. The _r16 record of 16 rows and one weight group
+   (16 bpb bytes, at byte 16 g bpb of the 16 rows' span) is
+     [16 scales d f16] [16 offsets m f16, asym] then per 32-value sub-block j 256 bytes:
+     [dword i = 0..3][row jj = 0..15][4 bytes] = bytes 4i .. 4i + 3 of row jj's sub-block j,
+   so one 512-bit load is dword i of 16 rows, lane jj = row jj (what tr16 builds), and one
+   cvtph load gives the 16 rows' scales. */
+static const uint8_t *block_at(const uint8_t *w, int64_t ldw, int asym, int r16, int64_t hdr,
+                               int64_t subs, int64_t bpb, int64_t r, int64_t g, uint8_t *tmp) {
+    if (!r16) return w + r * ldw + g * bpb;
+    const int64_t jj = r % 16;
+    const uint8_t *rec = w + (r - jj) * ldw + g * 16 * bpb;
+    memcpy(tmp, rec + 2 * jj, 2);
+    if (asym) memcpy(tmp + 2, rec + 32 + 2 * jj, 2);
+    for (int64_t j = 0; j < subs; j++)
+        for (int i = 0; i < 4; i++)
+            memcpy(tmp + hdr + 16 * j + 4 * i, rec + 16 * hdr + 256 * j + 64 * i + 4 * jj, 4);
+    return tmp;
+}
+
+/* Plain rows [rows, ldw] <-> the _r16 layout, in place, 16 rows at a time (rows % 16 == 0,
+   ldw = the row bytes). Returns 0, -1 for a bad layout, -2 out of memory. The numpy
+   reference is lattice_quant_q4.formats.to_r16 / from_r16. */
+int q4_relayout(int asym, int64_t group, void *data, int64_t rows, int64_t K, int to_r16) {
+    if ((group != 32 && group != 64 && group != 128) || K % group || rows % 16) return -1;
+    const int64_t hdr = asym ? 4 : 2, subs = group / QK, bpb = hdr + group / 2;
+    const int64_t ng = K / group, ldw = ng * bpb, span = 16 * ldw;
+    uint8_t *tmp = (uint8_t *)malloc((size_t)span);
+    if (!tmp) return -2;
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        uint8_t *w = (uint8_t *)data + r0 * ldw;
+        memcpy(tmp, w, (size_t)span);
+        for (int64_t jj = 0; jj < 16; jj++)
+            for (int64_t g = 0; g < ng; g++) {
+                uint8_t *plain = (to_r16 ? tmp : w) + jj * ldw + g * bpb;
+                uint8_t *rec = (to_r16 ? w : tmp) + g * 16 * bpb;
+                uint8_t *pairs[2][2] = {{rec + 2 * jj, plain}, {rec + 32 + 2 * jj, plain + 2}};
+                for (int h = 0; h < (asym ? 2 : 1); h++) {
+                    if (to_r16) memcpy(pairs[h][0], pairs[h][1], 2);
+                    else memcpy(pairs[h][1], pairs[h][0], 2);
+                }
+                for (int64_t j = 0; j < subs; j++)
+                    for (int i = 0; i < 4; i++) {
+                        uint8_t *a = rec + 16 * hdr + 256 * j + 64 * i + 4 * jj;
+                        uint8_t *b = plain + hdr + 16 * j + 4 * i;
+                        if (to_r16) memcpy(a, b, 4);
+                        else memcpy(b, a, 4);
+                    }
+            }
+    }
+    free(tmp);
+    return 0;
+}
+
 /* ---- generic C: one weight row against one x row ------------------------------------ */
 
-static float dot_generic(const q4_mm *c, const uint8_t *w, int64_t m) {
+static float dot_generic(const q4_mm *c, int64_t n, int64_t m) {
     const int8_t *xq = c->xq + m * c->K;
     const float *dx = c->dx + m * c->nb, *sg = c->sg + m * c->ng;
     const int32_t *xo = c->xo + m * c->nb;
+    uint8_t tmp[2 * 2 + 128 / 2];
     float acc = 0.0f;
-    for (int64_t g = 0; g < c->ng; g++, w += c->bpb) {
+    for (int64_t g = 0; g < c->ng; g++) {
+        const uint8_t *w = block_at(c->w, c->ldw, c->asym, c->r16, c->hdr, c->subs, c->bpb,
+                                    n, g, tmp);
         const float d = f16_to_f32(rd16(w));
         const uint8_t *qs = w + c->hdr;
         for (int64_t j = 0; j < c->subs; j++) {
@@ -327,7 +394,7 @@ static float dot_generic(const q4_mm *c, const uint8_t *w, int64_t m) {
 static void rows_generic(const q4_mm *c, int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; n++)
         for (int64_t m = 0; m < c->M; m++)
-            c->y[m * c->N + n] = dot_generic(c, c->w + n * c->ldw, m);
+            c->y[m * c->N + n] = dot_generic(c, n, m);
 }
 
 /* ---- the x86 variants --------------------------------------------------------------- */
@@ -372,11 +439,14 @@ static void few_range(void *vctx, int64_t u0, int64_t u1, int ith) {
     (void)ith;
     const mm_task *t = (const mm_task *)vctx;
     const int64_t n0 = u0 * FEW_UNIT, n1 = u1 * FEW_UNIT < t->c->N ? u1 * FEW_UNIT : t->c->N;
+    const int r16 = t->c->r16;
     switch (t->isa) {
 #if Q4_X86
-    case Q4_AVX512VNNI: rows_few_avx512vnni(t->c, n0, n1); return;
-    case Q4_AVXVNNI: rows_few_avxvnni(t->c, n0, n1); return;
-    case Q4_AVX2: rows_few_avx2(t->c, n0, n1); return;
+    case Q4_AVX512VNNI:
+        (r16 ? rows_few_r16_avx512vnni : rows_few_avx512vnni)(t->c, n0, n1);
+        return;
+    case Q4_AVXVNNI: (r16 ? rows_few_r16_avxvnni : rows_few_avxvnni)(t->c, n0, n1); return;
+    case Q4_AVX2: (r16 ? rows_few_r16_avx2 : rows_few_avx2)(t->c, n0, n1); return;
 #endif
     default: rows_generic(t->c, n0, n1);
     }
@@ -410,18 +480,20 @@ static void prefill_range(void *vctx, int64_t k0, int64_t k1, int ith) {
     rows_generic(c, n0, n1);
 }
 
-/* Returns 0, or -1 on a bad layout / out of memory. */
-int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
+/* r16: W in the _r16 layout (N % 16 == 0, ldw = the row bytes). Returns 0, -1 out of
+   memory, -2 on a bad layout. */
+int q4_matmul(int asym, int64_t group, int r16, const float *x, int64_t M, int64_t K,
               const void *w, int64_t ldw, int64_t N, float *y) {
-    if ((group != 32 && group != 64 && group != 128) || K % group) return -1;
+    if ((group != 32 && group != 64 && group != 128) || K % group) return -2;
+    const int64_t nb = K / QK, ng = K / group;
+    if (r16 && (N % 16 || ldw != ng * ((asym ? 4 : 2) + group / 2))) return -2;
     if (M <= 0 || N <= 0) return 0;
     detect();
-    const int64_t nb = K / QK, ng = K / group;
     /* x as int8 [M, K], then per row its block scales, offsets and group sums */
     const size_t qbytes = ((size_t)(M * K) + 63) & ~(size_t)63;
     uint8_t *buf = (uint8_t *)malloc(qbytes + (size_t)(M * (2 * nb + ng)) * 4);
     if (!buf) return -1;
-    q4_mm c = {asym, group / QK, asym ? 4 : 2, (asym ? 4 : 2) + group / 2,
+    q4_mm c = {asym, r16 ? 1 : 0, group / QK, asym ? 4 : 2, (asym ? 4 : 2) + group / 2,
                (const uint8_t *)w, ldw, N, K, M, nb, ng,
                (int8_t *)buf, NULL, NULL, NULL, x, y};
     c.dx = (float *)(buf + qbytes);
@@ -431,7 +503,9 @@ int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
     else quantize_rows(&c, 0, M, 0);
 
     mm_task t = {&c, active_isa, 0};
-    if (M <= few_rows || active_isa == Q4_GENERIC) {
+    const int64_t few = !r16 ? few_rows : few_rows_r16 ? few_rows_r16
+                                                       : active_isa == Q4_AVX512VNNI ? 24 : 32;
+    if (M <= few || active_isa == Q4_GENERIC) {
         /* grain: enough row-dots per task (>= 64 dots of 256 values) that the pool's
            hand-off is amortised */
         const int64_t work = (K / 256 + 1) * M * FEW_UNIT;
@@ -449,23 +523,27 @@ int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K,
    [0, rows) or a bad layout. */
 /* q4_matmul with the signature of the core's lk_extern_matmul (ctx: a q4_format), so the
    core's fused decode steps call our kernel directly (WeightFormat.c_matmul). */
-typedef struct { int asym; int64_t group; } q4_format;
+typedef struct { int asym; int64_t group; int r16; } q4_format;
 int q4_matmul_extern(const void *ctx, const float *x, int64_t M, int64_t K, const void *w,
                      int64_t ldw, int64_t N, float *y) {
     const q4_format *f = (const q4_format *)ctx;
-    return q4_matmul(f->asym, f->group, x, M, K, w, ldw, N, y);
+    return q4_matmul(f->asym, f->group, f->r16, x, M, K, w, ldw, N, y) ? -1 : 0;
 }
 
-int q4_embed(int asym, int64_t group, const void *w, int64_t ldw, int64_t rows, int64_t K,
-             const int64_t *ids, int64_t n, float *out) {
+/* r16: W in the _r16 layout (rows % 16 == 0, ldw = the row bytes). */
+int q4_embed(int asym, int64_t group, int r16, const void *w, int64_t ldw, int64_t rows,
+             int64_t K, const int64_t *ids, int64_t n, float *out) {
     if ((group != 32 && group != 64 && group != 128) || K % group) return -1;
+    int64_t hdr = asym ? 4 : 2, bpb = hdr + group / 2;
+    if (r16 && (rows % 16 || ldw != K / group * bpb)) return -1;
     for (int64_t i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= rows) return -1;
-    int64_t hdr = asym ? 4 : 2, bpb = hdr + group / 2;
+    uint8_t tmp[2 * 2 + 128 / 2];
     for (int64_t i = 0; i < n; i++) {
-        const uint8_t *wr = (const uint8_t *)w + ids[i] * ldw;
         float *o = out + i * K;
-        for (int64_t b = 0; b < K / group; b++, wr += bpb) {
+        for (int64_t b = 0; b < K / group; b++) {
+            const uint8_t *wr = block_at((const uint8_t *)w, ldw, asym, r16, hdr, group / QK,
+                                         bpb, ids[i], b, tmp);
             float d = f16_to_f32(rd16(wr));
             float m = asym ? f16_to_f32(rd16(wr + 2)) : 0.0f;
             const uint8_t *qs = wr + hdr;
@@ -722,6 +800,219 @@ static void Q4_NAME(rows_few)(const q4_mm *c, int64_t n0, int64_t n1) {
 #undef Q4_FEW_W
 #undef Q4_FEW
 
+/* ---- few rows over the _r16 layout ------------------------------------------------- */
+
+/* The nibbles of one 16-row record's sub-block (at q) as the codes tr8 / tr16 build:
+   raw dword i of the rows (already in lanes) -> v[i] its low nibbles, v[4 + i] its high
+   nibbles. 256-bit: the 8 rows of half h (rows 8h .. 8h + 7). */
+Q4_INLINE void Q4_NAME(split8)(const uint8_t *q, int h, __m256i *v) {
+    const __m256i lo = _mm256_set1_epi8(0x0F);
+    for (int i = 0; i < 4; i++) {
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(q + 64 * i + 32 * h));
+        v[i] = _mm256_and_si256(raw, lo);
+        v[4 + i] = _mm256_and_si256(_mm256_srli_epi32(raw, 4), lo);
+    }
+}
+
+/* Prefetch distance of the _r16 few-rows kernels: the records stream in order, so a
+   fixed distance ahead (Q4_PF > 0 overrides it, < 0 = off) */
+#define Q4_R16_PF 1024
+
+#if Q4_LEVEL == 2
+/* few16 over the _r16 layout: rows [r, r + 16) (all present), the record of each weight
+   group read with plain loads, no transposes; the same chain as few16, to the bit. */
+Q4_INLINE void Q4_NAME(fewr16)(const q4_mm *c, int64_t r, int64_t m0, const int MR) {
+    const int64_t K = c->K, nb = c->nb, ng = c->ng, subs = c->subs, bpb = c->bpb;
+    const int64_t hdr16 = 16 * c->hdr;
+    const uint8_t *w = c->w + r * c->ldw;
+    const int64_t pf = prefetch_bytes < 0 ? -1 : prefetch_bytes == 0 ? Q4_R16_PF : prefetch_bytes;
+    const __m512i lo = _mm512_set1_epi8(0x0F);
+    __m512 acc[FEW_MR];
+    for (int i = 0; i < MR; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *rec = w + g * 16 * bpb;
+        if (pf >= 0)
+            for (int64_t o = 0; o < 16 * bpb; o += 64)
+                _mm_prefetch((const char *)rec + pf + o, _MM_HINT_T0);
+        const __m512 d16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)rec));
+        for (int64_t j = 0; j < subs; j++) {
+            const int64_t b = g * subs + j;
+            const uint8_t *q = rec + hdr16 + 256 * j;
+            __m512i v[8];
+            for (int i = 0; i < 4; i++) {
+                const __m512i raw = _mm512_loadu_si512((const void *)(q + 64 * i));
+                v[i] = _mm512_and_si512(raw, lo);
+                v[4 + i] = _mm512_and_si512(_mm512_srli_epi32(raw, 4), lo);
+            }
+            for (int i = 0; i < MR; i++) {
+                const int64_t m = m0 + i;
+                const int8_t *xb = c->xq + m * K + b * QK;
+                __m512i a = c->asym ? _mm512_setzero_si512() : _mm512_set1_epi32(c->xo[m * nb + b]);
+                __m512i a2 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+                for (int k = 0; k < 8; k += 2) {
+                    a = _mm512_dpbusd_epi32(a, v[k], _mm512_set1_epi32(ld32(xb + 4 * k)));
+                    a2 = _mm512_dpbusd_epi32(a2, v[k + 1], _mm512_set1_epi32(ld32(xb + 4 * k + 4)));
+                }
+                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a, a2)),
+                                         _mm512_mul_ps(d16, _mm512_set1_ps(c->dx[m * nb + b])), acc[i]);
+            }
+        }
+        if (c->asym) {
+            const __m512 m16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rec + 32)));
+            for (int i = 0; i < MR; i++)
+                acc[i] = _mm512_fmadd_ps(m16, _mm512_set1_ps(c->sg[(m0 + i) * ng + g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MR; i++) _mm512_storeu_ps(c->y + (m0 + i) * c->N + r, acc[i]);
+}
+#else
+/* 256-bit registers hold 8 rows: both halves of each record in one pass (the record's
+   cache lines are read once), so two accumulators per x row and at most 4 x rows. */
+Q4_INLINE void Q4_NAME(fewr16)(const q4_mm *c, int64_t r, int64_t m0, const int MR) {
+    const int64_t K = c->K, nb = c->nb, ng = c->ng, subs = c->subs, bpb = c->bpb;
+    const int64_t hdr16 = 16 * c->hdr;
+    const uint8_t *w = c->w + r * c->ldw;
+    const int64_t pf = prefetch_bytes < 0 ? -1 : prefetch_bytes == 0 ? Q4_R16_PF : prefetch_bytes;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc[4][2];
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *rec = w + g * 16 * bpb;
+        if (pf >= 0)
+            for (int64_t o = 0; o < 16 * bpb; o += 64)
+                _mm_prefetch((const char *)rec + pf + o, _MM_HINT_T0);
+        const __m256 dh[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)rec)),
+                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 16)))};
+        for (int64_t j = 0; j < subs; j++) {
+            const int64_t b = g * subs + j;
+            for (int h = 0; h < 2; h++) {
+                __m256i v[8];
+                Q4_NAME(split8)(rec + hdr16 + 256 * j, h, v);
+                for (int i = 0; i < MR; i++) {
+                    const int64_t m = m0 + i;
+                    const __m256i o = c->asym ? zero : _mm256_set1_epi32(c->xo[m * nb + b]);
+                    const __m256i a = Q4_NAME(dot8)(v, c->xq + m * K + b * QK, o);
+                    acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
+                                                _mm256_mul_ps(dh[h], _mm256_set1_ps(c->dx[m * nb + b])),
+                                                acc[i][h]);
+                }
+            }
+        }
+        if (c->asym) {
+            const __m256 mh[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 32))),
+                                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 48)))};
+            for (int i = 0; i < MR; i++) {
+                const __m256 e = _mm256_set1_ps(c->sg[(m0 + i) * ng + g]);
+                acc[i][0] = _mm256_fmadd_ps(mh[0], e, acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(mh[1], e, acc[i][1]);
+            }
+        }
+    }
+    for (int i = 0; i < MR; i++) {
+        _mm256_storeu_ps(c->y + (m0 + i) * c->N + r, acc[i][0]);
+        _mm256_storeu_ps(c->y + (m0 + i) * c->N + r + 8, acc[i][1]);
+    }
+}
+
+/* More than 4 x rows: one half of the 16 rows (8 rows, h) per pass with up to FEW_MR x
+   rows, few8 reading the _r16 records (the other half's pass finds the 16 rows' record
+   bytes in L2). The same chain per row. */
+Q4_INLINE void Q4_NAME(fewr16h)(const q4_mm *c, int64_t r, int h, int64_t m0, const int MR) {
+    const int64_t K = c->K, nb = c->nb, ng = c->ng, subs = c->subs, bpb = c->bpb;
+    const int64_t hdr16 = 16 * c->hdr;
+    const uint8_t *w = c->w + r * c->ldw;
+    const __m256i zero = _mm256_setzero_si256();
+    __m256 acc[FEW_MR];
+    for (int i = 0; i < MR; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *rec = w + g * 16 * bpb;
+        const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 16 * h)));
+        for (int64_t j = 0; j < subs; j++) {
+            const int64_t b = g * subs + j;
+            __m256i v[8];
+            Q4_NAME(split8)(rec + hdr16 + 256 * j, h, v);
+            for (int i = 0; i < MR; i++) {
+                const int64_t m = m0 + i;
+                const __m256i o = c->asym ? zero : _mm256_set1_epi32(c->xo[m * nb + b]);
+                const __m256i a = Q4_NAME(dot8)(v, c->xq + m * K + b * QK, o);
+                acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a),
+                                         _mm256_mul_ps(d8, _mm256_set1_ps(c->dx[m * nb + b])), acc[i]);
+            }
+        }
+        if (c->asym) {
+            const __m256 m8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 32 + 16 * h)));
+            for (int i = 0; i < MR; i++)
+                acc[i] = _mm256_fmadd_ps(m8, _mm256_set1_ps(c->sg[(m0 + i) * ng + g]), acc[i]);
+        }
+    }
+    for (int i = 0; i < MR; i++) _mm256_storeu_ps(c->y + (m0 + i) * c->N + r + 8 * h, acc[i]);
+}
+#endif
+
+#define Q4_FEWR16_MR(MR)                                                                \
+    Q4_TARGET __attribute__((noinline)) static void Q4_NAME(fewr16_##MR)(               \
+        const q4_mm *c, int64_t r, int64_t m0) {                                        \
+        Q4_NAME(fewr16)(c, r, m0, MR);                                                  \
+    }
+Q4_FEWR16_MR(1)
+Q4_FEWR16_MR(2)
+Q4_FEWR16_MR(3)
+Q4_FEWR16_MR(4)
+#if Q4_LEVEL == 2
+Q4_FEWR16_MR(5)
+Q4_FEWR16_MR(6)
+Q4_FEWR16_MR(7)
+Q4_FEWR16_MR(8)
+#else
+#define Q4_FEWR16H_MR(MR)                                                               \
+    Q4_TARGET __attribute__((noinline)) static void Q4_NAME(fewr16h_##MR)(              \
+        const q4_mm *c, int64_t r, int h, int64_t m0) {                                 \
+        Q4_NAME(fewr16h)(c, r, h, m0, MR);                                              \
+    }
+Q4_FEWR16H_MR(1)
+Q4_FEWR16H_MR(2)
+Q4_FEWR16H_MR(3)
+Q4_FEWR16H_MR(4)
+Q4_FEWR16H_MR(5)
+Q4_FEWR16H_MR(6)
+Q4_FEWR16H_MR(7)
+Q4_FEWR16H_MR(8)
+#undef Q4_FEWR16H_MR
+#endif
+#undef Q4_FEWR16_MR
+
+/* rows [n0, n1) (multiples of 16) of the _r16 layout, every x row */
+static void Q4_NAME(rows_few_r16)(const q4_mm *c, int64_t n0, int64_t n1) {
+#if Q4_LEVEL == 2
+    static void (*const by_mr[FEW_MR + 1])(const q4_mm *, int64_t, int64_t) = {
+        NULL, Q4_NAME(fewr16_1), Q4_NAME(fewr16_2), Q4_NAME(fewr16_3), Q4_NAME(fewr16_4),
+        Q4_NAME(fewr16_5), Q4_NAME(fewr16_6), Q4_NAME(fewr16_7), Q4_NAME(fewr16_8)};
+    for (int64_t r = n0; r < n1; r += 16)
+        for (int64_t m = 0; m < c->M; m += FEW_MR) {
+            const int64_t mr = c->M - m < FEW_MR ? c->M - m : FEW_MR;
+            by_mr[mr](c, r, m);
+        }
+#else
+    static void (*const by_mr[5])(const q4_mm *, int64_t, int64_t) = {
+        NULL, Q4_NAME(fewr16_1), Q4_NAME(fewr16_2), Q4_NAME(fewr16_3), Q4_NAME(fewr16_4)};
+    static void (*const by_mr_h[FEW_MR + 1])(const q4_mm *, int64_t, int, int64_t) = {
+        NULL, Q4_NAME(fewr16h_1), Q4_NAME(fewr16h_2), Q4_NAME(fewr16h_3), Q4_NAME(fewr16h_4),
+        Q4_NAME(fewr16h_5), Q4_NAME(fewr16h_6), Q4_NAME(fewr16h_7), Q4_NAME(fewr16h_8)};
+    for (int64_t r = n0; r < n1; r += 16) {
+        if (c->M <= 4) {
+            by_mr[c->M](c, r, 0);
+            continue;
+        }
+        for (int h = 0; h < 2; h++)
+            for (int64_t m = 0; m < c->M; m += FEW_MR) {
+                const int64_t mr = c->M - m < FEW_MR ? c->M - m : FEW_MR;
+                by_mr_h[mr](c, r, h, m);
+            }
+    }
+#endif
+}
+
 /* ---- prefill: tiles unpacked once, many x rows ------------------------------------- */
 
 /* The tile of rows [r0, r0 + nr) over sub-blocks [s0, s0 + sn) of K, for every x row to
@@ -751,6 +1042,38 @@ Q4_TARGET static void Q4_NAME(pack)(const q4_mm *c, int64_t r0, int64_t nr, int6
                 for (int64_t j = 0; j < subs; j++) {
                     __m256i v[8];
                     Q4_NAME(tr8)(p, off + c->hdr + 16 * j, v);
+                    uint32_t *dst = tile + (gv * sn + gs * subs + j) * 8 * nv + half;
+                    for (int i = 0; i < 8; i++) _mm256_store_si256((__m256i *)(dst + i * nv), v[i]);
+                }
+            }
+        }
+}
+
+/* pack over the _r16 layout (r0 and nr multiples of 16): the tile is a copy of the
+   records with the nibbles split, the same bytes pack builds from plain rows. Groups of
+   NV rows past nr read the last 16 rows (their outputs are never stored). */
+Q4_TARGET static void Q4_NAME(pack_r16)(const q4_mm *c, int64_t r0, int64_t nr, int64_t s0,
+                                        int64_t sn, int nv, int64_t ngv, uint32_t *tile,
+                                        float *sc, float *mn) {
+    const int64_t subs = c->subs, ngs = sn / subs, g0 = s0 / subs, bpb = c->bpb;
+    const int64_t hdr16 = 16 * c->hdr;
+    for (int64_t gv = 0; gv < ngv; gv++)
+        for (int half = 0; half < nv; half += 8) {
+            int64_t row = gv * nv + half;
+            if (row >= nr) row = nr - 16 + (row % 16);
+            const int h = (int)(row % 16) / 8;
+            const uint8_t *w = c->w + (r0 + row - row % 16) * c->ldw;
+            for (int64_t gs = 0; gs < ngs; gs++) {
+                const uint8_t *rec = w + (g0 + gs) * 16 * bpb;
+                const __m256 d8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 16 * h)));
+                for (int64_t j = 0; j < subs; j++)
+                    _mm256_storeu_ps(sc + (gv * sn + gs * subs + j) * nv + half, d8);
+                if (c->asym)
+                    _mm256_storeu_ps(mn + (gv * ngs + gs) * nv + half,
+                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rec + 32 + 16 * h))));
+                for (int64_t j = 0; j < subs; j++) {
+                    __m256i v[8];
+                    Q4_NAME(split8)(rec + hdr16 + 256 * j, h, v);
                     uint32_t *dst = tile + (gv * sn + gs * subs + j) * 8 * nv + half;
                     for (int i = 0; i < 8; i++) _mm256_store_si256((__m256i *)(dst + i * nv), v[i]);
                 }
@@ -929,7 +1252,7 @@ Q4_TARGET static void Q4_NAME(prefill)(const q4_mm *c, int64_t r0, int64_t r1, v
     for (int64_t s0 = 0; s0 < nb; s0 += slice_subs) {
         const int64_t sn = nb - s0 < slice_subs ? nb - s0 : slice_subs;
         const int first = s0 == 0;
-        Q4_NAME(pack)(c, r0, nr, s0, sn, Q4_NV, ngv, tile, sc, mn);
+        (c->r16 ? Q4_NAME(pack_r16) : Q4_NAME(pack))(c, r0, nr, s0, sn, Q4_NV, ngv, tile, sc, mn);
         for (int64_t m = 0; m < M; m += Q4_MR) {
             const int8_t *xr[Q4_MR];
             const float *xd[Q4_MR], *xg[Q4_MR];

@@ -129,12 +129,44 @@ def test_heavy_tails_asym_beats_sym_at_every_group():
     assert err["q4_asym", 32] < err["q4_asym", 64] < err["q4_asym", 128]
 
 
+@pytest.mark.parametrize("family", F.FAMILIES)
+@pytest.mark.parametrize("group", F.GROUP_SIZES)
+def test_r16_layout_follows_its_definition(family, group):
+    """Per 16 rows and weight group one record: the 16 scales, the 16 offsets (asym), then
+    per 32-value sub-block [dword i][row jj][4 bytes] = bytes 4i .. 4i + 3 of row jj's
+    sub-block; the round trip restores the plain bytes."""
+    rows, cols = 32, 2 * group
+    data = F.quantize(family, group, rng.standard_normal((rows, cols)).astype(np.float32))
+    r16 = F.to_r16(family, group, data)
+    assert r16.shape == data.shape
+    np.testing.assert_array_equal(F.from_r16(family, group, r16), data)
+    hdr, bpb, subs = F.header_bytes(family), F.bytes_per_block(family, group), group // 32
+    for row in (0, 7, 16, 31):
+        for g in range(cols // group):
+            plain = data[row, g * bpb:(g + 1) * bpb]
+            rec = r16.reshape(rows // 16, -1)[row // 16, g * 16 * bpb:(g + 1) * 16 * bpb]
+            jj = row % 16
+            assert bytes(rec[2 * jj:2 * jj + 2]) == bytes(plain[:2])  # scale
+            if family == "q4_asym":
+                assert bytes(rec[32 + 2 * jj:34 + 2 * jj]) == bytes(plain[2:4])  # offset
+            for j in range(subs):
+                for i in range(4):
+                    at = 16 * hdr + 256 * j + 64 * i + 4 * jj
+                    assert bytes(rec[at:at + 4]) == bytes(plain[hdr + 16 * j + 4 * i:][:4])
+    fmt = {f.name: f for f in F.Q4_R16_FORMATS}[f"{family}_g{group}_r16"]
+    assert fmt.row_group == 16 and fmt.gguf_type is None
+    np.testing.assert_array_equal(fmt.to_float(r16, cols), F.to_float(family, group, data, cols))
+    with pytest.raises(ValueError, match="rows % 16 == 0"):
+        F.to_r16(family, group, data[:8])
+
+
 def q4_value_bound(name: str):
     """The q4 formats' own error definition, per value: half a quantization step of the
     value's block plus the f16 rounding of the block's scale (and offset). ggml's q4_0 rule
     (scale = the signed extreme / -8, codes clamped to 15) rounds the opposite extreme to a
     whole step: its bound is one step of amax / 8."""
     family, group = F.layout_of(name)
+    name = name.removesuffix(F.R16_SUFFIX)  # the _r16 twins hold the same blocks
 
     def bound(w: np.ndarray) -> np.ndarray:
         blocks = w.astype(np.float64).reshape(w.shape[0], -1, group)

@@ -150,3 +150,54 @@ def test_threads_of_the_core_pool_give_the_same_result():
             np.testing.assert_array_equal(mm(x, data), one, err_msg=f"M = {M}")
     finally:
         core.set_threads(before)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_r16_layout_gives_the_plain_kernels_bits(isa, name):
+    """The _r16 twin (16 rows interleaved, converted once) runs its own decode kernels and
+    the prefill tiles copied out of it: every row bit for bit the plain layout's, for every
+    variant, few rows (M <= 16: the 4-row and 8-row passes) and prefill (M = 33; N = 48 is
+    a 32-row chunk and a 16-row one, K = 1536 two K slices)."""
+    family, group = FORMATS[name]
+    N, Kd = 48, 1536
+    bpb = F.bytes_per_block(family, group)
+    data = F.quantize(family, group, rng.standard_normal((N, Kd)).astype(np.float32))
+    r16 = K.relayout(family, group, data.copy(), Kd, True)
+    np.testing.assert_array_equal(r16, F.to_r16(family, group, data))  # C == numpy
+    np.testing.assert_array_equal(K.relayout(family, group, r16.copy(), Kd, False), data)
+    plain, inter = K.make_matmul(family, group, bpb), K.make_matmul(family, group, bpb, True)
+    x = rng.standard_normal((33, Kd)).astype(np.float32)
+    for M in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33):
+        np.testing.assert_array_equal(inter(x[:M], r16), plain(x[:M], data), err_msg=f"M = {M}")
+    ids = np.array([0, 47, 16, 15, 16])
+    np.testing.assert_array_equal(K.make_embed(family, group, bpb, True)(r16, ids),
+                                  F.to_float(family, group, data, Kd)[ids])
+
+
+def test_r16_layout_rejects_rows_not_a_multiple_of_16():
+    data = F.quantize("q4_asym", 32, np.ones((24, 64), np.float32))
+    with pytest.raises(ValueError, match="rows % 16 == 0"):
+        K.relayout("q4_asym", 32, data, 64, True)
+    with pytest.raises(ValueError, match="needs a multiple of 16 rows, got 24"):
+        K.make_matmul("q4_asym", 32, 20, True)(np.ones((1, 64), np.float32), data)
+
+
+def test_native_layout_converts_in_place_where_it_pays(monkeypatch):
+    """The plain formats' WeightFormat.native_layout: a writable matrix with a multiple of
+    16 rows becomes the _r16 twin in its own buffer (no second copy of the weights); other
+    matrices, and LATTICE_Q4_R16=0, stay as they are."""
+    from lattice_engine.quant.formats import PackedMatrix
+    fmts = {f.name: f for f in F.Q4_FORMATS + F.Q4_R16_FORMATS}
+    K.attach(F.Q4_FORMATS, F.Q4_R16_FORMATS)
+    plain = fmts["q4_asym_g64"]
+    data = F.quantize("q4_asym", 64, rng.standard_normal((32, 128)).astype(np.float32))
+    expected = F.to_r16("q4_asym", 64, data)
+    monkeypatch.setenv("LATTICE_Q4_R16", "0")
+    m = PackedMatrix(plain, 32, 128, data)
+    assert plain.native_layout(m) is m
+    monkeypatch.setenv("LATTICE_Q4_R16", "1")
+    r = plain.native_layout(m)
+    assert r.format is fmts["q4_asym_g64_r16"] and r.data is data
+    np.testing.assert_array_equal(data, expected)
+    odd = PackedMatrix(plain, 24, 128, F.quantize("q4_asym", 64, np.ones((24, 128), np.float32)))
+    assert plain.native_layout(odd) is odd

@@ -35,18 +35,16 @@ def logits(loaded, ids=(1, 5, 9, 200, 3)):
     return m.forward(np.asarray([ids]), m.make_cache())[0]
 
 
-# the native backend holds q8_0 in its row-interleaved layout: the same blocks
-STORED_AS = {"q8_0_r16": "q8_0"}
-
-
 def formats_of(loaded, layout: bool = False) -> dict[str, str]:
-    """The format of a few matrices: as the quant method chose it, or (layout) as held."""
+    """The format of a few matrices: as the quant method chose it, or (layout) as held (the
+    native backend holds q8_0 and the q4 formats in their row-interleaved _r16 layouts where
+    that pays: the same blocks)."""
     m = loaded.model
     layer = m.layers[0]
     names = {"q": layer.self_attn.q_proj.weight.format.name,
              "down": layer.mlp.down_proj.weight.format.name,
              "embed": m.embed_tokens.format.name, "lm_head": m.lm_head.format.name}
-    return names if layout else {k: STORED_AS.get(v, v) for k, v in names.items()}
+    return names if layout else {k: v.removesuffix("_r16") for k, v in names.items()}
 
 
 @pytest.mark.skipif(not installed, reason="lattice-quant-q4 is not pip-installed here")
@@ -70,7 +68,10 @@ def test_methods_keep_embedding_and_lm_head_in_q8_0(tiny_folder, method):
     assert formats_of(q4) == formats_of(ref, layout=True) == {
         "q": f"{method}_g32", "down": f"{method}_g32", "embed": "q8_0", "lm_head": "q8_0"}
     from lattice_engine.quant.core_formats import r16_pays
-    assert formats_of(q4, layout=True)["embed"] == ("q8_0_r16" if r16_pays() else "q8_0")
+    from lattice_quant_q4.kernels import r16_pays as q4_r16_pays
+    held = formats_of(q4, layout=True)
+    assert held["embed"] == ("q8_0_r16" if r16_pays() else "q8_0")
+    assert held["q"] == f"{method}_g32" + ("_r16" if q4_r16_pays() else "")
     a, b = logits(ref), logits(q4)
     assert np.abs(a - b).max() < 0.03 * np.abs(a).max()
     # and the 4-bit model still follows the float one (random weights: loosely)
@@ -96,10 +97,41 @@ def test_q4_0_method_runs_the_sym_kernels_on_ggml_blocks(tiny_folder):
     assert formats_of(q40) == {"q": "q4_0", "down": "q4_0", "embed": "q8_0", "lm_head": "q8_0"}
     w = q40.model.layers[0].self_attn.q_proj.weight
     x = np.random.default_rng(1).standard_normal((3, w.data.shape[1] // 18 * 32), np.float32)
-    sym = {f.name: f for f in F.Q4_FORMATS}["q4_sym_g32"]
+    held = {f.name: f for f in F.Q4_FORMATS + F.Q4_R16_FORMATS}
+    sym = held[w.format.name.replace("q4_0", "q4_sym_g32")]  # the plain or the _r16 twin
     np.testing.assert_array_equal(w.format.matmul(x, w.data), sym.matmul(x, w.data))
     with pytest.raises(ConfigError, match="q4_0, ggml's Q4_0 rule, which has groups of 32"):
         load(tiny_folder, quant=QuantSpec("q4_0", {}, 64), plugin_manager=pm)
+
+
+@pytest.mark.parametrize("method", ["q4_sym", "q4_asym", "q4_0"])
+def test_the_r16_layout_at_load_changes_no_bit(tiny_folder, monkeypatch, method):
+    """The native backend converts the 4-bit matrices to their _r16 twins at load where
+    that pays (LATTICE_Q4_R16 forces it either way): the same logits to the bit, the same
+    blocks back, the embedding lookup included."""
+    require_core()
+    from lattice_quant_q4 import kernels as K
+    if not K.available():
+        pytest.skip(K.LOAD_ERROR)
+    runs = {}
+    for forced in ("0", "1"):
+        monkeypatch.setenv("LATTICE_Q4_R16", forced)
+        runs[forced] = load(tiny_folder, quant=QuantSpec(method, {"model.embed_tokens.weight":
+                                                                  "q4_asym_g32"}),
+                            backend="native", plugin_manager=manager())
+    plain, r16 = runs["0"].model, runs["1"].model
+    base = "q4_0" if method == "q4_0" else f"{method}_g32"
+    assert plain.layers[0].mlp.up_proj.weight.format.name == base
+    assert r16.layers[0].mlp.up_proj.weight.format.name == base + "_r16"
+    assert r16.embed_tokens.format.name == "q4_asym_g32_r16"
+    for a, b in zip(plain.layers, r16.layers):
+        wa, wb = a.mlp.up_proj.weight, b.mlp.up_proj.weight
+        family, group = F.layout_of(wa.format.name)
+        np.testing.assert_array_equal(F.from_r16(family, group, wb.data), wa.data)
+    np.testing.assert_array_equal(logits(runs["0"]), logits(runs["1"]))
+    ids = np.array([0, 17, 255, 17])
+    np.testing.assert_array_equal(r16.embed_tokens.format.embed(r16.embed_tokens.data, ids),
+                                  plain.embed_tokens.format.embed(plain.embed_tokens.data, ids))
 
 
 def test_overrides_win(tiny_folder):
@@ -107,7 +139,8 @@ def test_overrides_win(tiny_folder):
                                                       "lm_head.weight": "q4_asym_g32"}),
               plugin_manager=manager())
     assert formats_of(q4)["q"] == "f16" and formats_of(q4)["lm_head"] == "q4_asym_g32"
-    assert q4.model.layers[1].self_attn.q_proj.weight.format.name == "q4_sym_g32"
+    assert q4.model.layers[1].self_attn.q_proj.weight.format.name.removesuffix("_r16") == \
+        "q4_sym_g32"
 
 
 @pytest.mark.parametrize("method,qtype", [("q4_sym", "Q4_0"), ("q4_asym", "Q4_1")])
@@ -119,10 +152,14 @@ def test_gguf_q4_tensors_load_as_their_bytes(tmp_path, method, qtype):
     loaded = load(path, quant=QuantSpec(method), plugin_manager=manager())
     attn = loaded.model.layers[1].self_attn
     # v_proj is stored as is; q_proj's rows were un-permuted, whole blocks at a time
-    assert attn.v_proj.weight.format.name == f"{method}_g32"
-    np.testing.assert_array_equal(attn.v_proj.weight.data,
+    # (held in the _r16 layout where that pays: the same blocks, rows interleaved)
+    assert attn.v_proj.weight.format.name.removesuffix("_r16") == f"{method}_g32"
+
+    def blocks(m):
+        return F.from_r16(method, 32, m.data) if m.format.name.endswith("_r16") else m.data
+    np.testing.assert_array_equal(blocks(attn.v_proj.weight),
                                   gguf.quants.quantize(w["model.layers.1.self_attn.v_proj.weight"], t))
-    np.testing.assert_array_equal(attn.q_proj.weight.data,
+    np.testing.assert_array_equal(blocks(attn.q_proj.weight),
                                   gguf.quants.quantize(w["model.layers.1.self_attn.q_proj.weight"], t))
     # and the model computes with them: close to the float weights it was made from
     f32 = load(path, quant=QuantSpec("f32"), plugin_manager=manager())

@@ -236,6 +236,8 @@ def quarot(checkpoint: Checkpoint, settings: QuarotSettings,
     vocab = checkpoint.shapes[head][0]
     put("lm_head.weight", lambda: _rows(R, read(head) * scale(final)[None, :]), (vocab, hidden))
     identity_norm(final)
+    if read.has("mtp.fc.weight"):
+        _mtp(read, put, identity_norm, scale, R, final, hidden, shapes)
 
     plan.tie_key["tie_word_embeddings"] = False
     if plan.tie_key is not text:
@@ -253,6 +255,42 @@ def quarot(checkpoint: Checkpoint, settings: QuarotSettings,
                       generation_config=checkpoint.generation_config,
                       source=f"{checkpoint.source} (QuaRot seed {settings.seed})")
 
+
+
+def _mtp(read, put, identity_norm, scale, R: Rotation, final: str, hidden: int,
+         shapes) -> None:
+    """Qwen3.5's MTP head in the rotated model (residual basis). Its layer keeps its own,
+    unrotated residual stream; what crosses into it is converted (M the rotation, g_f the
+    target's final-norm scale, folded away from the model):
+    - the embedding half of fc reads rmsnorm(E' x) = rmsnorm(E x) M: folded like any
+      reader, fc_e' = fc_e diag(g_e) M, and pre_fc_norm_embedding becomes the identity;
+    - the target's hidden state arrives as v M (v = rmsnorm(x), no g_f), while the head's
+      pre_fc_norm_hidden needs v * g_f, whose RMS norm is not rotation-invariant: the head
+      applies `mtp.lattice_hidden_in` (h' M^T diag(g_f)) first;
+    - the shared lm_head now reads (u / g_f) M for the unrotated u = norm(y): the head
+      applies `mtp.lattice_head_in` (u diag(1 / g_f) M) before it."""
+    fc, emb_norm = "mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight"
+
+    def fold_fc():
+        w = read(fc)
+        w[:, :hidden] = _rows(R, w[:, :hidden] * scale(emb_norm)[None, :])
+        return w.astype(np.float32)
+
+    def final_scale() -> np.ndarray:
+        g = scale(final)
+        if np.abs(g).min() < 1e-6:
+            raise CheckpointError(f"QuaRot: the final norm's scale reaches {np.abs(g).min():.1e}"
+                                  f": the MTP head cannot be moved into the rotated basis "
+                                  f"(it divides by it); disable [quarot] or speculative mtp")
+        return g
+
+    put(fc, fold_fc)
+    identity_norm(emb_norm)
+    # Linear weights W (y = x W^T): hidden_in W = diag(g_f) M, head_in W = M^T diag(1/g_f)
+    put("mtp.lattice_hidden_in.weight",
+        lambda: (final_scale()[:, None] * R.matrix()).astype(np.float32), (hidden, hidden))
+    put("mtp.lattice_head_in.weight",
+        lambda: (R.matrix().T / final_scale()[None, :]).astype(np.float32), (hidden, hidden))
 
 
 def _layer_signs(rotation: Rotation, rng: np.random.Generator) -> Rotation:

@@ -221,9 +221,9 @@ def test_untied_head_keeps_the_precision_of_a_tied_one(tmp_path, plugins, tied):
     plain = load(folder, backend="numpy", plugin_manager=plugins, quant=QuantSpec("q8_0"))
     rotated = load(folder, backend="numpy", plugin_manager=plugins, quant=QuantSpec("q8_0"),
                    transforms={"quarot": QuarotSettings(enabled=True)})
-    # tied: the method stores a tied embedding / head in f16, and so the rotated head's own
-    # copy (not the untied head's format); untied: the head keeps its own format
-    assert plain.model.lm_head.format.name == ("f16" if tied else "q8_0")
+    # tied: the method's tied-embedding format, and so the rotated head's own copy (not the
+    # untied head's format, though under q8_0 both are q8_0); untied: its own format
+    assert plain.model.lm_head.format.name == "q8_0"
     assert rotated.model.lm_head.format.name == plain.model.lm_head.format.name
 
 
@@ -265,3 +265,43 @@ def test_qwen3_5_rotated_model_computes_the_same_function(tmp_path, plugins, nam
     assert (rotated.argmax(-1) == plain.argmax(-1)).all()
     with pytest.raises(CheckpointError, match="basis = 'residual' for it"):
         logits(folder, plugins, basis="inputs")
+
+
+@pytest.mark.parametrize("online", [False, True])
+def test_qwen3_5_mtp_head_in_the_rotated_basis_gives_the_same_logits(tmp_path, plugins, online):
+    """Qwen3.5's MTP head on a rotated checkpoint (embedding half of fc folded, the
+    target's hidden state and the lm_head input converted) gives the unrotated head's
+    logits within 1e-3, over rows fed from each model's own hidden states and chained."""
+    import shutil
+    from safetensors.numpy import load_file
+    if not (CORE_FIXTURES / "qwen3_5_vl").exists():
+        pytest.skip("the core repository's test fixtures are not next to this plugin")
+    folder = tmp_path / "qwen3_5_vl"
+    shutil.copytree(CORE_FIXTURES / "qwen3_5_vl", folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    rng = np.random.default_rng(1)
+    for key in weights:  # (1 + w) norms far from w = 0, the final one too
+        if key.endswith("norm.weight") and "visual" not in key and "linear_attn" not in key:
+            weights[key] = (0.4 * rng.standard_normal(weights[key].shape)).astype(np.float32)
+    save_file(weights, str(folder / "model.safetensors"))
+    ids = np.array([[1, 5, 9, 2, 33, 60, 7, 12, 200, 17]])
+
+    def mtp_logits(**settings):
+        transforms = {"quarot": QuarotSettings(enabled=True, **settings)} if settings else None
+        model = load(folder, backend="numpy", plugin_manager=plugins,
+                     transforms=transforms).model
+        hidden = model.hidden_states(ids, model.make_cache(1))[0]
+        head = model.mtp_head()
+        cache = head.make_cache()
+        states = head.hidden(ids[0, 1:], hidden[:-1], np.arange(9), cache)
+        out = [head.logits(states)]
+        last = states[-1:]
+        for pos, tok in ((9, 44), (10, 3)):  # chained drafts (fixed tokens: same rows)
+            last = head.hidden([tok], last, [pos], cache, chained=True)
+            out.append(head.logits(last))
+        return np.concatenate(out)
+
+    plain = mtp_logits()
+    rotated = mtp_logits(seed=5, online_down_proj=online)
+    assert np.abs(rotated - plain).max() <= 1e-3
+    assert (rotated.argmax(-1) == plain.argmax(-1)).all()

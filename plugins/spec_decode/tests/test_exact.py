@@ -114,7 +114,7 @@ def test_bad_options_are_clear_errors(models, tmp_path):
         eng.generate("x", max_tokens=2, speculative={"method": "ngram",
                                                      "num_draft_tokens": 17})
     with pytest.raises(ConfigError, match="'medusa' is not a registered drafter; "
-                                          "registered: draft_model, ngram"):
+                                          "registered: draft_model, mtp, ngram, self"):
         Engine.load(str(models["llama"]), speculative=SpeculativeOptions(method="medusa"))
 
 

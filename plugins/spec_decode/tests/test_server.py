@@ -5,9 +5,6 @@ for what a request may not choose, and the lattice_spec_* series in /metrics."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -15,7 +12,6 @@ import pytest
 
 from conftest import tiny_model
 from lattice_engine.batching import BatchingOptions
-from lattice_engine.config import ServerSection
 from lattice_engine.engine import Engine
 from lattice_engine.speculative import SpeculativeOptions
 
@@ -25,27 +21,15 @@ pytest.importorskip("starlette")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from lattice_engine.server import create_app
+    from lattice_engine.testing.server import LoopbackServer
     folder = tiny_model("llama", tmp_path_factory.mktemp("server"))
     engine = Engine.load(str(folder), speculative=SpeculativeOptions(
         method="ngram", num_draft_tokens=3, adaptive=False,  # counts independent of timing
         options={"prompt_lookup_min": 1}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(engine, model_name="tiny", settings=ServerSection(port=port),
-                     options=BatchingOptions(kv_cache_tokens=2048, block_size=4))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=30)
-
+    srv = LoopbackServer(engine, model_name="tiny",
+                         options=BatchingOptions(kv_cache_tokens=2048, block_size=4))
+    yield srv.base, engine
+    srv.stop()
 
 def post(base, body):
     req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
@@ -88,7 +72,8 @@ def test_the_speculative_field_selects_per_request(server):
 
 @pytest.mark.parametrize("choice, message", [
     ({"method": "draft_model"}, "'speculative.method' = 'draft_model' is not available to a "
-                                "request on this server; choices: ngram"),
+                                "request on this server; choices: mtp, ngram, self"),
+    ({"method": "mtp"}, "speculative method 'mtp' drafts with a Qwen3.5 model's own layers"),
     ({"method": "ngram", "num_draft_tokens": 0}, "num_draft_tokens=0 is out of range"),
     ({"method": "ngram", "options": {"prompt_lookup_max": 0}},
      "prompt_lookup_max = 0 is out of range"),

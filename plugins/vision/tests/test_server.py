@@ -6,10 +6,6 @@ answers equal to the same requests served alone; the encoder skipped for a repea
 from __future__ import annotations
 
 import base64
-import socket
-import threading
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -18,9 +14,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from lattice_engine.batching import BatchingOptions  # noqa: E402
-from lattice_engine.config import ServerSection  # noqa: E402
 from lattice_engine.engine import Engine  # noqa: E402
-from lattice_engine.server import create_app  # noqa: E402
+from lattice_engine.testing.server import LoopbackServer  # noqa: E402
 
 from conftest import FIXTURES, vision_model_folder  # noqa: E402
 
@@ -28,33 +23,8 @@ OPTIONS = BatchingOptions(kv_cache_tokens=4096, block_size=8, max_running=8, ste
                           interleave_tokens=8)
 
 
-class Server:
-    def __init__(self, folder, options=OPTIONS):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.app = create_app(Engine.load(str(folder)), model_name="tiny",
-                              settings=ServerSection(port=self.port), options=options)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.client = openai.OpenAI(base_url=self.base + "/v1", api_key="none",
-                                    max_retries=0, timeout=120)
-
-    def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(self.base + "/metrics", timeout=10).read().decode()
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines() if line and not line.startswith("#")}
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+def Server(folder, options=OPTIONS) -> LoopbackServer:
+    return LoopbackServer(Engine.load(str(folder)), model_name="tiny", options=options)
 
 
 @pytest.fixture(scope="module")
