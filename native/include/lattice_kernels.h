@@ -488,7 +488,7 @@ int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
    decode step of it leaves. */
 int lk_qwen35_step_paged_trail(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
                                const float *cos_t, const float *sin_t, const int64_t *slots,
-                               float *const *k_pools, float *const *v_pools,
+                               void *const *k_pools, void *const *v_pools,
                                int64_t num_blocks, int64_t block_size,
                                float *const *conv_pools, float *const *delta_pools,
                                int64_t num_state_slots, const int64_t *state_slots,
