@@ -33,8 +33,9 @@ int q4_attach(uintptr_t address);
 int q4_isa(void);
 const char *q4_isa_name(void);
 int q4_set_isa(int isa);
-int q4_matmul(int asym, int64_t group, const float *x, int64_t M, int64_t K, const void *w,
-              int64_t ldw, int64_t N, float *y);
+int q4_matmul(int asym, int64_t group, int r16, const float *x, int64_t M, int64_t K,
+              const void *w, int64_t ldw, int64_t N, float *y);
+int q4_relayout(int asym, int64_t group, void *data, int64_t rows, int64_t K, int to_r16);
 
 /* ---- inputs ------------------------------------------------------------------------ */
 
@@ -138,7 +139,19 @@ static int mm_f16(const float *x, int64_t M, int64_t K, const void *w, int64_t N
     return 0;
 }
 static int mm_q4(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
-    return q4_matmul(0, 32, x, M, K, w, K / 32 * 18, N, y);
+    return q4_matmul(0, 32, 0, x, M, K, w, K / 32 * 18, N, y);
+}
+/* the same matrix in the _r16 layout, the one the x86 kernels run from after loading */
+static int mm_q4_r16(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
+    return q4_matmul(0, 32, 1, x, M, K, w, K / 32 * 18, N, y);
+}
+static void *q4_sym_g32_r16_matrix(int64_t N, int64_t K) {
+    void *w = q4_sym_g32_matrix(N, K);
+    if (q4_relayout(0, 32, w, N, K, 1) != 0) {
+        fprintf(stderr, "q4_relayout failed\n");
+        exit(1);
+    }
+    return w;
 }
 
 static int prefill_entries; /* the generic C has no prefill kernel (M rows of its matvec) */
@@ -156,6 +169,10 @@ static void matmuls(void) {
     MEASURE("f16 few-rows 4x1024x1024", , mm_f16(x, M, K, wf16, N, y));
     MEASURE("q4_sym_g32 matvec 1x1024x1024", , mm_q4(x, 1, K, wq4, N, y));
     MEASURE("q4_sym_g32 few-rows 4x1024x1024", , mm_q4(x, M, K, wq4, N, y));
+    free(wq4);
+    wq4 = q4_sym_g32_r16_matrix(N, K);
+    MEASURE("q4_sym_g32_r16 matvec 1x1024x1024", , mm_q4_r16(x, 1, K, wq4, N, y));
+    MEASURE("q4_sym_g32_r16 few-rows 4x1024x1024", , mm_q4_r16(x, M, K, wq4, N, y));
     free(x), free(y), free(wq8), free(wf16), free(wq4);
     if (!prefill_entries) return;
     reseed(2);
@@ -166,6 +183,9 @@ static void matmuls(void) {
     MEASURE("q8_0 prefill 96x512x512", , mm_q8(x, Mp, Kp, wq8, Np, y));
     MEASURE("f16 prefill 96x512x512", , mm_f16(x, Mp, Kp, wf16, Np, y));
     MEASURE("q4_sym_g32 prefill 96x512x512", , mm_q4(x, Mp, Kp, wq4, Np, y));
+    free(wq4);
+    wq4 = q4_sym_g32_r16_matrix(Np, Kp);
+    MEASURE("q4_sym_g32_r16 prefill 96x512x512", , mm_q4_r16(x, Mp, Kp, wq4, Np, y));
     free(x), free(y), free(wq8), free(wf16), free(wq4);
 }
 

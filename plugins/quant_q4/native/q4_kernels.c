@@ -366,27 +366,33 @@ int q4_relayout(int asym, int64_t group, void *data, int64_t rows, int64_t K, in
 /* ---- generic C: one weight row against one x row ------------------------------------ */
 
 static float dot_generic(const q4_mm *c, int64_t n, int64_t m) {
+    /* the fields in locals: tmp is written through a byte pointer, which may alias *c, so
+       without them every block would reload them (7% more instructions on the plain
+       layout, measured by the perf gate) */
+    const int asym = c->asym;
+    const int64_t hdr = c->hdr, subs = c->subs, bpb = c->bpb, ng = c->ng, nb = c->nb;
     const int8_t *xq = c->xq + m * c->K;
-    const float *dx = c->dx + m * c->nb, *sg = c->sg + m * c->ng;
-    const int32_t *xo = c->xo + m * c->nb;
+    const float *dx = c->dx + m * nb, *sg = c->sg + m * ng;
+    const int32_t *xo = c->xo + m * nb;
+    const uint8_t *row = c->r16 ? NULL : c->w + n * c->ldw; /* plain: blocks in place */
     uint8_t tmp[2 * 2 + 128 / 2];
     float acc = 0.0f;
-    for (int64_t g = 0; g < c->ng; g++) {
-        const uint8_t *w = block_at(c->w, c->ldw, c->asym, c->r16, c->hdr, c->subs, c->bpb,
-                                    n, g, tmp);
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *w = row ? row + g * bpb
+                               : block_at(c->w, c->ldw, asym, 1, hdr, subs, bpb, n, g, tmp);
         const float d = f16_to_f32(rd16(w));
-        const uint8_t *qs = w + c->hdr;
-        for (int64_t j = 0; j < c->subs; j++) {
-            const int64_t b = g * c->subs + j;
+        const uint8_t *qs = w + hdr;
+        for (int64_t j = 0; j < subs; j++) {
+            const int64_t b = g * subs + j;
             const int8_t *y = xq + b * QK;
-            int32_t dot = c->asym ? 0 : xo[b];
+            int32_t dot = asym ? 0 : xo[b];
             for (int i = 0; i < 16; i++) {
                 dot += (qs[16 * j + i] & 0x0F) * y[i];
                 dot += (qs[16 * j + i] >> 4) * y[16 + i];
             }
             acc += (float)dot * (d * dx[b]);
         }
-        if (c->asym) acc += f16_to_f32(rd16(w + 2)) * sg[g];
+        if (asym) acc += f16_to_f32(rd16(w + 2)) * sg[g];
     }
     return acc;
 }
