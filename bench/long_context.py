@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from provenance import add_results_option, emit, peak_rss_mb  # bench/, next to this file
+from provenance import add_results_option, emit, run_script, peak_rss_mb  # bench/
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parent / "data" / "wikitext-2" / "wiki.test.raw"
@@ -103,14 +102,7 @@ def worker_llama_cpp(path: str, threads: int, length: int, n: int) -> dict:
 
 
 def run_worker(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__] + argv, capture_output=True, text=True,
-                         env=dict(os.environ))
-    if out.returncode != 0:
-        result = {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    else:
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"# {argv}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    return result
+    return run_script(__file__, argv, label=" ".join(argv))
 
 
 def main() -> int:

@@ -30,14 +30,13 @@ import zlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from provenance import add_results_option, emit  # bench/, next to this file
+from provenance import add_results_option, emit, run_script  # bench/
 # the dense Qwen3.5 bench's timing and llama.cpp worker (same prompt sizes)
 from qwen3_5 import measure, token_ids, worker_llama_cpp  # noqa: E402
 
@@ -167,14 +166,7 @@ def worker_lattice(path: str, quant: str, threads: int, runs: int, n1: int, n2: 
 
 
 def run_worker(argv: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__] + argv, capture_output=True, text=True,
-                         env=dict(os.environ))
-    if out.returncode != 0:
-        result = {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    else:
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"# {argv[-1]}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    return result
+    return run_script(__file__, argv)
 
 
 def main() -> int:

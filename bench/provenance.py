@@ -131,6 +131,22 @@ def peak_rss_mb(pid: int | None = None) -> float | None:
     return None
 
 
+def run_script(script: str, argv: list[str], label: str | None = None) -> dict:
+    """Run `python script *argv` (a bench's own worker mode, so every engine measures in a
+    process of its own) and return the JSON object on its last stdout line, or
+    {"error": its last stderr line}. Each result is echoed to stderr as it arrives (prefixed
+    by `label`, default the last argument): a long run that is cut short still says something."""
+    out = subprocess.run([sys.executable, script] + argv, capture_output=True, text=True,
+                         env=dict(os.environ))
+    if out.returncode != 0:
+        result = {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    else:
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"# {argv[-1] if label is None else label}: {json.dumps(result)}", file=sys.stderr,
+          flush=True)
+    return result
+
+
 def children_peak_rss_mb() -> float | None:
     """The largest peak RSS (MB) of the child processes this one has waited for; None if
     it has waited for none."""

@@ -25,14 +25,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from provenance import add_results_option, emit, peak_rss_mb  # bench/, next to this file
+from provenance import add_results_option, emit, run_script, peak_rss_mb  # bench/
 
 SHORT_PROMPT, PROMPT_TOKENS = 16, 512
 # llama.cpp's file compared with each lattice format (bench/qwen3_5_gguf.py makes them): the
@@ -164,15 +163,7 @@ def worker_llama_cpp(path: str, threads: int, runs: int, n1: int, n2: int) -> di
 
 
 def run_worker(argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__] + argv
-    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    if out.returncode != 0:
-        result = {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    else:
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-    # each engine as it finishes: a long run that is cut short still says something
-    print(f"# {argv[-1]}: {json.dumps(result)}", file=sys.stderr, flush=True)
-    return result
+    return run_script(__file__, argv)
 
 
 def main() -> int:
