@@ -11,8 +11,9 @@ base stays frozen. The update is SGD (with momentum), Adam or AdamW as torch.opt
 defines them, after clipping the gradient's global L2 norm like
 `torch.nn.utils.clip_grad_norm_`.
 
-Architectures: the llama-family decoder (llama, qwen2, qwen3). Qwen3.5's Gated DeltaNet
-layers have no backward here yet, and a model with online rotations (QuaRot) is refused.
+Architectures: the llama-family decoder (llama, qwen2, qwen3) here, and dense Qwen3.5 (its
+Gated DeltaNet and gated full-attention layers) in qwen3_5_grad.py. Sparse MoE layers
+(qwen3_moe, qwen3_5_moe) and a model with online rotations (QuaRot) are refused.
 """
 
 from __future__ import annotations
@@ -86,15 +87,7 @@ class _FloatView:
     model's own matrices and kernels."""
 
     def __init__(self, model):
-        from lattice_engine.models.transformer import DecoderModel
-        if not isinstance(model, DecoderModel):
-            raise RequestError(f"adapt_step supports the llama-family decoder (llama, qwen2, "
-                               f"qwen3); {type(model).__module__}.{type(model).__name__} has "
-                               f"no backward here yet")
-        if model.config.lattice_online_rotation or any(b.input_rotations
-                                                       for b in model.layers):
-            raise RequestError("adapt_step does not train on a model with online rotations "
-                               "(QuaRot): its linears see rotated inputs")
+        check_trainable(model)
         from lattice_engine.plugins import get_plugin_manager
         formats = get_plugin_manager().registry.items["weight_formats"]
         self.f32, self.f16 = formats["f32"], formats["f16"]
@@ -128,6 +121,26 @@ class _FloatView:
         return self.cache[key]
 
 
+def check_trainable(model) -> None:
+    """Refuse what the backward does not cover: architectures other than the llama-family
+    decoder and dense Qwen3.5, and online rotations (QuaRot)."""
+    from lattice_engine.models.qwen3_5 import Model as Qwen35
+    from lattice_engine.models.transformer import MLP, DecoderModel
+    if isinstance(model, Qwen35):
+        if any(type(b.mlp) is not MLP for b in model.layers):
+            raise RequestError(f"adapt_step supports the llama-family decoder (llama, qwen2, "
+                               f"qwen3) and dense Qwen3.5; {type(model).__module__} has "
+                               f"sparse MoE layers, which have no backward here yet")
+    elif not isinstance(model, DecoderModel):
+        raise RequestError(f"adapt_step supports the llama-family decoder (llama, qwen2, "
+                           f"qwen3) and dense Qwen3.5; {type(model).__module__}."
+                           f"{type(model).__name__} has no backward here yet")
+    if model.config.lattice_online_rotation or any(getattr(b, "input_rotations", False)
+                                                   for b in model.layers):
+        raise RequestError("adapt_step does not train on a model with online rotations "
+                           "(QuaRot): its linears see rotated inputs")
+
+
 def _view(model) -> _FloatView:
     view = getattr(model, "_lora_float_view", None)
     if view is None:
@@ -138,6 +151,8 @@ def _view(model) -> _FloatView:
 # ---- pieces with their backward -------------------------------------------------------
 
 def _rms(x, w, eps):
+    """RMSNorm by the effective weight w (Qwen3.5's (1 + w) norms pass 1 + w); returns the
+    output and the reciprocal RMS the backward needs."""
     r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
     return (x * r * w).astype(F32), r
 
@@ -187,11 +202,7 @@ class _Lin:
         return dx.astype(F32)
 
 
-def loss_and_grads(model, weights: AdapterWeights, tokens) -> tuple[float, dict]:
-    """Mean next-token cross-entropy of `tokens` with the adapter, and its gradient with
-    respect to every factor, keyed "<module>.lora_A" / "<module>.lora_B" ([r, in] and
-    [out, r], PEFT's shapes)."""
-    view = _view(model)
+def _check_ids(model, tokens) -> np.ndarray:
     cfg = model.config
     ids = np.asarray(tokens, np.int64).reshape(-1)
     if ids.size < 2:
@@ -201,20 +212,99 @@ def loss_and_grads(model, weights: AdapterWeights, tokens) -> tuple[float, dict]
     if ids.size > cfg.max_position_embeddings:
         raise RequestError(f"the example has {ids.size} tokens; the model's context is "
                            f"{cfg.max_position_embeddings}")
+    return ids
+
+
+def _causal_attention(q, k, v, group):
+    """Causal softmax attention of q [T, Hq, D] over k, v [T, Hkv, D] (GQA by repeating);
+    returns the output [T, Hq, D] and what `_causal_attention_back` needs."""
+    t, _, d = q.shape
+    kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)   # [T, Hq, D]
+    scale = F32(1.0 / np.sqrt(d))
+    s = np.einsum("thd,shd->hts", q, kr) * scale
+    s[:, np.triu(np.ones((t, t), bool), 1)] = -np.inf
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p = (p / p.sum(-1, keepdims=True)).astype(F32)
+    out = np.einsum("hts,shd->thd", p, vr).astype(F32)
+    return out, dict(q=q, kr=kr, vr=vr, p=p, scale=scale, group=group)
+
+
+def _causal_attention_back(dout, tp):
+    """dq [T, Hq, D], dk, dv [T, Hkv, D] from d output [T, Hq, D]."""
+    p, scale, group = tp["p"], tp["scale"], tp["group"]
+    t, hq, d = dout.shape
+    dp = np.einsum("thd,shd->hts", dout, tp["vr"])
+    dvr = np.einsum("hts,thd->shd", p, dout)
+    ds = p * (dp - np.sum(dp * p, -1, keepdims=True)) * scale
+    dq = np.einsum("hts,shd->thd", ds, tp["kr"])
+    dkr = np.einsum("hts,thd->shd", ds, tp["q"])
+    dk = dkr.reshape(t, hq // group, group, d).sum(2)
+    dv = dvr.reshape(t, hq // group, group, d).sum(2)
+    return dq, dk, dv
+
+
+def _mlp_fwd(view, m, mods, h):
+    """The SwiGLU MLP on h [T, hidden] with its adapters; returns the output and its tape."""
+    lins = {n: _Lin(view, getattr(m, f"{n}_proj"), mods.get(getattr(m, f"{n}_proj").name))
+            for n in ("gate", "up", "down")}
+    g, sg_ = lins["gate"].fwd(h)
+    u, su = lins["up"].fwd(h)
+    sg = (1.0 / (1.0 + np.exp(-g))).astype(F32)
+    act = (g * sg * u).astype(F32)
+    d, sd = lins["down"].fwd(act)
+    return d, dict(lins=lins, gate=sg_, up=su, down=sd, g=g, sg=sg, u=u)
+
+
+def _mlp_back(dy, m, tp, grads):
+    """d MLP input from d output; adds the adapters' gradients to `grads`."""
+    lins = tp["lins"]
+    dact = lins["down"].back(dy, tp["down"], grads, m.down_proj.name)
+    g, sg, u = tp["g"], tp["sg"], tp["u"]
+    du = dact * g * sg
+    dg = dact * u * sg * (1.0 + g * (1.0 - sg))
+    return lins["gate"].back(dg.astype(F32), tp["gate"], grads, m.gate_proj.name) + \
+        lins["up"].back(du.astype(F32), tp["up"], grads, m.up_proj.name)
+
+
+def _head_loss(view, model, x, ids, eps, offset=0.0):
+    """The final norm, lm_head and mean next-token cross-entropy of the last hidden states
+    x [T, hidden]; returns the loss and d loss / d x."""
+    ops, t = model.ops, ids.size
+    fw = model.norm + F32(offset) if offset else model.norm
+    final, rf = _rms(x, fw, eps)
+    logits = ops.matmul(np.ascontiguousarray(final[:-1]), model.lm_head)
+    z = logits - logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(z.astype(np.float64)).sum(-1))
+    targets = ids[1:]
+    loss = float(np.mean(lse - z[np.arange(t - 1), targets]))
+    probs = np.exp(z - lse[:, None]).astype(F32)
+    probs[np.arange(t - 1), targets] -= 1.0
+    dlogits = probs / F32(t - 1)
+    dfinal = np.zeros_like(final)
+    dfinal[:-1] = ops.matmul(np.ascontiguousarray(dlogits, F32), view.wt(model.lm_head))
+    return loss, _rms_back(dfinal, x, fw, rf)
+
+
+def loss_and_grads(model, weights: AdapterWeights, tokens) -> tuple[float, dict]:
+    """Mean next-token cross-entropy of `tokens` with the adapter, and its gradient with
+    respect to every factor, keyed "<module>.lora_A" / "<module>.lora_B" ([r, in] and
+    [out, r], PEFT's shapes)."""
+    view = _view(model)
+    ids = _check_ids(model, tokens)
+    from lattice_engine.models.qwen3_5 import Model as Qwen35
+    if isinstance(model, Qwen35):
+        from .qwen3_5_grad import loss_and_grads_qwen3_5
+        return loss_and_grads_qwen3_5(view, model, weights, ids)
+    cfg = model.config
     t, eps = ids.size, cfg.rms_norm_eps
     mods = weights.modules
     cos, sin = _tables(np.arange(t), model.inv_freq)
-    ops = model.ops
-    x = np.ascontiguousarray(ops.embed(model.embed_tokens, ids[None])[0], F32)
+    x = np.ascontiguousarray(model.ops.embed(model.embed_tokens, ids[None])[0], F32)
     tapes = []
-    mask = np.triu(np.ones((t, t), bool), 1)
     for block in model.layers:
-        a, m = block.self_attn, block.mlp
+        a = block.self_attn
         lins = {n: _Lin(view, getattr(a, f"{n}_proj"), mods.get(getattr(a, f"{n}_proj").name))
                 for n in ("q", "k", "v", "o")}
-        lins.update({n: _Lin(view, getattr(m, f"{n}_proj"),
-                             mods.get(getattr(m, f"{n}_proj").name))
-                     for n in ("gate", "up", "down")})
         tp = {"lins": lins, "x": x}
         h, tp["r1"] = _rms(x, block.input_layernorm, eps)
         q, tp["q"] = lins["q"].fwd(h)
@@ -226,62 +316,22 @@ def loss_and_grads(model, weights: AdapterWeights, tokens) -> tuple[float, dict]
             q, tp["rq"] = _rms(q, a.q_norm, a.eps)
             k, tp["rk"] = _rms(k, a.k_norm, a.eps)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        group = a.nq // a.nkv
-        kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)   # [T, Hq, D]
-        scale = F32(1.0 / np.sqrt(a.d))
-        s = np.einsum("thd,shd->hts", q, kr) * scale
-        s[:, mask] = -np.inf
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p = (p / p.sum(-1, keepdims=True)).astype(F32)
-        out = np.einsum("hts,shd->thd", p, vr).reshape(t, a.nq * a.d).astype(F32)
-        tp.update(qr=q, kr=kr, vr=vr, p=p, scale=scale, group=group)
-        o, tp["o"] = lins["o"].fwd(out)
+        out, tp["attn"] = _causal_attention(q, k, v, a.nq // a.nkv)
+        o, tp["o"] = lins["o"].fwd(out.reshape(t, a.nq * a.d))
         x = (x + o).astype(F32)
         tp["x2"] = x
         h2, tp["r2"] = _rms(x, block.post_attention_layernorm, eps)
-        g, tp["gate"] = lins["gate"].fwd(h2)
-        u, tp["up"] = lins["up"].fwd(h2)
-        sg = (1.0 / (1.0 + np.exp(-g))).astype(F32)
-        act = (g * sg * u).astype(F32)
-        tp.update(g=g, sg=sg, u=u)
-        d, tp["down"] = lins["down"].fwd(act)
+        d, tp["mlp"] = _mlp_fwd(view, block.mlp, mods, h2)
         x = (x + d).astype(F32)
         tapes.append((block, tp))
-    final, rf = _rms(x, model.norm, eps)
-    logits = ops.matmul(np.ascontiguousarray(final[:-1]), model.lm_head)
-    z = logits - logits.max(-1, keepdims=True)
-    lse = np.log(np.exp(z.astype(np.float64)).sum(-1))
-    targets = ids[1:]
-    loss = float(np.mean(lse - z[np.arange(t - 1), targets]))
-    # ---- backward
-    probs = np.exp(z - lse[:, None]).astype(F32)
-    probs[np.arange(t - 1), targets] -= 1.0
-    dlogits = probs / F32(t - 1)
-    dfinal = np.zeros_like(final)
-    dfinal[:-1] = ops.matmul(np.ascontiguousarray(dlogits, F32), view.wt(model.lm_head))
-    dx = _rms_back(dfinal, x, model.norm, rf)
+    loss, dx = _head_loss(view, model, x, ids, eps)
     grads: dict[str, np.ndarray] = {}
     for block, tp in reversed(tapes):
-        a, m, lins = block.self_attn, block.mlp, tp["lins"]
-        # MLP
-        dact = lins["down"].back(dx, tp["down"], grads, m.down_proj.name)
-        g, sg, u = tp["g"], tp["sg"], tp["u"]
-        du = dact * g * sg
-        dg = dact * u * sg * (1.0 + g * (1.0 - sg))
-        dh2 = lins["gate"].back(dg.astype(F32), tp["gate"], grads, m.gate_proj.name) + \
-            lins["up"].back(du.astype(F32), tp["up"], grads, m.up_proj.name)
+        a, lins = block.self_attn, tp["lins"]
+        dh2 = _mlp_back(dx, block.mlp, tp["mlp"], grads)
         dx = dx + _rms_back(dh2, tp["x2"], block.post_attention_layernorm, tp["r2"])
-        # attention
         dout = lins["o"].back(dx, tp["o"], grads, a.o_proj.name).reshape(t, a.nq, a.d)
-        p, scale = tp["p"], tp["scale"]
-        dp = np.einsum("thd,shd->hts", dout, tp["vr"])
-        dvr = np.einsum("hts,thd->shd", p, dout)
-        ds = p * (dp - np.sum(dp * p, -1, keepdims=True)) * scale
-        dq = np.einsum("hts,shd->thd", ds, tp["kr"])
-        dkr = np.einsum("hts,thd->shd", ds, tp["qr"])
-        group = tp["group"]
-        dk = dkr.reshape(t, a.nkv, group, a.d).sum(2)
-        dv = dvr.reshape(t, a.nkv, group, a.d).sum(2)
+        dq, dk, dv = _causal_attention_back(dout, tp["attn"])
         dq, dk = _rope(dq, cos, sin, -1.0), _rope(dk, cos, sin, -1.0)
         if a.q_norm is not None:
             dq = _rms_back(dq, tp["q_pre"], a.q_norm, tp["rq"])
