@@ -8,14 +8,16 @@ import numpy as np
 import pytest
 
 from conftest import CORE_FIXTURES, LORA_FIXTURES, backends, load_base, reference
+from lattice_engine.adapters import AdapterWeights, LowRank
 from lattice_engine.errors import RequestError
 from lattice_lora import load_peft
 from lattice_lora.train import OptimizerSettings, adapt_step, apply_update, loss_and_grads
 
 LLAMA_FAMILY = ["llama", "qwen2", "qwen3"]
-# Qwen3.5's adapter targets the Gated DeltaNet projections (in_proj_qkv / _z / _b / _a,
-# out_proj) and the full-attention and MLP ones (scripts/make_lora_fixtures.py)
-TRAINABLE = LLAMA_FAMILY + ["qwen3_5_text"]
+# Qwen3.5's adapters target the Gated DeltaNet projections (in_proj_qkv / _z / _b / _a,
+# out_proj) and full-attention and MLP ones; qwen3_5_text_all every linear, trained on an
+# 80-token example (scripts/make_lora_fixtures.py)
+TRAINABLE = LLAMA_FAMILY + ["qwen3_5_text", "qwen3_5_text_all"]
 
 
 def rel(got, want) -> float:
@@ -60,6 +62,28 @@ def test_adamw_update_equals_torch_step_for_step(base):
 
 
 @pytest.mark.parametrize("base", TRAINABLE)
+def test_gradients_along_torchs_adamw_trajectory(base):
+    # at the factors torch's AdamW reached after each step, our loss and gradients equal
+    # torch's there (the gradient check at three more points, each farther from PEFT's init)
+    model = load_base(base)
+    ref = reference(base)
+    start = load_peft(LORA_FIXTURES / base, model)
+    for k in (1, 2, 3):
+        weights = start if k == 1 else AdapterWeights(start.name, {
+            n: LowRank(ref[f"adamw{k - 1}.{n}.lora_A"], ref[f"adamw{k - 1}.{n}.lora_B"],
+                       lr.scale) for n, lr in start.modules.items()})
+        loss, grads = loss_and_grads(model, weights, ref["train_ids"][0])
+        assert abs(loss - float(ref["adamw_loss"][k - 1])) <= 1e-5 * loss
+        want = {key[len(f"adamw_grad{k}."):]: v for key, v in ref.items()
+                if key.startswith(f"adamw_grad{k}.")}
+        assert max(rel(grads[key], want[key]) for key in want) <= 1e-4, k
+
+
+# qwen3_5_text_all is left out: in its step 1, 7 of its 5920 factor elements (0.12%) have
+# gradients at rounding level (~1e-4 of their module's largest; Adam moves them by up to lr
+# either way), which then shifts later steps; the test above checks its gradients along
+# torch's trajectory instead
+@pytest.mark.parametrize("base", LLAMA_FAMILY + ["qwen3_5_text"])
 def test_adamw_trajectory_follows_torch(base):
     # end to end (our gradients, our update): Adam's step is lr * m / sqrt(v), so an
     # element whose gradient is at rounding level can move by up to lr either way; every
