@@ -22,7 +22,8 @@ import numpy as np
 
 from lattice_engine.adapters import AdapterWeights
 
-from .train import (F32, _causal_attention, _causal_attention_back, _head_loss, _Lin,
+from .train import (F32, _back_group, _causal_attention, _causal_attention_back, _head_loss,
+                    _Lin,
                     _mlp_back, _mlp_fwd, _rms, _rms_back, _rope, _tables)
 
 LINEAR_PROJ = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
@@ -159,7 +160,7 @@ def _deltanet_fwd(view, a, mods, h):
     return o, tp
 
 
-def _deltanet_back(dy, a, tp, grads):
+def _deltanet_back(dy, a, tp, grads, need_dx=True):
     lins, t = tp["lins"], dy.shape[0]
     dnz = lins["out_proj"].back(dy, tp["out_proj"], grads, a.out_proj.name)
     dnz = dnz.reshape(t, a.nv, a.dv)
@@ -180,10 +181,10 @@ def _deltanet_back(dy, a, tp, grads):
     dbraw = dbeta * beta * (1.0 - beta)
     dsp = dg * a.neg_a
     daraw = np.where(tp["sp_in"] > 20, dsp, dsp * _sigmoid(tp["sp_in"]))
-    return lins["in_proj_qkv"].back(dmixed, tp["in_proj_qkv"], grads, a.in_proj_qkv.name) + \
-        lins["in_proj_z"].back(dz.reshape(t, -1), tp["in_proj_z"], grads, a.in_proj_z.name) + \
-        lins["in_proj_b"].back(dbraw, tp["in_proj_b"], grads, a.in_proj_b.name) + \
-        lins["in_proj_a"].back(daraw, tp["in_proj_a"], grads, a.in_proj_a.name)
+    return _back_group([(lins[n], d, tp[n], getattr(a, n).name)
+                        for n, d in (("in_proj_qkv", dmixed), ("in_proj_z", dz.reshape(t, -1)),
+                                     ("in_proj_b", dbraw), ("in_proj_a", daraw))],
+                       grads, need_dx)
 
 
 def _attention_fwd(view, a, mods, h, cos, sin):
@@ -199,7 +200,7 @@ def _attention_fwd(view, a, mods, h, cos, sin):
     k_pre, v = k.reshape(t, a.nkv, a.d), v.reshape(t, a.nkv, a.d)
     q, rq = _rms(q_pre, F32(1.0) + a.q_norm, a.eps)
     k, rk = _rms(k_pre, F32(1.0) + a.k_norm, a.eps)
-    out, tp["attn"] = _causal_attention(_rope(q, cos, sin), _rope(k, cos, sin), v,
+    out, tp["attn"] = _causal_attention(view, _rope(q, cos, sin), _rope(k, cos, sin), v,
                                         a.nq // a.nkv)
     sg = _sigmoid(gate)
     o, tp["o"] = lins["o"].fwd((out * sg).reshape(t, a.nq * a.d).astype(F32))
@@ -207,19 +208,19 @@ def _attention_fwd(view, a, mods, h, cos, sin):
     return o, tp
 
 
-def _attention_back(dy, a, tp, grads, cos, sin):
+def _attention_back(dy, a, tp, grads, cos, sin, need_dx=True):
     lins, t = tp["lins"], dy.shape[0]
     dgated = lins["o"].back(dy, tp["o"], grads, a.o_proj.name).reshape(t, a.nq, a.d)
     sg, out = tp["sg"], tp["out"]
     dgate = dgated * out * sg * (1.0 - sg)
-    dq, dk, dv = _causal_attention_back(dgated * sg, tp["attn"])
+    dq, dk, dv = _causal_attention_back(lins["o"].view, dgated * sg, tp["attn"])
     dq, dk = _rope(dq, cos, sin, -1.0), _rope(dk, cos, sin, -1.0)
     dq = _rms_back(dq, tp["q_pre"], F32(1.0) + a.q_norm, tp["rq"])
     dk = _rms_back(dk, tp["k_pre"], F32(1.0) + a.k_norm, tp["rk"])
     dqg = np.concatenate([dq, dgate], axis=-1).reshape(t, -1).astype(F32)
-    return lins["q"].back(dqg, tp["q"], grads, a.q_proj.name) + \
-        lins["k"].back(dk.reshape(t, -1).astype(F32), tp["k"], grads, a.k_proj.name) + \
-        lins["v"].back(dv.reshape(t, -1).astype(F32), tp["v"], grads, a.v_proj.name)
+    return _back_group([(lins[n], d, tp[n], getattr(a, f"{n}_proj").name)
+                        for n, d in (("q", dqg), ("k", dk.reshape(t, -1)),
+                                     ("v", dv.reshape(t, -1)))], grads, need_dx)
 
 
 def loss_and_grads_qwen3_5(view, model, weights: AdapterWeights,
@@ -251,10 +252,12 @@ def loss_and_grads_qwen3_5(view, model, weights: AdapterWeights,
     for block, tp in reversed(tapes):
         dh2 = _mlp_back(dx, block.mlp, tp["mlp"], grads)
         dx = dx + _rms_back(dh2, tp["x2"], one + block.post_attention_layernorm, tp["r2"])
+        need = block is not model.layers[0]   # the embeddings' gradient is not needed
         if block.kind == LINEAR:
-            dh = _deltanet_back(dx, block.linear_attn, tp["mixer"], grads)
+            dh = _deltanet_back(dx, block.linear_attn, tp["mixer"], grads, need)
         else:
-            dh = _attention_back(dx, block.self_attn, tp["mixer"], grads, cos, sin)
-        dx = dx + _rms_back(dh, tp["x"], one + block.input_layernorm, tp["r1"])
+            dh = _attention_back(dx, block.self_attn, tp["mixer"], grads, cos, sin, need)
+        if need:
+            dx = dx + _rms_back(dh, tp["x"], one + block.input_layernorm, tp["r1"])
         tp.clear()   # this layer's tape (the delta rule's states) is no longer needed
     return loss, {k: np.asarray(v, F32) for k, v in grads.items()}

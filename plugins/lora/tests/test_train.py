@@ -11,7 +11,8 @@ from conftest import CORE_FIXTURES, LORA_FIXTURES, backends, load_base, referenc
 from lattice_engine.adapters import AdapterWeights, LowRank
 from lattice_engine.errors import RequestError
 from lattice_lora import load_peft
-from lattice_lora.train import OptimizerSettings, adapt_step, apply_update, loss_and_grads
+from lattice_lora.train import (OptimizerSettings, _view, adapt_step, apply_update,
+                                 loss_and_grads)
 
 LLAMA_FAMILY = ["llama", "qwen2", "qwen3"]
 # Qwen3.5's adapters target the Gated DeltaNet projections (in_proj_qkv / _z / _b / _a,
@@ -36,6 +37,30 @@ def test_gradients_equal_torch_autograd(base, backend):
     assert sorted(grads) == sorted(want)
     worst = max(rel(grads[k], want[k]) for k in want)
     assert worst <= 1e-4, worst
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("base", ["qwen3", "qwen3_5_text_all"])
+def test_gradients_with_the_backward_products_in_chunks(base, backend):
+    # the backward keeps the stacked W^T of the linears sharing an input in column chunks
+    # for long reductions (the lm_head's, on a real vocabulary); chunks of 64 here split
+    # every group of the fixtures (the vocabulary of 256 in 4; Qwen3.5's in_proj_qkv / z
+    # / b / a, 128 + 64 + 4 + 4, in 96 + 96 + 8)
+    model = load_base(base, backend)
+    view = _view(model)
+    view.chunk, view.cache = 64, {}
+    ref = reference(base)
+    loss, grads = loss_and_grads(model, load_peft(LORA_FIXTURES / base, model),
+                                 ref["train_ids"][0])
+    assert [(s, e) for s, e, _ in view.wt(model.lm_head)] == \
+        [(0, 64), (64, 128), (128, 192), (192, 256)]
+    if base == "qwen3_5_text_all":
+        a = model.layers[0].linear_attn
+        assert [(s, e) for s, e, _ in view.wt(a.in_proj_qkv.weight, a.in_proj_z.weight,
+                                               a.in_proj_b.weight, a.in_proj_a.weight)] == \
+            [(0, 96), (96, 192), (192, 200)]
+    want = {k[len("grad."):]: v for k, v in ref.items() if k.startswith("grad.")}
+    assert max(rel(grads[k], want[k]) for k in want) <= 1e-4
 
 
 SETTINGS = OptimizerSettings("adamw", lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
