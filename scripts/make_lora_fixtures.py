@@ -2,9 +2,10 @@
 
 Run by hand when the fixtures need to change (needs torch, transformers and peft):
     python scripts/make_lora_fixtures.py [NAME ...]     (default: every adapter below)
-For each adapter NAME on a base fixture tests/fixtures/<base>/ it trains a LoRA adapter a few Adam steps
-on random text (so A and B are both non-trivial), saves it with PEFT's `save_pretrained`
-to tests/fixtures/lora/<NAME>/ (adapter_config.json, adapter_model.safetensors), and
+For each adapter NAME on a base fixture tests/fixtures/<base>/ it trains a LoRA adapter a
+few Adam steps on random text (so A and B are both non-trivial), saves it with PEFT's
+`save_pretrained` to tests/fixtures/lora/<NAME>/ (adapter_config.json,
+adapter_model.safetensors), and
 writes reference.safetensors there with
   prompt_ids [2, T]          two prompts of equal length (a batch)
   logits [2, T, V]           PeftModel's logits for them (adapter unmerged, float32)

@@ -1,14 +1,15 @@
 """`adapt_step`: online training of a LoRA adapter on one example.
 
 The loss is the mean next-token cross-entropy over the example's tokens (positions
-0 .. T-2 predict tokens 1 .. T-1). The forward runs with the model's own ops and matrices (the native
-kernels when the model runs on them) with the adapter applied unmerged; the backward's
-products by W use a transposed float copy of each matrix kept per model (float32 for a
-float32 base, float16 otherwise); the backward goes
-through every layer (the final norm, the SwiGLU MLP, attention with RoPE and GQA, the
-q/k norms of qwen3, the RMSNorms) to the adapter's A and B of every targeted module; the
-base stays frozen. The update is SGD (with momentum), Adam or AdamW as torch.optim
-defines them, after clipping the gradient's global L2 norm like
+0 .. T-2 predict tokens 1 .. T-1). The forward runs with the model's own ops and matrices
+(the native kernels when the model runs on them) with the adapter applied unmerged; the
+backward's products by W use a transposed copy of the weights kept per model (float32 for
+a float32 base, float16 otherwise), stacked per group of linears sharing an input and
+kept in column chunks (`_FloatView`); the backward goes through every layer (the final
+norm, the SwiGLU MLP, attention with RoPE and GQA, the q/k norms of qwen3, the RMSNorms)
+to the adapter's A and B of every targeted module; the base stays frozen. Every product
+runs on the model's kernels and thread pool. The update is SGD (with momentum), Adam or
+AdamW as torch.optim defines them, after clipping the gradient's global L2 norm like
 `torch.nn.utils.clip_grad_norm_`.
 
 Architectures: the llama-family decoder (llama, qwen2, qwen3) here, and dense Qwen3.5 (its
@@ -81,10 +82,11 @@ class StepResult:
 # ---- the model's float view ---------------------------------------------------------------
 
 class _FloatView:
-    """What the backward multiplies by: each weight matrix transposed, W^T [in, out], kept
-    as a matrix the model's ops multiply with (float32 for a float32 base, float16 for any
-    other format: the base is rounded already), built once per model. The forward uses the
-    model's own matrices and kernels."""
+    """What the backward multiplies by: the weight matrices transposed, W^T [in, out],
+    kept as matrices the model's ops multiply with (float32 for a float32 base, float16 for
+    any other format: the base is rounded already), built once per model on first use
+    (`wt`); the products of the attention and the adapters' factors (`mm`). The forward
+    uses the model's own matrices and kernels."""
 
     def __init__(self, model):
         check_trainable(model)

@@ -30,4 +30,5 @@ def reference(base: str) -> dict:
 def load_base(base: str, backend: str = "numpy", quant=None):
     from lattice_engine.loading import load
     from lattice_engine.quant.methods import QuantSpec
-    return load(CORE_FIXTURES / BASE_OF.get(base, base), backend=backend, quant=QuantSpec(quant)).model
+    return load(CORE_FIXTURES / BASE_OF.get(base, base), backend=backend,
+                quant=QuantSpec(quant)).model
