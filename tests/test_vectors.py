@@ -124,6 +124,49 @@ def test_vector_index_native_equals_numpy(dtype, metric):
     assert np.allclose(s, s_np, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.native
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", ["random", "clustered", "scaled"])
+def test_the_q8_0_prefilter_gives_the_exact_search(metric, kind):
+    """A float32 index of PREFILTER_MIN_ROWS rows or more searches through the q8_0 pass and
+    the bound: its ids must be the float64 exact search's, every one, tie order included."""
+    from lattice_engine import kernels, vectors
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    rng = np.random.default_rng({"random": 1, "clustered": 2, "scaled": 3}[kind])
+    n, d = vectors.PREFILTER_MIN_ROWS + 37, 64
+    if kind == "random":
+        x = rng.standard_normal((n, d))
+    elif kind == "clustered":  # many close rivals around each query
+        centres = rng.standard_normal((20, d))
+        x = centres[rng.integers(0, 20, n)] + 0.05 * rng.standard_normal((n, d))
+    else:  # norms over three orders of magnitude, exact duplicates, a zero row
+        x = rng.standard_normal((n, d)) * np.exp(rng.uniform(-3, 3, (n, 1)))
+        x[100:110] = x[5]
+        x[7] = 0
+    x = x.astype(np.float32)
+    q = (x[rng.integers(0, n, 5)] + 0.01 * rng.standard_normal((5, d))).astype(np.float32)
+    index = VectorIndex(x, metric=metric)
+    for k in (1, 10, 50):
+        ids, scores = index.search(q, k)
+        want_ids, want_scores = reference_topk(q, x, k, metric)
+        assert index._prefilter is not None
+        assert np.array_equal(ids, want_ids)
+        assert np.allclose(scores, want_scores, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.native
+def test_the_prefilter_steps_aside_when_the_bound_cannot_separate_rows():
+    from lattice_engine import kernels, vectors
+    if not kernels.available():
+        pytest.skip("native kernels not built")
+    x = np.tile(np.linspace(-1, 1, 32, dtype=np.float32), (vectors.PREFILTER_MIN_ROWS, 1))
+    x[3000] *= 1.5  # one row stands out, the rest are equal: every row is a candidate
+    index = VectorIndex(x, metric="dot")
+    ids, _ = index.search(x[:1], 4)
+    assert ids[0].tolist() == [3000, 0, 1, 2]
+
+
 def test_bad_arguments():
     q, x = data(n=20, d=8)
     index = VectorIndex(x)

@@ -574,6 +574,12 @@ double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 int lk_encoder_attention(const float *q, const float *k, const float *v, int64_t B, int64_t T,
                          int64_t H, int64_t D, const int64_t *lengths, float scale,
                          float *out);
+/* The same over packed sequences: q, k, v, out [N, H, D] contiguous, sequence b the rows
+   offsets[b] .. offsets[b + 1] (offsets[0] = 0, each at least one row), every row attending
+   to every row of its sequence. Returns 0, -1 on bad offsets or sizes, -5 out of memory. */
+int lk_encoder_attention_packed(const float *q, const float *k, const float *v, int64_t B,
+                                const int64_t *offsets, int64_t H, int64_t D, float scale,
+                                float *out);
 
 /* ---- vector distances and top-k search (distance.c) -------------------------------- */
 
@@ -592,6 +598,15 @@ int lk_topk_f32(const float *q, int64_t nq, const float *db, int64_t n, int64_t 
                 int64_t k, const float *db_norms, int64_t *ids, float *scores);
 int lk_topk_i8(const int8_t *q, int64_t nq, const int8_t *db, int64_t n, int64_t d, int metric,
                int64_t k, const float *db_norms, int64_t *ids, float *scores);
+/* The rows that can be in the exact top k of each query, from an approximate pass with an
+   error bound: approximate score s = A[qi, i] m[i] p[qi] + o[i] (A [nq, n]), true score
+   within (alpha[qi] r[i] + beta[qi] xn[i]) |m[i] p[qi]| + e[i] of s. cand [nq, cap]: the rows with
+   s + bound >= the k-th largest s - bound, in id order; counts[qi]: how many (more than cap:
+   only the first cap written). Returns 0, -1 on bad sizes (cap >= k), -5 out of memory. */
+int lk_topk_candidates(const float *A, int64_t nq, int64_t n, int64_t k, const float *m,
+                       const float *o, const float *r, const float *xn, const float *e,
+                       const float *p, const float *alpha, const float *beta, int64_t cap,
+                       int64_t *cand, int64_t *counts);
 /* Every score [nq, n] (metric as above, L2 unnegated). Returns 0 or -1. */
 int lk_scores_f32(const float *q, int64_t nq, const float *db, int64_t n, int64_t d, int metric,
                   float *out);

@@ -503,3 +503,81 @@ int lk_scores_i8(const int8_t *q, int64_t nq, const int8_t *db, int64_t n, int64
     lk_parallel_for(scores_range, &j, n, 4 * TOPK_BLOCK);
     return 0;
 }
+
+/* ---- candidates of an approximate pass ------------------------------------------------ */
+
+/* For query qi and stored row i the approximate score is s = A[qi, i] m_i p_qi + o_i and
+   the true score lies within b = (alpha_qi r_i + beta_qi xn_i) |m_i p_qi| + e_i of it (the
+   caller's error bound). Pass 1 finds L, the k-th largest lower bound s - b: at least k
+   rows score L or more, so every row of the true top k has s + b >= L; pass 2 lists those
+   rows (in id order, at most cap of them; counts[qi] is the full count, so a caller can
+   retry with a larger cap). One query per task. */
+typedef struct {
+    const float *A, *m, *o, *r, *xn, *e, *p, *alpha, *beta;
+    int64_t n, k, cap;
+    int64_t *cand, *counts;
+} cand_job;
+
+static void cand_range(void *ctx, int64_t q0, int64_t q1, int ith) {
+    (void)ith;
+    const cand_job *j = (const cand_job *)ctx;
+    float *low = malloc(sizeof(float) * (size_t)j->k); /* min-heap of the k largest */
+    if (!low) {
+        for (int64_t qi = q0; qi < q1; qi++) j->counts[qi] = -1;
+        return;
+    }
+    for (int64_t qi = q0; qi < q1; qi++) {
+        const float *a = j->A + qi * j->n;
+        const float p = j->p[qi], al = j->alpha[qi], be = j->beta[qi];
+        int64_t size = 0;
+        for (int64_t i = 0; i < j->n; i++) {
+            const float mp = j->m[i] * p;
+            const float lo = a[i] * mp + j->o[i] - (al * j->r[i] + be * j->xn[i]) * fabsf(mp) - j->e[i];
+            if (size < j->k) { /* sift up */
+                int64_t c = size++;
+                while (c > 0 && low[(c - 1) / 2] > lo) {
+                    low[c] = low[(c - 1) / 2];
+                    c = (c - 1) / 2;
+                }
+                low[c] = lo;
+            } else if (lo > low[0]) { /* replace the smallest, sift down */
+                int64_t c = 0;
+                for (;;) {
+                    int64_t w = 2 * c + 1;
+                    if (w >= size) break;
+                    if (w + 1 < size && low[w + 1] < low[w]) w++;
+                    if (low[w] >= lo) break;
+                    low[c] = low[w];
+                    c = w;
+                }
+                low[c] = lo;
+            }
+        }
+        const float L = low[0];
+        int64_t cnt = 0;
+        int64_t *out = j->cand + qi * j->cap;
+        for (int64_t i = 0; i < j->n; i++) {
+            const float mp = j->m[i] * p;
+            const float hi = a[i] * mp + j->o[i] + (al * j->r[i] + be * j->xn[i]) * fabsf(mp) + j->e[i];
+            if (hi >= L) {
+                if (cnt < j->cap) out[cnt] = i;
+                cnt++;
+            }
+        }
+        j->counts[qi] = cnt;
+    }
+    free(low);
+}
+
+int lk_topk_candidates(const float *A, int64_t nq, int64_t n, int64_t k, const float *m,
+                       const float *o, const float *r, const float *xn, const float *e,
+                       const float *p, const float *alpha, const float *beta, int64_t cap,
+                       int64_t *cand, int64_t *counts) {
+    lk_init();
+    if (nq < 0 || n < 1 || k < 1 || k > n || cap < k) return -1;
+    cand_job j = {A, m, o, r, xn, e, p, alpha, beta, n, k, cap, cand, counts};
+    lk_parallel_for(cand_range, &j, nq, 1);
+    for (int64_t qi = 0; qi < nq; qi++)
+        if (counts[qi] < 0) return -5;
+    return 0;
+}
