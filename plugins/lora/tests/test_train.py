@@ -171,3 +171,9 @@ def test_a_model_with_online_rotations_is_refused():
     weights = load_peft(LORA_FIXTURES / "llama", load_base("llama"))
     with pytest.raises(RequestError, match="online rotations \\(QuaRot\\)"):
         loss_and_grads(model, weights, [1, 2, 3])
+
+
+def test_sparse_moe_layers_are_refused():
+    model = load_base("qwen3_5_moe")
+    with pytest.raises(RequestError, match="qwen3_5_moe has sparse MoE layers"):
+        loss_and_grads(model, AdapterWeights("moe", {}), [1, 2, 3])
