@@ -87,22 +87,74 @@ AVX2_INLINE void matvec_float(const matmul_job *j, int64_t r0, int64_t r1, int f
     for (; r < r1; r++) j->y[r] = mv1_float(j->x, j->K, j->w + r * ldw, fmt);
 }
 
-/* Prefill for float formats: rows [r0, r1) of W against all M rows of x. */
+/* Three x rows against four weight rows over one K slice (w: the rows' slice as f32, row
+   stride ldwf): 12 accumulators, and per step of 8 values 3 + 4 loads for 12 FMAs (mm2x4's
+   2 x 4 needs 6 for 8). Each accumulator sums one (k mod 8) class of the slice, reduced by
+   hsum8x4, so a row gets the bits of mm2x4 and the matvec. */
+AVX2_INLINE void mm3x4_f32(const float *x, int64_t ldx, const float *w, int64_t ldwf, int64_t n,
+                           float *y, int64_t ldy, int accumulate) {
+    __m256 c[3][4];
+    for (int m = 0; m < 3; m++) c[m][0] = c[m][1] = c[m][2] = c[m][3] = _mm256_setzero_ps();
+    int64_t k = 0;
+    const int64_t n8 = n & ~(int64_t)7;
+    for (; k < n8; k += 8) {
+        /* 12 accumulators + 3 x + 1 weight register: all 16 ymm, no spill */
+        const __m256 a0 = _mm256_loadu_ps(x + k), a1 = _mm256_loadu_ps(x + ldx + k);
+        const __m256 a2 = _mm256_loadu_ps(x + 2 * ldx + k);
+        for (int i = 0; i < 4; i++) {
+            const __m256 wv = _mm256_loadu_ps(w + i * ldwf + k);
+            c[0][i] = _mm256_fmadd_ps(a0, wv, c[0][i]);
+            c[1][i] = _mm256_fmadd_ps(a1, wv, c[1][i]);
+            c[2][i] = _mm256_fmadd_ps(a2, wv, c[2][i]);
+        }
+    }
+    for (int m = 0; m < 3; m++) {
+        float sl[4];
+        _mm_storeu_ps(sl, hsum8x4(c[m][0], c[m][1], c[m][2], c[m][3]));
+        for (int64_t t = k; t < n; t++)
+            for (int i = 0; i < 4; i++) sl[i] = fma1(x[m * ldx + t], w[i * ldwf + t], sl[i]);
+        float *yr = y + m * ldy;
+        if (accumulate)
+            _mm_storeu_ps(yr, _mm_add_ps(_mm_loadu_ps(yr), _mm_loadu_ps(sl)));
+        else
+            _mm_storeu_ps(yr, _mm_loadu_ps(sl));
+    }
+}
+
+/* Prefill for float formats: rows [r0, r1) of W against all M rows of x. Per K slice (f16
+   converted once into an f32 tile), x is taken PF_MB rows at a time (12 KiB of the slice,
+   in L1 beside a 4 KiB group of weight rows) and every group of four weight rows passes
+   over them three x rows at a time (mm3x4_f32); the last 1-2 x rows and 1-3 weight rows
+   take slice_rows (same bits). */
+#define PF_MB 12
 AVX2_INLINE void matmul_float_tiled(const matmul_job *j, int64_t r0, int64_t r1, int ith,
                                     int fmt) {
-    const int64_t K = j->K, nr = r1 - r0;
+    const int64_t K = j->K, N = j->N, M = j->M, nr = r1 - r0, nr4 = nr & ~(int64_t)3;
+    const int64_t m3 = M - M % 3;
     float *tile = NULL;
     if (fmt == FMT_F16) tile = (float *)lk_scratch(ith, (size_t)nr * PF_KSLICE * sizeof(float));
     for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
         const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE;
+        const float *wt;
+        int64_t ldwf;
         if (fmt == FMT_F16) {
             /* convert this slice of the chunk's rows once; every x row reuses it */
             f16_slice(j, r0, nr, k0, kn, tile, -1);
-            slice_rows(j, 0, j->M, r0, nr, k0, kn, tile, PF_KSLICE);
+            wt = tile;
+            ldwf = PF_KSLICE;
         } else {
-            slice_rows(j, 0, j->M, r0, nr, k0, kn, (const float *)(j->w + r0 * j->ldw) + k0,
-                       j->ldw / (int64_t)sizeof(float));
+            wt = (const float *)(j->w + r0 * j->ldw) + k0;
+            ldwf = j->ldw / (int64_t)sizeof(float);
         }
+        for (int64_t mb = 0; mb < m3; mb += PF_MB) {
+            const int64_t me = mb + PF_MB < m3 ? mb + PF_MB : m3;
+            for (int64_t g = 0; g < nr4; g += 4)
+                for (int64_t m = mb; m < me; m += 3)
+                    mm3x4_f32(j->x + m * K + k0, K, wt + g * ldwf, ldwf, kn,
+                              j->y + m * N + r0 + g, N, k0 > 0);
+        }
+        if (nr4 < nr) slice_rows(j, 0, m3, r0 + nr4, nr - nr4, k0, kn, wt + nr4 * ldwf, ldwf);
+        if (m3 < M) slice_rows(j, m3, M, r0, nr, k0, kn, wt, ldwf);
     }
 }
 
