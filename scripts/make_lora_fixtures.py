@@ -1,14 +1,16 @@
 """Tiny PEFT LoRA adapters on the tiny fixtures, and PEFT + transformers' float32 reference.
 
 Run by hand when the fixtures need to change (needs torch, transformers and peft):
-    python scripts/make_lora_fixtures.py
-For each base fixture in tests/fixtures/<base>/ it trains a LoRA adapter a few Adam steps
-on random text (so A and B are both non-trivial), saves it with PEFT's `save_pretrained`
-to tests/fixtures/lora/<base>/ (adapter_config.json, adapter_model.safetensors), and
+    python scripts/make_lora_fixtures.py [NAME ...]     (default: every adapter below)
+For each adapter NAME on a base fixture tests/fixtures/<base>/ it trains a LoRA adapter a
+few Adam steps on random text (so A and B are both non-trivial), saves it with PEFT's
+`save_pretrained` to tests/fixtures/lora/<NAME>/ (adapter_config.json,
+adapter_model.safetensors), and
 writes reference.safetensors there with
   prompt_ids [2, T]          two prompts of equal length (a batch)
   logits [2, T, V]           PeftModel's logits for them (adapter unmerged, float32)
-  train_ids [1, L]           one example for the training checks
+  train_ids [1, L]           one example for the training checks (L = 20; 80 for
+                             qwen3_5_text_all, beyond the delta rule's 64-token chunk)
   train_loss []              mean next-token cross-entropy of train_ids with the adapter
   grad.<module>.lora_A / .lora_B   d loss / d factor (torch autograd), PEFT's shapes
   adamw<k>.<module>.lora_A / .lora_B   the factors after k = 1..3 steps of
@@ -17,7 +19,8 @@ writes reference.safetensors there with
   adamw_grad<k>.<module>.lora_A / .lora_B   the gradient of step k (before clipping)
   adamw_loss [3]             the loss before each of those steps
 Each adapter exercises different PEFT settings (rank_pattern, alpha_pattern, use_rslora,
-the Gated DeltaNet projections of Qwen3.5).
+the Gated DeltaNet projections of Qwen3.5; qwen3_5_text_all: every linear layer of the
+Qwen3.5 fixture, for adapt_step's gradient check).
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ ADAPTERS = {
                          target_modules=["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a",
                                          "out_proj", "q_proj", "v_proj", "o_proj",
                                          "down_proj"]),
+    # every linear of Qwen3.5 (PEFT's "all-linear": the lm_head excepted), base qwen3_5_text
+    "qwen3_5_text_all": dict(r=4, lora_alpha=8, target_modules="all-linear"),
 }
+BASE = {"qwen3_5_text_all": "qwen3_5_text"}   # adapter name -> base fixture, if not its own
+TRAIN_LENS = {"qwen3_5_text_all": 80}
 CLIP, LR, STEPS = 0.05, 1e-2, 3
 
 
@@ -64,11 +71,17 @@ def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, ids[0, 1:])
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     import peft
     import transformers
 
-    for seed, (base, settings) in enumerate(ADAPTERS.items()):
+    unknown = sorted(set(names) - set(ADAPTERS))
+    if unknown:
+        raise SystemExit(f"unknown adapter(s) {unknown}; known: {sorted(ADAPTERS)}")
+    for seed, (name, settings) in enumerate(ADAPTERS.items()):
+        if names and name not in names:
+            continue
+        base = BASE.get(name, name)
         torch.manual_seed(100 + seed)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             FIXTURES / base, dtype=torch.float32)
@@ -85,13 +98,15 @@ def main() -> None:
             out.loss.backward()
             opt.step()
         pm.eval()
-        dest = OUT / base
+        dest = OUT / name
         dest.mkdir(parents=True, exist_ok=True)
         pm.save_pretrained(dest, safe_serialization=True)
         (dest / "README.md").unlink(missing_ok=True)  # PEFT's model-card template
         config_path = dest / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = f"tests/fixtures/{base}"  # not this machine's path
+        if isinstance(config.get("target_modules"), list):   # PEFT writes a set's order
+            config["target_modules"] = sorted(config["target_modules"])
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
         ref: dict[str, np.ndarray] = {}
@@ -100,7 +115,7 @@ def main() -> None:
             ref["prompt_ids"] = prompt.numpy().astype(np.int64)
             ref["logits"] = pm(input_ids=prompt).logits.float().numpy()
 
-        train = torch.randint(0, vocab, (1, TRAIN_LEN))
+        train = torch.randint(0, vocab, (1, TRAIN_LENS.get(name, TRAIN_LEN)))
         ref["train_ids"] = train.numpy().astype(np.int64)
         params = lora_params(pm)
         pm.zero_grad()
@@ -127,9 +142,10 @@ def main() -> None:
         ref["adamw_loss"] = np.array(losses, np.float32)
         save_file({k: np.ascontiguousarray(v) for k, v in ref.items()},
                   str(dest / "reference.safetensors"))
-        print(f"{base}: {len(params) // 2} modules, logits {ref['logits'].shape}, "
+        print(f"{name}: {len(params) // 2} modules, logits {ref['logits'].shape}, "
               f"loss {ref['train_loss']:.4f} -> {dest}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+    main(sys.argv[1:])

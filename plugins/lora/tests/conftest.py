@@ -13,7 +13,10 @@ pytest_plugins = ["lattice_engine.testing.pytest_plugin"]
 
 CORE_FIXTURES = Path(__file__).resolve().parents[3] / "tests" / "fixtures"
 LORA_FIXTURES = CORE_FIXTURES / "lora"
-BASES = ["llama", "qwen2", "qwen3", "qwen3_5_text"]
+# adapters under tests/fixtures/lora/<name>/, each on the core fixture of the same name
+# unless BASE_OF says otherwise (qwen3_5_text_all: every linear of Qwen3.5 targeted)
+BASES = ["llama", "qwen2", "qwen3", "qwen3_5_text", "qwen3_5_text_all"]
+BASE_OF = {"qwen3_5_text_all": "qwen3_5_text"}
 
 
 def backends() -> list:
@@ -27,4 +30,5 @@ def reference(base: str) -> dict:
 def load_base(base: str, backend: str = "numpy", quant=None):
     from lattice_engine.loading import load
     from lattice_engine.quant.methods import QuantSpec
-    return load(CORE_FIXTURES / base, backend=backend, quant=QuantSpec(quant)).model
+    return load(CORE_FIXTURES / BASE_OF.get(base, base), backend=backend,
+                quant=QuantSpec(quant)).model
