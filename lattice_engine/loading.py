@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 OP_NAMES = ("matmul", "embed", "rms_norm", "rope_tables", "rope", "silu_mul", "softmax",
             "attention", "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule",
             "gated_rms_norm", "paged_attention", "block_rotate", "layer_norm", "gelu",
-            "lora_apply", "encoder_attention")
+            "lora_apply", "encoder_attention", "encoder_attention_packed")
 BACKENDS = ("auto", "native", "numpy")
 
 

@@ -166,6 +166,19 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths: np.n
     return np.ascontiguousarray(out.transpose(0, 2, 1, 3))
 
 
+def encoder_attention_packed(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                             offsets: np.ndarray, scale: float) -> np.ndarray:
+    """Bidirectional attention over packed sequences: q, k, v [N, H, D], sequence b the
+    rows offsets[b] .. offsets[b + 1], each row attending to its own sequence's rows.
+    Returns [N, H, D]."""
+    out = np.empty(q.shape, np.float32)
+    for s0, s1 in zip(offsets[:-1], offsets[1:]):
+        n = int(s1 - s0)
+        out[s0:s1] = encoder_attention(q[None, s0:s1], k[None, s0:s1], v[None, s0:s1],
+                                       np.array([n]), scale)[0]
+    return out
+
+
 # ---- Gated DeltaNet (Qwen3.5 linear attention) ----------------------------------------
 
 def causal_conv1d(x: np.ndarray, weight_t: np.ndarray, state: np.ndarray,

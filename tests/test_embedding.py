@@ -234,19 +234,36 @@ def test_the_contract_accepts_an_encoder_and_names_both_shapes():
         check_architecture("p", "x", Neither)
 
 
+# (B, T, H, D), lengths: the AVX2 tiles' edges (a 6-row score tile, 16 keys, a 96-row
+# task, values 32 at a time, D = 20 on the scalar path) and a one-key row
+ENCODER_SHAPES = [((3, 13, 5, 24), [13, 1, 7]), ((2, 200, 3, 32), [200, 101]),
+                  ((2, 97, 2, 64), [97, 9]), ((1, 50, 2, 20), [50]), ((1, 40, 1, 72), [33])]
+
+
 @pytest.mark.native
-def test_encoder_attention_kernel_matches_numpy():
+@pytest.mark.parametrize("shape,lengths", ENCODER_SHAPES)
+def test_encoder_attention_kernel_matches_numpy(shape, lengths):
     from lattice_engine import kernels, ops
     from lattice_engine.testing.tolerance import dot_bound
     rng = np.random.default_rng(1)
-    q, k, v = (rng.standard_normal((3, 13, 5, 24)).astype(np.float32) for _ in range(3))
-    lengths = np.array([13, 1, 7])
+    q, k, v = (rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+    lengths = np.array(lengths)
+    d, t = shape[3], shape[1]
     want = ops.encoder_attention(q, k, v, lengths, 0.2)
     got = kernels.encoder_attention(q, k, v, lengths, 0.2)
-    scores_mag = 0.2 * np.abs(q).max() * np.abs(k).max() * 24
-    bound = float(dot_bound(24 + 13, np.abs(v).max() * max(1.0, scores_mag)))
+    scores_mag = 0.2 * np.abs(q).max() * np.abs(k).max() * d
+    bound = float(dot_bound(d + t, np.abs(v).max() * max(1.0, scores_mag)))
     for b, n in enumerate(lengths):
         assert np.abs(got[b, :n] - want[b, :n]).max() <= bound
+
+
+@pytest.mark.native
+def test_encoder_attention_ignores_padding_keys():
+    from lattice_engine import kernels
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((3, 13, 5, 24)).astype(np.float32) for _ in range(3))
+    lengths = np.array([13, 1, 7])
+    got = kernels.encoder_attention(q, k, v, lengths, 0.2)
     # padding keys are never attended: changing them changes nothing
     k2, v2 = k.copy(), v.copy()
     k2[2, 7:] = 1e3

@@ -16,7 +16,7 @@ Where each part lives:
                   format_matmul / format_embed, supports
     elementwise   rms_norm, gated_rms_norm, layer_norm, gelu, rope (rope_tables), silu, silu_mul, sigmoid,
                   softplus, softmax, log_sum_exp, add
-    kv_attention  attention, paged_attention, encoder_attention
+    kv_attention  attention, paged_attention, encoder_attention(_packed)
     deltanet      causal_conv1d, gated_delta_rule (Qwen3.5's linear attention)
     rotate        block_rotate
     lora          lora_apply (adapters' low-rank updates, see lattice_engine.adapters)
@@ -38,7 +38,7 @@ from .bandwidth import bench_read, measure_read_bandwidth
 from .deltanet import causal_conv1d, gated_delta_rule
 from .elementwise import (add, gated_rms_norm, gelu, layer_norm, log_sum_exp, rms_norm,
                           rope, rope_tables, sigmoid, silu, silu_mul, softmax, softplus)
-from .kv_attention import attention, encoder_attention, paged_attention
+from .kv_attention import attention, encoder_attention, encoder_attention_packed, paged_attention
 from .lora import lora_apply
 from .matmuls import (embed, format_embed, format_matmul, matmul, matmul_multi,
                       q8_0_r16_convert, quantize_q8_0, supports)
@@ -51,7 +51,7 @@ __all__ = [
     "q8_variants", "variant",
     "matmul", "matmul_multi", "embed", "quantize_q8_0", "format_matmul", "format_embed",
     "rms_norm", "layer_norm", "gelu", "rope_tables", "rope", "silu", "silu_mul", "softmax", "log_sum_exp",
-    "attention", "encoder_attention", "add",
+    "attention", "encoder_attention", "encoder_attention_packed", "add",
     "bench_read", "measure_read_bandwidth",
     "sigmoid", "softplus", "causal_conv1d", "gated_delta_rule", "gated_rms_norm",
     "paged_attention", "block_rotate", "lora_apply",

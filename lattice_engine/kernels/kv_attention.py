@@ -144,3 +144,29 @@ def encoder_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, lengths,
     if rc:
         raise ValueError("encoder_attention: bad sizes")
     return out
+
+
+def encoder_attention_packed(q: np.ndarray, k: np.ndarray, v: np.ndarray, offsets,
+                             scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Bidirectional attention over packed sequences (see `ops.encoder_attention_packed`):
+    q, k, v [N, H, D]; offsets [B + 1] from 0 to N, each sequence at least one row."""
+    if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"encoder_attention_packed: q, k, v must be one shape [N, H, D], got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    N, H, D = q.shape
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or offsets[-1] != N or \
+            np.any(np.diff(offsets) < 1):
+        raise ValueError(f"encoder_attention_packed: offsets must rise from 0 to {N} by at "
+                         f"least 1 per sequence, got {offsets}")
+    qp, q = _in(q)
+    kp, k = _in(k)
+    vp, v = _in(v)
+    out = _new_or_check(out, q.shape)
+    rc = _L.lk_encoder_attention_packed(qp, kp, vp, offsets.size - 1, _fb(_INT64S, offsets),
+                                        H, D, scale, _fb(_FLOATS, out, True))
+    if rc == -5:
+        raise MemoryError("encoder_attention_packed: out of memory")
+    if rc:
+        raise ValueError("encoder_attention_packed: bad sizes")
+    return out

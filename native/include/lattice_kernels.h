@@ -592,6 +592,12 @@ double lk_bench_read(const void *buf, int64_t nbytes, int prefetch);
 int lk_encoder_attention(const float *q, const float *k, const float *v, int64_t B, int64_t T,
                          int64_t H, int64_t D, const int64_t *lengths, float scale,
                          float *out);
+/* The same over packed sequences: q, k, v, out [N, H, D] contiguous, sequence b the rows
+   offsets[b] .. offsets[b + 1] (offsets[0] = 0, each at least one row), every row attending
+   to every row of its sequence. Returns 0, -1 on bad offsets or sizes, -5 out of memory. */
+int lk_encoder_attention_packed(const float *q, const float *k, const float *v, int64_t B,
+                                const int64_t *offsets, int64_t H, int64_t D, float scale,
+                                float *out);
 
 /* ---- vector distances and top-k search (distance.c) -------------------------------- */
 

@@ -12,6 +12,9 @@
    0-1 and 2-3 are one zmm load each), against all MR (= M) x rows held in registers. */
 #define AVX512F_TARGET __attribute__((target("avx2,fma,f16c,avx512f")))
 #define AVX512F_INLINE AVX512F_TARGET __attribute__((always_inline)) static inline
+#ifndef PF_MBLOCK
+#define PF_MBLOCK 24
+#endif
 
 AVX512F_INLINE __m256 hi256(__m512 v) {
     return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
@@ -128,13 +131,93 @@ AVX512F_INLINE void few512(const matmul_job *j, int64_t r0, int64_t r1, int ith,
     }
 }
 
-/* Prefill (M > FEW_ROWS) with 512-bit FMAs: per K slice, the chunk's weight rows (up to
-   PF_ROWS) are converted once into f32 tiles interleaved by 8 as few512 lays them out, four
-   rows per tile, and every group of eight x rows passes over all of them (x stays in L1
-   across the chunk's rows). The micro-kernel is few512_slice, so a row gets the bits of
-   the AVX2 kernels; the chunk's last 1-3 rows (N not a multiple of 4) take slice_rows. */
+/* The sums of eight weight rows' 8-lane accumulators, two rows per register (rows 0-1 in
+   a01, ..., 6-7 in a67), in row order, by hsum8x4's tree ((l0 + l1) + (l2 + l3)) + ((l4 + l5)
+   + (l6 + l7)), so the same bits: adjacent lanes paired by even / odd permutes three times.
+   A quarter of the shuffles of four hsum8x4 calls, which were a quarter of the prefill's
+   time at a 256-value K slice. ev / od: the even and odd lane indices 0 .. 30 / 1 .. 31. */
+AVX512F_INLINE __m256 hsum8rows(__m512 a01, __m512 a23, __m512 a45, __m512 a67, __m512i ev,
+                                __m512i od) {
+    const __m512 p03 = _mm512_add_ps(_mm512_permutex2var_ps(a01, ev, a23),
+                                     _mm512_permutex2var_ps(a01, od, a23));
+    const __m512 p47 = _mm512_add_ps(_mm512_permutex2var_ps(a45, ev, a67),
+                                     _mm512_permutex2var_ps(a45, od, a67));
+    const __m512 q = _mm512_add_ps(_mm512_permutex2var_ps(p03, ev, p47),
+                                   _mm512_permutex2var_ps(p03, od, p47));
+    return _mm512_castps512_ps256(_mm512_add_ps(_mm512_permutex2var_ps(q, ev, q),
+                                                _mm512_permutex2var_ps(q, od, q)));
+}
+
+/* Six x rows against eight weight rows (two tiles of four, laid out as few512_tile lays
+   them: rows g .. g+3 at t0, g+4 .. g+7 at t1) over one K slice: 24 accumulators, and per
+   step of 8 values 4 tile loads and 6 broadcasts for 24 FMAs (few512_slice's 8 x 4 needs
+   10 loads for 16), so the prefill runs near the FMA ports' rate instead of the load
+   ports'. Each accumulator lane still sums one (k mod 8) class of the slice and the lanes
+   go through the hsum8x4 tree, so a row gets exactly the bits few512_slice and the AVX2
+   kernels give it. */
+AVX512F_INLINE void pf512_6x8(const matmul_job *j, int64_t m0, int64_t r, int64_t k0, int64_t kn,
+                              const float *t0, const float *t1, int fmt) {
+    const int64_t K = j->K, N = j->N, kn8 = kn & ~(int64_t)7;
+    const float *const xm = j->x + m0 * K + k0;
+    __m512 acc[6][4];
+#pragma GCC unroll 6
+    for (int m = 0; m < 6; m++) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kn8; k += 8) {
+        const __m512 w0 = _mm512_load_ps(t0 + 4 * k), w1 = _mm512_load_ps(t0 + 4 * k + 16);
+        const __m512 w2 = _mm512_load_ps(t1 + 4 * k), w3 = _mm512_load_ps(t1 + 4 * k + 16);
+#pragma GCC unroll 6
+        for (int m = 0; m < 6; m++) {
+            const __m512 xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(
+                _mm256_castps_pd(_mm256_loadu_ps(xm + m * K + k))));
+            acc[m][0] = _mm512_fmadd_ps(xv, w0, acc[m][0]);
+            acc[m][1] = _mm512_fmadd_ps(xv, w1, acc[m][1]);
+            acc[m][2] = _mm512_fmadd_ps(xv, w2, acc[m][2]);
+            acc[m][3] = _mm512_fmadd_ps(xv, w3, acc[m][3]);
+        }
+    }
+    const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int m = 0; m < 6; m++) {
+        __m256 sum = hsum8rows(acc[m][0], acc[m][1], acc[m][2], acc[m][3], ev, od);
+        float *y = j->y + (m0 + m) * N + r;
+        if (kn8 < kn) {
+            float sl[8];
+            _mm256_storeu_ps(sl, sum);
+            const float *x = xm + m * K;
+            for (int64_t k = kn8; k < kn; k++)
+                for (int i = 0; i < 8; i++)
+                    sl[i] = fma1(x[k], load_w1(j->w + (r + i) * j->ldw, k0 + k, fmt), sl[i]);
+            sum = _mm256_loadu_ps(sl);
+        }
+        _mm256_storeu_ps(y, k0 ? _mm256_add_ps(_mm256_loadu_ps(y), sum) : sum);
+    }
+}
+
+/* few512_slice for mr (1 .. 8) x rows: the dispatch to its unrolled copies */
+AVX512F_INLINE void few512_any(const matmul_job *j, int64_t m0, int64_t r, int64_t k0,
+                               int64_t kn, const float *t, int fmt, int64_t mr) {
+    switch (mr) {
+    case 1: few512_slice(j, m0, r, 1, k0, kn, t, fmt, 1); break;
+    case 2: few512_slice(j, m0, r, 1, k0, kn, t, fmt, 2); break;
+    case 3: few512_slice(j, m0, r, 1, k0, kn, t, fmt, 3); break;
+    case 4: few512_slice(j, m0, r, 1, k0, kn, t, fmt, 4); break;
+    case 5: few512_slice(j, m0, r, 1, k0, kn, t, fmt, 5); break;
+    case 6: few512_slice(j, m0, r, 1, k0, kn, t, fmt, 6); break;
+    case 7: few512_slice(j, m0, r, 1, k0, kn, t, fmt, 7); break;
+    default: few512_slice(j, m0, r, 1, k0, kn, t, fmt, 8); break;
+    }
+}
+
+/* Prefill (M > FEW_ROWS) with 512-bit FMAs: per K slice, the chunk's weight rows (lk_pf_rows,
+   64: a chunk's slice is 64 KiB of f32 tiles, in L2, and every x row is read once per 64
+   weight rows instead of once per 16, which left the kernel waiting on x from L3) are
+   converted once into f32 tiles interleaved by 8 as few512 lays them out, four rows per
+   tile; then every group of six x rows (in L1) passes over them eight rows at a time with
+   pf512_6x8, a last group of four rows and the last 1-5 x rows with few512_slice (same
+   bits), and the chunk's last 1-3 rows (N not a multiple of 4) take slice_rows. */
 AVX512F_INLINE void prefill512(const matmul_job *j, int64_t r0, int64_t r1, int ith, int fmt) {
     const int64_t K = j->K, M = j->M, ldw = j->ldw, nr4 = (r1 - r0) & ~(int64_t)3;
+    const int64_t nr8 = nr4 & ~(int64_t)7, m6 = M - M % 6;
     float *tile = (float *)lk_scratch(ith, (size_t)(r1 - r0 + 3) * PF_KSLICE * sizeof(float));
     for (int64_t k0 = 0; k0 < K; k0 += PF_KSLICE) {
         const int64_t kn = K - k0 < PF_KSLICE ? K - k0 : PF_KSLICE, kn8 = kn & ~(int64_t)7;
@@ -145,22 +228,19 @@ AVX512F_INLINE void prefill512(const matmul_job *j, int64_t r0, int64_t r1, int 
                 for (int64_t k = 0; k < kn8; k += 8)
                     _mm256_store_ps(dst + 4 * k, load_w8(src, k0 + k, fmt));
             }
-        for (int64_t m0 = 0; m0 < M; m0 += FEW_ROWS) {
-            const int64_t mr = M - m0 < FEW_ROWS ? M - m0 : FEW_ROWS;
-            for (int64_t g = 0; g < nr4; g += 4) {
-                const float *t = tile + g * PF_KSLICE;
-                if (mr == FEW_ROWS) few512_slice(j, m0, r0 + g, 1, k0, kn, t, fmt, FEW_ROWS);
-                else switch (mr) {
-                case 1: few512_slice(j, m0, r0 + g, 1, k0, kn, t, fmt, 1); break;
-                case 2: few512_slice(j, m0, r0 + g, 1, k0, kn, t, fmt, 2); break;
-                case 3: few512_slice(j, m0, r0 + g, 1, k0, kn, t, fmt, 3); break;
-                case 4: few512_slice(j, m0, r0 + g, 1, k0, kn, t, fmt, 4); break;
-                case 5: few512_slice(j, m0, r0 + g, 1, k0, kn, t, fmt, 5); break;
-                case 6: few512_slice(j, m0, r0 + g, 1, k0, kn, t, fmt, 6); break;
-                default: few512_slice(j, m0, r0 + g, 1, k0, kn, t, fmt, 7); break;
-                }
-            }
+        for (int64_t mb = 0; mb < m6; mb += PF_MBLOCK) {
+            const int64_t me = mb + PF_MBLOCK < m6 ? mb + PF_MBLOCK : m6;
+            for (int64_t g = 0; g < nr8; g += 8)
+                for (int64_t m0 = mb; m0 < me; m0 += 6)
+                    pf512_6x8(j, m0, r0 + g, k0, kn, tile + g * PF_KSLICE,
+                              tile + (g + 4) * PF_KSLICE, fmt);
+            if (nr8 < nr4)
+                for (int64_t m0 = mb; m0 < me; m0 += 6)
+                    few512_slice(j, m0, r0 + nr8, 1, k0, kn, tile + nr8 * PF_KSLICE, fmt, 6);
         }
+        if (m6 < M)
+            for (int64_t g = 0; g < nr4; g += 4)
+                few512_any(j, m6, r0 + g, k0, kn, tile + g * PF_KSLICE, fmt, M - m6);
         if (nr4 < r1 - r0) { /* the chunk's last rows: the AVX2 micro-kernels, same bits */
             const int64_t rt = r0 + nr4, nt = r1 - rt;
             if (fmt == FMT_F16) {

@@ -35,7 +35,7 @@ enum { FMT_F32 = LK_FMT_F32, FMT_F16 = LK_FMT_F16, FMT_Q8_0 = LK_FMT_Q8_0,
        FMT_Q8_0_R16 = LK_FMT_Q8_0_R16 };
 
 /* Prefill tiling: weight rows per chunk, and the K slice (values) kept in L1. */
-#define PF_ROWS 16
+#define PF_ROWS 64
 #define PF_KSLICE 256
 /* q8_0: weight rows per chunk, and the K slice (blocks) packed to int16 and kept in L1
    (32 x 16 blocks = 32 KiB; 8 blocks measured ~15% slower) */

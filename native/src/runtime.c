@@ -100,11 +100,13 @@ static void detect(void) {
     const uint32_t avx2 = LK_CPU_AVX2 | LK_CPU_FMA | LK_CPU_F16C;
     if ((cpu_features & avx2) == avx2) detected_isa = LK_ISA_AVX2;
     extern int lk_pf_dist, lk_chunks_per_thread, lk_few_blocks, lk_q8_few_rows, lk_f_pf512,
-        lk_mv_quarters;
+        lk_mv_quarters, lk_pf_rows;
     const char *pfe = getenv("LATTICE_PF");
     if (pfe && *pfe) lk_pf_dist = atoi(pfe);
     const char *cpt = getenv("LATTICE_CHUNKS");
     if (cpt && atoi(cpt) >= 1) lk_chunks_per_thread = atoi(cpt);
+    const char *pfr = getenv("LATTICE_PF_ROWS");
+    if (pfr && atoi(pfr) >= 4) lk_pf_rows = (atoi(pfr) + 3) & ~3;
     const char *fbe = getenv("LATTICE_FEW_BLOCKS");
     if (fbe && atoi(fbe) >= 1) lk_few_blocks = atoi(fbe);
     const char *pf5 = getenv("LATTICE_PF512");

@@ -231,6 +231,7 @@ class VisionTower:
         rows, cols = position_rows(gh, gw, c.spatial_merge_size)
         cos, sin = rotary_tables(np.tile(rows, t), np.tile(cols, t), c.head_dim, c.rope_theta)
         frame = gh * gw
+        frame_offsets = np.arange(0, x.shape[0] + 1, frame, dtype=np.int64)
         tanh_approx = c.hidden_act == "gelu_pytorch_tanh"
         features = []
         yield
@@ -240,12 +241,10 @@ class VisionTower:
             q = ops.rope(qkv[:, :, 0], cos, sin)
             k = ops.rope(qkv[:, :, 1], cos, sin)
             v = np.ascontiguousarray(qkv[:, :, 2])
-            # each frame attends to itself, every patch to every patch: causal attention
-            # with the queries placed after the last key sees all keys
-            out = np.concatenate([
-                ops.attention(q[:, f:f + frame], k[:, f:f + frame], v[:, f:f + frame],
-                              frame - 1, c.head_dim ** -0.5)
-                for f in range(0, x.shape[0], frame)], axis=1)
+            # each frame attends to itself, every patch to every patch: the frames are
+            # packed sequences of the bidirectional encoder attention
+            out = ops.encoder_attention_packed(q[0], k[0], v[0], frame_offsets,
+                                               c.head_dim ** -0.5)
             x = x + blk.proj(out.reshape(x.shape[0], c.hidden_size), ops)
             h = blk.fc1(ops.layer_norm(x, *blk.norm2, 1e-6), ops)
             x = x + blk.fc2(ops.gelu(h, tanh=tanh_approx), ops)
