@@ -13,7 +13,8 @@ costs honest): after a 64-token prompt, the time of one plain decode step and of
 verify step of k + 1 tokens (k = 1 .. 4: the forward over k + 1 rows keeping each row's
 recurrent state, the lm_head over them, the rollback to one kept row), under continuous
 batching (the fused C step, `lk_qwen35_step_paged_trail`) and for one request over the
-dense cache (plain: the fused step; verify: the per-kernel path), of one MTP draft token
+dense cache (plain: the fused step; verify: the multi-row fused step `lk_qwen35_step_rows`;
+plain and verify timed round-robin so that both see the same load), of one MTP draft token
 (the head's layer and the shared lm_head) and of one `self` draft token (the
 linear-attention blocks and the lm_head), each also over a --draft-vocab prefix of the
 lm_head (the drafters' draft_vocab option); medians of --runs. From those costs, the break-even acceptance rate a
@@ -383,6 +384,22 @@ def bench_qwen3_5(args) -> int:
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    def interleaved(fns: dict) -> dict:
+        """{name: (fn, setup)} timed round-robin, one run of each per round, medians: on a
+        loaded machine every candidate sees the same load, so their ratios hold."""
+        for fn, setup in fns.values():
+            for _ in range(2):
+                setup and setup()
+                fn()
+        times = {name: [] for name in fns}
+        for _ in range(runs):
+            for name, (fn, setup) in fns.items():
+                setup and setup()
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        return {name: statistics.median(t) for name, t in times.items()}
+
     cache = model.make_cache(1, capacity=512)
     model.forward(prompt, cache)
     base = cache.snapshot()
@@ -400,8 +417,10 @@ def bench_qwen3_5(args) -> int:
             cache.truncate(base.offset + 1)
         return run
 
-    dense_plain = timed(plain_step)
-    dense_verify = {k: timed(verify_step(k + 1)) for k in range(1, 5)}
+    got = interleaved({0: (plain_step, None),
+                       **{k: (verify_step(k + 1), None) for k in range(1, 5)}})
+    dense_plain = got.pop(0)
+    dense_verify = got
 
     # continuous batching (the serving path): one sequence in the paged cache; plain is
     # the fused C step of one row, a verify the fused step of k + 1 rows that keeps each
@@ -429,8 +448,10 @@ def bench_qwen3_5(args) -> int:
             pcache.recurrent.rollback(seq.state_slot, 1)
         return run
 
-    plain = timed(paged_plain, reset)
-    verify = {k: timed(paged_verify(k + 1), reset) for k in range(1, 5)}
+    got = interleaved({0: (paged_plain, reset),
+                       **{k: (paged_verify(k + 1), reset) for k in range(1, 5)}})
+    plain = got.pop(0)
+    verify = got
     rows = {"plain_step_ms": round(plain * 1e3, 3),
             "verify_step_ms": {k + 1: round(v * 1e3, 3) for k, v in verify.items()},
             "fused_verify": model._decode_step() is not None,
@@ -469,7 +490,7 @@ def bench_qwen3_5(args) -> int:
     print(f"  plain decode step        {plain * 1e3:8.2f} ms")
     for k, v in verify.items():
         print(f"  verify of k+1 = {k + 1} tokens  {v * 1e3:8.2f} ms  ({v / plain:.2f}x plain)")
-    print(f"  one request (dense cache; the verify on the per-kernel path):")
+    print(f"  one request (dense cache; the verify as one multi-row fused step):")
     print(f"  plain decode step        {dense_plain * 1e3:8.2f} ms")
     for k, v in dense_verify.items():
         print(f"  verify of k+1 = {k + 1} tokens  {v * 1e3:8.2f} ms  ({v / dense_plain:.2f}x "

@@ -45,7 +45,9 @@ class HybridCache:
                       for _ in range(num_linear)]
         self.recording = False  # the next forward keeps a trail (record_next)
         self._trail_start: int | None = None
-        self._trail: list[list[np.ndarray]] = []  # per layer state: [T + 1, ...] copies
+        self._trail: list[np.ndarray] = []  # per layer state: [T + 1, ...] copies
+        # the trail's buffers, kept from verify to verify (see RecurrentStateSlots._spare)
+        self._trail_buf: list[np.ndarray] = []
 
     def record_next(self) -> None:
         """Make the next forward keep the recurrent state after each of its positions, so
@@ -56,11 +58,12 @@ class HybridCache:
         """Called by the model at the start of a recorded forward of `tokens` positions:
         room for the states after 0 .. tokens of them, the current one as entry 0."""
         self._trail_start = self.offset
-        self._trail = []
-        for state in self.conv + self.delta:
-            trail = np.empty((tokens + 1,) + state.shape, state.dtype)
+        states = self.conv + self.delta
+        if not self._trail_buf or self._trail_buf[0].shape[0] <= tokens:
+            self._trail_buf = [np.empty((tokens + 1,) + s.shape, s.dtype) for s in states]
+        self._trail = [b[:tokens + 1] for b in self._trail_buf]
+        for state, trail in zip(states, self._trail):
             trail[0] = state
-            self._trail.append(trail)
 
     def trail_views(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Linear layer `layer`'s conv and delta trail after positions 1 .. T of the

@@ -38,6 +38,11 @@ class RecurrentStateSlots:
         self.max_snapshots = max_snapshots
         self.snapshots: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
         self.trails: dict[int, list[np.ndarray]] = {}  # slot -> per array [rows + 1, ...]
+        # trail buffers no trail uses now, kept for the next verify: a fresh buffer costs a
+        # page fault per 4 KiB on first touch (18 DeltaNet layers x 1 MiB x 5 rows: ~90 MB
+        # per verify of the 0.8B shape, more time than the verify's own arithmetic)
+        self._spare: list[list[np.ndarray]] = []
+        self._buffers: dict[int, list[np.ndarray]] = {}  # slot -> the buffers its trail views
 
     @property
     def num_slots(self) -> int:
@@ -59,18 +64,35 @@ class RecurrentStateSlots:
     def release(self, slot: int) -> None:
         if slot in self.free_slots or not 0 <= slot < self.num_slots:
             raise ValueError(f"recurrent slot {slot} is not in use")
-        self.trails.pop(slot, None)
+        self._drop_trail(slot)
         self.free_slots.append(slot)
 
     # ---- speculative verify: the state after each verified row -------------------------
     def start_trail(self, slot: int, rows: int) -> None:
-        """Room for slot's state after 0 .. rows rows of a verify; entry 0 is the state now."""
-        trail = []
-        for a in self.arrays:
-            t = np.empty((rows + 1,) + a.shape[1:], a.dtype)
+        """Room for slot's state after 0 .. rows rows of a verify; entry 0 is the state now.
+        The room is a spare buffer of an earlier verify when one is large enough."""
+        self._drop_trail(slot)
+        fits = [i for i, b in enumerate(self._spare) if b[0].shape[0] > rows]
+        if fits:
+            bufs = self._spare.pop(fits[0])
+        else:
+            bufs = [np.empty((rows + 1,) + a.shape[1:], a.dtype) for a in self.arrays]
+        trail = [b[:rows + 1] for b in bufs]
+        for a, t in zip(self.arrays, trail):
             t[0] = a[slot]
-            trail.append(t)
+        self._buffers[slot] = bufs
         self.trails[slot] = trail
+
+    def _drop_trail(self, slot: int) -> None:
+        """Forget slot's trail; its buffers become spare (a few at most: one per sequence
+        verified in one step)."""
+        self.trails.pop(slot, None)
+        bufs = self._buffers.pop(slot, None)
+        if bufs is not None:
+            self._spare.append(bufs)
+            if len(self._spare) > 8:  # the smallest go first
+                self._spare.pop(min(range(len(self._spare)),
+                                    key=lambda i: self._spare[i][0].shape[0]))
 
     def trail_view(self, slot: int, array: int) -> np.ndarray:
         """Array `array`'s trail of slot after rows 1 .. rows, [rows, 1, ...] (a batch axis
@@ -85,13 +107,15 @@ class RecurrentStateSlots:
     def rollback(self, slot: int, rows: int) -> None:
         """Set slot to its state after the first `rows` rows of its last verify, and drop
         the trail (rows = all of them: the state is already that)."""
-        trail = self.trails.pop(slot, None)
+        trail = self.trails.get(slot)
         if trail is None:
             raise ValueError(f"recurrent slot {slot} has no verify trail to roll back")
         if not 0 <= rows < trail[0].shape[0]:
             raise ValueError(f"cannot keep {rows} rows of a {trail[0].shape[0] - 1}-row verify")
-        for a, t in zip(self.arrays, trail):
-            a[slot] = t[rows]
+        if rows < trail[0].shape[0] - 1:  # all of them: the slot already holds that state
+            for a, t in zip(self.arrays, trail):
+                a[slot] = t[rows]
+        self._drop_trail(slot)
 
     def state(self, slot: int) -> list[np.ndarray]:
         """Writable views of slot's arrays, one per shape."""

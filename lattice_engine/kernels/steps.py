@@ -99,6 +99,30 @@ def _run_step(step_fn, work_size_fn, m, work: np.ndarray, tokens: np.ndarray, po
     return work
 
 
+def _run_rows(rows_fn, work_size_fn, m, work: np.ndarray, tokens: np.ndarray, pos: int,
+              cos: np.ndarray, sin: np.ndarray, out: np.ndarray, name: str,
+              trails=None) -> np.ndarray:
+    """Call a multi-row step of one sequence (`lk_decoder_step_rows`,
+    `lk_qwen35_step_rows`: trails given, NULL or the pointer array) with cos / sin
+    [T, rope_half]; returns the (possibly grown) workspace."""
+    T = tokens.size
+    half = m.rope_half
+    if cos.shape != (T, half) or sin.shape != (T, half):
+        raise ValueError(f"decode step: {T} rows need cos / sin [{T}, {half}] (got "
+                         f"{cos.shape}, {sin.shape})")
+    need = work_size_fn(m, T)
+    if work.size < need:
+        work = np.empty(need, _F32)
+    cp, cos = _in(cos)
+    sp, sin = _in(sin)
+    args = (m, _fb(_INT64S, tokens), T, pos, cp, sp) + (() if trails is None else (trails,))
+    rc = rows_fn(*args, _fb(_FLOATS, work, True), work.size, _fb(_FLOATS, out, True))
+    _raise_step_error(rc, tokens, m, name, f"rows {pos} .. {pos + T - 1} are outside the "
+                                           f"bound cache (capacity {m.cache_cap}); bind a "
+                                           f"larger cache")
+    return work
+
+
 def _paged_arrays(batch, n: int, cos: np.ndarray, rope_half: int, states: bool = False):
     """A paged batch's index arrays as the C steps take them (slots, q_start, pos_start,
     block tables int32, and the recurrent-state slots when `states`), checked against the
@@ -154,3 +178,11 @@ def _set_kv_format(step, layers, dtype: str, transforms) -> None:
         shift, scale = t if t is not None else (None, None)
         L.k_shift = _keep_vec(step._keep, shift)
         L.k_scale = _keep_vec(step._keep, scale)
+
+
+# the most rows of one sequence a dense forward runs through the multi-row fused step
+# (`lk_decoder_step_rows`, `lk_qwen35_step_rows`): a verify of speculative.MAX_DRAFT_TOKENS
+# drafts and the pending token, a draft model catching up; longer runs (prompts) take the
+# per-kernel path, whose tiled / chunked kernels suit them
+FUSED_ROWS = 17
+

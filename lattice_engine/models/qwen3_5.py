@@ -22,6 +22,7 @@ from .base import (CausalLM, Linear, WeightLoader, check_tokens, config_from_dic
                    name_linears, rope_inv_freq)
 from ..cache.hybrid import HybridCache
 from ..multimodal import ForwardInputs, check_forward_inputs, mrope_axes, mrope_tables
+from ..kernels.steps import FUSED_ROWS
 from .qwen3_5_step import Qwen35Step
 from .transformer import MLP, check_rotation_sites, head_role
 
@@ -410,6 +411,22 @@ class Model(CausalLM):
             cache.advance(1)
             return hidden[:, None, :]
         recording = getattr(cache, "recording", False)
+        step = self._decode_step() if recording and 1 < t <= FUSED_ROWS and cache.batch == 1 \
+            and type(cache) is HybridCache and cache.kv.dtype == self.kv_cache and \
+            not replaces else None
+        if step is not None:
+            # a speculative verify: its rows in one fused call (one pass over the weights),
+            # the recurrence token by token with the state after each row in the trail
+            cache.start_trail(t)
+            cache.kv.reserve(cache.offset + t)
+            arrays = (cache.kv.keys, cache.kv.values, cache.conv, cache.delta)
+            if not step.is_bound_to(*arrays):
+                step.bind_cache(*arrays)
+            hidden = step.rows(tokens[0], cache.offset, cos, sin,
+                               [cache.trail_views(j) for j in range(len(cache.conv))])
+            cache.advance(t)
+            cache.end_trail()
+            return hidden[None]
         if recording:
             cache.start_trail(t)
         elif hasattr(cache, "drop_trail"):

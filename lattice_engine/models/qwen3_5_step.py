@@ -9,7 +9,7 @@ import numpy as np
 from ..kernels.buffers import _F32, _in, _new_or_check
 from ..kernels.runtime import _FLOATS, _INT64S, _L, _fb, _ffi
 from ..kernels.steps import (_fill_linear, _keep_vec, _kv_array_ok, _kv_pointer, _kv_row,
-                             _paged_arrays, _raise_step_error, _run_step, _set_kv_format,
+                             _paged_arrays, _raise_step_error, _run_rows, _run_step, _set_kv_format,
                              _set_rotation, _supports)
 from ..quant.formats import PackedMatrix
 
@@ -153,6 +153,40 @@ class Qwen35Step:
         out = _new_or_check(out, (B, self._hidden))
         self._work = _run_step(_L.lk_qwen35_step, _L.lk_qwen35_work_size, self._m, self._work,
                                tokens, pos, cos, sin, out, "lk_qwen35_step")
+        return out
+
+    def rows(self, tokens: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray,
+             trails: list | None = None) -> np.ndarray:
+        """T rows of one sequence (the bound cache's sequence 0, batch 1) at positions pos ..
+        pos + T - 1 in one call (`lk_qwen35_step_rows`: a speculative verify): cos / sin
+        [T, rope_half]; the DeltaNet layers run token by token, and with trails (per
+        DeltaNet layer (conv [T, 1, K-1, conv_dim], delta [T, 1, Hv, Dk, Dv]), as
+        `HybridCache.trail_views` gives them) keep the state after each row there. Returns
+        the final-norm hidden states [T, hidden], each row's bits a decode step's."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        if not self._bound or self._bound[0] != 1:
+            raise ValueError("decode step rows: bind a cache of batch 1 first")
+        ptrs = _ffi.NULL
+        if trails is not None:
+            m, T = self._m, tokens.size
+            conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
+            want = ((T, 1, m.conv_kernel - 1, conv_dim),
+                    (T, 1, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim))
+            linear = [i for i, kind in enumerate(self._kinds) if kind != self.FULL]
+            if len(trails) != len(linear):
+                raise ValueError(f"decode step: {len(trails)} trails for {len(linear)} "
+                                 f"DeltaNet layers")
+            ptrs = _ffi.new("float *[]", 2 * max(len(self._kinds), 1))
+            for i, pair in zip(linear, trails):
+                for j, (a, shape) in enumerate(zip(pair, want)):
+                    if a.dtype != _F32 or not a.flags.c_contiguous or a.shape != shape:
+                        raise ValueError(f"decode step: a trail {a.dtype} {a.shape} is not "
+                                         f"C-contiguous float32 {shape}")
+                    ptrs[2 * i + j] = _fb(_FLOATS, a, True)
+        out = np.empty((tokens.size, self._hidden), _F32)
+        self._work = _run_rows(_L.lk_qwen35_step_rows, _L.lk_qwen35_work_size, self._m,
+                               self._work, tokens, pos, cos, sin, out, "lk_qwen35_step_rows",
+                               ptrs)
         return out
 
     def paged(self, tokens: np.ndarray, cos: np.ndarray, sin: np.ndarray, batch,

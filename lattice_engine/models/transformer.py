@@ -16,6 +16,7 @@ from ..cache.dense import KVCache, key_transform
 from ..errors import CheckpointError
 from .base import (CausalLM, Linear, WeightLoader, check_tokens, config_from_dict,
                    name_linears, project, rope_inv_freq)
+from ..kernels.steps import FUSED_ROWS
 from .transformer_step import DecoderStep
 
 
@@ -281,6 +282,18 @@ class DecoderModel(CausalLM):
             hidden = step(tokens[:, 0], cache.offset, cos, sin)
             cache.advance(1)
             return hidden[:, None, :]
+        if 1 < t <= FUSED_ROWS and tokens.shape[0] == 1 and type(cache) is KVCache and \
+                cache.dtype == self.kv_cache and self._decode_step() is not None:
+            # a few rows of one sequence (a speculative verify, a draft model catching up):
+            # one fused call, one pass over the weights for all rows, instead of ~15
+            # Python-level kernel calls per layer; each row's bits are a decode step's
+            step = self._decode_step()
+            cache.reserve(cache.offset + t)
+            if not step.is_bound_to(cache.keys, cache.values):
+                step.bind_cache(cache.keys, cache.values)
+            hidden = step.rows(tokens[0], cache.offset, cos, sin)
+            cache.advance(t)
+            return hidden[None]
         x = ops.embed(self.embed_tokens, tokens)
         for layer in self.layers:
             x = layer(x, cache, cos, sin, ops)

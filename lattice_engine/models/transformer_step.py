@@ -9,7 +9,7 @@ import numpy as np
 from ..kernels.buffers import _F32, _in, _new_or_check
 from ..kernels.runtime import _FLOATS, _INT64S, _L, _fb, _ffi
 from ..kernels.steps import (_fill_linear, _keep_vec, _kv_array_ok, _kv_pointer, _kv_row,
-                             _paged_arrays, _raise_step_error, _run_step, _set_kv_format,
+                             _paged_arrays, _raise_step_error, _run_rows, _run_step, _set_kv_format,
                              _set_rotation, _supports)
 from ..quant.formats import PackedMatrix
 
@@ -123,6 +123,16 @@ class DecoderStep:
                                tokens, pos, cos, sin, out, "lk_decoder_step")
         return out
 
+    def rows(self, tokens: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """T rows of one sequence (the bound cache's sequence 0) at positions pos .. pos + T
+        - 1 in one call (`lk_decoder_step_rows`: a speculative verify, a draft model
+        catching up): cos / sin [T, rope_half]; writes their keys and values and returns the
+        final-norm hidden states [T, hidden], each row's bits those of a decode step."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        out = np.empty((tokens.size, self._hidden), _F32)
+        self._work = _run_rows(_L.lk_decoder_step_rows, _L.lk_decoder_work_size, self._m,
+                               self._work, tokens, pos, cos, sin, out, "lk_decoder_step_rows")
+        return out
 
     def paged(self, tokens: np.ndarray, cos: np.ndarray, sin: np.ndarray, batch,
               keys: list[np.ndarray], values: list[np.ndarray]) -> np.ndarray:

@@ -359,6 +359,15 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
    sequences q_start / pos_start / tables (as there). Prefill chunks and decode rows mix.
    Returns 0, -1 (token), -2 (rows, slots or tables outside the pool), -3 (work_len),
    -4 (weights), -5 (out of memory). */
+/* Several rows of one sequence in a single step over the dense cache (sequence 0 of the
+   bound cache; a speculative verify, a draft model catching up): row r embeds tokens[r]
+   at position pos + r (cos / sin [T, rope_half], a row per row), writes its key and value
+   there and attends causally to the cache and the rows before it. The matmuls read each
+   weight once for all T rows; every row gets the bits lk_decoder_step gives it alone.
+   Returns as lk_decoder_step (-2: pos + T > cache_cap). */
+int lk_decoder_step_rows(const lk_decoder *m, const int64_t *tokens, int64_t T, int64_t pos,
+                         const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                         float *hidden_out);
 int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,
                           const float *cos_t, const float *sin_t, const int64_t *slots,
                           void *const *k_pools, void *const *v_pools, int64_t num_blocks,
@@ -459,6 +468,15 @@ int64_t lk_qwen35_work_size(const lk_qwen35 *m, int64_t batch);
 int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int64_t pos,
                    const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                    float *hidden_out);
+/* Several rows of one sequence over the bound dense hybrid cache (sequence 0), as
+   lk_decoder_step_rows: row r at position pos + r; the DeltaNet layers run their
+   recurrence token by token (each row's bits are a decode step's). trails: NULL, or per
+   layer i at [2 * i] (conv windows [T, K-1, conv]) and [2 * i + 1] (delta states
+   [T, Hv, Dk, Dv]) the state after each row (NULL for attention layers), so that a
+   partial accept rolls back exactly. Returns as lk_qwen35_step (-2: pos + T > cache_cap). */
+int lk_qwen35_step_rows(const lk_qwen35 *m, const int64_t *tokens, int64_t T, int64_t pos,
+                        const float *cos_t, const float *sin_t, float *const *trails,
+                        float *work, int64_t work_len, float *hidden_out);
 /* The same step over a flat batch of n rows of sequences in paged pools (continuous
    batching), as lk_decoder_step_paged: row r at the position its cos / sin rows
    ([n, rope_half]) were made for, its key and value written to pool row slots[r] of the
@@ -663,6 +681,9 @@ int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out)
 typedef struct {
     int paged;
     int64_t pos; /* dense */
+    /* dense, one sequence: 0, or the rows of sequence 0 (> 1 for a multi-row step: row r
+       at position pos + r, causal among them; the rope tables have a row per row) */
+    int64_t rows;
     /* paged: rows [n] at slots, sequences [nseq] by q_start / pos_start / tables */
     const int64_t *slots, *q_start, *pos_start;
     const int32_t *tables;

@@ -57,7 +57,7 @@ static int run_layers(const lk_decoder *m, const lk_step_kv *t, int64_t B, const
     float *act = up + B * f;
     const float scale = 1.0f / sqrtf((float)D);
     /* rope: one table row for all rows (contiguous), or one per row as T = B (paged) */
-    const int64_t rb = t->paged ? 1 : B, rt = t->paged ? B : 1;
+    const int64_t rb = t->paged || t->rows > 1 ? 1 : B, rt = t->paged || t->rows > 1 ? B : 1;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_decoder_layer *L = &m->layers[i];
         lk_rms_norm(x, B, h, L->attn_norm, m->eps, m->norm_offset, xn);
@@ -115,6 +115,23 @@ int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, i
     lk_step_kv t = {0};
     t.pos = pos;
     return run_layers(m, &t, batch, cos_t, sin_t, work, hidden_out);
+}
+
+int lk_decoder_step_rows(const lk_decoder *m, const int64_t *tokens, int64_t T, int64_t pos,
+                         const float *cos_t, const float *sin_t, float *work, int64_t work_len,
+                         float *hidden_out) {
+    lk_init();
+    if (T <= 0) return 0;
+    if (!shapes_ok(m)) return -4;
+    if (pos < 0 || pos + T > m->cache_cap) return -2;
+    for (int64_t i = 0; i < m->n_layers; i++)
+        if (!m->layers[i].k_cache || !m->layers[i].v_cache) return -4;
+    if (work_len < lk_decoder_work_size(m, T)) return -3;
+    if (lk_step_embed(&m->embed, tokens, T, work)) return -1;
+    lk_step_kv t = {0};
+    t.pos = pos;
+    t.rows = T;
+    return run_layers(m, &t, T, cos_t, sin_t, work, hidden_out);
 }
 
 int lk_decoder_step_paged(const lk_decoder *m, const int64_t *tokens, int64_t n,

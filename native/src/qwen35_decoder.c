@@ -15,6 +15,7 @@
 #include "lattice_kernels.h"
 
 #include <string.h>
+#include <stdlib.h>
 
 /* Where the rows' state lives: the dense step's per-layer arrays (row b is sequence b, at
    position pos), or the paged pools of continuous batching (a flat batch of sequences,
@@ -112,7 +113,7 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, co
     const int64_t conv_len = (m->conv_kernel - 1) * d->conv;
     const int64_t delta_len = d->hv * m->lin_k_dim * m->lin_v_dim;
     const lk_step_kv *kv = &t->kv;
-    if (!kv->paged)
+    if (!kv->paged && !kv->rows)
         lk_causal_conv1d(mixed, B, 1, d->conv, d->conv, d->conv, L->conv_w, m->conv_kernel,
                          L->conv_state, 1);
     else
@@ -143,7 +144,7 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, co
     lk_softplus(aa, B * d->hv, g);
     for (int64_t b = 0; b < B; b++)
         for (int64_t hh = 0; hh < d->hv; hh++) g[b * d->hv + hh] *= L->neg_a[hh];
-    if (!kv->paged)
+    if (!kv->paged && !kv->rows)
         lk_gated_delta_rule(mixed, mixed + d->key, mixed + 2 * d->key, B, 1, m->lin_k_heads,
                             m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, d->conv, 0, g, beta,
                             L->delta_state, 0, core);
@@ -185,7 +186,7 @@ static int attention(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, c
     for (int64_t r = 0; r < B * Hq; r++) memcpy(q + r * D, qg + r * 2 * D, (size_t)D * 4);
     lk_rms_norm(q, B * Hq, D, L->q_norm, m->eps, 1.0f, q);
     lk_rms_norm(k, B * Hkv, D, L->k_norm, m->eps, 1.0f, k);
-    const int64_t rb = t->paged ? 1 : B, rt = t->paged ? B : 1;
+    const int64_t rb = t->paged || t->rows > 1 ? 1 : B, rt = t->paged || t->rows > 1 ? B : 1;
     lk_rope(q, rb, rt, Hq, D, rt * d->qd, d->qd, D, cos_t, sin_t, m->rope_half, 0, q);
     lk_rope(k, rb, rt, Hkv, D, rt * d->kvd, d->kvd, D, cos_t, sin_t, m->rope_half, 0, k);
     /* the per-kernel path's scale: 1 / sqrt(D) in double, rounded once to float */
@@ -300,4 +301,38 @@ int lk_qwen35_step_paged_trail(const lk_qwen35 *m, const int64_t *tokens, int64_
     t.delta_pools = delta_pools;
     t.trails = trails;
     return run_layers(m, &t, n, cos_t, sin_t, work, hidden_out);
+}
+
+int lk_qwen35_step_rows(const lk_qwen35 *m, const int64_t *tokens, int64_t T, int64_t pos,
+                        const float *cos_t, const float *sin_t, float *const *trails,
+                        float *work, int64_t work_len, float *hidden_out) {
+    lk_init();
+    if (T <= 0) return 0;
+    if (!shapes_ok(m, 1)) return -4;
+    if (pos < 0 || pos + T > m->cache_cap) return -2;
+    if (work_len < lk_qwen35_work_size(m, T)) return -3;
+    if (lk_step_embed(&m->embed, tokens, T, work)) return -1;
+    /* the DeltaNet layers run as the paged step's one sequence does (per-sequence conv and
+       token-by-token delta rule, each row's state in the trail), their states being the
+       layers' own (sequence 0, slot 0) */
+    float **pools = (float **)malloc((size_t)(2 * (m->n_layers > 0 ? m->n_layers : 1)) *
+                                     sizeof(float *));
+    if (!pools) return -5;
+    for (int64_t i = 0; i < m->n_layers; i++) {
+        pools[i] = m->layers[i].conv_state;
+        pools[m->n_layers + i] = m->layers[i].delta_state;
+    }
+    const int64_t q_start[2] = {0, T}, slot0 = 0;
+    q35_target t = {0};
+    t.kv.pos = pos;
+    t.kv.rows = T;
+    t.kv.nseq = 1;
+    t.kv.q_start = q_start;
+    t.state_slots = &slot0;
+    t.conv_pools = pools;
+    t.delta_pools = pools + m->n_layers;
+    t.trails = trails;
+    const int rc = run_layers(m, &t, T, cos_t, sin_t, work, hidden_out);
+    free(pools);
+    return rc;
 }

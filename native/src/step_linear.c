@@ -121,13 +121,21 @@ int lk_step_attend(const lk_step_kv *t, int64_t layer, int32_t dtype, void *k_ca
                                      t->max_blocks, scale, attn) ? -5 : 0;
     }
     const int64_t stride = cache_cap * Hkv * rowb; /* bytes of one sequence's cache rows */
+    /* strides in the storage's units (floats, halves or bytes) */
+    const int64_t unit = dtype == LK_KV_F32 ? 4 : dtype == LK_KV_F16 ? 2 : 1;
+    const int64_t es = stride / unit, et = Hkv * rowb / unit, eh = rowb / unit;
+    if (t->rows > 1) { /* B rows of sequence 0 at pos .. pos + B - 1, causal among them */
+        for (int64_t b = 0; b < B; b++)
+            STORE_ROW((char *)k_cache + (t->pos + b) * Hkv * rowb,
+                      (char *)v_cache + (t->pos + b) * Hkv * rowb, b);
+        lk_attention_kv(q, 1, B, Hq, D, B * qd, qd, D, dtype, k_cache, es, et, eh, v_cache, es,
+                        et, eh, k_scale, t->pos + B, Hkv, t->pos, scale, attn);
+        return 0;
+    }
     for (int64_t b = 0; b < B; b++)
         STORE_ROW((char *)k_cache + b * stride + t->pos * Hkv * rowb,
                   (char *)v_cache + b * stride + t->pos * Hkv * rowb, b);
 #undef STORE_ROW
-    /* strides in the storage's units (floats, halves or bytes) */
-    const int64_t unit = dtype == LK_KV_F32 ? 4 : dtype == LK_KV_F16 ? 2 : 1;
-    const int64_t es = stride / unit, et = Hkv * rowb / unit, eh = rowb / unit;
     lk_attention_kv(q, B, 1, Hq, D, qd, qd, D, dtype, k_cache, es, et, eh, v_cache, es, et, eh,
                     k_scale, t->pos + 1, Hkv, t->pos, scale, attn);
     return 0;

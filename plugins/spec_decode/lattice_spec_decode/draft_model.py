@@ -8,7 +8,10 @@ cache of the draft model in `DraftRequest.state`. Under continuous batching
 8192) and drafts for every speculating sequence of the step in one batched forward per
 draft position, as the target decodes. Either way, before drafting a request's draft cache
 is cut back to the longest prefix it shares with the request's tokens (drafts the target
-rejected are dropped there) and fed the tokens it has not seen. A request the pool has no
+rejected are dropped there) and fed the tokens it has not seen. On the native backend every
+one of those forwards after the prompt is one fused C call of the draft model: the catch-up
+(the last kept draft and the target's token) through the multi-row step, each further
+draft through the one-row decode step. A request the pool has no
 room for drafts nothing that step (it decodes plainly).
 """
 

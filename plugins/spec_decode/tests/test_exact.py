@@ -224,3 +224,31 @@ def test_a_failing_propose_batch_falls_back_to_each_request(models):
     for p, i in zip(PROMPTS[:3], ids):
         assert got[i] == eng.generate(p, max_tokens=12, speculative=False).tokens
     assert speculation.stats.verifies > 0
+
+
+def test_single_request_decodes_drafts_and_verifies_in_fused_steps(models):
+    """One request with a draft model: after the prompt (prefilled on the per-kernel path,
+    being longer than a verify), the target's verifies and the draft model's drafts and
+    catch-ups all run fused C steps (`lk_decoder_step` for one row, `lk_decoder_step_rows`
+    for several), never the per-kernel path, whose first op is the embedding lookup."""
+    eng = Engine.load(str(models["llama"]))
+    spec = {"method": "draft_model", "num_draft_tokens": 3, "adaptive": False,
+            "options": {"model": str(models["llama"]), "quant": "q8_0"}}
+    drafter = eng.speculation_for(spec).drafter
+    per_kernel, rows = [], []
+    for ops in {id(m.ops): m.ops for m in (eng.model, drafter.model)}.values():
+        embed = ops.embed
+        ops.embed = lambda table, ids, embed=embed: per_kernel.append(ids.shape[1]) or \
+            embed(table, ids)
+    for model in (eng.model, drafter.model):
+        step = model._decode_step()
+        multi = step.rows
+        step.rows = lambda *a, multi=multi, **k: rows.append(len(a[0])) or multi(*a, **k)
+    prompt = "abcabcabcabcabc" * 3
+    n = len(eng.prompt_ids(prompt=prompt))
+    got = eng.generate(prompt, max_tokens=24, speculative=spec)
+    # the prompt in the target; in the draft, the prompt and the first token (the draft
+    # model sees the request first when the target has sampled from the prompt)
+    assert per_kernel == [n, n + 1], per_kernel
+    assert rows and max(rows) <= 4  # verifies of k + 1 = 4 rows, catch-ups of 2
+    assert got.tokens == eng.generate(prompt, max_tokens=24, speculative=False).tokens
