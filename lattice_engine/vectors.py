@@ -73,6 +73,9 @@ class VectorIndex:
     dtype "float32" keeps the vectors as given; "int8" stores them quantized per row
     (queries are quantized the same way; for "dot" and "l2" the returned scores are then
     in the quantized units, for "cosine" they are cosines of the quantized vectors).
+    The index is read-only: contiguous float32 vectors are kept without a copy, and the
+    norms and the q8_0 copy of a large index are computed from them once, so changing the
+    array afterwards would make searches inexact; build a new index instead.
     """
 
     def __init__(self, vectors, metric: str = "cosine", dtype: str = "float32"):
