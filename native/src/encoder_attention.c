@@ -208,7 +208,6 @@ LK_AVX2_TARGET static void enc_tile_avx2(const enc_job *j, int64_t b, int64_t h,
         }
     }
 }
-#endif
 
 /* task c: sequence b (by task0), head h, query block blk */
 static void enc_task(void *ctx, int64_t c, int ith) {
@@ -222,6 +221,8 @@ static void enc_task(void *ctx, int64_t c, int ith) {
     if (!scratch) return; /* checked up front by the caller */
     enc_tile_avx2(j, b, h, t0, t1, scratch);
 }
+
+#endif
 
 static void enc_range(void *ctx, int64_t r0, int64_t r1, int ith) {
     (void)ith;
