@@ -670,17 +670,15 @@ void *lk_scratch(int ith, size_t bytes);
 void *lk_shared_scratch(size_t bytes);
 extern int lk_active_isa;
 
-/* matmul.c: lk_matmul_multi with more work in its parallel job: n_pre tasks pre(ctx, t,
-   ith) claimed before any chunk of rows (the adapters' down pass), post(ctx, i, r0, r1,
-   ith) run on output rows [r0, r1) of matrix i (its index in the call) by the thread that
-   just computed them (NULL: none; the bias), and n_after tasks after(ctx, t, ith) claimed
-   after every chunk (the adapters' up pass). Same checks and returns as lk_matmul_multi. */
+/* matmul.c: lk_matmul_multi with more work in its parallel job: n_pre independent tasks
+   pre(ctx, t, ith) claimed before any chunk of rows (the adapters' down pass), and
+   post(ctx, i, r0, r1, ith) run on output rows [r0, r1) of matrix i (its index in the
+   call) by the thread that just computed them (NULL: none; the bias). Same checks and
+   returns as lk_matmul_multi. */
 typedef struct {
     int64_t n_pre;
     lk_task_fn pre;
     void (*post)(void *ctx, int i, int64_t r0, int64_t r1, int ith);
-    int64_t n_after;
-    lk_task_fn after;
     void *ctx;
 } lk_mm_hooks;
 int lk_matmul_multi_hooked(int fmt, const float *x, int64_t M, int64_t K, int n,
@@ -690,11 +688,11 @@ int lk_matmul_multi_hooked(int fmt, const float *x, int64_t M, int64_t K, int n,
 /* lora.c: the adapters' updates (and the biases) of up to LK_MATMUL_MULTI_MAX linears
    reading one x [M, K], rows grouped by slot (see lora.c). lk_lora_plan_make returns 0
    (active: there is a down pass to run), -2 when the row selection does not cover M rows
-   or a slot has rank <= 0, -5 out of memory; lk_lora_plan_free after the job. The down
-   pass is ndown tasks lk_lora_plan_down(plan, t, ith), the up pass nup tasks
-   lk_lora_plan_up(plan, t, ith) (each waits until every down task is done and its
-   linear's outputs are written); lk_lora_plan_bias(plan, i, r0, r1, ith), called once
-   outputs [r0, r1) of linear i are written, adds its bias and counts them. */
+   or a slot has rank <= 0, -5 out of memory; lk_lora_plan_free after the jobs. The down
+   pass is ndown independent tasks lk_lora_plan_down(plan, t, ith); the up pass, nup tasks
+   lk_lora_plan_up(plan, t, ith), needs every down task done and y written: a job of its
+   own (lk_lora_plan_run_up, which takes lk_lock). lk_lora_plan_bias(plan, i, r0, r1, ith)
+   adds linear i's bias to outputs [r0, r1). */
 typedef struct {
     int n, active;
     const lk_lora *l[LK_MATMUL_MULTI_MAX];     /* NULL: no factors in any slot */
@@ -707,8 +705,6 @@ typedef struct {
     int64_t ngroups, *gslot, *gstart, *grow;   /* rows by slot: grow[gstart[g] ..] */
     int64_t nunits, *ustart, ndown;            /* down units by (linear, group) */
     int64_t upstart[LK_MATMUL_MULTI_MAX + 1], nup; /* up tasks by linear */
-    _Atomic int64_t down_done;
-    _Atomic int64_t rows_done[LK_MATMUL_MULTI_MAX]; /* outputs of each linear written */
     void *heap;
     int64_t stack[1024];
 } lk_lora_plan;
@@ -717,6 +713,7 @@ int lk_lora_plan_make(lk_lora_plan *p, int n, const lk_lora *const *l,
                       const float *x, int64_t M, int64_t K);
 void lk_lora_plan_down(void *ctx, int64_t t, int ith);
 void lk_lora_plan_up(void *ctx, int64_t t, int ith);
+void lk_lora_plan_run_up(lk_lora_plan *p);
 void lk_lora_plan_bias(void *ctx, int i, int64_t r0, int64_t r1, int ith);
 void lk_lora_plan_free(lk_lora_plan *p);
 

@@ -16,16 +16,16 @@
  *   up    y[m, o] += t[m] . B[o]         per chunk of outputs: B's rows against every row
  *                                        of the group (M x N dots of length r)
  *
- * In the fused steps (lk_step_linears) both run inside the matmul's parallel job
- * (lk_matmul_multi_hooked): the down tasks come first, then the base matmul's chunks of
- * output rows (each chunk gets its bias from the thread that computed it), then the up
- * tasks (chunks of UP_CHUNK outputs of one linear); no extra job, no extra barrier. An up
- * task waits until every down task is done and its linear's matmul chunks are written
- * (lk_lora_plan_bias counts them), which they are by then but for the last chunks
- * claimed: all the matmul chunks were claimed in between (running each chunk's up pass right after the chunk instead
- * had the threads spin on the last down tasks: at one row a decode chunk is a few
- * microseconds, as short as a down task). lk_lora_apply runs the same plan alone: down
- * tasks, then up tasks, one job.
+ * In the fused steps (lk_step_linears) the down tasks run inside the base matmul's parallel
+ * job (lk_matmul_multi_hooked), before its chunks of output rows, and each chunk gets its
+ * bias from the thread that computed it; the up pass is a second job (chunks of UP_CHUNK
+ * outputs of each linear) once the matmul's rows are written. Running the up pass inside
+ * the matmul's job too (up tasks after the chunks, each waiting for the down tasks and
+ * the chunks under its outputs) had threads spin on each other within a job: on a busy
+ * machine a waiting thread sat on a preempted one's task instead of taking other work,
+ * and decode with an adapter ran at half speed in some runs; a pool job ends by waiting
+ * only for workers that joined it. lk_lora_apply runs the same plan alone: a down job,
+ * then an up job.
  *
  * Every row's arithmetic is the same whatever the batch and the grouping (each dot is
  * one row's, in one order), so a request gets the same bits batched as alone.
@@ -33,18 +33,11 @@
 #define LK_INTERNAL
 #include "lattice_kernels.h"
 
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if LK_X86
-static inline void relax(void) { __builtin_ia32_pause(); }
-#else
-static inline void relax(void) { __asm__ __volatile__("" ::: "memory"); }
-#endif
-
 /* OUT_BLOCK: outputs whose B rows stay in L1 while a group's rows pass over them; UP_CHUNK:
-   outputs per up task of lk_lora_apply; DOWN_COST: multiply-adds per down task; PF_FLOATS:
+   outputs per up task; DOWN_COST: multiply-adds per down task; PF_FLOATS:
    how far ahead the factors' stream is prefetched (4 KiB, as lk_bench_read does: without
    it one thread's dependent loads over B ran at ~5 GB/s) */
 enum { OUT_BLOCK = 64, UP_CHUNK = 256, DOWN_COST = 4096, PF_FLOATS = 1024 };
@@ -201,6 +194,11 @@ int lk_lora_plan_make(lk_lora_plan *p, int n, const lk_lora *const *l,
     int64_t tsum = 0;
     for (int i = 0; i < n; i++) tsum += M * p->rmax[i];
     if (tsum == 0) return 0;
+    /* up tasks: windows of UP_CHUNK outputs of each linear with factors */
+    p->upstart[0] = 0;
+    for (int i = 0; i < n; i++)
+        p->upstart[i + 1] = p->upstart[i] + (p->l[i] ? (N[i] + UP_CHUNK - 1) / UP_CHUNK : 0);
+    p->nup = p->upstart[n];
     const int64_t gmax = rows->slot ? M : 1;
     const size_t bytes = (size_t)tsum * sizeof(float) + (size_t)(2 * gmax + 1 + M) * sizeof(int64_t) +
                          (size_t)(n * gmax + 1) * sizeof(int64_t);
@@ -264,10 +262,6 @@ int lk_lora_plan_make(lk_lora_plan *p, int n, const lk_lora *const *l,
     }
     int64_t nt = (cost + DOWN_COST - 1) / DOWN_COST;
     p->ndown = nt < 1 ? 1 : nt > u ? u : nt;
-    p->upstart[0] = 0;
-    for (int i = 0; i < n; i++)
-        p->upstart[i + 1] = p->upstart[i] + (p->l[i] ? (N[i] + UP_CHUNK - 1) / UP_CHUNK : 0);
-    p->nup = p->upstart[n];
     p->active = 1;
     return 0;
 }
@@ -293,10 +287,9 @@ void lk_lora_plan_down(void *ctx, int64_t d, int ith) {
             p->t[i][m * p->rmax[i] + j] = f->scale * dot(p->x + m * K, a, K);
         }
     }
-    atomic_fetch_add_explicit(&p->down_done, 1, memory_order_release);
 }
 
-/* outputs [r0, r1) of linear i are written, every row: + bias; counted for the up pass */
+/* outputs [r0, r1) of linear i are written, every row: + bias */
 void lk_lora_plan_bias(void *ctx, int i, int64_t r0, int64_t r1, int ith) {
     (void)ith;
     lk_lora_plan *p = (lk_lora_plan *)ctx;
@@ -305,7 +298,6 @@ void lk_lora_plan_bias(void *ctx, int i, int64_t r0, int64_t r1, int ith) {
     if (p->bias[i])
         for (int64_t m = 0; m < p->M; m++)
             lk_add(y + m * N + r0, p->bias[i] + r0, r1 - r0, y + m * N + r0);
-    atomic_fetch_add_explicit(&p->rows_done[i], r1 - r0, memory_order_release);
 }
 
 /* up task c: outputs [r0, r1) of one linear (the c-th chunk of UP_CHUNK, counted over
@@ -319,8 +311,6 @@ void lk_lora_plan_up(void *ctx, int64_t c, int ith) {
     const int64_t N = p->N[i];
     const int64_t r0 = c * UP_CHUNK, r1 = r0 + UP_CHUNK < N ? r0 + UP_CHUNK : N;
     float *y = p->y[i];
-    while (atomic_load_explicit(&p->down_done, memory_order_acquire) < p->ndown) relax();
-    while (atomic_load_explicit(&p->rows_done[i], memory_order_acquire) < N) relax();
     for (int64_t g = 0; g < p->ngroups; g++) {
         const lk_lora_factor *f = slot_factor(p->l[i], p->gslot[g]);
         if (!f) continue;
@@ -335,13 +325,14 @@ void lk_lora_plan_up(void *ctx, int64_t c, int ith) {
     }
 }
 
-/* ---- lk_lora_apply: one linear, the plan alone -------------------------------------- */
-
-static void apply_task(void *ctx, int64_t c, int ith) {
-    lk_lora_plan *p = (lk_lora_plan *)ctx;
-    if (c < p->ndown) lk_lora_plan_down(p, c, ith);
-    else lk_lora_plan_up(p, c - p->ndown, ith);
+void lk_lora_plan_run_up(lk_lora_plan *p) {
+    if (!p->active) return;
+    lk_lock();
+    lk_parallel(lk_lora_plan_up, p, p->nup);
+    lk_unlock();
 }
+
+/* ---- lk_lora_apply: one linear, the plan alone -------------------------------------- */
 
 int lk_lora_apply(const lk_lora *l, const float *x, int64_t M, int64_t K, int64_t N,
                   float *y) {
@@ -350,9 +341,9 @@ int lk_lora_apply(const lk_lora *l, const float *x, int64_t M, int64_t K, int64_
     lk_lora_plan p;
     const int rc = lk_lora_plan_make(&p, 1, &l, NULL, &y, &N, x, M, K);
     if (rc || !p.active) return rc;
-    p.rows_done[0] = N; /* y is there already */
     lk_lock();
-    lk_parallel(apply_task, &p, p.ndown + p.nup);
+    lk_parallel(lk_lora_plan_down, &p, p.ndown);
+    lk_parallel(lk_lora_plan_up, &p, p.nup);
     lk_unlock();
     lk_lora_plan_free(&p);
     return 0;

@@ -163,7 +163,7 @@ typedef struct {
     matmul_job *jobs;
     int n;
     int64_t first[LK_MATMUL_MULTI_MAX + 1]; /* first task of each job; first[n] = total */
-    const lk_mm_hooks *hooks;                /* n_pre tasks before the chunks, the rest after */
+    const lk_mm_hooks *hooks;                /* its n_pre tasks come before the chunks */
     int64_t n_pre;
 } multi_job;
 
@@ -175,10 +175,6 @@ static void multi_task(void *vctx, int64_t c, int ith) {
             return;
         }
         c -= mj->n_pre;
-        if (c >= mj->first[mj->n]) {
-            mj->hooks->after(mj->hooks->ctx, c - mj->first[mj->n], ith);
-            return;
-        }
     }
     int i = 0;
     while (c >= mj->first[i + 1]) i++;
@@ -216,9 +212,7 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
                              const void *const *w, const int64_t *ldw, const int64_t *N,
                              float *const *y, const lk_mm_hooks *hooks) {
     if (M <= 0 || n <= 0) return;
-    if (hooks && !hooks->post && (!hooks->pre || hooks->n_pre <= 0) &&
-        (!hooks->after || hooks->n_after <= 0))
-        hooks = NULL;
+    if (hooks && !hooks->post && (!hooks->pre || hooks->n_pre <= 0)) hooks = NULL;
     lk_lock();
     const int avx2 = LK_X86 && lk_active_isa == LK_ISA_AVX2;
     const int16_t *xq = NULL;
@@ -260,11 +254,10 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
         mj.n++;
     }
     const int64_t n_pre = hooks && hooks->pre && hooks->n_pre > 0 ? hooks->n_pre : 0;
-    const int64_t n_after = hooks && hooks->after && hooks->n_after > 0 ? hooks->n_after : 0;
-    if (n_pre + n_after > 0) {
+    if (n_pre > 0) {
         mj.hooks = hooks;
         mj.n_pre = n_pre;
-        lk_parallel(multi_task, &mj, n_pre + mj.first[mj.n] + n_after);
+        lk_parallel(multi_task, &mj, n_pre + mj.first[mj.n]);
     } else if (mj.n == 1) lk_parallel(matmul_task, &jobs[0], jobs[0].nchunks);
     else if (mj.n > 1) lk_parallel(multi_task, &mj, mj.first[mj.n]);
     lk_unlock();
