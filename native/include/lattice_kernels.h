@@ -57,8 +57,9 @@
  *   moe        lk_moe_ok, lk_moe_forward (a mixture-of-experts MLP, experts grouped by
  *              row), lk_matmul_grouped (matrices each over their own rows, one job)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
- *   lora       lk_lora_apply (low-rank adapter updates, per-row adapter selection; also
- *              run by the fused steps for every lk_linear with a lora table)
+ *   lora       lk_lora_apply (low-rank adapter updates, per-row adapter selection, rows
+ *              grouped by adapter; the fused steps run the same plan for every lk_linear
+ *              with a lora table, its down pass inside their matmul job)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
