@@ -358,4 +358,11 @@ class Scheduler:
             if new and recurrent is not None and seq.blocks.state_slot is not None and \
                     seq.num_computed == len(seq.blocks.block_hashes) * self.cache.block_size:
                 # the state is exactly the state after the newest full block: keep it
-                recurrent.snapshot(seq.blocks.state_slot, new[-1])
+                taken = recurrent.snapshot(seq.blocks.state_slot, new[-1])
+                if taken and seq.num_computed > len(seq.prompt_ids):
+                    # past the prompt only the newest snapshot is worth its memory (a
+                    # follow-up turn resumes from the end of the answer, not from inside
+                    # it); each one is the whole recurrent state (19 MB for Qwen3.5-0.8B)
+                    if seq.blocks.generated_snapshot is not None:
+                        recurrent.drop_snapshot(seq.blocks.generated_snapshot)
+                    seq.blocks.generated_snapshot = new[-1]

@@ -157,6 +157,27 @@ def test_prefix_without_a_snapshot_is_not_reused():
         slots.acquire(), slots.acquire()
 
 
+def test_snapshot_arrays_are_reused_and_bounded():
+    """Snapshots beyond max_snapshots push out the oldest, and a new snapshot copies into
+    the arrays of a dropped one (no fresh allocation: a page fault per 4 KiB otherwise)."""
+    slots = RecurrentStateSlots([(4,)], num_slots=1, max_snapshots=2)
+    slot = slots.acquire()
+    for i in range(3):
+        slots.state(slot)[0][:] = i
+        assert slots.snapshot(slot, bytes([i]))
+    assert list(slots.snapshots) == [b"\x01", b"\x02"]
+    assert not slots.snapshot(slot, b"\x02")          # already there
+    dropped = slots.snapshots[b"\x01"][0]
+    slots.drop_snapshot(b"\x01")
+    slots.state(slot)[0][:] = 7
+    slots.snapshot(slot, b"\x07")
+    assert slots.snapshots[b"\x07"][0] is dropped
+    np.testing.assert_array_equal(slots.snapshots[b"\x07"][0], 7)
+    slots.restore(slot, b"\x02")
+    np.testing.assert_array_equal(slots.state(slot)[0], 2)
+    assert RecurrentStateSlots([(4,)], 1, snapshot_budget_bytes=0).snapshot(0, b"x") is False
+
+
 # ---- paged attention ----------------------------------------------------------------------
 
 def _random_paged_problem(rng, hq=4, hkv=2, d=16, bs=4, num_blocks=24):

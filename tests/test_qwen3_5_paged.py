@@ -149,6 +149,51 @@ def test_batch_runner_serves_qwen3_5(tmp_path):
     assert cached == [0, 96]  # the first prompt's 6 full blocks, state restored at 96
 
 
+def test_decoding_keeps_only_its_newest_state_snapshot(tmp_path):
+    """Past the prompt, a sequence keeps one recurrent-state snapshot (its newest full
+    block): a follow-up turn whose prompt is the whole exchange resumes there, bit for bit
+    what recomputing gives, while the blocks it decoded through hold no 19 MB copies."""
+    from lattice_engine.batching import BatchingOptions
+    from lattice_engine.engine import Engine
+    from lattice_engine.sampling import SamplingParams
+    folder = fixture_with_tokenizer("qwen3_5_text", tmp_path, eos_token_id=-1)
+    engine = Engine.load(str(folder))
+    options = BatchingOptions(block_size=16, kv_cache_tokens=1024, max_running=2)
+    params = SamplingParams(temperature=0.0, max_tokens=44)
+
+    def serve(runner, prompt):
+        seq = runner.make_sequence(prompt, params, ignore_eos=True)
+        runner.enqueue(seq)
+        tokens, cached = [], None
+        while runner.has_unfinished():
+            for o in runner.step():
+                tokens += o.token_ids
+                cached = o.cached_tokens
+        return tokens, cached
+
+    prompt = [(7 + 13 * t) % 200 + 3 for t in range(20)]
+    runner = engine.start_batching(options)
+    answer, _ = serve(runner, prompt)          # 20 + 44 tokens: blocks end at 16 .. 64
+    snapshots = runner.cache.recurrent.snapshots
+    # the prompt's last full block (16), and of 32, 48 (and 64, not yet computed) only 48
+    assert len(snapshots) == 2
+    follow_up = prompt + answer + [5, 6, 7]
+    resumed, cached = serve(runner, follow_up)
+    assert cached == 48
+    fresh, cached = serve(engine.start_batching(options), follow_up)
+    assert cached == 0 and resumed == fresh
+
+
+def test_snapshots_fit_their_byte_budget():
+    from lattice_engine.cache.recurrent import RecurrentStateSlots
+    model = load(FIXTURES / "qwen3_5_text", backend="numpy").model
+    cache = model.make_paged_cache(num_blocks=4, block_size=16, max_sequences=1)
+    per = cache.recurrent.slot_bytes
+    slots = RecurrentStateSlots(cache.recurrent.shapes, 1, snapshot_budget_bytes=3 * per + 1)
+    assert slots.max_snapshots == 3
+    assert RecurrentStateSlots([(4,)], 1, max_snapshots=2).max_snapshots == 2
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_paged_verify_rolls_back_to_decodings_state(fused):
     """A verify of 5 rows (next to a plain decode row of another sequence) in one step,

@@ -31,6 +31,9 @@ class SequenceBlocks:
     block_hashes: list[bytes] = field(default_factory=list)
     cached_tokens: int = 0      # prompt tokens found in the prefix cache on admission
     state_slot: Optional[int] = None  # recurrent-state slot (hybrid models)
+    # the block whose state snapshot this sequence took past its prompt (hybrid models keep
+    # one: the newest, which a follow-up turn's prompt can resume from)
+    generated_snapshot: Optional[bytes] = None
     # the sequence's own part of the prefix-cache key, after the cache's (the adapter and
     # its version it runs with: sequences of different adapters never share blocks)
     variant: str = ""
