@@ -413,6 +413,34 @@ def test_attention(isa, B, T, start, hq, hkv, d):
     assert (np.abs(got - ref) <= bound).all()
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(14, 2, 64), (8, 2, 256), (4, 4, 24), (6, 6, 20)])
+def test_attention_rows_do_not_depend_on_the_chunking(isa, hq, hkv, d):
+    """A prompt prefilled whole, in chunks starting mid-tile, or decoded row by row: the
+    same bits for every row (batch invariance: what makes speculative verify rows equal to
+    decoding them); across several of the kernel's 64-key tiles and with gsplit at decode."""
+    rng = np.random.default_rng(7)
+    n = 203
+    q = rng.standard_normal((1, n, hq, d)).astype(np.float32)
+    k = rng.standard_normal((1, n, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((1, n, hkv, d)).astype(np.float32)
+    whole = kernels.attention(q, k, v, 0, 0.2)
+    assert (np.abs(whole - ops.attention(q, k, v, 0, 0.2)) <= attention_bound(q, k, v, 0, 0.2)).all()
+    for cuts in ([0, 1, 70, 77, 150, 203], [0, 5, 128, 129, 200, 203]):
+        for a, b in zip(cuts, cuts[1:]):
+            part = kernels.attention(q[:, a:b], k[:, :b], v[:, :b], a, 0.2)
+            np.testing.assert_array_equal(part, whole[:, a:b])
+    for t in (0, 63, 64, 150, 202):  # decode rows
+        np.testing.assert_array_equal(kernels.attention(q[:, t:t + 1], k[:, :t + 1],
+                                                        v[:, :t + 1], t, 0.2), whole[:, t:t + 1])
+    if isa == "avx2" and d % 8 == 0 and hq // hkv >= 2:  # dense and paged share the tiled core
+        table = np.arange(-(-n // 16), dtype=np.int32)[None]
+        pad = table.shape[1] * 16 - n
+        kp = np.concatenate([k[0], np.zeros((pad, hkv, d), np.float32)]).reshape(-1, 16, hkv, d)
+        vp = np.concatenate([v[0], np.zeros((pad, hkv, d), np.float32)]).reshape(-1, 16, hkv, d)
+        paged = kernels.paged_attention(q[0], kp, vp, np.array([0, n]), np.array([0]), table, 0.2)
+        np.testing.assert_array_equal(paged, whole[0])
+
+
 def test_attention_head_major_cache_view(isa):
     # a cache laid out [B, Hkv, S_max, D] and handed over transposed: strided, no copy
     rng = np.random.default_rng(11)

@@ -103,19 +103,12 @@ static void row_generic(const paged_job *j, const float *q, const int32_t *table
 }
 
 #if LK_X86
-/* AVX2: a unit's R = rows x group query vectors pass over its keys together, a tile of KT
-   keys at a time, with an online softmax (running max and sum per vector). Each tile's
-   keys are transposed once into kt[d][KT], so the scores of 4 vectors x 16 keys are 8
-   accumulators fed by broadcasts of q (no horizontal sums), and each tile's values are
-   read from L1 by every vector. Before this the kernel walked all keys once per query
-   head and row: at a 2,000-token prefix a prefill token cost ~6 ms of attention on
-   Qwen2.5-0.5B, three times its matmuls.
-
-   Batch invariance: tiles start at key 0 in steps of KT whatever the chunk, a vector's
-   scores are one FMA chain over d per key, its softmax and value sums run over its own
-   valid keys only (tiles past its position are skipped), so a row's bits do not depend
-   on the rows or sequences it shares a call with, nor on how its prompt was chunked. */
-#define KT 64
+/* AVX2: the unit's R = rows x group query vectors run the tiled core of attention_tile.h
+   (the dense kernel runs the same, so a row gets the same bits paged or dense). Before
+   it the kernel walked all keys once per query head and row: at a 2,000-token prefix a
+   prefill token cost ~6 ms of attention on Qwen2.5-0.5B, three times its matmuls. */
+#include "attention_tile.h"
+#define KT ATT_KT
 
 /* kt[d * KT + c] = K[s0 + c][d] for c < kn, zero for kn <= c < round_up(kn, 16) */
 LK_AVX2_TARGET static void pack_keys_avx2(const paged_job *j, const int32_t *table, int64_t kvh,
@@ -142,50 +135,14 @@ LK_AVX2_TARGET static void pack_keys_avx2(const paged_job *j, const int32_t *tab
                 vrows[c + i] = vt + (c + i) * D;
             }
         }
-        for (int64_t d = 0; d < D; d += 8) {
-            __m256i x[8];
-            for (int i = 0; i < 8; i++)
-                x[i] = r[i] ? _mm256_loadu_si256((const __m256i *)(r[i] + d)) : _mm256_setzero_si256();
-            lk_transpose8x8_avx2(x); /* x[e] now holds dim d + e of the 8 keys */
-            for (int e = 0; e < 8; e++) _mm256_storeu_si256((__m256i *)(kt + (d + e) * KT + c), x[e]);
-        }
-    }
-}
-
-/* sc[i * KT + c] = scale * q_i . k_c for 4 vectors and c < kp16 (kp16 a multiple of 16) */
-LK_AVX2_TARGET static void scores4_avx2(const float *const q[4], const float *kt, int64_t D,
-                                        int64_t kp16, float scale, float *sc) {
-    const __m256 vs = _mm256_set1_ps(scale);
-    for (int64_t c = 0; c < kp16; c += 16) {
-        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
-        __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;
-        const float *k = kt + c;
-        for (int64_t d = 0; d < D; d++, k += KT) {
-            const __m256 k0 = _mm256_loadu_ps(k), k1 = _mm256_loadu_ps(k + 8);
-            __m256 b = _mm256_broadcast_ss(q[0] + d);
-            a00 = _mm256_fmadd_ps(b, k0, a00); a01 = _mm256_fmadd_ps(b, k1, a01);
-            b = _mm256_broadcast_ss(q[1] + d);
-            a10 = _mm256_fmadd_ps(b, k0, a10); a11 = _mm256_fmadd_ps(b, k1, a11);
-            b = _mm256_broadcast_ss(q[2] + d);
-            a20 = _mm256_fmadd_ps(b, k0, a20); a21 = _mm256_fmadd_ps(b, k1, a21);
-            b = _mm256_broadcast_ss(q[3] + d);
-            a30 = _mm256_fmadd_ps(b, k0, a30); a31 = _mm256_fmadd_ps(b, k1, a31);
-        }
-        _mm256_storeu_ps(sc + 0 * KT + c, _mm256_mul_ps(a00, vs));
-        _mm256_storeu_ps(sc + 0 * KT + c + 8, _mm256_mul_ps(a01, vs));
-        _mm256_storeu_ps(sc + 1 * KT + c, _mm256_mul_ps(a10, vs));
-        _mm256_storeu_ps(sc + 1 * KT + c + 8, _mm256_mul_ps(a11, vs));
-        _mm256_storeu_ps(sc + 2 * KT + c, _mm256_mul_ps(a20, vs));
-        _mm256_storeu_ps(sc + 2 * KT + c + 8, _mm256_mul_ps(a21, vs));
-        _mm256_storeu_ps(sc + 3 * KT + c, _mm256_mul_ps(a30, vs));
-        _mm256_storeu_ps(sc + 3 * KT + c + 8, _mm256_mul_ps(a31, vs));
+        att_pack8_avx2(r, D, kt, c);
     }
 }
 
 static size_t unit_scratch_avx2(int64_t rows, int64_t group, int64_t D) {
     const int64_t R = rows * group;
-    return ((size_t)D * KT + (size_t)(R + 3) * KT + (size_t)R * (D + 2)) * sizeof(float) +
-           (size_t)KT * sizeof(float *) + (size_t)(8 + KT) * D * sizeof(float);
+    return att_tile_floats(R, D) * sizeof(float) + (size_t)KT * sizeof(float *) +
+           (size_t)(8 + KT) * D * sizeof(float);
 }
 
 /* query rows t0 .. t1-1 of sequence i, the heads of kv head kvh */
@@ -195,8 +152,8 @@ LK_AVX2_TARGET static void unit_avx2(const paged_job *j, int64_t i, int64_t kvh,
     const int64_t r0 = j->q_start[i], pos = j->pos_start[i];
     const int32_t *table = j->tables + i * j->max_blocks;
     float *kt = (float *)scratch;
-    float *sc = kt + D * KT;                 /* [R + 3][KT]: 4-vector groups may overrun */
-    float *acc = sc + (R + 3) * KT;          /* [R][D] */
+    float *sc = kt + D * KT;                 /* [R][KT] */
+    float *acc = sc + R * KT;                /* [R][D] */
     float *mx = acc + R * D, *sum = mx + R;  /* [R] each */
     const float **vrows = (const float **)(sum + R);
     float *wide = (float *)(vrows + KT); /* widened rows when the pool is not direct f32 */
@@ -215,27 +172,17 @@ LK_AVX2_TARGET static void unit_avx2(const paged_job *j, int64_t i, int64_t kvh,
         const int64_t tfirst = s0 - pos > t0 ? s0 - pos : t0;
         const int64_t rfirst = (tfirst - t0) * group;
         for (int64_t r = rfirst; r < R; r += 4) {
-            for (int e = 0; e < 4; e++) {
-                const int64_t re = r + e < R ? r + e : R - 1;
-                const int64_t t = t0 + re / group, h = kvh * group + re % group;
+            const int nq = R - r < 4 ? (int)(R - r) : 4;
+            for (int e = 0; e < nq; e++) {
+                const int64_t t = t0 + (r + e) / group, h = kvh * group + (r + e) % group;
                 qv[e] = j->q + ((r0 + t) * j->Hq + h) * D;
             }
-            scores4_avx2(qv, kt, D, kp16, j->scale, sc + r * KT);
+            att_scores_n_avx2(qv, nq, kt, D, kp16, j->scale, sc + r * KT);
         }
         for (int64_t r = rfirst; r < R; r++) {
             const int64_t t = t0 + r / group;
             const int64_t nv = pos + t + 1 - s0 < kn ? pos + t + 1 - s0 : kn;
-            float *p = sc + r * KT;
-            __m256 vm = _mm256_set1_ps(-INFINITY);
-            int64_t c = 0;
-            for (; c + 8 <= nv; c += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(p + c));
-            float m = lk_hmax8_avx2(vm);
-            for (; c < nv; c++) m = p[c] > m ? p[c] : m;
-            if (mx[r] > m) m = mx[r];
-            const float corr = mx[r] == -INFINITY ? 0.0f : expf(mx[r] - m);
-            sum[r] = sum[r] * corr + lk_exp_sum_avx2(p, nv, m, p);
-            mx[r] = m;
-            lk_pv_rows_avx2(acc + r * D, corr, p, vrows, nv, D);
+            att_tile_row_avx2(sc + r * KT, nv, mx + r, sum + r, acc + r * D, vrows, D);
         }
     }
     for (int64_t r = 0; r < R; r++) {
