@@ -59,7 +59,7 @@
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
  *   lora       lk_lora_apply (low-rank adapter updates, per-row adapter selection, rows
  *              grouped by adapter; the fused steps run the same plan for every lk_linear
- *              with a lora table, its down pass inside their matmul job)
+ *              with a lora table inside their matmul job)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -690,10 +690,11 @@ int lk_matmul_multi_hooked(int fmt, const float *x, int64_t M, int64_t K, int n,
    reading one x [M, K], rows grouped by slot (see lora.c). lk_lora_plan_make returns 0
    (active: there is a down pass to run), -2 when the row selection does not cover M rows
    or a slot has rank <= 0, -5 out of memory; lk_lora_plan_free after the jobs. The down
-   pass is ndown independent tasks lk_lora_plan_down(plan, t, ith); the up pass, nup tasks
-   lk_lora_plan_up(plan, t, ith), needs every down task done and y written: a job of its
-   own (lk_lora_plan_run_up, which takes lk_lock). lk_lora_plan_bias(plan, i, r0, r1, ith)
-   adds linear i's bias to outputs [r0, r1). */
+   pass is ndown independent tasks lk_lora_plan_down(plan, t, ith), to claim before any
+   matmul chunk; lk_lora_plan_post(plan, i, r0, r1, ith), once outputs [r0, r1) of linear
+   i are written, adds their bias and their up pass if the down pass is finished, else
+   leaves them pending; lk_lora_plan_run_up (after the job; takes lk_lock) runs the
+   pending ones as nup tasks lk_lora_plan_up. */
 typedef struct {
     int n, active;
     const lk_lora *l[LK_MATMUL_MULTI_MAX];     /* NULL: no factors in any slot */
@@ -706,6 +707,10 @@ typedef struct {
     int64_t ngroups, *gslot, *gstart, *grow;   /* rows by slot: grow[gstart[g] ..] */
     int64_t nunits, *ustart, ndown;            /* down units by (linear, group) */
     int64_t upstart[LK_MATMUL_MULTI_MAX + 1], nup; /* up tasks by linear */
+    int64_t pstart[LK_MATMUL_MULTI_MAX + 1];   /* pending bitmap words by linear */
+    _Atomic uint64_t *pending;
+    _Atomic int any_pending, all;
+    _Atomic int64_t down_done;
     void *heap;
     int64_t stack[1024];
 } lk_lora_plan;
@@ -715,7 +720,7 @@ int lk_lora_plan_make(lk_lora_plan *p, int n, const lk_lora *const *l,
 void lk_lora_plan_down(void *ctx, int64_t t, int ith);
 void lk_lora_plan_up(void *ctx, int64_t t, int ith);
 void lk_lora_plan_run_up(lk_lora_plan *p);
-void lk_lora_plan_bias(void *ctx, int i, int64_t r0, int64_t r1, int ith);
+void lk_lora_plan_post(void *ctx, int i, int64_t r0, int64_t r1, int ith);
 void lk_lora_plan_free(lk_lora_plan *p);
 
 /* step_linear.c: shared by the fused decode steps */

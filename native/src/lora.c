@@ -16,16 +16,18 @@
  *   up    y[m, o] += t[m] . B[o]         per chunk of outputs: B's rows against every row
  *                                        of the group (M x N dots of length r)
  *
- * In the fused steps (lk_step_linears) the down tasks run inside the base matmul's parallel
- * job (lk_matmul_multi_hooked), before its chunks of output rows, and each chunk gets its
- * bias from the thread that computed it; the up pass is a second job (chunks of UP_CHUNK
- * outputs of each linear) once the matmul's rows are written. Running the up pass inside
- * the matmul's job too (up tasks after the chunks, each waiting for the down tasks and
- * the chunks under its outputs) had threads spin on each other within a job: on a busy
- * machine a waiting thread sat on a preempted one's task instead of taking other work,
- * and decode with an adapter ran at half speed in some runs; a pool job ends by waiting
- * only for workers that joined it. lk_lora_apply runs the same plan alone: a down job,
- * then an up job.
+ * In the fused steps (lk_step_linears) both run inside the base matmul's parallel job
+ * (lk_matmul_multi_hooked): the down tasks come first, and each chunk of output rows gets
+ * its bias and, when every down task is finished by then, its up pass from the thread
+ * that just computed it (B's rows for the chunk stream while the other thread is in the
+ * matmul, the rows of y are in cache; no extra job). A chunk that finds the down pass
+ * still running leaves its outputs pending (in a bitmap, by GRANULE outputs) and does not
+ * wait: the pending outputs get their up pass in a second job, only when there are any
+ * (at one row a decode chunk can be as short as a down task). Nothing within a job waits
+ * for another thread: up tasks that waited for the down tasks and the chunks under their
+ * outputs had a thread spin on a preempted one's task on the busy machine (18% of the
+ * samples at one stream; some runs decoded at half speed). lk_lora_apply runs the same
+ * plan alone: a down job, then an up job over every output.
  *
  * Every row's arithmetic is the same whatever the batch and the grouping (each dot is
  * one row's, in one order), so a request gets the same bits batched as alone.
@@ -33,14 +35,21 @@
 #define LK_INTERNAL
 #include "lattice_kernels.h"
 
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+
+#if LK_X86
+static inline void relax(void) { __builtin_ia32_pause(); }
+#else
+static inline void relax(void) { __asm__ __volatile__("" ::: "memory"); }
+#endif
 
 /* OUT_BLOCK: outputs whose B rows stay in L1 while a group's rows pass over them; UP_CHUNK:
    outputs per up task; DOWN_COST: multiply-adds per down task; PF_FLOATS:
    how far ahead the factors' stream is prefetched (4 KiB, as lk_bench_read does: without
    it one thread's dependent loads over B ran at ~5 GB/s) */
-enum { OUT_BLOCK = 64, UP_CHUNK = 256, DOWN_COST = 4096, PF_FLOATS = 1024 };
+enum { OUT_BLOCK = 64, UP_CHUNK = 256, DOWN_COST = 4096, PF_FLOATS = 1024, GRANULE = 4 };
 
 /* ---- dots ---------------------------------------------------------------------------- */
 
@@ -199,8 +208,12 @@ int lk_lora_plan_make(lk_lora_plan *p, int n, const lk_lora *const *l,
     for (int i = 0; i < n; i++)
         p->upstart[i + 1] = p->upstart[i] + (p->l[i] ? (N[i] + UP_CHUNK - 1) / UP_CHUNK : 0);
     p->nup = p->upstart[n];
+    p->pstart[0] = 0;
+    for (int i = 0; i < n; i++)
+        p->pstart[i + 1] = p->pstart[i] + (p->l[i] ? ((N[i] + GRANULE - 1) / GRANULE + 63) / 64 : 0);
     const int64_t gmax = rows->slot ? M : 1;
-    const size_t bytes = (size_t)tsum * sizeof(float) + (size_t)(2 * gmax + 1 + M) * sizeof(int64_t) +
+    const size_t bytes = (size_t)p->pstart[n] * sizeof(uint64_t) + (size_t)tsum * sizeof(float) +
+                         (size_t)(2 * gmax + 1 + M) * sizeof(int64_t) +
                          (size_t)(n * gmax + 1) * sizeof(int64_t);
     char *mem;
     if (bytes <= sizeof p->stack) mem = (char *)p->stack;
@@ -209,7 +222,9 @@ int lk_lora_plan_make(lk_lora_plan *p, int n, const lk_lora *const *l,
         if (!mem) return -5;
         p->heap = mem;
     }
-    float *tp = (float *)mem;
+    p->pending = (_Atomic uint64_t *)mem;
+    for (int64_t w = 0; w < p->pstart[n]; w++) atomic_init(&p->pending[w], 0);
+    float *tp = (float *)(mem + (size_t)p->pstart[n] * sizeof(uint64_t));
     for (int i = 0; i < n; i++) {
         p->t[i] = tp;
         tp += M * p->rmax[i];
@@ -287,29 +302,12 @@ void lk_lora_plan_down(void *ctx, int64_t d, int ith) {
             p->t[i][m * p->rmax[i] + j] = f->scale * dot(p->x + m * K, a, K);
         }
     }
+    atomic_fetch_add_explicit(&p->down_done, 1, memory_order_release);
 }
 
-/* outputs [r0, r1) of linear i are written, every row: + bias */
-void lk_lora_plan_bias(void *ctx, int i, int64_t r0, int64_t r1, int ith) {
-    (void)ith;
-    lk_lora_plan *p = (lk_lora_plan *)ctx;
+/* every group's up pass over outputs [r0, r1) of linear i */
+static void up_range(const lk_lora_plan *p, int i, int64_t r0, int64_t r1) {
     const int64_t N = p->N[i];
-    float *y = p->y[i];
-    if (p->bias[i])
-        for (int64_t m = 0; m < p->M; m++)
-            lk_add(y + m * N + r0, p->bias[i] + r0, r1 - r0, y + m * N + r0);
-}
-
-/* up task c: outputs [r0, r1) of one linear (the c-th chunk of UP_CHUNK, counted over
-   the linears with factors), every group's rows */
-void lk_lora_plan_up(void *ctx, int64_t c, int ith) {
-    (void)ith;
-    lk_lora_plan *p = (lk_lora_plan *)ctx;
-    int i = 0;
-    while (c >= p->upstart[i + 1]) i++;
-    c -= p->upstart[i];
-    const int64_t N = p->N[i];
-    const int64_t r0 = c * UP_CHUNK, r1 = r0 + UP_CHUNK < N ? r0 + UP_CHUNK : N;
     float *y = p->y[i];
     for (int64_t g = 0; g < p->ngroups; g++) {
         const lk_lora_factor *f = slot_factor(p->l[i], p->gslot[g]);
@@ -325,8 +323,61 @@ void lk_lora_plan_up(void *ctx, int64_t c, int ith) {
     }
 }
 
+/* outputs [r0, r1) of linear i are written, every row: + bias, then the up pass right
+   away when the down pass is complete, else the outputs are left pending (by granules of
+   GRANULE outputs) for lk_lora_plan_run_up */
+void lk_lora_plan_post(void *ctx, int i, int64_t r0, int64_t r1, int ith) {
+    (void)ith;
+    lk_lora_plan *p = (lk_lora_plan *)ctx;
+    const int64_t N = p->N[i];
+    float *y = p->y[i];
+    if (p->bias[i])
+        for (int64_t m = 0; m < p->M; m++)
+            lk_add(y + m * N + r0, p->bias[i] + r0, r1 - r0, y + m * N + r0);
+    if (!p->active || !p->l[i]) return;
+    if (atomic_load_explicit(&p->down_done, memory_order_acquire) == p->ndown ||
+        r0 % GRANULE || (r1 % GRANULE && r1 != N)) {
+        /* (a chunk not on granules, which the matmul never makes, waits instead) */
+        while (atomic_load_explicit(&p->down_done, memory_order_acquire) < p->ndown) relax();
+        up_range(p, i, r0, r1);
+        return;
+    }
+    _Atomic uint64_t *bits = p->pending + p->pstart[i];
+    for (int64_t gr = r0 / GRANULE; gr * GRANULE < r1; gr++)
+        atomic_fetch_or_explicit(&bits[gr / 64], (uint64_t)1 << (gr % 64), memory_order_relaxed);
+    atomic_store_explicit(&p->any_pending, 1, memory_order_relaxed);
+}
+
+/* up task c: the pending outputs (all of them: p->all) among [r0, r1) of one linear, the
+   c-th window of UP_CHUNK counted over the linears with factors */
+void lk_lora_plan_up(void *ctx, int64_t c, int ith) {
+    (void)ith;
+    lk_lora_plan *p = (lk_lora_plan *)ctx;
+    int i = 0;
+    while (c >= p->upstart[i + 1]) i++;
+    c -= p->upstart[i];
+    const int64_t N = p->N[i];
+    const int64_t r0 = c * UP_CHUNK, r1 = r0 + UP_CHUNK < N ? r0 + UP_CHUNK : N;
+    if (p->all) {
+        up_range(p, i, r0, r1);
+        return;
+    }
+    const _Atomic uint64_t *bits = p->pending + p->pstart[i];
+    int64_t run = -1; /* first output of the current run of pending granules */
+    for (int64_t o = r0; o < r1; o += GRANULE) {
+        const int64_t gr = o / GRANULE;
+        const int set = (atomic_load_explicit(&bits[gr / 64], memory_order_relaxed) >> (gr % 64)) & 1;
+        if (set && run < 0) run = o;
+        if (!set && run >= 0) {
+            up_range(p, i, run, o);
+            run = -1;
+        }
+    }
+    if (run >= 0) up_range(p, i, run, r1);
+}
+
 void lk_lora_plan_run_up(lk_lora_plan *p) {
-    if (!p->active) return;
+    if (!p->active || !atomic_load(&p->any_pending)) return;
     lk_lock();
     lk_parallel(lk_lora_plan_up, p, p->nup);
     lk_unlock();
@@ -341,6 +392,7 @@ int lk_lora_apply(const lk_lora *l, const float *x, int64_t M, int64_t K, int64_
     lk_lora_plan p;
     const int rc = lk_lora_plan_make(&p, 1, &l, NULL, &y, &N, x, M, K);
     if (rc || !p.active) return rc;
+    p.all = 1; /* y is written already: every output's up pass in the up job */
     lk_lock();
     lk_parallel(lk_lora_plan_down, &p, p.ndown);
     lk_parallel(lk_lora_plan_up, &p, p.nup);

@@ -18,9 +18,9 @@ int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
 
 /* y_i = x @ W_i^T (+ b_i) (+ the adapters' low-rank updates) for n matrices reading the
    same x: one pool job per core weight format among them (usually one job for all), which
-   also adds each chunk of output rows' bias right after the chunk and runs the adapters'
-   down pass (its first tasks), then a job for the adapters' up pass (lora.c); a plugin
-   format's matrices one
+   also runs the adapters' down pass (its first tasks) and adds each chunk of output rows'
+   bias and adapter update right after the chunk (what the down pass was not ready for
+   then gets a second job; lora.c); a plugin format's matrices one
    call each, then their bias and lk_lora_apply. Returns 0, -5 when a plugin's matmul or
    the adapter update ran out of memory, -2 when the adapter row selection does not cover
    the M rows. */
@@ -71,7 +71,7 @@ int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const flo
             return rc;
         }
         const lk_mm_hooks hooks = {plan.active ? plan.ndown : 0, lk_lora_plan_down,
-                                   lk_lora_plan_bias, &plan};
+                                   lk_lora_plan_post, &plan};
         lk_matmul_multi_hooked(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out, &hooks);
         lk_lora_plan_run_up(&plan);
         lk_lora_plan_free(&plan);
