@@ -121,3 +121,29 @@ def test_logit_bias_and_penalty_ranges_are_checked():
     sampler = make_sampler(SamplingParams(logit_bias={60: 1.0}), REGISTRY)
     with pytest.raises(RequestError, match="outside the vocabulary"):
         sampler([], np.zeros(50, np.float32))
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=0, logit_bias={3: 1.0}),
+                                    dict(temperature=0.7, seed=1)],
+                         ids=["greedy", "greedy-with-bias", "categorical"])
+def test_broken_logits_are_the_checkpoints_fault_and_masks_the_requests(params):
+    """NaN or +inf anywhere in a row is a CheckpointError (counted), a row with every token
+    masked a RequestError, on the plain greedy path (one argmax pass, no copy) as on the
+    others; a good row is left as it was and greedy picks its argmax."""
+    from lattice_engine.errors import CheckpointError
+    sampler = make_sampler(SamplingParams(**params), REGISTRY)
+    rng = np.random.default_rng(0)
+    for bad, count in ((np.nan, 2), (np.inf, 2)):
+        row = rng.standard_normal(50).astype(np.float32)
+        row[[7, 40]] = bad
+        with pytest.raises(CheckpointError, match=f"produced {count} NaN or infinite"):
+            sampler([1, 2], row)
+    with pytest.raises(RequestError, match="no token is left"):
+        sampler([1, 2], np.full(50, -np.inf, np.float32))
+    row = rng.standard_normal(50).astype(np.float32)
+    row[11] = 9.0
+    kept = row.copy()
+    token = sampler([1, 2], row)
+    np.testing.assert_array_equal(row, kept)
+    if params.get("temperature") == 0:
+        assert token == (3 if params.get("logit_bias") and kept[3] + 1.0 > 9.0 else 11)

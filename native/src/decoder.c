@@ -10,6 +10,8 @@
 #define LK_INTERNAL
 #include "lattice_kernels.h"
 
+#include <string.h>
+
 
 int64_t lk_decoder_work_size(const lk_decoder *m, int64_t batch) {
     const int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim;
@@ -101,20 +103,29 @@ static int run_layers(const lk_decoder *m, const lk_step_kv *t, int64_t B, const
     return 0;
 }
 
+/* rows rows of the dense cache starting at pos: their token ids embedded into work, the
+   cache position set in t. Returns 0 or the entry points' error code. */
+static int dense_rows(const lk_decoder *m, const int64_t *tokens, int64_t rows, int64_t pos,
+                      int64_t last_pos, float *work, int64_t work_len, lk_step_kv *t) {
+    if (!shapes_ok(m)) return -4;
+    if (pos < 0 || last_pos >= m->cache_cap) return -2;
+    for (int64_t i = 0; i < m->n_layers; i++)
+        if (!m->layers[i].k_cache || !m->layers[i].v_cache) return -4;
+    if (work_len < lk_decoder_work_size(m, rows)) return -3;
+    if (lk_step_embed(&m->embed, tokens, rows, work)) return -1;
+    memset(t, 0, sizeof *t);
+    t->pos = pos;
+    return 0;
+}
+
 int lk_decoder_step(const lk_decoder *m, const int64_t *tokens, int64_t batch, int64_t pos,
                     const float *cos_t, const float *sin_t, float *work, int64_t work_len,
                     float *hidden_out) {
     lk_init();
     if (batch <= 0) return 0;
-    if (!shapes_ok(m)) return -4;
-    if (pos < 0 || pos >= m->cache_cap) return -2;
-    for (int64_t i = 0; i < m->n_layers; i++)
-        if (!m->layers[i].k_cache || !m->layers[i].v_cache) return -4;
-    if (work_len < lk_decoder_work_size(m, batch)) return -3;
-    if (lk_step_embed(&m->embed, tokens, batch, work)) return -1;
-    lk_step_kv t = {0};
-    t.pos = pos;
-    return run_layers(m, &t, batch, cos_t, sin_t, work, hidden_out);
+    lk_step_kv t;
+    const int rc = dense_rows(m, tokens, batch, pos, pos, work, work_len, &t);
+    return rc ? rc : run_layers(m, &t, batch, cos_t, sin_t, work, hidden_out);
 }
 
 int lk_decoder_step_rows(const lk_decoder *m, const int64_t *tokens, int64_t T, int64_t pos,
@@ -122,14 +133,9 @@ int lk_decoder_step_rows(const lk_decoder *m, const int64_t *tokens, int64_t T, 
                          float *hidden_out) {
     lk_init();
     if (T <= 0) return 0;
-    if (!shapes_ok(m)) return -4;
-    if (pos < 0 || pos + T > m->cache_cap) return -2;
-    for (int64_t i = 0; i < m->n_layers; i++)
-        if (!m->layers[i].k_cache || !m->layers[i].v_cache) return -4;
-    if (work_len < lk_decoder_work_size(m, T)) return -3;
-    if (lk_step_embed(&m->embed, tokens, T, work)) return -1;
-    lk_step_kv t = {0};
-    t.pos = pos;
+    lk_step_kv t;
+    const int rc = dense_rows(m, tokens, T, pos, pos + T - 1, work, work_len, &t);
+    if (rc) return rc;
     t.rows = T;
     return run_layers(m, &t, T, cos_t, sin_t, work, hidden_out);
 }
