@@ -210,6 +210,29 @@ class LinearAdapters:
         return y
 
 
+def _onto_huge_pages(weights: AdapterWeights) -> None:
+    """Move an adapter's factors into one buffer on 2 MiB pages (same values, same
+    LowRank objects): decode streams every resident factor once per token, and on 4 KiB
+    pages the TLB misses slowed that stream as they slow the base weights' (see
+    io/hugepages.py). The buffer goes with the adapter's last reference."""
+    from .io.hugepages import ALIGN, own_region
+    todo = [lr for lr in weights.modules.values() if not getattr(lr, "_on_huge_pages", False)]
+    arrays = [(lr, f) for lr in todo for f in ("a", "b")]
+    if not arrays:
+        return
+    sizes = [-(-getattr(lr, f).nbytes // ALIGN) * ALIGN for lr, f in arrays]
+    buf = own_region(sum(sizes) + ALIGN)
+    at = (-buf.ctypes.data) % ALIGN
+    for (lr, f), size in zip(arrays, sizes):
+        old = getattr(lr, f)
+        new = buf[at:at + old.nbytes].view(np.float32).reshape(old.shape)
+        new[...] = old
+        setattr(lr, f, new)
+        at += size
+    for lr in todo:
+        lr._on_huge_pages = True
+
+
 class AdapterSlots:
     """The adapters resident in one model: numbered slots of per-module updates, the row
     selection of the running forward, and reference counts (a slot in use by a request is
@@ -253,6 +276,7 @@ class AdapterSlots:
                 raise RequestError(f"adapter {weights.name!r}: module {name!r} is [{out_f}, "
                                    f"{in_f}] but the adapter's A {lr.a.shape} / B {lr.b.shape} "
                                    f"fit [{lr.b.shape[0]}, {lr.a.shape[1]}]")
+        _onto_huge_pages(weights)
         with self.lock:
             slot = next(i for i in range(len(self.weights) + 1) if i not in self.weights)
             self.weights[slot] = weights

@@ -70,6 +70,28 @@ def test_rows_use_their_own_slot(backend, m):
 
 
 @pytest.mark.native
+@pytest.mark.parametrize("n", [300, 8])
+def test_native_rows_get_the_same_bits_batched_as_alone(n):
+    # the kernel groups rows by slot (one pass over a slot's factors for all its rows) and
+    # splits outputs into blocks; a row's update must not depend on its company
+    from lattice_engine import kernels
+    rows = RowSelection()
+    table = random_table(rows, 72, n, [4, 16, 7, 33, 1])  # ranks with and without a tail of 8
+    rng = np.random.default_rng(2)
+    m = 11
+    x = rng.standard_normal((m, 72)).astype(np.float32)
+    y0 = rng.standard_normal((m, n)).astype(np.float32)
+    slots = np.array([3, 0, 1, 3, -1, 2, 3, 4, 0, 2, 3], np.int32)
+    rows.set(per_row=slots)
+    together = kernels.lora_apply(x, y0.copy(), table, slots)
+    assert np.abs(together - (y0 + expected(x, table, slots))).max() <= bound(x, table, 72)
+    for i in range(m):
+        rows.set(per_row=slots[i:i + 1])
+        alone = kernels.lora_apply(x[i:i + 1], y0[i:i + 1].copy(), table, slots[i:i + 1])
+        assert np.array_equal(alone[0], together[i]), i
+
+
+@pytest.mark.native
 def test_native_refuses_a_selection_of_other_rows():
     from lattice_engine import kernels
     rows = RowSelection()

@@ -53,6 +53,15 @@ def _region(nbytes: int) -> np.ndarray:
 _arena = _Arena()
 
 
+def own_region(nbytes: int) -> np.ndarray:
+    """nbytes (uint8) of a mapping of their own on 2 MiB pages, unmapped once the last view
+    of them is gone (the arena's regions are never given back: this is for buffers that
+    come and go, like resident adapters); a plain numpy buffer below MIN_BYTES."""
+    if nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(nbytes, np.uint8)
+    return _region(nbytes)
+
+
 def empty(shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
     """An uninitialised array, on 2 MiB pages when it is large enough to matter."""
     dtype = np.dtype(dtype)

@@ -57,8 +57,9 @@
  *   moe        lk_moe_ok, lk_moe_forward (a mixture-of-experts MLP, experts grouped by
  *              row), lk_matmul_grouped (matrices each over their own rows, one job)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
- *   lora       lk_lora_apply (low-rank adapter updates, per-row adapter selection; also
- *              run by the fused steps for every lk_linear with a lora table)
+ *   lora       lk_lora_apply (low-rank adapter updates, per-row adapter selection, rows
+ *              grouped by adapter; the fused steps run the same plan for every lk_linear
+ *              with a lora table inside their matmul job)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -669,6 +670,58 @@ void *lk_scratch(int ith, size_t bytes);
 /* Shared scratch for data produced before lk_parallel and read by all tasks. */
 void *lk_shared_scratch(size_t bytes);
 extern int lk_active_isa;
+
+/* matmul.c: lk_matmul_multi with more work in its parallel job: n_pre independent tasks
+   pre(ctx, t, ith) claimed before any chunk of rows (the adapters' down pass), and
+   post(ctx, i, r0, r1, ith) run on output rows [r0, r1) of matrix i (its index in the
+   call) by the thread that just computed them (NULL: none; the bias). Same checks and
+   returns as lk_matmul_multi. */
+typedef struct {
+    int64_t n_pre;
+    lk_task_fn pre;
+    void (*post)(void *ctx, int i, int64_t r0, int64_t r1, int ith);
+    void *ctx;
+} lk_mm_hooks;
+int lk_matmul_multi_hooked(int fmt, const float *x, int64_t M, int64_t K, int n,
+                           const void *const *w, const int64_t *ldw, const int64_t *N,
+                           float *const *y, const lk_mm_hooks *hooks);
+
+/* lora.c: the adapters' updates (and the biases) of up to LK_MATMUL_MULTI_MAX linears
+   reading one x [M, K], rows grouped by slot (see lora.c). lk_lora_plan_make returns 0
+   (active: there is a down pass to run), -2 when the row selection does not cover M rows
+   or a slot has rank <= 0, -5 out of memory; lk_lora_plan_free after the jobs. The down
+   pass is ndown independent tasks lk_lora_plan_down(plan, t, ith), to claim before any
+   matmul chunk; lk_lora_plan_post(plan, i, r0, r1, ith), once outputs [r0, r1) of linear
+   i are written, adds their bias and their up pass if the down pass is finished, else
+   leaves them pending; lk_lora_plan_run_up (after the job; takes lk_lock) runs the
+   pending ones as nup tasks lk_lora_plan_up. */
+typedef struct {
+    int n, active;
+    const lk_lora *l[LK_MATMUL_MULTI_MAX];     /* NULL: no factors in any slot */
+    const float *bias[LK_MATMUL_MULTI_MAX];
+    float *y[LK_MATMUL_MULTI_MAX];
+    float *t[LK_MATMUL_MULTI_MAX];             /* [M, rmax] each: scale * x . A^T */
+    int64_t N[LK_MATMUL_MULTI_MAX], rmax[LK_MATMUL_MULTI_MAX];
+    const float *x;
+    int64_t M, K;
+    int64_t ngroups, *gslot, *gstart, *grow;   /* rows by slot: grow[gstart[g] ..] */
+    int64_t nunits, *ustart, ndown;            /* down units by (linear, group) */
+    int64_t upstart[LK_MATMUL_MULTI_MAX + 1], nup; /* up tasks by linear */
+    int64_t pstart[LK_MATMUL_MULTI_MAX + 1];   /* pending bitmap words by linear */
+    _Atomic uint64_t *pending;
+    _Atomic int any_pending, all;
+    _Atomic int64_t down_done;
+    void *heap;
+    int64_t stack[1024];
+} lk_lora_plan;
+int lk_lora_plan_make(lk_lora_plan *p, int n, const lk_lora *const *l,
+                      const float *const *bias, float *const *y, const int64_t *N,
+                      const float *x, int64_t M, int64_t K);
+void lk_lora_plan_down(void *ctx, int64_t t, int ith);
+void lk_lora_plan_up(void *ctx, int64_t t, int ith);
+void lk_lora_plan_run_up(lk_lora_plan *p);
+void lk_lora_plan_post(void *ctx, int i, int64_t r0, int64_t r1, int ith);
+void lk_lora_plan_free(lk_lora_plan *p);
 
 /* step_linear.c: shared by the fused decode steps */
 int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols);

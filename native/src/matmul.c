@@ -111,6 +111,7 @@ static void matmul_task(void *vctx, int64_t c, int ith) {
     int64_t r0 = c * j->chunk;
     int64_t r1 = r0 + j->chunk < j->N ? r0 + j->chunk : j->N;
     j->rows(j, r0, r1, ith);
+    if (j->hooks && j->hooks->post) j->hooks->post(j->hooks->ctx, j->hook_i, r0, r1, ith);
 }
 
 typedef struct {
@@ -162,10 +163,19 @@ typedef struct {
     matmul_job *jobs;
     int n;
     int64_t first[LK_MATMUL_MULTI_MAX + 1]; /* first task of each job; first[n] = total */
+    const lk_mm_hooks *hooks;                /* its n_pre tasks come before the chunks */
+    int64_t n_pre;
 } multi_job;
 
 static void multi_task(void *vctx, int64_t c, int ith) {
     multi_job *mj = (multi_job *)vctx;
+    if (mj->hooks) {
+        if (c < mj->n_pre) {
+            mj->hooks->pre(mj->hooks->ctx, c, ith);
+            return;
+        }
+        c -= mj->n_pre;
+    }
     int i = 0;
     while (c >= mj->first[i + 1]) i++;
     matmul_task(&mj->jobs[i], c - mj->first[i], ith);
@@ -200,8 +210,9 @@ static lk_mm_rows_fn pick_rows(int fmt, int64_t M, int avx2) {
    wake-up and one activation quantization for q/k/v (or gate/up) instead of three. */
 static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
                              const void *const *w, const int64_t *ldw, const int64_t *N,
-                             float *const *y) {
+                             float *const *y, const lk_mm_hooks *hooks) {
     if (M <= 0 || n <= 0) return;
+    if (hooks && !hooks->post && (!hooks->pre || hooks->n_pre <= 0)) hooks = NULL;
     lk_lock();
     const int avx2 = LK_X86 && lk_active_isa == LK_ISA_AVX2;
     const int16_t *xq = NULL;
@@ -221,7 +232,7 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
     lk_mm_rows_fn rows = pick_rows(fmt, M, avx2);
     const int nth = lk_threads_locked();
     matmul_job jobs[LK_MATMUL_MULTI_MAX];
-    multi_job mj = {jobs, 0, {0}};
+    multi_job mj = {jobs, 0, {0}, NULL, 0};
     for (int i = 0; i < n; i++) {
         if (N[i] <= 0) continue;
         matmul_job *j = &jobs[mj.n];
@@ -237,29 +248,42 @@ static void run_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int 
         j->rows = rows;
         j->chunk = chunk_rows(fmt, M, N[i], ldw[i], nth);
         j->nchunks = (N[i] + j->chunk - 1) / j->chunk;
+        j->hooks = hooks;
+        j->hook_i = i;
         mj.first[mj.n + 1] = mj.first[mj.n] + j->nchunks;
         mj.n++;
     }
-    if (mj.n == 1) lk_parallel(matmul_task, &jobs[0], jobs[0].nchunks);
+    const int64_t n_pre = hooks && hooks->pre && hooks->n_pre > 0 ? hooks->n_pre : 0;
+    if (n_pre > 0) {
+        mj.hooks = hooks;
+        mj.n_pre = n_pre;
+        lk_parallel(multi_task, &mj, n_pre + mj.first[mj.n]);
+    } else if (mj.n == 1) lk_parallel(matmul_task, &jobs[0], jobs[0].nchunks);
     else if (mj.n > 1) lk_parallel(multi_task, &mj, mj.first[mj.n]);
     lk_unlock();
 }
 
 static void run_matmul(int fmt, const float *x, int64_t M, int64_t K, const void *w,
                        int64_t ldw, int64_t N, float *y) {
-    run_matmul_multi(fmt, x, M, K, 1, &w, &ldw, &N, &y);
+    run_matmul_multi(fmt, x, M, K, 1, &w, &ldw, &N, &y, NULL);
 }
 
-int lk_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
-                    const void *const *w, const int64_t *ldw, const int64_t *N,
-                    float *const *y) {
+int lk_matmul_multi_hooked(int fmt, const float *x, int64_t M, int64_t K, int n,
+                           const void *const *w, const int64_t *ldw, const int64_t *N,
+                           float *const *y, const lk_mm_hooks *hooks) {
     if (fmt < LK_FMT_F32 || fmt > LK_FMT_Q8_0_R16 || n < 0 || n > LK_MATMUL_MULTI_MAX) return -1;
     if ((fmt == LK_FMT_Q8_0 || fmt == LK_FMT_Q8_0_R16) && K % LK_QK8_0) return -1;
     if (fmt == LK_FMT_Q8_0_R16)
         for (int i = 0; i < n; i++)
             if (N[i] % LK_R16_ROWS || ldw[i] != K / LK_QK8_0 * (int64_t)sizeof(lk_block_q8_0)) return -1;
-    run_matmul_multi(fmt, x, M, K, n, w, ldw, N, y);
+    run_matmul_multi(fmt, x, M, K, n, w, ldw, N, y, hooks);
     return 0;
+}
+
+int lk_matmul_multi(int fmt, const float *x, int64_t M, int64_t K, int n,
+                    const void *const *w, const int64_t *ldw, const int64_t *N,
+                    float *const *y) {
+    return lk_matmul_multi_hooked(fmt, x, M, K, n, w, ldw, N, y, NULL);
 }
 
 void lk_matmul_f32(const float *x, int64_t M, int64_t K, const void *w, int64_t ldw, int64_t N,
@@ -369,6 +393,7 @@ int lk_matmul_grouped(int fmt, const float *x, int64_t K, int64_t n, const int64
         j->rows = pick_rows(fmt, M[i], avx2);
         j->chunk = chunk_rows(fmt, M[i], N[i], ldw[i], nth);
         j->nchunks = (N[i] + j->chunk - 1) / j->chunk;
+        j->hooks = NULL;
         g.first[g.n + 1] = g.first[g.n] + j->nchunks;
         g.n++;
     }

@@ -55,6 +55,8 @@ typedef struct matmul_job {
     const float *xd;   /* q8_0: its scales, [M, K/32] */
     int64_t chunk, nchunks;
     void (*rows)(const struct matmul_job *j, int64_t r0, int64_t r1, int ith);
+    const lk_mm_hooks *hooks; /* post(hooks->ctx, hook_i, r0, r1) after each chunk */
+    int hook_i;
 } matmul_job;
 
 static inline uint16_t rd16(const void *p) {

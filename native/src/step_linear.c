@@ -17,10 +17,13 @@ int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
 }
 
 /* y_i = x @ W_i^T (+ b_i) (+ the adapters' low-rank updates) for n matrices reading the
-   same x: one pool job per core weight format among them (usually one job for all); a
-   plugin format's matrices one call each. Returns 0, -5 when a plugin's matmul or the
-   adapter update ran out of memory, -2 when the adapter row selection does not cover the
-   M rows. */
+   same x: one pool job per core weight format among them (usually one job for all), which
+   also runs the adapters' down pass (its first tasks) and adds each chunk of output rows'
+   bias and adapter update right after the chunk (what the down pass was not ready for
+   then gets a second job; lora.c); a plugin format's matrices one
+   call each, then their bias and lk_lora_apply. Returns 0, -5 when a plugin's matmul or
+   the adapter update ran out of memory, -2 when the adapter row selection does not cover
+   the M rows. */
 int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
                     int64_t M) {
     int done[LK_MATMUL_MULTI_MAX] = {0};
@@ -30,12 +33,21 @@ int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const flo
             done[i] = 1;
             if (l[i]->ext(l[i]->ext_ctx, x, M, l[i]->cols, l[i]->w, l[i]->ldw, l[i]->rows, y[i]))
                 return -5;
+            if (l[i]->bias)
+                for (int64_t r = 0; r < M; r++)
+                    lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
+            if (l[i]->lora) {
+                const int rc = lk_lora_apply(l[i]->lora, x, M, l[i]->cols, l[i]->rows, y[i]);
+                if (rc) return rc;
+            }
             continue;
         }
         const void *w[LK_MATMUL_MULTI_MAX];
         int64_t ldw[LK_MATMUL_MULTI_MAX], rows[LK_MATMUL_MULTI_MAX];
         float *out[LK_MATMUL_MULTI_MAX];
-        int m = 0;
+        const lk_lora *lora[LK_MATMUL_MULTI_MAX];
+        const float *bias[LK_MATMUL_MULTI_MAX];
+        int m = 0, extra = 0;
         for (int j = i; j < n; j++) {
             if (done[j] || l[j]->fmt != l[i]->fmt) continue;
             done[j] = 1;
@@ -43,18 +55,26 @@ int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const flo
             ldw[m] = l[j]->ldw;
             rows[m] = l[j]->rows;
             out[m] = y[j];
+            lora[m] = l[j]->lora;
+            bias[m] = l[j]->bias;
+            extra |= lora[m] || bias[m];
             m++;
         }
-        lk_matmul_multi(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out);
-    }
-    for (int i = 0; i < n; i++) {
-        if (l[i]->bias)
-            for (int64_t r = 0; r < M; r++)
-                lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
-        if (l[i]->lora) {
-            const int rc = lk_lora_apply(l[i]->lora, x, M, l[i]->cols, l[i]->rows, y[i]);
-            if (rc) return rc;
+        if (!extra) {
+            lk_matmul_multi(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out);
+            continue;
         }
+        lk_lora_plan plan;
+        const int rc = lk_lora_plan_make(&plan, m, lora, bias, out, rows, x, M, l[i]->cols);
+        if (rc) {
+            lk_lora_plan_free(&plan);
+            return rc;
+        }
+        const lk_mm_hooks hooks = {plan.active ? plan.ndown : 0, lk_lora_plan_down,
+                                   lk_lora_plan_post, &plan};
+        lk_matmul_multi_hooked(l[i]->fmt, x, M, l[i]->cols, m, w, ldw, rows, out, &hooks);
+        lk_lora_plan_run_up(&plan);
+        lk_lora_plan_free(&plan);
     }
     return 0;
 }
