@@ -362,8 +362,11 @@ int lk_attention_kv(const float *q, int64_t B, int64_t T, int64_t Hq, int64_t D,
     j.tiled = D % 8 == 0 && Hq / Hkv >= 2;
     lk_lock();
     /* split each group's heads when there are too few units to keep every thread busy
-       (decode: one query row, a couple of kv heads); each part rereads the keys */
-    const int64_t group = Hq / Hkv, want = 2 * (int64_t)lk_threads_locked();
+       (decode: one query row, a couple of kv heads); each part rereads the keys, and in
+       the tiled core transposes them again, so there it takes one unit per thread (two
+       parts of a head measured slower than one unit of all its heads) */
+    const int64_t nth = lk_threads_locked();
+    const int64_t group = Hq / Hkv, want = j.tiled && lk_active_isa == LK_ISA_AVX2 ? nth : 2 * nth;
     j.gsplit = 1;
     while (j.gsplit < group && B * Hkv * j.tblocks * j.gsplit < want) j.gsplit++;
     j.units = B * Hkv * j.tblocks * j.gsplit;
