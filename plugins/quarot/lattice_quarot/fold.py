@@ -80,46 +80,43 @@ class _Reader:
     def has(self, name: str) -> bool:
         return name in self.checkpoint.tensors
 
+    def _loader(self, name: str):
+        if name not in self.checkpoint.tensors:
+            raise CheckpointError(f"QuaRot: checkpoint {self.checkpoint.source} has no tensor "
+                                  f"{name!r}, which the rotation has to fold")
+        return self.checkpoint.tensors[name]
+
+    def _unpack(self, name: str, raw: PackedTensor, rows: int, cols: int,
+                start: int = 0, stop: int | None = None) -> np.ndarray:
+        fmt = self.formats.get(raw.format)
+        if fmt is None:
+            raise CheckpointError(f"QuaRot: tensor {name!r} is stored as {raw.format!r}, "
+                                  f"which no installed plugin can read")
+        return fmt.to_float(raw.data.reshape(rows, -1)[start:stop], cols)
+
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of a 2-D tensor as float64, without widening the rest (an
         embedding-sized table in float64 is 1 GB at Qwen2.5-0.5B's shape)."""
-        if name not in self.checkpoint.tensors:
-            raise CheckpointError(f"QuaRot: checkpoint {self.checkpoint.source} has no tensor "
-                                  f"{name!r}, which the rotation has to fold")
+        loader = self._loader(name)
         rows, cols = self.checkpoint.shapes[name]
-        loader = self.checkpoint.tensors[name]
-        if _float_file(loader):  # read from the file, not through the mapping
+        if _float_file(loader):
+            # read from the file: touching the checkpoint's memory map would keep its pages
+            # resident (QuaRot reads every tensor: ~1.4 GB more RSS after loading
+            # Qwen2.5-Coder-0.5B from float32)
             return np.asarray(loader.rows()[start:stop], dtype=np.float64)
         raw = loader()
-        if isinstance(raw, PackedTensor):
-            fmt = self.formats.get(raw.format)
-            if fmt is None:
-                raise CheckpointError(f"QuaRot: tensor {name!r} is stored as {raw.format!r}, "
-                                      f"which no installed plugin can read")
-            piece = fmt.to_float(raw.data.reshape(rows, -1)[start:stop], cols)
-        else:
-            piece = np.asarray(raw).reshape(rows, cols)[start:stop]
+        piece = self._unpack(name, raw, rows, cols, start, stop) if isinstance(raw, PackedTensor) \
+            else np.asarray(raw).reshape(rows, cols)[start:stop]
         return np.asarray(piece, dtype=np.float64).reshape(-1, cols)
 
     def __call__(self, name: str) -> np.ndarray:
-        if name not in self.checkpoint.tensors:
-            raise CheckpointError(f"QuaRot: checkpoint {self.checkpoint.source} has no tensor "
-                                  f"{name!r}, which the rotation has to fold")
+        loader = self._loader(name)
         shape = tuple(self.checkpoint.shapes[name])
-        loader = self.checkpoint.tensors[name]
         if _float_file(loader):
-            # rows read from the file: touching the checkpoint's memory mapping would keep
-            # its pages resident (QuaRot reads every tensor: ~1.4 GB more RSS after loading
-            # Qwen2.5-Coder-0.5B from float32)
-            return np.asarray(loader.rows()[0:shape[0]], dtype=np.float64).reshape(shape)
+            return self.rows(name, 0, shape[0])
         raw = loader()
         if isinstance(raw, PackedTensor):
-            fmt = self.formats.get(raw.format)
-            if fmt is None:
-                raise CheckpointError(f"QuaRot: tensor {name!r} is stored as {raw.format!r}, "
-                                      f"which no installed plugin can read")
-            raw = fmt.to_float(raw.data.reshape(shape[0] if len(shape) > 1 else 1, -1),
-                               shape[-1])
+            raw = self._unpack(name, raw, shape[0] if len(shape) > 1 else 1, shape[-1])
         return np.asarray(raw, dtype=np.float64).reshape(shape)
 
 
