@@ -1,7 +1,8 @@
 """The config file (TOML) as frozen dataclasses, with errors that name key, value and choices.
 
     [model]    path = "smollm2-135m", backend = "auto" | "native" | "numpy", threads = 2,
-               kv_cache = "f32" | "f16" | "q8_0" (how every KV cache stores keys and values)
+               kv_cache = "auto" | "f32" | "f16" | "q8_0" (how every KV cache stores keys and
+               values; auto: f32 for float32 weights, f16 for any other format)
     [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }, group_size = 64
                (method omitted: as the checkpoint is stored, f32 unless `lattice quantize`
                wrote it; group_size only for grouped methods such as q4_asym)
@@ -64,11 +65,11 @@ class ModelSection:
     path: str = DEFAULT_MODEL
     backend: str = "auto"
     threads: int = 0  # 0: all cores
-    kv_cache: str = "f32"  # the dense and paged caches' storage (cache/dense.py KV_DTYPES)
+    kv_cache: str = "auto"  # the dense and paged caches' storage (cache/dense.py KV_DTYPES)
 
     def __post_init__(self):
         _choice("model.backend", self.backend, ("auto", "native", "numpy"))
-        _choice("model.kv_cache", self.kv_cache, ("f32", "f16", "q8_0"))
+        _choice("model.kv_cache", self.kv_cache, ("auto", "f32", "f16", "q8_0"))
         _at_least("model.threads", self.threads, 0)
         if self.threads > MAX_THREADS:  # the C pool would clamp it silently (LK_MAX_THREADS)
             raise ConfigError(f"model.threads = {self.threads} is out of range: the kernels "

@@ -92,12 +92,13 @@ def resolve_source(source: str | Path) -> Path:
 
 def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "auto",
          plugin_manager=None, transforms: Optional[dict[str, Any]] = None,
-         loader_class=WeightLoader, kv_cache: str = "f32") -> LoadedModel:
+         loader_class=WeightLoader, kv_cache: str = "auto") -> LoadedModel:
     """Load a model by path or catalog name, quantized as `quant` asks.
 
     `transforms` (name -> settings, see `lattice_engine.transforms`) rewrite the
     checkpoint's weights before they are quantized, in order. `kv_cache` is how the
-    model's dense cache stores keys and values (`cache.dense.KV_DTYPES`).
+    model's caches store keys and values (`cache.dense.KV_DTYPES`, or "auto": f32 when
+    the quant method is f32, else f16; a model that keeps its own float32 cache keeps it).
 
     Raises:
         CheckpointError: the files are missing, malformed, or of an unsupported architecture.
@@ -139,7 +140,11 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
     except ConfigFieldError as exc:
         where = f"{path / 'config.json'}" if path.is_dir() else f"{path} (its metadata)"
         raise CheckpointError(f"{where}: {exc}") from None
-    if kv_cache != "f32":
+    from .cache.dense import KV_AUTO, default_kv_dtype
+    if kv_cache == KV_AUTO:
+        if hasattr(model, "kv_cache"):
+            set_kv_cache(model, default_kv_dtype(method_name))
+    elif kv_cache != "f32":
         set_kv_cache(model, kv_cache)
     unused = loader.unused()
     if unused:

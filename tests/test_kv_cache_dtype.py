@@ -18,6 +18,7 @@ from lattice_engine.cache.dense import KVCache, KVLayout, check_kv_dtype, key_tr
 from lattice_engine.models.paged_forward import PagedBatch
 from lattice_engine.config import ConfigError, ModelSection
 from lattice_engine.loading import load
+from lattice_engine.quant.methods import QuantSpec
 from lattice_engine.quant.core_formats import q8_0_to_float, quantize_q8_0
 from lattice_engine.testing.checkpoints import write_tiny_llama
 from lattice_engine.testing.tolerance import (U16, attention_bound, kv_storage_bound,
@@ -116,6 +117,17 @@ def test_model_with_a_reduced_kv_cache_matches_the_numpy_reference(tiny_folder, 
     # on this input), counted twice; the rest is the float32 error model.
     bound = logits_bound(ref_model, hidden, ids.shape[1]) + 2 * storage_effect
     assert np.abs(got - want).max() <= bound
+
+
+@pytest.mark.parametrize("quant,want", [("f32", "f32"), ("f16", "f16"), ("q8_0", "f16")])
+def test_the_default_keeps_float32_models_exact_and_halves_the_cache_of_others(
+        tiny_folder, quant, want):
+    assert ModelSection().kv_cache == "auto"
+    model = load(tiny_folder, backend="numpy", quant=QuantSpec(quant)).model
+    assert model.kv_cache == want and model.make_cache().dtype == want
+    # an explicit choice wins over the weights' format
+    assert load(tiny_folder, backend="numpy", quant=QuantSpec(quant),
+                kv_cache="f32").model.kv_cache == "f32"
 
 
 def test_q8_0_needs_head_vectors_in_blocks_of_32(tmp_path):

@@ -24,9 +24,9 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
                    help="group size of a grouped quant method (q4_sym / q4_asym: 32, 64, 128)")
     p.add_argument("--backend", default=None, choices=("auto", "native", "numpy"))
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--kv-cache", default=None, choices=("f32", "f16", "q8_0"),
+    p.add_argument("--kv-cache", default=None, choices=("auto", "f32", "f16", "q8_0"),
                    help="how the KV caches store keys and values: generate, ppl and serve "
-                        "(default f32)")
+                        "(default auto: f32 for float32 weights, f16 for any other format)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
