@@ -21,9 +21,10 @@ from lattice_engine.testing.tolerance import dot_bound
 from conftest import FIXTURES
 
 
-def random_table(rows: RowSelection, k: int, n: int, ranks, seed: int = 0) -> LinearAdapters:
+def random_table(rows: RowSelection, k: int, n: int, ranks, seed: int = 0,
+                 dtype: str = "f32") -> LinearAdapters:
     rng = np.random.default_rng(seed)
-    t = LinearAdapters(rows, k, n)
+    t = LinearAdapters(rows, k, n, dtype)
     for slot, r in enumerate(ranks):
         if r:
             t.put(slot, LowRank(rng.standard_normal((r, k)), rng.standard_normal((n, r)),
@@ -40,20 +41,27 @@ def expected(x, table, slots):
     return y
 
 
-def bound(x, table, k):
-    # two float32 dot products of length K, then r: bounded at the magnitudes |x| |A| |B|
+def bound(x, table, k, dtype="f32"):
+    # two float32 dot products of length K, then r: bounded at the magnitudes |x| |A| |B|;
+    # f16 factors (scaled by powers of two into [-1, 1]) add a rounding of at most 2^-11
+    # of each value of A and of B, or 2^-25 of the largest below f16's normal range
     mags = [np.abs(x) @ np.abs(lr.a.T) @ np.abs(lr.b.T) * lr.scale
             for lr in table.factors if lr is not None]
-    return dot_bound(k + 32, np.max(mags))
+    extra = 0.0
+    if dtype == "f16":
+        extra = max(np.max(m) for m in mags) * 2 * (2.0 ** -11 + 2.0 ** -24 * k)
+    return dot_bound(k + 32, np.max(mags)) + extra
 
 
-@pytest.mark.parametrize("backend", ["numpy", pytest.param("native", marks=pytest.mark.native)])
+@pytest.mark.parametrize("backend,dtype", [
+    ("numpy", "f32"), pytest.param("native", "f32", marks=pytest.mark.native),
+    pytest.param("native", "f16", marks=pytest.mark.native)])
 @pytest.mark.parametrize("m", [1, 3, 40])
-def test_rows_use_their_own_slot(backend, m):
+def test_rows_use_their_own_slot(backend, dtype, m):
     from lattice_engine.loading import get_ops
     o = get_ops(backend)
     rows = RowSelection()
-    table = random_table(rows, 72, 300, [4, 0, 16, 7])   # slot 1 has no factors here
+    table = random_table(rows, 72, 300, [4, 0, 16, 7], dtype=dtype)  # slot 1: no factors
     rng = np.random.default_rng(1)
     x = rng.standard_normal((m, 72)).astype(np.float32)
     slots = rng.integers(-1, 5, m).astype(np.int32)       # -1: none; 4: beyond the table
@@ -61,22 +69,23 @@ def test_rows_use_their_own_slot(backend, m):
     rows.set(per_row=slots)
     got = o.lora_apply(x, y0.copy(), table, rows.slots_for(m))
     want = y0 + expected(x, table, slots)
-    assert np.abs(got - want).max() <= bound(x, table, 72)
+    assert np.abs(got - want).max() <= bound(x, table, 72, dtype)
     rows.set(uniform=2)
     got = o.lora_apply(x, y0.copy(), table, rows.slots_for(m))
-    assert np.abs(got - (y0 + expected(x, table, [2] * m))).max() <= bound(x, table, 72)
+    assert np.abs(got - (y0 + expected(x, table, [2] * m))).max() <= bound(x, table, 72, dtype)
     rows.set()
     assert np.array_equal(table.apply(x, y0.copy(), o), y0)  # nothing selected: untouched
 
 
 @pytest.mark.native
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
 @pytest.mark.parametrize("n", [300, 8])
-def test_native_rows_get_the_same_bits_batched_as_alone(n):
+def test_native_rows_get_the_same_bits_batched_as_alone(n, dtype):
     # the kernel groups rows by slot (one pass over a slot's factors for all its rows) and
     # splits outputs into blocks; a row's update must not depend on its company
     from lattice_engine import kernels
     rows = RowSelection()
-    table = random_table(rows, 72, n, [4, 16, 7, 33, 1])  # ranks with and without a tail of 8
+    table = random_table(rows, 72, n, [4, 16, 7, 33, 1], dtype=dtype)  # tails of 8 or not
     rng = np.random.default_rng(2)
     m = 11
     x = rng.standard_normal((m, 72)).astype(np.float32)
@@ -84,7 +93,8 @@ def test_native_rows_get_the_same_bits_batched_as_alone(n):
     slots = np.array([3, 0, 1, 3, -1, 2, 3, 4, 0, 2, 3], np.int32)
     rows.set(per_row=slots)
     together = kernels.lora_apply(x, y0.copy(), table, slots)
-    assert np.abs(together - (y0 + expected(x, table, slots))).max() <= bound(x, table, 72)
+    assert np.abs(together - (y0 + expected(x, table, slots))).max() <= \
+        bound(x, table, 72, dtype)
     for i in range(m):
         rows.set(per_row=slots[i:i + 1])
         alone = kernels.lora_apply(x[i:i + 1], y0[i:i + 1].copy(), table, slots[i:i + 1])
@@ -152,6 +162,26 @@ def test_merge_equals_the_unmerged_update():
     merge(model, w)
     merged = model.forward(ids, model.make_cache())
     assert np.abs(merged - unmerged).max() < 1e-4 < np.abs(plain - unmerged).max()
+
+
+@pytest.mark.parametrize("quant,want", [("f32", "f32"), ("f16", "f16"), ("q8_0", "f16")])
+def test_the_kernel_holds_factors_at_the_precision_of_their_base(quant, want):
+    from lattice_engine.quant.methods import QuantSpec
+    model = load(FIXTURES / "llama", backend="numpy", quant=QuantSpec(quant)).model
+    slots = AdapterSlots.of(model)
+    w = adapter_for(model)
+    slots.add(w)
+    assert {lin.adapters.dtype for lin in slots.linears.values()} == {want}
+    lr = next(iter(w.modules.values()))
+    a, bp, scale = lr._kernel[want]
+    assert a.dtype == (np.float32 if want == "f32" else np.float16)
+    # f16: the factors divided by powers of two into [-1, 1], the scale carrying them
+    rebuilt = scale * (bp.transpose(0, 2, 1).reshape(-1, lr.rank)[:lr.b.shape[0]].astype(
+        np.float64) @ a.astype(np.float64))
+    magnitude = lr.scale * np.abs(lr.b.astype(np.float64)) @ np.abs(lr.a.astype(np.float64))
+    # each of a's and b's values rounded once to f16 (2^-11), their product at most twice
+    assert np.all(np.abs(rebuilt - lr.delta()) <= (2 * 2.0 ** -11 + 2.0 ** -20) * magnitude + 1e-30)
+    assert np.abs(a).max() <= 1 or want == "f32"
 
 
 def test_slots_are_freed_with_their_last_reference():

@@ -263,12 +263,19 @@ enum { LK_FMT_EXTERN = 100 };
 
 /* ---- lora: low-rank adapter updates (native/src/lora.c) --------------------------- */
 
-/* One adapter's factors for one module: y += scale * (x . a^T) . b^T, a [r, cols],
-   b [rows, r] float32; a == NULL: this slot does not touch the module. */
+/* One adapter's factors for one module: y += scale * (x . a^T) . b^T, a [r, cols] and
+   b [rows, r], stored as `dtype` (LK_LORA_F32, or LK_LORA_F16 for a base that is not float32:
+   half the bytes a step streams; the factors are then divided by a power of two, which
+   `scale` carries, so their largest values are normal halves). b is packed by blocks of
+   LK_LORA_BLOCK outputs: block i holds b[16 i + l][j] at bp[i * r * 16 + j * 16 + l] (rows
+   padded with zeros to a whole block), so the up pass reads one contiguous stream with
+   each column's 16 outputs in two vectors; a == NULL: this slot does not touch the module. */
+enum { LK_LORA_BLOCK = 16, LK_LORA_F32 = 0, LK_LORA_F16 = 1 };
 typedef struct {
-    const float *a, *b;
+    const void *a, *bp;
     int64_t r;
     float scale;
+    int32_t dtype;
 } lk_lora_factor;
 
 /* Which slot each row of a call uses: slot[n] per row (-1: none), or, when slot is NULL,

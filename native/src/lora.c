@@ -2,8 +2,9 @@
  *
  *     y[m] += scale_s * (x[m] . A_s^T) . B_s^T      for each row m, s = the row's slot
  *
- * with A_s [r, K] and B_s [N, r] float32 (the adapter stays float whatever the base
- * format). Rows choose their slot through the shared lk_lora_rows (one slot for all rows,
+ * with A_s [r, K] and B_s [N, r] (B packed in blocks of 16 outputs) as float32, or as float16
+ * over a base that is not float32 (see lk_lora_factor; the adapter stays float whatever
+ * the base format, its arithmetic float32). Rows choose their slot through the shared lk_lora_rows (one slot for all rows,
  * or one per row; -1 or a slot without factors for this module adds nothing), so one
  * batch can mix adapters and rows without any.
  *
@@ -13,8 +14,10 @@
  *
  *   down  t[m] = scale * x[m] . A^T      units (linear, group, j): A's row j against every
  *                                        row of the group (M x r dots of length K)
- *   up    y[m, o] += t[m] . B[o]         per chunk of outputs: B's rows against every row
- *                                        of the group (M x N dots of length r)
+ *   up    y[m, o] += t[m] . B[o]         per chunk of outputs: for each j in order, B's
+ *                                        column j (16 outputs of a block, contiguous) times
+ *                                        t[m, j] into each output's sum, the group's rows
+ *                                        sharing every vector of B loaded
  *
  * In the fused steps (lk_step_linears) both run inside the base matmul's parallel job
  * (lk_matmul_multi_hooked): the down tasks come first, and each chunk of output rows gets
@@ -45,125 +48,202 @@ static inline void relax(void) { __builtin_ia32_pause(); }
 static inline void relax(void) { __asm__ __volatile__("" ::: "memory"); }
 #endif
 
-/* OUT_BLOCK: outputs whose B rows stay in L1 while a group's rows pass over them; UP_CHUNK:
+/* UP_ROWS: rows of a group an up call takes (the kernel splits them 4 / 2 / 1); UP_CHUNK:
    outputs per up task; DOWN_COST: multiply-adds per down task; PF_FLOATS:
    how far ahead the factors' stream is prefetched (4 KiB, as lk_bench_read does: without
    it one thread's dependent loads over B ran at ~5 GB/s) */
-enum { OUT_BLOCK = 64, UP_CHUNK = 256, DOWN_COST = 4096, PF_FLOATS = 1024, GRANULE = 4 };
+enum { UP_ROWS = 8, UP_CHUNK = 256, DOWN_COST = 4096, PF_FLOATS = 1024, GRANULE = 4 };
 
 /* ---- dots ---------------------------------------------------------------------------- */
 
-static float dot_generic(const float *a, const float *b, int64_t n) {
+/* element i of a factor stored as dtype */
+static inline float fget(const void *p, int64_t i, int f16) {
+    if (f16) {
+        uint16_t h;
+        memcpy(&h, (const uint16_t *)p + i, 2);
+        return lk_f16_to_f32(h);
+    }
+    return ((const float *)p)[i];
+}
+
+static float dot_generic(const float *a, const void *b, int64_t n, int f16) {
     float s[4] = {0, 0, 0, 0};
     int64_t i = 0;
     for (; i + 4 <= n; i += 4)
-        for (int k = 0; k < 4; k++) s[k] += a[i + k] * b[i + k];
+        for (int k = 0; k < 4; k++) s[k] += a[i + k] * fget(b, i + k, f16);
     float acc = (s[0] + s[1]) + (s[2] + s[3]);
-    for (; i < n; i++) acc += a[i] * b[i];
+    for (; i < n; i++) acc += a[i] * fget(b, i, f16);
     return acc;
 }
 
-/* up pass of one row over outputs [o0, o1): y[o] += t . b[o] (b rows of r floats) */
-static void up_generic(const float *t, const float *b, int64_t r, int64_t o0, int64_t o1,
-                       float *y) {
-    for (int64_t o = o0; o < o1; o++) y[o] += dot_generic(t, b + o * r, r);
+/* up pass of nr rows over outputs [o0, o1): y_m[o] += sum_j t_m[j] B[o][j], the sum taken
+   in order of j from zero and then added. B is packed as lk_lora_factor.bp says: output o
+   at bp[(o / 16) * r * 16 + j * 16 + o % 16]. */
+static void up_generic(const float *const *t, float *const *y, int nr, const void *bp,
+                       int f16, int64_t r, int64_t o0, int64_t o1) {
+    for (int m = 0; m < nr; m++)
+        for (int64_t o = o0; o < o1; o++) {
+            const int64_t at = (o / LK_LORA_BLOCK) * r * LK_LORA_BLOCK + o % LK_LORA_BLOCK;
+            float s = 0;
+            for (int64_t j = 0; j < r; j++) s += t[m][j] * fget(bp, at + j * LK_LORA_BLOCK, f16);
+            y[m][o] += s;
+        }
 }
 
 #if LK_X86
-LK_AVX2_TARGET static float dot_avx2(const float *a, const float *b, int64_t n) {
+/* 8 factor values from element i, widened (F16C) when stored as halves */
+LK_AVX2_TARGET static inline __attribute__((always_inline)) __m256 fload8(const void *p,
+                                                                           int64_t i, int f16) {
+    if (f16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+LK_AVX2_TARGET static inline __attribute__((always_inline)) float
+dot_avx2_t(const float *a, const void *b, int64_t n, const int f16) {
+    const int esz = f16 ? 2 : 4;
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        _mm_prefetch((const char *)(b + i + PF_FLOATS), _MM_HINT_T0);
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        _mm_prefetch((const char *)b + (i + PF_FLOATS) * esz, _MM_HINT_T0);
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), fload8(b, i, f16), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), fload8(b, i + 8, f16), s1);
     }
-    for (; i + 8 <= n; i += 8)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), fload8(b, i, f16), s0);
     float acc = lk_hsum8_avx2(_mm256_add_ps(s0, s1));
-    for (; i < n; i++) acc += a[i] * b[i];
+    for (; i < n; i++) acc += a[i] * fget(b, i, f16);
     return acc;
 }
 
-/* lanes j < n of a mask for maskload (n in 0..8) */
-LK_AVX2_TARGET static inline __m256i tail_mask(int64_t n) {
+LK_AVX2_TARGET static float dot_avx2(const float *a, const void *b, int64_t n, int f16) {
+    return f16 ? dot_avx2_t(a, b, n, 1) : dot_avx2_t(a, b, n, 0);
+}
+
+/* NR rows x NB blocks of 16 outputs from block b0: one FMA chain per output over j in
+   order (the generic sum's order, whatever NR and NB), each vector of B loaded once for
+   the NR rows; NR * NB <= 4 keeps the 2 * NR * NB chains in registers and enough of them
+   in flight to fill both FMA ports. The blocks are consecutive in memory: one stream. */
+LK_AVX2_TARGET static inline __attribute__((always_inline)) void
+up_tile_avx2(const float *const *t, float *const *y, const int NR, const int NB,
+             const void *bp, const int f16, int64_t r, int64_t b0) {
+    const int esz = f16 ? 2 : 4;
+    __m256 acc[8];
+    for (int i = 0; i < 2 * NR * NB; i++) acc[i] = _mm256_setzero_ps();
+    const int64_t bs = r * LK_LORA_BLOCK; /* values per block */
+    int64_t at = b0 * bs;
+    for (int64_t j = 0; j < r; j++, at += LK_LORA_BLOCK) {
+        __m256 bv[8];
+        for (int nb = 0; nb < NB; nb++) {
+            const int64_t e = at + nb * bs;
+            if (!f16 || (j & 1) == 0)
+                _mm_prefetch((const char *)bp + (e + PF_FLOATS) * esz, _MM_HINT_T0);
+            bv[2 * nb] = fload8(bp, e, f16);
+            bv[2 * nb + 1] = fload8(bp, e + 8, f16);
+        }
+        for (int m = 0; m < NR; m++) {
+            const __m256 tb = _mm256_broadcast_ss(t[m] + j);
+            for (int w = 0; w < 2 * NB; w++)
+                acc[m * 2 * NB + w] = _mm256_fmadd_ps(tb, bv[w], acc[m * 2 * NB + w]);
+        }
+    }
+    for (int m = 0; m < NR; m++)
+        for (int w = 0; w < 2 * NB; w++) {
+            float *yo = y[m] + b0 * LK_LORA_BLOCK + 8 * w;
+            _mm256_storeu_ps(yo, _mm256_add_ps(_mm256_loadu_ps(yo), acc[m * 2 * NB + w]));
+        }
+}
+
+/* one row, outputs [o0, o1) inside block b (a chunk edge): the lanes masked */
+LK_AVX2_TARGET static void up_part_avx2(const float *t, float *y, const void *bp, int f16,
+                                        int64_t r, int64_t b, int64_t o0, int64_t o1) {
     const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx);
+    const int lo = (int)(o0 - b * LK_LORA_BLOCK), hi = (int)(o1 - b * LK_LORA_BLOCK);
+    __m256i mk[2];
+    for (int h = 0; h < 2; h++) {
+        const __m256i lane = _mm256_add_epi32(idx, _mm256_set1_epi32(8 * h));
+        mk[h] = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo - 1)),
+                                 _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane));
+    }
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t at = b * r * LK_LORA_BLOCK;
+    for (int64_t j = 0; j < r; j++, at += LK_LORA_BLOCK) {
+        const __m256 tb = _mm256_broadcast_ss(t + j);
+        acc[0] = _mm256_fmadd_ps(tb, fload8(bp, at, f16), acc[0]);
+        acc[1] = _mm256_fmadd_ps(tb, fload8(bp, at + 8, f16), acc[1]);
+    }
+    float *yb = y + b * LK_LORA_BLOCK;
+    for (int h = 0; h < 2; h++)
+        _mm256_maskstore_ps(yb + 8 * h, mk[h],
+                            _mm256_add_ps(_mm256_maskload_ps(yb + 8 * h, mk[h]), acc[h]));
 }
 
-/* acc lanes of one output: sum over k of t[k] b[k], k in lane k % 8 (the tail masked) */
-LK_AVX2_TARGET static inline __m256 up_acc(const __m256 *tv, int64_t nv, __m256 tt,
-                                           __m256i tm, int64_t rt, const float *b) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t v = 0; v < nv; v++) acc = _mm256_fmadd_ps(tv[v], _mm256_loadu_ps(b + 8 * v), acc);
-    if (rt) acc = _mm256_fmadd_ps(tt, _mm256_maskload_ps(b + 8 * nv, tm), acc);
-    return acc;
-}
+/* whole blocks NB at a time for NR rows, then one at a time */
+#define UP_ROWS_AVX2(NR, F16, NAME)                                                        \
+    LK_AVX2_TARGET static void NAME(const float *const *t, float *const *y, const void *bp, \
+                                    int64_t r, int64_t b0, int64_t b1) {                   \
+        enum { NB = 4 / NR };                                                              \
+        int64_t b = b0;                                                                    \
+        for (; b + NB <= b1; b += NB) up_tile_avx2(t, y, NR, NB, bp, F16, r, b);           \
+        for (; b < b1; b++) up_tile_avx2(t, y, NR, 1, bp, F16, r, b);                      \
+    }
+UP_ROWS_AVX2(1, 0, up_rows1_f32)
+UP_ROWS_AVX2(2, 0, up_rows2_f32)
+UP_ROWS_AVX2(4, 0, up_rows4_f32)
+UP_ROWS_AVX2(1, 1, up_rows1_f16)
+UP_ROWS_AVX2(2, 1, up_rows2_f16)
+UP_ROWS_AVX2(4, 1, up_rows4_f16)
+#undef UP_ROWS_AVX2
 
-/* the lanes' sum as ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)): the order the
-   eight-output reduction below gives each output */
-static inline float tree8(const float *a) {
-    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
-}
+typedef void (*up_rows_fn)(const float *const *, float *const *, const void *, int64_t,
+                           int64_t, int64_t);
 
-LK_AVX2_TARGET static void up_avx2(const float *t, const float *b, int64_t r, int64_t o0,
-                                   int64_t o1, float *y) {
-    enum { TV_MAX = 32 }; /* ranks up to 256 keep t in registers / L1 as vectors */
-    const int64_t nv = r / 8, rt = r % 8;
-    if (nv > TV_MAX) {
-        for (int64_t o = o0; o < o1; o++) y[o] += dot_avx2(t, b + o * r, r);
+LK_AVX2_TARGET static void up_avx2(const float *const *t, float *const *y, int nr,
+                                   const void *bp, int f16, int64_t r, int64_t o0, int64_t o1) {
+    static const up_rows_fn rows_fn[2][3] = {{up_rows1_f32, up_rows2_f32, up_rows4_f32},
+                                             {up_rows1_f16, up_rows2_f16, up_rows4_f16}};
+    const int64_t B = LK_LORA_BLOCK;
+    /* blocks wholly inside [o0, o1): [b0, b1); the edges' partial blocks row by row */
+    const int64_t b0 = (o0 + B - 1) / B, b1 = o1 / B;
+    if (b0 > b1) { /* the range inside one block */
+        for (int m = 0; m < nr; m++) up_part_avx2(t[m], y[m], bp, f16, r, o0 / B, o0, o1);
         return;
     }
-    __m256 tv[TV_MAX];
-    for (int64_t v = 0; v < nv; v++) tv[v] = _mm256_loadu_ps(t + 8 * v);
-    const __m256i tm = tail_mask(rt);
-    const __m256 tt = rt ? _mm256_maskload_ps(t + 8 * nv, tm) : _mm256_setzero_ps();
-    int64_t o = o0;
-    for (; o + 8 <= o1; o += 8) {
-        const float *bo = b + o * r;
-        for (int64_t c = 0; c < 8 * r; c += 16) _mm_prefetch((const char *)(bo + c + PF_FLOATS), _MM_HINT_T0);
-        __m256 a0 = up_acc(tv, nv, tt, tm, rt, bo), a1 = up_acc(tv, nv, tt, tm, rt, bo + r);
-        __m256 a2 = up_acc(tv, nv, tt, tm, rt, bo + 2 * r), a3 = up_acc(tv, nv, tt, tm, rt, bo + 3 * r);
-        __m256 a4 = up_acc(tv, nv, tt, tm, rt, bo + 4 * r), a5 = up_acc(tv, nv, tt, tm, rt, bo + 5 * r);
-        __m256 a6 = up_acc(tv, nv, tt, tm, rt, bo + 6 * r), a7 = up_acc(tv, nv, tt, tm, rt, bo + 7 * r);
-        /* hadd pairs lanes (0+1, 2+3) then (01+23); the halves' sum finishes each output */
-        const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-        const __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20),
-                                       _mm256_permute2f128_ps(h0, h1, 0x31));
-        _mm256_storeu_ps(y + o, _mm256_add_ps(_mm256_loadu_ps(y + o), s));
+    for (int m = 0; m < nr; m++) {
+        if (o0 < b0 * B) up_part_avx2(t[m], y[m], bp, f16, r, o0 / B, o0, b0 * B);
+        if (b1 * B < o1) up_part_avx2(t[m], y[m], bp, f16, r, b1, b1 * B, o1);
     }
-    for (; o < o1; o++) {
-        float lanes[8];
-        _mm256_storeu_ps(lanes, up_acc(tv, nv, tt, tm, rt, b + o * r));
-        y[o] += tree8(lanes);
+    while (nr > 0) {
+        const int n = nr >= 4 ? 4 : nr >= 2 ? 2 : 1;
+        rows_fn[f16 ? 1 : 0][n == 4 ? 2 : n == 2 ? 1 : 0](t, y, bp, r, b0, b1);
+        t += n;
+        y += n;
+        nr -= n;
     }
 }
 #endif
 
-static inline float dot(const float *a, const float *b, int64_t n) {
+static inline float dot(const float *a, const void *b, int64_t n, int f16) {
 #if LK_X86
-    if (lk_active_isa == LK_ISA_AVX2) return dot_avx2(a, b, n);
+    if (lk_active_isa == LK_ISA_AVX2) return dot_avx2(a, b, n, f16);
 #endif
-    return dot_generic(a, b, n);
+    return dot_generic(a, b, n, f16);
 }
 
-static inline void up(const float *t, const float *b, int64_t r, int64_t o0, int64_t o1,
-                      float *y) {
+static inline void up(const float *const *t, float *const *y, int nr, const void *bp, int f16,
+                      int64_t r, int64_t o0, int64_t o1) {
 #if LK_X86
     if (lk_active_isa == LK_ISA_AVX2) {
-        up_avx2(t, b, r, o0, o1, y);
+        up_avx2(t, y, nr, bp, f16, r, o0, o1);
         return;
     }
 #endif
-    up_generic(t, b, r, o0, o1, y);
+    up_generic(t, y, nr, bp, f16, r, o0, o1);
 }
 
 /* ---- the plan ------------------------------------------------------------------------ */
 
 /* the factors linear i uses for slot s, or NULL */
 static inline const lk_lora_factor *slot_factor(const lk_lora *l, int32_t s) {
-    if (!l || s < 0 || s >= l->n_slots || !l->slots[s].a || !l->slots[s].b) return NULL;
+    if (!l || s < 0 || s >= l->n_slots || !l->slots[s].a || !l->slots[s].bp) return NULL;
     return &l->slots[s];
 }
 
@@ -191,7 +271,9 @@ int lk_lora_plan_make(lk_lora_plan *p, int n, const lk_lora *const *l,
         rows = l[i]->rows; /* one selection per model: every table shares it */
         for (int64_t s = 0; s < l[i]->n_slots; s++) {
             if (!l[i]->slots[s].a) continue;
-            if (l[i]->slots[s].r <= 0) return -2;
+            if (l[i]->slots[s].r <= 0 || (l[i]->slots[s].dtype != LK_LORA_F32 &&
+                                          l[i]->slots[s].dtype != LK_LORA_F16))
+                return -2;
             if (l[i]->slots[s].r > p->rmax[i]) p->rmax[i] = l[i]->slots[s].r;
         }
         if (p->rmax[i]) p->l[i] = l[i];
@@ -296,10 +378,11 @@ void lk_lora_plan_down(void *ctx, int64_t d, int ith) {
         const int i = (int)(pair / ng);
         const int64_t g = pair % ng, j = u - p->ustart[pair];
         const lk_lora_factor *f = slot_factor(p->l[i], p->gslot[g]);
-        const float *a = f->a + j * K;
+        const int f16 = f->dtype == LK_LORA_F16;
+        const void *a = (const char *)f->a + j * K * (f16 ? 2 : 4);
         for (int64_t q = p->gstart[g]; q < p->gstart[g + 1]; q++) {
             const int64_t m = p->grow[q];
-            p->t[i][m * p->rmax[i] + j] = f->scale * dot(p->x + m * K, a, K);
+            p->t[i][m * p->rmax[i] + j] = f->scale * dot(p->x + m * K, a, K, f16);
         }
     }
     atomic_fetch_add_explicit(&p->down_done, 1, memory_order_release);
@@ -312,13 +395,17 @@ static void up_range(const lk_lora_plan *p, int i, int64_t r0, int64_t r1) {
     for (int64_t g = 0; g < p->ngroups; g++) {
         const lk_lora_factor *f = slot_factor(p->l[i], p->gslot[g]);
         if (!f) continue;
-        /* a block of B's rows stays in L1 while every row of the group passes over it */
-        for (int64_t o0 = r0; o0 < r1; o0 += OUT_BLOCK) {
-            const int64_t o1 = o0 + OUT_BLOCK < r1 ? o0 + OUT_BLOCK : r1;
-            for (int64_t q = p->gstart[g]; q < p->gstart[g + 1]; q++) {
+        /* the group's rows UP_ROWS at a time, each vector of B^T read once for them */
+        for (int64_t q0 = p->gstart[g]; q0 < p->gstart[g + 1]; q0 += UP_ROWS) {
+            const int64_t q1 = q0 + UP_ROWS < p->gstart[g + 1] ? q0 + UP_ROWS : p->gstart[g + 1];
+            const float *tr[UP_ROWS];
+            float *yr[UP_ROWS];
+            for (int64_t q = q0; q < q1; q++) {
                 const int64_t m = p->grow[q];
-                up(p->t[i] + m * p->rmax[i], f->b, f->r, o0, o1, y + m * N);
+                tr[q - q0] = p->t[i] + m * p->rmax[i];
+                yr[q - q0] = y + m * N;
             }
+            up(tr, yr, (int)(q1 - q0), f->bp, f->dtype == LK_LORA_F16, f->r, r0, r1);
         }
     }
 }
