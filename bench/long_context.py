@@ -2,7 +2,7 @@
 
     python bench/long_context.py --model qwen2.5-coder-0.5b --quant q8_0
                                  [--context 512 --context 4096 --context 16384]
-                                 [--kv-cache f32|f16|q8_0] [--threads 2] [--decode-tokens 32]
+                                 [--kv-cache auto|f32|f16|q8_0] [--threads 2] [--decode-tokens 32]
 
 For each context length L, each engine in its own subprocess:
 - prefill: the first L tokens of WikiText-2 (repeated when it is shorter), timed from an
@@ -78,7 +78,7 @@ def worker_lattice(path: str, quant: str, threads: int, length: int, n: int,
         start = time.perf_counter()
         logits = model.forward(np.array([[token]]), cache, last_only=True)
         times.append(time.perf_counter() - start)
-    return summarize(prefill_s, times, length) | {"kv_cache": kv_cache}
+    return summarize(prefill_s, times, length) | {"kv_cache": model.kv_cache}
 
 
 def worker_llama_cpp(path: str, threads: int, length: int, n: int) -> dict:
@@ -111,7 +111,9 @@ def main() -> int:
                         help="catalog name (bench/gguf_variants.py) or .gguf path")
     parser.add_argument("--quant", default="q8_0", choices=("f32", "f16", "q8_0"))
     parser.add_argument("--context", type=int, action="append")
-    parser.add_argument("--kv-cache", default="f32", choices=("f32", "f16", "q8_0"))
+    parser.add_argument("--kv-cache", default="auto", choices=("auto", "f32", "f16", "q8_0"),
+                        help="lattice's KV dtype (default: the engine's, auto: f16 for "
+                             "quantized weights)")
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true", help="lattice only")
