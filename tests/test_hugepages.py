@@ -28,6 +28,17 @@ def test_large_buffer_gets_its_own_region():
     assert big[-1] == 7
 
 
+def test_zeros_are_zeroed_arrays_of_their_own(tmp_path):
+    big = hugepages.zeros((3, 4096, 2, 64), np.float16)   # a KV cache layer: 3 MB
+    small = hugepages.zeros((2, 8), np.float32)           # below the threshold: numpy
+    assert big.shape == (3, 4096, 2, 64) and big.dtype == np.float16 and not big.any()
+    assert big.ctypes.data % hugepages.HUGE_PAGE == 0 and big.flags.c_contiguous
+    assert small.shape == (2, 8) and not small.any()
+    other = hugepages.zeros(big.shape, big.dtype)
+    big[...] = 1
+    assert not other.any() and (big == 1).all()
+
+
 def test_read_into_fills_from_offset(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(bytes(range(256)) * 10)

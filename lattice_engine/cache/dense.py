@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConfigError
+from ..io.hugepages import zeros
 
 KV_DTYPES = ("f32", "f16", "q8_0")
 # the config's default: f32 for a float32 model (its logits stay the reference's), f16 for
@@ -117,10 +118,10 @@ def check_kv_dtype(dtype: str, head_dim: int | None = None) -> str:
 def kv_storage(dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """A zeroed array holding float [..., D] vectors in `dtype`."""
     if dtype == "f32":
-        return np.zeros(shape, np.float32)
+        return zeros(shape, np.float32)
     if dtype == "f16":
-        return np.zeros(shape, np.float16)
-    return np.zeros(shape[:-1] + (shape[-1] // Q8_0_BLOCK * Q8_0_BYTES,), np.uint8)
+        return zeros(shape, np.float16)
+    return zeros(shape[:-1] + (shape[-1] // Q8_0_BLOCK * Q8_0_BYTES,), np.uint8)
 
 
 def kv_encode(dtype: str, x: np.ndarray) -> np.ndarray:
@@ -164,7 +165,7 @@ class KVCache:
         self.capacity = capacity
         shape = (batch, capacity, num_kv_heads, head_dim)
         self.keys = [kv_storage(self.dtype, shape) for _ in range(num_layers)]
-        self.values = [np.zeros_like(k) for k in self.keys]
+        self.values = [kv_storage(self.dtype, shape) for _ in range(num_layers)]
         self.offset = 0
 
     def reserve(self, needed: int) -> None:
@@ -176,7 +177,7 @@ class KVCache:
         new_cap = max(needed, 2 * self.capacity)
         for store in (self.keys, self.values):
             for i, old in enumerate(store):
-                grown = np.zeros((self.batch, new_cap) + old.shape[2:], old.dtype)
+                grown = zeros((self.batch, new_cap) + old.shape[2:], old.dtype)
                 grown[:, : self.capacity] = old
                 store[i] = grown
         self.capacity = new_cap

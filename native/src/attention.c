@@ -243,6 +243,7 @@ LK_AVX2_TARGET static void unit_tiled_avx2(const attn_job *j, int64_t b, int64_t
     }
     memset(acc, 0, (size_t)(R * D) * sizeof(float));
     const int64_t longest = pos + t1 < j->S ? pos + t1 : j->S; /* keys of the last row */
+    const int64_t rowb = j->direct ? D * (int64_t)sizeof(float) : lk_kv_row_bytes(j->dtype, D);
     for (int64_t s0 = 0; s0 < longest; s0 += KT) {
         const int64_t kn = longest - s0 < KT ? longest - s0 : KT;
         const int64_t kp16 = (kn + 15) & ~(int64_t)15;
@@ -250,6 +251,16 @@ LK_AVX2_TARGET static void unit_tiled_avx2(const attn_job *j, int64_t b, int64_t
             const float *rows[8];
             for (int i = 0; i < 8; i++) {
                 const int64_t s = s0 + c + i;
+                if (c + i < kn && s + KT < longest) { /* the same key of the next tile */
+                    const int64_t sn = s + KT;
+                    if (j->direct) {
+                        att_prefetch_row(j->k + b * j->ksb + sn * j->kst + kvh * j->ksh, rowb);
+                        att_prefetch_row(j->v + b * j->vsb + sn * j->vst + kvh * j->vsh, rowb);
+                    } else {
+                        att_prefetch_row((const char *)j->k + b * j->ksb + sn * j->kst + kvh * j->ksh, rowb);
+                        att_prefetch_row((const char *)j->v + b * j->vsb + sn * j->vst + kvh * j->vsh, rowb);
+                    }
+                }
                 if (c + i >= kn) {
                     rows[i] = NULL;
                 } else if (j->direct) {

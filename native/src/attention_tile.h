@@ -18,6 +18,15 @@
 
 #define ATT_KT 64
 
+/* Prefetch one stored key or value row (bytes) into L1. The tile loops call it for the
+   row one tile ahead as they load each row: rows of one kv head are strided (the other
+   heads in between) and the arrays sit on 4 KiB pages, where the hardware prefetcher
+   restarts every 16-32 keys; without it a 16,384-token f16 decode spent 35% of its time
+   waiting in the widening loads (Qwen2.5-Coder-0.5B q8_0). */
+static inline void att_prefetch_row(const void *row, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)row + o, _MM_HINT_T0);
+}
+
 /* kt[(d + e) * ATT_KT + c + i] = r[i][d + e] for the 8 key rows r[i] (NULL: a zero row) */
 LK_AVX2_TARGET static inline void att_pack8_avx2(const float *const r[8], int64_t D, float *kt,
                                                  int64_t c) {

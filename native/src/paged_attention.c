@@ -110,9 +110,10 @@ static void row_generic(const paged_job *j, const float *q, const int32_t *table
 #include "attention_tile.h"
 #define KT ATT_KT
 
-/* kt[d * KT + c] = K[s0 + c][d] for c < kn, zero for kn <= c < round_up(kn, 16) */
+/* kt[d * KT + c] = K[s0 + c][d] for c < kn, zero for kn <= c < round_up(kn, 16); keys
+   below `ahead` of the next tile are prefetched */
 LK_AVX2_TARGET static void pack_keys_avx2(const paged_job *j, const int32_t *table, int64_t kvh,
-                                          int64_t s0, int64_t kn, float *kt,
+                                          int64_t s0, int64_t kn, int64_t ahead, float *kt,
                                           const float **vrows, float *wide) {
     const int64_t D = j->D, kp16 = (kn + 15) & ~(int64_t)15;
     /* not direct: wide holds 8 widened keys [8, D], then the tile's values [KT, D] */
@@ -122,6 +123,10 @@ LK_AVX2_TARGET static void pack_keys_avx2(const paged_job *j, const int32_t *tab
         const float *r[8];
         for (int i = 0; i < 8; i++) {
             const int64_t s = s0 + c + i;
+            if (c + i < kn && s + KT < ahead) { /* the same key of the next tile */
+                att_prefetch_row(kv_row_bytes(j->kp, table, s + KT, j, kvh), j->rowb);
+                att_prefetch_row(kv_row_bytes(j->vp, table, s + KT, j, kvh), j->rowb);
+            }
             if (c + i >= kn) {
                 r[i] = NULL;
             } else if (j->direct) {
@@ -167,7 +172,7 @@ LK_AVX2_TARGET static void unit_avx2(const paged_job *j, int64_t i, int64_t kvh,
     for (int64_t s0 = 0; s0 < longest; s0 += KT) {
         const int64_t kn = longest - s0 < KT ? longest - s0 : KT;
         const int64_t kp16 = (kn + 15) & ~(int64_t)15;
-        pack_keys_avx2(j, table, kvh, s0, kn, kt, vrows, wide);
+        pack_keys_avx2(j, table, kvh, s0, kn, longest, kt, vrows, wide);
         /* only rows that see keys of this tile: row t sees pos + t + 1 keys */
         const int64_t tfirst = s0 - pos > t0 ? s0 - pos : t0;
         const int64_t rfirst = (tfirst - t0) * group;
