@@ -87,7 +87,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the file lattice loads (.gguf or folder)")
     p.add_argument("--quant", default="q8_0")
-    p.add_argument("--kv-cache", default="f32", choices=("f32", "f16", "q8_0"))
+    p.add_argument("--kv-cache", default="auto", choices=("auto", "f32", "f16", "q8_0"),
+                   help="lattice's KV dtype (default: the engine's, auto)")
     p.add_argument("--llama-gguf", default=None,
                    help="the file llama.cpp loads (default: --model)")
     p.add_argument("--llama-python", default=sys.executable)
