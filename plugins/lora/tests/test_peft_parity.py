@@ -62,11 +62,12 @@ def test_decode_token_by_token_matches_prefill(base, backend):
     assert np.abs(got - ref["logits"]).max() <= max(bound_for(model, ref), 1e-5)
 
 
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
-def test_quantized_base_with_float_adapter(quant):
+def test_quantized_base_with_float_adapter(quant, backend):
     # the adapter stays float over a quantized base: the update equals PEFT's update on top
-    # of the quantized model's own logits
-    model = load_base("llama", "numpy", quant)
+    # of the quantized model's own logits (native: the kernels' float16 copy of the factors)
+    model = load_base("llama", backend, quant)
     ref = reference("llama")
     weights = load_peft(LORA_FIXTURES / "llama", model)
     got = forward_with(model, weights, ref["prompt_ids"])

@@ -18,11 +18,11 @@ from lattice_engine.testing.checkpoints import write_tokenizer_files
 OPTS = BatchingOptions(kv_cache_tokens=1024, block_size=4, step_tokens=24, interleave_tokens=8)
 
 
-def make_engine(tmp_path, base: str, backend: str) -> Engine:
+def make_engine(tmp_path, base: str, backend: str, quant=None) -> Engine:
     folder = tmp_path / base
     shutil.copytree(CORE_FIXTURES / base, folder)
     write_tokenizer_files(folder, eos_token_id=-1)  # random weights: never stop early
-    engine = Engine.load(str(folder), backend=backend)
+    engine = Engine.load(str(folder), backend=backend, quant=quant)
     engine.load_adapter(LORA_FIXTURES / base, name="a")
     engine.adapters.mix("b", [("a", -2.0)])          # another adapter: a different update
     return engine
@@ -50,9 +50,11 @@ REQUESTS = [("The quick brown fox", dict(max_tokens=8, adapter="a")),
 
 
 @pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("base", ["llama", "qwen3_5_text"])
-def test_rows_with_different_adapters_equal_each_request_alone(tmp_path, base, backend):
-    engine = make_engine(tmp_path, base, backend)
+@pytest.mark.parametrize("base,quant", [("llama", None), ("qwen3_5_text", None),
+                                        ("llama", "q8_0"), ("qwen3_5_text", "f16")])
+def test_rows_with_different_adapters_equal_each_request_alone(tmp_path, base, quant, backend):
+    # quantized bases: the native kernels read float16 factors (and f16 KV), same contract
+    engine = make_engine(tmp_path, base, backend, quant)
     batched = run_all(engine, REQUESTS)
     for (prompt, kw), (tokens, reason, _) in zip(REQUESTS, batched):
         single = engine.generate(prompt, **kw)          # dense cache, one adapter
