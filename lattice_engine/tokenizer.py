@@ -37,7 +37,7 @@ class TextTokenizer:
             if source is None:
                 continue
             if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-                raise CheckpointError(f"{where}: eos_token_id = {str(source)[:80]} must be "
+                raise CheckpointError(f"{where}: eos_token_id = {repr(source)[:80]} must be "
                                       f"an integer or a list of integers")
             ids.extend(items)
         eos = _token_text(tok_cfg.get("eos_token"))

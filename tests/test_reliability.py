@@ -686,12 +686,14 @@ def test_nan_logits_from_a_broken_checkpoint_are_each_requests_error(tmp_path):
         s.stop()
 
 
-def test_eos_token_id_of_the_wrong_type_is_a_one_line_error(capsys, tiny_model_dir):
-    """Found by scripts/soak.py: eos_token_id = [0.5, null] raised a TypeError."""
+@pytest.mark.parametrize("value", [[0.5, None], "\n"])
+def test_eos_token_id_of_the_wrong_type_is_a_one_line_error(capsys, tiny_model_dir, value):
+    """Found by scripts/soak.py: eos_token_id = [0.5, null] raised a TypeError; by the
+    fuzz test: a string with a newline broke the error message over two lines."""
     from test_bad_input import assert_one_line_error
     path = tiny_model_dir / "config.json"
     config = json.loads(path.read_text())
-    config["eos_token_id"] = [0.5, None]
+    config["eos_token_id"] = value
     path.write_text(json.dumps(config))
     assert_one_line_error(capsys, ["generate", "hi", "--model", str(tiny_model_dir)],
                           "config.json: eos_token_id", "list of integers")
