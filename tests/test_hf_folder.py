@@ -49,6 +49,24 @@ def test_missing_shard_is_named(tmp_path):
         load(folder, backend="numpy")
 
 
+@pytest.mark.parametrize("value,says", [
+    (5, "weight_map names shard 5"), ("../model.safetensors", "names shard '../model"),
+    ("..", "names shard '..'"), ("", "names shard ''"),
+    ("a\nb.safetensors", "shard(s) 'a\\nb.safetensors' named in")])
+def test_an_index_naming_no_file_in_the_folder_is_refused(tmp_path, value, says):
+    # outside the folder (path traversal), not a name, or a name whose error must stay one line
+    folder = fixture_with_tokenizer("qwen2", tmp_path)
+    names = sorted(load_file(str(folder / "model.safetensors")))
+    shard(folder, [names[:10], names[10:]])
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][names[0]] = value
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as err:
+        load(folder, backend="numpy")
+    assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
 def test_bf16_weights_are_widened_exactly(tmp_path):
     folder = fixture_with_tokenizer("llama", tmp_path)
     tensors = load_file(str(folder / "model.safetensors"))

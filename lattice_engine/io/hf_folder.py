@@ -36,10 +36,16 @@ def safetensors_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index} has no weight_map; the index is corrupt")
+        bad = [v for v in weight_map.values()
+               if not isinstance(v, str) or v in ("", ".", "..") or "/" in v or "\\" in v]
+        if bad:
+            raise CheckpointError(f"{index}: weight_map names shard {repr(bad[0])[:80]}; each "
+                                  f"value must be a file name in the folder; the index is "
+                                  f"corrupt")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
-        missing = [str(f.name) for f in files if not f.exists()]
+        missing = [repr(f.name)[:80] for f in files if not f.exists()]
         if missing:
-            raise CheckpointError(f"{folder}: shard(s) {', '.join(missing)} named in "
+            raise CheckpointError(f"{folder}: shard(s) {', '.join(missing[:8])} named in "
                                   f"{index.name} are missing; download all shards")
         return files
     files = sorted(folder.glob("*.safetensors"))

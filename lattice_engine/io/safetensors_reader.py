@@ -93,7 +93,7 @@ def open_safetensors(path: Path) -> tuple[dict[str, Callable], dict[str, tuple[i
                                   f"non-negative integers (begin <= end) and dtype a string; "
                                   f"the header is corrupt")
         if dtype_name not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype_name}; supported: "
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {_short(dtype_name)}; supported: "
                                   f"{', '.join(DTYPES)}")
         dtype = np.dtype(DTYPES[dtype_name])
         expected = dtype.itemsize  # Python ints: corrupt dims must not wrap in int64
