@@ -31,6 +31,9 @@ from ..errors import ConfigError
 from ..io.hugepages import zeros
 
 KV_DTYPES = ("f32", "f16", "q8_0")
+Q8_0_BLOCK, Q8_0_BYTES = 32, 34
+# the C store transforms one head vector in a stack buffer of this many floats
+MAX_Q8_0_HEAD_DIM = 1024
 # the config's default: f32 for a float32 model (its logits stay the reference's), f16 for
 # any other weight format, whose own rounding is far larger than f16's 2^-11 on keys and
 # values (Qwen2.5-Coder-0.5B q8_0: -0.0014 perplexity) while a long-context decode step
@@ -41,9 +44,6 @@ KV_AUTO = "auto"
 def default_kv_dtype(quant_method: str) -> str:
     """What `kv_cache = "auto"` stores for a model loaded with `quant_method`."""
     return "f32" if quant_method == "f32" else "f16"
-Q8_0_BLOCK, Q8_0_BYTES = 32, 34
-# the C store transforms one head vector in a stack buffer of this many floats
-MAX_Q8_0_HEAD_DIM = 1024
 
 
 @dataclass(frozen=True)

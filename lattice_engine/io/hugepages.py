@@ -64,8 +64,8 @@ def own_region(nbytes: int) -> np.ndarray:
 
 def zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     """A zeroed array of its own mapping on 2 MiB pages when it is large enough to matter
-    (anonymous memory starts zeroed; freed with its last view): caches and recurrent
-    states that a step streams. On 4 KiB pages a 16,384-token f16 KV cache decoded 10%
+    (anonymous memory starts zeroed; freed with its last view): the KV caches a step
+    streams. On 4 KiB pages a 16,384-token f16 KV cache decoded 10%
     slower (Qwen2.5-Coder-0.5B: the hardware prefetcher stops at every page boundary)."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

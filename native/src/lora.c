@@ -2,11 +2,12 @@
  *
  *     y[m] += scale_s * (x[m] . A_s^T) . B_s^T      for each row m, s = the row's slot
  *
- * with A_s [r, K] and B_s [N, r] (B packed in blocks of 16 outputs) as float32, or as float16
- * over a base that is not float32 (see lk_lora_factor; the adapter stays float whatever
- * the base format, its arithmetic float32). Rows choose their slot through the shared lk_lora_rows (one slot for all rows,
- * or one per row; -1 or a slot without factors for this module adds nothing), so one
- * batch can mix adapters and rows without any.
+ * with A_s [r, K] and B_s [N, r] (B packed in blocks of 16 outputs) as float32, or as
+ * float16 over a base that is not float32 (see lk_lora_factor; the adapter stays float
+ * whatever the base format, its arithmetic float32). Rows choose their slot through the
+ * shared lk_lora_rows (one slot for all rows, or one per row; -1 or a slot without
+ * factors for this module adds nothing), so one batch can mix adapters and rows without
+ * any.
  *
  * A plan (lk_lora_plan) covers the linears that read one x (q/k/v, gate/up) and runs in
  * two passes over the rows grouped by slot, so each adapter's factors are read once per
