@@ -173,6 +173,7 @@ class BatchRunner(SpeculativeSteps):
         self.speculation = speculation
         # every Speculation a request of this runner used (their counters feed /metrics)
         self.speculations: dict[int, object] = {}
+        self.spec_idle_steps = 0  # steps in a row whose drafts batch_draft_lengths refused
         if speculation is not None:
             self._check_speculation(speculation)
             self.speculations[id(speculation)] = speculation
@@ -430,7 +431,9 @@ class BatchRunner(SpeculativeSteps):
         self.scheduler.prefill_tokens = self.pacer.prefill_budget()
         started = time.perf_counter()
         outputs = self._encode_some() if self.encoding else []
+        drafting = time.perf_counter()
         outputs += self._draft()
+        drafting = time.perf_counter() - drafting
         plan = self.scheduler.schedule()
         outputs += [self._finish(seq, "length") for seq in plan.out_of_memory]
         for seq in self.scheduler.running:
@@ -439,6 +442,10 @@ class BatchRunner(SpeculativeSteps):
             return outputs
         self.stats.steps += 1
         computed = sum(it.count for it in plan.items)  # (a verify's count shrinks to the kept)
+        # rows of decoders and verifies, every computed row counted (a verify's rejected
+        # drafts cost the forward as much as its kept ones)
+        decode_rows = sum(it.count for it in plan.items if it.sample and
+                          (it.count == 1 or it.draft))
         verify_started = time.perf_counter()
         logits, scored, hidden = self._forward(plan.items)
         verify_seconds = time.perf_counter() - verify_started
@@ -462,11 +469,11 @@ class BatchRunner(SpeculativeSteps):
                 out = self._fail(seq, exc)  # mask, NaN logits) must not end the others
             if out is not None:
                 outputs.append(out)
-        # the whole step (sampling and detokenizing too) is what the decoders wait for
-        decode_rows = sum(it.count for it in plan.items if it.sample and
-                          (it.count == 1 or it.draft))
+        # the whole step (sampling and detokenizing too) is what the decoders wait for;
+        # drafting is not: the pacer's step costs are those of rows through the model
+        # (batch_draft_lengths adds each drafter's own measured cost to them)
         self.pacer.record(decode_rows, computed - decode_rows,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started - drafting)
         return outputs
 
     def _run_forward(self, batch: PagedBatch, items) -> np.ndarray:

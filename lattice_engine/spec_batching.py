@@ -27,6 +27,9 @@ from .speculative import Draft, DraftLength, TargetRows, batch_draft_lengths, ru
 
 log = logging.getLogger(__name__)
 
+# steps in a row without drafts (the batch plan refused them) before one probe step drafts
+PROBE_AFTER = 16
+
 
 def _merge(outs: list) -> Optional[object]:
     """One output for the tokens a verify emitted (each `_take` may have made one)."""
@@ -51,6 +54,7 @@ class Speculating:
     request: object
     length: DraftLength
     draft: Optional[Draft] = None
+    primed: bool = False  # its drafter has drafted for it before (seen its prompt)
 
 
 class SpeculativeSteps:
@@ -78,8 +82,18 @@ class SpeculativeSteps:
         lengths = batch_draft_lengths([k for _, _, k in wanted],
                                       [sp.length.rate for _, sp, _ in wanted],
                                       len(decoding), self.pacer.decode_time,
-                                      [sp.spec.stats.draft_seconds_per_token
-                                       for _, sp, _ in wanted])
+                                      [sp.spec.draft_cost for _, sp, _ in wanted])
+        # The plan compares estimates that only drafting refreshes (acceptance, drafting
+        # cost, the cost of the verify rows): after PROBE_AFTER refused steps in a row,
+        # draft once anyway, so one stale estimate cannot switch speculation off for good.
+        probe = False
+        if any(lengths):
+            self.spec_idle_steps = 0
+        else:
+            self.spec_idle_steps += 1
+            if self.spec_idle_steps >= PROBE_AFTER:
+                self.spec_idle_steps, probe = 0, True
+                lengths = [k for _, _, k in wanted]
         failed = []
         groups: dict[int, list] = {}  # by drafter: one propose_batch call each when it has one
         for (seq, sp, asked), k in zip(wanted, lengths):
@@ -87,7 +101,8 @@ class SpeculativeSteps:
             if k > 0:
                 groups.setdefault(id(sp.spec.drafter), []).append((seq, sp, k))
         for group in groups.values():
-            drafter, stats = group[0][1].spec.drafter, group[0][1].spec.stats
+            spec = group[0][1].spec
+            drafter, stats = spec.drafter, spec.stats
             drafts = None
             started = time.perf_counter()
             if len(group) > 1 and callable(getattr(drafter, "propose_batch", None)):
@@ -114,7 +129,15 @@ class SpeculativeSteps:
                 sp.draft = draft if len(draft.tokens) <= k else \
                     Draft(draft.tokens[:k], None if draft.probs is None else draft.probs[:k])
                 seq.draft = list(sp.draft.tokens)
-            stats.draft_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            stats.draft_seconds += seconds
+            # a request's first drafting call also reads its prompt (a draft model's
+            # prefill): a one-off, kept out of the per-token cost the plan weighs
+            if all(sp.primed for _, sp, _ in group):
+                spec.record_draft_cost(seconds, sum(len(seq.draft) for seq, _, _ in group),
+                                       fresh=probe)
+            for _, sp, _ in group:
+                sp.primed = True
         return failed
 
     def _lend_recurrent(self, seq, sp) -> None:

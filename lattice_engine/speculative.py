@@ -361,11 +361,26 @@ def can_speculate(sampler, mask) -> bool:
 class Speculation:
     """A drafter with its options and counters, shared by the requests of one engine."""
 
+    # weight of the newest drafting call in `draft_cost`
+    COST_SMOOTHING = 0.2
+
     def __init__(self, drafter, options: SpeculativeOptions):
         self.drafter = drafter
         self.options = options
         self.stats = SpecStats()
+        self.draft_cost = 0.0  # seconds per drafted token, recent calls (0: none yet)
         self._ids = 0
+
+    def record_draft_cost(self, seconds: float, drafted: int, fresh: bool = False) -> None:
+        """Fold one drafting call (`drafted` tokens in `seconds`) into `draft_cost`, a
+        moving average (the cost follows the machine's load and the drafts' lengths);
+        fresh: a probe after drafting was refused for a while, whose cost replaces the
+        stale estimate."""
+        if drafted <= 0:
+            return
+        cost = seconds / drafted
+        self.draft_cost = cost if fresh or not self.draft_cost else \
+            self.draft_cost + self.COST_SMOOTHING * (cost - self.draft_cost)
 
     @classmethod
     def build(cls, registry, options: SpeculativeOptions, model, tokenizer):

@@ -11,6 +11,8 @@ drafters and the rejection sampler are the spec_decode plugin's, tested in its s
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -420,6 +422,88 @@ def test_batch_draft_lengths_switch_off_when_rows_are_dear():
     assert batch_draft_lengths([4, 4], [0.7, 0.7], 2, cheap, [1.0, 1.0]) == [0, 0]
     # unmeasured: drafts go ahead (the step then gets measured)
     assert batch_draft_lengths([3], [0.1], 1, lambda rows: None) == [3]
+
+
+class TimedScript(ScriptDrafter):
+    """Drafts the script's continuation exactly; sleeps `first` seconds in the first
+    propose of each request (a draft model reading the prompt) and `each` in every call."""
+
+    def __init__(self, *args, first=0.0, each=0.0, slow_calls=(), **kw):
+        super().__init__(*args, **kw)
+        self.first, self.each, self.seen = first, each, set()
+        self.slow_calls = slow_calls  # these calls (counted from 1) sleep `first` too
+
+    def propose(self, request, k):
+        self.calls += 1
+        slow = request.request_id not in self.seen or self.calls in self.slow_calls
+        time.sleep(self.each + (self.first if slow else 0.0))
+        self.seen.add(request.request_id)
+        ids = list(request.token_ids)
+        for prompt, cont in self.script.items():
+            full = list(prompt) + list(cont)
+            if full[:len(ids)] == ids:
+                return Draft(full[len(ids):len(ids) + k])
+        return Draft([])
+
+
+def memory_bound_steps(monkeypatch):
+    """Step costs as on a big model (a step 20 ms, a verify row 0.2 ms more), so the batch
+    plan's choices depend on the drafter's time alone, not on the tiny model's timing."""
+    from lattice_engine.prefill_pacer import PrefillPacer
+    monkeypatch.setattr(PrefillPacer, "decode_time", lambda self, rows: 0.02 + 0.0002 * rows)
+
+
+def run_timed(eng, holder, drafter, spec, max_tokens):
+    good = holder["drafter"]
+    holder["drafter"] = drafter
+    try:
+        eng._speculations.clear()
+        prompt = list(next(iter(holder["drafter"].script)))
+        tokens, _ = run_batch(eng, [(prompt, dict(max_tokens=max_tokens, speculative=spec))],
+                              BatchingOptions(kv_cache_tokens=1024, block_size=4))
+        assert tokens == [drafter.script[tuple(prompt)][:max_tokens]]
+        return eng.speculation_for(spec).stats
+    finally:
+        holder["drafter"] = good
+        eng._speculations.clear()
+
+
+def test_a_slow_first_draft_does_not_switch_speculation_off(setup, monkeypatch):
+    """A draft model's first propose of a request reads the whole prompt; the batch plan
+    must not take that for the cost of every drafted token (it then refused every later
+    draft, and nothing re-measured the cost)."""
+    eng, _, holder = setup
+    memory_bound_steps(monkeypatch)
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab, first=0.3)
+    stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
+    # drafts are exact: about 5 tokens per verify once the step costs are measured
+    assert stats.emitted >= 30 and stats.verifies <= 12
+
+
+def test_speculation_refused_for_a_while_probes_again(setup, monkeypatch):
+    """Drafting that was dear for a moment (call 2: the machine was busy) gets the
+    plan to refuse drafts; after PROBE_AFTER refused steps one step drafts anyway, its
+    cost replaces the stale estimate, and speculation resumes."""
+    from lattice_engine.spec_batching import PROBE_AFTER
+    eng, _, holder = setup
+    memory_bound_steps(monkeypatch)
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab, first=0.2,
+                          slow_calls=(2,))
+    stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
+    # 2 verifies (about 10 tokens), PROBE_AFTER plain steps, then verifies again
+    assert PROBE_AFTER < 40 - 10
+    assert stats.verifies > 3 and stats.emitted > 15
+
+
+def test_drafting_time_stays_out_of_the_step_costs(setup):
+    """The pacer learns what rows through the model cost; a verify's rows count as
+    computed (all k + 1), and the drafter's own time is not part of them."""
+    eng, _, holder = setup
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab, each=0.2)
+    spec = {"method": "script", "num_draft_tokens": 3, "adaptive": False}
+    stats = run_timed(eng, holder, drafter, spec, 12)
+    assert stats.verifies >= 2
+    assert eng.runner.pacer.decode_time(4) < 0.2  # the tiny model's step: milliseconds
 
 
 class HiddenScript(ScriptDrafter):
