@@ -4,7 +4,8 @@
                kv_cache = "auto" | "f32" | "f16" | "q8_0" (how every KV cache stores keys and
                values; auto: f32 for float32 weights, f16 for any other format)
     [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }, group_size = 64
-               (method omitted: as the checkpoint is stored, f32 unless `lattice quantize`
+               (method omitted: as the checkpoint is stored: a GGUF file in its tensors' types
+               where lattice has them (else q8_0), a folder f32 unless `lattice quantize`
                wrote it; group_size only for grouped methods such as q4_asym)
     [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop,
                presence_penalty, frequency_penalty, logit_bias = { "28" = -100 }, sampler,
@@ -79,7 +80,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class QuantSection:
-    method: Optional[str] = None  # None: as the checkpoint is stored (f32 if not quantized)
+    method: Optional[str] = None  # None: as stored (loading.gguf_as_stored; folders f32)
     overrides: Mapping[str, str] = field(default_factory=dict)
     group_size: Optional[int] = None  # grouped methods only (q4_sym, q4_asym)
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from . import ops as numpy_ops
 from .errors import CheckpointError, ConfigError, PluginError
 from .io.checkpoint import Checkpoint
@@ -117,8 +119,11 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
     if transforms:
         from .transforms import apply_transforms
         checkpoint = apply_transforms(checkpoint, transforms, registry)
-    # a checkpoint written by `lattice quantize` loads as stored unless told otherwise
+    # a checkpoint written by `lattice quantize`, or a GGUF file, loads as stored unless
+    # told otherwise
     stored = checkpoint.config.get("quantization") or {}
+    if not stored and quant.method is None and checkpoint.stored_types:
+        stored = gguf_as_stored(checkpoint, formats, registry)
     method_name = quant.method or stored.get("method") or "f32"
     if method_name not in registry.names("quant_methods"):
         raise PluginError(f"{path} was quantized with method {method_name!r}, which is not "
@@ -155,6 +160,50 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
         tokenizer = TextTokenizer(checkpoint.tokenizer, checkpoint.tokenizer_config,
                                   checkpoint.generation_config, checkpoint.config)
     return LoadedModel(model, tokenizer, checkpoint, str(source), method_name, loader)
+
+
+# GGML float types (F32, F16, BF16): a file of these is not quantized
+_GGML_FLOATS = (0, 1, 30)
+
+
+def gguf_as_stored(checkpoint, formats: dict, registry) -> dict[str, Any]:
+    """How a GGUF file loads when no quant method is asked for, in the shape of a
+    `lattice quantize` checkpoint's quantization section: the method whose linear format is
+    the format most of the file's matrices are stored in (Q8_0 -> q8_0, F16 -> f16, Q4_0 /
+    Q4_1 -> q4_sym / q4_asym at group 32 with lattice-quant-q4), and every matrix whose
+    type lattice has a format for kept in it, as llama.cpp runs the file. Matrices in types
+    lattice has no kernels for (Q4_K, Q6_K, ...) are dequantized; when those are most of
+    the file, it loads as q8_0 (a quantized file should not grow to float32: a Q4_K_M
+    1.5B would take 6 GB), and `quant = "f32"` keeps their dequantized values exactly."""
+    by_type = {f.gguf_type: name for name, f in formats.items() if f.gguf_type is not None}
+    weight: dict[int, int] = {}
+    kept: dict[str, str] = {}
+    for name, ggml in checkpoint.stored_types.items():
+        shape = checkpoint.shapes.get(name, ())
+        if len(shape) < 2:
+            continue  # norms and biases are float32 whatever the file holds
+        weight[ggml] = weight.get(ggml, 0) + int(np.prod(shape))
+        if ggml in by_type and len(shape) == 2:
+            kept[name] = by_type[ggml]
+    if not weight:
+        return {}
+    dominant = max(weight, key=weight.__getitem__)
+    fmt = by_type.get(dominant)
+    for method_name in registry.names("quant_methods") if fmt is not None else ():
+        method = registry.get("quant_methods", method_name)
+        for group_size in (None, 32):  # GGUF's grouped 4-bit types have groups of 32
+            try:
+                linear = method.with_group_size(group_size).linear
+            except ConfigError:
+                continue
+            if linear == fmt:
+                return {"method": method_name, "group_size": group_size, "formats": kept}
+    if dominant in _GGML_FLOATS:
+        return {"method": "f32", "formats": kept}
+    log.info("%s: most matrices are of a GGUF type lattice has no kernels for (%d); they "
+             "load dequantized and re-quantized to q8_0 (quant = 'f32' keeps them exact)",
+             checkpoint.source, dominant)
+    return {"method": "q8_0", "formats": kept}
 
 
 def set_kv_cache(model, dtype: str) -> None:

@@ -81,7 +81,7 @@ for _g, _h in {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn
             HF_TO_GGUF[f"model.layers.{_i}.{_h}.{_kind}"] = f"blk.{_i}.{_g}.{_kind}"
 
 
-def write_gguf(path: Path, arch: str = "llama", *, tie: bool = True, quant: bool = False,
+def write_gguf(path: Path, arch: str = "llama", *, tie: bool = True, quant=False,
                pre: str = "smollm", add_bos: bool = False, head_dim: int = 16,
                seed: int = 0) -> dict:
     """Write a tiny model; return its HF-layout float32 weights."""
@@ -112,7 +112,8 @@ def write_gguf(path: Path, arch: str = "llama", *, tie: bool = True, quant: bool
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             t = gguf_permute(t, HEADS if ".q_proj." in name else KV_HEADS)
         if quant and t.ndim == 2:
-            wr.add_tensor(HF_TO_GGUF[name], gguf.quants.quantize(t, Q8), raw_dtype=Q8)
+            qt = Q8 if quant is True else quant  # quant: True (Q8_0) or a ggml type
+            wr.add_tensor(HF_TO_GGUF[name], gguf.quants.quantize(t, qt), raw_dtype=qt)
         else:
             wr.add_tensor(HF_TO_GGUF[name], t)
     wr.write_header_to_file()
@@ -188,6 +189,30 @@ def test_q8_0_passthrough_equals_quantize_then_read(tmp_path):
         deq = q8_0_to_float(np.ascontiguousarray(p.data), ref.shape[1])
         np.testing.assert_array_equal(deq, floats.tensors[name](), err_msg=name)
         assert np.max(np.abs(deq - ref)) < 0.05 * np.max(np.abs(ref))
+
+
+def test_a_gguf_file_loads_as_stored(tmp_path):
+    """No quant method asked for: a Q8_0 file runs its own blocks (as llama.cpp would), not
+    a float32 copy four times its size; an F32 file stays float32; a file of a type
+    lattice has no kernels for loads as q8_0; quant = "f32" still dequantizes."""
+    from lattice_engine.loading import load
+    from lattice_engine.quant.methods import QuantSpec
+    path = tmp_path / "q8.gguf"
+    write_gguf(path, "qwen2", quant=True)
+    loaded = load(path, backend="numpy")
+    assert loaded.quant == "q8_0"
+    up = loaded.model.layers[0].mlp.up_proj.weight
+    assert up.format.name == "q8_0"
+    raw = load_gguf(path, packed_formats={int(Q8): "q8_0"}).tensors[
+        "model.layers.0.mlp.up_proj.weight"]().data
+    assert np.array_equal(np.asarray(up.data), raw)  # the file's bytes, not re-quantized
+    assert load(path, quant=QuantSpec("f32"), backend="numpy").quant == "f32"
+    floats = tmp_path / "f32.gguf"
+    write_gguf(floats, "qwen2")
+    assert load(floats, backend="numpy").quant == "f32"
+    other = tmp_path / "q5.gguf"
+    write_gguf(other, "qwen2", quant=gguf.GGMLQuantizationType.Q5_0)
+    assert load(other, backend="numpy").quant == "q8_0"
 
 
 def test_packed_tensor_holds_the_file_bytes_when_not_permuted(tmp_path):

@@ -43,6 +43,8 @@ class Checkpoint:
         tokenizer_config: the `tokenizer_config.json` dict (chat_template, special tokens).
         generation_config: the `generation_config.json` dict (may be empty).
         source: where it came from, for messages.
+        stored_types: for a GGUF file, HF tensor name -> its ggml type id in the file (what
+            `loading.load` reads to load the file as stored); empty for other formats.
     """
 
     config: dict[str, Any]
@@ -52,3 +54,4 @@ class Checkpoint:
     tokenizer_config: dict[str, Any] = field(default_factory=dict)
     generation_config: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    stored_types: Mapping[str, int] = field(default_factory=dict)

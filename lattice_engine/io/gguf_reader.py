@@ -252,7 +252,9 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     if meta.get("general.architecture") == gguf_qwen35.ARCH:
         config = gguf_qwen35.build_config(meta, gguf_shapes, path)
         tensors, shapes = gguf_qwen35.tensors(path, gguf_tensors, config, packed_formats)
-        return _checkpoint(path, meta, config, tensors, shapes)
+        types = {gguf_qwen35.hf_name(t.name, config["num_hidden_layers"]): int(t.tensor_type)
+                 for t in gguf_tensors}
+        return _checkpoint(path, meta, config, tensors, shapes, types)
     config = build_config(meta, gguf_shapes, path)
 
     unknown = sorted(n for n in gguf_shapes if hf_tensor_name(n) is None)
@@ -264,6 +266,7 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     permute = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors: dict[str, Callable[[], Any]] = {}
     shapes: dict[str, tuple[int, ...]] = {}
+    types: dict[str, int] = {}
     for t in gguf_tensors:
         name, shape = hf_tensor_name(t.name), gguf_shapes[t.name]
         rows_order = None
@@ -277,16 +280,17 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
             rows_order = unpermute_rows(shape[0], permute[m.group(2)])
         tensors[name] = _loader(path, t, packed_formats, rows_order, shape)
         shapes[name] = shape
+        types[name] = int(t.tensor_type)
 
-    return _checkpoint(path, meta, config, tensors, shapes)
+    return _checkpoint(path, meta, config, tensors, shapes, types)
 
 
 def _checkpoint(path: Path, meta: dict[str, Any], config: dict[str, Any],
                 tensors: dict[str, Callable[[], Any]],
-                shapes: dict[str, tuple[int, ...]]) -> Checkpoint:
+                shapes: dict[str, tuple[int, ...]], types: dict[str, int]) -> Checkpoint:
     source = str(path)
     tokenizer = build_tokenizer(meta, source) if "tokenizer.ggml.tokens" in meta else None
     tokenizer_config, generation_config = tokenizer_configs(meta, source)
     return Checkpoint(config=config, tensors=tensors, shapes=shapes, tokenizer=tokenizer,
                       tokenizer_config=tokenizer_config, generation_config=generation_config,
-                      source=source)
+                      source=source, stored_types=types)
