@@ -23,7 +23,8 @@ from typing import Optional
 import numpy as np
 
 from .scheduler import Sequence, Status
-from .speculative import Draft, DraftLength, TargetRows, batch_draft_lengths, run_verify
+from .speculative import (Draft, DraftLength, TargetRows, batch_draft_lengths, break_even,
+                          run_verify)
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,16 @@ class SpeculativeSteps:
         decoding = [s for s in self.scheduler.running
                     if not s.prefilling and s.status is Status.RUNNING]
         wanted = []
+        floors: dict[int, Optional[float]] = {}  # break-even acceptance, per drafter
         for seq in decoding:
             sp: Optional[Speculating] = seq.detail.get("spec")
             if sp is None:
                 continue
-            k = min(sp.length.next(), seq.params.max_tokens - seq.num_generated - 1,
+            key = id(sp.spec)
+            if key not in floors:
+                floors[key] = break_even(len(decoding), self.pacer.decode_time,
+                                         sp.spec.draft_cost)
+            k = min(sp.length.next(floors[key]), seq.params.max_tokens - seq.num_generated - 1,
                     self.max_model_len - len(seq.token_ids) - 1)
             if k > 0:
                 wanted.append((seq, sp, k))

@@ -506,6 +506,24 @@ def test_drafting_time_stays_out_of_the_step_costs(setup):
     assert eng.runner.pacer.decode_time(4) < 0.2  # the tiny model's step: milliseconds
 
 
+def test_break_even_sets_how_far_to_draft_from_measured_costs():
+    from lattice_engine.speculative import break_even
+    # memory-bound 0.5B: a verify row costs 1.8 ms, a token 21 ms; n-gram drafting is free
+    small = lambda rows: 0.021 + 0.0018 * (rows - 1)  # noqa: E731
+    assert break_even(1, small, 0.0) == pytest.approx(0.0018 / 0.021)
+    # a draft model at 17.7 ms a token on a 66 ms target: a draft must be likelier kept
+    big = lambda rows: 0.066 + 0.0046 * (rows - 1)  # noqa: E731
+    assert break_even(1, big, 0.0177) == pytest.approx((0.0046 + 0.0177) / 0.066)
+    # 8 streams: a token costs an eighth of the step, so the same row is dearer
+    assert break_even(8, small, 0.0) == pytest.approx(0.0018 / (small(8) / 8))
+    assert break_even(1, lambda rows: None, 0.0) is None
+    length = DraftLength(16)
+    length.rate = 0.76
+    assert length.next() == 5  # the configured floor 0.25: 0.76^5 = 0.25
+    assert length.next(break_even(1, small, 0.0)) == 8  # 0.76^8 = 0.11 >= 0.086
+    assert length.next(0.9) == 1  # at least one draft (the verify measures acceptance)
+
+
 class HiddenScript(ScriptDrafter):
     """A script drafter that reads the target's hidden states, as an MTP head would, and
     records the last row it was handed at each propose."""
