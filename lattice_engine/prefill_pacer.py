@@ -61,6 +61,26 @@ class PrefillPacer:
             return t
         return max(t + (rows - near) * self.per_token, 0.5 * t)
 
+    def step_time(self, rows: int) -> Optional[float]:
+        """The cost of a step of `rows` rows through the model, for speculative decoding's
+        plan, whose verify steps add row counts far above the decoders': the measured one,
+        else a line through the measured counts around it, else `decode_time`."""
+        if not self._decode:
+            return None
+        below = [r for r in self._decode if r <= rows]
+        above = [r for r in self._decode if r >= rows]
+        if below and above:
+            lo, hi = max(below), min(above)
+            t_lo, t_hi = (statistics.median(self._decode[r]) for r in (lo, hi))
+            return t_lo if hi == lo else t_lo + (t_hi - t_lo) * (rows - lo) / (hi - lo)
+        return self.decode_time(rows)
+
+    def has_measured_near(self, rows: int) -> bool:
+        """Whether a decode-only step of about `rows` rows (within a quarter) was measured:
+        speculative decoding compares against it, and a batch that always speculates never
+        measures it otherwise."""
+        return any(abs(r - rows) <= max(1, rows // 4) for r in self._decode)
+
     @property
     def t_decode(self) -> Optional[float]:
         return self.decode_time(self.rows)

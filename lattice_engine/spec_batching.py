@@ -77,7 +77,7 @@ class SpeculativeSteps:
                 continue
             key = id(sp.spec)
             if key not in floors:
-                floors[key] = break_even(len(decoding), self.pacer.decode_time,
+                floors[key] = break_even(len(decoding), self.pacer.step_time,
                                          sp.spec.draft_cost)
             k = min(sp.length.next(floors[key]), seq.params.max_tokens - seq.num_generated - 1,
                     self.max_model_len - len(seq.token_ids) - 1)
@@ -85,10 +85,18 @@ class SpeculativeSteps:
                 wanted.append((seq, sp, k))
         if not wanted:
             return []
-        lengths = batch_draft_lengths([k for _, _, k in wanted],
-                                      [sp.length.rate for _, sp, _ in wanted],
-                                      len(decoding), self.pacer.decode_time,
-                                      [sp.spec.draft_cost for _, sp, _ in wanted])
+        if self.pacer.step_time(len(decoding)) is not None and \
+                not self.pacer.has_measured_near(len(decoding)):
+            # what plain decoding of this many rows costs is only guessed (every step so far
+            # speculated, or had another count of decoders): one plain step measures it, so
+            # the plan compares against the real thing (at 8 streams it took a 39-row verify
+            # step for the cost of 8 rows, and speculated at 0.8x plain)
+            lengths = [0] * len(wanted)
+        else:
+            lengths = batch_draft_lengths([k for _, _, k in wanted],
+                                          [sp.length.rate for _, sp, _ in wanted],
+                                          len(decoding), self.pacer.step_time,
+                                          [sp.spec.draft_cost for _, sp, _ in wanted])
         # The plan compares estimates that only drafting refreshes (acceptance, drafting
         # cost, the cost of the verify rows): after PROBE_AFTER refused steps in a row,
         # draft once anyway, so one stale estimate cannot switch speculation off for good.

@@ -450,7 +450,8 @@ def memory_bound_steps(monkeypatch):
     """Step costs as on a big model (a step 20 ms, a verify row 0.2 ms more), so the batch
     plan's choices depend on the drafter's time alone, not on the tiny model's timing."""
     from lattice_engine.prefill_pacer import PrefillPacer
-    monkeypatch.setattr(PrefillPacer, "decode_time", lambda self, rows: 0.02 + 0.0002 * rows)
+    monkeypatch.setattr(PrefillPacer, "step_time", lambda self, rows: 0.02 + 0.0002 * rows)
+    monkeypatch.setattr(PrefillPacer, "has_measured_near", lambda self, rows: True)
 
 
 def run_timed(eng, holder, drafter, spec, max_tokens):
@@ -503,7 +504,33 @@ def test_drafting_time_stays_out_of_the_step_costs(setup):
     spec = {"method": "script", "num_draft_tokens": 3, "adaptive": False}
     stats = run_timed(eng, holder, drafter, spec, 12)
     assert stats.verifies >= 2
-    assert eng.runner.pacer.decode_time(4) < 0.2  # the tiny model's step: milliseconds
+    assert eng.runner.pacer.step_time(4) < 0.2  # the tiny model's step: milliseconds
+
+
+def test_the_plan_measures_plain_steps_before_it_trusts_them():
+    """Under continuous batching every step may speculate, so the only steps measured are
+    verify steps of many more rows than there are decoders; the cost of plain decoding must
+    not be read off them (8 streams took a 39-row verify for the cost of 8 rows and
+    speculated at 0.8x plain). step_time interpolates between measured counts, and a step
+    whose decoder count was never measured plainly is run plainly once."""
+    from lattice_engine.prefill_pacer import PrefillPacer
+    pacer = PrefillPacer(max_rise=2.0, cap=64)
+    for _ in range(3):
+        pacer.record(decode_rows=39, prefill_rows=0, seconds=0.34)
+    assert not pacer.has_measured_near(8) and pacer.has_measured_near(36)
+    pacer.record(decode_rows=8, prefill_rows=0, seconds=0.12)
+    assert pacer.has_measured_near(8) and pacer.has_measured_near(7)
+    assert pacer.step_time(8) == pytest.approx(0.12)
+    assert pacer.step_time(20) == pytest.approx(0.12 + (0.34 - 0.12) * 12 / 31)
+
+
+def test_a_batch_that_only_ever_verified_gets_a_plain_step(setup):
+    eng, _, holder = setup
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab)
+    spec = {"method": "script", "num_draft_tokens": 4}
+    run_timed(eng, holder, drafter, spec, 30)
+    pacer = eng.runner.pacer
+    assert pacer.has_measured_near(1)  # the one decoder's plain step, measured
 
 
 def test_break_even_sets_how_far_to_draft_from_measured_costs():
