@@ -174,6 +174,9 @@ class BatchRunner(SpeculativeSteps):
         # every Speculation a request of this runner used (their counters feed /metrics)
         self.speculations: dict[int, object] = {}
         self.spec_idle_steps = 0  # steps in a row whose drafts batch_draft_lengths refused
+        self.spec_probe_after = 16  # refused steps before the next probe (spec_batching)
+        self.spec_probe_steps = 0   # steps of the probe under way still to draft
+        self.spec_probe_turn = 0    # which speculating sequence probes next
         if speculation is not None:
             self._check_speculation(speculation)
             self.speculations[id(speculation)] = speculation

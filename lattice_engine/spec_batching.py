@@ -28,8 +28,10 @@ from .speculative import (Draft, DraftLength, TargetRows, batch_draft_lengths, b
 
 log = logging.getLogger(__name__)
 
-# steps in a row without drafts (the batch plan refused them) before one probe step drafts
+# steps in a row without drafts (the batch plan refused them) before a probe drafts; each
+# probe that changes nothing doubles the wait, up to PROBE_MAX
 PROBE_AFTER = 16
+PROBE_MAX = 512
 
 
 def _merge(outs: list) -> Optional[object]:
@@ -85,12 +87,11 @@ class SpeculativeSteps:
                 wanted.append((seq, sp, k))
         if not wanted:
             return []
-        if self.pacer.step_time(len(decoding)) is not None and \
-                not self.pacer.has_measured_near(len(decoding)):
-            # what plain decoding of this many rows costs is only guessed (every step so far
-            # speculated, or had another count of decoders): one plain step measures it, so
-            # the plan compares against the real thing (at 8 streams it took a 39-row verify
-            # step for the cost of 8 rows, and speculated at 0.8x plain)
+        if not self.pacer.has_measured_near(len(decoding)):
+            # what plain decoding of this many rows costs is unknown or only guessed (every
+            # step so far speculated, or had another count of decoders): one plain step
+            # measures it, so the plan compares against the real thing (at 8 streams it took
+            # a 39-row verify step for the cost of 8 rows, and speculated at 0.8x plain)
             lengths = [0] * len(wanted)
         else:
             lengths = batch_draft_lengths([k for _, _, k in wanted],
@@ -98,16 +99,29 @@ class SpeculativeSteps:
                                           len(decoding), self.pacer.step_time,
                                           [sp.spec.draft_cost for _, sp, _ in wanted])
         # The plan compares estimates that only drafting refreshes (acceptance, drafting
-        # cost, the cost of the verify rows): after PROBE_AFTER refused steps in a row,
-        # draft once anyway, so one stale estimate cannot switch speculation off for good.
-        probe = False
-        if any(lengths):
-            self.spec_idle_steps = 0
-        else:
+        # cost, the cost of the verify rows): after spec_probe_after refused steps in a
+        # row, one sequence drafts for two steps anyway, so one stale estimate cannot switch
+        # speculation off for good. The first catches its drafter up (a draft model reads
+        # every token it missed), the second's cost replaces the estimate. A probe that changes nothing
+        # doubles the wait for the next (up to PROBE_MAX steps): where speculation does not
+        # pay (8 streams with a draft model) probing must not cost what it could win.
+        if any(lengths) and not self.spec_probe_steps:
+            self.spec_idle_steps, self.spec_probe_after = 0, PROBE_AFTER
+        elif not any(lengths):
             self.spec_idle_steps += 1
-            if self.spec_idle_steps >= PROBE_AFTER:
-                self.spec_idle_steps, probe = 0, True
-                lengths = [k for _, _, k in wanted]
+            if self.spec_idle_steps >= self.spec_probe_after and not self.spec_probe_steps:
+                self.spec_idle_steps, self.spec_probe_steps = 0, 2
+                self.spec_probe_after = min(2 * self.spec_probe_after, PROBE_MAX)
+        probe = self.spec_probe_steps  # 2: the catch-up step, 1: the measured one, 0: none
+        if probe:
+            # one sequence probes (the same one for both steps; each probe the next one):
+            # its catch-up costs an eighth of eight's, and the plan's refusal stands for the
+            # others while it is measured
+            self.spec_probe_steps -= 1
+            if probe == 2:
+                self.spec_probe_turn += 1
+            pick = self.spec_probe_turn % len(wanted)
+            lengths = [k if i == pick else 0 for i, (_, _, k) in enumerate(wanted)]
         failed = []
         groups: dict[int, list] = {}  # by drafter: one propose_batch call each when it has one
         for (seq, sp, asked), k in zip(wanted, lengths):
@@ -147,9 +161,9 @@ class SpeculativeSteps:
             stats.draft_seconds += seconds
             # a request's first drafting call also reads its prompt (a draft model's
             # prefill): a one-off, kept out of the per-token cost the plan weighs
-            if all(sp.primed for _, sp, _ in group):
+            if all(sp.primed for _, sp, _ in group) and probe != 2:
                 spec.record_draft_cost(seconds, sum(len(seq.draft) for seq, _, _ in group),
-                                       fresh=probe)
+                                       fresh=probe == 1)
             for _, sp, _ in group:
                 sp.primed = True
         return failed
