@@ -4,9 +4,9 @@
                kv_cache = "auto" | "f32" | "f16" | "q8_0" (how every KV cache stores keys and
                values; auto: f32 for float32 weights, f16 for any other format)
     [quant]    method = "f32", overrides = { "model.layers.0.*" = "f16" }, group_size = 64
-               (method omitted: as the checkpoint is stored: a GGUF file in its tensors' types
-               where lattice has them (else q8_0), a folder f32 unless `lattice quantize`
-               wrote it; group_size only for grouped methods such as q4_asym)
+               (method omitted: as the checkpoint is stored: a Q8_0 / F16 GGUF file in its
+               own blocks, other files f32 unless `lattice quantize` wrote them; group_size
+               only for grouped methods such as q4_asym)
     [sampling] temperature, top_k, top_p, min_p, repetition_penalty, seed, max_tokens, stop,
                presence_penalty, frequency_penalty, logit_bias = { "28" = -100 }, sampler,
                processors

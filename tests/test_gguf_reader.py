@@ -193,8 +193,8 @@ def test_q8_0_passthrough_equals_quantize_then_read(tmp_path):
 
 def test_a_gguf_file_loads_as_stored(tmp_path):
     """No quant method asked for: a Q8_0 file runs its own blocks (as llama.cpp would), not
-    a float32 copy four times its size; an F32 file stays float32; a file of a type
-    lattice has no kernels for loads as q8_0; quant = "f32" still dequantizes."""
+    a float32 copy four times its size; an F32 file stays float32, and so does a file of
+    other types (the values it dequantizes to); quant = "f32" still dequantizes."""
     from lattice_engine.loading import load
     from lattice_engine.quant.methods import QuantSpec
     path = tmp_path / "q8.gguf"
@@ -212,7 +212,7 @@ def test_a_gguf_file_loads_as_stored(tmp_path):
     assert load(floats, backend="numpy").quant == "f32"
     other = tmp_path / "q5.gguf"
     write_gguf(other, "qwen2", quant=gguf.GGMLQuantizationType.Q5_0)
-    assert load(other, backend="numpy").quant == "q8_0"
+    assert load(other, backend="numpy").quant == "f32"
 
 
 def test_packed_tensor_holds_the_file_bytes_when_not_permuted(tmp_path):
