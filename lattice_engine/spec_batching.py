@@ -102,14 +102,19 @@ class SpeculativeSteps:
         # cost, the cost of the verify rows): after spec_probe_after refused steps in a
         # row, one sequence drafts for two steps anyway, so one stale estimate cannot switch
         # speculation off for good. The first catches its drafter up (a draft model reads
-        # every token it missed), the second's cost replaces the estimate. A probe that changes nothing
-        # doubles the wait for the next (up to PROBE_MAX steps): where speculation does not
-        # pay (8 streams with a draft model) probing must not cost what it could win.
+        # every token it missed), the second's cost replaces the estimate. A probe that
+        # changes nothing doubles the wait for the next (up to PROBE_MAX steps): where
+        # speculation does not pay (8 streams with a draft model) probing must not cost
+        # what it could win.
         if any(lengths) and not self.spec_probe_steps:
             self.spec_idle_steps, self.spec_probe_after = 0, PROBE_AFTER
         elif not any(lengths):
             self.spec_idle_steps += 1
-            if self.spec_idle_steps >= self.spec_probe_after and not self.spec_probe_steps:
+            # refused for the verify rows alone (at 8 streams they make the step compute-
+            # bound), no drafter's cost can change the answer: probe only at the longest wait
+            wait = self.spec_probe_after if \
+                self._refused_for_drafting_cost(wanted, len(decoding)) else PROBE_MAX
+            if self.spec_idle_steps >= wait and not self.spec_probe_steps:
                 self.spec_idle_steps, self.spec_probe_steps = 0, 2
                 self.spec_probe_after = min(2 * self.spec_probe_after, PROBE_MAX)
         probe = self.spec_probe_steps  # 2: the catch-up step, 1: the measured one, 0: none
@@ -167,6 +172,16 @@ class SpeculativeSteps:
             for _, sp, _ in group:
                 sp.primed = True
         return failed
+
+    def _refused_for_drafting_cost(self, wanted, decoders: int) -> bool:
+        """Whether the plan would have drafted if drafting cost nothing (so a probe of the
+        drafters' cost could change its answer)."""
+        if not self.pacer.has_measured_near(decoders):
+            return False  # this step measures plain decoding first
+        free = batch_draft_lengths([k for _, _, k in wanted],
+                                   [sp.length.rate for _, sp, _ in wanted], decoders,
+                                   self.pacer.step_time, [0.0] * len(wanted))
+        return any(free)
 
     def _lend_recurrent(self, seq, sp) -> None:
         """Point the drafter's request at the sequence's recurrent-state slot (views, for

@@ -496,6 +496,20 @@ def test_speculation_refused_for_a_while_probes_again(setup, monkeypatch):
     assert stats.verifies > 3 and stats.emitted > 15
 
 
+def test_a_refusal_for_dear_rows_is_not_probed_until_the_longest_wait(setup, monkeypatch):
+    """When the verify rows alone make drafting a loss (a compute-bound batch), a cheaper
+    drafter could not change the plan: no probe before PROBE_MAX refused steps."""
+    from lattice_engine.prefill_pacer import PrefillPacer
+    from lattice_engine.spec_batching import PROBE_AFTER, PROBE_MAX
+    eng, _, holder = setup
+    monkeypatch.setattr(PrefillPacer, "step_time", lambda self, rows: 0.01 * rows)
+    monkeypatch.setattr(PrefillPacer, "has_measured_near", lambda self, rows: True)
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab, first=0.2)
+    stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
+    assert PROBE_AFTER < 40 < PROBE_MAX
+    assert stats.verifies == 0  # every row costs a step: never worth it, never probed
+
+
 def test_drafting_time_stays_out_of_the_step_costs(setup):
     """The pacer learns what rows through the model cost; a verify's rows count as
     computed (all k + 1), and the drafter's own time is not part of them."""
