@@ -30,7 +30,7 @@ from .multimodal import EncodedCache, EncodeJob
 from .prefill_pacer import PrefillPacer
 from .sampling import SamplingParams, make_sampler
 from .scheduler import LogitsMask, Scheduler, Sequence, Status
-from .spec_batching import SpeculativeSteps, Speculating
+from .spec_batching import ProbeSchedule, SpeculativeSteps, Speculating
 from .speculative import DraftLength, can_speculate
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,7 @@ class BatchRunner(SpeculativeSteps):
         self.speculation = speculation
         # every Speculation a request of this runner used (their counters feed /metrics)
         self.speculations: dict[int, object] = {}
-        self.spec_idle_steps = 0  # steps in a row whose drafts batch_draft_lengths refused
-        self.spec_probe_after = 16  # refused steps before the next probe (spec_batching)
-        self.spec_probe_steps = 0   # steps of the probe under way still to draft
-        self.spec_probe_turn = 0    # which speculating sequence probes next
+        self.spec_probes = ProbeSchedule()  # drafting anyway after refused steps
         if speculation is not None:
             self._check_speculation(speculation)
             self.speculations[id(speculation)] = speculation

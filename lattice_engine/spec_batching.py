@@ -48,6 +48,42 @@ def _merge(outs: list) -> Optional[object]:
     return last
 
 
+class ProbeSchedule:
+    """When a batch whose drafts the plan keeps refusing drafts anyway. The plan compares
+    estimates that only drafting refreshes (acceptance, drafting cost, the cost of the
+    verify rows), so after `wait` refused steps in a row one sequence (each probe the next
+    one) drafts for two steps, so one stale estimate cannot switch speculation off for
+    good: the first catches its drafter up (a draft model reads every token it missed), the
+    second's cost replaces the estimate. A probe that changes nothing doubles the wait for
+    the next (up to PROBE_MAX): where speculation does not pay (8 streams with a draft
+    model) probing must not cost what it could win; and a refusal a free drafter would not
+    change (the verify rows alone lose) waits PROBE_MAX."""
+
+    def __init__(self):
+        self.idle = 0          # refused steps in a row
+        self.wait = PROBE_AFTER
+        self.left = 0          # steps of the probe under way still to draft
+        self.turn = 0          # which speculating sequence probes next
+
+    def step(self, drafting: bool, cost_bound) -> int:
+        """After the plan: drafting, whether it drafts this step; cost_bound(), whether its
+        refusal hinges on the drafters' cost (asked only when a probe could be due).
+        Returns 2 (the probe's catch-up step), 1 (its measured step) or 0 (no probe)."""
+        if drafting and not self.left:
+            self.idle, self.wait = 0, PROBE_AFTER
+        elif not drafting:
+            self.idle += 1
+            if not self.left and self.idle >= self.wait and \
+                    (self.idle >= PROBE_MAX or cost_bound()):
+                self.idle, self.left = 0, 2
+                self.wait = min(2 * self.wait, PROBE_MAX)
+        phase = self.left
+        if phase:
+            self.left -= 1
+            self.turn += phase == 2
+        return phase
+
+
 @dataclass
 class Speculating:
     """A request's speculation: its drafter (shared), what the drafter sees of it, its
@@ -98,34 +134,10 @@ class SpeculativeSteps:
                                           [sp.length.rate for _, sp, _ in wanted],
                                           len(decoding), self.pacer.step_time,
                                           [sp.spec.draft_cost for _, sp, _ in wanted])
-        # The plan compares estimates that only drafting refreshes (acceptance, drafting
-        # cost, the cost of the verify rows): after spec_probe_after refused steps in a
-        # row, one sequence drafts for two steps anyway, so one stale estimate cannot switch
-        # speculation off for good. The first catches its drafter up (a draft model reads
-        # every token it missed), the second's cost replaces the estimate. A probe that
-        # changes nothing doubles the wait for the next (up to PROBE_MAX steps): where
-        # speculation does not pay (8 streams with a draft model) probing must not cost
-        # what it could win.
-        if any(lengths) and not self.spec_probe_steps:
-            self.spec_idle_steps, self.spec_probe_after = 0, PROBE_AFTER
-        elif not any(lengths):
-            self.spec_idle_steps += 1
-            # refused for the verify rows alone (at 8 streams they make the step compute-
-            # bound), no drafter's cost can change the answer: probe only at the longest wait
-            wait = self.spec_probe_after if \
-                self._refused_for_drafting_cost(wanted, len(decoding)) else PROBE_MAX
-            if self.spec_idle_steps >= wait and not self.spec_probe_steps:
-                self.spec_idle_steps, self.spec_probe_steps = 0, 2
-                self.spec_probe_after = min(2 * self.spec_probe_after, PROBE_MAX)
-        probe = self.spec_probe_steps  # 2: the catch-up step, 1: the measured one, 0: none
-        if probe:
-            # one sequence probes (the same one for both steps; each probe the next one):
-            # its catch-up costs an eighth of eight's, and the plan's refusal stands for the
-            # others while it is measured
-            self.spec_probe_steps -= 1
-            if probe == 2:
-                self.spec_probe_turn += 1
-            pick = self.spec_probe_turn % len(wanted)
+        probe = self.spec_probes.step(
+            any(lengths), lambda: self._refused_for_drafting_cost(wanted, len(decoding)))
+        if probe:  # one sequence drafts (the same one for both steps of a probe)
+            pick = self.spec_probes.turn % len(wanted)
             lengths = [k if i == pick else 0 for i, (_, _, k) in enumerate(wanted)]
         failed = []
         groups: dict[int, list] = {}  # by drafter: one propose_batch call each when it has one

@@ -344,11 +344,6 @@ class SpecStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
-    def draft_seconds_per_token(self) -> float:
-        """Drafting time per drafted token so far (0 before any)."""
-        return self.draft_seconds / self.drafted if self.drafted else 0.0
-
-    @property
     def mean_accepted(self) -> float:
         """Tokens emitted per verify (kept drafts + the token after them)."""
         return self.emitted / self.verifies if self.verifies else 0.0
