@@ -24,7 +24,7 @@ import numpy as np
 
 from .scheduler import Sequence, Status
 from .speculative import (Draft, DraftLength, TargetRows, batch_draft_lengths, break_even,
-                          run_verify)
+                          catch_up_share, run_verify)
 
 log = logging.getLogger(__name__)
 
@@ -49,39 +49,58 @@ def _merge(outs: list) -> Optional[object]:
 
 
 class ProbeSchedule:
-    """When a batch whose drafts the plan keeps refusing drafts anyway. The plan compares
-    estimates that only drafting refreshes (acceptance, drafting cost, the cost of the
-    verify rows), so after `wait` refused steps in a row one sequence (each probe the next
-    one) drafts for two steps, so one stale estimate cannot switch speculation off for
-    good: the first catches its drafter up (a draft model reads every token it missed), the
-    second's cost replaces the estimate. A probe that changes nothing doubles the wait for
-    the next (up to PROBE_MAX): where speculation does not pay (8 streams with a draft
-    model) probing must not cost what it could win; and a refusal a free drafter would not
-    change (the verify rows alone lose) waits PROBE_MAX."""
+    """When a batch whose drafts the plan keeps refusing drafts anyway, and how a drafter
+    never measured starts. The plan compares estimates that only drafting refreshes
+    (acceptance, drafting cost, the cost of the verify rows), so after `wait` refused steps
+    in a row one sequence drafts for two steps, so one stale estimate cannot switch
+    speculation off for good: the first catches its drafter up (a draft model reads every
+    token it missed), the second's cost replaces the estimate. A probe that changes nothing
+    doubles the wait for the next (up to PROBE_MAX): where speculation does not pay (8
+    streams with a draft model) probing must not cost what it could win. A refusal that
+    would stand with every draft kept and the drafter at the cheapest it was ever measured
+    waits PROBE_MAX (only a machine faster than it has been could change it). A
+    drafter with no measured cost explores the same way before the batch drafts with it:
+    one sequence, two steps (eight sequences catching up at once on a guessed cost took a
+    second and a half at 8 streams)."""
 
     def __init__(self):
         self.idle = 0          # refused steps in a row
         self.wait = PROBE_AFTER
         self.left = 0          # steps of the probe under way still to draft
-        self.turn = 0          # which speculating sequence probes next
+        self.turn = 0          # where the search for the next probe's sequence starts
+        self.sequence = None   # the request id probing
 
-    def step(self, drafting: bool, cost_bound) -> int:
-        """After the plan: drafting, whether it drafts this step; cost_bound(), whether its
-        refusal hinges on the drafters' cost (asked only when a probe could be due).
-        Returns 2 (the probe's catch-up step), 1 (its measured step) or 0 (no probe)."""
-        if drafting and not self.left:
+    def step(self, drafting: bool, could_change, explore: bool = False) -> int:
+        """After the plan: drafting, whether it drafts this step; could_change(), whether
+        what a probe could find might change its refusal (asked only when one is due);
+        explore, whether a drafter it would draft with was never measured. Returns 2
+        (the probe's catch-up step), 1 (its measured step) or 0 (no probe)."""
+        if explore and not self.left:
+            self.left = 2
+        elif drafting and not self.left:
             self.idle, self.wait = 0, PROBE_AFTER
         elif not drafting:
             self.idle += 1
             if not self.left and self.idle >= self.wait and \
-                    (self.idle >= PROBE_MAX or cost_bound()):
+                    (self.idle >= PROBE_MAX or could_change()):
                 self.idle, self.left = 0, 2
                 self.wait = min(2 * self.wait, PROBE_MAX)
         phase = self.left
         if phase:
             self.left -= 1
-            self.turn += phase == 2
         return phase
+
+    def pick(self, phase: int, wanted: list, missed: list) -> int:
+        """Which of the wanted sequences probes: the one of the catch-up step for both
+        steps; for a new probe the one whose drafter missed the fewest tokens (the cheapest
+        catch-up), the next in turn among equals."""
+        ids = [seq.request_id for seq, _, _ in wanted]
+        if phase == 1 and self.sequence in ids:
+            return ids.index(self.sequence)
+        n = len(wanted)
+        best = min(((self.turn + i) % n for i in range(n)), key=lambda i: missed[i])
+        self.turn, self.sequence = best + 1, ids[best]
+        return best
 
 
 @dataclass
@@ -93,7 +112,16 @@ class Speculating:
     request: object
     length: DraftLength
     draft: Optional[Draft] = None
-    primed: bool = False  # its drafter has drafted for it before (seen its prompt)
+    seen: int = 0  # the sequence's length when its drafter last drafted for it (0: never)
+    drafted: int = 0  # how many tokens it drafted then
+
+    def missed(self, tokens: int) -> int:
+        """Tokens of a sequence of this length its drafter never read and would not have
+        read drafting every step (the prompt, tokens decoded while drafting was refused):
+        its next drafting call's catch-up."""
+        if not self.seen:
+            return tokens
+        return max(tokens - self.seen - self.drafted - 1, 0)
 
 
 class SpeculativeSteps:
@@ -123,6 +151,12 @@ class SpeculativeSteps:
                 wanted.append((seq, sp, k))
         if not wanted:
             return []
+        missed = [sp.missed(len(seq.token_ids)) for seq, sp, _ in wanted]
+        setup = [catch_up_share(m, sp.spec.catch_up_cost,
+                                min(seq.params.max_tokens - seq.num_generated,
+                                    self.max_model_len - len(seq.token_ids)),
+                                sp.length.rate, k)
+                 for (seq, sp, k), m in zip(wanted, missed)]
         if not self.pacer.has_measured_near(len(decoding)):
             # what plain decoding of this many rows costs is unknown or only guessed (every
             # step so far speculated, or had another count of decoders): one plain step
@@ -133,18 +167,20 @@ class SpeculativeSteps:
             lengths = batch_draft_lengths([k for _, _, k in wanted],
                                           [sp.length.rate for _, sp, _ in wanted],
                                           len(decoding), self.pacer.step_time,
-                                          [sp.spec.draft_cost for _, sp, _ in wanted])
+                                          [sp.spec.draft_cost for _, sp, _ in wanted], setup)
+        explore = any(lengths) and any(not sp.spec.measured for _, sp, _ in wanted)
         probe = self.spec_probes.step(
-            any(lengths), lambda: self._refused_for_drafting_cost(wanted, len(decoding)))
+            any(lengths),
+            lambda: self._probe_could_change_plan(wanted, len(decoding), setup), explore)
         if probe:  # one sequence drafts (the same one for both steps of a probe)
-            pick = self.spec_probes.turn % len(wanted)
+            pick = self.spec_probes.pick(probe, wanted, missed)
             lengths = [k if i == pick else 0 for i, (_, _, k) in enumerate(wanted)]
         failed = []
         groups: dict[int, list] = {}  # by drafter: one propose_batch call each when it has one
-        for (seq, sp, asked), k in zip(wanted, lengths):
+        for (seq, sp, asked), k, m in zip(wanted, lengths, missed):
             k = k if sp.length.adaptive else asked  # adaptive = false: always the full k
             if k > 0:
-                groups.setdefault(id(sp.spec.drafter), []).append((seq, sp, k))
+                groups.setdefault(id(sp.spec.drafter), []).append((seq, sp, k, m))
         for group in groups.values():
             spec = group[0][1].spec
             drafter, stats = spec.drafter, spec.stats
@@ -152,15 +188,15 @@ class SpeculativeSteps:
             started = time.perf_counter()
             if len(group) > 1 and callable(getattr(drafter, "propose_batch", None)):
                 try:
-                    drafts = list(drafter.propose_batch([sp.request for _, sp, _ in group],
-                                                        [k for _, _, k in group]))
+                    drafts = list(drafter.propose_batch([sp.request for _, sp, _, _ in group],
+                                                        [k for _, _, k, _ in group]))
                     if len(drafts) != len(group):
                         raise RuntimeError(f"propose_batch returned {len(drafts)} drafts for "
                                            f"{len(group)} requests")
                 except Exception:  # find the request at fault one by one below
                     log.exception("propose_batch failed; drafting request by request")
                     drafts = None
-            for i, (seq, sp, k) in enumerate(group):
+            for i, (seq, sp, k, _) in enumerate(group):
                 self._lend_recurrent(seq, sp)
                 try:
                     draft = drafts[i] if drafts is not None else \
@@ -176,24 +212,25 @@ class SpeculativeSteps:
                 seq.draft = list(sp.draft.tokens)
             seconds = time.perf_counter() - started
             stats.draft_seconds += seconds
-            # a request's first drafting call also reads its prompt (a draft model's
-            # prefill): a one-off, kept out of the per-token cost the plan weighs
-            if all(sp.primed for _, sp, _ in group) and probe != 2:
-                spec.record_draft_cost(seconds, sum(len(seq.draft) for seq, _, _ in group),
-                                       fresh=probe == 1)
-            for _, sp, _ in group:
-                sp.primed = True
+            done = [(seq, sp, m) for seq, sp, _, m in group if sp.draft is not None]
+            spec.record_draft_cost(seconds, sum(len(sp.draft.tokens) for _, sp, _ in done),
+                                   sum(m for _, _, m in done), fresh=probe == 1)
+            for seq, sp, _ in done:
+                sp.seen, sp.drafted = len(seq.token_ids), len(sp.draft.tokens)
         return failed
 
-    def _refused_for_drafting_cost(self, wanted, decoders: int) -> bool:
-        """Whether the plan would have drafted if drafting cost nothing (so a probe of the
-        drafters' cost could change its answer)."""
+    def _probe_could_change_plan(self, wanted, decoders: int, setup) -> bool:
+        """Whether the plan would draft at the best a probe could find: every draft kept
+        (acceptance estimates go stale while nothing drafts) and drafting at the cheapest
+        it was measured. The catch-ups stay in: near the end of its answer a sequence
+        cannot earn back reading the tokens it missed (a probe there read 232 tokens for
+        0.4 s)."""
         if not self.pacer.has_measured_near(decoders):
             return False  # this step measures plain decoding first
-        free = batch_draft_lengths([k for _, _, k in wanted],
-                                   [sp.length.rate for _, sp, _ in wanted], decoders,
-                                   self.pacer.step_time, [0.0] * len(wanted))
-        return any(free)
+        cheapest = [sp.spec.cheapest_draft_cost or 0.0 for _, sp, _ in wanted]
+        best = batch_draft_lengths([k for _, _, k in wanted], [1.0] * len(wanted), decoders,
+                                   self.pacer.step_time, cheapest, setup)
+        return any(best)
 
     def _lend_recurrent(self, seq, sp) -> None:
         """Point the drafter's request at the sequence's recurrent-state slot (views, for

@@ -297,16 +297,19 @@ def expected_kept(rate: float, k: int) -> float:
 
 
 def batch_draft_lengths(lengths: Sequence[int], rates: Sequence[float], decoders: int,
-                        step_time, draft_costs: Optional[Sequence[float]] = None) -> list[int]:
+                        step_time, draft_costs: Optional[Sequence[float]] = None,
+                        setup_costs: Optional[Sequence[float]] = None) -> list[int]:
     """Draft lengths for one continuous-batching step that do not lose to plain decoding.
 
     lengths: each speculating sequence's adaptive length (its `DraftLength`); rates: their
     acceptance estimates; decoders: every decoding row of the step (speculating or not);
     step_time(rows): the measured cost of a step of that many rows (the prefill pacer's
     estimate; None before any); draft_costs: each sequence's measured seconds per drafted
-    token (a draft model's forwards; ~0 for n-gram lookup). A plain step makes `decoders`
-    tokens in step_time(decoders); drafts add rows (each matmul's M grows, so on a loaded
-    batch they cost real time), their drafting time, and expected tokens. Of the full lengths, half and quarter lengths and none, the plan with
+    token (a draft model's forwards; ~0 for n-gram lookup); setup_costs: seconds each
+    sequence costs this step if it drafts at all (its share of a catch-up: `catch_up_share`).
+    A plain step makes `decoders` tokens in step_time(decoders); drafts add rows (each
+    matmul's M grows, so on a loaded batch they cost real time), their drafting time, and
+    expected tokens. Of the full lengths, half and quarter lengths and none, the plan with
     the most expected tokens per second wins, so speculation switches itself off for the
     whole batch when rows are dear and acceptance is low.
     """
@@ -320,10 +323,23 @@ def batch_draft_lengths(lengths: Sequence[int], rates: Sequence[float], decoders
         if t is None or t <= 0:
             continue
         t += sum(k * c for k, c in zip(plan, draft_costs or ()))
+        t += sum(c for k, c in zip(plan, setup_costs or ()) if k)
         tokens = decoders + sum(expected_kept(r, k) for r, k in zip(rates, plan))
         if tokens / t > best_rate * 1.02:  # a gain within timing noise is no gain
             best, best_rate = plan, tokens / t
     return best
+
+
+def catch_up_share(missed: int, cost_per_token: float, remaining: int, rate: float,
+                   k: int) -> float:
+    """The part of a catch-up (`missed` tokens at `cost_per_token`, e.g. a draft model
+    reading the prompt) one step carries: the catch-up is paid once and serves every later
+    step the sequence drafts in, about remaining / (1 + expected kept) of them for the
+    `remaining` tokens it may still generate."""
+    if missed <= 0 or cost_per_token <= 0:
+        return 0.0
+    steps = max(remaining / (1.0 + expected_kept(rate, max(k, 1))), 1.0)
+    return missed * cost_per_token / steps
 
 
 @dataclass
@@ -375,26 +391,49 @@ def can_speculate(sampler, mask) -> bool:
 class Speculation:
     """A drafter with its options and counters, shared by the requests of one engine."""
 
-    # weight of the newest drafting call in `draft_cost`
+    # weight of the newest drafting call in `draft_cost` and `catch_up_cost`
     COST_SMOOTHING = 0.2
 
     def __init__(self, drafter, options: SpeculativeOptions):
         self.drafter = drafter
         self.options = options
         self.stats = SpecStats()
-        self.draft_cost = 0.0  # seconds per drafted token, recent calls (0: none yet)
+        # what drafting costs, measured by the continuous-batching plan: seconds per drafted
+        # token while a sequence drafts step after step (recent calls; 0 before any), the
+        # lowest that ever was (what the drafter costs on an idle machine), and seconds per
+        # token the drafter reads that it missed (a draft model prefilling a prompt or the
+        # tokens decoded while drafting was refused; ~0 for n-gram lookup)
+        self.draft_cost = 0.0
+        self.cheapest_draft_cost: Optional[float] = None
+        self.catch_up_cost = 0.0
         self._ids = 0
 
-    def record_draft_cost(self, seconds: float, drafted: int, fresh: bool = False) -> None:
-        """Fold one drafting call (`drafted` tokens in `seconds`) into `draft_cost`, a
-        moving average (the cost follows the machine's load and the drafts' lengths);
-        fresh: a probe after drafting was refused for a while, whose cost replaces the
-        stale estimate."""
+    @property
+    def measured(self) -> bool:
+        """Whether a drafting call's steady cost was measured (the plan can weigh it)."""
+        return self.cheapest_draft_cost is not None
+
+    def record_draft_cost(self, seconds: float, drafted: int, caught_up: int = 0,
+                          fresh: bool = False) -> None:
+        """Fold one drafting call (`drafted` tokens in `seconds`, reading `caught_up` tokens
+        it had missed) into the moving averages (the cost follows the machine's load and
+        the drafts' lengths). A call that mostly catches up (caught_up >= drafted) measures
+        the catch-up: what its drafts at `draft_cost` do not explain; any other measures
+        `draft_cost` (a few missed tokens are part of drafting step after step). fresh: a
+        probe after drafting was refused for a while, whose cost replaces the stale
+        estimate."""
+        if caught_up and caught_up >= drafted:
+            cost = max(seconds - self.draft_cost * drafted, 0.0) / caught_up
+            self.catch_up_cost = cost if not self.catch_up_cost else \
+                self.catch_up_cost + self.COST_SMOOTHING * (cost - self.catch_up_cost)
+            return
         if drafted <= 0:
             return
         cost = seconds / drafted
-        self.draft_cost = cost if fresh or not self.draft_cost else \
+        self.draft_cost = cost if fresh or not self.measured else \
             self.draft_cost + self.COST_SMOOTHING * (cost - self.draft_cost)
+        self.cheapest_draft_cost = cost if not self.measured else \
+            min(self.cheapest_draft_cost, cost)
 
     @classmethod
     def build(cls, registry, options: SpeculativeOptions, model, tokenizer):

@@ -193,7 +193,9 @@ def test_a_failing_drafter_ends_only_its_request(setup):
         opts = BatchingOptions(kv_cache_tokens=2048, block_size=4, step_tokens=32)
         prompts = list(script)
         eng.start_batching(opts)
-        a = eng.add_request(list(prompts[0]), max_tokens=30, speculative={"method": "script"})
+        # adaptive = false: the drafter is asked every step, whatever the tiny model's timing
+        a = eng.add_request(list(prompts[0]), max_tokens=30,
+                            speculative={"method": "script", "adaptive": False})
         b = eng.add_request(list(prompts[1]), max_tokens=30, speculative=False)
         outs = {a: [], b: []}
         while eng.has_unfinished():
@@ -426,17 +428,21 @@ def test_batch_draft_lengths_switch_off_when_rows_are_dear():
 
 class TimedScript(ScriptDrafter):
     """Drafts the script's continuation exactly; sleeps `first` seconds in the first
-    propose of each request (a draft model reading the prompt) and `each` in every call."""
+    propose of each request (a draft model reading the prompt), `each` in every call,
+    `per_token` for each token it is asked for, and `spike` more in the calls `slow_calls`
+    (counted from 1: a busy machine)."""
 
-    def __init__(self, *args, first=0.0, each=0.0, slow_calls=(), **kw):
+    def __init__(self, *args, first=0.0, each=0.0, per_token=0.0, spike=0.0, slow_calls=(),
+                 **kw):
         super().__init__(*args, **kw)
-        self.first, self.each, self.seen = first, each, set()
-        self.slow_calls = slow_calls  # these calls (counted from 1) sleep `first` too
+        self.first, self.each, self.per_token, self.seen = first, each, per_token, set()
+        self.spike, self.slow_calls = spike, slow_calls
 
     def propose(self, request, k):
         self.calls += 1
-        slow = request.request_id not in self.seen or self.calls in self.slow_calls
-        time.sleep(self.each + (self.first if slow else 0.0))
+        first = request.request_id not in self.seen
+        time.sleep(self.each + self.per_token * k + (self.first if first else 0.0) +
+                   (self.spike if self.calls in self.slow_calls else 0.0))
         self.seen.add(request.request_id)
         ids = list(request.token_ids)
         for prompt, cont in self.script.items():
@@ -482,17 +488,19 @@ def test_a_slow_first_draft_does_not_switch_speculation_off(setup, monkeypatch):
 
 
 def test_speculation_refused_for_a_while_probes_again(setup, monkeypatch):
-    """Drafting that was dear for a moment (call 2: the machine was busy) gets the
-    plan to refuse drafts; after PROBE_AFTER refused steps one step drafts anyway, its
-    cost replaces the stale estimate, and speculation resumes."""
+    """Drafting that was cheap and then dear for a moment (call 3: the machine was busy)
+    gets the plan to refuse drafts; since it was cheaper before, after PROBE_AFTER refused
+    steps one sequence drafts anyway, its cost replaces the stale estimate, and
+    speculation resumes."""
     from lattice_engine.spec_batching import PROBE_AFTER
     eng, _, holder = setup
     memory_bound_steps(monkeypatch)
-    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab, first=0.2,
-                          slow_calls=(2,))
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab, spike=0.5,
+                          slow_calls=(3,))
     stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
-    # 2 verifies (about 10 tokens), PROBE_AFTER plain steps, then verifies again
-    assert PROBE_AFTER < 40 - 10
+    # 3 verifies (about 15 tokens: the first two measure the drafter), PROBE_AFTER plain
+    # steps, then verifies again
+    assert PROBE_AFTER < 40 - 15
     assert stats.verifies > 3 and stats.emitted > 15
 
 
@@ -508,6 +516,81 @@ def test_a_refusal_for_dear_rows_is_not_probed_until_the_longest_wait(setup, mon
     stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
     assert PROBE_AFTER < 40 < PROBE_MAX
     assert stats.verifies == 0  # every row costs a step: never worth it, never probed
+
+
+def test_a_drafter_dear_at_its_cheapest_is_not_probed(setup, monkeypatch):
+    """A drafter that never once cost little enough to pay (every call a fifth of a
+    second on 20 ms steps) is measured once and then left alone: probing it again could
+    only cost what it can never win."""
+    eng, _, holder = setup
+    memory_bound_steps(monkeypatch)
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab, each=0.2)
+    stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
+    assert stats.verifies == 2  # the two steps that measured it
+
+
+class WrongFirst(TimedScript):
+    """Drafts wrong tokens in its first `wrong` calls, then the script exactly."""
+
+    def propose(self, request, k):
+        draft = super().propose(request, k)
+        if self.calls <= self.wrong:
+            return Draft([(t + 1) % self.vocab for t in draft.tokens])
+        return draft
+
+
+def test_a_refusal_for_low_acceptance_is_probed(setup, monkeypatch):
+    """Acceptance estimates go stale while nothing drafts: a sequence whose first drafts
+    missed (the plan then refuses its drafts, whose cost is the same) drafts again after
+    PROBE_AFTER refused steps, and keeps drafting once its drafts are kept."""
+    eng, _, holder = setup
+    memory_bound_steps(monkeypatch)
+    drafter = WrongFirst(holder["drafter"].script, holder["drafter"].vocab, per_token=0.0075)
+    drafter.wrong = 2
+    stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
+    assert stats.verifies >= 6 and stats.accepted > 0
+
+
+class LoggedScript(TimedScript):
+    def propose(self, request, k):
+        self.log.append(request.request_id)
+        return super().propose(request, k)
+
+
+def test_a_drafter_never_measured_explores_with_one_sequence(setup, monkeypatch):
+    """Before its cost is known, a drafter drafts for one sequence for two steps (its
+    catch-up, then a measured step), not for the whole batch at once: a draft model
+    reading eight prompts on a guess cost 1.6 s at 8 streams."""
+    eng, script, holder = setup
+    memory_bound_steps(monkeypatch)
+    drafter = LoggedScript(holder["drafter"].script, holder["drafter"].vocab)
+    drafter.log = []
+    holder_drafter, holder["drafter"] = holder["drafter"], drafter
+    try:
+        eng._speculations.clear()
+        spec = {"method": "script", "num_draft_tokens": 4}
+        requests = [(list(p), dict(max_tokens=20, speculative=spec)) for p in script]
+        tokens, _ = run_batch(eng, requests, BatchingOptions(kv_cache_tokens=1024,
+                                                             block_size=4))
+        assert tokens == [list(c)[:20] for c in script.values()]
+    finally:
+        holder["drafter"] = holder_drafter
+        eng._speculations.clear()
+    assert len(drafter.log) > 2 and drafter.log[0] == drafter.log[1]
+    assert len(set(drafter.log)) == len(script)  # then every sequence drafts
+
+
+def test_a_catch_up_is_weighed_over_the_steps_it_serves():
+    from lattice_engine.speculative import batch_draft_lengths, catch_up_share
+    step = lambda rows: 0.058 + 0.0015 * (rows - 1)  # noqa: E731  (a 1.5B q8_0 target)
+    # a draft model reading a 200-token prompt (1.5 ms a token) for a 256-token answer
+    share = catch_up_share(200, 0.0015, 256, 0.8, 4)
+    assert share == pytest.approx(0.3 / (256 / (1 + 0.8 + 0.64 + 0.512 + 0.4096)))
+    assert batch_draft_lengths([4], [0.8], 1, step, [0.008], [share]) == [4]
+    # the same catch-up for the last 3 tokens of an answer does not pay
+    late = catch_up_share(200, 0.0015, 3, 0.8, 4)
+    assert batch_draft_lengths([4], [0.8], 1, step, [0.008], [late]) == [0]
+    assert catch_up_share(0, 0.0015, 100, 0.8, 4) == 0.0  # drafting every step: none
 
 
 def test_drafting_time_stays_out_of_the_step_costs(setup):
