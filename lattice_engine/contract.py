@@ -162,6 +162,12 @@ class Drafter(Protocol):
     - optional `propose_batch(requests, ks)` -> list of `Draft`: the drafts of several
       requests of one continuous-batching step at once (a draft model batches its forward);
       when it raises, the engine falls back to `propose` per request.
+    - optional `relative_cost` (float): what drafting one token costs, as a fraction of one
+      plain decode step of the target (a draft model: about its weight bytes over the
+      target's; 0 or absent: unknown or free). The continuous-batching plan weighs it until
+      it has measured the drafter (`Speculation.cost_per_token`), so a batch where even
+      that cost would not pay (8 streams with a draft model) never tries the drafter; an
+      estimate on the low side only costs a try.
     """
 
     wants_hidden: bool

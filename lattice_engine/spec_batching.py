@@ -61,7 +61,8 @@ class ProbeSchedule:
     waits PROBE_MAX (only a machine faster than it has been could change it). A
     drafter with no measured cost explores the same way before the batch drafts with it:
     one sequence, two steps (eight sequences catching up at once on a guessed cost took a
-    second and a half at 8 streams)."""
+    second and a half at 8 streams), and only when the plan would draft at the cost the
+    drafter estimates for itself (`relative_cost`; a draft model at 8 streams does not)."""
 
     def __init__(self):
         self.idle = 0          # refused steps in a row
@@ -144,7 +145,7 @@ class SpeculativeSteps:
             key = id(sp.spec)
             if key not in floors:
                 floors[key] = break_even(len(decoding), self.pacer.step_time,
-                                         sp.spec.draft_cost)
+                                         sp.spec.cost_per_token(self.pacer.step_time))
             k = min(sp.length.next(floors[key]), seq.params.max_tokens - seq.num_generated - 1,
                     self.max_model_len - len(seq.token_ids) - 1)
             if k > 0:
@@ -152,11 +153,7 @@ class SpeculativeSteps:
         if not wanted:
             return []
         missed = [sp.missed(len(seq.token_ids)) for seq, sp, _ in wanted]
-        setup = [catch_up_share(m, sp.spec.catch_up_cost,
-                                min(seq.params.max_tokens - seq.num_generated,
-                                    self.max_model_len - len(seq.token_ids)),
-                                sp.length.rate, k)
-                 for (seq, sp, k), m in zip(wanted, missed)]
+        setup = self._catch_up_shares(wanted, missed)
         if not self.pacer.has_measured_near(len(decoding)):
             # what plain decoding of this many rows costs is unknown or only guessed (every
             # step so far speculated, or had another count of decoders): one plain step
@@ -167,11 +164,12 @@ class SpeculativeSteps:
             lengths = batch_draft_lengths([k for _, _, k in wanted],
                                           [sp.length.rate for _, sp, _ in wanted],
                                           len(decoding), self.pacer.step_time,
-                                          [sp.spec.draft_cost for _, sp, _ in wanted], setup)
+                                          [sp.spec.cost_per_token(self.pacer.step_time)
+                                           for _, sp, _ in wanted], setup)
         explore = any(lengths) and any(not sp.spec.measured for _, sp, _ in wanted)
         probe = self.spec_probes.step(
             any(lengths),
-            lambda: self._probe_could_change_plan(wanted, len(decoding), setup), explore)
+            lambda: self._probe_could_change_plan(wanted, len(decoding), missed), explore)
         if probe:  # one sequence drafts (the same one for both steps of a probe)
             pick = self.spec_probes.pick(probe, wanted, missed)
             lengths = [k if i == pick else 0 for i, (_, _, k) in enumerate(wanted)]
@@ -219,7 +217,17 @@ class SpeculativeSteps:
                 sp.seen, sp.drafted = len(seq.token_ids), len(sp.draft.tokens)
         return failed
 
-    def _probe_could_change_plan(self, wanted, decoders: int, setup) -> bool:
+    def _catch_up_shares(self, wanted, missed) -> list[float]:
+        """Each wanted sequence's share of its catch-up this step (`catch_up_share`) over
+        the tokens it may still generate."""
+        return [catch_up_share(m, sp.spec.catch_up_per_token(self.pacer.prefill_per_token,
+                                                             self.pacer.step_time),
+                               min(seq.params.max_tokens - seq.num_generated,
+                                   self.max_model_len - len(seq.token_ids)),
+                               sp.length.rate, k)
+                for (seq, sp, k), m in zip(wanted, missed)]
+
+    def _probe_could_change_plan(self, wanted, decoders: int, missed) -> bool:
         """Whether the plan would draft at the best a probe could find: every draft kept
         (acceptance estimates go stale while nothing drafts) and drafting at the cheapest
         it was measured. The catch-ups stay in: near the end of its answer a sequence
@@ -227,9 +235,11 @@ class SpeculativeSteps:
         0.4 s)."""
         if not self.pacer.has_measured_near(decoders):
             return False  # this step measures plain decoding first
-        cheapest = [sp.spec.cheapest_draft_cost or 0.0 for _, sp, _ in wanted]
+        step_time = self.pacer.step_time
+        cheapest = [sp.spec.cost_per_token(step_time, cheapest=True) for _, sp, _ in wanted]
+        setup = self._catch_up_shares(wanted, missed)
         best = batch_draft_lengths([k for _, _, k in wanted], [1.0] * len(wanted), decoders,
-                                   self.pacer.step_time, cheapest, setup)
+                                   step_time, cheapest, setup)
         return any(best)
 
     def _lend_recurrent(self, seq, sp) -> None:

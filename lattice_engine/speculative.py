@@ -413,6 +413,26 @@ class Speculation:
         """Whether a drafting call's steady cost was measured (the plan can weigh it)."""
         return self.cheapest_draft_cost is not None
 
+    def cost_per_token(self, step_time, cheapest: bool = False) -> float:
+        """Seconds per drafted token for the batch plan: the measured moving average (or
+        the cheapest measured), and before any measurement the drafter's own estimate,
+        `relative_cost` times one plain decode step of the target (0 without one)."""
+        if self.measured:
+            return self.cheapest_draft_cost if cheapest else self.draft_cost
+        relative = getattr(self.drafter, "relative_cost", None)
+        step = step_time(1) if relative else None
+        return float(relative) * step if step else 0.0
+
+    def catch_up_per_token(self, prefill_per_token: Optional[float], step_time) -> float:
+        """Seconds per missed token a catch-up costs: the measured `catch_up_cost`, and
+        before it the drafter's `relative_cost` times what the target pays to prefill a
+        token (a plain decode step when no prefill was measured; 0 without an estimate)."""
+        if self.catch_up_cost:
+            return self.catch_up_cost
+        relative = getattr(self.drafter, "relative_cost", None)
+        base = (prefill_per_token or step_time(1)) if relative else None
+        return float(relative) * base if base else 0.0
+
     def record_draft_cost(self, seconds: float, drafted: int, caught_up: int = 0,
                           fresh: bool = False) -> None:
         """Fold one drafting call (`drafted` tokens in `seconds`, reading `caught_up` tokens

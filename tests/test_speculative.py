@@ -551,6 +551,21 @@ def test_a_refusal_for_low_acceptance_is_probed(setup, monkeypatch):
     assert stats.verifies >= 6 and stats.accepted > 0
 
 
+def test_a_drafter_whose_own_estimate_loses_is_never_tried(setup, monkeypatch):
+    """A drafter that says one token costs two target steps (contract.Drafter.relative_cost)
+    is not tried where that cost would lose: nothing to explore, no catch-up paid."""
+    eng, _, holder = setup
+    memory_bound_steps(monkeypatch)
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab)
+    drafter.relative_cost = 2.0
+    stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
+    assert stats.verifies == 0
+    drafter = TimedScript(holder["drafter"].script, holder["drafter"].vocab)
+    drafter.relative_cost = 0.05  # a cheap one is tried, and kept
+    stats = run_timed(eng, holder, drafter, {"method": "script", "num_draft_tokens": 4}, 40)
+    assert stats.verifies >= 4
+
+
 class LoggedScript(TimedScript):
     def propose(self, request, k):
         self.log.append(request.request_id)

@@ -47,11 +47,25 @@ def same_vocabulary(a, b) -> bool:
     return all(a.token_text(i) == b.token_text(i) for i in range(a.vocab_size))
 
 
+def weight_bytes_ratio(draft_model, target) -> float:
+    """The weight bytes one decoded token reads in the draft model over the target's: what
+    a draft token costs against a target step while both are memory-bound (an estimate on
+    the low side: the draft's per-call overhead is left out; 0 when either is unknown)."""
+    from lattice_engine.models.moe import decode_weight_bytes
+    try:
+        target_bytes = decode_weight_bytes(target)
+        return decode_weight_bytes(draft_model) / target_bytes if target_bytes else 0.0
+    except (AttributeError, TypeError):  # a model without `layers`: no estimate
+        return 0.0
+
+
 class DraftModelDrafter(RejectionVerifier):
-    def __init__(self, draft_model, name: str = "draft model", kv_cache_tokens: int = 8192):
+    def __init__(self, draft_model, name: str = "draft model", kv_cache_tokens: int = 8192,
+                 relative_cost: float = 0.0):
         self.model = draft_model
         self.name = name
         self.kv_cache_tokens = kv_cache_tokens
+        self.relative_cost = relative_cost  # (contract.Drafter) a draft token / a target step
         self._pool = None  # the draft model's paged KV pool (continuous batching), lazily
 
     @classmethod
@@ -102,7 +116,7 @@ class DraftModelDrafter(RejectionVerifier):
                               f"recurrent state, which cannot be cut back after a rejected "
                               f"draft; use an attention-only draft model (llama / qwen2 "
                               f"family)")
-        return cls(draft_model, name)
+        return cls(draft_model, name, relative_cost=weight_bytes_ratio(draft_model, target))
 
     def propose(self, request, k: int) -> Draft:
         st = request.state

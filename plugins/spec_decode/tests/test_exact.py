@@ -252,3 +252,16 @@ def test_single_request_decodes_drafts_and_verifies_in_fused_steps(models):
     assert per_kernel == [n, n + 1], per_kernel
     assert rows and max(rows) <= 4  # verifies of k + 1 = 4 rows, catch-ups of 2
     assert got.tokens == eng.generate(prompt, max_tokens=24, speculative=False).tokens
+
+
+def test_a_draft_model_estimates_its_cost_from_its_weight_bytes(models):
+    """Before anything is measured the batch plan weighs a draft token at the draft's
+    weight bytes over the target's (contract.Drafter.relative_cost): a q8_0 copy of a
+    float32 target reads about 34 / 128 of its bytes."""
+    eng = Engine.load(str(models["llama"]))
+    same = eng.speculation_for({"method": "draft_model",
+                                "options": {"model": str(models["llama"])}})
+    q8 = eng.speculation_for({"method": "draft_model",
+                              "options": {"model": str(models["llama"]), "quant": "q8_0"}})
+    assert same.drafter.relative_cost == pytest.approx(1.0)
+    assert q8.drafter.relative_cost == pytest.approx(34 / 128, rel=0.05)
