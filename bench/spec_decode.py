@@ -28,7 +28,8 @@ continuous-batching runner (the serving path; 1 stream: one request at a time, 8
 once), max --tokens new tokens each, stopping at end of sequence as a user's request would.
 
 Reported per configuration: decode tok/s (tokens after each request's first, over the
-time from the first first-token to the last finish: the aggregate a server delivers), the
+time from the first first-token to the last finish: the aggregate a server delivers; with
+--rounds N, plain and speculative runs alternate N times and each rate is the median), the
 speculation counters (acceptance rate, tokens per verify, draft and verify seconds), and at
 T=0 whether every output equals plain decoding's. Ratios: each method over plain at the
 same T and streams; lattice's n-gram over llama.cpp's `LlamaPromptLookupDecoding` (same
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -247,6 +249,10 @@ def main() -> int:
     parser.add_argument("--draft-vocab", type=int, default=32768,
                         help="--model qwen3_5: also time drafts over the first N token ids "
                              "(the drafters' draft_vocab option)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="plain and speculative runs alternated this many times per "
+                             "configuration (each speculative run with a fresh drafter); "
+                             "tok/s are medians over the rounds")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 prompts per set, 24 tokens, 1 and 2 streams")
     add_results_option(parser)
@@ -286,19 +292,28 @@ def main() -> int:
         prompts = sets[set_name]
         for temperature in temps:
             for n in streams:
-                plain = run_lattice(engine, prompts, None, temperature, n, args.tokens, opts)
-                spec = Speculation.build(engine.plugin_manager.registry, spec_opts,
-                                         engine.model, engine.tokenizer)
-                got = run_lattice(engine, prompts, spec, temperature, n, args.tokens, opts)
+                plain_rates, spec_rates, equal = [], [], True
+                for _ in range(max(1, args.rounds)):  # alternated: both see the same load
+                    plain = run_lattice(engine, prompts, None, temperature, n, args.tokens,
+                                        opts)
+                    spec = Speculation.build(engine.plugin_manager.registry, spec_opts,
+                                             engine.model, engine.tokenizer)
+                    got = run_lattice(engine, prompts, spec, temperature, n, args.tokens, opts)
+                    plain_rates.append(plain["decode_tok_s"])
+                    spec_rates.append(got["decode_tok_s"])
+                    equal = equal and got["outputs"] == plain["outputs"]
+                plain_tok_s = statistics.median(plain_rates)
+                spec_tok_s = statistics.median(spec_rates)
                 row = {"method": method, "prompts": set_name, "temperature": temperature,
-                       "streams": n, "plain_tok_s": round(plain["decode_tok_s"], 2),
-                       "spec_tok_s": round(got["decode_tok_s"], 2),
-                       "ratio": round(got["decode_tok_s"] / plain["decode_tok_s"], 3)
-                       if plain["decode_tok_s"] else None,
+                       "streams": n, "plain_tok_s": round(plain_tok_s, 2),
+                       "spec_tok_s": round(spec_tok_s, 2),
+                       "ratio": round(spec_tok_s / plain_tok_s, 3) if plain_tok_s else None,
+                       "rounds": [[round(p, 2), round(s, 2)]
+                                  for p, s in zip(plain_rates, spec_rates)],
                        "stats": {k: round(v, 4) if isinstance(v, float) else v
                                  for k, v in spec.stats.as_dict().items()}}
                 if temperature == 0:
-                    row["equal_to_plain"] = got["outputs"] == plain["outputs"]
+                    row["equal_to_plain"] = equal
                 rows.append(row)
                 print(f"{method:11s} T={temperature:<4} streams={n}: plain "
                       f"{row['plain_tok_s']:7.2f} tok/s, speculative {row['spec_tok_s']:7.2f} "
@@ -354,7 +369,6 @@ def break_even(plain: float, verify: float, draft: float, k: int) -> float | Non
 
 def bench_qwen3_5(args) -> int:
     """Step costs of Qwen3.5 self-drafting at the 0.8B shape (see the module doc)."""
-    import statistics
 
     import numpy as np
 
