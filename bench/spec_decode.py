@@ -249,6 +249,8 @@ def main() -> int:
     parser.add_argument("--draft-vocab", type=int, default=32768,
                         help="--model qwen3_5: also time drafts over the first N token ids "
                              "(the drafters' draft_vocab option)")
+    parser.add_argument("--methods", default="ngram,draft_model",
+                        help="drafters to run (draft_model needs --draft)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="plain and speculative runs alternated this many times per "
                              "configuration (each speculative run with a fresh drafter); "
@@ -285,8 +287,14 @@ def main() -> int:
                    "draft_model", args.k, options={"model": args.draft,
                                                    **({"quant": args.draft_quant}
                                                       if args.draft_quant else {})}))}
+    wanted = args.methods.split(",")
+    unknown = sorted(set(wanted) - set(methods))
+    if unknown:
+        parser.error(f"--methods {','.join(unknown)}: unknown; choose from "
+                     f"{', '.join(methods)}")
     if not args.draft:
         del methods["draft_model"]
+    methods = {k: v for k, v in methods.items() if k in wanted}
     rows = []
     for method, (set_name, spec_opts) in methods.items():
         prompts = sets[set_name]
