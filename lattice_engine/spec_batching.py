@@ -196,6 +196,7 @@ class SpeculativeSteps:
                     drafts = None
             for i, (seq, sp, k, _) in enumerate(group):
                 self._lend_recurrent(seq, sp)
+                sp.draft = None  # (one the scheduler had no room to verify is dropped)
                 try:
                     draft = drafts[i] if drafts is not None else \
                         sp.spec.drafter.propose(sp.request, k)
