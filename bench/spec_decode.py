@@ -512,7 +512,7 @@ def bench_qwen3_5(args) -> int:
     print(f"  plain decode step        {plain * 1e3:8.2f} ms")
     for k, v in verify.items():
         print(f"  verify of k+1 = {k + 1} tokens  {v * 1e3:8.2f} ms  ({v / plain:.2f}x plain)")
-    print(f"  one request (dense cache; the verify as one multi-row fused step):")
+    print("  one request (dense cache; the verify as one multi-row fused step):")
     print(f"  plain decode step        {dense_plain * 1e3:8.2f} ms")
     for k, v in dense_verify.items():
         print(f"  verify of k+1 = {k + 1} tokens  {v * 1e3:8.2f} ms  ({v / dense_plain:.2f}x "
