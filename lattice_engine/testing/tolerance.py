@@ -37,13 +37,18 @@ import numpy as np
 
 U32 = 2.0 ** -24    # float32 unit roundoff (round to nearest)
 LAMBDA = 8.0        # the probabilistic bound's confidence parameter (see the module doc)
+# A product by bf16x3 (kernels.bf16x3: x = xh + xl, w = wh + wl in bf16, xh wh + xh wl + xl wh
+# summed in float32) misses xl wl and the roundings of xl and wl, each at most 2^-18 |x w|:
+# the unit of its error per product, which then adds over a dot product like u's.
+U_BF16X3 = 3 * 2.0 ** -18
 
 
-def dot_bound(k: int, magnitude, evaluations: int = 2):
+def dot_bound(k: int, magnitude, evaluations: int = 2, unit: float = U32):
     """Largest difference between `evaluations` float32 computations of dot products of
     length k (2: two orders compared with each other; 1: one against the exact value),
-    where magnitude = |x| . |w| (a scalar or an array of them)."""
-    return evaluations * LAMBDA * np.sqrt(k) * U32 * np.asarray(magnitude, np.float64)
+    where magnitude = |x| . |w| (a scalar or an array of them); unit: the error per
+    product (U_BF16X3 for bf16x3 products)."""
+    return evaluations * LAMBDA * np.sqrt(k) * unit * np.asarray(magnitude, np.float64)
 
 
 def matmul_magnitude(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -62,11 +67,13 @@ def assert_matmul_close(got: np.ndarray, want: np.ndarray, x: np.ndarray, w: np.
         f"the float32 bound {float(bound[worst]):.3g} (K = {x.shape[-1]})")
 
 
-def network_bound(magnitude, path: Iterable[int], evaluations: int = 2) -> float:
+def network_bound(magnitude, path: Iterable[int], evaluations: int = 2,
+                  unit: float = U32) -> float:
     """Bound on |a - b| between float32 evaluations of a network whose output scale is
     `magnitude` (|h| . |w| at the last product, max over outputs) and whose longest path
-    runs through dot products of the lengths in `path` (see the module doc)."""
-    relative = float(dot_bound(sum(path), 1.0, evaluations))
+    runs through dot products of the lengths in `path` (see the module doc); unit: the
+    error per product of the less exact evaluation (U_BF16X3 when its matmuls are bf16x3)."""
+    relative = float(dot_bound(sum(path), 1.0, evaluations, unit))
     return relative * float(np.max(magnitude))
 
 

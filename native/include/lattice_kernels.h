@@ -607,6 +607,21 @@ int lk_encoder_attention_packed(const float *q, const float *k, const float *v, 
                                 const int64_t *offsets, int64_t H, int64_t D, float scale,
                                 float *out);
 
+/* ---- float32 weights on AMX-BF16, bf16x3 (matmul_amx.c) ----------------------------- */
+
+/* Whether this process can run lk_matmul_bf16x3: the CPU has AMX-BF16 and AVX512-BF16,
+   LATTICE_ISA is not generic, LATTICE_AMX is not 0, and Linux granted the tile state. */
+int lk_amx_bf16x3_ready(void);
+/* uint16 values of W [N, K] packed for lk_matmul_bf16x3 (its high and low bf16 parts). */
+int64_t lk_bf16x3_packed_size(int64_t N, int64_t K);
+/* Pack float32 W [N, K] (N and K multiples of 32) into out. Returns 0, -1 on bad sizes. */
+int lk_bf16x3_pack(const float *w, int64_t N, int64_t K, uint16_t *out);
+/* y[M, N] = x[M, K] @ W^T from W packed by lk_bf16x3_pack, as float32 sums of the bf16x3
+   products (relative error ~4e-6; not the float32 kernels' bits). Returns 0, -1 on bad
+   sizes, -2 when AMX is not ready, -5 out of memory. */
+int lk_matmul_bf16x3(const float *x, int64_t M, int64_t K, const uint16_t *packed, int64_t N,
+                     float *y);
+
 /* ---- vector distances and top-k search (distance.c) -------------------------------- */
 
 #define LK_METRIC_DOT 0
