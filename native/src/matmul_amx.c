@@ -15,8 +15,8 @@
  * 32 values of K: 16 rows of VNNI pairs (tile row p holds values 2p, 2p + 1 of each
  * column), every high-part tile of all of W, then every low-part tile. x is split per call
  * into A tiles of 16 rows x 32 values (rows past M zero). One task is a pair of column
- * tiles (32 weight rows) against every 16-row tile of x: 2 C tiles, 2 A and 4 B tiles, six
- * TDPBF16PS per 32 values of K; x is walked in blocks of 256 rows so its tiles stay in L2.
+ * tiles (32 weight rows) against every 16-row tile of x, two x tiles at a time (amx_gemm);
+ * x is walked in blocks of 256 rows so its tiles stay in L2.
  */
 #define LK_INTERNAL
 #include "lattice_kernels.h"
@@ -137,7 +137,22 @@ AMX_TARGET static void amx_split(void *ctx, int64_t m0, int64_t m1, int ith) {
         }
 }
 
-/* column-tile pairs [u0, u1) against every x tile */
+/* tile t (a literal) into y's 16 x 16 block at row m of x: all of it, or its rows below M */
+#define AMX_STORE(t, y, m)                                                             \
+    do {                                                                               \
+        if ((m) + 16 <= M) {                                                           \
+            _tile_stored(t, y, N * 4);                                                 \
+        } else {                                                                       \
+            _tile_stored(t, part, 64);                                                 \
+            for (int64_t r = 0; r < M - (m); r++) memcpy((y) + r * N, part + r * 16, 64); \
+        }                                                                              \
+    } while (0)
+
+/* column-tile pairs [u0, u1) against every x tile: two x tiles at a time (four C tiles;
+   per 32 values of K the three products one after another, A and B tiles reloaded between
+   them: 10 tile loads for 12 TDPBF16PS, where one x tile needs 6 for 6), a last odd x tile
+   alone. Either way each C row sums xh wl, xl wh, xh wh of each K step in that order, so a
+   row's result does not depend on the rows around it. */
 AMX_TARGET static void amx_gemm(void *ctx, int64_t u0, int64_t u1, int ith) {
     (void)ith;
     const amx_job *j = (const amx_job *)ctx;
@@ -157,35 +172,67 @@ AMX_TARGET static void amx_gemm(void *ctx, int64_t u0, int64_t u1, int ith) {
             const int64_t nt = 2 * u;
             const uint16_t *b0h = j->bh + nt * KT * 512, *b1h = b0h + KT * 512;
             const uint16_t *b0l = j->bl + nt * KT * 512, *b1l = b0l + KT * 512;
-            for (int64_t mt = mb; mt < me; mt++) {
+            int64_t mt = mb;
+            for (; mt + 1 < me; mt += 2) {
+                const uint16_t *a0h = j->ah + mt * KT * 512, *a1h = a0h + KT * 512;
+                const uint16_t *a0l = j->al + mt * KT * 512, *a1l = a0l + KT * 512;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t kt = 0; kt < KT; kt++) {
+                    const int64_t o = kt * 512;
+                    _tile_loadd(4, a0h + o, 64);
+                    _tile_loadd(5, a1h + o, 64);
+                    _tile_loadd(6, b0l + o, 64);
+                    _tile_loadd(7, b1l + o, 64);
+                    _tile_dpbf16ps(0, 4, 6); /* xh wl */
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                    _tile_loadd(4, a0l + o, 64);
+                    _tile_loadd(5, a1l + o, 64);
+                    _tile_loadd(6, b0h + o, 64);
+                    _tile_loadd(7, b1h + o, 64);
+                    _tile_dpbf16ps(0, 4, 6); /* xl wh */
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                    _tile_loadd(4, a0h + o, 64);
+                    _tile_loadd(5, a1h + o, 64);
+                    _tile_dpbf16ps(0, 4, 6); /* xh wh */
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                float *y0 = j->y + mt * 16 * N + nt * 16, *y1 = y0 + 16 * N;
+                AMX_STORE(0, y0, mt * 16);
+                AMX_STORE(1, y0 + 16, mt * 16);
+                AMX_STORE(2, y1, mt * 16 + 16);
+                AMX_STORE(3, y1 + 16, mt * 16 + 16);
+            }
+            if (mt < me) {
                 const uint16_t *ah = j->ah + mt * KT * 512, *al = j->al + mt * KT * 512;
                 _tile_zero(0);
                 _tile_zero(1);
                 for (int64_t kt = 0; kt < KT; kt++) {
-                    _tile_loadd(2, ah + kt * 512, 64);
-                    _tile_loadd(3, al + kt * 512, 64);
-                    _tile_loadd(4, b0h + kt * 512, 64);
-                    _tile_loadd(5, b0l + kt * 512, 64);
-                    _tile_loadd(6, b1h + kt * 512, 64);
-                    _tile_loadd(7, b1l + kt * 512, 64);
-                    _tile_dpbf16ps(0, 2, 5); /* the small terms first: xh wl, xl wh, xh wh */
+                    const int64_t o = kt * 512;
+                    _tile_loadd(2, ah + o, 64);
+                    _tile_loadd(3, al + o, 64);
+                    _tile_loadd(4, b0h + o, 64);
+                    _tile_loadd(5, b0l + o, 64);
+                    _tile_loadd(6, b1h + o, 64);
+                    _tile_loadd(7, b1l + o, 64);
+                    _tile_dpbf16ps(0, 2, 5); /* the same order: xh wl, xl wh, xh wh */
                     _tile_dpbf16ps(1, 2, 7);
                     _tile_dpbf16ps(0, 3, 4);
                     _tile_dpbf16ps(1, 3, 6);
                     _tile_dpbf16ps(0, 2, 4);
                     _tile_dpbf16ps(1, 2, 6);
                 }
-                float *y = j->y + mt * 16 * N + nt * 16;
-                if ((mt + 1) * 16 <= M) {
-                    _tile_stored(0, y, N * 4);
-                    _tile_stored(1, y + 16, N * 4);
-                } else { /* the last x tile: only its rows below M */
-                    const int64_t rows = M - mt * 16;
-                    _tile_stored(0, part, 64);
-                    for (int64_t r = 0; r < rows; r++) memcpy(y + r * N, part + r * 16, 64);
-                    _tile_stored(1, part, 64);
-                    for (int64_t r = 0; r < rows; r++) memcpy(y + r * N + 16, part + r * 16, 64);
-                }
+                float *y0 = j->y + mt * 16 * N + nt * 16;
+                AMX_STORE(0, y0, mt * 16);
+                AMX_STORE(1, y0 + 16, mt * 16);
             }
         }
     }
