@@ -238,14 +238,29 @@ def test_the_contract_accepts_an_encoder_and_names_both_shapes():
 
 
 # (B, T, H, D), lengths: the AVX2 tiles' edges (a 6-row score tile, 16 keys, a 96-row
-# task, values 32 at a time, D = 20 on the scalar path) and a one-key row
+# task, values 32 at a time, D = 20 on the scalar path), the 512-bit tiles' (32 keys,
+# D = 48: 32 + 16 values) and a one-key row
 ENCODER_SHAPES = [((3, 13, 5, 24), [13, 1, 7]), ((2, 200, 3, 32), [200, 101]),
-                  ((2, 97, 2, 64), [97, 9]), ((1, 50, 2, 20), [50]), ((1, 40, 1, 72), [33])]
+                  ((2, 97, 2, 64), [97, 9]), ((1, 50, 2, 20), [50]), ((1, 40, 1, 72), [33]),
+                  ((2, 70, 2, 48), [70, 3])]
+
+
+@pytest.fixture(params=["avx2", "avx512vnni"])
+def attention_tiles(request):
+    """The AVX2 tiles and, on AVX-512 CPUs, the 512-bit ones (they run with the
+    avx512vnni q8_0 variant, as the 512-bit float matmuls)."""
+    from lattice_engine import kernels
+    before = kernels.q8_variant()
+    if kernels.q8_variant(request.param) != request.param:
+        kernels.q8_variant(before)
+        pytest.skip(f"this CPU has no {request.param} kernels")
+    yield request.param
+    kernels.q8_variant(before)
 
 
 @pytest.mark.native
 @pytest.mark.parametrize("shape,lengths", ENCODER_SHAPES)
-def test_encoder_attention_kernel_matches_numpy(shape, lengths):
+def test_encoder_attention_kernel_matches_numpy(shape, lengths, attention_tiles):
     from lattice_engine import kernels, ops
     from lattice_engine.testing.tolerance import dot_bound
     rng = np.random.default_rng(1)

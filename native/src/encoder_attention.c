@@ -34,6 +34,7 @@ typedef struct {
     const int64_t *task0; /* AVX2: the first task of each sequence, task0[B] = all tasks */
     float scale;
     float *out;
+    int wide; /* the 512-bit tiles (enc_tile_avx512); set by run_encoder */
 } enc_job;
 
 /* rows r0 .. r1 of the flat (b, t, h) order over all sequences' query rows (r / H in
@@ -164,8 +165,8 @@ LK_AVX2_TARGET static void enc_pv(const float *p, int64_t np8, int RR, const flo
 
 /* scratch floats for one task: Kt [D][np8], V [n][D], scores [ENC_QR][np8] */
 static size_t enc_tile_floats(int64_t T, int64_t D) {
-    const int64_t np8 = (T + 7) & ~(int64_t)7;
-    return (size_t)(D * np8 + T * D + ENC_QR * np8);
+    const int64_t np16 = (T + 15) & ~(int64_t)15; /* (the 512-bit tiles pad keys to 16) */
+    return (size_t)(D * np16 + T * D + ENC_QR * np16);
 }
 
 LK_AVX2_TARGET static void enc_tile_avx2(const enc_job *j, int64_t b, int64_t h, int64_t t0,
@@ -209,6 +210,131 @@ LK_AVX2_TARGET static void enc_tile_avx2(const enc_job *j, int64_t b, int64_t h,
     }
 }
 
+/* ---- the same tiles with 512-bit FMAs (D a multiple of 16; run while the AVX512-VNNI
+   q8_0 variant is active, as the 512-bit float matmuls): scores as a 6 x 32 tile over
+   keys padded to 16, the output as a 6 x (16 or 32) tile over D. Other sums than the AVX2
+   tiles' (a key's score and an output's value are each one accumulator's chain, as
+   there, but over other lanes), within the same float32 bound. */
+#define AVX512_TARGET __attribute__((target("avx2,fma,f16c,avx512f")))
+#define ENC5_QR 6
+
+AVX512_TARGET __attribute__((always_inline)) static inline void
+enc5_scores_tile(const float *const *qr, int QR, const float *kt, int64_t np16, int64_t D,
+                 int64_t s0, int NV, float scale, float *sc) {
+    __m512 acc[ENC5_QR][2];
+    for (int r = 0; r < QR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i++) {
+        const float *kr = kt + i * np16 + s0;
+        const __m512 k0 = _mm512_loadu_ps(kr);
+        const __m512 k1 = NV == 2 ? _mm512_loadu_ps(kr + 16) : k0;
+        for (int r = 0; r < QR; r++) {
+            const __m512 qv = _mm512_set1_ps(qr[r][i]);
+            acc[r][0] = _mm512_fmadd_ps(qv, k0, acc[r][0]);
+            if (NV == 2) acc[r][1] = _mm512_fmadd_ps(qv, k1, acc[r][1]);
+        }
+    }
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (int r = 0; r < QR; r++) {
+        _mm512_storeu_ps(sc + r * np16 + s0, _mm512_mul_ps(acc[r][0], vs));
+        if (NV == 2) _mm512_storeu_ps(sc + r * np16 + s0 + 16, _mm512_mul_ps(acc[r][1], vs));
+    }
+}
+
+AVX512_TARGET static void enc5_scores(const float *const *qr, int QR, const float *kt,
+                                      int64_t np16, int64_t D, float scale, float *sc) {
+    int64_t s0;
+#define ENC5_SC(Q)                                                                        \
+    for (s0 = 0; s0 + 32 <= np16; s0 += 32) enc5_scores_tile(qr, Q, kt, np16, D, s0, 2, scale, sc); \
+    if (s0 < np16) enc5_scores_tile(qr, Q, kt, np16, D, s0, 1, scale, sc);
+    switch (QR) {
+    case 1: ENC5_SC(1) break;
+    case 2: ENC5_SC(2) break;
+    case 3: ENC5_SC(3) break;
+    case 4: ENC5_SC(4) break;
+    case 5: ENC5_SC(5) break;
+    default: ENC5_SC(6) break;
+    }
+#undef ENC5_SC
+}
+
+/* o_r[d0 .. d0 + 16 NV) = inv_r * sum_s p_r[s] v_s[d0 ..] for RR (<= 6) rows */
+AVX512_TARGET __attribute__((always_inline)) static inline void
+enc5_pv_tile(const float *p, int64_t np16, int RR, const float *vp, int64_t n, int64_t D,
+             int64_t d0, int NV, const float *inv, float *const *o) {
+    __m512 acc[ENC5_QR][2];
+    for (int r = 0; r < RR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s++) {
+        const float *vr = vp + s * D + d0;
+        const __m512 v0 = _mm512_loadu_ps(vr);
+        const __m512 v1 = NV == 2 ? _mm512_loadu_ps(vr + 16) : v0;
+        for (int r = 0; r < RR; r++) {
+            const __m512 pv = _mm512_set1_ps(p[r * np16 + s]);
+            acc[r][0] = _mm512_fmadd_ps(pv, v0, acc[r][0]);
+            if (NV == 2) acc[r][1] = _mm512_fmadd_ps(pv, v1, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < RR; r++) {
+        const __m512 iv = _mm512_set1_ps(inv[r]);
+        _mm512_storeu_ps(o[r] + d0, _mm512_mul_ps(acc[r][0], iv));
+        if (NV == 2) _mm512_storeu_ps(o[r] + d0 + 16, _mm512_mul_ps(acc[r][1], iv));
+    }
+}
+
+AVX512_TARGET static void enc5_pv(const float *p, int64_t np16, int RR, const float *vp,
+                                  int64_t n, int64_t D, const float *inv, float *const *o) {
+    for (int64_t d0 = 0; d0 < D;) {
+        const int NV = D - d0 >= 32 ? 2 : 1;
+#define ENC5_PV(R) \
+    (NV == 2 ? enc5_pv_tile(p, np16, R, vp, n, D, d0, 2, inv, o) \
+             : enc5_pv_tile(p, np16, R, vp, n, D, d0, 1, inv, o))
+        switch (RR) {
+        case 1: ENC5_PV(1); break;
+        case 2: ENC5_PV(2); break;
+        case 3: ENC5_PV(3); break;
+        case 4: ENC5_PV(4); break;
+        case 5: ENC5_PV(5); break;
+        default: ENC5_PV(6); break;
+        }
+#undef ENC5_PV
+        d0 += 16 * NV;
+    }
+}
+
+AVX512_TARGET static void enc_tile_avx512(const enc_job *j, int64_t b, int64_t h, int64_t t0,
+                                          int64_t t1, float *scratch) {
+    const int64_t H = j->H, D = j->D, HD = H * D, n = j->n[b], base = j->row0[b];
+    const int64_t np16 = (n + 15) & ~(int64_t)15;
+    float *kt = scratch, *vp = kt + D * np16, *sc = vp + n * D;
+    const float *kb = j->k + (base * H + h) * D, *vb = j->v + (base * H + h) * D;
+    for (int64_t s = 0; s < n; s++) {
+        const float *kr = kb + s * HD;
+        for (int64_t i = 0; i < D; i++) kt[i * np16 + s] = kr[i];
+        memcpy(vp + s * D, vb + s * HD, (size_t)D * sizeof(float));
+    }
+    for (int64_t i = 0; i < D; i++)
+        for (int64_t s = n; s < np16; s++) kt[i * np16 + s] = 0;
+    for (int64_t t = t0; t < t1; t += ENC5_QR) {
+        const int QR = t1 - t < ENC5_QR ? (int)(t1 - t) : ENC5_QR;
+        const float *qr[ENC5_QR];
+        float *o[ENC5_QR], inv[ENC5_QR];
+        for (int r = 0; r < QR; r++) {
+            qr[r] = j->q + ((base + t + r) * H + h) * D;
+            o[r] = j->out + ((base + t + r) * H + h) * D;
+        }
+        enc5_scores(qr, QR, kt, np16, D, j->scale, sc);
+        for (int r = 0; r < QR; r++) {
+            float *pr = sc + r * np16;
+            __m512 vm = _mm512_set1_ps(-INFINITY);
+            int64_t s = 0;
+            for (; s + 16 <= n; s += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(pr + s));
+            float top = _mm512_reduce_max_ps(vm);
+            for (; s < n; s++) top = pr[s] > top ? pr[s] : top;
+            inv[r] = 1.0f / lk_exp_sum_avx2(pr, n, top, pr);
+        }
+        enc5_pv(sc, np16, QR, vp, n, D, inv, o);
+    }
+}
+
 /* task c: sequence b (by task0), head h, query block blk */
 static void enc_task(void *ctx, int64_t c, int ith) {
     const enc_job *j = (const enc_job *)ctx;
@@ -219,7 +345,8 @@ static void enc_task(void *ctx, int64_t c, int ith) {
     const int64_t t0 = blk * ENC_TBLOCK, t1 = t0 + ENC_TBLOCK < j->nq[b] ? t0 + ENC_TBLOCK : j->nq[b];
     float *scratch = (float *)lk_scratch(ith, enc_tile_floats(j->T, j->D) * sizeof(float));
     if (!scratch) return; /* checked up front by the caller */
-    enc_tile_avx2(j, b, h, t0, t1, scratch);
+    if (j->wide) enc_tile_avx512(j, b, h, t0, t1, scratch);
+    else enc_tile_avx2(j, b, h, t0, t1, scratch);
 }
 
 #endif
@@ -246,6 +373,8 @@ static int run_encoder(enc_job *j) {
         for (int64_t b = 0; b < B; b++)
             task0[b + 1] = task0[b] + H * ((j->nq[b] + ENC_TBLOCK - 1) / ENC_TBLOCK);
         j->task0 = task0;
+        /* 512-bit tiles as the 512-bit float matmuls: with the AVX512-VNNI q8_0 variant */
+        j->wide = D % 16 == 0 && lk_q8_variant(-1) == 2;
         /* the tiles' scratch, probed once here so a task cannot fail to get it */
         lk_lock();
         const int nth = lk_threads_locked();
