@@ -244,7 +244,8 @@ AVX512_TARGET static void enc5_scores(const float *const *qr, int QR, const floa
                                       int64_t np16, int64_t D, float scale, float *sc) {
     int64_t s0;
 #define ENC5_SC(Q)                                                                        \
-    for (s0 = 0; s0 + 32 <= np16; s0 += 32) enc5_scores_tile(qr, Q, kt, np16, D, s0, 2, scale, sc); \
+    for (s0 = 0; s0 + 32 <= np16; s0 += 32)                                             \
+        enc5_scores_tile(qr, Q, kt, np16, D, s0, 2, scale, sc);                           \
     if (s0 < np16) enc5_scores_tile(qr, Q, kt, np16, D, s0, 1, scale, sc);
     switch (QR) {
     case 1: ENC5_SC(1) break;
