@@ -107,6 +107,7 @@ typedef struct {
     uint16_t *ah, *al;
     int64_t M, K, N, MT, KT;
     float *y;
+    int64_t nchunks, chunk; /* the column-tile pairs in nchunks chunks of `chunk` */
 } amx_job;
 
 typedef struct {
@@ -148,12 +149,13 @@ AMX_TARGET static void amx_split(void *ctx, int64_t m0, int64_t m1, int ith) {
         }                                                                              \
     } while (0)
 
-/* column-tile pairs [u0, u1) against every x tile: two x tiles at a time (four C tiles;
+/* tasks [i0, i1): task i is block i / nchunks of AMX_MBLOCK x tiles (in L2 while it runs)
+   against chunk i % nchunks of the column-tile pairs, two x tiles at a time (four C tiles;
    per 32 values of K the three products one after another, A and B tiles reloaded between
    them: 10 tile loads for 12 TDPBF16PS, where one x tile needs 6 for 6), a last odd x tile
    alone. Either way each C row sums xh wl, xl wh, xh wh of each K step in that order, so a
    row's result does not depend on the rows around it. */
-AMX_TARGET static void amx_gemm(void *ctx, int64_t u0, int64_t u1, int ith) {
+AMX_TARGET static void amx_gemm(void *ctx, int64_t i0, int64_t i1, int ith) {
     (void)ith;
     const amx_job *j = (const amx_job *)ctx;
     const int64_t KT = j->KT, N = j->N, M = j->M;
@@ -166,8 +168,11 @@ AMX_TARGET static void amx_gemm(void *ctx, int64_t u0, int64_t u1, int ith) {
     }
     _tile_loadconfig(&cfg);
     float part[16 * 16] __attribute__((aligned(64)));
-    for (int64_t mb = 0; mb < j->MT; mb += AMX_MBLOCK) {
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t mb = i / j->nchunks * AMX_MBLOCK;
         const int64_t me = mb + AMX_MBLOCK < j->MT ? mb + AMX_MBLOCK : j->MT;
+        const int64_t u0 = i % j->nchunks * j->chunk;
+        const int64_t u1 = u0 + j->chunk < j->N / 32 ? u0 + j->chunk : j->N / 32;
         for (int64_t u = u0; u < u1; u++) {
             const int64_t nt = 2 * u;
             const uint16_t *b0h = j->bh + nt * KT * 512, *b1h = b0h + KT * 512;
@@ -240,6 +245,24 @@ AMX_TARGET static void amx_gemm(void *ctx, int64_t u0, int64_t u1, int ith) {
 }
 #endif
 
+#if LK_X86
+/* x's split parts, per calling thread, grown on demand and kept: a fresh allocation per
+   call (megabytes at a few hundred rows) page-faulted on every call */
+static __thread uint16_t *split_buf;
+static __thread size_t split_cap;
+
+static uint16_t *split_scratch(size_t bytes) {
+    if (bytes > split_cap) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, bytes)) return NULL;
+        free(split_buf);
+        split_buf = (uint16_t *)p;
+        split_cap = bytes;
+    }
+    return split_buf;
+}
+#endif
+
 int lk_matmul_bf16x3(const float *x, int64_t M, int64_t K, const uint16_t *packed, int64_t N,
                      float *y) {
     if (M <= 0) return 0;
@@ -247,12 +270,16 @@ int lk_matmul_bf16x3(const float *x, int64_t M, int64_t K, const uint16_t *packe
 #if LK_X86
     if (!lk_amx_bf16x3_ready()) return -2;
     const int64_t MT = (M + 15) / 16;
-    uint16_t *a = (uint16_t *)aligned_alloc(64, (size_t)(MT * 16 * K * 2) * sizeof(uint16_t));
+    uint16_t *a = split_scratch((size_t)(MT * 16 * K * 2) * sizeof(uint16_t));
     if (!a) return -5;
-    amx_job j = {x, packed, packed + N * K, a, a + MT * 16 * K, M, K, N, MT, K / 32, y};
+    /* every thread a share of the columns of each block of x: x's tiles are read from L2
+       once per chunk, and a chunk's weights (a thread's share) stay in its L2 */
+    const int64_t units = N / 32, threads = lk_get_threads() > 0 ? lk_get_threads() : 1;
+    const int64_t nchunks = units < threads ? units : threads;
+    amx_job j = {x, packed, packed + N * K, a, a + MT * 16 * K, M, K, N, MT, K / 32, y,
+                 nchunks, (units + nchunks - 1) / nchunks};
     lk_parallel_for(amx_split, &j, MT, 4);
-    lk_parallel_for(amx_gemm, &j, N / 32, 1);
-    free(a);
+    lk_parallel_for(amx_gemm, &j, (MT + AMX_MBLOCK - 1) / AMX_MBLOCK * nchunks, 1);
     return 0;
 #else
     (void)x; (void)packed; (void)y;
