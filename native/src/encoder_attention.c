@@ -169,19 +169,27 @@ static size_t enc_tile_floats(int64_t T, int64_t D) {
     return (size_t)(D * np16 + T * D + ENC_QR * np16);
 }
 
-LK_AVX2_TARGET static void enc_tile_avx2(const enc_job *j, int64_t b, int64_t h, int64_t t0,
-                                         int64_t t1, float *scratch) {
+/* Sequence b's keys of head h transposed into kt [D][np] (keys past n zero) and its values
+   into vp [n][D]: what both tile widths read (np: n padded to their key vector width). */
+static void enc_pack_kv(const enc_job *j, int64_t b, int64_t h, int64_t np, float *kt,
+                        float *vp) {
     const int64_t H = j->H, D = j->D, HD = H * D, n = j->n[b], base = j->row0[b];
-    const int64_t np8 = (n + 7) & ~(int64_t)7;
-    float *kt = scratch, *vp = kt + D * np8, *sc = vp + n * D;
     const float *kb = j->k + (base * H + h) * D, *vb = j->v + (base * H + h) * D;
     for (int64_t s = 0; s < n; s++) {
         const float *kr = kb + s * HD;
-        for (int64_t i = 0; i < D; i++) kt[i * np8 + s] = kr[i];
+        for (int64_t i = 0; i < D; i++) kt[i * np + s] = kr[i];
         memcpy(vp + s * D, vb + s * HD, (size_t)D * sizeof(float));
     }
     for (int64_t i = 0; i < D; i++)
-        for (int64_t s = n; s < np8; s++) kt[i * np8 + s] = 0;
+        for (int64_t s = n; s < np; s++) kt[i * np + s] = 0;
+}
+
+LK_AVX2_TARGET static void enc_tile_avx2(const enc_job *j, int64_t b, int64_t h, int64_t t0,
+                                         int64_t t1, float *scratch) {
+    const int64_t H = j->H, D = j->D, n = j->n[b], base = j->row0[b];
+    const int64_t np8 = (n + 7) & ~(int64_t)7;
+    float *kt = scratch, *vp = kt + D * np8, *sc = vp + n * D;
+    enc_pack_kv(j, b, h, np8, kt, vp);
     for (int64_t t = t0; t < t1; t += ENC_QR) {
         const int QR = t1 - t < ENC_QR ? (int)(t1 - t) : ENC_QR;
         const float *qr[ENC_QR];
@@ -303,17 +311,10 @@ AVX512_TARGET static void enc5_pv(const float *p, int64_t np16, int RR, const fl
 
 AVX512_TARGET static void enc_tile_avx512(const enc_job *j, int64_t b, int64_t h, int64_t t0,
                                           int64_t t1, float *scratch) {
-    const int64_t H = j->H, D = j->D, HD = H * D, n = j->n[b], base = j->row0[b];
+    const int64_t H = j->H, D = j->D, n = j->n[b], base = j->row0[b];
     const int64_t np16 = (n + 15) & ~(int64_t)15;
     float *kt = scratch, *vp = kt + D * np16, *sc = vp + n * D;
-    const float *kb = j->k + (base * H + h) * D, *vb = j->v + (base * H + h) * D;
-    for (int64_t s = 0; s < n; s++) {
-        const float *kr = kb + s * HD;
-        for (int64_t i = 0; i < D; i++) kt[i * np16 + s] = kr[i];
-        memcpy(vp + s * D, vb + s * HD, (size_t)D * sizeof(float));
-    }
-    for (int64_t i = 0; i < D; i++)
-        for (int64_t s = n; s < np16; s++) kt[i * np16 + s] = 0;
+    enc_pack_kv(j, b, h, np16, kt, vp);
     for (int64_t t = t0; t < t1; t += ENC5_QR) {
         const int QR = t1 - t < ENC5_QR ? (int)(t1 - t) : ENC5_QR;
         const float *qr[ENC5_QR];
