@@ -169,7 +169,7 @@ class SpeculativeSteps:
         explore = any(lengths) and any(not sp.spec.measured for _, sp, _ in wanted)
         probe = self.spec_probes.step(
             any(lengths),
-            lambda: self._probe_could_change_plan(wanted, len(decoding), missed), explore)
+            lambda: self._probe_could_change_plan(wanted, len(decoding), setup), explore)
         if probe:  # one sequence drafts (the same one for both steps of a probe)
             pick = self.spec_probes.pick(probe, wanted, missed)
             lengths = [k if i == pick else 0 for i, (_, _, k) in enumerate(wanted)]
@@ -228,7 +228,7 @@ class SpeculativeSteps:
                                sp.length.rate, k)
                 for (seq, sp, k), m in zip(wanted, missed)]
 
-    def _probe_could_change_plan(self, wanted, decoders: int, missed) -> bool:
+    def _probe_could_change_plan(self, wanted, decoders: int, setup) -> bool:
         """Whether the plan would draft at the best a probe could find: every draft kept
         (acceptance estimates go stale while nothing drafts) and drafting at the cheapest
         it was measured. The catch-ups stay in: near the end of its answer a sequence
@@ -238,7 +238,6 @@ class SpeculativeSteps:
             return False  # this step measures plain decoding first
         step_time = self.pacer.step_time
         cheapest = [sp.spec.cost_per_token(step_time, cheapest=True) for _, sp, _ in wanted]
-        setup = self._catch_up_shares(wanted, missed)
         best = batch_draft_lengths([k for _, _, k in wanted], [1.0] * len(wanted), decoders,
                                    step_time, cheapest, setup)
         return any(best)
