@@ -151,10 +151,11 @@ AMX_TARGET static void amx_split(void *ctx, int64_t m0, int64_t m1, int ith) {
 
 /* tasks [i0, i1): task i is block i / nchunks of AMX_MBLOCK x tiles (in L2 while it runs)
    against chunk i % nchunks of the column-tile pairs, two x tiles at a time (four C tiles;
+   x's tiles come in an even count, the last one zero rows when needed;
    per 32 values of K the three products one after another, A and B tiles reloaded between
-   them: 10 tile loads for 12 TDPBF16PS, where one x tile needs 6 for 6), a last odd x tile
-   alone. Either way each C row sums xh wl, xl wh, xh wh of each K step in that order, so a
-   row's result does not depend on the rows around it. */
+   them: 10 tile loads for 12 TDPBF16PS, where one x tile needs 6 for 6). Each C row sums
+   xh wl, xl wh, xh wh of each K step in that order, so a row's result does not depend on
+   the rows around it. */
 AMX_TARGET static void amx_gemm(void *ctx, int64_t i0, int64_t i1, int ith) {
     (void)ith;
     const amx_job *j = (const amx_job *)ctx;
@@ -177,8 +178,7 @@ AMX_TARGET static void amx_gemm(void *ctx, int64_t i0, int64_t i1, int ith) {
             const int64_t nt = 2 * u;
             const uint16_t *b0h = j->bh + nt * KT * 512, *b1h = b0h + KT * 512;
             const uint16_t *b0l = j->bl + nt * KT * 512, *b1l = b0l + KT * 512;
-            int64_t mt = mb;
-            for (; mt + 1 < me; mt += 2) {
+            for (int64_t mt = mb; mt < me; mt += 2) {
                 const uint16_t *a0h = j->ah + mt * KT * 512, *a1h = a0h + KT * 512;
                 const uint16_t *a0l = j->al + mt * KT * 512, *a1l = a0l + KT * 512;
                 _tile_zero(0);
@@ -216,29 +216,6 @@ AMX_TARGET static void amx_gemm(void *ctx, int64_t i0, int64_t i1, int ith) {
                 AMX_STORE(2, y1, mt * 16 + 16);
                 AMX_STORE(3, y1 + 16, mt * 16 + 16);
             }
-            if (mt < me) {
-                const uint16_t *ah = j->ah + mt * KT * 512, *al = j->al + mt * KT * 512;
-                _tile_zero(0);
-                _tile_zero(1);
-                for (int64_t kt = 0; kt < KT; kt++) {
-                    const int64_t o = kt * 512;
-                    _tile_loadd(2, ah + o, 64);
-                    _tile_loadd(3, al + o, 64);
-                    _tile_loadd(4, b0h + o, 64);
-                    _tile_loadd(5, b0l + o, 64);
-                    _tile_loadd(6, b1h + o, 64);
-                    _tile_loadd(7, b1l + o, 64);
-                    _tile_dpbf16ps(0, 2, 5); /* the same order: xh wl, xl wh, xh wh */
-                    _tile_dpbf16ps(1, 2, 7);
-                    _tile_dpbf16ps(0, 3, 4);
-                    _tile_dpbf16ps(1, 3, 6);
-                    _tile_dpbf16ps(0, 2, 4);
-                    _tile_dpbf16ps(1, 2, 6);
-                }
-                float *y0 = j->y + mt * 16 * N + nt * 16;
-                AMX_STORE(0, y0, mt * 16);
-                AMX_STORE(1, y0 + 16, mt * 16);
-            }
         }
     }
     _tile_release();
@@ -269,7 +246,7 @@ int lk_matmul_bf16x3(const float *x, int64_t M, int64_t K, const uint16_t *packe
     if (K <= 0 || N <= 0 || K % 32 || N % 32) return -1;
 #if LK_X86
     if (!lk_amx_bf16x3_ready()) return -2;
-    const int64_t MT = (M + 15) / 16;
+    const int64_t MT = ((M + 15) / 16 + 1) & ~(int64_t)1; /* even: amx_gemm takes tile pairs */
     uint16_t *a = split_scratch((size_t)(MT * 16 * K * 2) * sizeof(uint16_t));
     if (!a) return -5;
     /* every thread a share of the columns of each block of x: x's tiles are read from L2
