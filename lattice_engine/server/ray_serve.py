@@ -372,6 +372,23 @@ def build_app(config: Config):
     return LatticeIngress.bind(LatticeReplica.bind(replica_config), config)
 
 
+# Ray Serve gives its HTTP proxy 5 s to answer a readiness check and kills it after three
+# misses, and `serve.start` then fails. Starting the proxy (a Python process importing
+# uvicorn and Serve) took longer than that on a 2-core machine with both cores busy, so a
+# loaded machine could not start `lattice serve --replicas` at all. The local cluster this
+# process starts inherits its environment: these defaults reach the Serve controller, and
+# a value the user set wins. (A cluster given by ray.address keeps its own settings.)
+PATIENT_PROXY_CHECKS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+}
+
+
+def _patient_proxy_checks():
+    for name, value in PATIENT_PROXY_CHECKS.items():
+        os.environ.setdefault(name, value)
+
+
 def start(config: Config, *, log_level: str = "info", blocking: bool = True):
     """Connect to (config.ray.address) or start a local Ray cluster, run the application
     with its HTTP proxy on server.host:server.port, and (blocking) serve until
@@ -387,6 +404,7 @@ def start(config: Config, *, log_level: str = "info", blocking: bool = True):
         if section.address is not None:
             ray.init(address=section.address, logging_level=log_level.upper())
         else:
+            _patient_proxy_checks()
             # logical CPUs: every replica's threads, and a core for the ingress and proxy
             ray.init(num_cpus=section.max_count() * section.threads_per_replica + 1,
                      include_dashboard=False, logging_level=log_level.upper())
