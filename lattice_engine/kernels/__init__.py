@@ -43,7 +43,7 @@ from .lora import lora_apply
 from .matmuls import (embed, format_embed, format_matmul, matmul, matmul_multi,
                       q8_0_r16_convert, quantize_q8_0, supports)
 from .rotate import block_rotate
-from .runtime import (LOAD_ERROR, available, isa, q8_variant, q8_variants, set_isa,
+from .runtime import (LOAD_ERROR, available, cpu_is_amd, isa, q8_variant, q8_variants, set_isa,
                       set_threads, threads, variant)
 
 __all__ = [

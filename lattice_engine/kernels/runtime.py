@@ -71,6 +71,11 @@ def set_isa(name: str) -> str:
     return isa()
 
 
+def cpu_is_amd() -> bool:
+    """Whether the CPU is an AMD one (False without the compiled module)."""
+    return _lib is not None and bool(_L.lk_cpu_is_amd())
+
+
 def q8_variants() -> list[str]:
     """The q8_0 kernels this CPU can run at the AVX2 level ("avx2", "avxvnni",
     "avx512vnni"); empty when the native module is missing."""

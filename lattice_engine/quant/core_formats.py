@@ -121,11 +121,15 @@ LAYOUT_FORMATS = (Q8_0_R16,)
 
 
 def r16_pays() -> bool:
-    """Whether q8_0_r16 is the faster layout here: with the AVX512-VNNI q8_0 kernel it is
+    """Whether q8_0_r16 is the faster layout here. With the AVX512-VNNI q8_0 kernel it is
     (Qwen2.5-0.5B q8_0, engine alone: 1 stream 20.7 vs ~23 ms/step, 8 streams 35-37 vs
-    50 ms); the 256-bit kernels widen its weights on the shuffle port, which cost the single
-    stream ~8% (26.1 vs 23.8 ms/step) for ~9% at 8 streams, so CPUs without AVX512-VNNI
-    keep plain q8_0. LATTICE_R16=1 / 0 forces it either way (A/B, tests)."""
+    50 ms). The 256-bit kernels widen its int8 weights with vpmovsxbw, a shuffle: on an
+    Intel core (one shuffle port) that cost the single stream ~8% (26.1 vs 23.8 ms/step,
+    Sapphire Rapids with the AVX2 kernel forced) for ~9% at 8 streams, so Intel CPUs
+    without AVX512-VNNI keep plain q8_0; an AMD core has two shuffle pipes, and there r16
+    wins at every batch size (Zen 3, AVX2 kernel, `bench/batch_step.py`: Qwen2.5-0.5B 1
+    stream 22.5 vs 25.2 ms/step, 8 streams 68 vs 86 ms; Qwen3.5-0.8B 34 vs 39 and 106 vs
+    139 ms). LATTICE_R16=1 / 0 forces it either way (A/B, tests)."""
     import os
 
     from .. import kernels
@@ -133,7 +137,9 @@ def r16_pays() -> bool:
     forced = os.environ.get("LATTICE_R16")
     if forced in ("0", "1"):
         return forced == "1"
-    return kernels.available() and kernels.q8_variant() == "avx512vnni"
+    if not kernels.available() or kernels.isa() == "generic":
+        return False
+    return kernels.q8_variant() == "avx512vnni" or kernels.cpu_is_amd()
 
 
 def native_layout(m: PackedMatrix, force: bool = False) -> PackedMatrix:

@@ -37,7 +37,8 @@
  * function here is all it takes to bind it)
  *   plugin ABI lk_plugin_api_get, lk_plugin_abi_version, lk_cpu_features
  *              (lattice_engine/include/lattice_plugin.h: the only header plugins include)
- *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_set_threads, lk_get_threads
+ *   runtime    lk_init, lk_isa, lk_isa_name, lk_set_isa, lk_cpu_is_amd, lk_set_threads,
+ *              lk_get_threads
  *   matmul     lk_matmul_f32, lk_matmul_f16, lk_matmul_q8_0,
  *              lk_matmul_q8_0_r16                                    (lk_matmul_fn)
  *              lk_matmul_multi (several matrices sharing x, one parallel job)
@@ -116,6 +117,9 @@ const char *lk_isa_name(void);
 /* Force a variant (tests compare them); a variant the CPU lacks is refused.
    Returns the active LK_ISA_* afterwards. */
 int lk_set_isa(int isa);
+/* 1 when the CPU is an AMD one (a layout choice depends on its two shuffle pipes:
+   core_formats.r16_pays), else 0. */
+int lk_cpu_is_amd(void);
 /* Threads used by parallel kernels, including the caller; n < 1 means 1. */
 void lk_set_threads(int n);
 int lk_get_threads(void);

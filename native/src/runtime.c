@@ -132,6 +132,15 @@ uint32_t lk_cpu_features(void) {
     return cpu_features;
 }
 
+int lk_cpu_is_amd(void) {
+#if LK_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
 const char *lk_isa_name(void) {
     return lk_init() == LK_ISA_AVX2 ? "avx2" : "generic";
 }
