@@ -6,7 +6,7 @@ Batched decode of M streams runs every weight matrix once with M rows of x; this
 what an extra stream costs in the kernel (ideal: close to nothing while the weights
 stream from memory).
 
-    python bench/few_rows.py [--threads 2] [--formats q8_0,f16,f32] [--m 1,2,4,8] [--cpu]
+    python bench/few_rows.py [--threads 2] [--formats q8_0,q8_0_r16,f16,f32] [--m 1,2,4,8] [--cpu]
 
 Prints a table (ms per call, and the ratio to M = 1), then one JSON line.
 """
@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lattice_engine import kernels  # noqa: E402
-from lattice_engine.quant.core_formats import CORE_FORMATS  # noqa: E402
+from lattice_engine.quant.core_formats import CORE_FORMATS, Q8_0, native_layout  # noqa: E402
 from lattice_engine.quant.formats import pack  # noqa: E402
 from provenance import add_results_option, emit  # noqa: E402  (bench/, next to this file)
 
@@ -66,7 +66,10 @@ def main(argv=None) -> int:
           f"{'thread CPU' if args.cpu else 'wall'} time, load {os.getloadavg()[0]:.2f}")
     for name in args.formats.split(","):
         for n, k in SHAPES:
-            w = pack(fmts[name], "w", rng.standard_normal((n, k)).astype(np.float32))
+            wf = rng.standard_normal((n, k)).astype(np.float32)
+            # q8_0_r16 is a layout of q8_0's blocks: quantize, then re-lay
+            w = native_layout(pack(Q8_0, "w", wf), force=True) if name == "q8_0_r16" \
+                else pack(fmts[name], "w", wf)
             t = {}
             for m in ms:
                 x = rng.standard_normal((m, k)).astype(np.float32)
