@@ -145,6 +145,21 @@ static int mm_q4(const float *x, int64_t M, int64_t K, const void *w, int64_t N,
 static int mm_q4_r16(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
     return q4_matmul(0, 32, 1, x, M, K, w, K / 32 * 18, N, y);
 }
+/* q8_0 in the _r16 layout (16 rows interleaved), which the AVX512-VNNI and AMD CPUs run */
+static int mm_q8_r16(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
+    lk_matmul_q8_0_r16(x, M, K, w, K / LK_QK8_0 * (int64_t)sizeof(lk_block_q8_0), N, y);
+    return 0;
+}
+static void *q8_0_r16_matrix(int64_t N, int64_t K) {
+    void *w = q8_0_matrix(N, K);
+    void *r = xalloc((size_t)(N * (K / LK_QK8_0)) * sizeof(lk_block_q8_0));
+    if (lk_q8_0_to_r16(w, N, K, r) != 0) {
+        fprintf(stderr, "lk_q8_0_to_r16 failed\n");
+        exit(1);
+    }
+    free(w);
+    return r;
+}
 static void *q4_sym_g32_r16_matrix(int64_t N, int64_t K) {
     void *w = q4_sym_g32_matrix(N, K);
     if (q4_relayout(0, 32, w, N, K, 1) != 0) {
@@ -165,6 +180,10 @@ static void matmuls(void) {
     void *wq4 = q4_sym_g32_matrix(N, K);
     MEASURE("q8_0 matvec 1x1024x1024", , mm_q8(x, 1, K, wq8, N, y));
     MEASURE("q8_0 few-rows 4x1024x1024", , mm_q8(x, M, K, wq8, N, y));
+    free(wq8);
+    wq8 = q8_0_r16_matrix(N, K);
+    MEASURE("q8_0_r16 matvec 1x1024x1024", , mm_q8_r16(x, 1, K, wq8, N, y));
+    MEASURE("q8_0_r16 few-rows 4x1024x1024", , mm_q8_r16(x, M, K, wq8, N, y));
     MEASURE("f16 matvec 1x1024x1024", , mm_f16(x, 1, K, wf16, N, y));
     MEASURE("f16 few-rows 4x1024x1024", , mm_f16(x, M, K, wf16, N, y));
     MEASURE("q4_sym_g32 matvec 1x1024x1024", , mm_q4(x, 1, K, wq4, N, y));
