@@ -133,6 +133,30 @@ def test_native_quantize_q8_0_is_bit_identical():
     got = kernels.quantize_q8_0(w)
     assert got.shape == ref.shape
     np.testing.assert_array_equal(got, ref)
+    # a matrix big enough to be split across threads
+    big = rng.standard_normal((600, 1024)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.quantize_q8_0(big), core_formats.quantize_q8_0(big))
+
+
+def test_native_quantize_q8_0_variants_agree_on_non_finite_blocks():
+    """Blocks holding NaN or an infinity (the vector kernel hands them to the scalar one):
+    every variant writes the same bytes, and the finite blocks beside them are untouched."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 128)).astype(np.float32)
+    w[0, 3], w[1, 40], w[2, 70] = np.nan, np.inf, -np.inf
+    w[3, :] = -0.0
+    before = kernels.isa()
+    try:
+        kernels.set_isa("generic")
+        generic = kernels.quantize_q8_0(w)
+        kernels.set_isa("avx2")
+        got = kernels.quantize_q8_0(w)
+    finally:
+        kernels.set_isa(before)
+    np.testing.assert_array_equal(got, generic)
+    finite = np.isfinite(w.reshape(4, 4, 32)).all(axis=2).reshape(-1)
+    ref = core_formats.quantize_q8_0(np.where(np.isfinite(w), w, 0).astype(np.float32))
+    np.testing.assert_array_equal(got.reshape(16, 34)[finite], ref.reshape(16, 34)[finite])
 
 
 # ---- matmul --------------------------------------------------------------------------------

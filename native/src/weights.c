@@ -116,25 +116,96 @@ int lk_r16_to_q8_0(const void *src, int64_t rows, int64_t K, void *dst) {
 
 /* ---- weight quantization (matches the numpy reference bit for bit) --------------------- */
 
-void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst) {
-    const int64_t nb = K / LK_QK8_0;
-    lk_block_q8_0 *out = (lk_block_q8_0 *)dst;
-    for (int64_t r = 0; r < rows; r++) {
-        for (int64_t b = 0; b < nb; b++) {
-            const float *v = x + r * K + b * LK_QK8_0;
-            lk_block_q8_0 *o = out + r * nb + b;
-            float amax = 0;
-            for (int i = 0; i < LK_QK8_0; i++) amax = fmaxf(amax, fabsf(v[i]));
-            const float d = amax / 127.0f;
-            const float id = d != 0.0f ? 1.0f / d : 0.0f;
-            const uint16_t dh = lk_f32_to_f16(d);
-            memcpy(&o->d, &dh, 2);
-            for (int i = 0; i < LK_QK8_0; i++) {
-                const float s = v[i] * id;
-                float q = floorf(fabsf(s) + 0.5f);
-                q = q > 127.0f ? 127.0f : q;
-                o->qs[i] = (int8_t)(s < 0 ? -q : q);
-            }
-        }
+/* One block, the reference arithmetic: d = amax / 127 (NaN ignored by fmaxf), stored as
+   f16; q = sign(s) * min(floor(|s| + 0.5), 127) with s = v / d taken as v * (1 / d). */
+static void quantize_block_q8_0(const float *v, lk_block_q8_0 *o) {
+    float amax = 0;
+    for (int i = 0; i < LK_QK8_0; i++) amax = fmaxf(amax, fabsf(v[i]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const uint16_t dh = lk_f32_to_f16(d);
+    memcpy(&o->d, &dh, 2);
+    for (int i = 0; i < LK_QK8_0; i++) {
+        const float s = v[i] * id;
+        float q = floorf(fabsf(s) + 0.5f);
+        q = q > 127.0f ? 127.0f : q;
+        o->qs[i] = (int8_t)(s < 0 ? -q : q);
     }
+}
+
+#if LK_X86
+/* The same IEEE operations eight lanes at a time (max, multiply, add, floor and min are
+   exact or correctly rounded alike), so the same bytes; a block holding a NaN or an
+   infinity takes the scalar path, whose conversions of them the vector one does not
+   share. Loading a 0.8B model to q8_0 spent 9.6 of its 17 s in the scalar loop. */
+LK_AVX2_TARGET static void quantize_block_q8_0_avx2(const float *v, lk_block_q8_0 *o) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 x[4], m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        x[i] = _mm256_loadu_ps(v + 8 * i);
+        const __m256 a = _mm256_and_ps(x[i], absmask);
+        /* not below +inf: an infinity or a NaN */
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, _mm256_set1_ps(INFINITY), _CMP_NLT_UQ));
+        m = _mm256_max_ps(a, m);
+    }
+    if (_mm256_movemask_ps(bad)) {
+        quantize_block_q8_0(v, o);
+        return;
+    }
+    const float amax = lk_hmax8_avx2(m);
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const uint16_t dh = lk_f32_to_f16(d);
+    memcpy(&o->d, &dh, 2);
+    const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f);
+    const __m256 top = _mm256_set1_ps(127.0f);
+    const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+    __m256i q[4];
+    for (int i = 0; i < 4; i++) {
+        const __m256 sc = _mm256_mul_ps(x[i], vid);
+        __m256 r = _mm256_min_ps(_mm256_floor_ps(_mm256_add_ps(_mm256_and_ps(sc, absmask), half)), top);
+        r = _mm256_or_ps(r, _mm256_and_ps(sc, sign)); /* -0.0 converts to 0 */
+        q[i] = _mm256_cvttps_epi32(r);
+    }
+    /* int32 -> int8 (|q| <= 127: no saturation); packs works per 128-bit lane */
+    const __m256i w01 = _mm256_packs_epi32(q[0], q[1]), w23 = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w01, w23),
+                                                  _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)o->qs, b);
+}
+#endif
+
+typedef struct {
+    const float *x;
+    int64_t K;
+    lk_block_q8_0 *out;
+} quantize_job;
+
+static void quantize_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
+    (void)ith;
+    const quantize_job *j = (const quantize_job *)ctx;
+    const int64_t nb = j->K / LK_QK8_0;
+#if LK_X86
+    const int avx2 = lk_active_isa == LK_ISA_AVX2;
+#endif
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            const float *v = j->x + r * j->K + b * LK_QK8_0;
+            lk_block_q8_0 *o = j->out + r * nb + b;
+#if LK_X86
+            if (avx2) {
+                quantize_block_q8_0_avx2(v, o);
+                continue;
+            }
+#endif
+            quantize_block_q8_0(v, o);
+        }
+}
+
+void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst) {
+    lk_init();
+    quantize_job j = {x, K, (lk_block_q8_0 *)dst};
+    /* rows in chunks of ~64k values: small matrices stay on the calling thread */
+    const int64_t grain = K >= 65536 ? 1 : 65536 / (K > 0 ? K : 1);
+    lk_parallel_for(quantize_rows, &j, rows, grain);
 }
