@@ -1,5 +1,6 @@
 """llama.cpp's GGUF files (F16, Q8_0) of the random 0.8B Qwen3.5 checkpoint, for bench/qwen3_5.py.
 
+    pip install scikit-build-core   # --no-build-isolation reads the metadata with it
     pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: --no-build-isolation -d /tmp/lcpp
     tar xzf /tmp/lcpp/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcpp
     python bench/qwen3_5_gguf.py --llama-cpp /tmp/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp
