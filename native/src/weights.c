@@ -118,13 +118,19 @@ int lk_r16_to_q8_0(const void *src, int64_t rows, int64_t K, void *dst) {
 
 /* One block, the reference arithmetic: d = amax / 127 (NaN ignored by fmaxf), stored as
    f16; q = sign(s) * min(floor(|s| + 0.5), 127) with s = v / d taken as v * (1 / d). */
+/* Stores the block's scale d = amax / 127 (as f16) and returns 1 / d (0 for d = 0): one
+   function for both paths, so their scales cannot drift apart. */
+static float put_scale_q8_0(float amax, lk_block_q8_0 *o) {
+    const float d = amax / 127.0f;
+    const uint16_t dh = lk_f32_to_f16(d);
+    memcpy(&o->d, &dh, 2);
+    return d != 0.0f ? 1.0f / d : 0.0f;
+}
+
 static void quantize_block_q8_0(const float *v, lk_block_q8_0 *o) {
     float amax = 0;
     for (int i = 0; i < LK_QK8_0; i++) amax = fmaxf(amax, fabsf(v[i]));
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const uint16_t dh = lk_f32_to_f16(d);
-    memcpy(&o->d, &dh, 2);
+    const float id = put_scale_q8_0(amax, o);
     for (int i = 0; i < LK_QK8_0; i++) {
         const float s = v[i] * id;
         float q = floorf(fabsf(s) + 0.5f);
@@ -152,12 +158,7 @@ LK_AVX2_TARGET static void quantize_block_q8_0_avx2(const float *v, lk_block_q8_
         quantize_block_q8_0(v, o);
         return;
     }
-    const float amax = lk_hmax8_avx2(m);
-    const float d = amax / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    const uint16_t dh = lk_f32_to_f16(d);
-    memcpy(&o->d, &dh, 2);
-    const __m256 vid = _mm256_set1_ps(id), half = _mm256_set1_ps(0.5f);
+    const __m256 vid = _mm256_set1_ps(put_scale_q8_0(lk_hmax8_avx2(m), o)), half = _mm256_set1_ps(0.5f);
     const __m256 top = _mm256_set1_ps(127.0f);
     const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
     __m256i q[4];
