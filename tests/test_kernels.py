@@ -215,10 +215,11 @@ BATCH_MS = list(range(1, 10)) + [16, 63, 64, 65, 70]  # q8_0 streams up to 64 ro
 
 def _invariance_shapes(fmt) -> list[tuple[int, int]]:
     # [N, K]: odd N (row-group tails) and N over several chunks; K crossing the prefill K
-    # slices (q8_0: 16 blocks; f32/f16: 256 values) and, for f32/f16, scalar tails
+    # slices (q8_0: 16 blocks; f32/f16: 256 values) and, for f32/f16, scalar tails and a
+    # K whose x rows are 4 KiB apart (the AVX2 prefill copies those into a block first)
     if fmt.block_size == 32:
         return [(37, 96), (301, 1056)]
-    return [(37, 37), (301, 520), (45, 1100)]
+    return [(37, 37), (301, 520), (45, 1100), (70, 1024)]
 
 
 @pytest.mark.parametrize("fmt", CORE_FORMATS, ids=lambda f: f.name)

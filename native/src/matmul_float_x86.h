@@ -98,6 +98,18 @@ AVX2_INLINE void f16_slice(const matmul_job *j, int64_t r0, int64_t nr, int64_t 
     }
 }
 
+/* f_slice: f16_slice for either float format (f32 rows copied) */
+AVX2_INLINE void f_slice(const matmul_job *j, int64_t r0, int64_t nr, int64_t k0, int64_t kn,
+                         float *dst, int fmt) {
+    if (fmt == FMT_F16) {
+        f16_slice(j, r0, nr, k0, kn, dst, -1);
+        return;
+    }
+    for (int64_t r = 0; r < nr; r++)
+        memcpy(dst + r * PF_KSLICE, (const float *)(j->w + (r0 + r) * j->ldw) + k0,
+               (size_t)kn * sizeof(float));
+}
+
 #endif /* LK_X86 */
 
 #endif /* LK_MATMUL_FLOAT_X86_H */
