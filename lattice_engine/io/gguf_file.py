@@ -2,8 +2,9 @@
 
 The `gguf` package's GGUFReader builds numpy views for every metadata field, which takes
 ~6 s for a 150k-token vocabulary; parsing the header with `struct` takes a fraction of a
-second. Dequantization still uses `gguf.quants`, whose type table (`GGML_QUANT_SIZES`)
-is also used here to size each tensor.
+second. `to_float` dequantizes a tensor's blocks: the common llama.cpp types in C
+(`kernels.ggml`, bit for bit what `gguf.quants` gives, ~30x faster), every other type with
+`gguf.quants`, whose type table (`GGML_QUANT_SIZES`) is also used here to size each tensor.
 """
 
 from __future__ import annotations
@@ -178,3 +179,25 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
             data = raw.reshape(*shape[:-1], row_bytes)
         tensors.append(GGUFTensor(name, qtype, shape, start, n_bytes, data))
     return meta, tensors
+
+
+def to_float(t: GGUFTensor, raw: np.ndarray) -> np.ndarray:
+    """Rows of tensor `t`'s stored bytes (all of them, or a slice of whole rows) as float32
+    [rows, cols]: in C for the block types `kernels.ggml` takes, else by `gguf.quants`.
+    A type neither can dequantize raises CheckpointError naming the tensor."""
+    cols = t.shape[-1] if t.shape else 1
+    try:
+        from ..kernels import ggml
+        got = ggml.dequantize(raw, int(t.tensor_type), cols)
+    except ImportError:  # pragma: no cover - a build without the kernels package
+        got = None
+    if got is not None:
+        return got
+    from gguf import dequantize
+    try:
+        return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32).reshape(-1, cols)
+    except NotImplementedError as exc:
+        raise CheckpointError(
+            f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
+            f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf) "
+            f"or re-quantize the model to a common type (Q8_0, Q4_K, ...)") from exc

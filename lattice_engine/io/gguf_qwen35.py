@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .checkpoint import PackedTensor
+from .gguf_file import to_float
 from .stored import StoredTensor
 
 ARCH = "qwen35"
@@ -223,24 +224,13 @@ def _fixes(name: str, config: dict[str, Any], gguf_shape: tuple[int, ...]) -> _F
     return fix
 
 
-def _dequantize(t: Any, raw: np.ndarray) -> np.ndarray:
-    from gguf import dequantize
-    try:
-        return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32)
-    except NotImplementedError as exc:
-        raise CheckpointError(
-            f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
-            f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf)"
-        ) from exc
-
-
 def _row_decoder(t: Any, cols: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda raw: _dequantize(t, raw).reshape(raw.shape[0], cols)
+    return lambda raw: to_float(t, raw).reshape(raw.shape[0], cols)
 
 
 def _float_loader(t: Any, fix: _Fix) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        w = _dequantize(t, t.data.view(np.ndarray)).reshape(t.shape)
+        w = to_float(t, t.data.view(np.ndarray)).reshape(t.shape)
         if fix.rows is not None:
             w = w[fix.rows]
         if fix.cols is not None:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CheckpointError
-from . import gguf_qwen35, hugepages
+from . import gguf_file, gguf_qwen35, hugepages
 from .checkpoint import Checkpoint, PackedTensor
 from .gguf_tokenizer import build_tokenizer, tokenizer_configs
 from .stored import StoredTensor
@@ -197,17 +197,10 @@ def moe_config(meta: dict[str, Any], arch: str, tensor_shapes: dict[str, tuple[i
 
 def _loader(path: Path, t: Any, packed_formats: dict[int, str], rows_order: np.ndarray | None,
             hf_shape: tuple[int, ...]) -> Callable[[], Any]:
-    from gguf import dequantize
     ggml_type = int(t.tensor_type)
 
     def to_float(raw: np.ndarray) -> np.ndarray:
-        try:
-            return np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32)
-        except NotImplementedError as exc:
-            raise CheckpointError(
-                f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
-                f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf) "
-                f"or re-quantize the model to a common type (Q8_0, Q4_K, ...)") from exc
+        return gguf_file.to_float(t, raw)
 
     def load() -> Any:
         if len(hf_shape) == 3 and rows_order is None:

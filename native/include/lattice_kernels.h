@@ -45,6 +45,7 @@
  *              lk_q8_variant, lk_q8_variant_name
  *   embed      lk_embed_f32, lk_embed_f16, lk_embed_q8_0, lk_embed_q8_0_r16 (lk_embed_fn)
  *   quantize   lk_quantize_q8_0, lk_quantize_row_q16_act, lk_q8_0_to_r16, lk_r16_to_q8_0
+ *   ggml       lk_ggml_block_shape, lk_dequantize_ggml (GGUF block types to float32)
  *   elementwise lk_rms_norm, lk_rope, lk_silu, lk_silu_mul, lk_softmax, lk_log_sum_exp, lk_add
  *   attention  lk_attention (causal grouped-query, prefill and decode over a KV cache)
  *              lk_paged_attention (the same over a paged block pool, a flat batch of sequences)
@@ -186,6 +187,18 @@ int lk_r16_to_q8_0(const void *src, int64_t rows, int64_t K, void *dst);
    per block d = amax / 32767 (0 when amax < 1e-30), q = round-half-even(x * (1 / d))
    clamped to +-32767. */
 void lk_quantize_row_q16_act(const float *x, int64_t K, int16_t *q, float *d);
+
+/* ---- GGUF block types to float32 (ggml_dequant.c) ---------------------------------- */
+
+/* Values and bytes per block of ggml type `ggml_type` (the GGUF tensor type id); 0, or -1
+   when lk_dequantize_ggml does not take that type. Taken: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+   Q4_K, Q5_K, Q6_K (2, 3, 6, 7, 8, 12, 13, 14). */
+int lk_ggml_block_shape(int ggml_type, int64_t *block_values, int64_t *block_bytes);
+/* rows of K values stored as `ggml_type` blocks (rows * K / block_values * block_bytes
+   bytes at src) -> dst float32 [rows, K], bit for bit the values of the gguf package's
+   dequantizers. Returns 0, or -1 for a type it does not take or a K that is not a whole
+   number of blocks. */
+int lk_dequantize_ggml(int ggml_type, const void *src, int64_t rows, int64_t K, float *dst);
 
 /* ---- elementwise (float32) ------------------------------------------------------ */
 

@@ -1,0 +1,177 @@
+/* ggml_dequant.c: GGUF block types to float32, the load path of a llama.cpp file whose
+ * matrices lattice does not run as they are (Q4_K_M files: Q4_K, Q6_K and Q5_0 beside
+ * Q8_0). The gguf package's numpy dequantizers took 7 of the 12.7 s that loading
+ * Qwen2.5-Coder-0.5B's Q4_K_M file took (cProfile).
+ *
+ * Each type gives, bit for bit, the values gguf.quants gives (the test compares them on
+ * random blocks): the same float32 operations in the same order, one rounding each. The
+ * multiply and the add of the types with a minimum are separate statements, and this file
+ * is compiled without contraction (below), so they never fuse into one FMA rounding.
+ *
+ * Block layouts (ggml-common.h; values of one block in order, d / m half precision):
+ *   Q4_0 [d][16 B]             x = d * (q - 8)         q: low nibbles (values 0-15),
+ *   Q4_1 [d][m][16 B]          x = d * q + m              then high nibbles (16-31)
+ *   Q5_0 [d][qh u32][16 B]     x = d * (q - 16)        q's fifth bit: bit i of qh
+ *   Q5_1 [d][m][qh u32][16 B]  x = d * q + m
+ *   Q8_0 [d][32 x int8]        x = d * q
+ *   Q4_K 256 values: [d][dmin][12 B of 6-bit scales and mins][128 B of nibbles]
+ *        sub-block j (32 values): x = (d * sc_j) * q - (dmin * mn_j)
+ *   Q5_K as Q4_K with [32 B of fifth bits] before the nibbles
+ *   Q6_K 256 values: [128 B low nibbles][64 B 2-bit highs][16 int8 scales][d]
+ *        x = (d * sc_(i/16)) * (q - 32)
+ */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#define LK_INTERNAL
+#include "lattice_kernels.h"
+
+#include <string.h>
+
+/* ggml type ids (the GGUF tensor-info field) */
+enum { T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8, T_Q4_K = 12, T_Q5_K = 13,
+       T_Q6_K = 14 };
+
+static inline float half_at(const uint8_t *p) {
+    return lk_f16_to_f32((uint16_t)(p[0] | p[1] << 8));
+}
+
+static inline uint32_t u32_at(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* values per block and bytes per block of a type; 0 when it is not one of ours */
+static int block_shape(int type, int64_t *values, int64_t *bytes) {
+    switch (type) {
+    case T_Q4_0: *values = 32; *bytes = 18; return 1;
+    case T_Q4_1: *values = 32; *bytes = 20; return 1;
+    case T_Q5_0: *values = 32; *bytes = 22; return 1;
+    case T_Q5_1: *values = 32; *bytes = 24; return 1;
+    case T_Q8_0: *values = 32; *bytes = 34; return 1;
+    case T_Q4_K: *values = 256; *bytes = 144; return 1;
+    case T_Q5_K: *values = 256; *bytes = 176; return 1;
+    case T_Q6_K: *values = 256; *bytes = 210; return 1;
+    default: return 0;
+    }
+}
+
+/* the 32-value types: codes (already offset for the symmetric ones) times d, plus m */
+static void block32(int type, const uint8_t *b, float *y) {
+    const float d = half_at(b);
+    if (type == T_Q8_0) {
+        for (int i = 0; i < 32; i++) y[i] = d * (float)(int8_t)b[2 + i];
+        return;
+    }
+    const int with_min = type == T_Q4_1 || type == T_Q5_1;
+    const float m = with_min ? half_at(b + 2) : 0.0f;
+    const uint8_t *p = b + (with_min ? 4 : 2);
+    uint32_t qh = 0;
+    const int five = type == T_Q5_0 || type == T_Q5_1;
+    if (five) {
+        qh = u32_at(p);
+        p += 4;
+    }
+    for (int i = 0; i < 32; i++) {
+        int q = i < 16 ? p[i] & 0x0F : p[i - 16] >> 4;
+        if (five) q |= (int)((qh >> i) & 1) << 4;
+        if (with_min) {
+            const float t = d * (float)q;
+            y[i] = t + m;
+        } else {
+            y[i] = d * (float)(q - (five ? 16 : 8));
+        }
+    }
+}
+
+/* Q4_K / Q5_K's eight 6-bit scales and mins, packed in 12 bytes: bytes 0-3 hold scales
+   0-3 (low 6 bits) and the high 2 bits of scales 4-7; bytes 4-7 the same for the mins;
+   bytes 8-11 the low 4 bits of scale (low nibble) and min (high nibble) 4-7. */
+static void scales_mins_k(const uint8_t *s, int sc[8], int mn[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 0x3F;
+        mn[j] = s[j + 4] & 0x3F;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 2) & 0x30);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
+    }
+}
+
+/* Q4_K and Q5_K: sub-block j (32 values) takes nibble half j % 2 of bytes 32 (j / 2) ..
+   32 (j / 2) + 31, and (Q5_K) bit j of each of the 32 high-bit bytes */
+static void block_k45(int type, const uint8_t *b, float *y) {
+    const float d = half_at(b), dmin = half_at(b + 2);
+    int sc[8], mn[8];
+    scales_mins_k(b + 4, sc, mn);
+    const uint8_t *qh = type == T_Q5_K ? b + 16 : NULL;
+    const uint8_t *qs = b + (type == T_Q5_K ? 48 : 16);
+    for (int j = 0; j < 8; j++) {
+        const float dj = d * (float)sc[j], mj = dmin * (float)mn[j];
+        const uint8_t *q = qs + 32 * (j / 2);
+        const int shift = 4 * (j % 2);
+        for (int i = 0; i < 32; i++) {
+            int v = (q[i] >> shift) & 0x0F;
+            if (qh) v |= ((qh[i] >> j) & 1) << 4;
+            const float t = dj * (float)v;
+            y[32 * j + i] = t - mj;
+        }
+    }
+}
+
+/* Q6_K: two halves of 128 values; in half h, value 32 g + i (g < 4) takes the low (g < 2)
+   or high (g >= 2) nibble of low-bit byte 64 h + 32 (g % 2) + i and bits 2 g .. 2 g + 1 of
+   high-bit byte 32 h + i */
+static void block_q6k(const uint8_t *b, float *y) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = (const int8_t *)(b + 192);
+    const float d = half_at(b + 208);
+    for (int h = 0; h < 2; h++)
+        for (int g = 0; g < 4; g++)
+            for (int i = 0; i < 32; i++) {
+                const int n = 128 * h + 32 * g + i;
+                const int lo = (ql[64 * h + 32 * (g % 2) + i] >> (4 * (g / 2))) & 0x0F;
+                const int hi = (qh[32 * h + i] >> (2 * g)) & 0x03;
+                const float ds = d * (float)sc[n / 16];
+                y[n] = ds * (float)((lo | hi << 4) - 32);
+            }
+}
+
+typedef struct {
+    int type;
+    const uint8_t *src;
+    int64_t K, row_bytes, block_values, block_bytes;
+    float *dst;
+} dq_job;
+
+static void dq_range(void *ctx, int64_t r0, int64_t r1, int ith) {
+    (void)ith;
+    const dq_job *j = (const dq_job *)ctx;
+    const int64_t nb = j->K / j->block_values;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = j->src + r * j->row_bytes;
+        float *y = j->dst + r * j->K;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * j->block_bytes;
+            float *out = y + b * j->block_values;
+            if (j->type == T_Q6_K) block_q6k(blk, out);
+            else if (j->type == T_Q4_K || j->type == T_Q5_K) block_k45(j->type, blk, out);
+            else block32(j->type, blk, out);
+        }
+    }
+}
+
+int lk_ggml_block_shape(int ggml_type, int64_t *block_values, int64_t *block_bytes) {
+    return block_shape(ggml_type, block_values, block_bytes) ? 0 : -1;
+}
+
+int lk_dequantize_ggml(int ggml_type, const void *src, int64_t rows, int64_t K, float *dst) {
+    int64_t values, bytes;
+    if (!block_shape(ggml_type, &values, &bytes) || rows < 0 || K <= 0 || K % values)
+        return -1;
+    dq_job j = {ggml_type, (const uint8_t *)src, K, K / values * bytes, values, bytes, dst};
+    /* rows in chunks of >= 64k values: a thread wake-up per chunk is then noise */
+    const int64_t grain = K >= 65536 ? 1 : 65536 / K;
+    lk_parallel_for(dq_range, &j, rows, grain);
+    return 0;
+}

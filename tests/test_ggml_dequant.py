@@ -1,0 +1,56 @@
+"""The C dequantizers of GGUF block types (kernels.ggml) against the gguf package's numpy
+ones, bit for bit, on random blocks with finite scales; and the GGUF reader's use of them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+
+from lattice_engine import kernels  # noqa: E402
+from lattice_engine.kernels import ggml  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+
+T = gguf.GGMLQuantizationType
+# ggml type -> byte offsets of its half-precision fields in a block
+HALVES = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+          T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
+    values, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows, cols // values, nbytes), dtype=np.uint8)
+    for off in HALVES[qtype]:  # every bit pattern elsewhere; scales finite, some subnormal
+        halves = (rng.standard_normal((rows, cols // values)) *
+                  rng.choice([1e-6, 1e-2, 1.0], (rows, cols // values))).astype(np.float16)
+        raw[:, :, off:off + 2] = halves.view(np.uint8).reshape(rows, cols // values, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", list(HALVES), ids=lambda t: t.name)
+def test_c_dequantizers_equal_the_gguf_package_bit_for_bit(qtype):
+    rng = np.random.default_rng(int(qtype))
+    values, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    assert ggml.block_shape(qtype) == (values, nbytes)
+    # 40 rows of 16 blocks of 256 values (or 64 of 32): enough rows to split over threads
+    cols = 4096 if values == 256 else 2048
+    raw = random_blocks(qtype, 40, cols, rng)
+    want = np.asarray(gguf.dequantize(raw, qtype), np.float32).reshape(40, cols)
+    got = ggml.dequantize(raw, qtype, cols)
+    assert got.dtype == np.float32 and got.shape == (40, cols)
+    assert np.isfinite(want).all()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    # a slice of rows (the reader converts matrices a slice at a time) and flat bytes
+    assert np.array_equal(ggml.dequantize(raw[7:9], qtype, cols), want[7:9])
+    assert np.array_equal(ggml.dequantize(raw.reshape(-1), qtype, cols), want)
+
+
+def test_types_it_does_not_take_and_bad_lengths():
+    assert ggml.block_shape(T.F16) is None and ggml.block_shape(T.IQ4_NL) is None
+    raw = np.zeros((2, 18), np.uint8)
+    assert ggml.dequantize(raw, T.IQ4_NL, 32) is None  # the caller falls back to gguf
+    assert ggml.dequantize(raw, T.Q4_0, 48) is None    # not whole blocks per row
+    with pytest.raises(ValueError, match="not whole rows"):
+        ggml.dequantize(np.zeros(30, np.uint8), T.Q4_0, 32)
