@@ -62,6 +62,24 @@ class _Cursor:
     def string(self) -> str:
         return bytes(self.take(self.unpack("<Q"))).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary, its merges): `string` inlined, as a
+        150k-token vocabulary and its merges are ~300k of them (2.4 -> 0.3 s)."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = struct.Struct("<Q").unpack_from
+        try:
+            for _ in range(count):
+                (n,) = length(buf, pos)
+                pos += 8
+                if pos + n > end:
+                    raise _Truncated(pos)
+                out.append(str(buf[pos:pos + n], "utf-8", "replace"))
+                pos += n
+        except struct.error:
+            raise _Truncated(pos) from None
+        self.pos = pos
+        return out
+
     def remaining(self) -> int:
         return len(self.buf) - self.pos
 
@@ -87,6 +105,8 @@ class _Cursor:
             if item_type in _SCALARS:
                 dtype = np.dtype(_SCALARS[item_type][1]).newbyteorder("<")
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+            if item_type == STRING:
+                return self.strings(count)
             return [self.value(item_type) for _ in range(count)]
         raise ValueError(f"unknown GGUF value type {vtype}")
 
