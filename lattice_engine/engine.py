@@ -98,8 +98,9 @@ class Engine:
              speculative: Optional[SpeculativeOptions] = None) -> "Engine":
         """Load `model` (path or catalog name) quantized with method `quant`; None (the
         default) loads it as stored: a checkpoint written by `lattice quantize` keeps its
-        formats, a GGUF file mostly of Q8_0 or F16 matrices runs them as they are
-        (`loading.gguf_as_stored`; other GGUF files and unquantized folders are float32)."""
+        formats, a GGUF file's Q8_0 / F16 / F32 matrices run as they are and a file mostly
+        of other block types (Q4_K_M, ...) runs as q8_0 (`loading.gguf_as_stored`); float
+        GGUF files of other types and unquantized folders are float32."""
         pm = plugin_manager or get_plugin_manager()
         loaded = load(model, quant=QuantSpec(quant), backend=backend, plugin_manager=pm)
         return cls(loaded, sampling=sampling, plugin_manager=pm, speculative=speculative)

@@ -34,7 +34,8 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_f32(smollm2):
-    return load(smollm2)
+    # the file's Q4_1 values in float32 (as stored, the file would run as q8_0)
+    return load(smollm2, quant=QuantSpec("f32"))
 
 
 def test_answers_a_factual_question(smollm2_f32):
