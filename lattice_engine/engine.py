@@ -99,7 +99,8 @@ class Engine:
         """Load `model` (path or catalog name) quantized with method `quant`; None (the
         default) loads it as stored: a checkpoint written by `lattice quantize` keeps its
         formats, a GGUF file's Q8_0 / F16 / F32 matrices run as they are and a file mostly
-        of other block types (Q4_K_M, ...) runs as q8_0 (`loading.gguf_as_stored`); float
+        of other block types (Q4_K_M, ...) runs as q8_0 on the x86 kernels, float32 on the
+        generic C and numpy (`loading.gguf_as_stored`); float
         GGUF files of other types and unquantized folders are float32."""
         pm = plugin_manager or get_plugin_manager()
         loaded = load(model, quant=QuantSpec(quant), backend=backend, plugin_manager=pm)

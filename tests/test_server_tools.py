@@ -84,7 +84,8 @@ def server():
     client.engine = engine  # for the logprobs reference
     yield client
     srv.stop()
-    # the model is ~2 GB in float32: let it go before the next module loads its own
+    # the model is ~0.6 GB (q8_0; 2 GB where it loads as float32): let it go before the
+    # next module loads its own
     client.engine = None
     del srv, engine, loaded
     import gc
