@@ -138,6 +138,10 @@ static int mm_f16(const float *x, int64_t M, int64_t K, const void *w, int64_t N
     lk_matmul_f16(x, M, K, w, K * 2, N, y);
     return 0;
 }
+static int mm_f32(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
+    lk_matmul_f32(x, M, K, w, K * 4, N, y);
+    return 0;
+}
 static int mm_q4(const float *x, int64_t M, int64_t K, const void *w, int64_t N, float *y) {
     return q4_matmul(0, 32, 0, x, M, K, w, K / 32 * 18, N, y);
 }
@@ -206,6 +210,12 @@ static void matmuls(void) {
     wq4 = q4_sym_g32_r16_matrix(Np, Kp);
     MEASURE("q4_sym_g32_r16 prefill 96x512x512", , mm_q4_r16(x, Mp, Kp, wq4, Np, y));
     free(x), free(y), free(wq8), free(wf16), free(wq4);
+    /* f32 weights with rows 4 KiB apart (K = 1024): each K slice is copied into a tile */
+    const int64_t Kf = 1024;
+    x = randf(Mp * Kf, -1.0f, 1.0f), y = xalloc((size_t)(Mp * Np) * sizeof(float));
+    float *wf32 = randf(Np * Kf, -1.0f, 1.0f);
+    MEASURE("f32 prefill 96x1024x512", , mm_f32(x, Mp, Kf, wf32, Np, y));
+    free(x), free(y), free(wf32);
 }
 
 static void attention(void) {
