@@ -3,7 +3,7 @@
 The `gguf` package's GGUFReader builds numpy views for every metadata field, which takes
 ~6 s for a 150k-token vocabulary; parsing the header with `struct` takes a fraction of a
 second. `to_float` dequantizes a tensor's blocks: the common llama.cpp types in C
-(`kernels.ggml`, bit for bit what `gguf.quants` gives, ~30x faster), every other type with
+(`kernels.ggml`, bit for bit what `gguf.quants` gives, ~11x faster), every other type with
 `gguf.quants`, whose type table (`GGML_QUANT_SIZES`) is also used here to size each tensor.
 """
 

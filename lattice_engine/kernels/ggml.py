@@ -2,7 +2,8 @@
 matrices of a llama.cpp file that lattice does not run as they are (a Q4_K_M file's Q4_K,
 Q6_K and Q5_0 blocks). The values are, bit for bit, those of the `gguf` package's numpy
 dequantizers, which remain the path for every other type and when the library is not
-built; this is about 30x faster and runs on the kernel threads.
+built; this runs on the kernel threads, ~11x faster (Qwen2.5-Coder-0.5B Q4_K_M: 7.2 ->
+0.65 s).
 """
 
 from __future__ import annotations
