@@ -10,8 +10,8 @@ T=0.7, 1 and 8 streams, with llama.cpp's prompt lookup as the peer.
 shape on the random-weight checkpoint of scripts/make_qwen3_5_checkpoint.py (default
 $LATTICE_HOME/bench/qwen3_5-0.8b-random; random weights make acceptance meaningless but
 costs honest): after a 64-token prompt, the time of one plain decode step and of one
-verify step of k + 1 tokens (k = 1 .. 4: the forward over k + 1 rows keeping each row's
-recurrent state, the lm_head over them, the rollback to one kept row), under continuous
+verify step of k + 1 tokens (k = 1 .. 4: the forward over k + 1 rows keeping what a
+rollback needs, the lm_head over them, the rollback to one kept row), under continuous
 batching (the fused C step, `lk_qwen35_step_paged_trail`) and for one request over the
 dense cache (plain: the fused step; verify: the multi-row fused step `lk_qwen35_step_rows`;
 plain and verify timed round-robin so that both see the same load), of one MTP draft token
@@ -445,8 +445,9 @@ def bench_qwen3_5(args) -> int:
     dense_verify = got
 
     # continuous batching (the serving path): one sequence in the paged cache; plain is
-    # the fused C step of one row, a verify the fused step of k + 1 rows that keeps each
-    # row's recurrent state (lk_qwen35_step_paged_trail) and the rollback to one kept row
+    # the fused C step of one row, a verify the fused step of k + 1 rows that keeps what a
+    # rollback needs (lk_qwen35_step_paged_trail) and the rollback to one kept row (a
+    # replay of it on the delta states)
     from lattice_engine.cache import SequenceBlocks
     from lattice_engine.models.paged_forward import PagedBatch
     pcache = model.make_paged_cache(num_blocks=16, block_size=16, max_sequences=1)

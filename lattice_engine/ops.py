@@ -222,8 +222,9 @@ def _delta_rule_inputs(q, k, v, nv):
 
 def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray,
                      beta: np.ndarray, state: np.ndarray, chunk: int = 0,
-                     trail: np.ndarray | None = None) -> np.ndarray:
-    """The gated delta rule over a sequence, updating `state` in place.
+                     ahead: bool = False) -> np.ndarray:
+    """The gated delta rule over a sequence, updating `state` in place (ahead: leaving it
+    as it is, the outputs only; token by token, chunk = 0).
 
     q, k [B, T, Hk, Dk] (raw: L2-normalised and q scaled by 1/sqrt(Dk) here); v [B, T, Hv, Dv]
     with Hv a multiple of Hk; g (log decay, <= 0) and beta [B, T, Hv]; state float32
@@ -231,10 +232,11 @@ def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray,
         S = exp(g) S;  S += k (beta (v - S^T k))^T;  o = S^T q.
     chunk = 0 runs that recurrence token by token; chunk = C > 0 the equivalent chunked
     (UT-transform) form, C tokens at a time. Returns float32 [B, T, Hv, Dv].
-    trail [T, B, Hv, Dk, Dv] (chunk = 0 only) receives the state after each token.
     """
-    if trail is not None and chunk:
-        raise ValueError(f"gated_delta_rule: a trail needs chunk=0, got {chunk}")
+    if ahead and chunk:
+        raise ValueError(f"gated_delta_rule: ahead needs chunk=0, got {chunk}")
+    if ahead:
+        state = state.copy()
     if chunk:
         return _gated_delta_rule_chunked(q, k, v, g, beta, state, chunk)
     b, t, nv, dv = v.shape
@@ -247,8 +249,6 @@ def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray,
         delta = (v[:, i] - kv_mem) * beta[:, i, :, None]
         state += k[:, i, :, :, None] * delta[:, :, None, :]
         out[:, i] = np.einsum("bhkv,bhk->bhv", state, q[:, i])
-        if trail is not None:
-            trail[i] = state
     return out
 
 

@@ -201,17 +201,18 @@ def test_native_deltanet_kernels_match_numpy(kernel_variant):
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dv", [24, 32])
-def test_delta_rule_trail_is_each_decode_steps_state(backend, dv):
-    """A verify's recurrence of T tokens in one call (trail=) leaves, after each token, the
-    state that T one-token calls (decode steps) leave, bit for bit, and the same outputs."""
+def test_delta_rule_ahead_gives_decode_outputs_and_leaves_the_state(backend, dv):
+    """A verify's recurrence of T tokens in one call (ahead=True) gives each token the output
+    a decode step of it gives, bit for bit, and leaves the state as it was; a replay of the
+    first m tokens in one call leaves the state m decode steps leave."""
     from lattice_engine.loading import get_ops
     impl = get_ops(backend)
     q, k, v, g, beta, state = random_delta_inputs(3, t=5, dv=dv)
-    b, t, hv, dk = state.shape[0], q.shape[1], state.shape[1], state.shape[2]
-    trail = np.empty((t, b, hv, dk, dv), np.float32)
-    s_all = state.copy()
-    out = impl.gated_delta_rule(q, k, v, g, beta, s_all, chunk=0, trail=trail)
-    s_one = state.copy()
+    t = q.shape[1]
+    s_ahead = state.copy()
+    out = impl.gated_delta_rule(q, k, v, g, beta, s_ahead, chunk=0, ahead=True)
+    assert np.array_equal(s_ahead, state)
+    s_one, states = state.copy(), []
     for i in range(t):
         sl = slice(i, i + 1)
         step = impl.gated_delta_rule(np.ascontiguousarray(q[:, sl]),
@@ -219,10 +220,14 @@ def test_delta_rule_trail_is_each_decode_steps_state(backend, dv):
                                      np.ascontiguousarray(v[:, sl]), np.ascontiguousarray(g[:, sl]),
                                      np.ascontiguousarray(beta[:, sl]), s_one, chunk=0)
         assert np.array_equal(step[:, 0], out[:, i]), i
-        assert np.array_equal(trail[i], s_one), i
-    assert np.array_equal(s_all, s_one)
-    with pytest.raises(ValueError, match="trail needs chunk=0"):
-        impl.gated_delta_rule(q, k, v, g, beta, state.copy(), chunk=16, trail=trail)
+        states.append(s_one.copy())
+    for m in (1, 3, t):
+        s_replay = state.copy()
+        impl.gated_delta_rule(q[:, :m], k[:, :m], v[:, :m], np.ascontiguousarray(g[:, :m]),
+                              np.ascontiguousarray(beta[:, :m]), s_replay, chunk=0)
+        assert np.array_equal(s_replay, states[m - 1]), m
+    with pytest.raises(ValueError, match="ahead needs chunk=0"):
+        impl.gated_delta_rule(q, k, v, g, beta, state.copy(), chunk=16, ahead=True)
 
 
 def test_mtp_and_vision_weights_stay_addressable():

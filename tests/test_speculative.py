@@ -235,6 +235,28 @@ def test_hybrid_trail_rollback_is_bit_identical_to_decoding(tmp_path):
         assert np.array_equal(model.forward(nxt, a), model.forward(nxt, b))
 
 
+def test_hybrid_verify_without_truncate_keeps_every_row(tmp_path):
+    """A recorded forward that is not cut back counts whole: the next forward (or a
+    snapshot) first replays all its rows on the delta states, as decoding them would."""
+    eng = Engine.load(str(fixture_with_tokenizer("qwen3_5_text", tmp_path)))
+    model = eng.model
+    prompt = np.array([[5, 6, 7, 8, 9, 10]], np.int64)
+    extra = [11, 12, 13]
+    a = model.make_cache(1)
+    model.forward(prompt, a)
+    a.record_next()
+    model.forward(np.array([extra], np.int64), a)
+    snap = a.snapshot()
+    b = model.make_cache(1)
+    model.forward(prompt, b)
+    for t in extra:
+        model.forward(np.array([[t]], np.int64), b)
+    for x, y in zip(snap.conv + snap.delta, b.conv + b.delta):
+        assert np.array_equal(x, y)
+    nxt = np.array([[42]], np.int64)
+    assert np.array_equal(model.forward(nxt, a), model.forward(nxt, b))
+
+
 def test_hybrid_cache_refuses_a_truncation_without_a_trail(tmp_path):
     eng = Engine.load(str(fixture_with_tokenizer("qwen3_5_text", tmp_path)))
     cache = eng.model.make_cache(1)

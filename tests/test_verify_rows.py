@@ -138,3 +138,43 @@ def test_paged_trails_reuse_their_buffers_and_roll_back_exactly():
     # the later verifies wrote into the first one's buffer: no fresh allocation per verify
     assert all(np.shares_memory(seen[0], t) for t in seen[1:])
     slots.release(s)
+
+
+def test_replayed_arrays_roll_back_by_replaying_the_kept_rows():
+    """An array declared replayed keeps row inputs in its trail, not states: the verify
+    leaves it as it was and rollback(m) applies rows 1 .. m; keep=0 leaves it untouched; a
+    new verify of a slot not rolled back first keeps all its rows."""
+    from lattice_engine.cache import Replay
+
+    def add_rows(state, rows):  # state [3], rows [n, 2]: a toy recurrence, order-sensitive
+        for r in rows:
+            state *= r[0]
+            state += r[1]
+
+    slots = RecurrentStateSlots([(2,), (3,)], num_slots=2, replays={1: Replay((2,), add_rows)})
+    assert slots.row_shape(1) == (2,) and slots.row_shape(0) == (2,)
+    s = slots.acquire()
+    inputs = np.array([[2, 1], [3, 0], [1, 5]], np.float32)
+    for keep in (0, 1, 2, 3):
+        slots.state(s)[1][:] = [1, 2, 3]
+        start = slots.state(s)[1].copy()
+        slots.start_trail(s, 3)
+        slots.trail_view(s, 1)[:, 0] = inputs
+        for row in range(3):
+            slots.state(s)[0][:] += 1
+            slots.keep(s, 0, row)
+        assert np.array_equal(slots.state(s)[1], start)  # the verify does not touch it
+        slots.rollback(s, keep)
+        want = start.copy()
+        add_rows(want, inputs[:keep])
+        assert np.array_equal(slots.state(s)[1], want), keep
+    with pytest.raises(ValueError, match="replayed"):
+        slots.start_trail(s, 2)
+        slots.keep(s, 1, 0)
+    slots.trail_view(s, 1)[:, 0] = inputs[:2]
+    before = slots.state(s)[1].copy()
+    slots.start_trail(s, 1)  # the pending 2-row verify is kept whole first
+    add_rows(before, inputs[:2])
+    assert np.array_equal(slots.state(s)[1], before)
+    with pytest.raises(ValueError, match=r"replays \[5\]"):
+        RecurrentStateSlots([(2,)], 1, replays={5: Replay((1,), add_rows)})

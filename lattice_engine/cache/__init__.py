@@ -8,7 +8,7 @@ from .blocks import BlockPool, chain_block_hashes
 from .dense import KVCache
 from .hybrid import HybridCache, HybridSnapshot
 from .paged import PagedKVCache, SequenceBlocks
-from .recurrent import RecurrentStateSlots
+from .recurrent import RecurrentStateSlots, Replay
 
 __all__ = ["BlockPool", "chain_block_hashes", "KVCache", "HybridCache", "HybridSnapshot",
-           "PagedKVCache", "SequenceBlocks", "RecurrentStateSlots"]
+           "PagedKVCache", "SequenceBlocks", "RecurrentStateSlots", "Replay"]

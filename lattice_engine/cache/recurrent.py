@@ -17,17 +17,32 @@ The model owns the meaning of the arrays: `state(slot)` returns writable views i
 in place, one array per entry of `shapes`.
 
 Speculative decoding verifies several tokens of a sequence in one step and may keep only
-some: the model then records a trail for that slot (`start_trail`, `keep`: the state after
-each verified row, computed token by token as decoding does) and `rollback` sets the slot
-to the state after the rows that were kept, bit for bit what decoding them would give.
+some: the model then records a trail for that slot (`start_trail`) and `rollback` sets the
+slot to the state after the rows that were kept, bit for bit what decoding them would give.
+A trail holds, per array, either the state after each verified row (`keep`), or, for an
+array the model declares replayable (`Replay`), each row's inputs: the verify leaves such a
+state as it was and `rollback` replays the kept rows on it. That is for large states (a
+Gated DeltaNet layer's 1 MB per sequence), where writing the state after every row cost a
+verify more than its rows' arithmetic: a replay reads and writes the state once.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How an array's state follows verified rows: `row_shape` is one row's inputs, and
+    `apply(state, rows)` advances `state` (a slot's array, in place) over `rows`
+    [n, *row_shape] exactly as decoding them one at a time would."""
+
+    row_shape: tuple[int, ...]
+    apply: Callable[[np.ndarray, np.ndarray], None]
 
 
 # Snapshot memory per cache unless told otherwise: with Qwen3.5-0.8B's 19 MB states, 56
@@ -41,13 +56,18 @@ _SPARE_SNAPSHOTS = 8
 class RecurrentStateSlots:
     def __init__(self, shapes: Sequence[tuple[int, ...]], num_slots: int,
                  max_snapshots: int = 256, dtype=np.float32,
-                 snapshot_budget_bytes: int = SNAPSHOT_BUDGET_BYTES):
+                 snapshot_budget_bytes: int = SNAPSHOT_BUDGET_BYTES,
+                 replays: dict[int, Replay] | None = None):
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
         if max_snapshots < 0 or snapshot_budget_bytes < 0:
             raise ValueError(f"max_snapshots={max_snapshots} and snapshot_budget_bytes="
                              f"{snapshot_budget_bytes} must be >= 0 (0: no snapshots)")
         self.shapes = [tuple(s) for s in shapes]
+        self.replays = dict(replays or {})  # array index -> Replay (the rest keep states)
+        if any(not 0 <= i < len(self.shapes) for i in self.replays):
+            raise ValueError(f"replays {sorted(self.replays)} name arrays outside "
+                             f"0 .. {len(self.shapes) - 1}")
         self.dtype = np.dtype(dtype)
         self.arrays = [np.zeros((num_slots,) + s, self.dtype) for s in self.shapes]
         self.free_slots = list(range(num_slots - 1, -1, -1))
@@ -55,10 +75,11 @@ class RecurrentStateSlots:
         self.max_snapshots = min(max_snapshots, snapshot_budget_bytes // max(self.slot_bytes, 1))
         self.snapshots: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
         self._free_snapshots: list[list[np.ndarray]] = []  # arrays of dropped snapshots
-        self.trails: dict[int, list[np.ndarray]] = {}  # slot -> per array [rows + 1, ...]
+        # slot -> per array [rows + 1, ...]: the state after 0 .. rows rows, or for a
+        # replayed array the inputs of rows 1 .. rows (entry 0 unused)
+        self.trails: dict[int, list[np.ndarray]] = {}
         # trail buffers no trail uses now, kept for the next verify: a fresh buffer costs a
-        # page fault per 4 KiB on first touch (18 DeltaNet layers x 1 MiB x 5 rows: ~90 MB
-        # per verify of the 0.8B shape, more time than the verify's own arithmetic)
+        # page fault per 4 KiB on first touch
         self._spare: list[list[np.ndarray]] = []
         self._buffers: dict[int, list[np.ndarray]] = {}  # slot -> the buffers its trail views
 
@@ -91,18 +112,28 @@ class RecurrentStateSlots:
         self.free_slots.append(slot)
 
     # ---- speculative verify: the state after each verified row -------------------------
+    def row_shape(self, array: int) -> tuple[int, ...]:
+        """The shape of one row of array `array`'s trail: its state, or a replayed row."""
+        replay = self.replays.get(array)
+        return tuple(replay.row_shape) if replay else self.shapes[array]
+
     def start_trail(self, slot: int, rows: int) -> None:
-        """Room for slot's state after 0 .. rows rows of a verify; entry 0 is the state now.
-        The room is a spare buffer of an earlier verify when one is large enough."""
-        self._drop_trail(slot)
+        """Room for slot's state after 0 .. rows rows of a verify (entry 0: the state now),
+        or for a replayed array the inputs of rows 1 .. rows. The room is a spare buffer of
+        an earlier verify when one is large enough. A verify of slot not rolled back yet
+        keeps all its rows first."""
+        if slot in self.trails:
+            self.rollback(slot, self.trails[slot][0].shape[0] - 1)
         fits = [i for i, b in enumerate(self._spare) if b[0].shape[0] > rows]
         if fits:
             bufs = self._spare.pop(fits[0])
         else:
-            bufs = [np.empty((rows + 1,) + a.shape[1:], a.dtype) for a in self.arrays]
+            bufs = [np.empty((rows + 1,) + self.row_shape(i), a.dtype)
+                    for i, a in enumerate(self.arrays)]
         trail = [b[:rows + 1] for b in bufs]
-        for a, t in zip(self.arrays, trail):
-            t[0] = a[slot]
+        for i, (a, t) in enumerate(zip(self.arrays, trail)):
+            if i not in self.replays:
+                t[0] = a[slot]
         self._buffers[slot] = bufs
         self.trails[slot] = trail
 
@@ -118,13 +149,16 @@ class RecurrentStateSlots:
                                     key=lambda i: self._spare[i][0].shape[0]))
 
     def trail_view(self, slot: int, array: int) -> np.ndarray:
-        """Array `array`'s trail of slot after rows 1 .. rows, [rows, 1, ...] (a batch axis
-        of one, contiguous): the model's verify writes it in place."""
+        """Array `array`'s trail of slot for rows 1 .. rows, [rows, 1, ...] (a batch axis
+        of one, contiguous): the model's verify writes it in place (the state after each
+        row, or for a replayed array each row's inputs)."""
         t = self.trails[slot][array][1:]
         return t.reshape((t.shape[0], 1) + t.shape[1:])
 
     def keep(self, slot: int, array: int, row: int) -> None:
         """Record array `array` of slot as it is after verify row `row` (0-based)."""
+        if array in self.replays:
+            raise ValueError(f"array {array} is replayed: its trail holds row inputs")
         self.trails[slot][array][row + 1] = self.arrays[array][slot]
 
     def rollback(self, slot: int, rows: int) -> None:
@@ -135,8 +169,12 @@ class RecurrentStateSlots:
             raise ValueError(f"recurrent slot {slot} has no verify trail to roll back")
         if not 0 <= rows < trail[0].shape[0]:
             raise ValueError(f"cannot keep {rows} rows of a {trail[0].shape[0] - 1}-row verify")
-        if rows < trail[0].shape[0] - 1:  # all of them: the slot already holds that state
-            for a, t in zip(self.arrays, trail):
+        for i, (a, t) in enumerate(zip(self.arrays, trail)):
+            replay = self.replays.get(i)
+            if replay is not None:  # the verify left the state as it was: replay the kept
+                if rows:
+                    replay.apply(a[slot], t[1:rows + 1])
+            elif rows < t.shape[0] - 1:  # all of them: the slot already holds that state
                 a[slot] = t[rows]
         self._drop_trail(slot)
 

@@ -37,12 +37,10 @@ def causal_conv1d(x: np.ndarray, weight_t: np.ndarray, state: np.ndarray,
 
 def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray,
                      beta: np.ndarray, state: np.ndarray, chunk: int = 0,
-                     out: np.ndarray | None = None,
-                     trail: np.ndarray | None = None) -> np.ndarray:
+                     out: np.ndarray | None = None, ahead: bool = False) -> np.ndarray:
     """The gated delta rule (see `ops.gated_delta_rule`). q, k, v may be views of one fused
     qkv array [B, T, Hk*Dk*2 + Hv*Dv] (heads contiguous): they are not copied then.
-    trail: a C-contiguous float32 [T, B, Hv, Dk, Dv] that receives the state after each
-    token (token-by-token form only, chunk = 0)."""
+    ahead: the outputs only, `state` left as it is (token-by-token form only, chunk = 0)."""
     B, T, Hk, Dk = q.shape
     Hv, Dv = v.shape[2], v.shape[3]
     if k.shape != q.shape or v.shape[:2] != (B, T) or Hv % Hk:
@@ -67,20 +65,17 @@ def gated_delta_rule(q: np.ndarray, k: np.ndarray, v: np.ndarray, g: np.ndarray,
         return gated_delta_rule(fused[..., :n].reshape(B, T, Hk, Dk),
                                 fused[..., n:2 * n].reshape(B, T, Hk, Dk),
                                 fused[..., 2 * n:].reshape(B, T, Hv, Dv), g, beta, state,
-                                chunk, out, trail)
-    if trail is not None and (chunk or trail.shape != (T, B, Hv, Dk, Dv) or
-                              trail.dtype is not _F32 or not trail.flags.c_contiguous):
-        raise ValueError(f"gated_delta_rule: a trail needs chunk=0 (got {chunk}) and a "
-                         f"C-contiguous float32 [{T}, {B}, {Hv}, {Dk}, {Dv}] array, got "
-                         f"{trail.dtype} {trail.shape}")
+                                chunk, out, ahead)
+    if ahead and chunk:
+        raise ValueError(f"gated_delta_rule: ahead needs chunk=0, got {chunk}")
     gp, g = _in(g)
     bp, beta = _in(beta)
     out = _new_or_check(out, (B, T, Hv, Dv))
     sb, st = strides[0][0], strides[0][1]
-    if trail is not None:
-        if _L.lk_gated_delta_rule_trail(views[0][0], views[1][0], views[2][0], B, T, Hk, Hv,
-                                        Dk, Dv, sb, st, gp, bp, _fb(_FLOATS, state, True),
-                                        _fb(_FLOATS, out, True), _fb(_FLOATS, trail, True)):
+    if ahead:
+        if _L.lk_gated_delta_rule_ahead(views[0][0], views[1][0], views[2][0], B, T, Hk, Hv,
+                                        Dk, Dv, sb, st, gp, bp, _fb(_FLOATS, state),
+                                        _fb(_FLOATS, out, True)):
             raise ValueError("gated_delta_rule: inconsistent shapes")
         return out
     if _L.lk_gated_delta_rule(views[0][0], views[1][0], views[2][0], B, T, Hk, Hv, Dk, Dv,

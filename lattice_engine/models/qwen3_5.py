@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from .base import (CausalLM, Linear, WeightLoader, check_tokens, config_from_dict,
                    name_linears, rope_inv_freq)
 from ..cache.hybrid import HybridCache
+from ..cache.recurrent import Replay
 from ..multimodal import ForwardInputs, check_forward_inputs, mrope_axes, mrope_tables
 from ..kernels.steps import FUSED_ROWS
 from .qwen3_5_step import Qwen35Step
@@ -192,29 +193,54 @@ class GatedDeltaNet:
 
     def recur_recorded(self, mixed, beta, g, cache: HybridCache, slot: int, ops):
         """The recurrence of a speculative verify: one call over its tokens in the
-        token-by-token form (each token's bits are a decode step's), writing the state
-        after each token into the cache's trail (`truncate` then returns to any of them)."""
-        conv_trail, delta_trail = cache.trail_views(slot)
+        token-by-token form (each token's bits are a decode step's), keeping what
+        `truncate` needs to return to any of them in the cache's trail."""
+        conv_trail, delta_rows = cache.trail_views(slot)
         return self.recur_trail(mixed, beta, g, cache.conv[slot], cache.delta[slot], ops,
-                                conv_trail, delta_trail)
+                                conv_trail, delta_rows)
+
+    @property
+    def replay_width(self) -> int:
+        """Floats of one token's delta-rule inputs in a verify's trail: the conv's output
+        row (q, k, v), then g and beta [nv] each (the layout the fused step writes)."""
+        return self.conv_dim + 2 * self.nv
 
     def recur_trail(self, mixed, beta, g, conv_state, delta_state, ops, conv_trail,
-                    delta_trail):
-        """`recur` over T tokens token by token (chunk 0), in one conv and one delta-rule
-        call, that also leaves the state after each token t in conv_trail[t]
-        [T, B, K-1, conv_dim] and delta_trail[t] [T, B, nv, dk, dv]. The conv window after
-        token t is the last K-1 inputs of [old window, x[:t+1]], read off before the conv
-        overwrites x."""
+                    delta_rows):
+        """`recur` over T tokens token by token (chunk 0) for a verify: the conv window
+        after each token t goes to conv_trail[t] [T, B, K-1, conv_dim] (the last K-1 inputs
+        of [old window, x[:t+1]], read off before the conv overwrites x), each token's
+        delta-rule inputs to delta_rows[t] [T, B, replay_width], and the delta state is
+        left as it was (`replay` advances it over the kept tokens)."""
         b, t, _ = mixed.shape
         ext = np.concatenate([conv_state, mixed], axis=1)  # B, K-1+T, C (pre-conv inputs)
         w = self.kernel - 1
         for i in range(t):
             conv_trail[i] = ext[:, i + 1:i + 1 + w]
         mixed = ops.causal_conv1d(mixed, self.conv_weight_t, conv_state, out=mixed)
+        c = self.conv_dim
+        delta_rows[..., :c] = mixed.transpose(1, 0, 2)
+        delta_rows[..., c:c + self.nv] = g.transpose(1, 0, 2)
+        delta_rows[..., c + self.nv:] = beta.transpose(1, 0, 2)
         q = mixed[..., :self.key_dim].reshape(b, t, self.nk, self.dk)
         k = mixed[..., self.key_dim:2 * self.key_dim].reshape(b, t, self.nk, self.dk)
         v = mixed[..., 2 * self.key_dim:].reshape(b, t, self.nv, self.dv)
-        return ops.gated_delta_rule(q, k, v, g, beta, delta_state, chunk=0, trail=delta_trail)
+        return ops.gated_delta_rule(q, k, v, g, beta, delta_state, chunk=0, ahead=True)
+
+    def replay(self, delta_state: np.ndarray, rows: np.ndarray, ops) -> None:
+        """Advance delta_state ([B, nv, dk, dv], or one slot's [nv, dk, dv]) in place over
+        a verify's kept tokens, rows [n, B, replay_width] (or [n, replay_width]): the
+        token-by-token recurrence on the inputs the verify used, so the state ends bit for
+        bit where decoding those tokens leaves it."""
+        if delta_state.ndim == 3:
+            delta_state, rows = delta_state[None], rows[:, None]
+        x = np.ascontiguousarray(rows.transpose(1, 0, 2))  # [B, n, width]
+        b, n, _ = x.shape
+        kd, c = self.key_dim, self.conv_dim
+        ops.gated_delta_rule(x[..., :kd].reshape(b, n, self.nk, self.dk),
+                             x[..., kd:2 * kd].reshape(b, n, self.nk, self.dk),
+                             x[..., 2 * kd:c].reshape(b, n, self.nv, self.dv),
+                             x[..., c:c + self.nv], x[..., c + self.nv:], delta_state, chunk=0)
 
     def project(self, x, ops):
         """The input projections of x [B, T, hidden]: mixed qkv [B, T, conv_dim] (before the
@@ -369,7 +395,15 @@ class Model(CausalLM):
             conv_kernel=c.linear_conv_kernel_dim, value_heads=c.linear_num_value_heads,
             key_head_dim=c.linear_key_head_dim, value_head_dim=c.linear_value_head_dim,
             capacity=capacity, kv_dtype=self.kv_cache,
-            key_transforms=self.kv_key_transforms())
+            key_transforms=self.kv_key_transforms(), delta_replay=self.delta_replays())
+
+    def delta_replays(self) -> list[Replay]:
+        """Per linear layer, in order, how its delta state follows a verify's kept tokens
+        (`RecurrentStateSlots`, `HybridCache`: verifies leave these states as they were and
+        the kept tokens are replayed on them)."""
+        layers = [b.linear_attn for b in self.layers if b.kind == LINEAR]
+        return [Replay((a.replay_width,), lambda state, rows, a=a: a.replay(state, rows, self.ops))
+                for a in layers]
 
     def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin [N, half] for index positions [N] or multimodal positions [3, N]

@@ -14,8 +14,9 @@ boundaries (for the state snapshots), so the delta rule runs with chunks of bloc
 tokens: they then always start at multiples of block_size, whatever the chunking, and
 the state handed from one call to the next is the float32 state a single call would
 carry (checked bit for bit in the tests). Decode rows run the recurrent form, and so do a
-speculative verify's rows (`batch.record`), which also leave the state after each row in
-the slot's trail (fused step and per-kernel path alike) for `RecurrentStateSlots.rollback`.
+speculative verify's rows (`batch.record`), which leave each row's conv window and
+delta-rule inputs in the slot's trail and the delta memory as it was (fused step and
+per-kernel path alike): `RecurrentStateSlots.rollback` replays the kept rows on it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def make_paged_cache(model, num_blocks: int, block_size: int = 16, variant: str 
                      max_sequences: int = 0) -> PagedKVCache:
     """K/V blocks for the full-attention layers and a recurrent-state slot (conv window
     [K-1, conv_dim] and memory [nv, dk, dv] per DeltaNet layer) for each of max_sequences
-    running sequences."""
+    running sequences; a verify's kept tokens are replayed on the memories
+    (`model.delta_replays`)."""
     c = model.config
     conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + \
         c.linear_num_value_heads * c.linear_value_head_dim
@@ -39,7 +41,9 @@ def make_paged_cache(model, num_blocks: int, block_size: int = 16, variant: str 
     for _ in range(model.num_linear):
         shapes += [(c.linear_conv_kernel_dim - 1, conv_dim),
                    (c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim)]
-    recurrent = RecurrentStateSlots(shapes, max(max_sequences, 1)) if shapes else None
+    replays = {2 * j + 1: r for j, r in enumerate(model.delta_replays())}
+    recurrent = RecurrentStateSlots(shapes, max(max_sequences, 1), replays=replays) \
+        if shapes else None
     return PagedKVCache(model.num_full, c.num_key_value_heads, c.head_dim, num_blocks,
                         block_size, variant, recurrent=recurrent, dtype=model.kv_cache,
                         key_transforms=model.kv_key_transforms())
@@ -65,7 +69,8 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
         for i in np.flatnonzero(record):
             slot = int(batch.state_slots[i])
             cache.recurrent.start_trail(slot, int(q_start[i + 1] - q_start[i]))
-            # a verify keeps the state after each of its rows, in the fused step too
+            # a verify keeps each row's conv window and delta-rule inputs (the fused step
+            # too); rollback replays the kept rows on the delta states it left as they were
             trails[int(i)] = [(cache.recurrent.trails[slot][2 * j][1:],
                                cache.recurrent.trails[slot][2 * j + 1][1:])
                               for j in range(model.num_linear)]
@@ -89,7 +94,7 @@ def forward_paged(model, batch, cache: PagedKVCache) -> np.ndarray:
                 conv, delta = states[2 * block.slot][None], states[2 * block.slot + 1][None]
                 if record is not None and record[i]:
                     # verify rows: one token-by-token call (decoding's bits per token) that
-                    # keeps the state after each row, so a partial accept rolls back exactly
+                    # keeps what a partial accept needs to roll back exactly
                     rec = cache.recurrent
                     core[:, r0:r1] = a.recur_trail(
                         np.ascontiguousarray(mixed[:, r0:r1]),

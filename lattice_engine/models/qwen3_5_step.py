@@ -160,8 +160,10 @@ class Qwen35Step:
         """T rows of one sequence (the bound cache's sequence 0, batch 1) at positions pos ..
         pos + T - 1 in one call (`lk_qwen35_step_rows`: a speculative verify): cos / sin
         [T, rope_half]; the DeltaNet layers run token by token, and with trails (per
-        DeltaNet layer (conv [T, 1, K-1, conv_dim], delta [T, 1, Hv, Dk, Dv]), as
-        `HybridCache.trail_views` gives them) keep the state after each row there. Returns
+        DeltaNet layer (conv [T, 1, K-1, conv_dim], delta rows [T, 1, conv_dim + 2 Hv]), as
+        `HybridCache.trail_views` gives them) keep each row's conv window and delta-rule
+        inputs there, leaving the delta states as they were (the kept rows are replayed on
+        them). Returns
         the final-norm hidden states [T, hidden], each row's bits a decode step's."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         if not self._bound or self._bound[0] != 1:
@@ -170,8 +172,7 @@ class Qwen35Step:
         if trails is not None:
             m, T = self._m, tokens.size
             conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
-            want = ((T, 1, m.conv_kernel - 1, conv_dim),
-                    (T, 1, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim))
+            want = ((T, 1, m.conv_kernel - 1, conv_dim), (T, 1, conv_dim + 2 * m.lin_v_heads))
             linear = [i for i, kind in enumerate(self._kinds) if kind != self.FULL]
             if len(trails) != len(linear):
                 raise ValueError(f"decode step: {len(trails)} trails for {len(linear)} "
@@ -200,9 +201,9 @@ class Qwen35Step:
         layer, alternating), each in layer order. Writes keys and values at the rows' slots,
         advances each sequence's states in its slot, and returns the final-norm hidden
         states [n, hidden]. trails: {sequence index: [(conv trail [rows, K-1, conv_dim],
-        delta trail [rows, Hv, Dk, Dv]) per DeltaNet layer]} for the verified sequences of a
-        speculative step, which keep the state after each of their rows there
-        (`lk_qwen35_step_paged_trail`)."""
+        delta rows [rows, conv_dim + 2 Hv]) per DeltaNet layer]} for the verified sequences
+        of a speculative step, which keep each row's conv window and delta-rule inputs there
+        and leave their delta states as they were (`lk_qwen35_step_paged_trail`)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
         n = tokens.size
         ptrs, (num_blocks, block_size), num_slots = self._pools(keys, values, states)
@@ -230,14 +231,13 @@ class Qwen35Step:
 
     def _trail_pointers(self, trails: dict, nseq: int, q_start: np.ndarray):
         """The trails argument of lk_qwen35_step_paged_trail (shapes checked: C writes
-        rows x state floats into each)."""
+        rows x row floats into each)."""
         m, layers = self._m, len(self._kinds)
         conv_dim = 2 * m.lin_k_heads * m.lin_k_dim + m.lin_v_heads * m.lin_v_dim
         ptrs = _ffi.new("float *[]", 2 * nseq * layers)
         for s, per_layer in trails.items():
             rows = int(q_start[s + 1] - q_start[s])
-            want = ((rows, m.conv_kernel - 1, conv_dim),
-                    (rows, m.lin_v_heads, m.lin_k_dim, m.lin_v_dim))
+            want = ((rows, m.conv_kernel - 1, conv_dim), (rows, conv_dim + 2 * m.lin_v_heads))
             linear = [i for i, kind in enumerate(self._kinds) if kind != self.FULL]
             if len(per_layer) != len(linear):
                 raise ValueError(f"decode step: {len(per_layer)} trails for {len(linear)} "

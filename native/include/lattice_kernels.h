@@ -55,7 +55,7 @@
  *              lk_softplus (Qwen3.5's Gated DeltaNet layers and gates)
  *   qwen35     lk_qwen35_work_size, lk_qwen35_step (a whole Qwen3.5 decode step in one
  *              call), lk_qwen35_step_paged (the same over a paged batch),
- *              lk_qwen35_step_paged_trail (and verify rows that keep their states)
+ *              lk_qwen35_step_paged_trail (and verify rows that can be replayed)
  *   moe        lk_moe_ok, lk_moe_forward (a mixture-of-experts MLP, experts grouped by
  *              row), lk_matmul_grouped (matrices each over their own rows, one job)
  *   rotate     lk_block_rotate (online Hadamard rotation, QuaRot)
@@ -421,14 +421,14 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
                         int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv, int64_t sb, int64_t st,
                         const float *g, const float *beta, float *state, int64_t chunk,
                         float *out);
-/* lk_gated_delta_rule's token-by-token form (chunk = 0) that also copies the state after
-   each token t into trail [T, B, Hv, Dk, Dv] (a speculative verify of T tokens: a partial
-   accept restores the state after the kept ones, bit for bit what decoding them one at a
-   time leaves). Returns 0, or -1 if the shapes are inconsistent or trail is NULL. */
-int lk_gated_delta_rule_trail(const float *q, const float *k, const float *v, int64_t B,
+/* lk_gated_delta_rule's token-by-token form (chunk = 0) that leaves state as it is: the
+   outputs of T tokens ahead of it, each token's bits those of a decode step of it (a
+   speculative verify; its accepted tokens are then replayed on the state, so rejected ones
+   cost no state traffic). Returns 0, or -1 if the shapes are inconsistent. */
+int lk_gated_delta_rule_ahead(const float *q, const float *k, const float *v, int64_t B,
                               int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv,
                               int64_t sb, int64_t st, const float *g, const float *beta,
-                              float *state, float *out, float *trail);
+                              const float *state, float *out);
 /* out = x / sqrt(mean(x^2) + eps) * w * silu(z) per row of length D (x, z, out
    contiguous [rows, D]). */
 void lk_gated_rms_norm(const float *x, const float *z, int64_t rows, int64_t D,
@@ -496,9 +496,11 @@ int lk_qwen35_step(const lk_qwen35 *m, const int64_t *tokens, int64_t batch, int
 /* Several rows of one sequence over the bound dense hybrid cache (sequence 0), as
    lk_decoder_step_rows: row r at position pos + r; the DeltaNet layers run their
    recurrence token by token (each row's bits are a decode step's). trails: NULL, or per
-   layer i at [2 * i] (conv windows [T, K-1, conv]) and [2 * i + 1] (delta states
-   [T, Hv, Dk, Dv]) the state after each row (NULL for attention layers), so that a
-   partial accept rolls back exactly. Returns as lk_qwen35_step (-2: pos + T > cache_cap). */
+   layer i at [2 * i] the conv window after each row ([T, K-1, conv]) and at [2 * i + 1]
+   each row's delta-rule inputs ([T, conv + 2 Hv]: the conv's output row (q, k, v), then
+   g and beta; NULL for attention layers); with trails the delta states are left as they
+   were (lk_gated_delta_rule_ahead), so that a partial accept rolls back exactly by
+   replaying the kept rows' inputs on them (lk_gated_delta_rule, chunk 0). Returns as lk_qwen35_step (-2: pos + T > cache_cap). */
 int lk_qwen35_step_rows(const lk_qwen35 *m, const int64_t *tokens, int64_t T, int64_t pos,
                         const float *cos_t, const float *sin_t, float *const *trails,
                         float *work, int64_t work_len, float *hidden_out);
@@ -522,13 +524,14 @@ int lk_qwen35_step_paged(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
                          const int64_t *state_slots, int64_t nseq, const int64_t *q_start,
                          const int64_t *pos_start, const int32_t *tables, int64_t max_blocks,
                          float *work, int64_t work_len, float *hidden_out);
-/* lk_qwen35_step_paged whose verified sequences (speculative decoding) keep the state after
-   each of their rows: trails is NULL (none) or holds 2 * nseq * n_layers pointers, at
-   [2 * (s * n_layers + i)] sequence s's conv windows of linear layer i ([rows, K-1,
-   2 key + value]) and at [... + 1] its delta states ([rows, v_heads, k_dim, v_dim]), NULL
-   for sequences (and layers) not verified. A verified sequence's rows run the delta rule
-   token by token (lk_gated_delta_rule_trail), so each row's state is bit for bit what a
-   decode step of it leaves. */
+/* lk_qwen35_step_paged with verified sequences (speculative decoding): trails is NULL
+   (none) or holds 2 * nseq * n_layers pointers, at [2 * (s * n_layers + i)] sequence s's
+   conv window after each of its rows in linear layer i ([rows, K-1, conv], conv =
+   2 key + value) and at [... + 1] each row's delta-rule inputs ([rows, conv + 2 v_heads]:
+   the conv's output row, then g and beta), NULL for sequences (and layers) not verified.
+   A verified sequence's rows run the delta rule token by token without writing its delta
+   state (lk_gated_delta_rule_ahead): replaying the kept rows' inputs on it
+   (lk_gated_delta_rule, chunk 0) leaves bit for bit what decode steps of them leave. */
 int lk_qwen35_step_paged_trail(const lk_qwen35 *m, const int64_t *tokens, int64_t n,
                                const float *cos_t, const float *sin_t, const int64_t *slots,
                                void *const *k_pools, void *const *v_pools,

@@ -154,24 +154,20 @@ typedef struct {
     const float *g, *beta;
     float *state, *out;
     int64_t chunk;
-    float *trail; /* NULL, or [T, B, Hv, Dk, Dv]: the state after each token (chunk = 0) */
+    int ahead; /* the state is read, not written: each unit runs on a copy in its scratch
+                  (token-by-token form only; lk_gated_delta_rule_ahead) */
 } gdr_job;
-
-/* Keep the state of (b, h) after token t in the trail (a speculative verify rolls back to
-   any of them). */
-INLINE void keep_state_body(const gdr_job *j, int64_t t, int64_t b, int64_t h, const float *S) {
-    if (j->trail)
-        memcpy(j->trail + ((t * j->B + b) * j->Hv + h) * j->Dk * j->Dv, S,
-               (size_t)(j->Dk * j->Dv) * sizeof(float));
-}
 
 /* Scratch per unit: q, k (normalized) and kv / delta rows for the recurrence; for the
    chunked form Q, K, beta exp(gc) K, W [C, Dk], beta V, U [C, Dv], T, P [C, C],
-   K'^T [Dk, C], gc and beta [C]. */
-static size_t scratch_floats(const gdr_job *j) {
+   K'^T [Dk, C], gc and beta [C]; then, ahead, the copy of the head's state. */
+static size_t scratch_base(const gdr_job *j) {
     const int64_t C = j->chunk > 0 ? j->chunk : 1;
     return (size_t)(2 * j->Dk + 2 * j->Dv +
-                    C * (4 * j->Dk + 2 * j->Dv + 2 * C + j->Dk + 3) + 64);
+                    C * (4 * j->Dk + 2 * j->Dv + 2 * C + j->Dk + 3) + 64) / 16 * 16;
+}
+static size_t scratch_floats(const gdr_job *j) {
+    return scratch_base(j) + (j->ahead ? (size_t)(j->Dk * j->Dv) : 0);
 }
 
 /* One (sequence, value head), token by token:
@@ -180,9 +176,8 @@ static size_t scratch_floats(const gdr_job *j) {
    that traffic): with d = exp(g) and S the old state,
      kv = d S^T k,  qs = d S^T q,  delta = beta (v - kv),  o = qs + (k . q) delta,
      S = d S + k delta^T                                                              */
-INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
+INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *S, float *scr) {
     const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk);
-    float *S = j->state + (b * Hv + h) * Dk * Dv;
     float *qn = scr, *kn = qn + Dk, *kv = kn + Dk, *delta = kv + Dv;
     const float qscale = 1.0f / sqrtf((float)Dk);
     for (int64_t t = 0; t < j->T; t++) {
@@ -212,7 +207,6 @@ INLINE void recurrent_body(const gdr_job *j, int64_t b, int64_t h, float *scr) {
             const float ki = kn[i];
             for (int64_t c = 0; c < Dv; c++) Si[c] = decay * Si[c] + ki * delta[c];
         }
-        keep_state_body(j, t, b, h, S);
     }
 }
 
@@ -438,33 +432,17 @@ INLINE void chunked_body(const gdr_job *j, int64_t b, int64_t h, float *scr, gem
     }
 }
 
-static void recurrent_generic(const gdr_job *j, int64_t b, int64_t h, float *s) {
-    recurrent_body(j, b, h, s);
+static void recurrent_generic(const gdr_job *j, int64_t b, int64_t h, float *S, float *s) {
+    recurrent_body(j, b, h, S, s);
 }
 
 #if LK_X86
-/* keep_state_body with streaming stores: a trail row is written once and read only by a
-   rollback, so it bypasses the caches; a plain copy first reads every destination line
-   (read-for-ownership), which doubles the memory traffic of the trail (a 4-row verify at
-   the 0.8B shape writes 72 MB of it). The same bits as keep_state_body. */
-LK_AVX2_TARGET static void keep_state_stream_avx2(const gdr_job *j, int64_t t, int64_t b,
-                                                  int64_t h, const float *S) {
-    if (!j->trail) return;
-    float *dst = j->trail + ((t * j->B + b) * j->Hv + h) * j->Dk * j->Dv;
-    const int64_t n = j->Dk * j->Dv;
-    int64_t i = 0;
-    for (; i < n && ((uintptr_t)(dst + i) & 31); i++) dst[i] = S[i];
-    for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(S + i));
-    for (; i < n; i++) dst[i] = S[i];
-}
-
 /* The AVX2 recurrence (Dv a multiple of 32): the read pass keeps kv and S^T q for 32
    columns in eight registers while it walks all Dk rows, instead of reloading and storing
    two accumulator rows per state row. */
 LK_AVX2_TARGET static void recurrent_step_avx2(const gdr_job *j, int64_t b, int64_t h,
-                                               float *scr) {
+                                               float *S, float *scr) {
     const int64_t Dk = j->Dk, Dv = j->Dv, Hv = j->Hv, hk = h / (Hv / j->Hk);
-    float *S = j->state + (b * Hv + h) * Dk * Dv;
     float *qn = scr, *kn = qn + Dk, *delta = kn + Dk;
     const float qscale = 1.0f / sqrtf((float)Dk);
     for (int64_t t = 0; t < j->T; t++) {
@@ -511,17 +489,16 @@ LK_AVX2_TARGET static void recurrent_step_avx2(const gdr_job *j, int64_t b, int6
                 _mm256_storeu_ps(Si + c, _mm256_fmadd_ps(ki, _mm256_loadu_ps(delta + c),
                                                          _mm256_mul_ps(vd, _mm256_loadu_ps(Si + c))));
         }
-        keep_state_stream_avx2(j, t, b, h, S);
     }
-    if (j->trail) _mm_sfence(); /* the streamed rows are visible before the unit ends */
 }
 #endif
 static void chunked_generic(const gdr_job *j, int64_t b, int64_t h, float *s) {
     chunked_body(j, b, h, s, gemm_generic, exp_row_generic);
 }
 #if LK_X86
-LK_AVX2_TARGET static void recurrent_avx2(const gdr_job *j, int64_t b, int64_t h, float *s) {
-    recurrent_body(j, b, h, s);
+LK_AVX2_TARGET static void recurrent_avx2(const gdr_job *j, int64_t b, int64_t h, float *S,
+                                          float *s) {
+    recurrent_body(j, b, h, S, s);
 }
 LK_AVX2_TARGET static void chunked_avx2(const gdr_job *j, int64_t b, int64_t h, float *s) {
     chunked_body(j, b, h, s, gemm_avx2, exp_row_avx2);
@@ -529,17 +506,23 @@ LK_AVX2_TARGET static void chunked_avx2(const gdr_job *j, int64_t b, int64_t h, 
 #endif
 
 static void gdr_unit(const gdr_job *j, int64_t unit, float *scr) {
-    const int64_t b = unit / j->Hv, h = unit % j->Hv;
+    const int64_t b = unit / j->Hv, h = unit % j->Hv, n = j->Dk * j->Dv;
+    float *S = j->state + (b * j->Hv + h) * n;
+    if (j->ahead) { /* the same operations on a copy: the caller's state stays as it was */
+        float *copy = scr + scratch_base(j);
+        memcpy(copy, S, (size_t)n * sizeof(float));
+        S = copy;
+    }
 #if LK_X86
     if (use_avx2()) {
         if (j->chunk > 0) chunked_avx2(j, b, h, scr);
-        else if (j->Dv % 32 == 0) recurrent_step_avx2(j, b, h, scr);
-        else recurrent_avx2(j, b, h, scr);
+        else if (j->Dv % 32 == 0) recurrent_step_avx2(j, b, h, S, scr);
+        else recurrent_avx2(j, b, h, S, scr);
         return;
     }
 #endif
     if (j->chunk > 0) chunked_generic(j, b, h, scr);
-    else recurrent_generic(j, b, h, scr);
+    else recurrent_generic(j, b, h, S, scr);
 }
 
 /* Strongly decaying heads drive exp(cumulative decay), and the products it scales, through
@@ -571,22 +554,22 @@ int lk_gated_delta_rule(const float *q, const float *k, const float *v, int64_t 
         chunk > LK_GDR_MAXCHUNK)
         return -1;
     if (B == 0 || T == 0) return 0;
-    gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, state, out, chunk, NULL};
+    gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, state, out, chunk, 0};
     lk_lock();
     lk_parallel(gdr_task, &j, B * Hv);
     lk_unlock();
     return 0;
 }
 
-int lk_gated_delta_rule_trail(const float *q, const float *k, const float *v, int64_t B,
+int lk_gated_delta_rule_ahead(const float *q, const float *k, const float *v, int64_t B,
                               int64_t T, int64_t Hk, int64_t Hv, int64_t Dk, int64_t Dv,
                               int64_t sb, int64_t st, const float *g, const float *beta,
-                              float *state, float *out, float *trail) {
-    if (B < 0 || T < 0 || Hk < 1 || Hv < 1 || Hv % Hk || Dk < 1 || Dv < 1 || !trail)
-        return -1;
+                              const float *state, float *out) {
+    if (B < 0 || T < 0 || Hk < 1 || Hv < 1 || Hv % Hk || Dk < 1 || Dv < 1) return -1;
     if (B == 0 || T == 0) return 0;
-    /* the token-by-token form: each token's bits are a decode step's */
-    gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, state, out, 0, trail};
+    /* the token-by-token form: each token's bits are a decode step's; the state is only
+       read (the job's pointer is not const because the in-place form writes through it) */
+    gdr_job j = {q, k, v, B, T, Hk, Hv, Dk, Dv, sb, st, g, beta, (float *)state, out, 0, 1};
     lk_lock();
     lk_parallel(gdr_task, &j, B * Hv);
     lk_unlock();

@@ -27,9 +27,9 @@ typedef struct {
     const int64_t *state_slots;
     float *const *conv_pools, *const *delta_pools;
     /* NULL, or per (sequence s, layer i) the trails of a speculative verify at
-       [2 * (s * n_layers + i)] (conv windows [rows, K-1, conv]) and [... + 1] (delta
-       states [rows, Hv, Dk, Dv]): the state after each of the sequence's rows; NULL
-       entries for sequences that are not verified */
+       [2 * (s * n_layers + i)] (the conv window after each of the sequence's rows,
+       [rows, K-1, conv]) and [... + 1] (each row's delta-rule inputs, [rows, conv + 2 hv]:
+       the conv's output row, g, beta); NULL entries for sequences that are not verified */
     float *const *trails;
 } q35_target;
 
@@ -152,20 +152,29 @@ static int deltanet(const lk_qwen35 *m, const lk_qwen35_layer *L, int64_t li, co
         for (int64_t s = 0; s < kv->nseq; s++) {
             const int64_t r0 = kv->q_start[s], c = kv->q_start[s + 1] - r0;
             const float *qr = mixed + r0 * d->conv;
+            float *state = t->delta_pools[li] + t->state_slots[s] * delta_len;
             float *trail = t->trails ? t->trails[2 * (s * m->n_layers + li) + 1] : NULL;
-            if (c > 0 && trail) /* a verify: token by token, keeping each row's state */
-                lk_gated_delta_rule_trail(qr, qr + d->key, qr + 2 * d->key, 1, c,
+            if (c > 0 && trail) {
+                /* a verify: keep each row's inputs, run the rows token by token without
+                   writing the state; the accepted rows are replayed on it afterwards, so
+                   the rejected ones cost no state traffic (a 1 MB state per layer, written
+                   once per row, was most of a verify's extra time over a decode step) */
+                const int64_t w = d->conv + 2 * d->hv;
+                for (int64_t i = 0; i < c; i++) {
+                    memcpy(trail + i * w, qr + i * d->conv, (size_t)d->conv * 4);
+                    memcpy(trail + i * w + d->conv, g + (r0 + i) * d->hv, (size_t)d->hv * 4);
+                    memcpy(trail + i * w + d->conv + d->hv, beta + (r0 + i) * d->hv,
+                           (size_t)d->hv * 4);
+                }
+                lk_gated_delta_rule_ahead(qr, qr + d->key, qr + 2 * d->key, 1, c,
                                           m->lin_k_heads, m->lin_v_heads, m->lin_k_dim,
                                           m->lin_v_dim, 0, c > 1 ? d->conv : 0, g + r0 * d->hv,
-                                          beta + r0 * d->hv,
-                                          t->delta_pools[li] + t->state_slots[s] * delta_len,
-                                          core + r0 * d->value, trail);
-            else if (c > 0) /* one sequence (batch stride 0), its rows conv apart (0 for one row) */
+                                          beta + r0 * d->hv, state, core + r0 * d->value);
+            } else if (c > 0) /* one sequence (batch stride 0), its rows conv apart (0 for one row) */
                 lk_gated_delta_rule(qr, qr + d->key, qr + 2 * d->key, 1, c, m->lin_k_heads,
                                     m->lin_v_heads, m->lin_k_dim, m->lin_v_dim, 0,
                                     c > 1 ? d->conv : 0, g + r0 * d->hv, beta + r0 * d->hv,
-                                    t->delta_pools[li] + t->state_slots[s] * delta_len,
-                                    c > 1 ? kv->block_size : 0, core + r0 * d->value);
+                                    state, c > 1 ? kv->block_size : 0, core + r0 * d->value);
         }
     lk_gated_rms_norm(core, z, B * d->hv, m->lin_v_dim, L->head_norm, m->eps, normed);
     const lk_linear *o[1] = {&L->out};
