@@ -30,8 +30,10 @@ TEXTS = json.loads((GOLD / "golden.json").read_text())["texts"]
 
 def encoder_bound(model, magnitude: float, positions: int) -> float:
     c = model.config
-    # on AMX-BF16 machines the native encoder's linears are bf16x3 products (kernels.bf16x3)
-    bf16x3 = any(getattr(layer, "fast", None) for layer in model.layers)
+    # on AMX-BF16 machines the native encoder's linears are bf16x3 products (kernels.encoder)
+    from lattice_engine.kernels import encoder
+    bf16x3 = any(encoder.is_bf16x3(w) for layer in model.layers
+                 for w in getattr(layer, "fast", {}).values())
     return network_bound(magnitude, decoder_path(c.hidden_size, c.intermediate_size, c.head_dim,
                                                  c.num_attention_heads, c.num_hidden_layers,
                                                  positions),

@@ -20,7 +20,7 @@ memory and back for the bias, the GELU and the residual, each memory-bound.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -84,18 +84,20 @@ class EncoderLayer:
         self.intermediate = linear("intermediate.dense", f, h)
         self.output = linear("output.dense", h, f)
         self.out_norm = norm("output.LayerNorm")
-        self.fast = {}  # Linear -> its bf16x3 weight (`use_bf16x3`)
+        self.fast = {}  # Linear -> its encoder-matmul weight (`use_encoder_matmuls`)
 
-    def use_bf16x3(self) -> None:
-        """Run the float32 linears on AMX-BF16 by bf16x3 products when this machine has it
-        (kernels.bf16x3: relative error ~4e-6, embeddings within cosine 0.9999999 of
-        float32's, 1.5x the embedding throughput). Every row count takes it, so a text's
-        embedding does not depend on the batch it came in."""
-        from ..kernels import bf16x3
+    def use_encoder_matmuls(self) -> None:
+        """Run the float32 linears on this machine's encoder matmul when it has one
+        (kernels.encoder): bf16x3 products on AMX-BF16 (relative error ~4e-6, embeddings
+        within cosine 0.9999999 of float32's, 1.5x the embedding throughput), or on AVX2
+        CPUs float32 in the BLAS order (one FMA chain per output; 1.2-1.4x the float32
+        kernels on all-MiniLM-L6-v2's shapes on a Zen 3). Every row count takes it, so a
+        text's embedding does not depend on the batch it came in."""
+        from ..kernels import encoder
         for lin in (self.query, self.key, self.value, self.attn_out, self.intermediate,
                     self.output):
             if lin.weight.format.name == "f32" and lin.adapters is None:
-                packed = bf16x3.Bf16x3Weight.of(lin.weight.to_float())
+                packed = encoder.weight(lin.weight.to_float())
                 if packed is not None:
                     self.fast[lin] = packed
 
@@ -103,8 +105,8 @@ class EncoderLayer:
         fast = self.fast.get(lin)
         if fast is None or lin.adapters is not None:
             return lin(x, ops)
-        from ..kernels import bf16x3
-        y = bf16x3.matmul(x, fast)
+        from ..kernels import encoder
+        y = encoder.matmul(x, fast)
         if lin.bias is not None:
             y += lin.bias
         return y
@@ -159,7 +161,7 @@ class Model:
                        for i in range(cfg.num_hidden_layers)]
         if getattr(ops, "name", "") == "native":
             for layer in self.layers:
-                layer.use_bf16x3()
+                layer.use_encoder_matmuls()
 
     @classmethod
     def from_checkpoint(cls, checkpoint, loader: WeightLoader, ops) -> "Model":

@@ -9,7 +9,7 @@ under `model.language_model.*`), with the experts per expert or fused
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import CheckpointError
 from . import qwen3_5

@@ -31,6 +31,8 @@
  *   LATTICE_CHUNKS   decode row chunks per thread and matrix (tuning; default 4)
  *   LATTICE_MV_QUARTERS  0: the f32 / f16 matvec reads four adjacent rows at a time instead
  *                    of four quarters of its chunk (tuning; see matvec_float)
+ *   LATTICE_PANELS   0: encoders keep the float32 kernels (lk_f32_panels_ready; read per
+ *                    call, at weight packing)
  *
  * Public functions (declared below; native/build_native.py generates the cffi cdef from the
  * LK_CDEF_BEGIN / LK_CDEF_END regions of this header and of lattice_plugin.h, so adding a
@@ -62,6 +64,8 @@
  *   lora       lk_lora_apply (low-rank adapter updates, per-row adapter selection, rows
  *              grouped by adapter; the fused steps run the same plan for every lk_linear
  *              with a lora table inside their matmul job)
+ *   panels     lk_f32_panels_ready, lk_f32_panels_size, lk_f32_panels_pack,
+ *              lk_matmul_f32_panels (float32 encoder matmuls, outer-product form, AVX2)
  *   bench      lk_bench_read (multi-threaded streaming read of a buffer)
  */
 #ifndef LATTICE_KERNELS_H
@@ -641,6 +645,23 @@ int lk_bf16x3_pack(const float *w, int64_t N, int64_t K, uint16_t *out);
    sizes, -2 when AMX is not ready, -5 out of memory. */
 int lk_matmul_bf16x3(const float *x, int64_t M, int64_t K, const uint16_t *packed, int64_t N,
                      float *y);
+
+/* ---- float32 weights in column panels, for encoders on AVX2 (matmul_panels.c) ------- */
+
+/* Whether this process runs lk_matmul_f32_panels: an AVX2 CPU without AVX-512 (those run
+   their float32 passes on 512-bit kernels), LATTICE_ISA not generic, LATTICE_PANELS not 0. */
+int lk_f32_panels_ready(void);
+/* Floats of W [N, K] packed for lk_matmul_f32_panels (-1 on bad sizes). */
+int64_t lk_f32_panels_size(int64_t N, int64_t K);
+/* Pack float32 W [N, K] (N a multiple of 16) into out, panels of 16 weight rows with the
+   16 values of each k together. Returns 0, -1 on bad sizes. */
+int lk_f32_panels_pack(const float *w, int64_t N, int64_t K, float *out);
+/* y[M, N] = x[M, K] @ W^T from W packed by lk_f32_panels_pack (32-byte aligned): each
+   output one float32 FMA chain along K (not the float32 kernels' lane-and-tree sums, so
+   not their bits; the same bits for a row in any batch). Returns 0, -1 on bad sizes or
+   alignment, -2 when lk_f32_panels_ready() is 0, -5 out of memory. */
+int lk_matmul_f32_panels(const float *x, int64_t M, int64_t K, const float *packed, int64_t N,
+                         float *y);
 
 /* ---- vector distances and top-k search (distance.c) -------------------------------- */
 

@@ -105,11 +105,20 @@ def rotary_tables(rows: np.ndarray, cols: np.ndarray, head_dim: int,
 
 @dataclass
 class Linear:
-    weight: PackedMatrix  # [out, in], f32
+    weight: Optional[PackedMatrix]  # [out, in], f32; None when `fast` holds it
     bias: Optional[np.ndarray]
+    # or the weight packed (as many bytes) for the machine's float32 encoder matmul, when
+    # the tower runs on the C kernels (lattice_engine.kernels.encoder, without bf16x3:
+    # float32 in the BLAS order on AVX2): the tower's passes are many-row, with no decode
+    # rows whose bits must match
+    fast: object = None
 
     def __call__(self, x: np.ndarray, ops) -> np.ndarray:
-        y = ops.matmul(x, self.weight)
+        if self.fast is not None:
+            from lattice_engine.kernels import encoder
+            y = encoder.matmul(x, self.fast)
+        else:
+            y = ops.matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
 
@@ -168,9 +177,16 @@ class VisionTower:
         c = config
         d, inner = c.hidden_size, c.intermediate_size
 
+        native = getattr(ops, "name", "") == "native"
+
         def linear(name, out, inp, weight=None):
             w = get(f"{name}.weight", (out, inp)) if weight is None else weight
-            return Linear(pack(F32, f"{name}.weight", w), get(f"{name}.bias", (out,)))
+            fast = None
+            if native:
+                from lattice_engine.kernels import encoder
+                fast = encoder.weight(np.asarray(w, np.float32), bf16x3=False)
+            return Linear(None if fast is not None else pack(F32, f"{name}.weight", w),
+                          get(f"{name}.bias", (out,)), fast)
 
         def merger(name, post_shuffle):
             width = d * c.spatial_merge_size ** 2
