@@ -119,6 +119,22 @@ def test_batching_does_not_change_results():
         assert np.abs(alone[0] - together[i]).max() <= bound
 
 
+def test_the_encoder_matmul_this_cpu_runs_stays_within_float32s_embeddings():
+    """The BERT encoder takes this machine's encoder matmul (kernels.encoder: bf16x3 on
+    AMX-BF16, panels on AVX2 without AVX-512) for every linear, and its embeddings stay
+    within cosine 1e-6 of the float32 kernels'."""
+    engine = Engine.load(str(BERT))
+    if not all(layer.fast for layer in engine.model.layers):  # 64 / 128 wide: all packable
+        pytest.skip("this CPU (or process) runs no encoder matmul")
+    texts = ["the city of lights", "a", "numbers 1 2 3 and more words than the others here"]
+    fast = engine.embed(texts, truncate=True)
+    for layer in engine.model.layers:
+        layer.fast.clear()
+    exact = engine.embed(texts, truncate=True)
+    cos = (fast * exact).sum(1) / np.linalg.norm(fast, axis=1) / np.linalg.norm(exact, axis=1)
+    assert cos.min() >= 1 - 1e-6 and not np.array_equal(fast, exact)
+
+
 def test_input_shapes_and_errors():
     engine = Engine.load(str(BERT), backend="numpy")
     tok = engine.embedder.tokenize

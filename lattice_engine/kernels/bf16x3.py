@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .buffers import _in
+from .buffers import _packed_matmul
 from .runtime import _FLOATS, _L, _fb, _ffi, available
 
 _U16S = _ffi.typeof("uint16_t[]") if _ffi is not None else None
@@ -56,15 +56,5 @@ class Bf16x3Weight:
 
 def matmul(x: np.ndarray, w: Bf16x3Weight) -> np.ndarray:
     """x [..., K] @ W^T -> float32 [..., N] by bf16x3 products (see the module doc)."""
-    if x.shape[-1] != w.cols:
-        raise ValueError(f"bf16x3 matmul: x has {x.shape[-1]} columns, the weight {w.cols}")
-    xp, x = _in(x)
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    y = np.empty(x.shape[:-1] + (w.rows,), np.float32)
-    rc = _L.lk_matmul_bf16x3(xp, rows, w.cols, _fb(_U16S, w.packed), w.rows,
-                             _fb(_FLOATS, y, True))
-    if rc == -5:
-        raise MemoryError("bf16x3 matmul: out of memory")
-    if rc:
-        raise RuntimeError(f"bf16x3 matmul failed ({rc}): AMX not ready or bad sizes")
-    return y
+    return _packed_matmul("bf16x3", _L.lk_matmul_bf16x3, x, w.cols, w.rows,
+                          _fb(_U16S, w.packed))

@@ -1,7 +1,8 @@
 """Marshalling numpy arrays into the C calls: cdata over inputs without copying when they
 are already C-contiguous float32 (`_in`), output buffers made or checked (`_new_or_check`),
 packed weight rows (`_packed`), strided views and evenly spaced rows passed with their
-strides (`_strided`, `_rows`), and the weight-format ids of lattice_kernels.h.
+strides (`_strided`, `_rows`), the call of a matmul over a pre-packed weight
+(`_packed_matmul`), and the weight-format ids of lattice_kernels.h.
 
 Every op module binds these at import and calls them directly: they run a few hundred
 times per decoded token.
@@ -83,3 +84,19 @@ def _rows(a: np.ndarray, n: int):
                 return p, a2, st[-1]
     a = np.ascontiguousarray(a, dtype=np.float32)
     return _fb(_FLOATS, a), a, n
+
+
+def _packed_matmul(kind: str, fn, x: np.ndarray, cols: int, rows: int, packed) -> np.ndarray:
+    """x [..., cols] @ W^T -> float32 [..., rows] by `fn(x, M, K, packed, N, y)`, a C matmul
+    over a weight it packed itself (bf16x3, panels); `kind` names it in errors."""
+    if x.shape[-1] != cols:
+        raise ValueError(f"{kind} matmul: x has {x.shape[-1]} columns, the weight {cols}")
+    xp, x = _in(x)
+    m = int(np.prod(x.shape[:-1], dtype=np.int64))
+    y = np.empty(x.shape[:-1] + (rows,), np.float32)
+    rc = fn(xp, m, cols, packed, rows, _fb(_FLOATS, y, True))
+    if rc == -5:
+        raise MemoryError(f"{kind} matmul: out of memory")
+    if rc:
+        raise RuntimeError(f"{kind} matmul failed ({rc}): not ready on this CPU or bad sizes")
+    return y

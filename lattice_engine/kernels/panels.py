@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from .buffers import _in
+from .buffers import _packed_matmul
 from .runtime import _FLOATS, _L, _fb, available
 
 
@@ -56,13 +56,5 @@ class PanelWeight:
 
 def matmul(x: np.ndarray, w: PanelWeight) -> np.ndarray:
     """x [..., K] @ W^T -> float32 [..., N], each output FMA chains along K (module doc)."""
-    if x.shape[-1] != w.cols:
-        raise ValueError(f"panel matmul: x has {x.shape[-1]} columns, the weight {w.cols}")
-    xp, x = _in(x)
-    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-    y = np.empty(x.shape[:-1] + (w.rows,), np.float32)
-    rc = _L.lk_matmul_f32_panels(xp, rows, w.cols, _fb(_FLOATS, w.packed), w.rows,
-                                 _fb(_FLOATS, y, True))
-    if rc:
-        raise RuntimeError(f"panel matmul failed ({rc}): not ready on this CPU or bad sizes")
-    return y
+    return _packed_matmul("panel", _L.lk_matmul_f32_panels, x, w.cols, w.rows,
+                          _fb(_FLOATS, w.packed))

@@ -732,6 +732,11 @@ int lk_threads_locked(void);
 void *lk_scratch(int ith, size_t bytes);
 /* Shared scratch for data produced before lk_parallel and read by all tasks. */
 void *lk_shared_scratch(size_t bytes);
+/* A buffer of at least `bytes` (64-byte aligned) owned by the calling host thread, grown on
+   demand and kept (a fresh allocation per call page-faults on every call): *buf and *cap
+   are the caller's __thread variables, so threads never share one and no lock is needed.
+   NULL on out-of-memory (the old buffer stays). */
+void *lk_thread_buffer(void **buf, size_t *cap, size_t bytes);
 extern int lk_active_isa;
 
 /* matmul.c: lk_matmul_multi with more work in its parallel job: n_pre independent tasks

@@ -225,18 +225,11 @@ AMX_TARGET static void amx_gemm(void *ctx, int64_t i0, int64_t i1, int ith) {
 #if LK_X86
 /* x's split parts, per calling thread, grown on demand and kept: a fresh allocation per
    call (megabytes at a few hundred rows) page-faulted on every call */
-static __thread uint16_t *split_buf;
+static __thread void *split_buf;
 static __thread size_t split_cap;
 
 static uint16_t *split_scratch(size_t bytes) {
-    if (bytes > split_cap) {
-        void *p = NULL;
-        if (posix_memalign(&p, 64, bytes)) return NULL;
-        free(split_buf);
-        split_buf = (uint16_t *)p;
-        split_cap = bytes;
-    }
-    return split_buf;
+    return (uint16_t *)lk_thread_buffer(&split_buf, &split_cap, bytes);
 }
 #endif
 

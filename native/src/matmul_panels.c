@@ -143,19 +143,10 @@ static void panels_range(void *ctx, int64_t t0, int64_t t1, int ith) {
 #if LK_X86
 /* x's tiles, per calling thread, grown on demand and kept (a fresh allocation per call
    would page-fault on every call) */
-static __thread float *x_buf;
+static __thread void *x_buf;
 static __thread size_t x_cap;
 
-static float *x_scratch(size_t bytes) {
-    if (bytes > x_cap) {
-        void *p = NULL;
-        if (posix_memalign(&p, 64, bytes)) return NULL;
-        free(x_buf);
-        x_buf = (float *)p;
-        x_cap = bytes;
-    }
-    return x_buf;
-}
+static float *x_scratch(size_t bytes) { return (float *)lk_thread_buffer(&x_buf, &x_cap, bytes); }
 #endif
 
 int lk_matmul_f32_panels(const float *x, int64_t M, int64_t K, const float *packed, int64_t N,

@@ -44,16 +44,7 @@ int lk_moe_ok(const lk_moe *m) {
 static __thread void *moe_buf;
 static __thread size_t moe_cap;
 
-static void *scratch(size_t bytes) {
-    if (bytes > moe_cap) {
-        void *p = NULL;
-        if (posix_memalign(&p, 64, bytes)) return NULL;
-        free(moe_buf);
-        moe_buf = p;
-        moe_cap = bytes;
-    }
-    return moe_buf;
-}
+static void *scratch(size_t bytes) { return lk_thread_buffer(&moe_buf, &moe_cap, bytes); }
 
 #define ALIGN16(n) (((n) + 15) & ~(int64_t)15) /* floats: keep every array 64-byte aligned */
 

@@ -401,6 +401,17 @@ static void *grow(int slot, size_t bytes) {
 void *lk_scratch(int ith, size_t bytes) { return grow(ith, bytes); }
 void *lk_shared_scratch(size_t bytes) { return grow(LK_MAX_THREADS, bytes); }
 
+void *lk_thread_buffer(void **buf, size_t *cap, size_t bytes) {
+    if (bytes > *cap) {
+        void *p = NULL;
+        if (posix_memalign(&p, 64, bytes)) return NULL;
+        free(*buf);
+        *buf = p;
+        *cap = bytes;
+    }
+    return *buf;
+}
+
 /* ---- bench: streaming read ----------------------------------------------------------- */
 
 typedef struct {
