@@ -111,7 +111,7 @@ class RecurrentStateSlots:
         self._drop_trail(slot)
         self.free_slots.append(slot)
 
-    # ---- speculative verify: the state after each verified row -------------------------
+    # ---- speculative verify: what a rollback to any verified row needs --------------------
     def row_shape(self, array: int) -> tuple[int, ...]:
         """The shape of one row of array `array`'s trail: its state, or a replayed row."""
         replay = self.replays.get(array)

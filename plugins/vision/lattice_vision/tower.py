@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from lattice_engine.errors import CheckpointError
+from lattice_engine.kernels import encoder
 from lattice_engine.quant.core_formats import F32
 from lattice_engine.quant.formats import PackedMatrix, pack
 
@@ -115,7 +116,6 @@ class Linear:
 
     def __call__(self, x: np.ndarray, ops) -> np.ndarray:
         if self.fast is not None:
-            from lattice_engine.kernels import encoder
             y = encoder.matmul(x, self.fast)
         else:
             y = ops.matmul(x, self.weight)
@@ -183,7 +183,6 @@ class VisionTower:
             w = get(f"{name}.weight", (out, inp)) if weight is None else weight
             fast = None
             if native:
-                from lattice_engine.kernels import encoder
                 fast = encoder.weight(np.asarray(w, np.float32), bf16x3=False)
             return Linear(None if fast is not None else pack(F32, f"{name}.weight", w),
                           get(f"{name}.bias", (out,)), fast)
