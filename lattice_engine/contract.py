@@ -16,7 +16,8 @@ What is checked at registration (an object's behaviour is the plugin's own tests
   also defines `PagedCausalLM`'s members can be served with continuous batching.
 - weight formats: a `WeightFormat` with a non-empty name, positive block size, bytes per
   block and row group, callable quantize / to_float, optional callable matmul / embed /
-  native_layout, and a `c_matmul` that is None or two integer addresses.
+  native_layout, a `c_matmul` that is None or two integer addresses, and a
+  `c_matmul_grouped` that is None or, with a c_matmul, one integer address.
 - quant methods: a `QuantMethod` (or subclass) whose formats are registered.
 - weight transforms: a `WeightTransform`.
 - samplers: a callable factory `factory(rng) -> (logits -> token id)`.
@@ -296,6 +297,13 @@ def check_weight_format(owner: str, name: str, value: Any) -> None:
                               all(isinstance(a, int) and a >= 0 for a in c) and c[0]):
         raise _fail(owner, "weight format", name, f"has c_matmul = {c!r}; it must be None or "
                     f"(function address, context address) as integers")
+    g = value.c_matmul_grouped
+    if g is not None and not (isinstance(g, int) and not isinstance(g, bool) and g > 0):
+        raise _fail(owner, "weight format", name, f"has c_matmul_grouped = {g!r}; it must be "
+                    f"None or a function address as an integer")
+    if g is not None and c is None:
+        raise _fail(owner, "weight format", name, "has a c_matmul_grouped but no c_matmul: "
+                    "the grouped matmul takes c_matmul's context; set both or neither")
     if value.gguf_type is not None and not isinstance(value.gguf_type, int):
         raise _fail(owner, "weight format", name, f"has gguf_type = {value.gguf_type!r}; "
                     f"it must be None or a GGML type id")

@@ -228,6 +228,72 @@ def test_grouped_matmul_equals_one_matmul_per_matrix(fmt, kernel_variant):
             np.testing.assert_array_equal(o, kernels.matmul(x[r:r + c], m))
 
 
+@pytest.mark.native
+def test_a_plugin_format_with_a_grouped_matmul_gets_each_layers_experts_in_one_call():
+    """A plugin format with WeightFormat.c_matmul_grouped (lk_extern_matmul_grouped) gets
+    all selected experts' gate and up in one call, then all downs in one, each matrix over
+    its own rows; its results are used as they come (here: the per-matrix callback's own
+    products, so equal bits), and its failure fails the forward. The "plugin" is a pair of
+    cffi callbacks into numpy over float32 rows."""
+    import dataclasses
+    from lattice_engine import kernels
+    from lattice_engine.kernels.moe import NativeMoE
+    from lattice_engine.quant.formats import PackedMatrix
+    ffi = kernels.runtime._ffi
+    calls = []
+
+    def product(x, row, m, K, w, ldw, N, y):
+        xs = np.frombuffer(ffi.buffer(x + row * K, 4 * m * K), np.float32).reshape(m, K)
+        ws = np.frombuffer(ffi.buffer(w, ldw * N), np.float32).reshape(N, ldw // 4)[:, :K]
+        np.frombuffer(ffi.buffer(y, 4 * m * N), np.float32)[:] = (xs @ ws.T).reshape(-1)
+
+    @ffi.callback("lk_extern_matmul")
+    def one(ctx, x, M, K, w, ldw, N, y):
+        calls.append(("one", M))
+        product(x, 0, M, K, w, ldw, N, y)
+        return 0
+
+    @ffi.callback("lk_extern_matmul_grouped")
+    def grouped(ctx, x, K, n, row0, M, w, ldw, N, y):
+        calls.append(("grouped", n))
+        if ffi.cast("intptr_t", ctx) == 1:
+            return 1  # "out of memory"
+        for i in range(n):
+            if M[i]:
+                product(x, row0[i], M[i], K, w[i], ldw[i], N[i], y[i])
+        return 0
+
+    addresses = (int(ffi.cast("uintptr_t", one)), int(ffi.cast("uintptr_t", grouped)))
+    moe = _moe_layers("qwen3_moe_step2", "f32")[0]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, moe.hidden)).astype(np.float32)
+    runs = {}
+    for ctx, with_grouped in ((0, True), (0, False), (1, True)):
+        for name in ("gate", "up", "down"):
+            mats = getattr(moe, name)
+            for i, w in enumerate(mats):
+                fmt = dataclasses.replace(
+                    w.format, name="f32_via_callback", c_matmul=(addresses[0], ctx),
+                    c_matmul_grouped=addresses[1] if with_grouped else None)
+                mats[i] = PackedMatrix(fmt, w.rows, w.cols, w.data)
+        native = NativeMoE.build(moe)
+        calls.clear()
+        if ctx == 1:
+            with pytest.raises(MemoryError):
+                native(x)
+            assert calls == [("grouped", calls[0][1])]  # the first failure stops the layer
+            continue
+        runs[with_grouped] = native(x)
+        selected = len(np.unique(route(x @ moe.router.weight.to_float().T, moe.top_k,
+                                       moe.normalize)[0]))
+        if with_grouped:  # gate and up of every selected expert, then every down
+            assert calls == [("grouped", 2 * selected), ("grouped", selected)]
+        else:
+            assert [c[0] for c in calls] == ["one"] * (3 * selected)
+    np.testing.assert_array_equal(runs[True], runs[False])
+    assert np.abs(runs[True] - moe.reference(x, kernels)).max() < 1e-4
+
+
 # ---- the fused decode steps ------------------------------------------------------------
 
 def _decode(model, ids, steps, fused):

@@ -74,6 +74,20 @@ typedef void (*lk_range_fn)(void *ctx, int64_t i0, int64_t i1, int ith);
 typedef int (*lk_extern_matmul)(const void *ctx, const float *x, int64_t M, int64_t K,
                                 const void *w, int64_t ldw, int64_t N, float *y);
 
+/* Optional, next to a format's lk_extern_matmul and with the same ctx: n matrices of that
+   format, each over its own rows of one x (a mixture-of-experts layer's selected experts):
+   for i in [0, n), y[i][M[i], N[i]] = x[row0[i] .. row0[i] + M[i], :K] @ w[i]^T, w[i]'s
+   N[i] rows ldw[i] bytes apart; x float32 [rows, K] contiguous, where rows is the largest
+   row0[i] + M[i]; M[i] == 0 skips matrix i. One call for all of them lets the plugin
+   quantize x once and give every matrix to the pool as one job, instead of n hand-offs.
+   Each y[i] must equal, bit for bit, what lk_extern_matmul gives for the same rows and
+   matrix (the core uses either). Same threading contract and return codes as
+   lk_extern_matmul. (A compatible addition: the table and the version are unchanged.) */
+typedef int (*lk_extern_matmul_grouped)(const void *ctx, const float *x, int64_t K,
+                                        int64_t n, const int64_t *row0, const int64_t *M,
+                                        const void *const *w, const int64_t *ldw,
+                                        const int64_t *N, float *const *y);
+
 typedef struct lk_plugin_api {
     /* LK_PLUGIN_ABI_VERSION of the core (frozen: always the first field) */
     int32_t abi_version;

@@ -58,6 +58,8 @@ def _fill_linear(keep: list, dst, w: PackedMatrix, bias=None, adapters=None) -> 
         dst.fmt = _FMT_EXTERN
         dst.ext = _ffi.cast("lk_extern_matmul", fn)
         dst.ext_ctx = _ffi.cast("void *", ctx)
+        if w.format.c_matmul_grouped:
+            dst.ext_grouped = _ffi.cast("lk_extern_matmul_grouped", w.format.c_matmul_grouped)
     dst.w = _fb(data)
     dst.ldw, dst.rows, dst.cols = data.strides[0], w.rows, w.cols
     dst.bias = _keep_vec(keep, bias)

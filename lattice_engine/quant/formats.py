@@ -46,6 +46,11 @@ class WeightFormat:
             signature of `lk_extern_matmul` (native/include/lattice_kernels.h), so the
             core's fused decode steps can call a plugin format's kernel without Python in
             between; None keeps such matrices on the per-kernel path.
+        c_matmul_grouped: optional function address, with c_matmul, of a C matmul with the
+            signature of `lk_extern_matmul_grouped` (lattice_plugin.h) and c_matmul's
+            context: several matrices of this format, each over its own rows of one input,
+            in one call (a mixture-of-experts layer's selected experts). Its results must
+            equal c_matmul's bit for bit. None: the core calls c_matmul once per expert.
         row_group: rows stored interleaved in groups of this many (1: row r is data[r]);
             the row count must be a multiple of it, and only whole groups can be sliced.
         native_layout: optional (PackedMatrix of this format) -> the same matrix in the
@@ -65,6 +70,7 @@ class WeightFormat:
     embed: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
     gguf_type: Optional[int] = None
     c_matmul: Optional[tuple[int, int]] = None
+    c_matmul_grouped: Optional[int] = None
     row_group: int = 1
     native_layout: Optional[Callable[["PackedMatrix"], "PackedMatrix"]] = None
 

@@ -11,7 +11,10 @@ test-quantize-fns idea), for the core's formats and a plugin's alike.
   float64 arithmetic on the dequantized weights within the float32 dot-product bound plus
   what the kernel does to its activations (`activation_bound(x)`: the largest change per
   value, e.g. half a step of int8 rounding);
-- `embed`, when present, returns exactly the dequantized rows.
+- `embed`, when present, returns exactly the dequantized rows;
+- `c_matmul_grouped`, when present (and the core's native module is there to call it):
+  several matrices, each over its own rows of one x, give each matrix the bits that
+  `c_matmul` gives for the same rows (the core's expert dispatch uses either).
 """
 
 from __future__ import annotations
@@ -73,10 +76,48 @@ def check_weight_format(fmt, value_bound: ValueBound, *,
                 bound = bound + np.asarray(activation_bound(x), np.float64) @ np.abs(dense).T
             worst = np.max(np.abs(got - exact) - bound)
             assert worst <= 0, f"{fmt.name}: matmul M={m} off by {worst:.3g} beyond its bound"
+    if fmt.c_matmul_grouped:
+        _check_grouped(fmt, data, rows, cols, seed)
     if fmt.embed is not None:
         ids = np.array([0, rows - 1, 2, 2])
         np.testing.assert_array_equal(fmt.embed(data, ids), back[ids],
                                       err_msg=f"{fmt.name}: embed differs from to_float rows")
+
+
+def _check_grouped(fmt, data: np.ndarray, rows: int, cols: int, seed: int) -> None:
+    """c_matmul_grouped against c_matmul, through the core's cffi declarations of
+    lk_extern_matmul[_grouped]; skipped without the core's native module."""
+    from ..kernels.runtime import _ffi
+    if _ffi is None:
+        return
+    fb, floats = _ffi.from_buffer, _ffi.typeof("float[]")
+    (one, ctx), grouped = fmt.c_matmul, fmt.c_matmul_grouped
+    one = _ffi.cast("lk_extern_matmul", one)
+    grouped = _ffi.cast("lk_extern_matmul_grouped", grouped)
+    ctx = _ffi.cast("void *", ctx)
+    g = fmt.row_group
+    mats = [np.ascontiguousarray(data[a:b]) for a, b in ((0, rows), (g, 3 * g), (0, g))]
+    counts = [3, 0, 1, 40, 2][:len(mats) + 2]
+    mats += [mats[0], mats[2]]
+    x = np.random.default_rng(seed + 2).standard_normal((sum(counts), cols)).astype(np.float32)
+    row0 = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    outs = [np.full((c, m.shape[0]), np.nan, np.float32) for c, m in zip(counts, mats)]
+    rc = grouped(ctx, fb(floats, x), cols, len(mats), _ffi.new("int64_t[]", row0.tolist()),
+                 _ffi.new("int64_t[]", counts), _ffi.new("const void *[]", [fb(m) for m in mats]),
+                 _ffi.new("int64_t[]", [m.strides[0] for m in mats]),
+                 _ffi.new("int64_t[]", [m.shape[0] for m in mats]),
+                 _ffi.new("float *[]", [fb(floats, o, True) if o.size else _ffi.NULL
+                                        for o in outs]))
+    assert rc == 0, f"{fmt.name}: c_matmul_grouped returned {rc}"
+    for i, (r, c, m, o) in enumerate(zip(row0, counts, mats, outs)):
+        if not c:
+            continue
+        want = np.empty_like(o)
+        xs = np.ascontiguousarray(x[r:r + c])
+        assert one(ctx, fb(floats, xs), c, cols, fb(m), m.strides[0], m.shape[0],
+                   fb(floats, want, True)) == 0, f"{fmt.name}: c_matmul failed"
+        np.testing.assert_array_equal(o, want, err_msg=f"{fmt.name}: c_matmul_grouped's "
+                                      f"matrix {i} ({c} rows) differs from c_matmul")
 
 
 def int_activation_bound(levels: int, block: int = 32) -> ValueBound:

@@ -74,8 +74,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* the plugin ABI: lk_plugin_api, lk_range_fn, lk_extern_matmul, LK_CPU_* (shipped in the
-   package, lattice_engine/include/) */
+/* the plugin ABI: lk_plugin_api, lk_range_fn, lk_extern_matmul[_grouped], LK_CPU_* (shipped
+   in the package, lattice_engine/include/) */
 #include "lattice_plugin.h"
 
 #ifdef __cplusplus
@@ -320,8 +320,9 @@ int lk_lora_apply(const lk_lora *l, const float *x, int64_t M, int64_t K, int64_
                   float *y);
 
 /* A weight matrix [rows, cols] in format fmt (LK_FMT_*, or LK_FMT_EXTERN with its matmul
-   in ext / ext_ctx), rows ldw bytes apart, with an optional float32 bias [rows] and the
-   resident adapters' low-rank updates (lora, NULL: none), added after the bias. */
+   in ext / ext_ctx, and optionally its grouped matmul for expert dispatch in ext_grouped,
+   same ctx), rows ldw bytes apart, with an optional float32 bias [rows] and the resident
+   adapters' low-rank updates (lora, NULL: none), added after the bias. */
 typedef struct {
     int32_t fmt;
     const void *w;
@@ -330,6 +331,7 @@ typedef struct {
     lk_extern_matmul ext;
     const void *ext_ctx;
     const lk_lora *lora;
+    lk_extern_matmul_grouped ext_grouped;
 } lk_linear;
 
 /* An online rotation of a linear's input (QuaRot): lk_block_rotate(x, rows, m, block,

@@ -6,8 +6,9 @@
  * each expert's rows are contiguous, and every expert's gate/up (then down) runs as one
  * few-row matmul over its rows. For the core formats all experts' matrices go to the
  * thread pool as ONE job (lk_matmul_grouped: the activations quantized once, each matrix
- * reading its own rows); a plugin format's matmul (LK_FMT_EXTERN) is called once per
- * expert. Each row then sums its experts' outputs in ascending expert order, so a row's
+ * reading its own rows); a plugin format (LK_FMT_EXTERN) gets them all in one call of
+ * its grouped matmul when it has one (lk_extern_matmul_grouped), else once per expert.
+ * Each row then sums its experts' outputs in ascending expert order, so a row's
  * bits do not depend on the other rows of the batch (the matmuls are batch invariant too).
  *
  * The fused decode steps (decoder.c, qwen35_decoder.c) call lk_moe_forward for a layer
@@ -79,12 +80,16 @@ static void route_row(const float *logit, int64_t E, int64_t k, int normalize, i
 }
 
 /* y_e = matrices of format fmt over the rows [row0[e], row0[e] + cnt[e]) of x, for the
-   experts with rows: one pool job for the core formats, one call per expert otherwise. */
+   experts with rows: one pool job for the core formats, one call for a plugin format with
+   a grouped matmul (lk_extern_matmul_grouped), one call per expert otherwise. */
 static int run_grouped(const lk_linear *const *l, float *const *y, int64_t nmat,
                        const float *x, int64_t K, const int64_t *row0, const int64_t *cnt,
                        const void **wp, int64_t *ldw, int64_t *N) {
     if (nmat == 0) return 0;
-    if (l[0]->fmt == LK_FMT_EXTERN) {
+    int64_t same = 1; /* every matrix of the same plugin format: one grouped call */
+    for (int64_t i = 1; i < nmat && l[0]->fmt == LK_FMT_EXTERN; i++)
+        same &= l[i]->ext_grouped == l[0]->ext_grouped && l[i]->ext_ctx == l[0]->ext_ctx;
+    if (l[0]->fmt == LK_FMT_EXTERN && (!l[0]->ext_grouped || !same)) {
         for (int64_t i = 0; i < nmat; i++)
             if (l[i]->ext(l[i]->ext_ctx, x + row0[i] * K, cnt[i], K, l[i]->w, l[i]->ldw,
                           l[i]->rows, y[i]))
@@ -96,6 +101,8 @@ static int run_grouped(const lk_linear *const *l, float *const *y, int64_t nmat,
         ldw[i] = l[i]->ldw;
         N[i] = l[i]->rows;
     }
+    if (l[0]->fmt == LK_FMT_EXTERN)
+        return l[0]->ext_grouped(l[0]->ext_ctx, x, K, nmat, row0, cnt, wp, ldw, N, y) ? -5 : 0;
     return lk_matmul_grouped(l[0]->fmt, x, K, nmat, row0, cnt, wp, ldw, N, y) ? -5 : 0;
 }
 

@@ -61,6 +61,12 @@ int q4_relayout(int asym, int64_t group, void *data, int64_t rows, int64_t K, in
 typedef struct { int asym; int64_t group; int r16; } q4_format;
 int q4_matmul_extern(const void *ctx, const float *x, int64_t M, int64_t K, const void *w,
                      int64_t ldw, int64_t N, float *y);
+int q4_matmul_grouped(int asym, int64_t group, int r16, const float *x, int64_t K, int64_t n,
+                      const int64_t *row0, const int64_t *M, const void *const *w,
+                      const int64_t *ldw, const int64_t *N, float *const *y);
+int q4_matmul_grouped_extern(const void *ctx, const float *x, int64_t K, int64_t n,
+                             const int64_t *row0, const int64_t *M, const void *const *w,
+                             const int64_t *ldw, const int64_t *N, float *const *y);
 """
 
 

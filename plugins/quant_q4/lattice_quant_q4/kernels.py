@@ -230,6 +230,7 @@ def attach(formats, r16_formats=()) -> bool:
     if _lib is None:
         return False
     function = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "q4_matmul_extern")))
+    grouped = int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "q4_matmul_grouped_extern")))
     twins = {f.name: f for f in r16_formats}
     for fmt in tuple(formats) + tuple(r16_formats):
         family, group = layout_of(fmt.name)  # q4_0 runs q4_sym_g32's kernels
@@ -244,4 +245,6 @@ def attach(formats, r16_formats=()) -> bool:
                                        "r16": int(r16)})
         _EXTERN_CONTEXTS.append(ctx)  # kept alive as long as the module
         object.__setattr__(fmt, "c_matmul", (function, int(_ffi.cast("uintptr_t", ctx))))
+        # and a MoE layer's experts in one call (lk_extern_matmul_grouped, same ctx)
+        object.__setattr__(fmt, "c_matmul_grouped", grouped)
     return True

@@ -523,6 +523,93 @@ int q4_matmul(int asym, int64_t group, int r16, const float *x, int64_t M, int64
     return t.fail ? -1 : 0;
 }
 
+/* ---- grouped: matrices each over their own rows of one x (expert dispatch) -------- */
+
+typedef struct {
+    q4_mm *mats;          /* the few-rows matrices, each reading its rows of the shared x */
+    const int64_t *first; /* [n + 1]: the first FEW_UNIT unit of each */
+    int64_t n;
+    int isa;
+} grouped_task;
+
+static void grouped_range(void *vctx, int64_t u0, int64_t u1, int ith) {
+    const grouped_task *g = (const grouped_task *)vctx;
+    int64_t lo = 0, hi = g->n - 1; /* the matrix whose units hold u0 */
+    while (lo < hi) {
+        const int64_t mid = (lo + hi + 1) / 2;
+        if (g->first[mid] <= u0) lo = mid;
+        else hi = mid - 1;
+    }
+    for (int64_t i = lo, u = u0; u < u1; i++) {
+        const int64_t e = g->first[i + 1] < u1 ? g->first[i + 1] : u1;
+        const mm_task t = {&g->mats[i], g->isa, 0};
+        if (e > u) few_range((void *)&t, u - g->first[i], e - g->first[i], ith);
+        u = e;
+    }
+}
+
+/* For i in [0, n): y[i][M[i], N[i]] = x[row0[i] .. + M[i], :K] @ w[i]^T, every w[i] in one
+   layout (as q4_matmul). x is quantized once for all of them, and every matrix that takes
+   the few-rows kernel goes to the pool as ONE job (a MoE layer's experts at decode: one
+   hand-off instead of one per expert); a matrix with more rows runs its prefill tiles
+   over the same quantized rows. Each y[i] is bit for bit q4_matmul's over the same rows
+   (the same kernel for the same row count, and the same quantized x rows). Returns 0, -1
+   out of memory, -2 on a bad layout. */
+int q4_matmul_grouped(int asym, int64_t group, int r16, const float *x, int64_t K, int64_t n,
+                      const int64_t *row0, const int64_t *M, const void *const *w,
+                      const int64_t *ldw, const int64_t *N, float *const *y) {
+    if ((group != 32 && group != 64 && group != 128) || K % group || n < 0) return -2;
+    const int64_t nb = K / QK, ng = K / group, bpb = (asym ? 4 : 2) + group / 2;
+    int64_t rows = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (row0[i] < 0 || M[i] < 0 || N[i] < 0) return -2;
+        if (r16 && M[i] > 0 && (N[i] % 16 || ldw[i] != ng * bpb)) return -2;
+        if (M[i] > 0 && N[i] > 0 && row0[i] + M[i] > rows) rows = row0[i] + M[i];
+    }
+    if (rows == 0) return 0;
+    detect();
+    const size_t qbytes = ((size_t)(rows * K) + 63) & ~(size_t)63;
+    uint8_t *buf = (uint8_t *)malloc(qbytes + (size_t)(rows * (2 * nb + ng)) * 4 +
+                                     (size_t)n * sizeof(q4_mm) + (size_t)(n + 1) * 8);
+    if (!buf) return -1;
+    q4_mm all = {asym, r16 ? 1 : 0, group / QK, asym ? 4 : 2, bpb, NULL, 0, 0, K, rows, nb,
+                 ng, (int8_t *)buf, NULL, NULL, NULL, x, NULL};
+    all.dx = (float *)(buf + qbytes);
+    all.xo = (int32_t *)(all.dx + rows * nb);
+    all.sg = (float *)(all.xo + rows * nb);
+    q4_mm *mats = (q4_mm *)(all.sg + rows * ng);
+    int64_t *first = (int64_t *)(mats + n);
+    if (rows * K >= (1 << 16)) run_range(quantize_rows, &all, rows, 1);
+    else quantize_rows(&all, 0, rows, 0);
+
+    const int64_t few = !r16 ? few_rows : few_rows_r16 ? few_rows_r16
+                                                       : active_isa == Q4_AVX512VNNI ? 24 : 32;
+    int64_t nfew = 0, fail = 0;
+    first[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (M[i] == 0 || N[i] == 0) continue;
+        q4_mm c = all;
+        c.w = (const uint8_t *)w[i], c.ldw = ldw[i], c.N = N[i], c.M = M[i], c.y = y[i];
+        c.x = x + row0[i] * K, c.xq = all.xq + row0[i] * K;
+        c.dx = all.dx + row0[i] * nb, c.xo = all.xo + row0[i] * nb, c.sg = all.sg + row0[i] * ng;
+        if (M[i] <= few || active_isa == Q4_GENERIC) {
+            mats[nfew] = c;
+            first[nfew + 1] = first[nfew] + (N[i] + FEW_UNIT - 1) / FEW_UNIT;
+            nfew++;
+        } else { /* enough rows for the tiles: its own job, as q4_matmul runs it */
+            mm_task t = {&c, active_isa, 0};
+            run_range(prefill_range, &t, (N[i] + PF_ROWS - 1) / PF_ROWS, 1);
+            fail |= t.fail;
+        }
+    }
+    if (nfew) {
+        grouped_task g = {mats, first, nfew, active_isa};
+        run_range(grouped_range, &g, first[nfew], 1);
+    }
+    free(buf);
+    return fail ? -1 : 0;
+}
+
 /* ---- embed ----------------------------------------------------------------------- */
 
 /* out[i, :] = float(W[ids[i], :]). Returns 0, or -1 (writing nothing) for an id outside
@@ -534,6 +621,16 @@ int q4_matmul_extern(const void *ctx, const float *x, int64_t M, int64_t K, cons
                      int64_t ldw, int64_t N, float *y) {
     const q4_format *f = (const q4_format *)ctx;
     return q4_matmul(f->asym, f->group, f->r16, x, M, K, w, ldw, N, y) ? -1 : 0;
+}
+/* q4_matmul_grouped with the signature of lk_extern_matmul_grouped (same ctx), so the
+   core's expert dispatch gives a layer's experts to us in one call
+   (WeightFormat.c_matmul_grouped). */
+int q4_matmul_grouped_extern(const void *ctx, const float *x, int64_t K, int64_t n,
+                             const int64_t *row0, const int64_t *M, const void *const *w,
+                             const int64_t *ldw, const int64_t *N, float *const *y) {
+    const q4_format *f = (const q4_format *)ctx;
+    return q4_matmul_grouped(f->asym, f->group, f->r16, x, K, n, row0, M, w, ldw, N, y) ? -1
+                                                                                       : 0;
 }
 
 /* r16: W in the _r16 layout (rows % 16 == 0, ldw = the row bytes). */

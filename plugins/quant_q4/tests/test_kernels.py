@@ -201,3 +201,38 @@ def test_native_layout_converts_in_place_where_it_pays(monkeypatch):
     np.testing.assert_array_equal(data, expected)
     odd = PackedMatrix(plain, 24, 128, F.quantize("q4_asym", 64, np.ones((24, 128), np.float32)))
     assert plain.native_layout(odd) is odd
+
+
+@pytest.mark.parametrize("name", ["q4_sym_g32", "q4_asym_g64"])
+@pytest.mark.parametrize("r16", [False, True])
+def test_grouped_matmul_gives_each_matrix_the_bits_of_its_own_matmul(isa, name, r16):
+    """q4_matmul_grouped (what the core's expert dispatch calls through
+    lk_extern_matmul_grouped): every matrix over its own rows of one x, x quantized once,
+    the few-rows matrices in one pool job, gives each matrix q4_matmul's bits over the same
+    rows, whatever the row count (0 skipped, few rows, and 40 > the few-rows limit: the
+    prefill tiles) and whatever else is in the group."""
+    family, group = FORMATS[name]
+    Kd, counts = 512, [1, 0, 3, 9, 40, 2, 1]
+    bpb = F.bytes_per_block(family, group)
+    mats = []
+    for i in range(len(counts)):
+        data = F.quantize(family, group,
+                          rng.standard_normal((32 + 16 * (i % 3), Kd)).astype(np.float32))
+        mats.append(K.relayout(family, group, data, Kd, True) if r16 else data)
+    x = rng.standard_normal((sum(counts), Kd)).astype(np.float32)
+    row0 = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    outs = [np.full((c, m.shape[0]), np.nan, np.float32) for c, m in zip(counts, mats)]
+    ffi, lib = K._ffi, K._lib
+    rc = lib.q4_matmul_grouped(
+        int(family == "q4_asym"), group, int(r16), ffi.from_buffer("float[]", x), Kd,
+        len(mats), ffi.new("int64_t[]", row0.tolist()), ffi.new("int64_t[]", counts),
+        ffi.new("const void *[]", [ffi.from_buffer(m) for m in mats]),
+        ffi.new("int64_t[]", [m.strides[0] for m in mats]),
+        ffi.new("int64_t[]", [m.shape[0] for m in mats]),
+        ffi.new("float *[]", [ffi.from_buffer("float[]", o, require_writable=True)
+                              if o.size else ffi.NULL for o in outs]))
+    assert rc == 0
+    mm = K.make_matmul(family, group, bpb, r16)
+    for r, c, m, o in zip(row0, counts, mats, outs):
+        if c:
+            np.testing.assert_array_equal(o, mm(x[r:r + c], m), err_msg=f"{c} rows")
