@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
+from ..kernels import encoder
 from .base import Linear, WeightLoader, check_tokens, config_from_dict, project
 
 GELU_KINDS = ("gelu", "gelu_new", "gelu_pytorch_tanh")
@@ -93,7 +94,6 @@ class EncoderLayer:
         CPUs float32 in the BLAS order (one FMA chain per output; 1.2-1.4x the float32
         kernels on all-MiniLM-L6-v2's shapes on a Zen 3). Every row count takes it, so a
         text's embedding does not depend on the batch it came in."""
-        from ..kernels import encoder
         for lin in (self.query, self.key, self.value, self.attn_out, self.intermediate,
                     self.output):
             if lin.weight.format.name == "f32" and lin.adapters is None:
@@ -105,7 +105,6 @@ class EncoderLayer:
         fast = self.fast.get(lin)
         if fast is None or lin.adapters is not None:
             return lin(x, ops)
-        from ..kernels import encoder
         y = encoder.matmul(x, fast)
         if lin.bias is not None:
             y += lin.bias
