@@ -10,8 +10,8 @@ ffn_*_exps, F32 router) is written once, in its own process, by
 lattice_engine.testing.moe_gguf into $LATTICE_HOME/bench/moe-<layers>L-v<vocab>-e<experts>-
 <quant>.gguf. lattice loads it with the method that keeps the file's blocks as they are
 (q8_0; for Q4_0 the q4 plugin's q4_sym, whose g32 layout is ggml's Q4_0 bytes), so the
-experts stay memory-mapped. Prompts are fixed pseudo-random token ids. Every engine runs in
-its own subprocess.
+experts are only re-laid (LATTICE_MAP_EXPERTS=1 keeps them memory-mapped). Prompts are
+fixed pseudo-random token ids. Every engine runs in its own subprocess.
 - decode tok/s by the slope method: T(N) = prefill a 16-token prompt + N greedy tokens;
   decode = (N2 - N1) / (T(N2) - T(N1)), medians of --runs.
 - prefill tok/s: one 512-token prompt in one call, median of --runs.

@@ -1,6 +1,7 @@
 """Weight buffers carved from huge-page regions."""
 
 import numpy as np
+import pytest
 
 from lattice_engine.io import hugepages
 
@@ -44,3 +45,36 @@ def test_read_into_fills_from_offset(tmp_path):
     path.write_bytes(bytes(range(256)) * 10)
     out = hugepages.read_into(path, 5, np.empty((3, 4), np.uint8))
     assert out.reshape(-1).tolist() == list(range(5, 17))
+
+
+def _file_rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+def test_copy_from_map_leaves_the_mapped_pages_resident_once(tmp_path):
+    """A slice of a file's memory map copied into our memory (stacked GGUF experts being
+    re-laid): the copy is writable and equal, the slice's whole pages leave this process's
+    resident memory, and the map still reads the same bytes afterwards."""
+    import os
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc (Linux) to read resident memory")
+    data = np.random.default_rng(0).integers(0, 256, 24 << 20, dtype=np.uint8)
+    path = tmp_path / "w.bin"
+    data.tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    view = mapped[4097:(20 << 20) + 5].view(np.ndarray).reshape(-1)  # unaligned ends
+    assert int(view.sum(dtype=np.int64)) > 0  # touch every page of the slice
+    before = _file_rss_kb()
+    copy = hugepages.copy_from_map(view)
+    after = _file_rss_kb()
+    assert copy.flags.writeable and not isinstance(copy, np.memmap)
+    np.testing.assert_array_equal(copy, data[4097:(20 << 20) + 5])
+    assert before - after >= 19 << 10  # ~20 MB of file pages released (KB)
+    np.testing.assert_array_equal(view, data[4097:(20 << 20) + 5])  # faulted back in
+    assert not hugepages.release_mapped(np.zeros(1 << 20, np.uint8))  # not a file map
+    # a map that starts inside the file (numpy maps from the allocation boundary below)
+    offset = np.memmap(path, dtype=np.uint8, mode="r", offset=70001)
+    np.testing.assert_array_equal(hugepages.copy_from_map(offset[123:(1 << 20) + 7]),
+                                  data[70001 + 123:70001 + (1 << 20) + 7])
+    np.testing.assert_array_equal(hugepages.copy_from_map(data[:5000]), data[:5000])

@@ -389,21 +389,47 @@ def _mapped(a) -> bool:
 
 
 @pytest.mark.native
-def test_gguf_q8_0_experts_stay_memory_mapped(tmp_path):
+@pytest.mark.parametrize("mode", ["default", "LATTICE_MAP_EXPERTS=1", "no room"])
+def test_gguf_q8_0_experts_are_relaid_or_stay_mapped(tmp_path, monkeypatch, mode):
+    """GGUF experts in the format asked for: re-laid into our own memory where their format
+    has a faster layout here (q8_0_r16 on AMD / AVX512-VNNI), else (and with
+    LATTICE_MAP_EXPERTS=1, or when the copy would not leave enough memory available)
+    views of the file's memory map. Either way the logits are the HF folder's, quantized
+    here, bit for bit."""
+    from lattice_engine.models import base
+    from lattice_engine.quant.core_formats import r16_pays
+    if mode == "LATTICE_MAP_EXPERTS=1":
+        monkeypatch.setenv("LATTICE_MAP_EXPERTS", "1")
+    if mode == "no room":
+        monkeypatch.setattr(base, "_room_for", lambda nbytes: False)
     path = _write_gguf(tmp_path, "Q8_0")
     model = load(path, quant=QuantSpec("q8_0"), backend="native").model
+    relaid = r16_pays() and mode == "default"
     moes = [b.mlp for b in model.layers if isinstance(b.mlp, SparseMoE)]
     for moe in moes:
         for m in moe.gate + moe.up + moe.down:
-            assert m.format.name == "q8_0" and not m.data.flags.writeable
-            assert _mapped(m.data)  # a view of the file's memory map, not a copy
+            if relaid:
+                assert m.format.name == "q8_0_r16" and not _mapped(m.data)
+            else:
+                assert m.format.name == "q8_0" and not m.data.flags.writeable
+                assert _mapped(m.data)  # a view of the file's memory map, not a copy
         assert moe.native() is not None
-    # the same model from the HF folder, quantized here to q8_0: the same logits
     ids = load_file(str(FIXTURES / "qwen3_moe" / "golden.safetensors"))["prompt_ids"]
     hf = load(FIXTURES / "qwen3_moe", quant=QuantSpec("q8_0"), backend="native").model
     a = model.forward(ids, model.make_cache(batch=2))
     b = hf.forward(ids, hf.make_cache(batch=2))
     np.testing.assert_array_equal(a, b)  # gguf's Q8_0 quantizer rounds as ours does
+
+
+def test_room_for_a_copy_keeps_a_margin_of_available_memory(tmp_path):
+    from lattice_engine.models.base import _room_for
+    info = tmp_path / "meminfo"
+    info.write_text("MemTotal:       16777216 kB\nMemFree:  100 kB\n"
+                    "MemAvailable:    4194304 kB\n")
+    gib = 1 << 30
+    assert _room_for(2 * gib, str(info))  # 4 GiB available - max(1 GiB, 1.6 GiB) = 2.4
+    assert not _room_for(3 * gib, str(info))
+    assert _room_for(3 * gib, str(tmp_path / "absent"))  # no /proc: no limit known
 
 
 def test_gguf_expert_count_that_disagrees_names_the_tensor(tmp_path):

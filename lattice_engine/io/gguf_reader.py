@@ -204,8 +204,9 @@ def _loader(path: Path, t: Any, packed_formats: dict[int, str], rows_order: np.n
 
     def load() -> Any:
         if len(hf_shape) == 3 and rows_order is None:
-            # stacked experts stay views of the memory map: a step pages in only the
-            # experts it routes to (a model larger than RAM's comfortable share loads)
+            # stacked experts are handed out as views of the memory map: the loader
+            # re-lays them into its own memory where that pays, or leaves them mapped (a
+            # step then pages in only the experts it routes to): WeightLoader.stacked
             if t.data.dtype in (np.float16, np.float32):
                 return t.data.view(np.ndarray)
             if ggml_type in packed_formats:

@@ -91,3 +91,41 @@ def test_grouped_expert_dispatch_gives_the_bits_of_one_call_per_expert(name):
         for n in (1, 2, 7, 80):
             x = rng.standard_normal((n, moe.hidden)).astype(np.float32)
             np.testing.assert_array_equal(grouped(x), per_expert(x), err_msg=f"{n} rows")
+
+
+@pytest.mark.parametrize("keep_mapped", [False, True])
+def test_gguf_q4_0_experts_are_relaid_to_r16_or_stay_mapped(tmp_path, monkeypatch,
+                                                             keep_mapped):
+    """A GGUF's Q4_0 experts (stacked, memory-mapped) loaded as q4_sym: copied into our own
+    memory and re-laid to q4_sym_g32_r16 where that pays (any x86 variant), or left as views
+    of the map with LATTICE_MAP_EXPERTS=1; the same logits either way."""
+    require_core()
+    pytest.importorskip("gguf")
+    import json
+    from lattice_engine.testing.moe_gguf import write_qwen3_moe_gguf
+    from lattice_quant_q4.kernels import r16_pays
+    folder = FIXTURES / "qwen3_moe"
+    if not folder.is_dir():
+        pytest.skip(f"the core's fixture {folder} is not here (run from the repository)")
+    config = json.loads((folder / "config.json").read_text())
+    config["num_experts"] = config.pop("num_local_experts")
+    weights = load_file(str(folder / "model.safetensors"))
+    path = write_qwen3_moe_gguf(tmp_path / "moe_q4_0.gguf", config, weights.__getitem__, "Q4_0")
+
+    def run():
+        model = load(path, quant=QuantSpec("q4_sym"), backend="native",
+                     plugin_manager=manager()).model
+        ids = load_file(str(folder / "golden.safetensors"))["prompt_ids"]
+        return model, model.forward(ids, model.make_cache(batch=2))
+
+    monkeypatch.setenv("LATTICE_MAP_EXPERTS", "1")
+    mapped_model, mapped_logits = run()
+    if not keep_mapped:
+        monkeypatch.delenv("LATTICE_MAP_EXPERTS")
+    model, logits = run()
+    relaid = r16_pays() and not keep_mapped
+    for moe in (b.mlp for b in model.layers if isinstance(b.mlp, SparseMoE)):
+        for m in moe.gate + moe.up + moe.down:
+            assert m.format.name == ("q4_sym_g32_r16" if relaid else "q4_sym_g32")
+            assert m.data.flags.writeable == relaid  # our copy, or the read-only map
+    np.testing.assert_array_equal(logits, mapped_logits)
