@@ -203,40 +203,41 @@ class WeightLoader:
         already in that format stays a view of the checkpoint's buffer (a memory map stays
         mapped) unless `native_layout` re-lays it: with `native_layout`, experts whose
         format has a faster layout here (q8_0 -> q8_0_r16, q4 -> its _r16) are re-laid, in
-        place when writable, and mapped ones are first copied into our own memory
-        (`hugepages.copy_from_map`: resident once) as llama.cpp repacks them, which decodes
-        a q4_0 MoE 17% faster (bench/moe.py shapes); LATTICE_MAP_EXPERTS=1 keeps mapped
-        experts mapped (a model larger than RAM's comfortable share: a step then pages in
-        only the experts it routes to)."""
+        place when writable, and a mapped tensor is first read whole into our own memory
+        (`hugepages.copy_from_map`: resident once) as llama.cpp repacks its weights: a
+        q4_0 MoE at bench/moe.py's shapes then decodes 1.2-1.35x faster on an AVX2 CPU.
+        They stay mapped (a step then pages in only the experts it routes to) with
+        LATTICE_MAP_EXPERTS=1, or when the copy would leave too little memory available
+        (`_room_for`)."""
         n, rows, cols = shape
         fmt = self._format(self.method.format_for(
             role, name, cols, lambda f: self._format(f).block_size, self.overrides))
         raw = self._raw(name, shape)
+        if rows % parts or (rows // parts) % fmt.row_group:
+            raise CheckpointError(f"tensor {name!r} of shape {shape} cannot be cut into {parts} "
+                                  f"blocks of rows in format {fmt.name}")
+        step = rows // parts
+        if isinstance(raw, PackedTensor) and raw.format == fmt.name and \
+                not raw.data.flags.writeable and self.native_layout and \
+                not _keep_experts_mapped() and _relaying_pays(fmt, cols, step):
+            if _room_for(raw.data.nbytes):  # one read of the whole tensor, re-laid below
+                raw = PackedTensor(raw.format, raw.shape, hugepages.copy_from_map(raw.data))
+            else:  # these experts stay mapped (a step pages in the ones it routes to)
+                log.warning("%s: %.0f MB of mapped experts stay memory-mapped (not re-laid "
+                            "into the faster layout): less memory is available than that "
+                            "plus a margin", name, raw.data.nbytes / 2 ** 20)
         if isinstance(raw, PackedTensor):
             data = raw.data.reshape(n, rows, -1)
             parts_of = [PackedTensor(raw.format, (rows, cols), data[e]) for e in range(n)]
         else:
             parts_of = [raw[e] for e in range(n)]
-        if rows % parts or (rows // parts) % fmt.row_group:
-            raise CheckpointError(f"tensor {name!r} of shape {shape} cannot be cut into {parts} "
-                                  f"blocks of rows in format {fmt.name}")
         out = []
-        step = rows // parts
-        relay = self.native_layout and _relaying_pays(fmt, cols, step)
-        if relay and isinstance(raw, PackedTensor) and not raw.data.flags.writeable and \
-                not _keep_experts_mapped() and not _room_for(raw.data.nbytes):
-            relay = False  # no room for our own copy: these experts stay mapped (paged in)
-            log.warning("%s: %.0f MB of mapped experts stay memory-mapped (not re-laid into "
-                        "the faster layout): less memory is available than that plus a "
-                        "margin", name, raw.data.nbytes / 2 ** 20)
         for e, part in enumerate(parts_of):
             m = self._packed(f"{name}[{e}]", part, (rows, cols), fmt)
             cut = []
             for i in range(parts):
                 piece = m if parts == 1 else PackedMatrix(fmt, step, cols,
                                                           m.data[i * step:(i + 1) * step])
-                if relay and not piece.data.flags.writeable and not _keep_experts_mapped():
-                    piece = PackedMatrix(fmt, step, cols, hugepages.copy_from_map(piece.data))
                 if self.native_layout and piece.data.flags.writeable:
                     from ..quant.core_formats import native_layout
                     piece = native_layout(piece)
