@@ -48,8 +48,11 @@ def test_read_into_fills_from_offset(tmp_path):
 
 
 def _file_rss_kb() -> int:
+    """Resident pages of mapped files, tmpfs ones (RssShmem) included: tmp_path may be on
+    tmpfs."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+        return sum(int(line.split()[1]) for line in f
+                   if line.startswith(("RssFile:", "RssShmem:")))
 
 
 def test_copy_from_map_leaves_the_mapped_pages_resident_once(tmp_path):
