@@ -26,20 +26,28 @@ def manager() -> PluginManager:
     return pm
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe_step2", "qwen3_5_moe"])
-def test_q4_experts_run_in_the_c_dispatch_and_the_fused_step(name):
+def fixture_folder(name):
     require_core()
     folder = FIXTURES / name
     if not folder.is_dir():
         pytest.skip(f"the core's fixture {folder} is not here (run from the repository)")
-    model = load(folder, quant=QuantSpec("q4_sym"), backend="native",
-                 plugin_manager=manager()).model
+    return folder
+
+
+def fixture_model(name, quant):
+    return load(fixture_folder(name), quant=QuantSpec(quant), backend="native",
+                plugin_manager=manager()).model
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe_step2", "qwen3_5_moe"])
+def test_q4_experts_run_in_the_c_dispatch_and_the_fused_step(name):
+    model = fixture_model(name, "q4_sym")
     moes = [b.mlp for b in model.layers if isinstance(b.mlp, SparseMoE)]
     # held in the _r16 layout where that pays (the same blocks, 16 rows interleaved)
     assert moes and all(m.gate[0].format.name.removesuffix("_r16") == "q4_sym_g32"
                         for m in moes)
     assert all(m.native() is not None for m in moes)  # the plugin's C matmul per expert
-    golden = load_file(str(folder / "golden.safetensors"))
+    golden = load_file(str(FIXTURES / name / "golden.safetensors"))
     ids, steps = golden["prompt_ids"], golden["decode_ids"][:, :6]
     runs = {}
     for fused in (True, False):
@@ -75,13 +83,8 @@ def test_grouped_expert_dispatch_gives_the_bits_of_one_call_per_expert(name):
     selected experts reach us in one call, x quantized once, one pool job. Every row is bit
     for bit what one call per expert gives, at decode sizes and with experts that get more
     rows than the few-rows kernels take (80 rows x top-k over 8 experts: the tiles)."""
-    require_core()
     from lattice_engine.kernels.moe import NativeMoE
-    folder = FIXTURES / name
-    if not folder.is_dir():
-        pytest.skip(f"the core's fixture {folder} is not here (run from the repository)")
-    model = load(folder, quant=QuantSpec("q4_asym"), backend="native",
-                 plugin_manager=manager()).model
+    model = fixture_model(name, "q4_asym")
     rng = np.random.default_rng(3)
     for moe in (b.mlp for b in model.layers if isinstance(b.mlp, SparseMoE)):
         assert moe.gate[0].format.c_matmul_grouped
@@ -99,14 +102,11 @@ def test_gguf_q4_0_experts_are_relaid_to_r16_or_stay_mapped(tmp_path, monkeypatc
     """A GGUF's Q4_0 experts (stacked, memory-mapped) loaded as q4_sym: copied into our own
     memory and re-laid to q4_sym_g32_r16 where that pays (any x86 variant), or left as views
     of the map with LATTICE_MAP_EXPERTS=1; the same logits either way."""
-    require_core()
     pytest.importorskip("gguf")
     import json
     from lattice_engine.testing.moe_gguf import write_qwen3_moe_gguf
     from lattice_quant_q4.kernels import r16_pays
-    folder = FIXTURES / "qwen3_moe"
-    if not folder.is_dir():
-        pytest.skip(f"the core's fixture {folder} is not here (run from the repository)")
+    folder = fixture_folder("qwen3_moe")
     config = json.loads((folder / "config.json").read_text())
     config["num_experts"] = config.pop("num_local_experts")
     weights = load_file(str(folder / "model.safetensors"))
