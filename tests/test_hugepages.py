@@ -81,3 +81,16 @@ def test_copy_from_map_leaves_the_mapped_pages_resident_once(tmp_path):
     np.testing.assert_array_equal(hugepages.copy_from_map(offset[123:(1 << 20) + 7]),
                                   data[70001 + 123:70001 + (1 << 20) + 7])
     np.testing.assert_array_equal(hugepages.copy_from_map(data[:5000]), data[:5000])
+
+
+def test_copy_from_map_of_a_file_that_shrank_is_an_error_not_a_crash(tmp_path):
+    """The bytes come from the file, not through the map: a file cut short after it was
+    mapped gives EOFError (WeightLoader turns it into a CheckpointError naming the tensor)
+    instead of the SIGBUS a read through the map would raise."""
+    import os
+    path = tmp_path / "w.bin"
+    np.arange(1 << 20, dtype=np.uint8).tofile(path)
+    view = np.memmap(path, dtype=np.uint8, mode="r")[4096:1 << 19]
+    os.truncate(path, 8192)
+    with pytest.raises(EOFError, match="bytes missing"):
+        hugepages.copy_from_map(view)

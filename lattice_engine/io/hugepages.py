@@ -107,10 +107,7 @@ def copy_from_map(view: np.ndarray) -> np.ndarray:
     out = empty(view.shape, view.dtype)
     where = _file_position(view)
     if where is not None and view.flags.c_contiguous:
-        try:
-            read_into(Path(where[0]), where[1], out)
-        except OSError:  # the file went away or shrank: the map still has the bytes
-            out[...] = view
+        read_into(Path(where[0]), where[1], out)  # OSError / EOFError: the file changed
     else:
         out[...] = view
     release_mapped(view)

@@ -150,7 +150,7 @@ class WeightLoader:
             return read()
         except CheckpointError:
             raise
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # EOFError: the file shrank under us
             raise CheckpointError(f"cannot read tensor {name!r} from {self.checkpoint.source}: "
                                   f"{exc}") from exc
 
@@ -221,7 +221,9 @@ class WeightLoader:
                 not raw.data.flags.writeable and self.native_layout and \
                 not _keep_experts_mapped() and _relaying_pays(fmt, cols, step):
             if _room_for(raw.data.nbytes):  # one read of the whole tensor, re-laid below
-                raw = PackedTensor(raw.format, raw.shape, hugepages.copy_from_map(raw.data))
+                mapped = raw.data
+                raw = PackedTensor(raw.format, raw.shape,
+                                   self._read(name, lambda: hugepages.copy_from_map(mapped)))
             else:  # these experts stay mapped (a step pages in the ones it routes to)
                 log.warning("%s: %.0f MB of mapped experts stay memory-mapped (not re-laid "
                             "into the faster layout): less memory is available than that "
