@@ -176,6 +176,10 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
             raise CheckpointError(f"GGUF file {path}: tensor {name!r} has unknown ggml type "
                                   f"{type_id}; upgrade gguf (pip install -U gguf)") from None
         shape = tuple(int(d) for d in reversed(dims))  # GGUF lists the fastest dim first
+        if any(d < 1 for d in shape):  # a zero dim would also pass the size check below
+            raise CheckpointError(f"GGUF file {path}: tensor {name!r} has shape {shape}, with "
+                                  f"a dimension < 1; the header is corrupt, download or "
+                                  f"convert it again")
         row = shape[-1] if shape else 1
         if row % block:
             raise CheckpointError(f"GGUF file {path}: tensor {name!r} rows of {row} are not a "
