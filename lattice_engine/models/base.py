@@ -225,9 +225,11 @@ class WeightLoader:
                 raw = PackedTensor(raw.format, raw.shape,
                                    self._read(name, lambda: hugepages.copy_from_map(mapped)))
             else:  # these experts stay mapped (a step pages in the ones it routes to)
-                log.warning("%s: %.0f MB of mapped experts stay memory-mapped (not re-laid "
-                            "into the faster layout): less memory is available than that "
-                            "plus a margin", name, raw.data.nbytes / 2 ** 20)
+                log.warning("%s: its %.0f MB of experts stay memory-mapped in the file's "
+                            "layout, which decodes slower: re-laying them needs that much "
+                            "memory with max(1 GiB, 10%% of RAM) still available afterwards. "
+                            "Free memory, or set LATTICE_MAP_EXPERTS=1 to keep experts "
+                            "mapped without this warning", name, raw.data.nbytes / 2 ** 20)
         if isinstance(raw, PackedTensor):
             data = raw.data.reshape(n, rows, -1)
             parts_of = [PackedTensor(raw.format, (rows, cols), data[e]) for e in range(n)]
