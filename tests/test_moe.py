@@ -390,7 +390,7 @@ def _mapped(a) -> bool:
 
 @pytest.mark.native
 @pytest.mark.parametrize("mode", ["default", "LATTICE_MAP_EXPERTS=1", "no room"])
-def test_gguf_q8_0_experts_are_relaid_or_stay_mapped(tmp_path, monkeypatch, mode):
+def test_gguf_q8_0_experts_are_relaid_or_stay_mapped(tmp_path, monkeypatch, caplog, mode):
     """GGUF experts in the format asked for: re-laid into our own memory where their format
     has a faster layout here (q8_0_r16 on AMD / AVX512-VNNI), else (and with
     LATTICE_MAP_EXPERTS=1, or when the copy would not leave enough memory available)
@@ -403,8 +403,12 @@ def test_gguf_q8_0_experts_are_relaid_or_stay_mapped(tmp_path, monkeypatch, mode
     if mode == "no room":
         monkeypatch.setattr(base, "_room_for", lambda nbytes: False)
     path = _write_gguf(tmp_path, "Q8_0")
-    model = load(path, quant=QuantSpec("q8_0"), backend="native").model
+    with caplog.at_level("WARNING", logger="lattice_engine.models.base"):
+        model = load(path, quant=QuantSpec("q8_0"), backend="native").model
     relaid = r16_pays() and mode == "default"
+    warned = [r.getMessage() for r in caplog.records if "stay memory-mapped" in r.getMessage()]
+    assert bool(warned) == (mode == "no room" and r16_pays())
+    assert all("MB of experts" in w and "LATTICE_MAP_EXPERTS=1" in w for w in warned)
     moes = [b.mlp for b in model.layers if isinstance(b.mlp, SparseMoE)]
     for moe in moes:
         for m in moe.gate + moe.up + moe.down:
