@@ -256,6 +256,8 @@ PATTERNS = st.sampled_from([b"\0", b"\xff", b"\0\0\0\0", b"\xff\xff\xff\xff",
 # found by this test in CI: a tensor dim overwritten to 0 made its byte count 0, so the
 # size check passed and numpy refused the reshape with a bare ValueError
 @example(edits=[(0.8226499338873725, b" \x00")], cut=None)
+# and a tensor name with a newline in it, printed as it was into a two-line error
+@example(edits=[(0.859375, b"\n")], cut=None)
 def test_fuzz_gguf_header(gguf_file, tmp_path_factory, edits, cut):
     data = bytearray(gguf_file)
     end = FUZZ_GGUF_END.setdefault("end", header_end(gguf_file))

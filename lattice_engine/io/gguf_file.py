@@ -123,6 +123,14 @@ class GGUFTensor:
     data: np.ndarray           # uint8 [rows, row_bytes] for block types, typed for floats
 
 
+def names_shown(names: list[str], limit: int = 5) -> str:
+    """Tensor names from a file, for one line of an error message: the first `limit`,
+    each as it is when printable, else quoted with escapes (a corrupt name may hold a
+    newline or control bytes), then ' ...' when there are more."""
+    shown = ", ".join(n if n.isprintable() else repr(n) for n in names[:limit])
+    return shown + (" ..." if len(names) > limit else "")
+
+
 def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     """Metadata dict and tensor list of a GGUF file; any damage is a CheckpointError."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .checkpoint import PackedTensor
-from .gguf_file import to_float
+from .gguf_file import names_shown, to_float
 from .stored import StoredTensor
 
 ARCH = "qwen35"
@@ -270,7 +270,7 @@ def tensors(path: Path, gguf_tensors: list[Any], config: dict[str, Any],
     if unknown:
         raise CheckpointError(
             f"GGUF file {path} holds tensors lattice cannot place in a Qwen3.5 model: "
-            f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; this variant is "
+            f"{names_shown(unknown)}; this variant is "
             f"not supported, use the model's HF folder instead")
     loaders: dict[str, Callable[[], Any]] = {}
     shapes: dict[str, tuple[int, ...]] = {}

@@ -255,7 +255,7 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     if unknown:
         raise CheckpointError(
             f"GGUF file {path} holds tensors lattice cannot place in a {config['model_type']} "
-            f"model: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; this "
+            f"model: {gguf_file.names_shown(unknown)}; this "
             f"variant is not supported, use the model's HF folder instead")
     permute = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     tensors: dict[str, Callable[[], Any]] = {}
