@@ -2,6 +2,7 @@
 
     python scripts/make_qwen3_5_gguf.py --llama-cpp DIR [--model DIR] [--out FILE]
                                         [--outtype f32|f16|bf16|q8_0] [--tokenizer DIR]
+                                        [--fuse-gate-up-exps]
 
 DIR is a llama.cpp source tree (it holds convert_hf_to_gguf.py, conversion/ and gguf-py/;
 llama-cpp-python's sdist carries one under vendor/llama.cpp). Nothing of it is copied here:
@@ -21,7 +22,13 @@ checkpoint's 248320 entries) is left to the converter's own detection.
 bench/qwen3_5_gguf.py uses the same functions for the bench's F16 / Q8_0 files.
 
 Default output: tests/fixtures/qwen3_5_text/llama_cpp_f32.gguf, the fixture
-tests/test_gguf_qwen3_5.py compares with the safetensors load of the same weights.
+tests/test_gguf_qwen3_5.py compares with the safetensors load of the same weights. The
+Qwen3.5-MoE fixtures (tests/test_gguf_qwen3_5_moe.py) are
+
+    python scripts/make_qwen3_5_gguf.py --llama-cpp DIR --model tests/fixtures/qwen3_5_moe
+    python scripts/make_qwen3_5_gguf.py --llama-cpp DIR --model tests/fixtures/qwen3_5_moe \
+        --outtype q8_0 --fuse-gate-up-exps \
+        --out tests/fixtures/qwen3_5_moe/llama_cpp_q8_0_fused.gguf
 """
 
 from __future__ import annotations
@@ -99,7 +106,7 @@ def has_mtp(model: Path) -> bool:
 
 
 def convert(llama_cpp: Path, model: Path, out: Path, outtype: str,
-            tokenizer: str | None = None) -> None:
+            tokenizer: str | None = None, fuse_gate_up: bool = False) -> None:
     """Run llama.cpp's converter on `model` (an HF folder) into `out`, in a subprocess (the
     converter imports its own gguf package); `tokenizer` as --tokenizer below."""
     converter = llama_cpp / "convert_hf_to_gguf.py"
@@ -109,6 +116,8 @@ def convert(llama_cpp: Path, model: Path, out: Path, outtype: str,
            "--out", str(out), "--outtype", outtype, "--in-process"]
     if tokenizer:
         cmd += ["--tokenizer", tokenizer]
+    if fuse_gate_up:
+        cmd.append("--fuse-gate-up-exps")
     subprocess.run(cmd, check=True)
 
 
@@ -121,11 +130,14 @@ def main() -> None:
                          "a byte-level one for a 256-token vocabulary)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--outtype", default="f32", choices=["f32", "f16", "bf16", "q8_0"])
+    ap.add_argument("--fuse-gate-up-exps", action="store_true",
+                    help="MoE: the converter's one [E, 2I, H] tensor per layer for gate and up")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = args.out or args.model / f"llama_cpp_{args.outtype}.gguf"
     if not args.in_process:
-        convert(args.llama_cpp, args.model, out, args.outtype, args.tokenizer)
+        convert(args.llama_cpp, args.model, out, args.outtype, args.tokenizer,
+                args.fuse_gate_up_exps)
         print(f"wrote {out} ({out.stat().st_size} bytes)")
         return
     converter = args.llama_cpp / "convert_hf_to_gguf.py"
@@ -155,6 +167,8 @@ def main() -> None:
             toy = True
 
         sys.argv = [str(converter), str(folder), "--outfile", str(out), "--outtype", args.outtype]
+        if args.fuse_gate_up_exps:
+            sys.argv.append("--fuse-gate-up-exps")
         if not has_mtp(args.model):
             # the converter counts MTP layers from the checkpoint and stops when it has none
             sys.argv.append("--no-mtp")
@@ -162,6 +176,13 @@ def main() -> None:
         if toy:
             from conversion.base import TextModel
             TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+            # transformers picks a tokenizer class by model_type before tokenizer_config's
+            # (Qwen3.5-MoE's adds <|endoftext|> past the 256 tokens): give the converter
+            # exactly the toy tokenizer.json
+            import transformers
+            toy_file = str(folder / "tokenizer.json")
+            transformers.AutoTokenizer.from_pretrained = staticmethod(
+                lambda *a, **k: transformers.PreTrainedTokenizerFast(tokenizer_file=toy_file))
         convert_hf_to_gguf.main()
 
 

@@ -350,7 +350,7 @@ def test_fused_paged_step_is_the_per_kernel_path_bit_for_bit(name):
 
 # ---- GGUF (qwen3moe) -------------------------------------------------------------------
 
-def _write_gguf(tmp_path, ggml_type, edit=None):
+def _write_gguf(tmp_path, ggml_type, edit=None, fuse_gate_up=False):
     pytest.importorskip("gguf")
     from lattice_engine.testing.moe_gguf import write_qwen3_moe_gguf
     config = json.loads((FIXTURES / "qwen3_moe" / "config.json").read_text())
@@ -359,12 +359,13 @@ def _write_gguf(tmp_path, ggml_type, edit=None):
     if edit:
         edit(config, weights)
     return write_qwen3_moe_gguf(tmp_path / f"moe_{ggml_type}.gguf", config,
-                                weights.__getitem__, ggml_type)
+                                weights.__getitem__, ggml_type, fuse_gate_up)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["gate_up_apart", "gate_up_fused"])
 @pytest.mark.parametrize("backend", backends())
-def test_gguf_qwen3moe_matches_transformers(tmp_path, backend):
-    path = _write_gguf(tmp_path, "F32")
+def test_gguf_qwen3moe_matches_transformers(tmp_path, backend, fused):
+    path = _write_gguf(tmp_path, "F32", fuse_gate_up=fused)
     loaded = load(path, backend=backend)
     model = loaded.model
     c = loaded.checkpoint.config

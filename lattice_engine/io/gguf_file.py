@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -233,3 +233,22 @@ def to_float(t: GGUFTensor, raw: np.ndarray) -> np.ndarray:
             f"tensor {t.name!r} is stored as ggml type {t.tensor_type.name}, which the "
             f"installed gguf package cannot dequantize; upgrade gguf (pip install -U gguf) "
             f"or re-quantize the model to a common type (Q8_0, Q4_K, ...)") from exc
+
+
+def stacked_loader(t: GGUFTensor, packed_formats: dict[int, str],
+                   hf_shape: tuple[int, ...]) -> Callable[[], Any]:
+    """The loader of a 3-D stacked tensor (a MoE layer's experts, [E, rows, cols]) that
+    needs no reordering: a view of the memory map, as float16 / float32 or, for a ggml type
+    in `packed_formats`, as a PackedTensor of the file's bytes. `WeightLoader.stacked`
+    re-lays it into its own memory where that pays, or leaves it mapped (a step then pages
+    in only the experts it routes to). Any other type is dequantized to float32."""
+    from .checkpoint import PackedTensor
+
+    def load() -> Any:
+        if t.data.dtype in (np.float16, np.float32):
+            return t.data.view(np.ndarray)
+        fmt = packed_formats.get(int(t.tensor_type))
+        if fmt is not None:
+            return PackedTensor(format=fmt, shape=hf_shape, data=t.data.view(np.ndarray))
+        return to_float(t, t.data.view(np.ndarray)).reshape(hf_shape)
+    return load

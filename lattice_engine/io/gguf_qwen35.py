@@ -1,4 +1,5 @@
-"""Importing a GGUF of architecture `qwen35` (Qwen3.5, as llama.cpp's converter writes it).
+"""Importing a GGUF of architecture `qwen35` (Qwen3.5) or `qwen35moe` (Qwen3.5-MoE), as
+llama.cpp's converter writes them.
 
 llama.cpp's converter (conversion/qwen.py: Qwen3NextModel, _LinearAttentionVReorderBase,
 _QwenMtpMixin) changes the checkpoint on the way out, and this module undoes each change, so
@@ -22,7 +23,14 @@ the model sees the HF checkpoint it would have read from safetensors:
   (qwen35.nextn_predict_layers of them): its decoder layer as blk.{n}.*, its fc / norms as
   blk.{n}.nextn.{eh_proj,enorm,hnorm,shared_head_norm}: we name them back to mtp.*.
 
-Tensor names follow Qwen3_5ForCausalLM (the text model under `model.`).
+- Qwen3.5-MoE's experts are stored stacked per layer, gate and up apart
+  (ffn_{gate,up,down}_exps: [E, I, H], [E, I, H], [E, H, I]) or, with the converter's
+  --fuse-gate-up-exps, as one [E, 2I, H] (gate rows, then up rows: HF's gate_up_proj). They
+  are named as `models/moe.py` reads them and handed out as views of the memory map
+  (`gguf_file.stacked_loader`); the router, the shared expert and its gate keep HF's names.
+
+Tensor names follow Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM (the text model under
+`model.`).
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .checkpoint import PackedTensor
-from .gguf_file import names_shown, to_float
+from .gguf_file import names_shown, stacked_loader, to_float
 from .stored import StoredTensor
 
 ARCH = "qwen35"
+MOE_ARCH = "qwen35moe"
+ARCHES = (ARCH, MOE_ARCH)
 
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 # GGUF tensor (after blk.N.) -> HF name (after the layer prefix), for decoder layers
@@ -60,6 +70,17 @@ _LAYER_NAMES = {
     "ssm_conv1d.weight": "linear_attn.conv1d.weight",
     "ssm_a": "linear_attn.A_log",
     "ssm_dt.bias": "linear_attn.dt_bias",
+    # Qwen3.5-MoE: the router, the stacked experts (no .weight: moe.py's stacked layout),
+    # the shared expert and its sigmoid gate
+    "ffn_gate_inp.weight": "mlp.gate.weight",
+    "ffn_gate_exps.weight": "mlp.experts.gate_proj",
+    "ffn_up_exps.weight": "mlp.experts.up_proj",
+    "ffn_down_exps.weight": "mlp.experts.down_proj",
+    "ffn_gate_up_exps.weight": "mlp.experts.gate_up_proj",
+    "ffn_gate_shexp.weight": "mlp.shared_expert.gate_proj.weight",
+    "ffn_up_shexp.weight": "mlp.shared_expert.up_proj.weight",
+    "ffn_down_shexp.weight": "mlp.shared_expert.down_proj.weight",
+    "ffn_gate_inp_shexp.weight": "mlp.shared_expert_gate.weight",
 }
 # the MTP head's own tensors (blk.{n}.nextn.*) -> HF names
 _NEXTN_NAMES = {"nextn.eh_proj.weight": "mtp.fc.weight",
@@ -89,33 +110,64 @@ def hf_name(gguf_name: str, n_layers: int) -> str | None:
 
 
 def _value(meta: dict[str, Any], key: str, path: Path, default: Any = None) -> Any:
-    value = meta.get(f"{ARCH}.{key}", default)
+    arch = meta.get("general.architecture", ARCH)
+    value = meta.get(f"{arch}.{key}", default)
     if value is None:
-        raise CheckpointError(f"GGUF file {path} lacks metadata key {ARCH}.{key}, which a "
+        raise CheckpointError(f"GGUF file {path} lacks metadata key {arch}.{key}, which a "
                               f"Qwen3.5 model needs; re-convert it with llama.cpp's converter")
     if isinstance(value, bool) or not isinstance(value, (int, float, list)):
-        raise CheckpointError(f"GGUF file {path}: {ARCH}.{key} = {value!r} is not a number; "
+        raise CheckpointError(f"GGUF file {path}: {arch}.{key} = {value!r} is not a number; "
                               f"the metadata is corrupt, re-convert the model")
     if not isinstance(value, list) and not value > 0:
-        raise CheckpointError(f"GGUF file {path}: {ARCH}.{key} = {value!r} must be > 0; "
+        raise CheckpointError(f"GGUF file {path}: {arch}.{key} = {value!r} must be > 0; "
                               f"the metadata is corrupt, re-convert the model")
     return value
 
 
+def _moe_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
+                path: Path) -> dict[str, Any]:
+    """The MoE keys of a qwen35moe GGUF's HF config. Qwen3.5-MoE routes by a softmax and
+    always renormalises its top-k (models/qwen3_5_moe.py); a file that says otherwise is
+    another model."""
+    gating = meta.get(f"{MOE_ARCH}.expert_gating_func")
+    if gating not in (None, 1):  # llama.cpp: 1 softmax, 2 sigmoid, 3 softmax of the top-k
+        raise CheckpointError(f"GGUF file {path}: {MOE_ARCH}.expert_gating_func = {gating!r}, "
+                              f"but Qwen3.5-MoE routes by a softmax over all experts (1); "
+                              f"this is not a Qwen3.5-MoE model")
+    if meta.get(f"{MOE_ARCH}.expert_weights_norm") is False:
+        raise CheckpointError(f"GGUF file {path}: {MOE_ARCH}.expert_weights_norm is false, but "
+                              f"Qwen3.5-MoE always renormalises its top-k expert weights; "
+                              f"this is not a Qwen3.5-MoE model")
+    shared = meta.get(f"{MOE_ARCH}.expert_shared_feed_forward_length")
+    if shared is None:  # not written: the shared expert's width from its tensor, if any
+        shared = shapes.get("blk.0.ffn_gate_shexp.weight", (0,))[0]
+    elif isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+        raise CheckpointError(f"GGUF file {path}: {MOE_ARCH}.expert_shared_feed_forward_length "
+                              f"= {shared!r} must be an integer >= 0; the metadata is corrupt, "
+                              f"re-convert the model")
+    return {"num_experts": int(_value(meta, "expert_count", path)),
+            "num_experts_per_tok": int(_value(meta, "expert_used_count", path)),
+            "moe_intermediate_size": int(_value(meta, "expert_feed_forward_length", path)),
+            "shared_expert_intermediate_size": int(shared)}
+
+
 def build_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                  path: Path) -> dict[str, Any]:
-    """The HF config (Qwen3_5ForCausalLM, model_type qwen3_5_text) of a qwen35 GGUF."""
+    """The HF config of a qwen35 GGUF (Qwen3_5ForCausalLM, model_type qwen3_5_text) or of a
+    qwen35moe one (Qwen3_5MoeForCausalLM, qwen3_5_moe_text)."""
+    arch = meta.get("general.architecture", ARCH)
+    moe = arch == MOE_ARCH
     blocks = int(_value(meta, "block_count", path))
-    n_mtp = int(meta.get(f"{ARCH}.nextn_predict_layers", 0) or 0)
+    n_mtp = int(meta.get(f"{arch}.nextn_predict_layers", 0) or 0)
     n_layers = blocks - n_mtp
     if n_layers < 1:
-        raise CheckpointError(f"GGUF file {path}: {ARCH}.block_count = {blocks} leaves no "
+        raise CheckpointError(f"GGUF file {path}: {arch}.block_count = {blocks} leaves no "
                               f"decoder layer besides {n_mtp} MTP layers; the file is corrupt")
-    recurrent = meta.get(f"{ARCH}.attention.recurrent_layers")
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
     interval = int(_value(meta, "full_attention_interval", path, 4))
     if isinstance(recurrent, list):
         if len(recurrent) < n_layers:
-            raise CheckpointError(f"GGUF file {path}: {ARCH}.attention.recurrent_layers lists "
+            raise CheckpointError(f"GGUF file {path}: {arch}.attention.recurrent_layers lists "
                                   f"{len(recurrent)} layers, the model has {n_layers}")
         layer_types = ["linear_attention" if r else "full_attention" for r in recurrent[:n_layers]]
     else:
@@ -123,17 +175,16 @@ def build_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
                        for i in range(n_layers)]
     head_dim = int(_value(meta, "attention.key_length", path))
     rope_dim = int(_value(meta, "rope.dimension_count", path))
-    sections = meta.get(f"{ARCH}.rope.dimension_sections") or [11, 11, 10, 0]
+    sections = meta.get(f"{arch}.rope.dimension_sections") or [11, 11, 10, 0]
     value_heads = int(_value(meta, "ssm.time_step_rank", path))
     embed = shapes.get("token_embd.weight")
     if embed is None:
         raise CheckpointError(f"GGUF file {path} has no token_embd.weight tensor; it is not a "
                               f"complete Qwen3.5 model")
     config: dict[str, Any] = {
-        "architectures": ["Qwen3_5ForCausalLM"],
-        "model_type": "qwen3_5_text",
+        "architectures": ["Qwen3_5MoeForCausalLM" if moe else "Qwen3_5ForCausalLM"],
+        "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text",
         "hidden_size": int(_value(meta, "embedding_length", path)),
-        "intermediate_size": int(_value(meta, "feed_forward_length", path)),
         "num_hidden_layers": n_layers,
         "layer_types": layer_types,
         "full_attention_interval": interval,
@@ -161,6 +212,10 @@ def build_config(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]],
         "hidden_act": "silu",
         "attention_bias": False,
     }
+    if moe:
+        config.update(_moe_config(meta, shapes, path))
+    else:  # a MoE file has no dense MLP width
+        config["intermediate_size"] = int(_value(meta, "feed_forward_length", path))
     if n_mtp:
         config["mtp_num_hidden_layers"] = n_mtp
     for key, meta_key in (("bos_token_id", "tokenizer.ggml.bos_token_id"),
@@ -219,6 +274,8 @@ def _fixes(name: str, config: dict[str, Any], gguf_shape: tuple[int, ...]) -> _F
             fix.rows = grouped_order(nv, nk, per_k, 1)
         if name.endswith("A_log"):
             fix.fn = lambda a: np.log(-a.astype(np.float64)).astype(np.float32)
+    elif name.endswith("mlp.shared_expert_gate.weight") and len(gguf_shape) == 1:
+        fix.shape = (1, gguf_shape[0])  # HF's [1, H]; a file may store it 1-D
     elif _PLUS_ONE.search(name) and not name.endswith("linear_attn.norm.weight"):
         fix.fn = lambda w: (w.astype(np.float32) - np.float32(1.0)).astype(np.float32)
     return fix
@@ -281,6 +338,9 @@ def tensors(path: Path, gguf_tensors: list[Any], config: dict[str, Any],
         block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
         fmt = packed_formats.get(int(t.tensor_type))
         whole_blocks = fix.cols is None or fix.col_chunk % block == 0
+        if len(t.shape) == 3:  # stacked experts (no fix applies): views of the map
+            loaders[name], shapes[name] = stacked_loader(t, packed_formats, shape), shape
+            continue
         if fmt is not None and len(t.shape) == 2 and fix.fn is None and whole_blocks:
             load = _packed_loader(path, t, fmt, fix, shape, block_bytes, block)
         else:

@@ -24,7 +24,7 @@ from .checkpoint import Checkpoint, PackedTensor
 from .gguf_tokenizer import build_tokenizer, tokenizer_configs
 from .stored import StoredTensor
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "qwen35")  # qwen35: gguf_qwen35.py
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe") + gguf_qwen35.ARCHES
 _HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
              "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
 _MODEL_TYPE = {"qwen3moe": "qwen3_moe"}  # the HF model_type where it differs from the arch
@@ -40,8 +40,10 @@ _LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 # mixture of experts: the router and the experts stacked [E, rows, cols]
                 # (models/moe.py reads these names)
                 "ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
-                "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
-_STACKED = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+                "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
+                # --fuse-gate-up-exps: gate rows then up rows per expert, as HF's fused layout
+                "ffn_gate_up_exps": "mlp.experts.gate_up_proj"}
+_STACKED = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GGUF_MAGIC = b"GGUF"
 
@@ -202,16 +204,10 @@ def _loader(path: Path, t: Any, packed_formats: dict[int, str], rows_order: np.n
     def to_float(raw: np.ndarray) -> np.ndarray:
         return gguf_file.to_float(t, raw)
 
+    if len(hf_shape) == 3 and rows_order is None:  # stacked experts: views of the map
+        return gguf_file.stacked_loader(t, packed_formats, hf_shape)
+
     def load() -> Any:
-        if len(hf_shape) == 3 and rows_order is None:
-            # stacked experts are handed out as views of the memory map: the loader
-            # re-lays them into its own memory where that pays, or leaves them mapped (a
-            # step then pages in only the experts it routes to): WeightLoader.stacked
-            if t.data.dtype in (np.float16, np.float32):
-                return t.data.view(np.ndarray)
-            if ggml_type in packed_formats:
-                return PackedTensor(format=packed_formats[ggml_type], shape=hf_shape,
-                                    data=t.data.view(np.ndarray))
         if len(hf_shape) == 2 and ggml_type in packed_formats:
             # read (not map) into huge-page memory: see io/hugepages.py
             data = hugepages.read_into(path, t.offset,
@@ -243,7 +239,7 @@ def load_gguf(path: str | Path, packed_formats: dict[int, str] | None = None) ->
     packed_formats = dict(packed_formats or {})
     meta, gguf_tensors = _open(path)
     gguf_shapes = {t.name: t.shape for t in gguf_tensors}
-    if meta.get("general.architecture") == gguf_qwen35.ARCH:
+    if meta.get("general.architecture") in gguf_qwen35.ARCHES:
         config = gguf_qwen35.build_config(meta, gguf_shapes, path)
         tensors, shapes = gguf_qwen35.tensors(path, gguf_tensors, config, packed_formats)
         types = {gguf_qwen35.hf_name(t.name, config["num_hidden_layers"]): int(t.tensor_type)

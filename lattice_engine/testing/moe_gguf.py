@@ -33,12 +33,14 @@ def _vocab(size: int) -> list[str]:
 
 
 def write_qwen3_moe_gguf(path: Path, config: Mapping, tensor: Callable[[str], np.ndarray],
-                         ggml_type: str = "F32") -> Path:
+                         ggml_type: str = "F32", fuse_gate_up: bool = False) -> Path:
     """Write `path`. `tensor(hf_name)` returns a float32 array (called once per tensor, so a
     large random model can be generated lazily); ggml_type is F32, F16, Q8_0 or Q4_0 for
     the matrices (the router and 1-D tensors stay F32, as llama.cpp's quantizer keeps
     ffn_gate_inp in a float type; with Q4_0 the embedding and output matrices are Q8_0,
-    as llama.cpp's quantizer keeps the output at a higher precision)."""
+    as llama.cpp's quantizer keeps the output at a higher precision). `fuse_gate_up`
+    writes each layer's gate and up experts as one ffn_gate_up_exps [E, 2I, H] (gate rows
+    first), as the converter's --fuse-gate-up-exps does."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType[ggml_type]
@@ -97,10 +99,14 @@ def write_qwen3_moe_gguf(path: Path, config: Mapping, tensor: Callable[[str], np
                 continue
             put(f"blk.{i}.{g}", tensor(p + hf))
         if sparse[i]:
-            for part in ("gate", "up", "down"):
-                put(f"blk.{i}.ffn_{part}_exps.weight",
-                    np.stack([tensor(f"{p}mlp.experts.{e}.{part}_proj.weight")
-                              for e in range(experts)]))
+            def stacked(part: str) -> np.ndarray:
+                return np.stack([tensor(f"{p}mlp.experts.{e}.{part}_proj.weight")
+                                 for e in range(experts)])
+            if fuse_gate_up:
+                put(f"blk.{i}.ffn_gate_up_exps.weight",
+                    np.concatenate([stacked("gate"), stacked("up")], axis=1))
+            for part in ("down",) if fuse_gate_up else ("gate", "up", "down"):
+                put(f"blk.{i}.ffn_{part}_exps.weight", stacked(part))
     put("output_norm.weight", tensor("model.norm.weight"))
     if not c.get("tie_word_embeddings", False):
         put("output.weight", tensor("lm_head.weight"))
