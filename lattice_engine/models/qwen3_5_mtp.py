@@ -102,8 +102,10 @@ class MTPHead:
         self.input_layernorm = w.vector(f"{p}.input_layernorm.weight", (h,))
         self.post_attention_layernorm = w.vector(f"{p}.post_attention_layernorm.weight", (h,))
         self.self_attn = GatedAttention(cfg, w, f"{p}.self_attn")
-        # the model's online down_proj rotation (QuaRot) is folded into its own layers only
-        self.mlp = MLP(dataclasses.replace(cfg, lattice_online_rotation=None), w, f"{p}.mlp")
+        # the model's online down_proj rotation (QuaRot) is folded into its own layers only;
+        # the layer's MLP is the model's kind (Qwen3.5-MoE's MTP layer has its MoE MLP)
+        factory = model.mlp_factory(cfg, cfg.num_hidden_layers) or MLP
+        self.mlp = factory(dataclasses.replace(cfg, lattice_online_rotation=None), w, f"{p}.mlp")
 
     def make_cache(self, capacity: int = 256) -> MTPCache:
         return MTPCache(self, capacity)

@@ -27,6 +27,39 @@ def engine(tmp_path_factory):
     return Engine.load(str(tiny_model("qwen3_5_vl", tmp_path_factory.mktemp("q35"))))
 
 
+@pytest.fixture(scope="module")
+def moe_engine(tmp_path_factory):
+    """The tiny Qwen3.5-MoE fixture with an MTP head added: its layer built like the model's
+    full-attention layer 2 (gated attention and an MoE MLP, the layout of Qwen3.5-MoE's
+    released MTP heads), fc and norms random."""
+    from safetensors.numpy import load_file, save_file
+    folder = tiny_model("qwen3_5_moe", tmp_path_factory.mktemp("q35moe"))
+    weights = load_file(str(folder / "model.safetensors"))
+    rng = np.random.default_rng(7)
+    h = weights["model.norm.weight"].shape[0]
+    mtp = {"mtp.layers.0." + k[len("model.layers.2."):]:
+           (v + rng.normal(0, 0.02, v.shape)).astype(np.float32)
+           for k, v in weights.items() if k.startswith("model.layers.2.")}
+    mtp["mtp.fc.weight"] = rng.normal(0, 0.1, (h, 2 * h)).astype(np.float32)
+    for name in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        mtp[f"mtp.{name}.weight"] = rng.normal(0, 0.1, h).astype(np.float32)
+    save_file(mtp, str(folder / "mtp.safetensors"))
+    return Engine.load(str(folder))
+
+
+def test_moe_mtp_head_has_the_models_moe_mlp_and_drafts_plain_decodings_tokens(moe_engine):
+    from lattice_engine.models.moe import SparseMoE
+    head = moe_engine.model.mtp_head()
+    assert isinstance(head.mlp, SparseMoE) and head.mlp.shared is not None
+    spec = {"method": "mtp", "num_draft_tokens": 3, "adaptive": False}
+    for prompt in PROMPTS:
+        plain = moe_engine.generate(prompt, max_tokens=32, speculative=False)
+        got = moe_engine.generate(prompt, max_tokens=32, speculative=spec)
+        assert got.tokens == plain.tokens, prompt
+    stats = moe_engine.speculation_for(spec).stats
+    assert stats.verifies > 0 and stats.failures == 0
+
+
 @pytest.mark.parametrize("vocab", [None, 64])
 @pytest.mark.parametrize("method", METHODS)
 def test_single_request_equals_plain(engine, method, vocab):
