@@ -473,20 +473,28 @@ Q8_INLINE void Q8_NAME(mkr)(const int16_t *const *xr, const float *const *xs, co
 /* Four x rows share each widened weight vector: per x row and record, 16 broadcasts and 32
    dots, and a quarter of the record's 32 widenings. One int32 accumulator pair per row (8
    in all; with the two weight vectors and the broadcast, 11 of AVX2's 16 registers: no
-   spills); the float accumulators live in out, one load / fma / store per block. Two x
-   rows per call (each widened vector used twice, float accumulators in registers) ran
-   M = 4 and 8 about 10% slower on Zen 3 (one thread, hot cache, 8 alternated runs); three
-   and five rows were slower than four in an L1-resident loop (five run out of registers).
-   A block's integer sum is exact, so the bits are those of any other split. */
+   spills). With three or four rows the float accumulators live in out (one load / fma /
+   store per block); with one or two they stay in registers (in out, the matvec ran 8%
+   more instructions: the perf gate). Two x rows per call (each widened vector used twice)
+   ran M = 4 and 8 about 10% slower on Zen 3 (one thread, hot cache, 8 alternated runs);
+   three and five rows were slower than four in an L1-resident loop (five run out of
+   registers). A block's integer sum is exact, so the bits are those of any other split. */
 Q8_INLINE void Q8_NAME(mkr)(const int16_t *const *xr, const float *const *xs, const uint8_t *g0,
                             const uint8_t *g1, int64_t bn, float *out, int acc, const int mr,
                             int64_t pf) {
     (void)g1;
-    if (!acc)
-        for (int m = 0; m < mr; m++) {
+    const int in_regs = mr <= 2; /* a constant where mkr is inlined */
+    __m256 f[2][2];
+#pragma GCC unroll 4
+    for (int m = 0; m < mr; m++) {
+        if (in_regs) {
+            f[m & 1][0] = acc ? _mm256_load_ps(out + m * Q8R_NR) : _mm256_setzero_ps();
+            f[m & 1][1] = acc ? _mm256_load_ps(out + m * Q8R_NR + 8) : _mm256_setzero_ps();
+        } else if (!acc) {
             _mm256_store_ps(out + m * Q8R_NR, _mm256_setzero_ps());
             _mm256_store_ps(out + m * Q8R_NR + 8, _mm256_setzero_ps());
         }
+    }
     for (int64_t b = 0; b < bn; b++) {
         const uint8_t *ra = g0 + b * LK_R16_RECORD;
         if (pf >= 0) {
@@ -512,13 +520,25 @@ Q8_INLINE void Q8_NAME(mkr)(const int16_t *const *xr, const float *const *xs, co
 #pragma GCC unroll 4
         for (int m = 0; m < mr; m++) {
             const __m256 e = _mm256_set1_ps(xs[m][b]);
+            const __m256 d0 = _mm256_mul_ps(s0, e), d1 = _mm256_mul_ps(s1, e);
             float *o = out + m * Q8R_NR;
-            _mm256_store_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][0]), _mm256_mul_ps(s0, e),
-                                               _mm256_load_ps(o)));
-            _mm256_store_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][1]),
-                                                   _mm256_mul_ps(s1, e), _mm256_load_ps(o + 8)));
+            if (in_regs) {
+                f[m & 1][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][0]), d0, f[m & 1][0]);
+                f[m & 1][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][1]), d1, f[m & 1][1]);
+            } else {
+                _mm256_store_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][0]), d0,
+                                                   _mm256_load_ps(o)));
+                _mm256_store_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[m][1]), d1,
+                                                       _mm256_load_ps(o + 8)));
+            }
         }
     }
+    if (in_regs)
+#pragma GCC unroll 2
+        for (int m = 0; m < mr; m++) {
+            _mm256_store_ps(out + m * Q8R_NR, f[m & 1][0]);
+            _mm256_store_ps(out + m * Q8R_NR + 8, f[m & 1][1]);
+        }
 }
 #endif
 
@@ -565,18 +585,17 @@ Q8_TARGET static void Q8_NAME(rows_q8r)(const matmul_job *j, int64_t r0, int64_t
                 const int64_t mr = M - m < Q8R_MR ? M - m : Q8R_MR;
                 const int16_t *xr[Q8R_MR];
                 const float *xs[Q8R_MR];
-                for (int i = 0; i < Q8R_MR; i++) {
-                    const int64_t mi = m + i < M ? m + i : M - 1;
-                    xr[i] = j->xq + mi * K + b0 * LK_QK8_0;
-                    xs[i] = j->xd + mi * nb + b0;
+                for (int i = 0; i < mr; i++) { /* mkr reads the first mr */
+                    xr[i] = j->xq + (m + i) * K + b0 * LK_QK8_0;
+                    xs[i] = j->xd + (m + i) * nb + b0;
                 }
                 const int64_t p = m == 0 ? pf : -1; /* the first pass pulls the slice in */
                 float *o = acc + m * Q8R_NR;
 #if Q8R_MR == 4
-                if (mr == 4) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 4, p);
+                if (mr == 1) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 1, p); /* decode */
+                else if (mr == 4) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 4, p);
                 else if (mr == 3) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 3, p);
-                else if (mr == 2) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 2, p);
-                else Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 1, p);
+                else Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 2, p);
 #else
                 if (mr == 2) Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 2, p);
                 else Q8_NAME(mkr)(xr, xs, s0, s1, bn, o, b0 > 0, 1, p);
