@@ -4,6 +4,13 @@ weights: lattice next to llama.cpp on the same GGUF file, same run.
 
     python bench/moe.py [--layers 2] [--vocab 32768] [--quant q8_0 --quant q4_0]
                         [--threads 2] [--runs 3] [--streams 8] [--peer llama.cpp]
+                        [--arch qwen3_moe | qwen3_5_moe]
+
+--arch qwen3_5_moe measures Qwen3.5-MoE at Qwen3.5-35B-A3B's shapes instead (256 experts,
+top-8, moe_intermediate 512, a shared expert, Gated DeltaNet and gated attention layers):
+its files come from llama.cpp's own converter and quantizer, made once by
+bench/qwen3_5_moe_gguf.py (which needs torch, transformers and a llama.cpp source tree);
+--experts does not apply.
 
 The GGUF (architecture qwen3moe, laid out as llama.cpp's converter lays it out: stacked
 ffn_*_exps, F32 router) is written once, in its own process, by
@@ -85,7 +92,21 @@ def gguf_path(layers: int, vocab: int, experts: int, quant: str) -> Path:
     return home / "bench" / f"moe-{layers}L-v{vocab}-e{experts}-{quant}.gguf"
 
 
-def make_gguf(layers: int, vocab: int, experts: int, quant: str) -> Path:
+def qwen3_5_moe_gguf(layers: int, vocab: int, quant: str) -> Path:
+    """bench/qwen3_5_moe_gguf.py's file (llama.cpp's converter and quantizer), which must
+    have been made."""
+    from qwen3_5_moe_gguf import model_dir
+    path = model_dir(layers, vocab) / f"{quant}.gguf"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: make it with python bench/qwen3_5_moe_gguf.py "
+            f"--llama-cpp DIR --layers {layers} --vocab {vocab}")
+    return path
+
+
+def make_gguf(layers: int, vocab: int, experts: int, quant: str, arch: str = "qwen3_moe") -> Path:
+    if arch == "qwen3_5_moe":
+        return qwen3_5_moe_gguf(layers, vocab, quant)
     from lattice_engine.testing.moe_gguf import write_qwen3_moe_gguf
     path = gguf_path(layers, vocab, experts, quant)
     if not path.exists():
@@ -110,6 +131,8 @@ def streams_tok_s(model, vocab: int, streams: int, steps: int, runs: int) -> flo
         for s in range(streams):
             seq = SequenceBlocks()
             assert cache.reserve(seq, SHORT_PROMPT + steps)
+            if cache.recurrent is not None:  # Qwen3.5-MoE: a recurrent-state slot each,
+                seq.state_slot = cache.recurrent.acquire()  # as the scheduler gives
             seqs.append(seq)
         prompts = [token_ids(vocab, SHORT_PROMPT, seed=s) for s in range(streams)]
         logits = model.forward_paged(PagedBatch.build(
@@ -182,6 +205,7 @@ def main() -> int:
     parser.add_argument("--n1", type=int, default=8)
     parser.add_argument("--n2", type=int, default=40)
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--arch", choices=("qwen3_moe", "qwen3_5_moe"), default="qwen3_moe")
     add_results_option(parser)
     parser.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -191,7 +215,11 @@ def main() -> int:
     if args.worker:
         if args.worker.startswith("make-gguf:"):  # its own process: the peak RSS of writing
             quant = args.worker.split(":", 1)[1]  # the file stays out of the workers' figures
-            result = {"path": str(make_gguf(args.layers, args.vocab, args.experts, quant))}
+            try:
+                result = {"path": str(make_gguf(args.layers, args.vocab, args.experts, quant,
+                                                args.arch))}
+            except FileNotFoundError as exc:
+                result = {"error": str(exc)}
         elif args.worker.startswith("lattice:"):
             result = worker_lattice(args.gguf, args.worker.split(":", 1)[1], *common,
                                     args.streams)
@@ -206,7 +234,8 @@ def main() -> int:
     peers = [p for p in (args.peer or ["llama.cpp"]) if p != "none"]
     for quant in args.quant or ["q8_0", "q4_0"]:
         made = run_worker(["--layers", str(args.layers), "--vocab", str(args.vocab),
-                           "--experts", str(args.experts), "--worker", f"make-gguf:{quant}"])
+                           "--experts", str(args.experts), "--arch", args.arch,
+                           "--worker", f"make-gguf:{quant}"])
         if "error" in made:
             results[f"lattice {quant}"] = made
             continue
@@ -220,13 +249,20 @@ def main() -> int:
     kernels.set_threads(args.threads)
     bandwidth = kernels.measure_read_bandwidth()
     load = os.getloadavg()
-    print(f"qwen3_moe scaled: {args.layers} layers, {args.experts} experts, vocab {args.vocab}, "
+    experts = 256 if args.arch == "qwen3_5_moe" else args.experts
+    print(f"{args.arch} scaled: {args.layers} layers, {experts} experts, vocab {args.vocab}, "
           f"{args.threads} threads, "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, read bandwidth "
           f"{bandwidth:.1f} GB/s")
     print(f"{'engine':16s} {'decode tok/s':>13s} {'prefill tok/s':>14s} {'streams x':>10s} "
           f"{'RSS MB':>8s} {'roofline':>9s}")
-    summary = {"config": scaled_config(args.layers, args.vocab, args.experts),
+    if args.arch == "qwen3_5_moe":
+        from qwen3_5_moe_gguf import model_dir
+        made_config = model_dir(args.layers, args.vocab) / "config.json"
+        config = json.loads(made_config.read_text()) if made_config.exists() else None
+    else:
+        config = scaled_config(args.layers, args.vocab, args.experts)
+    summary = {"arch": args.arch, "config": config,
                "threads": args.threads,
                "read_bandwidth_gb_s": bandwidth, "loadavg": load, "engines": results}
     for name, r in results.items():

@@ -9,7 +9,8 @@ llama-cpp-python's sdist carries one under vendor/llama.cpp). Nothing of it is c
 we run it as a user would, on a copy of the model folder.
 
 The model folder needs a tokenizer for the converter. The committed tiny fixture
-(tests/fixtures/qwen3_5_text, vocabulary 256) has none, so one is made for it: byte-level
+(tests/fixtures/qwen3_5_text, vocabulary 256) has none, so one is made for it (and for any
+folder without one whose vocabulary is larger, which the converter pads): byte-level
 BPE (GPT-2's byte alphabet) with Qwen2's pre-tokenizer, whose tokens 0..254 are the bytes
 0x00..0xFE and token 255 the one merge " t" (llama.cpp requires a merges list; the fixture's
 vocabulary has room for 256 tokens, so byte 0xFF is left out). The converter recognises a BPE
@@ -159,10 +160,13 @@ def main() -> None:
                 if (Path(args.tokenizer) / name).is_file():
                     shutil.copy(Path(args.tokenizer) / name, folder / name)
         elif not (folder / "tokenizer.json").exists():
-            vocab = json.loads((args.model / "config.json").read_text()).get("vocab_size")
-            if vocab != 256:
-                sys.exit(f"{args.model} has no tokenizer.json and a vocabulary of {vocab}, not "
-                         f"256; pass --tokenizer DIR with a tokenizer.json")
+            raw = json.loads((args.model / "config.json").read_text())
+            vocab = raw.get("vocab_size") or (raw.get("text_config") or {}).get("vocab_size")
+            if not isinstance(vocab, int) or vocab < 256:
+                sys.exit(f"{args.model} has no tokenizer.json and a vocabulary of {vocab}, "
+                         f"under 256; pass --tokenizer DIR with a tokenizer.json")
+            # the converter pads a smaller tokenizer with [PAD<i>] tokens up to the
+            # vocabulary: fine for random-weight bench models
             byte_level_tokenizer(folder)
             toy = True
 
