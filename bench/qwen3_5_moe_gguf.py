@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "scripts"))
 from make_qwen3_5_gguf import convert  # noqa: E402  (the converter run, shared with the fixtures)
+from make_qwen3_5_checkpoint import randomize  # noqa: E402
 from qwen3_5_gguf import quantize  # noqa: E402  (llama.cpp's quantizer)
 
 FILES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
@@ -66,17 +67,7 @@ def write_checkpoint(out: Path, layers: int, vocab: int) -> None:
                                                              "transformers_version")})
     t0 = time.time()
     model = transformers.Qwen3_5MoeForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("linear_attn.norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif "norm" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(("A_log", "dt_bias")):
-                continue  # the reference's initialisation
-            elif p.ndim >= 2:
-                p.normal_(0.0, 0.02, generator=gen)
+    randomize(model, 0)  # the dense bench checkpoint's weight distribution
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"

@@ -22,19 +22,22 @@ FOLDER = FIXTURES / "qwen3_5_text"
 F32, Q8 = FOLDER / "llama_cpp_f32.gguf", FOLDER / "llama_cpp_q8_0.gguf"
 
 
-def prompt():
-    return load_file(str(FOLDER / "golden.safetensors"))["prompt_ids"]
+def prompt(folder=FOLDER):
+    return load_file(str(folder / "golden.safetensors"))["prompt_ids"]
 
 
 def logits(model, ids):
     return model.forward(ids, model.make_cache(batch=ids.shape[0]))
 
 
+@pytest.mark.parametrize("folder", [FOLDER, FIXTURES / "qwen3_5_moe"], ids=["dense", "moe"])
 @pytest.mark.parametrize("backend", backends())
-def test_f32_gguf_gives_the_safetensors_model(backend):
-    ids = prompt()
-    ours = load(FOLDER, backend=backend).model
-    theirs = load(F32, backend=backend).model
+def test_f32_gguf_gives_the_safetensors_model(backend, folder):
+    """Dense (`qwen35`) and MoE (`qwen35moe`, tests/test_gguf_qwen3_5_moe.py) alike."""
+    ids = prompt(folder)
+    ours = load(folder, backend=backend).model
+    theirs = load(folder / "llama_cpp_f32.gguf", backend=backend).model
+    assert type(theirs) is type(ours)
     expected = logits(ours, ids)
     bound = logits_bound(ours, ours.hidden_states(ids, ours.make_cache(batch=ids.shape[0])),
                          ids.shape[1])

@@ -23,29 +23,11 @@ from lattice_engine.io.gguf_file import read_gguf
 from lattice_engine.io.gguf_reader import load_gguf
 from lattice_engine.loading import load
 from lattice_engine.testing.tolerance import logits_bound
+from test_gguf_qwen3_5 import logits  # the f32 file = safetensors test covers this fixture too
+from test_moe import _decode
 
 FOLDER = FIXTURES / "qwen3_5_moe"
 F32, Q8_FUSED = FOLDER / "llama_cpp_f32.gguf", FOLDER / "llama_cpp_q8_0_fused.gguf"
-
-
-def prompt():
-    return load_file(str(FOLDER / "golden.safetensors"))["prompt_ids"]
-
-
-def logits(model, ids):
-    return model.forward(ids, model.make_cache(batch=ids.shape[0]))
-
-
-@pytest.mark.parametrize("backend", backends())
-def test_f32_gguf_gives_the_safetensors_model(backend):
-    ids = prompt()
-    ours = load(FOLDER, backend=backend).model
-    theirs = load(F32, backend=backend).model
-    assert type(theirs) is type(ours)
-    expected = logits(ours, ids)
-    bound = logits_bound(ours, ours.hidden_states(ids, ours.make_cache(batch=ids.shape[0])),
-                         ids.shape[1])
-    assert np.abs(logits(theirs, ids) - expected).max() <= bound
 
 
 def test_every_tensor_comes_back_as_the_checkpoint_had_it():
@@ -89,7 +71,7 @@ def test_q8_0_fused_experts_run_the_files_blocks_mapped():
     """--fuse-gate-up-exps' [E, 2I, H] tensor is HF's gate_up_proj; the experts are handed
     out as read-only views of the file's Q8_0 blocks, and the model they give equals the one
     built from every tensor dequantized to float32 first."""
-    ids = prompt()
+    ids = load_file(str(FOLDER / "golden.safetensors"))["prompt_ids"]
     packed = load(Q8_FUSED, backend="numpy")
     experts = packed.checkpoint.tensors["model.layers.0.mlp.experts.gate_up_proj"]()
     assert isinstance(experts, PackedTensor) and experts.format == "q8_0"
@@ -123,18 +105,9 @@ def test_q8_0_fused_gguf_experts_run_inside_the_fused_step():
     golden = load_file(str(FOLDER / "golden.safetensors"))
     model = load(Q8_FUSED, backend="native").model
     ids, steps = golden["prompt_ids"], golden["decode_ids"][:, :8]
-
-    def decode(fused):
-        model.fused_decode = fused
-        model._step_built = False
-        cache = model.make_cache(batch=2)
-        out = [model.forward(ids, cache)]
-        out += [model.forward(steps[:, i:i + 1], cache) for i in range(steps.shape[1])]
-        return np.concatenate(out, axis=1)
-
-    fused = decode(True)
+    fused = _decode(model, ids, steps, True)
     assert model._decode_step() is not None
-    np.testing.assert_array_equal(fused, decode(False))
+    np.testing.assert_array_equal(fused, _decode(model, ids, steps, False))
 
 
 def _config_with(**changes):
