@@ -21,7 +21,6 @@ Needs torch and transformers (the reference's model classes) besides llama-cpp-p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "scripts"))
 from make_qwen3_5_gguf import convert  # noqa: E402  (the converter run, shared with the fixtures)
-from make_qwen3_5_checkpoint import randomize  # noqa: E402
+from make_qwen3_5_checkpoint import randomize, save_checkpoint  # noqa: E402
 from qwen3_5_gguf import quantize  # noqa: E402  (llama.cpp's quantizer)
 
 FILES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
@@ -59,7 +58,6 @@ def config(layers: int, vocab: int) -> dict:
 def write_checkpoint(out: Path, layers: int, vocab: int) -> None:
     import torch
     import transformers
-    from safetensors.torch import save_file
 
     raw = config(layers, vocab)
     cfg = transformers.Qwen3_5MoeTextConfig(**{k: v for k, v in raw.items()
@@ -69,12 +67,7 @@ def write_checkpoint(out: Path, layers: int, vocab: int) -> None:
     model = transformers.Qwen3_5MoeForCausalLM(cfg).eval()
     randomize(model, 0)  # the dense bench checkpoint's weight distribution
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json.tmp").write_text(json.dumps(raw, indent=2) + "\n")
-    os.replace(out / "config.json.tmp", out / "config.json")
+    save_checkpoint(state, raw, out)
     print(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.0f}M params, bf16) "
           f"in {time.time() - t0:.0f} s", flush=True)
 

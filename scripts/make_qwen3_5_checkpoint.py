@@ -75,7 +75,6 @@ def mtp_tensors(text: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(raw: dict, out: Path, dtype_name: str) -> None:
     import transformers
-    from safetensors.torch import save_file
 
     config = transformers.Qwen3_5Config(**{k: v for k, v in raw.items()
                                            if k not in ("architectures", "transformers_version")})
@@ -89,13 +88,21 @@ def write_checkpoint(raw: dict, out: Path, dtype_name: str) -> None:
         state.pop("lm_head.weight", None)
     gen = torch.Generator().manual_seed(1)
     state.update({k: v.to(dtype) for k, v in mtp_tensors(raw["text_config"], gen).items()})
+    save_checkpoint(state, raw, out)
+    print(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.0f}M params, "
+          f"{dtype_name}) in {time.time() - t0:.0f} s", flush=True)
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], raw: dict, out: Path) -> None:
+    """model.safetensors and config.json into `out`, each written whole then renamed (a
+    half-written file never looks finished)."""
+    from safetensors.torch import save_file
+    out.mkdir(parents=True, exist_ok=True)
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json.tmp").write_text(json.dumps(raw, indent=2) + "\n")
     os.replace(out / "config.json.tmp", out / "config.json")
-    print(f"wrote {out} ({sum(v.numel() for v in state.values()) / 1e6:.0f}M params, "
-          f"{dtype_name}) in {time.time() - t0:.0f} s", flush=True)
 
 
 def main() -> int:
