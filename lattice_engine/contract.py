@@ -307,6 +307,12 @@ def check_weight_format(owner: str, name: str, value: Any) -> None:
     if value.gguf_type is not None and not isinstance(value.gguf_type, int):
         raise _fail(owner, "weight format", name, f"has gguf_type = {value.gguf_type!r}; "
                     f"it must be None or a GGML type id")
+    f = value.from_stored
+    if f is not None and not (isinstance(f, Mapping) and all(
+            isinstance(k, str) and k and callable(v) for k, v in f.items())):
+        raise _fail(owner, "weight format", name, f"has from_stored = {f!r}; it must be None "
+                    f"or a mapping of stored type names (e.g. 'q4_k') to re-encoders "
+                    f"(raw rows, cols) -> rows of this format")
 
 
 def check_quant_method(owner: str, name: str, value: Any, formats: Mapping[str, Any]) -> None:

@@ -50,14 +50,20 @@ class StoredTensor:
     def rows(self) -> "FileRows":
         return FileRows(self)
 
+    def raw_rows(self) -> "FileRows":
+        """Row slices of the stored bytes themselves (uint8 [n, row_bytes]), for a format
+        that re-encodes them (`WeightFormat.from_stored`)."""
+        return FileRows(self, raw=True)
+
 
 class FileRows:
-    """float32 row slices of a `StoredTensor`: `rows[a:b]` reads rows a..b-1 from the file.
-    Has the `shape` and row slicing `quant.formats.pack` needs."""
+    """float32 row slices of a `StoredTensor` (or, with raw, its bytes): `rows[a:b]` reads
+    rows a..b-1 from the file. Has the `shape` and row slicing `quant.formats.pack` needs."""
 
-    def __init__(self, tensor: StoredTensor):
+    def __init__(self, tensor: StoredTensor, raw: bool = False):
         self.tensor = tensor
         self.shape = tensor.shape
+        self.raw = raw
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         if not isinstance(rows, slice) or rows.step not in (None, 1):
@@ -66,7 +72,8 @@ class FileRows:
         t = self.tensor
         n = max(stop - start, 0)
         raw = read_bytes(t.path, t.offset + start * t.row_bytes, n * t.row_bytes)
-        return t.decode(raw.reshape(n, t.row_bytes))
+        raw = raw.reshape(n, t.row_bytes)
+        return raw if self.raw else t.decode(raw)
 
 
 def read_bytes(path: Path, offset: int, nbytes: int) -> np.ndarray:

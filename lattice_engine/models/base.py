@@ -21,7 +21,7 @@ from ..errors import CheckpointError
 from ..io import hugepages
 from ..io.checkpoint import Checkpoint, PackedTensor
 from ..io.stored import StoredTensor
-from ..quant.formats import DequantizedRows, PackedMatrix, WeightFormat, pack
+from ..quant.formats import DequantizedRows, PackedMatrix, WeightFormat, pack, reencode
 from ..quant.methods import QuantMethod
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,19 @@ class WeightLoader:
         fmt = self._format(fmt_name)
         stored = self._stored(name, shape)
         if isinstance(stored, StoredTensor) and stored.stored != fmt.name:
-            # converted from the file a slice of rows at a time: never a whole float copy
+            # converted from the file a slice of rows at a time: never a whole float copy;
+            # re-encoded from its blocks where the format can hold them (from_stored)
+            convert = (fmt.from_stored or {}).get(stored.stored)
+            if convert is not None:
+                try:
+                    return self._read(name, lambda: reencode(fmt, name, stored.raw_rows(),
+                                                             convert, allocate=hugepages.empty))
+                except CheckpointError as exc:
+                    if not isinstance(exc.__cause__, ValueError):
+                        raise
+                    # a block the format cannot hold: the float round trip below
+                    log.info("%s: %s; re-quantized from its float values instead", name,
+                             exc.__cause__)
             return self._read(name, lambda: pack(fmt, name, stored.rows(),
                                                  allocate=hugepages.empty))
         return self._packed(name, self._read(name, stored), shape, fmt)

@@ -10,7 +10,7 @@ Core formats (f32, f16, q8_0) are registered by the built-in plugin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 
@@ -42,6 +42,15 @@ class WeightFormat:
         embed: optional fast kernel (packed, int64 ids [n]) -> float32 [n, cols].
         gguf_type: GGML type id whose bytes are identical, so GGUF tensors of that type
             load without a float round trip; None if there is none.
+        from_stored: optional {stored type name: re-encoder} for stored block types this
+            format holds (nearly) exactly without being the same bytes, e.g. a GGUF file's
+            "q4_k" in an asymmetric 4-bit format: (uint8 [rows, stored row_bytes], cols) ->
+            uint8 [rows, row_bytes]. A matrix stored in such a type and kept in this format
+            is re-encoded from its blocks a slice of rows at a time, not dequantized and
+            quantized again (which moves values to another grid). Rows are encoded
+            independently; a ValueError (a block it cannot hold) sends the loader back to
+            the float round trip. The names are `io.stored.StoredTensor.stored`'s: the
+            lower-case GGML type name for a GGUF block type ("q4_k", "q6_k", ...).
         c_matmul: optional (function address, context address) of a C matmul with the
             signature of `lk_extern_matmul` (native/include/lattice_kernels.h), so the
             core's fused decode steps can call a plugin format's kernel without Python in
@@ -69,6 +78,7 @@ class WeightFormat:
     matmul: Optional[MatmulFn] = None
     embed: Optional[Callable[[np.ndarray, np.ndarray], np.ndarray]] = None
     gguf_type: Optional[int] = None
+    from_stored: Optional[Mapping[str, Callable[[np.ndarray, int], np.ndarray]]] = None
     c_matmul: Optional[tuple[int, int]] = None
     c_matmul_grouped: Optional[int] = None
     row_group: int = 1
@@ -122,6 +132,21 @@ class DequantizedRows:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         return self.format.to_float(self.data[rows], self.shape[1])
+
+
+def reencode(fmt: WeightFormat, name: str, raw_rows, convert, allocate=np.empty) -> PackedMatrix:
+    """A matrix re-encoded from its stored blocks into `fmt` by `convert` (one of
+    `fmt.from_stored`), a slice of rows at a time: `raw_rows` has the float `shape` and gives
+    uint8 row slices of the stored bytes (`io.stored.StoredTensor.raw_rows()`)."""
+    rows, cols = (int(d) for d in raw_rows.shape)
+    fmt.check_shape(name, (rows, cols))
+    data = allocate((rows, fmt.row_bytes(cols)), np.uint8)
+    g = fmt.row_group
+    step = max(1, CONVERT_CHUNK_ELEMENTS // max(cols, 1) // g) * g
+    for start in range(0, rows, step):
+        end = min(start + step, rows)
+        data[start:end] = convert(raw_rows[start:end], cols)
+    return PackedMatrix(fmt, rows, cols, data)
 
 
 def pack(fmt: WeightFormat, name: str, weight, allocate=np.empty) -> PackedMatrix:

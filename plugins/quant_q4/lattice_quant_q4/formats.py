@@ -15,6 +15,13 @@ reference arithmetic (float32 scale, multiply by its inverse, round half away fr
 so q4_asym_g32 reproduces llama.cpp's Q4_1 bytes from the same float32 weights; q4_sym
 differs from ggml's Q4_0 by design (absmax / 7 instead of signed max / -8).
 
+A GGUF file's Q4_K blocks (a Q4_K_M file's main type) are asymmetric 4-bit sub-blocks of 32
+values too (x = d * sc * q - dmin * m, sc and m 6-bit per sub-block), so q4_asym_g32 takes
+them by re-encoding (`from_stored`, `q4_k_to_q4_asym_g32`): the codes as they are, the
+sub-block's scale d * sc and offset -dmin * m each rounded once to f16. Quantizing the
+dequantized values again would instead move every sub-block whose codes do not span 0..15
+(21% of Qwen2.5-Coder-0.5B's Q4_K sub-blocks) to another grid.
+
 Each format has an `_r16` twin (q4_sym_g32_r16, ..., q4_0_r16): the same blocks with 16
 rows interleaved, the layout the decode kernels read without transposing anything. Per
 16 rows and weight group one record of 16 blocks' bytes: the 16 scales (f16), the 16
@@ -185,15 +192,56 @@ def from_r16(family: str, group: int, data: np.ndarray) -> np.ndarray:
     return np.concatenate([heads, nib], axis=-1).reshape(rows, -1)
 
 
+Q4_K_BLOCK, Q4_K_BYTES = 256, 144  # ggml's Q4_K: 256 values, f16 d, f16 dmin, 12 + 128 bytes
+
+
+def q4_k_to_q4_asym_g32(raw: np.ndarray, cols: int) -> np.ndarray:
+    """GGUF Q4_K rows (uint8 [rows, cols / 256 * 144]) -> q4_asym_g32 rows (Q4_1 blocks),
+    one block per 32-value sub-block: scale = f16(d * sc), offset = f16(-(dmin * m)) with
+    ggml's float32 products (dequantize_row_q4_K, get_scale_min_k4), the 4-bit codes as
+    they are. A value moves by at most 15 |d*sc - scale| + |dmin*m + offset| (the two f16
+    roundings). A scale past f16's range is a ValueError (the loader then re-quantizes)."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    rows = raw.shape[0]
+    if cols % Q4_K_BLOCK or raw.shape[1] != cols // Q4_K_BLOCK * Q4_K_BYTES:
+        raise ValueError(f"{raw.shape[1]} bytes per row are not Q4_K blocks of {cols} values")
+    b = raw.reshape(-1, Q4_K_BYTES)
+    n = b.shape[0]
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32)  # [n, 1]
+    dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
+    k = b[:, 4:16]
+    sc = np.empty((n, 8), np.uint8)
+    mn = np.empty((n, 8), np.uint8)
+    sc[:, :4], mn[:, :4] = k[:, 0:4] & 63, k[:, 4:8] & 63
+    sc[:, 4:] = (k[:, 8:12] & 0xF) | ((k[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (k[:, 8:12] >> 4) | ((k[:, 4:8] >> 6) << 4)
+    with np.errstate(over="ignore"):
+        scale = (d * sc.astype(np.float32)).astype(np.float16)
+        offset = (-(dmin * mn.astype(np.float32))).astype(np.float16)
+    if not (np.isfinite(scale).all() and np.isfinite(offset).all()):
+        raise ValueError("a Q4_K sub-block's scale or minimum exceeds float16's range")
+    # 64 values per 32 bytes: sub-block 2c in the low nibbles of bytes c*32 .. c*32 + 31,
+    # sub-block 2c + 1 in their high nibbles
+    qs = b[:, 16:].reshape(n, 4, 32)
+    codes = np.stack([qs & 0xF, qs >> 4], axis=2).reshape(n, 8, SUB)
+    out = np.empty((n, 8, bytes_per_block("q4_asym", SUB)), np.uint8)
+    out[..., 0:2] = scale.view(np.uint8).reshape(n, 8, 2)
+    out[..., 2:4] = offset.view(np.uint8).reshape(n, 8, 2)
+    out[..., 4:] = pack_nibbles(codes)
+    return out.reshape(rows, -1)
+
+
 def make_format(family: str, group: int) -> WeightFormat:
     gguf = None
     if group == 32:
         gguf = GGML_TYPE_Q4_0 if family == "q4_sym" else GGML_TYPE_Q4_1
+    from_stored = {"q4_k": q4_k_to_q4_asym_g32} if (family, group) == ("q4_asym", 32) \
+        else None
     return WeightFormat(
         format_name(family, group), group, bytes_per_block(family, group),
         quantize=lambda w, f=family, g=group: quantize(f, g, w),
         to_float=lambda data, cols, f=family, g=group: to_float(f, g, data, cols),
-        gguf_type=gguf)
+        gguf_type=gguf, from_stored=from_stored)
 
 
 def make_r16_format(plain: WeightFormat) -> WeightFormat:
