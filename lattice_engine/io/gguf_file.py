@@ -251,4 +251,10 @@ def stacked_loader(t: GGUFTensor, packed_formats: dict[int, str],
         if fmt is not None:
             return PackedTensor(format=fmt, shape=hf_shape, data=t.data.view(np.ndarray))
         return to_float(t, t.data.view(np.ndarray)).reshape(hf_shape)
+
+    if t.data.dtype == np.uint8 and int(t.tensor_type) not in packed_formats and \
+            len(hf_shape) == 3:  # a block type that needs decoding: its blocks stay at hand
+        from .stored import MappedStack
+        blocks = t.data.view(np.ndarray).reshape(hf_shape[0], hf_shape[1], -1)
+        return MappedStack(load, t.tensor_type.name.lower(), blocks)
     return load

@@ -56,6 +56,31 @@ class StoredTensor:
         return FileRows(self, raw=True)
 
 
+class MappedStack:
+    """The loader of a 3-D stacked tensor (a MoE layer's experts, [E, rows, cols]) stored in
+    a block type no registered format takes as it is: called, it gives the float32 values
+    like any loader; `stored` (the type's name, e.g. "q4_k") and `blocks` (uint8
+    [E, rows, row_bytes], a view of the memory map) let the WeightLoader re-encode each
+    expert's blocks instead, where the format it keeps them in can (`WeightFormat.from_stored`)."""
+
+    def __init__(self, load: Callable[[], Any], stored: str, blocks: np.ndarray):
+        self._load, self.stored, self.blocks = load, stored, blocks
+
+    def __call__(self) -> Any:
+        return self._load()
+
+
+class BlockRows:
+    """Row slices of one [rows, row_bytes] block matrix with its float `shape` (rows, cols):
+    what `quant.formats.reencode` reads."""
+
+    def __init__(self, blocks: np.ndarray, cols: int):
+        self.blocks, self.shape = blocks, (int(blocks.shape[0]), int(cols))
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.ascontiguousarray(self.blocks[rows])
+
+
 class FileRows:
     """float32 row slices of a `StoredTensor` (or, with raw, its bytes): `rows[a:b]` reads
     rows a..b-1 from the file. Has the `shape` and row slicing `quant.formats.pack` needs."""

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import CheckpointError
 from ..io import hugepages
 from ..io.checkpoint import Checkpoint, PackedTensor
-from ..io.stored import StoredTensor
+from ..io.stored import BlockRows, MappedStack, StoredTensor
 from ..quant.formats import DequantizedRows, PackedMatrix, WeightFormat, pack, reencode
 from ..quant.methods import QuantMethod
 
@@ -224,11 +224,14 @@ class WeightLoader:
         n, rows, cols = shape
         fmt = self._format(self.method.format_for(
             role, name, cols, lambda f: self._format(f).block_size, self.overrides))
-        raw = self._raw(name, shape)
         if rows % parts or (rows // parts) % fmt.row_group:
             raise CheckpointError(f"tensor {name!r} of shape {shape} cannot be cut into {parts} "
                                   f"blocks of rows in format {fmt.name}")
         step = rows // parts
+        mats = self._reencoded_stack(name, shape, fmt)
+        if mats is not None:
+            return self._cut(mats, parts, step)
+        raw = self._raw(name, shape)
         if isinstance(raw, PackedTensor) and raw.format == fmt.name and \
                 not raw.data.flags.writeable and self.native_layout and \
                 not _keep_experts_mapped() and _relaying_pays(fmt, cols, step):
@@ -247,12 +250,39 @@ class WeightLoader:
             parts_of = [PackedTensor(raw.format, (rows, cols), data[e]) for e in range(n)]
         else:
             parts_of = [raw[e] for e in range(n)]
+        mats = [self._packed(f"{name}[{e}]", part, (rows, cols), fmt)
+                for e, part in enumerate(parts_of)]
+        return self._cut(mats, parts, step)
+
+    def _reencoded_stack(self, name: str, shape: tuple[int, int, int],
+                         fmt: WeightFormat) -> Optional[list[PackedMatrix]]:
+        """Each expert re-encoded from the file's blocks when `fmt` takes their type
+        (`from_stored`: a GGUF's Q4_K experts under q4_asym), else None."""
+        loader = self._stored(name, shape)
+        convert = (fmt.from_stored or {}).get(loader.stored) \
+            if isinstance(loader, MappedStack) else None
+        if convert is None:
+            return None
+        n, rows, cols = shape
+        try:
+            return [self._read(f"{name}[{e}]", lambda e=e: reencode(
+                fmt, f"{name}[{e}]", BlockRows(loader.blocks[e], cols), convert,
+                allocate=hugepages.empty)) for e in range(n)]
+        except CheckpointError as exc:
+            if not isinstance(exc.__cause__, ValueError):
+                raise
+            log.info("%s: %s; re-quantized from its float values instead", name, exc.__cause__)
+            return None
+
+    def _cut(self, mats: list[PackedMatrix], parts: int,
+             step: int) -> list[tuple[PackedMatrix, ...]]:
+        """Each expert's matrix cut into `parts` blocks of `step` rows, in the native layout
+        where it pays and the buffer is ours."""
         out = []
-        for e, part in enumerate(parts_of):
-            m = self._packed(f"{name}[{e}]", part, (rows, cols), fmt)
+        for m in mats:
             cut = []
             for i in range(parts):
-                piece = m if parts == 1 else PackedMatrix(fmt, step, cols,
+                piece = m if parts == 1 else PackedMatrix(m.format, step, m.cols,
                                                           m.data[i * step:(i + 1) * step])
                 if self.native_layout and piece.data.flags.writeable:
                     from ..quant.core_formats import native_layout

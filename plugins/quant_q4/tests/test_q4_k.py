@@ -110,3 +110,59 @@ def test_a_q4_k_gguf_under_q4_asym_keeps_the_files_codes(tmp_path):
         w = linear.weight
         assert w.format.name == "q4_asym_g32"
         np.testing.assert_array_equal(w.data, q4_k_to_q4_asym_g32(raws[name], w.cols))
+
+
+def write_q4_k_qwen3moe(path) -> dict[str, np.ndarray]:
+    """A one-layer qwen3moe GGUF (hidden 256, 4 experts of 256, top 2) whose experts are
+    random Q4_K blocks [E, rows, row_bytes]; returns them by GGUF name. The rest is F32."""
+    h, experts, inter, vocab, heads, kv, head = 256, 4, 256, 256, 4, 2, 64
+    rng = np.random.default_rng(5)
+    wr = gguf.GGUFWriter(str(path), "qwen3moe")
+    for add, value in ((wr.add_block_count, 1), (wr.add_context_length, 128),
+                       (wr.add_embedding_length, h), (wr.add_feed_forward_length, inter),
+                       (wr.add_head_count, heads), (wr.add_head_count_kv, kv),
+                       (wr.add_key_length, head), (wr.add_value_length, head),
+                       (wr.add_expert_count, experts), (wr.add_expert_used_count, 2),
+                       (wr.add_expert_feed_forward_length, inter)):
+        add(value)
+    wr.add_layer_norm_rms_eps(1e-6)
+    wr.add_rope_freq_base(10000.0)
+    floats = {"token_embd.weight": (vocab, h), "output.weight": (vocab, h),
+              "blk.0.attn_q.weight": (heads * head, h), "blk.0.attn_k.weight": (kv * head, h),
+              "blk.0.attn_v.weight": (kv * head, h), "blk.0.attn_output.weight": (h, heads * head),
+              "blk.0.ffn_gate_inp.weight": (experts, h)}
+    for name, shape in floats.items():
+        wr.add_tensor(name, rng.normal(0, 0.05, shape).astype(np.float32))
+    for name, n in (("blk.0.attn_norm.weight", h), ("blk.0.ffn_norm.weight", h),
+                    ("output_norm.weight", h), ("blk.0.attn_q_norm.weight", head),
+                    ("blk.0.attn_k_norm.weight", head)):
+        wr.add_tensor(name, np.ones(n, np.float32))
+    raws = {}
+    for i, (name, (r, c)) in enumerate((("blk.0.ffn_gate_exps.weight", (inter, h)),
+                                        ("blk.0.ffn_up_exps.weight", (inter, h)),
+                                        ("blk.0.ffn_down_exps.weight", (h, inter)))):
+        raws[name] = np.stack([random_q4_k(r, c, seed=10 * i + e) for e in range(experts)])
+        wr.add_tensor(name, raws[name], raw_shape=raws[name].shape,
+                      raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return raws
+
+
+def test_q4_k_experts_under_q4_asym_keep_the_files_codes(tmp_path):
+    """A Q4_K_M MoE file's experts (3-D, memory-mapped) are re-encoded expert by expert."""
+    from lattice_engine.models.moe import SparseMoE
+    raws = write_q4_k_qwen3moe(tmp_path / "moe_q4_k.gguf")
+    model = load(tmp_path / "moe_q4_k.gguf", quant=QuantSpec("q4_asym"), backend="numpy").model
+    moe = model.layers[0].mlp
+    assert isinstance(moe, SparseMoE)
+    for name, mats in (("blk.0.ffn_gate_exps.weight", moe.gate),
+                       ("blk.0.ffn_up_exps.weight", moe.up),
+                       ("blk.0.ffn_down_exps.weight", moe.down)):
+        for e, m in enumerate(mats):
+            assert m.format.name == "q4_asym_g32"
+            np.testing.assert_array_equal(m.data, q4_k_to_q4_asym_g32(raws[name][e], m.cols))
+    ids = np.array([[1, 2, 3, 4]])
+    assert np.isfinite(model.forward(ids, model.make_cache(batch=1))).all()
