@@ -189,15 +189,10 @@ class WeightLoader:
             # re-encoded from its blocks where the format can hold them (from_stored)
             convert = (fmt.from_stored or {}).get(stored.stored)
             if convert is not None:
-                try:
-                    return self._read(name, lambda: reencode(fmt, name, stored.raw_rows(),
-                                                             convert, allocate=hugepages.empty))
-                except CheckpointError as exc:
-                    if not isinstance(exc.__cause__, ValueError):
-                        raise
-                    # a block the format cannot hold: the float round trip below
-                    log.info("%s: %s; re-quantized from its float values instead", name,
-                             exc.__cause__)
+                m = self._try_reencode(name, lambda: [self._read(name, lambda: reencode(
+                    fmt, name, stored.raw_rows(), convert, allocate=hugepages.empty))])
+                if m is not None:
+                    return m[0]
             return self._read(name, lambda: pack(fmt, name, stored.rows(),
                                                  allocate=hugepages.empty))
         return self._packed(name, self._read(name, stored), shape, fmt)
@@ -264,10 +259,16 @@ class WeightLoader:
         if convert is None:
             return None
         n, rows, cols = shape
+        return self._try_reencode(name, lambda: [self._read(f"{name}[{e}]", lambda e=e: reencode(
+            fmt, f"{name}[{e}]", BlockRows(loader.blocks[e], cols), convert,
+            allocate=hugepages.empty)) for e in range(n)])
+
+    @staticmethod
+    def _try_reencode(name: str, build) -> Optional[list[PackedMatrix]]:
+        """build()'s matrices, or None when a re-encoder refused a block (its ValueError,
+        which `_read` wraps): the caller then takes the float round trip."""
         try:
-            return [self._read(f"{name}[{e}]", lambda e=e: reencode(
-                fmt, f"{name}[{e}]", BlockRows(loader.blocks[e], cols), convert,
-                allocate=hugepages.empty)) for e in range(n)]
+            return build()
         except CheckpointError as exc:
             if not isinstance(exc.__cause__, ValueError):
                 raise
