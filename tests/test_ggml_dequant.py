@@ -54,3 +54,38 @@ def test_types_it_does_not_take_and_bad_lengths():
     assert ggml.dequantize(raw, T.Q4_0, 48) is None    # not whole blocks per row
     with pytest.raises(ValueError, match="not whole rows"):
         ggml.dequantize(np.zeros(30, np.uint8), T.Q4_0, 32)
+
+
+@pytest.mark.parametrize("qtype", [t for t in HALVES if t != T.Q8_0], ids=lambda t: t.name)
+def test_blocks_to_q8_0_in_one_pass_equal_the_float_round_trip(qtype):
+    """What a Q4_K_M file's matrices load as by default: `to_q8_0` gives the bytes of
+    dequantizing and quantizing again, into a new array or the caller's."""
+    from lattice_engine.kernels import matmuls
+
+    rng = np.random.default_rng(100 + int(qtype))
+    values, _ = gguf.GGML_QUANT_SIZES[qtype]
+    cols = 4096 if values == 256 else 2048
+    raw = random_blocks(qtype, 40, cols, rng)
+    want = matmuls.quantize_q8_0(ggml.dequantize(raw, qtype, cols))
+    assert np.array_equal(ggml.to_q8_0(raw, qtype, cols), want)
+    out = np.full(want.shape, 7, np.uint8)
+    assert ggml.to_q8_0(raw[3:11], qtype, cols, out[3:11]) is not None
+    assert np.array_equal(out[3:11], want[3:11]) and (out[:3] == 7).all()
+
+
+def test_blocks_to_q8_0_refusals():
+    with pytest.raises(ValueError, match="no native q8_0"):
+        ggml.to_q8_0(np.zeros((2, 18), np.uint8), T.IQ4_NL, 32)
+    with pytest.raises(ValueError, match="not whole rows"):
+        ggml.to_q8_0(np.zeros(30, np.uint8), T.Q4_0, 32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        ggml.to_q8_0(np.zeros((2, 18), np.uint8), T.Q4_0, 32, np.zeros((2, 35), np.uint8))
+
+
+def test_the_loader_takes_the_one_pass_for_q8_0_only():
+    from lattice_engine.quant.core_formats import F16, Q8_0, requantizer
+
+    assert requantizer(Q8_0, "q4_k") is not None and requantizer(Q8_0, "q5_0") is not None
+    assert requantizer(Q8_0, "q8_0") is None      # kept as it is, no conversion
+    assert requantizer(Q8_0, "iq4_nl") is None    # the float round trip through gguf
+    assert requantizer(F16, "q4_k") is None

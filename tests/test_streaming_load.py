@@ -63,6 +63,9 @@ def gguf_checkpoint(tmp_path, ggml: str):
     if ggml == "Q8_0":
         q8 = gguf.GGMLQuantizationType.Q8_0
         writer.add_tensor("blk.0.ffn_up.weight", gguf.quants.quantize(w, q8), raw_dtype=q8)
+    elif ggml in BLOCK_HALVES:  # a type the gguf package cannot quantize: random blocks
+        qtype = gguf.GGMLQuantizationType[ggml]
+        writer.add_tensor("blk.0.ffn_up.weight", random_blocks(gguf, qtype), raw_dtype=qtype)
     else:
         writer.add_tensor("blk.0.ffn_up.weight", w)
     writer.write_header_to_file()
@@ -75,6 +78,21 @@ def gguf_checkpoint(tmp_path, ggml: str):
     loader = _loader(path, t, formats, None, t.shape)
     return Checkpoint(config={}, tensors={NAME: loader}, shapes={NAME: t.shape},
                       source=str(path))
+
+
+# ggml block types loaded through their block bytes -> byte offsets of their f16 scales
+BLOCK_HALVES = {"Q4_K": (0, 2), "Q6_K": (208,), "Q5_0": (0,)}
+
+
+def random_blocks(gguf, qtype) -> np.ndarray:
+    """ROWS x COLS values of `qtype` as random blocks with finite scales."""
+    values, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(int(qtype))
+    raw = rng.integers(0, 256, (ROWS, COLS // values, nbytes), dtype=np.uint8)
+    for off in BLOCK_HALVES[qtype.name]:
+        halves = (rng.standard_normal((ROWS, COLS // values)) * 0.01).astype(np.float16)
+        raw[:, :, off:off + 2] = halves.view(np.uint8).reshape(ROWS, COLS // values, 2)
+    return raw.reshape(ROWS, -1)
 
 
 def weight_loader(checkpoint, method: str) -> WeightLoader:
@@ -95,7 +113,10 @@ def whole_conversion(checkpoint, fmt_name: str) -> np.ndarray:
 
 CASES = [("safetensors", "F32", "q8_0"), ("safetensors", "F16", "q8_0"),
          ("safetensors", "BF16", "q8_0"), ("safetensors", "BF16", "f16"),
-         ("safetensors", "F32", "f16"), ("gguf", "F32", "q8_0"), ("gguf", "Q8_0", "f16")]
+         ("safetensors", "F32", "f16"), ("gguf", "F32", "q8_0"), ("gguf", "Q8_0", "f16"),
+         # a Q4_K_M file's block types kept as q8_0: one native pass from the blocks
+         # (quant.core_formats.requantizer), the bytes of the float round trip
+         ("gguf", "Q4_K", "q8_0"), ("gguf", "Q6_K", "q8_0"), ("gguf", "Q5_0", "q8_0")]
 
 
 def make_checkpoint(tmp_path, source: str, stored: str):

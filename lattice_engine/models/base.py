@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..io import hugepages
 from ..io.checkpoint import Checkpoint, PackedTensor
 from ..io.stored import BlockRows, MappedStack, StoredTensor
+from ..quant.core_formats import requantizer
 from ..quant.formats import DequantizedRows, PackedMatrix, WeightFormat, pack, reencode
 from ..quant.methods import QuantMethod
 
@@ -187,7 +188,8 @@ class WeightLoader:
         if isinstance(stored, StoredTensor) and stored.stored != fmt.name:
             # converted from the file a slice of rows at a time: never a whole float copy;
             # re-encoded from its blocks where the format can hold them (from_stored)
-            convert = (fmt.from_stored or {}).get(stored.stored)
+            convert = (fmt.from_stored or {}).get(stored.stored) or \
+                requantizer(fmt, stored.stored)
             if convert is not None:
                 m = self._try_reencode(name, lambda: [self._read(name, lambda: reencode(
                     fmt, name, stored.raw_rows(), convert, allocate=hugepages.empty))])

@@ -143,9 +143,15 @@ def reencode(fmt: WeightFormat, name: str, raw_rows, convert, allocate=np.empty)
     data = allocate((rows, fmt.row_bytes(cols)), np.uint8)
     g = fmt.row_group
     step = max(1, CONVERT_CHUNK_ELEMENTS // max(cols, 1) // g) * g
+    # a converter with `into(raw, cols, out)` writes the destination rows itself: no
+    # temporary per slice (each a fresh allocation the kernel zeroes, then a copy)
+    into = getattr(convert, "into", None)
     for start in range(0, rows, step):
         end = min(start + step, rows)
-        data[start:end] = convert(raw_rows[start:end], cols)
+        if into is not None:
+            into(raw_rows[start:end], cols, data[start:end])
+        else:
+            data[start:end] = convert(raw_rows[start:end], cols)
     return PackedMatrix(fmt, rows, cols, data)
 
 

@@ -203,6 +203,11 @@ int lk_ggml_block_shape(int ggml_type, int64_t *block_values, int64_t *block_byt
    dequantizers. Returns 0, or -1 for a type it does not take or a K that is not a whole
    number of blocks. */
 int lk_dequantize_ggml(int ggml_type, const void *src, int64_t rows, int64_t K, float *dst);
+/* rows of K values stored as `ggml_type` blocks (as lk_dequantize_ggml takes them) -> dst
+   GGUF Q8_0 rows: the bytes of lk_dequantize_ggml then lk_quantize_q8_0, one block at a
+   time (no float32 copy of the matrix). Returns 0, or -1 as lk_dequantize_ggml (and for a
+   block type whose blocks are not whole q8_0 blocks). */
+int lk_ggml_to_q8_0(int ggml_type, const void *src, int64_t rows, int64_t K, void *dst);
 
 /* ---- elementwise (float32) ------------------------------------------------------ */
 
@@ -959,6 +964,11 @@ LK_AVX2_TARGET static inline float lk_hmax8_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 #endif
+
+/* ggml_dequant.c: one block of a type lk_ggml_block_shape takes -> its values at y (at
+   most LK_GGML_MAX_BLOCK) */
+#define LK_GGML_MAX_BLOCK 256
+void lk_ggml_block_to_f32(int type, const uint8_t *blk, float *y);
 
 #endif /* LK_INTERNAL */
 

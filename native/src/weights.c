@@ -79,17 +79,28 @@ int lk_embed_q8_0_r16(const void *w, int64_t ldw, int64_t rows, int64_t K, const
 
 /* ---- layout conversion q8_0 <-> q8_0_r16 --------------------------------------------- */
 
-/* One group at a time through a copy of it, so src may be dst (in place: a group holds
-   the same bytes in either layout). */
-static int r16_convert(const uint8_t *src, int64_t rows, int64_t K, uint8_t *dst, int to_r16) {
-    if (rows < 0 || rows % LK_R16_ROWS || K < 0 || K % LK_QK8_0) return -1;
-    const int64_t nb = K / LK_QK8_0, ldw = nb * (int64_t)sizeof(lk_block_q8_0);
-    const int64_t gbytes = LK_R16_ROWS * ldw;
+typedef struct {
+    const uint8_t *src;
+    uint8_t *dst;
+    int64_t nb, ldw;
+    int to_r16, failed;
+} r16_job;
+
+/* Groups [g0, g1) one at a time through a copy of each, so src may be dst (in place: a
+   group holds the same bytes in either layout). */
+static void r16_groups(void *ctx, int64_t g0, int64_t g1, int ith) {
+    (void)ith;
+    r16_job *j = (r16_job *)ctx;
+    const int64_t nb = j->nb, ldw = j->ldw, gbytes = LK_R16_ROWS * ldw;
+    const int to_r16 = j->to_r16;
     uint8_t *tmp = (uint8_t *)malloc(gbytes > 0 ? (size_t)gbytes : 1);
-    if (!tmp) return -1;
-    for (int64_t g0 = 0; g0 < rows; g0 += LK_R16_ROWS) {
-        memcpy(tmp, src + g0 * ldw, (size_t)gbytes);
-        uint8_t *out = dst + g0 * ldw;
+    if (!tmp) {
+        j->failed = 1;
+        return;
+    }
+    for (int64_t g = g0; g < g1; g++) {
+        memcpy(tmp, j->src + g * gbytes, (size_t)gbytes);
+        uint8_t *out = j->dst + g * gbytes;
         for (int l = 0; l < LK_R16_ROWS; l++)
             for (int64_t b = 0; b < nb; b++) {
                 const int64_t rec = b * LK_R16_RECORD, blk = l * ldw + b * (int64_t)sizeof(lk_block_q8_0);
@@ -103,7 +114,18 @@ static int r16_convert(const uint8_t *src, int64_t rows, int64_t K, uint8_t *dst
             }
     }
     free(tmp);
-    return 0;
+}
+
+/* Every group is its own piece of work: the kernel threads convert a loaded model's
+   matrices two (or more) groups at a time. */
+static int r16_convert(const uint8_t *src, int64_t rows, int64_t K, uint8_t *dst, int to_r16) {
+    if (rows < 0 || rows % LK_R16_ROWS || K < 0 || K % LK_QK8_0) return -1;
+    lk_init();
+    const int64_t nb = K / LK_QK8_0;
+    r16_job j = {src, dst, nb, nb * (int64_t)sizeof(lk_block_q8_0), to_r16, 0};
+    const int64_t per = LK_R16_ROWS * (K > 0 ? K : 1); /* values per group */
+    lk_parallel_for(r16_groups, &j, rows / LK_R16_ROWS, per >= 65536 ? 1 : 65536 / per);
+    return j.failed ? -1 : 0;
 }
 
 int lk_q8_0_to_r16(const void *src, int64_t rows, int64_t K, void *dst) {
@@ -201,6 +223,56 @@ static void quantize_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
 #endif
             quantize_block_q8_0(v, o);
         }
+}
+
+/* ---- GGUF block types straight to q8_0 ------------------------------------------------ */
+
+typedef struct {
+    int type;
+    const uint8_t *src;
+    int64_t K, row_bytes, block_values, block_bytes;
+    lk_block_q8_0 *out;
+} ggml_q8_job;
+
+/* Each stored block is dequantized onto the stack and its 32-value pieces quantized from
+   there: the same two functions as lk_dequantize_ggml then lk_quantize_q8_0, so the same
+   bytes, without a float32 copy of the matrix passing through memory. */
+static void ggml_q8_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
+    (void)ith;
+    const ggml_q8_job *j = (const ggml_q8_job *)ctx;
+    const int64_t nb = j->K / j->block_values, per = j->block_values / LK_QK8_0;
+#if LK_X86
+    const int avx2 = lk_active_isa == LK_ISA_AVX2;
+#endif
+    float y[LK_GGML_MAX_BLOCK];
+    for (int64_t r = r0; r < r1; r++) {
+        lk_block_q8_0 *o = j->out + r * (j->K / LK_QK8_0);
+        for (int64_t b = 0; b < nb; b++, o += per) {
+            lk_ggml_block_to_f32(j->type, j->src + r * j->row_bytes + b * j->block_bytes, y);
+            for (int64_t s = 0; s < per; s++) {
+#if LK_X86
+                if (avx2) {
+                    quantize_block_q8_0_avx2(y + s * LK_QK8_0, o + s);
+                    continue;
+                }
+#endif
+                quantize_block_q8_0(y + s * LK_QK8_0, o + s);
+            }
+        }
+    }
+}
+
+int lk_ggml_to_q8_0(int ggml_type, const void *src, int64_t rows, int64_t K, void *dst) {
+    int64_t values, bytes;
+    if (lk_ggml_block_shape(ggml_type, &values, &bytes) || rows < 0 || K <= 0 ||
+        K % values || values % LK_QK8_0 || values > LK_GGML_MAX_BLOCK)
+        return -1;
+    lk_init();
+    ggml_q8_job j = {ggml_type, (const uint8_t *)src, K, K / values * bytes, values, bytes,
+                     (lk_block_q8_0 *)dst};
+    const int64_t grain = K >= 65536 ? 1 : 65536 / K;
+    lk_parallel_for(ggml_q8_rows, &j, rows, grain);
+    return 0;
 }
 
 void lk_quantize_q8_0(const float *x, int64_t rows, int64_t K, void *dst) {
