@@ -3,8 +3,10 @@ build the architecture, attach the tokenizer."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -92,6 +94,22 @@ def resolve_source(source: str | Path) -> Path:
     return resolve(source)
 
 
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while a model loads (restored after): a
+    150k-token vocabulary and its merges are ~450k new containers, each few hundred of
+    which set off a collection that walks every live one; loading the catalog's
+    Qwen2.5-Coder-0.5B took 2.88 -> 2.64 s (medians of 8 alternated runs). A load makes
+    no reference cycles worth collecting mid-way; the next collection takes any."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "auto",
          plugin_manager=None, transforms: Optional[dict[str, Any]] = None,
          loader_class=WeightLoader, kv_cache: str = "auto") -> LoadedModel:
@@ -106,6 +124,13 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
         CheckpointError: the files are missing, malformed, or of an unsupported architecture.
         PluginError: the quant method or a weight format is not registered.
     """
+    with _collector_paused():
+        return _load(source, quant, backend, plugin_manager, transforms, loader_class,
+                     kv_cache)
+
+
+def _load(source, quant, backend, plugin_manager, transforms, loader_class,
+          kv_cache) -> LoadedModel:
     from .plugins import get_plugin_manager
     from .quant.methods import missing_method_hint
     registry = (plugin_manager or get_plugin_manager()).registry
@@ -116,6 +141,8 @@ def load(source: str | Path, *, quant: QuantSpec = QuantSpec(), backend: str = "
                           f"{missing_method_hint(quant.method)}")
     path = resolve_source(source)
     checkpoint = open_checkpoint(path, formats)
+    from .io.hugepages import trim_heap
+    trim_heap()  # the header's parsing temporaries, before the weights take their place
     if transforms:
         from .transforms import apply_transforms
         checkpoint = apply_transforms(checkpoint, transforms, registry)

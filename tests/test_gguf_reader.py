@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import struct
+
 import numpy as np
 import pytest
 
@@ -385,3 +387,57 @@ def test_head_metadata_that_contradicts_tensors_is_named(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"blk\.0\.attn_q\.weight.*128 rows.*4 heads of 24"):
         load_gguf(path)
+
+
+def _string_array(strings: list[bytes]) -> memoryview:
+    return memoryview(b"xyz" + b"".join(struct.pack("<Q", len(s)) + s for s in strings)
+                      + b"tail")
+
+
+@pytest.mark.parametrize("strings", [
+    [b"a", b"", b"\xc4\xa0the", b"", b""],                 # empty strings, a UCS-2 letter
+    ["h\u00e9 \U0001f642 \u4e16".encode(), b"ok", b"x" * 300],  # 4-byte UTF-8, long
+    [b"bad \xff byte", b"cut \xe2\x82", b"\xe2\x82", b"fine"],  # invalid and cut UTF-8
+    [b"nul \x00 inside", b"b", b"\x00"],                    # NUL: the one-by-one path
+    [b"\x00\x00\x00\x00\x00\x00\x00\x00", b"c"],            # eight NULs in a string
+], ids=["empty", "unicode", "invalid", "nul", "eight-nul"])
+def test_string_arrays_decode_like_one_string_at_a_time(strings):
+    from lattice_engine.io.gguf_file import _Cursor
+
+    cur = _Cursor(_string_array(strings))
+    cur.pos = 3
+    got = cur.strings(len(strings))
+    assert got == [s.decode("utf-8", "replace") for s in strings]
+    assert bytes(cur.take(4)) == b"tail"  # the cursor ends right after the last one
+
+
+def test_a_string_array_past_the_end_is_truncated():
+    from lattice_engine.io.gguf_file import _Cursor, _Truncated
+
+    buf = bytearray(_string_array([b"abc", b"defg"]))
+    cur = _Cursor(memoryview(bytes(buf[:-4 - 2])))  # the second string cut short
+    cur.pos = 3
+    with pytest.raises(_Truncated):
+        cur.strings(2)
+
+
+def test_vocabulary_with_repeats_and_a_newline_in_a_merge():
+    """The whole-list paths of build_tokenizer: a repeated token keeps its first id (as
+    llama.cpp); a merge holding a newline takes the per-merge split (and, as no byte-level
+    token holds one, is named as inconsistent); a merge of three parts is named."""
+    from lattice_engine.io.gguf_tokenizer import build_tokenizer
+
+    tokens, types = tiny_vocab()
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm",
+            "tokenizer.ggml.tokens": tokens + ["Ġthe"], "tokenizer.ggml.token_type": types + [1],
+            "tokenizer.ggml.merges": [f"{a} {b}" for a, b in MERGES]}
+    tok = build_tokenizer(meta)
+    assert tok.token_to_id("Ġthe") == tokens.index("Ġthe")
+    assert tok.encode("the cat").ids == build_tokenizer(
+        dict(meta, **{"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types})
+    ).encode("the cat").ids
+    merges = meta["tokenizer.ggml.merges"]
+    with pytest.raises(CheckpointError, match="inconsistent.*a\nb"):
+        build_tokenizer(dict(meta, **{"tokenizer.ggml.merges": merges + ["a\nb c"]}))
+    with pytest.raises(CheckpointError, match=r"merge #\d+ 'a  b' is not two tokens"):
+        build_tokenizer(dict(meta, **{"tokenizer.ggml.merges": merges + ["a  b"]}))

@@ -10,6 +10,7 @@ second. `to_float` dequantizes a tensor's blocks: the common llama.cpp types in 
 from __future__ import annotations
 
 import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -63,22 +64,34 @@ class _Cursor:
         return bytes(self.take(self.unpack("<Q"))).decode("utf-8", errors="replace")
 
     def strings(self, count: int) -> list[str]:
-        """`count` strings in a row (a vocabulary, its merges): `string` inlined, as a
-        150k-token vocabulary and its merges are ~300k of them (2.4 -> 0.3 s)."""
-        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        """`count` strings in a row (a vocabulary, its merges: ~300k of them for a 150k-token
+        vocabulary). Only their lengths are walked in Python (into an int64 array: no int
+        objects kept); the text is decoded in one call, each length field blanked to eight
+        NULs, a separator no string holds, and split on them (0.64 -> ~0.15 s)."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
         length = struct.Struct("<Q").unpack_from
+        starts = array("q")
         try:
             for _ in range(count):
                 (n,) = length(buf, pos)
-                pos += 8
-                if pos + n > end:
-                    raise _Truncated(pos)
-                out.append(str(buf[pos:pos + n], "utf-8", "replace"))
-                pos += n
+                starts.append(pos)
+                pos += 8 + n
+                if pos > end:
+                    raise _Truncated(starts[-1] + 8)
         except struct.error:
             raise _Truncated(pos) from None
-        self.pos = pos
-        return out
+        first, self.pos = self.pos, pos
+        if not count:
+            return []
+        region = np.frombuffer(buf, np.uint8, pos - first, first).copy()
+        fields = np.frombuffer(starts, np.int64) - first
+        field_zeros = sum(np.count_nonzero(region[fields + k] == 0) for k in range(8))
+        if np.count_nonzero(region == 0) != field_zeros:  # a string holds NUL: one by one
+            bounds = list(starts) + [pos]
+            return [str(buf[a + 8:b], "utf-8", "replace") for a, b in zip(bounds, bounds[1:])]
+        for k in range(8):
+            region[fields + k] = 0
+        return str(region.data, "utf-8", "replace").split("\0" * 8)[1:]
 
     def remaining(self) -> int:
         return len(self.buf) - self.pos

