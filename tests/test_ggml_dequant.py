@@ -89,3 +89,28 @@ def test_the_loader_takes_the_one_pass_for_q8_0_only():
     assert requantizer(Q8_0, "q8_0") is None      # kept as it is, no conversion
     assert requantizer(Q8_0, "iq4_nl") is None    # the float round trip through gguf
     assert requantizer(F16, "q4_k") is None
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_floats_to_q8_0_in_one_pass_equal_quantizing_the_floats(dtype):
+    """What a BF16 (or F16, F32) checkpoint's matrices load as under q8_0: the bytes of
+    widening to float32 (exact) and quantizing, including blocks holding an infinity, a
+    NaN or subnormals (the quantizer's scalar path)."""
+    from lattice_engine.kernels import matmuls
+
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((24, 256)) * rng.choice([1e-3, 1.0, 40.0], (24, 1))).astype(np.float32)
+    w[3, 5], w[4, 40], w[5, 7] = np.inf, np.nan, 3e-39
+    if dtype == "f16":
+        w[3, 5] = 7.0  # an f16 of it overflows on the way in, not in the kernel
+        stored = w.astype(np.float16)
+    elif dtype == "bf16":
+        stored = (w.view(np.uint32) >> 16).astype(np.uint16)  # truncated: any bf16 will do
+    else:
+        stored = w
+    floats = (stored.astype(np.uint32) << 16).view(np.float32) if dtype == "bf16" else \
+        stored.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        want = matmuls.quantize_q8_0(floats)
+    got = ggml.to_q8_0(stored.view(np.uint8).reshape(24, -1), ggml.TYPE_IDS[dtype], 256)
+    assert np.array_equal(got, want)

@@ -44,24 +44,36 @@ def dequantize(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray | None:
     return out
 
 
-# the GGUF block types `to_q8_0` takes, by `io.stored.StoredTensor.stored` name
-TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+# what `to_q8_0` takes, by `io.stored.StoredTensor.stored` name: GGUF block types (a
+# Q4_K_M file's) and the float types (a BF16 safetensors checkpoint's), as ggml type ids
+TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+            "f32": 0, "f16": 1, "bf16": 30}
+_FLOAT_SHAPES = {0: (32, 128), 1: (32, 64), 30: (32, 64)}  # 32 values and their bytes
+
+
+def source_shape(ggml_type: int) -> tuple[int, int] | None:
+    """(values, bytes) per block of a type `to_q8_0` takes (the float types in pieces of
+    32 values), else None."""
+    if _lib is None:
+        return None
+    return _FLOAT_SHAPES.get(int(ggml_type)) or block_shape(ggml_type)
 
 
 def to_q8_0(raw: np.ndarray, ggml_type: int, cols: int,
             out: np.ndarray | None = None) -> np.ndarray:
-    """Rows of `ggml_type` blocks (uint8 [rows, row_bytes]) -> q8_0 rows (uint8 [rows,
-    cols / 32 * 34], written into `out` when given: C-contiguous, that shape): the bytes
-    `dequantize` then `kernels.quantize_q8_0` give, in one pass on the kernel threads
-    without the float32 matrix in between (a Q4_K_M file loads as q8_0 by default).
-    ValueError when the library is not built or the type or shape is not one it takes (the
-    caller then takes the float round trip)."""
-    shape = block_shape(ggml_type)
+    """Rows stored as `ggml_type` (uint8 [rows, row_bytes]: blocks of a GGUF block type,
+    or f32 / f16 / bf16 values) -> q8_0 rows (uint8 [rows, cols / 32 * 34], written into
+    `out` when given: C-contiguous, that shape): the bytes `dequantize` (or the exact
+    widening to float32) then `kernels.quantize_q8_0` give, in one pass on the kernel
+    threads without the float32 matrix in between (a Q4_K_M file, a BF16 checkpoint, load
+    as q8_0 by default). ValueError when the library is not built or the type or shape is
+    not one it takes (the caller then takes the float round trip)."""
+    shape = source_shape(ggml_type)
     if shape is None or cols <= 0 or cols % shape[0] or shape[0] % 32:
         raise ValueError(f"ggml type {ggml_type} with {cols} columns has no native q8_0 "
                          f"conversion")
     row_bytes = cols // shape[0] * shape[1]
-    src = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
+    src = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
     if src.size % row_bytes:
         raise ValueError(f"{src.size} bytes of ggml type {ggml_type} are not whole rows of "
                          f"{cols} values ({row_bytes} bytes each)")
@@ -72,8 +84,7 @@ def to_q8_0(raw: np.ndarray, ggml_type: int, cols: int,
     elif out.shape != want or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"q8_0 output of {want} uint8 (C-contiguous) expected, got "
                          f"{out.shape} {out.dtype}")
-    if rows and _lib.lk_ggml_to_q8_0(int(ggml_type), _ffi.from_buffer(src), rows, cols,
-                                     _ffi.from_buffer(out)) != 0:
-        raise ValueError(f"ggml type {ggml_type} with {cols} columns: lk_ggml_to_q8_0 "
-                         f"refused it")
+    if rows and _lib.lk_to_q8_0(int(ggml_type), _ffi.from_buffer(src), rows, cols,
+                                _ffi.from_buffer(out)) != 0:
+        raise ValueError(f"ggml type {ggml_type} with {cols} columns: lk_to_q8_0 refused it")
     return out

@@ -161,18 +161,19 @@ def native_layout(m: PackedMatrix, force: bool = False) -> PackedMatrix:
 
 def requantizer(fmt: WeightFormat, stored: str) -> Optional[Callable[[np.ndarray, int],
                                                                       np.ndarray]]:
-    """For a matrix stored as a GGUF block type (`stored`: "q4_k", "q6_k", "q5_0", ...) and
-    kept as q8_0 (a Q4_K_M file's default): a converter (raw rows, cols) -> q8_0 rows with
-    the bytes of dequantizing and quantizing again, in one native pass with no float32
-    copy of the matrix (loading Qwen2.5-Coder-0.5B Q4_K_M spent ~1.2 s of its ~4 s in the
-    two passes and their copies). None for any other pair, or without the native library:
-    the loader then takes the float round trip, which gives the same bytes."""
+    """For a matrix stored as a GGUF block type (`stored`: "q4_k", "q6_k", "q5_0", ...) or
+    as floats ("bf16", "f16", "f32") and kept as q8_0 (the default for a Q4_K_M file, and
+    for a BF16 checkpoint under the q8_0 method): a converter (raw rows, cols) -> q8_0 rows
+    with the bytes of decoding to float32 and quantizing, in one native pass with no
+    float32 copy of the matrix (loading Qwen2.5-Coder-0.5B Q4_K_M spent ~1.2 s of its ~4 s
+    in the two passes and their copies). None for any other pair, or without the native
+    library: the loader then takes the float round trip, which gives the same bytes."""
     if fmt.name != "q8_0":
         return None
     from ..kernels import ggml
 
     ggml_type = ggml.TYPE_IDS.get(stored)
-    if ggml_type is None or ggml.block_shape(ggml_type) is None:
+    if ggml_type is None or ggml.source_shape(ggml_type) is None:
         return None
 
     def convert(raw: np.ndarray, cols: int) -> np.ndarray:

@@ -203,11 +203,12 @@ int lk_ggml_block_shape(int ggml_type, int64_t *block_values, int64_t *block_byt
    dequantizers. Returns 0, or -1 for a type it does not take or a K that is not a whole
    number of blocks. */
 int lk_dequantize_ggml(int ggml_type, const void *src, int64_t rows, int64_t K, float *dst);
-/* rows of K values stored as `ggml_type` blocks (as lk_dequantize_ggml takes them) -> dst
-   GGUF Q8_0 rows: the bytes of lk_dequantize_ggml then lk_quantize_q8_0, one block at a
-   time (no float32 copy of the matrix). Returns 0, or -1 as lk_dequantize_ggml (and for a
-   block type whose blocks are not whole q8_0 blocks). */
-int lk_ggml_to_q8_0(int ggml_type, const void *src, int64_t rows, int64_t K, void *dst);
+/* rows of K values stored as ggml type `type` -> dst GGUF Q8_0 rows: a block type
+   lk_dequantize_ggml takes, or the float types F32 (0), F16 (1) and BF16 (30); the bytes
+   of dequantizing (or widening) then lk_quantize_q8_0, one block at a time (no float32
+   copy of the matrix). Returns 0, or -1 for another type, or a K that is not whole blocks
+   of the type and of q8_0. */
+int lk_to_q8_0(int type, const void *src, int64_t rows, int64_t K, void *dst);
 
 /* ---- elementwise (float32) ------------------------------------------------------ */
 

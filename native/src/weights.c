@@ -225,22 +225,40 @@ static void quantize_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
         }
 }
 
-/* ---- GGUF block types straight to q8_0 ------------------------------------------------ */
+/* ---- stored blocks or floats straight to q8_0 ----------------------------------------- */
+
+enum { SRC_F32 = 0, SRC_F16 = 1, SRC_BF16 = 30 }; /* ggml type ids of the float sources */
 
 typedef struct {
     int type;
     const uint8_t *src;
     int64_t K, row_bytes, block_values, block_bytes;
     lk_block_q8_0 *out;
-} ggml_q8_job;
+} to_q8_job;
 
-/* Each stored block is dequantized onto the stack and its 32-value pieces quantized from
-   there: the same two functions as lk_dequantize_ggml then lk_quantize_q8_0, so the same
-   bytes, without a float32 copy of the matrix passing through memory. */
-static void ggml_q8_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
+/* 32 values of a float source -> y (exact: f16 and bf16 widen without rounding) */
+static void float_piece(int type, const uint8_t *p, float *y) {
+    if (type == SRC_F32) {
+        memcpy(y, p, 32 * sizeof(float));
+    } else if (type == SRC_F16) {
+        for (int i = 0; i < 32; i++) y[i] = lk_f16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8));
+    } else {
+        for (int i = 0; i < 32; i++) {
+            const uint32_t bits = (uint32_t)(p[2 * i] | p[2 * i + 1] << 8) << 16;
+            memcpy(y + i, &bits, 4);
+        }
+    }
+}
+
+/* Each stored block (or 32 floats) is decoded onto the stack and its 32-value pieces
+   quantized from there: the same functions as lk_dequantize_ggml (or the float widening)
+   then lk_quantize_q8_0, so the same bytes, without a float32 copy of the matrix passing
+   through memory. */
+static void to_q8_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
     (void)ith;
-    const ggml_q8_job *j = (const ggml_q8_job *)ctx;
+    const to_q8_job *j = (const to_q8_job *)ctx;
     const int64_t nb = j->K / j->block_values, per = j->block_values / LK_QK8_0;
+    const int floats = j->type == SRC_F32 || j->type == SRC_F16 || j->type == SRC_BF16;
 #if LK_X86
     const int avx2 = lk_active_isa == LK_ISA_AVX2;
 #endif
@@ -248,7 +266,9 @@ static void ggml_q8_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
     for (int64_t r = r0; r < r1; r++) {
         lk_block_q8_0 *o = j->out + r * (j->K / LK_QK8_0);
         for (int64_t b = 0; b < nb; b++, o += per) {
-            lk_ggml_block_to_f32(j->type, j->src + r * j->row_bytes + b * j->block_bytes, y);
+            const uint8_t *blk = j->src + r * j->row_bytes + b * j->block_bytes;
+            if (floats) float_piece(j->type, blk, y);
+            else lk_ggml_block_to_f32(j->type, blk, y);
             for (int64_t s = 0; s < per; s++) {
 #if LK_X86
                 if (avx2) {
@@ -262,16 +282,18 @@ static void ggml_q8_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
     }
 }
 
-int lk_ggml_to_q8_0(int ggml_type, const void *src, int64_t rows, int64_t K, void *dst) {
-    int64_t values, bytes;
-    if (lk_ggml_block_shape(ggml_type, &values, &bytes) || rows < 0 || K <= 0 ||
-        K % values || values % LK_QK8_0 || values > LK_GGML_MAX_BLOCK)
+int lk_to_q8_0(int type, const void *src, int64_t rows, int64_t K, void *dst) {
+    int64_t values = LK_QK8_0, bytes;
+    if (type == SRC_F32) bytes = 32 * 4;
+    else if (type == SRC_F16 || type == SRC_BF16) bytes = 32 * 2;
+    else if (lk_ggml_block_shape(type, &values, &bytes)) return -1;
+    if (rows < 0 || K <= 0 || K % values || values % LK_QK8_0 || values > LK_GGML_MAX_BLOCK)
         return -1;
     lk_init();
-    ggml_q8_job j = {ggml_type, (const uint8_t *)src, K, K / values * bytes, values, bytes,
-                     (lk_block_q8_0 *)dst};
+    to_q8_job j = {type, (const uint8_t *)src, K, K / values * bytes, values, bytes,
+                   (lk_block_q8_0 *)dst};
     const int64_t grain = K >= 65536 ? 1 : 65536 / K;
-    lk_parallel_for(ggml_q8_rows, &j, rows, grain);
+    lk_parallel_for(to_q8_rows, &j, rows, grain);
     return 0;
 }
 
