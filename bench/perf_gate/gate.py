@@ -9,7 +9,8 @@ q4_kernels.c with the compiler command and flags the Python modules are built wi
 gate always measures the working tree, installed or not), runs each entry (q8_0 / f16 /
 q4_sym_g32 matvec and 4-row matmul, decode attention, the gated delta rule's recurrent step
 and a chunked prefill chunk, one fused decode step of the llama and Qwen3.5 test
-fixtures' shapes, and the MoE MLP's expert dispatch over 1 and 8 rows) once to warm up and once between callgrind client requests, single
+fixtures' shapes, the MoE MLP's expert dispatch over 1 and 8 rows, and the encoders'
+float32 panel matmul and packed attention) once to warm up and once between callgrind client requests, single
 threaded. Instruction counts (Ir) do not depend on what else the machine runs, so the
 threshold can be tight: an entry more than 7% above its baseline fails the gate.
 
