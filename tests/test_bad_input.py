@@ -67,6 +67,26 @@ def test_missing_tensor(tmp_path):
         load(folder, backend="numpy")
 
 
+def test_a_failed_load_leaves_the_garbage_collector_as_it_was(tmp_path):
+    """loading.load pauses the collector while it runs; a load that raises must restore it
+    (and leave it off when the caller had turned it off)."""
+    import gc
+
+    folder = fixture_with_tokenizer("qwen2", tmp_path)
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.layers.0.self_attn.k_proj.bias"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            with pytest.raises(CheckpointError):
+                load(folder, backend="numpy")
+            assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
 def test_unknown_model_type(capsys, tmp_path):
     folder = fixture_with_tokenizer("llama", tmp_path)
     config = json.loads((folder / "config.json").read_text())
