@@ -23,6 +23,18 @@ def block_shape(ggml_type: int) -> tuple[int, int] | None:
     return int(values[0]), int(nbytes[0])
 
 
+def _whole_rows(raw: np.ndarray, ggml_type: int, shape: tuple[int, int],
+                cols: int) -> tuple[np.ndarray, int]:
+    """raw's bytes, flat and contiguous, and how many rows of `cols` values of a type with
+    `shape` (values, bytes per block) they are; ValueError when not whole rows."""
+    row_bytes = cols // shape[0] * shape[1]
+    src = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    if src.size % row_bytes:
+        raise ValueError(f"{src.size} bytes of ggml type {ggml_type} are not whole rows of "
+                         f"{cols} values ({row_bytes} bytes each)")
+    return src, src.size // row_bytes
+
+
 def dequantize(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray | None:
     """Rows of `ggml_type` blocks (uint8 [rows, cols / values * bytes], or the same bytes
     flat) -> float32 [rows, cols]; None when the type is not one this module takes (the
@@ -31,12 +43,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray | None:
     shape = block_shape(ggml_type)
     if shape is None or cols <= 0 or cols % shape[0]:
         return None
-    row_bytes = cols // shape[0] * shape[1]
-    src = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1)
-    if src.size % row_bytes:
-        raise ValueError(f"{src.size} bytes of ggml type {ggml_type} are not whole rows of "
-                         f"{cols} values ({row_bytes} bytes each)")
-    rows = src.size // row_bytes
+    src, rows = _whole_rows(raw, ggml_type, shape, cols)
     out = np.empty((rows, cols), np.float32)
     if rows and _lib.lk_dequantize_ggml(int(ggml_type), _ffi.from_buffer(src), rows, cols,
                                         _ffi.from_buffer("float[]", out)) != 0:
@@ -72,12 +79,7 @@ def to_q8_0(raw: np.ndarray, ggml_type: int, cols: int,
     if shape is None or cols <= 0 or cols % shape[0] or shape[0] % 32:
         raise ValueError(f"ggml type {ggml_type} with {cols} columns has no native q8_0 "
                          f"conversion")
-    row_bytes = cols // shape[0] * shape[1]
-    src = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    if src.size % row_bytes:
-        raise ValueError(f"{src.size} bytes of ggml type {ggml_type} are not whole rows of "
-                         f"{cols} values ({row_bytes} bytes each)")
-    rows = src.size // row_bytes
+    src, rows = _whole_rows(raw, ggml_type, shape, cols)
     want = (rows, cols // 32 * 34)
     if out is None:
         out = np.empty(want, np.uint8)

@@ -970,6 +970,13 @@ LK_AVX2_TARGET static inline float lk_hmax8_avx2(__m256 v) {
    most LK_GGML_MAX_BLOCK) */
 #define LK_GGML_MAX_BLOCK 256
 void lk_ggml_block_to_f32(int type, const uint8_t *blk, float *y);
+/* rows of K values stored as ggml type `type` at src: what the converters walk, a block
+   (block_values values, block_bytes bytes) at a time */
+typedef struct {
+    int type;
+    const uint8_t *src;
+    int64_t K, row_bytes, block_values, block_bytes;
+} lk_ggml_rows;
 
 #endif /* LK_INTERNAL */
 

@@ -138,9 +138,7 @@ static void block_q6k(const uint8_t *b, float *y) {
 }
 
 typedef struct {
-    int type;
-    const uint8_t *src;
-    int64_t K, row_bytes, block_values, block_bytes;
+    lk_ggml_rows in;
     float *dst;
 } dq_job;
 
@@ -260,12 +258,13 @@ void lk_ggml_block_to_f32(int type, const uint8_t *blk, float *y) {
 static void dq_range(void *ctx, int64_t r0, int64_t r1, int ith) {
     (void)ith;
     const dq_job *j = (const dq_job *)ctx;
-    const int64_t nb = j->K / j->block_values;
+    const lk_ggml_rows *in = &j->in;
+    const int64_t nb = in->K / in->block_values;
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = j->src + r * j->row_bytes;
-        float *y = j->dst + r * j->K;
+        const uint8_t *row = in->src + r * in->row_bytes;
+        float *y = j->dst + r * in->K;
         for (int64_t b = 0; b < nb; b++)
-            lk_ggml_block_to_f32(j->type, row + b * j->block_bytes, y + b * j->block_values);
+            lk_ggml_block_to_f32(in->type, row + b * in->block_bytes, y + b * in->block_values);
     }
 }
 
@@ -278,7 +277,7 @@ int lk_dequantize_ggml(int ggml_type, const void *src, int64_t rows, int64_t K, 
     if (!block_shape(ggml_type, &values, &bytes) || rows < 0 || K <= 0 || K % values)
         return -1;
     lk_init(); /* picks the AVX2 blocks where the CPU has them */
-    dq_job j = {ggml_type, (const uint8_t *)src, K, K / values * bytes, values, bytes, dst};
+    dq_job j = {{ggml_type, (const uint8_t *)src, K, K / values * bytes, values, bytes}, dst};
     /* rows in chunks of >= 64k values: a thread wake-up per chunk is then noise */
     const int64_t grain = K >= 65536 ? 1 : 65536 / K;
     lk_parallel_for(dq_range, &j, rows, grain);

@@ -230,9 +230,7 @@ static void quantize_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
 enum { SRC_F32 = 0, SRC_F16 = 1, SRC_BF16 = 30 }; /* ggml type ids of the float sources */
 
 typedef struct {
-    int type;
-    const uint8_t *src;
-    int64_t K, row_bytes, block_values, block_bytes;
+    lk_ggml_rows in;
     lk_block_q8_0 *out;
 } to_q8_job;
 
@@ -257,18 +255,19 @@ static void float_piece(int type, const uint8_t *p, float *y) {
 static void to_q8_rows(void *ctx, int64_t r0, int64_t r1, int ith) {
     (void)ith;
     const to_q8_job *j = (const to_q8_job *)ctx;
-    const int64_t nb = j->K / j->block_values, per = j->block_values / LK_QK8_0;
-    const int floats = j->type == SRC_F32 || j->type == SRC_F16 || j->type == SRC_BF16;
+    const lk_ggml_rows *in = &j->in;
+    const int64_t nb = in->K / in->block_values, per = in->block_values / LK_QK8_0;
+    const int floats = in->type == SRC_F32 || in->type == SRC_F16 || in->type == SRC_BF16;
 #if LK_X86
     const int avx2 = lk_active_isa == LK_ISA_AVX2;
 #endif
     float y[LK_GGML_MAX_BLOCK];
     for (int64_t r = r0; r < r1; r++) {
-        lk_block_q8_0 *o = j->out + r * (j->K / LK_QK8_0);
+        lk_block_q8_0 *o = j->out + r * (in->K / LK_QK8_0);
         for (int64_t b = 0; b < nb; b++, o += per) {
-            const uint8_t *blk = j->src + r * j->row_bytes + b * j->block_bytes;
-            if (floats) float_piece(j->type, blk, y);
-            else lk_ggml_block_to_f32(j->type, blk, y);
+            const uint8_t *blk = in->src + r * in->row_bytes + b * in->block_bytes;
+            if (floats) float_piece(in->type, blk, y);
+            else lk_ggml_block_to_f32(in->type, blk, y);
             for (int64_t s = 0; s < per; s++) {
 #if LK_X86
                 if (avx2) {
@@ -290,7 +289,7 @@ int lk_to_q8_0(int type, const void *src, int64_t rows, int64_t K, void *dst) {
     if (rows < 0 || K <= 0 || K % values || values % LK_QK8_0 || values > LK_GGML_MAX_BLOCK)
         return -1;
     lk_init();
-    to_q8_job j = {type, (const uint8_t *)src, K, K / values * bytes, values, bytes,
+    to_q8_job j = {{type, (const uint8_t *)src, K, K / values * bytes, values, bytes},
                    (lk_block_q8_0 *)dst};
     const int64_t grain = K >= 65536 ? 1 : 65536 / K;
     lk_parallel_for(to_q8_rows, &j, rows, grain);
