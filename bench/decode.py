@@ -170,7 +170,7 @@ def run_worker(name: str, argv: list[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="catalog name or .gguf path")
-    parser.add_argument("--quant", default="q8_0", choices=("f32", "f16", "q8_0"))
+    parser.add_argument("--quant", default="q8_0", choices=("f32", "f16", "q8_0", "gguf"))
     parser.add_argument("--peer", action="append", default=None,
                         choices=("llama.cpp", "transformers"))
     parser.add_argument("--threads", type=int, default=2)

@@ -23,9 +23,11 @@ def register_architectures(register):
 
 @hookimpl(tryfirst=True)
 def register_weight_formats(register):
+    from .quant import ggml_formats
     from .quant.core_formats import CORE_FORMATS, LAYOUT_FORMATS, attach_native
     attach_native(CORE_FORMATS + LAYOUT_FORMATS)  # the table points at the C kernels when built
-    for fmt in CORE_FORMATS + LAYOUT_FORMATS:
+    ggml_formats.attach_native()
+    for fmt in CORE_FORMATS + LAYOUT_FORMATS + ggml_formats.GGML_FORMATS:
         register(fmt)
 
 

@@ -23,7 +23,7 @@ SOURCES = ["runtime.c", "matmul.c", "matmul_generic.c", "matmul_f_avx2.c", "matm
            "weights.c", "elementwise.c", "attention.c", "decoder.c", "gated_deltanet.c",
            "paged_attention.c", "rotate.c", "qwen35_decoder.c", "step_linear.c",
            "distance.c", "moe.c", "lora.c", "encoder_attention.c", "kv_format.c", "matmul_amx.c",
-           "ggml_dequant.c", "matmul_panels.c"]
+           "ggml_dequant.c", "matmul_panels.c", "matmul_ggml.c"]
 
 INCLUDE_DIRS = [os.path.join(HERE, "include"),                  # lattice_kernels.h
                 os.path.join(ROOT, "lattice_engine", "include")]  # lattice_plugin.h

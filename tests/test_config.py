@@ -120,12 +120,12 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_unknown_quant_method_lists_choices():
     cfg = config_from_dict({"quant": {"method": "q4_asym"}})
     with pytest.raises(ConfigError, match=r"quant.method = 'q4_asym' is not a registered quant "
-                                          r"method; choices: f16, f32, q8_0"):
+                                          r"method; choices: f16, f32, gguf, q8_0"):
         cfg.validate(PluginManager(allowlist=[]).registry)
 
 
 def test_unknown_override_format_lists_choices():
     cfg = config_from_dict({"quant": {"overrides": {"lm_head.weight": "q3"}}})
     with pytest.raises(ConfigError, match="'q3' is not a registered weight format; choices: "
-                                          "f16, f32, q8_0"):
+                                          "f16, f32, q4_k, q5_0, q6_k, q8_0"):
         cfg.validate(PluginManager(allowlist=[]).registry)

@@ -26,6 +26,43 @@ def q8_0_value_bound(w: np.ndarray) -> np.ndarray:
                            ).reshape(rows, cols)
 
 
+def _super(w: np.ndarray, size: int) -> np.ndarray:
+    """w as [rows, superblocks of 256, 256 / size, size]."""
+    return np.abs(w).reshape(w.shape[0], -1, 256 // size, size)
+
+
+def q5_0_value_bound(w: np.ndarray) -> np.ndarray:
+    """ggml's Q5_0: d = (signed largest) / -16 and codes 0..31, so the value opposite the
+    largest one clips at 15 d: off by up to d, plus d's f16 rounding over 16 steps."""
+    d = np.abs(w.reshape(w.shape[0], -1, 32)).max(-1, keepdims=True) / 16.0
+    return np.broadcast_to(d * (1 + 16 * 2.0 ** -10) * (1 + 1e-6),
+                           (w.shape[0], w.shape[1] // 32, 32)).reshape(w.shape)
+
+
+def q4_k_value_bound(w: np.ndarray) -> np.ndarray:
+    """Q4_K by rounding (ggml_formats.quantize_q4_k): step s = range / 15 per 32 values,
+    stored as a 6-bit multiple of d = max s / 63 (off by <= d / 2), the min likewise of dmin;
+    half a step, plus up to 15 steps' worth of the scale's rounding where codes clip."""
+    rows = w.shape[0]
+    b = w.reshape(rows, -1, 8, 32)
+    lo, hi = np.minimum(b.min(-1), 0), np.maximum(b.max(-1), np.minimum(b.min(-1), 0))
+    s = (hi - lo) / 15
+    d = s.max(-1, keepdims=True) / 63
+    dmin = (-lo).max(-1, keepdims=True) / 63
+    bound = 0.5 * s + 8 * d + 0.5 * dmin + 2.0 ** -9 * (np.abs(hi) + np.abs(lo))
+    return np.broadcast_to(bound[..., None] * (1 + 1e-5), b.shape).reshape(w.shape)
+
+
+def q6_k_value_bound(w: np.ndarray) -> np.ndarray:
+    """Q6_K by rounding: step s = amax / 31 per 16 values as an int8 multiple of d = max s /
+    127; half a step plus up to 32 steps' worth of the scale's rounding (d / 2 each)."""
+    b = _super(w, 16)
+    s = b.max(-1) / 31
+    d = s.max(-1, keepdims=True) / 127
+    bound = 0.5 * s + 16.5 * d + 2.0 ** -9 * b.max(-1)
+    return np.broadcast_to(bound[..., None] * (1 + 1e-5), b.shape).reshape(w.shape)
+
+
 # Per value, the largest round-trip error each core format's definition allows. A format
 # added to the core without an entry fails test_round_trip_error until it gets one.
 ROUND_TRIP_BOUND = {
@@ -33,7 +70,15 @@ ROUND_TRIP_BOUND = {
     "f16": lambda w: np.abs(w) * 2.0 ** -11,   # 11 significant bits, round to nearest
     "q8_0": q8_0_value_bound,
     "q8_0_r16": q8_0_value_bound,              # the same blocks, rows interleaved
+    "q5_0": q5_0_value_bound,                  # GGUF block types run as stored
+    "q4_k": q4_k_value_bound,
+    "q6_k": q6_k_value_bound,
 }
+# the kernels' rounding of x: int16 per 32 values (q8_0), int8 per 32 (q5_0) or per 256
+# (the K-quants, as ggml's q8_K)
+ACTIVATION_BOUND = {"q8_0": int_activation_bound(32767), "q8_0_r16": int_activation_bound(32767),
+                    "q5_0": int_activation_bound(127), "q4_k": int_activation_bound(127, 256),
+                    "q6_k": int_activation_bound(127, 256)}
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -42,8 +87,8 @@ def test_format_honours_the_contract(name):
     # independent under quantize and to_float, matmul / embed (the C kernels when built)
     # against float64 on the dequantized weights
     assert name in ROUND_TRIP_BOUND, f"no round-trip bound for core format {name!r}: add one"
-    activation = int_activation_bound(32767) if name.startswith("q8_0") else None
-    check_weight_format(FORMATS[name], ROUND_TRIP_BOUND[name], activation_bound=activation)
+    check_weight_format(FORMATS[name], ROUND_TRIP_BOUND[name],
+                        activation_bound=ACTIVATION_BOUND.get(name))
 
 
 @pytest.mark.native
@@ -51,9 +96,10 @@ def test_format_honours_the_contract(name):
 def test_format_kernels_on_every_variant(name, kernel_variant):
     fmt = FORMATS[name]
     assert fmt.matmul is not None and fmt.embed is not None, f"{name} has no native kernel"
-    activation = int_activation_bound(32767) if name.startswith("q8_0") else None
-    check_weight_format(fmt, ROUND_TRIP_BOUND[name], activation_bound=activation, seed=3)
-    w = pack(fmt, "w", np.random.default_rng(1).standard_normal((2 * fmt.row_group, 64))
+    check_weight_format(fmt, ROUND_TRIP_BOUND[name], activation_bound=ACTIVATION_BOUND.get(name),
+                        seed=3)
+    cols = max(64, fmt.block_size)
+    w = pack(fmt, "w", np.random.default_rng(1).standard_normal((2 * fmt.row_group, cols))
              .astype(np.float32))
     np.testing.assert_array_equal(ops.embed(w, np.array([1, 0])), w.to_float()[[1, 0]])
 

@@ -173,6 +173,42 @@ static void *q4_sym_g32_r16_matrix(int64_t N, int64_t K) {
     return w;
 }
 
+/* a matrix of GGUF block type `type` (Q5_0 6, Q4_K 12, Q6_K 14): random bytes with the
+   blocks' f16 scales set to random halves (random bytes there could be NaN / infinity) */
+static uint8_t *ggml_matrix(int type, int64_t N, int64_t K, int64_t *ldw) {
+    int64_t values, bytes;
+    if (lk_ggml_block_shape(type, &values, &bytes) != 0) exit(1);
+    const int halves[3] = {type == 6 ? 0 : type == 12 ? 0 : 208, type == 12 ? 2 : -1, -1};
+    *ldw = K / values * bytes;
+    uint8_t *w = (uint8_t *)xalloc((size_t)(N * *ldw));
+    for (int64_t i = 0; i < N * *ldw; i++) w[i] = (uint8_t)next_u32();
+    for (int64_t b = 0; b < N * (K / values); b++)
+        for (int h = 0; h < 3 && halves[h] >= 0; h++) {
+            const uint16_t d = rand_half();
+            memcpy(w + b * bytes + halves[h], &d, 2);
+        }
+    return w;
+}
+
+/* the GGUF block types the `gguf` quant method runs as stored (matmul_ggml.c) */
+static void ggml_matmuls(void) {
+    reseed(10);
+    const int64_t N = 512, K = 1024, M = 4;
+    float *x = randf(M * K, -1.0f, 1.0f), *y = xalloc((size_t)(M * N) * sizeof(float));
+    static const int types[3] = {12, 14, 6};
+    static const char *const names[3][2] = {{"q4_k matvec 1x1024x512", "q4_k few-rows 4x1024x512"},
+                                            {"q6_k matvec 1x1024x512", "q6_k few-rows 4x1024x512"},
+                                            {"q5_0 matvec 1x1024x512", "q5_0 few-rows 4x1024x512"}};
+    for (int t = 0; t < 3; t++) {
+        int64_t ldw;
+        uint8_t *w = ggml_matrix(types[t], N, K, &ldw);
+        MEASURE(names[t][0], , lk_matmul_ggml(types[t], x, 1, K, w, ldw, N, y));
+        MEASURE(names[t][1], , lk_matmul_ggml(types[t], x, M, K, w, ldw, N, y));
+        free(w);
+    }
+    free(x), free(y);
+}
+
 static int prefill_entries; /* the generic C has no prefill kernel (M rows of its matvec) */
 
 static void matmuls(void) {
@@ -490,6 +526,7 @@ int main(int argc, char **argv) {
            lk_get_threads());
 
     matmuls();
+    ggml_matmuls();
     attention();
     delta_rule();
     llama_dims ld = {arg(argv, 2), arg(argv, 3), arg(argv, 4), arg(argv, 5),

@@ -90,3 +90,67 @@ def to_q8_0(raw: np.ndarray, ggml_type: int, cols: int,
                                 _ffi.from_buffer(out)) != 0:
         raise ValueError(f"ggml type {ggml_type} with {cols} columns: lk_to_q8_0 refused it")
     return out
+
+
+# GGUF block types the core multiplies as stored (`native/src/matmul_ggml.c`): a Q4_K_M
+# file's, by `io.stored.StoredTensor.stored` name
+AS_STORED = {"q5_0": 6, "q4_k": 12, "q6_k": 14}
+
+
+def _checked(data: np.ndarray, ggml_type: int, cols: int) -> tuple[np.ndarray, int]:
+    shape = block_shape(ggml_type)
+    if shape is None or ggml_type not in AS_STORED.values():
+        raise ValueError(f"ggml type {ggml_type} has no native matmul")
+    if cols <= 0 or cols % shape[0] or data.ndim != 2 or \
+            data.shape[1] != cols // shape[0] * shape[1]:
+        raise ValueError(f"ggml type {ggml_type}: rows of {data.shape[1:]} bytes are not "
+                         f"{cols} values ({cols // max(shape[0], 1) * shape[1]} bytes)")
+    if data.strides[1] != 1 or data.dtype != np.uint8:
+        data = np.ascontiguousarray(data, dtype=np.uint8)
+    return data, data.strides[0]
+
+
+def matmul(x: np.ndarray, data: np.ndarray, ggml_type: int) -> np.ndarray:
+    """x float32 [M, cols] @ W.T -> float32 [M, rows] for W = `data` (uint8 [rows, row_bytes]
+    of ggml type `ggml_type`, one of AS_STORED), from its blocks (x rounded to int16 per
+    block of 32: the only error against the dequantized float weights)."""
+    cols = x.shape[-1]
+    data, ldw = _checked(data, ggml_type, cols)
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, cols)
+    out = np.empty((x2.shape[0], data.shape[0]), np.float32)
+    rc = _lib.lk_matmul_ggml(int(ggml_type), _ffi.from_buffer("float[]", x2), x2.shape[0], cols,
+                             _ffi.from_buffer(data), ldw, data.shape[0],
+                             _ffi.from_buffer("float[]", out))
+    if rc == -5:
+        raise MemoryError("ggml matmul: out of memory for the quantized activations")
+    if rc:
+        raise ValueError(f"ggml matmul refused type {ggml_type} with {cols} columns")
+    return out.reshape(x.shape[:-1] + (data.shape[0],))
+
+
+def embed(data: np.ndarray, ids: np.ndarray, ggml_type: int) -> np.ndarray:
+    """Rows `ids` of `data` (ggml type `ggml_type`) as float32 [n, cols]."""
+    values, nbytes = block_shape(ggml_type)
+    cols = data.shape[1] // nbytes * values
+    data, ldw = _checked(data, ggml_type, cols)
+    flat = np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)
+    out = np.empty((flat.size, cols), np.float32)
+    rc = _lib.lk_embed_ggml(int(ggml_type), _ffi.from_buffer(data), ldw, data.shape[0], cols,
+                            _ffi.from_buffer("int64_t[]", flat), flat.size,
+                            _ffi.from_buffer("float[]", out))
+    if rc == -2:
+        raise IndexError(f"embed: a token id is outside the vocabulary [0, {data.shape[0]})")
+    if rc:
+        raise ValueError(f"ggml embed refused type {ggml_type} with {cols} columns")
+    return out
+
+
+def c_matmul(ggml_type: int) -> tuple[int, int] | None:
+    """(function, context) addresses of the C matmul for `WeightFormat.c_matmul`."""
+    if _lib is None:
+        return None
+    ctx = _lib.lk_ggml_matmul_ctx(int(ggml_type))
+    if ctx == _ffi.NULL:
+        return None
+    return (int(_ffi.cast("uintptr_t", _ffi.addressof(_lib, "lk_matmul_ggml_extern"))),
+            int(_ffi.cast("uintptr_t", ctx)))

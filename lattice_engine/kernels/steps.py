@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..quant.formats import PackedMatrix
+from ..quant.ggml_formats import is_core_ggml
 from .buffers import _F32, _FMT_EXTERN, _FMT_IDS, _in
 from .matmuls import _entry
 from .runtime import _FLOATS, _INT64S, _fb, _ffi, _lib
@@ -20,8 +21,9 @@ from .runtime import _FLOATS, _INT64S, _fb, _ffi, _lib
 def _supports(embed: PackedMatrix, *matrices: PackedMatrix) -> bool:
     """Whether the C step runs these: an embedding in a core format (it is looked up),
     matrices in a core format or a plugin format with a C matmul."""
-    return _lib is not None and embed.format.name in _FMT_IDS and \
-        _entry(embed.format) is not None and all(_step_format(w.format) for w in matrices)
+    looked_up = (embed.format.name in _FMT_IDS and _entry(embed.format) is not None) or \
+        is_core_ggml(embed.format)  # the step dequantizes those rows itself (step_linear.c)
+    return _lib is not None and looked_up and all(_step_format(w.format) for w in matrices)
 
 
 def _keep_vec(keep: list, v):

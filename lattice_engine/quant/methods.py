@@ -93,7 +93,15 @@ Q8_0_METHOD = QuantMethod("q8_0", linear="q8_0", embedding="q8_0", lm_head="q8_0
                                       "lm_head included (override it to f16 to keep that "
                                       "table f16)")
 
-CORE_METHODS = (F32_METHOD, F16_METHOD, Q8_0_METHOD)
+# A GGUF file's matrices in their own block types wherever the core multiplies them (Q8_0,
+# F16, F32, and a Q4_K_M file's Q4_K / Q5_0 / Q6_K), q8_0 for the others: what the file's
+# values are, in the file's bytes (`loading.gguf_as_stored`). Only for GGUF files.
+GGUF_METHOD = QuantMethod("gguf", linear="q8_0", embedding="q8_0", lm_head="q8_0",
+                          tied_embedding="q8_0",
+                          description="a GGUF file's blocks as stored (Q4_K, Q5_0, Q6_K, "
+                                      "Q8_0, F16, F32), q8_0 for other block types")
+
+CORE_METHODS = (F32_METHOD, F16_METHOD, Q8_0_METHOD, GGUF_METHOD)
 
 # A plugin distribution names the quant methods it provides in this entry-point group
 # (name = method, value = its plugin module), so a method asked for while its plugin is not

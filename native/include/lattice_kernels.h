@@ -210,6 +210,37 @@ int lk_dequantize_ggml(int ggml_type, const void *src, int64_t rows, int64_t K, 
    of the type and of q8_0. */
 int lk_to_q8_0(int type, const void *src, int64_t rows, int64_t K, void *dst);
 
+/* ---- GGUF block types run as stored (matmul_ggml.c) -------------------------------- */
+
+/* y[M, N] = x[M, K] @ W^T for W's N rows of ggml type `type` (Q5_0 6, Q4_K 12, Q6_K 14:
+   a Q4_K_M file's), ldw bytes apart, from the file's own blocks: x quantized per block of
+   32 to int16 as for q8_0, exact integer block dots, a fixed float order per output (the
+   same bits on every path and at every M). Returns 0, -1 for another type, a K that is not
+   whole blocks or an ldw shorter than a row, -5 out of memory. */
+int lk_matmul_ggml(int type, const float *x, int64_t M, int64_t K, const void *w, int64_t ldw,
+                   int64_t N, float *y);
+/* y_i = x @ W_i^T for n (<= LK_MATMUL_MULTI_MAX) matrices of one ggml type reading the
+   same x (q / k / v, gate / up): x quantized once, one parallel job; each y_i has the bits
+   lk_matmul_ggml gives it alone. Same returns. */
+int lk_matmul_ggml_multi(int type, const float *x, int64_t M, int64_t K, int n,
+                         const void *const *w, const int64_t *ldw, const int64_t *N,
+                         float *const *y);
+/* lk_matmul_ggml as an lk_extern_matmul: ctx is lk_ggml_matmul_ctx(type) (static, never
+   freed), so the fused steps run these matrices like a plugin format's */
+int lk_matmul_ggml_extern(const void *ctx, const float *x, int64_t M, int64_t K, const void *w,
+                          int64_t ldw, int64_t N, float *y);
+const void *lk_ggml_matmul_ctx(int type);
+/* the type of a ctx lk_ggml_matmul_ctx gave, 0 for any other pointer */
+int lk_ggml_ctx_type(const void *ctx);
+/* tuning only (bench/ A/B): rows the decode streams prefetch ahead (>= 0) and interleaved
+   streams per chunk (1..16); a negative / out-of-range value leaves a knob alone */
+void lk_ggml_tune(int pf_rows, int streams);
+/* rows ids[0..n) of a [rows, cols] matrix of ggml type `type` -> out float32 [n, cols]
+   (lk_dequantize_ggml's values). Returns 0, -1 for another type or shape, -2 for an id
+   out of range (nothing written then). */
+int lk_embed_ggml(int type, const void *w, int64_t ldw, int64_t rows, int64_t cols,
+                  const int64_t *ids, int64_t n, float *out);
+
 /* ---- elementwise (float32) ------------------------------------------------------ */
 
 /* out = x / sqrt(mean(x^2) + eps) * (offset + w), per row of length D. */
@@ -803,6 +834,9 @@ void lk_lora_plan_free(lk_lora_plan *p);
 int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols);
 int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const float *x,
                     int64_t M);
+/* Whether lk_step_embed can look rows up in e: a core format, or a GGUF block type the
+   core runs as stored (lk_matmul_ggml_extern), with `cols` columns. */
+int lk_step_embed_ok(const lk_linear *e, int64_t cols);
 int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out);
 /* Where a fused step's keys and values go and how attention reads them: each layer's
    contiguous cache at one position for every row (dense steps), or the layers' paged pools

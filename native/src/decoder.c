@@ -27,7 +27,7 @@ static int shapes_ok(const lk_decoder *m) {
         lk_kv_row_bytes(m->kv_dtype, m->head_dim) < 0)
         return 0;
     /* the embedding is looked up, never multiplied: a core format */
-    if (m->embed.fmt == LK_FMT_EXTERN || !lk_step_linear_ok(&m->embed, m->embed.rows, h) ||
+    if (!lk_step_embed_ok(&m->embed, h) ||
         m->embed.rows <= 0) return 0;
     for (int64_t i = 0; i < m->n_layers; i++) {
         const lk_decoder_layer *L = &m->layers[i];

@@ -98,6 +98,8 @@ static inline int32_t ld32(const void *p) {
 #define Q8_FEW_ROWS_MAX 128
 #endif
 extern int lk_q8_few_rows; /* default 64 */
+/* decode chunks per thread and matrix (LATTICE_CHUNKS; tuning only) */
+extern int lk_chunks_per_thread; /* default 4 */
 extern int lk_f_pf512;     /* LATTICE_PF512=0: the AVX2 prefill for f32 / f16 with AVX-512 (A/B) */
 static inline int64_t q8_few_rows(void) {
     return lk_q8_few_rows >= FEW_ROWS && lk_q8_few_rows <= Q8_FEW_ROWS_MAX ? lk_q8_few_rows : 64;

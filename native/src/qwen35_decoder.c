@@ -69,7 +69,7 @@ static int shapes_ok(const lk_qwen35 *m, int dense) {
         m->lin_v_heads % m->lin_k_heads || m->lin_k_dim <= 0 || m->lin_v_dim <= 0 ||
         m->conv_kernel < 1 || m->conv_kernel > 8 || lk_kv_row_bytes(m->kv_dtype, m->head_dim) < 0)
         return 0;
-    if (m->embed.fmt == LK_FMT_EXTERN || !lk_step_linear_ok(&m->embed, m->embed.rows, d.h) ||
+    if (!lk_step_embed_ok(&m->embed, d.h) ||
         m->embed.rows <= 0 || !m->final_norm)
         return 0;
     for (int64_t i = 0; i < m->n_layers; i++) {

@@ -29,6 +29,37 @@ int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const flo
     int done[LK_MATMUL_MULTI_MAX] = {0};
     for (int i = 0; i < n; i++) {
         if (done[i]) continue;
+        const int gtype = l[i]->fmt == LK_FMT_EXTERN ? lk_ggml_ctx_type(l[i]->ext_ctx) : 0;
+        if (gtype) {
+            /* the core's GGUF block types: every matrix of this type reading x in one call
+               (x quantized once, one pool job), then each one's bias and adapters */
+            const void *w[LK_MATMUL_MULTI_MAX];
+            int64_t ldw[LK_MATMUL_MULTI_MAX], rows[LK_MATMUL_MULTI_MAX];
+            float *out[LK_MATMUL_MULTI_MAX];
+            int idx[LK_MATMUL_MULTI_MAX], m = 0;
+            for (int j = i; j < n; j++) {
+                if (done[j] || l[j]->fmt != LK_FMT_EXTERN ||
+                    lk_ggml_ctx_type(l[j]->ext_ctx) != gtype)
+                    continue;
+                done[j] = 1;
+                w[m] = l[j]->w, ldw[m] = l[j]->ldw, rows[m] = l[j]->rows, out[m] = y[j];
+                idx[m++] = j;
+            }
+            const int rc = lk_matmul_ggml_multi(gtype, x, M, l[i]->cols, m, w, ldw, rows, out);
+            if (rc) return rc == -1 ? -2 : rc;
+            for (int k = 0; k < m; k++) {
+                const lk_linear *lj = l[idx[k]];
+                float *yk = y[idx[k]];
+                if (lj->bias)
+                    for (int64_t r = 0; r < M; r++)
+                        lk_add(yk + r * lj->rows, lj->bias, lj->rows, yk + r * lj->rows);
+                if (lj->lora) {
+                    const int lrc = lk_lora_apply(lj->lora, x, M, lj->cols, lj->rows, yk);
+                    if (lrc) return lrc;
+                }
+            }
+            continue;
+        }
         if (l[i]->fmt == LK_FMT_EXTERN) {
             done[i] = 1;
             if (l[i]->ext(l[i]->ext_ctx, x, M, l[i]->cols, l[i]->w, l[i]->ldw, l[i]->rows, y[i]))
@@ -79,11 +110,22 @@ int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const flo
     return 0;
 }
 
+int lk_step_embed_ok(const lk_linear *e, int64_t cols) {
+    /* by its ctx: Python hands over cffi's address of the function, which need not be the
+       symbol's own */
+    if (e->fmt == LK_FMT_EXTERN && !lk_ggml_ctx_type(e->ext_ctx)) return 0;
+    return lk_step_linear_ok(e, e->rows, cols);
+}
+
 int lk_step_embed(const lk_linear *e, const int64_t *ids, int64_t n, float *out) {
     switch (e->fmt) {
     case LK_FMT_F32: return lk_embed_f32(e->w, e->ldw, e->rows, e->cols, ids, n, out);
     case LK_FMT_F16: return lk_embed_f16(e->w, e->ldw, e->rows, e->cols, ids, n, out);
     case LK_FMT_Q8_0_R16: return lk_embed_q8_0_r16(e->w, e->ldw, e->rows, e->cols, ids, n, out);
+    case LK_FMT_EXTERN: /* a table in a GGUF block type the core runs as stored */
+        if (!lk_ggml_ctx_type(e->ext_ctx)) return -1;
+        return lk_embed_ggml(lk_ggml_ctx_type(e->ext_ctx), e->w, e->ldw, e->rows, e->cols, ids,
+                             n, out);
     default: return lk_embed_q8_0(e->w, e->ldw, e->rows, e->cols, ids, n, out);
     }
 }
