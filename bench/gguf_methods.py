@@ -81,7 +81,7 @@ def decode_rounds(path: str, methods: list[str], rounds: int, threads: int) -> d
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="catalog name or .gguf path")
+    parser.add_argument("--model", help="catalog name or .gguf path")
     parser.add_argument("--methods", nargs="+", default=["gguf", "q8_0"],
                         help="quant methods ('default': none asked for); ratios are to the last")
     parser.add_argument("--rounds", type=int, default=5)
@@ -92,6 +92,8 @@ def main() -> int:
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.threads)))
         return 0
+    if not args.model:
+        parser.error("--model is required")
     from lattice_engine.loading import resolve_source
     path = str(resolve_source(args.model))
     per = {}
