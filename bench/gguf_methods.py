@@ -7,8 +7,8 @@ memory and WikiText-2 NLL per method.
 - decode tok/s by the slope method (greedy, 32 and 96 new tokens after a 16-token prompt),
   per round every method in turn; the ratios are medians of per-round ratios to the last
   method.
-- load: seconds to `load()` in a fresh subprocess, and its peak RSS after a 512-token
-  prefill; NLL over the first 512 tokens of WikiText-2's test set, in that subprocess.
+- load: seconds to `load()` in a fresh subprocess and its peak RSS then; NLL over the first
+  512 tokens of WikiText-2's test set, in that subprocess.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def worker(path: str, method: str, threads: int) -> dict:
     start = time.perf_counter()
     loaded = load_method(path, method)
     load_s = time.perf_counter() - start
+    rss_loaded = peak_rss_mb()  # before the NLL pass's [512, vocab] logits
     model = loaded.model
     text = WIKITEXT.read_text(encoding="utf-8")[:20000]
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)[:513]
@@ -51,8 +52,7 @@ def worker(path: str, method: str, threads: int) -> dict:
     top = lg.max(-1, keepdims=True)
     lse = np.log(np.exp(lg - top).sum(-1)) + top[:, 0]
     nll = float(np.mean(lse - lg[np.arange(len(ids) - 1), ids[1:]]))
-    return {"load_s": load_s, "nll_512": nll, "peak_rss_mb": peak_rss_mb(),
-            "quant": loaded.quant}
+    return {"load_s": load_s, "nll_512": nll, "peak_rss_mb": rss_loaded, "quant": loaded.quant}
 
 
 def decode_rounds(path: str, methods: list[str], rounds: int, threads: int) -> dict:
