@@ -13,6 +13,7 @@ from lattice_engine import kernels
 from lattice_engine.plugins import get_plugin_manager
 from lattice_engine.quant import ggml_formats
 from lattice_engine.quant.ggml_formats import GGML_FORMATS, Q4_K, Q5_0, Q6_K
+from lattice_engine.testing.gguf_header import add_transformer_header
 
 gguf = pytest.importorskip("gguf")
 
@@ -157,14 +158,8 @@ def write_k_quant_gguf(path) -> dict:
     tokens += [f"t{i}" for i in range(VOCAB - len(tokens) - 2)]
     tokens += ["<|im_start|>", "<|im_end|>"]
     wr = gguf.GGUFWriter(str(path), "qwen2")
-    wr.add_block_count(LAYERS)
-    wr.add_context_length(256)
-    wr.add_embedding_length(HIDDEN)
-    wr.add_feed_forward_length(FFN)
-    wr.add_head_count(HEADS)
-    wr.add_head_count_kv(KV_HEADS)
-    wr.add_layer_norm_rms_eps(1e-6)
-    wr.add_rope_freq_base(10000.0)
+    add_transformer_header(wr, layers=LAYERS, hidden=HIDDEN, ffn=FFN, heads=HEADS,
+                           kv_heads=KV_HEADS, eps=1e-6)
     wr.add_tokenizer_model("gpt2")
     wr.add_tokenizer_pre("qwen2")
     wr.add_token_list(tokens)

@@ -21,6 +21,7 @@ from lattice_engine.io.checkpoint import PackedTensor  # noqa: E402
 from lattice_engine.io.gguf_reader import hf_tensor_name, load_gguf, unpermute_rows  # noqa: E402
 from lattice_engine.io.gguf_tokenizer import byte_alphabet  # noqa: E402
 from lattice_engine.quant.core_formats import q8_0_to_float  # noqa: E402
+from lattice_engine.testing.gguf_header import add_transformer_header  # noqa: E402
 
 Q8 = gguf.GGMLQuantizationType.Q8_0
 HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 96, 2
@@ -90,14 +91,8 @@ def write_gguf(path: Path, arch: str = "llama", *, tie: bool = True, quant=False
     tokens, types = tiny_vocab()
     w = hf_weights(arch, len(tokens), head_dim, tie, seed)
     wr = gguf.GGUFWriter(str(path), arch)
-    wr.add_block_count(LAYERS)
-    wr.add_context_length(256)
-    wr.add_embedding_length(HIDDEN)
-    wr.add_feed_forward_length(FFN)
-    wr.add_head_count(HEADS)
-    wr.add_head_count_kv(KV_HEADS)
-    wr.add_layer_norm_rms_eps(1e-5)
-    wr.add_rope_freq_base(10000.0)
+    add_transformer_header(wr, layers=LAYERS, hidden=HIDDEN, ffn=FFN, heads=HEADS,
+                           kv_heads=KV_HEADS, eps=1e-5)
     if head_dim != HIDDEN // HEADS:
         wr.add_key_length(head_dim)
         wr.add_value_length(head_dim)

@@ -265,8 +265,9 @@ def stacked_loader(t: GGUFTensor, packed_formats: dict[int, str],
             return PackedTensor(format=fmt, shape=hf_shape, data=t.data.view(np.ndarray))
         return to_float(t, t.data.view(np.ndarray)).reshape(hf_shape)
 
-    if t.data.dtype == np.uint8 and int(t.tensor_type) not in packed_formats and \
-            len(hf_shape) == 3:  # a block type that needs decoding: its blocks stay at hand
+    if t.data.dtype == np.uint8 and len(hf_shape) == 3:
+        # a block type: its blocks stay at hand, so a format that takes them re-encodes them
+        # (a Q4_K file's experts under q4_asym), whether or not a format runs them as stored
         from .stored import MappedStack
         blocks = t.data.view(np.ndarray).reshape(hf_shape[0], hf_shape[1], -1)
         return MappedStack(load, t.tensor_type.name.lower(), blocks)

@@ -53,15 +53,10 @@ def write_tiny_gguf(path: Path, qtype) -> dict[str, np.ndarray]:
     returns the HF-layout float weights it was made from."""
     import gguf
     w = tiny_weights()
+    from lattice_engine.testing.gguf_header import add_transformer_header
     wr = gguf.GGUFWriter(str(path), "llama")
-    wr.add_block_count(LAYERS)
-    wr.add_context_length(256)
-    wr.add_embedding_length(HIDDEN)
-    wr.add_feed_forward_length(FFN)
-    wr.add_head_count(HEADS)
-    wr.add_head_count_kv(KV_HEADS)
-    wr.add_layer_norm_rms_eps(1e-5)
-    wr.add_rope_freq_base(10000.0)
+    add_transformer_header(wr, layers=LAYERS, hidden=HIDDEN, ffn=FFN, heads=HEADS,
+                           kv_heads=KV_HEADS, eps=1e-5)
     for name, t in w.items():
         if ".q_proj." in name or ".k_proj." in name:
             t = gguf_permute(t, HEADS if ".q_proj." in name else KV_HEADS)
