@@ -18,8 +18,9 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
         p.add_argument("--model", "-m", default=None,
                        help="HF folder, .gguf file or catalog name (default: smollm2-135m)")
     p.add_argument("--config", default=None, help="TOML config file (default: ./lattice.toml)")
-    p.add_argument("--quant", default=None, help="quant method, e.g. f32, f16, q8_0 (plugins "
-                   "add more, e.g. q4_asym from lattice-quant-q4)")
+    p.add_argument("--quant", default=None, help="quant method, e.g. f32, f16, q8_0, gguf (a "
+                   ".gguf file's Q4_K / Q5_0 / Q6_K blocks as stored); plugins add more, e.g. "
+                   "q4_asym from lattice-quant-q4")
     p.add_argument("--group-size", type=int, default=None,
                    help="group size of a grouped quant method (q4_sym / q4_asym: 32, 64, 128)")
     p.add_argument("--backend", default=None, choices=("auto", "native", "numpy"))
