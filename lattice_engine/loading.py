@@ -18,7 +18,7 @@ from .errors import CheckpointError, ConfigError, PluginError
 from .io.checkpoint import Checkpoint
 from .models import model_class_for
 from .models.base import ConfigFieldError, WeightLoader
-from .quant.methods import QuantSpec
+from .quant.methods import GGUF_METHOD, QuantSpec
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,9 @@ def _load(source, quant, backend, plugin_manager, transforms, loader_class,
     stored = checkpoint.config.get("quantization") or {}
     if not stored and quant.method is None and checkpoint.stored_types:
         stored = gguf_as_stored(checkpoint, formats, requantize=q8_0_is_vectorized(ops))
-    elif quant.method == GGUF_METHOD_NAME:
+    elif quant.method == GGUF_METHOD.name:
         if not checkpoint.stored_types:
-            raise ConfigError(f"quant method {GGUF_METHOD_NAME!r} runs a GGUF file's blocks as "
+            raise ConfigError(f"quant method {GGUF_METHOD.name!r} runs a GGUF file's blocks as "
                               f"stored, and {path} is not a GGUF file; pick another method "
                               f"(q8_0, f16, f32, ...) or give a .gguf file")
         stored = gguf_blocks_as_stored(checkpoint, formats)
@@ -228,8 +228,7 @@ def gguf_as_stored(checkpoint, formats: dict, requantize: bool = True) -> dict[s
     block types (K-quants, Q4_0, ...) q8_0 when `requantize` (its other matrices rounded to
     q8_0 from the values they dequantize to: what the vectorized kernels run fastest), else
     ({}) float32; and float32 for a file mostly of F32 or BF16."""
-    by_type = {f.gguf_type: name for name, f in formats.items()
-               if f.gguf_type is not None and name in _AS_STORED_FORMATS}
+    by_type = _formats_by_type(formats, lambda name, f: name in _AS_STORED_FORMATS)
     weight: dict[int, int] = {}
     kept: dict[str, str] = {}
     for name, ggml in checkpoint.stored_types.items():
@@ -251,21 +250,25 @@ def gguf_as_stored(checkpoint, formats: dict, requantize: bool = True) -> dict[s
     return {"method": fmt, "formats": kept}
 
 
-GGUF_METHOD_NAME = "gguf"
-
-
 def gguf_blocks_as_stored(checkpoint, formats: dict) -> dict[str, Any]:
     """The `gguf` quant method: every matrix whose block type has a registered format with
     a native matmul here (or is f32 / f16 / q8_0) kept in the file's bytes, the others q8_0.
     A Q4_K_M file then holds 4.5-6.6 bits per weight instead of q8_0's 8.5 (Qwen2.5-Coder-1.5B:
     1.1 GB resident instead of 1.7) and loads without converting a block; its logits are the
-    file's values times x rounded to int16 per block (`quant/ggml_formats.py`)."""
+    file's values times x rounded to int8 as llama.cpp does (`quant/ggml_formats.py`)."""
     from .quant.ggml_formats import is_core_ggml
-    by_type = {f.gguf_type: name for name, f in formats.items() if f.gguf_type is not None and
-               (name in _AS_STORED_FORMATS or is_core_ggml(f))}
+    by_type = _formats_by_type(formats, lambda name, f: name in _AS_STORED_FORMATS or
+                               is_core_ggml(f))
     kept = {name: by_type[ggml] for name, ggml in checkpoint.stored_types.items()
             if ggml in by_type and len(checkpoint.shapes.get(name, ())) == 2}
-    return {"method": GGUF_METHOD_NAME, "formats": kept}
+    return {"method": GGUF_METHOD.name, "formats": kept}
+
+
+def _formats_by_type(formats: dict, keep) -> dict[int, str]:
+    """ggml type id -> name of the registered format holding it, for the formats `keep`
+    (name, format) accepts."""
+    return {f.gguf_type: name for name, f in formats.items()
+            if f.gguf_type is not None and keep(name, f)}
 
 
 def set_kv_cache(model, dtype: str) -> None:

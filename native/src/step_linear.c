@@ -16,6 +16,14 @@ int lk_step_linear_ok(const lk_linear *l, int64_t rows, int64_t cols) {
     return 1;
 }
 
+/* after a matmul the core did not run as one of its own jobs: l's bias, then its
+   adapters' update, on y [M, l->rows]. Returns lk_lora_apply's code. */
+static int extern_post(const lk_linear *l, const float *x, int64_t M, float *y) {
+    if (l->bias)
+        for (int64_t r = 0; r < M; r++) lk_add(y + r * l->rows, l->bias, l->rows, y + r * l->rows);
+    return l->lora ? lk_lora_apply(l->lora, x, M, l->cols, l->rows, y) : 0;
+}
+
 /* y_i = x @ W_i^T (+ b_i) (+ the adapters' low-rank updates) for n matrices reading the
    same x: one pool job per core weight format among them (usually one job for all), which
    also runs the adapters' down pass (its first tasks) and adds each chunk of output rows'
@@ -48,15 +56,8 @@ int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const flo
             const int rc = lk_matmul_ggml_multi(gtype, x, M, l[i]->cols, m, w, ldw, rows, out);
             if (rc) return rc == -1 ? -2 : rc;
             for (int k = 0; k < m; k++) {
-                const lk_linear *lj = l[idx[k]];
-                float *yk = y[idx[k]];
-                if (lj->bias)
-                    for (int64_t r = 0; r < M; r++)
-                        lk_add(yk + r * lj->rows, lj->bias, lj->rows, yk + r * lj->rows);
-                if (lj->lora) {
-                    const int lrc = lk_lora_apply(lj->lora, x, M, lj->cols, lj->rows, yk);
-                    if (lrc) return lrc;
-                }
+                const int prc = extern_post(l[idx[k]], x, M, y[idx[k]]);
+                if (prc) return prc;
             }
             continue;
         }
@@ -64,13 +65,8 @@ int lk_step_linears(const lk_linear *const *l, float *const *y, int n, const flo
             done[i] = 1;
             if (l[i]->ext(l[i]->ext_ctx, x, M, l[i]->cols, l[i]->w, l[i]->ldw, l[i]->rows, y[i]))
                 return -5;
-            if (l[i]->bias)
-                for (int64_t r = 0; r < M; r++)
-                    lk_add(y[i] + r * l[i]->rows, l[i]->bias, l[i]->rows, y[i] + r * l[i]->rows);
-            if (l[i]->lora) {
-                const int rc = lk_lora_apply(l[i]->lora, x, M, l[i]->cols, l[i]->rows, y[i]);
-                if (rc) return rc;
-            }
+            const int prc = extern_post(l[i], x, M, y[i]);
+            if (prc) return prc;
             continue;
         }
         const void *w[LK_MATMUL_MULTI_MAX];
